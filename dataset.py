@@ -1,0 +1,226 @@
+"""Data: the ADNI-layout image loader, the embedded MNI152 demo dataset, and the subject-level split.
+
+The loader is the original report's: the `train` and `test` ImageFolders of an ADNI folder
+(`ROOT/{train,test}/{AD,NC}/*.jpeg`) concatenated, each image Resize((256, 256)) -> ToTensor ->
+Normalize(0.5, 0.5), so values lie in [-1, 1]. Grayscale by default; `channels=3` loads RGB as the
+report did. A folder with class subfolders and no train/test level works too.
+
+Build the demo data by hand with `python dataset.py --out DIR` (training does it on first use).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+DEMO_VERSION = 1                  # bump when the demo generator changes, so old caches are not reused
+DEFAULT_DEMO_ROOT = Path.home() / ".cache" / "brain-ldm"
+
+
+class BadInputError(Exception):
+    """An input the user can fix (missing folder, unreadable image, wrong checkpoint): one-line message."""
+
+
+# ----------------------------------------------------------------------------- loading images
+
+def load_image(path: str, mode: str) -> Image.Image:
+    """Open an image and convert it to `mode` ("L" or "RGB"); a file PIL cannot decode is named."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadInputError(f"cannot read image {path}: {e}") from None
+
+
+def card_transform(image_size: int, channels: int) -> transforms.Compose:
+    """The report's transform: Resize((S, S)) -> ToTensor -> Normalize(0.5, 0.5), values in [-1, 1]."""
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * channels, [0.5] * channels),
+    ])
+
+
+def find_image_roots(root: Path) -> list[Path]:
+    """The ImageFolder roots under `root`: its train/ and test/ if present, else root itself."""
+    if not root.is_dir():
+        raise BadInputError(f"data folder {root} does not exist")
+    split_roots = [root / s for s in ("train", "test") if (root / s).is_dir()]
+    return split_roots or [root]
+
+
+class SliceFolders(ConcatDataset):
+    """The ImageFolders of `find_image_roots` concatenated (the report's loader), with class names and paths."""
+
+    def __init__(self, root: str | os.PathLike, image_size: int, channels: int, transform=None):
+        if channels not in (1, 3):
+            raise BadInputError(f"--channels must be 1 or 3, not {channels}")
+        mode = "L" if channels == 1 else "RGB"
+        transform = transform if transform is not None else card_transform(image_size, channels)
+        folders = []
+        for r in find_image_roots(Path(root)):
+            try:
+                folders.append(datasets.ImageFolder(str(r), transform=transform,
+                                                    loader=lambda p, m=mode: load_image(p, m)))
+            except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
+                raise BadInputError(f"no images found under {r} ({str(e).splitlines()[0]})") from None
+        classes = folders[0].classes
+        for f in folders[1:]:
+            if f.classes != classes:
+                raise BadInputError(f"class folders differ between {folders[0].root} {classes} and {f.root} {f.classes}")
+        super().__init__(folders)
+        self.classes = classes
+        self.samples = [s for f in folders for s in f.samples]  # [(path, label)] in dataset order
+
+
+class InMemorySlices(Dataset):
+    """The same images decoded and resized once, kept as uint8 (N, C, S, S); items equal SliceFolders'.
+
+    ToTensor + Normalize(0.5, 0.5) of a uint8 pixel v is exactly v / 127.5 - 1, applied per item.
+    Decoding uses threads (PIL releases the GIL while decoding and resizing).
+    """
+
+    def __init__(self, folders: SliceFolders, image_size: int, channels: int, workers: int = 4):
+        self.classes, self.samples = folders.classes, folders.samples
+        mode = "L" if channels == 1 else "RGB"
+        resize = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
+        self.images = torch.empty(len(self.samples), channels, image_size, image_size, dtype=torch.uint8)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for i, img in enumerate(pool.map(lambda s: resize(load_image(s[0], mode)), self.samples)):
+                self.images[i] = img
+        self.labels = torch.tensor([label for _, label in self.samples])
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
+
+
+def load_slices(root, image_size: int = 256, channels: int = 1, cache_gb: float = 8.0, workers: int = 4):
+    """The training dataset: in memory as uint8 when it fits in `cache_gb`, else decoded per item."""
+    folders = SliceFolders(root, image_size, channels)
+    if len(folders) * channels * image_size ** 2 <= cache_gb * 2 ** 30:
+        return InMemorySlices(folders, image_size, channels, workers)
+    return folders
+
+
+# ----------------------------------------------------------------------------- subject-level split
+
+_SUBJECT_SLICE = re.compile(r"^(?P<subject>.+)_(?P<slice>\d+)$")
+
+
+def subject_id(path: str) -> str:
+    """`<subject>_<slice>.jpeg` -> subject; a name that does not parse is a subject of its own."""
+    m = _SUBJECT_SLICE.match(Path(path).stem)
+    return m.group("subject") if m else str(path)
+
+
+def split_by_subject(paths: list[str], holdout: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices (train, held_out): a seeded random `holdout` fraction of subjects, whole subjects only."""
+    subjects = sorted({subject_id(p) for p in paths})
+    rng = np.random.default_rng(seed)
+    n_held = min(len(subjects) - 1, max(1, round(holdout * len(subjects))))
+    held = set(rng.permutation(subjects)[:n_held].tolist())
+    train_idx = [i for i, p in enumerate(paths) if subject_id(p) not in held]
+    held_idx = [i for i, p in enumerate(paths) if subject_id(p) in held]
+    return train_idx, held_idx
+
+
+# ----------------------------------------------------------------------------- embedded demo data
+
+def _smooth_field(rng: np.random.Generator, size: int, grid: int, amplitude: float) -> torch.Tensor:
+    """A smooth random displacement field (1, size, size, 2): coarse normal noise, bicubic upsampled."""
+    coarse = torch.from_numpy(rng.normal(0.0, amplitude, (1, 2, grid, grid))).float()
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+
+
+def _subject_warp(rng: np.random.Generator, size: int, atrophy: float) -> torch.Tensor:
+    """Sampling grid (1, size, size, 2) of one subject: affine + elastic + (for "AD") central expansion."""
+    angle = math.radians(rng.uniform(-7, 7))
+    sx, sy = rng.uniform(1.05, 1.25, 2)             # zoom in: the brain fills the frame
+    tx, ty = rng.uniform(-0.04, 0.04, 2)
+    theta = torch.tensor([[math.cos(angle) / sx, -math.sin(angle) / sx, tx],
+                          [math.sin(angle) / sy, math.cos(angle) / sy, ty]], dtype=torch.float32)
+    grid = F.affine_grid(theta[None], [1, 1, size, size], align_corners=False)
+    grid = grid + _smooth_field(rng, size, grid=6, amplitude=0.025)
+    if atrophy > 0:  # pull sampling points towards the centre: ventricles widen, tissue thins
+        r2 = (grid ** 2).sum(-1, keepdim=True)
+        grid = grid * (1 - atrophy * torch.exp(-r2 / (2 * 0.18 ** 2)))
+    return grid
+
+
+def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40, slices: int = 20,
+                      size: int = 256) -> Path:
+    """Write the MNI152-derived demo set as `out/{train,test}/{AD,NC}/sub-XXX_SSS.png` (idempotent).
+
+    Axial slices of nilearn's MNI152 2009 T1 template (shipped in its wheel, no download), each
+    "subject" with its own random affine, smooth elastic deformation and intensity/contrast; half of
+    them ("AD") get a central expansion that widens the ventricles. A stand-in for real scans,
+    deterministic for a seed. A quarter of the subjects go to test/. Written to a temporary folder
+    and renamed, so an interrupted build is never mistaken for a finished one.
+    """
+    out = Path(out)
+    if (out / ".complete").exists():
+        return out
+    from nilearn.datasets import load_mni152_template  # imported late: slow, and only needed here
+
+    volume = load_mni152_template(resolution=1).get_fdata()           # (197, 233, 189), x, y, z
+    volume = torch.from_numpy(np.rot90(volume, 1, axes=(0, 1)).copy()).float()  # anterior up
+    pad = max(volume.shape[:2])
+    volume = F.pad(volume.permute(2, 0, 1), (0, pad - volume.shape[1], 0, pad - volume.shape[0]))
+    volume = torch.roll(volume, ((pad - 233) // 2, (pad - 197) // 2), dims=(1, 2))  # centre in square
+    first = 50                                                        # axial slices 50, 52, ...
+    rng = np.random.default_rng(seed)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for s in range(subjects):
+        split = "test" if (s // 2) % 4 == 3 else "train"   # AD/NC pairs: 1 in 4 to test
+        label = "AD" if s % 2 else "NC"
+        grid = _subject_warp(rng, size, atrophy=rng.uniform(0.12, 0.22) if label == "AD" else 0.0)
+        stack = volume[first:first + 2 * slices:2, None]              # (slices, 1, pad, pad)
+        warped = F.grid_sample(stack, grid.expand(slices, -1, -1, -1), mode="bilinear",
+                               padding_mode="zeros", align_corners=False)[:, 0]
+        gamma, contrast = rng.uniform(0.75, 1.3), rng.uniform(0.85, 1.1)
+        folder = tmp / split / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(slices):
+            jitter = rng.uniform(0.93, 1.07)                          # per-slice brightness, as in ADNI
+            img = contrast * jitter * warped[k].clamp(0, 1) ** gamma
+            img = img + torch.from_numpy(rng.normal(0, 0.01, img.shape)).float() * (img > 0)
+            pixels = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(folder / f"sub-{s:03d}_{first + 2 * k:03d}.png")
+    (tmp / ".complete").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def demo_data_dir(root: str | os.PathLike = DEFAULT_DEMO_ROOT, seed: int = 0) -> Path:
+    """The demo dataset's folder under `root`, built on first use."""
+    return make_demo_dataset(Path(root) / f"mni152-demo-v{DEMO_VERSION}-seed{seed}", seed=seed)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(DEFAULT_DEMO_ROOT), help="folder to hold the demo set (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="demo data seed (default: %(default)s)")
+    args = parser.parse_args()
+    print(demo_data_dir(args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Command line of the project: one subcommand per stage, flags grouped, presets `tiny` and `full`.
+
+    python driver.py demo                                   # whole pipeline on the embedded demo data
+    python driver.py train-vqvae --run RUN [--data PATH]    # stage 1
+    python driver.py train-unet  --run RUN                  # stage 2
+    python driver.py sample      --run RUN                  # new images (predict.py with fast defaults)
+
+Without --data the embedded MNI152 demo data is used and the preset defaults to `tiny`
+(64x64 -> 4x16x16); with --data it defaults to `full` (256x256 -> 4x32x32). Any flag overrides
+the preset. `python driver.py SUBCOMMAND --help` lists every flag with its defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import predict
+import train
+from dataset import DEFAULT_DEMO_ROOT, BadInputError
+
+# Preset values of the flags that default to None below; a flag given on the command line wins.
+PRESETS = {
+    "vqvae": {
+        "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=512,
+                     batch_size=32, lr=2e-3, warmup=50, max_steps=600, sample_every=200, save_every=200),
+        "full": dict(image_size=256, vq_channels=64, vq_mult=[1, 2, 2, 4], vq_res_blocks=2, codebook_size=4096,
+                     batch_size=16, lr=2e-4, warmup=500, epochs=20, sample_every=2000, save_every=2000),
+    },
+    "unet": {
+        "tiny": dict(unet_channels=32, unet_mult=[1, 2, 2, 2], unet_res_blocks=1, batch_size=64, lr=1e-3,
+                     warmup=200, ema_decay=0.999, max_steps=2000, sample_every=500, save_every=500),
+        "full": dict(unet_channels=128, unet_mult=[1, 2, 2, 4], unet_res_blocks=2, batch_size=64, lr=1e-4,
+                     warmup=1000, ema_decay=0.9999, epochs=300, sample_every=5000, save_every=5000),
+    },
+}
+
+
+def ints(text: str) -> list[int]:
+    """'1,2,2,4' -> [1, 2, 2, 4]"""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def preset_help(stage: str, name: str, text: str) -> str:
+    tiny, full = PRESETS[stage]["tiny"].get(name), PRESETS[stage]["full"].get(name)
+    return f"{text} (default: tiny {tiny}, full {full})"
+
+
+def add_common(p: argparse.ArgumentParser, stage: str):
+    """Flags shared by both training stages."""
+    ph = lambda name, text: preset_help(stage, name, text)  # noqa: E731
+    # run and data
+    p.add_argument("--run", default="runs/demo", help="run folder read and written by every stage (default: %(default)s)")
+    p.add_argument("--data", default=None, help="image folder, ADNI layout PATH/{train,test}/{AD,NC}/*.jpeg or PATH/CLASS/*; "
+                                                "default: the embedded MNI152 demo data")
+    p.add_argument("--preset", choices=["tiny", "full"], default=None,
+                   help="size preset (default: tiny without --data, full with --data)")
+    p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
+    p.add_argument("--image-size", type=positive(int), default=None, help=ph("image_size", "images are resized to SIZE x SIZE"))
+    p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grayscale, 3 RGB as the original (default: %(default)s)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of subjects left out of training for evaluation (default: %(default)s, the card's all data)")
+    p.add_argument("--cache-gb", type=float, default=8.0, help="decode images once into memory if they fit in this many GB (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=4, help="image decoding threads / loader workers (default: %(default)s)")
+    # optimisation
+    p.add_argument("--batch-size", type=positive(int), default=None, help=ph("batch_size", "batch size"))
+    p.add_argument("--lr", type=positive(float), default=None, help=ph("lr", "AdamW learning rate"))
+    p.add_argument("--warmup", type=int, default=None, help=ph("warmup", "linear learning-rate warm-up steps"))
+    p.add_argument("--grad-clip", type=positive(float), default=1.0, help="gradient-norm clipping (default: %(default)s)")
+    p.add_argument("--max-steps", type=positive(int), default=None, help=ph("max_steps", "optimizer steps to train (wins over --epochs)"))
+    p.add_argument("--epochs", type=positive(int), default=None, help=ph("epochs", "epochs to train when --max-steps is not given"))
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    # records
+    p.add_argument("--log-every", type=positive(int), default=50, help="steps between log lines and CSV rows (default: %(default)s)")
+    p.add_argument("--sample-every", type=positive(int), default=None, help=ph("sample_every", "steps between image grids"))
+    p.add_argument("--save-every", type=positive(int), default=None, help=ph("save_every", "steps between checkpoints"))
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-vqvae", help="stage 1: train the VQ-VAE on images")
+    add_common(p, "vqvae")
+    p.add_argument("--vq-channels", type=positive(int), default=None, help=preset_help("vqvae", "vq_channels", "width of the first level"))
+    p.add_argument("--vq-mult", type=ints, default=None, help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
+    p.add_argument("--vq-res-blocks", type=positive(int), default=None, help=preset_help("vqvae", "vq_res_blocks", "res blocks per level"))
+    p.add_argument("--codebook-size", type=positive(int), default=None, help=preset_help("vqvae", "codebook_size", "codebook entries"))
+    p.set_defaults(func=train.train_vqvae, stage="vqvae")
+
+    p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")
+    add_common(p, "unet")
+    p.add_argument("--unet-channels", type=positive(int), default=None, help=preset_help("unet", "unet_channels", "width of the first level"))
+    p.add_argument("--unet-mult", type=ints, default=None, help=preset_help("unet", "unet_mult", "width multipliers of the 4 levels"))
+    p.add_argument("--unet-res-blocks", type=positive(int), default=None, help=preset_help("unet", "unet_res_blocks", "res blocks per level"))
+    p.add_argument("--ema-decay", type=float, default=None, help=preset_help("unet", "ema_decay", "EMA decay of the sampling weights"))
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule (default: %(default)s, the original's)")
+    p.add_argument("--diffusion-steps", type=positive(int), default=1000, help="diffusion steps T (default: %(default)s)")
+    p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="eps loss (default: %(default)s; the original used smooth_l1)")
+    p.set_defaults(func=train.train_unet, stage="unet")
+
+    p = sub.add_parser("sample", help="generate images, a grid and a GIF from a trained run (predict.py)")
+    predict.add_arguments(p, sampler="ddim", steps=50)
+    p.set_defaults(func=predict.predict, stage=None)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data with the tiny preset")
+    p.add_argument("--run", default="runs/demo", help="run folder (default: %(default)s)")
+    p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.set_defaults(func=demo, stage=None)
+    return parser
+
+
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left at None from the preset; --epochs given alone is not overridden by max_steps."""
+    if args.preset is None and args.stage == "unet":  # follow stage 1 of this run
+        config = Path(args.run) / "config.json"
+        args.preset = json.loads(config.read_text()).get("train-vqvae", {}).get("preset") if config.exists() else None
+    if args.preset is None:
+        args.preset = "full" if args.data else "tiny"
+    for name, value in PRESETS[args.stage][args.preset].items():
+        if name == "max_steps" and args.epochs is not None:
+            continue
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.max_steps is None and args.epochs is None:
+        args.epochs = 1
+    return args
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.stage:
+        apply_preset(args)
+    return args
+
+
+def demo(args):
+    """Demo data -> VQ-VAE -> UNet -> predict, tiny preset; re-running continues or skips finished stages."""
+    common = ["--run", args.run, "--demo-dir", args.demo_dir, "--resume"] + (["--device", args.device] if args.device else [])
+    times = {}
+    for name, argv in [("train-vqvae", ["train-vqvae"] + common), ("train-unet", ["train-unet"] + common),
+                       ("predict", ["sample", "--run", args.run, "--sampler", "ddpm", "--steps", "1000"]
+                        + (["--device", args.device] if args.device else []))]:
+        t0 = time.perf_counter()
+        stage_args = parse(argv)
+        stage_args.func(stage_args)
+        times[name] = time.perf_counter() - t0
+    print("demo finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
+    print(f"samples: {args.run}/samples.png   denoising GIF: {args.run}/denoise.gif")
+
+
+def main(argv: list[str] | None = None):
+    args = parse(argv)
+    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
+    try:
+        args.func(args)
+    except BadInputError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the last checkpoint in the run folder is intact (continue with --resume)")
+
+
+if __name__ == "__main__":
+    torch.set_printoptions(precision=4)
+    main()

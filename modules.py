@@ -1,0 +1,483 @@
+"""Networks and diffusion math: VQ-VAE, time-conditioned UNet, GaussianDiffusion, EMA.
+
+Nothing here touches files or the command line; `train.py` and `predict.py` use these pieces.
+Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/test_modules.py`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups where the width allows (BatchNorm broke the original at batch 1)."""
+    groups = math.gcd(32, channels)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with a residual path; adds a projected embedding if given."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch) if emb_dim else None
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.emb is not None:
+            h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual."""
+
+    def __init__(self, channels: int, head_dim: int = 32):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, emb=None):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
+        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 convolution: halves H and W (learned, unlike the original's max-pool)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution (no checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, emb=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ----------------------------------------------------------------------------- VQ-VAE
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1            # 1 grayscale, 3 RGB
+    image_size: int = 256
+    channels: int = 64              # width of the first level
+    channel_mult: tuple = (1, 2, 2, 4)  # one level each; len - 1 downsamplings (4 levels: factor 8)
+    num_res_blocks: int = 2
+    latent_channels: int = 4
+    codebook_size: int = 4096
+    beta: float = 0.25              # commitment weight (van den Oord et al. 2017); the original used 1
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_shape(self) -> tuple:
+        s = self.image_size // self.factor
+        return (self.latent_channels, s, s)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook quantisation with a straight-through gradient (van den Oord et al. 2017).
+
+    Loss = ||sg[z] - e||^2 (codebook) + beta * ||z - sg[e]||^2 (commitment). Reported per batch:
+    perplexity exp(H(code frequencies)) and usage, the fraction of codes chosen at least once.
+    Dead codes are restarted from random encoder outputs of the current batch (as in Jukebox,
+    Dhariwal et al. 2020) rather than replacing the codebook loss by an EMA codebook: the card asks
+    for the codebook loss, and a restart fixes exactly what goes wrong with it at small budgets,
+    codes that are never chosen and so never receive a gradient. Usage is tracked as an exponential
+    moving average of per-code counts, all-reduced under DDP so every rank restarts the same codes.
+    """
+
+    def __init__(self, num_codes: int, dim: int, beta: float = 0.25,
+                 usage_decay: float = 0.95, dead_threshold: float = 1e-2):
+        super().__init__()
+        self.num_codes, self.dim, self.beta = num_codes, dim, beta
+        self.usage_decay, self.dead_threshold = usage_decay, dead_threshold
+        self.codebook = nn.Parameter(torch.empty(num_codes, dim).uniform_(-1 / num_codes, 1 / num_codes))
+        # EMA of how often each code is chosen per batch; zero at first, so the first training batch
+        # restarts every code from encoder outputs (a data-dependent initialisation)
+        self.register_buffer("usage", torch.zeros(num_codes))
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of flat (N, dim), in float32 whatever the autocast."""
+        flat, book = flat.float(), self.codebook.float()
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(1)[None]
+        return d.argmin(1)
+
+    def forward(self, z: torch.Tensor):
+        """z (B, D, h, w) -> (z_q with straight-through gradient, vq loss, indices (B, h, w), stats)."""
+        B, D, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, D)
+        idx = self.nearest(flat)
+        z_q = self.codebook[idx].view(B, h, w, D).permute(0, 3, 1, 2).to(z.dtype)
+        codebook_loss = F.mse_loss(z_q.float(), z.detach().float())
+        commitment_loss = F.mse_loss(z.float(), z_q.detach().float())
+        loss = codebook_loss + self.beta * commitment_loss
+        counts = torch.bincount(idx, minlength=self.num_codes).float()
+        if self.training:
+            self._track_and_restart(counts, flat.detach())
+        probs = counts / counts.sum()
+        stats = {
+            "perplexity": torch.exp(-(probs * torch.log(probs + 1e-10)).sum()),
+            "usage": (counts > 0).float().mean(),  # fraction of the codebook chosen in this batch
+        }
+        z_q = z + (z_q - z).detach()  # straight-through: decoder gradient flows to the encoder
+        return z_q, loss, idx.view(B, h, w), stats
+
+    @torch.no_grad()
+    def _track_and_restart(self, counts: torch.Tensor, flat: torch.Tensor):
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(counts)
+        self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
+        dead = self.usage < self.dead_threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
+        new = flat[pick].float() + 1e-3 * torch.randn(n_dead, self.dim, device=flat.device)
+        if distributed:
+            dist.broadcast(new, 0)
+        self.codebook.data[dead] = new.to(self.codebook.dtype)
+        self.usage[dead] = 1.0
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        ch = [cfg.channels * m for m in cfg.channel_mult]
+        layers = [nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)]
+        prev = ch[0]
+        for level, c in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(prev, c))
+                prev = c
+            if level < len(ch) - 1:
+                layers.append(Downsample(prev))
+        layers += [ResBlock(prev, prev), group_norm(prev), nn.SiLU(),
+                   nn.Conv2d(prev, cfg.latent_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        ch = [cfg.channels * m for m in cfg.channel_mult][::-1]
+        layers = [nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1), ResBlock(ch[0], ch[0])]
+        prev = ch[0]
+        for level, c in enumerate(ch):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(prev, c))
+                prev = c
+            if level < len(ch) - 1:
+                layers.append(Upsample(prev))
+        layers += [group_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    """Image (B, C, S, S) in [-1, 1] <-> latent (B, 4, S/f, S/f).
+
+    `encode` returns the pre-quantisation z, which is what stage 2 diffuses; `decode` quantises
+    first, so a latent from the sampler goes through the same codebook as during training.
+    """
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def quantize(self, z: torch.Tensor):
+        return self.quantizer(z)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.quantize(z)[0])
+
+    def forward(self, x: torch.Tensor):
+        """x -> (reconstruction, vq loss, stats)."""
+        z_q, vq_loss, _, stats = self.quantize(self.encode(x))
+        return self.decoder(z_q), vq_loss, stats
+
+
+# ----------------------------------------------------------------------------- UNet
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4            # latent channels
+    latent_size: int = 32
+    channels: int = 128
+    channel_mult: tuple = (1, 2, 2, 4)  # 4 down blocks and 4 up blocks
+    num_res_blocks: int = 2
+    attention_levels: tuple = (2, 3)   # self-attention at the two lowest resolutions
+    dropout: float = 0.0
+    num_classes: int = 0            # > 0 adds a class embedding (index num_classes = "no label")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim) (Vaswani et al. 2017; Ho et al. 2020)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class TimestepSequential(nn.Sequential):
+    """Sequential whose layers all take (x, emb)."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb)
+        return x
+
+
+class UNet(nn.Module):
+    """eps-predicting UNet on latents (Ho et al. 2020; layout of Dhariwal & Nichol 2021).
+
+    4 down levels (res blocks, then strided-conv downsampling after all but the last), a bottleneck
+    of res block -> self-attention -> res block, 4 up levels consuming the skips, and the timestep
+    embedding (sinusoid -> MLP) added in every res block. Output has the input's shape.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skips, prev = [ch], ch
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                block = [ResBlock(prev, ch * mult, emb_dim, cfg.dropout)]
+                prev = ch * mult
+                if level in cfg.attention_levels:
+                    block.append(Attention(prev))
+                self.down.append(TimestepSequential(*block))
+                skips.append(prev)
+            if level < len(cfg.channel_mult) - 1:
+                self.down.append(TimestepSequential(Downsample(prev)))
+                skips.append(prev)
+
+        self.mid = TimestepSequential(ResBlock(prev, prev, emb_dim, cfg.dropout), Attention(prev),
+                                      ResBlock(prev, prev, emb_dim, cfg.dropout))
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                block = [ResBlock(prev + skips.pop(), ch * mult, emb_dim, cfg.dropout)]
+                prev = ch * mult
+                if level in cfg.attention_levels:
+                    block.append(Attention(prev))
+                if level > 0 and i == cfg.num_res_blocks:
+                    block.append(Upsample(prev))
+                self.up.append(TimestepSequential(*block))
+
+        self.out = nn.Sequential(group_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # start as the zero predictor: stable first steps
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, h, w), t (B,) integer steps, y (B,) class indices or None -> (B, C, h, w)."""
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.channels))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.cfg.num_classes)
+            emb = emb + self.class_emb(y)
+        h = self.conv_in(x)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.mid(h, emb)
+        for block in self.up:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+# ----------------------------------------------------------------------------- diffusion
+
+def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
+    """float64 betas: "linear" 1e-4..0.02 scaled to num_steps (Ho et al. 2020), or "cosine"
+    (Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999)."""
+    if schedule == "linear":
+        scale = 1000 / num_steps
+        return torch.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        f = torch.cos((torch.arange(num_steps + 1, dtype=torch.float64) / num_steps + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown noise schedule {schedule!r} (use 'linear' or 'cosine')")
+
+
+class GaussianDiffusion(nn.Module):
+    """The DDPM forward process and its reverse steps (Ho et al. 2020), eps-parameterised.
+
+    Steps are indexed t = 0..T-1, t = 0 the last reverse step (x_0 is the data). `alphas_cumprod[t]`
+    is abar_t. The network is passed in, called as `model(x_t, t)`, and predicts eps.
+    Constants are computed in float64 and cast to the sample's dtype when used.
+    """
+
+    def __init__(self, num_steps: int = 1000, schedule: str = "linear", loss_type: str = "mse"):
+        super().__init__()
+        if loss_type not in ("mse", "smooth_l1"):
+            raise ValueError(f"unknown loss {loss_type!r} (use 'mse' or 'smooth_l1')")
+        self.num_steps, self.schedule, self.loss_type = num_steps, schedule, loss_type
+        betas = make_betas(schedule, num_steps)
+        alphas_cumprod = torch.cumprod(1 - betas, 0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1 - alphas_cumprod).sqrt(),
+            # eq. 7: beta~_t = (1 - abar_{t-1}) / (1 - abar_t) * beta_t, and the posterior mean coefficients
+            "posterior_variance": betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            "posterior_mean_coef2": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    def config(self) -> dict:
+        return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type}
+
+    @staticmethod
+    def _at(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """buf[t] as a (B, 1, 1, 1) tensor in x's dtype and device."""
+        return buf.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def q_sample(self, x0, t, noise):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, eq. 4)."""
+        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and variance of q(x_{t-1} | x_t, x0)  (Ho et al. 2020, eq. 6-7)."""
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_variance, t, x_t)
+
+    def predict_x0(self, x_t, t, eps):
+        """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. 4 solved for x0."""
+        return (x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / self._at(self.sqrt_alphas_cumprod, t, x_t)
+
+    def p_sample(self, model, x_t, t, noise=None, clip_x0: float | None = None):
+        """One ancestral step x_t -> x_{t-1} with variance beta~_t ("fixed small"), Ho et al. 2020, Alg. 2.
+
+        Returns (x_{t-1}, predicted x0). x_t is never clamped; clip_x0, if given, clips only the
+        predicted x0 to [-clip_x0, clip_x0]. No noise is added at t = 0.
+        """
+        x0 = self.predict_x0(x_t, t, model(x_t, t))
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        mean, var = self.q_posterior(x0, x_t, t)
+        if noise is None:
+            noise = torch.randn_like(x_t)
+        nonzero = (t > 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        return mean + nonzero * var.sqrt() * noise, x0
+
+    def ddim_step(self, model, x_t, t, t_prev, eta: float = 0.0, noise=None, clip_x0: float | None = None):
+        """x_t -> x_{t_prev} (t_prev < t, or -1 for the data) by Song et al. 2021, eq. 12.
+
+        eta = 0 is the deterministic DDIM; eta = 1 with consecutive steps is DDPM's "fixed small".
+        Returns (x_{t_prev}, predicted x0).
+        """
+        eps = model(x_t, t)
+        x0 = self.predict_x0(x_t, t, eps)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a_t = self._at(self.alphas_cumprod, t, x_t)
+        ones = torch.ones(1, dtype=torch.float64, device=self.alphas_cumprod.device)
+        a_prev = self._at(torch.cat([ones, self.alphas_cumprod]), t_prev + 1, x_t)  # abar_{-1} = 1
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
+        return x_prev, x0
+
+    def sample_steps(self, model, x_T, sampler: str = "ddpm", steps: int | None = None,
+                     start: int | None = None, eta: float = 0.0, clip_x0: float | None = None):
+        """Run the reverse process from x_T at step `start` (default T-1) down to data.
+
+        Yields (t, x_{t-1}, predicted x0) after every network call, so callers can keep frames.
+        "ddpm": every step start..0. "ddim": `steps` evenly spaced steps of start..0.
+        """
+        start = self.num_steps - 1 if start is None else start
+        if sampler == "ddpm":
+            ts = list(range(start, -1, -1))
+        elif sampler == "ddim":
+            n = min(steps or 50, start + 1)
+            ts = torch.linspace(start, 0, n).round().long().unique_consecutive().tolist()
+        else:
+            raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm' or 'ddim')")
+        x = x_T
+        B = x.shape[0]
+        for i, t in enumerate(ts):
+            tt = torch.full((B,), t, device=x.device, dtype=torch.long)
+            if sampler == "ddpm":
+                x, x0 = self.p_sample(model, x, tt, clip_x0=clip_x0)
+            else:
+                t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+                x, x0 = self.ddim_step(model, x, tt, torch.full_like(tt, t_prev), eta=eta, clip_x0=clip_x0)
+            yield t, x, x0
+
+    def loss(self, model, x0, t=None, noise=None):
+        """Simple eps-matching loss (Ho et al. 2020, eq. 14): MSE, or smooth-L1 as the original used."""
+        B = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_steps, (B,), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        pred = model(self.q_sample(x0, t, noise), t)
+        if self.loss_type == "mse":
+            return F.mse_loss(pred.float(), noise.float())
+        return F.smooth_l1_loss(pred.float(), noise.float())

@@ -1,0 +1,162 @@
+"""Sampling: noise -> reverse diffusion in latent space -> VQ-VAE decoder; writes a grid, PNGs and a GIF.
+
+    python predict.py --run RUN                              # the card's DDPM-1000 + final 30 steps repeated x5
+    python predict.py --run RUN --sampler ddim --steps 50    # 20x fewer network calls
+    python predict.py --run RUN --repeat-times 0             # plain DDPM-1000
+
+Both models are rebuilt from RUN/vqvae.pt and RUN/unet.pt alone (the UNet's EMA weights are used).
+Writes RUN/samples.png, RUN/samples/NNNN.png and RUN/denoise.gif, whose frames show the decoded
+*predicted x0* as the noise is removed (`--gif-xt` puts the decoded x_t beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from dataset import BadInputError
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
+from train import fingerprint, load_checkpoint, setup_device
+
+
+def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000):
+    p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    p.add_argument("--num", type=int, default=16, help="number of images (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=sampler, help="reverse process (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=steps, help="network calls; DDPM always uses all T (default: %(default)s)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: %(default)s)")
+    p.add_argument("--repeat-last", type=int, default=30, help="the card's repeated final steps: re-noise to this step ... (default: %(default)s)")
+    p.add_argument("--repeat-times", type=int, default=5 if sampler == "ddpm" else 0,
+                   help="... and denoise again this many times, 0 to switch off (default: %(default)s)")
+    p.add_argument("--clip-x0", default="auto",
+                   help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
+    p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
+    p.add_argument("--gif-xt", action="store_true", help="show the decoded x_t beside the predicted x0 in the GIF")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+
+
+def load_models(run: Path, device):
+    """(vqvae, EMA unet, diffusion, unet checkpoint) rebuilt from the run's two checkpoints."""
+    unet_ckpt = load_checkpoint(run / "unet.pt", "unet")
+    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
+    if unet_ckpt["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
+        raise BadInputError(f"{run / 'unet.pt'} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
+                            f"run train-unet again for this VQ-VAE")
+    vqvae = VQVAE(VQVAEConfig(**vq_ckpt["config"])).to(device).eval()
+    vqvae.load_state_dict(vq_ckpt["model"])
+    if list(vqvae.cfg.latent_shape) != list(unet_ckpt["latent_shape"]):
+        raise BadInputError(f"latent shape differs: VQ-VAE {vqvae.cfg.latent_shape}, UNet {unet_ckpt['latent_shape']}")
+    unet = UNet(UNetConfig(**unet_ckpt["unet"])).to(device).eval()
+    unet.load_state_dict(unet_ckpt["ema"])
+    diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
+    return vqvae, unet, diffusion, unet_ckpt
+
+
+@torch.no_grad()
+def sample_latents(diffusion, unet, x_T, args, clip_x0, progress=None):
+    """Reverse diffusion from x_T, then the card's repeated final steps.
+
+    Returns the final latents and the GIF frames [(caption, x0, x_t)] at evenly spaced steps.
+    Each repeat re-noises the current sample to step `repeat_last - 1` with q_sample (the forward
+    process, so the marginal is the right one) and runs the reverse process down to data again.
+    """
+    keep = set(torch.linspace(0, args.steps if args.sampler == "ddim" else diffusion.num_steps, args.gif_frames)
+               .round().long().tolist())
+    frames, x = [], x_T
+    for i, (t, x, x0) in enumerate(diffusion.sample_steps(unet, x_T, args.sampler, args.steps, clip_x0=clip_x0)):
+        if i in keep or t == 0:
+            frames.append((f"step {t}", x0, x))
+        if progress:
+            progress.update(1)
+    for r in range(args.repeat_times):
+        t_start = args.repeat_last - 1
+        t = torch.full((len(x),), t_start, device=x.device, dtype=torch.long)
+        x_t = diffusion.q_sample(x, t, torch.randn_like(x))
+        for t, x, x0 in diffusion.sample_steps(unet, x_t, "ddpm", start=t_start, clip_x0=clip_x0):
+            if progress:
+                progress.update(1)
+        frames.append((f"repeat {r + 1}/{args.repeat_times}", x0, x))
+    return x, frames
+
+
+@torch.no_grad()
+def decode(vqvae, latents, latent_scale, batch_size=64):
+    """Scaled latents -> images in [-1, 1]: z = latent / scale, quantised, decoded."""
+    return torch.cat([vqvae.decode(z / latent_scale).float().clamp(-1, 1) for z in latents.split(batch_size)])
+
+
+def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
+    """A captioned grid of decoded x0 (and x_t beside it) as a PIL image at most ~768 px wide."""
+    nrow = math.ceil(math.sqrt(len(x0_images)))
+    grid = make_grid(x0_images, nrow=nrow, normalize=True, value_range=(-1, 1))
+    if xt_images is not None:
+        grid = torch.cat([grid, make_grid(xt_images, nrow=nrow, normalize=True, value_range=(-1, 1))], dim=2)
+    img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().cpu().numpy())
+    if img.width > 768:
+        img = img.resize((768, round(img.height * 768 / img.width)), Image.BILINEAR)
+    canvas = Image.new("RGB", (img.width, img.height + 16))
+    canvas.paste(img, (0, 16))
+    ImageDraw.Draw(canvas).text((4, 2), caption + ("   predicted x0 | x_t" if xt_images is not None else "   predicted x0"),
+                                fill=(255, 255, 255))
+    return canvas
+
+
+def predict(args):
+    if args.num <= 0:
+        raise BadInputError(f"--num must be positive, got {args.num}")
+    run, out = Path(args.run), Path(args.out or args.run)
+    device, autocast = setup_device(args)
+    vqvae, unet, diffusion, ckpt = load_models(run, device)
+    scale = ckpt["latent_scale"]
+    clip_x0 = {"auto": ckpt.get("latent_absmax"), "none": None}.get(args.clip_x0)
+    if clip_x0 is None and args.clip_x0 not in ("auto", "none"):
+        clip_x0 = float(args.clip_x0)
+    torch.manual_seed(args.seed)
+    per_batch = (len(range(diffusion.num_steps)) if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
+    progress = tqdm(total=per_batch * math.ceil(args.num / args.batch_size), desc=f"sampling ({args.sampler})", dynamic_ncols=True)
+    samples, gif = [], None
+    for start in range(0, args.num, args.batch_size):
+        n = min(args.batch_size, args.num - start)
+        x_T = torch.randn(n, *ckpt["latent_shape"], device=device)
+        with autocast:
+            latents, frames = sample_latents(diffusion, unet, x_T, args, clip_x0, progress)
+            samples.append(decode(vqvae, latents, scale).cpu())
+            if gif is None:  # the GIF follows the first (at most 16) images
+                m = min(n, 16)
+                gif = [gif_frame(decode(vqvae, x0[:m], scale), decode(vqvae, xt[:m], scale) if args.gif_xt else None, caption)
+                       for caption, x0, xt in frames]
+    progress.close()
+    images = torch.cat(samples)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir(exist_ok=True)
+    save_image(images, out / "samples.png", nrow=math.ceil(math.sqrt(len(images))), normalize=True, value_range=(-1, 1))
+    for i, img in enumerate(images):
+        save_image(img, out / "samples" / f"{i:04d}.png", normalize=True, value_range=(-1, 1))
+    durations = [80] * (len(gif) - 1) + [2500]  # hold the last frame
+    gif[0].save(out / "denoise.gif", save_all=True, append_images=gif[1:], duration=durations, loop=0)
+    print(f"wrote {out / 'samples.png'}, {len(images)} images in {out / 'samples'}, {out / 'denoise.gif'} ({len(gif)} frames)")
+    return images
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        predict(args)
+    except BadInputError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""The networks and the diffusion math, checked against closed forms and an analytic oracle."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, ema_model
+
+TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
+FULL_VQ = VQVAEConfig()
+TINY_UNET = UNetConfig(latent_size=16, channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)
+FULL_UNET = UNetConfig()
+
+
+# ----------------------------------------------------------------------------- VQ-VAE
+
+@pytest.mark.parametrize("cfg, latent", [(TINY_VQ, (4, 16, 16)), (FULL_VQ, (4, 32, 32))])
+def test_vqvae_shapes(cfg, latent):
+    model = VQVAE(cfg).eval()
+    x = torch.rand(2, 1, cfg.image_size, cfg.image_size) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)
+        z_q, loss, idx, stats = model.quantize(z)
+        out = model.decode(z)
+    assert z.shape == (2, *latent) and cfg.latent_shape == latent
+    assert z_q.shape == z.shape and idx.shape == (2, *latent[1:])
+    assert out.shape == x.shape
+    assert loss.ndim == 0 and 1 <= stats["perplexity"] <= cfg.codebook_size
+
+
+def test_quantizer_returns_nearest_code():
+    vq = VectorQuantizer(64, 4).eval()
+    vq.codebook.data = torch.randn(64, 4)
+    z = torch.randn(3, 4, 5, 5)
+    z_q, _, idx, _ = vq(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    brute = torch.stack([((vq.codebook - v) ** 2).sum(1).argmin() for v in flat])
+    assert torch.equal(idx.flatten(), brute)
+    assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, 4), vq.codebook[brute], atol=1e-6)
+
+
+def test_quantizer_losses_are_codebook_plus_quarter_commitment():
+    vq = VectorQuantizer(16, 4, beta=0.25).eval()
+    vq.codebook.data = torch.randn(16, 4)
+    z = torch.randn(2, 4, 3, 3)
+    z_q, loss, _, _ = vq(z)
+    mse = F.mse_loss(z_q, z)
+    assert torch.allclose(loss, 1.25 * mse, rtol=1e-5)
+
+
+def test_straight_through_gradient_reaches_encoder():
+    model = VQVAE(TINY_VQ)
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    recon, vq_loss, _ = model(x)
+    F.mse_loss(recon, x).backward()  # reconstruction loss alone: only the straight-through path links it to the encoder
+    grads = [p.grad for p in model.encoder.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs():
+    vq = VectorQuantizer(32, 4, usage_decay=0.5, dead_threshold=0.1)
+    vq.codebook.data = torch.full((32, 4), 100.0)      # far from the data: never chosen
+    vq.codebook.data[0] = 0.0
+    vq.usage.fill_(1.0)
+    z = torch.randn(4, 4, 8, 8)
+    for _ in range(5):
+        vq(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    restarted = vq.codebook.data[1:]
+    assert restarted.abs().max() < 10                  # moved to where the encoder outputs are
+    assert torch.cdist(restarted, flat).min(1).values.max() < 0.01
+
+
+def test_tiny_vqvae_overfits_a_handful_of_images():
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(image_size=32, channels=16, channel_mult=(1, 2), num_res_blocks=1, codebook_size=64)
+    model = VQVAE(cfg)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    x = torch.stack([((xx / r) ** 2 + (yy / (r * 0.8)) ** 2 < 1).float() * 1.6 - 0.8 for r in (0.4, 0.6, 0.8, 0.9)])[:, None]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        recon, vq_loss, _ = model(x)
+        loss = F.mse_loss(recon, x) + vq_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(F.mse_loss(recon, x).item())
+    assert losses[-1] < losses[0] / 10
+
+
+# ----------------------------------------------------------------------------- UNet
+
+@pytest.mark.parametrize("cfg", [TINY_UNET, FULL_UNET])
+def test_unet_shape_and_time_dependence(cfg):
+    torch.manual_seed(0)
+    model = UNet(cfg).eval()
+    nn.init.normal_(model.out[-1].weight, std=0.02)    # the output layer starts at zero; wake it up
+    x = torch.randn(2, 4, cfg.latent_size, cfg.latent_size)
+    with torch.no_grad():
+        a = model(x, torch.tensor([0, 0]))
+        b = model(x, torch.tensor([500, 500]))
+    assert a.shape == x.shape
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_networks_use_groupnorm_not_batchnorm():
+    for model in (VQVAE(TINY_VQ), UNet(TINY_UNET)):
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+
+
+def test_unet_attends_at_the_two_lowest_resolutions_and_bottleneck():
+    from modules import Attention
+    model = UNet(TINY_UNET)
+    x = torch.randn(1, 4, 16, 16)
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1])) for m in model.modules() if isinstance(m, Attention)]
+    model(x, torch.tensor([3]))
+    for h in hooks:
+        h.remove()
+    assert set(sizes) == {4, 2}  # levels 2 and 3 of 16 -> 8 -> 4 -> 2 (bottleneck at 2)
+
+
+def test_ema_tracks_weights():
+    model = nn.Linear(2, 2)
+    ema = ema_model(model, decay=0.9)
+    ema.update_parameters(model)                       # first update copies
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    expected = model.weight - 0.9                      # 0.9 * old + 0.1 * (old + 1)
+    assert torch.allclose(ema.module.weight, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- diffusion: closed forms
+
+def test_default_schedule_is_the_original_linear_one():
+    d = GaussianDiffusion()
+    assert d.num_steps == 1000 and d.betas.dtype == torch.float64
+    assert math.isclose(d.betas[0].item(), 1e-4) and math.isclose(d.betas[-1].item(), 0.02)
+    cos = GaussianDiffusion(schedule="cosine")
+    assert cos.alphas_cumprod[-1] < 1e-4 and (cos.betas <= 0.999).all()
+
+
+def test_q_sample_moments():
+    torch.manual_seed(0)
+    d = GaussianDiffusion()
+    x0 = torch.full((200_000, 1, 1, 1), 0.7)
+    for step in (0, 250, 999):
+        t = torch.full((len(x0),), step)
+        x_t = d.q_sample(x0, t, torch.randn_like(x0))
+        ab = d.alphas_cumprod[step].item()
+        assert abs(x_t.mean().item() - math.sqrt(ab) * 0.7) < 0.01
+        assert abs(x_t.var().item() - (1 - ab)) < 0.01 * max(1 - ab, 0.01) + 1e-4
+
+
+def test_q_posterior_matches_product_of_gaussians():
+    """q(x_{t-1}|x_t,x0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(ab_{t-1}) x0, 1-ab_{t-1})."""
+    d = GaussianDiffusion(schedule="cosine")
+    x0, x_t = torch.randn(5, 1, 1, 1, dtype=torch.float64), torch.randn(5, 1, 1, 1, dtype=torch.float64)
+    t = torch.tensor([1, 10, 100, 500, 999])
+    mean, var = d.q_posterior(x0, x_t, t)
+    b, ab_prev = d.betas[t].view(-1, 1, 1, 1), d.alphas_cumprod_prev[t].view(-1, 1, 1, 1)
+    precision = 1 / (1 - ab_prev) + (1 - b) / b
+    expected_var = 1 / precision
+    expected_mean = expected_var * (ab_prev.sqrt() * x0 / (1 - ab_prev) + (1 - b).sqrt() * x_t / b)
+    assert torch.allclose(var, expected_var, rtol=1e-9)
+    assert torch.allclose(mean, expected_mean, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- diffusion: analytic oracle
+
+class OracleEps(nn.Module):
+    """The optimal eps-predictor for data x0 ~ N(mu, s^2): E[eps | x_t] = b (x_t - a mu) / (a^2 s^2 + b^2),
+    with a = sqrt(abar_t), b = sqrt(1 - abar_t)."""
+
+    def __init__(self, diffusion, mu, s):
+        super().__init__()
+        self.ab, self.mu, self.s = diffusion.alphas_cumprod, mu, s
+
+    def forward(self, x_t, t):
+        ab = self.ab[t].view(-1, 1, 1, 1).to(x_t.dtype)
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        return b * (x_t - a * self.mu) / (a ** 2 * self.s ** 2 + b ** 2)
+
+
+MU, S, N = 0.3, 0.5, 20_000
+
+
+def run_sampler(d, oracle, sampler, steps=None):
+    torch.manual_seed(0)
+    x = torch.randn(N, 1, 1, 1, dtype=torch.float64)
+    for _, x, _ in d.sample_steps(oracle, x, sampler, steps):
+        pass
+    return x
+
+
+# DDIM is a first-order ODE solver: with the oracle its std error shrinks with the step count
+# (linear schedule: -13% at 20 steps, -4.6% at 50, -1.8% at 100, -0.1% at 250), so 50 steps gets a
+# wider std tolerance and 250 steps a tight one. The wrong noise of the original is off by far more.
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler, steps, std_tol", [("ddpm", None, 0.03), ("ddim", 50, 0.06), ("ddim", 250, 0.015)])
+def test_sampler_reproduces_the_data_distribution_with_the_oracle(schedule, sampler, steps, std_tol):
+    d = GaussianDiffusion(schedule=schedule)
+    x = run_sampler(d, OracleEps(d, MU, S), sampler, steps)
+    assert abs(x.mean().item() - MU) < 0.015
+    assert abs(x.std().item() / S - 1) < std_tol
+
+
+def test_repeated_final_steps_keep_the_distribution():
+    """The card's repeats (q_sample to step 29, denoise to 0) leave an exact sample exactly distributed."""
+    d = GaussianDiffusion()
+    oracle = OracleEps(d, MU, S)
+    torch.manual_seed(1)
+    x = MU + S * torch.randn(N, 1, 1, 1, dtype=torch.float64)
+    for _ in range(5):
+        x_t = d.q_sample(x, torch.full((N,), 29), torch.randn_like(x))
+        for _, x, _ in d.sample_steps(oracle, x_t, "ddpm", start=29):
+            pass
+    assert abs(x.mean().item() - MU) < 0.015
+    assert abs(x.std().item() / S - 1) < 0.03
+
+
+def original_reverse_step(d, model, x_t, t):
+    """The report's step: posterior mean, then 1.15 * sqrt(var) * (n1 + n2), then clamp x_t to [-1, 1]."""
+    x0 = d.predict_x0(x_t, t, model(x_t, t))
+    mean, var = d.q_posterior(x0, x_t, t)
+    noise = torch.randn_like(x_t) + torch.randn_like(x_t)
+    nonzero = (t > 0).to(x_t.dtype).view(-1, 1, 1, 1)
+    return (mean + nonzero * 1.15 * var.sqrt() * noise).clamp(-1, 1)
+
+
+def test_the_oracle_test_catches_the_original_defects():
+    """Negative control: the same oracle check fails for the original's noise and clamping."""
+    d = GaussianDiffusion()
+    oracle = OracleEps(d, MU, S)
+    torch.manual_seed(0)
+    x = torch.randn(N, 1, 1, 1, dtype=torch.float64)
+    for step in range(999, -1, -1):
+        x = original_reverse_step(d, oracle, x, torch.full((N,), step))
+    assert abs(x.std().item() / S - 1) > 0.1           # ~1.63x the noise: far too wide before the clamp
+
+
+def test_p_sample_adds_no_noise_at_the_last_step_and_never_clamps():
+    d = GaussianDiffusion()
+    oracle = OracleEps(d, 5.0, 1.0)                    # data far outside [-1, 1]
+    x_t = torch.full((4, 1, 1, 1), 6.0, dtype=torch.float64)
+    t = torch.zeros(4, dtype=torch.long)
+    a, _ = d.p_sample(oracle, x_t, t, noise=torch.randn_like(x_t))
+    b, _ = d.p_sample(oracle, x_t, t, noise=torch.randn_like(x_t))
+    assert torch.equal(a, b) and a.min() > 1.0
+
+
+def test_ddim_with_eta_one_on_all_steps_equals_ddpm_posterior():
+    d = GaussianDiffusion()
+    oracle = OracleEps(d, MU, S)
+    x_t = torch.randn(8, 1, 1, 1, dtype=torch.float64)
+    t = torch.full((8,), 400)
+    noise = torch.randn_like(x_t)
+    ddpm, _ = d.p_sample(oracle, x_t, t, noise=noise)
+    ddim, _ = d.ddim_step(oracle, x_t, t, t - 1, eta=1.0, noise=noise)
+    assert torch.allclose(ddpm, ddim, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss_type", ["mse", "smooth_l1"])
+def test_loss_is_zero_for_the_true_noise(loss_type):
+    d = GaussianDiffusion(loss_type=loss_type)
+    x0, noise = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    t = torch.randint(0, 1000, (4,))
+    cheat = lambda x_t, tt: (x_t - d._at(d.sqrt_alphas_cumprod, tt, x_t) * x0) / d._at(d.sqrt_one_minus_alphas_cumprod, tt, x_t)  # noqa: E731
+    assert d.loss(cheat, x0, t, noise).item() < 1e-8
+    assert d.loss(lambda x_t, tt: torch.zeros_like(x_t), x0, t, noise).item() > 0.1
