@@ -69,11 +69,11 @@ def sample_latents(diffusion, unet, x_T, args, clip_x0, progress=None):
     Each repeat re-noises the current sample to step `repeat_last - 1` with q_sample (the forward
     process, so the marginal is the right one) and runs the reverse process down to data again.
     """
-    keep = set(torch.linspace(0, args.steps if args.sampler == "ddim" else diffusion.num_steps, args.gif_frames)
-               .round().long().tolist())
+    calls = diffusion.num_steps if args.sampler == "ddpm" else min(args.steps, diffusion.num_steps)
+    keep = set(torch.linspace(0, calls - 1, min(args.gif_frames, calls)).round().long().tolist())
     frames, x = [], x_T
     for i, (t, x, x0) in enumerate(diffusion.sample_steps(unet, x_T, args.sampler, args.steps, clip_x0=clip_x0)):
-        if i in keep or t == 0:
+        if i in keep:
             frames.append((f"step {t}", x0, x))
         if progress:
             progress.update(1)
@@ -111,8 +111,11 @@ def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
 
 
 def predict(args):
-    if args.num <= 0:
-        raise BadInputError(f"--num must be positive, got {args.num}")
+    for name in ("num", "batch_size", "steps", "repeat_last", "gif_frames"):
+        if getattr(args, name) <= 0:
+            raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.repeat_times < 0:
+        raise BadInputError(f"--repeat-times must be 0 or more, got {args.repeat_times}")
     run, out = Path(args.run), Path(args.out or args.run)
     device, autocast = setup_device(args)
     vqvae, unet, diffusion, ckpt = load_models(run, device)
@@ -121,7 +124,7 @@ def predict(args):
     if clip_x0 is None and args.clip_x0 not in ("auto", "none"):
         clip_x0 = float(args.clip_x0)
     torch.manual_seed(args.seed)
-    per_batch = (len(range(diffusion.num_steps)) if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
+    per_batch = (diffusion.num_steps if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
     progress = tqdm(total=per_batch * math.ceil(args.num / args.batch_size), desc=f"sampling ({args.sampler})", dynamic_ncols=True)
     samples, gif = [], None
     for start in range(0, args.num, args.batch_size):

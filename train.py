@@ -331,6 +331,9 @@ def train_unet(args):
     vqvae.load_state_dict(vq_ckpt["model"])
     vqvae.requires_grad_(False)
     vq_fingerprint = fingerprint(vq_ckpt["model"])
+    if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
+        raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
+                            f"train stage 2 afresh in a new --run")
 
     # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused)
     z = latent_cache(args, vqvae, vq_fingerprint, device, autocast)

@@ -1,0 +1,212 @@
+"""The commands end to end on a miniature folder: files written, resume, and every bad input's one-line error."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import driver
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_VQ = ["--image-size", "32", "--vq-channels", "8", "--vq-mult", "1,2", "--codebook-size", "32",
+            "--batch-size", "8", "--log-every", "2", "--sample-every", "2", "--save-every", "2", "--workers", "1"]
+SMALL_UNET = ["--unet-channels", "8", "--unet-mult", "1,1,1,1", "--batch-size", "8", "--log-every", "2",
+              "--sample-every", "4", "--save-every", "2", "--warmup", "2"]
+
+
+def vqvae(run, data, *extra):
+    driver.main(["train-vqvae", "--run", str(run), "--data", str(data), "--preset", "tiny", *SMALL_VQ, *extra])
+
+
+def unet(run, *extra):
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, *extra])
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
+    assert "\n" not in e.value.code
+    return e.value.code
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """train-vqvae (4 steps) -> train-unet (4 steps) on a 24-image ADNI-layout folder."""
+    import numpy as np
+    from conftest import write_blob_images
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "adni"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("AD", "NC"):
+            write_blob_images(data / split / label, [f"{split}{label}{i}" for i in range(2)], 3, rng)
+    run = root / "run"
+    vqvae(run, data, "--max-steps", "4")
+    unet(run, "--max-steps", "4")
+    return run, data
+
+
+def test_train_vqvae_writes_checkpoint_grid_log_and_plot(trained_run):
+    run, _ = trained_run
+    for name in ("vqvae.pt", "recon_vqvae.png", "recon_step0000002.png", "log_vqvae.csv", "loss_vqvae.png", "config.json"):
+        assert (run / name).exists(), name
+    c = ckpt(run / "vqvae.pt")
+    assert c["kind"] == "vqvae" and c["step"] == 4 and {"model", "optimizer", "config"} <= set(c)
+    rows = list(csv.DictReader(open(run / "log_vqvae.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    grid = Image.open(run / "recon_vqvae.png")
+    assert grid.height > 2 * 32 and grid.height < 3 * 32   # originals above, reconstructions below
+
+
+def test_train_unet_writes_checkpoint_with_scale_and_cache(trained_run):
+    run, _ = trained_run
+    c = ckpt(run / "unet.pt")
+    assert c["kind"] == "unet" and c["step"] == 4
+    z = ckpt(run / "latents.pt")["z"]
+    assert z.shape == (24, 4, 16, 16)
+    assert c["latent_scale"] == pytest.approx(1 / z.std().item(), rel=1e-5)
+    assert {"ema", "latent_shape", "vqvae_fingerprint", "diffusion"} <= set(c)
+    assert (run / "samples_step0000004.png").exists() and (run / "loss_unet.png").exists()
+
+
+def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
+    run, _ = trained_run
+    from predict import main as predict_main
+    predict_main(["--run", str(run), "--out", str(tmp_path), "--num", "3", "--sampler", "ddim", "--steps", "10",
+                  "--repeat-times", "2", "--repeat-last", "5", "--gif-frames", "6", "--gif-xt"])
+    assert (tmp_path / "samples.png").exists()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    assert Image.open(tmp_path / "samples" / "0000.png").size == (32, 32)
+    gif = Image.open(tmp_path / "denoise.gif")
+    assert gif.n_frames == 6 + 2                          # main pass frames + one per repeat
+
+
+def test_predict_ddpm_default_runs_the_full_chain(trained_run, tmp_path):
+    run, _ = trained_run
+    from predict import main as predict_main
+    predict_main(["--run", str(run), "--out", str(tmp_path), "--num", "1", "--repeat-times", "1", "--gif-frames", "3"])
+    assert Image.open(tmp_path / "denoise.gif").n_frames == 3 + 1
+
+
+def test_resume_continues_from_the_saved_step(trained_run, tmp_path):
+    run, data = trained_run
+    import shutil
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    vqvae(copy, data, "--max-steps", "6", "--resume")
+    assert ckpt(copy / "vqvae.pt")["step"] == 6
+    assert [int(r["step"]) for r in csv.DictReader(open(copy / "log_vqvae.csv"))] == [2, 4, 6]
+    # the UNet learned the old VQ-VAE's latents: resuming it on the new one is refused
+    assert "another VQ-VAE" in error_of(unet, copy, "--max-steps", "6", "--resume")
+    shutil.copy(run / "vqvae.pt", copy / "vqvae.pt")
+    unet(copy, "--max-steps", "6", "--resume")
+    assert ckpt(copy / "unet.pt")["step"] == 6
+    assert [int(r["step"]) for r in csv.DictReader(open(copy / "log_unet.csv"))] == [2, 4, 6]
+
+
+def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    import shutil
+    import train
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    monkeypatch.setattr(train, "encode_dataset", lambda *a, **k: pytest.fail("latents were recomputed"))
+    unet(copy, "--max-steps", "2")
+    assert ckpt(copy / "unet.pt")["step"] == 2
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_data_folder(tmp_path):
+    msg = error_of(vqvae, tmp_path / "run", tmp_path / "nowhere", "--max-steps", "1")
+    assert "does not exist" in msg and not (tmp_path / "run" / "vqvae.pt").exists()
+
+
+def test_folder_without_images(tmp_path):
+    (tmp_path / "data" / "AD").mkdir(parents=True)
+    assert "no images" in error_of(vqvae, tmp_path / "run", tmp_path / "data", "--max-steps", "1")
+
+
+def test_corrupt_image_named(adni_folder, tmp_path):
+    (adni_folder / "test" / "NC" / "bad_80.jpeg").write_bytes(b"garbage")
+    assert "bad_80.jpeg" in error_of(vqvae, tmp_path / "run", adni_folder, "--max-steps", "1")
+
+
+def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
+    run, data = trained_run
+    before = (run / "vqvae.pt").read_bytes()
+    assert "--resume" in error_of(vqvae, run, data, "--max-steps", "8")
+    assert "different config" in error_of(vqvae, run, data, "--max-steps", "8", "--resume", "--codebook-size", "64")
+    assert (run / "vqvae.pt").read_bytes() == before
+
+
+def test_train_unet_without_vqvae(tmp_path):
+    assert "no vqvae checkpoint" in error_of(unet, tmp_path / "run", "--max-steps", "1")
+
+
+def test_predict_without_unet(trained_run, tmp_path):
+    run, _ = trained_run
+    (tmp_path / "vqvae.pt").write_bytes((run / "vqvae.pt").read_bytes())
+    from predict import main as predict_main
+    assert "no unet checkpoint" in error_of(predict_main, ["--run", str(tmp_path)])
+
+
+def test_unet_from_another_vqvae_is_refused(trained_run, tmp_path):
+    run, data = trained_run
+    other = tmp_path / "other"
+    vqvae(other, data, "--max-steps", "2", "--seed", "1")
+    (other / "unet.pt").write_bytes((run / "unet.pt").read_bytes())
+    from predict import main as predict_main
+    assert "another VQ-VAE" in error_of(predict_main, ["--run", str(other), "--num", "1"])
+
+
+def test_wrong_kind_of_checkpoint_is_refused(trained_run, tmp_path):
+    run, _ = trained_run
+    (tmp_path / "vqvae.pt").write_bytes((run / "vqvae.pt").read_bytes())
+    (tmp_path / "unet.pt").write_bytes((run / "vqvae.pt").read_bytes())
+    from predict import main as predict_main
+    assert "not a unet checkpoint" in error_of(predict_main, ["--run", str(tmp_path)])
+
+
+def test_nan_loss_stops_without_overwriting_the_checkpoint(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    import shutil
+    from modules import GaussianDiffusion
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "unet.pt").read_bytes()
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, model, x0: model(x0, torch.zeros(len(x0), dtype=torch.long)).sum() * float("nan"))
+    msg = error_of(unet, copy, "--max-steps", "8", "--resume")
+    assert "nan" in msg.lower() and "last good checkpoint" in msg
+    assert (copy / "unet.pt").read_bytes() == before
+
+
+def test_errors_print_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "driver.py"), "train-vqvae", "--run", str(tmp_path / "r"),
+                           "--data", str(tmp_path / "missing")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error:")
+
+
+def test_help_documents_defaults():
+    for command in ("train-vqvae", "train-unet", "sample", "demo"):
+        proc = subprocess.run([sys.executable, str(REPO / "driver.py"), command, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "default" in proc.stdout
+    out = subprocess.run([sys.executable, str(REPO / "driver.py"), "train-vqvae", "--help"], capture_output=True, text=True).stdout
+    assert "tiny 512, full 4096" in out.replace("\n", " ").replace("  ", " ") or "tiny 512" in out
+
+
+def test_demo_data_is_the_default(tmp_path):
+    driver.main(["train-vqvae", "--run", str(tmp_path / "run"), "--demo-dir", str(tmp_path / "demo"),
+                 "--max-steps", "1", "--batch-size", "4", "--vq-channels", "8"])
+    c = ckpt(tmp_path / "run" / "vqvae.pt")
+    assert "mni152-demo" in c["data"] and c["config"]["image_size"] == 64 and c["config"]["codebook_size"] == 512
