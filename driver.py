@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, help=preset_help("unet", "ema_decay", "EMA decay of the sampling weights"))
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule (default: %(default)s, the original's)")
     p.add_argument("--diffusion-steps", type=positive(int), default=1000, help="diffusion steps T (default: %(default)s)")
+    p.add_argument("--prediction", choices=["eps", "v"], default="v",
+                   help="UNet target: v (Salimans & Ho 2022) stays stable when under-trained; eps as Ho et al. (default: %(default)s)")
     p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="eps loss (default: %(default)s; the original used smooth_l1)")
     p.set_defaults(func=train.train_unet, stage="unet")
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -339,8 +339,16 @@ class UNet(nn.Module):
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as latent-diffusion does),
+    so the random initial weights are forgotten within a short run; n stays a device tensor (no sync).
+    """
+    def ema_update(ema_params, params, num_averaged):
+        weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, weight.to(e.dtype))
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -366,11 +374,14 @@ class GaussianDiffusion(nn.Module):
     Constants are computed in float64 and cast to the sample's dtype when used.
     """
 
-    def __init__(self, num_steps: int = 1000, schedule: str = "linear", loss_type: str = "mse"):
+    def __init__(self, num_steps: int = 1000, schedule: str = "linear", loss_type: str = "mse",
+                 prediction: str = "eps"):
         super().__init__()
         if loss_type not in ("mse", "smooth_l1"):
             raise ValueError(f"unknown loss {loss_type!r} (use 'mse' or 'smooth_l1')")
-        self.num_steps, self.schedule, self.loss_type = num_steps, schedule, loss_type
+        if prediction not in ("eps", "v"):
+            raise ValueError(f"unknown prediction {prediction!r} (use 'eps' or 'v')")
+        self.num_steps, self.schedule, self.loss_type, self.prediction = num_steps, schedule, loss_type, prediction
         betas = make_betas(schedule, num_steps)
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -389,7 +400,8 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def config(self) -> dict:
-        return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type}
+        return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type,
+                "prediction": self.prediction}
 
     @staticmethod
     def _at(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -409,13 +421,23 @@ class GaussianDiffusion(nn.Module):
         """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. 4 solved for x0."""
         return (x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / self._at(self.sqrt_alphas_cumprod, t, x_t)
 
+    def predict_x0_eps(self, model, x_t, t):
+        """(x0, eps) from the network's output: eps itself, or v = sqrt(abar) eps - sqrt(1 - abar) x0
+        (Salimans & Ho 2022), for which x0 = sqrt(abar) x_t - sqrt(1 - abar) v. With v an error in the
+        output stays an error of the same size in x0 at high noise, where eps would divide it by sqrt(abar)."""
+        out = model(x_t, t)
+        if self.prediction == "eps":
+            return self.predict_x0(x_t, t, out), out
+        a, b = self._at(self.sqrt_alphas_cumprod, t, x_t), self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return a * x_t - b * out, b * x_t + a * out
+
     def p_sample(self, model, x_t, t, noise=None, clip_x0: float | None = None):
         """One ancestral step x_t -> x_{t-1} with variance beta~_t ("fixed small"), Ho et al. 2020, Alg. 2.
 
         Returns (x_{t-1}, predicted x0). x_t is never clamped; clip_x0, if given, clips only the
         predicted x0 to [-clip_x0, clip_x0]. No noise is added at t = 0.
         """
-        x0 = self.predict_x0(x_t, t, model(x_t, t))
+        x0, _ = self.predict_x0_eps(model, x_t, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
         mean, var = self.q_posterior(x0, x_t, t)
@@ -430,8 +452,7 @@ class GaussianDiffusion(nn.Module):
         eta = 0 is the deterministic DDIM; eta = 1 with consecutive steps is DDPM's "fixed small".
         Returns (x_{t_prev}, predicted x0).
         """
-        eps = model(x_t, t)
-        x0 = self.predict_x0(x_t, t, eps)
+        x0, eps = self.predict_x0_eps(model, x_t, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
             eps = (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
@@ -471,13 +492,16 @@ class GaussianDiffusion(nn.Module):
             yield t, x, x0
 
     def loss(self, model, x0, t=None, noise=None):
-        """Simple eps-matching loss (Ho et al. 2020, eq. 14): MSE, or smooth-L1 as the original used."""
+        """Simple loss (Ho et al. 2020, eq. 14) on the eps or v target: MSE, or smooth-L1 as the original used."""
         B = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_steps, (B,), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
+        target = noise
+        if self.prediction == "v":
+            target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         pred = model(self.q_sample(x0, t, noise), t)
         if self.loss_type == "mse":
-            return F.mse_loss(pred.float(), noise.float())
-        return F.smooth_l1_loss(pred.float(), noise.float())
+            return F.mse_loss(pred.float(), target.float())
+        return F.smooth_l1_loss(pred.float(), target.float())

@@ -323,7 +323,8 @@ def train_unet(args):
     if len(cfg.channel_mult) != 4 or vq_cfg.latent_shape[1] % 8:
         raise BadInputError(f"the UNet has 4 levels (got --unet-mult {args.unet_mult}) and needs a latent size "
                             f"divisible by 8 (got {vq_cfg.latent_shape[1]})")
-    diffusion_cfg = {"num_steps": args.diffusion_steps, "schedule": args.schedule, "loss_type": args.loss}
+    diffusion_cfg = {"num_steps": args.diffusion_steps, "schedule": args.schedule, "loss_type": args.loss,
+                     "prediction": args.prediction}
     resume = prepare_run(args, ckpt_path, "unet", {**asdict(cfg), **diffusion_cfg})
     torch.manual_seed(args.seed)
     device, autocast = setup_device(args)

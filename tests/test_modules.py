@@ -124,15 +124,21 @@ def test_unet_attends_at_the_two_lowest_resolutions_and_bottleneck():
     assert set(sizes) == {4, 2}  # levels 2 and 3 of 16 -> 8 -> 4 -> 2 (bottleneck at 2)
 
 
-def test_ema_tracks_weights():
+def test_ema_warms_up_then_tracks_weights_with_the_given_decay():
     model = nn.Linear(2, 2)
     ema = ema_model(model, decay=0.9)
     ema.update_parameters(model)                       # first update copies
     with torch.no_grad():
         model.weight.add_(1.0)
+    ema.update_parameters(model)                       # n = 1: decay min(0.9, 2 / 11)
+    assert torch.allclose(ema.module.weight, model.weight - 2 / 11, atol=1e-6)
+    for _ in range(100):                               # warm-up over: (1 + n) / (10 + n) > 0.9
+        ema.update_parameters(model)
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
     ema.update_parameters(model)
-    expected = model.weight - 0.9                      # 0.9 * old + 0.1 * (old + 1)
-    assert torch.allclose(ema.module.weight, expected, atol=1e-6)
+    assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * model.weight, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- diffusion: closed forms
@@ -187,6 +193,14 @@ class OracleEps(nn.Module):
         return b * (x_t - a * self.mu) / (a ** 2 * self.s ** 2 + b ** 2)
 
 
+class OracleV(OracleEps):
+    """The same optimum in the v parameterisation: v = (eps - sqrt(1 - abar) x_t) / sqrt(abar)."""
+
+    def forward(self, x_t, t):
+        ab = self.ab[t].view(-1, 1, 1, 1).to(x_t.dtype)
+        return (super().forward(x_t, t) - (1 - ab).sqrt() * x_t) / ab.sqrt()
+
+
 MU, S, N = 0.3, 0.5, 20_000
 
 
@@ -210,6 +224,17 @@ def test_sampler_reproduces_the_data_distribution_with_the_oracle(schedule, samp
     assert abs(x.std().item() / S - 1) < std_tol
 
 
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 50)])
+def test_eps_and_v_parameterisations_agree_on_the_oracle(sampler, steps):
+    eps_d, v_d = GaussianDiffusion(), GaussianDiffusion(prediction="v")
+    x_eps = run_sampler(eps_d, OracleEps(eps_d, MU, S), sampler, steps)
+    x_v = run_sampler(v_d, OracleV(v_d, MU, S), sampler, steps)
+    assert torch.allclose(x_eps, x_v, atol=1e-6)
+    x_t, t = torch.randn(6, 1, 1, 1, dtype=torch.float64), torch.tensor([0, 1, 50, 500, 900, 999])
+    for a, b in zip(eps_d.predict_x0_eps(OracleEps(eps_d, MU, S), x_t, t), v_d.predict_x0_eps(OracleV(v_d, MU, S), x_t, t)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
 def test_repeated_final_steps_keep_the_distribution():
     """The card's repeats (q_sample to step 29, denoise to 0) leave an exact sample exactly distributed."""
     d = GaussianDiffusion()
@@ -224,24 +249,29 @@ def test_repeated_final_steps_keep_the_distribution():
     assert abs(x.std().item() / S - 1) < 0.03
 
 
-def original_reverse_step(d, model, x_t, t):
-    """The report's step: posterior mean, then 1.15 * sqrt(var) * (n1 + n2), then clamp x_t to [-1, 1]."""
+def original_reverse_step(d, model, x_t, t, noisy=True, clamp=True):
+    """The report's step: posterior mean, then 1.15 * sqrt(var) * (n1 + n2) (noisy), then x_t clamped to [-1, 1]."""
     x0 = d.predict_x0(x_t, t, model(x_t, t))
     mean, var = d.q_posterior(x0, x_t, t)
-    noise = torch.randn_like(x_t) + torch.randn_like(x_t)
+    noise = 1.15 * (torch.randn_like(x_t) + torch.randn_like(x_t)) if noisy else torch.randn_like(x_t)
     nonzero = (t > 0).to(x_t.dtype).view(-1, 1, 1, 1)
-    return (mean + nonzero * 1.15 * var.sqrt() * noise).clamp(-1, 1)
+    x = mean + nonzero * var.sqrt() * noise
+    return x.clamp(-1, 1) if clamp else x
 
 
-def test_the_oracle_test_catches_the_original_defects():
-    """Negative control: the same oracle check fails for the original's noise and clamping."""
+# Measured with this oracle (mu 0.3, s 0.5): noise alone gives std 0.81 (1.63x); clamping alone
+# mean 0.24, std 0.40; both together std 0.50 by coincidence but mean 0.15.
+@pytest.mark.parametrize("noisy, clamp", [(True, False), (False, True), (True, True)])
+def test_the_oracle_test_catches_the_original_defects(noisy, clamp):
+    """Negative control: the same oracle check fails for the original's noise, its clamping, and both."""
     d = GaussianDiffusion()
     oracle = OracleEps(d, MU, S)
     torch.manual_seed(0)
     x = torch.randn(N, 1, 1, 1, dtype=torch.float64)
     for step in range(999, -1, -1):
-        x = original_reverse_step(d, oracle, x, torch.full((N,), step))
-    assert abs(x.std().item() / S - 1) > 0.1           # ~1.63x the noise: far too wide before the clamp
+        x = original_reverse_step(d, oracle, x, torch.full((N,), step), noisy, clamp)
+    mean_off, std_off = abs(x.mean().item() - MU), abs(x.std().item() / S - 1)
+    assert mean_off > 0.05 or std_off > 0.15          # the correct sampler: mean_off < 0.015, std_off < 0.03
 
 
 def test_p_sample_adds_no_noise_at_the_last_step_and_never_clamps():
@@ -273,3 +303,12 @@ def test_loss_is_zero_for_the_true_noise(loss_type):
     cheat = lambda x_t, tt: (x_t - d._at(d.sqrt_alphas_cumprod, tt, x_t) * x0) / d._at(d.sqrt_one_minus_alphas_cumprod, tt, x_t)  # noqa: E731
     assert d.loss(cheat, x0, t, noise).item() < 1e-8
     assert d.loss(lambda x_t, tt: torch.zeros_like(x_t), x0, t, noise).item() > 0.1
+
+
+def test_v_loss_is_zero_for_the_true_velocity():
+    d = GaussianDiffusion(prediction="v")
+    x0, noise = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
+    t = torch.randint(0, 1000, (4,))
+    v = d._at(d.sqrt_alphas_cumprod, t, x0) * noise - d._at(d.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+    assert d.loss(lambda x_t, tt: v, x0, t, noise).item() < 1e-10
+    assert d.loss(lambda x_t, tt: noise, x0, t, noise).item() > 0.1     # the eps target is not the v target
