@@ -33,7 +33,7 @@ PRESETS = {
     },
     "unet": {
         "tiny": dict(unet_channels=32, unet_mult=[1, 2, 2, 2], unet_res_blocks=1, batch_size=64, lr=1e-3,
-                     warmup=200, ema_decay=0.999, max_steps=2000, sample_every=500, save_every=500),
+                     warmup=200, ema_decay=0.999, max_steps=1500, sample_every=500, save_every=500),
         "full": dict(unet_channels=128, unet_mult=[1, 2, 2, 4], unet_res_blocks=2, batch_size=64, lr=1e-4,
                      warmup=1000, ema_decay=0.9999, epochs=300, sample_every=5000, save_every=5000),
     },
@@ -159,12 +159,11 @@ def demo(args):
     """Demo data -> VQ-VAE -> UNet -> predict, tiny preset; re-running continues or skips finished stages."""
     common = ["--run", args.run, "--demo-dir", args.demo_dir, "--resume"] + (["--device", args.device] if args.device else [])
     times = {}
-    for name, argv in [("train-vqvae", ["train-vqvae"] + common), ("train-unet", ["train-unet"] + common),
-                       ("predict", ["sample", "--run", args.run, "--sampler", "ddpm", "--steps", "1000"]
-                        + (["--device", args.device] if args.device else []))]:
+    stages = [("train-vqvae", parse(["train-vqvae"] + common)), ("train-unet", parse(["train-unet"] + common)),
+              ("predict", predict.parse_args(["--run", args.run] + (["--device", args.device] if args.device else [])))]
+    for name, stage_args in stages:
         t0 = time.perf_counter()
-        stage_args = parse(argv)
-        stage_args.func(stage_args)
+        (stage_args.func if name != "predict" else predict.predict)(stage_args)
         times[name] = time.perf_counter() - t0
     print("demo finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
     print(f"samples: {args.run}/samples.png   denoising GIF: {args.run}/denoise.gif")

@@ -151,10 +151,15 @@ def predict(args):
     return images
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """predict.py's flags with the card's defaults (DDPM-1000, final 30 steps repeated 5 times)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         predict(args)
     except BadInputError as e:

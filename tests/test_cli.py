@@ -184,7 +184,7 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(trained_run, tmp_path
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     before = (copy / "unet.pt").read_bytes()
-    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, model, x0: model(x0, torch.zeros(len(x0), dtype=torch.long)).sum() * float("nan"))
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, model, x0: model(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)).sum() * float("nan"))
     msg = error_of(unet, copy, "--max-steps", "8", "--resume")
     assert "nan" in msg.lower() and "last good checkpoint" in msg
     assert (copy / "unet.pt").read_bytes() == before
@@ -210,3 +210,11 @@ def test_demo_data_is_the_default(tmp_path):
                  "--max-steps", "1", "--batch-size", "4", "--vq-channels", "8"])
     c = ckpt(tmp_path / "run" / "vqvae.pt")
     assert "mni152-demo" in c["data"] and c["config"]["image_size"] == 64 and c["config"]["codebook_size"] == 512
+
+
+def test_predict_defaults_are_the_cards():
+    from predict import parse_args
+    args = parse_args([])
+    assert (args.sampler, args.steps, args.repeat_last, args.repeat_times) == ("ddpm", 1000, 30, 5)
+    sample = driver.parse(["sample"])
+    assert (sample.sampler, sample.steps, sample.repeat_times) == ("ddim", 50, 0)
