@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 DEMO_VERSION = 1                  # bump when the demo generator changes, so old caches are not reused
 DEFAULT_DEMO_ROOT = Path.home() / ".cache" / "brain-ldm"

@@ -74,8 +74,6 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
     p.add_argument("--image-size", type=positive(int), default=None, help=ph("image_size", "images are resized to SIZE x SIZE"))
     p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grayscale, 3 RGB as the original (default: %(default)s)")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction of subjects left out of training for evaluation (default: %(default)s, the card's all data)")
     p.add_argument("--cache-gb", type=float, default=8.0, help="decode images once into memory if they fit in this many GB (default: %(default)s)")
     p.add_argument("--workers", type=int, default=4, help="image decoding threads / loader workers (default: %(default)s)")
     # optimisation
@@ -104,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vq-mult", type=ints, default=None, help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
     p.add_argument("--vq-res-blocks", type=positive(int), default=None, help=preset_help("vqvae", "vq_res_blocks", "res blocks per level"))
     p.add_argument("--codebook-size", type=positive(int), default=None, help=preset_help("vqvae", "codebook_size", "codebook entries"))
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of subjects left out of training, for evaluation; stage 2 inherits it (default: %(default)s, the card's all data)")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of that subject split (default: %(default)s)")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")
 
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")

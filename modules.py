@@ -6,7 +6,7 @@ Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

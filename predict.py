@@ -95,14 +95,14 @@ def decode(vqvae, latents, latent_scale, batch_size=64):
 
 
 def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
-    """A captioned grid of decoded x0 (and x_t beside it) as a PIL image at most ~768 px wide."""
+    """A captioned grid of decoded x0 (and x_t beside it) as a PIL image at most 512 px wide (GIF size)."""
     nrow = math.ceil(math.sqrt(len(x0_images)))
     grid = make_grid(x0_images, nrow=nrow, normalize=True, value_range=(-1, 1))
     if xt_images is not None:
         grid = torch.cat([grid, make_grid(xt_images, nrow=nrow, normalize=True, value_range=(-1, 1))], dim=2)
     img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).convert("L" if x0_images.shape[1] == 1 else "RGB")
-    if img.width > 768:
-        img = img.resize((768, round(img.height * 768 / img.width)), Image.BILINEAR)
+    if img.width > 512:
+        img = img.resize((512, round(img.height * 512 / img.width)), Image.BILINEAR)
     canvas = Image.new(img.mode, (img.width, img.height + 16))
     canvas.paste(img, (0, 16))
     ImageDraw.Draw(canvas).text((4, 2), caption + ("   predicted x0 | x_t" if xt_images is not None else "   predicted x0"),

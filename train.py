@@ -146,7 +146,7 @@ def training_data(args):
     root = args.data or demo_data_dir(args.demo_dir)
     dataset = load_slices(root, args.image_size, args.channels, args.cache_gb, args.workers)
     if args.holdout > 0:
-        train_idx, _ = split_by_subject([p for p, _ in dataset.samples], args.holdout, args.seed)
+        train_idx, _ = split_by_subject([p for p, _ in dataset.samples], args.holdout, args.holdout_seed)
         dataset = Subset(dataset, train_idx)
     return dataset, str(root)
 
@@ -205,7 +205,8 @@ def train_vqvae(args):
     print(f"VQ-VAE {n_params / 1e6:.2f}M params, latent {cfg.latent_shape}, {len(dataset)} images from {data_root}, "
           f"steps {step} -> {max_steps} on {device}")
 
-    fixed = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(device)
+    spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
+    fixed = torch.stack([dataset[i][0] for i in spread]).to(device)
     log = MetricLog(run / "log_vqvae.csv", ["step", "loss", "recon", "vq", "psnr", "perplexity", "usage", "lr", "img_per_s"])
 
     def save():
@@ -292,7 +293,7 @@ def latent_cache(args, vqvae: VQVAE, vq_fingerprint: str, device, autocast) -> t
     path = Path(args.run) / "latents.pt"
     dataset, data_root = training_data(args)
     key = {"vqvae": vq_fingerprint, "data": data_root, "image_size": args.image_size, "channels": args.channels,
-           "holdout": args.holdout, "seed": args.seed if args.holdout > 0 else 0, "count": len(dataset)}
+           "holdout": args.holdout, "holdout_seed": args.holdout_seed, "count": len(dataset)}
     if path.exists():
         cache = load_checkpoint(path, "latents")
         if cache["key"] == key:
@@ -316,8 +317,9 @@ def train_unet(args):
     ckpt_path = run / "unet.pt"
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     vq_cfg = VQVAEConfig(**vq_ckpt["config"])
-    for name in ("image_size", "channels"):  # the images must be prepared exactly as for stage 1
-        setattr(args, name, vq_ckpt["args"].get(name, getattr(args, name)))
+    # stage 2 sees exactly the images of stage 1: same folder, size, channels and held-out subjects
+    for name, default in (("image_size", None), ("channels", 1), ("holdout", 0.0), ("holdout_seed", 0)):
+        setattr(args, name, vq_ckpt["args"].get(name, default))
     args.data = args.data or vq_ckpt["data"]
     cfg = unet_config(args, vq_cfg.latent_shape)
     if len(cfg.channel_mult) != 4 or vq_cfg.latent_shape[1] % 8:

@@ -2,7 +2,7 @@
 
     python bench/vqvae_fidelity.py --run RUN [--data PATH]
 
-Uses the run's own subject split (train-vqvae --holdout F --seed S); with --holdout 0 at training
+Uses the run's own subject split (train-vqvae --holdout F --holdout-seed S); with --holdout 0 at training
 time nothing was held out and the numbers are on training images (the script says so).
 """
 import argparse
@@ -33,7 +33,7 @@ def main():
     dataset = load_slices(args.data or ckpt["data"], train_args["image_size"], train_args["channels"])
     holdout = train_args.get("holdout", 0.0)
     if holdout > 0:
-        _, held = split_by_subject([p for p, _ in dataset.samples], holdout, train_args["seed"])
+        _, held = split_by_subject([p for p, _ in dataset.samples], holdout, train_args.get("holdout_seed", 0))
         dataset, which = Subset(dataset, held), f"{len(held)} held-out images"
     else:
         which = f"{len(dataset)} TRAINING images (the run held nothing out)"

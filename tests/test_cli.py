@@ -218,3 +218,10 @@ def test_predict_defaults_are_the_cards():
     assert (args.sampler, args.steps, args.repeat_last, args.repeat_times) == ("ddpm", 1000, 30, 5)
     sample = driver.parse(["sample"])
     assert (sample.sampler, sample.steps, sample.repeat_times) == ("ddim", 50, 0)
+
+
+def test_held_out_subjects_stay_out_of_both_stages(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "1", "--holdout", "0.25", "--holdout-seed", "3")
+    unet(run, "--max-steps", "1")
+    assert ckpt(run / "latents.pt")["z"].shape[0] == 24 - 2 * 3     # 2 of 8 subjects, 3 slices each

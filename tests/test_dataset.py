@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_blob_images
 from dataset import (BadInputError, InMemorySlices, SliceFolders, load_slices, make_demo_dataset,
                      split_by_subject, subject_id)
 
