@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -126,7 +127,7 @@ def predict(args):
     torch.manual_seed(args.seed)
     per_batch = (diffusion.num_steps if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
     progress = tqdm(total=per_batch * math.ceil(args.num / args.batch_size), desc=f"sampling ({args.sampler})", dynamic_ncols=True)
-    samples, gif = [], None
+    samples, gif, t0 = [], None, time.perf_counter()
     for start in range(0, args.num, args.batch_size):
         n = min(args.batch_size, args.num - start)
         x_T = torch.randn(n, *ckpt["latent_shape"], device=device)
@@ -139,6 +140,9 @@ def predict(args):
                        for caption, x0, xt in frames]
     progress.close()
     images = torch.cat(samples)
+    seconds = time.perf_counter() - t0
+    print(f"sampled {len(images)} images in {seconds:.1f} s ({seconds / len(images):.2f} s/image, "
+          f"{per_batch} network calls per batch, GIF decoding included)")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)

@@ -38,6 +38,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (default: %(default)s)")
     parser.add_argument("--presets", default="tiny,full")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every case (default: the presets')")
     args = parser.parse_args()
     device = torch.device(args.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -48,7 +49,7 @@ def main():
                           num_res_blocks=p["vq_res_blocks"], codebook_size=p["codebook_size"])
         model = VQVAE(cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.rand(p["batch_size"], 1, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+        x = torch.rand(args.batch or p["batch_size"], 1, cfg.image_size, cfg.image_size, device=device) * 2 - 1
 
         def vq_step():
             with autocast:
@@ -67,7 +68,7 @@ def main():
                           channel_mult=tuple(u["unet_mult"]), num_res_blocks=u["unet_res_blocks"])
         unet, diffusion = UNet(ucfg).to(device), GaussianDiffusion().to(device)
         opt_u = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-        z = torch.randn(u["batch_size"], *cfg.latent_shape, device=device)
+        z = torch.randn(args.batch or u["batch_size"], *cfg.latent_shape, device=device)
 
         def unet_step():
             with autocast:
