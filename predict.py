@@ -111,6 +111,19 @@ def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
     return canvas
 
 
+def parse_clip(text: str, latent_absmax: float | None) -> float | None:
+    """--clip-x0: 'auto' -> the training latents' largest |value|, 'none' -> None, else a positive number."""
+    if text in ("auto", "none"):
+        return latent_absmax if text == "auto" else None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise BadInputError(f"--clip-x0 must be 'auto', 'none' or a positive number, got {text!r}")
+    return value
+
+
 def predict(args):
     for name in ("num", "batch_size", "steps", "repeat_last", "gif_frames"):
         if getattr(args, name) <= 0:
@@ -121,9 +134,9 @@ def predict(args):
     device, autocast = setup_device(args)
     vqvae, unet, diffusion, ckpt = load_models(run, device)
     scale = ckpt["latent_scale"]
-    clip_x0 = {"auto": ckpt.get("latent_absmax"), "none": None}.get(args.clip_x0)
-    if clip_x0 is None and args.clip_x0 not in ("auto", "none"):
-        clip_x0 = float(args.clip_x0)
+    if args.repeat_times and args.repeat_last > diffusion.num_steps:
+        raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {diffusion.num_steps} diffusion steps")
+    clip_x0 = parse_clip(args.clip_x0, ckpt.get("latent_absmax"))
     torch.manual_seed(args.seed)
     per_batch = (diffusion.num_steps if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
     progress = tqdm(total=per_batch * math.ceil(args.num / args.batch_size), desc=f"sampling ({args.sampler})", dynamic_ncols=True)

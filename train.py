@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from dataset import BadInputError, demo_data_dir, load_slices, split_by_subject
+from dataset import BadInputError, InMemorySlices, demo_data_dir, load_slices, split_by_subject
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, ema_model
 
 
@@ -151,6 +151,13 @@ def training_data(args):
     return dataset, str(root)
 
 
+def loader_workers(dataset, workers: int) -> int:
+    """0 for images already in memory (worker processes would only copy them), else at most the CPU count."""
+    if isinstance(getattr(dataset, "dataset", dataset), InMemorySlices):
+        return 0
+    return min(workers, os.cpu_count() or 1)
+
+
 def total_steps(args, steps_per_epoch: int) -> int:
     if args.max_steps is not None:
         return args.max_steps
@@ -186,7 +193,7 @@ def train_vqvae(args):
     # data
     dataset, data_root = training_data(args)
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) >= args.batch_size,
-                        num_workers=0 if hasattr(dataset, "images") else args.workers,
+                        num_workers=loader_workers(dataset, args.workers),
                         pin_memory=device.type == "cuda")
     max_steps = total_steps(args, len(loader))
 
@@ -276,11 +283,10 @@ def train_vqvae(args):
 # ----------------------------------------------------------------------------- stage 2: UNet
 
 @torch.no_grad()
-def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, device, autocast) -> torch.Tensor:
+def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, workers: int, device, autocast) -> torch.Tensor:
     """Pre-quantisation latents z of every image, in dataset order: (N, 4, h, w) float32 on the CPU."""
     vqvae.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        num_workers=0 if hasattr(dataset, "images") else 4)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers(dataset, workers))
     out = []
     for x, _ in tqdm(loader, desc="encoding latents", dynamic_ncols=True):
         with autocast:
@@ -299,7 +305,7 @@ def latent_cache(args, vqvae: VQVAE, vq_fingerprint: str, device, autocast) -> t
         if cache["key"] == key:
             print(f"latent cache {path}: {len(cache['z'])} latents reused")
             return cache["z"].float()
-    z = encode_dataset(vqvae, dataset, 64, device, autocast)
+    z = encode_dataset(vqvae, dataset, 64, args.workers, device, autocast)
     atomic_save({"kind": "latents", "key": key, "z": z}, path)
     print(f"latent cache {path}: {len(z)} latents written")
     return z

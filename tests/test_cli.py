@@ -225,3 +225,12 @@ def test_held_out_subjects_stay_out_of_both_stages(adni_folder, tmp_path):
     vqvae(run, adni_folder, "--max-steps", "1", "--holdout", "0.25", "--holdout-seed", "3")
     unet(run, "--max-steps", "1")
     assert ckpt(run / "latents.pt")["z"].shape[0] == 24 - 2 * 3     # 2 of 8 subjects, 3 slices each
+
+
+@pytest.mark.parametrize("flags, message", [(["--num", "0"], "--num"), (["--steps", "-1"], "--steps"),
+                                            (["--clip-x0", "wide"], "--clip-x0"),
+                                            (["--repeat-last", "5000"], "--repeat-last")])
+def test_predict_flag_errors(trained_run, flags, message):
+    run, _ = trained_run
+    from predict import main as predict_main
+    assert message in error_of(predict_main, ["--run", str(run), *flags])
