@@ -83,6 +83,8 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--grad-clip", type=positive(float), default=1.0, help="gradient-norm clipping (default: %(default)s)")
     p.add_argument("--max-steps", type=positive(int), default=None, help=ph("max_steps", "optimizer steps to train (wins over --epochs)"))
     p.add_argument("--epochs", type=positive(int), default=None, help=ph("epochs", "epochs to train when --max-steps is not given"))
+    p.add_argument("--max-minutes", type=positive(float), default=None,
+                   help="stop cleanly, with a checkpoint, after this much wall-clock time (default: no limit)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     # records

@@ -231,6 +231,7 @@ def train_vqvae(args):
 
     # loop
     model.train()
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     batches = forever(loader)
     sums, n_sum, t0 = torch.zeros(5, device=device), 0, time.perf_counter()
     pbar = tqdm(total=max_steps, initial=step, desc="vqvae", dynamic_ncols=True)
@@ -249,8 +250,9 @@ def train_vqvae(args):
         pbar.update(1)
         sums += torch.stack([loss, recon_loss, vq_loss, stats["perplexity"], stats["usage"]]).detach()
         n_sum += 1
+        out_of_time = time.monotonic() > deadline
 
-        if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps:  # check before saving
+        if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps or out_of_time:  # check before saving
             loss_m, recon_m, vq_m, ppl, usage = (sums / n_sum).tolist()
             if not math.isfinite(loss_m):
                 raise BadInputError(f"loss became {loss_m} before step {step}; stopped without saving "
@@ -270,6 +272,9 @@ def train_vqvae(args):
             save_recon_grid(run / f"recon_step{step:07d}.png")
         if step % args.save_every == 0:
             save()
+        if out_of_time:
+            tqdm.write(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+            break
     pbar.close()
 
     # checkpoint and records
@@ -390,6 +395,7 @@ def train_unet(args):
 
     # loop: random batches of the in-memory latents, a new permutation every epoch
     model.train()
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     order, pos = torch.randperm(len(latents), device=device), 0
     sums, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     pbar = tqdm(total=max_steps, initial=step, desc="unet", dynamic_ncols=True)
@@ -410,8 +416,9 @@ def train_unet(args):
         pbar.update(1)
         sums += loss.detach()
         n_sum += 1
+        out_of_time = time.monotonic() > deadline
 
-        if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps:  # check before saving
+        if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps or out_of_time:  # check before saving
             loss_m = (sums / n_sum).item()
             if not math.isfinite(loss_m):
                 raise BadInputError(f"loss became {loss_m} before step {step}; stopped without saving "
@@ -427,6 +434,9 @@ def train_unet(args):
             save_sample_grid(run / f"samples_step{step:07d}.png")
         if step % args.save_every == 0:
             save()
+        if out_of_time:
+            tqdm.write(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+            break
     pbar.close()
 
     # checkpoint and records

@@ -234,3 +234,14 @@ def test_predict_flag_errors(trained_run, flags, message):
     run, _ = trained_run
     from predict import main as predict_main
     assert message in error_of(predict_main, ["--run", str(run), *flags])
+
+
+def test_max_minutes_stops_cleanly_with_a_checkpoint_and_resume_continues(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "50", "--max-minutes", "0.0001")
+    first = ckpt(run / "vqvae.pt")["step"]
+    assert 1 <= first < 50 and (run / "recon_vqvae.png").exists() and (run / "loss_vqvae.png").exists()
+    vqvae(run, adni_folder, "--max-steps", "50", "--resume")
+    assert ckpt(run / "vqvae.pt")["step"] == 50
+    unet(run, "--max-steps", "50", "--max-minutes", "0.0001")
+    assert 1 <= ckpt(run / "unet.pt")["step"] < 50
