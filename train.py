@@ -107,6 +107,18 @@ def write_config(run: Path, stage: str, args):
     path.write_text(json.dumps(config, indent=2, default=str))
 
 
+def plain_args(args) -> dict:
+    """The resolved flags as plain values, which a weights_only=True load accepts."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}
+
+
+def ensure_finite(loss: float, step: int, ckpt_path: Path):
+    """Stop before a NaN/inf loss can reach a checkpoint; the last one written stays as it was."""
+    if not math.isfinite(loss):
+        raise BadInputError(f"loss became {loss} before step {step}; stopped without saving "
+                            f"(the last good checkpoint, if any, is {ckpt_path}); try a lower --lr")
+
+
 def lr_warmup(step: int, warmup: int) -> float:
     """Linear warm-up to the base learning rate, then constant (EMA smooths the end of training)."""
     return min(1.0, (step + 1) / max(1, warmup))
@@ -219,7 +231,7 @@ def train_vqvae(args):
     def save():
         atomic_save({"kind": "vqvae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "config": asdict(cfg), "data": data_root,
-                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}},
+                     "args": plain_args(args)},
                     ckpt_path)
 
     def save_recon_grid(path):
@@ -254,9 +266,7 @@ def train_vqvae(args):
 
         if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps or out_of_time:  # check before saving
             loss_m, recon_m, vq_m, ppl, usage = (sums / n_sum).tolist()
-            if not math.isfinite(loss_m):
-                raise BadInputError(f"loss became {loss_m} before step {step}; stopped without saving "
-                                    f"(the last good checkpoint, if any, is {ckpt_path}); try a lower --lr")
+            ensure_finite(loss_m, step, ckpt_path)
             psnr = 10 * math.log10(4.0 / max(recon_m, 1e-12))  # images span [-1, 1]: peak-to-peak 2
             ips = n_sum * args.batch_size / (time.perf_counter() - t0)
             row = {"step": step, "loss": f"{loss_m:.5f}", "recon": f"{recon_m:.5f}", "vq": f"{vq_m:.5f}",
@@ -382,7 +392,7 @@ def train_unet(args):
                      "config": {**asdict(cfg), **diffusion_cfg}, "unet": asdict(cfg), "diffusion": diffusion_cfg,
                      "latent_scale": latent_scale, "latent_absmax": latent_absmax, "latent_shape": list(vq_cfg.latent_shape),
                      "vqvae_fingerprint": vq_fingerprint,
-                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}},
+                     "args": plain_args(args)},
                     ckpt_path)
 
     def save_sample_grid(path):
@@ -420,9 +430,7 @@ def train_unet(args):
 
         if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps or out_of_time:  # check before saving
             loss_m = (sums / n_sum).item()
-            if not math.isfinite(loss_m):
-                raise BadInputError(f"loss became {loss_m} before step {step}; stopped without saving "
-                                    f"(the last good checkpoint, if any, is {ckpt_path}); try a lower --lr")
+            ensure_finite(loss_m, step, ckpt_path)
             ips = n_sum * len(x0) / (time.perf_counter() - t0)
             log.append({"step": step, "loss": f"{loss_m:.5f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
                         "img_per_s": f"{ips:.1f}"})
