@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ class SliceFolders(ConcatDataset):
         for r in find_image_roots(Path(root)):
             try:
                 folders.append(datasets.ImageFolder(str(r), transform=transform,
-                                                    loader=lambda p, m=mode: load_image(p, m)))
+                                                    loader=partial(load_image, mode=mode)))  # picklable for workers
             except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
                 raise BadInputError(f"no images found under {r} ({str(e).splitlines()[0]})") from None
         classes = folders[0].classes

@@ -160,16 +160,14 @@ class VectorQuantizer(nn.Module):
         if distributed:
             dist.all_reduce(counts)
         self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
-        dead = self.usage < self.dead_threshold
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        pick = torch.randint(0, flat.shape[0], (n_dead,), device=flat.device)
-        new = flat[pick].float() + 1e-3 * torch.randn(n_dead, self.dim, device=flat.device)
+        dead = (self.usage < self.dead_threshold)[:, None]
+        # a candidate for every code, kept only where the code is dead: no host-device sync per step
+        pick = torch.randint(0, flat.shape[0], (self.num_codes,), device=flat.device)
+        new = flat[pick].float() + 1e-3 * torch.randn(self.num_codes, self.dim, device=flat.device)
         if distributed:
             dist.broadcast(new, 0)
-        self.codebook.data[dead] = new.to(self.codebook.dtype)
-        self.usage[dead] = 1.0
+        self.codebook.data.copy_(torch.where(dead, new.to(self.codebook.dtype), self.codebook.data))
+        self.usage.masked_fill_(dead[:, 0], 1.0)
 
 
 class Encoder(nn.Module):

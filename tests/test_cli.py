@@ -245,3 +245,9 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint_and_resume_continues(adni_f
     assert ckpt(run / "vqvae.pt")["step"] == 50
     unet(run, "--max-steps", "50", "--max-minutes", "0.0001")
     assert 1 <= ckpt(run / "unet.pt")["step"] < 50
+
+
+def test_images_not_cached_go_through_loader_workers(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2", "--cache-gb", "0", "--workers", "2")
+    assert ckpt(run / "vqvae.pt")["step"] == 2
