@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import predict
 import train
 from dataset import DEFAULT_DEMO_ROOT, BadInputError
@@ -160,13 +158,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def demo(args):
     """Demo data -> VQ-VAE -> UNet -> predict, tiny preset; re-running continues or skips finished stages."""
-    common = ["--run", args.run, "--demo-dir", args.demo_dir, "--resume"] + (["--device", args.device] if args.device else [])
+    device = ["--device", args.device] if args.device else []
+    common = ["--run", args.run, "--demo-dir", args.demo_dir, "--resume"] + device
+    stages = [  # each stage's flags are resolved when it starts, after the stage before it wrote the run folder
+        ("train-vqvae", lambda: train.train_vqvae(parse(["train-vqvae"] + common))),
+        ("train-unet", lambda: train.train_unet(parse(["train-unet"] + common))),
+        ("predict", lambda: predict.predict(predict.parse_args(["--run", args.run] + device))),
+    ]
     times = {}
-    stages = [("train-vqvae", parse(["train-vqvae"] + common)), ("train-unet", parse(["train-unet"] + common)),
-              ("predict", predict.parse_args(["--run", args.run] + (["--device", args.device] if args.device else [])))]
-    for name, stage_args in stages:
+    for name, run_stage in stages:
         t0 = time.perf_counter()
-        (stage_args.func if name != "predict" else predict.predict)(stage_args)
+        run_stage()
         times[name] = time.perf_counter() - t0
     print("demo finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
     print(f"samples: {args.run}/samples.png   denoising GIF: {args.run}/denoise.gif")
@@ -184,5 +186,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    torch.set_printoptions(precision=4)
     main()

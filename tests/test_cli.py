@@ -251,3 +251,14 @@ def test_images_not_cached_go_through_loader_workers(adni_folder, tmp_path):
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2", "--cache-gb", "0", "--workers", "2")
     assert ckpt(run / "vqvae.pt")["step"] == 2
+
+
+def test_demo_runs_the_three_stages_in_order_with_the_tiny_preset(monkeypatch, tmp_path):
+    import predict
+    import train
+    calls = []
+    monkeypatch.setattr(train, "train_vqvae", lambda a: calls.append(("vqvae", a.preset, a.resume, a.data)))
+    monkeypatch.setattr(train, "train_unet", lambda a: calls.append(("unet", a.preset, a.resume, a.data)))
+    monkeypatch.setattr(predict, "predict", lambda a: calls.append(("predict", a.sampler, a.steps, a.repeat_times)))
+    driver.main(["demo", "--run", str(tmp_path / "run"), "--demo-dir", str(tmp_path / "demo")])
+    assert calls == [("vqvae", "tiny", True, None), ("unet", "tiny", True, None), ("predict", "ddpm", 1000, 5)]
