@@ -56,7 +56,7 @@ def load_models(run: Path, device):
     vqvae.load_state_dict(vq_ckpt["model"])
     if list(vqvae.cfg.latent_shape) != list(unet_ckpt["latent_shape"]):
         raise BadInputError(f"latent shape differs: VQ-VAE {vqvae.cfg.latent_shape}, UNet {unet_ckpt['latent_shape']}")
-    unet = UNet(UNetConfig(**unet_ckpt["unet"])).to(device).eval()
+    unet = UNet(UNetConfig(**unet_ckpt["config"])).to(device).eval()
     unet.load_state_dict(unet_ckpt["ema"])
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
     return vqvae, unet, diffusion, unet_ckpt

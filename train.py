@@ -87,8 +87,9 @@ def prepare_run(args, ckpt_path: Path, kind: str, model_config: dict) -> dict | 
     if not (args.resume and ckpt_path.exists()):
         return None
     ckpt = load_checkpoint(ckpt_path, kind)
+    saved = {**ckpt["config"], **ckpt.get("diffusion", {})}  # a UNet's diffusion settings are part of its config
     diff = [f"{k}: {ckpt['config'].get(k)!r} in the checkpoint, {v!r} now"
-            for k, v in model_config.items() if _plain(ckpt["config"].get(k)) != _plain(v)]
+            for k, v in model_config.items() if _plain(saved.get(k)) != _plain(v)]
     if diff:
         raise BadInputError(f"cannot resume {ckpt_path}: it was trained with a different config ({'; '.join(diff)})")
     run.mkdir(parents=True, exist_ok=True)
@@ -346,8 +347,8 @@ def train_unet(args):
     if len(cfg.channel_mult) != 4 or vq_cfg.latent_shape[1] % 8:
         raise BadInputError(f"the UNet has 4 levels (got --unet-mult {args.unet_mult}) and needs a latent size "
                             f"divisible by 8 (got {vq_cfg.latent_shape[1]})")
-    diffusion_cfg = {"num_steps": args.diffusion_steps, "schedule": args.schedule, "loss_type": args.loss,
-                     "prediction": args.prediction}
+    diffusion = GaussianDiffusion(args.diffusion_steps, args.schedule, args.loss, args.prediction)
+    diffusion_cfg = diffusion.config()
     resume = prepare_run(args, ckpt_path, "unet", {**asdict(cfg), **diffusion_cfg})
     torch.manual_seed(args.seed)
     device, autocast = setup_device(args)
@@ -369,7 +370,7 @@ def train_unet(args):
 
     # model, EMA, optimizer
     model = UNet(cfg).to(device)
-    diffusion = GaussianDiffusion(**diffusion_cfg).to(device)
+    diffusion = diffusion.to(device)
     ema = ema_model(model, args.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
@@ -389,7 +390,7 @@ def train_unet(args):
     def save():
         atomic_save({"kind": "unet", "model": model.state_dict(), "ema": ema.module.state_dict(),
                      "ema_updates": int(ema.n_averaged), "optimizer": optimizer.state_dict(), "step": step,
-                     "config": {**asdict(cfg), **diffusion_cfg}, "unet": asdict(cfg), "diffusion": diffusion_cfg,
+                     "config": asdict(cfg), "diffusion": diffusion_cfg,
                      "latent_scale": latent_scale, "latent_absmax": latent_absmax, "latent_shape": list(vq_cfg.latent_shape),
                      "vqvae_fingerprint": vq_fingerprint,
                      "args": plain_args(args)},

@@ -33,6 +33,19 @@ def time_steps(step, steps, device):
     return statistics.median(times)
 
 
+def train_step(model, autocast, loss_fn):
+    """One AdamW step on loss_fn() (forward under autocast, backward, update), as a closure to time."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with autocast:
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -48,17 +61,11 @@ def main():
         cfg = VQVAEConfig(image_size=p["image_size"], channels=p["vq_channels"], channel_mult=tuple(p["vq_mult"]),
                           num_res_blocks=p["vq_res_blocks"], codebook_size=p["codebook_size"])
         model = VQVAE(cfg).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.rand(args.batch or p["batch_size"], 1, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-
-        def vq_step():
-            with autocast:
-                recon, vq_loss, _ = model(x)
-            loss = F.mse_loss(recon.float(), x) + vq_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sec = time_steps(vq_step, args.steps, device)
+        def vq_loss():
+            recon, codebook_loss, _ = model(x)
+            return F.mse_loss(recon.float(), x) + codebook_loss
+        sec = time_steps(train_step(model, autocast, vq_loss), args.steps, device)
         n = sum(q.numel() for q in model.parameters())
         print(f"{preset:5s} VQ-VAE {n / 1e6:6.2f}M params  batch {len(x):3d} at {cfg.image_size}x{cfg.image_size}: "
               f"{sec:7.3f} s/step  {len(x) / sec:8.1f} img/s")
@@ -67,20 +74,11 @@ def main():
         ucfg = UNetConfig(latent_size=cfg.latent_shape[1], channels=u["unet_channels"],
                           channel_mult=tuple(u["unet_mult"]), num_res_blocks=u["unet_res_blocks"])
         unet, diffusion = UNet(ucfg).to(device), GaussianDiffusion().to(device)
-        opt_u = torch.optim.AdamW(unet.parameters(), lr=1e-4)
         z = torch.randn(args.batch or u["batch_size"], *cfg.latent_shape, device=device)
-
-        def unet_step():
-            with autocast:
-                loss = diffusion.loss(unet, z)
-            opt_u.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_u.step()
-        sec = time_steps(unet_step, args.steps, device)
+        sec = time_steps(train_step(unet, autocast, lambda: diffusion.loss(unet, z)), args.steps, device)
         n = sum(q.numel() for q in unet.parameters())
         print(f"{preset:5s} UNet   {n / 1e6:6.2f}M params  batch {len(z):3d} at {tuple(cfg.latent_shape)}: "
               f"{sec:7.3f} s/step  {len(z) / sec:8.1f} latents/s")
-
 
 if __name__ == "__main__":
     main()
