@@ -4,6 +4,7 @@
     python driver.py train-vqvae --run RUN [--data PATH]    # stage 1
     python driver.py train-unet  --run RUN                  # stage 2
     python driver.py sample      --run RUN                  # new images (predict.py with fast defaults)
+    python driver.py evaluate    --run RUN                  # FID/KID/SWD/MS-SSIM on held-out subjects, report.md
 
 Without --data the embedded MNI152 demo data is used and the preset defaults to `tiny`
 (64x64 -> 4x16x16); with --data it defaults to `full` (256x256 -> 4x32x32). Any flag overrides
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import predict
 import train
+from evaluation import evaluate as evaluation
 from dataset import DEFAULT_DEMO_ROOT, BadInputError
 
 # Preset values of the flags that default to None below; a flag given on the command line wins.
@@ -123,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images, a grid and a GIF from a trained run (predict.py)")
     predict.add_arguments(p, sampler="ddim", steps=50)
     p.set_defaults(func=predict.predict, stage=None)
+
+    p = sub.add_parser("evaluate", help="FID, KID, SWD, MS-SSIM and VQ-VAE fidelity on held-out subjects; metrics.json, report.md")
+    evaluation.add_arguments(p)
+    p.set_defaults(func=evaluation.evaluate, stage=None)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data with the tiny preset")
     p.add_argument("--run", default="runs/demo", help="run folder (default: %(default)s)")

@@ -95,6 +95,28 @@ def decode(vqvae, latents, latent_scale, batch_size=64):
     return torch.cat([vqvae.decode(z / latent_scale).float().clamp(-1, 1) for z in latents.split(batch_size)])
 
 
+@torch.no_grad()
+def generate(vqvae, unet, diffusion, ckpt, args, num, device, autocast, clip_x0):
+    """`num` images in [-1, 1] (CPU) with `args.sampler` / `args.steps` / repeats, in batches of args.batch_size.
+
+    Returns (images, latent GIF frames of the first batch, seconds). Prints the sampling time.
+    """
+    per_batch = (diffusion.num_steps if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
+    progress = tqdm(total=per_batch * math.ceil(num / args.batch_size), desc=f"sampling ({args.sampler})", dynamic_ncols=True)
+    samples, frames, t0 = [], None, time.perf_counter()
+    for start in range(0, num, args.batch_size):
+        x_T = torch.randn(min(args.batch_size, num - start), *ckpt["latent_shape"], device=device)
+        with autocast:
+            latents, batch_frames = sample_latents(diffusion, unet, x_T, args, clip_x0, progress)
+            samples.append(decode(vqvae, latents, ckpt["latent_scale"]).cpu())
+        frames = frames or batch_frames
+    progress.close()
+    images, seconds = torch.cat(samples), time.perf_counter() - t0
+    print(f"sampled {len(images)} images in {seconds:.1f} s ({seconds / len(images):.3f} s/image, "
+          f"{per_batch} network calls per batch)")
+    return images, frames, seconds
+
+
 def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
     """A captioned grid of decoded x0 (and x_t beside it) as a PIL image at most 512 px wide (GIF size)."""
     nrow = math.ceil(math.sqrt(len(x0_images)))
@@ -124,38 +146,32 @@ def parse_clip(text: str, latent_absmax: float | None) -> float | None:
     return value
 
 
-def predict(args):
-    for name in ("num", "batch_size", "steps", "repeat_last", "gif_frames"):
+def check_sampling_flags(args, diffusion) -> None:
+    """One-line errors for sampling flags that cannot work (shared by predict and evaluate)."""
+    for name in ("batch_size", "steps", "repeat_last", "gif_frames"):
         if getattr(args, name) <= 0:
             raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.repeat_times < 0:
         raise BadInputError(f"--repeat-times must be 0 or more, got {args.repeat_times}")
+    if diffusion is not None and args.repeat_times and args.repeat_last > diffusion.num_steps:
+        raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {diffusion.num_steps} diffusion steps")
+
+
+def predict(args):
+    if args.num <= 0:
+        raise BadInputError(f"--num must be positive, got {args.num}")
+    check_sampling_flags(args, None)
     run, out = Path(args.run), Path(args.out or args.run)
     device, autocast = setup_device(args)
     vqvae, unet, diffusion, ckpt = load_models(run, device)
     scale = ckpt["latent_scale"]
-    if args.repeat_times and args.repeat_last > diffusion.num_steps:
-        raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {diffusion.num_steps} diffusion steps")
+    check_sampling_flags(args, diffusion)
     clip_x0 = parse_clip(args.clip_x0, ckpt.get("latent_absmax"))
     torch.manual_seed(args.seed)
-    per_batch = (diffusion.num_steps if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
-    progress = tqdm(total=per_batch * math.ceil(args.num / args.batch_size), desc=f"sampling ({args.sampler})", dynamic_ncols=True)
-    samples, gif, t0 = [], None, time.perf_counter()
-    for start in range(0, args.num, args.batch_size):
-        n = min(args.batch_size, args.num - start)
-        x_T = torch.randn(n, *ckpt["latent_shape"], device=device)
-        with autocast:
-            latents, frames = sample_latents(diffusion, unet, x_T, args, clip_x0, progress)
-            samples.append(decode(vqvae, latents, scale).cpu())
-            if gif is None:  # the GIF follows the first (at most 16) images
-                m = min(n, 16)
-                gif = [gif_frame(decode(vqvae, x0[:m], scale), decode(vqvae, xt[:m], scale) if args.gif_xt else None, caption)
-                       for caption, x0, xt in frames]
-    progress.close()
-    images = torch.cat(samples)
-    seconds = time.perf_counter() - t0
-    print(f"sampled {len(images)} images in {seconds:.1f} s ({seconds / len(images):.2f} s/image, "
-          f"{per_batch} network calls per batch, GIF decoding included)")
+    images, gif_latents, _ = generate(vqvae, unet, diffusion, ckpt, args, args.num, device, autocast, clip_x0)
+    with torch.no_grad(), autocast:  # the GIF follows the first (at most 16) images
+        gif = [gif_frame(decode(vqvae, x0[:16], scale).cpu(), decode(vqvae, xt[:16], scale).cpu() if args.gif_xt else None, caption)
+               for caption, x0, xt in gif_latents]
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)

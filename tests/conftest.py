@@ -4,9 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import driver  # noqa: E402
 
 
 def write_blob_images(folder: Path, subjects: list[str], slices: int, rng, size=(256, 240), ext="jpeg"):
@@ -31,3 +33,46 @@ def adni_folder(tmp_path):
         for label in ("AD", "NC"):
             write_blob_images(root / split / label, [f"{split}{label}{i}" for i in range(2)], 3, rng)
     return root
+
+
+# ----------------------------------------------------------------------------- a trained miniature run
+
+SMALL_VQ = ["--image-size", "32", "--vq-channels", "8", "--vq-mult", "1,2", "--codebook-size", "32",
+            "--batch-size", "8", "--log-every", "2", "--sample-every", "2", "--save-every", "2", "--workers", "1"]
+SMALL_UNET = ["--unet-channels", "8", "--unet-mult", "1,1,1,1", "--batch-size", "8", "--log-every", "2",
+              "--sample-every", "4", "--save-every", "2", "--warmup", "2"]
+
+
+def vqvae(run, data, *extra):
+    driver.main(["train-vqvae", "--run", str(run), "--data", str(data), "--preset", "tiny", *SMALL_VQ, *extra])
+
+
+def unet(run, *extra):
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, *extra])
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
+    assert "\n" not in e.value.code
+    return e.value.code
+
+
+def ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """train-vqvae (4 steps) -> train-unet (4 steps) on a 24-image ADNI-layout folder."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "adni"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("AD", "NC"):
+            write_blob_images(data / split / label, [f"{split}{label}{i}" for i in range(2)], 3, rng)
+    run = root / "run"
+    vqvae(run, data, "--max-steps", "4")
+    unet(run, "--max-steps", "4")
+    return run, data

@@ -9,51 +9,9 @@ import torch
 from PIL import Image
 
 import driver
+from conftest import SMALL_UNET, SMALL_VQ, ckpt, error_of, unet, vqvae  # noqa: F401  (trained_run is a conftest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_VQ = ["--image-size", "32", "--vq-channels", "8", "--vq-mult", "1,2", "--codebook-size", "32",
-            "--batch-size", "8", "--log-every", "2", "--sample-every", "2", "--save-every", "2", "--workers", "1"]
-SMALL_UNET = ["--unet-channels", "8", "--unet-mult", "1,1,1,1", "--batch-size", "8", "--log-every", "2",
-              "--sample-every", "4", "--save-every", "2", "--warmup", "2"]
-
-
-def vqvae(run, data, *extra):
-    driver.main(["train-vqvae", "--run", str(run), "--data", str(data), "--preset", "tiny", *SMALL_VQ, *extra])
-
-
-def unet(run, *extra):
-    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, *extra])
-
-
-def error_of(fn, *args) -> str:
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
-    assert "\n" not in e.value.code
-    return e.value.code
-
-
-def ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """train-vqvae (4 steps) -> train-unet (4 steps) on a 24-image ADNI-layout folder."""
-    import numpy as np
-    from conftest import write_blob_images
-    root = tmp_path_factory.mktemp("cli")
-    data = root / "adni"
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for label in ("AD", "NC"):
-            write_blob_images(data / split / label, [f"{split}{label}{i}" for i in range(2)], 3, rng)
-    run = root / "run"
-    vqvae(run, data, "--max-steps", "4")
-    unet(run, "--max-steps", "4")
-    return run, data
-
-
 def test_train_vqvae_writes_checkpoint_grid_log_and_plot(trained_run):
     run, _ = trained_run
     for name in ("vqvae.pt", "recon_vqvae.png", "recon_step0000002.png", "log_vqvae.csv", "loss_vqvae.png", "config.json"):

@@ -1,0 +1,139 @@
+"""Quality benchmark, side by side at the same wall-clock budget (issue 4):
+
+    pip install -r requirements.txt -r bench/requirements.txt
+    python bench/quality.py --data ../shared/data/adni_ad_nc --vq-minutes 8 --unet-minutes 15 --out runs/bench_quality
+
+Rows, all scored by `driver.py evaluate`'s metrics against the same held-out subjects (reference half A,
+with the real-vs-real floor B beside them):
+    ours     this project's `tiny` pipeline (64x64 -> 4x16x16), trained with --max-minutes per stage,
+             sampled as `driver.py sample` does (DDIM-50, predicted x0 clipped to the latents' range)
+    peer     diffusers VQModel + UNet2DModel + DDPMScheduler, plain loops, same budgets (bench/peer_diffusers.py),
+             sampled with DDIM-100
+    defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
+             x_t clamped to [-1, 1] every step, no latent scale
+Writes OUT/quality.json, OUT/quality.md and sample grids; prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import driver  # noqa: E402
+import predict  # noqa: E402
+from dataset import load_slices  # noqa: E402
+from evaluation.evaluate import (evaluation_split, feature_network, format_table, score_rows, stack,  # noqa: E402
+                                 training_sample)
+from evaluation.metrics import reconstruction_metrics  # noqa: E402
+from peer_diffusers import sample_peer, train_peer  # noqa: E402
+
+
+@torch.no_grad()
+def original_report_samples(vqvae, unet, diffusion, num: int, shape, batch_size: int = 100) -> torch.Tensor:
+    """The report's reverse process on our models: posterior mean + 1.15*sqrt(var)*(n1+n2), x_t clamped, no scale."""
+    out = []
+    for start in range(0, num, batch_size):
+        x = torch.randn(min(batch_size, num - start), *shape)
+        for step in tqdm(range(diffusion.num_steps - 1, -1, -1), desc="original sampler", leave=False):
+            t = torch.full((len(x),), step, dtype=torch.long)
+            x0, _ = diffusion.predict_x0_eps(unet, x, t)
+            mean, var = diffusion.q_posterior(x0, x, t)
+            if step > 0:
+                mean = mean + 1.15 * var.sqrt() * (torch.randn_like(x) + torch.randn_like(x))
+            x = mean.clamp(-1, 1)
+        out.append(vqvae.decode(x).float().clamp(-1, 1))  # no latent scale: x is decoded as it is
+    return torch.cat(out)
+
+
+def grid(images: torch.Tensor, path: Path):
+    save_image(images[:64], path, nrow=8, normalize=True, value_range=(-1, 1))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="../shared/data/adni_ad_nc", help="image folder (default: %(default)s)")
+    parser.add_argument("--out", default="runs/bench_quality", help="output folder (default: %(default)s)")
+    parser.add_argument("--vq-minutes", type=float, default=8.0, help="wall-clock budget of stage 1, both pipelines")
+    parser.add_argument("--unet-minutes", type=float, default=15.0, help="wall-clock budget of stage 2, both pipelines")
+    parser.add_argument("--holdout", type=float, default=0.1, help="fraction of subjects held out (default: %(default)s)")
+    parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
+    parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
+    parser.add_argument("--rows", default="ours,peer,defect", help="rows to compute (default: %(default)s)")
+    args = parser.parse_args()
+    out, rows = Path(args.out), args.rows.split(",")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    # the held-out subjects, exactly as train-vqvae --holdout and evaluate split them
+    dataset = load_slices(args.data, 64, 1)
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], args.holdout, 0)
+    reference, _ = stack(dataset, ref_idx)
+    floor, _ = stack(dataset, floor_idx)
+    n = args.num or len(floor)
+    images = {"real (training)": stack(dataset, training_sample(train_idx, n, 0))[0], "real (floor)": floor}
+    info = {"data": args.data, "vq_minutes": args.vq_minutes, "unet_minutes": args.unet_minutes,
+            "train_images": len(train_idx), "reference": len(ref_idx), "floor": n}
+
+    run = out / "ours"
+    if "ours" in rows or "defect" in rows:
+        budget = ["--run", str(run), "--data", args.data, "--preset", "tiny", "--max-steps", "1000000000"]
+        if not (run / "unet.pt").exists():
+            t0 = time.perf_counter()
+            driver.main(["train-vqvae", *budget, "--holdout", str(args.holdout), "--max-minutes", str(args.vq_minutes)])
+            driver.main(["train-unet", *budget, "--max-minutes", str(args.unet_minutes)])
+            info["ours_train_minutes"] = (time.perf_counter() - t0) / 60
+        vqvae, unet, diffusion, ckpt = predict.load_models(run, "cpu")
+        info["ours_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": ckpt["step"]}
+        info["ours_vqvae"], _ = reconstruction_metrics(vqvae, floor)
+    if "ours" in rows:
+        sample_args = driver.parse(["sample", "--run", str(run)])
+        torch.manual_seed(1)
+        images["ours"], _, seconds = predict.generate(vqvae, unet, diffusion, ckpt, sample_args, n, "cpu",
+                                                      torch.autocast("cpu", enabled=False),
+                                                      predict.parse_clip(sample_args.clip_x0, ckpt["latent_absmax"]))
+        info["ours_seconds_per_image"] = seconds / n
+    if "defect" in rows:
+        t0 = time.perf_counter()
+        torch.manual_seed(2)
+        images["defect"] = original_report_samples(vqvae, unet, diffusion, n, ckpt["latent_shape"])
+        info["defect_seconds_per_image"] = (time.perf_counter() - t0) / n
+    if "peer" in rows:
+        train_images, _ = stack(dataset, train_idx)
+        peer = train_peer(train_images, args.vq_minutes, args.unet_minutes, seed=0, log=tqdm.write)
+        info["peer_steps"] = {"vqvae": peer["vq_steps"], "unet": peer["unet_steps"]}
+        info["peer_params"] = {"vqvae": peer["vq_params"], "unet": peer["unet_params"]}
+        t0 = time.perf_counter()
+        images["peer"] = sample_peer(peer, n, seed=3, steps=100)
+        info["peer_seconds_per_image"] = (time.perf_counter() - t0) / n
+        with torch.no_grad():
+            recon = torch.cat([peer["vqvae"](x).sample.clamp(-1, 1) for x in floor.split(64)])
+        info["peer_vqvae"] = {"psnr": PeakSignalNoiseRatio(data_range=2.0)(recon, floor).item(),
+                              "ssim": StructuralSimilarityIndexMeasure(data_range=2.0)(recon, floor).item()}
+
+    # one feature network and one reference for every row
+    key = {"data": args.data, "image_size": 64, "channels": 1, "holdout": args.holdout, "holdout_seed": 0, "count": len(dataset)}
+    features = feature_network(argparse.Namespace(features="auto", inception_weights=None,
+                                                  classifier_steps=args.classifier_steps), out, dataset, train_idx, key, "cpu")
+    order = [r for r in ("ours", "peer", "defect") if r in images] + ["real (training)", "real (floor)"]
+    torch.save({r: images[r] for r in order if not r.startswith("real")}, out / "samples.pt")  # rescoring needs no resampling
+    scores = score_rows({r: images[r] for r in order}, reference, features, "cpu")
+    for name in order:
+        grid(images[name], out / f"grid_{name.split()[0]}.png")
+    table = format_table(scores)
+    (out / "quality.json").write_text(json.dumps({"info": info, "features": features.name, "scores": scores}, indent=2))
+    (out / "quality.md").write_text(f"features: {features.name}\n\n{table}\n\n```\n{json.dumps(info, indent=2)}\n```\n")
+    print(f"features: {features.name}")
+    print(table)
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

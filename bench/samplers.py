@@ -1,0 +1,78 @@
+"""Samplers compared on one trained run: seconds per image and every `evaluate` metric.
+
+    python bench/samplers.py --run RUN [--num N] [--rows ddpm-repeat,ddpm,ddim-50,ddim-100]
+
+The run should hold subjects out (train-vqvae --holdout F); rows are scored against the reference half A
+of them, beside the real-vs-real floor B, with the same feature network as `driver.py evaluate`.
+Writes RUN/samplers.json and RUN/samplers.md; prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import driver  # noqa: E402
+import predict  # noqa: E402
+from dataset import load_slices  # noqa: E402
+from evaluation.evaluate import evaluation_split, feature_network, format_table, score_rows, stack  # noqa: E402
+from train import load_checkpoint  # noqa: E402
+
+# name -> `driver.py sample` flags
+SAMPLERS = {
+    "ddpm-repeat": ["--sampler", "ddpm", "--repeat-times", "5"],  # the card: DDPM-1000, final 30 steps x5
+    "ddpm": ["--sampler", "ddpm", "--repeat-times", "0"],
+    "ddim-50": ["--sampler", "ddim", "--steps", "50"],
+    "ddim-100": ["--sampler", "ddim", "--steps", "100"],
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="trained run folder (vqvae.pt, unet.pt)")
+    parser.add_argument("--num", type=int, default=None, help="images per sampler (default: as many as the floor half)")
+    parser.add_argument("--rows", default=",".join(SAMPLERS), help="samplers to compare (default: %(default)s)")
+    parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
+    args = parser.parse_args()
+    run = Path(args.run)
+
+    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
+    vq_args, data = vq_ckpt["args"], vq_ckpt["data"]
+    dataset = load_slices(data, vq_args["image_size"], vq_args["channels"])
+    holdout, seed = vq_args.get("holdout") or 0.1, vq_args.get("holdout_seed", 0)
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed)
+    reference, _ = stack(dataset, ref_idx)
+    floor, _ = stack(dataset, floor_idx)
+    num = args.num or len(floor)
+
+    vqvae, unet, diffusion, ckpt = predict.load_models(run, "cpu")
+    images, seconds = {}, {}
+    for name in args.rows.split(","):
+        flags = driver.parse(["sample", "--run", str(run), *SAMPLERS[name]])
+        torch.manual_seed(0)
+        images[name], _, sec = predict.generate(vqvae, unet, diffusion, ckpt, flags, num, "cpu",
+                                                torch.autocast("cpu", enabled=False),
+                                                predict.parse_clip(flags.clip_x0, ckpt["latent_absmax"]))
+        seconds[name] = sec / num
+    images["real (floor)"] = floor
+
+    key = {"data": str(data), "image_size": vq_args["image_size"], "channels": vq_args["channels"],
+           "holdout": holdout, "holdout_seed": seed, "count": len(dataset)}
+    features = feature_network(argparse.Namespace(features="auto", inception_weights=None,
+                                                  classifier_steps=args.classifier_steps), run, dataset, train_idx, key, "cpu")
+    scores = score_rows(images, reference, features, "cpu")
+    for name, sec in seconds.items():
+        scores[name]["seconds_per_image"] = sec
+    table = format_table(scores)
+    timing = "\n".join(f"- {name}: {sec:.3f} s/image" for name, sec in seconds.items())
+    (run / "samplers.json").write_text(json.dumps({"features": features.name, "scores": scores}, indent=2))
+    (run / "samplers.md").write_text(f"features: {features.name}\n\n{table}\n\n{timing}\n")
+    print(f"features: {features.name}\n{table}\n{timing}")
+
+
+if __name__ == "__main__":
+    main()

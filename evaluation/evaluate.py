@@ -1,0 +1,273 @@
+"""`python driver.py evaluate --run RUN`: how faithful, realistic and varied a trained run is, in numbers.
+
+    python driver.py evaluate --run RUN                   # samples from the run's UNet (DDIM-50)
+    python driver.py evaluate --run RUN --samples DIR     # score images generated elsewhere
+
+Whole subjects are held out (the run's own split if train-vqvae had --holdout, else --holdout here, in
+which case the run has seen them and the report says so). The held-out subjects are split at random
+into two halves: A is the reference, B the real-vs-real floor. Every row is scored against A with the
+same number of images as B, so a row's distance from the floor is what the model loses:
+
+    samples           the run's generated images (or --samples DIR)
+    reconstructions   B through the VQ-VAE: the best stage 2 could do with this stage 1
+    real (training)   random training images: a model that learned the training set exactly scores this
+    real (floor)      B itself
+
+Slices of one subject are alike, so B (a few subjects) can sit further from A than independent draws
+from many subjects do: read FID/KID against the training row as well as against the floor.
+
+Writes RUN/metrics.json, RUN/report.md and the grids it shows; prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import predict
+from dataset import BadInputError, card_transform, load_image, load_slices, split_by_subject, subject_id
+from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
+                                reconstruction_metrics, sliced_wasserstein)
+from modules import VQVAE, ClassifierConfig, SliceClassifier, VQVAEConfig
+from train import atomic_save, load_checkpoint, setup_device
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    # the sampler and its flags (--run, --num, --seed, ...), as `driver.py sample`
+    predict.add_arguments(p, sampler="ddim", steps=50)
+    p.set_defaults(num=None)
+    p.add_argument("--data", default=None, help="image folder (default: the one the run was trained on)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of subjects held out, used only when the run held none out (default: %(default)s)")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of that split, same condition (default: %(default)s)")
+    p.add_argument("--samples", default=None, help="score the images in this folder instead of sampling the run's UNet")
+    p.add_argument("--features", choices=["auto", "inception", "domain"], default="auto",
+                   help="FID/KID features: Inception-v3 if its weights load, else the domain classifier (default: %(default)s)")
+    p.add_argument("--inception-weights", default=None, help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
+    p.add_argument("--classifier-steps", type=int, default=1000,
+                   help="training steps of the domain classifier; 0 keeps it random (default: %(default)s)")
+
+
+# ----------------------------------------------------------------------------- data
+
+def evaluation_split(paths: list[str], holdout: float, seed: int) -> tuple[list[int], list[int], list[int]]:
+    """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects."""
+    train_idx, held_idx = split_by_subject(paths, holdout, seed)
+    subjects = sorted({subject_id(paths[i]) for i in held_idx})
+    if len(subjects) < 2:
+        raise BadInputError(f"only {len(subjects)} held-out subject; evaluation needs 2 or more (raise --holdout)")
+    half_a = set(np.random.default_rng(seed + 1).permutation(subjects)[:len(subjects) // 2].tolist())
+    ref_idx = [i for i in held_idx if subject_id(paths[i]) in half_a]
+    floor_idx = [i for i in held_idx if subject_id(paths[i]) not in half_a]
+    return train_idx, ref_idx, floor_idx
+
+
+def training_sample(train_idx: list[int], count: int, seed: int) -> list[int]:
+    """A seeded random `count` of the training images: what a model that learned the training set exactly would score."""
+    g = torch.Generator().manual_seed(seed)
+    return [train_idx[i] for i in torch.randperm(len(train_idx), generator=g)[:count].tolist()]
+
+
+def stack(dataset, indices: list[int], workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, C, H, W), labels (N,)) of dataset[indices]."""
+    xs, ys = zip(*(batch for batch in DataLoader(Subset(dataset, indices), batch_size=256, num_workers=workers)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
+    """Every image under `folder`, with the card's transform -> (N, C, S, S) in [-1, 1]."""
+    if not folder.is_dir():
+        raise BadInputError(f"--samples folder {folder} does not exist")
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise BadInputError(f"no images in --samples folder {folder}")
+    transform = card_transform(image_size, channels)
+    return torch.stack([transform(load_image(str(f), "L" if channels == 1 else "RGB")) for f in files])
+
+
+# ----------------------------------------------------------------------------- domain feature network
+
+def train_classifier(dataset, indices: list[int], num_classes: int, cfg: ClassifierConfig, steps: int,
+                     device, seed: int = 0) -> SliceClassifier:
+    """Class (AD/NC) + rotation classifier on the training images; AdamW, batch 64, random batches."""
+    torch.manual_seed(seed)
+    model = SliceClassifier(cfg).to(device)
+    if steps == 0:
+        return model.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = DataLoader(Subset(dataset, indices), batch_size=64, shuffle=True, drop_last=len(indices) > 64)
+    step, pbar = 0, tqdm(total=steps, desc="domain classifier", dynamic_ncols=True)
+    while step < steps:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            k = torch.randint(0, 4, (len(x),), device=device)
+            rotated = torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(x, k)])
+            class_logits, _ = model(x)
+            _, rotation_logits = model(rotated)
+            loss = F.cross_entropy(rotation_logits, k) + (F.cross_entropy(class_logits, y) if num_classes > 1 else 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            pbar.update(1)
+            if step == steps:
+                break
+    pbar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def class_accuracy(model: SliceClassifier, images: torch.Tensor, labels: torch.Tensor, device) -> float:
+    logits = torch.cat([model(x.to(device))[0].cpu() for x in images.split(256)])
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def domain_classifier(run: Path, dataset, train_idx: list[int], key: dict, steps: int, device) -> SliceClassifier:
+    """RUN/classifier.pt, trained on the training subjects once and reused while data and split are unchanged."""
+    path = run / "classifier.pt"
+    key = {**key, "steps": steps}
+    if path.exists():
+        ckpt = load_checkpoint(path, "classifier")
+        if ckpt["key"] == key:
+            model = SliceClassifier(ClassifierConfig(**ckpt["config"])).to(device).eval()
+            model.load_state_dict(ckpt["model"])
+            return model
+    cfg = ClassifierConfig(in_channels=key["channels"], input_size=min(key["image_size"], 128),
+                           num_classes=max(1, len(dataset.classes)))
+    model = train_classifier(dataset, train_idx, cfg.num_classes, cfg, steps, device)
+    atomic_save({"kind": "classifier", "key": key, "config": cfg.__dict__, "model": model.state_dict(),
+                 "classes": list(dataset.classes)}, path)
+    return model
+
+
+def feature_network(args, run: Path, dataset, train_idx: list[int], key: dict, device):
+    """Inception-v3 when asked for or available, else the domain classifier's features."""
+    if args.features in ("auto", "inception"):
+        net = inception_or_none(args.inception_weights)
+        if net is not None:
+            return net.to(device)
+        if args.features == "inception":
+            raise BadInputError("--features inception: the Inception-v3 weights could not be loaded "
+                                "(no internet? pass --inception-weights FILE)")
+    classifier = domain_classifier(run, dataset, train_idx, key, args.classifier_steps, device)
+    return ClassifierFeatures(classifier).to(device)
+
+
+# ----------------------------------------------------------------------------- scoring and report
+
+def score_rows(rows: dict[str, torch.Tensor], reference: torch.Tensor, features, device) -> dict[str, dict]:
+    """Every metric of every row of images against the reference set (same features, same patches)."""
+    scorer = SetScorer(features, reference, device)
+    return {name: {**scorer(images), **sliced_wasserstein(images, reference),
+                   "ms_ssim": ms_ssim_diversity(images, device=device), "count": len(images)}
+            for name, images in rows.items()}
+
+
+def format_table(scores: dict[str, dict], floor: str = "real (floor)") -> str:
+    """Markdown table of FID / KID / SWD / MS-SSIM with each row's ratio to the floor."""
+    lines = ["| images | n | FID | KID x1e3 | SWD x1e3 | MS-SSIM (pairs) |", "|---|---|---|---|---|---|"]
+    ref = scores.get(floor)
+    for name, s in scores.items():
+        ratio = lambda key: f" ({s[key] / ref[key]:.1f}x)" if ref and name != floor and ref[key] > 0 else ""  # noqa: E731
+        lines.append(f"| {name} | {s['count']} | {s['fid']:.3f}{ratio('fid')} | {1e3 * s['kid']:.2f} ± {1e3 * s['kid_std']:.2f} "
+                     f"| {s['swd']:.1f}{ratio('swd')} | {s['ms_ssim']:.3f} |")
+    return "\n".join(lines)
+
+
+def evaluate(args):
+    run, out = Path(args.run), Path(args.out or args.run)
+    device, autocast = setup_device(args)
+    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
+    train_args = vq_ckpt["args"]
+    image_size, channels = train_args["image_size"], train_args.get("channels", 1)
+    data = args.data or vq_ckpt["data"]
+    samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
+
+    # data: the run's held-out subjects, halved into reference A and floor B
+    dataset = load_slices(data, image_size, channels)
+    seen = train_args.get("holdout", 0.0) == 0
+    holdout, seed = (args.holdout, args.holdout_seed) if seen else (train_args["holdout"], train_args.get("holdout_seed", 0))
+    if seen:
+        print(f"warning: {run} was trained on all subjects; the {holdout:.0%} held out here were seen in training, "
+              f"so the figures are optimistic (train-vqvae --holdout F leaves subjects out)")
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed)
+    reference, ref_labels = stack(dataset, ref_idx)
+    floor, floor_labels = stack(dataset, floor_idx)
+    training, _ = stack(dataset, training_sample(train_idx, len(floor_idx), seed))
+    print(f"evaluation: {len(train_idx)} training images, held out {len(ref_idx)} reference (A) + {len(floor_idx)} floor (B)")
+
+    # stage 1: reconstructions of B
+    vqvae = VQVAE(VQVAEConfig(**vq_ckpt["config"])).to(device).eval()
+    vqvae.load_state_dict(vq_ckpt["model"])
+    with autocast:
+        vq_metrics, recons = reconstruction_metrics(vqvae, floor, device=device)
+
+    # samples: read or generated with the run's UNet
+    sampling = {}
+    if samples is not None:
+        sampling = {"from": str(args.samples)}
+    else:
+        num = args.num or len(floor)  # as many as the floor half: FID's bias depends on the count
+        if num < 2:
+            raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
+        _, unet, diffusion, unet_ckpt = predict.load_models(run, device)
+        predict.check_sampling_flags(args, diffusion)
+        clip_x0 = predict.parse_clip(args.clip_x0, unet_ckpt.get("latent_absmax"))
+        torch.manual_seed(args.seed)
+        samples, _, seconds = predict.generate(vqvae, unet, diffusion, unet_ckpt, args, num, device, autocast, clip_x0)
+        sampling = {"sampler": args.sampler, "steps": args.steps if args.sampler == "ddim" else diffusion.num_steps,
+                    "repeat_times": args.repeat_times, "clip_x0": clip_x0, "seconds_per_image": seconds / num,
+                    "unet_step": unet_ckpt["step"]}
+
+    # features and scores
+    key = {"data": str(data), "image_size": image_size, "channels": channels, "holdout": holdout, "holdout_seed": seed,
+           "count": len(dataset)}
+    features = feature_network(args, run, dataset, train_idx, key, device)
+    print(f"FID/KID features: {features.name}")
+    if isinstance(features, ClassifierFeatures) and len(dataset.classes) > 1:  # how much the features know of AD/NC
+        classifier_acc = class_accuracy(features.classifier, torch.cat([reference, floor]),
+                                        torch.cat([ref_labels, floor_labels]), device)
+    else:
+        classifier_acc = None
+    scores = score_rows({"samples": samples, "reconstructions": recons, "real (training)": training, "real (floor)": floor},
+                        reference, features, device)
+    table = format_table(scores)
+
+    # files
+    out.mkdir(parents=True, exist_ok=True)
+    grids = {"real": floor, "reconstructions": recons, "samples": samples}
+    for name, images in grids.items():
+        save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
+    metrics = {"run": str(run), "data": str(data), "image_size": image_size, "channels": channels,
+               "split": {"holdout": holdout, "seed": seed, "seen_in_training": seen, "train": len(train_idx),
+                         "reference": len(ref_idx), "floor": len(floor_idx)},
+               "vqvae_step": vq_ckpt["step"], "vqvae": {**vq_metrics, "images": "floor half B"},
+               "sampling": sampling, "features": features.name, "classifier_heldout_accuracy": classifier_acc,
+               "scores": scores}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}, "
+               f"codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}")
+    note = ("Distances to the reference half A of the held-out subjects; the floor row is the other half B, "
+            "the ratio is the row over the floor (1.0x = as close as real images get). MS-SSIM: mean over random "
+            "pairs within a set; far above the floor's means too little variety.")
+    report = [f"# Evaluation of {run}", "", f"Data {data} at {image_size}x{image_size}, features: {features.name}"
+              + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})." if classifier_acc else "."),
+              "Sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()) + ".", "", vq_line, "", table, "", note,
+              "", "| real (B) | reconstructions | samples |", "|---|---|---|",
+              "| ![](eval_real.png) | ![](eval_reconstructions.png) | ![](eval_samples.png) |"]
+    if seen:
+        report.insert(2, "**The run was trained on all subjects: the held-out images were seen in training.**\n")
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    print(vq_line)
+    print(table)
+    print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+    return metrics

@@ -1,0 +1,153 @@
+"""Evaluation: metrics on constructed cases with known answers, the subject split, `driver.py evaluate` end to end."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import driver
+from dataset import subject_id
+from evaluation.evaluate import evaluation_split, format_table
+from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyramid, ms_ssim_diversity,
+                                sliced_wasserstein)
+from modules import ClassifierConfig, SliceClassifier
+from conftest import error_of
+
+
+def ellipses(n, size=32, seed=0, blur=False):
+    """Bright textured ellipses of random shape on a dark background, (n, 1, size, size) in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    a, b = 0.4 + 0.4 * torch.rand(n, 1, 1, generator=g), 0.4 + 0.4 * torch.rand(n, 1, 1, generator=g)
+    inside = ((xx / a) ** 2 + (yy / b) ** 2 < 1).float()
+    images = (inside * (0.6 + 0.3 * torch.randn(n, size, size, generator=g)) - (1 - inside)).clamp(-1, 1)[:, None]
+    return F.avg_pool2d(images, 5, 1, 2) if blur else images
+
+
+class Flatten(nn.Module):
+    """Identity features: FID becomes the Frechet distance of the pixel vectors, known in closed form."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x.flatten(1).double()
+
+
+def test_fid_matches_the_closed_form_for_gaussians():
+    """FID(N(0, I), N(mu, s^2 I)) = |mu|^2 + d (1 - s)^2 in d dimensions (Dowson & Landau 1982)."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 4, 20000
+    a = torch.randn(n, 1, 2, 2, generator=g)
+    b = 0.5 + 2.0 * torch.randn(n, 1, 2, 2, generator=g)
+    fid = SetScorer(Flatten(d), a)(b)["fid"]
+    assert fid == pytest.approx(d * 0.5 ** 2 + d * (1 - 2.0) ** 2, rel=0.05)
+
+
+def test_identical_sets_score_zero_and_degraded_sets_score_worse():
+    torch.manual_seed(0)
+    features = ClassifierFeatures(SliceClassifier(ClassifierConfig(input_size=32, num_classes=2)))  # random, no download
+    reference = ellipses(120, seed=0)
+    scorer = SetScorer(features, reference)
+    same = scorer(reference)
+    fresh = scorer(ellipses(120, seed=1))  # same distribution, other draw
+    blurred = scorer(ellipses(120, seed=1, blur=True))
+    darker = scorer(ellipses(120, seed=1) * 0.5 - 0.5)
+    flatter = scorer(ellipses(120, seed=1) * 0.5)  # lower contrast: invisible to features normalised from the first layer
+    # KID's unbiased estimate scatters around 0 (measured -0.001 for identical sets, 0.016 for blur)
+    assert abs(same["fid"]) < 1e-3 and abs(same["kid"]) < 0.1 * blurred["kid"]
+    # measured FID ratios to the fresh draw: blur 3.4x, darker 2.2x, lower contrast 1.4x
+    assert blurred["fid"] > 2.5 * fresh["fid"] and darker["fid"] > 1.7 * fresh["fid"] and flatter["fid"] > 1.2 * fresh["fid"]
+    assert min(blurred["kid"], darker["kid"], flatter["kid"]) > fresh["kid"] + 0.002
+
+
+def test_swd_is_zero_on_identical_sets_symmetric_and_sees_blur():
+    a, b = ellipses(64, seed=0), ellipses(64, seed=1)
+    zero = sliced_wasserstein(a, a.clone())
+    assert all(v == 0 for v in zero.values())
+    assert set(zero) == {"swd", "swd_32", "swd_16"}  # one band-pass level per octave down to 16, then the residual
+    assert sliced_wasserstein(a, b)["swd"] == pytest.approx(sliced_wasserstein(b, a)["swd"], rel=1e-6)
+    assert sliced_wasserstein(a, ellipses(64, seed=1, blur=True))["swd_32"] > 3 * sliced_wasserstein(a, b)["swd_32"]
+
+
+def test_laplacian_pyramid_reconstructs_the_image():
+    x = ellipses(4, size=64)
+    levels = _laplacian_pyramid(x)
+    assert [lv.shape[-1] for lv in levels] == [64, 32, 16]
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    kernel = (k[:, None] * k[None, :]).expand(1, 1, 5, 5)
+    recon = levels[-1]
+    for band in reversed(levels[:-1]):  # expand: zero-insert, blur x 4, add the band
+        up = torch.zeros_like(band)
+        up[..., ::2, ::2] = recon * 4
+        recon = band + F.conv2d(F.pad(up, (2, 2, 2, 2), mode="reflect"), kernel)
+    assert torch.allclose(recon, x, atol=1e-5)
+
+
+def test_ms_ssim_diversity_is_one_for_copies_and_lower_for_varied_images():
+    varied = ellipses(40, size=64)
+    assert ms_ssim_diversity(varied[:1].repeat(40, 1, 1, 1), pairs=50) == pytest.approx(1.0, abs=1e-4)
+    assert ms_ssim_diversity(varied, pairs=200) < 0.9
+
+
+def test_evaluation_split_keeps_every_subject_on_one_side():
+    paths = [f"/d/train/AD/s{s:02d}_{k}.jpeg" for s in range(30) for k in range(5)]
+    train, ref, floor = evaluation_split(paths, holdout=0.2, seed=3)
+    sides = [{subject_id(paths[i]) for i in part} for part in (train, ref, floor)]
+    assert sorted(train + ref + floor) == list(range(len(paths)))
+    assert not (sides[0] & sides[1]) and not (sides[0] & sides[2]) and not (sides[1] & sides[2])
+    assert len(sides[1]) == 3 and len(sides[2]) == 3
+    assert evaluation_split(paths, 0.2, 3) == (train, ref, floor)  # seeded
+    assert evaluation_split(paths, 0.2, 4)[1] != ref
+
+
+def test_format_table_states_the_ratio_to_the_floor():
+    row = lambda fid: {"fid": fid, "kid": 0.01, "kid_std": 0.001, "swd": 20.0, "ms_ssim": 0.3, "count": 10}  # noqa: E731
+    table = format_table({"samples": row(8.0), "real (floor)": row(2.0)})
+    assert "8.000 (4.0x)" in table and "20.0 (1.0x)" in table
+
+
+def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, capsys):
+    run, data = trained_run
+    out = tmp_path / "eval"
+    driver.main(["evaluate", "--run", str(run), "--out", str(out), "--holdout", "0.5", "--features", "domain",
+                 "--classifier-steps", "0", "--steps", "5"])
+    printed = capsys.readouterr().out
+    assert "trained on all subjects" in printed and "| samples |" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == {"holdout": 0.5, "seed": 0, "seen_in_training": True, "train": 12, "reference": 6, "floor": 6}
+    assert set(metrics["scores"]) == {"samples", "reconstructions", "real (training)", "real (floor)"}
+    for row in metrics["scores"].values():
+        assert row["count"] == 6 and all(k in row for k in ("fid", "kid", "kid_std", "swd", "ms_ssim"))
+    assert metrics["sampling"]["sampler"] == "ddim" and metrics["sampling"]["steps"] == 5
+    assert metrics["features"].startswith("domain classifier")
+    assert 0 < metrics["vqvae"]["psnr"] < 100 and 0 < metrics["vqvae"]["codebook_used"] <= 1
+    report = (out / "report.md").read_text()
+    assert "seen in training" in report and "eval_samples.png" in report
+    assert all((out / f"eval_{n}.png").exists() for n in ("real", "reconstructions", "samples"))
+
+    # the same images read back with --samples give the same sample row as a folder of PNGs would
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    from torchvision.utils import save_image
+    for i in range(7):
+        save_image(ellipses(1, seed=i)[0], folder / f"{i}.png", normalize=True, value_range=(-1, 1))
+    driver.main(["evaluate", "--run", str(run), "--out", str(out), "--holdout", "0.5", "--features", "domain",
+                 "--classifier-steps", "0", "--samples", str(folder)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scores"]["samples"]["count"] == 7 and metrics["sampling"] == {"from": str(folder)}
+
+
+def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
+    run, _ = trained_run
+    base = ["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "0", "--out", str(tmp_path),
+            "--holdout", "0.5"]
+    assert "does not exist" in error_of(driver.main, base + ["--samples", str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    assert "no images" in error_of(driver.main, base + ["--samples", str(tmp_path / "empty")])
+    assert "held-out subject" in error_of(driver.main, base + ["--holdout", "0.01"])
+    assert "--num must be 2 or more" in error_of(driver.main, base + ["--num", "1"])
+    assert "--steps must be positive" in error_of(driver.main, base + ["--steps", "0"])
+    assert "no vqvae checkpoint" in error_of(driver.main, ["evaluate", "--run", str(tmp_path / "none")])
