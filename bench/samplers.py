@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
-from evaluation.evaluate import evaluation_split, feature_network, format_table, score_rows, stack  # noqa: E402
+from evaluation.evaluate import (evaluation_split, feature_network, format_table, score_rows, stack,  # noqa: E402
+                                 training_sample)
 from train import load_checkpoint  # noqa: E402
 
 # name -> `driver.py sample` flags
@@ -58,6 +59,7 @@ def main():
                                                 torch.autocast("cpu", enabled=False),
                                                 predict.parse_clip(flags.clip_x0, ckpt["latent_absmax"]))
         seconds[name] = sec / num
+    images["real (training)"] = stack(dataset, training_sample(train_idx, num, seed))[0]
     images["real (floor)"] = floor
 
     key = {"data": str(data), "image_size": vq_args["image_size"], "channels": vq_args["channels"],

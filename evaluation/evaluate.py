@@ -172,19 +172,29 @@ def score_rows(rows: dict[str, torch.Tensor], reference: torch.Tensor, features,
             for name, images in rows.items()}
 
 
-def format_table(scores: dict[str, dict], floor: str = "real (floor)") -> str:
-    """Markdown table of FID / KID / SWD / MS-SSIM with each row's ratio to the floor."""
+def format_table(scores: dict[str, dict]) -> str:
+    """Markdown table of FID / KID / SWD / MS-SSIM; FID, KID and SWD of each model row with its ratio to the real rows."""
+    bars = [name for name in ("real (training)", "real (floor)") if name in scores]
     lines = ["| images | n | FID | KID x1e3 | SWD x1e3 | MS-SSIM (pairs) |", "|---|---|---|---|---|---|"]
-    ref = scores.get(floor)
+
+    def cell(name, key, text):
+        ratios = [f"{scores[name][key] / scores[b][key]:.1f}x" for b in bars if scores[b][key] > 0]
+        return text if name in bars or not ratios else f"{text} ({' / '.join(ratios)})"
+
     for name, s in scores.items():
-        ratio = lambda key: f" ({s[key] / ref[key]:.1f}x)" if ref and name != floor and ref[key] > 0 else ""  # noqa: E731
-        lines.append(f"| {name} | {s['count']} | {s['fid']:.3f}{ratio('fid')} | {1e3 * s['kid']:.2f} ± {1e3 * s['kid_std']:.2f} "
-                     f"| {s['swd']:.1f}{ratio('swd')} | {s['ms_ssim']:.3f} |")
+        fid, swd = cell(name, "fid", f"{s['fid']:.3f}"), cell(name, "swd", f"{s['swd']:.1f}")
+        kid = cell(name, "kid", f"{1e3 * s['kid']:.2f} ± {1e3 * s['kid_std']:.2f}")
+        lines.append(f"| {name} | {s['count']} | {fid} | {kid} | {swd} | {s['ms_ssim']:.3f} |")
+    if bars:
+        lines.append(f"\nRatios: the row over {' / over '.join(bars)} (1.0x = as close to the reference as real images get).")
     return "\n".join(lines)
 
 
 def evaluate(args):
     run, out = Path(args.run), Path(args.out or args.run)
+    if args.classifier_steps < 0 or not 0 < args.holdout < 1:
+        raise BadInputError(f"--classifier-steps must be 0 or more and --holdout in (0, 1), got "
+                            f"{args.classifier_steps} and {args.holdout}")
     device, autocast = setup_device(args)
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     train_args = vq_ckpt["args"]
@@ -256,9 +266,9 @@ def evaluate(args):
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}, "
                f"codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}")
-    note = ("Distances to the reference half A of the held-out subjects; the floor row is the other half B, "
-            "the ratio is the row over the floor (1.0x = as close as real images get). MS-SSIM: mean over random "
-            "pairs within a set; far above the floor's means too little variety.")
+    note = ("Distances to the reference half A of the held-out subjects. Real rows: random training images, and the "
+            "other half B (the floor; its few subjects make it a high bar for FID/KID). MS-SSIM: mean over random pairs "
+            "within a set; far above the real rows' means too little variety.")
     report = [f"# Evaluation of {run}", "", f"Data {data} at {image_size}x{image_size}, features: {features.name}"
               + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})." if classifier_acc else "."),
               "Sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()) + ".", "", vq_line, "", table, "", note,

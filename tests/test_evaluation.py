@@ -105,8 +105,9 @@ def test_evaluation_split_keeps_every_subject_on_one_side():
 
 def test_format_table_states_the_ratio_to_the_floor():
     row = lambda fid: {"fid": fid, "kid": 0.01, "kid_std": 0.001, "swd": 20.0, "ms_ssim": 0.3, "count": 10}  # noqa: E731
-    table = format_table({"samples": row(8.0), "real (floor)": row(2.0)})
-    assert "8.000 (4.0x)" in table and "20.0 (1.0x)" in table
+    table = format_table({"samples": row(8.0), "real (training)": row(1.0), "real (floor)": row(2.0)})
+    assert "| samples | 10 | 8.000 (8.0x / 4.0x) |" in table and "| 20.0 (1.0x / 1.0x) |" in table
+    assert "| real (floor) | 10 | 2.000 |" in table
 
 
 def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, capsys):
@@ -149,5 +150,6 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "no images" in error_of(driver.main, base + ["--samples", str(tmp_path / "empty")])
     assert "held-out subject" in error_of(driver.main, base + ["--holdout", "0.01"])
     assert "--num must be 2 or more" in error_of(driver.main, base + ["--num", "1"])
+    assert "--classifier-steps must be 0 or more" in error_of(driver.main, base + ["--classifier-steps", "-1"])
     assert "--steps must be positive" in error_of(driver.main, base + ["--steps", "0"])
     assert "no vqvae checkpoint" in error_of(driver.main, ["evaluate", "--run", str(tmp_path / "none")])
