@@ -20,8 +20,8 @@ from pathlib import Path
 
 import predict
 import train
-from evaluation import evaluate as evaluation
 from dataset import DEFAULT_DEMO_ROOT, BadInputError
+from evaluation import evaluate as evaluation
 
 # Preset values of the flags that default to None below; a flag given on the command line wins.
 PRESETS = {

@@ -26,10 +26,11 @@ from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
 from train import fingerprint, load_checkpoint, setup_device
 
 
-def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000):
+def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000, num: int | None = 16,
+                  num_help: str = "number of images (default: %(default)s)"):
     p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
-    p.add_argument("--num", type=int, default=16, help="number of images (default: %(default)s)")
+    p.add_argument("--num", type=int, default=num, help=num_help)
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default=sampler, help="reverse process (default: %(default)s)")

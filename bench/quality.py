@@ -80,7 +80,7 @@ def main():
     n = args.num or len(floor)
     images = {"real (training)": stack(dataset, training_sample(train_idx, n, 0))[0], "real (floor)": floor}
     info = {"data": args.data, "vq_minutes": args.vq_minutes, "unet_minutes": args.unet_minutes,
-            "train_images": len(train_idx), "reference": len(ref_idx), "floor": n}
+            "train_images": len(train_idx), "reference": len(ref_idx), "floor": len(floor_idx), "samples": n}
 
     run = out / "ours"
     if "ours" in rows or "defect" in rows:
@@ -126,7 +126,7 @@ def main():
     torch.save({r: images[r] for r in order if not r.startswith("real")}, out / "samples.pt")  # rescoring needs no resampling
     scores = score_rows({r: images[r] for r in order}, reference, features, "cpu")
     for name in order:
-        grid(images[name], out / f"grid_{name.split()[0]}.png")
+        grid(images[name], out / f"grid_{name.replace(' (', '_').rstrip(')')}.png")
     table = format_table(scores)
     (out / "quality.json").write_text(json.dumps({"info": info, "features": features.name, "scores": scores}, indent=2))
     (out / "quality.md").write_text(f"features: {features.name}\n\n{table}\n\n```\n{json.dumps(info, indent=2)}\n```\n")

@@ -118,7 +118,9 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     printed = capsys.readouterr().out
     assert "trained on all subjects" in printed and "| samples |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["split"] == {"holdout": 0.5, "seed": 0, "seen_in_training": True, "train": 12, "reference": 6, "floor": 6}
+    assert metrics["split"] == {"holdout": 0.5, "seed": 0, "seen_in_training": True, "subjects_per_half": 2,
+                                "train": 12, "reference": 6, "floor": 6}
+    assert "only 2 subjects in a held-out half" in printed
     assert set(metrics["scores"]) == {"samples", "reconstructions", "real (training)", "real (floor)"}
     for row in metrics["scores"].values():
         assert row["count"] == 6 and all(k in row for k in ("fid", "kid", "kid_std", "swd", "ms_ssim"))
@@ -126,7 +128,7 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     assert metrics["features"].startswith("domain classifier")
     assert 0 < metrics["vqvae"]["psnr"] < 100 and 0 < metrics["vqvae"]["codebook_used"] <= 1
     report = (out / "report.md").read_text()
-    assert "seen in training" in report and "eval_samples.png" in report
+    assert "seen in training" in report and "not reliable" in report and "eval_samples.png" in report
     assert all((out / f"eval_{n}.png").exists() for n in ("real", "reconstructions", "samples"))
 
     # the same images read back with --samples give the same sample row as a folder of PNGs would
