@@ -120,8 +120,7 @@ def main():
 
     # one feature network and one reference for every row
     key = {"data": args.data, "image_size": 64, "channels": 1, "holdout": args.holdout, "holdout_seed": 0, "count": len(dataset)}
-    features = feature_network(argparse.Namespace(features="auto", inception_weights=None,
-                                                  classifier_steps=args.classifier_steps), out, dataset, train_idx, key, "cpu")
+    features = feature_network(out, dataset, train_idx, key, "cpu", classifier_steps=args.classifier_steps)
     order = [r for r in ("ours", "peer", "defect") if r in images] + ["real (training)", "real (floor)"]
     torch.save({r: images[r] for r in order if not r.startswith("real")}, out / "samples.pt")  # rescoring needs no resampling
     scores = score_rows({r: images[r] for r in order}, reference, features, "cpu")

@@ -64,8 +64,7 @@ def main():
 
     key = {"data": str(data), "image_size": vq_args["image_size"], "channels": vq_args["channels"],
            "holdout": holdout, "holdout_seed": seed, "count": len(dataset)}
-    features = feature_network(argparse.Namespace(features="auto", inception_weights=None,
-                                                  classifier_steps=args.classifier_steps), run, dataset, train_idx, key, "cpu")
+    features = feature_network(run, dataset, train_idx, key, "cpu", classifier_steps=args.classifier_steps)
     scores = score_rows(images, reference, features, "cpu")
     for name, sec in seconds.items():
         scores[name]["seconds_per_image"] = sec

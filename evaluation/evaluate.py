@@ -77,9 +77,9 @@ def training_sample(train_idx: list[int], count: int, seed: int) -> list[int]:
     return [train_idx[i] for i in torch.randperm(len(train_idx), generator=g)[:count].tolist()]
 
 
-def stack(dataset, indices: list[int], workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, C, H, W), labels (N,)) of dataset[indices]."""
-    xs, ys = zip(*(batch for batch in DataLoader(Subset(dataset, indices), batch_size=256, num_workers=workers)))
+    xs, ys = zip(*(batch for batch in DataLoader(Subset(dataset, indices), batch_size=256)))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -149,16 +149,17 @@ def domain_classifier(run: Path, dataset, train_idx: list[int], key: dict, steps
     return model
 
 
-def feature_network(args, run: Path, dataset, train_idx: list[int], key: dict, device):
-    """Inception-v3 when asked for or available, else the domain classifier's features."""
-    if args.features in ("auto", "inception"):
-        net = inception_or_none(args.inception_weights)
+def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device, kind: str = "auto",
+                    inception_weights: str | None = None, classifier_steps: int = 1000):
+    """Inception-v3 when asked for (kind 'inception') or available ('auto'), else the domain classifier's features."""
+    if kind in ("auto", "inception"):
+        net = inception_or_none(inception_weights)
         if net is not None:
             return net.to(device)
-        if args.features == "inception":
+        if kind == "inception":
             raise BadInputError("--features inception: the Inception-v3 weights could not be loaded "
                                 "(no internet? pass --inception-weights FILE)")
-    classifier = domain_classifier(run, dataset, train_idx, key, args.classifier_steps, device)
+    classifier = domain_classifier(run, dataset, train_idx, key, classifier_steps, device)
     return ClassifierFeatures(classifier).to(device)
 
 
@@ -247,7 +248,8 @@ def evaluate(args):
     # features and scores
     key = {"data": str(data), "image_size": image_size, "channels": channels, "holdout": holdout, "holdout_seed": seed,
            "count": len(dataset)}
-    features = feature_network(args, run, dataset, train_idx, key, device)
+    features = feature_network(run, dataset, train_idx, key, device, args.features, args.inception_weights,
+                               args.classifier_steps)
     print(f"FID/KID features: {features.name}")
     if isinstance(features, ClassifierFeatures) and len(dataset.classes) > 1:  # how much the features know of AD/NC
         classifier_acc = class_accuracy(features.classifier, torch.cat([reference, floor]),
