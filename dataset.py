@@ -10,6 +10,9 @@ Build the demo data by hand with `python dataset.py --out DIR` (training does it
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import math
 import os
 import re
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import datasets, transforms
 
 DEMO_VERSION = 1                  # bump when the demo generator changes, so old caches are not reused
@@ -88,19 +91,55 @@ class SliceFolders(ConcatDataset):
 class InMemorySlices(Dataset):
     """The same images decoded and resized once, kept as uint8 (N, C, S, S); items equal SliceFolders'.
 
-    ToTensor + Normalize(0.5, 0.5) of a uint8 pixel v is exactly v / 127.5 - 1, applied per item.
-    Decoding uses threads (PIL releases the GIL while decoding and resizing).
+    ToTensor + Normalize(0.5, 0.5) of a uint8 pixel v is exactly v / 127.5 - 1, applied per item (or
+    per batch by the training loop, after the uint8 batch reached the GPU). Decoding uses threads (PIL
+    releases the GIL while decoding and resizing). With `cache_file` the array lives on disk as a .npy
+    memory map, for sets larger than memory: decoded once, then reused while the files are unchanged.
     """
 
-    def __init__(self, folders: SliceFolders, image_size: int, channels: int, workers: int = 4):
+    def __init__(self, folders: SliceFolders, image_size: int, channels: int, workers: int = 4,
+                 cache_file: Path | None = None):
         self.classes, self.samples = folders.classes, folders.samples
+        self.labels = torch.tensor([label for _, label in self.samples])
+        shape = (len(self.samples), channels, image_size, image_size)
+        self.cache_file = cache_file
+        if cache_file is None:
+            self.images = torch.empty(shape, dtype=torch.uint8)
+            self._decode_into(self.images, image_size, channels, workers)
+        else:
+            self.images = self._disk_cache(Path(cache_file), shape, workers)
+
+    def _decode_into(self, images: torch.Tensor, image_size: int, channels: int, workers: int):
         mode = "L" if channels == 1 else "RGB"
         resize = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
-        self.images = torch.empty(len(self.samples), channels, image_size, image_size, dtype=torch.uint8)
         with ThreadPoolExecutor(max(1, workers)) as pool:
             for i, img in enumerate(pool.map(lambda s: resize(load_image(s[0], mode)), self.samples)):
-                self.images[i] = img
-        self.labels = torch.tensor([label for _, label in self.samples])
+                images[i] = img
+
+    def _disk_cache(self, path: Path, shape: tuple, workers: int) -> torch.Tensor:
+        """The uint8 array as a memory-mapped .npy next to a key of the files it holds (paths, sizes, mtimes)."""
+        key_path = path.with_suffix(".json")
+        key = hashlib.sha1()
+        for p, _ in self.samples:
+            st = os.stat(p)
+            key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        key = {"shape": list(shape), "files": key.hexdigest()}
+        if path.exists() and key_path.exists() and json.loads(key_path.read_text()) == key:
+            print(f"image cache {path}: {shape[0]} images reused")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+            try:
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                self._decode_into(torch.from_numpy(array), shape[2], shape[1], workers)
+                array.flush()
+                del array
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            key_path.write_text(json.dumps(key))
+            print(f"image cache {path}: {shape[0]} images decoded once ({math.prod(shape) / 2 ** 30:.2f} GB on disk)")
+        return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write map: pages are read on demand
 
     def __len__(self):
         return len(self.samples)
@@ -109,11 +148,28 @@ class InMemorySlices(Dataset):
         return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
 
 
-def load_slices(root, image_size: int = 256, channels: int = 1, cache_gb: float = 8.0, workers: int = 4):
-    """The training dataset: in memory as uint8 when it fits in `cache_gb`, else decoded per item."""
+def uint8_images(dataset) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(uint8 images, index map or None, whether memory-mapped from disk) of an InMemorySlices or a Subset of one."""
+    if isinstance(dataset, Subset):
+        images, _, on_disk = uint8_images(dataset.dataset)
+        return images, torch.as_tensor(dataset.indices), on_disk
+    if not isinstance(dataset, InMemorySlices):
+        raise TypeError(f"expected images decoded once (InMemorySlices), got {type(dataset).__name__}")
+    return dataset.images, None, dataset.cache_file is not None
+
+
+def load_slices(root, image_size: int = 256, channels: int = 1, cache_gb: float = 8.0, workers: int = 4,
+                disk_cache: Path | None = None, build_guard=contextlib.nullcontext):
+    """The training dataset, decoded once as uint8: in memory when it fits in `cache_gb`, else in a
+    memory-mapped file under `disk_cache` (built inside `build_guard`, e.g. by one process of many),
+    else, without `disk_cache`, decoded per item."""
     folders = SliceFolders(root, image_size, channels)
     if len(folders) * channels * image_size ** 2 <= cache_gb * 2 ** 30:
         return InMemorySlices(folders, image_size, channels, workers)
+    if disk_cache is not None:
+        with build_guard():
+            return InMemorySlices(folders, image_size, channels, workers,
+                                  cache_file=Path(disk_cache) / f"images-{image_size}px-{channels}ch.npy")
     return folders
 
 

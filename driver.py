@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+import torch.distributed as dist
 
 import predict
 import train
@@ -66,7 +69,9 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     """Flags shared by both training stages."""
     ph = lambda name, text: preset_help(stage, name, text)  # noqa: E731
     # run and data
-    p.add_argument("--run", default="runs/demo", help="run folder read and written by every stage (default: %(default)s)")
+    p.add_argument("--run", "--run-dir", dest="run", default="runs/demo",
+                   help="run folder read and written by every stage (default: %(default)s); under torchrun write "
+                        "--run-dir, since torchrun's own parser takes --run for an abbreviation of its --run-path")
     p.add_argument("--data", default=None, help="image folder, ADNI layout PATH/{train,test}/{AD,NC}/*.jpeg or PATH/CLASS/*; "
                                                 "default: the embedded MNI152 demo data")
     p.add_argument("--preset", choices=["tiny", "full"], default=None,
@@ -75,18 +80,27 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--image-size", type=positive(int), default=None, help=ph("image_size", "images are resized to SIZE x SIZE"))
     p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grayscale, 3 RGB as the original (default: %(default)s)")
     p.add_argument("--cache-gb", type=float, default=8.0, help="decode images once into memory if they fit in this many GB (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=4, help="image decoding threads / loader workers (default: %(default)s)")
+    p.add_argument("--workers", type=positive(int), default=None,
+                   help="image decoding threads and loader workers (default: the CPUs of this machine per process)")
     # optimisation
     p.add_argument("--batch-size", type=positive(int), default=None, help=ph("batch_size", "batch size"))
     p.add_argument("--lr", type=positive(float), default=None, help=ph("lr", "AdamW learning rate"))
     p.add_argument("--warmup", type=int, default=None, help=ph("warmup", "linear learning-rate warm-up steps"))
+    p.add_argument("--grad-accum", type=positive(int), default=1,
+                   help="micro-batches per optimizer step: the update of a K-times larger batch in the memory of one (default: %(default)s)")
     p.add_argument("--grad-clip", type=positive(float), default=1.0, help="gradient-norm clipping (default: %(default)s)")
     p.add_argument("--max-steps", type=positive(int), default=None, help=ph("max_steps", "optimizer steps to train (wins over --epochs)"))
     p.add_argument("--epochs", type=positive(int), default=None, help=ph("epochs", "epochs to train when --max-steps is not given"))
     p.add_argument("--max-minutes", type=positive(float), default=None,
                    help="stop cleanly, with a checkpoint, after this much wall-clock time (default: no limit)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun the rank's GPU)")
+    # speed
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast precision; fp16 adds a GradScaler (default: %(default)s = bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format for the convolutions (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slower start, faster steps)")
     # records
     p.add_argument("--log-every", type=positive(int), default=50, help="steps between log lines and CSV rows (default: %(default)s)")
     p.add_argument("--sample-every", type=positive(int), default=None, help=ph("sample_every", "steps between image grids"))
@@ -182,13 +196,17 @@ def demo(args):
 
 def main(argv: list[str] | None = None):
     args = parse(argv)
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
     try:
         args.func(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted; the last checkpoint in the run folder is intact (continue with --resume)")
+    finally:
+        if dist.is_initialized():  # under torchrun
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """The two training stages: `train_vqvae(args)` (stage 1) and `train_unet(args)` (stage 2).
 
 Both read and write one run folder (`args.run`); see DESIGN.md for its layout. They are called by
-the command line in driver.py:
+the command line in driver.py, on one device or, under torchrun, on many (DDP):
 
     python driver.py train-vqvae --run runs/demo     # stage 1: VQ-VAE on images
     python driver.py train-unet  --run runs/demo     # stage 2: UNet on the VQ-VAE's latents
+    torchrun --standalone --nproc_per_node 4 driver.py train-vqvae --run runs/adni --data PATH
+
+Under torchrun every process trains on its shard of each epoch (DistributedSampler); rank 0 alone
+writes the run folder, builds the image and latent caches (the others wait) and logs the loss
+averaged over ranks. One optimizer step = --grad-accum micro-batches of --batch-size on every rank.
 """
 from __future__ import annotations
 
@@ -15,32 +20,143 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from dataset import BadInputError, InMemorySlices, demo_data_dir, load_slices, split_by_subject
+from dataset import BadInputError, demo_data_dir, load_slices, split_by_subject, uint8_images
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, ema_model
 
 
 # ----------------------------------------------------------------------------- small helpers
 
-def setup_device(args) -> tuple[torch.device, contextlib.AbstractContextManager]:
-    """The device and the autocast context: bf16 on CUDA, full precision on CPU."""
+def pick_device(args) -> torch.device:
+    """--device, else CUDA if present; under torchrun each process takes the GPU of its LOCAL_RANK."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def setup_device(args) -> tuple[torch.device, contextlib.AbstractContextManager]:
+    """The device and the autocast context of --precision (auto: bf16 on CUDA, fp32 on CPU); TF32 on."""
+    device = pick_device(args)
+    precision = getattr(args, "precision", "auto")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise BadInputError("--precision fp16 needs a CUDA device (its GradScaler); use bf16 or fp32 on the CPU")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return device, torch.autocast("cuda", dtype=torch.bfloat16)
-    return device, contextlib.nullcontext()
+    if precision == "fp32":
+        return device, contextlib.nullcontext()
+    return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@dataclass
+class Runtime:
+    """Where this process trains: device and precision, and its place among torchrun's processes."""
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    scaler: torch.amp.GradScaler    # active for fp16 only; a pass-through otherwise
+    channels_last: bool
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str):
+        if self.main:
+            tqdm.write(message)
+
+
+def setup_runtime(args) -> Runtime:
+    """Device and precision; under torchrun (WORLD_SIZE > 1) also the process group: NCCL on CUDA, gloo on CPU."""
+    device, autocast = setup_device(args)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # rank 0 may spend a while alone building the caches while the others wait at a barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    fp16 = getattr(autocast, "fast_dtype", None) == torch.float16
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    return Runtime(device, autocast, torch.amp.GradScaler("cuda", enabled=fp16), channels_last, rank, world)
+
+
+@contextlib.contextmanager
+def main_rank_first(rt: Runtime):
+    """Rank 0 runs the block first (builds a cache); the other ranks run it after, and find the cache."""
+    if not rt.main:
+        dist.barrier()
+    yield
+    if rt.main and rt.world > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world > 1:
+        dist.all_reduce(t)
+        t = t / rt.world
+    return t
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is True on one (so that all ranks stop at the same step)."""
+    if rt.world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
+    """channels_last, DDP under torchrun, torch.compile if asked; checkpoints keep saving the unwrapped model."""
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if rt.world > 1:
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+def adamw(params, lr: float, rt: Runtime, **kwargs) -> torch.optim.AdamW:
+    """AdamW, with the fused CUDA kernel on GPUs (one launch for all parameters)."""
+    return torch.optim.AdamW(params, lr=lr, fused=rt.device.type == "cuda", **kwargs)
+
+
+def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_clip: float) -> torch.Tensor:
+    """One update from K micro-batches: the gradient of their mean loss (DDP all-reduces it once, on the
+    last), unscaled if fp16, clipped, applied. loss_fn(batch) -> (loss, stats); returns the mean stats."""
+    k = len(micro_batches)
+    no_sync = getattr(model, "no_sync", None)  # DDP's: skip the all-reduce while accumulating
+    stats = 0.0
+    for i, batch in enumerate(micro_batches):
+        with no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext():
+            loss, batch_stats = loss_fn(batch)
+            scaler.scale(loss / k).backward()
+        stats = stats + batch_stats.detach() / k
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
 
 
 def atomic_save(obj, path: Path):
@@ -154,21 +270,20 @@ class MetricLog:
         plt.close(fig)
 
 
-def training_data(args):
-    """The training images (demo data when no --data), minus held-out subjects if --holdout > 0."""
+def cpus_per_process() -> int:
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def training_data(args, build_guard=contextlib.nullcontext):
+    """The training images decoded once as uint8 (in memory, or memory-mapped in the run folder when
+    larger than --cache-gb), demo data when no --data, minus held-out subjects if --holdout > 0."""
     root = args.data or demo_data_dir(args.demo_dir)
-    dataset = load_slices(root, args.image_size, args.channels, args.cache_gb, args.workers)
+    dataset = load_slices(root, args.image_size, args.channels, args.cache_gb, args.workers or cpus_per_process(),
+                          disk_cache=Path(args.run), build_guard=build_guard)
     if args.holdout > 0:
         train_idx, _ = split_by_subject([p for p, _ in dataset.samples], args.holdout, args.holdout_seed)
         dataset = Subset(dataset, train_idx)
     return dataset, str(root)
-
-
-def loader_workers(dataset, workers: int) -> int:
-    """0 for images already in memory (worker processes would only copy them), else at most the CPU count."""
-    if isinstance(getattr(dataset, "dataset", dataset), InMemorySlices):
-        return 0
-    return min(workers, os.cpu_count() or 1)
 
 
 def total_steps(args, steps_per_epoch: int) -> int:
@@ -177,10 +292,45 @@ def total_steps(args, steps_per_epoch: int) -> int:
     return args.epochs * steps_per_epoch
 
 
-def forever(loader):
-    """Batches from `loader`, epoch after epoch."""
+def index_batches(n: int, batch_size: int, rt: Runtime, seed: int, start: int = 0, device="cpu"):
+    """This rank's batches of indices into n items, endlessly: each epoch a DistributedSampler order
+    (set_epoch(epoch): new for every epoch, the same on every rank, which take disjoint shards), cut
+    into batches; the last partial batch is dropped. `start` skips that many batches (a resumed run)."""
+    sampler = DistributedSampler(range(n), num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=seed,
+                                 drop_last=rt.world > 1)
+    per_epoch = max(1, len(sampler) // batch_size)  # a set smaller than a batch is one batch
+    epoch, skip = divmod(start, per_epoch)
     while True:
-        yield from loader
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        for i in range(skip, per_epoch):
+            yield order[i * batch_size:(i + 1) * batch_size]
+        epoch, skip = epoch + 1, 0
+
+
+class _Gather(Dataset):
+    """dataset[index tensor] -> the uint8 batch of those images (for a DataLoader with batch_size=None)."""
+
+    def __init__(self, images: torch.Tensor, index: torch.Tensor | None):
+        self.images, self.index = images, index
+
+    def __getitem__(self, idx):
+        return self.images[idx if self.index is None else self.index[idx]]
+
+
+def uint8_loader(dataset, batches, rt: Runtime, workers: int) -> DataLoader:
+    """uint8 image batches for the index batches `batches`, pinned for the GPU. Worker processes only
+    for a memory-mapped cache (they overlap its disk reads); in memory a gather beats the hand-over."""
+    images, index, on_disk = uint8_images(dataset)
+    return DataLoader(_Gather(images, index), sampler=batches, batch_size=None,
+                      num_workers=min(workers, cpus_per_process()) if on_disk else 0,
+                      pin_memory=rt.device.type == "cuda")
+
+
+def to_unit(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """uint8 batch -> float in [-1, 1] on the device (v / 127.5 - 1, exactly the card's ToTensor + Normalize)."""
+    x = x.to(rt.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
 
 
 # ----------------------------------------------------------------------------- stage 1: VQ-VAE
@@ -201,33 +351,36 @@ def train_vqvae(args):
         raise BadInputError(f"--image-size {args.image_size} is not divisible by the VQ-VAE's factor {cfg.factor}")
     resume = prepare_run(args, ckpt_path, "vqvae", asdict(cfg))
     torch.manual_seed(args.seed)
-    device, autocast = setup_device(args)
+    rt = setup_runtime(args)
+    device = rt.device
 
-    # data
-    dataset, data_root = training_data(args)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) >= args.batch_size,
-                        num_workers=loader_workers(dataset, args.workers),
-                        pin_memory=device.type == "cuda")
-    max_steps = total_steps(args, len(loader))
+    # data: every rank decodes into memory; a memory-mapped cache on disk is built by rank 0 alone
+    dataset, data_root = training_data(args, build_guard=lambda: main_rank_first(rt))
+    per_epoch = max(1, len(dataset) // rt.world // (args.batch_size * args.grad_accum))
+    max_steps = total_steps(args, per_epoch)
 
     # model and optimizer
     model = VQVAE(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    optimizer = adamw(model.parameters(), args.lr, rt, weight_decay=0.0, betas=(0.9, 0.99))
     step = 0
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         step = resume["step"]
+    torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
+    train_model = wrap_model(model, rt, args.compile)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup(s, args.warmup), last_epoch=step - 1)
-    run.mkdir(parents=True, exist_ok=True)
-    write_config(run, "train-vqvae", args)
+    if rt.main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_config(run, "train-vqvae", args)
+        log = MetricLog(run / "log_vqvae.csv", ["step", "loss", "recon", "vq", "psnr", "perplexity", "usage", "lr", "img_per_s"])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"VQ-VAE {n_params / 1e6:.2f}M params, latent {cfg.latent_shape}, {len(dataset)} images from {data_root}, "
-          f"steps {step} -> {max_steps} on {device}")
+    images_per_step = args.batch_size * args.grad_accum * rt.world
+    rt.log(f"VQ-VAE {n_params / 1e6:.2f}M params, latent {cfg.latent_shape}, {len(dataset)} images from {data_root}, "
+           f"steps {step} -> {max_steps} of {images_per_step} images ({rt.world} process(es)) on {device}")
 
     spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
     fixed = torch.stack([dataset[i][0] for i in spread]).to(device)
-    log = MetricLog(run / "log_vqvae.csv", ["step", "loss", "recon", "vq", "psnr", "perplexity", "usage", "lr", "img_per_s"])
 
     def save():
         atomic_save({"kind": "vqvae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -237,94 +390,102 @@ def train_vqvae(args):
 
     def save_recon_grid(path):
         model.eval()
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), rt.autocast:
             recon = model(fixed)[0].float()
         model.train()
         save_image(torch.cat([fixed, recon]).clamp(-1, 1), path, nrow=len(fixed), normalize=True, value_range=(-1, 1))
 
-    # loop
-    model.train()
-    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
-    batches = forever(loader)
-    sums, n_sum, t0 = torch.zeros(5, device=device), 0, time.perf_counter()
-    pbar = tqdm(total=max_steps, initial=step, desc="vqvae", dynamic_ncols=True)
-    while step < max_steps:
-        x = next(batches)[0].to(device, non_blocking=True)
-        with autocast:
-            recon, vq_loss, stats = model(x)
+    def loss_fn(batch):
+        x = to_unit(batch, rt)
+        with rt.autocast:
+            recon, vq_loss, stats = train_model(x)
         recon_loss = F.mse_loss(recon.float(), x)
         loss = recon_loss + vq_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        return loss, torch.stack([loss, recon_loss, vq_loss, stats["perplexity"], stats["usage"]])
+
+    # loop: no host-device sync inside a step; the loss is read every --log-every steps
+    model.train()
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
+    batches = index_batches(len(dataset), args.batch_size, rt, args.seed, start=step * args.grad_accum)
+    stream = iter(uint8_loader(dataset, batches, rt, args.workers or cpus_per_process()))
+    sums, n_sum, t0 = torch.zeros(5, device=device), 0, time.perf_counter()
+    pbar = tqdm(total=max_steps, initial=step, desc="vqvae", dynamic_ncols=True, disable=not rt.main)
+    while step < max_steps:
+        sums += optimizer_step(train_model, optimizer, rt.scaler, [next(stream) for _ in range(args.grad_accum)],
+                               loss_fn, args.grad_clip)
         scheduler.step()
         step += 1
-        pbar.update(1)
-        sums += torch.stack([loss, recon_loss, vq_loss, stats["perplexity"], stats["usage"]]).detach()
         n_sum += 1
-        out_of_time = time.monotonic() > deadline
+        pbar.update(1)
+        at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
+        out_of_time = any_rank(time.monotonic() > deadline, rt) if at_log or rt.world == 1 else False
 
-        if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps or out_of_time:  # check before saving
-            loss_m, recon_m, vq_m, ppl, usage = (sums / n_sum).tolist()
+        if at_log or out_of_time:  # check the loss before saving
+            loss_m, recon_m, vq_m, ppl, usage = mean_over_ranks(sums / n_sum, rt).tolist()
             ensure_finite(loss_m, step, ckpt_path)
             psnr = 10 * math.log10(4.0 / max(recon_m, 1e-12))  # images span [-1, 1]: peak-to-peak 2
-            ips = n_sum * args.batch_size / (time.perf_counter() - t0)
+            ips = n_sum * images_per_step / (time.perf_counter() - t0)
             row = {"step": step, "loss": f"{loss_m:.5f}", "recon": f"{recon_m:.5f}", "vq": f"{vq_m:.5f}",
                    "psnr": f"{psnr:.2f}", "perplexity": f"{ppl:.1f}", "usage": f"{usage:.3f}",
                    "lr": f"{scheduler.get_last_lr()[0]:.2e}", "img_per_s": f"{ips:.1f}"}
-            log.append(row)
+            if rt.main:
+                log.append(row)
             pbar.set_postfix(loss=row["loss"], psnr=row["psnr"], usage=row["usage"])
-            tqdm.write(f"step {step:>7d} | loss {loss_m:.4f} | recon {recon_m:.4f} | vq {vq_m:.4f} | psnr {psnr:5.2f} "
-                       f"| ppl {ppl:7.1f} | usage {usage:.3f} | {ips:7.1f} img/s")
+            rt.log(f"step {step:>7d} | loss {loss_m:.4f} | recon {recon_m:.4f} | vq {vq_m:.4f} | psnr {psnr:5.2f} "
+                   f"| ppl {ppl:7.1f} | usage {usage:.3f} | {ips:7.1f} img/s")
             sums.zero_()
             n_sum, t0 = 0, time.perf_counter()
-        if step % args.sample_every == 0:
+        if rt.main and step % args.sample_every == 0:
             save_recon_grid(run / f"recon_step{step:07d}.png")
-        if step % args.save_every == 0:
+        if rt.main and step % args.save_every == 0:
             save()
         if out_of_time:
-            tqdm.write(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+            rt.log(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
             break
     pbar.close()
 
     # checkpoint and records
-    save()
-    save_recon_grid(run / "recon_vqvae.png")
-    log.plot(run / "loss_vqvae.png", ["loss", "recon", "vq"], "VQ-VAE training")
-    print(f"saved {ckpt_path} (step {step}); reconstructions {run / 'recon_vqvae.png'}")
+    if rt.main:
+        save()
+        save_recon_grid(run / "recon_vqvae.png")
+        log.plot(run / "loss_vqvae.png", ["loss", "recon", "vq"], "VQ-VAE training")
+        print(f"saved {ckpt_path} (step {step}); reconstructions {run / 'recon_vqvae.png'}")
     return ckpt_path
 
 
 # ----------------------------------------------------------------------------- stage 2: UNet
 
 @torch.no_grad()
-def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, workers: int, device, autocast) -> torch.Tensor:
+def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, rt: Runtime, workers: int) -> torch.Tensor:
     """Pre-quantisation latents z of every image, in dataset order: (N, 4, h, w) float32 on the CPU."""
     vqvae.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=loader_workers(dataset, workers))
+    chunks = torch.arange(len(dataset)).split(batch_size)
     out = []
-    for x, _ in tqdm(loader, desc="encoding latents", dynamic_ncols=True):
-        with autocast:
-            out.append(vqvae.encode(x.to(device)).float().cpu())
+    for x in tqdm(uint8_loader(dataset, chunks, rt, workers), desc="encoding latents", dynamic_ncols=True):
+        with rt.autocast:
+            out.append(vqvae.encode(to_unit(x, rt)).float().cpu())
     return torch.cat(out)
 
 
-def latent_cache(args, vqvae: VQVAE, vq_fingerprint: str, device, autocast) -> torch.Tensor:
-    """RUN/latents.pt: the training images encoded once, reused while VQ-VAE, data and holdout are unchanged."""
+def latent_cache(args, vqvae: VQVAE, vq_fingerprint: str, rt: Runtime) -> torch.Tensor:
+    """RUN/latents.pt: the training images encoded once (by rank 0; the other ranks wait, then read it),
+    reused while VQ-VAE, data and holdout are unchanged."""
     path = Path(args.run) / "latents.pt"
-    dataset, data_root = training_data(args)
-    key = {"vqvae": vq_fingerprint, "data": data_root, "image_size": args.image_size, "channels": args.channels,
-           "holdout": args.holdout, "holdout_seed": args.holdout_seed, "count": len(dataset)}
-    if path.exists():
-        cache = load_checkpoint(path, "latents")
-        if cache["key"] == key:
-            print(f"latent cache {path}: {len(cache['z'])} latents reused")
-            return cache["z"].float()
-    z = encode_dataset(vqvae, dataset, 64, args.workers, device, autocast)
-    atomic_save({"kind": "latents", "key": key, "z": z}, path)
-    print(f"latent cache {path}: {len(z)} latents written")
-    return z
+    with main_rank_first(rt):
+        if not rt.main:
+            return load_checkpoint(path, "latents")["z"].float()
+        dataset, data_root = training_data(args)
+        key = {"vqvae": vq_fingerprint, "data": data_root, "image_size": args.image_size, "channels": args.channels,
+               "holdout": args.holdout, "holdout_seed": args.holdout_seed, "count": len(dataset)}
+        if path.exists():
+            cache = load_checkpoint(path, "latents")
+            if cache["key"] == key:
+                print(f"latent cache {path}: {len(cache['z'])} latents reused")
+                return cache["z"].float()
+        z = encode_dataset(vqvae, dataset, 64, rt, args.workers or cpus_per_process())
+        atomic_save({"kind": "latents", "key": key, "z": z}, path)
+        print(f"latent cache {path}: {len(z)} latents written")
+        return z
 
 
 def unet_config(args, latent_shape) -> UNetConfig:
@@ -333,7 +494,7 @@ def unet_config(args, latent_shape) -> UNetConfig:
 
 
 def train_unet(args):
-    """Stage 2: eps-prediction UNet on scale * z, z the frozen VQ-VAE's pre-quantisation latents."""
+    """Stage 2: v- or eps-prediction UNet on scale * z, z the frozen VQ-VAE's pre-quantisation latents."""
     # setup: the frozen VQ-VAE of this run
     run = Path(args.run)
     ckpt_path = run / "unet.pt"
@@ -351,7 +512,8 @@ def train_unet(args):
     diffusion_cfg = diffusion.config()
     resume = prepare_run(args, ckpt_path, "unet", {**asdict(cfg), **diffusion_cfg})
     torch.manual_seed(args.seed)
-    device, autocast = setup_device(args)
+    rt = setup_runtime(args)
+    device = rt.device
     vqvae = VQVAE(vq_cfg).to(device)
     vqvae.load_state_dict(vq_ckpt["model"])
     vqvae.requires_grad_(False)
@@ -361,18 +523,18 @@ def train_unet(args):
                             f"train stage 2 afresh in a new --run")
 
     # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused)
-    z = latent_cache(args, vqvae, vq_fingerprint, device, autocast)
+    z = latent_cache(args, vqvae, vq_fingerprint, rt)
     latent_scale = resume["latent_scale"] if resume else 1.0 / z.std().item()
     latents = (z * latent_scale).to(device)
     latent_absmax = resume["latent_absmax"] if resume else latents.abs().max().item()  # range for clipping x0
-    steps_per_epoch = max(1, len(latents) // args.batch_size)
-    max_steps = total_steps(args, steps_per_epoch)
+    per_epoch = max(1, len(latents) // rt.world // (args.batch_size * args.grad_accum))
+    max_steps = total_steps(args, per_epoch)
 
     # model, EMA, optimizer
     model = UNet(cfg).to(device)
     diffusion = diffusion.to(device)
     ema = ema_model(model, args.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = adamw(model.parameters(), args.lr, rt, weight_decay=0.0)
     step = 0
     if resume:
         model.load_state_dict(resume["model"])
@@ -380,12 +542,17 @@ def train_unet(args):
         ema.n_averaged.fill_(resume["ema_updates"])
         optimizer.load_state_dict(resume["optimizer"])
         step = resume["step"]
+    torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
+    train_model = wrap_model(model, rt, args.compile)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_warmup(s, args.warmup), last_epoch=step - 1)
-    write_config(run, "train-unet", args)
+    if rt.main:
+        write_config(run, "train-unet", args)
+        log = MetricLog(run / "log_unet.csv", ["step", "loss", "lr", "img_per_s"])
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"UNet {n_params / 1e6:.2f}M params on latents {tuple(latents.shape[1:])}, {len(latents)} latents, "
-          f"scale {latent_scale:.4f}, steps {step} -> {max_steps} on {device}")
-    log = MetricLog(run / "log_unet.csv", ["step", "loss", "lr", "img_per_s"])
+    latents_per_step = args.batch_size * args.grad_accum * rt.world
+    rt.log(f"UNet {n_params / 1e6:.2f}M params on latents {tuple(latents.shape[1:])}, {len(latents)} latents, "
+           f"scale {latent_scale:.4f}, steps {step} -> {max_steps} of {latents_per_step} latents "
+           f"({rt.world} process(es)) on {device}")
 
     def save():
         atomic_save({"kind": "unet", "model": model.state_dict(), "ema": ema.module.state_dict(),
@@ -398,58 +565,60 @@ def train_unet(args):
 
     def save_sample_grid(path):
         noise = torch.randn(8, *vq_cfg.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), rt.autocast:
             for _, _, x0 in diffusion.sample_steps(ema.module, noise, sampler="ddim", steps=50):
                 pass
             images = vqvae.decode(x0 / latent_scale).float()
         save_image(images.clamp(-1, 1), path, nrow=8, normalize=True, value_range=(-1, 1))
 
-    # loop: random batches of the in-memory latents, a new permutation every epoch
+    def loss_fn(idx):
+        x0 = latents[idx]
+        if rt.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with rt.autocast:
+            loss = diffusion.loss(train_model, x0)
+        return loss, loss.detach()
+
+    # loop: this rank's batches of the in-memory latents, a new order every epoch; no host-device sync per step
     model.train()
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
-    order, pos = torch.randperm(len(latents), device=device), 0
+    batches = index_batches(len(latents), args.batch_size, rt, args.seed, start=step * args.grad_accum, device=device)
     sums, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
-    pbar = tqdm(total=max_steps, initial=step, desc="unet", dynamic_ncols=True)
+    pbar = tqdm(total=max_steps, initial=step, desc="unet", dynamic_ncols=True, disable=not rt.main)
     while step < max_steps:
-        if pos + args.batch_size > len(latents):
-            order, pos = torch.randperm(len(latents), device=device), 0
-        x0 = latents[order[pos:pos + args.batch_size]]
-        pos += args.batch_size
-        with autocast:
-            loss = diffusion.loss(model, x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        sums += optimizer_step(train_model, optimizer, rt.scaler, [next(batches) for _ in range(args.grad_accum)],
+                               loss_fn, args.grad_clip)
         scheduler.step()
         ema.update_parameters(model)
         step += 1
-        pbar.update(1)
-        sums += loss.detach()
         n_sum += 1
-        out_of_time = time.monotonic() > deadline
+        pbar.update(1)
+        at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
+        out_of_time = any_rank(time.monotonic() > deadline, rt) if at_log or rt.world == 1 else False
 
-        if step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps or out_of_time:  # check before saving
-            loss_m = (sums / n_sum).item()
+        if at_log or out_of_time:  # check the loss before saving
+            loss_m = mean_over_ranks(sums / n_sum, rt).item()
             ensure_finite(loss_m, step, ckpt_path)
-            ips = n_sum * len(x0) / (time.perf_counter() - t0)
-            log.append({"step": step, "loss": f"{loss_m:.5f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
-                        "img_per_s": f"{ips:.1f}"})
+            ips = n_sum * latents_per_step / (time.perf_counter() - t0)
+            if rt.main:
+                log.append({"step": step, "loss": f"{loss_m:.5f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
+                            "img_per_s": f"{ips:.1f}"})
             pbar.set_postfix(loss=f"{loss_m:.4f}")
-            tqdm.write(f"step {step:>7d} | loss {loss_m:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {ips:7.1f} latents/s")
+            rt.log(f"step {step:>7d} | loss {loss_m:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {ips:7.1f} latents/s")
             sums.zero_()
             n_sum, t0 = 0, time.perf_counter()
-        if step % args.sample_every == 0:
+        if rt.main and step % args.sample_every == 0:
             save_sample_grid(run / f"samples_step{step:07d}.png")
-        if step % args.save_every == 0:
+        if rt.main and step % args.save_every == 0:
             save()
         if out_of_time:
-            tqdm.write(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+            rt.log(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
             break
     pbar.close()
 
     # checkpoint and records
-    save()
-    log.plot(run / "loss_unet.png", ["loss"], "UNet training (eps loss)")
-    print(f"saved {ckpt_path} (step {step})")
+    if rt.main:
+        save()
+        log.plot(run / "loss_unet.png", ["loss"], f"UNet training ({args.prediction} loss)")
+        print(f"saved {ckpt_path} (step {step})")
     return ckpt_path

@@ -205,10 +205,13 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint_and_resume_continues(adni_f
     assert 1 <= ckpt(run / "unet.pt")["step"] < 50
 
 
-def test_images_not_cached_go_through_loader_workers(adni_folder, tmp_path):
+def test_images_larger_than_cache_gb_are_decoded_once_to_disk_and_read_by_loader_workers(adni_folder, tmp_path, capsys):
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2", "--cache-gb", "0", "--workers", "2")
     assert ckpt(run / "vqvae.pt")["step"] == 2
+    assert (run / "images-32px-1ch.npy").exists() and "decoded once" in capsys.readouterr().out
+    unet(run, "--max-steps", "2", "--cache-gb", "0")  # encoding the latents reads the same file
+    assert "images reused" in capsys.readouterr().out
 
 
 def test_demo_runs_the_three_stages_in_order_with_the_tiny_preset(monkeypatch, tmp_path):

@@ -1,9 +1,11 @@
 """The ADNI-layout loader, the in-memory cache, the subject split and the demo data."""
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dataset import (BadInputError, InMemorySlices, SliceFolders, load_slices, make_demo_dataset,
                      split_by_subject, subject_id)
@@ -38,6 +40,20 @@ def test_in_memory_cache_equals_the_card_transform(adni_folder):
         assert cached[i][1] == folders[i][1]
     assert isinstance(load_slices(adni_folder, 64, 1, cache_gb=1.0), InMemorySlices)
     assert isinstance(load_slices(adni_folder, 64, 1, cache_gb=0.0), SliceFolders)
+
+
+def test_disk_cache_holds_the_same_pixels_and_is_rebuilt_when_a_file_changes(adni_folder, tmp_path):
+    in_memory = load_slices(adni_folder, 32, 1, cache_gb=1.0)
+    on_disk = load_slices(adni_folder, 32, 1, cache_gb=0.0, disk_cache=tmp_path)
+    cache = tmp_path / "images-32px-1ch.npy"
+    assert on_disk.cache_file == cache and cache.exists()
+    assert torch.equal(on_disk.images, in_memory.images)
+    assert not list(tmp_path.glob(".*tmp*"))  # written under a temporary name, then renamed
+
+    changed = Path(on_disk.samples[5][0])
+    Image.new("L", (256, 240), 255).save(changed, format="JPEG")
+    rebuilt = load_slices(adni_folder, 32, 1, cache_gb=0.0, disk_cache=tmp_path)
+    assert rebuilt.images[5].float().mean() > 250 and torch.equal(rebuilt.images[:5], in_memory.images[:5])
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
