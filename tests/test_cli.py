@@ -78,6 +78,7 @@ def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatc
     shutil.copytree(run, copy)
     (copy / "unet.pt").unlink()
     monkeypatch.setattr(train, "encode_dataset", lambda *a, **k: pytest.fail("latents were recomputed"))
+    monkeypatch.setattr(train, "load_slices", lambda *a, **k: pytest.fail("stage 2 decoded images"))
     unet(copy, "--max-steps", "2")
     assert ckpt(copy / "unet.pt")["step"] == 2
 

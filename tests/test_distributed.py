@@ -75,6 +75,8 @@ def _rank_worker(rank: int, world: int, port: int, kind: str, out: str):
     torch.set_num_threads(1)
     rt = cpu_runtime()
     assert rt.world == world and rt.rank == rank
+    assert train.mean_over_ranks(torch.tensor([float(rank)]), rt).item() == 0.5  # the logged loss: mean over ranks
+    assert train.any_rank(rank == 1, rt) and not train.any_rank(False, rt)       # one rank out of time: all stop
     state = run_steps(kind, rt, lambda data: [data[rank * BATCH:(rank + 1) * BATCH]])
     if rank == 0:
         torch.save(state, out)

@@ -1,0 +1,304 @@
+"""Training throughput, side by side in one run: our models vs diffusers' of the same shape; the latent
+cache vs encoding on the fly; peak memory; on a GPU, model FLOP utilisation and a full ADNI run's time.
+
+    pip install -r requirements.txt -r bench/requirements.txt
+    python bench/throughput.py [--device cpu|cuda] [--parts models,cache,memory] [--steps 5]
+
+Shapes are the `full` preset's: VQ-VAE at 256x256 (batch 16), UNet at 4x32x32 (batch 64), on random data,
+so this measures the models and the step, not the disk. Each timed step is a whole optimizer step
+(forward, backward, AdamW); ours and the peer alternate step by step, and the medians are compared, so
+load from other jobs on the machine hits both alike. Precision: fp32 on the CPU; on CUDA our defaults
+(bf16 autocast, channels_last, fused AdamW) against the peer in bf16 autocast with its default layout.
+"""
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from driver import PRESETS  # noqa: E402
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
+from train import adamw  # noqa: E402
+
+ADNI_SLICES = 30520  # the full ADNI AD/NC set of the original report
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+FULL_VQ, FULL_UNET = PRESETS["vqvae"]["full"], PRESETS["unet"]["full"]
+
+
+# ----------------------------------------------------------------------------- the two pairs of models
+
+def our_vqvae() -> VQVAE:
+    return VQVAE(VQVAEConfig(image_size=256, channels=FULL_VQ["vq_channels"], channel_mult=tuple(FULL_VQ["vq_mult"]),
+                             num_res_blocks=FULL_VQ["vq_res_blocks"], codebook_size=FULL_VQ["codebook_size"]))
+
+
+def our_unet() -> UNet:
+    return UNet(UNetConfig(latent_size=32, channels=FULL_UNET["unet_channels"], channel_mult=tuple(FULL_UNET["unet_mult"]),
+                           num_res_blocks=FULL_UNET["unet_res_blocks"]))
+
+
+def peer_vqvae():
+    """diffusers VQModel with our widths, levels, res blocks, codebook and no attention (ours has none)."""
+    from diffusers import VQModel
+    c = FULL_VQ["vq_channels"]
+    return VQModel(in_channels=1, out_channels=1, sample_size=256, down_block_types=("DownEncoderBlock2D",) * 4,
+                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=tuple(c * m for m in FULL_VQ["vq_mult"]),
+                   layers_per_block=FULL_VQ["vq_res_blocks"], norm_num_groups=32, latent_channels=4, vq_embed_dim=4,
+                   num_vq_embeddings=FULL_VQ["codebook_size"], mid_block_add_attention=False)
+
+
+def peer_unet():
+    """diffusers UNet2DModel with our widths, res blocks, attention at the two lowest levels and head size 32."""
+    from diffusers import UNet2DModel
+    c = FULL_UNET["unet_channels"]
+    return UNet2DModel(sample_size=32, in_channels=4, out_channels=4,
+                       block_out_channels=tuple(c * m for m in FULL_UNET["unet_mult"]),
+                       layers_per_block=FULL_UNET["unet_res_blocks"], attention_head_dim=32, norm_eps=1e-6,
+                       down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+
+def vq_loss(model, x, ours: bool):
+    if ours:
+        recon, codebook_loss, _ = model(x)
+        return F.mse_loss(recon.float(), x) + codebook_loss
+    out = model(x)
+    return F.mse_loss(out.sample.float(), x) + out.commit_loss.mean()
+
+
+def unet_loss(model, diffusion, z, ours: bool):
+    if ours:
+        return diffusion.loss(model, z)
+    t = torch.randint(0, 1000, (len(z),), device=z.device)
+    noise = torch.randn_like(z)
+    return F.mse_loss(model(diffusion.q_sample(z, t, noise), t).sample.float(), noise)
+
+
+# ----------------------------------------------------------------------------- timing
+
+class Stepper:
+    """One whole training step of a model, as a closure to time; ours with our device defaults."""
+
+    def __init__(self, model, make_batch, loss_fn, device, ours: bool, fresh_batches: bool = False):
+        cuda = device.type == "cuda"
+        self.fresh_batches = fresh_batches  # make_batch() every step (its cost is part of the step)
+        self.channels_last = ours and cuda
+        self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.optimizer = adamw(model.parameters(), 1e-4) if ours else torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+        self.make_batch, self.loss_fn = make_batch, loss_fn
+        self.batch = self.prepare(make_batch())
+
+    def prepare(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __call__(self):
+        if self.fresh_batches:
+            self.batch = self.prepare(self.make_batch())
+        with self.autocast:
+            loss = self.loss_fn(self.model, self.batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    def flops(self) -> int:
+        """FLOPs of one step (forward + backward) as counted by torch's FlopCounterMode."""
+        with FlopCounterMode(display=False) as counter:
+            with self.autocast:
+                loss = self.loss_fn(self.model, self.batch)
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def side_by_side(steppers: dict, steps: int, device) -> dict:
+    """Median seconds per step of each stepper, taking turns step by step after one warm-up step each."""
+    for fn in steppers.values():
+        fn()
+    times = {name: [] for name in steppers}
+    for _ in range(steps):
+        for name, fn in steppers.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def models_part(args, device) -> list[dict]:
+    rows = []
+    vq_batch, unet_batch = args.vq_batch or FULL_VQ["batch_size"], args.unet_batch or FULL_UNET["batch_size"]
+    images = lambda: torch.rand(vq_batch, 1, 256, 256, device=device) * 2 - 1  # noqa: E731
+    latents = lambda: torch.randn(unet_batch, 4, 32, 32, device=device)  # noqa: E731
+    diffusion = GaussianDiffusion(prediction="v").to(device)
+    cases = [
+        ("VQ-VAE 256x256", vq_batch, "img", {
+            "ours": Stepper(our_vqvae(), images, lambda m, x: vq_loss(m, x, True), device, True),
+            "diffusers VQModel": Stepper(peer_vqvae(), images, lambda m, x: vq_loss(m, x, False), device, False)}),
+        ("UNet 4x32x32", unet_batch, "latents", {
+            "ours": Stepper(our_unet(), latents, lambda m, z: unet_loss(m, diffusion, z, True), device, True),
+            "diffusers UNet2DModel": Stepper(peer_unet(), latents, lambda m, z: unet_loss(m, diffusion, z, False), device, False)}),
+    ]
+    for case, batch, unit, steppers in cases:
+        if case.split()[0].lower().replace("-", "") not in args.cases:
+            continue
+        seconds = side_by_side(steppers, args.steps, device)
+        ours = seconds["ours"]
+        for name, stepper in steppers.items():
+            flops = stepper.flops()
+            row = {"case": case, "model": name, "batch": batch, "params_M": sum(p.numel() for p in stepper.model.parameters()) / 1e6,
+                   "s_per_step": seconds[name], "per_s": batch / seconds[name], "unit": unit,
+                   "speed_vs_peer": None, "gflop_per_step": flops / 1e9, "tflop_s": flops / seconds[name] / 1e12}
+            if name != "ours":
+                row["speed_vs_peer"] = seconds[name] / ours  # > 1: ours is faster
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
+
+
+def cache_part(args, device) -> dict:
+    """Stage-2 step with latents from the cache vs encoding a batch of (in-memory uint8) images each step."""
+    unet_batch = args.unet_batch or FULL_UNET["batch_size"]
+    vqvae = our_vqvae().to(device).eval().requires_grad_(False)
+    diffusion = GaussianDiffusion(prediction="v").to(device)
+    cache = torch.randn(1024, 4, 32, 32, device=device)
+    images = torch.randint(0, 256, (unet_batch, 1, 256, 256), dtype=torch.uint8)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def from_cache():
+        return cache[torch.randint(0, len(cache), (unet_batch,), device=device)]
+
+    def on_the_fly():
+        with torch.no_grad(), autocast:
+            return vqvae.encode(images.to(device).float() / 127.5 - 1).float()
+
+    loss = lambda m, z: unet_loss(m, diffusion, z, True)  # noqa: E731
+    steppers = {"latent cache": Stepper(our_unet(), from_cache, loss, device, True, fresh_batches=True),
+                "encode on the fly": Stepper(our_unet(), on_the_fly, loss, device, True, fresh_batches=True)}
+    seconds = side_by_side(steppers, args.steps, device)
+    steps_per_epoch = ADNI_SLICES // unet_batch
+    row = {"steps_per_epoch": steps_per_epoch, **{f"{k} s/step": v for k, v in seconds.items()},
+           **{f"{k} min/epoch": v * steps_per_epoch / 60 for k, v in seconds.items()},
+           "speedup": seconds["encode on the fly"] / seconds["latent cache"]}
+    print(json.dumps(row))
+    return row
+
+
+def memory_part(args, device) -> list[dict]:
+    """Peak memory of training each model at the full preset's batch, each in a fresh process."""
+    rows = []
+    for stage in ("vqvae", "unet"):
+        cmd = [sys.executable, __file__, "--device", str(device), "--steps", "2", "--memory-of", stage]
+        rows.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+        print(json.dumps(rows[-1]))
+    return rows
+
+
+def memory_of(stage: str, steps: int, device):
+    batch = FULL_VQ["batch_size"] if stage == "vqvae" else FULL_UNET["batch_size"]
+    if stage == "vqvae":
+        step = Stepper(our_vqvae(), lambda: torch.rand(batch, 1, 256, 256, device=device) * 2 - 1,
+                       lambda m, x: vq_loss(m, x, True), device, True)
+    else:
+        diffusion = GaussianDiffusion(prediction="v").to(device)
+        step = Stepper(our_unet(), lambda: torch.randn(batch, 4, 32, 32, device=device),
+                       lambda m, z: unet_loss(m, diffusion, z, True), device, True)
+    for _ in range(steps):
+        step()
+    row = {"stage": stage, "batch": batch, "peak_rss_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    if device.type == "cuda":
+        row["peak_allocated_GB"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    print(json.dumps(row))
+
+
+def full_run_estimate(rows: list[dict]) -> dict:
+    """Hours for the full preset on the full ADNI set (20 epochs of stage 1, 300 of stage 2) at the measured
+    images/s of ours (the latent encoding and sample grids not counted)."""
+    ours = {r["case"]: r for r in rows if r["model"] == "ours"}
+    vq_steps = FULL_VQ["epochs"] * (ADNI_SLICES // FULL_VQ["batch_size"])
+    unet_steps = FULL_UNET["epochs"] * (ADNI_SLICES // FULL_UNET["batch_size"])
+    return {"vqvae_steps": vq_steps, "unet_steps": unet_steps,
+            "vqvae_h": FULL_VQ["epochs"] * ADNI_SLICES / ours["VQ-VAE 256x256"]["per_s"] / 3600,
+            "unet_h": FULL_UNET["epochs"] * ADNI_SLICES / ours["UNet 4x32x32"]["per_s"] / 3600}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--parts", default="models,cache,memory")
+    parser.add_argument("--cases", default="vqvae,unet", help="models part: which pairs (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default: %(default)s)")
+    parser.add_argument("--vq-batch", type=int, default=None, help="VQ-VAE batch (default: the full preset's)")
+    parser.add_argument("--unet-batch", type=int, default=None, help="UNet batch (default: the full preset's)")
+    parser.add_argument("--out", default=None, help="write the results here as JSON")
+    parser.add_argument("--memory-of", choices=["vqvae", "unet"], default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if args.memory_of:
+        return memory_of(args.memory_of, args.steps, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads (no GPU: no MFU or GPU timings)"
+    print(f"device: {name}; torch {torch.__version__}")
+    results = {"device": name, "torch": torch.__version__}
+    parts = args.parts.split(",")
+    if "models" in parts:
+        results["models"] = models_part(args, device)
+        if args.cases == "vqvae,unet":
+            results["full_adni_run"] = full_run_estimate(results["models"])
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        if device.type == "cuda" and peak:
+            for row in results["models"]:
+                row["mfu"] = row["tflop_s"] / peak
+        print(json.dumps(results.get("full_adni_run")))
+    if "cache" in parts:
+        results["cache"] = cache_part(args, device)
+    if "memory" in parts:
+        results["memory"] = memory_part(args, device)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print_tables(results)
+
+
+def print_tables(results: dict):
+    if "models" in results:
+        print("\n| case | model | params | batch | s/step | per s | speed-up of ours | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|")
+        for r in results["models"]:
+            speed = "" if r["speed_vs_peer"] is None else f"{r['speed_vs_peer']:.2f}x"
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+            print(f"| {r['case']} | {r['model']} | {r['params_M']:.2f}M | {r['batch']} | {r['s_per_step']:.3f} | "
+                  f"{r['per_s']:.1f} {r['unit']} | {speed} | {r['tflop_s']:.3f} | {mfu} |")
+    if "full_adni_run" in results:
+        e = results["full_adni_run"]
+        print(f"\nfull ADNI run with the full preset: stage 1 {e['vqvae_steps']} steps {e['vqvae_h']:.1f} h, "
+              f"stage 2 {e['unet_steps']} steps {e['unet_h']:.1f} h")
+    if "cache" in results:
+        c = results["cache"]
+        print(f"\nstage-2 epoch ({c['steps_per_epoch']} steps): latent cache {c['latent cache min/epoch']:.1f} min, "
+              f"encoding on the fly {c['encode on the fly min/epoch']:.1f} min: {c['speedup']:.2f}x")
+    for r in results.get("memory", []):
+        gpu = f", {r['peak_allocated_GB']:.2f} GB allocated on the GPU" if "peak_allocated_GB" in r else ""
+        print(f"peak memory, {r['stage']} batch {r['batch']}: {r['peak_rss_GB']:.2f} GB RSS{gpu}")
+
+
+if __name__ == "__main__":
+    main()
