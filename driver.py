@@ -79,7 +79,9 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
     p.add_argument("--image-size", type=positive(int), default=None, help=ph("image_size", "images are resized to SIZE x SIZE"))
     p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grayscale, 3 RGB as the original (default: %(default)s)")
-    p.add_argument("--cache-gb", type=float, default=8.0, help="decode images once into memory if they fit in this many GB (default: %(default)s)")
+    p.add_argument("--cache-gb", type=float, default=8.0,
+                   help="images are decoded once into memory if they fit in this many GB, else into a memory-mapped "
+                        "RUN/images-*.npy (default: %(default)s)")
     p.add_argument("--workers", type=positive(int), default=None,
                    help="image decoding threads and loader workers (default: the CPUs of this machine per process)")
     # optimisation

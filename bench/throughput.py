@@ -2,7 +2,7 @@
 cache vs encoding on the fly; peak memory; on a GPU, model FLOP utilisation and a full ADNI run's time.
 
     pip install -r requirements.txt -r bench/requirements.txt
-    python bench/throughput.py [--device cpu|cuda] [--parts models,cache,memory] [--steps 5]
+    python bench/throughput.py [--device cpu|cuda] [--parts models,cache,optimizer,memory] [--steps 5]
 
 Shapes are the `full` preset's: VQ-VAE at 256x256 (batch 16), UNet at 4x32x32 (batch 64), on random data,
 so this measures the models and the step, not the disk. Each timed step is a whole optimizer step
@@ -200,6 +200,20 @@ def cache_part(args, device) -> dict:
     return row
 
 
+def optimizer_part(args, device) -> dict:
+    """One AdamW step over the full UNet's 74M parameters: the fused kernel against the default for-each one."""
+    model = our_unet().to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizers = {"for-each": torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True),
+                  "fused": adamw(model.parameters(), 1e-4)}
+    seconds = side_by_side({k: o.step for k, o in optimizers.items()}, 10 * args.steps, device)
+    row = {**{f"{k} s": v for k, v in seconds.items()}, "fused": optimizers["fused"].defaults.get("fused"),
+           "speedup": seconds["for-each"] / seconds["fused"]}
+    print(json.dumps(row))
+    return row
+
+
 def memory_part(args, device) -> list[dict]:
     """Peak memory of training each model at the full preset's batch, each in a fresh process."""
     rows = []
@@ -241,7 +255,7 @@ def full_run_estimate(rows: list[dict]) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--parts", default="models,cache,memory")
+    parser.add_argument("--parts", default="models,cache,optimizer,memory")
     parser.add_argument("--cases", default="vqvae,unet", help="models part: which pairs (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default: %(default)s)")
     parser.add_argument("--vq-batch", type=int, default=None, help="VQ-VAE batch (default: the full preset's)")
@@ -272,6 +286,8 @@ def main():
         print(json.dumps(results.get("full_adni_run")))
     if "cache" in parts:
         results["cache"] = cache_part(args, device)
+    if "optimizer" in parts:
+        results["optimizer"] = optimizer_part(args, device)
     if "memory" in parts:
         results["memory"] = memory_part(args, device)
     if args.out:
@@ -295,6 +311,9 @@ def print_tables(results: dict):
         c = results["cache"]
         print(f"\nstage-2 epoch ({c['steps_per_epoch']} steps): latent cache {c['latent cache min/epoch']:.1f} min, "
               f"encoding on the fly {c['encode on the fly min/epoch']:.1f} min: {c['speedup']:.2f}x")
+    if "optimizer" in results:
+        o = results["optimizer"]
+        print(f"\nAdamW step, 74M parameters: for-each {o['for-each s']:.3f} s, fused {o['fused s']:.3f} s: {o['speedup']:.2f}x")
     for r in results.get("memory", []):
         gpu = f", {r['peak_allocated_GB']:.2f} GB allocated on the GPU" if "peak_allocated_GB" in r else ""
         print(f"peak memory, {r['stage']} batch {r['batch']}: {r['peak_rss_GB']:.2f} GB RSS{gpu}")

@@ -149,6 +149,13 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(trained_run, tmp_path
     assert (copy / "unet.pt").read_bytes() == before
 
 
+def test_fp16_without_cuda_is_a_clear_error(adni_folder, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    msg = error_of(vqvae, tmp_path / "run", adni_folder, "--max-steps", "1", "--precision", "fp16", "--device", "cpu")
+    assert "fp16 needs a CUDA device" in msg and not (tmp_path / "run" / "vqvae.pt").exists()
+
+
 def test_errors_print_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "driver.py"), "train-vqvae", "--run", str(tmp_path / "r"),
                            "--data", str(tmp_path / "missing")], capture_output=True, text=True, cwd=tmp_path)
