@@ -137,7 +137,7 @@ def wrap_model(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torc
 
 def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over all parameters) where this torch has one for the device:
-    CUDA, and the CPU since torch 2.4 (3.5x faster there than the default for-each kernel, bench/README.md)."""
+    CUDA, and the CPU since torch 2.4 (3.4x faster there than the default for-each kernel, bench/README.md)."""
     params = list(params)
     try:
         return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
