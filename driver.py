@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["eps", "v"], default="v",
                    help="UNet target: v (Salimans & Ho 2022) stays stable when under-trained; eps as Ho et al. (default: %(default)s)")
     p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="eps loss (default: %(default)s; the original used smooth_l1)")
+    p.add_argument("--min-snr-gamma", type=positive(float), default=None,
+                   help="weight each step's loss by min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v), Hang et al. 2023; "
+                        "5 is the paper's choice (default: off, the plain average)")
     p.set_defaults(func=train.train_unet, stage="unet")
 
     p = sub.add_parser("sample", help="generate images, a grid and a GIF from a trained run (predict.py)")

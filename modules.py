@@ -430,13 +430,14 @@ class GaussianDiffusion(nn.Module):
     """
 
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", loss_type: str = "mse",
-                 prediction: str = "eps"):
+                 prediction: str = "eps", min_snr_gamma: float | None = None):
         super().__init__()
         if loss_type not in ("mse", "smooth_l1"):
             raise ValueError(f"unknown loss {loss_type!r} (use 'mse' or 'smooth_l1')")
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r} (use 'eps' or 'v')")
         self.num_steps, self.schedule, self.loss_type, self.prediction = num_steps, schedule, loss_type, prediction
+        self.min_snr_gamma = min_snr_gamma
         betas = make_betas(schedule, num_steps)
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -456,7 +457,7 @@ class GaussianDiffusion(nn.Module):
 
     def config(self) -> dict:
         return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type,
-                "prediction": self.prediction}
+                "prediction": self.prediction, "min_snr_gamma": self.min_snr_gamma}
 
     @staticmethod
     def _at(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -520,34 +521,74 @@ class GaussianDiffusion(nn.Module):
             x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
         return x_prev, x0
 
+    def dpmpp_2m_step(self, model, x_t, t, t_prev, x0_before=None, h_before=None, clip_x0: float | None = None):
+        """x_t -> x_{t_prev} by DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), for 10-25 steps.
+
+        The diffusion ODE is solved exactly in the log-SNR lambda = log(alpha / sigma) (alpha = sqrt(abar),
+        sigma = sqrt(1 - abar)) with the data prediction D held linear over the step: D = (1 + 1/2r) x0 -
+        1/2r x0_before, r = h_before / h, h = lambda_prev - lambda_t. Without a previous step it is the
+        first-order update (DDIM), and so are the last two steps, into t = 0 and into the data (where it returns
+        the predicted x0), as the solver's authors do at few steps: near t = 0 lambda jumps (h / h_before about
+        4 at 20 linear steps) and the linear extrapolation of x0 overshoots (with the Gaussian oracle, the
+        std of the samples +25% at 20 steps, against -3.7% with the first-order final steps).
+        Returns (x_{t_prev}, predicted x0, h); pass that x0 and h as x0_before and h_before to the next step.
+        """
+        x0, _ = self.predict_x0_eps(model, x_t, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        if bool((t_prev < 0).all()):
+            return x0, x0, None
+        a_t, a_prev = self._at(self.alphas_cumprod, t, x_t), self._at(self.alphas_cumprod, t_prev, x_t)
+        h = 0.5 * (torch.log(a_prev / (1 - a_prev)) - torch.log(a_t / (1 - a_t)))
+        d = x0
+        if x0_before is not None and bool((t_prev > 0).all()):
+            d = x0 + (x0 - x0_before) * (h / (2 * h_before))  # (1 + 1/2r) x0 - 1/2r x0_before
+        x_prev = ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - a_prev.sqrt() * torch.expm1(-h) * d
+        return x_prev, x0, h
+
     def sample_steps(self, model, x_T, sampler: str = "ddpm", steps: int | None = None,
                      start: int | None = None, eta: float = 0.0, clip_x0: float | None = None):
         """Run the reverse process from x_T at step `start` (default T-1) down to data.
 
         Yields (t, x_{t-1}, predicted x0) after every network call, so callers can keep frames.
-        "ddpm": every step start..0. "ddim": `steps` evenly spaced steps of start..0.
+        "ddpm": every step start..0. "ddim" and "dpmpp" (DPM-Solver++(2M)): `steps` evenly spaced
+        steps of start..0, then into the data.
         """
         start = self.num_steps - 1 if start is None else start
         if sampler == "ddpm":
             ts = list(range(start, -1, -1))
-        elif sampler == "ddim":
+        elif sampler in ("ddim", "dpmpp"):
             n = min(steps or 50, start + 1)
             ts = torch.linspace(start, 0, n).round().long().unique_consecutive().tolist()
         else:
-            raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm' or 'ddim')")
+            raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm', 'ddim' or 'dpmpp')")
         x = x_T
         B = x.shape[0]
+        x0_before = h_before = None
         for i, t in enumerate(ts):
             tt = torch.full((B,), t, device=x.device, dtype=torch.long)
+            t_prev = torch.full_like(tt, ts[i + 1] if i + 1 < len(ts) else -1)
             if sampler == "ddpm":
                 x, x0 = self.p_sample(model, x, tt, clip_x0=clip_x0)
+            elif sampler == "ddim":
+                x, x0 = self.ddim_step(model, x, tt, t_prev, eta=eta, clip_x0=clip_x0)
             else:
-                t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-                x, x0 = self.ddim_step(model, x, tt, torch.full_like(tt, t_prev), eta=eta, clip_x0=clip_x0)
+                x, x0, h = self.dpmpp_2m_step(model, x, tt, t_prev, x0_before, h_before, clip_x0=clip_x0)
+                x0_before, h_before = x0, h
             yield t, x, x0
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-gamma weight per step (Hang et al. 2023): min(SNR, gamma) / SNR for the eps target and
+        min(SNR, gamma) / (SNR + 1) for v, SNR = abar / (1 - abar); all ones when min_snr_gamma is None."""
+        if self.min_snr_gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        abar = self.alphas_cumprod.to(t.device)[t]
+        snr = abar / (1 - abar)
+        return (snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)).float()
+
     def loss(self, model, x0, t=None, noise=None):
-        """Simple loss (Ho et al. 2020, eq. 14) on the eps or v target: MSE, or smooth-L1 as the original used."""
+        """Simple loss (Ho et al. 2020, eq. 14) on the eps or v target: MSE, or smooth-L1 as the original used,
+        per sample weighted by `loss_weight(t)` (min-SNR-gamma if set), averaged over the batch."""
         B = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_steps, (B,), device=x0.device)
@@ -557,6 +598,6 @@ class GaussianDiffusion(nn.Module):
         if self.prediction == "v":
             target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
         pred = model(self.q_sample(x0, t, noise), t)
-        if self.loss_type == "mse":
-            return F.mse_loss(pred.float(), target.float())
-        return F.smooth_l1_loss(pred.float(), target.float())
+        error = F.mse_loss if self.loss_type == "mse" else F.smooth_l1_loss
+        per_sample = error(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (self.loss_weight(t) * per_sample).mean()

@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--num", type=int, default=num, help=num_help)
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=sampler, help="reverse process (default: %(default)s)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=sampler,
+                   help="reverse process: ddpm (Ho et al. 2020), ddim (Song et al. 2021), dpmpp = DPM-Solver++(2M) "
+                        "(Lu et al. 2022) for 10-25 steps (default: %(default)s)")
     p.add_argument("--steps", type=int, default=steps, help="network calls; DDPM always uses all T (default: %(default)s)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: %(default)s)")
     p.add_argument("--repeat-last", type=int, default=30, help="the card's repeated final steps: re-noise to this step ... (default: %(default)s)")
@@ -74,7 +76,7 @@ def sample_latents(diffusion, unet, x_T, args, clip_x0, progress=None):
     calls = diffusion.num_steps if args.sampler == "ddpm" else min(args.steps, diffusion.num_steps)
     keep = set(torch.linspace(0, calls - 1, min(args.gif_frames, calls)).round().long().tolist())
     frames, x = [], x_T
-    for i, (t, x, x0) in enumerate(diffusion.sample_steps(unet, x_T, args.sampler, args.steps, clip_x0=clip_x0)):
+    for i, (t, x, x0) in enumerate(diffusion.sample_steps(unet, x_T, args.sampler, args.steps, eta=args.eta, clip_x0=clip_x0)):
         if i in keep:
             frames.append((f"step {t}", x0, x))
         if progress:
@@ -152,6 +154,8 @@ def check_sampling_flags(args, diffusion) -> None:
     for name in ("batch_size", "steps", "repeat_last", "gif_frames"):
         if getattr(args, name) <= 0:
             raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eta < 0:
+        raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
     if args.repeat_times < 0:
         raise BadInputError(f"--repeat-times must be 0 or more, got {args.repeat_times}")
     if diffusion is not None and args.repeat_times and args.repeat_last > diffusion.num_steps:

@@ -209,7 +209,7 @@ def prepare_run(args, ckpt_path: Path, kind: str, model_config: dict) -> dict | 
         return None
     ckpt = load_checkpoint(ckpt_path, kind)
     saved = {**ckpt["config"], **ckpt.get("diffusion", {})}  # a UNet's diffusion settings are part of its config
-    diff = [f"{k}: {ckpt['config'].get(k)!r} in the checkpoint, {v!r} now"
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
             for k, v in model_config.items() if _plain(saved.get(k)) != _plain(v)]
     if diff:
         raise BadInputError(f"cannot resume {ckpt_path}: it was trained with a different config ({'; '.join(diff)})")
@@ -525,7 +525,7 @@ def train_unet(args):
     if len(cfg.channel_mult) != 4 or vq_cfg.latent_shape[1] % 8:
         raise BadInputError(f"the UNet has 4 levels (got --unet-mult {args.unet_mult}) and needs a latent size "
                             f"divisible by 8 (got {vq_cfg.latent_shape[1]})")
-    diffusion = GaussianDiffusion(args.diffusion_steps, args.schedule, args.loss, args.prediction)
+    diffusion = GaussianDiffusion(args.diffusion_steps, args.schedule, args.loss, args.prediction, args.min_snr_gamma)
     diffusion_cfg = diffusion.config()
     resume = prepare_run(args, ckpt_path, "unet", {**asdict(cfg), **diffusion_cfg})
     torch.manual_seed(args.seed)

@@ -1,6 +1,6 @@
 """Samplers compared on one trained run: seconds per image and every `evaluate` metric.
 
-    python bench/samplers.py --run RUN [--num N] [--rows ddpm-repeat,ddpm,ddim-50,ddim-100]
+    python bench/samplers.py --run RUN [--num N] [--rows ddpm-repeat,ddpm,ddim-50,ddim-100,dpmpp-10,dpmpp-20]
 
 The run should hold subjects out (train-vqvae --holdout F); rows are scored against the reference half A
 of them, beside the real-vs-real floor B, with the same feature network as `driver.py evaluate`.
@@ -29,6 +29,8 @@ SAMPLERS = {
     "ddpm": ["--sampler", "ddpm", "--repeat-times", "0"],
     "ddim-50": ["--sampler", "ddim", "--steps", "50"],
     "ddim-100": ["--sampler", "ddim", "--steps", "100"],
+    "dpmpp-10": ["--sampler", "dpmpp", "--steps", "10"],
+    "dpmpp-20": ["--sampler", "dpmpp", "--steps", "20"],
 }
 
 

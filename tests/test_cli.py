@@ -47,6 +47,19 @@ def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
     assert gif.n_frames == 6 + 2                          # main pass frames + one per repeat
 
 
+def test_predict_every_sampler_and_eta_reach_the_images(trained_run, tmp_path):
+    import predict
+    run, _ = trained_run
+    outputs = {}
+    for name, flags in {"dpmpp": ["--sampler", "dpmpp", "--steps", "10"], "ddim": ["--sampler", "ddim", "--steps", "10"],
+                        "ddim-eta1": ["--sampler", "ddim", "--steps", "10", "--eta", "1"]}.items():
+        outputs[name] = predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path / name), "--num", "2",
+                                                            "--repeat-times", "0", "--gif-frames", "3", *flags]))
+        assert outputs[name].shape == (2, 1, 32, 32) and (tmp_path / name / "denoise.gif").exists()
+    assert not torch.equal(outputs["ddim"], outputs["ddim-eta1"])  # --eta reaches the sampler
+    assert not torch.equal(outputs["ddim"], outputs["dpmpp"])
+
+
 def test_predict_ddpm_default_runs_the_full_chain(trained_run, tmp_path):
     run, _ = trained_run
     from predict import main as predict_main
@@ -68,6 +81,19 @@ def test_resume_continues_from_the_saved_step(trained_run, tmp_path):
     unet(copy, "--max-steps", "6", "--resume")
     assert ckpt(copy / "unet.pt")["step"] == 6
     assert [int(r["step"]) for r in csv.DictReader(open(copy / "log_unet.csv"))] == [2, 4, 6]
+
+
+def test_min_snr_gamma_is_saved_in_the_checkpoint_and_used_when_sampling(trained_run, tmp_path):
+    import shutil
+    import predict
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    unet(copy, "--max-steps", "2", "--min-snr-gamma", "5")
+    assert ckpt(copy / "unet.pt")["diffusion"]["min_snr_gamma"] == 5.0
+    assert predict.load_models(copy, "cpu")[2].min_snr_gamma == 5.0
+    assert "min_snr_gamma" in error_of(unet, copy, "--max-steps", "4", "--resume")  # resuming without it is refused
 
 
 def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
@@ -195,7 +221,7 @@ def test_held_out_subjects_stay_out_of_both_stages(adni_folder, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [(["--num", "0"], "--num"), (["--steps", "-1"], "--steps"),
                                             (["--clip-x0", "wide"], "--clip-x0"),
-                                            (["--repeat-last", "5000"], "--repeat-last")])
+                                            (["--repeat-last", "5000"], "--repeat-last"), (["--eta", "-1"], "--eta")])
 def test_predict_flag_errors(trained_run, flags, message):
     run, _ = trained_run
     from predict import main as predict_main
