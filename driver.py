@@ -136,13 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", choices=["eps", "v"], default="v",
                    help="UNet target: v (Salimans & Ho 2022) stays stable when under-trained; eps as Ho et al. (default: %(default)s)")
     p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="eps loss (default: %(default)s; the original used smooth_l1)")
+    p.add_argument("--conditional", action="store_true",
+                   help="condition the UNet on the class folders (AD, NC ...) for `--class` at sampling (default: unconditional)")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="with --conditional: probability of training on the null label instead, so that the same network is "
+                        "unconditional too, for classifier-free guidance (default: %(default)s)")
     p.add_argument("--min-snr-gamma", type=positive(float), default=None,
                    help="weight each step's loss by min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v), Hang et al. 2023; "
                         "5 is the paper's choice (default: off, the plain average)")
     p.set_defaults(func=train.train_unet, stage="unet")
 
     p = sub.add_parser("sample", help="generate images, a grid and a GIF from a trained run (predict.py)")
-    predict.add_arguments(p, sampler="ddim", steps=50)
+    predict.add_arguments(p, sampler="dpmpp", steps=20)
     p.set_defaults(func=predict.predict, stage=None)
 
     p = sub.add_parser("evaluate", help="FID, KID, SWD, MS-SSIM and VQ-VAE fidelity on held-out subjects; metrics.json, report.md")

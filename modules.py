@@ -340,6 +340,34 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def drop_labels(y: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+    """Each label replaced by the null label with probability p: one network learns the conditional and the
+    unconditional model at once, as classifier-free guidance needs (Ho & Salimans 2022)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_label), y)
+
+
+class Guided(nn.Module):
+    """A class-conditional UNet under classifier-free guidance (Ho & Salimans 2022), called as model(x_t, t):
+
+    out = out(x_t, t, null) + w * (out(x_t, t, y) - out(x_t, t, null)), so w = 0 is the unconditional
+    network and w = 1 the conditional one. Both halves run in one batch. Every sampler works with it,
+    for the eps and the v output alike: x0 and eps are linear in the network's output.
+    """
+
+    def __init__(self, unet: "UNet", y: torch.Tensor, guidance: float):
+        super().__init__()
+        self.unet, self.y, self.guidance = unet, y, guidance
+        self.null = torch.full_like(y, unet.cfg.num_classes)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.guidance == 1:
+            return self.unet(x_t, t, self.y)
+        if self.guidance == 0:
+            return self.unet(x_t, t, self.null)
+        cond, uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.y, self.null])).chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
     """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel.
 
@@ -586,7 +614,7 @@ class GaussianDiffusion(nn.Module):
         snr = abar / (1 - abar)
         return (snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)).float()
 
-    def loss(self, model, x0, t=None, noise=None):
+    def loss(self, model, x0, t=None, noise=None, y=None):
         """Simple loss (Ho et al. 2020, eq. 14) on the eps or v target: MSE, or smooth-L1 as the original used,
         per sample weighted by `loss_weight(t)` (min-SNR-gamma if set), averaged over the batch."""
         B = x0.shape[0]
@@ -597,7 +625,8 @@ class GaussianDiffusion(nn.Module):
         target = noise
         if self.prediction == "v":
             target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
-        pred = model(self.q_sample(x0, t, noise), t)
+        x_t = self.q_sample(x0, t, noise)
+        pred = model(x_t, t) if y is None else model(x_t, t, y)
         error = F.mse_loss if self.loss_type == "mse" else F.smooth_l1_loss
         per_sample = error(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return (self.loss_weight(t) * per_sample).mean()

@@ -22,7 +22,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from dataset import BadInputError
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
+from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
 from train import fingerprint, load_checkpoint, setup_device
 
 
@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--repeat-last", type=int, default=30, help="the card's repeated final steps: re-noise to this step ... (default: %(default)s)")
     p.add_argument("--repeat-times", type=int, default=5 if sampler == "ddpm" else 0,
                    help="... and denoise again this many times, 0 to switch off (default: %(default)s)")
+    p.add_argument("--class", dest="class_name", default=None,
+                   help="generate this class (AD, NC ...: the run's class folders) or 'all' for one grid row per class; "
+                        "needs a run trained with --conditional (default: unconditional)")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance scale w with --class: 0 unconditional, 1 conditional, >1 stronger "
+                        "(default: %(default)s)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
@@ -99,8 +105,9 @@ def decode(vqvae, latents, latent_scale, batch_size=64):
 
 
 @torch.no_grad()
-def generate(vqvae, unet, diffusion, ckpt, args, num, device, autocast, clip_x0):
-    """`num` images in [-1, 1] (CPU) with `args.sampler` / `args.steps` / repeats, in batches of args.batch_size.
+def generate(vqvae, unet, diffusion, ckpt, args, num, device, autocast, clip_x0, labels=None, guidance=1.0):
+    """`num` images in [-1, 1] (CPU) with `args.sampler` / `args.steps` / repeats, in batches of args.batch_size;
+    with `labels` (num class indices) under classifier-free guidance of scale `guidance`.
 
     Returns (images, latent GIF frames of the first batch, seconds). Prints the sampling time.
     """
@@ -109,8 +116,9 @@ def generate(vqvae, unet, diffusion, ckpt, args, num, device, autocast, clip_x0)
     samples, frames, t0 = [], None, time.perf_counter()
     for start in range(0, num, args.batch_size):
         x_T = torch.randn(min(args.batch_size, num - start), *ckpt["latent_shape"], device=device)
+        model = unet if labels is None else Guided(unet, labels[start:start + len(x_T)].to(device), guidance)
         with autocast:
-            latents, batch_frames = sample_latents(diffusion, unet, x_T, args, clip_x0, progress)
+            latents, batch_frames = sample_latents(diffusion, model, x_T, args, clip_x0, progress)
             samples.append(decode(vqvae, latents, ckpt["latent_scale"]).cpu())
         frames = frames or batch_frames
     progress.close()
@@ -156,10 +164,27 @@ def check_sampling_flags(args, diffusion) -> None:
             raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eta < 0:
         raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
+    if getattr(args, "guidance", 0) < 0:
+        raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
     if args.repeat_times < 0:
         raise BadInputError(f"--repeat-times must be 0 or more, got {args.repeat_times}")
     if diffusion is not None and args.repeat_times and args.repeat_last > diffusion.num_steps:
         raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {diffusion.num_steps} diffusion steps")
+
+
+def class_labels(class_name: str | None, ckpt: dict, num: int, run: Path) -> torch.Tensor | None:
+    """--class -> the label of each of the images (num per class for 'all'); None for unconditional sampling."""
+    if class_name is None:
+        return None
+    classes = ckpt.get("classes") or []
+    if not ckpt["config"].get("num_classes"):
+        raise BadInputError(f"{run / 'unet.pt'} was trained without --conditional, so it cannot generate a chosen "
+                            f"class; train stage 2 with `train-unet --conditional` for --class")
+    if class_name == "all":
+        return torch.arange(len(classes)).repeat_interleave(num)
+    if class_name not in classes:
+        raise BadInputError(f"--class {class_name!r} is not a class of this run: {', '.join(classes)} or all")
+    return torch.full((num,), classes.index(class_name))
 
 
 def predict(args):
@@ -172,15 +197,18 @@ def predict(args):
     scale = ckpt["latent_scale"]
     check_sampling_flags(args, diffusion)
     clip_x0 = parse_clip(args.clip_x0, ckpt.get("latent_absmax"))
+    labels = class_labels(args.class_name, ckpt, args.num, run)
     torch.manual_seed(args.seed)
-    images, gif_latents, _ = generate(vqvae, unet, diffusion, ckpt, args, args.num, device, autocast, clip_x0)
+    images, gif_latents, _ = generate(vqvae, unet, diffusion, ckpt, args, len(labels) if labels is not None else args.num,
+                                      device, autocast, clip_x0, labels, args.guidance)
     with torch.no_grad(), autocast:  # the GIF follows the first (at most 16) images
         gif = [gif_frame(decode(vqvae, x0[:16], scale).cpu(), decode(vqvae, xt[:16], scale).cpu() if args.gif_xt else None, caption)
                for caption, x0, xt in gif_latents]
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
-    save_image(images, out / "samples.png", nrow=math.ceil(math.sqrt(len(images))), normalize=True, value_range=(-1, 1))
+    nrow = args.num if args.class_name == "all" else math.ceil(math.sqrt(len(images)))  # 'all': one row per class
+    save_image(images, out / "samples.png", nrow=nrow, normalize=True, value_range=(-1, 1))
     for i, img in enumerate(images):
         save_image(img, out / "samples" / f"{i:04d}.png", normalize=True, value_range=(-1, 1))
     durations = [80] * (len(gif) - 1) + [2500]  # hold the last frame

@@ -36,7 +36,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from dataset import BadInputError, SliceFolders, demo_data_dir, load_slices, split_by_subject, uint8_images
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, ema_model
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_labels, ema_model
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -291,14 +291,16 @@ def training_data(args, build_guard=contextlib.nullcontext):
     return dataset, str(root)
 
 
-def training_files(args) -> tuple[list[str], str]:
-    """The paths of the training images (held-out subjects removed) and the data root, without decoding any."""
+def training_files(args) -> tuple[list[tuple[str, int]], list[str], str]:
+    """(path, class index) of the training images (held-out subjects removed), the class names (the image
+    folder's: AD, NC) and the data root, without decoding any image."""
     root = args.data or demo_data_dir(args.demo_dir)
-    paths = [p for p, _ in SliceFolders(root, args.image_size, args.channels).samples]
+    folders = SliceFolders(root, args.image_size, args.channels)
+    samples = folders.samples
     if args.holdout > 0:
-        train_idx, _ = split_by_subject(paths, args.holdout, args.holdout_seed)
-        paths = [paths[i] for i in train_idx]
-    return paths, str(root)
+        train_idx, _ = split_by_subject([p for p, _ in samples], args.holdout, args.holdout_seed)
+        samples = [samples[i] for i in train_idx]
+    return samples, folders.classes, str(root)
 
 
 def total_steps(args, steps_per_epoch: int) -> int:
@@ -482,32 +484,34 @@ def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, rt: Runtime, workers:
     return torch.cat(out)
 
 
-def latent_cache(args, vqvae: VQVAE, vq_fingerprint: str, rt: Runtime) -> torch.Tensor:
-    """RUN/latents.pt: the training images encoded once (by rank 0; the other ranks wait, then read it),
-    reused while VQ-VAE, image files and holdout are unchanged (checked without decoding an image)."""
+def latent_cache(args, samples: list, data_root: str, vqvae: VQVAE, vq_fingerprint: str,
+                 rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """RUN/latents.pt: the training images encoded once (by rank 0; the other ranks wait, then read it), with
+    their class labels; reused while VQ-VAE, image files and holdout are unchanged (checked without decoding)."""
     path = Path(args.run) / "latents.pt"
     with main_rank_first(rt):
         if not rt.main:
-            return load_checkpoint(path, "latents")["z"].float()
-        paths, data_root = training_files(args)
+            cache = load_checkpoint(path, "latents")
+            return cache["z"].float(), cache["y"]
         key = {"vqvae": vq_fingerprint, "data": data_root, "image_size": args.image_size, "channels": args.channels,
-               "holdout": args.holdout, "holdout_seed": args.holdout_seed, "count": len(paths),
-               "files": hashlib.sha1("\n".join(paths).encode()).hexdigest()}
+               "holdout": args.holdout, "holdout_seed": args.holdout_seed, "count": len(samples),
+               "files": hashlib.sha1("\n".join(p for p, _ in samples).encode()).hexdigest()}
         if path.exists():
             cache = load_checkpoint(path, "latents")
-            if cache["key"] == key:
+            if cache["key"] == key and "y" in cache:
                 print(f"latent cache {path}: {len(cache['z'])} latents reused")
-                return cache["z"].float()
+                return cache["z"].float(), cache["y"]
         dataset, _ = training_data(args)
         z = encode_dataset(vqvae, dataset, 64, rt, args.workers or cpus_per_process())
-        atomic_save({"kind": "latents", "key": key, "z": z}, path)
+        y = torch.tensor([label for _, label in samples])
+        atomic_save({"kind": "latents", "key": key, "z": z, "y": y}, path)
         print(f"latent cache {path}: {len(z)} latents written")
-        return z
+        return z, y
 
 
-def unet_config(args, latent_shape) -> UNetConfig:
+def unet_config(args, latent_shape, num_classes: int = 0) -> UNetConfig:
     return UNetConfig(in_channels=latent_shape[0], latent_size=latent_shape[1], channels=args.unet_channels,
-                      channel_mult=tuple(args.unet_mult), num_res_blocks=args.unet_res_blocks)
+                      channel_mult=tuple(args.unet_mult), num_res_blocks=args.unet_res_blocks, num_classes=num_classes)
 
 
 def train_unet(args):
@@ -521,7 +525,10 @@ def train_unet(args):
     for name, default in (("image_size", None), ("channels", 1), ("holdout", 0.0), ("holdout_seed", 0)):
         setattr(args, name, vq_ckpt["args"].get(name, default))
     args.data = args.data or vq_ckpt["data"]
-    cfg = unet_config(args, vq_cfg.latent_shape)
+    if not 0 <= args.label_dropout < 1:
+        raise BadInputError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+    samples, classes, data_root = training_files(args)
+    cfg = unet_config(args, vq_cfg.latent_shape, num_classes=len(classes) if args.conditional else 0)
     if len(cfg.channel_mult) != 4 or vq_cfg.latent_shape[1] % 8:
         raise BadInputError(f"the UNet has 4 levels (got --unet-mult {args.unet_mult}) and needs a latent size "
                             f"divisible by 8 (got {vq_cfg.latent_shape[1]})")
@@ -540,7 +547,8 @@ def train_unet(args):
                             f"train stage 2 afresh in a new --run")
 
     # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused)
-    z = latent_cache(args, vqvae, vq_fingerprint, rt)
+    z, labels = latent_cache(args, samples, data_root, vqvae, vq_fingerprint, rt)
+    labels = labels.to(device)
     latent_scale = resume["latent_scale"] if resume else 1.0 / z.std().item()
     latents = (z * latent_scale).to(device)
     latent_absmax = resume["latent_absmax"] if resume else latents.abs().max().item()  # range for clipping x0
@@ -567,7 +575,8 @@ def train_unet(args):
         log = MetricLog(run / "log_unet.csv", ["step", "loss", "lr", "img_per_s"])
     n_params = sum(p.numel() for p in model.parameters())
     latents_per_step = args.batch_size * args.grad_accum * rt.world
-    rt.log(f"UNet {n_params / 1e6:.2f}M params on latents {tuple(latents.shape[1:])}, {len(latents)} latents, "
+    conditioning = f"conditional on {classes}, labels dropped with p={args.label_dropout}" if cfg.num_classes else "unconditional"
+    rt.log(f"UNet {n_params / 1e6:.2f}M params ({conditioning}) on latents {tuple(latents.shape[1:])}, {len(latents)} latents, "
            f"scale {latent_scale:.4f}, steps {step} -> {max_steps} of {latents_per_step} latents "
            f"({rt.world} process(es)) on {device}")
 
@@ -576,7 +585,7 @@ def train_unet(args):
                      "ema_updates": int(ema.n_averaged), "optimizer": optimizer.state_dict(), "step": step,
                      "config": asdict(cfg), "diffusion": diffusion_cfg,
                      "latent_scale": latent_scale, "latent_absmax": latent_absmax, "latent_shape": list(vq_cfg.latent_shape),
-                     "vqvae_fingerprint": vq_fingerprint,
+                     "vqvae_fingerprint": vq_fingerprint, "classes": classes,
                      "args": plain_args(args)},
                     ckpt_path)
 
@@ -592,8 +601,9 @@ def train_unet(args):
         x0 = latents[idx]
         if rt.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        y = drop_labels(labels[idx], args.label_dropout, cfg.num_classes) if cfg.num_classes else None
         with rt.autocast:
-            loss = diffusion.loss(train_model, x0)
+            loss = diffusion.loss(train_model, x0, y=y)
         return loss, loss.detach()
 
     # loop: this rank's batches of the in-memory latents, a new order every epoch; no host-device sync per step

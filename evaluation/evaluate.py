@@ -1,6 +1,6 @@
 """`python driver.py evaluate --run RUN`: how faithful, realistic and varied a trained run is, in numbers.
 
-    python driver.py evaluate --run RUN                   # samples from the run's UNet (DDIM-50)
+    python driver.py evaluate --run RUN                   # samples from the run's UNet (DPM-Solver++ 20 steps, as `driver.py sample`)
     python driver.py evaluate --run RUN --samples DIR     # score images generated elsewhere
 
 Whole subjects are held out (the run's own split if train-vqvae had --holdout, else --holdout here, in
@@ -43,7 +43,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 def add_arguments(p: argparse.ArgumentParser):
     # the sampler and its flags (--run, --num, --seed, ...), as `driver.py sample`
-    predict.add_arguments(p, sampler="ddim", steps=50, num=None,
+    predict.add_arguments(p, sampler="dpmpp", steps=20, num=None,
                           num_help="images to generate (default: as many as the held-out floor half B)")
     p.add_argument("--data", default=None, help="image folder (default: the one the run was trained on)")
     p.add_argument("--holdout", type=float, default=0.1,
@@ -196,6 +196,9 @@ def evaluate(args):
     if args.classifier_steps < 0 or not 0 < args.holdout < 1:
         raise BadInputError(f"--classifier-steps must be 0 or more and --holdout in (0, 1), got "
                             f"{args.classifier_steps} and {args.holdout}")
+    if args.class_name is not None:
+        raise BadInputError("evaluate scores unconditional samples against all held-out images; per-class scores "
+                            "are not implemented yet, so --class is refused here (use `driver.py sample --class`)")
     device, autocast = setup_device(args)
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     train_args = vq_ckpt["args"]
@@ -241,7 +244,7 @@ def evaluate(args):
         clip_x0 = predict.parse_clip(args.clip_x0, unet_ckpt.get("latent_absmax"))
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(vqvae, unet, diffusion, unet_ckpt, args, num, device, autocast, clip_x0)
-        sampling = {"sampler": args.sampler, "steps": args.steps if args.sampler == "ddim" else diffusion.num_steps,
+        sampling = {"sampler": args.sampler, "steps": args.steps if args.sampler != "ddpm" else diffusion.num_steps,
                     "repeat_times": args.repeat_times, "clip_x0": clip_x0, "seconds_per_image": seconds / num,
                     "unet_step": unet_ckpt["step"]}
 

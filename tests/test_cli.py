@@ -96,6 +96,32 @@ def test_min_snr_gamma_is_saved_in_the_checkpoint_and_used_when_sampling(trained
     assert "min_snr_gamma" in error_of(unet, copy, "--max-steps", "4", "--resume")  # resuming without it is refused
 
 
+def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, tmp_path):
+    import shutil
+    import predict
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    unet(copy, "--max-steps", "2", "--conditional", "--label-dropout", "0.2")
+    saved = ckpt(copy / "unet.pt")
+    assert saved["classes"] == ["AD", "NC"] and saved["config"]["num_classes"] == 2
+    assert "class_emb.weight" in saved["model"] and "class_emb.weight" not in ckpt(run / "unet.pt")["model"]
+    assert ckpt(copy / "latents.pt")["y"].tolist() == ([0] * 6 + [1] * 6) * 2  # train/{AD,NC} then test/{AD,NC}
+    common = ["--run", str(copy), "--num", "2", "--sampler", "ddim", "--steps", "5", "--repeat-times", "0", "--gif-frames", "2"]
+    one = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "ad"), "--class", "AD", "--guidance", "3"]))
+    assert one.shape == (2, 1, 32, 32)
+    both = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "all"), "--class", "all", "--num", "3"]))
+    assert both.shape == (6, 1, 32, 32)
+    width, height = Image.open(tmp_path / "all" / "samples.png").size
+    assert width > 1.4 * height  # one row of 3 per class: 2 rows
+    assert "not a class of this run: AD, NC" in error_of(predict.main, [*common, "--class", "MCI"])
+    assert "--guidance" in error_of(predict.main, [*common, "--class", "AD", "--guidance", "-1"])
+    # the unconditional run refuses --class; resuming the conditional one without --conditional is refused
+    assert "without --conditional" in error_of(predict.main, ["--run", str(run), "--num", "1", "--class", "AD"])
+    assert "num_classes" in error_of(unet, copy, "--max-steps", "4", "--resume")
+
+
 def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
     run, _ = trained_run
     import shutil
@@ -169,7 +195,7 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(trained_run, tmp_path
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     before = (copy / "unet.pt").read_bytes()
-    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, model, x0: model(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)).sum() * float("nan"))
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, model, x0, **kw: model(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)).sum() * float("nan"))
     msg = error_of(unet, copy, "--max-steps", "8", "--resume")
     assert "nan" in msg.lower() and "last good checkpoint" in msg
     assert (copy / "unet.pt").read_bytes() == before
@@ -209,7 +235,7 @@ def test_predict_defaults_are_the_cards():
     args = parse_args([])
     assert (args.sampler, args.steps, args.repeat_last, args.repeat_times) == ("ddpm", 1000, 30, 5)
     sample = driver.parse(["sample"])
-    assert (sample.sampler, sample.steps, sample.repeat_times) == ("ddim", 50, 0)
+    assert (sample.sampler, sample.steps, sample.repeat_times) == ("dpmpp", 20, 0)  # the fastest sampler within 15% of DDPM-1000 (bench/README.md)
 
 
 def test_held_out_subjects_stay_out_of_both_stages(adni_folder, tmp_path):

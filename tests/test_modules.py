@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, ema_model
+from modules import (VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, drop_labels,
+                     ema_model)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -353,3 +354,28 @@ def test_min_snr_gamma_weights_each_sample_by_the_closed_form(prediction):
     assert torch.allclose(weighted.loss(zero, x0, t, noise), (w.float() * per_sample).mean(), rtol=1e-5)
     assert torch.allclose(plain.loss(zero, x0, t, noise), per_sample.mean(), rtol=1e-6)  # off: the plain average
     assert w[0] < 1e-3 and abs(w[3] - (1.0 if prediction == "eps" else 4e-5 / 1.00004)) < 1e-4
+
+
+def test_label_dropout_replaces_labels_by_the_null_label_with_probability_p():
+    torch.manual_seed(0)
+    y = torch.randint(0, 2, (100_000,))
+    assert torch.equal(drop_labels(y, 0.0, 2), y) and (drop_labels(y, 1.0, 2) == 2).all()
+    dropped = drop_labels(y, 0.1, 2)
+    assert abs((dropped == 2).float().mean().item() - 0.1) < 0.005
+    assert torch.equal(dropped[dropped != 2], y[dropped != 2])  # the others keep their label
+
+
+def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly():
+    torch.manual_seed(0)
+    # 128 channels: GroupNorm(32) then has 4 channels per group; at 32 channels or fewer (1 per group) it
+    # removes any per-channel shift, the embedding included (a limit of narrow UNets, see bench/README.md)
+    unet = UNet(UNetConfig(latent_size=8, channels=128, channel_mult=(1, 1, 1, 1), num_res_blocks=1, num_classes=2)).eval()
+    nn.init.normal_(unet.out[-1].weight, std=0.1)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        cond, uncond = unet(x, t, y), unet(x, t)       # no label = the null label (index num_classes)
+        assert torch.allclose(uncond, unet(x, t, torch.full_like(y, 2)))
+        assert (cond - uncond).abs().max() > 0.1
+        assert torch.allclose(Guided(unet, y, 0.0)(x, t), uncond, atol=1e-6)
+        assert torch.allclose(Guided(unet, y, 1.0)(x, t), cond, atol=1e-6)
+        assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=1e-5)
