@@ -8,7 +8,6 @@ so it measures the models, not the data loading. bf16 autocast on CUDA, fp32 on 
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,20 +16,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from driver import PRESETS  # noqa: E402
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
+from throughput import timed  # noqa: E402
 
 
 def time_steps(step, steps, device):
-    times = []
-    for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first step warms up allocators and kernels
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    step()  # the first step warms up allocators and kernels
+    return statistics.median(timed(step, device) for _ in range(steps))
 
 
 def train_step(model, autocast, loss_fn):

@@ -121,6 +121,7 @@ class Stepper:
 
 
 def timed(fn, device) -> float:
+    """Seconds of one call of fn, the GPU's queued work included."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
