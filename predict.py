@@ -164,7 +164,7 @@ def check_sampling_flags(args, diffusion) -> None:
             raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eta < 0:
         raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
-    if getattr(args, "guidance", 0) < 0:
+    if args.guidance < 0:
         raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
     if args.repeat_times < 0:
         raise BadInputError(f"--repeat-times must be 0 or more, got {args.repeat_times}")
