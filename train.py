@@ -39,7 +39,7 @@ from dataset import BadInputError, SliceFolders, demo_data_dir, load_slices, spl
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_labels, ema_model
 
 
-# ----------------------------------------------------------------------------- small helpers
+# ----------------------------------------------------------------------------- devices, precision and processes (torchrun)
 
 def pick_device(args) -> torch.device:
     """--device, else CUDA if present; under torchrun each process takes the GPU of its LOCAL_RANK."""
@@ -164,6 +164,8 @@ def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_
     return stats
 
 
+# ----------------------------------------------------------------------------- checkpoints, run folder, records
+
 def atomic_save(obj, path: Path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -274,6 +276,8 @@ class MetricLog:
         fig.savefig(png, dpi=100)
         plt.close(fig)
 
+
+# ----------------------------------------------------------------------------- data: images decoded once, batches per rank
 
 def cpus_per_process() -> int:
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
