@@ -38,13 +38,28 @@ class BadInputError(Exception):
 
 # ----------------------------------------------------------------------------- loading images
 
+def printable(path) -> str:
+    """A path as text that can be printed, even when its name is not valid UTF-8 (shown as \\x.. escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def load_image(path: str, mode: str) -> Image.Image:
-    """Open an image and convert it to `mode` ("L" or "RGB"); a file PIL cannot decode is named."""
+    """Open an image and convert it to `mode` ("L" or "RGB"); a file PIL cannot decode is named.
+
+    16-bit and float images (MRI exports often use 12 of the 16 bits) are scaled by their own maximum
+    to 0-255, where PIL would clip them to white; transparent pixels (RGBA, LA, palette with
+    transparency) are laid on black, the background of a slice.
+    """
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I") or img.mode == "F":
+                a = np.asarray(img, dtype=np.float64).clip(0, None)
+                img = Image.fromarray((a * (255.0 / a.max()) if a.max() > 0 else a).round().astype(np.uint8))
+            elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
             return img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInputError(f"cannot read image {path}: {e}") from None
+        raise BadInputError(f"cannot read image {printable(path)}: {e}") from None
 
 
 def card_transform(image_size: int, channels: int) -> transforms.Compose:
@@ -64,6 +79,34 @@ def find_image_roots(root: Path) -> list[Path]:
     return split_roots or [root]
 
 
+class _ImageFolder(datasets.ImageFolder):
+    """ImageFolder that ignores hidden files and folders (.DS_Store, .ipynb_checkpoints ...) and follows a
+    symbolic link to a folder only once, so a link loop does not list the same images again and again."""
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {printable(directory)}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples, suffixes = [], tuple(datasets.folder.IMG_EXTENSIONS)
+        for name, label in sorted(class_to_idx.items()):
+            visited = set()
+            for folder, subfolders, files in os.walk(os.path.join(directory, name), followlinks=True):
+                st = os.stat(folder)
+                if (st.st_dev, st.st_ino) in visited:  # reached again through a link: already listed
+                    subfolders[:] = []
+                    continue
+                visited.add((st.st_dev, st.st_ino))
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+                samples += [(os.path.join(folder, f), label) for f in sorted(files)
+                            if not f.startswith(".") and f.lower().endswith(suffixes)]
+        if not samples:
+            raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) in the class folders of {printable(directory)}")
+        return samples
+
+
 class SliceFolders(ConcatDataset):
     """The ImageFolders of `find_image_roots` concatenated (the report's loader), with class names and paths."""
 
@@ -75,8 +118,8 @@ class SliceFolders(ConcatDataset):
         folders = []
         for r in find_image_roots(Path(root)):
             try:
-                folders.append(datasets.ImageFolder(str(r), transform=transform,
-                                                    loader=partial(load_image, mode=mode)))  # picklable for workers
+                folders.append(_ImageFolder(str(r), transform=transform,
+                                            loader=partial(load_image, mode=mode)))  # picklable for workers
             except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
                 raise BadInputError(f"no images found under {r} ({str(e).splitlines()[0]})") from None
         classes = folders[0].classes
@@ -98,48 +141,77 @@ class InMemorySlices(Dataset):
     """
 
     def __init__(self, folders: SliceFolders, image_size: int, channels: int, workers: int = 4,
-                 cache_file: Path | None = None):
+                 cache_file: Path | None = None, skip_bad: bool = False):
         self.classes, self.samples = folders.classes, folders.samples
-        self.labels = torch.tensor([label for _, label in self.samples])
         shape = (len(self.samples), channels, image_size, image_size)
         self.cache_file = cache_file
         if cache_file is None:
-            self.images = torch.empty(shape, dtype=torch.uint8)
-            self._decode_into(self.images, image_size, channels, workers)
+            images = torch.empty(shape, dtype=torch.uint8)
+            bad = self._decode_into(images, image_size, channels, workers, skip_bad)
         else:
-            self.images = self._disk_cache(Path(cache_file), shape, workers)
+            images, bad = self._disk_cache(Path(cache_file), shape, workers, skip_bad)
+        self.skipped = [self.samples[i][0] for i in bad]
+        if bad:  # _decode_into moved the good images to the front
+            good = [i for i in range(len(self.samples)) if i not in set(bad)]
+            images, self.samples = images[:len(good)], [self.samples[i] for i in good]
+            names = ", ".join(printable(p) for p in self.skipped[:3]) + (" ..." if len(bad) > 3 else "")
+            print(f"--skip-bad-images: left out {len(bad)} unreadable image(s) of {shape[0]}: {names}")
+            if not good:
+                raise BadInputError(f"none of the {shape[0]} images could be read, e.g. {printable(self.skipped[0])}")
+        self.images = images
+        self.labels = torch.tensor([label for _, label in self.samples])
 
-    def _decode_into(self, images: torch.Tensor, image_size: int, channels: int, workers: int):
+    def _decode_into(self, images: torch.Tensor, image_size: int, channels: int, workers: int,
+                     skip_bad: bool) -> list[int]:
+        """Decode every image into `images`, in order; with skip_bad the unreadable ones are left out (the rest
+        move up) and their indices returned, else the first one stops it with its name."""
         mode = "L" if channels == 1 else "RGB"
         resize = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for i, img in enumerate(pool.map(lambda s: resize(load_image(s[0], mode)), self.samples)):
-                images[i] = img
 
-    def _disk_cache(self, path: Path, shape: tuple, workers: int) -> torch.Tensor:
-        """The uint8 array as a memory-mapped .npy next to a key of the files it holds (paths, sizes, mtimes)."""
+        def decode(sample):
+            try:
+                return resize(load_image(sample[0], mode))
+            except BadInputError:
+                if not skip_bad:
+                    raise
+                return None
+
+        bad = []
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for i, img in enumerate(pool.map(decode, self.samples)):
+                if img is None:
+                    bad.append(i)
+                else:
+                    images[i - len(bad)] = img
+        return bad
+
+    def _disk_cache(self, path: Path, shape: tuple, workers: int, skip_bad: bool) -> tuple[torch.Tensor, list[int]]:
+        """The uint8 array as a memory-mapped .npy next to a key of the files it holds (paths, sizes, mtimes),
+        with the unreadable images' indices."""
         key_path = path.with_suffix(".json")
         key = hashlib.sha1()
         for p, _ in self.samples:
             st = os.stat(p)
-            key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            key.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
         key = {"shape": list(shape), "files": key.hexdigest()}
-        if path.exists() and key_path.exists() and json.loads(key_path.read_text()) == key:
+        saved = json.loads(key_path.read_text()) if path.exists() and key_path.exists() else {}
+        if {k: saved.get(k) for k in key} == key and (skip_bad or not saved.get("bad")):
             print(f"image cache {path}: {shape[0]} images reused")
+            bad = saved.get("bad", [])
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
             try:
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                self._decode_into(torch.from_numpy(array), shape[2], shape[1], workers)
+                bad = self._decode_into(torch.from_numpy(array), shape[2], shape[1], workers, skip_bad)
                 array.flush()
                 del array
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            key_path.write_text(json.dumps(key))
+            key_path.write_text(json.dumps({**key, "bad": bad}))
             print(f"image cache {path}: {shape[0]} images decoded once ({math.prod(shape) / 2 ** 30:.2f} GB on disk)")
-        return torch.from_numpy(np.load(path, mmap_mode="c"))  # copy-on-write map: pages are read on demand
+        return torch.from_numpy(np.load(path, mmap_mode="c")), bad  # copy-on-write map: pages read on demand
 
     def __len__(self):
         return len(self.samples)
@@ -159,16 +231,17 @@ def uint8_images(dataset) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
 
 
 def load_slices(root, image_size: int = 256, channels: int = 1, cache_gb: float = 8.0, workers: int = 4,
-                disk_cache: Path | None = None, build_guard=contextlib.nullcontext):
+                disk_cache: Path | None = None, build_guard=contextlib.nullcontext, skip_bad: bool = False):
     """The training dataset, decoded once as uint8: in memory when it fits in `cache_gb`, else in a
     memory-mapped file under `disk_cache` (built inside `build_guard`, e.g. by one process of many),
-    else, without `disk_cache`, decoded per item."""
+    else, without `disk_cache`, decoded per item (where an unreadable image stops it even with skip_bad).
+    skip_bad: leave out unreadable images (InMemorySlices.skipped) instead of stopping at the first."""
     folders = SliceFolders(root, image_size, channels)
     if len(folders) * channels * image_size ** 2 <= cache_gb * 2 ** 30:
-        return InMemorySlices(folders, image_size, channels, workers)
+        return InMemorySlices(folders, image_size, channels, workers, skip_bad=skip_bad)
     if disk_cache is not None:
         with build_guard():
-            return InMemorySlices(folders, image_size, channels, workers,
+            return InMemorySlices(folders, image_size, channels, workers, skip_bad=skip_bad,
                                   cache_file=Path(disk_cache) / f"images-{image_size}px-{channels}ch.npy")
     return folders
 

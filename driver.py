@@ -82,6 +82,9 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--cache-gb", type=float, default=8.0,
                    help="images are decoded once into memory if they fit in this many GB, else into a memory-mapped "
                         "RUN/images-*.npy (default: %(default)s)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read, and report how many and which (default: stop at the "
+                        "first, naming it)")
     p.add_argument("--workers", type=positive(int), default=None,
                    help="image decoding threads and loader workers (default: the CPUs of this machine per process)")
     # optimisation
@@ -96,6 +99,11 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--max-minutes", type=positive(float), default=None,
                    help="stop cleanly, with a checkpoint, after this much wall-clock time (default: no limit)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only, no TF32: a resumed run then ends with the very weights of an "
+                        "uninterrupted one (slower on GPUs)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose gradient is NaN/inf instead of stopping the run (stops after 20 in a row)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; under torchrun the rank's GPU)")
     # speed
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None):
         args.func(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
+    except train.Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit("interrupted; the last checkpoint in the run folder is intact (continue with --resume)")
     finally:

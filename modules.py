@@ -24,13 +24,19 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, with a residual path; adds a projected embedding if given."""
+    """GroupNorm -> SiLU -> conv, twice, with a residual path, conditioned on an embedding if given.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0):
+    scale_shift: the embedding scales and shifts the second normalised activation, norm(h) * (1 + s) + b
+    (Dhariwal & Nichol 2021). Otherwise it is added to h before that norm, which GroupNorm cancels exactly
+    when a group is one channel (32 channels or fewer): the older form, kept for older checkpoints.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0, scale_shift: bool = True):
         super().__init__()
         self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, out_ch) if emb_dim else None
+        self.scale_shift = scale_shift
+        self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch) if emb_dim else None
         self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -38,9 +44,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb=None):
         h = self.conv1(F.silu(self.norm1(x)))
-        if self.emb is not None:
-            h = h + self.emb(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.emb is None:
+            h = self.norm2(h)
+        elif self.scale_shift:
+            scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + self.emb(F.silu(emb))[:, :, None, None])
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
@@ -254,6 +265,12 @@ class UNetConfig:
     attention_levels: tuple = (2, 3)   # self-attention at the two lowest resolutions
     dropout: float = 0.0
     num_classes: int = 0            # > 0 adds a class embedding (index num_classes = "no label")
+    scale_shift_norm: bool = True   # how res blocks take the embedding (ResBlock); False in older checkpoints
+
+    @classmethod
+    def from_saved(cls, config: dict) -> "UNetConfig":
+        """The config of a checkpoint; one written before a field existed gets the behaviour it was trained with."""
+        return cls(**{"scale_shift_norm": False, **config})
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -278,7 +295,7 @@ class UNet(nn.Module):
 
     4 down levels (res blocks, then strided-conv downsampling after all but the last), a bottleneck
     of res block -> self-attention -> res block, 4 up levels consuming the skips, and the timestep
-    embedding (sinusoid -> MLP) added in every res block. Output has the input's shape.
+    embedding (sinusoid -> MLP, plus the class's) scaling and shifting every res block. Output has the input's shape.
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -294,7 +311,7 @@ class UNet(nn.Module):
         skips, prev = [ch], ch
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                block = [ResBlock(prev, ch * mult, emb_dim, cfg.dropout)]
+                block = [ResBlock(prev, ch * mult, emb_dim, cfg.dropout, cfg.scale_shift_norm)]
                 prev = ch * mult
                 if level in cfg.attention_levels:
                     block.append(Attention(prev))
@@ -304,13 +321,13 @@ class UNet(nn.Module):
                 self.down.append(TimestepSequential(Downsample(prev)))
                 skips.append(prev)
 
-        self.mid = TimestepSequential(ResBlock(prev, prev, emb_dim, cfg.dropout), Attention(prev),
-                                      ResBlock(prev, prev, emb_dim, cfg.dropout))
+        self.mid = TimestepSequential(ResBlock(prev, prev, emb_dim, cfg.dropout, cfg.scale_shift_norm), Attention(prev),
+                                      ResBlock(prev, prev, emb_dim, cfg.dropout, cfg.scale_shift_norm))
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                block = [ResBlock(prev + skips.pop(), ch * mult, emb_dim, cfg.dropout)]
+                block = [ResBlock(prev + skips.pop(), ch * mult, emb_dim, cfg.dropout, cfg.scale_shift_norm)]
                 prev = ch * mult
                 if level in cfg.attention_levels:
                     block.append(Attention(prev))

@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from dataset import BadInputError
 from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
-from train import fingerprint, load_checkpoint, setup_device
+from train import fingerprint, load_checkpoint, model_config, setup_device
 
 
 def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000, num: int | None = 16,
-                  num_help: str = "number of images (default: %(default)s)"):
+                  num_help: str = "number of images (default: %(default)s)", several_guidances: bool = False):
     p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
     p.add_argument("--num", type=int, default=num, help=num_help)
@@ -44,14 +44,27 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--class", dest="class_name", default=None,
                    help="generate this class (AD, NC ...: the run's class folders) or 'all' for one grid row per class; "
                         "needs a run trained with --conditional (default: unconditional)")
-    p.add_argument("--guidance", type=float, default=3.0,
-                   help="classifier-free guidance scale w with --class: 0 unconditional, 1 conditional, >1 stronger "
-                        "(default: %(default)s)")
+    if several_guidances:
+        p.add_argument("--guidance", type=scales, default=[0.0, 1.0, 2.0, 3.0, 5.0],
+                       help="classifier-free guidance scales w with --class, comma-separated, one row each: "
+                            "0 unconditional, 1 conditional, >1 stronger (default: 0,1,2,3,5)")
+    else:
+        p.add_argument("--guidance", type=float, default=3.0,
+                       help="classifier-free guidance scale w with --class: 0 unconditional, 1 conditional, >1 stronger "
+                            "(default: %(default)s)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
     p.add_argument("--gif-xt", action="store_true", help="show the decoded x_t beside the predicted x0 in the GIF")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+
+
+def scales(text: str) -> list[float]:
+    """'0,1,3' -> [0.0, 1.0, 3.0] (argparse type of a list of guidance scales)."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def load_models(run: Path, device):
@@ -61,11 +74,11 @@ def load_models(run: Path, device):
     if unet_ckpt["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
         raise BadInputError(f"{run / 'unet.pt'} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
                             f"run train-unet again for this VQ-VAE")
-    vqvae = VQVAE(VQVAEConfig(**vq_ckpt["config"])).to(device).eval()
+    vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval()
     vqvae.load_state_dict(vq_ckpt["model"])
     if list(vqvae.cfg.latent_shape) != list(unet_ckpt["latent_shape"]):
         raise BadInputError(f"latent shape differs: VQ-VAE {vqvae.cfg.latent_shape}, UNet {unet_ckpt['latent_shape']}")
-    unet = UNet(UNetConfig(**unet_ckpt["config"])).to(device).eval()
+    unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt")).to(device).eval()
     unet.load_state_dict(unet_ckpt["ema"])
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
     return vqvae, unet, diffusion, unet_ckpt
@@ -164,7 +177,7 @@ def check_sampling_flags(args, diffusion) -> None:
             raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eta < 0:
         raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
-    if args.guidance < 0:
+    if min(args.guidance if isinstance(args.guidance, list) else [args.guidance]) < 0:
         raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
     if args.repeat_times < 0:
         raise BadInputError(f"--repeat-times must be 0 or more, got {args.repeat_times}")

@@ -19,6 +19,8 @@ import hashlib
 import json
 import math
 import os
+import pickle
+import signal
 import time
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -57,7 +59,11 @@ def setup_device(args) -> tuple[torch.device, contextlib.AbstractContextManager]
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise BadInputError("--precision fp16 needs a CUDA device (its GradScaler); use bf16 or fp32 on the CPU")
-    if device.type == "cuda":
+    if getattr(args, "deterministic", False):  # bit-exact resume; TF32 and cuDNN autotuning off
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if precision == "fp32":
@@ -145,9 +151,14 @@ def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, **kwargs)
 
 
-def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_clip: float) -> torch.Tensor:
+def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_clip: float,
+                   skip_nonfinite: bool = False) -> torch.Tensor | None:
     """One update from K micro-batches: the gradient of their mean loss (DDP all-reduces it once, on the
-    last), unscaled if fp16, clipped, applied. loss_fn(batch) -> (loss, stats); returns the mean stats."""
+    last), unscaled if fp16, clipped, applied. loss_fn(batch) -> (loss, stats); returns the mean stats.
+
+    skip_nonfinite: a step whose gradient norm is NaN/inf changes nothing and returns None (one host-device
+    sync per step). Otherwise such a step reaches the weights, and the loss check before every save stops the run.
+    """
     k = len(micro_batches)
     no_sync = getattr(model, "no_sync", None)  # DDP's: skip the all-reduce while accumulating
     stats = 0.0
@@ -157,7 +168,11 @@ def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_
             scaler.scale(loss / k).backward()
         stats = stats + batch_stats.detach() / k
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if skip_nonfinite and not torch.isfinite(norm).item():  # the same on every rank: gradients are all-reduced
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        return None
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -166,31 +181,74 @@ def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_
 
 # ----------------------------------------------------------------------------- checkpoints, run folder, records
 
-def atomic_save(obj, path: Path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+def previous(path: Path) -> Path:
+    """Where atomic_save(keep_previous=True) keeps the checkpoint it replaced: RUN/unet.prev.pt."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def atomic_save(obj, path: Path, keep_previous: bool = False):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: at every moment
+    `path` is the old file or the new one, whole. keep_previous: the old one stays as previous(path)
+    (a hard link, no copy). A failed write (disk full) leaves `path` as it was and says so."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            link = path.with_name(f".{path.name}.prev{os.getpid()}")
+            link.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a file system without hard links: keep no previous one
+                os.link(path, link)
+                os.replace(link, previous(path))
         os.replace(tmp, path)
+    except OSError as e:
+        raise BadInputError(f"could not write {path} ({e.strerror or e}); "
+                            f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path, kind: str) -> dict:
-    """Load a checkpoint safely (weights_only=True) and check it is a `kind` checkpoint."""
+    """Load a checkpoint safely (weights_only=True: tensors and plain values only, never code) and check
+    it is a `kind` checkpoint. A damaged file is named, with the previous checkpoint if that one loads."""
     if not path.exists():
         raise BadInputError(f"no {kind} checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a checkpoint, or a pickle with code in it
-        raise BadInputError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+    except pickle.UnpicklingError as e:  # what weights_only refuses: Python objects, which can run code
+        raise BadInputError(f"refused to load {path}: it holds Python objects, not only tensors and plain values "
+                            f"(weights_only=True; such a file can run code when unpickled): {str(e).splitlines()[-1]}") from None
+    except Exception as e:  # truncated or not a torch file at all
+        raise BadInputError(f"cannot load checkpoint {path}, it is damaged or not a checkpoint "
+                            f"({str(e).splitlines()[0]}); {_last_good(path, kind)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise BadInputError(f"{path} is not a {kind} checkpoint (it holds {found!r})")
     return ckpt
+
+
+def _last_good(path: Path, kind: str) -> str:
+    """A sentence on the checkpoint before `path`, for the error about a damaged one."""
+    prev = previous(path)
+    if prev == path or not prev.exists():
+        return "no earlier checkpoint is kept beside it"
+    try:
+        step = load_checkpoint(prev, kind).get("step")
+    except BadInputError:
+        return f"the previous one, {prev}, does not load either"
+    return f"the last good one is {prev} (step {step}): move it to {path.name} to resume from there"
+
+
+def model_config(cls, ckpt: dict, path: Path):
+    """The model config saved in a checkpoint (cls.from_saved if it has one), or a clear error when the
+    checkpoint comes from a version of this project with other fields."""
+    try:
+        return cls.from_saved(ckpt["config"]) if hasattr(cls, "from_saved") else cls(**ckpt["config"])
+    except TypeError as e:
+        raise BadInputError(f"{path} was written by another version of this project ({e}); "
+                            f"train it again with this version") from None
 
 
 def fingerprint(state_dict: dict) -> str:
@@ -236,11 +294,96 @@ def plain_args(args) -> dict:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}
 
 
-def ensure_finite(loss: float, step: int, ckpt_path: Path):
-    """Stop before a NaN/inf loss can reach a checkpoint; the last one written stays as it was."""
-    if not math.isfinite(loss):
-        raise BadInputError(f"loss became {loss} before step {step}; stopped without saving "
-                            f"(the last good checkpoint, if any, is {ckpt_path}); try a lower --lr")
+def ensure_finite(loss: float, step: int, ckpt_path: Path, model: torch.nn.Module | None = None):
+    """Stop before a NaN/inf loss or weight can reach a checkpoint; the last one written stays as it was."""
+    if not math.isfinite(loss) or (model is not None and not all(p.isfinite().all() for p in model.parameters())):
+        what = f"the loss became {loss}" if not math.isfinite(loss) else "a weight became NaN/inf"
+        raise BadInputError(f"{what} before step {step}; stopped without saving (the last good checkpoint, if any, "
+                            f"is {ckpt_path}); try a lower --lr, or --skip-nonfinite to skip such steps")
+
+
+def rng_states(rt: Runtime) -> list[dict]:
+    """Every rank's random generator states (torch CPU, and CUDA if used), for an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if rt.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(rt.device)
+    if rt.world == 1:
+        return [state]
+    states = [None] * rt.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(saved: list[dict] | None, rt: Runtime):
+    """Continue every rank's random stream where the checkpoint left it (same number of ranks only)."""
+    if not saved or len(saved) != rt.world:
+        rt.log(f"random states not restored ({'none saved' if not saved else f'{len(saved)} ranks saved, {rt.world} now'}): "
+               f"the run continues correctly, but not bit-identically")
+        return
+    torch.set_rng_state(saved[rt.rank]["cpu"])
+    if "cuda" in saved[rt.rank] and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(saved[rt.rank]["cuda"], rt.device)
+
+
+def load_scaler(rt: Runtime, ckpt: dict):
+    """The fp16 GradScaler's scale and counters, from a checkpoint of a run that used one."""
+    if rt.scaler.is_enabled() and ckpt.get("scaler"):
+        rt.scaler.load_state_dict(ckpt["scaler"])
+
+
+class NonfiniteSkips:
+    """--skip-nonfinite's count of skipped steps; `limit` of them in a row means the run has diverged: stop."""
+
+    def __init__(self, enabled: bool, ckpt_path: Path, limit: int = 20):
+        self.enabled, self.ckpt_path, self.limit = enabled, ckpt_path, limit
+        self.total = self.in_a_row = 0
+
+    def count(self, stats, step: int) -> bool:
+        """True if the step was taken (its stats count), False if it was skipped."""
+        if stats is not None:
+            self.in_a_row = 0
+            return True
+        self.total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise BadInputError(f"{self.limit} steps in a row up to step {step} had a NaN/inf gradient: the run diverged; "
+                                f"stopped without saving (the last good checkpoint, if any, is {self.ckpt_path}); try a lower --lr")
+        return False
+
+    def note(self) -> str:
+        return f" | {self.total} non-finite steps skipped" if self.total else ""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written."""
+
+
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) during training: the loop finishes its
+    step, saves and stops; `.signal` names the first one received. A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.signal = None
+        self._before = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt now
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._before[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+    def raise_if_stopped(self, ckpt_path: Path, step: int):
+        if self.signal:
+            raise Interrupted(f"{self.signal} received: saved {ckpt_path} at step {step}; "
+                              f"run the same command with --resume to continue")
 
 
 def lr_warmup(step: int, warmup: int) -> float:
@@ -288,11 +431,18 @@ def training_data(args, build_guard=contextlib.nullcontext):
     larger than --cache-gb), demo data when no --data, minus held-out subjects if --holdout > 0."""
     root = args.data or demo_data_dir(args.demo_dir)
     dataset = load_slices(root, args.image_size, args.channels, args.cache_gb, args.workers or cpus_per_process(),
-                          disk_cache=Path(args.run), build_guard=build_guard)
+                          disk_cache=Path(args.run), build_guard=build_guard, skip_bad=args.skip_bad_images)
     if args.holdout > 0:
         train_idx, _ = split_by_subject([p for p, _ in dataset.samples], args.holdout, args.holdout_seed)
         dataset = Subset(dataset, train_idx)
     return dataset, str(root)
+
+
+def dataset_labels(dataset) -> torch.Tensor:
+    """The class labels of an InMemorySlices, or of a Subset of one (held-out subjects removed)."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices)]
+    return dataset.labels
 
 
 def training_files(args) -> tuple[list[tuple[str, int]], list[str], str]:
@@ -368,8 +518,9 @@ def train_vqvae(args):
     run = Path(args.run)
     ckpt_path = run / "vqvae.pt"
     cfg = vqvae_config(args)
-    if args.image_size % cfg.factor:
-        raise BadInputError(f"--image-size {args.image_size} is not divisible by the VQ-VAE's factor {cfg.factor}")
+    if args.image_size % (8 * cfg.factor):  # stage 2's UNet halves the latent three times
+        raise BadInputError(f"--image-size {args.image_size} does not fit: the VQ-VAE divides it by {cfg.factor} and "
+                            f"the UNet halves that 3 times, so it must be a multiple of {8 * cfg.factor}")
     resume = prepare_run(args, ckpt_path, "vqvae", asdict(cfg))
     torch.manual_seed(args.seed)
     rt = setup_runtime(args)
@@ -387,6 +538,7 @@ def train_vqvae(args):
     if resume:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        load_scaler(rt, resume)
         step = resume["step"]
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(model, rt, args.compile)
@@ -403,11 +555,11 @@ def train_vqvae(args):
     spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
     fixed = torch.stack([dataset[i][0] for i in spread]).to(device)
 
-    def save():
+    def save(rng):
         atomic_save({"kind": "vqvae", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step, "config": asdict(cfg), "data": data_root,
+                     "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "config": asdict(cfg), "data": data_root,
                      "args": plain_args(args)},
-                    ckpt_path)
+                    ckpt_path, keep_previous=True)
 
     def save_recon_grid(path):
         model.eval()
@@ -431,46 +583,57 @@ def train_vqvae(args):
     stream = iter(uint8_loader(dataset, batches, rt, args.workers or cpus_per_process()))
     sums, n_sum, t0 = torch.zeros(5, device=device), 0, time.perf_counter()
     pbar = tqdm(total=max_steps, initial=step, desc="vqvae", dynamic_ncols=True, disable=not rt.main)
-    while step < max_steps:
-        sums += optimizer_step(train_model, optimizer, rt.scaler, [next(stream) for _ in range(args.grad_accum)],
-                               loss_fn, args.grad_clip)
-        scheduler.step()
-        step += 1
-        n_sum += 1
-        pbar.update(1)
-        at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
-        out_of_time = any_rank(time.monotonic() > deadline, rt) if at_log or rt.world == 1 else False
+    if resume:
+        restore_rng(resume.get("rng"), rt)
+    skips, stop = NonfiniteSkips(args.skip_nonfinite, ckpt_path), StopRequests()
+    with stop:
+        while step < max_steps:
+            stats = optimizer_step(train_model, optimizer, rt.scaler, [next(stream) for _ in range(args.grad_accum)],
+                                   loss_fn, args.grad_clip, args.skip_nonfinite)
+            scheduler.step()
+            step += 1
+            if skips.count(stats, step):
+                sums += stats
+                n_sum += 1
+            pbar.update(1)
+            at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
+            stopping = any_rank(time.monotonic() > deadline or bool(stop.signal), rt) if at_log or rt.world == 1 else False
 
-        if at_log or out_of_time:  # check the loss before saving
-            loss_m, recon_m, vq_m, ppl, usage = mean_over_ranks(sums / n_sum, rt).tolist()
-            ensure_finite(loss_m, step, ckpt_path)
-            psnr = 10 * math.log10(4.0 / max(recon_m, 1e-12))  # images span [-1, 1]: peak-to-peak 2
-            ips = n_sum * images_per_step / (time.perf_counter() - t0)
-            row = {"step": step, "loss": f"{loss_m:.5f}", "recon": f"{recon_m:.5f}", "vq": f"{vq_m:.5f}",
-                   "psnr": f"{psnr:.2f}", "perplexity": f"{ppl:.1f}", "usage": f"{usage:.3f}",
-                   "lr": f"{scheduler.get_last_lr()[0]:.2e}", "img_per_s": f"{ips:.1f}"}
-            if rt.main:
-                log.append(row)
-            pbar.set_postfix(loss=row["loss"], psnr=row["psnr"], usage=row["usage"])
-            rt.log(f"step {step:>7d} | loss {loss_m:.4f} | recon {recon_m:.4f} | vq {vq_m:.4f} | psnr {psnr:5.2f} "
-                   f"| ppl {ppl:7.1f} | usage {usage:.3f} | {ips:7.1f} img/s")
-            sums.zero_()
-            n_sum, t0 = 0, time.perf_counter()
-        if rt.main and step % args.sample_every == 0:
-            save_recon_grid(run / f"recon_step{step:07d}.png")
-        if rt.main and step % args.save_every == 0:
-            save()
-        if out_of_time:
-            rt.log(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
-            break
+            if at_log or stopping:  # the loss and the weights are checked before any save
+                loss_m, recon_m, vq_m, ppl, usage = mean_over_ranks(sums / max(n_sum, 1), rt).tolist()
+                ensure_finite(loss_m, step, ckpt_path, model)
+                psnr = 10 * math.log10(4.0 / max(recon_m, 1e-12))  # images span [-1, 1]: peak-to-peak 2
+                ips = n_sum * images_per_step / (time.perf_counter() - t0)
+                row = {"step": step, "loss": f"{loss_m:.5f}", "recon": f"{recon_m:.5f}", "vq": f"{vq_m:.5f}",
+                       "psnr": f"{psnr:.2f}", "perplexity": f"{ppl:.1f}", "usage": f"{usage:.3f}",
+                       "lr": f"{scheduler.get_last_lr()[0]:.2e}", "img_per_s": f"{ips:.1f}"}
+                if rt.main:
+                    log.append(row)
+                pbar.set_postfix(loss=row["loss"], psnr=row["psnr"], usage=row["usage"])
+                rt.log(f"step {step:>7d} | loss {loss_m:.4f} | recon {recon_m:.4f} | vq {vq_m:.4f} | psnr {psnr:5.2f} "
+                       f"| ppl {ppl:7.1f} | usage {usage:.3f} | {ips:7.1f} img/s{skips.note()}")
+                sums.zero_()
+                n_sum, t0 = 0, time.perf_counter()
+            if rt.main and step % args.sample_every == 0:
+                save_recon_grid(run / f"recon_step{step:07d}.png")
+            if step % args.save_every == 0 and not stopping:
+                rng = rng_states(rt)   # every rank's: a collective
+                if rt.main:
+                    save(rng)
+            if stopping:
+                rt.log(f"{stop.signal} received at step {step}" if stop.signal else
+                       f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+                break
     pbar.close()
 
     # checkpoint and records
+    rng = rng_states(rt)
     if rt.main:
-        save()
+        save(rng)
         save_recon_grid(run / "recon_vqvae.png")
         log.plot(run / "loss_vqvae.png", ["loss", "recon", "vq"], "VQ-VAE training")
         print(f"saved {ckpt_path} (step {step}); reconstructions {run / 'recon_vqvae.png'}")
+    stop.raise_if_stopped(ckpt_path, step)
     return ckpt_path
 
 
@@ -499,7 +662,7 @@ def latent_cache(args, samples: list, data_root: str, vqvae: VQVAE, vq_fingerpri
             return cache["z"].float(), cache["y"]
         key = {"vqvae": vq_fingerprint, "data": data_root, "image_size": args.image_size, "channels": args.channels,
                "holdout": args.holdout, "holdout_seed": args.holdout_seed, "count": len(samples),
-               "files": hashlib.sha1("\n".join(p for p, _ in samples).encode()).hexdigest()}
+               "files": hashlib.sha1(b"\n".join(os.fsencode(p) for p, _ in samples)).hexdigest()}
         if path.exists():
             cache = load_checkpoint(path, "latents")
             if cache["key"] == key and "y" in cache:
@@ -507,7 +670,7 @@ def latent_cache(args, samples: list, data_root: str, vqvae: VQVAE, vq_fingerpri
                 return cache["z"].float(), cache["y"]
         dataset, _ = training_data(args)
         z = encode_dataset(vqvae, dataset, 64, rt, args.workers or cpus_per_process())
-        y = torch.tensor([label for _, label in samples])
+        y = dataset_labels(dataset)  # of the images decoded: --skip-bad-images may have left some out
         atomic_save({"kind": "latents", "key": key, "z": z, "y": y}, path)
         print(f"latent cache {path}: {len(z)} latents written")
         return z, y
@@ -524,10 +687,11 @@ def train_unet(args):
     run = Path(args.run)
     ckpt_path = run / "unet.pt"
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
-    vq_cfg = VQVAEConfig(**vq_ckpt["config"])
+    vq_cfg = model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")
     # stage 2 sees exactly the images of stage 1: same folder, size, channels and held-out subjects
     for name, default in (("image_size", None), ("channels", 1), ("holdout", 0.0), ("holdout_seed", 0)):
         setattr(args, name, vq_ckpt["args"].get(name, default))
+    args.skip_bad_images = args.skip_bad_images or vq_ckpt["args"].get("skip_bad_images", False)
     args.data = args.data or vq_ckpt["data"]
     if not 0 <= args.label_dropout < 1:
         raise BadInputError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
@@ -538,7 +702,10 @@ def train_unet(args):
                             f"divisible by 8 (got {vq_cfg.latent_shape[1]})")
     diffusion = GaussianDiffusion(args.diffusion_steps, args.schedule, args.loss, args.prediction, args.min_snr_gamma)
     diffusion_cfg = diffusion.config()
-    resume = prepare_run(args, ckpt_path, "unet", {**asdict(cfg), **diffusion_cfg})
+    chosen = {k: v for k, v in asdict(cfg).items() if k != "scale_shift_norm"}  # not a flag: a resumed run keeps its own
+    resume = prepare_run(args, ckpt_path, "unet", {**chosen, **diffusion_cfg})
+    if resume:
+        cfg = model_config(UNetConfig, resume, ckpt_path)
     torch.manual_seed(args.seed)
     rt = setup_runtime(args)
     device = rt.device
@@ -570,6 +737,7 @@ def train_unet(args):
         ema.module.load_state_dict(resume["ema"])
         ema.n_averaged.fill_(resume["ema_updates"])
         optimizer.load_state_dict(resume["optimizer"])
+        load_scaler(rt, resume)
         step = resume["step"]
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
     train_model = wrap_model(model, rt, args.compile)
@@ -584,14 +752,15 @@ def train_unet(args):
            f"scale {latent_scale:.4f}, steps {step} -> {max_steps} of {latents_per_step} latents "
            f"({rt.world} process(es)) on {device}")
 
-    def save():
+    def save(rng):
         atomic_save({"kind": "unet", "model": model.state_dict(), "ema": ema.module.state_dict(),
                      "ema_updates": int(ema.n_averaged), "optimizer": optimizer.state_dict(), "step": step,
+                     "scaler": rt.scaler.state_dict(), "rng": rng,
                      "config": asdict(cfg), "diffusion": diffusion_cfg,
                      "latent_scale": latent_scale, "latent_absmax": latent_absmax, "latent_shape": list(vq_cfg.latent_shape),
                      "vqvae_fingerprint": vq_fingerprint, "classes": classes,
                      "args": plain_args(args)},
-                    ckpt_path)
+                    ckpt_path, keep_previous=True)
 
     def save_sample_grid(path):
         noise = torch.randn(8, *vq_cfg.latent_shape, generator=torch.Generator().manual_seed(0)).to(device)
@@ -616,40 +785,52 @@ def train_unet(args):
     batches = index_batches(len(latents), args.batch_size, rt, args.seed, start=step * args.grad_accum, device=device)
     sums, n_sum, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     pbar = tqdm(total=max_steps, initial=step, desc="unet", dynamic_ncols=True, disable=not rt.main)
-    while step < max_steps:
-        sums += optimizer_step(train_model, optimizer, rt.scaler, [next(batches) for _ in range(args.grad_accum)],
-                               loss_fn, args.grad_clip)
-        scheduler.step()
-        ema.update_parameters(model)
-        step += 1
-        n_sum += 1
-        pbar.update(1)
-        at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
-        out_of_time = any_rank(time.monotonic() > deadline, rt) if at_log or rt.world == 1 else False
+    if resume:
+        restore_rng(resume.get("rng"), rt)
+    skips, stop = NonfiniteSkips(args.skip_nonfinite, ckpt_path), StopRequests()
+    with stop:
+        while step < max_steps:
+            stats = optimizer_step(train_model, optimizer, rt.scaler, [next(batches) for _ in range(args.grad_accum)],
+                                   loss_fn, args.grad_clip, args.skip_nonfinite)
+            scheduler.step()
+            step += 1
+            if skips.count(stats, step):
+                ema.update_parameters(model)
+                sums += stats
+                n_sum += 1
+            pbar.update(1)
+            at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
+            stopping = any_rank(time.monotonic() > deadline or bool(stop.signal), rt) if at_log or rt.world == 1 else False
 
-        if at_log or out_of_time:  # check the loss before saving
-            loss_m = mean_over_ranks(sums / n_sum, rt).item()
-            ensure_finite(loss_m, step, ckpt_path)
-            ips = n_sum * latents_per_step / (time.perf_counter() - t0)
-            if rt.main:
-                log.append({"step": step, "loss": f"{loss_m:.5f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
-                            "img_per_s": f"{ips:.1f}"})
-            pbar.set_postfix(loss=f"{loss_m:.4f}")
-            rt.log(f"step {step:>7d} | loss {loss_m:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {ips:7.1f} latents/s")
-            sums.zero_()
-            n_sum, t0 = 0, time.perf_counter()
-        if rt.main and step % args.sample_every == 0:
-            save_sample_grid(run / f"samples_step{step:07d}.png")
-        if rt.main and step % args.save_every == 0:
-            save()
-        if out_of_time:
-            rt.log(f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
-            break
+            if at_log or stopping:  # the loss and the weights are checked before any save
+                loss_m = mean_over_ranks(sums / max(n_sum, 1), rt).item()
+                ensure_finite(loss_m, step, ckpt_path, model)
+                ips = n_sum * latents_per_step / (time.perf_counter() - t0)
+                if rt.main:
+                    log.append({"step": step, "loss": f"{loss_m:.5f}", "lr": f"{scheduler.get_last_lr()[0]:.2e}",
+                                "img_per_s": f"{ips:.1f}"})
+                pbar.set_postfix(loss=f"{loss_m:.4f}")
+                rt.log(f"step {step:>7d} | loss {loss_m:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {ips:7.1f} latents/s"
+                       f"{skips.note()}")
+                sums.zero_()
+                n_sum, t0 = 0, time.perf_counter()
+            if rt.main and step % args.sample_every == 0:
+                save_sample_grid(run / f"samples_step{step:07d}.png")
+            if step % args.save_every == 0 and not stopping:
+                rng = rng_states(rt)   # every rank's: a collective
+                if rt.main:
+                    save(rng)
+            if stopping:
+                rt.log(f"{stop.signal} received at step {step}" if stop.signal else
+                       f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+                break
     pbar.close()
 
     # checkpoint and records
+    rng = rng_states(rt)
     if rt.main:
-        save()
+        save(rng)
         log.plot(run / "loss_unet.png", ["loss"], f"UNet training ({args.prediction} loss)")
         print(f"saved {ckpt_path} (step {step})")
+    stop.raise_if_stopped(ckpt_path, step)
     return ckpt_path

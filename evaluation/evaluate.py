@@ -2,6 +2,7 @@
 
     python driver.py evaluate --run RUN                   # samples from the run's UNet (DPM-Solver++ 20 steps, as `driver.py sample`)
     python driver.py evaluate --run RUN --samples DIR     # score images generated elsewhere
+    python driver.py evaluate --run RUN --class all --guidance 0,1,3   # a --conditional run, per class and scale
 
 Whole subjects are held out (the run's own split if train-vqvae had --holdout, else --holdout here, in
 which case the run has seen them and the report says so). The held-out subjects are split at random
@@ -15,6 +16,12 @@ same number of images as B, so a row's distance from the floor is what the model
 
 Slices of one subject are alike, so B (a few subjects) can sit further from A than independent draws
 from many subjects do: read FID/KID against the training row as well as against the floor.
+
+With --class (a run trained with --conditional), every requested class is scored on its own: its held-out
+subjects are halved into A and B as above, and for each guidance scale the class's samples are scored
+against its A. The AD/NC classifier (trained on the training subjects, RUN/classifier.pt) reports how
+often it recognises the class: on the held-out real images of the class (what it can do at best) and on
+each set of samples.
 
 Writes RUN/metrics.json, RUN/report.md and the grids it shows; prints the table.
 """
@@ -36,15 +43,16 @@ from dataset import BadInputError, card_transform, load_image, load_slices, spli
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from modules import VQVAE, ClassifierConfig, SliceClassifier, VQVAEConfig
-from train import atomic_save, load_checkpoint, setup_device
+from train import atomic_save, load_checkpoint, model_config, setup_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 def add_arguments(p: argparse.ArgumentParser):
     # the sampler and its flags (--run, --num, --seed, ...), as `driver.py sample`
-    predict.add_arguments(p, sampler="dpmpp", steps=20, num=None,
-                          num_help="images to generate (default: as many as the held-out floor half B)")
+    predict.add_arguments(p, sampler="dpmpp", steps=20, num=None, several_guidances=True,
+                          num_help="images to generate, per class and scale with --class (default: as many as the "
+                                   "held-out floor half B, of the class with --class)")
     p.add_argument("--data", default=None, help="image folder (default: the one the run was trained on)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="fraction of subjects held out, used only when the run held none out (default: %(default)s)")
@@ -62,13 +70,17 @@ def add_arguments(p: argparse.ArgumentParser):
 def evaluation_split(paths: list[str], holdout: float, seed: int) -> tuple[list[int], list[int], list[int]]:
     """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects."""
     train_idx, held_idx = split_by_subject(paths, holdout, seed)
-    subjects = sorted({subject_id(paths[i]) for i in held_idx})
+    return (train_idx, *halves(paths, held_idx, seed + 1))
+
+
+def halves(paths: list[str], indices: list[int], seed: int, what: str = "") -> tuple[list[int], list[int]]:
+    """The images `indices` split into two halves of their subjects, at random (seeded)."""
+    subjects = sorted({subject_id(paths[i]) for i in indices})
     if len(subjects) < 2:
-        raise BadInputError(f"only {len(subjects)} held-out subject; evaluation needs 2 or more (raise --holdout)")
-    half_a = set(np.random.default_rng(seed + 1).permutation(subjects)[:len(subjects) // 2].tolist())
-    ref_idx = [i for i in held_idx if subject_id(paths[i]) in half_a]
-    floor_idx = [i for i in held_idx if subject_id(paths[i]) not in half_a]
-    return train_idx, ref_idx, floor_idx
+        raise BadInputError(f"only {len(subjects)} held-out subject{what}; evaluation needs 2 or more (raise --holdout)")
+    half_a = set(np.random.default_rng(seed).permutation(subjects)[:len(subjects) // 2].tolist())
+    return ([i for i in indices if subject_id(paths[i]) in half_a],
+            [i for i in indices if subject_id(paths[i]) not in half_a])
 
 
 def training_sample(train_idx: list[int], count: int, seed: int) -> list[int]:
@@ -191,14 +203,59 @@ def format_table(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- per class, per guidance scale
+
+def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], classes: list[int], generate, classifier,
+                 features, device, seed: int) -> tuple[list[dict], torch.Tensor]:
+    """Each class in `classes` against its own held-out subjects, for each guidance scale in args.guidance.
+
+    `generate(labels, guidance)` samples images of the given labels. Returns one dict per table row
+    (class, images, count, recognised = the classifier's accuracy for that class, metrics) and a grid
+    of 8 samples per (class, scale).
+    """
+    paths = [p for p, _ in dataset.samples]
+    rows, grid = [], []
+    for c in classes:
+        name = dataset.classes[c]
+        ref_idx, floor_idx = halves(paths, [i for i in held_idx if dataset.labels[i] == c], seed + 1, f" of class {name}")
+        reference, _ = stack(dataset, ref_idx)
+        floor, _ = stack(dataset, floor_idx)
+        training, _ = stack(dataset, training_sample([i for i in train_idx if dataset.labels[i] == c], len(floor), seed))
+        num = args.num or len(floor)
+        label = torch.full((num,), c)
+        sets = {f"samples, w={w:g}": generate(label, w) for w in args.guidance}
+        sets.update({"real (training)": training, "real (floor)": floor})
+        scores = score_rows(sets, reference, features, device)
+        recognised = {key: class_accuracy(classifier, images, torch.full((len(images),), c), device)
+                      for key, images in sets.items()}
+        recognised["real (held out)"] = class_accuracy(classifier, torch.cat([reference, floor]),
+                                                       torch.full((len(reference) + len(floor),), c), device)
+        rows += [{"class": name, "images": key, "count": len(images), "recognised": recognised[key], **scores[key]}
+                 for key, images in sets.items()]
+        rows.append({"class": name, "images": "real (held out)", "count": len(reference) + len(floor),
+                     "recognised": recognised["real (held out)"]})
+        grid += [images[:8] for key, images in sets.items() if key.startswith("samples")]
+    return rows, torch.cat(grid)
+
+
+def format_class_table(rows: list[dict]) -> str:
+    """Markdown table of the per-class rows: the classifier's accuracy and the quality metrics."""
+    lines = ["| class | images | n | recognised as the class | FID | KID x1e3 | SWD x1e3 | MS-SSIM (pairs) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        metrics = (f"{r['fid']:.3f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['swd']:.1f} | {r['ms_ssim']:.3f}"
+                   if "fid" in r else "| | |")
+        lines.append(f"| {r['class']} | {r['images']} | {r['count']} | {r['recognised']:.1%} | {metrics} |")
+    return "\n".join(lines)
+
+
 def evaluate(args):
     run, out = Path(args.run), Path(args.out or args.run)
     if args.classifier_steps < 0 or not 0 < args.holdout < 1:
         raise BadInputError(f"--classifier-steps must be 0 or more and --holdout in (0, 1), got "
                             f"{args.classifier_steps} and {args.holdout}")
-    if args.class_name is not None:
-        raise BadInputError("evaluate scores unconditional samples against all held-out images; per-class scores "
-                            "are not implemented yet, so --class is refused here (use `driver.py sample --class`)")
+    if args.class_name is not None and args.samples:
+        raise BadInputError("--class scores the run's own conditional samples; it cannot be used with --samples")
     device, autocast = setup_device(args)
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     train_args = vq_ckpt["args"]
@@ -207,7 +264,7 @@ def evaluate(args):
     samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
 
     # data: the run's held-out subjects, halved into reference A and floor B
-    dataset = load_slices(data, image_size, channels)
+    dataset = load_slices(data, image_size, channels, skip_bad=train_args.get("skip_bad_images", False))
     seen = train_args.get("holdout", 0.0) == 0
     holdout, seed = (args.holdout, args.holdout_seed) if seen else (train_args["holdout"], train_args.get("holdout_seed", 0))
     if seen:
@@ -226,7 +283,7 @@ def evaluate(args):
               f"and are not reliable (raise --holdout at training time)")
 
     # stage 1: reconstructions of B
-    vqvae = VQVAE(VQVAEConfig(**vq_ckpt["config"])).to(device).eval()
+    vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval()
     vqvae.load_state_dict(vq_ckpt["model"])
     with autocast:
         vq_metrics, recons = reconstruction_metrics(vqvae, floor, device=device)
@@ -242,6 +299,9 @@ def evaluate(args):
         _, unet, diffusion, unet_ckpt = predict.load_models(run, device)
         predict.check_sampling_flags(args, diffusion)
         clip_x0 = predict.parse_clip(args.clip_x0, unet_ckpt.get("latent_absmax"))
+        requested = predict.class_labels(args.class_name, unet_ckpt, 1, run)  # the classes asked for, checked
+        if requested is not None and list(unet_ckpt["classes"]) != list(dataset.classes):
+            raise BadInputError(f"the run's classes {unet_ckpt['classes']} differ from those of {data}: {dataset.classes}")
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(vqvae, unet, diffusion, unet_ckpt, args, num, device, autocast, clip_x0)
         sampling = {"sampler": args.sampler, "steps": args.steps if args.sampler != "ddpm" else diffusion.num_steps,
@@ -263,6 +323,21 @@ def evaluate(args):
                         reference, features, device)
     table = format_table(scores)
 
+    # per class and guidance scale, with the AD/NC classifier's verdict
+    class_rows = None
+    if args.class_name is not None:
+        classifier = (features.classifier if isinstance(features, ClassifierFeatures)
+                      else domain_classifier(run, dataset, train_idx, key, args.classifier_steps, device))
+
+        def sample(labels, guidance):
+            torch.manual_seed(args.seed)
+            return predict.generate(vqvae, unet, diffusion, unet_ckpt, args, len(labels), device, autocast, clip_x0,
+                                    labels, guidance)[0]
+
+        class_rows, class_grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, requested.tolist(), sample,
+                                              classifier, features, device, seed)
+        class_table = format_class_table(class_rows)
+
     # files
     out.mkdir(parents=True, exist_ok=True)
     grids = {"real": floor, "reconstructions": recons, "samples": samples}
@@ -275,6 +350,9 @@ def evaluate(args):
                "vqvae_step": vq_ckpt["step"], "vqvae": {**vq_metrics, "images": "floor half B"},
                "sampling": sampling, "features": features.name, "classifier_heldout_accuracy": classifier_acc,
                "scores": scores}
+    if class_rows is not None:
+        metrics.update(guidance=args.guidance, per_class=class_rows)
+        save_image(class_grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}, "
                f"codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}")
@@ -290,8 +368,15 @@ def evaluate(args):
         report.insert(2, "**The run was trained on all subjects: the held-out images were seen in training.**\n")
     if few:
         report.insert(2, f"**Only {n_subjects} subjects in a held-out half: FID and KID are not reliable here.**\n")
+    if class_rows is not None:
+        report += ["", "## Per class", "", f"Samples of each class at guidance scales {args.guidance}, scored against the "
+                   "reference half of that class's held-out subjects. *Recognised*: how often the AD/NC classifier "
+                   "(trained on the training subjects) assigns the images to the class.", "", class_table, "",
+                   "Eight samples per class and scale, one row each, in the order of the table:", "", "![](eval_classes.png)"]
     (out / "report.md").write_text("\n".join(report) + "\n")
     print(vq_line)
     print(table)
+    if class_rows is not None:
+        print(class_table)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return metrics

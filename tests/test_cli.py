@@ -117,8 +117,18 @@ def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, t
     assert width > 1.4 * height  # one row of 3 per class: 2 rows
     assert "not a class of this run: AD, NC" in error_of(predict.main, [*common, "--class", "MCI"])
     assert "--guidance" in error_of(predict.main, [*common, "--class", "AD", "--guidance", "-1"])
+    # evaluate: every class at every guidance scale, against that class's held-out subjects
+    import json
+    evaluate = ["evaluate", "--features", "domain", "--classifier-steps", "0", "--steps", "3", "--holdout", "0.75"]
+    driver.main([*evaluate, "--run", str(copy), "--out", str(tmp_path / "eval"), "--class", "all", "--guidance", "0,2"])
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
+    assert [(r["class"], r["images"]) for r in rows] == [(c, k) for c in ("AD", "NC") for k in (
+        "samples, w=0", "samples, w=2", "real (training)", "real (floor)", "real (held out)")]
+    assert all(0 <= r["recognised"] <= 1 for r in rows) and "## Per class" in (tmp_path / "eval" / "report.md").read_text()
+    assert "--guidance" in error_of(driver.main, [*evaluate, "--run", str(copy), "--class", "AD", "--guidance", "1,-2"])
     # the unconditional run refuses --class; resuming the conditional one without --conditional is refused
     assert "without --conditional" in error_of(predict.main, ["--run", str(run), "--num", "1", "--class", "AD"])
+    assert "without --conditional" in error_of(driver.main, [*evaluate, "--run", str(run), "--class", "AD"])
     assert "num_classes" in error_of(unet, copy, "--max-steps", "4", "--resume")
 
 

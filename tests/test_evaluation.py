@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import driver
 from dataset import subject_id
-from evaluation.evaluate import evaluation_split, format_table
+from evaluation.evaluate import class_scores, evaluation_split, format_table
 from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyramid, ms_ssim_diversity,
                                 sliced_wasserstein)
 from modules import ClassifierConfig, SliceClassifier
@@ -155,3 +155,45 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "--classifier-steps must be 0 or more" in error_of(driver.main, base + ["--classifier-steps", "-1"])
     assert "--steps must be positive" in error_of(driver.main, base + ["--steps", "0"])
     assert "no vqvae checkpoint" in error_of(driver.main, ["evaluate", "--run", str(tmp_path / "none")])
+
+
+def test_class_scores_count_a_sample_as_recognised_only_when_the_classifier_names_its_class(tmp_path):
+    """AD slices bright, NC dark, a classifier that reads brightness; samples of the wrong class at w=0 only."""
+    import argparse
+    import numpy as np
+    from PIL import Image
+    from dataset import load_slices
+    rng = np.random.default_rng(0)
+    for label, level in (("AD", 200), ("NC", 40)):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for s in range(4):
+            for k in range(3):
+                img = (level + rng.normal(0, 5, (32, 32))).clip(0, 255).astype(np.uint8)
+                Image.fromarray(img).save(tmp_path / "train" / label / f"{label}{s}_{k}.png")
+    dataset = load_slices(str(tmp_path), 32, 1)
+    assert dataset.classes == ["AD", "NC"]
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], 0.5, 0)
+
+    class Brightness(nn.Module):   # logits (AD, NC) = (mean, -mean), and no rotation head
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([m, -m], 1), None
+
+    def generate(labels, guidance):
+        bright = (labels == 0) if guidance > 0 else (labels == 1)   # w = 0: every sample of the other class
+        return torch.where(bright[:, None, None, None], 0.5, -0.7) + 0.05 * torch.randn(len(labels), 1, 32, 32)
+
+    features = ClassifierFeatures(SliceClassifier(ClassifierConfig(in_channels=1, input_size=32)))
+    args = argparse.Namespace(guidance=[0.0, 2.0], num=None)
+    held = ref_idx + floor_idx
+    rows, grid = class_scores(args, dataset, train_idx, held, [0, 1], generate, Brightness(), features, "cpu", 0)
+    got = {(r["class"], r["images"]): r for r in rows}
+    for name, c in (("AD", 0), ("NC", 1)):
+        n_held = sum(dataset.labels[i] == c for i in held)
+        assert got[name, "samples, w=0"]["recognised"] == 0.0 and got[name, "samples, w=2"]["recognised"] == 1.0
+        assert got[name, "real (held out)"]["recognised"] == 1.0 and got[name, "real (held out)"]["count"] == n_held
+        floor = got[name, "real (floor)"]
+        assert got[name, "samples, w=2"]["count"] == floor["count"] < n_held   # as many samples as the class's floor half
+        # the right class is closer to that class's reference than the wrong one
+        assert got[name, "samples, w=2"]["fid"] < got[name, "samples, w=0"]["fid"]
+    assert grid.shape[0] == sum(min(8, got[n, "real (floor)"]["count"]) for n in ("AD", "NC") for _ in range(2))

@@ -125,6 +125,28 @@ def test_unet_attends_at_the_two_lowest_resolutions_and_bottleneck():
     assert set(sizes) == {4, 2}  # levels 2 and 3 of 16 -> 8 -> 4 -> 2 (bottleneck at 2)
 
 
+def test_the_embedding_reaches_res_blocks_of_32_channels_or_fewer():
+    """GroupNorm(32) over 32 channels normalises each channel alone, so it cancels an added per-channel shift:
+    the older additive embedding had no effect at all there (the `tiny` UNet's first level). Scale-shift has."""
+    from modules import ResBlock
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 32, 8, 8), torch.randn(2, 64)
+    for scale_shift, changes in ((True, True), (False, False)):
+        block = ResBlock(32, 32, emb_dim=64, scale_shift=scale_shift).eval()
+        with torch.no_grad():
+            moved = (block(x, emb) - block(x, emb.flip(0))).abs().max()
+        assert (moved > 1e-2) == changes, (scale_shift, moved)
+
+
+def test_checkpoints_from_before_scale_shift_load_as_they_were_trained():
+    old = UNetConfig(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1, scale_shift_norm=False)
+    saved = {k: v for k, v in old.__dict__.items() if k != "scale_shift_norm"}   # as such checkpoints hold it
+    state = UNet(old).state_dict()
+    UNet(UNetConfig.from_saved(saved)).load_state_dict(state)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        UNet(UNetConfig(**saved)).load_state_dict(state)    # why from_saved exists
+
+
 def test_ema_warms_up_then_tracks_weights_with_the_given_decay():
     model = nn.Linear(2, 2)
     ema = ema_model(model, decay=0.9)
@@ -367,9 +389,7 @@ def test_label_dropout_replaces_labels_by_the_null_label_with_probability_p():
 
 def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly():
     torch.manual_seed(0)
-    # 128 channels: GroupNorm(32) then has 4 channels per group; at 32 channels or fewer (1 per group) it
-    # removes any per-channel shift, the embedding included (a limit of narrow UNets, see bench/README.md)
-    unet = UNet(UNetConfig(latent_size=8, channels=128, channel_mult=(1, 1, 1, 1), num_res_blocks=1, num_classes=2)).eval()
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1, num_classes=2)).eval()
     nn.init.normal_(unet.out[-1].weight, std=0.1)
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 1])
     with torch.no_grad():
@@ -378,4 +398,5 @@ def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly()
         assert (cond - uncond).abs().max() > 0.1
         assert torch.allclose(Guided(unet, y, 0.0)(x, t), uncond, atol=1e-6)
         assert torch.allclose(Guided(unet, y, 1.0)(x, t), cond, atol=1e-6)
-        assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=1e-5)
+        # float32 round-off of a batched pass, amplified by w = 3, on outputs of size ~10; a wrong rule is O(1) off
+        assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=2e-4)
