@@ -616,7 +616,7 @@ def train_vqvae(args):
                 n_sum, t0 = 0, time.perf_counter()
             if rt.main and step % args.sample_every == 0:
                 save_recon_grid(run / f"recon_step{step:07d}.png")
-            if step % args.save_every == 0 and not stopping:
+            if step % args.save_every == 0 and step < max_steps and not stopping:  # the last save is after the loop
                 rng = rng_states(rt)   # every rank's: a collective
                 if rt.main:
                     save(rng)
@@ -709,7 +709,7 @@ def train_unet(args):
     torch.manual_seed(args.seed)
     rt = setup_runtime(args)
     device = rt.device
-    vqvae = VQVAE(vq_cfg).to(device)
+    vqvae = VQVAE(vq_cfg).to(device).eval()  # frozen: eval mode, or its quantiser's restarts would draw random numbers
     vqvae.load_state_dict(vq_ckpt["model"])
     vqvae.requires_grad_(False)
     vq_fingerprint = fingerprint(vq_ckpt["model"])
@@ -816,7 +816,7 @@ def train_unet(args):
                 n_sum, t0 = 0, time.perf_counter()
             if rt.main and step % args.sample_every == 0:
                 save_sample_grid(run / f"samples_step{step:07d}.png")
-            if step % args.save_every == 0 and not stopping:
+            if step % args.save_every == 0 and step < max_steps and not stopping:  # the last save is after the loop
                 rng = rng_states(rt)   # every rank's: a collective
                 if rt.main:
                     save(rng)

@@ -140,11 +140,12 @@ def test_torchrun_two_processes_write_one_run(adni_folder, tmp_path):
     output = done.stdout + done.stderr
     assert output.count("latents written") == 1  # rank 0 encodes; rank 1 waits and reads the file
 
-    assert sorted(p.name for p in run.glob("*.pt")) == ["latents.pt", "unet.pt", "vqvae.pt"]
+    assert sorted(p.name for p in run.glob("*.pt")) == ["latents.pt", "unet.prev.pt", "unet.pt", "vqvae.prev.pt", "vqvae.pt"]
     assert not list(run.glob(".*tmp*"))
     for name in ("vqvae.pt", "unet.pt"):
         saved = ckpt(run / name)
         assert saved["step"] == 4 and not any(k.startswith(("module.", "_orig_mod.")) for k in saved["model"])
+        assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])  # each rank's
     assert saved["args"]["grad_accum"] == 2
     for csv_name in ("log_vqvae.csv", "log_unet.csv"):  # one row per log step, not one per rank
         steps = [line.split(",")[0] for line in (run / csv_name).read_text().splitlines()[1:]]
