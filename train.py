@@ -267,6 +267,10 @@ def prepare_run(args, ckpt_path: Path, kind: str, model_config: dict) -> dict | 
         raise BadInputError(f"{ckpt_path} already exists: pass --resume to continue it, or use another --run")
     if not (args.resume and ckpt_path.exists()):
         return None
+    if os.environ.get("RANK", "0") == "0":  # a write cut short by kill -9 leaves its temporary file
+        for partial in run.glob(f".{ckpt_path.name}.*"):
+            print(f"removed {partial.name}, a checkpoint write that did not finish ({ckpt_path.name} is whole)")
+            partial.unlink(missing_ok=True)
     ckpt = load_checkpoint(ckpt_path, kind)
     saved = {**ckpt["config"], **ckpt.get("diffusion", {})}  # a UNet's diffusion settings are part of its config
     diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"

@@ -165,12 +165,16 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(train
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     path = tmp_path / "unet.pt"
-    train.atomic_save({"kind": "unet", "step": 2}, path)
+    train.atomic_save({"kind": "unet", "step": 2, "config": {}}, path)
     script = (f"import os, signal, sys, torch; sys.path.insert(0, {str(REPO)!r}); import train\n"
               "def dies(obj, f, *a, **k):\n    f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
               f"torch.save = dies\ntrain.atomic_save({{'kind': 'unet', 'step': 4}}, train.Path({str(path)!r}))\n")
     assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
     assert train.load_checkpoint(path, "unet")["step"] == 2
+    partial = [p.name for p in tmp_path.iterdir() if p.name.startswith(".unet.pt.tmp")]
+    assert len(partial) == 1   # the killed write's file; --resume removes it:
+    args = driver.parse(["train-unet", "--run", str(tmp_path), "--resume"])
+    assert train.prepare_run(args, path, "unet", {})["step"] == 2 and not (tmp_path / partial[0]).exists()
 
 
 def test_a_truncated_checkpoint_is_named_with_the_last_good_one(trained_run, tmp_path):
