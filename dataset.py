@@ -152,7 +152,8 @@ class InMemorySlices(Dataset):
             images, bad = self._disk_cache(Path(cache_file), shape, workers, skip_bad)
         self.skipped = [self.samples[i][0] for i in bad]
         if bad:  # _decode_into moved the good images to the front
-            good = [i for i in range(len(self.samples)) if i not in set(bad)]
+            unreadable = set(bad)
+            good = [i for i in range(len(self.samples)) if i not in unreadable]
             images, self.samples = images[:len(good)], [self.samples[i] for i in good]
             names = ", ".join(printable(p) for p in self.skipped[:3]) + (" ..." if len(bad) > 3 else "")
             print(f"--skip-bad-images: left out {len(bad)} unreadable image(s) of {shape[0]}: {names}")

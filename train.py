@@ -338,8 +338,8 @@ def load_scaler(rt: Runtime, ckpt: dict):
 class NonfiniteSkips:
     """--skip-nonfinite's count of skipped steps; `limit` of them in a row means the run has diverged: stop."""
 
-    def __init__(self, enabled: bool, ckpt_path: Path, limit: int = 20):
-        self.enabled, self.ckpt_path, self.limit = enabled, ckpt_path, limit
+    def __init__(self, ckpt_path: Path, limit: int = 20):
+        self.ckpt_path, self.limit = ckpt_path, limit
         self.total = self.in_a_row = 0
 
     def count(self, stats, step: int) -> bool:
@@ -589,7 +589,7 @@ def train_vqvae(args):
     pbar = tqdm(total=max_steps, initial=step, desc="vqvae", dynamic_ncols=True, disable=not rt.main)
     if resume:
         restore_rng(resume.get("rng"), rt)
-    skips, stop = NonfiniteSkips(args.skip_nonfinite, ckpt_path), StopRequests()
+    skips, stop = NonfiniteSkips(ckpt_path), StopRequests()
     with stop:
         while step < max_steps:
             stats = optimizer_step(train_model, optimizer, rt.scaler, [next(stream) for _ in range(args.grad_accum)],
@@ -791,7 +791,7 @@ def train_unet(args):
     pbar = tqdm(total=max_steps, initial=step, desc="unet", dynamic_ncols=True, disable=not rt.main)
     if resume:
         restore_rng(resume.get("rng"), rt)
-    skips, stop = NonfiniteSkips(args.skip_nonfinite, ckpt_path), StopRequests()
+    skips, stop = NonfiniteSkips(ckpt_path), StopRequests()
     with stop:
         while step < max_steps:
             stats = optimizer_step(train_model, optimizer, rt.scaler, [next(batches) for _ in range(args.grad_accum)],
