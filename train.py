@@ -358,6 +358,19 @@ class NonfiniteSkips:
         return f" | {self.total} non-finite steps skipped" if self.total else ""
 
 
+def save_or_stop(step: int, max_steps: int, stopping: bool, args, rt: Runtime, save, stop: "StopRequests") -> bool:
+    """The periodic checkpoint of a training loop (every rank joins in gathering the random states, rank 0
+    writes; the last one is written after the loop) and, when stopping, why. True: leave the loop."""
+    if step % args.save_every == 0 and step < max_steps and not stopping:
+        rng = rng_states(rt)
+        if rt.main:
+            save(rng)
+    if stopping:
+        rt.log(f"{stop.signal} received at step {step}" if stop.signal else
+               f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+    return stopping
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM stopped training after a checkpoint was written."""
 
@@ -620,13 +633,7 @@ def train_vqvae(args):
                 n_sum, t0 = 0, time.perf_counter()
             if rt.main and step % args.sample_every == 0:
                 save_recon_grid(run / f"recon_step{step:07d}.png")
-            if step % args.save_every == 0 and step < max_steps and not stopping:  # the last save is after the loop
-                rng = rng_states(rt)   # every rank's: a collective
-                if rt.main:
-                    save(rng)
-            if stopping:
-                rt.log(f"{stop.signal} received at step {step}" if stop.signal else
-                       f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+            if save_or_stop(step, max_steps, stopping, args, rt, save, stop):
                 break
     pbar.close()
 
@@ -820,13 +827,7 @@ def train_unet(args):
                 n_sum, t0 = 0, time.perf_counter()
             if rt.main and step % args.sample_every == 0:
                 save_sample_grid(run / f"samples_step{step:07d}.png")
-            if step % args.save_every == 0 and step < max_steps and not stopping:  # the last save is after the loop
-                rng = rng_states(rt)   # every rank's: a collective
-                if rt.main:
-                    save(rng)
-            if stopping:
-                rt.log(f"{stop.signal} received at step {step}" if stop.signal else
-                       f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+            if save_or_stop(step, max_steps, stopping, args, rt, save, stop):
                 break
     pbar.close()
 
