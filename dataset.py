@@ -1,4 +1,5 @@
-"""Data: the ADNI-layout image loader, the embedded MNI152 demo dataset, and the subject-level split.
+"""Data: the ADNI-layout image loader, the subject-level split, a run's training set in batches, and the
+embedded MNI152 demo dataset.
 
 The loader is the original report's: the `train` and `test` ImageFolders of an ADNI folder
 (`ROOT/{train,test}/{AD,NC}/*.jpeg`) concatenated, each image Resize((256, 256)) -> ToTensor ->
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,15 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
+
+from runtime.errors import BadInputError
 
 DEMO_VERSION = 1                  # bump when the demo generator changes, so old caches are not reused
 DEFAULT_DEMO_ROOT = Path.home() / ".cache" / "brain-ldm"
-
-
-class BadInputError(Exception):
-    """An input the user can fix (missing folder, unreadable image, wrong checkpoint): one-line message."""
 
 
 # ----------------------------------------------------------------------------- loading images
@@ -267,6 +267,112 @@ def split_by_subject(paths: list[str], holdout: float, seed: int = 0) -> tuple[l
     train_idx = [i for i, p in enumerate(paths) if subject_id(p) not in held]
     held_idx = [i for i, p in enumerate(paths) if subject_id(p) in held]
     return train_idx, held_idx
+
+
+# ----------------------------------------------------------------------------- a run's training set, in batches
+
+@dataclass
+class DataConfig:
+    """Which images a run trains on and how they are read. driver.py resolves it once: from the flags for
+    stage 1, which saves it in vqvae.pt; stage 2 and `evaluate` inherit it from there."""
+    root: str | None = None         # the image folder; None: the embedded demo data under demo_dir
+    demo_dir: str = str(DEFAULT_DEMO_ROOT)
+    image_size: int = 256
+    channels: int = 1
+    holdout: float = 0.0            # fraction of subjects left out of training, for evaluation
+    holdout_seed: int = 0
+    skip_bad_images: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "DataConfig":
+        return cls(args.data, args.demo_dir, args.image_size, args.channels, args.holdout, args.holdout_seed,
+                   args.skip_bad_images)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "DataConfig":
+        """The data config saved by stage 1; a checkpoint written before it was saved keeps it in its flags."""
+        if "data_config" in ckpt:
+            return cls(**ckpt["data_config"])
+        saved = ckpt["args"]
+        return cls(ckpt["data"], saved.get("demo_dir", str(DEFAULT_DEMO_ROOT)), saved["image_size"],
+                   saved.get("channels", 1), saved.get("holdout", 0.0), saved.get("holdout_seed", 0),
+                   saved.get("skip_bad_images", False))
+
+    def folder(self) -> Path:
+        """The image folder (the demo data is built on first use)."""
+        return Path(self.root) if self.root else demo_data_dir(self.demo_dir)
+
+    def saved(self) -> dict:
+        return {**asdict(self), "root": str(self.folder())}
+
+
+def training_files(data: DataConfig) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) of the training images (held-out subjects removed) and the class names (the image
+    folder's: AD, NC), without decoding any image."""
+    folders = SliceFolders(data.folder(), data.image_size, data.channels)
+    samples = folders.samples
+    if data.holdout > 0:
+        train_idx, _ = split_by_subject([p for p, _ in samples], data.holdout, data.holdout_seed)
+        samples = [samples[i] for i in train_idx]
+    return samples, folders.classes
+
+
+def training_data(data: DataConfig, cache_gb: float, workers: int, disk_cache: Path,
+                  build_guard=contextlib.nullcontext) -> Dataset:
+    """The training images decoded once as uint8 (in memory, or memory-mapped under `disk_cache` when larger
+    than cache_gb), held-out subjects removed."""
+    dataset = load_slices(data.folder(), data.image_size, data.channels, cache_gb, workers, disk_cache=disk_cache,
+                          build_guard=build_guard, skip_bad=data.skip_bad_images)
+    if data.holdout > 0:
+        train_idx, _ = split_by_subject([p for p, _ in dataset.samples], data.holdout, data.holdout_seed)
+        dataset = Subset(dataset, train_idx)
+    return dataset
+
+
+def dataset_labels(dataset) -> torch.Tensor:
+    """The class labels of an InMemorySlices, or of a Subset of one (held-out subjects removed)."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices)]
+    return dataset.labels
+
+
+def index_batches(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, start: int = 0, device="cpu"):
+    """This rank's batches of indices into n items, endlessly: each epoch a DistributedSampler order
+    (set_epoch(epoch): new for every epoch, the same on every rank, which take disjoint shards), cut
+    into batches; the last partial batch is dropped. `start` skips that many batches (a resumed run)."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=world > 1)
+    per_epoch = max(1, len(sampler) // batch_size)  # a set smaller than a batch is one batch
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        for i in range(skip, per_epoch):
+            yield order[i * batch_size:(i + 1) * batch_size]
+        epoch, skip = epoch + 1, 0
+
+
+class _Gather(Dataset):
+    """dataset[index tensor] -> the uint8 batch of those images (for a DataLoader with batch_size=None)."""
+
+    def __init__(self, images: torch.Tensor, index: torch.Tensor | None):
+        self.images, self.index = images, index
+
+    def __getitem__(self, idx):
+        return self.images[idx if self.index is None else self.index[idx]]
+
+
+def uint8_loader(dataset, batches, workers: int, pin_memory: bool = False) -> DataLoader:
+    """uint8 image batches for the index batches `batches`. Worker processes only for a memory-mapped cache
+    (they overlap its disk reads); in memory a gather beats the hand-over."""
+    images, index, on_disk = uint8_images(dataset)
+    return DataLoader(_Gather(images, index), sampler=batches, batch_size=None, num_workers=workers if on_disk else 0,
+                      pin_memory=pin_memory)
+
+
+def to_unit(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 batch -> float in [-1, 1] on the device (v / 127.5 - 1, exactly the card's ToTensor + Normalize)."""
+    x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ----------------------------------------------------------------------------- embedded demo data

@@ -1,4 +1,4 @@
-"""Networks and diffusion math: VQ-VAE, time-conditioned UNet, GaussianDiffusion, EMA, evaluation classifier.
+"""Networks and diffusion math: VQ-VAE, time-conditioned UNet, GaussianDiffusion, guidance, EMA.
 
 Nothing here touches files or the command line; `train.py` and `predict.py` use these pieces.
 Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/test_modules.py`.
@@ -357,100 +357,6 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def drop_labels(y: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
-    """Each label replaced by the null label with probability p: one network learns the conditional and the
-    unconditional model at once, as classifier-free guidance needs (Ho & Salimans 2022)."""
-    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_label), y)
-
-
-class Guided(nn.Module):
-    """A class-conditional UNet under classifier-free guidance (Ho & Salimans 2022), called as model(x_t, t):
-
-    out = out(x_t, t, null) + w * (out(x_t, t, y) - out(x_t, t, null)), so w = 0 is the unconditional
-    network and w = 1 the conditional one. Both halves run in one batch. Every sampler works with it,
-    for the eps and the v output alike: x0 and eps are linear in the network's output.
-    """
-
-    def __init__(self, unet: "UNet", y: torch.Tensor, guidance: float):
-        super().__init__()
-        self.unet, self.y, self.guidance = unet, y, guidance
-        self.null = torch.full_like(y, unet.cfg.num_classes)
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.guidance == 1:
-            return self.unet(x_t, t, self.y)
-        if self.guidance == 0:
-            return self.unet(x_t, t, self.null)
-        cond, uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.y, self.null])).chunk(2)
-        return uncond + self.guidance * (cond - uncond)
-
-
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel.
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as latent-diffusion does),
-    so the random initial weights are forgotten within a short run; n stays a device tensor (no sync).
-    """
-    def ema_update(ema_params, params, num_averaged):
-        weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
-        for e, p in zip(ema_params, params):
-            e.lerp_(p, weight.to(e.dtype))
-    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
-
-
-# ----------------------------------------------------------------------------- evaluation features
-
-@dataclass
-class ClassifierConfig:
-    in_channels: int = 1
-    input_size: int = 64            # images are resized to this before the network
-    width: int = 16                 # channels of the first of 4 stages (x1, x2, x4, x8)
-    num_classes: int = 2            # the image folder's classes (AD, NC); 1 leaves only the rotation task
-
-
-class SliceClassifier(nn.Module):
-    """Small CNN for evaluation: class logits (AD/NC) and rotation logits (0/90/180/270 degrees).
-
-    Inception-v3 weights cannot always be downloaded, so FID/KID can use `features` of this network
-    instead, trained on the training images: the global average of every stage, concatenated, so coarse
-    shape and fine texture both count (width * 15 numbers). The rotation task gives it anatomy to learn
-    even when the classes are hard to tell apart or there is only one.
-    """
-
-    def __init__(self, cfg: ClassifierConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.num_features = cfg.width * 15
-        widths, prev, stages = [cfg.width * m for m in (1, 2, 4, 8)], cfg.in_channels, []
-        for i, w in enumerate(widths):
-            # no normalisation in the first stage: it would make the features blind to brightness and contrast
-            norm = (lambda c: nn.Identity()) if i == 0 else group_norm  # noqa: E731
-            stages.append(nn.Sequential(nn.Conv2d(prev, w, 3, stride=2, padding=1), norm(w), nn.SiLU(),
-                                        nn.Conv2d(w, w, 3, padding=1), norm(w), nn.SiLU()))
-            prev = w
-        self.stages = nn.ModuleList(stages)
-        self.class_head = nn.Linear(prev, cfg.num_classes)
-        self.rotation_head = nn.Linear(prev, 4)
-
-    def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.shape[-1] != self.cfg.input_size:
-            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-        pooled = []
-        for stage in self.stages:
-            x = stage(x)
-            pooled.append(x.mean(dim=(2, 3)))
-        return pooled
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> (B, num_features)."""
-        return torch.cat(self._pooled(x), dim=1)
-
-    def forward(self, x: torch.Tensor):
-        """-> (class logits (B, num_classes), rotation logits (B, 4))."""
-        last = self._pooled(x)[-1]
-        return self.class_head(last), self.rotation_head(last)
-
-
 # ----------------------------------------------------------------------------- diffusion
 
 def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
@@ -647,3 +553,48 @@ class GaussianDiffusion(nn.Module):
         error = F.mse_loss if self.loss_type == "mse" else F.smooth_l1_loss
         per_sample = error(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return (self.loss_weight(t) * per_sample).mean()
+
+
+# ----------------------------------------------------------------------------- class conditioning and guidance
+
+def drop_labels(y: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
+    """Each label replaced by the null label with probability p: one network learns the conditional and the
+    unconditional model at once, as classifier-free guidance needs (Ho & Salimans 2022)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_label), y)
+
+
+class Guided(nn.Module):
+    """A class-conditional UNet under classifier-free guidance (Ho & Salimans 2022), called as model(x_t, t):
+
+    out = out(x_t, t, null) + w * (out(x_t, t, y) - out(x_t, t, null)), so w = 0 is the unconditional
+    network and w = 1 the conditional one. Both halves run in one batch. Every sampler works with it,
+    for the eps and the v output alike: x0 and eps are linear in the network's output.
+    """
+
+    def __init__(self, unet: "UNet", y: torch.Tensor, guidance: float):
+        super().__init__()
+        self.unet, self.y, self.guidance = unet, y, guidance
+        self.null = torch.full_like(y, unet.cfg.num_classes)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.guidance == 1:
+            return self.unet(x_t, t, self.y)
+        if self.guidance == 0:
+            return self.unet(x_t, t, self.null)
+        cond, uncond = self.unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.y, self.null])).chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+
+# ----------------------------------------------------------------------------- EMA of the weights
+
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as latent-diffusion does),
+    so the random initial weights are forgotten within a short run; n stays a device tensor (no sync).
+    """
+    def ema_update(ema_params, params, num_averaged):
+        weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, weight.to(e.dtype))
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)

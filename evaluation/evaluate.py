@@ -42,7 +42,8 @@ import predict
 from dataset import BadInputError, card_transform, load_image, load_slices, split_by_subject, subject_id
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
-from modules import VQVAE, ClassifierConfig, SliceClassifier, VQVAEConfig
+from evaluation.classifier import ClassifierConfig, SliceClassifier
+from modules import VQVAE, VQVAEConfig
 from train import atomic_save, load_checkpoint, model_config, setup_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}

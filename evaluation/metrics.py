@@ -20,7 +20,7 @@ from torchmetrics.image import (MultiScaleStructuralSimilarityIndexMeasure, Peak
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from modules import SliceClassifier
+from evaluation.classifier import SliceClassifier
 
 
 # ----------------------------------------------------------------------------- feature networks for FID / KID

@@ -11,7 +11,7 @@ from dataset import subject_id
 from evaluation.evaluate import class_scores, evaluation_split, format_table
 from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyramid, ms_ssim_diversity,
                                 sliced_wasserstein)
-from modules import ClassifierConfig, SliceClassifier
+from evaluation.classifier import ClassifierConfig, SliceClassifier
 from conftest import error_of
 
 

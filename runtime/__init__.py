@@ -1,0 +1,10 @@
+"""What training, sampling, evaluation and the benchmarks share, and nothing of the models or the data:
+
+    runtime/errors.py       BadInputError (one-line messages for inputs a user can fix), Interrupted
+    runtime/process.py      device and precision, torchrun processes and rank helpers, random states
+    runtime/signals.py      SIGINT/SIGTERM during training: finish the step, save, stop
+    runtime/checkpoint.py   atomic saves that keep the previous file, safe loading with kind/version/config
+                            checks, weight fingerprints, the run folder's config.json
+
+Scripts import from the submodules; nothing here imports train.py, predict.py or driver.py.
+"""

@@ -1,0 +1,138 @@
+"""Checkpoints and the run folder: atomic saves that keep the previous file, safe loading with kind,
+version and config checks, weight fingerprints, and RUN/config.json.
+
+A checkpoint is one dict {"kind", "model", "optimizer", "step", "config", ...} of tensors and plain
+values, loaded with torch.load(weights_only=True): a file holding Python objects is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from runtime.errors import BadInputError
+from runtime.process import is_main_process
+
+
+def previous(path: Path) -> Path:
+    """Where atomic_save(keep_previous=True) keeps the checkpoint it replaced: RUN/unet.prev.pt."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def atomic_save(obj, path: Path, keep_previous: bool = False):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: at every moment
+    `path` is the old file or the new one, whole. keep_previous: the old one stays as previous(path)
+    (a hard link, no copy). A failed write (disk full) leaves `path` as it was and says so."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            link = path.with_name(f".{path.name}.prev{os.getpid()}")
+            link.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a file system without hard links: keep no previous one
+                os.link(path, link)
+                os.replace(link, previous(path))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BadInputError(f"could not write {path} ({e.strerror or e}); "
+                            f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, kind: str) -> dict:
+    """Load a checkpoint safely (weights_only=True: tensors and plain values only, never code) and check
+    it is a `kind` checkpoint. A damaged file is named, with the previous checkpoint if that one loads."""
+    if not path.exists():
+        raise BadInputError(f"no {kind} checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: Python objects, which can run code
+        raise BadInputError(f"refused to load {path}: it holds Python objects, not only tensors and plain values "
+                            f"(weights_only=True; such a file can run code when unpickled): {str(e).splitlines()[-1]}") from None
+    except Exception as e:  # truncated or not a torch file at all
+        raise BadInputError(f"cannot load checkpoint {path}, it is damaged or not a checkpoint "
+                            f"({str(e).splitlines()[0]}); {_last_good(path, kind)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise BadInputError(f"{path} is not a {kind} checkpoint (it holds {found!r})")
+    return ckpt
+
+
+def _last_good(path: Path, kind: str) -> str:
+    """A sentence on the checkpoint before `path`, for the error about a damaged one."""
+    prev = previous(path)
+    if prev == path or not prev.exists():
+        return "no earlier checkpoint is kept beside it"
+    try:
+        step = load_checkpoint(prev, kind).get("step")
+    except BadInputError:
+        return f"the previous one, {prev}, does not load either"
+    return f"the last good one is {prev} (step {step}): move it to {path.name} to resume from there"
+
+
+def model_config(cls, ckpt: dict, path: Path):
+    """The model config saved in a checkpoint (cls.from_saved if it has one), or a clear error when the
+    checkpoint comes from a version of this project with other fields."""
+    try:
+        return cls.from_saved(ckpt["config"]) if hasattr(cls, "from_saved") else cls(**ckpt["config"])
+    except TypeError as e:
+        raise BadInputError(f"{path} was written by another version of this project ({e}); "
+                            f"train it again with this version") from None
+
+
+def fingerprint(state_dict: dict) -> str:
+    """A short hash of a model's weights: ties a latent cache and a UNet to one exact VQ-VAE."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(state_dict.items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict) -> dict | None:
+    """Check the run folder before anything is written; return the checkpoint to resume, if any.
+
+    Without `resume` an existing checkpoint is an error (nothing is overwritten by accident). With it, the
+    temporary file of a write cut short is removed, and the saved config must equal `chosen` (the model's
+    config and, for a UNet, its diffusion settings)."""
+    if ckpt_path.exists() and not resume:
+        raise BadInputError(f"{ckpt_path} already exists: pass --resume to continue it, or use another --run")
+    if not (resume and ckpt_path.exists()):
+        return None
+    if is_main_process():  # a write cut short by kill -9 leaves its temporary file
+        for partial in ckpt_path.parent.glob(f".{ckpt_path.name}.*"):
+            print(f"removed {partial.name}, a checkpoint write that did not finish ({ckpt_path.name} is whole)")
+            partial.unlink(missing_ok=True)
+    ckpt = load_checkpoint(ckpt_path, kind)
+    saved = {**ckpt["config"], **ckpt.get("diffusion", {})}  # a UNet's diffusion settings are part of its config
+    diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
+            for k, v in chosen.items() if _plain(saved.get(k)) != _plain(v)]
+    if diff:
+        raise BadInputError(f"cannot resume {ckpt_path}: it was trained with a different config ({'; '.join(diff)})")
+    return ckpt
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def plain_args(args) -> dict:
+    """The resolved flags as plain values, which a weights_only=True load accepts."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}
+
+
+def write_config(run: Path, stage: str, args):
+    """Merge this stage's resolved flags into RUN/config.json."""
+    path = run / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    config[stage] = {k: v for k, v in vars(args).items() if k != "func"}
+    path.write_text(json.dumps(config, indent=2, default=str))

@@ -1,0 +1,162 @@
+"""Where a process computes: its device and precision, its place among torchrun's processes, its random states.
+
+Under torchrun (WORLD_SIZE > 1) every process trains on its own shard; rank 0 alone writes files and builds
+caches while the others wait (`main_rank_first`); logged values are means over ranks; stopping is agreed
+by all ranks (`any_rank`), so they leave the loop at the same step.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from runtime.errors import BadInputError
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`device`, else CUDA if present; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return device
+
+
+def setup_device(device: str | None = None, precision: str = "auto",
+                 deterministic: bool = False) -> tuple[torch.device, contextlib.AbstractContextManager]:
+    """The device and the autocast context of `precision` (auto: bf16 on CUDA, fp32 on CPU).
+
+    On CUDA also TF32 matmuls and cuDNN autotuning (it picks the fastest convolution kernels for the
+    shapes it meets), unless `deterministic`: then deterministic kernels only, for a bit-exact resume.
+    """
+    device = pick_device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise BadInputError("--precision fp16 needs a CUDA device (its GradScaler); use bf16 or fp32 on the CPU")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if precision == "fp32":
+        return device, contextlib.nullcontext()
+    return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------- torchrun processes
+
+@dataclass
+class Runtime:
+    """Where this process trains: device and precision, and its place among torchrun's processes."""
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    scaler: torch.amp.GradScaler    # active for fp16 only; a pass-through otherwise
+    channels_last: bool
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str):
+        if self.main:
+            tqdm.write(message)
+
+
+def setup_runtime(device: str | None = None, precision: str = "auto", deterministic: bool = False,
+                  channels_last: bool | None = None) -> Runtime:
+    """Device and precision; under torchrun (WORLD_SIZE > 1) also the process group: NCCL on CUDA, gloo on CPU.
+    channels_last None: NHWC on CUDA, where cuDNN's convolutions prefer it."""
+    device, autocast = setup_device(device, precision, deterministic)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # rank 0 may spend a while alone building the caches while the others wait at a barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
+    fp16 = getattr(autocast, "fast_dtype", None) == torch.float16
+    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    return Runtime(device, autocast, torch.amp.GradScaler("cuda", enabled=fp16), channels_last, rank, world)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or the only process), before or without a Runtime."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cpus_per_process() -> int:
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+@contextlib.contextmanager
+def main_rank_first(rt: Runtime):
+    """Rank 0 runs the block first (builds a cache); the other ranks run it after, and find the cache."""
+    if not rt.main:
+        dist.barrier()
+    yield
+    if rt.main and rt.world > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.world > 1:
+        dist.all_reduce(t)
+        t = t / rt.world
+    return t
+
+
+def any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if it is True on one (so that all ranks stop at the same step)."""
+    if rt.world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
+    """channels_last, DDP under torchrun, torch.compile if asked; checkpoints keep saving the unwrapped model."""
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if rt.world > 1:
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- random states
+
+def rng_states(rt: Runtime) -> list[dict]:
+    """Every rank's random generator states (torch CPU, and CUDA if used), for an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if rt.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(rt.device)
+    if rt.world == 1:
+        return [state]
+    states = [None] * rt.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(saved: list[dict] | None, rt: Runtime):
+    """Continue every rank's random stream where the checkpoint left it (same number of ranks only)."""
+    if not saved or len(saved) != rt.world:
+        rt.log(f"random states not restored ({'none saved' if not saved else f'{len(saved)} ranks saved, {rt.world} now'}): "
+               f"the run continues correctly, but not bit-identically")
+        return
+    torch.set_rng_state(saved[rt.rank]["cpu"])
+    if "cuda" in saved[rt.rank] and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(saved[rt.rank]["cuda"], rt.device)
