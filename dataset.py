@@ -190,11 +190,7 @@ class InMemorySlices(Dataset):
         """The uint8 array as a memory-mapped .npy next to a key of the files it holds (paths, sizes, mtimes),
         with the unreadable images' indices."""
         key_path = path.with_suffix(".json")
-        key = hashlib.sha1()
-        for p, _ in self.samples:
-            st = os.stat(p)
-            key.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        key = {"shape": list(shape), "files": key.hexdigest()}
+        key = {"shape": list(shape), "files": files_fingerprint(self.samples)}
         saved = json.loads(key_path.read_text()) if path.exists() and key_path.exists() else {}
         if {k: saved.get(k) for k in key} == key and (skip_bad or not saved.get("bad")):
             print(f"image cache {path}: {shape[0]} images reused")
@@ -219,6 +215,15 @@ class InMemorySlices(Dataset):
 
     def __getitem__(self, i):
         return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
+
+
+def files_fingerprint(samples: list[tuple[str, int]]) -> str:
+    """A hash of the files' names, sizes and modification times: a cache built from them is stale when it changes."""
+    key = hashlib.sha1()
+    for p, _ in samples:
+        st = os.stat(p)
+        key.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return key.hexdigest()
 
 
 def uint8_images(dataset) -> tuple[torch.Tensor, torch.Tensor | None, bool]:

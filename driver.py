@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,11 @@ import torch.distributed as dist
 
 import predict
 import train
-from dataset import DEFAULT_DEMO_ROOT, BadInputError
+from dataset import DEFAULT_DEMO_ROOT, DataConfig
 from evaluation import evaluate as evaluation
+from runtime.checkpoint import load_checkpoint
+from runtime.errors import BadInputError, Interrupted
+from runtime.process import is_main_process
 
 # Preset values of the flags that default to None below; a flag given on the command line wins.
 PRESETS = {
@@ -172,9 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left at None from the preset; --epochs given alone is not overridden by max_steps."""
-    if args.preset is None and args.stage == "unet":  # follow stage 1 of this run
-        config = Path(args.run) / "config.json"
-        args.preset = json.loads(config.read_text()).get("train-vqvae", {}).get("preset") if config.exists() else None
     if args.preset is None:
         args.preset = "full" if args.data else "tiny"
     for name, value in PRESETS[args.stage][args.preset].items():
@@ -187,10 +186,56 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def stage1_data(args: argparse.Namespace) -> tuple[dict, DataConfig]:
+    """Stage 1's checkpoint args and data config, which stage 2 and `evaluate` inherit (--data may point the run
+    at the same images in another place). No stage 1: the one-line error, before anything else is resolved."""
+    vq_ckpt = load_checkpoint(Path(args.run) / "vqvae.pt", "vqvae")
+    data = DataConfig.from_checkpoint(vq_ckpt)
+    if args.data:
+        data.root = args.data
+    return vq_ckpt["args"], data
+
+
+def check_sizes(args: argparse.Namespace):
+    """Sizes the networks cannot take, as one-line errors before anything runs."""
+    if args.stage == "vqvae":
+        factor = 2 ** (len(args.vq_mult) - 1)
+        if args.image_size % (8 * factor):  # stage 2's UNet halves the latent three times
+            raise BadInputError(f"--image-size {args.image_size} does not fit: the VQ-VAE divides it by {factor} and "
+                                f"the UNet halves that 3 times, so it must be a multiple of {8 * factor}")
+    else:
+        if not 0 <= args.label_dropout < 1:
+            raise BadInputError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+        if len(args.unet_mult) != 4:
+            raise BadInputError(f"the UNet has 4 levels, one width multiplier each (got --unet-mult {args.unet_mult})")
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Every flag of a stage, resolved once: stage 1's values a stage 2 inherits (its preset, image size, channels,
+    held-out subjects, data), then the preset, then on --resume the run's own learning rate unless --lr is given,
+    then the checks. The stages read `args` and never change it."""
+    if args.stage == "unet":
+        stage1_args, args.data_config = stage1_data(args)
+        args.preset = args.preset or stage1_args.get("preset")
+        data = args.data_config
+        args.data, args.image_size, args.channels = data.root, data.image_size, data.channels
+        args.holdout, args.holdout_seed, args.skip_bad_images = data.holdout, data.holdout_seed, data.skip_bad_images
+    config = Path(args.run) / "config.json"
+    if args.resume and args.lr is None and config.exists():  # the resumed run's own, not the preset's
+        args.lr = json.loads(config.read_text()).get(f"train-{args.stage}", {}).get("lr")
+    apply_preset(args)
+    check_sizes(args)
+    if args.stage == "vqvae":
+        args.data_config = DataConfig.from_args(args)
+    return args
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.stage:
-        apply_preset(args)
+        resolve(args)
+    elif args.command == "evaluate":
+        _, args.data_config = stage1_data(args)
     return args
 
 
@@ -213,14 +258,14 @@ def demo(args):
 
 
 def main(argv: list[str] | None = None):
-    args = parse(argv)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
-        print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
     try:
+        args = parse(argv)
+        if is_main_process():  # under torchrun, once
+            print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
         args.func(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
-    except train.Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written
+    except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:

@@ -11,9 +11,11 @@ Writes RUN/samples.png, RUN/samples/NNNN.png and RUN/denoise.gif, whose frames s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,9 +23,10 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from dataset import BadInputError
 from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
-from train import fingerprint, load_checkpoint, model_config, setup_device
+from runtime.checkpoint import fingerprint, load_checkpoint, model_config
+from runtime.errors import BadInputError
+from runtime.process import setup_device
 
 
 def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000, num: int | None = 16,
@@ -39,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--steps", type=int, default=steps, help="network calls; DDPM always uses all T (default: %(default)s)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: %(default)s)")
     p.add_argument("--repeat-last", type=int, default=30, help="the card's repeated final steps: re-noise to this step ... (default: %(default)s)")
-    p.add_argument("--repeat-times", type=int, default=5 if sampler == "ddpm" else 0,
-                   help="... and denoise again this many times, 0 to switch off (default: %(default)s)")
+    p.add_argument("--repeat-times", type=int, default=None,
+                   help="... and denoise again this many times, 0 to switch off (default: 5 with --sampler ddpm, else 0)")
     p.add_argument("--class", dest="class_name", default=None,
                    help="generate this class (AD, NC ...: the run's class folders) or 'all' for one grid row per class; "
                         "needs a run trained with --conditional (default: unconditional)")
@@ -67,8 +70,24 @@ def scales(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def load_models(run: Path, device):
-    """(vqvae, EMA unet, diffusion, unet checkpoint) rebuilt from the run's two checkpoints."""
+# ----------------------------------------------------------------------------- the run's models and how to sample them
+
+@dataclass
+class LatentDiffusion:
+    """A trained run, rebuilt from RUN/vqvae.pt and RUN/unet.pt alone: the VQ-VAE, the UNet's EMA weights,
+    the diffusion process and the latent scale (latent = scale * z)."""
+    vqvae: VQVAE
+    unet: UNet
+    diffusion: GaussianDiffusion
+    latent_scale: float
+    latent_shape: tuple
+    latent_absmax: float | None         # the training latents' largest |value|: the range for clipping x0
+    classes: list[str]                  # the class folders a --conditional UNet knows ([] otherwise)
+    unet_step: int
+
+
+def load_run(run: Path, device) -> LatentDiffusion:
+    """Both models of a run, checked to belong together (the UNet learned this VQ-VAE's latents)."""
     unet_ckpt = load_checkpoint(run / "unet.pt", "unet")
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     if unet_ckpt["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
@@ -81,58 +100,134 @@ def load_models(run: Path, device):
     unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt")).to(device).eval()
     unet.load_state_dict(unet_ckpt["ema"])
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
-    return vqvae, unet, diffusion, unet_ckpt
+    classes = list(unet_ckpt.get("classes") or []) if unet.cfg.num_classes else []
+    return LatentDiffusion(vqvae, unet, diffusion, unet_ckpt["latent_scale"], tuple(unet_ckpt["latent_shape"]),
+                           unet_ckpt.get("latent_absmax"), classes, unet_ckpt["step"])
 
+
+@dataclass
+class Sampling:
+    """How to turn noise into latents: the sampler and its settings, resolved once (`sampling_from_args`, or
+    built directly by `evaluate` and the benchmarks)."""
+    sampler: str = "ddpm"               # ddpm, ddim or dpmpp
+    steps: int = 1000                   # network calls of ddim / dpmpp; ddpm always takes every step
+    eta: float = 0.0                    # DDIM noise
+    repeat_last: int = 30               # the card's repeats: re-noise to step repeat_last - 1 ...
+    repeat_times: int = 0               # ... and denoise again, this many times
+    clip_x0: float | None = None        # clip the predicted x0 to [-clip_x0, clip_x0]
+    batch_size: int = 64
+    gif_frames: int = 40
+
+    def calls(self, num_steps: int) -> int:
+        """Network calls per batch: the main pass and the repeats."""
+        main = num_steps if self.sampler == "ddpm" else min(self.steps, num_steps)
+        return main + self.repeat_times * self.repeat_last
+
+
+def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
+    """The sampling flags checked (one-line errors) and resolved: --repeat-times defaults to the card's 5 repeats
+    for ddpm only; --clip-x0 'auto' is the run's latent range. Without `model`, only what needs no run is checked."""
+    repeat_times = args.repeat_times if args.repeat_times is not None else (5 if args.sampler == "ddpm" else 0)
+    for name in ("batch_size", "steps", "repeat_last", "gif_frames"):
+        if getattr(args, name) <= 0:
+            raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eta < 0:
+        raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
+    if min(args.guidance if isinstance(args.guidance, list) else [args.guidance]) < 0:
+        raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
+    if repeat_times < 0:
+        raise BadInputError(f"--repeat-times must be 0 or more, got {repeat_times}")
+    clip_x0 = None
+    if model is not None:
+        if repeat_times and args.repeat_last > model.diffusion.num_steps:
+            raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {model.diffusion.num_steps} diffusion steps")
+        clip_x0 = parse_clip(args.clip_x0, model.latent_absmax)
+    return Sampling(args.sampler, args.steps, args.eta, args.repeat_last, repeat_times, clip_x0, args.batch_size,
+                    args.gif_frames)
+
+
+def parse_clip(text: str, latent_absmax: float | None) -> float | None:
+    """--clip-x0: 'auto' -> the training latents' largest |value|, 'none' -> None, else a positive number."""
+    if text in ("auto", "none"):
+        return latent_absmax if text == "auto" else None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise BadInputError(f"--clip-x0 must be 'auto', 'none' or a positive number, got {text!r}")
+    return value
+
+
+def class_labels(class_name: str | None, model: LatentDiffusion, num: int, run: Path) -> torch.Tensor | None:
+    """--class -> the label of each of the images (num per class for 'all'); None for unconditional sampling."""
+    if class_name is None:
+        return None
+    if not model.unet.cfg.num_classes:
+        raise BadInputError(f"{run / 'unet.pt'} was trained without --conditional, so it cannot generate a chosen "
+                            f"class; train stage 2 with `train-unet --conditional` for --class")
+    if class_name == "all":
+        return torch.arange(len(model.classes)).repeat_interleave(num)
+    if class_name not in model.classes:
+        raise BadInputError(f"--class {class_name!r} is not a class of this run: {', '.join(model.classes)} or all")
+    return torch.full((num,), model.classes.index(class_name))
+
+
+# ----------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample_latents(diffusion, unet, x_T, args, clip_x0, progress=None):
+def sample_latents(diffusion: GaussianDiffusion, unet, x_T: torch.Tensor, sampling: Sampling, progress=None):
     """Reverse diffusion from x_T, then the card's repeated final steps.
 
     Returns the final latents and the GIF frames [(caption, x0, x_t)] at evenly spaced steps.
     Each repeat re-noises the current sample to step `repeat_last - 1` with q_sample (the forward
     process, so the marginal is the right one) and runs the reverse process down to data again.
     """
-    calls = diffusion.num_steps if args.sampler == "ddpm" else min(args.steps, diffusion.num_steps)
-    keep = set(torch.linspace(0, calls - 1, min(args.gif_frames, calls)).round().long().tolist())
+    calls = sampling.calls(diffusion.num_steps) - sampling.repeat_times * sampling.repeat_last
+    keep = set(torch.linspace(0, calls - 1, min(sampling.gif_frames, calls)).round().long().tolist())
     frames, x = [], x_T
-    for i, (t, x, x0) in enumerate(diffusion.sample_steps(unet, x_T, args.sampler, args.steps, eta=args.eta, clip_x0=clip_x0)):
+    steps = diffusion.sample_steps(unet, x_T, sampling.sampler, sampling.steps, eta=sampling.eta, clip_x0=sampling.clip_x0)
+    for i, (t, x, x0) in enumerate(steps):
         if i in keep:
             frames.append((f"step {t}", x0, x))
         if progress:
             progress.update(1)
-    for r in range(args.repeat_times):
-        t_start = args.repeat_last - 1
+    for r in range(sampling.repeat_times):
+        t_start = sampling.repeat_last - 1
         t = torch.full((len(x),), t_start, device=x.device, dtype=torch.long)
         x_t = diffusion.q_sample(x, t, torch.randn_like(x))
-        for t, x, x0 in diffusion.sample_steps(unet, x_t, "ddpm", start=t_start, clip_x0=clip_x0):
+        for t, x, x0 in diffusion.sample_steps(unet, x_t, "ddpm", start=t_start, clip_x0=sampling.clip_x0):
             if progress:
                 progress.update(1)
-        frames.append((f"repeat {r + 1}/{args.repeat_times}", x0, x))
+        frames.append((f"repeat {r + 1}/{sampling.repeat_times}", x0, x))
     return x, frames
 
 
 @torch.no_grad()
-def decode(vqvae, latents, latent_scale, batch_size=64):
+def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size: int = 64) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1]: z = latent / scale, quantised, decoded."""
     return torch.cat([vqvae.decode(z / latent_scale).float().clamp(-1, 1) for z in latents.split(batch_size)])
 
 
 @torch.no_grad()
-def generate(vqvae, unet, diffusion, ckpt, args, num, device, autocast, clip_x0, labels=None, guidance=1.0):
-    """`num` images in [-1, 1] (CPU) with `args.sampler` / `args.steps` / repeats, in batches of args.batch_size;
-    with `labels` (num class indices) under classifier-free guidance of scale `guidance`.
+def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
+             guidance: float = 1.0, autocast=contextlib.nullcontext()):
+    """`num` images in [-1, 1] (on the CPU), in batches of sampling.batch_size; with `labels` (num class indices)
+    under classifier-free guidance of scale `guidance`. The noise comes from torch's global generator.
 
     Returns (images, latent GIF frames of the first batch, seconds). Prints the sampling time.
     """
-    per_batch = (diffusion.num_steps if args.sampler == "ddpm" else args.steps) + args.repeat_times * args.repeat_last
-    progress = tqdm(total=per_batch * math.ceil(num / args.batch_size), desc=f"sampling ({args.sampler})", dynamic_ncols=True)
+    device = next(model.unet.parameters()).device
+    per_batch = sampling.calls(model.diffusion.num_steps)
+    progress = tqdm(total=per_batch * math.ceil(num / sampling.batch_size), desc=f"sampling ({sampling.sampler})",
+                    dynamic_ncols=True)
     samples, frames, t0 = [], None, time.perf_counter()
-    for start in range(0, num, args.batch_size):
-        x_T = torch.randn(min(args.batch_size, num - start), *ckpt["latent_shape"], device=device)
-        model = unet if labels is None else Guided(unet, labels[start:start + len(x_T)].to(device), guidance)
+    for start in range(0, num, sampling.batch_size):
+        x_T = torch.randn(min(sampling.batch_size, num - start), *model.latent_shape, device=device)
+        unet = model.unet if labels is None else Guided(model.unet, labels[start:start + len(x_T)].to(device), guidance)
         with autocast:
-            latents, batch_frames = sample_latents(diffusion, model, x_T, args, clip_x0, progress)
-            samples.append(decode(vqvae, latents, ckpt["latent_scale"]).cpu())
+            latents, batch_frames = sample_latents(model.diffusion, unet, x_T, sampling, progress)
+            samples.append(decode(model.vqvae, latents, model.latent_scale).cpu())
         frames = frames or batch_frames
     progress.close()
     images, seconds = torch.cat(samples), time.perf_counter() - t0
@@ -140,6 +235,8 @@ def generate(vqvae, unet, diffusion, ckpt, args, num, device, autocast, clip_x0,
           f"{per_batch} network calls per batch)")
     return images, frames, seconds
 
+
+# ----------------------------------------------------------------------------- what predict.py writes
 
 def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
     """A captioned grid of decoded x0 (and x_t beside it) as a PIL image at most 512 px wide (GIF size)."""
@@ -157,65 +254,22 @@ def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
     return canvas
 
 
-def parse_clip(text: str, latent_absmax: float | None) -> float | None:
-    """--clip-x0: 'auto' -> the training latents' largest |value|, 'none' -> None, else a positive number."""
-    if text in ("auto", "none"):
-        return latent_absmax if text == "auto" else None
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise BadInputError(f"--clip-x0 must be 'auto', 'none' or a positive number, got {text!r}")
-    return value
-
-
-def check_sampling_flags(args, diffusion) -> None:
-    """One-line errors for sampling flags that cannot work (shared by predict and evaluate)."""
-    for name in ("batch_size", "steps", "repeat_last", "gif_frames"):
-        if getattr(args, name) <= 0:
-            raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.eta < 0:
-        raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
-    if min(args.guidance if isinstance(args.guidance, list) else [args.guidance]) < 0:
-        raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
-    if args.repeat_times < 0:
-        raise BadInputError(f"--repeat-times must be 0 or more, got {args.repeat_times}")
-    if diffusion is not None and args.repeat_times and args.repeat_last > diffusion.num_steps:
-        raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {diffusion.num_steps} diffusion steps")
-
-
-def class_labels(class_name: str | None, ckpt: dict, num: int, run: Path) -> torch.Tensor | None:
-    """--class -> the label of each of the images (num per class for 'all'); None for unconditional sampling."""
-    if class_name is None:
-        return None
-    classes = ckpt.get("classes") or []
-    if not ckpt["config"].get("num_classes"):
-        raise BadInputError(f"{run / 'unet.pt'} was trained without --conditional, so it cannot generate a chosen "
-                            f"class; train stage 2 with `train-unet --conditional` for --class")
-    if class_name == "all":
-        return torch.arange(len(classes)).repeat_interleave(num)
-    if class_name not in classes:
-        raise BadInputError(f"--class {class_name!r} is not a class of this run: {', '.join(classes)} or all")
-    return torch.full((num,), classes.index(class_name))
-
-
 def predict(args):
+    """`python predict.py` / `driver.py sample`: samples of a trained run, written as a grid, PNGs and a GIF."""
     if args.num <= 0:
         raise BadInputError(f"--num must be positive, got {args.num}")
-    check_sampling_flags(args, None)
+    sampling_from_args(args)  # flags that need no run are checked before loading it
     run, out = Path(args.run), Path(args.out or args.run)
-    device, autocast = setup_device(args)
-    vqvae, unet, diffusion, ckpt = load_models(run, device)
-    scale = ckpt["latent_scale"]
-    check_sampling_flags(args, diffusion)
-    clip_x0 = parse_clip(args.clip_x0, ckpt.get("latent_absmax"))
-    labels = class_labels(args.class_name, ckpt, args.num, run)
+    device, autocast = setup_device(args.device)
+    model = load_run(run, device)
+    sampling = sampling_from_args(args, model)
+    labels = class_labels(args.class_name, model, args.num, run)
     torch.manual_seed(args.seed)
-    images, gif_latents, _ = generate(vqvae, unet, diffusion, ckpt, args, len(labels) if labels is not None else args.num,
-                                      device, autocast, clip_x0, labels, args.guidance)
+    images, gif_latents, _ = generate(model, sampling, len(labels) if labels is not None else args.num, labels,
+                                      args.guidance, autocast)
     with torch.no_grad(), autocast:  # the GIF follows the first (at most 16) images
-        gif = [gif_frame(decode(vqvae, x0[:16], scale).cpu(), decode(vqvae, xt[:16], scale).cpu() if args.gif_xt else None, caption)
+        gif = [gif_frame(decode(model.vqvae, x0[:16], model.latent_scale).cpu(),
+                         decode(model.vqvae, xt[:16], model.latent_scale).cpu() if args.gif_xt else None, caption)
                for caption, x0, xt in gif_latents]
 
     out.mkdir(parents=True, exist_ok=True)

@@ -90,20 +90,18 @@ def main():
             driver.main(["train-vqvae", *budget, "--holdout", str(args.holdout), "--max-minutes", str(args.vq_minutes)])
             driver.main(["train-unet", *budget, "--max-minutes", str(args.unet_minutes)])
             info["ours_train_minutes"] = (time.perf_counter() - t0) / 60
-        vqvae, unet, diffusion, ckpt = predict.load_models(run, "cpu")
-        info["ours_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": ckpt["step"]}
-        info["ours_vqvae"], _ = reconstruction_metrics(vqvae, floor)
+        model = predict.load_run(run, "cpu")
+        info["ours_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": model.unet_step}
+        info["ours_vqvae"], _ = reconstruction_metrics(model.vqvae, floor)
     if "ours" in rows:
-        sample_args = driver.parse(["sample", "--run", str(run)])
+        sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
         torch.manual_seed(1)
-        images["ours"], _, seconds = predict.generate(vqvae, unet, diffusion, ckpt, sample_args, n, "cpu",
-                                                      torch.autocast("cpu", enabled=False),
-                                                      predict.parse_clip(sample_args.clip_x0, ckpt["latent_absmax"]))
+        images["ours"], _, seconds = predict.generate(model, sampling, n)
         info["ours_seconds_per_image"] = seconds / n
     if "defect" in rows:
         t0 = time.perf_counter()
         torch.manual_seed(2)
-        images["defect"] = original_report_samples(vqvae, unet, diffusion, n, ckpt["latent_shape"])
+        images["defect"] = original_report_samples(model.vqvae, model.unet, model.diffusion, n, model.latent_shape)
         info["defect_seconds_per_image"] = (time.perf_counter() - t0) / n
     if "peer" in rows:
         train_images, _ = stack(dataset, train_idx)

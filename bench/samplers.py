@@ -21,7 +21,6 @@ import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
 from evaluation.evaluate import (evaluation_split, feature_network, format_table, score_rows, stack,  # noqa: E402
                                  training_sample)
-from train import load_checkpoint  # noqa: E402
 
 # name -> `driver.py sample` flags
 SAMPLERS = {
@@ -43,28 +42,25 @@ def main():
     args = parser.parse_args()
     run = Path(args.run)
 
-    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
-    vq_args, data = vq_ckpt["args"], vq_ckpt["data"]
-    dataset = load_slices(data, vq_args["image_size"], vq_args["channels"])
-    holdout, seed = vq_args.get("holdout") or 0.1, vq_args.get("holdout_seed", 0)
+    data = driver.parse(["evaluate", "--run", str(run)]).data_config  # stage 1's images and split
+    dataset = load_slices(data.folder(), data.image_size, data.channels)
+    holdout, seed = data.holdout or 0.1, data.holdout_seed
     train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed)
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     num = args.num or len(floor)
 
-    vqvae, unet, diffusion, ckpt = predict.load_models(run, "cpu")
+    model = predict.load_run(run, "cpu")
     images, seconds = {}, {}
     for name in args.rows.split(","):
-        flags = driver.parse(["sample", "--run", str(run), *SAMPLERS[name]])
+        sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run), *SAMPLERS[name]]), model)
         torch.manual_seed(0)
-        images[name], _, sec = predict.generate(vqvae, unet, diffusion, ckpt, flags, num, "cpu",
-                                                torch.autocast("cpu", enabled=False),
-                                                predict.parse_clip(flags.clip_x0, ckpt["latent_absmax"]))
+        images[name], _, sec = predict.generate(model, sampling, num)
         seconds[name] = sec / num
     images["real (training)"] = stack(dataset, training_sample(train_idx, num, seed))[0]
     images["real (floor)"] = floor
 
-    key = {"data": str(data), "image_size": vq_args["image_size"], "channels": vq_args["channels"],
+    key = {"data": str(data.folder()), "image_size": data.image_size, "channels": data.channels,
            "holdout": holdout, "holdout_seed": seed, "count": len(dataset)}
     features = feature_network(run, dataset, train_idx, key, "cpu", classifier_steps=args.classifier_steps)
     scores = score_rows(images, reference, features, "cpu")

@@ -39,12 +39,14 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 import predict
-from dataset import BadInputError, card_transform, load_image, load_slices, split_by_subject, subject_id
+from dataset import card_transform, load_image, load_slices, split_by_subject, subject_id
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from modules import VQVAE, VQVAEConfig
-from train import atomic_save, load_checkpoint, model_config, setup_device
+from runtime.checkpoint import atomic_save, load_checkpoint, model_config
+from runtime.errors import BadInputError
+from runtime.process import setup_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -257,17 +259,15 @@ def evaluate(args):
                             f"{args.classifier_steps} and {args.holdout}")
     if args.class_name is not None and args.samples:
         raise BadInputError("--class scores the run's own conditional samples; it cannot be used with --samples")
-    device, autocast = setup_device(args)
-    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
-    train_args = vq_ckpt["args"]
-    image_size, channels = train_args["image_size"], train_args.get("channels", 1)
-    data = args.data or vq_ckpt["data"]
+    device, autocast = setup_device(args.device)
+    data = args.data_config  # stage 1's, resolved by driver.py
+    image_size, channels = data.image_size, data.channels
     samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
 
     # data: the run's held-out subjects, halved into reference A and floor B
-    dataset = load_slices(data, image_size, channels, skip_bad=train_args.get("skip_bad_images", False))
-    seen = train_args.get("holdout", 0.0) == 0
-    holdout, seed = (args.holdout, args.holdout_seed) if seen else (train_args["holdout"], train_args.get("holdout_seed", 0))
+    dataset = load_slices(data.folder(), image_size, channels, skip_bad=data.skip_bad_images)
+    seen = data.holdout == 0
+    holdout, seed = (args.holdout, args.holdout_seed) if seen else (data.holdout, data.holdout_seed)
     if seen:
         print(f"warning: {run} was trained on all subjects; the {holdout:.0%} held out here were seen in training, "
               f"so the figures are optimistic (train-vqvae --holdout F leaves subjects out)")
@@ -284,6 +284,7 @@ def evaluate(args):
               f"and are not reliable (raise --holdout at training time)")
 
     # stage 1: reconstructions of B
+    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval()
     vqvae.load_state_dict(vq_ckpt["model"])
     with autocast:
@@ -297,20 +298,19 @@ def evaluate(args):
         num = args.num or len(floor)  # as many as the floor half: FID's bias depends on the count
         if num < 2:
             raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
-        _, unet, diffusion, unet_ckpt = predict.load_models(run, device)
-        predict.check_sampling_flags(args, diffusion)
-        clip_x0 = predict.parse_clip(args.clip_x0, unet_ckpt.get("latent_absmax"))
-        requested = predict.class_labels(args.class_name, unet_ckpt, 1, run)  # the classes asked for, checked
-        if requested is not None and list(unet_ckpt["classes"]) != list(dataset.classes):
-            raise BadInputError(f"the run's classes {unet_ckpt['classes']} differ from those of {data}: {dataset.classes}")
+        model = predict.load_run(run, device)
+        settings = predict.sampling_from_args(args, model)
+        requested = predict.class_labels(args.class_name, model, 1, run)  # the classes asked for, checked
+        if requested is not None and model.classes != list(dataset.classes):
+            raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
-        samples, _, seconds = predict.generate(vqvae, unet, diffusion, unet_ckpt, args, num, device, autocast, clip_x0)
-        sampling = {"sampler": args.sampler, "steps": args.steps if args.sampler != "ddpm" else diffusion.num_steps,
-                    "repeat_times": args.repeat_times, "clip_x0": clip_x0, "seconds_per_image": seconds / num,
-                    "unet_step": unet_ckpt["step"]}
+        samples, _, seconds = predict.generate(model, settings, num, autocast=autocast)
+        sampling = {"sampler": settings.sampler, "steps": model.diffusion.num_steps if settings.sampler == "ddpm"
+                    else settings.steps, "repeat_times": settings.repeat_times, "clip_x0": settings.clip_x0,
+                    "seconds_per_image": seconds / num, "unet_step": model.unet_step}
 
     # features and scores
-    key = {"data": str(data), "image_size": image_size, "channels": channels, "holdout": holdout, "holdout_seed": seed,
+    key = {"data": str(data.folder()), "image_size": image_size, "channels": channels, "holdout": holdout, "holdout_seed": seed,
            "count": len(dataset)}
     features = feature_network(run, dataset, train_idx, key, device, args.features, args.inception_weights,
                                args.classifier_steps)
@@ -332,8 +332,7 @@ def evaluate(args):
 
         def sample(labels, guidance):
             torch.manual_seed(args.seed)
-            return predict.generate(vqvae, unet, diffusion, unet_ckpt, args, len(labels), device, autocast, clip_x0,
-                                    labels, guidance)[0]
+            return predict.generate(model, settings, len(labels), labels, guidance, autocast)[0]
 
         class_rows, class_grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, requested.tolist(), sample,
                                               classifier, features, device, seed)
@@ -344,7 +343,7 @@ def evaluate(args):
     grids = {"real": floor, "reconstructions": recons, "samples": samples}
     for name, images in grids.items():
         save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
-    metrics = {"run": str(run), "data": str(data), "image_size": image_size, "channels": channels,
+    metrics = {"run": str(run), "data": str(data.folder()), "image_size": image_size, "channels": channels,
                "split": {"holdout": holdout, "seed": seed, "seen_in_training": seen, "subjects_per_half": n_subjects,
                          "train": len(train_idx),
                          "reference": len(ref_idx), "floor": len(floor_idx)},
@@ -360,7 +359,7 @@ def evaluate(args):
     note = ("Distances to the reference half A of the held-out subjects. Real rows: random training images, and the "
             "other half B (the floor; its few subjects make it a high bar for FID/KID). MS-SSIM: mean over random pairs "
             "within a set; far above the real rows' means too little variety.")
-    report = [f"# Evaluation of {run}", "", f"Data {data} at {image_size}x{image_size}, features: {features.name}"
+    report = [f"# Evaluation of {run}", "", f"Data {data.folder()} at {image_size}x{image_size}, features: {features.name}"
               + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})." if classifier_acc else "."),
               "Sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()) + ".", "", vq_line, "", table, "", note,
               "", "| real (B) | reconstructions | samples |", "|---|---|---|",

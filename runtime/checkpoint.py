@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -135,4 +136,4 @@ def write_config(run: Path, stage: str, args):
     path = run / "config.json"
     config = json.loads(path.read_text()) if path.exists() else {}
     config[stage] = {k: v for k, v in vars(args).items() if k != "func"}
-    path.write_text(json.dumps(config, indent=2, default=str))
+    path.write_text(json.dumps(config, indent=2, default=lambda v: asdict(v) if is_dataclass(v) else str(v)))

@@ -63,9 +63,10 @@ def ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """train-vqvae (4 steps) -> train-unet (4 steps) on a 24-image ADNI-layout folder."""
+    """train-vqvae (4 steps) -> train-unet (4 steps) on a 24-image ADNI-layout folder, once per test session:
+    tests that change it work on a copy."""
     root = tmp_path_factory.mktemp("cli")
     data = root / "adni"
     rng = np.random.default_rng(0)

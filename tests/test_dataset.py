@@ -1,10 +1,13 @@
-"""The ADNI-layout loader, the in-memory cache, the subject split and the demo data."""
+"""The ADNI-layout loader, the in-memory cache, the subject split, the demo data, and image folders no one
+should have to clean by hand."""
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from dataset import (BadInputError, InMemorySlices, SliceFolders, load_slices, make_demo_dataset,
@@ -111,3 +114,95 @@ def test_demo_data_is_deterministic_for_a_seed(tmp_path):
     mtime = (a / "train").stat().st_mtime_ns
     make_demo_dataset(a, seed=5, subjects=8, slices=2, size=64)       # reused, not rewritten
     assert (a / "train").stat().st_mtime_ns == mtime
+
+
+# ----------------------------------------------------------------------------- hostile image folders
+
+def write_file(path: Path, kind: str, size: tuple[int, int], seed: int) -> bool:
+    """One file of `kind`; returns whether it is a readable image."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "zero-byte":
+        path.write_bytes(b"")
+    elif kind == "not an image":
+        path.write_text("subject,age\n002_S_0295,72\n")
+    elif kind == "truncated jpeg":
+        Image.fromarray(rng.integers(0, 256, (h + 16, w + 16), dtype=np.uint8)).save(path, format="JPEG")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "16-bit":
+        Image.fromarray(rng.integers(0, 4096, (h, w)).astype(np.uint16)).save(path, format="PNG")
+    else:  # a PIL mode: L, RGB, RGBA, LA, P, 1
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA")
+        img = img.convert(kind) if kind != "P" else img.convert("RGB").quantize(16)
+        img.save(path, format="JPEG" if path.suffix == ".jpeg" else "PNG")
+    return kind not in ("zero-byte", "not an image", "truncated jpeg")
+
+
+KINDS = ["L", "RGB", "RGBA", "LA", "P", "1", "16-bit", "zero-byte", "not an image", "truncated jpeg"]
+
+
+files = st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(["AD", "NC", "NC/deeper/still"]),
+                           st.tuples(st.integers(1, 300), st.integers(1, 300))), min_size=1, max_size=6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(files=files, channels=st.sampled_from([1, 3]))
+def test_fuzzed_folders_load_in_range_and_in_shape_or_name_the_bad_file(files, channels, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    good, bad = [], []
+    for i, (kind, folder, size) in enumerate(files):
+        ext = ".jpeg" if kind in ("L", "RGB", "truncated jpeg", "zero-byte") else ".png"
+        path = root / "train" / folder / f"s{i}_{i}{ext}"
+        (good if write_file(path, kind, size, seed=i) else bad).append(str(path))
+
+    if bad:
+        with pytest.raises(BadInputError, match="cannot read image") as e:
+            load_slices(root, 32, channels, workers=1)
+        assert any(name in str(e.value) for name in bad)
+    if not good:
+        with pytest.raises(BadInputError, match="none of the"):
+            load_slices(root, 32, channels, workers=1, skip_bad=True)
+        return
+    dataset = load_slices(root, 32, channels, workers=1, skip_bad=True)
+    assert sorted(dataset.skipped) == sorted(bad) and sorted(p for p, _ in dataset.samples) == sorted(good)
+    for i in range(len(dataset)):
+        x, _ = dataset[i]
+        assert x.shape == (channels, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_hidden_folders_symlink_loops_odd_names_and_huge_images(tmp_path):
+    root = tmp_path / "data"
+    for name in ("AD/a_1.png", "NC/b_1.png", "NC/nested/deeper/c_1.png", ".ipynb_checkpoints/d_1.png", "NC/.e_1.png"):
+        write_file(root / name, "L", (20, 20), seed=0)
+    odd = os.fsencode(root / "AD") + b"/\xff\xfe_subject_2.png"   # not valid UTF-8
+    write_file(Path(os.fsdecode(odd)), "L", (20, 20), seed=1)
+    Image.new("L", (4000, 4000), 200).save(root / "AD" / "huge_3.png")
+    os.symlink(root / "NC", root / "NC" / "nested" / "loop")        # NC/nested/loop -> NC
+    os.symlink(root / "NC" / "b_1.png", root / "AD" / "linked_4.png")
+
+    dataset = load_slices(root, 32, 1, workers=2)
+    names = sorted(os.path.relpath(p, root) for p, _ in dataset.samples)
+    assert dataset.classes == ["AD", "NC"]                                  # not .ipynb_checkpoints
+    assert names == sorted(["AD/a_1.png", os.fsdecode(odd)[len(str(root)) + 1:], "AD/huge_3.png", "AD/linked_4.png",
+                            "NC/b_1.png", "NC/nested/deeper/c_1.png"])       # the loop listed nothing twice
+    huge = dataset[names.index("AD/huge_3.png")][0]
+    assert huge.shape == (1, 32, 32) and torch.allclose(huge, torch.full_like(huge, 200 / 127.5 - 1))
+    (root / "AD" / "broken_5.png").write_bytes(b"\x89PNG")
+    message = str(pytest.raises(BadInputError, load_slices, root, 32, 1).value)
+    assert "broken_5.png" in message
+    Path(os.fsdecode(odd)).write_bytes(b"")
+    print(str(pytest.raises(BadInputError, load_slices, root, 32, 1).value))  # a non-UTF-8 name prints
+
+
+def test_16_bit_and_transparent_images_keep_their_contrast(tmp_path):
+    from dataset import load_image
+    ramp = np.tile(np.linspace(0, 4095, 256), (8, 1)).astype(np.uint16)    # 12 bits used, as MRI exports do
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    pixels = np.asarray(load_image(str(tmp_path / "ramp.png"), "L"), dtype=float)
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 1   # PIL alone: almost all 255
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3], rgba[:4, :, 3], rgba[4:, :, 3] = 255, 255, 0              # white; the lower half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    pixels = np.asarray(load_image(str(tmp_path / "rgba.png"), "L"))
+    assert (pixels[:4] == 255).all() and (pixels[4:] == 0).all()

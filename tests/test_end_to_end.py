@@ -1,0 +1,173 @@
+"""The real commands end to end, as a user runs them: the files each stage writes, kill -9 and --resume,
+signals, torchrun with two processes, and a run written by an earlier version of this project."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import driver
+import predict
+from conftest import SMALL_UNET, SMALL_VQ, ckpt, write_blob_images
+from modules import UNet, UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_vqvae_writes_checkpoint_grid_log_and_plot(trained_run):
+    run, _ = trained_run
+    for name in ("vqvae.pt", "recon_vqvae.png", "recon_step0000002.png", "log_vqvae.csv", "loss_vqvae.png", "config.json"):
+        assert (run / name).exists(), name
+    c = ckpt(run / "vqvae.pt")
+    assert c["kind"] == "vqvae" and c["step"] == 4 and {"model", "optimizer", "config"} <= set(c)
+    rows = list(csv.DictReader(open(run / "log_vqvae.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    grid = Image.open(run / "recon_vqvae.png")
+    assert grid.height > 2 * 32 and grid.height < 3 * 32   # originals above, reconstructions below
+
+
+def test_train_unet_writes_checkpoint_with_scale_and_cache(trained_run):
+    run, _ = trained_run
+    c = ckpt(run / "unet.pt")
+    assert c["kind"] == "unet" and c["step"] == 4
+    z = ckpt(run / "latents.pt")["z"]
+    assert z.shape == (24, 4, 16, 16)
+    assert c["latent_scale"] == pytest.approx(1 / z.std().item(), rel=1e-5)
+    assert {"ema", "latent_shape", "vqvae_fingerprint", "diffusion"} <= set(c)
+    assert (run / "samples_step0000004.png").exists() and (run / "loss_unet.png").exists()
+
+
+def command(stage: str, run: Path, data: Path, *extra) -> list[str]:
+    flags = ([f"--data={data}", "--preset", "tiny", *SMALL_VQ] if stage == "vqvae" else SMALL_UNET)
+    return [sys.executable, str(REPO / "driver.py"), f"train-{stage}", "--run", str(run), *flags,
+            "--save-every", "2", "--deterministic", *extra]
+
+
+def start_and_wait_for_checkpoint(cmd: list[str], ckpt_path: Path) -> subprocess.Popen:
+    """Start a training process and return once it has written its first checkpoint."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not ckpt_path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint after 180 s"
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    data = tmp_path_factory.mktemp("faults") / "adni"
+    rng = np.random.default_rng(1)
+    for label in ("AD", "NC"):
+        write_blob_images(data / "train" / label, [f"{label}{i}" for i in range(3)], 3, rng)
+    return data
+
+
+@pytest.mark.parametrize("stage", ["vqvae", "unet"])
+def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(stage, blobs, tmp_path):
+    runs = {name: tmp_path / name for name in ("killed", "straight")}
+    if stage == "unet":  # both runs start from the same trained VQ-VAE
+        subprocess.run(command("vqvae", runs["killed"], blobs, "--max-steps", "2"), check=True, capture_output=True)
+        runs["straight"].mkdir()
+        shutil.copy(runs["killed"] / "vqvae.pt", runs["straight"] / "vqvae.pt")
+    path = runs["killed"] / f"{stage}.pt"
+    victim = start_and_wait_for_checkpoint(command(stage, runs["killed"], blobs, "--max-steps", "100000"), path)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = ckpt(path)["step"]   # the last checkpoint before the kill, complete (atomic rename)
+    end = str(killed_at + 4)
+    subprocess.run(command(stage, runs["killed"], blobs, "--max-steps", end, "--resume"), check=True, capture_output=True)
+    subprocess.run(command(stage, runs["straight"], blobs, "--max-steps", end), check=True, capture_output=True)
+
+    resumed, straight = ckpt(path), ckpt(runs["straight"] / f"{stage}.pt")
+    assert resumed["step"] == straight["step"] == killed_at + 4
+    for part in ("model", "ema") if stage == "unet" else ("model",):
+        for name, tensor in straight[part].items():
+            assert torch.equal(resumed[part][name], tensor), f"{part}.{name} differs after kill -9 and --resume"
+    assert resumed["optimizer"]["state"].keys() == straight["optimizer"]["state"].keys()
+    for i, state in straight["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][i]["exp_avg"], state["exp_avg"])
+    if stage == "unet":
+        assert resumed["latent_scale"] == straight["latent_scale"] and resumed["ema_updates"] == straight["ema_updates"]
+
+
+@pytest.mark.parametrize("sig, stage", [(signal.SIGINT, "vqvae"), (signal.SIGTERM, "unet")])
+def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(sig, stage, blobs, tmp_path):
+    run = tmp_path / "run"
+    if stage == "unet":
+        subprocess.run(command("vqvae", run, blobs, "--max-steps", "2"), check=True, capture_output=True)
+    path = run / f"{stage}.pt"
+    proc = start_and_wait_for_checkpoint(command(stage, run, blobs, "--max-steps", "100000"), path)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    step = ckpt(path)["step"]
+    assert f"{signal.Signals(sig).name} received: saved {path} at step {step}; run the same command with --resume" in err
+    subprocess.run(command(stage, run, blobs, "--max-steps", str(step + 2), "--resume"), check=True, capture_output=True)
+    assert ckpt(path)["step"] == step + 2
+
+
+def torchrun(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "driver.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_write_one_run(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    done = torchrun("train-vqvae", "--run-dir", str(run), "--data", str(adni_folder), "--preset", "tiny", *SMALL_VQ,
+                    "--batch-size", "4", "--max-steps", "4", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 images (2 process(es))" in done.stdout + done.stderr
+    done = torchrun("train-unet", "--run-dir", str(run), *SMALL_UNET, "--batch-size", "4", "--max-steps", "4",
+                    "--grad-accum", "2", "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert output.count("latents written") == 1  # rank 0 encodes; rank 1 waits and reads the file
+
+    assert sorted(p.name for p in run.glob("*.pt")) == ["latents.pt", "unet.prev.pt", "unet.pt", "vqvae.prev.pt", "vqvae.pt"]
+    assert not list(run.glob(".*tmp*"))
+    for name in ("vqvae.pt", "unet.pt"):
+        saved = ckpt(run / name)
+        assert saved["step"] == 4 and not any(k.startswith(("module.", "_orig_mod.")) for k in saved["model"])
+        assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])  # each rank's
+    assert saved["args"]["grad_accum"] == 2
+    for csv_name in ("log_vqvae.csv", "log_unet.csv"):  # one row per log step, not one per rank
+        steps = [line.split(",")[0] for line in (run / csv_name).read_text().splitlines()[1:]]
+        assert steps == ["2", "4"]
+    UNet(UNetConfig(**saved["config"])).load_state_dict(saved["model"])  # the unwrapped model
+
+
+# ----------------------------------------------------------------------------- a run of an earlier version
+
+OLD_RUN = Path(__file__).parent / "fixtures" / "run_dc30bb5"   # written by commit dc30bb5 (make.py beside it)
+
+
+def test_a_run_written_before_the_redesign_samples_and_resumes_both_stages(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for label in ("AD", "NC"):
+        write_blob_images(data / "train" / label, [f"{label}{i}" for i in range(2)], 3, rng, size=(40, 40))
+    images = predict.predict(predict.parse_args(["--run", str(run), "--num", "2", "--sampler", "ddim", "--steps", "3",
+                                                 "--class", "NC", "--gif-frames", "2"]))
+    assert images.shape == (2, 1, 32, 32) and images.isfinite().all()
+    driver.main(["train-vqvae", "--run", str(run), "--data", str(data), "--preset", "tiny", *SMALL_VQ, "--max-steps", "4",
+                 "--resume", "--deterministic"])
+    assert ckpt(run / "vqvae.pt")["step"] == 4
+    shutil.copy(OLD_RUN / "vqvae.pt", run / "vqvae.pt")   # stage 2 resumes on the VQ-VAE it was trained on
+    driver.main(["train-unet", "--run", str(run), "--data", str(data), *SMALL_UNET, "--max-steps", "4", "--resume",
+                 "--conditional", "--deterministic"])
+    resumed = ckpt(run / "unet.pt")
+    assert resumed["step"] == 4 and resumed["ema_updates"] == 4 and resumed["classes"] == ["AD", "NC"]

@@ -1,0 +1,119 @@
+"""predict.py: samplers, grid, images and GIF; class-conditional sampling; its flags and their errors."""
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import driver
+import predict
+from conftest import ckpt, error_of, unet, vqvae
+
+
+def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
+    run, _ = trained_run
+    predict.main(["--run", str(run), "--out", str(tmp_path), "--num", "3", "--sampler", "ddim", "--steps", "10",
+                  "--repeat-times", "2", "--repeat-last", "5", "--gif-frames", "6", "--gif-xt"])
+    assert (tmp_path / "samples.png").exists()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    assert Image.open(tmp_path / "samples" / "0000.png").size == (32, 32)
+    gif = Image.open(tmp_path / "denoise.gif")
+    assert gif.n_frames == 6 + 2                          # main pass frames + one per repeat
+
+
+def test_predict_every_sampler_and_eta_reach_the_images(trained_run, tmp_path):
+    run, _ = trained_run
+    outputs = {}
+    for name, flags in {"dpmpp": ["--sampler", "dpmpp", "--steps", "10"], "ddim": ["--sampler", "ddim", "--steps", "10"],
+                        "ddim-eta1": ["--sampler", "ddim", "--steps", "10", "--eta", "1"]}.items():
+        outputs[name] = predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path / name), "--num", "2",
+                                                            "--repeat-times", "0", "--gif-frames", "3", *flags]))
+        assert outputs[name].shape == (2, 1, 32, 32) and (tmp_path / name / "denoise.gif").exists()
+    assert not torch.equal(outputs["ddim"], outputs["ddim-eta1"])  # --eta reaches the sampler
+    assert not torch.equal(outputs["ddim"], outputs["dpmpp"])
+
+
+def test_predict_ddpm_default_runs_the_full_chain(trained_run, tmp_path):
+    run, _ = trained_run
+    predict.main(["--run", str(run), "--out", str(tmp_path), "--num", "1", "--repeat-times", "1", "--gif-frames", "3"])
+    assert Image.open(tmp_path / "denoise.gif").n_frames == 3 + 1
+
+
+def test_predict_defaults_are_the_cards():
+    card = predict.sampling_from_args(predict.parse_args([]))
+    assert (card.sampler, card.steps, card.repeat_last, card.repeat_times) == ("ddpm", 1000, 30, 5)
+    sample = predict.sampling_from_args(driver.parse(["sample"]))
+    assert (sample.sampler, sample.steps, sample.repeat_times) == ("dpmpp", 20, 0)  # the fastest sampler within 15% of DDPM-1000 (bench/README.md)
+
+
+def test_the_card_repeats_default_to_on_for_ddpm_only(trained_run, tmp_path, capsys):
+    """`predict.py --sampler ddim --steps 50` makes 50 network calls, as the README says (it made 50 + 5 x 30)."""
+    run, _ = trained_run
+    ddim = predict.sampling_from_args(predict.parse_args(["--sampler", "ddim", "--steps", "50"]))
+    assert ddim.repeat_times == 0 and ddim.calls(1000) == 50
+    assert predict.sampling_from_args(predict.parse_args(["--sampler", "ddim", "--repeat-times", "2"])).repeat_times == 2
+    predict.main(["--run", str(run), "--out", str(tmp_path), "--num", "1", "--sampler", "ddim", "--steps", "7"])
+    assert "7 network calls per batch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [(["--num", "0"], "--num"), (["--steps", "-1"], "--steps"),
+                                            (["--clip-x0", "wide"], "--clip-x0"),
+                                            (["--repeat-last", "5000"], "--repeat-last"), (["--eta", "-1"], "--eta")])
+def test_predict_flag_errors(trained_run, flags, message):
+    run, _ = trained_run
+    assert message in error_of(predict.main, ["--run", str(run), *flags])
+
+
+def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    unet(copy, "--max-steps", "2", "--conditional", "--label-dropout", "0.2")
+    saved = ckpt(copy / "unet.pt")
+    assert saved["classes"] == ["AD", "NC"] and saved["config"]["num_classes"] == 2
+    assert "class_emb.weight" in saved["model"] and "class_emb.weight" not in ckpt(run / "unet.pt")["model"]
+    assert ckpt(copy / "latents.pt")["y"].tolist() == ([0] * 6 + [1] * 6) * 2  # train/{AD,NC} then test/{AD,NC}
+    common = ["--run", str(copy), "--num", "2", "--sampler", "ddim", "--steps", "5", "--repeat-times", "0", "--gif-frames", "2"]
+    one = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "ad"), "--class", "AD", "--guidance", "3"]))
+    assert one.shape == (2, 1, 32, 32)
+    both = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "all"), "--class", "all", "--num", "3"]))
+    assert both.shape == (6, 1, 32, 32)
+    width, height = Image.open(tmp_path / "all" / "samples.png").size
+    assert width > 1.4 * height  # one row of 3 per class: 2 rows
+    assert "not a class of this run: AD, NC" in error_of(predict.main, [*common, "--class", "MCI"])
+    assert "--guidance" in error_of(predict.main, [*common, "--class", "AD", "--guidance", "-1"])
+    # evaluate: every class at every guidance scale, against that class's held-out subjects
+    evaluate = ["evaluate", "--features", "domain", "--classifier-steps", "0", "--steps", "3", "--holdout", "0.75"]
+    driver.main([*evaluate, "--run", str(copy), "--out", str(tmp_path / "eval"), "--class", "all", "--guidance", "0,2"])
+    rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
+    assert [(r["class"], r["images"]) for r in rows] == [(c, k) for c in ("AD", "NC") for k in (
+        "samples, w=0", "samples, w=2", "real (training)", "real (floor)", "real (held out)")]
+    assert all(0 <= r["recognised"] <= 1 for r in rows) and "## Per class" in (tmp_path / "eval" / "report.md").read_text()
+    assert "--guidance" in error_of(driver.main, [*evaluate, "--run", str(copy), "--class", "AD", "--guidance", "1,-2"])
+    # the unconditional run refuses --class; resuming the conditional one without --conditional is refused
+    assert "without --conditional" in error_of(predict.main, ["--run", str(run), "--num", "1", "--class", "AD"])
+    assert "without --conditional" in error_of(driver.main, [*evaluate, "--run", str(run), "--class", "AD"])
+    assert "num_classes" in error_of(unet, copy, "--max-steps", "4", "--resume")
+
+
+def test_predict_without_unet(trained_run, tmp_path):
+    run, _ = trained_run
+    (tmp_path / "vqvae.pt").write_bytes((run / "vqvae.pt").read_bytes())
+    assert "no unet checkpoint" in error_of(predict.main, ["--run", str(tmp_path)])
+
+
+def test_unet_from_another_vqvae_is_refused(trained_run, tmp_path):
+    run, data = trained_run
+    other = tmp_path / "other"
+    vqvae(other, data, "--max-steps", "2", "--seed", "1")
+    (other / "unet.pt").write_bytes((run / "unet.pt").read_bytes())
+    assert "another VQ-VAE" in error_of(predict.main, ["--run", str(other), "--num", "1"])
+
+
+def test_wrong_kind_of_checkpoint_is_refused(trained_run, tmp_path):
+    run, _ = trained_run
+    (tmp_path / "vqvae.pt").write_bytes((run / "vqvae.pt").read_bytes())
+    (tmp_path / "unet.pt").write_bytes((run / "vqvae.pt").read_bytes())
+    assert "not a unet checkpoint" in error_of(predict.main, ["--run", str(tmp_path)])

@@ -1,0 +1,104 @@
+"""runtime/: checkpoints written atomically and loaded safely (damaged, crafted, of another kind or version),
+a full disk, and the device and precision checks."""
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import predict
+from conftest import ckpt, error_of, unet, vqvae
+from runtime.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, previous
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "unet.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = error_of(unet, copy, "--max-steps", "6", "--resume")
+    assert f"could not write {copy / 'unet.pt'} (No space left on device); the previous file is unchanged" in message
+    assert (copy / "unet.pt").read_bytes() == before
+    assert not [p for p in copy.iterdir() if ".tmp" in p.name]   # no partial file left behind
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
+    path = tmp_path / "unet.pt"
+    atomic_save({"kind": "unet", "step": 2, "config": {}}, path)
+    script = (f"import os, signal, sys, torch; sys.path.insert(0, {str(REPO)!r}); from runtime.checkpoint import atomic_save; from pathlib import Path\n"
+              "def dies(obj, f, *a, **k):\n    f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"torch.save = dies\natomic_save({{'kind': 'unet', 'step': 4}}, Path({str(path)!r}))\n")
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    assert load_checkpoint(path, "unet")["step"] == 2
+    partial = [p.name for p in tmp_path.iterdir() if p.name.startswith(".unet.pt.tmp")]
+    assert len(partial) == 1   # the killed write's file; --resume removes it:
+    assert checkpoint_to_resume(path, "unet", resume=True, chosen={})["step"] == 2 and not (tmp_path / partial[0]).exists()
+
+
+def test_a_truncated_checkpoint_is_named_with_the_last_good_one(trained_run, tmp_path):
+    run, _ = trained_run
+    path = run / "unet.pt"
+    assert ckpt(previous(path))["step"] == 2   # kept at the save of step 4
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    damaged = copy / "unet.pt"
+    damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    message = error_of(predict.main, ["--run", str(copy), "--num", "1"])
+    assert f"cannot load checkpoint {damaged}, it is damaged" in message
+    assert f"the last good one is {copy / 'unet.prev.pt'} (step 2): move it to unet.pt" in message
+    previous(damaged).unlink()
+    assert "no earlier checkpoint" in error_of(unet, copy, "--max-steps", "6", "--resume")
+
+
+class RunsCode:
+    """Unpickling this calls Path.touch: any callable could be there instead."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    marker = tmp_path / "code-ran"
+    torch.save({"kind": "unet", "payload": RunsCode(marker)}, copy / "unet.pt")
+    message = error_of(predict.main, ["--run", str(copy), "--num", "1"])
+    assert "refused to load" in message and "weights_only" in message
+    assert not marker.exists()
+
+
+def test_checkpoints_of_another_kind_preset_or_version_give_clear_errors(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    shutil.copy(run / "vqvae.pt", copy / "unet.pt")
+    assert "is not a unet checkpoint (it holds 'vqvae')" in error_of(predict.main, ["--run", str(copy), "--num", "1"])
+    shutil.copy(run / "unet.pt", copy / "unet.pt")
+    assert "different config (channels: 8 in the checkpoint, 16 now" in error_of(
+        unet, copy, "--max-steps", "6", "--resume", "--unet-channels", "16")
+    old = ckpt(run / "unet.pt")
+    old["config"]["num_steps"] = 1000          # an earlier layout kept the diffusion settings here
+    torch.save(old, copy / "unet.pt")
+    assert "written by another version of this project" in error_of(predict.main, ["--run", str(copy), "--num", "1"])
+
+
+def test_fp16_without_cuda_is_a_clear_error(adni_folder, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    msg = error_of(vqvae, tmp_path / "run", adni_folder, "--max-steps", "1", "--precision", "fp16", "--device", "cpu")
+    assert "fp16 needs a CUDA device" in msg and not (tmp_path / "run" / "vqvae.pt").exists()

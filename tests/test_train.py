@@ -1,0 +1,313 @@
+"""train.py: the optimizer step (gradient accumulation, two DDP ranks over gloo), the shared loop's logs,
+checkpoints, stops and NaN guards, resume, and stage 2's latent cache.
+
+The reference for DDP and accumulation is one process taking one step on the whole batch: 2 ranks x batch b,
+and 1 rank x K micro-batches of b, must end with the parameters of 1 rank x batch 2b (or K*b).
+"""
+import csv
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+from conftest import ckpt, error_of, unet, vqvae, write_blob_images
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
+from runtime.process import any_rank, mean_over_ranks, setup_runtime, wrap_model
+
+
+BATCH = 4  # per rank / per micro-batch
+
+
+def make_case(kind: str):
+    """A small seeded model and 2 x BATCH fixed examples with a deterministic loss (fixed t and noise)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if kind == "unet":
+        model = UNet(UNetConfig(latent_size=8, channels=8, channel_mult=(1, 1, 1, 1), num_res_blocks=1))
+        torch.nn.init.normal_(model.out[-1].weight, std=0.1)  # not the zero start: every layer gets a gradient
+        diffusion = GaussianDiffusion(prediction="v")
+        data = [(torch.randn(4, 8, 8, generator=g), torch.randint(0, 1000, (), generator=g), torch.randn(4, 8, 8, generator=g))
+                for _ in range(2 * BATCH)]
+
+        def loss_fn(batch):
+            x0, t, noise = (torch.stack(v) for v in zip(*batch))
+            loss = diffusion.loss(model_ref[0], x0, t, noise)
+            return loss, loss.detach()
+    else:
+        model = VQVAE(VQVAEConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16))
+        model.quantizer.dead_threshold = 0.0  # no random code restarts: the step is a function of the batch
+        data = [torch.rand(1, 16, 16, generator=g) * 2 - 1 for _ in range(2 * BATCH)]
+
+        def loss_fn(batch):
+            x = torch.stack(batch)
+            recon, vq_loss, _ = model_ref[0](x)
+            loss = torch.nn.functional.mse_loss(recon, x) + vq_loss
+            return loss, loss.detach()
+    model_ref = [model]
+    return model, model_ref, loss_fn, data
+
+
+def run_steps(kind: str, rt, micro_batches_of, steps: int = 2):
+    """`steps` optimizer steps with train.optimizer_step; micro_batches_of(data) -> this rank's micro-batches."""
+    model, model_ref, loss_fn, data = make_case(kind)
+    wrapped = wrap_model(model, rt, compile_model=False)
+    model_ref[0] = wrapped
+    # SGD, not AdamW: Adam's update does not change when the gradient is scaled (a sum over ranks instead
+    # of a mean would pass), and it blows float noise in gradients that are zero in exact arithmetic
+    # (a conv bias before a per-channel GroupNorm, 1e-10) up to a visible step
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        train.optimizer_step(wrapped, optimizer, rt.scaler, micro_batches_of(data), loss_fn, grad_clip=1.0)
+    return model.state_dict()
+
+
+def cpu_runtime():
+    return setup_runtime("cpu")
+
+
+def _rank_worker(rank: int, world: int, port: int, kind: str, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    rt = cpu_runtime()
+    assert rt.world == world and rt.rank == rank
+    assert mean_over_ranks(torch.tensor([float(rank)]), rt).item() == 0.5  # the logged loss: mean over ranks
+    assert any_rank(rank == 1, rt) and not any_rank(False, rt)       # one rank out of time: all stop
+    state = run_steps(kind, rt, lambda data: [data[rank * BATCH:(rank + 1) * BATCH]])
+    if rank == 0:
+        torch.save(state, out)
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same_parameters(a: dict, b: dict, moved_from: dict, skip=()):
+    moved = 0
+    for name in set(a) - set(skip):
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        moved += int(not torch.equal(a[name], moved_from[name]))
+    assert moved > len(a) // 2  # the step changed most tensors, so equality is not trivial
+
+
+@pytest.mark.parametrize("kind", ["unet", "vqvae"])
+def test_two_ranks_with_batch_b_take_the_step_of_one_rank_with_batch_2b(kind, tmp_path, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank_worker, args=(2, free_port(), kind, str(out)), nprocs=2, join=True)
+    two_ranks = torch.load(out, weights_only=True)
+    one_rank = run_steps(kind, cpu_runtime(), lambda data: [data])
+    assert_same_parameters(two_ranks, one_rank, make_case(kind)[0].state_dict())
+
+
+@pytest.mark.parametrize("kind", ["unet", "vqvae"])
+def test_grad_accum_k_gives_the_update_of_a_k_times_larger_batch(kind):
+    rt = cpu_runtime()
+    accumulated = run_steps(kind, rt, lambda data: [data[:BATCH], data[BATCH:]])
+    one_batch = run_steps(kind, rt, lambda data: [data])
+    # the codebook-usage statistics are an EMA over forward passes (micro-batches), not a parameter
+    assert_same_parameters(accumulated, one_batch, make_case(kind)[0].state_dict(), skip=["quantizer.usage"])
+    half = run_steps(kind, rt, lambda data: [data[:BATCH]])  # and it is not the step of one micro-batch
+    assert not torch.allclose(half["conv_in.weight" if kind == "unet" else "encoder.net.0.weight"],
+                              one_batch["conv_in.weight" if kind == "unet" else "encoder.net.0.weight"], atol=1e-4)
+
+
+def test_resume_continues_from_the_saved_step(trained_run, tmp_path):
+    run, data = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    vqvae(copy, data, "--max-steps", "6", "--resume")
+    assert ckpt(copy / "vqvae.pt")["step"] == 6
+    assert [int(r["step"]) for r in csv.DictReader(open(copy / "log_vqvae.csv"))] == [2, 4, 6]
+    # the UNet learned the old VQ-VAE's latents: resuming it on the new one is refused
+    assert "another VQ-VAE" in error_of(unet, copy, "--max-steps", "6", "--resume")
+    shutil.copy(run / "vqvae.pt", copy / "vqvae.pt")
+    unet(copy, "--max-steps", "6", "--resume")
+    assert ckpt(copy / "unet.pt")["step"] == 6
+    assert [int(r["step"]) for r in csv.DictReader(open(copy / "log_unet.csv"))] == [2, 4, 6]
+
+
+def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
+    run, data = trained_run
+    before = (run / "vqvae.pt").read_bytes()
+    assert "--resume" in error_of(vqvae, run, data, "--max-steps", "8")
+    assert "different config" in error_of(vqvae, run, data, "--max-steps", "8", "--resume", "--codebook-size", "64")
+    assert (run / "vqvae.pt").read_bytes() == before
+
+
+def test_min_snr_gamma_is_saved_in_the_checkpoint_and_used_when_sampling(trained_run, tmp_path):
+    import predict
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    unet(copy, "--max-steps", "2", "--min-snr-gamma", "5")
+    assert ckpt(copy / "unet.pt")["diffusion"]["min_snr_gamma"] == 5.0
+    assert predict.load_run(copy, "cpu").diffusion.min_snr_gamma == 5.0
+    assert "min_snr_gamma" in error_of(unet, copy, "--max-steps", "4", "--resume")  # resuming without it is refused
+
+
+def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    monkeypatch.setattr(train, "encode_dataset", lambda *a, **k: pytest.fail("latents were recomputed"))
+    monkeypatch.setattr(train, "training_data", lambda *a, **k: pytest.fail("stage 2 decoded images"))
+    unet(copy, "--max-steps", "2")
+    assert ckpt(copy / "unet.pt")["step"] == 2
+
+
+def test_held_out_subjects_stay_out_of_both_stages(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "1", "--holdout", "0.25", "--holdout-seed", "3")
+    unet(run, "--max-steps", "1")
+    assert ckpt(run / "latents.pt")["z"].shape[0] == 24 - 2 * 3     # 2 of 8 subjects, 3 slices each
+
+
+def test_max_minutes_stops_cleanly_with_a_checkpoint_and_resume_continues(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "50", "--max-minutes", "0.0001")
+    first = ckpt(run / "vqvae.pt")["step"]
+    assert 1 <= first < 50 and (run / "recon_vqvae.png").exists() and (run / "loss_vqvae.png").exists()
+    vqvae(run, adni_folder, "--max-steps", "50", "--resume")
+    assert ckpt(run / "vqvae.pt")["step"] == 50
+    unet(run, "--max-steps", "50", "--max-minutes", "0.0001")
+    assert 1 <= ckpt(run / "unet.pt")["step"] < 50
+
+
+def test_images_larger_than_cache_gb_are_decoded_once_to_disk_and_read_by_loader_workers(adni_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2", "--cache-gb", "0", "--workers", "2")
+    assert ckpt(run / "vqvae.pt")["step"] == 2
+    assert (run / "images-32px-1ch.npy").exists() and "decoded once" in capsys.readouterr().out
+    unet(run, "--max-steps", "2", "--cache-gb", "0")  # encoding the latents reads the same file
+    assert "images reused" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_without_overwriting_the_checkpoint(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    from modules import GaussianDiffusion
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "unet.pt").read_bytes()
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, model, x0, **kw: model(x0, torch.zeros(len(x0), dtype=torch.long, device=x0.device)).sum() * float("nan"))
+    msg = error_of(unet, copy, "--max-steps", "8", "--resume")
+    assert "nan" in msg.lower() and "last good checkpoint" in msg
+    assert (copy / "unet.pt").read_bytes() == before
+
+
+def nan_at_call(monkeypatch, which: int):
+    """Make the diffusion loss NaN (gradients included) at its `which`-th call."""
+    from modules import GaussianDiffusion
+    original, calls = GaussianDiffusion.loss, []
+
+    def loss(self, *args, **kwargs):
+        calls.append(1)
+        value = original(self, *args, **kwargs)
+        return value * float("nan") if len(calls) == which else value
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", loss)
+
+
+def fresh_unet_run(trained_run, tmp_path) -> Path:
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    return copy
+
+
+def test_a_nan_loss_stops_without_writing_poisoned_weights(trained_run, tmp_path, monkeypatch):
+    run = fresh_unet_run(trained_run, tmp_path)
+    nan_at_call(monkeypatch, 3)
+    message = error_of(unet, run, "--max-steps", "4")
+    assert "loss became nan before step 4" in message and "--skip-nonfinite" in message
+    saved = ckpt(run / "unet.pt")
+    assert saved["step"] == 2 and all(t.isfinite().all() for t in saved["model"].values())
+
+
+def test_skip_nonfinite_skips_the_step_and_finishes_with_finite_weights(trained_run, tmp_path, monkeypatch, capsys):
+    run = fresh_unet_run(trained_run, tmp_path)
+    nan_at_call(monkeypatch, 3)
+    unet(run, "--max-steps", "4", "--skip-nonfinite")
+    saved = ckpt(run / "unet.pt")
+    assert saved["step"] == 4 and saved["ema_updates"] == 3   # the skipped step did not reach the EMA either
+    assert all(t.isfinite().all() for part in ("model", "ema") for t in saved[part].values())
+    assert "1 non-finite steps skipped" in capsys.readouterr().out
+
+
+def test_skip_nonfinite_stops_a_diverged_run(trained_run, tmp_path, monkeypatch):
+    run = fresh_unet_run(trained_run, tmp_path)
+    from modules import GaussianDiffusion
+    original = GaussianDiffusion.loss
+    monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: original(self, *a, **k) * float("inf"))
+    assert "20 steps in a row" in error_of(unet, run, "--max-steps", "40", "--skip-nonfinite", "--save-every", "100")
+    assert not (run / "unet.pt").exists()
+
+
+def test_skip_bad_images_trains_both_stages_on_the_readable_ones(tmp_path, capsys):
+    data = tmp_path / "adni"
+    rng = np.random.default_rng(0)
+    for label in ("AD", "NC"):
+        write_blob_images(data / "train" / label, [f"{label}{i}" for i in range(2)], 3, rng)
+    (data / "train" / "NC" / "corrupt_9.jpeg").write_bytes(b"\xff\xd8\xff\xe0 cut here")
+    message = error_of(vqvae, tmp_path / "a", data, "--max-steps", "2")
+    assert "cannot read image" in message and "corrupt_9.jpeg" in message
+    vqvae(tmp_path / "b", data, "--max-steps", "2", "--skip-bad-images")
+    assert "left out 1 unreadable image(s) of 13: " in capsys.readouterr().out
+    unet(tmp_path / "b", "--max-steps", "2", "--conditional")               # inherits the flag from stage 1
+    latents = ckpt(tmp_path / "b" / "latents.pt")
+    assert len(latents["z"]) == 12 and latents["y"].tolist() == [0] * 6 + [1] * 6
+
+
+def test_latent_cache_is_rebuilt_when_an_image_is_replaced_under_the_same_name(trained_run, tmp_path, capsys):
+    run, data = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    images = tmp_path / "adni"
+    shutil.copytree(data, images)
+    unet(copy, "--max-steps", "1", "--data", str(images))   # another folder: encoded anew
+    (copy / "unet.pt").unlink()
+    unet(copy, "--max-steps", "1", "--data", str(images))
+    assert "latents reused" in capsys.readouterr().out
+    before = ckpt(copy / "latents.pt")["z"]
+    replaced = sorted((images / "train" / "AD").iterdir())[0]
+    from PIL import Image
+    Image.new("L", (256, 240), 255).save(replaced, format="JPEG")   # the same name, other pixels
+    (copy / "unet.pt").unlink()
+    unet(copy, "--max-steps", "1", "--data", str(images))
+    assert "latents written" in capsys.readouterr().out
+    assert not torch.equal(ckpt(copy / "latents.pt")["z"][0], before[0]) and torch.equal(ckpt(copy / "latents.pt")["z"][1:], before[1:])
+
+
+def test_lr_given_with_resume_is_honoured_and_without_it_the_runs_own_is_kept(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2", "--lr", "3e-3", "--warmup", "1")
+    vqvae(run, adni_folder, "--max-steps", "4", "--resume", "--warmup", "1")  # not the tiny preset's 2e-3
+    assert [g["lr"] for g in ckpt(run / "vqvae.pt")["optimizer"]["param_groups"]] == [3e-3]
+    vqvae(run, adni_folder, "--max-steps", "6", "--resume", "--warmup", "1", "--lr", "1e-4")  # was silently ignored
+    saved = ckpt(run / "vqvae.pt")
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-4] and saved["args"]["lr"] == 1e-4
+
+
+def test_the_ema_weights_are_in_eval_mode(trained_run, tmp_path, monkeypatch):
+    """The sampling weights run in eval mode (grids during training, and what is saved for predict.py)."""
+    run = fresh_unet_run(trained_run, tmp_path)
+    modes = []
+    original = UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, *a, **k: (modes.append(self.training), original(self, *a, **k))[1])
+    unet(run, "--max-steps", "2", "--sample-every", "2")
+    assert True in modes and False in modes    # the model trains, the EMA copy draws the grid
+    assert modes[-1] is False
