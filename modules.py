@@ -5,6 +5,7 @@ Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -12,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -587,12 +587,42 @@ class Guided(nn.Module):
 
 # ----------------------------------------------------------------------------- EMA of the weights
 
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel.
+class EMA:
+    """Exponential moving average of the weights (and a copy of the buffers) for sampling, in `.module`.
 
     The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as latent-diffusion does),
-    so the random initial weights are forgotten within a short run; n stays a device tensor (no sync).
+    so the random initial weights are forgotten within a short run; the first update copies. n is a
+    Python int (`.updates`), so the weight is worked out on the host and an update is one fused
+    `_foreach_lerp_` over all parameters that never waits for the GPU (torch's AveragedModel keeps n on
+    the device and reads it back every step). Make it after any channels_last conversion of the model:
+    with both sides in one layout the fused kernel applies; otherwise it is still correct, only slower.
+    A checkpoint holds `ema.module.state_dict()` and `ema.updates`.
     """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        params, averaged = list(model.parameters()), list(self.module.parameters())
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, params)
+        else:
+            n = self.updates
+            torch._foreach_lerp_(averaged, params, 1 - min(self.decay, (1 + n) / (10 + n)))
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
+        self.updates += 1
+
+
+def ema_model(model: nn.Module, decay: float):
+    """Deprecated: the AveragedModel EMA that train.py still imports; it syncs once per update. Use `EMA`;
+    delete this once train.py has moved (same warm-up, count in `.n_averaged`, a device tensor)."""
+    from torch.optim.swa_utils import AveragedModel
+
     def ema_update(ema_params, params, num_averaged):
         weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
         for e, p in zip(ema_params, params):

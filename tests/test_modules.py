@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules import (VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, drop_labels,
-                     ema_model)
+from torch.optim.swa_utils import AveragedModel
+
+from modules import EMA, VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, drop_labels
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -149,19 +150,56 @@ def test_checkpoints_from_before_scale_shift_load_as_they_were_trained():
 
 def test_ema_warms_up_then_tracks_weights_with_the_given_decay():
     model = nn.Linear(2, 2)
-    ema = ema_model(model, decay=0.9)
-    ema.update_parameters(model)                       # first update copies
+    ema = EMA(model, decay=0.9)
+    ema.update(model)                                  # first update copies
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)                       # n = 1: decay min(0.9, 2 / 11)
+    ema.update(model)                                  # n = 1: decay min(0.9, 2 / 11)
     assert torch.allclose(ema.module.weight, model.weight - 2 / 11, atol=1e-6)
     for _ in range(100):                               # warm-up over: (1 + n) / (10 + n) > 0.9
-        ema.update_parameters(model)
+        ema.update(model)
     before = ema.module.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)
+    ema.update(model)
     assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * model.weight, atol=1e-6)
+    assert ema.updates == 103 and not ema.module.training and not ema.module.weight.requires_grad
+
+
+def averaged_model_ema(model, decay):
+    """The EMA before the `EMA` class: torch's AveragedModel with the warm-up on a device-side count."""
+    def ema_update(ema_params, params, num_averaged):
+        weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, weight.to(e.dtype))
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
+# "late": the model goes channels_last after the EMA copy is made (mixed layouts: the unfused path)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "late"])
+def test_ema_equals_the_averaged_model_it_replaces(layout):
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,)))
+    if layout == "channels_last":
+        model.to(memory_format=torch.channels_last)
+    ema, reference = EMA(model, decay=0.99), averaged_model_ema(model, decay=0.99)
+    if layout == "late":
+        model.to(memory_format=torch.channels_last)
+    for _ in range(15):                                # through the warm-up and past the first copy
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        ema.update(model)
+        reference.update_parameters(model)
+    assert ema.updates == int(reference.n_averaged) == 15
+    for (name, a), b in zip(ema.module.state_dict().items(), reference.module.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    restored = EMA(model, decay=0.99)                  # a checkpoint's "ema" and "ema_updates" load back
+    restored.module.load_state_dict(ema.module.state_dict())
+    restored.updates = ema.updates
+    ema.update(model)
+    restored.update(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), restored.module.parameters()))
 
 
 # ----------------------------------------------------------------------------- diffusion: closed forms
