@@ -133,6 +133,8 @@ class VectorQuantizer(nn.Module):
     moving average of per-code counts, all-reduced under DDP so every rank restarts the same codes.
     """
 
+    chunk_bytes = 32 * 2 ** 20  # the most memory `nearest` gives one block of distances (rows x K, float32)
+
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25,
                  usage_decay: float = 0.95, dead_threshold: float = 1e-2):
         super().__init__()
@@ -143,11 +145,18 @@ class VectorQuantizer(nn.Module):
         # restarts every code from encoder outputs (a data-dependent initialisation)
         self.register_buffer("usage", torch.zeros(num_codes))
 
+    @torch.no_grad()
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code for each row of flat (N, dim), in float32 whatever the autocast."""
-        flat, book = flat.float(), self.codebook.float()
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(1)[None]
-        return d.argmin(1)
+        """Index of the nearest code for each row of flat (N, dim), in float32 whatever the autocast.
+
+        argmin_k ||z - e_k||^2 = argmin_k ||e_k||^2 - 2 z.e_k, over chunks of rows: one (N, K) matrix of
+        distances would be 268 MB per batch at 256x256 with K = 4096; a chunk stays under `chunk_bytes`.
+        """
+        with torch.autocast(flat.device.type, enabled=False):  # autocast would run the matmul in bf16
+            flat, book = flat.float(), self.codebook.float()
+            book_sq = book.pow(2).sum(1)[None]                                   # (1, K)
+            rows = max(1, self.chunk_bytes // (4 * self.num_codes))
+            return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2).argmin(1) for chunk in flat.split(rows)])
 
     def forward(self, z: torch.Tensor):
         """z (B, D, h, w) -> (z_q with straight-through gradient, vq loss, indices (B, h, w), stats)."""
@@ -158,7 +167,8 @@ class VectorQuantizer(nn.Module):
         codebook_loss = F.mse_loss(z_q.float(), z.detach().float())
         commitment_loss = F.mse_loss(z.float(), z_q.detach().float())
         loss = codebook_loss + self.beta * commitment_loss
-        counts = torch.bincount(idx, minlength=self.num_codes).float()
+        # per-code counts; bincount would read its output size back from the GPU and break torch.compile
+        counts = torch.zeros(self.num_codes, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float))
         if self.training:
             self._track_and_restart(counts, flat.detach())
         probs = counts / counts.sum()

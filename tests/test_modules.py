@@ -43,6 +43,48 @@ def test_quantizer_returns_nearest_code():
     assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, 4), vq.codebook[brute], atol=1e-6)
 
 
+def todays_quantizer_stats(vq, z):
+    """The quantiser's formulas before the sync-free rewrite (brute-force distances, bincount): codes, loss, stats."""
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+    book = vq.codebook.float()
+    idx = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(1)[None]).argmin(1)
+    z_q = vq.codebook[idx].view(z.shape[0], *z.shape[2:], z.shape[1]).permute(0, 3, 1, 2)
+    loss = F.mse_loss(z_q, z) + vq.beta * F.mse_loss(z, z_q)
+    counts = torch.bincount(idx, minlength=vq.num_codes).float()
+    probs = counts / counts.sum()
+    return idx, loss, counts, torch.exp(-(probs * torch.log(probs + 1e-10)).sum()), (counts > 0).float().mean()
+
+
+@pytest.mark.parametrize("chunk_bytes", [VectorQuantizer.chunk_bytes, 4 * 512 * 7])  # one chunk; 7-row chunks
+def test_quantizer_matches_todays_codes_losses_and_stats(chunk_bytes):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(512, 4, usage_decay=0.5)
+    vq.chunk_bytes = chunk_bytes
+    vq.codebook.data = torch.randn(512, 4)
+    z = torch.randn(3, 4, 9, 7)                         # 189 rows: 27 chunks of 7 in the second case
+    idx, loss, counts, perplexity, usage = todays_quantizer_stats(vq, z)
+    vq.usage.fill_(1.0)                                # nothing dead: the codebook stays as it is
+    z_q, vq_loss, vq_idx, stats = vq(z)
+    assert torch.equal(vq_idx.flatten(), idx)
+    assert torch.allclose(vq_loss, loss, rtol=1e-6)
+    assert torch.allclose(z_q, vq.codebook[idx].view(3, 9, 7, 4).permute(0, 3, 1, 2), atol=1e-6)
+    assert torch.allclose(stats["perplexity"], perplexity, rtol=1e-6) and torch.equal(stats["usage"], usage)
+    assert torch.allclose(vq.usage, 0.5 + 0.5 * counts)  # the usage EMA took today's counts
+
+
+@pytest.mark.parametrize("chunk_bytes", [VectorQuantizer.chunk_bytes, 4 * 300 * 5, 4 * 300 * 1000])
+def test_chunked_nearest_code_is_the_brute_force_argmin(chunk_bytes):
+    torch.manual_seed(1)
+    vq = VectorQuantizer(300, 4)
+    vq.chunk_bytes = chunk_bytes
+    vq.codebook.data = torch.randn(300, 4)
+    flat = torch.randn(1001, 4)                        # chunks of 5 rows leave a remainder of 1
+    brute = ((flat.double()[:, None] - vq.codebook.double()[None]) ** 2).sum(-1).argmin(1)
+    assert torch.equal(vq.nearest(flat), brute)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # still float32 distances under autocast
+        assert torch.equal(vq.nearest(flat), brute)
+
+
 def test_quantizer_losses_are_codebook_plus_quarter_commitment():
     vq = VectorQuantizer(16, 4, beta=0.25).eval()
     vq.codebook.data = torch.randn(16, 4)
