@@ -399,6 +399,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown prediction {prediction!r} (use 'eps' or 'v')")
         self.num_steps, self.schedule, self.loss_type, self.prediction = num_steps, schedule, loss_type, prediction
         self.min_snr_gamma = min_snr_gamma
+        self._cast = {}
         betas = make_betas(schedule, num_steps)
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -420,32 +421,55 @@ class GaussianDiffusion(nn.Module):
         return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type,
                 "prediction": self.prediction, "min_snr_gamma": self.min_snr_gamma}
 
+    def _apply(self, fn, *args, **kwargs):
+        self._cast = {}  # the buffers move or change dtype: the copies `_coef` keeps are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _coef(self, name: str, t, x: torch.Tensor) -> torch.Tensor:
+        """Buffer `name` at t, shaped (B or 1, 1, 1, 1) against x, in x's dtype and device.
+
+        t: a (B,) tensor of steps, or one step as a Python int, as the samplers pass it. The buffer is cast
+        to x's device and dtype once and kept, so a tensor t costs one gather and an int t a view, no
+        kernel at all (the float64 gather and cast of every coefficient of every step was a stream of
+        tiny kernels). A tensor of a lower dimension would not promote x's dtype, so none is returned.
+        """
+        key = (name, x.device, x.dtype)
+        if key not in self._cast:
+            self._cast[key] = getattr(self, name).to(x.device, x.dtype)
+        table, shape = self._cast[key], (-1, *([1] * (x.dim() - 1)))
+        return (table[t:t + 1] if isinstance(t, int) else table[t]).view(shape)
+
     @staticmethod
     def _at(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """buf[t] as a (B, 1, 1, 1) tensor in x's dtype and device."""
+        """buf[t] as a (B, 1, 1, 1) tensor in x's dtype and device (for any tensor; the class uses `_coef`)."""
         return buf.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    @staticmethod
+    def _steps(t, x: torch.Tensor) -> torch.Tensor:
+        """t as the (B,) tensor of steps the network takes (from a Python int: a fill, no host-device copy)."""
+        return t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, eq. 4)."""
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return self._coef("sqrt_alphas_cumprod", t, x0) * x0 + self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
     def q_posterior(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x0)  (Ho et al. 2020, eq. 6-7)."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_variance, t, x_t)
+        mean = self._coef("posterior_mean_coef1", t, x_t) * x0 + self._coef("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._coef("posterior_variance", t, x_t)
 
     def predict_x0(self, x_t, t, eps):
         """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. 4 solved for x0."""
-        return (x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / self._at(self.sqrt_alphas_cumprod, t, x_t)
+        return (x_t - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * eps) / self._coef("sqrt_alphas_cumprod", t, x_t)
 
     def predict_x0_eps(self, model, x_t, t):
         """(x0, eps) from the network's output: eps itself, or v = sqrt(abar) eps - sqrt(1 - abar) x0
         (Salimans & Ho 2022), for which x0 = sqrt(abar) x_t - sqrt(1 - abar) v. With v an error in the
         output stays an error of the same size in x0 at high noise, where eps would divide it by sqrt(abar)."""
-        out = model(x_t, t)
+        out = model(x_t, self._steps(t, x_t))
         if self.prediction == "eps":
             return self.predict_x0(x_t, t, out), out
-        a, b = self._at(self.sqrt_alphas_cumprod, t, x_t), self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a, b = self._coef("sqrt_alphas_cumprod", t, x_t), self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
         return a * x_t - b * out, b * x_t + a * out
 
     def p_sample(self, model, x_t, t, noise=None, clip_x0: float | None = None):
@@ -460,7 +484,7 @@ class GaussianDiffusion(nn.Module):
         mean, var = self.q_posterior(x0, x_t, t)
         if noise is None:
             noise = torch.randn_like(x_t)
-        nonzero = (t > 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        nonzero = float(t > 0) if isinstance(t, int) else (t > 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return mean + nonzero * var.sqrt() * noise, x0
 
     def ddim_step(self, model, x_t, t, t_prev, eta: float = 0.0, noise=None, clip_x0: float | None = None):
@@ -472,10 +496,9 @@ class GaussianDiffusion(nn.Module):
         x0, eps = self.predict_x0_eps(model, x_t, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-        a_t = self._at(self.alphas_cumprod, t, x_t)
-        ones = torch.ones(1, dtype=torch.float64, device=self.alphas_cumprod.device)
-        a_prev = self._at(torch.cat([ones, self.alphas_cumprod]), t_prev + 1, x_t)  # abar_{-1} = 1
+            eps = (x_t - self._coef("sqrt_alphas_cumprod", t, x_t) * x0) / self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        a_t = self._coef("alphas_cumprod", t, x_t)
+        a_prev = self._coef("alphas_cumprod_prev", t_prev + 1, x_t)  # abar_{t_prev}, with abar_{-1} = 1
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0:
@@ -493,17 +516,24 @@ class GaussianDiffusion(nn.Module):
         4 at 20 linear steps) and the linear extrapolation of x0 overshoots (with the Gaussian oracle, the
         std of the samples +25% at 20 steps, against -3.7% with the first-order final steps).
         Returns (x_{t_prev}, predicted x0, h); pass that x0 and h as x0_before and h_before to the next step.
+        t and t_prev: Python ints (as `sample_steps` passes them: the order is chosen on the host) or (B,)
+        tensors (then per sample by `torch.where`, never reading the steps back from the device; into the
+        data abar_{-1} = 1 makes h infinite and the update return x0 exactly).
         """
         x0, _ = self.predict_x0_eps(model, x_t, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-        if bool((t_prev < 0).all()):
+        if isinstance(t_prev, int) and t_prev < 0:
             return x0, x0, None
-        a_t, a_prev = self._at(self.alphas_cumprod, t, x_t), self._at(self.alphas_cumprod, t_prev, x_t)
+        a_t, a_prev = self._coef("alphas_cumprod", t, x_t), self._coef("alphas_cumprod_prev", t_prev + 1, x_t)
         h = 0.5 * (torch.log(a_prev / (1 - a_prev)) - torch.log(a_t / (1 - a_t)))
         d = x0
-        if x0_before is not None and bool((t_prev > 0).all()):
-            d = x0 + (x0 - x0_before) * (h / (2 * h_before))  # (1 + 1/2r) x0 - 1/2r x0_before
+        if x0_before is not None:
+            r = h / (2 * h_before)
+            if not isinstance(t_prev, int):
+                r = torch.where((t_prev > 0).view(-1, *([1] * (x_t.dim() - 1))), r, 0.0)
+            if not isinstance(t_prev, int) or t_prev > 0:
+                d = x0 + (x0 - x0_before) * r  # (1 + 1/2r) x0 - 1/2r x0_before
         x_prev = ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - a_prev.sqrt() * torch.expm1(-h) * d
         return x_prev, x0, h
 
@@ -513,7 +543,8 @@ class GaussianDiffusion(nn.Module):
 
         Yields (t, x_{t-1}, predicted x0) after every network call, so callers can keep frames.
         "ddpm": every step start..0. "ddim" and "dpmpp" (DPM-Solver++(2M)): `steps` evenly spaced
-        steps of start..0, then into the data.
+        steps of start..0, then into the data. The steps go to the step methods as Python ints: no step
+        reads anything back from the device, and the coefficients are views of tables cast once.
         """
         start = self.num_steps - 1 if start is None else start
         if sampler == "ddpm":
@@ -524,17 +555,14 @@ class GaussianDiffusion(nn.Module):
         else:
             raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm', 'ddim' or 'dpmpp')")
         x = x_T
-        B = x.shape[0]
         x0_before = h_before = None
-        for i, t in enumerate(ts):
-            tt = torch.full((B,), t, device=x.device, dtype=torch.long)
-            t_prev = torch.full_like(tt, ts[i + 1] if i + 1 < len(ts) else -1)
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
             if sampler == "ddpm":
-                x, x0 = self.p_sample(model, x, tt, clip_x0=clip_x0)
+                x, x0 = self.p_sample(model, x, t, clip_x0=clip_x0)
             elif sampler == "ddim":
-                x, x0 = self.ddim_step(model, x, tt, t_prev, eta=eta, clip_x0=clip_x0)
+                x, x0 = self.ddim_step(model, x, t, t_prev, eta=eta, clip_x0=clip_x0)
             else:
-                x, x0, h = self.dpmpp_2m_step(model, x, tt, t_prev, x0_before, h_before, clip_x0=clip_x0)
+                x, x0, h = self.dpmpp_2m_step(model, x, t, t_prev, x0_before, h_before, clip_x0=clip_x0)
                 x0_before, h_before = x0, h
             yield t, x, x0
 
@@ -557,7 +585,7 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn_like(x0)
         target = noise
         if self.prediction == "v":
-            target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            target = self._coef("sqrt_alphas_cumprod", t, x0) * noise - self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
         x_t = self.q_sample(x0, t, noise)
         pred = model(x_t, t) if y is None else model(x_t, t, y)
         error = F.mse_loss if self.loss_type == "mse" else F.smooth_l1_loss

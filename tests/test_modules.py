@@ -480,3 +480,129 @@ def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly()
         assert torch.allclose(Guided(unet, y, 1.0)(x, t), cond, atol=1e-6)
         # float32 round-off of a batched pass, amplified by w = 3, on outputs of size ~10; a wrong rule is O(1) off
         assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=2e-4)
+
+
+# ----------------------------------------------------------------------------- samplers: the same samples as before
+
+class TodaysSamplers:
+    """The samplers as they were before they stopped syncing (commit bb15666), frozen here: every coefficient
+    gathered from the float64 buffers and cast at every step, steps as tensors, DPM-Solver++ deciding its
+    order by reading t_prev back. The rewritten samplers must give the same samples from the same seed."""
+
+    def __init__(self, d):
+        self.d = d
+
+    @staticmethod
+    def at(buf, t, x):
+        return buf.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def predict_x0_eps(self, model, x_t, t):
+        d, out = self.d, model(x_t, t)
+        a, b = self.at(d.sqrt_alphas_cumprod, t, x_t), self.at(d.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return ((x_t - b * out) / a, out) if d.prediction == "eps" else (a * x_t - b * out, b * x_t + a * out)
+
+    def p_sample(self, model, x_t, t, clip_x0):
+        d = self.d
+        x0, _ = self.predict_x0_eps(model, x_t, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        mean = self.at(d.posterior_mean_coef1, t, x_t) * x0 + self.at(d.posterior_mean_coef2, t, x_t) * x_t
+        noise = torch.randn_like(x_t)
+        nonzero = (t > 0).to(x_t.dtype).view(-1, 1, 1, 1)
+        return mean + nonzero * self.at(d.posterior_variance, t, x_t).sqrt() * noise, x0
+
+    def ddim_step(self, model, x_t, t, t_prev, eta, clip_x0):
+        d = self.d
+        x0, eps = self.predict_x0_eps(model, x_t, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x_t - self.at(d.sqrt_alphas_cumprod, t, x_t) * x0) / self.at(d.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a_t = self.at(d.alphas_cumprod, t, x_t)
+        a_prev = self.at(torch.cat([torch.ones(1, dtype=torch.float64), d.alphas_cumprod]), t_prev + 1, x_t)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * torch.randn_like(x_t)
+        return x_prev, x0
+
+    def dpmpp_2m_step(self, model, x_t, t, t_prev, x0_before, h_before, clip_x0):
+        d = self.d
+        x0, _ = self.predict_x0_eps(model, x_t, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        if bool((t_prev < 0).all()):
+            return x0, x0, None
+        a_t, a_prev = self.at(d.alphas_cumprod, t, x_t), self.at(d.alphas_cumprod, t_prev, x_t)
+        h = 0.5 * (torch.log(a_prev / (1 - a_prev)) - torch.log(a_t / (1 - a_t)))
+        dd = x0
+        if x0_before is not None and bool((t_prev > 0).all()):
+            dd = x0 + (x0 - x0_before) * (h / (2 * h_before))
+        return ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - a_prev.sqrt() * torch.expm1(-h) * dd, x0, h
+
+    def sample_steps(self, model, x, sampler, steps, start, eta, clip_x0):
+        start = self.d.num_steps - 1 if start is None else start
+        if sampler == "ddpm":
+            ts = list(range(start, -1, -1))
+        else:
+            ts = torch.linspace(start, 0, min(steps, start + 1)).round().long().unique_consecutive().tolist()
+        x0_before = h_before = None
+        for i, t in enumerate(ts):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+            t_prev = torch.full_like(tt, ts[i + 1] if i + 1 < len(ts) else -1)
+            if sampler == "ddpm":
+                x, x0 = self.p_sample(model, x, tt, clip_x0)
+            elif sampler == "ddim":
+                x, x0 = self.ddim_step(model, x, tt, t_prev, eta, clip_x0)
+            else:
+                x, x0, h_before = self.dpmpp_2m_step(model, x, tt, t_prev, x0_before, h_before, clip_x0)
+                x0_before = x0
+            yield t, x, x0
+
+
+SAMPLERS = [("ddpm", None, 0.0), ("ddim", 8, 0.0), ("ddim", 8, 1.0), ("dpmpp", 8, 0.0)]
+
+
+def seeded_net(prediction):
+    """A small seeded float32 UNet on (2, 4, 8, 8) latents ("net"), or the float64 oracle of the Gaussian data."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,))).eval()
+    nn.init.normal_(unet.out[-1].weight, std=0.05)
+    return unet
+
+
+@pytest.mark.parametrize("sampler, steps, eta", SAMPLERS)
+@pytest.mark.parametrize("model, prediction, clip_x0", [("net", "eps", None), ("net", "v", 1.0), ("oracle", "eps", None)])
+def test_samplers_give_todays_samples_for_the_same_seed(sampler, steps, eta, model, prediction, clip_x0):
+    d = GaussianDiffusion(schedule="cosine", prediction=prediction)
+    if model == "net":
+        net, shape, start = seeded_net(prediction), (2, 4, 8, 8), 12 if sampler == "ddpm" else None
+    else:
+        net, shape, start = OracleEps(d, MU, S), (64, 1, 1, 1), None
+    runs = []
+    for samplers in (TodaysSamplers(d), d):
+        torch.manual_seed(1)
+        x_T = torch.randn(shape, dtype=torch.float32 if model == "net" else torch.float64)
+        with torch.no_grad():
+            runs.append(list(samplers.sample_steps(net, x_T, sampler, steps, start=start, eta=eta, clip_x0=clip_x0)))
+    assert len(runs[0]) == len(runs[1]) == (13 if start == 12 else 1000 if sampler == "ddpm" else 8)
+    for (t_old, x_old, x0_old), (t_new, x_new, x0_new) in zip(*runs):
+        assert t_old == t_new
+        assert torch.allclose(x_new, x_old, rtol=1e-5, atol=1e-6), (t_new, (x_new - x_old).abs().max())
+        assert torch.allclose(x0_new, x0_old, rtol=1e-5, atol=1e-6), t_new
+
+
+@pytest.mark.parametrize("sampler, steps, eta", SAMPLERS)
+def test_sampler_steps_never_read_the_device(monkeypatch, sampler, steps, eta):
+    """No bool(), .item() or float() of a tensor inside a step: on a GPU each would wait for the queue to drain."""
+    d, net = GaussianDiffusion(), seeded_net("eps")
+    run = d.sample_steps(net, torch.randn(2, 4, 8, 8), sampler, steps, start=5 if sampler == "ddpm" else None, eta=eta)
+    # the step list is made from a CPU tensor (tolist) before the first step, so tolist stays allowed
+
+    def host_read(*args):
+        raise AssertionError("a step read a tensor back to the host")
+    for name in ("__bool__", "item", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with torch.no_grad():
+        frames = list(run)
+    monkeypatch.undo()
+    assert len(frames) == (6 if sampler == "ddpm" else 8)
