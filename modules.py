@@ -149,8 +149,9 @@ class VectorQuantizer(nn.Module):
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of flat (N, dim), in float32 whatever the autocast.
 
-        argmin_k ||z - e_k||^2 = argmin_k ||e_k||^2 - 2 z.e_k, over chunks of rows: one (N, K) matrix of
-        distances would be 268 MB per batch at 256x256 with K = 4096; a chunk stays under `chunk_bytes`.
+        argmin_k ||z - e_k||^2 = argmin_k ||e_k||^2 - 2 z.e_k (||z||^2 is the same for every code; left out,
+        its float32 round-off no longer blurs near-ties), over chunks of rows: one (N, K) matrix of distances
+        would be 268 MB per batch at 256x256 with K = 4096; a chunk stays under `chunk_bytes`.
         """
         with torch.autocast(flat.device.type, enabled=False):  # autocast would run the matmul in bf16
             flat, book = flat.float(), self.codebook.float()
@@ -442,7 +443,8 @@ class GaussianDiffusion(nn.Module):
         t: a (B,) tensor of steps, or one step as a Python int, as the samplers pass it. The buffer is cast
         to x's device and dtype once and kept, so a tensor t costs one gather and an int t a view, no
         kernel at all (the float64 gather and cast of every coefficient of every step was a stream of
-        tiny kernels). A tensor of a lower dimension would not promote x's dtype, so none is returned.
+        tiny kernels). It keeps x's number of dimensions, unlike a 0-dim tensor or a Python float, so a
+        float32 coefficient times a bf16 network output (autocast) still promotes to float32.
         """
         key = (name, x.device, x.dtype)
         if key not in self._cast:

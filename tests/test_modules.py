@@ -234,6 +234,7 @@ def test_ema_equals_the_averaged_model_it_replaces(layout):
         ema.update(model)
         reference.update_parameters(model)
     assert ema.updates == int(reference.n_averaged) == 15
+    assert list(ema.module.state_dict()) == list(reference.module.state_dict())  # the checkpoint's "ema" keys
     for (name, a), b in zip(ema.module.state_dict().items(), reference.module.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
     restored = EMA(model, decay=0.99)                  # a checkpoint's "ema" and "ema_updates" load back
