@@ -5,6 +5,7 @@ Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -12,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -133,6 +133,8 @@ class VectorQuantizer(nn.Module):
     moving average of per-code counts, all-reduced under DDP so every rank restarts the same codes.
     """
 
+    chunk_bytes = 32 * 2 ** 20  # the most memory `nearest` gives one block of distances (rows x K, float32)
+
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25,
                  usage_decay: float = 0.95, dead_threshold: float = 1e-2):
         super().__init__()
@@ -143,11 +145,19 @@ class VectorQuantizer(nn.Module):
         # restarts every code from encoder outputs (a data-dependent initialisation)
         self.register_buffer("usage", torch.zeros(num_codes))
 
+    @torch.no_grad()
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code for each row of flat (N, dim), in float32 whatever the autocast."""
-        flat, book = flat.float(), self.codebook.float()
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(1)[None]
-        return d.argmin(1)
+        """Index of the nearest code for each row of flat (N, dim), in float32 whatever the autocast.
+
+        argmin_k ||z - e_k||^2 = argmin_k ||e_k||^2 - 2 z.e_k (||z||^2 is the same for every code; left out,
+        its float32 round-off no longer blurs near-ties), over chunks of rows: one (N, K) matrix of distances
+        would be 268 MB per batch at 256x256 with K = 4096; a chunk stays under `chunk_bytes`.
+        """
+        with torch.autocast(flat.device.type, enabled=False):  # autocast would run the matmul in bf16
+            flat, book = flat.float(), self.codebook.float()
+            book_sq = book.pow(2).sum(1)[None]                                   # (1, K)
+            rows = max(1, self.chunk_bytes // (4 * self.num_codes))
+            return torch.cat([torch.addmm(book_sq, chunk, book.t(), alpha=-2).argmin(1) for chunk in flat.split(rows)])
 
     def forward(self, z: torch.Tensor):
         """z (B, D, h, w) -> (z_q with straight-through gradient, vq loss, indices (B, h, w), stats)."""
@@ -158,7 +168,8 @@ class VectorQuantizer(nn.Module):
         codebook_loss = F.mse_loss(z_q.float(), z.detach().float())
         commitment_loss = F.mse_loss(z.float(), z_q.detach().float())
         loss = codebook_loss + self.beta * commitment_loss
-        counts = torch.bincount(idx, minlength=self.num_codes).float()
+        # per-code counts; bincount would read its output size back from the GPU and break torch.compile
+        counts = torch.zeros(self.num_codes, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float))
         if self.training:
             self._track_and_restart(counts, flat.detach())
         probs = counts / counts.sum()
@@ -339,6 +350,17 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # start as the zero predictor: stable first steps
         nn.init.zeros_(self.out[-1].bias)
 
+    def compile_blocks(self, **compile_kwargs) -> "UNet":
+        """torch.compile each down, middle and up block in place (regional compilation), not the whole model.
+
+        The blocks repeat, so the first step compiles in a fraction of the time of a whole-model compile,
+        and in place the state_dict keeps its names (no `_orig_mod.` prefix). Keyword arguments go to
+        `nn.Module.compile` (e.g. mode="max-autotune-no-cudagraphs"). Returns self.
+        """
+        for block in [*self.down, self.mid, *self.up]:
+            block.compile(**compile_kwargs)
+        return self
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, h, w), t (B,) integer steps, y (B,) class indices or None -> (B, C, h, w)."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels))
@@ -389,6 +411,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown prediction {prediction!r} (use 'eps' or 'v')")
         self.num_steps, self.schedule, self.loss_type, self.prediction = num_steps, schedule, loss_type, prediction
         self.min_snr_gamma = min_snr_gamma
+        self._cast = {}
         betas = make_betas(schedule, num_steps)
         alphas_cumprod = torch.cumprod(1 - betas, 0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -410,32 +433,56 @@ class GaussianDiffusion(nn.Module):
         return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type,
                 "prediction": self.prediction, "min_snr_gamma": self.min_snr_gamma}
 
+    def _apply(self, fn, *args, **kwargs):
+        self._cast = {}  # the buffers move or change dtype: the copies `_coef` keeps are stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _coef(self, name: str, t, x: torch.Tensor) -> torch.Tensor:
+        """Buffer `name` at t, shaped (B or 1, 1, 1, 1) against x, in x's dtype and device.
+
+        t: a (B,) tensor of steps, or one step as a Python int, as the samplers pass it. The buffer is cast
+        to x's device and dtype once and kept, so a tensor t costs one gather and an int t a view, no
+        kernel at all (the float64 gather and cast of every coefficient of every step was a stream of
+        tiny kernels). It keeps x's number of dimensions, unlike a 0-dim tensor or a Python float, so a
+        float32 coefficient times a bf16 network output (autocast) still promotes to float32.
+        """
+        key = (name, x.device, x.dtype)
+        if key not in self._cast:
+            self._cast[key] = getattr(self, name).to(x.device, x.dtype)
+        table, shape = self._cast[key], (-1, *([1] * (x.dim() - 1)))
+        return (table[t:t + 1] if isinstance(t, int) else table[t]).view(shape)
+
     @staticmethod
     def _at(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """buf[t] as a (B, 1, 1, 1) tensor in x's dtype and device."""
+        """buf[t] as a (B, 1, 1, 1) tensor in x's dtype and device (for any tensor; the class uses `_coef`)."""
         return buf.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    @staticmethod
+    def _steps(t, x: torch.Tensor) -> torch.Tensor:
+        """t as the (B,) tensor of steps the network takes (from a Python int: a fill, no host-device copy)."""
+        return t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, eq. 4)."""
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return self._coef("sqrt_alphas_cumprod", t, x0) * x0 + self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
 
     def q_posterior(self, x0, x_t, t):
         """Mean and variance of q(x_{t-1} | x_t, x0)  (Ho et al. 2020, eq. 6-7)."""
-        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self._at(self.posterior_variance, t, x_t)
+        mean = self._coef("posterior_mean_coef1", t, x_t) * x0 + self._coef("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._coef("posterior_variance", t, x_t)
 
     def predict_x0(self, x_t, t, eps):
         """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), eq. 4 solved for x0."""
-        return (x_t - self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t) * eps) / self._at(self.sqrt_alphas_cumprod, t, x_t)
+        return (x_t - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * eps) / self._coef("sqrt_alphas_cumprod", t, x_t)
 
     def predict_x0_eps(self, model, x_t, t):
         """(x0, eps) from the network's output: eps itself, or v = sqrt(abar) eps - sqrt(1 - abar) x0
         (Salimans & Ho 2022), for which x0 = sqrt(abar) x_t - sqrt(1 - abar) v. With v an error in the
         output stays an error of the same size in x0 at high noise, where eps would divide it by sqrt(abar)."""
-        out = model(x_t, t)
+        out = model(x_t, self._steps(t, x_t))
         if self.prediction == "eps":
             return self.predict_x0(x_t, t, out), out
-        a, b = self._at(self.sqrt_alphas_cumprod, t, x_t), self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a, b = self._coef("sqrt_alphas_cumprod", t, x_t), self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
         return a * x_t - b * out, b * x_t + a * out
 
     def p_sample(self, model, x_t, t, noise=None, clip_x0: float | None = None):
@@ -450,7 +497,7 @@ class GaussianDiffusion(nn.Module):
         mean, var = self.q_posterior(x0, x_t, t)
         if noise is None:
             noise = torch.randn_like(x_t)
-        nonzero = (t > 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        nonzero = float(t > 0) if isinstance(t, int) else (t > 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return mean + nonzero * var.sqrt() * noise, x0
 
     def ddim_step(self, model, x_t, t, t_prev, eta: float = 0.0, noise=None, clip_x0: float | None = None):
@@ -462,10 +509,9 @@ class GaussianDiffusion(nn.Module):
         x0, eps = self.predict_x0_eps(model, x_t, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x_t - self._at(self.sqrt_alphas_cumprod, t, x_t) * x0) / self._at(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-        a_t = self._at(self.alphas_cumprod, t, x_t)
-        ones = torch.ones(1, dtype=torch.float64, device=self.alphas_cumprod.device)
-        a_prev = self._at(torch.cat([ones, self.alphas_cumprod]), t_prev + 1, x_t)  # abar_{-1} = 1
+            eps = (x_t - self._coef("sqrt_alphas_cumprod", t, x_t) * x0) / self._coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        a_t = self._coef("alphas_cumprod", t, x_t)
+        a_prev = self._coef("alphas_cumprod_prev", t_prev + 1, x_t)  # abar_{t_prev}, with abar_{-1} = 1
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0:
@@ -483,17 +529,24 @@ class GaussianDiffusion(nn.Module):
         4 at 20 linear steps) and the linear extrapolation of x0 overshoots (with the Gaussian oracle, the
         std of the samples +25% at 20 steps, against -3.7% with the first-order final steps).
         Returns (x_{t_prev}, predicted x0, h); pass that x0 and h as x0_before and h_before to the next step.
+        t and t_prev: Python ints (as `sample_steps` passes them: the order is chosen on the host) or (B,)
+        tensors (then per sample by `torch.where`, never reading the steps back from the device; into the
+        data abar_{-1} = 1 makes h infinite and the update return x0 exactly).
         """
         x0, _ = self.predict_x0_eps(model, x_t, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-        if bool((t_prev < 0).all()):
+        if isinstance(t_prev, int) and t_prev < 0:
             return x0, x0, None
-        a_t, a_prev = self._at(self.alphas_cumprod, t, x_t), self._at(self.alphas_cumprod, t_prev, x_t)
+        a_t, a_prev = self._coef("alphas_cumprod", t, x_t), self._coef("alphas_cumprod_prev", t_prev + 1, x_t)
         h = 0.5 * (torch.log(a_prev / (1 - a_prev)) - torch.log(a_t / (1 - a_t)))
         d = x0
-        if x0_before is not None and bool((t_prev > 0).all()):
-            d = x0 + (x0 - x0_before) * (h / (2 * h_before))  # (1 + 1/2r) x0 - 1/2r x0_before
+        if x0_before is not None:
+            r = h / (2 * h_before)
+            if not isinstance(t_prev, int):
+                r = torch.where((t_prev > 0).view(-1, *([1] * (x_t.dim() - 1))), r, 0.0)
+            if not isinstance(t_prev, int) or t_prev > 0:
+                d = x0 + (x0 - x0_before) * r  # (1 + 1/2r) x0 - 1/2r x0_before
         x_prev = ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - a_prev.sqrt() * torch.expm1(-h) * d
         return x_prev, x0, h
 
@@ -503,7 +556,8 @@ class GaussianDiffusion(nn.Module):
 
         Yields (t, x_{t-1}, predicted x0) after every network call, so callers can keep frames.
         "ddpm": every step start..0. "ddim" and "dpmpp" (DPM-Solver++(2M)): `steps` evenly spaced
-        steps of start..0, then into the data.
+        steps of start..0, then into the data. The steps go to the step methods as Python ints: no step
+        reads anything back from the device, and the coefficients are views of tables cast once.
         """
         start = self.num_steps - 1 if start is None else start
         if sampler == "ddpm":
@@ -514,17 +568,14 @@ class GaussianDiffusion(nn.Module):
         else:
             raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm', 'ddim' or 'dpmpp')")
         x = x_T
-        B = x.shape[0]
         x0_before = h_before = None
-        for i, t in enumerate(ts):
-            tt = torch.full((B,), t, device=x.device, dtype=torch.long)
-            t_prev = torch.full_like(tt, ts[i + 1] if i + 1 < len(ts) else -1)
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
             if sampler == "ddpm":
-                x, x0 = self.p_sample(model, x, tt, clip_x0=clip_x0)
+                x, x0 = self.p_sample(model, x, t, clip_x0=clip_x0)
             elif sampler == "ddim":
-                x, x0 = self.ddim_step(model, x, tt, t_prev, eta=eta, clip_x0=clip_x0)
+                x, x0 = self.ddim_step(model, x, t, t_prev, eta=eta, clip_x0=clip_x0)
             else:
-                x, x0, h = self.dpmpp_2m_step(model, x, tt, t_prev, x0_before, h_before, clip_x0=clip_x0)
+                x, x0, h = self.dpmpp_2m_step(model, x, t, t_prev, x0_before, h_before, clip_x0=clip_x0)
                 x0_before, h_before = x0, h
             yield t, x, x0
 
@@ -547,7 +598,7 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn_like(x0)
         target = noise
         if self.prediction == "v":
-            target = self._at(self.sqrt_alphas_cumprod, t, x0) * noise - self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+            target = self._coef("sqrt_alphas_cumprod", t, x0) * noise - self._coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
         x_t = self.q_sample(x0, t, noise)
         pred = model(x_t, t) if y is None else model(x_t, t, y)
         error = F.mse_loss if self.loss_type == "mse" else F.smooth_l1_loss
@@ -587,12 +638,42 @@ class Guided(nn.Module):
 
 # ----------------------------------------------------------------------------- EMA of the weights
 
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """Exponential moving average of the weights (and buffers) for sampling, via torch's AveragedModel.
+class EMA:
+    """Exponential moving average of the weights (and a copy of the buffers) for sampling, in `.module`.
 
     The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as latent-diffusion does),
-    so the random initial weights are forgotten within a short run; n stays a device tensor (no sync).
+    so the random initial weights are forgotten within a short run; the first update copies. n is a
+    Python int (`.updates`), so the weight is worked out on the host and an update is one fused
+    `_foreach_lerp_` over all parameters that never waits for the GPU (torch's AveragedModel keeps n on
+    the device and reads it back every step). Make it after any channels_last conversion of the model:
+    with both sides in one layout the fused kernel applies; otherwise it is still correct, only slower.
+    A checkpoint holds `ema.module.state_dict()` and `ema.updates`.
     """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        params, averaged = list(model.parameters()), list(self.module.parameters())
+        if self.updates == 0:
+            torch._foreach_copy_(averaged, params)
+        else:
+            n = self.updates
+            torch._foreach_lerp_(averaged, params, 1 - min(self.decay, (1 + n) / (10 + n)))
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
+        self.updates += 1
+
+
+def ema_model(model: nn.Module, decay: float):
+    """Deprecated: the AveragedModel EMA that train.py still imports; it syncs once per update. Use `EMA`;
+    delete this once train.py has moved (same warm-up, count in `.n_averaged`, a device tensor)."""
+    from torch.optim.swa_utils import AveragedModel
+
     def ema_update(ema_params, params, num_averaged):
         weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
         for e, p in zip(ema_params, params):

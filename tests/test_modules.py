@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules import (VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, drop_labels,
-                     ema_model)
+from torch.optim.swa_utils import AveragedModel
+
+from modules import EMA, VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, drop_labels
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -40,6 +41,48 @@ def test_quantizer_returns_nearest_code():
     brute = torch.stack([((vq.codebook - v) ** 2).sum(1).argmin() for v in flat])
     assert torch.equal(idx.flatten(), brute)
     assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, 4), vq.codebook[brute], atol=1e-6)
+
+
+def todays_quantizer_stats(vq, z):
+    """The quantiser's formulas before the sync-free rewrite (brute-force distances, bincount): codes, loss, stats."""
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+    book = vq.codebook.float()
+    idx = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ book.t() + book.pow(2).sum(1)[None]).argmin(1)
+    z_q = vq.codebook[idx].view(z.shape[0], *z.shape[2:], z.shape[1]).permute(0, 3, 1, 2)
+    loss = F.mse_loss(z_q, z) + vq.beta * F.mse_loss(z, z_q)
+    counts = torch.bincount(idx, minlength=vq.num_codes).float()
+    probs = counts / counts.sum()
+    return idx, loss, counts, torch.exp(-(probs * torch.log(probs + 1e-10)).sum()), (counts > 0).float().mean()
+
+
+@pytest.mark.parametrize("chunk_bytes", [VectorQuantizer.chunk_bytes, 4 * 512 * 7])  # one chunk; 7-row chunks
+def test_quantizer_matches_todays_codes_losses_and_stats(chunk_bytes):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(512, 4, usage_decay=0.5)
+    vq.chunk_bytes = chunk_bytes
+    vq.codebook.data = torch.randn(512, 4)
+    z = torch.randn(3, 4, 9, 7)                         # 189 rows: 27 chunks of 7 in the second case
+    idx, loss, counts, perplexity, usage = todays_quantizer_stats(vq, z)
+    vq.usage.fill_(1.0)                                # nothing dead: the codebook stays as it is
+    z_q, vq_loss, vq_idx, stats = vq(z)
+    assert torch.equal(vq_idx.flatten(), idx)
+    assert torch.allclose(vq_loss, loss, rtol=1e-6)
+    assert torch.allclose(z_q, vq.codebook[idx].view(3, 9, 7, 4).permute(0, 3, 1, 2), atol=1e-6)
+    assert torch.allclose(stats["perplexity"], perplexity, rtol=1e-6) and torch.equal(stats["usage"], usage)
+    assert torch.allclose(vq.usage, 0.5 + 0.5 * counts)  # the usage EMA took today's counts
+
+
+@pytest.mark.parametrize("chunk_bytes", [VectorQuantizer.chunk_bytes, 4 * 300 * 5, 4 * 300 * 1000])
+def test_chunked_nearest_code_is_the_brute_force_argmin(chunk_bytes):
+    torch.manual_seed(1)
+    vq = VectorQuantizer(300, 4)
+    vq.chunk_bytes = chunk_bytes
+    vq.codebook.data = torch.randn(300, 4)
+    flat = torch.randn(1001, 4)                        # chunks of 5 rows leave a remainder of 1
+    brute = ((flat.double()[:, None] - vq.codebook.double()[None]) ** 2).sum(-1).argmin(1)
+    assert torch.equal(vq.nearest(flat), brute)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # still float32 distances under autocast
+        assert torch.equal(vq.nearest(flat), brute)
 
 
 def test_quantizer_losses_are_codebook_plus_quarter_commitment():
@@ -149,19 +192,57 @@ def test_checkpoints_from_before_scale_shift_load_as_they_were_trained():
 
 def test_ema_warms_up_then_tracks_weights_with_the_given_decay():
     model = nn.Linear(2, 2)
-    ema = ema_model(model, decay=0.9)
-    ema.update_parameters(model)                       # first update copies
+    ema = EMA(model, decay=0.9)
+    ema.update(model)                                  # first update copies
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)                       # n = 1: decay min(0.9, 2 / 11)
+    ema.update(model)                                  # n = 1: decay min(0.9, 2 / 11)
     assert torch.allclose(ema.module.weight, model.weight - 2 / 11, atol=1e-6)
     for _ in range(100):                               # warm-up over: (1 + n) / (10 + n) > 0.9
-        ema.update_parameters(model)
+        ema.update(model)
     before = ema.module.weight.clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema.update_parameters(model)
+    ema.update(model)
     assert torch.allclose(ema.module.weight, 0.9 * before + 0.1 * model.weight, atol=1e-6)
+    assert ema.updates == 103 and not ema.module.training and not ema.module.weight.requires_grad
+
+
+def averaged_model_ema(model, decay):
+    """The EMA before the `EMA` class: torch's AveragedModel with the warm-up on a device-side count."""
+    def ema_update(ema_params, params, num_averaged):
+        weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
+        for e, p in zip(ema_params, params):
+            e.lerp_(p, weight.to(e.dtype))
+    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
+# "late": the model goes channels_last after the EMA copy is made (mixed layouts: the unfused path)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "late"])
+def test_ema_equals_the_averaged_model_it_replaces(layout):
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,)))
+    if layout == "channels_last":
+        model.to(memory_format=torch.channels_last)
+    ema, reference = EMA(model, decay=0.99), averaged_model_ema(model, decay=0.99)
+    if layout == "late":
+        model.to(memory_format=torch.channels_last)
+    for _ in range(15):                                # through the warm-up and past the first copy
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        ema.update(model)
+        reference.update_parameters(model)
+    assert ema.updates == int(reference.n_averaged) == 15
+    assert list(ema.module.state_dict()) == list(reference.module.state_dict())  # the checkpoint's "ema" keys
+    for (name, a), b in zip(ema.module.state_dict().items(), reference.module.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    restored = EMA(model, decay=0.99)                  # a checkpoint's "ema" and "ema_updates" load back
+    restored.module.load_state_dict(ema.module.state_dict())
+    restored.updates = ema.updates
+    ema.update(model)
+    restored.update(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), restored.module.parameters()))
 
 
 # ----------------------------------------------------------------------------- diffusion: closed forms
@@ -400,3 +481,147 @@ def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly()
         assert torch.allclose(Guided(unet, y, 1.0)(x, t), cond, atol=1e-6)
         # float32 round-off of a batched pass, amplified by w = 3, on outputs of size ~10; a wrong rule is O(1) off
         assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=2e-4)
+
+
+# ----------------------------------------------------------------------------- samplers: the same samples as before
+
+class TodaysSamplers:
+    """The samplers as they were before they stopped syncing (commit bb15666), frozen here: every coefficient
+    gathered from the float64 buffers and cast at every step, steps as tensors, DPM-Solver++ deciding its
+    order by reading t_prev back. The rewritten samplers must give the same samples from the same seed."""
+
+    def __init__(self, d):
+        self.d = d
+
+    @staticmethod
+    def at(buf, t, x):
+        return buf.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+    def predict_x0_eps(self, model, x_t, t):
+        d, out = self.d, model(x_t, t)
+        a, b = self.at(d.sqrt_alphas_cumprod, t, x_t), self.at(d.sqrt_one_minus_alphas_cumprod, t, x_t)
+        return ((x_t - b * out) / a, out) if d.prediction == "eps" else (a * x_t - b * out, b * x_t + a * out)
+
+    def p_sample(self, model, x_t, t, clip_x0):
+        d = self.d
+        x0, _ = self.predict_x0_eps(model, x_t, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        mean = self.at(d.posterior_mean_coef1, t, x_t) * x0 + self.at(d.posterior_mean_coef2, t, x_t) * x_t
+        noise = torch.randn_like(x_t)
+        nonzero = (t > 0).to(x_t.dtype).view(-1, 1, 1, 1)
+        return mean + nonzero * self.at(d.posterior_variance, t, x_t).sqrt() * noise, x0
+
+    def ddim_step(self, model, x_t, t, t_prev, eta, clip_x0):
+        d = self.d
+        x0, eps = self.predict_x0_eps(model, x_t, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x_t - self.at(d.sqrt_alphas_cumprod, t, x_t) * x0) / self.at(d.sqrt_one_minus_alphas_cumprod, t, x_t)
+        a_t = self.at(d.alphas_cumprod, t, x_t)
+        a_prev = self.at(torch.cat([torch.ones(1, dtype=torch.float64), d.alphas_cumprod]), t_prev + 1, x_t)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * torch.randn_like(x_t)
+        return x_prev, x0
+
+    def dpmpp_2m_step(self, model, x_t, t, t_prev, x0_before, h_before, clip_x0):
+        d = self.d
+        x0, _ = self.predict_x0_eps(model, x_t, t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+        if bool((t_prev < 0).all()):
+            return x0, x0, None
+        a_t, a_prev = self.at(d.alphas_cumprod, t, x_t), self.at(d.alphas_cumprod, t_prev, x_t)
+        h = 0.5 * (torch.log(a_prev / (1 - a_prev)) - torch.log(a_t / (1 - a_t)))
+        dd = x0
+        if x0_before is not None and bool((t_prev > 0).all()):
+            dd = x0 + (x0 - x0_before) * (h / (2 * h_before))
+        return ((1 - a_prev) / (1 - a_t)).sqrt() * x_t - a_prev.sqrt() * torch.expm1(-h) * dd, x0, h
+
+    def sample_steps(self, model, x, sampler, steps, start, eta, clip_x0):
+        start = self.d.num_steps - 1 if start is None else start
+        if sampler == "ddpm":
+            ts = list(range(start, -1, -1))
+        else:
+            ts = torch.linspace(start, 0, min(steps, start + 1)).round().long().unique_consecutive().tolist()
+        x0_before = h_before = None
+        for i, t in enumerate(ts):
+            tt = torch.full((x.shape[0],), t, dtype=torch.long)
+            t_prev = torch.full_like(tt, ts[i + 1] if i + 1 < len(ts) else -1)
+            if sampler == "ddpm":
+                x, x0 = self.p_sample(model, x, tt, clip_x0)
+            elif sampler == "ddim":
+                x, x0 = self.ddim_step(model, x, tt, t_prev, eta, clip_x0)
+            else:
+                x, x0, h_before = self.dpmpp_2m_step(model, x, tt, t_prev, x0_before, h_before, clip_x0)
+                x0_before = x0
+            yield t, x, x0
+
+
+SAMPLERS = [("ddpm", None, 0.0), ("ddim", 8, 0.0), ("ddim", 8, 1.0), ("dpmpp", 8, 0.0)]
+
+
+def seeded_net(prediction):
+    """A small seeded float32 UNet on (2, 4, 8, 8) latents ("net"), or the float64 oracle of the Gaussian data."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,))).eval()
+    nn.init.normal_(unet.out[-1].weight, std=0.05)
+    return unet
+
+
+@pytest.mark.parametrize("sampler, steps, eta", SAMPLERS)
+@pytest.mark.parametrize("model, prediction, clip_x0", [("net", "eps", None), ("net", "v", 1.0), ("oracle", "eps", None)])
+def test_samplers_give_todays_samples_for_the_same_seed(sampler, steps, eta, model, prediction, clip_x0):
+    d = GaussianDiffusion(schedule="cosine", prediction=prediction)
+    if model == "net":
+        net, shape, start = seeded_net(prediction), (2, 4, 8, 8), 12 if sampler == "ddpm" else None
+    else:
+        net, shape, start = OracleEps(d, MU, S), (64, 1, 1, 1), None
+    runs = []
+    for samplers in (TodaysSamplers(d), d):
+        torch.manual_seed(1)
+        x_T = torch.randn(shape, dtype=torch.float32 if model == "net" else torch.float64)
+        with torch.no_grad():
+            runs.append(list(samplers.sample_steps(net, x_T, sampler, steps, start=start, eta=eta, clip_x0=clip_x0)))
+    assert len(runs[0]) == len(runs[1]) == (13 if start == 12 else 1000 if sampler == "ddpm" else 8)
+    for (t_old, x_old, x0_old), (t_new, x_new, x0_new) in zip(*runs):
+        assert t_old == t_new
+        assert torch.allclose(x_new, x_old, rtol=1e-5, atol=1e-6), (t_new, (x_new - x_old).abs().max())
+        assert torch.allclose(x0_new, x0_old, rtol=1e-5, atol=1e-6), t_new
+
+
+@pytest.mark.parametrize("sampler, steps, eta", SAMPLERS)
+def test_sampler_steps_never_read_the_device(monkeypatch, sampler, steps, eta):
+    """No bool(), .item() or float() of a tensor inside a step: on a GPU each would wait for the queue to drain."""
+    d, net = GaussianDiffusion(), seeded_net("eps")
+    run = d.sample_steps(net, torch.randn(2, 4, 8, 8), sampler, steps, start=5 if sampler == "ddpm" else None, eta=eta)
+    # the step list is made from a CPU tensor (tolist) before the first step, so tolist stays allowed
+
+    def host_read(*args):
+        raise AssertionError("a step read a tensor back to the host")
+    for name in ("__bool__", "item", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with torch.no_grad():
+        frames = list(run)
+    monkeypatch.undo()
+    assert len(frames) == (6 if sampler == "ddpm" else 8)
+
+
+def test_compiled_blocks_give_the_same_output():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,))).eval()
+    nn.init.normal_(unet.out[-1].weight, std=0.05)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    names = list(unet.state_dict())
+    with torch.no_grad():
+        eager = unet(x, t)
+        unet.compile_blocks(backend="aot_eager")       # the tracing and graphs, without a C++ compiler on CI
+        try:
+            compiled = unet(x, t)
+        except Exception as error:                     # noqa: BLE001 - whatever stops torch.compile on this machine
+            pytest.skip(f"torch.compile cannot run here: {error}")
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert all(block._compiled_call_impl is not None for block in [*unet.down, unet.mid, *unet.up])
+    assert list(unet.state_dict()) == names            # compiled in place: checkpoints keep their keys
