@@ -667,15 +667,3 @@ class EMA:
         if buffers:
             torch._foreach_copy_(buffers, list(model.buffers()))
         self.updates += 1
-
-
-def ema_model(model: nn.Module, decay: float):
-    """Deprecated: the AveragedModel EMA that train.py still imports; it syncs once per update. Use `EMA`;
-    delete this once train.py has moved (same warm-up, count in `.n_averaged`, a device tensor)."""
-    from torch.optim.swa_utils import AveragedModel
-
-    def ema_update(ema_params, params, num_averaged):
-        weight = 1 - torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay)
-        for e, p in zip(ema_params, params):
-            e.lerp_(p, weight.to(e.dtype))
-    return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)

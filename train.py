@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, training_data, training_files,
                      uint8_loader)
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_labels, ema_model
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_labels, EMA
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
 from runtime.errors import BadInputError
@@ -305,7 +305,7 @@ def train_vqvae(args):
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, model, optimizer, rt, args.lr)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
-    train_model = wrap_model(model, rt, args.compile)
+    train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(dataset), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum)
     stream = iter(uint8_loader(dataset, batches, workers, pin_memory=rt.device.type == "cuda"))
 
@@ -418,15 +418,16 @@ def train_unet(args):
     # model, EMA, optimizer
     model = UNet(cfg).to(rt.device)
     diffusion = diffusion.to(rt.device)
-    ema = ema_model(model, args.ema_decay)
-    ema.module.eval()  # the sampling weights: eval mode whenever used
+    ema = EMA(model, args.ema_decay)  # the sampling weights, in eval mode
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0)
     step = restore_training(resume, model, optimizer, rt, args.lr)
     if resume:
         ema.module.load_state_dict(resume["ema"])
-        ema.n_averaged.fill_(resume["ema_updates"])
+        ema.updates = resume["ema_updates"]
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
-    train_model = wrap_model(model, rt, args.compile)
+    train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
+    if rt.channels_last:  # the EMA copy in the model's layout: one fused update over all tensors
+        ema.module.to(memory_format=torch.channels_last)
     batches = index_batches(len(latents), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum,
                             device=rt.device)
 
@@ -448,7 +449,7 @@ def train_unet(args):
         save_image(images.clamp(-1, 1), path, nrow=8, normalize=True, value_range=(-1, 1))
 
     def payload():
-        return {"kind": "unet", "ema": ema.module.state_dict(), "ema_updates": int(ema.n_averaged),
+        return {"kind": "unet", "ema": ema.module.state_dict(), "ema_updates": ema.updates,
                 "config": asdict(cfg), "diffusion": diffusion.config(), "latent_scale": latent_scale,
                 "latent_absmax": latent_absmax, "latent_shape": list(latent_shape), "vqvae_fingerprint": vq_fingerprint,
                 "classes": classes}
@@ -458,5 +459,5 @@ def train_unet(args):
                 f"on latents {tuple(latents.shape[1:])}, {len(latents)} latents, scale {latent_scale:.4f}, steps {step} -> "
                 f"{max_steps} of {args.batch_size * args.grad_accum * rt.world} latents ({rt.world} process(es)) on {rt.device}")
     train_loop(Stage("unet", model, train_model, optimizer, batches, loss, ("loss",), draw, "samples", payload,
-                     after_step=lambda: ema.update_parameters(model), unit="latents"),
+                     after_step=lambda: ema.update(model), unit="latents"),
                args, rt, step, max_steps, resume)

@@ -126,14 +126,21 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
-def wrap_model(model: torch.nn.Module, rt: Runtime, compile_model: bool) -> torch.nn.Module:
-    """channels_last, DDP under torchrun, torch.compile if asked; checkpoints keep saving the unwrapped model."""
+def wrap_model(model: torch.nn.Module, rt: Runtime, compile_model: bool, cache_dir: str | None = None) -> torch.nn.Module:
+    """channels_last, torch.compile if asked, DDP under torchrun; checkpoints keep saving the unwrapped model.
+
+    Compilation: a model with `compile_blocks` (the UNet) compiles its repeated blocks one by one, in place
+    (a shorter start than the whole graph, and the same state_dict keys); others are compiled whole.
+    `cache_dir` keeps inductor's compiled kernels (e.g. in the run folder), so a resumed run does not pay again.
+    """
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
+    if compile_model:
+        if cache_dir:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
+        model = model.compile_blocks() if hasattr(model, "compile_blocks") else torch.compile(model)
     if rt.world > 1:
         model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if compile_model:
-        model = torch.compile(model)
     return model
 
 
