@@ -92,7 +92,7 @@ def test_subject_split_never_splits_a_subject():
 
 def _digest(folder):
     h = hashlib.sha256()
-    for f in sorted(folder.rglob("*.png")):
+    for f in sorted(folder.rglob("*.nii.gz")):
         h.update(f.relative_to(folder).as_posix().encode())
         h.update(f.read_bytes())
     return h.hexdigest()
@@ -103,9 +103,10 @@ def test_demo_data_is_deterministic_for_a_seed(tmp_path):
     b = make_demo_dataset(tmp_path / "b", seed=5, subjects=8, slices=2, size=64)
     c = make_demo_dataset(tmp_path / "c", seed=6, subjects=8, slices=2, size=64)
     assert _digest(a) == _digest(b) != _digest(c)
-    ds = SliceFolders(a, image_size=64, channels=1)
+    assert sorted(p.name for p in (a / "train" / "AD").iterdir()) == ["sub-001.nii.gz", "sub-003.nii.gz", "sub-005.nii.gz"]
+    ds = load_slices(a, image_size=64, channels=1)                     # volumes, sliced by the default rule
     assert len(ds) == 16 and ds.classes == ["AD", "NC"]
-    assert len(SliceFolders(a / "test", 64, 1)) == 4                   # subjects 6 and 7 are held as test
+    assert len(load_slices(a / "test", 64, 1)) == 4                    # subjects 6 and 7 are held as test
     img = np.stack([ds[i][0].numpy() for i in range(len(ds))])
     assert img.std() > 0.3 and (img > -0.9).mean() > 0.2              # a bright brain on a black background
     mtime = (a / "train").stat().st_mtime_ns
