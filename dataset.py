@@ -425,7 +425,7 @@ class InMemorySlices(Dataset):
         for p, _ in self.samples:
             st = os.stat(p)
             files.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        key = {"shape": list(shape), "files": files.hexdigest(), **key}
+        key = json.loads(json.dumps({"shape": shape, "files": files.hexdigest(), **key}))  # as saved: lists, not tuples
         saved = json.loads(key_path.read_text()) if path.exists() and key_path.exists() else {}
         if {k: saved.get(k) for k in key} == key and (skip_bad or not saved.get("bad")):
             print(f"image cache {path}: {shape[0]} images reused")
