@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     # NIfTI volumes (--data folders of .nii/.nii.gz), saved in DataConfig
     p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slicing axis of volumes (default: %(default)s)")
     p.add_argument("--slices", type=slice_count_or_fraction, default=None,
-                   help="slices per volume: a central fraction (0.6) or count (20) (default: the central slices with brain in them)")
+                   help="slices per volume: a central fraction (0.6) or count (20) (default: from the first to the last slice with >= 25%% of the fullest slice's foreground)")
     p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D file to slice (default: none; a 4D file is an error)")
     p.add_argument("--intensity-percentiles", type=percentile_pair, default=(0.5, 99.5),
                    help="LOW,HIGH: each volume is clipped to these percentiles, then scaled to 0-255 (default: 0.5,99.5)")
