@@ -327,6 +327,10 @@ class InMemorySlices(Dataset):
     per batch by the training loop, after the uint8 batch reached the GPU). Decoding uses threads (PIL
     releases the GIL while decoding and resizing). With `cache_file` the array lives on disk as a .npy
     memory map, for sets larger than memory: decoded once, then reused while the files are unchanged.
+    A folder of volumes: each volume is decoded once and its slices fanned out; `samples` then holds
+    (volume path, label) once per slice and `slice_numbers` which slice of its volume each is. Rows are
+    reserved for as many slices as the headers allow; the unused ones are never touched (no memory, and
+    holes in the sparse cache file).
     """
 
     def __init__(self, folders: SliceFolders, image_size: int, channels: int, workers: int = 4,
@@ -356,6 +360,7 @@ class InMemorySlices(Dataset):
             self.slice_numbers = [k for span in spans for k in span]
         else:  # _decode_into moved the good images to the front
             self.samples = [units[i] for i in range(len(units)) if i not in unreadable]
+            self.slice_numbers = None
         images = images[:len(self.samples)]
         if bad:
             kind = "volume" if folders.volumes else "image"
