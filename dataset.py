@@ -6,6 +6,14 @@ The loader is the original report's: the `train` and `test` ImageFolders of an A
 Normalize(0.5, 0.5), so values lie in [-1, 1]. Grayscale by default; `channels=3` loads RGB as the
 report did. A folder with class subfolders and no train/test level works too.
 
+NIfTI volumes (`.nii`, `.nii.gz`) are read through the same folders, caches and subject split: the same
+layouts with volumes in place of images, or a BIDS tree `ROOT/sub-*/[ses-*/]anat/*_T1w.nii[.gz]` (one
+class, "all"). Each volume is reoriented to RAS, clipped to intensity percentiles, cut along an axis
+(`Slicing`), each slice resampled to square pixels, padded to a square and resized; one volume is one
+subject (its BIDS `sub-XX` where it has one). Slices are shown as a radiologist reads them: axial with
+anterior at the top, coronal and sagittal with superior at the top; the patient's right on the image's
+left (axial, coronal) and anterior on the left (sagittal).
+
 Build the demo data by hand with `python dataset.py --out DIR` (training does it on first use).
 """
 from __future__ import annotations
@@ -18,11 +26,13 @@ import math
 import os
 import re
 import shutil
+import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,8 +42,12 @@ from torchvision import datasets, transforms
 
 from runtime.errors import BadInputError
 
-DEMO_VERSION = 1                  # bump when the demo generator changes, so old caches are not reused
+DEMO_VERSION = 2                  # bump when the demo generator changes, so old caches are not reused
 DEFAULT_DEMO_ROOT = Path.home() / ".cache" / "brain-ldm"
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+AXES = {"sagittal": 0, "coronal": 1, "axial": 2}   # the RAS axis each kind of slice is cut across
+FOREGROUND_LEVEL = 0.1    # a voxel is foreground above 10% of its volume's clipped intensity range
+FOREGROUND_KEEP = 0.25    # default slices: first to last with >= 25% of the fullest slice's foreground
 
 
 # ----------------------------------------------------------------------------- loading images
@@ -71,6 +85,144 @@ def card_transform(image_size: int, channels: int) -> transforms.Compose:
     ])
 
 
+# ----------------------------------------------------------------------------- slicing volumes
+
+@dataclass
+class Slicing:
+    """How NIfTI volumes become 2D slices (image folders ignore it).
+    slices: None = the central slices with foreground (FOREGROUND_KEEP); a float in (0, 1] = that central
+    fraction of the axis; an int >= 1 = that many central slices. volume_index: the volume of a 4D file."""
+    axis: str = "axial"
+    slices: float | int | None = None
+    volume_index: int | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self):
+        self.percentiles = tuple(float(p) for p in self.percentiles)  # a list after a JSON round trip
+        low, high = self.percentiles
+        if self.axis not in AXES:
+            raise BadInputError(f"--axis must be one of {', '.join(AXES)}, not {self.axis!r}")
+        if self.slices is not None and (isinstance(self.slices, bool) or self.slices <= 0
+                                        or (isinstance(self.slices, float) and self.slices > 1)):
+            raise BadInputError(f"--slices must be a fraction in (0, 1] or a count >= 1, not {self.slices}")
+        if not 0 <= low < high <= 100:
+            raise BadInputError(f"--intensity-percentiles must be 0 <= LOW < HIGH <= 100, not {low},{high}")
+
+
+def slice_count_or_fraction(text: str) -> float | int:
+    """--slices: '20' -> 20 slices, '0.6' -> the central 60% of them."""
+    value = float(text) if any(c in text for c in ".eE") else int(text)
+    if value <= 0 or (isinstance(value, float) and value > 1):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] or a count >= 1, got {text!r}")
+    return value
+
+
+def percentile_pair(text: str) -> tuple[float, float]:
+    """--intensity-percentiles: '0.5,99.5' -> (0.5, 99.5)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH percentiles, got {text!r}") from None
+    return low, high
+
+
+def is_volume(path) -> bool:
+    return os.fsdecode(path).lower().endswith(VOLUME_SUFFIXES)
+
+
+def _open_volume(path: str, volume_index: int | None):
+    """The 3D image of a NIfTI file in its closest canonical (RAS) orientation; 4D files need volume_index."""
+    name = printable(path)
+    img = nib.load(path)
+    spatial = [n for n in img.shape[:3] if n > 1]
+    if len(spatial) < 3:
+        raise BadInputError(f"{name} is a 2D image {tuple(img.shape)}, not a volume")
+    if len(img.shape) > 4:
+        raise BadInputError(f"{name} has {len(img.shape)} dimensions {tuple(img.shape)}; only 3D and 4D volumes are read")
+    if len(img.shape) == 4:
+        if img.shape[3] > 1 and volume_index is None:
+            raise BadInputError(f"{name} is 4D ({img.shape[3]} volumes): pick one with --volume-index N")
+        index = volume_index or 0
+        if not 0 <= index < img.shape[3]:
+            raise BadInputError(f"{name} has {img.shape[3]} volumes, so no --volume-index {index}")
+        img = img.slicer[..., index]
+    return nib.as_closest_canonical(img)
+
+
+def _slice_span(volume: np.ndarray, slices, threshold: float) -> range:
+    """The slices along axis 0 that `slices` (see Slicing) chooses; empty when nothing is foreground."""
+    n = volume.shape[0]
+    if slices is None:
+        foreground = (volume > threshold).mean(axis=(1, 2))
+        if foreground.max() == 0:
+            return range(0)
+        keep = np.flatnonzero(foreground >= FOREGROUND_KEEP * foreground.max())
+        return range(int(keep[0]), int(keep[-1]) + 1)
+    count = min(n, slices) if isinstance(slices, int) else max(1, round(slices * n))
+    return range((n - count) // 2, (n - count) // 2 + count)
+
+
+def _read_volume(path, slicing: Slicing) -> tuple[np.ndarray, np.ndarray, range, float, float]:
+    """(volume (N, U, V) with the cut axis first, voxel spacing in mm along x, y, z, the chosen slices, the
+    intensity percentiles low, high), read once; an unreadable or empty volume's BadInputError names it."""
+    name = printable(path)
+    try:
+        img = _open_volume(os.fsdecode(path), slicing.volume_index)
+        volume = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32))
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        raise BadInputError(f"cannot read volume {name}: {message}") from None
+    spacing = np.sqrt((img.affine[:3, :3] ** 2).sum(0))              # mm per voxel along x, y, z
+    low, high = (float(p) for p in np.percentile(volume, slicing.percentiles))  # python floats: stay float32
+    volume = np.moveaxis(volume, AXES[slicing.axis], 0)                # (N, U, V): U, V in RAS order
+    span = _slice_span(volume, slicing.slices, low + FOREGROUND_LEVEL * (high - low))
+    if not high > low or not span:
+        raise BadInputError(f"volume {name} has no foreground (its intensities are constant)")
+    return volume, spacing, span, low, high
+
+
+def _volume_span(path, slicing: Slicing, skip_bad: bool = False) -> range:
+    """The slices a volume gives (none when unreadable and skip_bad)."""
+    try:
+        return _read_volume(path, slicing)[2]
+    except BadInputError:
+        if not skip_bad:
+            raise
+        return range(0)
+
+
+def read_volume_slices(path, image_size: int, channels: int = 1, slicing: Slicing = Slicing()
+                       ) -> tuple[torch.Tensor, range]:
+    """One NIfTI volume as uint8 slices (n, C, S, S) and which slices along the RAS axis they are.
+
+    The volume is read once: reoriented to RAS, clipped to its intensity percentiles and scaled to 0-255;
+    the chosen slices are resampled to square pixels (voxel spacing kept), padded to a square with black
+    and resized to S (one antialiased resize). Orientation: see the module docstring.
+    """
+    volume, spacing, span, low, high = _read_volume(path, slicing)
+    planes = torch.from_numpy(np.clip((volume[span.start:span.stop] - low) / (high - low), 0, 1))
+    planes = planes.transpose(1, 2).flip(1, 2)                         # (n, V, U): rows from S or A, columns from R or A
+    axis = AXES[slicing.axis]
+    du, dv = np.delete(spacing, axis)
+    scale = image_size / max(planes.shape[1] * dv, planes.shape[2] * du)  # pixels per mm
+    h, w = (max(1, min(image_size, round(k * d * scale))) for k, d in ((planes.shape[1], dv), (planes.shape[2], du)))
+    planes = F.interpolate(planes[:, None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (image_size - h) // 2, (image_size - w) // 2
+    planes = F.pad(planes, (left, image_size - w - left, top, image_size - h - top))
+    return (planes * 255).round_().clamp_(0, 255).to(torch.uint8).expand(-1, channels, -1, -1), span
+
+
+def volume_slice_bound(path, slicing: Slicing) -> int:
+    """At most how many slices a volume gives, from its header alone (0 if unreadable: reported when decoded)."""
+    try:
+        img = nib.load(os.fsdecode(path))
+        ornt = nib.io_orientation(img.affine)
+        n = int(img.shape[int(np.flatnonzero(ornt[:, 0] == AXES[slicing.axis])[0])])
+    except (OSError, EOFError, ValueError, IndexError, zlib.error, nib.filebasedimages.ImageFileError):
+        return 0
+    return min(n, slicing.slices) if isinstance(slicing.slices, int) else n
+
+
 def find_image_roots(root: Path) -> list[Path]:
     """The ImageFolder roots under `root`: its train/ and test/ if present, else root itself."""
     if not root.is_dir():
@@ -79,38 +231,66 @@ def find_image_roots(root: Path) -> list[Path]:
     return split_roots or [root]
 
 
+def _walk(top: str):
+    """The files under `top`, sorted, without hidden files and folders; a symbolic link to a folder is followed
+    only once, so a link loop does not list the same files again and again."""
+    visited = set()
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:  # reached again through a link: already listed
+            subfolders[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        yield from (os.path.join(folder, f) for f in sorted(files) if not f.startswith("."))
+
+
+def _is_bids_t1w(relative: str) -> bool:
+    """sub-*/[ses-*/]anat/*_T1w.nii[.gz], relative to a BIDS root."""
+    parts = Path(relative).parts
+    return (parts[0].startswith("sub-") and len(parts) in (3, 4) and parts[-2] == "anat"
+            and (len(parts) == 3 or parts[1].startswith("ses-")) and parts[-1].endswith(("_T1w.nii", "_T1w.nii.gz")))
+
+
 class _ImageFolder(datasets.ImageFolder):
-    """ImageFolder that ignores hidden files and folders (.DS_Store, .ipynb_checkpoints ...) and follows a
-    symbolic link to a folder only once, so a link loop does not list the same images again and again."""
+    """ImageFolder of images or NIfTI volumes (`kind`, never both) that ignores hidden files and folders
+    (.DS_Store, .ipynb_checkpoints ...) and follows a symbolic link to a folder only once. A BIDS root
+    (sub-* folders) is one class, "all", of its T1w volumes."""
 
     def find_classes(self, directory):
-        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        self.bids = any(name.startswith("sub-") for name in folders)
+        classes = ["all"] if self.bids else folders
         if not classes:
             raise FileNotFoundError(f"no class folders in {printable(directory)}")
         return classes, {name: i for i, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples, suffixes = [], tuple(datasets.folder.IMG_EXTENSIONS)
+        samples, suffixes = [], tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES
         for name, label in sorted(class_to_idx.items()):
-            visited = set()
-            for folder, subfolders, files in os.walk(os.path.join(directory, name), followlinks=True):
-                st = os.stat(folder)
-                if (st.st_dev, st.st_ino) in visited:  # reached again through a link: already listed
-                    subfolders[:] = []
-                    continue
-                visited.add((st.st_dev, st.st_ino))
-                subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-                samples += [(os.path.join(folder, f), label) for f in sorted(files)
-                            if not f.startswith(".") and f.lower().endswith(suffixes)]
+            top = directory if self.bids else os.path.join(directory, name)
+            files = [f for f in _walk(top) if f.lower().endswith(suffixes)]
+            if self.bids:
+                files = [f for f in files if _is_bids_t1w(os.path.relpath(f, directory))]
+            samples += [(f, label) for f in files]
         if not samples:
             raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) in the class folders of {printable(directory)}")
+        volumes = [p for p, _ in samples if is_volume(p)]
+        if 0 < len(volumes) < len(samples):
+            image = next(p for p, _ in samples if not is_volume(p))
+            raise BadInputError(f"{printable(directory)} mixes images ({printable(image)}) and NIfTI volumes "
+                                f"({printable(volumes[0])}): keep one kind per data folder")
+        self.kind = "volumes" if volumes else "images"
         return samples
 
 
 class SliceFolders(ConcatDataset):
-    """The ImageFolders of `find_image_roots` concatenated (the report's loader), with class names and paths."""
+    """The ImageFolders of `find_image_roots` concatenated (the report's loader), with class names and paths.
+    A folder of NIfTI volumes lists one sample per volume (`volumes` is True) and is read whole, by
+    InMemorySlices, never item by item."""
 
-    def __init__(self, root: str | os.PathLike, image_size: int, channels: int, transform=None):
+    def __init__(self, root: str | os.PathLike, image_size: int, channels: int, transform=None,
+                 slicing: Slicing | None = None):
         if channels not in (1, 3):
             raise BadInputError(f"--channels must be 1 or 3, not {channels}")
         mode = "L" if channels == 1 else "RGB"
@@ -126,9 +306,18 @@ class SliceFolders(ConcatDataset):
         for f in folders[1:]:
             if f.classes != classes:
                 raise BadInputError(f"class folders differ between {folders[0].root} {classes} and {f.root} {f.classes}")
+            if f.kind != folders[0].kind:
+                raise BadInputError(f"{folders[0].root} holds {folders[0].kind} but {f.root} holds {f.kind}: keep one kind")
         super().__init__(folders)
         self.classes = classes
         self.samples = [s for f in folders for s in f.samples]  # [(path, label)] in dataset order
+        self.volumes = folders[0].kind == "volumes"
+        self.slicing = slicing or Slicing()
+
+    def __getitem__(self, i):
+        if self.volumes:
+            raise TypeError("a folder of NIfTI volumes is read whole: use load_slices or InMemorySlices")
+        return super().__getitem__(i)
 
 
 class InMemorySlices(Dataset):
@@ -138,34 +327,54 @@ class InMemorySlices(Dataset):
     per batch by the training loop, after the uint8 batch reached the GPU). Decoding uses threads (PIL
     releases the GIL while decoding and resizing). With `cache_file` the array lives on disk as a .npy
     memory map, for sets larger than memory: decoded once, then reused while the files are unchanged.
+    A folder of volumes: each volume is decoded once and its slices fanned out; `samples` then holds
+    (volume path, label) once per slice and `slice_numbers` which slice of its volume each is. Rows are
+    reserved for as many slices as the headers allow; the unused ones are never touched (no memory, and
+    holes in the sparse cache file).
     """
 
     def __init__(self, folders: SliceFolders, image_size: int, channels: int, workers: int = 4,
                  cache_file: Path | None = None, skip_bad: bool = False):
-        self.classes, self.samples = folders.classes, folders.samples
-        shape = (len(self.samples), channels, image_size, image_size)
-        self.cache_file = cache_file
+        self.classes, self.samples, self.cache_file = folders.classes, folders.samples, cache_file
+        units = self.samples  # what is decoded: images, or volumes that each give several slices
+        if folders.volumes:
+            slicing = folders.slicing
+            shape = (sum(volume_slice_bound(p, slicing) for p, _ in units), channels, image_size, image_size)
+            fill = partial(self._decode_volumes_into, slicing=slicing, workers=workers, skip_bad=skip_bad)
+            key = {"slicing": asdict(slicing)}
+        else:
+            shape = (len(units), channels, image_size, image_size)
+            fill = partial(self._decode_into, image_size=image_size, channels=channels, workers=workers, skip_bad=skip_bad)
+            key = {}
         if cache_file is None:
             images = torch.empty(shape, dtype=torch.uint8)
-            bad = self._decode_into(images, image_size, channels, workers, skip_bad)
+            done = fill(images)
         else:
-            images, bad = self._disk_cache(Path(cache_file), shape, workers, skip_bad)
-        self.skipped = [self.samples[i][0] for i in bad]
-        if bad:  # _decode_into moved the good images to the front
-            unreadable = set(bad)
-            good = [i for i in range(len(self.samples)) if i not in unreadable]
-            images, self.samples = images[:len(good)], [self.samples[i] for i in good]
+            images, done = self._disk_cache(Path(cache_file), shape, fill, key, skip_bad)
+        bad = done["bad"]
+        self.skipped = [units[i][0] for i in bad]
+        unreadable = set(bad)
+        if folders.volumes:  # (path, label) once per slice, and which slice of its volume each is
+            spans = [range(*s) for s in done["spans"]]
+            self.samples = [units[v] for v, span in enumerate(spans) for _ in span]
+            self.slice_numbers = [k for span in spans for k in span]
+        else:  # _decode_into moved the good images to the front
+            self.samples = [units[i] for i in range(len(units)) if i not in unreadable]
+            self.slice_numbers = None
+        images = images[:len(self.samples)]
+        if bad:
+            kind = "volume" if folders.volumes else "image"
             names = ", ".join(printable(p) for p in self.skipped[:3]) + (" ..." if len(bad) > 3 else "")
-            print(f"--skip-bad-images: left out {len(bad)} unreadable image(s) of {shape[0]}: {names}")
-            if not good:
-                raise BadInputError(f"none of the {shape[0]} images could be read, e.g. {printable(self.skipped[0])}")
+            print(f"--skip-bad-images: left out {len(bad)} unreadable {kind}(s) of {len(units)}: {names}")
+            if len(bad) == len(units):
+                raise BadInputError(f"none of the {len(units)} {kind}s could be read, e.g. {printable(self.skipped[0])}")
         self.images = images
         self.labels = torch.tensor([label for _, label in self.samples])
 
     def _decode_into(self, images: torch.Tensor, image_size: int, channels: int, workers: int,
-                     skip_bad: bool) -> list[int]:
+                     skip_bad: bool) -> dict:
         """Decode every image into `images`, in order; with skip_bad the unreadable ones are left out (the rest
-        move up) and their indices returned, else the first one stops it with its name."""
+        move up) and their indices returned as {"bad": [...]}, else the first one stops it with its name."""
         mode = "L" if channels == 1 else "RGB"
         resize = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.PILToTensor()])
 
@@ -184,31 +393,58 @@ class InMemorySlices(Dataset):
                     bad.append(i)
                 else:
                     images[i - len(bad)] = img
-        return bad
+        return {"bad": bad}
 
-    def _disk_cache(self, path: Path, shape: tuple, workers: int, skip_bad: bool) -> tuple[torch.Tensor, list[int]]:
-        """The uint8 array as a memory-mapped .npy next to a key of the files it holds (paths, sizes, mtimes),
-        with the unreadable images' indices."""
+    def _decode_volumes_into(self, images: torch.Tensor, slicing: Slicing, workers: int, skip_bad: bool) -> dict:
+        """Decode every volume once and fan its slices out into `images`, in order: {"bad": indices of the
+        unreadable volumes (skip_bad; else the first stops it), "spans": [start, stop) of each one's slices}."""
+        def decode(sample):
+            try:
+                return read_volume_slices(sample[0], images.shape[2], images.shape[1], slicing)
+            except BadInputError:
+                if not skip_bad:
+                    raise
+                return None
+
+        bad, spans, n = [], [], 0
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for i, result in enumerate(pool.map(decode, self.samples)):
+                if result is None:
+                    bad.append(i)
+                    spans.append([0, 0])
+                    continue
+                slices, span = result
+                if n + len(slices) > len(images):  # the header promised fewer slices than the data holds
+                    raise BadInputError(f"volume {printable(self.samples[i][0])} changed while it was read")
+                images[n:n + len(slices)] = slices
+                n += len(slices)
+                spans.append([span.start, span.stop])
+        return {"bad": bad, "spans": spans}
+
+    def _disk_cache(self, path: Path, shape: tuple, fill, key: dict, skip_bad: bool) -> tuple[torch.Tensor, dict]:
+        """The uint8 array as a memory-mapped .npy next to a key of the files it holds (paths, sizes, mtimes) and
+        of how they were read (`key`: the slicing of volumes), with what `fill` reported (unreadable files ...).
+        Volumes reserve the slices their headers allow; the rows left unwritten stay holes in a sparse file."""
         key_path = path.with_suffix(".json")
-        key = {"shape": list(shape), "files": files_fingerprint(self.samples)}
+        key = json.loads(json.dumps({"shape": shape, "files": files_fingerprint(self.samples), **key}))  # as saved: lists
         saved = json.loads(key_path.read_text()) if path.exists() and key_path.exists() else {}
         if {k: saved.get(k) for k in key} == key and (skip_bad or not saved.get("bad")):
             print(f"image cache {path}: {shape[0]} images reused")
-            bad = saved.get("bad", [])
+            done = saved
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
             try:
                 array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                bad = self._decode_into(torch.from_numpy(array), shape[2], shape[1], workers, skip_bad)
+                done = fill(torch.from_numpy(array))
                 array.flush()
                 del array
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            key_path.write_text(json.dumps({**key, "bad": bad}))
+            key_path.write_text(json.dumps({**key, **done}))
             print(f"image cache {path}: {shape[0]} images decoded once ({math.prod(shape) / 2 ** 30:.2f} GB on disk)")
-        return torch.from_numpy(np.load(path, mmap_mode="c")), bad  # copy-on-write map: pages read on demand
+        return torch.from_numpy(np.load(path, mmap_mode="c")), done  # copy-on-write map: pages read on demand
 
     def __len__(self):
         return len(self.samples)
@@ -237,13 +473,17 @@ def uint8_images(dataset) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
 
 
 def load_slices(root, image_size: int = 256, channels: int = 1, cache_gb: float = 8.0, workers: int = 4,
-                disk_cache: Path | None = None, build_guard=contextlib.nullcontext, skip_bad: bool = False):
+                disk_cache: Path | None = None, build_guard=contextlib.nullcontext, skip_bad: bool = False,
+                slicing: Slicing | None = None):
     """The training dataset, decoded once as uint8: in memory when it fits in `cache_gb`, else in a
     memory-mapped file under `disk_cache` (built inside `build_guard`, e.g. by one process of many),
-    else, without `disk_cache`, decoded per item (where an unreadable image stops it even with skip_bad).
-    skip_bad: leave out unreadable images (InMemorySlices.skipped) instead of stopping at the first."""
-    folders = SliceFolders(root, image_size, channels)
-    if len(folders) * channels * image_size ** 2 <= cache_gb * 2 ** 30:
+    else, without `disk_cache`, decoded per item (where an unreadable image stops it even with skip_bad;
+    volumes, which are read whole, are then decoded into memory all the same).
+    skip_bad: leave out unreadable images or volumes (InMemorySlices.skipped) instead of stopping at the first.
+    slicing: how NIfTI volumes are cut into slices (default Slicing()); images ignore it."""
+    folders = SliceFolders(root, image_size, channels, slicing=slicing)
+    n = sum(volume_slice_bound(p, folders.slicing) for p, _ in folders.samples) if folders.volumes else len(folders)
+    if n * channels * image_size ** 2 <= cache_gb * 2 ** 30 or (folders.volumes and disk_cache is None):
         return InMemorySlices(folders, image_size, channels, workers, skip_bad=skip_bad)
     if disk_cache is not None:
         with build_guard():
@@ -258,7 +498,12 @@ _SUBJECT_SLICE = re.compile(r"^(?P<subject>.+)_(?P<slice>\d+)$")
 
 
 def subject_id(path: str) -> str:
-    """`<subject>_<slice>.jpeg` -> subject; a name that does not parse is a subject of its own."""
+    """`<subject>_<slice>.jpeg` -> subject; a name that does not parse is a subject of its own. A NIfTI volume
+    is one subject: its BIDS `sub-<label>` (`sub-01_ses-2_T1w.nii.gz` -> sub-01, so sessions stay together),
+    else the volume itself."""
+    if is_volume(path):
+        m = re.match(r"sub-[A-Za-z0-9]+", Path(path).name)
+        return m.group(0) if m else str(path)
     m = _SUBJECT_SLICE.match(Path(path).stem)
     return m.group("subject") if m else str(path)
 
@@ -287,11 +532,17 @@ class DataConfig:
     holdout: float = 0.0            # fraction of subjects left out of training, for evaluation
     holdout_seed: int = 0
     skip_bad_images: bool = False
+    slicing: Slicing = field(default_factory=Slicing)  # NIfTI volumes only; saved as a plain dict
+
+    def __post_init__(self):
+        if isinstance(self.slicing, dict):  # rebuilt from a checkpoint: DataConfig(**asdict(config))
+            self.slicing = Slicing(**self.slicing)
 
     @classmethod
     def from_args(cls, args) -> "DataConfig":
+        slicing = Slicing(args.axis, args.slices, args.volume_index, args.intensity_percentiles)
         return cls(args.data, args.demo_dir, args.image_size, args.channels, args.holdout, args.holdout_seed,
-                   args.skip_bad_images)
+                   args.skip_bad_images, slicing)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "DataConfig":
@@ -313,9 +564,12 @@ class DataConfig:
 
 def training_files(data: DataConfig) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) of the training images (held-out subjects removed) and the class names (the image
-    folder's: AD, NC), without decoding any image."""
-    folders = SliceFolders(data.folder(), data.image_size, data.channels)
+    folder's: AD, NC), without decoding any image. Volumes are read (not resized) to find their slices:
+    one (volume path, class index) per slice."""
+    folders = SliceFolders(data.folder(), data.image_size, data.channels, slicing=data.slicing)
     samples = folders.samples
+    if folders.volumes:
+        samples = [s for s in samples for _ in _volume_span(s[0], data.slicing, data.skip_bad_images)]
     if data.holdout > 0:
         train_idx, _ = split_by_subject([p for p, _ in samples], data.holdout, data.holdout_seed)
         samples = [samples[i] for i in train_idx]
@@ -327,7 +581,7 @@ def training_data(data: DataConfig, cache_gb: float, workers: int, disk_cache: P
     """The training images decoded once as uint8 (in memory, or memory-mapped under `disk_cache` when larger
     than cache_gb), held-out subjects removed."""
     dataset = load_slices(data.folder(), data.image_size, data.channels, cache_gb, workers, disk_cache=disk_cache,
-                          build_guard=build_guard, skip_bad=data.skip_bad_images)
+                          build_guard=build_guard, skip_bad=data.skip_bad_images, slicing=data.slicing)
     if data.holdout > 0:
         train_idx, _ = split_by_subject([p for p, _ in dataset.samples], data.holdout, data.holdout_seed)
         dataset = Subset(dataset, train_idx)
@@ -405,13 +659,16 @@ def _subject_warp(rng: np.random.Generator, size: int, atrophy: float) -> torch.
 
 def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40, slices: int = 20,
                       size: int = 256) -> Path:
-    """Write the MNI152-derived demo set as `out/{train,test}/{AD,NC}/sub-XXX_SSS.png` (idempotent).
+    """Write the MNI152-derived demo set as NIfTI volumes `out/{train,test}/{AD,NC}/sub-XXX.nii.gz` (idempotent),
+    read back like any folder of volumes (axial, default slices).
 
-    Axial slices of nilearn's MNI152 2009 T1 template (shipped in its wheel, no download), each
-    "subject" with its own random affine, smooth elastic deformation and intensity/contrast; half of
-    them ("AD") get a central expansion that widens the ventricles. A stand-in for real scans,
-    deterministic for a seed. A quarter of the subjects go to test/. Written to a temporary folder
-    and renamed, so an interrupted build is never mistaken for a finished one.
+    Each "subject" is a slab of `slices` axial slices, 2 mm apart, of nilearn's MNI152 2009 T1 template
+    (shipped in its wheel, no download) around the ventricles, each slice warped in-plane by the subject's
+    own random affine and smooth elastic deformation, with its own intensity/contrast; half of them ("AD")
+    get a central expansion that widens the ventricles. The slab is written in RAS order with a `size` x
+    `size` in-plane grid. A stand-in for real scans, deterministic for a seed. A quarter of the subjects
+    go to test/. Written to a temporary folder and renamed, so an interrupted build is never mistaken for
+    a finished one.
     """
     out = Path(out)
     if (out / ".complete").exists():
@@ -424,6 +681,9 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40,
     volume = F.pad(volume.permute(2, 0, 1), (0, pad - volume.shape[1], 0, pad - volume.shape[0]))
     volume = torch.roll(volume, ((pad - 233) // 2, (pad - 197) // 2), dims=(1, 2))  # centre in square
     first = 50                                                        # axial slices 50, 52, ...
+    spacing = pad / size                                              # mm per pixel of the warped slices
+    affine = np.diag([spacing, spacing, 2.0, 1.0])
+    affine[:3, 3] = -spacing * size / 2, -spacing * size / 2, first - 72.0  # MNI z of the template's slice
     rng = np.random.default_rng(seed)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -435,14 +695,13 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40,
         warped = F.grid_sample(stack, grid.expand(slices, -1, -1, -1), mode="bilinear",
                                padding_mode="zeros", align_corners=False)[:, 0]
         gamma, contrast = rng.uniform(0.75, 1.3), rng.uniform(0.85, 1.1)
+        jitter = torch.from_numpy(rng.uniform(0.93, 1.07, (slices, 1, 1))).float()  # per-slice brightness, as in ADNI
+        slab = contrast * jitter * warped.clamp(0, 1) ** gamma        # (slices, rows from anterior, columns from left)
+        slab = slab + torch.from_numpy(rng.normal(0, 0.01, slab.shape)).float() * (slab > 0)
+        voxels = (slab.clamp(0, 1) * 1000).round().to(torch.int16).flip(1).permute(2, 1, 0)  # (x, y, z), RAS
         folder = tmp / split / label
         folder.mkdir(parents=True, exist_ok=True)
-        for k in range(slices):
-            jitter = rng.uniform(0.93, 1.07)                          # per-slice brightness, as in ADNI
-            img = contrast * jitter * warped[k].clamp(0, 1) ** gamma
-            img = img + torch.from_numpy(rng.normal(0, 0.01, img.shape)).float() * (img > 0)
-            pixels = (img.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            Image.fromarray(pixels, mode="L").save(folder / f"sub-{s:03d}_{first + 2 * k:03d}.png")
+        nib.save(nib.Nifti1Image(voxels.numpy(), affine), folder / f"sub-{s:03d}.nii.gz")
     (tmp / ".complete").touch()
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)

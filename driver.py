@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import predict
 import train
-from dataset import DEFAULT_DEMO_ROOT, DataConfig
+from dataset import DEFAULT_DEMO_ROOT, DataConfig, percentile_pair, slice_count_or_fraction
 from evaluation import evaluate as evaluation
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError, Interrupted
@@ -75,6 +75,7 @@ def add_common(p: argparse.ArgumentParser, stage: str):
                    help="run folder read and written by every stage (default: %(default)s); under torchrun write "
                         "--run-dir, since torchrun's own parser takes --run for an abbreviation of its --run-path")
     p.add_argument("--data", default=None, help="image folder, ADNI layout PATH/{train,test}/{AD,NC}/*.jpeg or PATH/CLASS/*; "
+                                                "the same with NIfTI volumes (*.nii[.gz]), or a BIDS tree; "
                                                 "default: the embedded MNI152 demo data")
     p.add_argument("--preset", choices=["tiny", "full"], default=None,
                    help="size preset (default: tiny without --data, full with --data)")
@@ -133,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of subjects left out of training, for evaluation; stage 2 inherits it (default: %(default)s, the card's all data)")
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of that subject split (default: %(default)s)")
+    # NIfTI volumes (--data folders of .nii/.nii.gz), saved in DataConfig
+    p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slicing axis of volumes (default: %(default)s)")
+    p.add_argument("--slices", type=slice_count_or_fraction, default=None,
+                   help="slices per volume: a central fraction (0.6) or count (20) (default: from the first to the last slice with >= 25%% of the fullest slice's foreground)")
+    p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D file to slice (default: none; a 4D file is an error)")
+    p.add_argument("--intensity-percentiles", type=percentile_pair, default=(0.5, 99.5),
+                   help="LOW,HIGH: each volume is clipped to these percentiles, then scaled to 0-255 (default: 0.5,99.5)")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")
 
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")

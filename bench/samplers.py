@@ -43,7 +43,7 @@ def main():
     run = Path(args.run)
 
     data = driver.parse(["evaluate", "--run", str(run)]).data_config  # stage 1's images and split
-    dataset = load_slices(data.folder(), data.image_size, data.channels)
+    dataset = load_slices(data.folder(), data.image_size, data.channels, slicing=data.slicing)
     holdout, seed = data.holdout or 0.1, data.holdout_seed
     train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed)
     reference, _ = stack(dataset, ref_idx)
