@@ -21,6 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from evaluation.classifier import SliceClassifier
+from modules import laplacian_pyramid as _laplacian_pyramid  # the same bands as stage 1's Laplacian L1 loss
 
 
 # ----------------------------------------------------------------------------- feature networks for FID / KID
@@ -103,22 +104,6 @@ class SetScorer:
         self.fid.reset()
         self.kid.reset()
         return result
-
-
-def _laplacian_pyramid(x: torch.Tensor, min_size: int = 16) -> list[torch.Tensor]:
-    """Band-pass levels, finest first, down to min_size, then the low-pass residual (Burt & Adelson 1983)."""
-    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) / 16
-    kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 5, 5)
-    blur = lambda img: F.conv2d(F.pad(img, (2, 2, 2, 2), mode="reflect"), kernel, groups=img.shape[1])  # noqa: E731
-    levels = []
-    while x.shape[-1] > min_size:
-        down = blur(x)[..., ::2, ::2]
-        up = torch.zeros_like(x)
-        up[..., ::2, ::2] = down * 4  # zero-insertion upsampling, gain 4 restores the mean after blurring
-        levels.append(x - blur(up))
-        x = down
-    levels.append(x)
-    return levels
 
 
 def _patches(level: torch.Tensor, per_image: int, generator: torch.Generator) -> torch.Tensor:

@@ -6,8 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules import (VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, drop_labels,
-                     ema_model)
+from modules import (ADAPTIVE_WEIGHT_FALLBACK, VQVAE, DiscriminatorConfig, GaussianDiffusion, Guided, PatchDiscriminator,
+                     UNet, UNetConfig, VectorQuantizer, VQVAEConfig, adaptive_weight, adversarial_factor, drop_labels,
+                     ema_model, generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -400,3 +401,85 @@ def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly()
         assert torch.allclose(Guided(unet, y, 1.0)(x, t), cond, atol=1e-6)
         # float32 round-off of a batched pass, amplified by w = 3, on outputs of size ~10; a wrong rule is O(1) off
         assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=2e-4)
+
+
+# ----------------------------------------------------------------------------- stage 1: adversarial and detail losses
+
+def test_hinge_and_non_saturating_losses_match_closed_forms():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-3.0, 0.0, 1.0, -0.5])
+    # hinge: relu(1 - real) = (0, 0.5, 2), mean 5/6; relu(1 + fake) = (0, 1, 2, 0.5), mean 7/8
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 7 / 8))
+    # at zero logits the cross-entropy is log 2 on each side; hinge is 1 on each side
+    zeros = torch.zeros(5)
+    assert non_saturating_d_loss(zeros, zeros).item() == pytest.approx(math.log(2))
+    assert hinge_d_loss(zeros, zeros).item() == pytest.approx(1.0)
+    expected = 0.5 * (sum(math.log1p(math.exp(-r)) for r in real.tolist()) / 3
+                      + sum(math.log1p(math.exp(f)) for f in fake.tolist()) / 4)
+    assert non_saturating_d_loss(real, fake).item() == pytest.approx(expected)
+    # a discriminator that is confidently right costs nothing under hinge, almost nothing under cross-entropy
+    assert hinge_d_loss(torch.full((4,), 5.0), torch.full((4,), -5.0)).item() == 0.0
+    assert non_saturating_d_loss(torch.full((4,), 20.0), torch.full((4,), -20.0)).item() < 1e-8
+    assert generator_adversarial_loss(fake).item() == pytest.approx(-(-3.0 + 0.0 + 1.0 - 0.5) / 4)
+    assert [adversarial_factor(s, 100) for s in (0, 99, 100, 5000)] == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    w = torch.tensor([1.0, 2.0, 2.0], requires_grad=True)
+    a, b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])
+    rec_loss, gan_loss = (w * a).sum(), 2 * (w * b).sum()     # gradients a (norm 5) and 2b (norm 2)
+    assert adaptive_weight(rec_loss, gan_loss, w).item() == pytest.approx(5 / (2 + 1e-4))
+    assert adaptive_weight(rec_loss, gan_loss, w).requires_grad is False
+    assert adaptive_weight(1e9 * rec_loss, gan_loss, w).item() == 1e4                     # clamped
+    assert w.grad is None                                                                  # nothing accumulated
+
+
+def test_adaptive_weight_is_zero_for_a_perfect_reconstruction_and_falls_back_when_frozen():
+    torch.manual_seed(0)
+    cfg = VQVAEConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16)
+    model, disc = VQVAE(cfg), PatchDiscriminator(DiscriminatorConfig(channels=8, num_layers=1))
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    recon, _, _ = model(x)
+    gan_loss = generator_adversarial_loss(disc(recon))
+    assert adaptive_weight(F.mse_loss(recon, x), gan_loss, model.last_layer).item() > 0
+    # a perfect reconstruction: the MSE's gradient, 2 (recon - x) / n, is exactly zero
+    assert adaptive_weight(F.mse_loss(recon, recon.detach()), gan_loss, model.last_layer).item() == 0.0
+    # a frozen decoder: no gradient can be taken, the documented fallback (0: the GAN term is switched off)
+    for p in model.decoder.parameters():
+        p.requires_grad_(False)
+    recon, _, _ = model(x)
+    frozen = adaptive_weight(F.mse_loss(recon, x), generator_adversarial_loss(disc(recon)), model.last_layer)
+    assert frozen.item() == ADAPTIVE_WEIGHT_FALLBACK == 0.0
+    with torch.no_grad():  # losses computed without grad: the same fallback
+        recon, _, _ = model(x)
+        assert adaptive_weight(F.mse_loss(recon, x), recon.mean(), model.last_layer).item() == 0.0
+
+
+@pytest.mark.parametrize("cfg, size, patches", [(DiscriminatorConfig(), 256, 30), (DiscriminatorConfig(), 64, 6),
+                                                (DiscriminatorConfig(channels=8, num_layers=2, norm="none",
+                                                                     spectral_norm=True), 32, 6)])
+def test_patch_discriminator_gives_patch_logits_and_no_batchnorm(cfg, size, patches):
+    disc = PatchDiscriminator(cfg)
+    with torch.no_grad():
+        logits = disc(torch.randn(2, 1, size, size))
+    assert logits.shape == (2, 1, patches, patches)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in disc.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in disc.modules()) == (cfg.norm == "group")
+    assert any("parametrizations" in name for name, _ in disc.named_parameters()) == cfg.spectral_norm
+    with pytest.raises(ValueError):
+        PatchDiscriminator(DiscriminatorConfig(norm="batch"))
+
+
+def test_laplacian_l1_counts_an_error_equally_at_every_octave():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 64, 64) * 2 - 1
+    assert laplacian_l1(x, x.clone()).item() == 0.0
+    # a constant shift lives only in the low-pass residual, a pixel checkerboard only in the finest band
+    # (the 5-tap binomial filter's response at Nyquist is 0): both cost their amplitude, while MSE costs its square
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    checkerboard = ((yy + xx) % 2 * 2 - 1).float()
+    for a in (0.5, 0.05):
+        assert laplacian_l1(x + a, x).item() == pytest.approx(a, rel=1e-4)
+        assert laplacian_l1(x + a * checkerboard, x).item() == pytest.approx(a, rel=1e-4)
+    recon = x.clone().requires_grad_(True)
+    laplacian_l1(recon + 0.1 * torch.randn_like(x), x).backward()     # differentiable
+    assert recon.grad is not None and recon.grad.abs().sum() > 0
