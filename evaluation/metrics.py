@@ -33,6 +33,7 @@ class ClassifierFeatures(nn.Module):
         super().__init__()
         self.classifier = classifier.eval()
         self.num_features = classifier.num_features
+        self.input_size = classifier.cfg.input_size  # images are resized to this before the network
         self.name = f"domain classifier ({classifier.num_features} features)"
 
     @torch.no_grad()
@@ -53,6 +54,7 @@ class InceptionFeatures(nn.Module):
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=weights_path)
         self.num_features = 2048
+        self.input_size = 299  # torchmetrics resizes every image to 299x299
         self.name = "Inception-v3 (FID weights, pool 2048)"
 
     @torch.no_grad()
