@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from modules import (ADAPTIVE_WEIGHT_FALLBACK, VQVAE, DiscriminatorConfig, GaussianDiffusion, Guided, PatchDiscriminator,
                      UNet, UNetConfig, VectorQuantizer, VQVAEConfig, adaptive_weight, adversarial_factor, drop_labels,
-                     ema_model, generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss)
+                     ema_model, generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss,
+                     perceptual_loss_or_none)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -483,3 +484,22 @@ def test_laplacian_l1_counts_an_error_equally_at_every_octave():
     recon = x.clone().requires_grad_(True)
     laplacian_l1(recon + 0.1 * torch.randn_like(x), x).backward()     # differentiable
     assert recon.grad is not None and recon.grad.abs().sum() > 0
+
+
+def test_perceptual_loss_loads_a_local_vgg16_file_or_says_in_one_line_it_is_off(tmp_path, capsys):
+    from torchvision.models.vgg import cfgs, make_layers
+    assert perceptual_loss_or_none(None) is None and "perceptual loss: off" in capsys.readouterr().out
+    assert perceptual_loss_or_none(str(tmp_path / "missing.pth")) is None
+    assert capsys.readouterr().out.count("\n") == 1
+    torch.manual_seed(0)   # random weights stand in for ImageNet's: this checks loading and the distance's form
+    features = make_layers(cfgs["D"])   # torchvision.models.vgg16().features, without building its classifier
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
+    loss = perceptual_loss_or_none(str(tmp_path / "vgg16.pth"))
+    assert torch.equal(loss.features[0].weight, features[0].weight)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    recon = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    assert loss(x, x.clone()).item() == 0.0
+    value = loss(recon, x)
+    value.backward()
+    assert value.item() > 0 and recon.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in loss.parameters())
