@@ -1,4 +1,5 @@
-"""Networks and diffusion math: VQ-VAE, time-conditioned UNet, GaussianDiffusion, guidance, EMA.
+"""Networks and diffusion math: VQ-VAE and its stage-1 losses (PatchGAN, Laplacian L1), time-conditioned UNet,
+GaussianDiffusion, guidance, EMA.
 
 Nothing here touches files or the command line; `train.py` and `predict.py` use these pieces.
 Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/test_modules.py`.
@@ -258,10 +259,193 @@ class VQVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.quantize(z)[0])
 
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """The decoder's last convolution weight: G_L of the adaptive GAN weight (Esser et al. 2021, eq. 7)."""
+        return self.decoder.net[-1].weight
+
     def forward(self, x: torch.Tensor):
         """x -> (reconstruction, vq loss, stats)."""
         z_q, vq_loss, _, stats = self.quantize(self.encode(x))
         return self.decoder(z_q), vq_loss, stats
+
+
+# ----------------------------------------------------------------------------- stage 1: adversarial and detail losses
+#
+# MSE alone blurs the finest band (bench/README.md: the reconstructions' SWD at the finest pyramid level is
+# 3x that of real images). VQGAN (Esser et al. 2021) adds a patch discriminator, weighted adaptively, and a
+# perceptual loss; the perceptual loss needs downloaded VGG weights, so the offline stand-in here is the
+# Laplacian-pyramid L1 loss (Bojanowski et al. 2018), which counts an error equally at every octave.
+
+def laplacian_pyramid(x: torch.Tensor, min_size: int = 16) -> list[torch.Tensor]:
+    """Band-pass levels, finest first, down to min_size, then the low-pass residual (Burt & Adelson 1983).
+
+    Differentiable; also the pyramid of the SWD metric (evaluation/metrics.py), so loss and metric agree on the bands.
+    """
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) / 16
+    kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 5, 5)
+    blur = lambda img: F.conv2d(F.pad(img, (2, 2, 2, 2), mode="reflect"), kernel, groups=img.shape[1])  # noqa: E731
+    levels = []
+    while x.shape[-1] > min_size:
+        down = blur(x)[..., ::2, ::2]
+        up = torch.zeros_like(x)
+        up[..., ::2, ::2] = down * 4  # zero-insertion upsampling, gain 4 restores the mean after blurring
+        levels.append(x - blur(up))
+        x = down
+    levels.append(x)
+    return levels
+
+
+def laplacian_l1(recon: torch.Tensor, x: torch.Tensor, min_size: int = 16) -> torch.Tensor:
+    """Sum over pyramid levels of the mean |L_j(recon) - L_j(x)| (Lap1, Bojanowski et al. 2018): a scalar.
+
+    Why: a blurry reconstruction's error sits in the finest band, where detail has low amplitude, and MSE's
+    gradient shrinks with the error (2e), so once the coarse image is right the fine band gets little push.
+    Here each band enters through its absolute value: an error of amplitude a costs a at whichever level it
+    sits (a constant shift and a pixel checkerboard alike), and its gradient does not fade as it shrinks.
+    Needs no downloaded weights: the offline stand-in for LPIPS. Computed in float32 whatever the autocast.
+    """
+    return sum((a - b).abs().mean() for a, b in zip(laplacian_pyramid(recon.float(), min_size),
+                                                    laplacian_pyramid(x.float(), min_size)))
+
+
+class VGGPerceptualLoss(nn.Module):
+    """LPIPS-style distance on VGG16 features (Zhang et al. 2018, eq. 1, uniform layer weights: their "baseline"):
+    features after relu1_2 ... relu5_3, unit-normalised over channels, squared differences averaged over
+    positions, summed over layers. (recon, x) in [-1, 1], any channel count -> a scalar.
+
+    Needs ImageNet VGG16 weights, which cannot be downloaded here: `weights_path` is a local copy of
+    torchvision's vgg16 state dict (`torch.save(torchvision.models.vgg16(weights="DEFAULT").state_dict(), path)`
+    on a machine with internet); only its `features.*` entries are used. Frozen; lives on the caller's device.
+    """
+
+    LAYERS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
+
+    def __init__(self, weights_path: str):
+        super().__init__()
+        from torchvision.models.vgg import cfgs, make_layers  # vgg16's convolutions, without its 100M-weight head
+        self.features = make_layers(cfgs["D"])[:self.LAYERS[-1] + 1]
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        self.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
+                                       if k.startswith("features.") and int(k.split(".")[1]) <= self.LAYERS[-1]})
+        self.features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406])[None, :, None, None])
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225])[None, :, None, None])
+
+    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = ((x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()) + 1) / 2  # grey -> RGB in [0, 1]
+        h, taps = (x - self.mean) / self.std, []
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.LAYERS:
+                taps.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
+        return taps
+
+    def forward(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return sum((a - b).pow(2).sum(1).mean() for a, b in zip(self._taps(recon), self._taps(x)))
+
+
+def perceptual_loss_or_none(weights_path: str | None) -> VGGPerceptualLoss | None:
+    """The VGG perceptual loss if its weights file loads, else None after one line saying so (train without it:
+    `laplacian_l1` is the offline alternative)."""
+    if weights_path is None:
+        print("perceptual loss: off (no --vgg-weights file; ImageNet VGG16 weights cannot be downloaded here)")
+        return None
+    try:
+        return VGGPerceptualLoss(weights_path)
+    except Exception as e:  # missing, unreadable or not a vgg16 state dict: say which, and go on without it
+        print(f"perceptual loss: off ({weights_path} did not load as VGG16 weights: {type(e).__name__}: {str(e)[:80]})")
+        return None
+
+
+@dataclass
+class DiscriminatorConfig:
+    in_channels: int = 1
+    channels: int = 64              # width of the first layer, doubled per layer up to 8x
+    num_layers: int = 3             # stride-2 convolutions: 3 gives 70x70 patches (pix2pix, VQGAN)
+    norm: str = "group"             # "group" (GroupNorm, never BatchNorm: batches here can be 1) or "none"
+    spectral_norm: bool = False     # spectral normalisation of every conv (Miyato et al. 2018); then use norm "none"
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (Isola et al. 2017; VQGAN's NLayerDiscriminator): image (B, C, S, S) -> patch logits (B, 1, P, P),
+    P = S / 2^num_layers - 2.
+
+    4x4 convolutions, stride 2 for the first num_layers, then two of stride 1; LeakyReLU 0.2; each logit
+    judges one overlapping patch (70x70 pixels with 3 layers), so the loss is about texture, not layout.
+    """
+
+    def __init__(self, cfg: DiscriminatorConfig):
+        super().__init__()
+        if cfg.norm not in ("group", "none"):
+            raise ValueError(f"DiscriminatorConfig.norm must be 'group' or 'none', got {cfg.norm!r}")
+        self.cfg = cfg
+        widths = [cfg.channels * min(2 ** i, 8) for i in range(cfg.num_layers + 1)]
+        strides = [2] * cfg.num_layers + [1]
+        layers, prev = [], cfg.in_channels
+        for i, (w, s) in enumerate(zip(widths, strides)):
+            normed = i > 0 and cfg.norm == "group"  # no norm on the first layer (pix2pix)
+            layers += [self._conv(prev, w, s, bias=not normed), group_norm(w) if normed else nn.Identity(),
+                       nn.LeakyReLU(0.2)]
+            prev = w
+        layers.append(self._conv(prev, 1, 1, bias=True))
+        self.net = nn.Sequential(*layers)
+
+    def _conv(self, in_ch: int, out_ch: int, stride: int, bias: bool) -> nn.Module:
+        conv = nn.Conv2d(in_ch, out_ch, 4, stride=stride, padding=1, bias=bias)
+        nn.init.normal_(conv.weight, 0.0, 0.02)  # DCGAN / pix2pix initialisation
+        return nn.utils.parametrizations.spectral_norm(conv) if self.cfg.spectral_norm else conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator (Lim & Ye 2017), halved as in VQGAN:
+    (E[relu(1 - D(x))] + E[relu(1 + D(x_rec))]) / 2; logits of any shape, real and fake sizes may differ."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def non_saturating_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating (cross-entropy) loss of the discriminator (Goodfellow et al. 2014), halved as in VQGAN's
+    "vanilla": (E[softplus(-D(x))] + E[softplus(D(x_rec))]) / 2, i.e. -log sigmoid(D(x)) - log(1 - sigmoid(D(x_rec)))."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """-E[D(x_rec)]: VQGAN's generator loss, with either discriminator loss above."""
+    return -logits_fake.mean()
+
+
+def adversarial_factor(step: int, start: int) -> float:
+    """0 before `start`, 1 from it on: the discriminator and its loss stay off while reconstructions are still
+    coarse, when it would win at once and its gradients would only add noise (VQGAN's disc_start)."""
+    return 1.0 if step >= start else 0.0
+
+
+ADAPTIVE_WEIGHT_FALLBACK = 0.0
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
+    """lambda = ||grad_{G_L} L_rec|| / (||grad_{G_L} L_GAN|| + 1e-4), clamped to [0, max_weight], detached
+    (Esser et al. 2021, eq. 7); G_L is the decoder's last weight (`VQVAE.last_layer`).
+
+    It scales the adversarial gradient to the size of the reconstruction gradient at the decoder's output,
+    so neither drowns the other whatever their raw scales. Both losses must still hold their graphs (it
+    uses retain_graph; call it before loss.backward()).
+
+    Fallback: returns ADAPTIVE_WEIGHT_FALLBACK = 0 when the gradients cannot be computed (the decoder is
+    frozen, or the losses were computed without grad, e.g. in an evaluation pass): a GAN term that cannot be
+    balanced is switched off rather than left unscaled, and a frozen decoder could not learn from it anyway.
+    (VQGAN returns 0 in the same case.)
+    """
+    if not (last_layer.requires_grad and rec_loss.requires_grad and gan_loss.requires_grad):
+        return torch.tensor(ADAPTIVE_WEIGHT_FALLBACK, device=last_layer.device)
+    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True, allow_unused=True)
+    gan_grad, = torch.autograd.grad(gan_loss, last_layer, retain_graph=True, allow_unused=True)
+    norm = lambda g: g.float().norm() if g is not None else torch.zeros((), device=last_layer.device)  # noqa: E731
+    return (norm(rec_grad) / (norm(gan_grad) + 1e-4)).clamp(0.0, max_weight).detach()
 
 
 # ----------------------------------------------------------------------------- UNet

@@ -23,7 +23,9 @@ against its A. The AD/NC classifier (trained on the training subjects, RUN/class
 often it recognises the class: on the held-out real images of the class (what it can do at best) and on
 each set of samples.
 
-Writes RUN/metrics.json, RUN/report.md and the grids it shows; prints the table.
+Writes RUN/metrics.json, RUN/report.md and the images it shows (grids, and full-resolution crops of real,
+reconstructed and generated slices); prints the tables, one of them SWD per pyramid level from the run's
+resolution down to 16 px. FID/KID features see at most 128x128 with the domain classifier (299 with Inception).
 """
 from __future__ import annotations
 
@@ -206,6 +208,42 @@ def format_table(scores: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def swd_levels(scores: dict[str, dict]) -> list[int]:
+    """The pyramid levels (px) the SWD of `scores` was measured at, finest first: the run's resolution down to 16."""
+    return sorted((int(k[4:]) for k in next(iter(scores.values())) if k.startswith("swd_")), reverse=True)
+
+
+def format_level_table(scores: dict[str, dict]) -> str:
+    """Markdown table of SWD per Laplacian level: one row per image set, one column per level, finest band first.
+
+    The finest band is where a blurry first stage shows (bench/README.md): read it against the real rows.
+    """
+    levels = swd_levels(scores)
+    names = [f"{r} px" + (" (finest band)" if i == 0 else " (low-pass)" if r == levels[-1] else "")
+             for i, r in enumerate(levels)]
+    lines = ["| images | " + " | ".join(names) + " |", "|---" * (len(levels) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{s[f'swd_{r}']:.1f}" for r in levels) + " |" for name, s in scores.items()]
+    return "\n".join(lines)
+
+
+def central_crops(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size pixels of every image, not resampled: (N, C, size, size)."""
+    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
+CROP_SIZE = 96  # px: a third of a 256-px slice, enough to see sulci; the whole image below 96 px
+CROPS_PER_ROW = 4
+
+
+def save_crops(rows: list[torch.Tensor], size: int, path: Path) -> int:
+    """The central crops of the first CROPS_PER_ROW images of each set, one set per row, at full resolution (1:1)."""
+    n = min(CROPS_PER_ROW, *(len(images) for images in rows))
+    save_image(torch.cat([central_crops(images[:n], size) for images in rows]), path, nrow=n, padding=2,
+               normalize=True, value_range=(-1, 1))
+    return n
+
+
 # ----------------------------------------------------------------------------- per class, per guidance scale
 
 def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], classes: list[int], generate, classifier,
@@ -322,7 +360,7 @@ def evaluate(args):
         classifier_acc = None
     scores = score_rows({"samples": samples, "reconstructions": recons, "real (training)": training, "real (floor)": floor},
                         reference, features, device)
-    table = format_table(scores)
+    table, level_table = format_table(scores), format_level_table(scores)
 
     # per class and guidance scale, with the AD/NC classifier's verdict
     class_rows = None
@@ -343,13 +381,18 @@ def evaluate(args):
     grids = {"real": floor, "reconstructions": recons, "samples": samples}
     for name, images in grids.items():
         save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
+    crop = min(CROP_SIZE, image_size)
+    n_crops = save_crops([floor, recons, samples], crop, out / "eval_crops.png")
     metrics = {"run": str(run), "data": str(data.folder()), "image_size": image_size, "channels": channels,
                "split": {"holdout": holdout, "seed": seed, "seen_in_training": seen, "subjects_per_half": n_subjects,
                          "train": len(train_idx),
                          "reference": len(ref_idx), "floor": len(floor_idx)},
                "vqvae_step": vq_ckpt["step"], "vqvae": {**vq_metrics, "images": "floor half B"},
-               "sampling": sampling, "features": features.name, "classifier_heldout_accuracy": classifier_acc,
-               "scores": scores}
+               "sampling": sampling, "features": features.name, "features_input_size": features.input_size,
+               "classifier_heldout_accuracy": classifier_acc, "scores": scores,
+               "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
+               "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
+                         "rows": ["real (B)", "reconstructions of the same images", "samples"]}}
     if class_rows is not None:
         metrics.update(guidance=args.guidance, per_class=class_rows)
         save_image(class_grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
@@ -359,10 +402,21 @@ def evaluate(args):
     note = ("Distances to the reference half A of the held-out subjects. Real rows: random training images, and the "
             "other half B (the floor; its few subjects make it a high bar for FID/KID). MS-SSIM: mean over random pairs "
             "within a set; far above the real rows' means too little variety.")
+    resized = (f"the features see the images resized to {features.input_size}x{features.input_size}"
+               + (" (a 256-px domain classifier would cost 4x to train and run; the run's own resolution is judged "
+                  "by the SWD levels and crops below)" if features.input_size < image_size else ""))
+    level_note = (f"SWD x1e3 per Laplacian level, from the run's {image_size} px down to the 16-px low-pass residual "
+                  "(the `SWD` column above is their mean). A first stage that blurs shows in the finest band: compare "
+                  "the samples and reconstructions with the real rows there.")
+    crop_note = (f"Central {crop}x{crop} crops at full resolution (1:1, no resampling; view the PNG at 100%), "
+                 f"{n_crops} per row. Rows, top to bottom: real held-out images (B); the VQ-VAE's reconstructions of "
+                 "the same images; samples.")
     report = [f"# Evaluation of {run}", "", f"Data {data.folder()} at {image_size}x{image_size}, features: {features.name}"
-              + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})." if classifier_acc else "."),
+              + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})" if classifier_acc else "")
+              + f"; {resized}.",
               "Sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()) + ".", "", vq_line, "", table, "", note,
-              "", "| real (B) | reconstructions | samples |", "|---|---|---|",
+              "", "## Detail per scale", "", level_note, "", level_table, "", crop_note, "", "![](eval_crops.png)",
+              "", "## Grids", "", "| real (B) | reconstructions | samples |", "|---|---|---|",
               "| ![](eval_real.png) | ![](eval_reconstructions.png) | ![](eval_samples.png) |"]
     if seen:
         report.insert(2, "**The run was trained on all subjects: the held-out images were seen in training.**\n")
@@ -376,6 +430,7 @@ def evaluate(args):
     (out / "report.md").write_text("\n".join(report) + "\n")
     print(vq_line)
     print(table)
+    print(level_table)
     if class_rows is not None:
         print(class_table)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")

@@ -21,6 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from evaluation.classifier import SliceClassifier
+from modules import laplacian_pyramid as _laplacian_pyramid  # the same bands as stage 1's Laplacian L1 loss
 
 
 # ----------------------------------------------------------------------------- feature networks for FID / KID
@@ -32,6 +33,7 @@ class ClassifierFeatures(nn.Module):
         super().__init__()
         self.classifier = classifier.eval()
         self.num_features = classifier.num_features
+        self.input_size = classifier.cfg.input_size  # images are resized to this before the network
         self.name = f"domain classifier ({classifier.num_features} features)"
 
     @torch.no_grad()
@@ -52,6 +54,7 @@ class InceptionFeatures(nn.Module):
         self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=weights_path)
         self.num_features = 2048
+        self.input_size = 299  # torchmetrics resizes every image to 299x299
         self.name = "Inception-v3 (FID weights, pool 2048)"
 
     @torch.no_grad()
@@ -103,22 +106,6 @@ class SetScorer:
         self.fid.reset()
         self.kid.reset()
         return result
-
-
-def _laplacian_pyramid(x: torch.Tensor, min_size: int = 16) -> list[torch.Tensor]:
-    """Band-pass levels, finest first, down to min_size, then the low-pass residual (Burt & Adelson 1983)."""
-    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) / 16
-    kernel = (k[:, None] * k[None, :]).expand(x.shape[1], 1, 5, 5)
-    blur = lambda img: F.conv2d(F.pad(img, (2, 2, 2, 2), mode="reflect"), kernel, groups=img.shape[1])  # noqa: E731
-    levels = []
-    while x.shape[-1] > min_size:
-        down = blur(x)[..., ::2, ::2]
-        up = torch.zeros_like(x)
-        up[..., ::2, ::2] = down * 4  # zero-insertion upsampling, gain 4 restores the mean after blurring
-        levels.append(x - blur(up))
-        x = down
-    levels.append(x)
-    return levels
 
 
 def _patches(level: torch.Tensor, per_image: int, generator: torch.Generator) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import driver
 from dataset import subject_id
-from evaluation.evaluate import class_scores, evaluation_split, format_table
+from evaluation.evaluate import central_crops, class_scores, evaluation_split, format_level_table, format_table
 from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyramid, ms_ssim_diversity,
                                 sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
@@ -72,6 +72,26 @@ def test_swd_is_zero_on_identical_sets_symmetric_and_sees_blur():
     assert sliced_wasserstein(a, ellipses(64, seed=1, blur=True))["swd_32"] > 3 * sliced_wasserstein(a, b)["swd_32"]
 
 
+def test_swd_per_level_is_zero_for_identical_sets_and_sees_a_finest_band_blur_at_the_finest_level():
+    a, b = ellipses(64, size=64, seed=0), ellipses(64, size=64, seed=1)
+    zero = sliced_wasserstein(a, a.clone())
+    assert set(zero) == {"swd", "swd_64", "swd_32", "swd_16"} and all(v == 0 for v in zero.values())
+    # a 3x3 box blur removes mostly the finest octave: the finest level moves far beyond a fresh draw, the low-pass hardly
+    blurred = sliced_wasserstein(a, F.avg_pool2d(b, 3, 1, 1, count_include_pad=False))
+    fresh = sliced_wasserstein(a, b)
+    assert blurred["swd_64"] > 3 * fresh["swd_64"] and blurred["swd_64"] > 3 * blurred["swd_16"]
+    assert blurred["swd_64"] - fresh["swd_64"] > 5 * abs(blurred["swd_16"] - fresh["swd_16"])
+
+
+def test_level_table_has_one_row_per_set_and_one_column_per_level_finest_first():
+    row = lambda v: {"swd": v, "swd_64": 3 * v, "swd_16": v, "swd_32": 2 * v}  # noqa: E731
+    table = format_level_table({"samples": row(10.0), "real (floor)": row(1.0)})
+    assert table.splitlines()[0] == "| images | 64 px (finest band) | 32 px | 16 px (low-pass) |"
+    assert "| samples | 30.0 | 20.0 | 10.0 |" in table and "| real (floor) | 3.0 | 2.0 | 1.0 |" in table
+    x = torch.arange(2 * 10 * 10.0).view(2, 1, 10, 10)
+    assert torch.equal(central_crops(x, 4), x[..., 3:7, 3:7])
+
+
 def test_laplacian_pyramid_reconstructs_the_image():
     x = ellipses(4, size=64)
     levels = _laplacian_pyramid(x)
@@ -130,6 +150,17 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     report = (out / "report.md").read_text()
     assert "seen in training" in report and "not reliable" in report and "eval_samples.png" in report
     assert all((out / f"eval_{n}.png").exists() for n in ("real", "reconstructions", "samples"))
+    # SWD per pyramid level, from the run's 32 px down to 16: in the report, printed, and in metrics.json
+    level_header = "| images | 32 px (finest band) | 16 px (low-pass) |"
+    assert level_header in report and level_header in printed
+    assert all(f"| {name} | " in report.split(level_header)[1] for name in metrics["scores"])
+    assert metrics["swd_per_level"]["samples"] == {"32": metrics["scores"]["samples"]["swd_32"],
+                                                   "16": metrics["scores"]["samples"]["swd_16"]}
+    assert metrics["features_input_size"] == 32 and "resized to 32x32" in report
+    # full-resolution central crops: 3 rows (real, reconstructions, samples) of 4, each 32 px (the whole image here)
+    from PIL import Image
+    assert "![](eval_crops.png)" in report and metrics["crops"]["size"] == 32 and metrics["crops"]["per_row"] == 4
+    assert Image.open(out / "eval_crops.png").size == (4 * (32 + 2) + 2, 3 * (32 + 2) + 2)  # 2-px grid padding
 
     # the same images read back with --samples give the same sample row as a folder of PNGs would
     folder = tmp_path / "pngs"
