@@ -119,6 +119,10 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--sample-every", type=positive(int), default=None, help=ph("sample_every", "steps between image grids"))
     p.add_argument("--save-every", type=positive(int), default=None, help=ph("save_every", "steps between checkpoints"))
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write the logged values and the grids to RUN/tensorboard (needs `pip install tensorboard`)")
+    p.add_argument("--slow-cpu-ok", action="store_true",
+                   help="train the full preset on a CPU even when the first step says it would take more than an hour")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
 from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
-from runtime.process import setup_device
+from runtime.process import progress, setup_device
 
 
 def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000, num: int | None = 16,
@@ -219,17 +219,17 @@ def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch
     """
     device = next(model.unet.parameters()).device
     per_batch = sampling.calls(model.diffusion.num_steps)
-    progress = tqdm(total=per_batch * math.ceil(num / sampling.batch_size), desc=f"sampling ({sampling.sampler})",
-                    dynamic_ncols=True)
+    bar = progress(total=per_batch * math.ceil(num / sampling.batch_size), desc=f"sampling ({sampling.sampler})",
+                   dynamic_ncols=True)
     samples, frames, t0 = [], None, time.perf_counter()
     for start in range(0, num, sampling.batch_size):
         x_T = torch.randn(min(sampling.batch_size, num - start), *model.latent_shape, device=device)
         unet = model.unet if labels is None else Guided(model.unet, labels[start:start + len(x_T)].to(device), guidance)
         with autocast:
-            latents, batch_frames = sample_latents(model.diffusion, unet, x_T, sampling, progress)
+            latents, batch_frames = sample_latents(model.diffusion, unet, x_T, sampling, bar)
             samples.append(decode(model.vqvae, latents, model.latent_scale).cpu())
         frames = frames or batch_frames
-    progress.close()
+    bar.close()
     images, seconds = torch.cat(samples), time.perf_counter() - t0
     print(f"sampled {len(images)} images in {seconds:.1f} s ({seconds / len(images):.3f} s/image, "
           f"{per_batch} network calls per batch)")
@@ -238,12 +238,22 @@ def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch
 
 # ----------------------------------------------------------------------------- what predict.py writes
 
+GRID_MAX = 64       # images in samples.png; all of them are in samples/
+TILE_MIN = 128      # px: smaller images are enlarged (nearest neighbour) in the grid and the GIF, so a person can see them
+
+
+def enlarged(images: torch.Tensor) -> torch.Tensor:
+    """Images smaller than TILE_MIN pixels enlarged by a whole factor, each pixel a block (nothing invented)."""
+    factor = math.ceil(TILE_MIN / images.shape[-1])
+    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
 def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
     """A captioned grid of decoded x0 (and x_t beside it) as a PIL image at most 512 px wide (GIF size)."""
     nrow = math.ceil(math.sqrt(len(x0_images)))
-    grid = make_grid(x0_images, nrow=nrow, normalize=True, value_range=(-1, 1))
+    grid = make_grid(enlarged(x0_images), nrow=nrow, normalize=True, value_range=(-1, 1))
     if xt_images is not None:
-        grid = torch.cat([grid, make_grid(xt_images, nrow=nrow, normalize=True, value_range=(-1, 1))], dim=2)
+        grid = torch.cat([grid, make_grid(enlarged(xt_images), nrow=nrow, normalize=True, value_range=(-1, 1))], dim=2)
     img = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().cpu().numpy()).convert("L" if x0_images.shape[1] == 1 else "RGB")
     if img.width > 512:
         img = img.resize((512, round(img.height * 512 / img.width)), Image.BILINEAR)
@@ -274,8 +284,15 @@ def predict(args):
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
-    nrow = args.num if args.class_name == "all" else math.ceil(math.sqrt(len(images)))  # 'all': one row per class
-    save_image(images, out / "samples.png", nrow=nrow, normalize=True, value_range=(-1, 1))
+    if args.class_name == "all":  # one row per class, as many of each as fit in GRID_MAX
+        per_row = min(args.num, max(1, GRID_MAX // len(model.classes)))
+        shown = images.view(len(model.classes), args.num, *images.shape[1:])[:, :per_row].flatten(0, 1)
+    else:
+        shown = images[:GRID_MAX]
+        per_row = math.ceil(math.sqrt(len(shown)))
+    save_image(enlarged(shown), out / "samples.png", nrow=per_row, normalize=True, value_range=(-1, 1))
+    if len(shown) < len(images):
+        print(f"{out / 'samples.png'} shows {len(shown)} of the {len(images)} images; all of them are in {out / 'samples'}")
     for i, img in enumerate(images):
         save_image(img, out / "samples" / f"{i:04d}.png", normalize=True, value_range=(-1, 1))
     durations = [80] * (len(gif) - 1) + [2500]  # hold the last frame

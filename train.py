@@ -28,8 +28,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import save_image
-from tqdm import tqdm
+from torchvision.utils import make_grid, save_image
 
 from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, training_data, training_files,
                      uint8_loader)
@@ -37,8 +36,8 @@ from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, dro
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
 from runtime.errors import BadInputError
-from runtime.process import (Runtime, any_rank, cpus_per_process, main_rank_first, mean_over_ranks, restore_rng,
-                             rng_states, setup_runtime, wrap_model)
+from runtime.process import (Runtime, any_rank, cpus_per_process, main_rank_first, mean_over_ranks, progress,
+                             restore_rng, rng_states, setup_runtime, wrap_model)
 from runtime.signals import StopRequests
 
 
@@ -182,7 +181,7 @@ class Stage:
     batches: Iterator                       # this rank's micro-batches, endlessly
     loss: Callable                          # micro-batch -> (loss, stats tensor, one value per name in `stats`)
     stats: tuple[str, ...]                  # what the log shows; `plot` of them are drawn as curves
-    draw: Callable[[Path], None]            # writes a grid of what the model makes now (rank 0)
+    draw: Callable[[], tuple]               # (images in [-1, 1], per row) of what the model makes now (rank 0)
     grid: str                               # grid file prefix: RUN/<grid>_step0000100.png
     payload: Callable[[], dict]             # the stage's own checkpoint entries: kind, config, ...
     after_step: Callable[[], None] = lambda: None  # after every step taken, e.g. the EMA update
@@ -211,7 +210,9 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                         ckpt_path, keep_previous=True)
 
     sums, n_sum, t0 = torch.zeros(len(stage.stats), device=rt.device), 0, time.perf_counter()
-    pbar = tqdm(total=max_steps, initial=step, desc=stage.name, dynamic_ncols=True, disable=not rt.main)
+    pbar = progress(total=max_steps, initial=step, desc=stage.name, dynamic_ncols=True, disable=not rt.main, quiet=True)
+    board = tensorboard(run) if args.tensorboard and rt.main else None
+    first_step = time.perf_counter()
     if resume:
         restore_rng(resume.get("rng"), rt)
     skips, stop = NonfiniteSkips(ckpt_path), StopRequests()
@@ -229,6 +230,9 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                 sums += stats
                 n_sum += 1
             pbar.update(1)
+            if first_step is not None:  # the full preset on a CPU takes days: say so before it starts in earnest
+                too_slow(args, rt, time.perf_counter() - first_step, max_steps - step)
+                first_step = None
 
             # once in a while: log the stats, the same on every rank; all ranks agree whether to stop
             at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
@@ -242,6 +246,8 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                     log.append({"step": step, **{k: f"{v:.5g}" for k, v in values.items()}, "lr": f"{lr:.2e}",
                                 "img_per_s": f"{per_s:.1f}"})
                 pbar.set_postfix(loss=f"{values['loss']:.4f}")
+                for name, value in {**values, "lr": lr, f"{stage.unit}_per_s": per_s}.items() if board else ():
+                    board.add_scalar(f"{stage.name}/{name}", value, step)
                 rt.log(f"step {step:>7d} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items())
                        + f" | lr {lr:.2e} | {per_s:7.1f} {stage.unit}/s{skips.note()}")
                 sums.zero_()
@@ -249,7 +255,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
 
             # once in a while: a grid (rank 0)
             if rt.main and step % args.sample_every == 0:
-                stage.draw(run / f"{stage.grid}_step{step:07d}.png")
+                draw_grid(stage, run / f"{stage.grid}_step{step:07d}.png", board, step)
 
             # once in a while: a checkpoint, or stop (the last checkpoint is written after the loop)
             if stopping:
@@ -263,10 +269,39 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     # the end: checkpoint, grid and loss curve
     save(step)
     if rt.main:
-        stage.draw(run / f"{stage.grid}_{stage.name}.png")
+        draw_grid(stage, run / f"{stage.grid}_{stage.name}.png", board, step)
+        if board:
+            board.close()
         log.plot(run / f"loss_{stage.name}.png", stage.plot, f"{stage.name} training")
         print(f"saved {ckpt_path} (step {step}); grids {run / stage.grid}_*.png")
     stop.raise_if_stopped(ckpt_path, step)
+
+
+def draw_grid(stage: Stage, path: Path, board, step: int):
+    """The stage's grid as a PNG, and in TensorBoard with --tensorboard."""
+    images, per_row = stage.draw()
+    grid = make_grid(images.clamp(-1, 1), nrow=per_row, normalize=True, value_range=(-1, 1))
+    save_image(grid, path)
+    if board:
+        board.add_image(f"{stage.name}/{stage.grid}", grid, step)
+
+
+def tensorboard(run: Path):
+    """--tensorboard: a SummaryWriter into RUN/tensorboard (an optional package: a one-line error without it)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BadInputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(run / "tensorboard"))
+
+
+def too_slow(args, rt: Runtime, seconds: float, steps_left: int):
+    """The full preset on a CPU: stop with the estimate from the timed first step, unless --slow-cpu-ok."""
+    hours = seconds * steps_left / 3600
+    if rt.device.type == "cpu" and args.preset == "full" and hours > 1 and not args.slow_cpu_ok:
+        raise BadInputError(f"the full preset on this CPU would take about {hours:.0f} hours ({steps_left} more steps at "
+                            f"{seconds:.1f} s, timed on the first; nothing was saved): use --preset tiny, a GPU, or "
+                            f"--slow-cpu-ok to train it here anyway")
 
 
 def start_stage(args, rt: Runtime, name: str, header: str):
@@ -317,12 +352,12 @@ def train_vqvae(args):
         total = recon_loss + vq_loss
         return total, torch.stack([total, recon_loss, vq_loss, stats["perplexity"], stats["usage"]])
 
-    def draw(path):  # originals above, reconstructions below
+    def draw():  # originals above, reconstructions below
         model.eval()
         with torch.no_grad(), rt.autocast:
             recon = model(fixed)[0].float()
         model.train()
-        save_image(torch.cat([fixed, recon]).clamp(-1, 1), path, nrow=len(fixed), normalize=True, value_range=(-1, 1))
+        return torch.cat([fixed, recon]), len(fixed)
 
     start_stage(args, rt, "vqvae", f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
                 f"{cfg.latent_shape}, {len(dataset)} images from {data.folder()}, steps {step} -> {max_steps} of "
@@ -342,7 +377,7 @@ def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, rt: Runtime, workers:
     """Pre-quantisation latents z of every image, in dataset order: (N, 4, h, w) float32 on the CPU."""
     chunks = torch.arange(len(dataset)).split(batch_size)
     out = []
-    for x in tqdm(uint8_loader(dataset, chunks, workers), desc="encoding latents", dynamic_ncols=True):
+    for x in progress(uint8_loader(dataset, chunks, workers), desc="encoding latents", dynamic_ncols=True):
         with rt.autocast:
             out.append(vqvae.encode(to_unit(x, rt.device)).float().cpu())
     return torch.cat(out)
@@ -440,13 +475,12 @@ def train_unet(args):
             value = diffusion.loss(train_model, x0, y=y)
         return value, value.detach()[None]
 
-    def draw(path):  # 8 samples of the EMA weights, DDIM 50 steps, from fixed noise
+    def draw():  # 8 samples of the EMA weights, DDIM 50 steps, from fixed noise
         noise = torch.randn(8, *latent_shape, generator=torch.Generator().manual_seed(0)).to(rt.device)
         with torch.no_grad(), rt.autocast:
             for _, _, x0 in diffusion.sample_steps(ema.module, noise, sampler="ddim", steps=50):
                 pass
-            images = vqvae.decode(x0 / latent_scale).float()
-        save_image(images.clamp(-1, 1), path, nrow=8, normalize=True, value_range=(-1, 1))
+            return vqvae.decode(x0 / latent_scale).float(), 8
 
     def payload():
         return {"kind": "unet", "ema": ema.module.state_dict(), "ema_updates": ema.updates,

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 import predict
 from dataset import card_transform, load_image, load_slices, split_by_subject, subject_id
@@ -48,7 +47,7 @@ from evaluation.classifier import ClassifierConfig, SliceClassifier
 from modules import VQVAE, VQVAEConfig
 from runtime.checkpoint import atomic_save, load_checkpoint, model_config
 from runtime.errors import BadInputError
-from runtime.process import setup_device
+from runtime.process import progress, setup_device
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -122,7 +121,7 @@ def train_classifier(dataset, indices: list[int], num_classes: int, cfg: Classif
         return model.eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = DataLoader(Subset(dataset, indices), batch_size=64, shuffle=True, drop_last=len(indices) > 64)
-    step, pbar = 0, tqdm(total=steps, desc="domain classifier", dynamic_ncols=True)
+    step, pbar = 0, progress(total=steps, desc="domain classifier", dynamic_ncols=True)
     while step < steps:
         for x, y in loader:
             x, y = x.to(device), y.to(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,6 +53,43 @@ def setup_device(device: str | None = None, precision: str = "auto",
     if precision == "fp32":
         return device, contextlib.nullcontext()
     return device, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------- progress on a terminal and in a batch job
+
+def progress(iterable=None, quiet: bool = False, **kwargs):
+    """A tqdm bar on a terminal. In a batch job (standard error not a terminal) a bar would write a line per
+    update into the job's log, so instead: a line at each quarter of the work, or nothing with `quiet` (the
+    training loop, whose fixed log lines are the record)."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, **kwargs)
+    return Milestones(iterable, quiet=quiet, **kwargs)
+
+
+class Milestones:
+    """tqdm's interface for batch jobs: one line at 25, 50, 75 and 100% of `total`, no redrawn bar."""
+
+    def __init__(self, iterable=None, total=None, desc: str = "", initial: int = 0, quiet: bool = False, **_):
+        self.iterable, self.desc, self.n, self.quiet = iterable, desc, initial, quiet
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.quarter = 1 + (4 * initial // self.total if self.total else 0)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, k: int = 1):
+        self.n += k
+        while self.total and not self.quiet and self.quarter <= 4 and self.n >= self.quarter * self.total / 4:
+            print(f"{self.desc}: {self.n}/{self.total} ({25 * self.quarter}%)", file=sys.stderr, flush=True)
+            self.quarter += 1
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 # ----------------------------------------------------------------------------- torchrun processes

@@ -171,3 +171,15 @@ def test_a_run_written_before_the_redesign_samples_and_resumes_both_stages(tmp_p
                  "--conditional", "--deterministic"])
     resumed = ckpt(run / "unet.pt")
     assert resumed["step"] == 4 and resumed["ema_updates"] == 4 and resumed["classes"] == ["AD", "NC"]
+
+
+def test_a_batch_job_log_has_the_log_lines_and_no_progress_bar_lines(adni_folder, tmp_path):
+    """Standard error not a terminal (a cluster job): no bar redrawn per step, one line per --log-every."""
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(REPO / "driver.py"), "train-vqvae", "--run", str(run), f"--data={adni_folder}",
+                           "--preset", "tiny", *SMALL_VQ, "--max-steps", "6", "--log-every", "3"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    log = done.stdout + done.stderr
+    assert "\r" not in log and "it/s" not in log
+    assert [line.split("|")[0].split()[1] for line in log.splitlines() if line.startswith("step ")] == ["2", "3", "4", "6"]

@@ -117,3 +117,13 @@ def test_wrong_kind_of_checkpoint_is_refused(trained_run, tmp_path):
     (tmp_path / "vqvae.pt").write_bytes((run / "vqvae.pt").read_bytes())
     (tmp_path / "unet.pt").write_bytes((run / "vqvae.pt").read_bytes())
     assert "not a unet checkpoint" in error_of(predict.main, ["--run", str(tmp_path)])
+
+
+def test_the_grid_holds_at_most_64_enlarged_images_and_says_where_the_rest_are(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    images = predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "70", "--sampler", "ddim",
+                                                 "--steps", "2", "--gif-frames", "2"]))
+    assert len(images) == 70 and len(list((tmp_path / "samples").iterdir())) == 70
+    assert Image.open(tmp_path / "samples.png").size == (8 * (128 + 2) + 2,) * 2   # 8 x 8 of 32-px images shown at 128 px
+    assert "shows 64 of the 70 images" in capsys.readouterr().out
+    assert Image.open(tmp_path / "denoise.gif").width == 512                     # 4 x 4 enlarged, then fitted to 512

@@ -311,3 +311,32 @@ def test_the_ema_weights_are_in_eval_mode(trained_run, tmp_path, monkeypatch):
     unet(run, "--max-steps", "2", "--sample-every", "2")
     assert True in modes and False in modes    # the model trains, the EMA copy draws the grid
     assert modes[-1] is False
+
+
+def test_tensorboard_gets_the_logged_values_and_the_grids(adni_folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2", "--tensorboard")
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"vqvae/loss", "vqvae/psnr", "vqvae/lr", "vqvae/img_per_s"} <= set(events.Tags()["scalars"])
+    assert "vqvae/recon" in events.Tags()["images"]
+    assert [e.step for e in events.Scalars("vqvae/loss")] == [2]
+
+
+def test_tensorboard_missing_is_a_one_line_error(adni_folder, tmp_path, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # as if the package were not installed
+    assert "pip install tensorboard" in error_of(vqvae, tmp_path / "run", adni_folder, "--max-steps", "2", "--tensorboard")
+
+
+def test_the_full_preset_on_a_cpu_stops_after_one_step_with_the_estimate(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    small_full = ["--preset", "full", "--image-size", "64", "--vq-channels", "8", "--vq-mult", "1,2", "--codebook-size", "32",
+                  "--batch-size", "4", "--max-steps", "100000000", "--device", "cpu"]
+    train_vqvae = ["train-vqvae", "--run", str(run), "--data", str(adni_folder), *small_full]
+    message = error_of(__import__("driver").main, train_vqvae)
+    assert "full preset on this CPU would take about" in message and "--preset tiny" in message
+    assert not (run / "vqvae.pt").exists()
+    __import__("driver").main([*train_vqvae[:-4], "--max-steps", "2", "--slow-cpu-ok", "--device", "cpu"])
+    assert ckpt(run / "vqvae.pt")["step"] == 2
