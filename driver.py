@@ -32,9 +32,11 @@ from runtime.process import is_main_process
 PRESETS = {
     "vqvae": {
         "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=512,
-                     batch_size=32, lr=2e-3, warmup=50, max_steps=600, sample_every=200, save_every=200),
+                     batch_size=32, lr=2e-3, warmup=50, max_steps=600, sample_every=200, save_every=200,
+                     adversarial_weight=0.0, adversarial_start=300),
         "full": dict(image_size=256, vq_channels=64, vq_mult=[1, 2, 2, 4], vq_res_blocks=2, codebook_size=4096,
-                     batch_size=16, lr=2e-4, warmup=500, epochs=20, sample_every=2000, save_every=2000),
+                     batch_size=16, lr=2e-4, warmup=500, epochs=20, sample_every=2000, save_every=2000,
+                     adversarial_weight=0.0, adversarial_start=10000),
     },
     "unet": {
         "tiny": dict(unet_channels=32, unet_mult=[1, 2, 2, 2], unet_res_blocks=1, batch_size=64, lr=1e-3,
@@ -145,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D file to slice (default: none; a 4D file is an error)")
     p.add_argument("--intensity-percentiles", type=percentile_pair, default=(0.5, 99.5),
                    help="LOW,HIGH: each volume is clipped to these percentiles, then scaled to 0-255 (default: 0.5,99.5)")
+    # detail: the losses VQGAN adds to MSE (Esser et al. 2021)
+    p.add_argument("--adversarial-weight", type=float, default=None,
+                   help=preset_help("vqvae", "adversarial_weight", "weight of the adversarial patch loss (PatchGAN, times "
+                                    "the adaptive weight of Esser et al. eq. 7; VQGAN uses 0.8); 0 switches it off"))
+    p.add_argument("--adversarial-start", type=int, default=None,
+                   help=preset_help("vqvae", "adversarial_start", "step from which the discriminator learns and its loss counts"))
+    p.add_argument("--adversarial-loss", choices=["hinge", "non-saturating"], default="hinge",
+                   help="the discriminator's loss (default: %(default)s)")
+    p.add_argument("--laplacian-weight", type=float, default=0.0,
+                   help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="weight of the VGG16 perceptual loss (LPIPS form); needs --vgg-weights (default: %(default)s)")
+    p.add_argument("--vgg-weights", default=None,
+                   help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")
 
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")

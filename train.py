@@ -32,7 +32,9 @@ from torchvision.utils import make_grid, save_image
 
 from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, training_data, training_files,
                      uint8_loader)
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_labels, EMA
+from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig, VQVAEConfig,
+                     adaptive_weight, drop_labels, generator_adversarial_loss, hinge_d_loss, laplacian_l1,
+                     non_saturating_d_loss, perceptual_loss_or_none)
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
 from runtime.errors import BadInputError
@@ -320,8 +322,62 @@ def vqvae_config(args) -> VQVAEConfig:
                        codebook_size=args.codebook_size)
 
 
+class Adversary:
+    """Stage 1's optional adversarial patch loss (Esser et al. 2021): a PatchGAN discriminator with its own AdamW
+    (betas 0.5, 0.9, as VQGAN), off before --adversarial-start, its generator term weighted by --adversarial-weight
+    times the adaptive weight at the decoder's last layer (eq. 7). The discriminator learns after each VQ-VAE
+    step, on that step's last real batch and its reconstructions (detached: no gradient reaches the VQ-VAE)."""
+
+    def __init__(self, args, rt: Runtime, resume: dict | None):
+        self.weight, self.start, self.rt = args.adversarial_weight, args.adversarial_start, rt
+        self.step = resume["step"] if resume else 0
+        resume = resume if resume and "discriminator" in resume else None  # a run that trained without one starts one
+        self.d_loss = hinge_d_loss if args.adversarial_loss == "hinge" else non_saturating_d_loss
+        self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(in_channels=args.channels)
+        self.disc = PatchDiscriminator(self.cfg).to(rt.device)
+        self.optimizer = adamw(self.disc.parameters(), args.lr, weight_decay=0.0, betas=(0.5, 0.9))
+        if resume:
+            self.disc.load_state_dict(resume["discriminator"])
+            self.optimizer.load_state_dict(resume["disc_optimizer"])
+        self.train_disc = wrap_model(self.disc, rt, compile_model=False)
+        self.batch = None
+
+    @property
+    def on(self) -> bool:
+        return self.step >= self.start
+
+    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor, last_layer) -> torch.Tensor:
+        """The weighted adversarial term of the VQ-VAE's loss (0 before the start step); keeps the batch for `learn`."""
+        if not self.on:
+            return torch.zeros((), device=x.device)
+        self.batch = (x, recon.detach())
+        self.disc.requires_grad_(False)  # the VQ-VAE's step: the discriminator judges, it does not learn
+        with self.rt.autocast:
+            g_loss = generator_adversarial_loss(self.disc(recon).float())
+        self.disc.requires_grad_(True)
+        return self.weight * adaptive_weight(rec_loss, g_loss, last_layer) * g_loss
+
+    def learn(self):
+        """After each VQ-VAE step: one discriminator step (from the start step on)."""
+        self.step += 1
+        if self.batch is None:
+            return
+        with self.rt.autocast:
+            logits = self.train_disc(torch.cat(self.batch)).float()
+        loss = self.d_loss(*logits.chunk(2))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.batch = None
+
+    def state(self) -> dict:
+        return {"discriminator": self.disc.state_dict(), "disc_optimizer": self.optimizer.state_dict(),
+                "disc_config": asdict(self.cfg)}
+
+
 def train_vqvae(args):
-    """Stage 1: VQ-VAE with MSE reconstruction + codebook + 0.25 x commitment loss."""
+    """Stage 1: VQ-VAE with MSE reconstruction + codebook + 0.25 x commitment loss, optionally + Laplacian L1,
+    a VGG perceptual loss and an adversarial patch loss (VQGAN's recipe for detail)."""
     # setup
     data, cfg = args.data_config, vqvae_config(args)
     resume = checkpoint_to_resume(Path(args.run) / "vqvae.pt", "vqvae", args.resume, asdict(cfg))
@@ -339,6 +395,10 @@ def train_vqvae(args):
     model = VQVAE(cfg).to(rt.device)
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, model, optimizer, rt, args.lr)
+    adversary = Adversary(args, rt, resume) if args.adversarial_weight > 0 else None
+    perceptual = perceptual_loss_or_none(args.vgg_weights) if args.perceptual_weight > 0 else None
+    if perceptual is not None:
+        perceptual.to(rt.device)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(dataset), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum)
@@ -349,8 +409,14 @@ def train_vqvae(args):
         with rt.autocast:
             recon, vq_loss, stats = train_model(x)
         recon_loss = F.mse_loss(recon.float(), x)
-        total = recon_loss + vq_loss
-        return total, torch.stack([total, recon_loss, vq_loss, stats["perplexity"], stats["usage"]])
+        rec = recon_loss
+        if args.laplacian_weight > 0:
+            rec = rec + args.laplacian_weight * laplacian_l1(recon.float(), x)
+        if perceptual is not None:
+            rec = rec + args.perceptual_weight * perceptual(recon.float(), x)
+        adversarial = adversary.generator_loss(x, recon, rec, model.last_layer) if adversary else torch.zeros_like(rec)
+        total = rec + vq_loss + adversarial
+        return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), stats["perplexity"], stats["usage"]])
 
     def draw():  # originals above, reconstructions below
         model.eval()
@@ -362,9 +428,11 @@ def train_vqvae(args):
     start_stage(args, rt, "vqvae", f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
                 f"{cfg.latent_shape}, {len(dataset)} images from {data.folder()}, steps {step} -> {max_steps} of "
                 f"{args.batch_size * args.grad_accum * rt.world} images ({rt.world} process(es)) on {rt.device}")
-    train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss, ("loss", "recon", "vq", "perplexity", "usage"),
-                     draw, "recon", payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
-                                                     "data_config": data.saved()},
+    train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss,
+                     ("loss", "recon", "vq", "adversarial", "perplexity", "usage"), draw, "recon",
+                     payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
+                                      "data_config": data.saved(), **(adversary.state() if adversary else {})},
+                     after_step=adversary.learn if adversary else lambda: None,
                      plot=("loss", "recon", "vq"),
                      derived=lambda v: {"psnr": 10 * math.log10(4.0 / max(v.get("recon", 1.0), 1e-12))}),  # peak-to-peak 2
                args, rt, step, max_steps, resume)

@@ -6,7 +6,9 @@
 Rows, all scored by `driver.py evaluate`'s metrics against the same held-out subjects (reference half A,
 with the real-vs-real floor B beside them):
     ours     this project's `tiny` pipeline (64x64 -> 4x16x16), trained with --max-minutes per stage,
-             sampled as `driver.py sample` does (DDIM-50, predicted x0 clipped to the latents' range)
+             sampled as `driver.py sample` does (DPM-Solver++ 20, predicted x0 clipped to the latents' range)
+    ours-adversarial   the same with stage 1's adversarial patch loss (--adversarial-weight, from
+             --adversarial-start; `--adversarial` sets both), at the same budget
     peer     diffusers VQModel + UNet2DModel + DDPMScheduler, plain loops, same budgets (bench/peer_diffusers.py),
              sampled with DDIM-100
     defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
@@ -30,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
-from evaluation.evaluate import (evaluation_split, feature_network, format_table, score_rows, stack,  # noqa: E402
-                                 training_sample)
+from evaluation.evaluate import (evaluation_split, feature_network, format_level_table, format_table,  # noqa: E402
+                                 score_rows, stack, training_sample)
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from peer_diffusers import sample_peer, train_peer  # noqa: E402
 
@@ -66,7 +68,9 @@ def main():
     parser.add_argument("--holdout", type=float, default=0.1, help="fraction of subjects held out (default: %(default)s)")
     parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
-    parser.add_argument("--rows", default="ours,peer,defect", help="rows to compute (default: %(default)s)")
+    parser.add_argument("--rows", default="ours,peer,defect", help="rows to compute: ours, ours-adversarial, peer, defect "
+                                                                  "(default: %(default)s)")
+    parser.add_argument("--adversarial", default="0.5,500", help="weight,start of the ours-adversarial row (default: %(default)s)")
     args = parser.parse_args()
     out, rows = Path(args.out), args.rows.split(",")
     out.mkdir(parents=True, exist_ok=True)
@@ -82,26 +86,35 @@ def main():
     info = {"data": args.data, "vq_minutes": args.vq_minutes, "unet_minutes": args.unet_minutes,
             "train_images": len(train_idx), "reference": len(ref_idx), "floor": len(floor_idx), "samples": n}
 
-    run = out / "ours"
-    if "ours" in rows or "defect" in rows:
+    adversarial_weight, adversarial_start = args.adversarial.split(",")
+    variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial_weight,
+                                                 "--adversarial-start", adversarial_start]}
+    for name, stage1_flags in variants.items():
+        if name not in rows and not (name == "ours" and "defect" in rows):
+            continue
+        run = out / name
         budget = ["--run", str(run), "--data", args.data, "--preset", "tiny", "--max-steps", "1000000000"]
         if not (run / "unet.pt").exists():
             t0 = time.perf_counter()
-            driver.main(["train-vqvae", *budget, "--holdout", str(args.holdout), "--max-minutes", str(args.vq_minutes)])
+            driver.main(["train-vqvae", *budget, "--holdout", str(args.holdout), "--max-minutes", str(args.vq_minutes),
+                         *stage1_flags])
             driver.main(["train-unet", *budget, "--max-minutes", str(args.unet_minutes)])
-            info["ours_train_minutes"] = (time.perf_counter() - t0) / 60
+            info[f"{name}_train_minutes"] = (time.perf_counter() - t0) / 60
         model = predict.load_run(run, "cpu")
-        info["ours_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": model.unet_step}
-        info["ours_vqvae"], _ = reconstruction_metrics(model.vqvae, floor)
-    if "ours" in rows:
-        sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
-        torch.manual_seed(1)
-        images["ours"], _, seconds = predict.generate(model, sampling, n)
-        info["ours_seconds_per_image"] = seconds / n
+        info[f"{name}_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": model.unet_step}
+        info[f"{name}_vqvae"], recons = reconstruction_metrics(model.vqvae, floor)
+        images[f"{name} (reconstructions)"] = recons
+        if name in rows:
+            sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
+            torch.manual_seed(1)
+            images[name], _, seconds = predict.generate(model, sampling, n)
+            info[f"{name}_seconds_per_image"] = seconds / n
+        if name == "ours":
+            ours = model
     if "defect" in rows:
         t0 = time.perf_counter()
         torch.manual_seed(2)
-        images["defect"] = original_report_samples(model.vqvae, model.unet, model.diffusion, n, model.latent_shape)
+        images["defect"] = original_report_samples(ours.vqvae, ours.unet, ours.diffusion, n, ours.latent_shape)
         info["defect_seconds_per_image"] = (time.perf_counter() - t0) / n
     if "peer" in rows:
         train_images, _ = stack(dataset, train_idx)
@@ -119,12 +132,12 @@ def main():
     # one feature network and one reference for every row
     key = {"data": args.data, "image_size": 64, "channels": 1, "holdout": args.holdout, "holdout_seed": 0, "count": len(dataset)}
     features = feature_network(out, dataset, train_idx, key, "cpu", classifier_steps=args.classifier_steps)
-    order = [r for r in ("ours", "peer", "defect") if r in images] + ["real (training)", "real (floor)"]
+    order = [r for r in images if not r.startswith("real")] + ["real (training)", "real (floor)"]
     torch.save({r: images[r] for r in order if not r.startswith("real")}, out / "samples.pt")  # rescoring needs no resampling
     scores = score_rows({r: images[r] for r in order}, reference, features, "cpu")
     for name in order:
         grid(images[name], out / f"grid_{name.replace(' (', '_').rstrip(')')}.png")
-    table = format_table(scores)
+    table = f"{format_table(scores)}\n\nSWD x1e3 per Laplacian level:\n\n{format_level_table(scores)}"
     (out / "quality.json").write_text(json.dumps({"info": info, "features": features.name, "scores": scores}, indent=2))
     (out / "quality.md").write_text(f"features: {features.name}\n\n{table}\n\n```\n{json.dumps(info, indent=2)}\n```\n")
     print(f"features: {features.name}")

@@ -71,25 +71,30 @@ def blobs(tmp_path_factory):
     return data
 
 
-@pytest.mark.parametrize("stage", ["vqvae", "unet"])
-def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(stage, blobs, tmp_path):
+ADVERSARIAL = ["--adversarial-weight", "0.5", "--adversarial-start", "1"]   # the discriminator learns from step 1
+
+
+@pytest.mark.parametrize("stage, extra", [("vqvae", []), ("vqvae", ADVERSARIAL), ("unet", [])],
+                         ids=["vqvae", "vqvae-adversarial", "unet"])
+def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(stage, extra, blobs, tmp_path):
     runs = {name: tmp_path / name for name in ("killed", "straight")}
     if stage == "unet":  # both runs start from the same trained VQ-VAE
         subprocess.run(command("vqvae", runs["killed"], blobs, "--max-steps", "2"), check=True, capture_output=True)
         runs["straight"].mkdir()
         shutil.copy(runs["killed"] / "vqvae.pt", runs["straight"] / "vqvae.pt")
     path = runs["killed"] / f"{stage}.pt"
-    victim = start_and_wait_for_checkpoint(command(stage, runs["killed"], blobs, "--max-steps", "100000"), path)
+    victim = start_and_wait_for_checkpoint(command(stage, runs["killed"], blobs, "--max-steps", "100000", *extra), path)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     killed_at = ckpt(path)["step"]   # the last checkpoint before the kill, complete (atomic rename)
     end = str(killed_at + 4)
-    subprocess.run(command(stage, runs["killed"], blobs, "--max-steps", end, "--resume"), check=True, capture_output=True)
-    subprocess.run(command(stage, runs["straight"], blobs, "--max-steps", end), check=True, capture_output=True)
+    subprocess.run(command(stage, runs["killed"], blobs, "--max-steps", end, "--resume", *extra), check=True, capture_output=True)
+    subprocess.run(command(stage, runs["straight"], blobs, "--max-steps", end, *extra), check=True, capture_output=True)
 
     resumed, straight = ckpt(path), ckpt(runs["straight"] / f"{stage}.pt")
     assert resumed["step"] == straight["step"] == killed_at + 4
-    for part in ("model", "ema") if stage == "unet" else ("model",):
+    parts = {"unet": ("model", "ema"), "vqvae": ("model", "discriminator") if extra else ("model",)}[stage]
+    for part in parts:
         for name, tensor in straight[part].items():
             assert torch.equal(resumed[part][name], tensor), f"{part}.{name} differs after kill -9 and --resume"
     assert resumed["optimizer"]["state"].keys() == straight["optimizer"]["state"].keys()
@@ -97,6 +102,8 @@ def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(stage,
         assert torch.equal(resumed["optimizer"]["state"][i]["exp_avg"], state["exp_avg"])
     if stage == "unet":
         assert resumed["latent_scale"] == straight["latent_scale"] and resumed["ema_updates"] == straight["ema_updates"]
+    for i, state in straight.get("disc_optimizer", {}).get("state", {}).items():   # the discriminator's AdamW
+        assert torch.equal(resumed["disc_optimizer"]["state"][i]["exp_avg"], state["exp_avg"])
 
 
 @pytest.mark.parametrize("sig, stage", [(signal.SIGINT, "vqvae"), (signal.SIGTERM, "unet")])
