@@ -32,9 +32,9 @@ from torchvision.utils import make_grid, save_image
 
 from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, training_data, training_files,
                      uint8_loader)
-from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig, VQVAEConfig,
-                     adaptive_weight, drop_labels, generator_adversarial_loss, hinge_d_loss, laplacian_l1,
-                     non_saturating_d_loss, perceptual_loss_or_none)
+from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
+                     VQVAEConfig, adaptive_weight, adversarial_factor, drop_labels, generator_adversarial_loss,
+                     hinge_d_loss, laplacian_l1, non_saturating_d_loss, perceptual_loss_or_none)
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
 from runtime.errors import BadInputError
@@ -342,13 +342,9 @@ class Adversary:
         self.train_disc = wrap_model(self.disc, rt, compile_model=False)
         self.batch = None
 
-    @property
-    def on(self) -> bool:
-        return self.step >= self.start
-
     def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor, last_layer) -> torch.Tensor:
         """The weighted adversarial term of the VQ-VAE's loss (0 before the start step); keeps the batch for `learn`."""
-        if not self.on:
+        if not adversarial_factor(self.step, self.start):
             return torch.zeros((), device=x.device)
         self.batch = (x, recon.detach())
         self.disc.requires_grad_(False)  # the VQ-VAE's step: the discriminator judges, it does not learn
