@@ -562,13 +562,14 @@ class DataConfig:
         return {**asdict(self), "root": str(self.folder())}
 
 
-def training_files(data: DataConfig) -> tuple[list[tuple[str, int]], list[str]]:
+def training_files(data: DataConfig, expand_volumes: bool = True) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) of the training images (held-out subjects removed) and the class names (the image
     folder's: AD, NC), without decoding any image. Volumes are read (not resized) to find their slices:
-    one (volume path, class index) per slice."""
+    one (volume path, class index) per slice; with expand_volumes=False one per volume file, without reading
+    any (enough to key a cache: the files and the slicing in the data config decide the slices)."""
     folders = SliceFolders(data.folder(), data.image_size, data.channels, slicing=data.slicing)
     samples = folders.samples
-    if folders.volumes:
+    if folders.volumes and expand_volumes:
         samples = [s for s in samples for _ in _volume_span(s[0], data.slicing, data.skip_bad_images)]
     if data.holdout > 0:
         train_idx, _ = split_by_subject([p for p, _ in samples], data.holdout, data.holdout_seed)

@@ -495,7 +495,7 @@ def train_unet(args):
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
     vqvae, vq_fingerprint = frozen_vqvae(run, rt.device)
     latent_shape = vqvae.cfg.latent_shape
-    samples, classes = training_files(args.data_config)
+    samples, classes = training_files(args.data_config, expand_volumes=False)  # the cache key's files: no volume is read
     cfg = unet_config(args, latent_shape, num_classes=len(classes) if args.conditional else 0)
     diffusion = GaussianDiffusion(args.diffusion_steps, args.schedule, args.loss, args.prediction, args.min_snr_gamma)
     chosen = {k: v for k, v in asdict(cfg).items() if k != "scale_shift_norm"}  # not a flag: a resumed run keeps its own

@@ -190,3 +190,28 @@ def test_a_batch_job_log_has_the_log_lines_and_no_progress_bar_lines(adni_folder
     log = done.stdout + done.stderr
     assert "\r" not in log and "it/s" not in log
     assert [line.split("|")[0].split()[1] for line in log.splitlines() if line.startswith("step ")] == ["2", "3", "4", "6"]
+
+
+# ----------------------------------------------------------------------------- a folder of NIfTI volumes
+
+def test_both_stages_and_predict_on_a_folder_of_volumes(tmp_path, monkeypatch, capsys):
+    import dataset
+    from test_dataset import blob, write_volume
+    data = tmp_path / "volumes"
+    for i, label in enumerate(("AD", "NC")):
+        for k in range(3):
+            write_volume(data / "train" / label / f"sub-{i}{k}.nii.gz", blob(shape=(24, 24, 12), seed=3 * i + k))
+    run = tmp_path / "run"
+    driver.main(["train-vqvae", "--run", str(run), f"--data={data}", "--preset", "tiny", *SMALL_VQ, "--max-steps", "2",
+                 "--axis", "coronal"])
+    assert ckpt(run / "vqvae.pt")["data_config"]["slicing"]["axis"] == "coronal"
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--conditional"])
+    latents = ckpt(run / "latents.pt")
+    assert len(latents["z"]) == len(latents["y"]) > 6 and set(latents["y"].tolist()) == {0, 1}   # several slices a volume
+    (run / "unet.pt").unlink()
+    monkeypatch.setattr(dataset, "_read_volume", lambda *a, **k: pytest.fail("a volume was read for a reused cache"))
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--conditional"])
+    assert "latents reused" in capsys.readouterr().out
+    images = predict.predict(predict.parse_args(["--run", str(run), "--num", "2", "--sampler", "ddim", "--steps", "3",
+                                                 "--class", "AD", "--gif-frames", "2"]))
+    assert images.shape == (2, 1, 32, 32) and (run / "denoise.gif").exists()
