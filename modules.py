@@ -637,11 +637,6 @@ class GaussianDiffusion(nn.Module):
         return (table[t:t + 1] if isinstance(t, int) else table[t]).view(shape)
 
     @staticmethod
-    def _at(buf: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """buf[t] as a (B, 1, 1, 1) tensor in x's dtype and device (for any tensor; the class uses `_coef`)."""
-        return buf.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-
-    @staticmethod
     def _steps(t, x: torch.Tensor) -> torch.Tensor:
         """t as the (B,) tensor of steps the network takes (from a Python int: a fill, no host-device copy)."""
         return t if torch.is_tensor(t) else torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)

@@ -432,7 +432,7 @@ def test_loss_is_zero_for_the_true_noise(loss_type):
     d = GaussianDiffusion(loss_type=loss_type)
     x0, noise = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
     t = torch.randint(0, 1000, (4,))
-    cheat = lambda x_t, tt: (x_t - d._at(d.sqrt_alphas_cumprod, tt, x_t) * x0) / d._at(d.sqrt_one_minus_alphas_cumprod, tt, x_t)  # noqa: E731
+    cheat = lambda x_t, tt: (x_t - d._coef("sqrt_alphas_cumprod", tt, x_t) * x0) / d._coef("sqrt_one_minus_alphas_cumprod", tt, x_t)  # noqa: E731
     assert d.loss(cheat, x0, t, noise).item() < 1e-8
     assert d.loss(lambda x_t, tt: torch.zeros_like(x_t), x0, t, noise).item() > 0.1
 
@@ -441,7 +441,7 @@ def test_v_loss_is_zero_for_the_true_velocity():
     d = GaussianDiffusion(prediction="v")
     x0, noise = torch.randn(4, 4, 2, 2), torch.randn(4, 4, 2, 2)
     t = torch.randint(0, 1000, (4,))
-    v = d._at(d.sqrt_alphas_cumprod, t, x0) * noise - d._at(d.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+    v = d._coef("sqrt_alphas_cumprod", t, x0) * noise - d._coef("sqrt_one_minus_alphas_cumprod", t, x0) * x0
     assert d.loss(lambda x_t, tt: v, x0, t, noise).item() < 1e-10
     assert d.loss(lambda x_t, tt: noise, x0, t, noise).item() > 0.1     # the eps target is not the v target
 
