@@ -86,15 +86,21 @@ class LatentDiffusion:
     unet_step: int
 
 
+def load_vqvae(run: Path, device) -> tuple[VQVAE, dict]:
+    """The run's stage-1 VQ-VAE in eval mode, frozen (eval: its quantiser draws no random numbers), and its checkpoint."""
+    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
+    vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval().requires_grad_(False)
+    vqvae.load_state_dict(vq_ckpt["model"])
+    return vqvae, vq_ckpt
+
+
 def load_run(run: Path, device) -> LatentDiffusion:
     """Both models of a run, checked to belong together (the UNet learned this VQ-VAE's latents)."""
     unet_ckpt = load_checkpoint(run / "unet.pt", "unet")
-    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
+    vqvae, vq_ckpt = load_vqvae(run, device)
     if unet_ckpt["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
         raise BadInputError(f"{run / 'unet.pt'} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
                             f"run train-unet again for this VQ-VAE")
-    vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval()
-    vqvae.load_state_dict(vq_ckpt["model"])
     if list(vqvae.cfg.latent_shape) != list(unet_ckpt["latent_shape"]):
         raise BadInputError(f"latent shape differs: VQ-VAE {vqvae.cfg.latent_shape}, UNet {unet_ckpt['latent_shape']}")
     unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt")).to(device).eval()

@@ -35,6 +35,7 @@ from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, 
 from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
                      VQVAEConfig, adaptive_weight, adversarial_factor, drop_labels, generator_adversarial_loss,
                      hinge_d_loss, laplacian_l1, non_saturating_d_loss, perceptual_loss_or_none)
+from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
 from runtime.errors import BadInputError
@@ -477,15 +478,6 @@ def unet_config(args, latent_shape, num_classes: int = 0) -> UNetConfig:
                       channel_mult=tuple(args.unet_mult), num_res_blocks=args.unet_res_blocks, num_classes=num_classes)
 
 
-def frozen_vqvae(run: Path, device) -> tuple[VQVAE, str]:
-    """The run's stage-1 VQ-VAE in eval mode without gradients (its quantiser then draws no random numbers),
-    with the fingerprint of its weights."""
-    ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
-    vqvae = VQVAE(model_config(VQVAEConfig, ckpt, run / "vqvae.pt")).to(device).eval().requires_grad_(False)
-    vqvae.load_state_dict(ckpt["model"])
-    return vqvae, fingerprint(ckpt["model"])
-
-
 def train_unet(args):
     """Stage 2: v- or eps-prediction UNet on scale * z, z the frozen VQ-VAE's pre-quantisation latents."""
     # setup: the frozen VQ-VAE of this run, the UNet's config (driver.py checked stage 1 and the flags)
@@ -493,7 +485,8 @@ def train_unet(args):
     ckpt_path = run / "unet.pt"
     torch.manual_seed(args.seed)
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
-    vqvae, vq_fingerprint = frozen_vqvae(run, rt.device)
+    vqvae, vq_ckpt = load_vqvae(run, rt.device)
+    vq_fingerprint = fingerprint(vq_ckpt["model"])
     latent_shape = vqvae.cfg.latent_shape
     samples, classes = training_files(args.data_config, expand_volumes=False)  # the cache key's files: no volume is read
     cfg = unet_config(args, latent_shape, num_classes=len(classes) if args.conditional else 0)

@@ -44,8 +44,7 @@ from dataset import card_transform, load_image, load_slices, split_by_subject, s
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
-from modules import VQVAE, VQVAEConfig
-from runtime.checkpoint import atomic_save, load_checkpoint, model_config
+from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.process import progress, setup_device
 
@@ -321,9 +320,7 @@ def evaluate(args):
               f"and are not reliable (raise --holdout at training time)")
 
     # stage 1: reconstructions of B
-    vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
-    vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval()
-    vqvae.load_state_dict(vq_ckpt["model"])
+    vqvae, vq_ckpt = predict.load_vqvae(run, device)
     with autocast:
         vq_metrics, recons = reconstruction_metrics(vqvae, floor, device=device)
 
