@@ -540,8 +540,15 @@ class UNet(nn.Module):
         The blocks repeat, so the first step compiles in a fraction of the time of a whole-model compile,
         and in place the state_dict keeps its names (no `_orig_mod.` prefix). Keyword arguments go to
         `nn.Module.compile` (e.g. mode="max-autotune-no-cudagraphs"). Returns self.
+
+        The blocks share one `forward`, and dynamo keeps at most `recompile_limit` (default 8) compiled
+        versions of a function; past it, it runs the rest eagerly with only a warning. The `full` UNet has
+        18 blocks of distinct shapes, each needed with and without gradients, so the limit is raised (for the
+        whole process) to 4 per block: without that, 10 of its 24 blocks ran uncompiled.
         """
-        for block in [*self.down, self.mid, *self.up]:
+        blocks = [*self.down, self.mid, *self.up]
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+        for block in blocks:
             block.compile(**compile_kwargs)
         return self
 
@@ -801,10 +808,10 @@ class Guided(nn.Module):
     for the eps and the v output alike: x0 and eps are linear in the network's output.
     """
 
-    def __init__(self, unet: "UNet", y: torch.Tensor, guidance: float):
+    def __init__(self, unet: "UNet", y: torch.Tensor, guidance: float, null_label: int | None = None):
         super().__init__()
-        self.unet, self.y, self.guidance = unet, y, guidance
-        self.null = torch.full_like(y, unet.cfg.num_classes)
+        self.unet, self.y, self.guidance = unet, y, guidance  # unet: the UNet, or a callable standing in for it
+        self.null = torch.full_like(y, unet.cfg.num_classes if null_label is None else null_label)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.guidance == 1:

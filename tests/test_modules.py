@@ -630,6 +630,20 @@ def test_compiled_blocks_give_the_same_output():
     assert list(unet.state_dict()) == names            # compiled in place: checkpoints keep their keys
 
 
+def test_every_block_of_the_full_unet_is_compiled(monkeypatch):
+    """The full preset's layout (24 blocks, 18 shapes; narrow, to be quick): no block falls back to eager because
+    dynamo's limit of compiled versions per function was reached (the blocks share one forward)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default, whatever ran before
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(latent_size=16, channels=8, channel_mult=(1, 2, 2, 4), num_res_blocks=2)).eval()
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([700])
+    with torch.no_grad():
+        eager = unet(x, t)
+        compiled = unet.compile_blocks(backend="eager")(x, t)   # dynamo's tracing alone: the limit is dynamo's
+    assert torch.allclose(compiled, eager, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- stage 1: adversarial and detail losses
 
 def test_hinge_and_non_saturating_losses_match_closed_forms():
