@@ -81,9 +81,10 @@ class Milestones:
 
     def update(self, k: int = 1):
         self.n += k
-        while self.total and not self.quiet and self.quarter <= 4 and self.n >= self.quarter * self.total / 4:
-            print(f"{self.desc}: {self.n}/{self.total} ({25 * self.quarter}%)", file=sys.stderr, flush=True)
-            self.quarter += 1
+        if self.total and not self.quiet and self.quarter <= 4 and self.n >= self.quarter * self.total / 4:
+            reached = min(4, 4 * self.n // self.total)  # one line, however many quarters this update crossed
+            print(f"{self.desc}: {self.n}/{self.total} ({25 * reached}%)", file=sys.stderr, flush=True)
+            self.quarter = reached + 1
 
     def set_postfix(self, *args, **kwargs):
         pass

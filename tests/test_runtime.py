@@ -12,6 +12,7 @@ import torch
 import predict
 from conftest import ckpt, error_of, unet, vqvae
 from runtime.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, previous
+from runtime.process import Milestones
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,3 +103,11 @@ def test_fp16_without_cuda_is_a_clear_error(adni_folder, tmp_path):
         pytest.skip("fp16 is allowed on CUDA")
     msg = error_of(vqvae, tmp_path / "run", adni_folder, "--max-steps", "1", "--precision", "fp16", "--device", "cpu")
     assert "fp16 needs a CUDA device" in msg and not (tmp_path / "run" / "vqvae.pt").exists()
+
+
+def test_batch_job_progress_prints_each_quarter_once(capsys):
+    for total, lines in [(8, ["2/8 (25%)", "4/8 (50%)", "6/8 (75%)", "8/8 (100%)"]), (2, ["1/2 (50%)", "2/2 (100%)"])]:
+        bar = Milestones(total=total, desc="sampling")
+        for _ in range(total):
+            bar.update(1)
+        assert capsys.readouterr().err.splitlines() == [f"sampling: {line}" for line in lines]
