@@ -26,7 +26,13 @@ from torchvision.utils import make_grid, save_image
 from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
+from runtime.graphs import GraphedCall
 from runtime.process import progress, setup_device
+
+
+# Images sampled at once by default: on a GPU enough to keep it busy (a UNet call at batch 16 is launch-bound),
+# on a CPU few enough that the first batch is soon done. Not yet chosen by a GPU measurement of our own.
+DEFAULT_BATCH = {"cuda": 256, "cpu": 64}
 
 
 def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000, num: int | None = 16,
@@ -34,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
     p.add_argument("--num", type=int, default=num, help=num_help)
-    p.add_argument("--batch-size", type=int, default=64, help="images sampled at once (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images sampled at once (default: {DEFAULT_BATCH['cuda']} on CUDA, {DEFAULT_BATCH['cpu']} on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=sampler,
                    help="reverse process: ddpm (Ho et al. 2020), ddim (Song et al. 2021), dpmpp = DPM-Solver++(2M) "
@@ -60,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
     p.add_argument("--gif-xt", action="store_true", help="show the decoded x_t beside the predicted x0 in the GIF")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay the UNet's call from a CUDA graph instead of launching its kernels one by one "
+                        "(default: on)")
 
 
 def scales(text: str) -> list[float]:
@@ -103,12 +113,20 @@ def load_run(run: Path, device) -> LatentDiffusion:
                             f"run train-unet again for this VQ-VAE")
     if list(vqvae.cfg.latent_shape) != list(unet_ckpt["latent_shape"]):
         raise BadInputError(f"latent shape differs: VQ-VAE {vqvae.cfg.latent_shape}, UNet {unet_ckpt['latent_shape']}")
-    unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt")).to(device).eval()
+    unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt"))
     unet.load_state_dict(unet_ckpt["ema"])
+    unet = for_sampling(unet, device)
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
     classes = list(unet_ckpt.get("classes") or []) if unet.cfg.num_classes else []
     return LatentDiffusion(vqvae, unet, diffusion, unet_ckpt["latent_scale"], tuple(unet_ckpt["latent_shape"]),
                            unet_ckpt.get("latent_absmax"), classes, unet_ckpt["step"])
+
+
+def for_sampling(unet: UNet, device) -> UNet:
+    """The UNet as the samplers run it: on `device`, eval mode, no gradients (so autocast keeps no cache of cast
+    weights, which a CUDA graph could not see), and NHWC on CUDA, where cuDNN's convolutions prefer it (as in training)."""
+    unet = unet.to(device).eval().requires_grad_(False)
+    return unet.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else unet
 
 
 @dataclass
@@ -121,8 +139,9 @@ class Sampling:
     repeat_last: int = 30               # the card's repeats: re-noise to step repeat_last - 1 ...
     repeat_times: int = 0               # ... and denoise again, this many times
     clip_x0: float | None = None        # clip the predicted x0 to [-clip_x0, clip_x0]
-    batch_size: int = 64
+    batch_size: int | None = None       # None: DEFAULT_BATCH of the device
     gif_frames: int = 40
+    cuda_graphs: bool = True            # on CUDA, the UNet's calls replayed from a graph (runtime/graphs.py)
 
     def calls(self, num_steps: int) -> int:
         """Network calls per batch: the main pass and the repeats."""
@@ -135,7 +154,7 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
     for ddpm only; --clip-x0 'auto' is the run's latent range. Without `model`, only what needs no run is checked."""
     repeat_times = args.repeat_times if args.repeat_times is not None else (5 if args.sampler == "ddpm" else 0)
     for name in ("batch_size", "steps", "repeat_last", "gif_frames"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eta < 0:
         raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
@@ -149,7 +168,7 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
             raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {model.diffusion.num_steps} diffusion steps")
         clip_x0 = parse_clip(args.clip_x0, model.latent_absmax)
     return Sampling(args.sampler, args.steps, args.eta, args.repeat_last, repeat_times, clip_x0, args.batch_size,
-                    args.gif_frames)
+                    args.gif_frames, args.cuda_graphs)
 
 
 def parse_clip(text: str, latent_absmax: float | None) -> float | None:
@@ -217,28 +236,35 @@ def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size:
 
 @torch.no_grad()
 def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
-             guidance: float = 1.0, autocast=contextlib.nullcontext()):
+             guidance: float = 1.0, autocast=contextlib.nullcontext(), replay_eagerly: bool = False):
     """`num` images in [-1, 1] (on the CPU), in batches of sampling.batch_size; with `labels` (num class indices)
     under classifier-free guidance of scale `guidance`. The noise comes from torch's global generator.
+    On CUDA (with sampling.cuda_graphs) the UNet's calls are replayed from CUDA graphs, one per batch shape;
+    `replay_eagerly` runs that bookkeeping on any device (tests).
 
     Returns (images, latent GIF frames of the first batch, seconds). Prints the sampling time.
     """
     device = next(model.unet.parameters()).device
+    batch_size = sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    network = model.unet
+    if replay_eagerly or (sampling.cuda_graphs and device.type == "cuda"):
+        network = GraphedCall(model.unet, replay_eagerly)
     per_batch = sampling.calls(model.diffusion.num_steps)
-    bar = progress(total=per_batch * math.ceil(num / sampling.batch_size), desc=f"sampling ({sampling.sampler})",
-                   dynamic_ncols=True)
+    bar = progress(total=per_batch * math.ceil(num / batch_size), desc=f"sampling ({sampling.sampler})", dynamic_ncols=True)
     samples, frames, t0 = [], None, time.perf_counter()
-    for start in range(0, num, sampling.batch_size):
-        x_T = torch.randn(min(sampling.batch_size, num - start), *model.latent_shape, device=device)
-        unet = model.unet if labels is None else Guided(model.unet, labels[start:start + len(x_T)].to(device), guidance)
+    for start in range(0, num, batch_size):
+        x_T = torch.randn(min(batch_size, num - start), *model.latent_shape, device=device).contiguous(memory_format=layout)
+        denoiser = network if labels is None else Guided(network, labels[start:start + len(x_T)].to(device), guidance,
+                                                         model.unet.cfg.num_classes)
         with autocast:
-            latents, batch_frames = sample_latents(model.diffusion, unet, x_T, sampling, bar)
+            latents, batch_frames = sample_latents(model.diffusion, denoiser, x_T, sampling, bar)
             samples.append(decode(model.vqvae, latents, model.latent_scale).cpu())
         frames = frames or batch_frames
     bar.close()
     images, seconds = torch.cat(samples), time.perf_counter() - t0
     print(f"sampled {len(images)} images in {seconds:.1f} s ({seconds / len(images):.3f} s/image, "
-          f"{per_batch} network calls per batch)")
+          f"{per_batch} network calls per batch of {batch_size})")
     return images, frames, seconds
 
 

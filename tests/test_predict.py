@@ -9,6 +9,8 @@ from PIL import Image
 import driver
 import predict
 from conftest import ckpt, error_of, unet, vqvae
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
+from runtime.graphs import GraphedCall
 
 
 def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
@@ -127,3 +129,65 @@ def test_the_grid_holds_at_most_64_enlarged_images_and_says_where_the_rest_are(t
     assert Image.open(tmp_path / "samples.png").size == (8 * (128 + 2) + 2,) * 2   # 8 x 8 of 32-px images shown at 128 px
     assert "shows 64 of the 70 images" in capsys.readouterr().out
     assert Image.open(tmp_path / "denoise.gif").width == 512                     # 4 x 4 enlarged, then fitted to 512
+
+
+# ----------------------------------------------------------------------------- the UNet's calls replayed from a graph
+
+def random_latent_diffusion() -> predict.LatentDiffusion:
+    """A miniature conditional pair with random weights (the UNet's zero-initialised output layer made random, so
+    that its calls matter), 20 diffusion steps."""
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16)).eval()
+    net = UNet(UNetConfig(latent_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                          num_classes=2)).eval().requires_grad_(False)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.2)
+    return predict.LatentDiffusion(vq, net, GaussianDiffusion(num_steps=20, prediction="v"), 1.5, vq.cfg.latent_shape,
+                                   2.0, ["AD", "NC"], 0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_graph_replayed_sampling_gives_the_eager_samples_and_frames(sampler):
+    """Every sampler, unconditional and under guidance, over a last batch of another size: the bookkeeping of
+    the CUDA-graph path (static inputs, one graph per shape, cloned outputs) gives the very samples and GIF
+    frames of calling the UNet directly (the CPU replays by calling it again; on CUDA the graph does)."""
+    model = random_latent_diffusion()
+    sampling = predict.Sampling(sampler, steps=6, eta=0.5, repeat_last=4, repeat_times=2 if sampler == "ddpm" else 0,
+                                clip_x0=2.0, batch_size=3, gif_frames=4)
+    for labels, guidance in [(None, 1.0), (torch.tensor([0, 1, 1, 0, 1]), 2.5)]:
+        runs = []
+        for replay_eagerly in (False, True):
+            torch.manual_seed(1)
+            runs.append(predict.generate(model, sampling, 5, labels, guidance, replay_eagerly=replay_eagerly))
+        (eager, eager_frames, _), (graphed, graphed_frames, _) = runs
+        assert eager.shape == (5, 1, 16, 16) and torch.equal(eager, graphed)
+        assert len(eager_frames) == len(graphed_frames) == 4 + sampling.repeat_times
+        for (caption, x0, xt), (caption_g, x0_g, xt_g) in zip(eager_frames, graphed_frames):
+            assert caption == caption_g and torch.equal(x0, x0_g) and torch.equal(xt, xt_g)
+        assert not torch.equal(eager_frames[0][1], eager_frames[-1][1])  # the frames are not one tensor overwritten
+
+
+def test_a_graphed_call_returns_outputs_the_next_replay_does_not_overwrite():
+    calls = []
+
+    def network(x, t):
+        calls.append(len(x))
+        return x * t.view(-1, 1, 1, 1)
+
+    graphed = GraphedCall(network, replay_eagerly=True)
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([2.0, 3.0])
+    first = graphed(x, t)
+    x_before = x.clone()
+    x.add_(1.0)                                              # the caller's input changes after the call
+    second = graphed(x, t)
+    assert torch.equal(first, x_before * t.view(-1, 1, 1, 1)) and torch.equal(second, x * t.view(-1, 1, 1, 1))
+    third = graphed(x[:1], t[:1])                            # another batch size: a graph of its own
+    assert torch.equal(third, second[:1]) and len(graphed.graphs) == 2
+    assert calls == [2, 2, 2, 1, 1]                          # capture + replay, replay, capture + replay
+
+
+def test_sampling_batch_defaults_by_device(capsys):
+    model = random_latent_diffusion()
+    predict.generate(model, predict.Sampling("ddim", steps=2, gif_frames=2), 3)
+    assert f"per batch of {predict.DEFAULT_BATCH['cpu']}" in capsys.readouterr().out
+    assert predict.sampling_from_args(predict.parse_args([])).batch_size is None
+    assert predict.sampling_from_args(predict.parse_args(["--batch-size", "8"])).batch_size == 8
