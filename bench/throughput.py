@@ -1,14 +1,18 @@
-"""Training throughput, side by side in one run: our models vs diffusers' of the same shape; the latent
-cache vs encoding on the fly; peak memory; on a GPU, model FLOP utilisation and a full ADNI run's time.
+"""Training and sampling throughput, side by side in one run: our models vs diffusers' of the same shape, eager
+and compiled; the latent cache vs encoding on the fly; peak memory; on a GPU, model FLOP utilisation, the batch
+sizes of each stage, the samplers with and without CUDA graphs, and a full ADNI run's time.
 
     pip install -r requirements.txt -r bench/requirements.txt
-    python bench/throughput.py [--device cpu|cuda] [--parts models,cache,optimizer,memory] [--steps 5]
+    python bench/throughput.py [--device cpu|cuda] [--parts models,cache,optimizer,memory,batches,samplers] [--steps 5]
 
 Shapes are the `full` preset's: VQ-VAE at 256x256 (batch 16), UNet at 4x32x32 (batch 64), on random data,
 so this measures the models and the step, not the disk. Each timed step is a whole optimizer step
-(forward, backward, AdamW); ours and the peer alternate step by step, and the medians are compared, so
-load from other jobs on the machine hits both alike. Precision: fp32 on the CPU; on CUDA our defaults
-(bf16 autocast, channels_last, fused AdamW) against the peer in bf16 autocast with its default layout.
+(forward, backward, AdamW); the models of a case alternate step by step, and the medians are compared, so
+load from other jobs on the machine hits all alike. Precision: fp32 on the CPU; on CUDA our defaults
+(bf16 autocast, channels_last, fused AdamW) against the peer in bf16 autocast with its default layout, plus
+ours in NCHW (the layout question of GroupNorm) and both compiled (ours: its repeated blocks, `--compile`;
+the peer: torch.compile of the whole model). A compiled row's first step, compilation included, is reported.
+On the CPU the parts default to models, cache, optimizer and memory, eager only (`--compiled` adds the rows).
 """
 import argparse
 import json
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import predict  # noqa: E402
 from driver import PRESETS  # noqa: E402
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
 from train import adamw  # noqa: E402
@@ -88,12 +93,15 @@ def unet_loss(model, diffusion, z, ours: bool):
 class Stepper:
     """One whole training step of a model, as a closure to time; ours with our device defaults."""
 
-    def __init__(self, model, make_batch, loss_fn, device, ours: bool, fresh_batches: bool = False):
+    def __init__(self, model, make_batch, loss_fn, device, ours: bool, fresh_batches: bool = False,
+                 channels_last: bool | None = None, compiled: bool = False):
         cuda = device.type == "cuda"
         self.fresh_batches = fresh_batches  # make_batch() every step (its cost is part of the step)
-        self.channels_last = ours and cuda
+        self.channels_last = ours and cuda if channels_last is None else channels_last
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.optimizer = adamw(model.parameters(), 1e-4) if ours else torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if compiled:  # as `--compile` does: the UNet's repeated blocks in place, anything else whole
+            self.model = model.compile_blocks() if hasattr(model, "compile_blocks") else torch.compile(model)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
         self.make_batch, self.loss_fn = make_batch, loss_fn
         self.batch = self.prepare(make_batch())
@@ -131,10 +139,13 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def side_by_side(steppers: dict, steps: int, device) -> dict:
-    """Median seconds per step of each stepper, taking turns step by step after one warm-up step each."""
-    for fn in steppers.values():
-        fn()
+def side_by_side(steppers: dict, steps: int, device, first: dict | None = None) -> dict:
+    """Median seconds per step of each stepper, taking turns step by step after one warm-up step each
+    (its seconds, compilation included, go to `first`)."""
+    for name, fn in steppers.items():
+        seconds = timed(fn, device)
+        if first is not None:
+            first[name] = seconds
     times = {name: [] for name in steppers}
     for _ in range(steps):
         for name, fn in steppers.items():
@@ -148,28 +159,89 @@ def models_part(args, device) -> list[dict]:
     images = lambda: torch.rand(vq_batch, 1, 256, 256, device=device) * 2 - 1  # noqa: E731
     latents = lambda: torch.randn(unet_batch, 4, 32, 32, device=device)  # noqa: E731
     diffusion = GaussianDiffusion(prediction="v").to(device)
-    cases = [
-        ("VQ-VAE 256x256", vq_batch, "img", {
-            "ours": Stepper(our_vqvae(), images, lambda m, x: vq_loss(m, x, True), device, True),
-            "diffusers VQModel": Stepper(peer_vqvae(), images, lambda m, x: vq_loss(m, x, False), device, False)}),
-        ("UNet 4x32x32", unet_batch, "latents", {
-            "ours": Stepper(our_unet(), latents, lambda m, z: unet_loss(m, diffusion, z, True), device, True),
-            "diffusers UNet2DModel": Stepper(peer_unet(), latents, lambda m, z: unet_loss(m, diffusion, z, False), device, False)}),
-    ]
-    for case, batch, unit, steppers in cases:
+    vq_ours, vq_peer = (lambda m, x: vq_loss(m, x, True)), (lambda m, x: vq_loss(m, x, False))
+    unet_ours, unet_peer = (lambda m, z: unet_loss(m, diffusion, z, True)), (lambda m, z: unet_loss(m, diffusion, z, False))
+    cases = {
+        "VQ-VAE 256x256": (vq_batch, "img", {
+            "ours": lambda **kw: Stepper(our_vqvae(), images, vq_ours, device, True, **kw),
+            "diffusers VQModel": lambda **kw: Stepper(peer_vqvae(), images, vq_peer, device, False, **kw)}),
+        "UNet 4x32x32": (unet_batch, "latents", {
+            "ours": lambda **kw: Stepper(our_unet(), latents, unet_ours, device, True, **kw),
+            "diffusers UNet2DModel": lambda **kw: Stepper(peer_unet(), latents, unet_peer, device, False, **kw)}),
+    }
+    for case, (batch, unit, makers) in cases.items():
         if case.split()[0].lower().replace("-", "") not in args.cases:
             continue
-        seconds = side_by_side(steppers, args.steps, device)
-        ours = seconds["ours"]
+        steppers = {name: make() for name, make in makers.items()}
+        flops = {name: stepper.flops() for name, stepper in steppers.items()}
+        if device.type == "cuda":  # the layout question: ours without channels_last
+            steppers["ours, NCHW"], flops["ours, NCHW"] = makers["ours"](channels_last=False), flops["ours"]
+        if args.compiled:
+            for name in list(makers):
+                steppers[f"{name}, compiled"], flops[f"{name}, compiled"] = makers[name](compiled=True), flops[name]
+        first = {}
+        seconds = side_by_side(steppers, args.steps, device, first)
         for name, stepper in steppers.items():
-            flops = stepper.flops()
-            row = {"case": case, "model": name, "batch": batch, "params_M": sum(p.numel() for p in stepper.model.parameters()) / 1e6,
-                   "s_per_step": seconds[name], "per_s": batch / seconds[name], "unit": unit,
-                   "speed_vs_peer": None, "gflop_per_step": flops / 1e9, "tflop_s": flops / seconds[name] / 1e12}
-            if name != "ours":
-                row["speed_vs_peer"] = seconds[name] / ours  # > 1: ours is faster
+            peer = name.startswith("diffusers")
+            baseline = seconds["ours, compiled" if name.endswith("compiled") and "ours, compiled" in seconds else "ours"]
+            row = {"case": case, "model": name, "batch": batch,
+                   "params_M": sum(p.numel() for p in stepper.model.parameters()) / 1e6,
+                   "s_per_step": seconds[name], "first_step_s": first[name], "per_s": batch / seconds[name], "unit": unit,
+                   "speed_vs_peer": seconds[name] / baseline if peer else None,  # > 1: ours is faster
+                   "gflop_per_step": flops[name] / 1e9, "tflop_s": flops[name] / seconds[name] / 1e12}
             rows.append(row)
             print(json.dumps(row))
+    return rows
+
+
+def batches_part(args, device) -> list[dict]:
+    """Ours at several batch sizes (default layout and precision): throughput and peak memory, for the GPU
+    default of each stage. One stepper at a time, each in the same process after the previous is freed."""
+    rows = []
+    diffusion = GaussianDiffusion(prediction="v").to(device)
+    for stage, sizes in (("vqvae", args.vq_batches), ("unet", args.unet_batches)):
+        for batch in sizes:
+            if stage == "vqvae":
+                step = Stepper(our_vqvae(), lambda: torch.rand(batch, 1, 256, 256, device=device) * 2 - 1,
+                               lambda m, x: vq_loss(m, x, True), device, True)
+            else:
+                step = Stepper(our_unet(), lambda: torch.randn(batch, 4, 32, 32, device=device),
+                               lambda m, z: unet_loss(m, diffusion, z, True), device, True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = side_by_side({"ours": step}, args.steps, device)["ours"]
+            row = {"stage": stage, "batch": batch, "s_per_step": seconds, "per_s": batch / seconds}
+            if device.type == "cuda":
+                row["peak_allocated_GB"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            rows.append(row)
+            print(json.dumps(row))
+            del step
+    return rows
+
+
+def samplers_part(args, device) -> list[dict]:
+    """`predict.generate` with the full preset's random-weight models at the preset's shapes: seconds per image
+    of each sampler, at 16 images and at the default batch, eager and (on CUDA) with the UNet's calls replayed
+    from CUDA graphs. The UNet as predict.py runs it (`predict.for_sampling`), with our autocast."""
+    vqvae = our_vqvae().to(device).eval().requires_grad_(False)
+    model = predict.LatentDiffusion(vqvae, predict.for_sampling(our_unet(), device),
+                                    GaussianDiffusion(prediction="v").to(device), 1.0, (4, 32, 32), None, [], 0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    default_batch = predict.DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    rows = []
+    for name in args.samplers.split(","):
+        sampler, repeats = {"ddpm-repeat": ("ddpm", 5), "ddpm": ("ddpm", 0)}.get(name, (name.split("-")[0], 0))
+        steps = int(name.split("-")[1]) if "-" in name and name.split("-")[1].isdigit() else 1000
+        for num in (16, default_batch):
+            for graphs in ((False, True) if device.type == "cuda" else (False,)):
+                sampling = predict.Sampling(sampler, steps, repeat_times=repeats, batch_size=num, cuda_graphs=graphs,
+                                            gif_frames=2)
+                torch.manual_seed(0)
+                _, _, seconds = predict.generate(model, sampling, num, autocast=autocast)
+                row = {"sampler": name, "network_calls": sampling.calls(1000), "batch": num, "cuda_graphs": graphs,
+                       "s_per_image": seconds / num, "ms_per_call": seconds / sampling.calls(1000) * 1e3}
+                rows.append(row)
+                print(json.dumps(row))
     return rows
 
 
@@ -253,11 +325,22 @@ def full_run_estimate(rows: list[dict]) -> dict:
             "unet_h": FULL_UNET["epochs"] * ADNI_SLICES / ours["UNet 4x32x32"]["per_s"] / 3600}
 
 
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--parts", default="models,cache,optimizer,memory")
+    parser.add_argument("--parts", default=None,
+                        help="default: models,cache,optimizer,memory, and on CUDA also batches,samplers")
     parser.add_argument("--cases", default="vqvae,unet", help="models part: which pairs (default: %(default)s)")
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=None,
+                        help="models part: compiled rows too (default: on CUDA only)")
+    parser.add_argument("--vq-batches", type=ints, default=[16, 32, 64], help="batches part (default: 16,32,64)")
+    parser.add_argument("--unet-batches", type=ints, default=[64, 128, 256, 512], help="batches part (default: 64,128,256,512)")
+    parser.add_argument("--samplers", default="ddpm-repeat,ddim-50,dpmpp-20",
+                        help="samplers part: ddpm-repeat (the card's), ddpm, ddim-N, dpmpp-N (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default: %(default)s)")
     parser.add_argument("--vq-batch", type=int, default=None, help="VQ-VAE batch (default: the full preset's)")
     parser.add_argument("--unet-batch", type=int, default=None, help="UNet batch (default: the full preset's)")
@@ -275,7 +358,9 @@ def main():
         name = f"CPU, {torch.get_num_threads()} threads (no GPU: no MFU or GPU timings)"
     print(f"device: {name}; torch {torch.__version__}")
     results = {"device": name, "torch": torch.__version__}
-    parts = args.parts.split(",")
+    cuda = device.type == "cuda"
+    parts = (args.parts or "models,cache,optimizer,memory" + (",batches,samplers" if cuda else "")).split(",")
+    args.compiled = cuda if args.compiled is None else args.compiled
     if "models" in parts:
         results["models"] = models_part(args, device)
         if args.cases == "vqvae,unet":
@@ -291,6 +376,10 @@ def main():
         results["optimizer"] = optimizer_part(args, device)
     if "memory" in parts:
         results["memory"] = memory_part(args, device)
+    if "batches" in parts:
+        results["batches"] = batches_part(args, device)
+    if "samplers" in parts:
+        results["samplers"] = samplers_part(args, device)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     print_tables(results)
@@ -298,12 +387,13 @@ def main():
 
 def print_tables(results: dict):
     if "models" in results:
-        print("\n| case | model | params | batch | s/step | per s | speed-up of ours | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|")
+        print("\n| case | model | params | batch | s/step | first step s | per s | ours faster by | TFLOP/s | MFU |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
         for r in results["models"]:
             speed = "" if r["speed_vs_peer"] is None else f"{r['speed_vs_peer']:.2f}x"
             mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
             print(f"| {r['case']} | {r['model']} | {r['params_M']:.2f}M | {r['batch']} | {r['s_per_step']:.3f} | "
-                  f"{r['per_s']:.1f} {r['unit']} | {speed} | {r['tflop_s']:.3f} | {mfu} |")
+                  f"{r['first_step_s']:.1f} | {r['per_s']:.1f} {r['unit']} | {speed} | {r['tflop_s']:.3f} | {mfu} |")
     if "full_adni_run" in results:
         e = results["full_adni_run"]
         print(f"\nfull ADNI run with the full preset: stage 1 {e['vqvae_steps']} steps {e['vqvae_h']:.1f} h, "
@@ -318,6 +408,16 @@ def print_tables(results: dict):
     for r in results.get("memory", []):
         gpu = f", {r['peak_allocated_GB']:.2f} GB allocated on the GPU" if "peak_allocated_GB" in r else ""
         print(f"peak memory, {r['stage']} batch {r['batch']}: {r['peak_rss_GB']:.2f} GB RSS{gpu}")
+    if "batches" in results:
+        print("\n| stage | batch | s/step | per s | peak GB on the GPU |\n|---|---|---|---|---|")
+        for r in results["batches"]:
+            peak = f"{r['peak_allocated_GB']:.2f}" if "peak_allocated_GB" in r else "-"
+            print(f"| {r['stage']} | {r['batch']} | {r['s_per_step']:.3f} | {r['per_s']:.1f} | {peak} |")
+    if "samplers" in results:
+        print("\n| sampler | network calls | batch | CUDA graphs | s/image | ms per call (decoding included) |\n|---|---|---|---|---|---|")
+        for r in results["samplers"]:
+            print(f"| {r['sampler']} | {r['network_calls']} | {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | "
+                  f"{r['s_per_image']:.4f} | {r['ms_per_call']:.2f} |")
 
 
 if __name__ == "__main__":
