@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=preset_help("vqvae", "adversarial_start", "step from which the discriminator learns and its loss counts"))
     p.add_argument("--adversarial-loss", choices=["hinge", "non-saturating"], default="hinge",
                    help="the discriminator's loss (default: %(default)s)")
+    p.add_argument("--adversarial-lr", type=positive(float), default=None,
+                   help="the discriminator's AdamW learning rate (default: the VQ-VAE's --lr, as VQGAN)")
     p.add_argument("--laplacian-weight", type=float, default=0.0,
                    help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
     p.add_argument("--perceptual-weight", type=float, default=0.0,

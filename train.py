@@ -336,10 +336,12 @@ class Adversary:
         self.d_loss = hinge_d_loss if args.adversarial_loss == "hinge" else non_saturating_d_loss
         self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(in_channels=args.channels)
         self.disc = PatchDiscriminator(self.cfg).to(rt.device)
-        self.optimizer = adamw(self.disc.parameters(), args.lr, weight_decay=0.0, betas=(0.5, 0.9))
+        self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
         if resume:
             self.disc.load_state_dict(resume["discriminator"])
-            self.optimizer.load_state_dict(resume["disc_optimizer"])
+            self.optimizer.load_state_dict(resume["disc_optimizer"])  # with its learning rate, unless one is given now
+            for group in self.optimizer.param_groups:
+                group["lr"] = args.adversarial_lr or group["lr"]
         self.train_disc = wrap_model(self.disc, rt, compile_model=False)
         self.batch = None
 

@@ -70,7 +70,8 @@ def main():
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
     parser.add_argument("--rows", default="ours,peer,defect", help="rows to compute: ours, ours-adversarial, peer, defect "
                                                                   "(default: %(default)s)")
-    parser.add_argument("--adversarial", default="0.5,500", help="weight,start of the ours-adversarial row (default: %(default)s)")
+    parser.add_argument("--adversarial", default="0.5,500",
+                        help="weight,start[,discriminator lr] of the ours-adversarial row (default: %(default)s)")
     args = parser.parse_args()
     out, rows = Path(args.out), args.rows.split(",")
     out.mkdir(parents=True, exist_ok=True)
@@ -86,9 +87,9 @@ def main():
     info = {"data": args.data, "vq_minutes": args.vq_minutes, "unet_minutes": args.unet_minutes,
             "train_images": len(train_idx), "reference": len(ref_idx), "floor": len(floor_idx), "samples": n}
 
-    adversarial_weight, adversarial_start = args.adversarial.split(",")
-    variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial_weight,
-                                                 "--adversarial-start", adversarial_start]}
+    adversarial = args.adversarial.split(",")
+    variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial[0], "--adversarial-start", adversarial[1],
+                                                 *(["--adversarial-lr", adversarial[2]] if len(adversarial) > 2 else [])]}
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue

@@ -346,12 +346,14 @@ def test_the_adversarial_loss_before_its_start_step_leaves_the_update_that_of_ms
     flags = ["--max-steps", "3", "--deterministic"]
     vqvae(tmp_path / "mse", adni_folder, *flags)
     vqvae(tmp_path / "later", adni_folder, *flags, "--adversarial-weight", "0.5", "--adversarial-start", "100")
-    vqvae(tmp_path / "now", adni_folder, *flags, "--adversarial-weight", "0.5", "--adversarial-start", "1")
+    vqvae(tmp_path / "now", adni_folder, *flags, "--adversarial-weight", "0.5", "--adversarial-start", "1",
+          "--adversarial-lr", "3e-4")
     mse, later, now = (ckpt(tmp_path / name / "vqvae.pt") for name in ("mse", "later", "now"))
     assert all(torch.equal(mse["model"][k], later["model"][k]) for k in mse["model"])
     assert not torch.equal(mse["model"]["decoder.net.0.weight"], now["model"]["decoder.net.0.weight"])
     assert {"discriminator", "disc_optimizer", "disc_config"} <= set(now) and "discriminator" not in mse
     assert now["disc_optimizer"]["state"] and not later["disc_optimizer"]["state"]   # it learned only from its start
+    assert now["disc_optimizer"]["param_groups"][0]["lr"] == 3e-4 and later["disc_optimizer"]["param_groups"][0]["lr"] == 2e-3
     rows = list(csv.DictReader(open(tmp_path / "now" / "log_vqvae.csv")))
     assert float(rows[-1]["adversarial"]) != 0 and all(float(r["adversarial"]) == 0 for r in
                                                        csv.DictReader(open(tmp_path / "later" / "log_vqvae.csv")))
