@@ -20,11 +20,11 @@ class EagerReplay:
 
 
 class GraphedCall:
-    """`model(*tensors)` under no_grad, replayed from a CUDA graph captured once per input shapes and dtypes.
+    """`model(*tensors)` under no_grad, replayed from a CUDA graph captured once per input shapes, dtypes and layouts.
 
     A UNet call launches some 3,000 small kernels, and at sampling batch sizes the CPU launching them is slower
-    than the GPU running them (about 18 ms of wall time for 4 ms of GPU work measured on an H100 at batch 16);
-    a graph launches them all at once. Each call copies its inputs into the graph's static tensors, replays it
+    than the GPU running them (about 18 ms of wall time for 4 ms of GPU work in issue 14's profile, H100, batch
+    16); a graph launches them all at once. Each call copies its inputs into the graph's static tensors, replays it
     and returns a clone of the static output: callers may keep what they get (the GIF frames do), while the
     graph overwrites its output at the next replay. The graph records the kernels and their addresses only,
     so the model's weights must not be replaced (updated in place is fine) while a GraphedCall holds them,
@@ -38,7 +38,7 @@ class GraphedCall:
 
     def __init__(self, model, replay_eagerly: bool = False):
         self.model, self.replay_eagerly = model, replay_eagerly
-        self.graphs: dict[tuple, tuple] = {}   # input shapes and dtypes -> (graph, static inputs, static output)
+        self.graphs: dict[tuple, tuple] = {}   # the inputs' shapes, dtypes, strides -> (graph, static inputs, output)
         self.failed = False
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
