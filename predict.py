@@ -264,7 +264,7 @@ def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch
     bar.close()
     images, seconds = torch.cat(samples), time.perf_counter() - t0
     print(f"sampled {len(images)} images in {seconds:.1f} s ({seconds / len(images):.3f} s/image, "
-          f"{per_batch} network calls per batch of {batch_size})")
+          f"{per_batch} network calls per batch, batches of up to {batch_size})")
     return images, frames, seconds
 
 

@@ -188,6 +188,6 @@ def test_a_graphed_call_returns_outputs_the_next_replay_does_not_overwrite():
 def test_sampling_batch_defaults_by_device(capsys):
     model = random_latent_diffusion()
     predict.generate(model, predict.Sampling("ddim", steps=2, gif_frames=2), 3)
-    assert f"per batch of {predict.DEFAULT_BATCH['cpu']}" in capsys.readouterr().out
+    assert f"per batch, batches of up to {predict.DEFAULT_BATCH['cpu']})" in capsys.readouterr().out
     assert predict.sampling_from_args(predict.parse_args([])).batch_size is None
     assert predict.sampling_from_args(predict.parse_args(["--batch-size", "8"])).batch_size == 8
