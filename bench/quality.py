@@ -9,6 +9,7 @@ with the real-vs-real floor B beside them):
              sampled as `driver.py sample` does (DPM-Solver++ 20, predicted x0 clipped to the latents' range)
     ours-adversarial   the same with stage 1's adversarial patch loss (--adversarial-weight, from
              --adversarial-start; `--adversarial` sets both), at the same budget
+    ours-laplacian     the same with stage 1's Laplacian-pyramid L1 loss (`--laplacian` sets its weight)
     peer     diffusers VQModel + UNet2DModel + DDPMScheduler, plain loops, same budgets (bench/peer_diffusers.py),
              sampled with DDIM-100
     defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
@@ -68,8 +69,9 @@ def main():
     parser.add_argument("--holdout", type=float, default=0.1, help="fraction of subjects held out (default: %(default)s)")
     parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
-    parser.add_argument("--rows", default="ours,peer,defect", help="rows to compute: ours, ours-adversarial, peer, defect "
-                                                                  "(default: %(default)s)")
+    parser.add_argument("--rows", default="ours,peer,defect",
+                        help="rows to compute: ours, ours-adversarial, ours-laplacian, peer, defect (default: %(default)s)")
+    parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
                         help="weight,start[,discriminator lr] of the ours-adversarial row (default: %(default)s)")
     args = parser.parse_args()
@@ -89,7 +91,8 @@ def main():
 
     adversarial = args.adversarial.split(",")
     variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial[0], "--adversarial-start", adversarial[1],
-                                                 *(["--adversarial-lr", adversarial[2]] if len(adversarial) > 2 else [])]}
+                                                 *(["--adversarial-lr", adversarial[2]] if len(adversarial) > 2 else [])],
+                "ours-laplacian": ["--laplacian-weight", args.laplacian]}
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue
