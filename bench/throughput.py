@@ -15,6 +15,7 @@ the peer: torch.compile of the whole model). A compiled row's first step, compil
 On the CPU the parts default to models, cache, optimizer and memory, eager only (`--compiled` adds the rows).
 """
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -29,8 +30,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import driver  # noqa: E402
 import predict  # noqa: E402
-from driver import PRESETS  # noqa: E402
+from driver import PRESETS, ints  # noqa: E402
+from samplers import SAMPLERS  # noqa: E402  (bench/samplers.py: sampler name -> `driver.py sample` flags)
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
 from train import adamw  # noqa: E402
 
@@ -230,12 +233,10 @@ def samplers_part(args, device) -> list[dict]:
     default_batch = predict.DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     rows = []
     for name in args.samplers.split(","):
-        sampler, repeats = {"ddpm-repeat": ("ddpm", 5), "ddpm": ("ddpm", 0)}.get(name, (name.split("-")[0], 0))
-        steps = int(name.split("-")[1]) if "-" in name and name.split("-")[1].isdigit() else 1000
+        flags = predict.sampling_from_args(driver.parse(["sample", *SAMPLERS[name]]))
         for num in (16, default_batch):
             for graphs in ((False, True) if device.type == "cuda" else (False,)):
-                sampling = predict.Sampling(sampler, steps, repeat_times=repeats, batch_size=num, cuda_graphs=graphs,
-                                            gif_frames=2)
+                sampling = dataclasses.replace(flags, batch_size=num, cuda_graphs=graphs, gif_frames=2)
                 torch.manual_seed(0)
                 _, _, seconds = predict.generate(model, sampling, num, autocast=autocast)
                 row = {"sampler": name, "network_calls": sampling.calls(1000), "batch": num, "cuda_graphs": graphs,
@@ -325,10 +326,6 @@ def full_run_estimate(rows: list[dict]) -> dict:
             "unet_h": FULL_UNET["epochs"] * ADNI_SLICES / ours["UNet 4x32x32"]["per_s"] / 3600}
 
 
-def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -340,7 +337,7 @@ def main():
     parser.add_argument("--vq-batches", type=ints, default=[16, 32, 64], help="batches part (default: 16,32,64)")
     parser.add_argument("--unet-batches", type=ints, default=[64, 128, 256, 512], help="batches part (default: 64,128,256,512)")
     parser.add_argument("--samplers", default="ddpm-repeat,ddim-50,dpmpp-20",
-                        help="samplers part: ddpm-repeat (the card's), ddpm, ddim-N, dpmpp-N (default: %(default)s)")
+                        help=f"samplers part, of {', '.join(SAMPLERS)} (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default: %(default)s)")
     parser.add_argument("--vq-batch", type=int, default=None, help="VQ-VAE batch (default: the full preset's)")
     parser.add_argument("--unet-batch", type=int, default=None, help="UNet batch (default: the full preset's)")
