@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the discriminator's loss (default: %(default)s)")
     p.add_argument("--adversarial-lr", type=positive(float), default=None,
                    help="the discriminator's AdamW learning rate (default: the VQ-VAE's --lr, as VQGAN)")
+    p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=False,
+                   help="measure the reconstruction error on the output clamped to [-1, 1], as it is shown, so the "
+                        "background may sit below -1 instead of rippling around it (default: off; bench/README.md)")
     p.add_argument("--laplacian-weight", type=float, default=0.0,
                    help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
     p.add_argument("--perceptual-weight", type=float, default=0.0,

@@ -33,7 +33,7 @@ from torchvision.utils import make_grid, save_image
 from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, training_data, training_files,
                      uint8_loader)
 from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
-                     VQVAEConfig, adaptive_weight, adversarial_factor, drop_labels, generator_adversarial_loss,
+                     VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_labels, generator_adversarial_loss,
                      hinge_d_loss, laplacian_l1, non_saturating_d_loss, perceptual_loss_or_none)
 from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
@@ -375,8 +375,9 @@ class Adversary:
 
 
 def train_vqvae(args):
-    """Stage 1: VQ-VAE with MSE reconstruction + codebook + 0.25 x commitment loss, optionally + Laplacian L1,
-    a VGG perceptual loss and an adversarial patch loss (VQGAN's recipe for detail)."""
+    """Stage 1: VQ-VAE with MSE reconstruction + codebook + 0.25 x commitment loss, optionally measured on the
+    clamped output (`as_shown`), + Laplacian L1, a VGG perceptual loss and an adversarial patch loss (VQGAN's
+    recipe for detail)."""
     # setup
     data, cfg = args.data_config, vqvae_config(args)
     resume = checkpoint_to_resume(Path(args.run) / "vqvae.pt", "vqvae", args.resume, asdict(cfg))
@@ -407,12 +408,13 @@ def train_vqvae(args):
         x = to_unit(batch, rt.device, rt.channels_last)
         with rt.autocast:
             recon, vq_loss, stats = train_model(x)
-        recon_loss = F.mse_loss(recon.float(), x)
+        recon = as_shown(recon.float()) if args.clamped_loss else recon.float()
+        recon_loss = F.mse_loss(recon, x)
         rec = recon_loss
         if args.laplacian_weight > 0:
-            rec = rec + args.laplacian_weight * laplacian_l1(recon.float(), x)
+            rec = rec + args.laplacian_weight * laplacian_l1(recon, x)
         if perceptual is not None:
-            rec = rec + args.perceptual_weight * perceptual(recon.float(), x)
+            rec = rec + args.perceptual_weight * perceptual(recon, x)
         adversarial = adversary.generator_loss(x, recon, rec, model.last_layer) if adversary else torch.zeros_like(rec)
         total = rec + vq_loss + adversarial
         return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), stats["perplexity"], stats["usage"]])

@@ -7,6 +7,8 @@ Rows, all scored by `driver.py evaluate`'s metrics against the same held-out sub
 with the real-vs-real floor B beside them):
     ours     this project's `tiny` pipeline (64x64 -> 4x16x16), trained with --max-minutes per stage,
              sampled as `driver.py sample` does (DPM-Solver++ 20, predicted x0 clipped to the latents' range)
+    ours-clamped       the same with stage 1's reconstruction error measured on the decoder output clamped to
+             [-1, 1] (--clamped-loss)
     ours-adversarial   the same with stage 1's adversarial patch loss (--adversarial-weight, from
              --adversarial-start; `--adversarial` sets both), at the same budget
     ours-laplacian     the same with stage 1's Laplacian-pyramid L1 loss (`--laplacian` sets its weight)
@@ -70,7 +72,7 @@ def main():
     parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
     parser.add_argument("--rows", default="ours,peer,defect",
-                        help="rows to compute: ours, ours-adversarial, ours-laplacian, peer, defect (default: %(default)s)")
+                        help="rows to compute: ours, ours-clamped, ours-adversarial, ours-laplacian, peer, defect (default: %(default)s)")
     parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
                         help="weight,start[,discriminator lr] of the ours-adversarial row (default: %(default)s)")
@@ -92,7 +94,7 @@ def main():
     adversarial = args.adversarial.split(",")
     variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial[0], "--adversarial-start", adversarial[1],
                                                  *(["--adversarial-lr", adversarial[2]] if len(adversarial) > 2 else [])],
-                "ours-laplacian": ["--laplacian-weight", args.laplacian]}
+                "ours-laplacian": ["--laplacian-weight", args.laplacian], "ours-clamped": ["--clamped-loss"]}
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue

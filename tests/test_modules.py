@@ -10,7 +10,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from modules import (ADAPTIVE_WEIGHT_FALLBACK, EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, Guided,
                      PatchDiscriminator, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, adaptive_weight,
-                     adversarial_factor, drop_labels, generator_adversarial_loss, hinge_d_loss, laplacian_l1,
+                     adversarial_factor, as_shown, drop_labels, generator_adversarial_loss, hinge_d_loss, laplacian_l1,
                      non_saturating_d_loss, perceptual_loss_or_none)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
@@ -708,6 +708,18 @@ def test_patch_discriminator_gives_patch_logits_and_no_batchnorm(cfg, size, patc
     assert any("parametrizations" in name for name, _ in disc.named_parameters()) == cfg.spectral_norm
     with pytest.raises(ValueError):
         PatchDiscriminator(DiscriminatorConfig(norm="batch"))
+
+
+def test_the_reconstruction_loss_sees_the_clamped_image_and_still_pushes_where_it_is_wrong():
+    x = torch.tensor([-1.0, -1.0, 0.5, 0.0])                           # background, background, tissue, tissue
+    recon = torch.tensor([-1.3, -0.8, 1.4, -1.2], requires_grad=True)
+    shown = as_shown(recon)
+    assert torch.equal(shown, recon.detach().clamp(-1, 1))
+    F.mse_loss(shown, x).backward()
+    # d/dr mean((clamp(r) - x)^2) with the clamp passed straight through: 2 (clamp(r) - x) / n
+    assert torch.allclose(recon.grad, torch.tensor([0.0, 0.1, 0.25, -0.5]))
+    # below -1 on a background pixel is exact (plain MSE would pull it back up); a pixel clamped on the wrong side
+    # of its target still gets its gradient (a plain clamp would give 0 there and leave it stuck)
 
 
 def test_laplacian_l1_counts_an_error_equally_at_every_octave():

@@ -357,3 +357,12 @@ def test_the_adversarial_loss_before_its_start_step_leaves_the_update_that_of_ms
     rows = list(csv.DictReader(open(tmp_path / "now" / "log_vqvae.csv")))
     assert float(rows[-1]["adversarial"]) != 0 and all(float(r["adversarial"]) == 0 for r in
                                                        csv.DictReader(open(tmp_path / "later" / "log_vqvae.csv")))
+
+
+def test_stage_1_measures_its_error_on_the_clamped_output_only_when_asked(adni_folder, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
+    vqvae(tmp_path / "raw", adni_folder, "--max-steps", "2")
+    assert calls == []
+    vqvae(tmp_path / "clamped", adni_folder, "--max-steps", "2", "--clamped-loss")
+    assert len(calls) == 2                                    # one per step, on the whole batch
