@@ -33,8 +33,9 @@ from torchvision.utils import make_grid, save_image
 from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, training_data, training_files,
                      uint8_loader)
 from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
-                     VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_labels, generator_adversarial_loss,
-                     hinge_d_loss, laplacian_l1, non_saturating_d_loss, perceptual_loss_or_none)
+                     VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_labels,
+                     generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss,
+                     perceptual_loss_or_none)
 from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
