@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 15's GPU check: the `full` preset (256 px -> 4x32x32) with MSE alone against MSE + the adversarial patch
+# loss, both pipelines trained at once on one GPU for the same minutes (so each gets about half of it), then
+# scored by `driver.py evaluate` with one feature network: SWD per Laplacian level from 256 px down to 16,
+# FID/KID, and full-resolution crops.
+#
+#   bash bench/adversarial_256.sh DATA OUT [VQ_MINUTES] [UNET_MINUTES]     (default: 8 and 15, as quality.py)
+#   bash bench/adversarial_256.sh ../shared/data/adni_ad_nc runs/adv256
+#
+# Stage 1 holds out 10% of subjects (evaluate's reference A and floor B). Stage 2 warms its learning rate up
+# over 100 steps instead of the preset's 1000, in both rows, so that a short budget is not spent warming up.
+# Besides the minutes, each stage spent about 1.5 min starting on an H200 (bench/README.md).
+# Environment: ADVERSARIAL (the adversarial row's stage-1 flags), PRESET (`tiny` for a quick try on a CPU).
+set -euo pipefail
+data=$1 out=$2 vq_minutes=${3:-8} unet_minutes=${4:-15}
+preset=${PRESET:-full}
+adversarial=${ADVERSARIAL:-"--adversarial-weight 0.5 --adversarial-start 300"}
+rows=(mse adversarial)
+declare -A stage1_flags=([mse]="" [adversarial]="$adversarial")
+mkdir -p "$out"
+
+side_by_side() {  # run "$@" ROW for both rows at once, log to OUT/ROW.STAGE.log; fail if either failed
+    local stage=$1 pids=() row
+    shift
+    for row in "${rows[@]}"; do
+        "$@" "$row" >"$out/$row.$stage.log" 2>&1 &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
+train_vqvae() {
+    # shellcheck disable=SC2086  # the row's flags are words
+    python3 driver.py train-vqvae --run "$out/$1" --data "$data" --preset "$preset" --holdout 0.1 \
+        --max-minutes "$vq_minutes" ${stage1_flags[$1]}
+}
+train_unet() { python3 driver.py train-unet --run "$out/$1" --max-minutes "$unet_minutes" --warmup 100; }
+
+side_by_side vqvae train_vqvae
+echo "stage 1 done at ${SECONDS} s"
+side_by_side unet train_unet
+echo "stage 2 done at ${SECONDS} s"
+# one feature network for both rows: the first evaluate trains RUN/classifier.pt, the second reuses it
+python3 driver.py evaluate --run "$out/${rows[0]}" >"$out/${rows[0]}.evaluate.log" 2>&1
+cp "$out/${rows[0]}/classifier.pt" "$out/${rows[1]}/classifier.pt"
+python3 driver.py evaluate --run "$out/${rows[1]}" >"$out/${rows[1]}.evaluate.log" 2>&1
+echo "evaluated at ${SECONDS} s"
+for row in "${rows[@]}"; do
+    echo "== $row"
+    grep -E "^(VQ-VAE|\| )" "$out/$row.evaluate.log"
+done
