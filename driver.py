@@ -23,7 +23,7 @@ import torch.distributed as dist
 import predict
 import train
 from dataset import DEFAULT_DEMO_ROOT, DataConfig, percentile_pair, slice_count_or_fraction
-from evaluation import evaluate as evaluation
+import evaluation
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError, Interrupted
 from runtime.process import is_main_process
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="FID, KID, SWD, MS-SSIM and VQ-VAE fidelity on held-out subjects; metrics.json, report.md")
     evaluation.add_arguments(p)
-    p.set_defaults(func=evaluation.evaluate, stage=None)
+    p.set_defaults(func=evaluate, stage=None)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data with the tiny preset")
     p.add_argument("--run", default="runs/demo", help="run folder (default: %(default)s)")
@@ -288,6 +288,11 @@ def demo(args):
         times[name] = time.perf_counter() - t0
     print("demo finished: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()))
     print(f"samples: {args.run}/samples.png   denoising GIF: {args.run}/denoise.gif")
+
+
+def evaluate(args):
+    from evaluation.evaluate import evaluate  # the metrics load here, not for every command (evaluation/__init__.py)
+    return evaluate(args)
 
 
 def main(argv: list[str] | None = None):

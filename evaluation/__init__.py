@@ -1,0 +1,27 @@
+"""The `driver.py evaluate` command (evaluate.py), its metrics (metrics.py) and domain classifier (classifier.py).
+
+The command's flags live here, so that driver.py builds its parser without importing the metrics: torchmetrics
+imports transformers wherever that is installed, a few seconds that every other command would pay for nothing.
+"""
+from __future__ import annotations
+
+import argparse
+
+import predict
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    # the sampler and its flags (--run, --num, --seed, ...), as `driver.py sample`
+    predict.add_arguments(p, sampler="dpmpp", steps=20, num=None, several_guidances=True,
+                          num_help="images to generate, per class and scale with --class (default: as many as the "
+                                   "held-out floor half B, of the class with --class)")
+    p.add_argument("--data", default=None, help="image folder (default: the one the run was trained on)")
+    p.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of subjects held out, used only when the run held none out (default: %(default)s)")
+    p.add_argument("--holdout-seed", type=int, default=0, help="seed of that split, same condition (default: %(default)s)")
+    p.add_argument("--samples", default=None, help="score the images in this folder instead of sampling the run's UNet")
+    p.add_argument("--features", choices=["auto", "inception", "domain"], default="auto",
+                   help="FID/KID features: Inception-v3 if its weights load, else the domain classifier (default: %(default)s)")
+    p.add_argument("--inception-weights", default=None, help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
+    p.add_argument("--classifier-steps", type=int, default=1000,
+                   help="training steps of the domain classifier; 0 keeps it random (default: %(default)s)")

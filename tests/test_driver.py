@@ -91,3 +91,11 @@ def test_bad_values_on_the_command_line_are_one_line_errors(flags, expected, tmp
     assert e.value.code != 0
     message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
     assert expected in message and "\n" not in message
+
+
+def test_the_command_line_loads_the_metrics_only_for_evaluate():
+    """torchmetrics imports transformers where it is installed (about 2 s here, more on a cold disk): the training
+    and sampling commands must not pay for it. Fails if driver.py imports evaluation.evaluate at the top."""
+    code = "import sys, driver; driver.build_parser(); print('torchmetrics' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
