@@ -155,6 +155,28 @@ def test_torchrun_two_processes_write_one_run(adni_folder, tmp_path):
     UNet(UNetConfig(**saved["config"])).load_state_dict(saved["model"])  # the unwrapped model
 
 
+def test_torchrun_two_processes_train_and_resume_the_adversarial_patch_loss(adni_folder, tmp_path):
+    """Stage 1's discriminator under DDP: the adaptive weight's autograd.grad through the wrapped VQ-VAE, the
+    discriminator's own DDP step, rank 0 saving it unwrapped, and resuming it, all with two processes."""
+    run, adversarial = tmp_path / "run", ["--adversarial-weight", "0.5", "--adversarial-start", "1"]
+    base = ["train-vqvae", "--run-dir", str(run), "--data", str(adni_folder), "--preset", "tiny", *SMALL_VQ,
+            "--batch-size", "4", "--device", "cpu", *adversarial]
+    done = torchrun(*base, "--max-steps", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = ckpt(run / "vqvae.pt")
+    assert saved["step"] == 4 and not any(k.startswith("module.") for k in saved["discriminator"])
+    assert len(saved["disc_optimizer"]["state"]) > 0  # the discriminator took steps
+    with open(run / "log_vqvae.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["2", "4"] and float(rows[-1]["adversarial"]) != 0
+    done = torchrun(*base, "--max-steps", "6", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = ckpt(run / "vqvae.pt")
+    assert resumed["step"] == 6
+    before, after = saved["discriminator"], resumed["discriminator"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the resumed discriminator learned on
+
+
 # ----------------------------------------------------------------------------- a run of an earlier version
 
 OLD_RUN = Path(__file__).parent / "fixtures" / "run_dc30bb5"   # written by commit dc30bb5 (make.py beside it)
