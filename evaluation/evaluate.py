@@ -4,6 +4,9 @@
     python driver.py evaluate --run RUN --samples DIR     # score images generated elsewhere
     python driver.py evaluate --run RUN --class all --guidance 0,1,3   # a --conditional run, per class and scale
 
+A run with only its stage 1 (no unet.pt yet) is scored without the samples row: its VQ-VAE's fidelity and the
+finest bands it keeps can be judged before stage 2 is trained on it.
+
 Whole subjects are held out (the run's own split if train-vqvae had --holdout, else --holdout here, in
 which case the run has seen them and the report says so). The held-out subjects are split at random
 into two halves: A is the reference, B the real-vs-real floor. Every row is scored against A with the
@@ -306,9 +309,14 @@ def evaluate(args):
     with autocast:
         vq_metrics, recons = reconstruction_metrics(vqvae, floor, device=device)
 
-    # samples: read or generated with the run's UNet
-    sampling = {}
-    if samples is not None:
+    # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
+    stage1_only = samples is None and not (run / "unet.pt").exists()
+    if stage1_only:
+        if args.class_name is not None:
+            raise BadInputError(f"--class scores the run's samples, and {run / 'unet.pt'} does not exist (train-unet first)")
+        print(f"no {run / 'unet.pt'}: scoring stage 1 alone (its reconstructions of B against the real rows)")
+        sampling = {"none": "the run has no unet.pt: stage 1 alone"}
+    elif samples is not None:
         sampling = {"from": str(args.samples)}
     else:
         num = args.num or len(floor)  # as many as the floor half: FID's bias depends on the count
@@ -336,7 +344,8 @@ def evaluate(args):
                                         torch.cat([ref_labels, floor_labels]), device)
     else:
         classifier_acc = None
-    scores = score_rows({"samples": samples, "reconstructions": recons, "real (training)": training, "real (floor)": floor},
+    generated = {} if stage1_only else {"samples": samples}
+    scores = score_rows({**generated, "reconstructions": recons, "real (training)": training, "real (floor)": floor},
                         reference, features, device)
     table, level_table = format_table(scores), format_level_table(scores)
 
@@ -356,11 +365,11 @@ def evaluate(args):
 
     # files
     out.mkdir(parents=True, exist_ok=True)
-    grids = {"real": floor, "reconstructions": recons, "samples": samples}
+    grids = {"real": floor, "reconstructions": recons, **generated}
     for name, images in grids.items():
         save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
     crop = min(CROP_SIZE, image_size)
-    n_crops = save_crops([floor, recons, samples], crop, out / "eval_crops.png")
+    n_crops = save_crops([floor, recons, *generated.values()], crop, out / "eval_crops.png")
     metrics = {"run": str(run), "data": str(data.folder()), "image_size": image_size, "channels": channels,
                "split": {"holdout": holdout, "seed": seed, "seen_in_training": seen, "subjects_per_half": n_subjects,
                          "train": len(train_idx),
@@ -370,7 +379,7 @@ def evaluate(args):
                "classifier_heldout_accuracy": classifier_acc, "scores": scores,
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
                "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
-                         "rows": ["real (B)", "reconstructions of the same images", "samples"]}}
+                         "rows": ["real (B)", "reconstructions of the same images", *generated]}}
     if class_rows is not None:
         metrics.update(guidance=args.guidance, per_class=class_rows)
         save_image(class_grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
@@ -388,14 +397,15 @@ def evaluate(args):
                   "the samples and reconstructions with the real rows there.")
     crop_note = (f"Central {crop}x{crop} crops at full resolution (1:1, no resampling; view the PNG at 100%), "
                  f"{n_crops} per row. Rows, top to bottom: real held-out images (B); the VQ-VAE's reconstructions of "
-                 "the same images; samples.")
+                 "the same images" + ("." if stage1_only else "; samples."))
     report = [f"# Evaluation of {run}", "", f"Data {data.folder()} at {image_size}x{image_size}, features: {features.name}"
               + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})" if classifier_acc else "")
               + f"; {resized}.",
-              "Sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items()) + ".", "", vq_line, "", table, "", note,
+              "Sampling: " + ("none (the run has no unet.pt yet: stage 1 alone)" if stage1_only
+                              else ", ".join(f"{k} {v}" for k, v in sampling.items())) + ".", "", vq_line, "", table, "", note,
               "", "## Detail per scale", "", level_note, "", level_table, "", crop_note, "", "![](eval_crops.png)",
-              "", "## Grids", "", "| real (B) | reconstructions | samples |", "|---|---|---|",
-              "| ![](eval_real.png) | ![](eval_reconstructions.png) | ![](eval_samples.png) |"]
+              "", "## Grids", "", "| " + " | ".join(["real (B)", "reconstructions", *generated]) + " |",
+              "|---" * len(grids) + "|", "| " + " | ".join(f"![](eval_{name}.png)" for name in grids) + " |"]
     if seen:
         report.insert(2, "**The run was trained on all subjects: the held-out images were seen in training.**\n")
     if few:

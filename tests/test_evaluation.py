@@ -1,5 +1,6 @@
 """Evaluation: metrics on constructed cases with known answers, the subject split, `driver.py evaluate` end to end."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -228,3 +229,31 @@ def test_class_scores_count_a_sample_as_recognised_only_when_the_classifier_name
         # the right class is closer to that class's reference than the wrong one
         assert got[name, "samples, w=2"]["fid"] < got[name, "samples, w=0"]["fid"]
     assert grid.shape[0] == sum(min(8, got[n, "real (floor)"]["count"]) for n in ("AD", "NC") for _ in range(2))
+
+
+def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_samples(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    shutil.copy(run / "vqvae.pt", stage1 / "vqvae.pt")
+    out = tmp_path / "eval"
+    driver.main(["evaluate", "--run", str(stage1), "--out", str(out), "--holdout", "0.5", "--features", "domain",
+                 "--classifier-steps", "0"])
+    assert "scoring stage 1 alone" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["scores"]) == {"reconstructions", "real (training)", "real (floor)"}
+    assert set(metrics["swd_per_level"]["reconstructions"]) == {"32", "16"}
+    assert metrics["crops"]["rows"] == ["real (B)", "reconstructions of the same images"]
+    from PIL import Image
+    assert Image.open(out / "eval_crops.png").size == (4 * (32 + 2) + 2, 2 * (32 + 2) + 2)  # two rows of crops
+    assert not (out / "eval_samples.png").exists()
+    report = (out / "report.md").read_text()
+    assert "stage 1 alone" in report and "eval_samples.png" not in report and "| samples |" not in report
+    # the same run's reconstruction row matches that of the whole run (stage 1 is the same)
+    driver.main(["evaluate", "--run", str(run), "--out", str(tmp_path / "whole"), "--holdout", "0.5",
+                 "--features", "domain", "--classifier-steps", "0", "--steps", "5"])
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert whole["vqvae"]["psnr"] == metrics["vqvae"]["psnr"]
+    assert whole["swd_per_level"]["reconstructions"] == metrics["swd_per_level"]["reconstructions"]
+    assert "--class scores the run's samples" in error_of(driver.main, ["evaluate", "--run", str(stage1), "--class", "all",
+                                                                         "--holdout", "0.5", "--out", str(out)])
