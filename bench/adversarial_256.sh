@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 15's GPU check: the `full` preset (256 px -> 4x32x32) with MSE alone against MSE + the adversarial patch
-# loss, both pipelines trained at once on one GPU for the same minutes (so each gets about half of it), then
+# loss, both pipelines trained at once on one GPU for the same minutes (so each gets about half of it), each
 # scored by `driver.py evaluate` with one feature network: SWD per Laplacian level from 256 px down to 16,
-# FID/KID, and full-resolution crops.
+# FID/KID, and full-resolution crops. Stage 1 is scored as soon as it is trained (OUT/ROW/stage1/report.md),
+# the whole pipeline after stage 2 (OUT/ROW/report.md); UNET_MINUTES 0 stops after stage 1.
 #
 #   bash bench/adversarial_256.sh DATA OUT [VQ_MINUTES] [UNET_MINUTES]     (default: 8 and 15, as quality.py)
 #   bash bench/adversarial_256.sh ../shared/data/adni_ad_nc runs/adv256
+#   bash bench/adversarial_256.sh ../shared/data/adni_ad_nc runs/adv256 3.5 0   # stage 1 alone, scored
 #
 # Stage 1 holds out 10% of subjects (evaluate's reference A and floor B). Stage 2 warms its learning rate up
 # over 100 steps instead of the preset's 1000, in both rows, so that a short budget is not spent warming up.
@@ -36,16 +38,23 @@ train_vqvae() {
 }
 train_unet() { python3 driver.py train-unet --run "$out/$1" --max-minutes "$unet_minutes" --warmup 100; }
 
+evaluate_both() {  # NAME FOLDER: evaluate both rows into OUT/ROW/FOLDER, with one feature network (the first
+    local name=$1 folder=$2 row  # row's evaluate trains RUN/classifier.pt, the second row gets a copy)
+    for row in "${rows[@]}"; do
+        if [ "$row" != "${rows[0]}" ]; then cp "$out/${rows[0]}/classifier.pt" "$out/$row/"; fi
+        python3 driver.py evaluate --run "$out/$row" --out "$out/$row/$folder" >"$out/$row.$name.log" 2>&1
+    done
+    echo "$name scored at ${SECONDS} s"
+    for row in "${rows[@]}"; do
+        echo "== $row, $name"
+        grep -E "^(VQ-VAE|\| )" "$out/$row.$name.log"
+    done
+}
+
 side_by_side vqvae train_vqvae
-echo "stage 1 done at ${SECONDS} s"
+echo "stage 1 trained at ${SECONDS} s"
+evaluate_both evaluate-stage1 stage1
+if [ "$unet_minutes" = 0 ]; then exit 0; fi
 side_by_side unet train_unet
-echo "stage 2 done at ${SECONDS} s"
-# one feature network for both rows: the first evaluate trains RUN/classifier.pt, the second reuses it
-python3 driver.py evaluate --run "$out/${rows[0]}" >"$out/${rows[0]}.evaluate.log" 2>&1
-cp "$out/${rows[0]}/classifier.pt" "$out/${rows[1]}/classifier.pt"
-python3 driver.py evaluate --run "$out/${rows[1]}" >"$out/${rows[1]}.evaluate.log" 2>&1
-echo "evaluated at ${SECONDS} s"
-for row in "${rows[@]}"; do
-    echo "== $row"
-    grep -E "^(VQ-VAE|\| )" "$out/$row.evaluate.log"
-done
+echo "stage 2 trained at ${SECONDS} s"
+evaluate_both evaluate .
