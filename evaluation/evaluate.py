@@ -310,12 +310,12 @@ def evaluate(args):
         vq_metrics, recons = reconstruction_metrics(vqvae, floor, device=device)
 
     # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
-    stage1_only = samples is None and not (run / "unet.pt").exists()
+    stage1_only, sampling = samples is None and not (run / "unet.pt").exists(), {}
     if stage1_only:
         if args.class_name is not None:
-            raise BadInputError(f"--class scores the run's samples, and {run / 'unet.pt'} does not exist (train-unet first)")
+            raise BadInputError(f"--class scores the run's samples, and {run / 'unet.pt'} does not exist "
+                                "(train-unet first)")
         print(f"no {run / 'unet.pt'}: scoring stage 1 alone (its reconstructions of B against the real rows)")
-        sampling = {"none": "the run has no unet.pt: stage 1 alone"}
     elif samples is not None:
         sampling = {"from": str(args.samples)}
     else:
@@ -401,8 +401,8 @@ def evaluate(args):
     report = [f"# Evaluation of {run}", "", f"Data {data.folder()} at {image_size}x{image_size}, features: {features.name}"
               + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})" if classifier_acc else "")
               + f"; {resized}.",
-              "Sampling: " + ("none (the run has no unet.pt yet: stage 1 alone)" if stage1_only
-                              else ", ".join(f"{k} {v}" for k, v in sampling.items())) + ".", "", vq_line, "", table, "", note,
+              "Sampling: " + (", ".join(f"{k} {v}" for k, v in sampling.items())
+                              or "none (the run has no unet.pt yet: stage 1 alone)") + ".", "", vq_line, "", table, "", note,
               "", "## Detail per scale", "", level_note, "", level_table, "", crop_note, "", "![](eval_crops.png)",
               "", "## Grids", "", "| " + " | ".join(["real (B)", "reconstructions", *generated]) + " |",
               "|---" * len(grids) + "|", "| " + " | ".join(f"![](eval_{name}.png)" for name in grids) + " |"]

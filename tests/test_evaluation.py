@@ -255,5 +255,5 @@ def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_sa
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert whole["vqvae"]["psnr"] == metrics["vqvae"]["psnr"]
     assert whole["swd_per_level"]["reconstructions"] == metrics["swd_per_level"]["reconstructions"]
-    assert "--class scores the run's samples" in error_of(driver.main, ["evaluate", "--run", str(stage1), "--class", "all",
-                                                                         "--holdout", "0.5", "--out", str(out)])
+    assert "--class scores the run's samples" in error_of(driver.main, ["evaluate", "--run", str(stage1), "--class",
+                                                                         "all", "--holdout", "0.5", "--out", str(out)])
