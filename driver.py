@@ -32,17 +32,17 @@ from runtime.process import is_main_process
 PRESETS = {
     "vqvae": {
         "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=512,
-                     batch_size=32, lr=2e-3, warmup=50, max_steps=600, sample_every=200, save_every=200,
+                     batch_size=32, lr=2e-3, warmup=50, cooldown=0.2, max_steps=600, sample_every=200, save_every=200,
                      adversarial_weight=0.0, adversarial_start=300),
         "full": dict(image_size=256, vq_channels=64, vq_mult=[1, 2, 2, 4], vq_res_blocks=2, codebook_size=4096,
-                     batch_size=16, lr=2e-4, warmup=500, epochs=20, sample_every=2000, save_every=2000,
+                     batch_size=16, lr=2e-4, warmup=500, cooldown=0.0, epochs=20, sample_every=2000, save_every=2000,
                      adversarial_weight=0.0, adversarial_start=10000),
     },
     "unet": {
         "tiny": dict(unet_channels=32, unet_mult=[1, 2, 2, 2], unet_res_blocks=1, batch_size=64, lr=1e-3,
-                     warmup=200, ema_decay=0.999, max_steps=1500, sample_every=500, save_every=500),
+                     warmup=200, cooldown=0.0, ema_decay=0.999, max_steps=1500, sample_every=500, save_every=500),
         "full": dict(unet_channels=128, unet_mult=[1, 2, 2, 4], unet_res_blocks=2, batch_size=64, lr=1e-4,
-                     warmup=1000, ema_decay=0.9999, epochs=300, sample_every=5000, save_every=5000),
+                     warmup=1000, cooldown=0.0, ema_decay=0.9999, epochs=300, sample_every=5000, save_every=5000),
     },
 }
 
@@ -62,6 +62,13 @@ def positive(kind):
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
     return parse
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
 
 
 def preset_help(stage: str, name: str, text: str) -> str:
@@ -96,6 +103,9 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--batch-size", type=positive(int), default=None, help=ph("batch_size", "batch size"))
     p.add_argument("--lr", type=positive(float), default=None, help=ph("lr", "AdamW learning rate"))
     p.add_argument("--warmup", type=int, default=None, help=ph("warmup", "linear learning-rate warm-up steps"))
+    p.add_argument("--cooldown", type=fraction, default=None,
+                   help=ph("cooldown", "fraction of the run's steps at its end over which the learning rate falls "
+                                       "linearly to zero; with --max-minutes the end is estimated from the speed"))
     p.add_argument("--grad-accum", type=positive(int), default=1,
                    help="micro-batches per optimizer step: the update of a K-times larger batch in the memory of one (default: %(default)s)")
     p.add_argument("--grad-clip", type=positive(float), default=1.0, help="gradient-norm clipping (default: %(default)s)")

@@ -85,9 +85,36 @@ def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_
     return stats
 
 
-def lr_warmup(step: int, warmup: int) -> float:
-    """Linear warm-up to the base learning rate, then constant (EMA smooths the end of training)."""
-    return min(1.0, (step + 1) / max(1, warmup))
+class LearningRateFactor:
+    """The base learning rate's factor at each step: a linear warm-up, constant after it, and with --cooldown C a
+    linear fall to zero over the last C of the run's steps (warmup-stable-decay; Hagele et al. 2024). At a constant
+    rate the weights end wherever the optimizer's noise has them when the run stops, and the last checkpoint is what
+    the next stage uses: some `tiny` VQ-VAEs ended in a loss spike (bench/README.md, where the `tiny` default C = 0.2
+    was measured; the `full` VQ-VAE keeps C = 0 until it is measured over a run of its length). Stage 2 averages its
+    weights (EMA) instead, and its presets keep C = 0.
+
+    The run ends at step `end`: --max-steps (or --epochs), or sooner where --max-minutes runs out, which the loop
+    estimates again at every log step from the speed so far (`end_by_deadline`, the same on every rank). The fall
+    is counted from step 0, so a run resumed with the same --max-steps follows the schedule of one never stopped.
+    """
+
+    def __init__(self, warmup: int, cooldown: float, end: int):
+        self.warmup, self.cooldown, self.end = warmup, cooldown, end
+
+    def __call__(self, step: int) -> float:
+        factor = min(1.0, (step + 1) / max(1, self.warmup))
+        if self.cooldown > 0:
+            factor *= min(1.0, max(0.0, (self.end - step) / (self.cooldown * self.end)))
+        return factor
+
+
+def end_by_deadline(step: int, start: tuple[int, float], deadline: float, rt: Runtime) -> int:
+    """The step at which --max-minutes will stop the run, at this command's speed so far (steps since `start`,
+    (step, time)); the mean over ranks, so that every rank sets the same learning rate."""
+    first_step, first_time = start
+    now = time.monotonic()
+    estimate = step + (step - first_step) / max(now - first_time, 1e-9) * max(deadline - now, 0.0)
+    return round(mean_over_ranks(torch.tensor(float(estimate), device=rt.device), rt).item())
 
 
 def restore_training(resume: dict | None, model: nn.Module, optimizer, rt: Runtime, lr: float) -> int:
@@ -200,11 +227,13 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     with a checkpoint, the grid and the loss curve; raises Interrupted after a SIGINT/SIGTERM."""
     run = Path(args.run)
     ckpt_path = run / f"{stage.name}.pt"
-    scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lambda s: lr_warmup(s, args.warmup), last_epoch=step - 1)
+    lr_factor = LearningRateFactor(args.warmup, args.cooldown, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_factor, last_epoch=step - 1)
     per_step = args.batch_size * args.grad_accum * rt.world
     if rt.main:
         log = MetricLog(run / f"log_{stage.name}.csv", ["step", *stage.stats, *stage.derived({}), "lr", "img_per_s"])
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
+    start = (step, time.monotonic())
 
     def save(step: int):  # every rank joins in gathering the random states; rank 0 writes
         rng = rng_states(rt)
@@ -241,6 +270,8 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
             # once in a while: log the stats, the same on every rank; all ranks agree whether to stop
             at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
             stopping = any_rank(time.monotonic() > deadline or bool(stop.signal), rt) if at_log or rt.world == 1 else False
+            if at_log and args.cooldown > 0 and deadline < math.inf:  # where --max-minutes will end the run
+                lr_factor.end = min(max_steps, end_by_deadline(step, start, deadline, rt))
             if at_log or stopping:  # the loss and the weights are checked before any save
                 values = dict(zip(stage.stats, mean_over_ranks(sums / max(n_sum, 1), rt).tolist()))
                 ensure_finite(values["loss"], step, ckpt_path, stage.model)

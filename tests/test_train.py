@@ -8,6 +8,7 @@ import csv
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,8 @@ def _rank_worker(rank: int, world: int, port: int, kind: str, out: str):
     assert rt.world == world and rt.rank == rank
     assert mean_over_ranks(torch.tensor([float(rank)]), rt).item() == 0.5  # the logged loss: mean over ranks
     assert any_rank(rank == 1, rt) and not any_rank(False, rt)       # one rank out of time: all stop
+    now = time.monotonic()  # rank 0 took 10 s for 100 steps, rank 1 20 s; 20 s are left: 300 and 200 more steps
+    assert train.end_by_deadline(100, (0, now - 10 * (rank + 1)), now + 20, rt) == 250  # one cooldown on all ranks
     state = run_steps(kind, rt, lambda data: [data[rank * BATCH:(rank + 1) * BATCH]])
     if rank == 0:
         torch.save(state, out)
@@ -294,12 +297,33 @@ def test_latent_cache_is_rebuilt_when_an_image_is_replaced_under_the_same_name(t
 
 def test_lr_given_with_resume_is_honoured_and_without_it_the_runs_own_is_kept(adni_folder, tmp_path):
     run = tmp_path / "run"
-    vqvae(run, adni_folder, "--max-steps", "2", "--lr", "3e-3", "--warmup", "1")
-    vqvae(run, adni_folder, "--max-steps", "4", "--resume", "--warmup", "1")  # not the tiny preset's 2e-3
+    constant = ["--warmup", "1", "--cooldown", "0"]   # the saved rate is the base rate (a cooldown ends at 0)
+    vqvae(run, adni_folder, "--max-steps", "2", "--lr", "3e-3", *constant)
+    vqvae(run, adni_folder, "--max-steps", "4", "--resume", *constant)  # not the tiny preset's 2e-3
     assert [g["lr"] for g in ckpt(run / "vqvae.pt")["optimizer"]["param_groups"]] == [3e-3]
-    vqvae(run, adni_folder, "--max-steps", "6", "--resume", "--warmup", "1", "--lr", "1e-4")  # was silently ignored
+    vqvae(run, adni_folder, "--max-steps", "6", "--resume", "--lr", "1e-4", *constant)  # was silently ignored
     saved = ckpt(run / "vqvae.pt")
     assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-4] and saved["args"]["lr"] == 1e-4
+
+
+def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_last_fraction(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "10", "--lr", "1e-3", "--warmup", "2", "--cooldown", "0.4", "--log-every", "1")
+    logged = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
+    # after step k the rate of step k + 1: warm-up min(1, (k + 1) / 2), then min(1, (10 - k) / (0.4 * 10))
+    assert logged == pytest.approx([1e-3] * 6 + [7.5e-4, 5e-4, 2.5e-4, 0.0])
+    factor = train.LearningRateFactor(warmup=2, cooldown=0.4, end=10)
+    assert [factor(k) for k in (0, 5, 9)] == pytest.approx([0.5, 1.0, 0.25])
+    assert train.LearningRateFactor(warmup=2, cooldown=0.0, end=10)(9) == 1.0   # --cooldown 0: constant
+
+
+def test_with_max_minutes_the_cooldown_ends_where_the_time_runs_out(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "1000000", "--max-minutes", "0.1", "--lr", "1e-3", "--warmup", "1",
+          "--cooldown", "0.5", "--log-every", "1", "--sample-every", "1000000", "--save-every", "1000000")
+    logged = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
+    assert len(logged) > 10 and max(logged) == pytest.approx(1e-3)    # full rate first, not the 1e6 steps' schedule
+    assert min(logged) < 5e-4                                          # and falling before the deadline stops it
 
 
 def test_the_ema_weights_are_in_eval_mode(trained_run, tmp_path, monkeypatch):
