@@ -74,8 +74,8 @@ def main():
     parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
     parser.add_argument("--rows", default="ours,peer,defect",
-                        help="rows to compute: ours, ours-clamped, ours-adversarial, ours-laplacian, ours-constant, peer, defect "
-                             "(default: %(default)s)")
+                        help="rows to compute: ours, ours-clamped, ours-adversarial, ours-laplacian, ours-constant, "
+                             "peer, defect (default: %(default)s)")
     parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
                         help="weight,start[,discriminator lr] of the ours-adversarial row (default: %(default)s)")

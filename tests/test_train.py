@@ -308,7 +308,8 @@ def test_lr_given_with_resume_is_honoured_and_without_it_the_runs_own_is_kept(ad
 
 def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_last_fraction(adni_folder, tmp_path):
     run = tmp_path / "run"
-    vqvae(run, adni_folder, "--max-steps", "10", "--lr", "1e-3", "--warmup", "2", "--cooldown", "0.4", "--log-every", "1")
+    vqvae(run, adni_folder, "--max-steps", "10", "--lr", "1e-3", "--warmup", "2", "--cooldown", "0.4",
+          "--log-every", "1")
     logged = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
     # after step k the rate of step k + 1: warm-up min(1, (k + 1) / 2), then min(1, (10 - k) / (0.4 * 10))
     assert logged == pytest.approx([1e-3] * 6 + [7.5e-4, 5e-4, 2.5e-4, 0.0])
