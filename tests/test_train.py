@@ -323,8 +323,8 @@ def test_with_max_minutes_the_cooldown_ends_where_the_time_runs_out(adni_folder,
     vqvae(run, adni_folder, "--max-steps", "1000000", "--max-minutes", "0.1", "--lr", "1e-3", "--warmup", "1",
           "--cooldown", "0.5", "--log-every", "1", "--sample-every", "1000000", "--save-every", "1000000")
     logged = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
-    assert len(logged) > 10 and max(logged) == pytest.approx(1e-3)    # full rate first, not the 1e6 steps' schedule
-    assert min(logged) < 5e-4                                          # and falling before the deadline stops it
+    assert len(logged) > 10 and max(logged) == pytest.approx(1e-3)    # the full rate first (a 1-step warm-up)
+    assert min(logged) < 5e-4   # then falling before the deadline stops it (a 1e6-step schedule would not have yet)
 
 
 def test_the_ema_weights_are_in_eval_mode(trained_run, tmp_path, monkeypatch):
