@@ -33,10 +33,10 @@ PRESETS = {
     "vqvae": {
         "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=512,
                      batch_size=32, lr=2e-3, warmup=50, cooldown=0.2, max_steps=600, sample_every=200, save_every=200,
-                     adversarial_weight=0.0, adversarial_start=300),
+                     adversarial_weight=0.0, adversarial_start=300, clamped_loss=True),
         "full": dict(image_size=256, vq_channels=64, vq_mult=[1, 2, 2, 4], vq_res_blocks=2, codebook_size=4096,
                      batch_size=16, lr=2e-4, warmup=500, cooldown=0.0, epochs=20, sample_every=2000, save_every=2000,
-                     adversarial_weight=0.0, adversarial_start=10000),
+                     adversarial_weight=0.0, adversarial_start=10000, clamped_loss=True),
     },
     "unet": {
         "tiny": dict(unet_channels=32, unet_mult=[1, 2, 2, 2], unet_res_blocks=1, batch_size=64, lr=1e-3,
@@ -167,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the discriminator's loss (default: %(default)s)")
     p.add_argument("--adversarial-lr", type=positive(float), default=None,
                    help="the discriminator's AdamW learning rate (default: the VQ-VAE's --lr, as VQGAN)")
-    p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=False,
-                   help="measure the reconstruction error on the output clamped to [-1, 1], as it is shown, so the "
-                        "background may sit below -1 instead of rippling around it (default: off; bench/README.md)")
+    p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help=preset_help("vqvae", "clamped_loss", "measure the reconstruction error on the output clamped to "
+                                    "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "
+                                    "around it (bench/README.md)"))
     p.add_argument("--laplacian-weight", type=float, default=0.0,
                    help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
     p.add_argument("--perceptual-weight", type=float, default=0.0,
@@ -255,8 +256,8 @@ def check_sizes(args: argparse.Namespace):
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Every flag of a stage, resolved once: stage 1's values a stage 2 inherits (its preset, image size, channels,
-    held-out subjects, data), then the preset, then on --resume the run's own learning rate unless --lr is given,
-    then the checks. The stages read `args` and never change it."""
+    held-out subjects, data), then on --resume the run's own learning rate and stage 1's --clamped-loss unless
+    given, then the preset, then the checks. The stages read `args` and never change it."""
     if args.stage == "unet":
         stage1_args, args.data_config = stage1_data(args)
         args.preset = args.preset or stage1_args.get("preset")
@@ -264,8 +265,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.data, args.image_size, args.channels = data.root, data.image_size, data.channels
         args.holdout, args.holdout_seed, args.skip_bad_images = data.holdout, data.holdout_seed, data.skip_bad_images
     config = Path(args.run) / "config.json"
-    if args.resume and args.lr is None and config.exists():  # the resumed run's own, not the preset's
-        args.lr = json.loads(config.read_text()).get(f"train-{args.stage}", {}).get("lr")
+    if args.resume and config.exists():  # the resumed run's own rate and loss, not the preset's
+        own = json.loads(config.read_text()).get(f"train-{args.stage}", {})
+        if args.lr is None:
+            args.lr = own.get("lr")
+        if args.stage == "vqvae" and args.clamped_loss is None:
+            args.clamped_loss = own.get("clamped_loss", False)  # a run from before the flag trained unclamped
     apply_preset(args)
     check_sizes(args)
     if args.stage == "vqvae":

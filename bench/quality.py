@@ -7,8 +7,8 @@ Rows, all scored by `driver.py evaluate`'s metrics against the same held-out sub
 with the real-vs-real floor B beside them):
     ours     this project's `tiny` pipeline (64x64 -> 4x16x16), trained with --max-minutes per stage,
              sampled as `driver.py sample` does (DPM-Solver++ 20, predicted x0 clipped to the latents' range)
-    ours-clamped       the same with stage 1's reconstruction error measured on the decoder output clamped to
-             [-1, 1] (--clamped-loss)
+    ours-unclamped     the same with stage 1's reconstruction error measured on the raw decoder output
+             (--no-clamped-loss; both presets measure it on the output clamped to [-1, 1], as it is shown)
     ours-constant      the same with stage 1's learning rate constant to the end (--cooldown 0; the `tiny`
              default lets it fall to zero over the last 20% of the run)
     ours-adversarial   the same with stage 1's adversarial patch loss (--adversarial-weight, from
@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
     parser.add_argument("--rows", default="ours,peer,defect",
-                        help="rows to compute: ours, ours-clamped, ours-adversarial, ours-laplacian, ours-constant, "
+                        help="rows to compute: ours, ours-unclamped, ours-adversarial, ours-laplacian, ours-constant, "
                              "peer, defect (default: %(default)s)")
     parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
@@ -97,7 +97,7 @@ def main():
     adversarial = args.adversarial.split(",")
     variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial[0], "--adversarial-start", adversarial[1],
                                                  *(["--adversarial-lr", adversarial[2]] if len(adversarial) > 2 else [])],
-                "ours-laplacian": ["--laplacian-weight", args.laplacian], "ours-clamped": ["--clamped-loss"],
+                "ours-laplacian": ["--laplacian-weight", args.laplacian], "ours-unclamped": ["--no-clamped-loss"],
                 "ours-constant": ["--cooldown", "0"]}
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):

@@ -5,6 +5,7 @@ The reference for DDP and accumulation is one process taking one step on the who
 and 1 rank x K micro-batches of b, must end with the parameters of 1 rank x batch 2b (or K*b).
 """
 import csv
+import json
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import driver
 import train
 from conftest import ckpt, error_of, unet, vqvae, write_blob_images
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
@@ -384,10 +386,26 @@ def test_the_adversarial_loss_before_its_start_step_leaves_the_update_that_of_ms
                                                        csv.DictReader(open(tmp_path / "later" / "log_vqvae.csv")))
 
 
-def test_stage_1_measures_its_error_on_the_clamped_output_only_when_asked(adni_folder, tmp_path, monkeypatch):
+def test_stage_1_measures_its_error_on_the_clamped_output_unless_told_not_to(adni_folder, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
-    vqvae(tmp_path / "raw", adni_folder, "--max-steps", "2")
+    vqvae(tmp_path / "raw", adni_folder, "--max-steps", "2", "--no-clamped-loss")
     assert calls == []
-    vqvae(tmp_path / "clamped", adni_folder, "--max-steps", "2", "--clamped-loss")
-    assert len(calls) == 2                                    # one per step, on the whole batch
+    vqvae(tmp_path / "clamped", adni_folder, "--max-steps", "2")   # the preset's default, `full`'s too
+    assert len(calls) == 2 and driver.PRESETS["vqvae"]["full"]["clamped_loss"]   # one call per step, whole batch
+
+
+def test_a_resumed_stage_1_keeps_its_own_reconstruction_error_unless_told(adni_folder, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2", "--no-clamped-loss")
+    vqvae(run, adni_folder, "--max-steps", "3", "--resume")       # not the preset's clamped loss
+    assert calls == []
+    vqvae(run, adni_folder, "--max-steps", "4", "--resume", "--clamped-loss")
+    assert len(calls) == 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["train-vqvae"]["clamped_loss"] is True
+    del config["train-vqvae"]["clamped_loss"]                      # a run from before the flag trained unclamped
+    (run / "config.json").write_text(json.dumps(config))
+    assert driver.parse(["train-vqvae", "--run", str(run), "--resume"]).clamped_loss is False
