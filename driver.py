@@ -46,6 +46,11 @@ PRESETS = {
     },
 }
 
+# The flags a resumed run takes from its own config.json unless given, so that it goes on with the rate schedule and
+# loss it started with, not the preset's; each with the value that a run written before the flag existed trained with
+# (None: the preset's).
+RUN_OWN = {"lr": None, "warmup": None, "cooldown": 0.0, "clamped_loss": False}
+
 
 def ints(text: str) -> list[int]:
     """'1,2,2,4' -> [1, 2, 2, 4]"""
@@ -256,8 +261,8 @@ def check_sizes(args: argparse.Namespace):
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Every flag of a stage, resolved once: stage 1's values a stage 2 inherits (its preset, image size, channels,
-    held-out subjects, data), then on --resume the run's own learning rate and stage 1's --clamped-loss unless
-    given, then the preset, then the checks. The stages read `args` and never change it."""
+    held-out subjects, data), then on --resume the run's own values of RUN_OWN's flags not given, then the preset,
+    then the checks. The stages read `args` and never change it."""
     if args.stage == "unet":
         stage1_args, args.data_config = stage1_data(args)
         args.preset = args.preset or stage1_args.get("preset")
@@ -265,12 +270,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.data, args.image_size, args.channels = data.root, data.image_size, data.channels
         args.holdout, args.holdout_seed, args.skip_bad_images = data.holdout, data.holdout_seed, data.skip_bad_images
     config = Path(args.run) / "config.json"
-    if args.resume and config.exists():  # the resumed run's own rate and loss, not the preset's
+    if args.resume and config.exists():  # the resumed run's own schedule and loss, not the preset's
         own = json.loads(config.read_text()).get(f"train-{args.stage}", {})
-        if args.lr is None:
-            args.lr = own.get("lr")
-        if args.stage == "vqvae" and args.clamped_loss is None:
-            args.clamped_loss = own.get("clamped_loss", False)  # a run from before the flag trained unclamped
+        for name, before_the_flag in RUN_OWN.items():
+            if name in vars(args) and getattr(args, name) is None:   # a flag of this stage, not given
+                setattr(args, name, own.get(name, before_the_flag))
     apply_preset(args)
     check_sizes(args)
     if args.stage == "vqvae":

@@ -308,6 +308,19 @@ def test_lr_given_with_resume_is_honoured_and_without_it_the_runs_own_is_kept(ad
     assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [1e-4] and saved["args"]["lr"] == 1e-4
 
 
+def test_a_resumed_run_keeps_its_own_warmup_and_cooldown_unless_given(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2", "--warmup", "1", "--cooldown", "0.5")
+    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
+    assert (resumed.warmup, resumed.cooldown) == (1, 0.5)                # not the tiny preset's 50 and 0.2
+    assert driver.parse(["train-vqvae", "--run", str(run), "--resume", "--cooldown", "0.1"]).cooldown == 0.1
+    config = json.loads((run / "config.json").read_text())
+    del config["train-vqvae"]["cooldown"], config["train-vqvae"]["warmup"]   # a run from before the flags
+    (run / "config.json").write_text(json.dumps(config))
+    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
+    assert (resumed.warmup, resumed.cooldown) == (50, 0.0)    # it trained at a constant rate; warm-up: the preset's
+
+
 def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_last_fraction(adni_folder, tmp_path):
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "10", "--lr", "1e-3", "--warmup", "2", "--cooldown", "0.4",
