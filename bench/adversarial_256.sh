@@ -13,6 +13,8 @@
 # over 100 steps instead of the preset's 1000, in both rows, so that a short budget is not spent warming up.
 # Besides the minutes, each stage spent about 1.5 min starting on an H200 (bench/README.md).
 # Environment: ADVERSARIAL (the adversarial row's stage-1 flags), PRESET (`tiny` for a quick try on a CPU).
+# Both rows measure the MSE on the clamped output, the presets' default now; the two runs of this script in
+# bench/README.md measured it on the raw output, before that default.
 set -euo pipefail
 data=$1 out=$2 vq_minutes=${3:-8} unet_minutes=${4:-15}
 preset=${PRESET:-full}

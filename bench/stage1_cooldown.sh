@@ -8,7 +8,8 @@
 #   PRESET=full MINUTES=1.75 bash bench/stage1_cooldown.sh ../shared/data/adni_ad_nc runs/cooldown_gpu 0   # a GPU
 #
 # Environment: PRESET (tiny), STEPS (1000), MINUTES (a wall-clock budget per run instead of STEPS; the cooldown
-# then ends where the minutes run out).
+# then ends where the minutes run out). Both rows use the preset's stage-1 loss: on the clamped output now,
+# on the raw output in this script's runs in bench/README.md, before that default.
 set -euo pipefail
 data=$1 out=$2
 shift 2
