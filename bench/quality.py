@@ -14,6 +14,7 @@ with the real-vs-real floor B beside them):
     ours-adversarial   the same with stage 1's adversarial patch loss (--adversarial-weight, from
              --adversarial-start; `--adversarial` sets both), at the same budget
     ours-laplacian     the same with stage 1's Laplacian-pyramid L1 loss (`--laplacian` sets its weight)
+    ours-codes         the same with a larger codebook (`--codes` sets its size; the `tiny` preset has 512)
     peer     diffusers VQModel + UNet2DModel + DDPMScheduler, plain loops, same budgets (bench/peer_diffusers.py),
              sampled with DDIM-100
     defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
@@ -75,7 +76,8 @@ def main():
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
     parser.add_argument("--rows", default="ours,peer,defect",
                         help="rows to compute: ours, ours-unclamped, ours-adversarial, ours-laplacian, ours-constant, "
-                             "peer, defect (default: %(default)s)")
+                             "ours-codes, peer, defect (default: %(default)s)")
+    parser.add_argument("--codes", default="2048", help="codebook size of the ours-codes row (default: %(default)s)")
     parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
                         help="weight,start[,discriminator lr] of the ours-adversarial row (default: %(default)s)")
@@ -98,7 +100,7 @@ def main():
     variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial[0], "--adversarial-start", adversarial[1],
                                                  *(["--adversarial-lr", adversarial[2]] if len(adversarial) > 2 else [])],
                 "ours-laplacian": ["--laplacian-weight", args.laplacian], "ours-unclamped": ["--no-clamped-loss"],
-                "ours-constant": ["--cooldown", "0"]}
+                "ours-constant": ["--cooldown", "0"], "ours-codes": ["--codebook-size", args.codes]}
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue
