@@ -286,8 +286,9 @@ def as_shown(recon: torch.Tensor) -> torch.Tensor:
     the half below -1; the ripple is then most of what the finest pyramid band sees (bench/README.md). Measured
     on the clamped output, a background pixel at or below -1 is exact, so the decoder is free to sit below it.
     It does drift there (to a median of -1.3 by 1000 steps), which nothing sees: every image is clamped before
-    it is shown or scored. Both presets use it (`--clamped-loss`): it brought the finest band of reconstructions
-    and samples closer to real at 64 and 256 px.
+    it is shown or scored. Both presets use it (`--clamped-loss`): it brought the reconstructions' finest band
+    closer to real at equal steps at 64 px (two seeds) and 256 px (one run); through stage 2 at equal budget
+    one run gained and its rerun did not (bench/README.md).
     """
     return recon + (recon.clamp(-1, 1) - recon).detach()
 
