@@ -31,9 +31,9 @@ from runtime.process import is_main_process
 # Preset values of the flags that default to None below; a flag given on the command line wins.
 PRESETS = {
     "vqvae": {
-        "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=512,
-                     batch_size=32, lr=2e-3, warmup=50, cooldown=0.2, max_steps=600, sample_every=200, save_every=200,
-                     adversarial_weight=0.0, adversarial_start=300, clamped_loss=True),
+        "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=2048,
+                     batch_size=8, lr=1e-3, warmup=50, cooldown=0.2, max_steps=2400, sample_every=800, save_every=800,
+                     adversarial_weight=0.0, adversarial_start=1200, clamped_loss=True),
         "full": dict(image_size=256, vq_channels=64, vq_mult=[1, 2, 2, 4], vq_res_blocks=2, codebook_size=4096,
                      batch_size=16, lr=2e-4, warmup=500, cooldown=0.0, epochs=20, sample_every=2000, save_every=2000,
                      adversarial_weight=0.0, adversarial_start=10000, clamped_loss=True),
@@ -46,10 +46,13 @@ PRESETS = {
     },
 }
 
-# The flags a resumed run takes from its own config.json unless given, so that it goes on with the rate schedule and
-# loss it started with, not the preset's; each with the value that a run written before the flag existed trained with
-# (None: the preset's).
-RUN_OWN = {"lr": None, "warmup": None, "cooldown": 0.0, "clamped_loss": False}
+# The flags a resumed run takes from its own config.json unless given, so that it goes on with the batch, rate schedule,
+# length and loss it started with, not the preset's (which may have changed since); each with the value that a run
+# written before the flag existed trained with (None: the preset's).
+# A run's length is --max-steps or --epochs: given either, neither is taken from the run.
+RUN_OWN = {"batch_size": None, "max_steps": None, "epochs": None, "lr": None, "warmup": None, "cooldown": 0.0,
+           "clamped_loss": False}
+LENGTH = ("max_steps", "epochs")
 
 
 def ints(text: str) -> list[int]:
@@ -272,7 +275,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     config = Path(args.run) / "config.json"
     if args.resume and config.exists():  # the resumed run's own schedule and loss, not the preset's
         own = json.loads(config.read_text()).get(f"train-{args.stage}", {})
+        length_given = any(getattr(args, name) is not None for name in LENGTH)
         for name, before_the_flag in RUN_OWN.items():
+            if name in LENGTH and length_given:
+                continue
             if name in vars(args) and getattr(args, name) is None:   # a flag of this stage, not given
                 setattr(args, name, own.get(name, before_the_flag))
     apply_preset(args)

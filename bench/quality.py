@@ -14,7 +14,10 @@ with the real-vs-real floor B beside them):
     ours-adversarial   the same with stage 1's adversarial patch loss (--adversarial-weight, from
              --adversarial-start; `--adversarial` sets both), at the same budget
     ours-laplacian     the same with stage 1's Laplacian-pyramid L1 loss (`--laplacian` sets its weight)
-    ours-codes         the same with a larger codebook (`--codes` sets its size; the `tiny` preset has 512)
+    ours-codes         the same with another codebook size (`--codes`; the `tiny` preset had 512 until 2026-11-26, and
+             has 2048 since)
+    ours-former        the same with the `tiny` stage 1 as it was until 2026-11-26: batch 32, learning rate 2e-3,
+             512 codes (now batch 8, 1e-3, 2048 codes)
     peer     diffusers VQModel + UNet2DModel + DDPMScheduler, plain loops, same budgets (bench/peer_diffusers.py),
              sampled with DDIM-100
     defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
@@ -76,7 +79,7 @@ def main():
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
     parser.add_argument("--rows", default="ours,peer,defect",
                         help="rows to compute: ours, ours-unclamped, ours-adversarial, ours-laplacian, ours-constant, "
-                             "ours-codes, peer, defect (default: %(default)s)")
+                             "ours-codes, ours-former, peer, defect (default: %(default)s)")
     parser.add_argument("--codes", default="2048", help="codebook size of the ours-codes row (default: %(default)s)")
     parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
@@ -100,7 +103,8 @@ def main():
     variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial[0], "--adversarial-start", adversarial[1],
                                                  *(["--adversarial-lr", adversarial[2]] if len(adversarial) > 2 else [])],
                 "ours-laplacian": ["--laplacian-weight", args.laplacian], "ours-unclamped": ["--no-clamped-loss"],
-                "ours-constant": ["--cooldown", "0"], "ours-codes": ["--codebook-size", args.codes]}
+                "ours-constant": ["--cooldown", "0"], "ours-codes": ["--codebook-size", args.codes],
+                "ours-former": ["--batch-size", "32", "--lr", "2e-3", "--codebook-size", "512"]}
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue

@@ -53,14 +53,14 @@ def test_help_documents_defaults():
         proc = subprocess.run([sys.executable, str(REPO / "driver.py"), command, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "default" in proc.stdout
     out = subprocess.run([sys.executable, str(REPO / "driver.py"), "train-vqvae", "--help"], capture_output=True, text=True).stdout
-    assert "tiny 512, full 4096" in out.replace("\n", " ").replace("  ", " ") or "tiny 512" in out
+    assert "tiny 2048, full 4096" in out.replace("\n", " ").replace("  ", " ") or "tiny 2048" in out
 
 
 def test_demo_data_is_the_default(tmp_path):
     driver.main(["train-vqvae", "--run", str(tmp_path / "run"), "--demo-dir", str(tmp_path / "demo"),
                  "--max-steps", "1", "--batch-size", "4", "--vq-channels", "8"])
     c = ckpt(tmp_path / "run" / "vqvae.pt")
-    assert "mni152-demo" in c["data"] and c["config"]["image_size"] == 64 and c["config"]["codebook_size"] == 512
+    assert "mni152-demo" in c["data"] and c["config"]["image_size"] == 64 and c["config"]["codebook_size"] == 2048
 
 
 def test_demo_runs_the_three_stages_in_order_with_the_tiny_preset(monkeypatch, tmp_path):

@@ -301,7 +301,7 @@ def test_lr_given_with_resume_is_honoured_and_without_it_the_runs_own_is_kept(ad
     run = tmp_path / "run"
     constant = ["--warmup", "1", "--cooldown", "0"]   # the saved rate is the base rate (a cooldown ends at 0)
     vqvae(run, adni_folder, "--max-steps", "2", "--lr", "3e-3", *constant)
-    vqvae(run, adni_folder, "--max-steps", "4", "--resume", *constant)  # not the tiny preset's 2e-3
+    vqvae(run, adni_folder, "--max-steps", "4", "--resume", *constant)  # not the tiny preset's 1e-3
     assert [g["lr"] for g in ckpt(run / "vqvae.pt")["optimizer"]["param_groups"]] == [3e-3]
     vqvae(run, adni_folder, "--max-steps", "6", "--resume", "--lr", "1e-4", *constant)  # was silently ignored
     saved = ckpt(run / "vqvae.pt")
@@ -319,6 +319,20 @@ def test_a_resumed_run_keeps_its_own_warmup_and_cooldown_unless_given(adni_folde
     (run / "config.json").write_text(json.dumps(config))
     resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
     assert (resumed.warmup, resumed.cooldown) == (50, 0.0)    # it trained at a constant rate; warm-up: the preset's
+
+
+def test_a_resumed_run_keeps_its_own_batch_and_length_unless_given(adni_folder, tmp_path):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2")
+    config = json.loads((run / "config.json").read_text())
+    config["train-vqvae"].update(batch_size=32, max_steps=600)   # a `tiny` run from before the preset changed
+    (run / "config.json").write_text(json.dumps(config))
+    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
+    assert (resumed.batch_size, resumed.max_steps, resumed.epochs) == (32, 600, None)   # not the preset's 8 and 2400
+    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--batch-size", "4", "--epochs", "3"])
+    assert (resumed.batch_size, resumed.max_steps, resumed.epochs) == (4, None, 3)      # a length given: not the run's
+    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--max-steps", "900"])
+    assert (resumed.max_steps, resumed.epochs) == (900, None)
 
 
 def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_last_fraction(adni_folder, tmp_path):
