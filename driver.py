@@ -273,7 +273,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.data, args.image_size, args.channels = data.root, data.image_size, data.channels
         args.holdout, args.holdout_seed, args.skip_bad_images = data.holdout, data.holdout_seed, data.skip_bad_images
     config = Path(args.run) / "config.json"
-    if args.resume and config.exists():  # the resumed run's own schedule and loss, not the preset's
+    if args.resume and config.exists():  # the resumed run's own batch, length, schedule and loss
         own = json.loads(config.read_text()).get(f"train-{args.stage}", {})
         length_given = any(getattr(args, name) is not None for name in LENGTH)
         for name, before_the_flag in RUN_OWN.items():
