@@ -407,7 +407,9 @@ def test_the_adversarial_loss_before_its_start_step_leaves_the_update_that_of_ms
     assert not torch.equal(mse["model"]["decoder.net.0.weight"], now["model"]["decoder.net.0.weight"])
     assert {"discriminator", "disc_optimizer", "disc_config"} <= set(now) and "discriminator" not in mse
     assert now["disc_optimizer"]["state"] and not later["disc_optimizer"]["state"]   # it learned only from its start
-    assert now["disc_optimizer"]["param_groups"][0]["lr"] == 3e-4 and later["disc_optimizer"]["param_groups"][0]["lr"] == 2e-3
+    assert now["disc_optimizer"]["param_groups"][0]["lr"] == 3e-4
+    stage_lr = driver.PRESETS["vqvae"]["tiny"]["lr"]     # without --adversarial-lr the discriminator takes the stage's
+    assert later["disc_optimizer"]["param_groups"][0]["lr"] == stage_lr
     rows = list(csv.DictReader(open(tmp_path / "now" / "log_vqvae.csv")))
     assert float(rows[-1]["adversarial"]) != 0 and all(float(r["adversarial"]) == 0 for r in
                                                        csv.DictReader(open(tmp_path / "later" / "log_vqvae.csv")))
