@@ -1,0 +1,78 @@
+"""How much a quality.py number moves with the sampling seed alone: the same trained rows, sampled again with
+several seeds, every metric's mean and standard deviation over them.
+
+    python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 [--sample ddpm]
+
+OUT is a finished `bench/quality.py --out` folder: its rows' runs (OUT/ROW), its feature network (OUT) and its
+held-out split are reused, so seed 1 reproduces quality.py's row exactly. `--sample` takes `bench/samplers.py`'s
+names (default: `driver.py sample`'s sampler, as quality.py samples). Writes OUT/seed_spread_SAMPLE.json; prints a
+table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import driver  # noqa: E402
+import predict  # noqa: E402
+from dataset import load_slices  # noqa: E402
+from evaluation.evaluate import evaluation_split, feature_network, score_rows, stack  # noqa: E402
+from samplers import SAMPLERS  # noqa: E402
+
+METRICS = {"fid": 1, "kid": 1e3, "swd": 1, "swd_64": 1, "swd_32": 1, "swd_16": 1}  # name -> scale as printed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="a finished bench/quality.py --out folder")
+    parser.add_argument("--data", default="../shared/data/adni_ad_nc",
+                        help="quality.py's --data (default: %(default)s)")
+    parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
+    parser.add_argument("--rows", default="ours", help="rows of that run to sample again (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, default=5, help="sampling seeds 1..N; quality.py samples `ours` with 1")
+    parser.add_argument("--sample", choices=sorted(SAMPLERS), default=None,
+                        help="a bench/samplers.py sampler (default: driver.py sample's, as quality.py)")
+    args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error("--seeds: a spread needs at least 2")
+    out = Path(args.out)
+
+    # quality.py's reference half A, its number of samples (the floor half's size) and its feature network
+    dataset = load_slices(args.data, 64, 1)
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], args.holdout, 0)
+    reference, _ = stack(dataset, ref_idx)
+    key = {"data": args.data, "image_size": 64, "channels": 1, "holdout": args.holdout, "holdout_seed": 0,
+           "count": len(dataset)}
+    features = feature_network(out, dataset, train_idx, key, "cpu")
+
+    seeds, result = range(1, args.seeds + 1), {}
+    for row in args.rows.split(","):
+        model = predict.load_run(out / row, "cpu")
+        flags = SAMPLERS[args.sample] if args.sample else []
+        sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(out / row), *flags]), model)
+        images = {}
+        for seed in seeds:
+            torch.manual_seed(seed)
+            images[seed] = predict.generate(model, sampling, len(floor_idx))[0]
+        scores = score_rows(images, reference, features, "cpu")
+        result[row] = {m: [scale * scores[s][m] for s in seeds] for m, scale in METRICS.items()}
+
+    lines = [f"| row ({args.sample or 'driver.py sample'}, seeds 1-{args.seeds}) | " + " | ".join(METRICS) + " |",
+             "|---" * (len(METRICS) + 1) + "|"]
+    for row, values in result.items():
+        cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in values.values()]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    record = {"sampler": args.sample, "seeds": list(seeds), "values": result}
+    (out / f"seed_spread_{args.sample or 'default'}.json").write_text(json.dumps(record, indent=2))
+    print("\n".join(lines))
+    print("(mean ± standard deviation over the seeds; KID x1e3, SWD x1e3)")
+
+
+if __name__ == "__main__":
+    main()
