@@ -30,6 +30,9 @@ SAMPLERS = {
     "ddim-100": ["--sampler", "ddim", "--steps", "100"],
     "dpmpp-10": ["--sampler", "dpmpp", "--steps", "10"],
     "dpmpp-20": ["--sampler", "dpmpp", "--steps", "20"],
+    "ddim-50-eta1": ["--sampler", "ddim", "--steps", "50", "--eta", "1"],
+    "ddim-100-eta1": ["--sampler", "ddim", "--steps", "100", "--eta", "1"],
+    "ddim-200-eta1": ["--sampler", "ddim", "--steps", "200", "--eta", "1"],
 }
 
 

@@ -1,12 +1,13 @@
 """How much a quality.py number moves with the sampling seed alone: the same trained rows, sampled again with
 several seeds, every metric's mean and standard deviation over them.
 
-    python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 [--sample ddpm]
+    python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 [--sample ddpm] [--weights model]
 
 OUT is a finished `bench/quality.py --out` folder: its rows' runs (OUT/ROW), its feature network (OUT) and its
 held-out split are reused, so seed 1 reproduces quality.py's row exactly. `--sample` takes `bench/samplers.py`'s
-names (default: `driver.py sample`'s sampler, as quality.py samples). Writes OUT/seed_spread_SAMPLE.json; prints a
-table.
+names (default: `driver.py sample`'s sampler, as quality.py samples). `--weights model` samples the UNet's last
+trained weights instead of their EMA, which every sampling command uses. Writes OUT/seed_spread_SAMPLE[_model].json;
+prints a table.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
 from evaluation.evaluate import evaluation_split, feature_network, score_rows, stack  # noqa: E402
+from runtime.checkpoint import load_checkpoint  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402
 
 METRICS = {"fid": 1, "kid": 1e3, "swd": 1, "swd_64": 1, "swd_32": 1, "swd_16": 1}  # name -> scale as printed
@@ -38,6 +40,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=5, help="sampling seeds 1..N; quality.py samples `ours` with 1")
     parser.add_argument("--sample", choices=sorted(SAMPLERS), default=None,
                         help="a bench/samplers.py sampler (default: driver.py sample's, as quality.py)")
+    parser.add_argument("--weights", choices=["ema", "model"], default="ema",
+                        help="the UNet's EMA weights, as sampling uses, or its last trained ones (default: %(default)s)")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds: a spread needs at least 2")
@@ -54,6 +58,8 @@ def main():
     seeds, result = range(1, args.seeds + 1), {}
     for row in args.rows.split(","):
         model = predict.load_run(out / row, "cpu")
+        if args.weights == "model":
+            model.unet.load_state_dict(load_checkpoint(out / row / "unet.pt", "unet")["model"])
         flags = SAMPLERS[args.sample] if args.sample else []
         sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(out / row), *flags]), model)
         images = {}
@@ -63,13 +69,15 @@ def main():
         scores = score_rows(images, reference, features, "cpu")
         result[row] = {m: [scale * scores[s][m] for s in seeds] for m, scale in METRICS.items()}
 
-    lines = [f"| row ({args.sample or 'driver.py sample'}, seeds 1-{args.seeds}) | " + " | ".join(METRICS) + " |",
+    weights = "" if args.weights == "ema" else ", last trained weights"
+    lines = [f"| row ({args.sample or 'driver.py sample'}{weights}, seeds 1-{args.seeds}) | " + " | ".join(METRICS) + " |",
              "|---" * (len(METRICS) + 1) + "|"]
     for row, values in result.items():
         cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in values.values()]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    record = {"sampler": args.sample, "seeds": list(seeds), "values": result}
-    (out / f"seed_spread_{args.sample or 'default'}.json").write_text(json.dumps(record, indent=2))
+    record = {"sampler": args.sample, "weights": args.weights, "seeds": list(seeds), "values": result}
+    suffix = "" if args.weights == "ema" else "_model"
+    (out / f"seed_spread_{args.sample or 'default'}{suffix}.json").write_text(json.dumps(record, indent=2))
     print("\n".join(lines))
     print("(mean ± standard deviation over the seeds; KID x1e3, SWD x1e3)")
 
