@@ -44,7 +44,6 @@ from dataset import load_slices  # noqa: E402
 from evaluation.evaluate import (evaluation_split, feature_network, format_level_table, format_table,  # noqa: E402
                                  score_rows, stack, training_sample)
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
-from peer_diffusers import sample_peer, train_peer  # noqa: E402
 
 
 @torch.no_grad()
@@ -62,6 +61,15 @@ def original_report_samples(vqvae, unet, diffusion, num: int, shape, batch_size:
             x = mean.clamp(-1, 1)
         out.append(vqvae.decode(x).float().clamp(-1, 1))  # no latent scale: x is decoded as it is
     return torch.cat(out)
+
+
+def held_out_split(data: str, holdout: float) -> tuple:
+    """The slices at 64x64, their subjects split as train-vqvae --holdout and evaluate split them (training, reference
+    half A, floor half B), and the key under which OUT keeps the feature network trained on that split."""
+    dataset = load_slices(data, 64, 1)
+    split = evaluation_split([p for p, _ in dataset.samples], holdout, 0)
+    key = {"data": data, "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0, "count": len(dataset)}
+    return dataset, split, key
 
 
 def grid(images: torch.Tensor, path: Path):
@@ -90,8 +98,7 @@ def main():
     torch.manual_seed(0)
 
     # the held-out subjects, exactly as train-vqvae --holdout and evaluate split them
-    dataset = load_slices(args.data, 64, 1)
-    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], args.holdout, 0)
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     n = args.num or len(floor)
@@ -133,6 +140,7 @@ def main():
         images["defect"] = original_report_samples(ours.vqvae, ours.unet, ours.diffusion, n, ours.latent_shape)
         info["defect_seconds_per_image"] = (time.perf_counter() - t0) / n
     if "peer" in rows:
+        from peer_diffusers import sample_peer, train_peer  # here: diffusers is needed for this row only
         train_images, _ = stack(dataset, train_idx)
         peer = train_peer(train_images, args.vq_minutes, args.unet_minutes, seed=0, log=tqdm.write)
         info["peer_steps"] = {"vqvae": peer["vq_steps"], "unet": peer["unet_steps"]}
@@ -146,7 +154,6 @@ def main():
                               "ssim": StructuralSimilarityIndexMeasure(data_range=2.0)(recon, floor).item()}
 
     # one feature network and one reference for every row
-    key = {"data": args.data, "image_size": 64, "channels": 1, "holdout": args.holdout, "holdout_seed": 0, "count": len(dataset)}
     features = feature_network(out, dataset, train_idx, key, "cpu", classifier_steps=args.classifier_steps)
     order = [r for r in images if not r.startswith("real")] + ["real (training)", "real (floor)"]
     torch.save({r: images[r] for r in order if not r.startswith("real")}, out / "samples.pt")  # rescoring needs no resampling

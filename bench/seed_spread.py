@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
-from dataset import load_slices  # noqa: E402
-from evaluation.evaluate import evaluation_split, feature_network, score_rows, stack  # noqa: E402
+from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
+from quality import held_out_split  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402
 
@@ -48,11 +48,8 @@ def main():
     out = Path(args.out)
 
     # quality.py's reference half A, its number of samples (the floor half's size) and its feature network
-    dataset = load_slices(args.data, 64, 1)
-    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], args.holdout, 0)
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
     reference, _ = stack(dataset, ref_idx)
-    key = {"data": args.data, "image_size": 64, "channels": 1, "holdout": args.holdout, "holdout_seed": 0,
-           "count": len(dataset)}
     features = feature_network(out, dataset, train_idx, key, "cpu")
 
     seeds, result = range(1, args.seeds + 1), {}
