@@ -3,6 +3,9 @@
     pip install -r requirements.txt -r bench/requirements.txt
     python bench/quality.py --data ../shared/data/adni_ad_nc --vq-minutes 8 --unet-minutes 15 --out runs/bench_quality
 
+`--steps VQ,UNET` trains our rows for fixed step counts instead (the same training on any machine), `--seed` with
+another training seed: together they measure the training noise of a row at a given budget.
+
 Rows, all scored by `driver.py evaluate`'s metrics against the same held-out subjects (reference half A,
 with the real-vs-real floor B beside them):
     ours     this project's `tiny` pipeline (64x64 -> 4x16x16), trained with --max-minutes per stage,
@@ -82,6 +85,9 @@ def main():
     parser.add_argument("--out", default="runs/bench_quality", help="output folder (default: %(default)s)")
     parser.add_argument("--vq-minutes", type=float, default=8.0, help="wall-clock budget of stage 1, both pipelines")
     parser.add_argument("--unet-minutes", type=float, default=15.0, help="wall-clock budget of stage 2, both pipelines")
+    parser.add_argument("--steps", default=None,
+                        help="VQ,UNET: train our rows for these step counts instead of the minutes, the same on any machine")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of our rows (driver.py --seed; default: 0)")
     parser.add_argument("--holdout", type=float, default=0.1, help="fraction of subjects held out (default: %(default)s)")
     parser.add_argument("--classifier-steps", type=int, default=1000, help="domain feature network training steps")
     parser.add_argument("--num", type=int, default=None, help="samples per row (default: as many as the floor half)")
@@ -104,6 +110,7 @@ def main():
     n = args.num or len(floor)
     images = {"real (training)": stack(dataset, training_sample(train_idx, n, 0))[0], "real (floor)": floor}
     info = {"data": args.data, "vq_minutes": args.vq_minutes, "unet_minutes": args.unet_minutes,
+            "steps": args.steps, "seed": args.seed,
             "train_images": len(train_idx), "reference": len(ref_idx), "floor": len(floor_idx), "samples": n}
 
     adversarial = args.adversarial.split(",")
@@ -116,12 +123,16 @@ def main():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue
         run = out / name
-        budget = ["--run", str(run), "--data", args.data, "--preset", "tiny", "--max-steps", "1000000000"]
+        common = ["--run", str(run), "--data", args.data, "--preset", "tiny", "--seed", str(args.seed)]
+        if args.steps:
+            vq_budget, unet_budget = (["--max-steps", n] for n in args.steps.split(","))
+        else:
+            vq_budget, unet_budget = (["--max-steps", "1000000000", "--max-minutes", str(m)]
+                                      for m in (args.vq_minutes, args.unet_minutes))
         if not (run / "unet.pt").exists():
             t0 = time.perf_counter()
-            driver.main(["train-vqvae", *budget, "--holdout", str(args.holdout), "--max-minutes", str(args.vq_minutes),
-                         *stage1_flags])
-            driver.main(["train-unet", *budget, "--max-minutes", str(args.unet_minutes)])
+            driver.main(["train-vqvae", *common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags])
+            driver.main(["train-unet", *common, *unet_budget])
             info[f"{name}_train_minutes"] = (time.perf_counter() - t0) / 60
         model = predict.load_run(run, "cpu")
         info[f"{name}_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": model.unet_step}
