@@ -125,7 +125,7 @@ def main():
         run = out / name
         common = ["--run", str(run), "--data", args.data, "--preset", "tiny", "--seed", str(args.seed)]
         if args.steps:
-            vq_budget, unet_budget = (["--max-steps", n] for n in args.steps.split(","))
+            vq_budget, unet_budget = (["--max-steps", count] for count in args.steps.split(","))
         else:
             vq_budget, unet_budget = (["--max-steps", "1000000000", "--max-minutes", str(m)]
                                       for m in (args.vq_minutes, args.unet_minutes))
