@@ -22,11 +22,14 @@ import torch.distributed as dist
 
 import predict
 import train
-from dataset import DEFAULT_DEMO_ROOT, DataConfig, percentile_pair, slice_count_or_fraction
+from dataset import DataConfig
 import evaluation
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError, Interrupted
 from runtime.process import is_main_process
+from volumes.demo import DEFAULT_DEMO_ROOT
+from volumes.layouts import entity_list
+from volumes.reader import percentile_pair, slice_count_or_fraction
 
 # Preset values of the flags that default to None below; a flag given on the command line wins.
 PRESETS = {
@@ -165,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D file to slice (default: none; a 4D file is an error)")
     p.add_argument("--intensity-percentiles", type=percentile_pair, default=(0.5, 99.5),
                    help="LOW,HIGH: each volume is clipped to these percentiles, then scaled to 0-255 (default: 0.5,99.5)")
+    p.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=True,
+                   help="crop each volume's slices to its in-plane foreground box before padding and resizing (default: on)")
+    p.add_argument("--subject-pattern", default=None,
+                   help="REGEX searched in each file name: its group `subject` (else group 1, else the match) names the "
+                        "subject, for --holdout (default: BIDS sub-*, ADNI's 002_S_0295, else <subject>_<number>)")
+    p.add_argument("--bids-suffix", default="T1w", help="BIDS images taken: those with this suffix, T2w, FLAIR ... (default: %(default)s)")
+    p.add_argument("--bids-entities", type=entity_list, default=(),
+                   help="ENT-VAL,...: only BIDS images carrying these entities, e.g. space-MNI152NLin2009cAsym (default: any)")
+    p.add_argument("--bids-all", action="store_true",
+                   help="every matching BIDS image of a subject and session (default: the one with the fewest entities)")
     # detail: the losses VQGAN adds to MSE (Esser et al. 2021)
     p.add_argument("--adversarial-weight", type=float, default=None,
                    help=preset_help("vqvae", "adversarial_weight", "weight of the adversarial patch loss (PatchGAN, times "

@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from dataset import (dataset_labels, files_fingerprint, index_batches, to_unit, training_data, training_files,
-                     uint8_loader)
+from dataset import (dataset_labels, files_fingerprint, index_batches, subject_summary, to_unit, training_data,
+                     training_files, uint8_loader)
 from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
                      VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_labels,
                      generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss,
@@ -417,6 +417,7 @@ def train_vqvae(args):
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
 
     # data: every rank decodes into memory; a memory-mapped cache on disk is built by rank 0 alone
+    rt.log(subject_summary(data))
     workers = args.workers or cpus_per_process()
     dataset = training_data(data, args.cache_gb, workers, Path(args.run), build_guard=lambda: main_rank_first(rt))
     max_steps = total_steps(args, len(dataset), rt.world)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,33 +43,37 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
 
 import predict
-from dataset import card_transform, load_image, load_slices, split_by_subject, subject_id
+from dataset import card_transform, load_image, load_slices, split_by_subject
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.process import progress, setup_device
+from volumes.layouts import subject_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
 
 # ----------------------------------------------------------------------------- data
 
-def evaluation_split(paths: list[str], holdout: float, seed: int) -> tuple[list[int], list[int], list[int]]:
-    """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects."""
-    train_idx, held_idx = split_by_subject(paths, holdout, seed)
-    return (train_idx, *halves(paths, held_idx, seed + 1))
+def evaluation_split(paths: list[str], holdout: float, seed: int, subject: Callable[[str], str] = subject_id
+                     ) -> tuple[list[int], list[int], list[int]]:
+    """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects.
+    subject: whose each path is, by the run's own rules (`DataConfig.layout.subject`)."""
+    train_idx, held_idx = split_by_subject(paths, holdout, seed, subject)
+    return (train_idx, *halves(paths, held_idx, seed + 1, subject=subject))
 
 
-def halves(paths: list[str], indices: list[int], seed: int, what: str = "") -> tuple[list[int], list[int]]:
+def halves(paths: list[str], indices: list[int], seed: int, what: str = "", subject: Callable[[str], str] = subject_id
+           ) -> tuple[list[int], list[int]]:
     """The images `indices` split into two halves of their subjects, at random (seeded)."""
-    subjects = sorted({subject_id(paths[i]) for i in indices})
+    subjects = sorted({subject(paths[i]) for i in indices})
     if len(subjects) < 2:
         raise BadInputError(f"only {len(subjects)} held-out subject{what}; evaluation needs 2 or more (raise --holdout)")
     half_a = set(np.random.default_rng(seed).permutation(subjects)[:len(subjects) // 2].tolist())
-    return ([i for i in indices if subject_id(paths[i]) in half_a],
-            [i for i in indices if subject_id(paths[i]) not in half_a])
+    return ([i for i in indices if subject(paths[i]) in half_a],
+            [i for i in indices if subject(paths[i]) not in half_a])
 
 
 def training_sample(train_idx: list[int], count: int, seed: int) -> list[int]:
@@ -230,18 +235,19 @@ def save_crops(rows: list[torch.Tensor], size: int, path: Path) -> int:
 # ----------------------------------------------------------------------------- per class, per guidance scale
 
 def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], classes: list[int], generate, classifier,
-                 features, device, seed: int) -> tuple[list[dict], torch.Tensor]:
+                 features, device, seed: int, subject: Callable[[str], str] = subject_id) -> tuple[list[dict], torch.Tensor]:
     """Each class in `classes` against its own held-out subjects, for each guidance scale in args.guidance.
 
     `generate(labels, guidance)` samples images of the given labels. Returns one dict per table row
     (class, images, count, recognised = the classifier's accuracy for that class, metrics) and a grid
-    of 8 samples per (class, scale).
+    of 8 samples per (class, scale). `subject`: whose each image is, by the run's own rules.
     """
     paths = [p for p, _ in dataset.samples]
     rows, grid = [], []
     for c in classes:
         name = dataset.classes[c]
-        ref_idx, floor_idx = halves(paths, [i for i in held_idx if dataset.labels[i] == c], seed + 1, f" of class {name}")
+        ref_idx, floor_idx = halves(paths, [i for i in held_idx if dataset.labels[i] == c], seed + 1, f" of class {name}",
+                                    subject)
         reference, _ = stack(dataset, ref_idx)
         floor, _ = stack(dataset, floor_idx)
         training, _ = stack(dataset, training_sample([i for i in train_idx if dataset.labels[i] == c], len(floor), seed))
@@ -286,18 +292,20 @@ def evaluate(args):
     samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
 
     # data: the run's held-out subjects, halved into reference A and floor B
-    dataset = load_slices(data.folder(), image_size, channels, skip_bad=data.skip_bad_images, slicing=data.slicing)
+    dataset = load_slices(data.folder(), image_size, channels, skip_bad=data.skip_bad_images, slicing=data.slicing,
+                          layout=data.layout)
+    subject = data.layout.subject  # the run's own rules: others could score it on subjects it trained on
     seen = data.holdout == 0
     holdout, seed = (args.holdout, args.holdout_seed) if seen else (data.holdout, data.holdout_seed)
     if seen:
         print(f"warning: {run} was trained on all subjects; the {holdout:.0%} held out here were seen in training, "
               f"so the figures are optimistic (train-vqvae --holdout F leaves subjects out)")
-    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed)
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed, subject)
     reference, ref_labels = stack(dataset, ref_idx)
     floor, floor_labels = stack(dataset, floor_idx)
     training, _ = stack(dataset, training_sample(train_idx, len(floor_idx), seed))
     paths = [p for p, _ in dataset.samples]
-    n_subjects = min(len({subject_id(paths[i]) for i in ref_idx}), len({subject_id(paths[i]) for i in floor_idx}))
+    n_subjects = min(len({subject(paths[i]) for i in ref_idx}), len({subject(paths[i]) for i in floor_idx}))
     print(f"evaluation: {len(train_idx)} training images, held out {len(ref_idx)} reference (A) + {len(floor_idx)} floor (B)")
     few = n_subjects < 10
     if few:  # measured on the demo data: 2 subjects per half ranked low-variety samples above real training images
@@ -360,7 +368,7 @@ def evaluate(args):
             return predict.generate(model, settings, len(labels), labels, guidance, autocast)[0]
 
         class_rows, class_grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, requested.tolist(), sample,
-                                              classifier, features, device, seed)
+                                              classifier, features, device, seed, subject)
         class_table = format_class_table(class_rows)
 
     # files

@@ -1,7 +1,9 @@
-"""Shared fixtures: miniature image folders made on the fly (the real ADNI data never enters the tests)."""
+"""Shared fixtures: miniature image folders and NIfTI volumes made on the fly (the real ADNI data never enters
+the tests)."""
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -32,6 +34,40 @@ def adni_folder(tmp_path):
     for split in ("train", "test"):
         for label in ("AD", "NC"):
             write_blob_images(root / split / label, [f"{split}{label}{i}" for i in range(2)], 3, rng)
+    return root
+
+
+# ----------------------------------------------------------------------------- NIfTI volumes, written with nibabel
+
+def write_volume(path, data, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def blob(shape=(16, 16, 12), seed=0):
+    """A bright noisy ellipsoid ("brain") on black, in RAS voxel order."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    inside = sum((g / 0.8) ** 2 for g in grid) < 1
+    return inside * rng.uniform(50, 100, shape)
+
+
+def touch(root: Path, names: list[str]) -> Path:
+    """Empty files root/name: enough where the files are listed, never read."""
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    return root
+
+
+@pytest.fixture
+def volume_folder(tmp_path):
+    """ROOT/{train,test}/{AD,NC}/sub-XXX.nii.gz: 2 subjects per class and split, 16x16x12 voxels each."""
+    root = tmp_path / "volumes"
+    for i, (split, label) in enumerate((s, c) for s in ("train", "test") for c in ("AD", "NC")):
+        for k in range(2):
+            write_volume(root / split / label / f"sub-{i}{k}.nii.gz", blob(seed=2 * i + k))
     return root
 
 

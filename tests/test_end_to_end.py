@@ -217,8 +217,8 @@ def test_a_batch_job_log_has_the_log_lines_and_no_progress_bar_lines(adni_folder
 # ----------------------------------------------------------------------------- a folder of NIfTI volumes
 
 def test_both_stages_and_predict_on_a_folder_of_volumes(tmp_path, monkeypatch, capsys):
-    import dataset
-    from test_dataset import blob, write_volume
+    import volumes.reader
+    from conftest import blob, write_volume
     data = tmp_path / "volumes"
     for i, label in enumerate(("AD", "NC")):
         for k in range(3):
@@ -231,7 +231,7 @@ def test_both_stages_and_predict_on_a_folder_of_volumes(tmp_path, monkeypatch, c
     latents = ckpt(run / "latents.pt")
     assert len(latents["z"]) == len(latents["y"]) > 6 and set(latents["y"].tolist()) == {0, 1}   # several slices a volume
     (run / "unet.pt").unlink()
-    monkeypatch.setattr(dataset, "_read_volume", lambda *a, **k: pytest.fail("a volume was read for a reused cache"))
+    monkeypatch.setattr(volumes.reader, "read_volume", lambda *a, **k: pytest.fail("a volume was read for a reused cache"))
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--conditional"])
     assert "latents reused" in capsys.readouterr().out
     images = predict.predict(predict.parse_args(["--run", str(run), "--num", "2", "--sampler", "ddim", "--steps", "3",

@@ -8,12 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import driver
-from dataset import subject_id
 from evaluation.evaluate import central_crops, class_scores, evaluation_split, format_level_table, format_table
 from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyramid, ms_ssim_diversity,
                                 sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from conftest import error_of
+from volumes.layouts import subject_id
 
 
 def ellipses(n, size=32, seed=0, blur=False):

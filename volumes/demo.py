@@ -1,0 +1,100 @@
+"""The embedded demo data: a stand-in for real scans that needs no download, written once as NIfTI volumes in
+the ADNI layout so that it goes through the same volume reader as real scans (volumes/reader.py).
+
+Axial slabs of nilearn's MNI152 2009 T1 template (shipped inside its wheel), 40 "subjects", each with its own
+random affine, smooth elastic deformation and intensity; half of them ("AD") with a central expansion that
+widens the ventricles. Derived from one template, not from patients: it shows that the pipeline works, not
+anatomy. Built on first use by DataConfig.folder(), or by hand with `python dataset.py --out DIR`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEMO_VERSION = 2                  # bump when the demo generator changes, so old caches are not reused
+DEFAULT_DEMO_ROOT = Path.home() / ".cache" / "brain-ldm"
+
+
+def _smooth_field(rng: np.random.Generator, size: int, grid: int, amplitude: float) -> torch.Tensor:
+    """A smooth random displacement field (1, size, size, 2): coarse normal noise, bicubic upsampled."""
+    coarse = torch.from_numpy(rng.normal(0.0, amplitude, (1, 2, grid, grid))).float()
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+
+
+def _subject_warp(rng: np.random.Generator, size: int, atrophy: float) -> torch.Tensor:
+    """Sampling grid (1, size, size, 2) of one subject: affine + elastic + (for "AD") central expansion."""
+    angle = math.radians(rng.uniform(-7, 7))
+    sx, sy = rng.uniform(1.05, 1.25, 2)             # zoom in: the brain fills the frame
+    tx, ty = rng.uniform(-0.04, 0.04, 2)
+    theta = torch.tensor([[math.cos(angle) / sx, -math.sin(angle) / sx, tx],
+                          [math.sin(angle) / sy, math.cos(angle) / sy, ty]], dtype=torch.float32)
+    grid = F.affine_grid(theta[None], [1, 1, size, size], align_corners=False)
+    grid = grid + _smooth_field(rng, size, grid=6, amplitude=0.025)
+    if atrophy > 0:  # pull sampling points towards the centre: ventricles widen, tissue thins
+        r2 = (grid ** 2).sum(-1, keepdim=True)
+        grid = grid * (1 - atrophy * torch.exp(-r2 / (2 * 0.18 ** 2)))
+    return grid
+
+
+def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40, slices: int = 20,
+                      size: int = 256) -> Path:
+    """Write the MNI152-derived demo set as NIfTI volumes `out/{train,test}/{AD,NC}/sub-XXX.nii.gz` (idempotent),
+    read back like any folder of volumes (axial, default slices).
+
+    Each "subject" is a slab of `slices` axial slices, 2 mm apart, of nilearn's MNI152 2009 T1 template
+    (shipped in its wheel, no download) around the ventricles, each slice warped in-plane by the subject's
+    own random affine and smooth elastic deformation, with its own intensity/contrast; half of them ("AD")
+    get a central expansion that widens the ventricles. The slab is written in RAS order with a `size` x
+    `size` in-plane grid. A stand-in for real scans, deterministic for a seed. A quarter of the subjects
+    go to test/. Written to a temporary folder and renamed, so an interrupted build is never mistaken for
+    a finished one.
+    """
+    out = Path(out)
+    if (out / ".complete").exists():
+        return out
+    from nilearn.datasets import load_mni152_template  # imported late: slow, and only needed here
+
+    volume = load_mni152_template(resolution=1).get_fdata()           # (197, 233, 189), x, y, z
+    volume = torch.from_numpy(np.rot90(volume, 1, axes=(0, 1)).copy()).float()  # anterior up
+    pad = max(volume.shape[:2])
+    volume = F.pad(volume.permute(2, 0, 1), (0, pad - volume.shape[1], 0, pad - volume.shape[0]))
+    volume = torch.roll(volume, ((pad - 233) // 2, (pad - 197) // 2), dims=(1, 2))  # centre in square
+    first = 50                                                        # axial slices 50, 52, ...
+    spacing = pad / size                                              # mm per pixel of the warped slices
+    affine = np.diag([spacing, spacing, 2.0, 1.0])
+    affine[:3, 3] = -spacing * size / 2, -spacing * size / 2, first - 72.0  # MNI z of the template's slice
+    rng = np.random.default_rng(seed)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for s in range(subjects):
+        split = "test" if (s // 2) % 4 == 3 else "train"   # AD/NC pairs: 1 in 4 to test
+        label = "AD" if s % 2 else "NC"
+        grid = _subject_warp(rng, size, atrophy=rng.uniform(0.12, 0.22) if label == "AD" else 0.0)
+        stack = volume[first:first + 2 * slices:2, None]              # (slices, 1, pad, pad)
+        warped = F.grid_sample(stack, grid.expand(slices, -1, -1, -1), mode="bilinear",
+                               padding_mode="zeros", align_corners=False)[:, 0]
+        gamma, contrast = rng.uniform(0.75, 1.3), rng.uniform(0.85, 1.1)
+        jitter = torch.from_numpy(rng.uniform(0.93, 1.07, (slices, 1, 1))).float()  # per-slice brightness, as in ADNI
+        slab = contrast * jitter * warped.clamp(0, 1) ** gamma        # (slices, rows from anterior, columns from left)
+        slab = slab + torch.from_numpy(rng.normal(0, 0.01, slab.shape)).float() * (slab > 0)
+        voxels = (slab.clamp(0, 1) * 1000).round().to(torch.int16).flip(1).permute(2, 1, 0)  # (x, y, z), RAS
+        folder = tmp / split / label
+        folder.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(voxels.numpy(), affine), folder / f"sub-{s:03d}.nii.gz")
+    (tmp / ".complete").touch()
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def demo_data_dir(root: str | os.PathLike = DEFAULT_DEMO_ROOT, seed: int = 0) -> Path:
+    """The demo dataset's folder under `root`, built on first use."""
+    return make_demo_dataset(Path(root) / f"mni152-demo-v{DEMO_VERSION}-seed{seed}", seed=seed)

@@ -1,0 +1,231 @@
+"""Which files a data folder holds and whose they are, for dataset.py: the ImageFolder roots of a data folder
+(train/ and test/, or the folder), the files each class folder gives (images, or NIfTI volumes with BIDS rules
+for BIDS subtrees and trees), and the subject each file belongs to, which the hold-out split keeps whole.
+`Layout` holds these rules and their settings; a run saves it, so that its files and held-out subjects stay its own.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchvision import datasets
+
+from runtime.errors import BadInputError
+from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
+
+
+def find_image_roots(root: Path) -> list[Path]:
+    """The ImageFolder roots under `root`: its train/ and test/ if present, else root itself."""
+    if not root.is_dir():
+        raise BadInputError(f"data folder {root} does not exist")
+    split_roots = [root / s for s in ("train", "test") if (root / s).is_dir()]
+    return split_roots or [root]
+
+
+def _walk(top: str):
+    """The files under `top`, sorted, without hidden files and folders; a symbolic link to a folder is followed
+    only once, so a link loop does not list the same files again and again."""
+    visited = set()
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in visited:  # reached again through a link: already listed
+            subfolders[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        yield from (os.path.join(folder, f) for f in sorted(files) if not f.startswith("."))
+
+
+# ----------------------------------------------------------------------------- which files
+
+NOT_RAW = {"derivatives", "sourcedata"}   # BIDS folders of processed or original data, never training volumes
+_ENTITY = re.compile(r"[A-Za-z0-9]+-[A-Za-z0-9]+")   # a BIDS key-label pair: space-MNI152NLin2009cAsym
+
+
+def _is_bids_t1w(relative: str) -> bool:
+    """Layout version 1: sub-*/[ses-*/]anat/*_T1w.nii[.gz], relative to a BIDS root."""
+    parts = Path(relative).parts
+    return (parts[0].startswith("sub-") and len(parts) in (3, 4) and parts[-2] == "anat"
+            and (len(parts) == 3 or parts[1].startswith("ses-")) and parts[-1].endswith(("_T1w.nii", "_T1w.nii.gz")))
+
+
+def file_stem(name: str) -> str:
+    """A file name without its extension: `sub-01_T1w.nii.gz` -> sub-01_T1w, `002_S_0295_067.jpeg` -> 002_S_0295_067."""
+    for suffix in VOLUME_SUFFIXES[::-1]:   # .nii.gz before .nii
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def parse_bids_name(name: str) -> tuple[dict[str, str], str]:
+    """({entity: label}, suffix) of a BIDS file name: `sub-01_ses-2_run-1_T1w.nii.gz` -> ({sub: 01, ses: 2, run: 1},
+    T1w)."""
+    *pairs, suffix = file_stem(name).split("_")
+    return dict(p.split("-", 1) for p in pairs if "-" in p), suffix
+
+
+def entity_list(text: str) -> tuple[str, ...]:
+    """--bids-entities: 'space-MNI152NLin2009cAsym,res-1' -> ('space-MNI152NLin2009cAsym', 'res-1')."""
+    entities = tuple(e for e in text.split(",") if e)
+    if not all(_ENTITY.fullmatch(e) for e in entities):
+        raise argparse.ArgumentTypeError(f"expected ENTITY-LABEL,... (e.g. space-MNI152NLin2009cAsym), got {text!r}")
+    return entities
+
+
+def _plainest(paths: list[str]) -> str:
+    """Of several images of one subject and session, the one with the fewest BIDS entities; ties: the lowest run,
+    then the name (a native-space image before its MNI-space copy, a plain T1w before a contrast-enhanced one)."""
+    def key(path):
+        entities, _ = parse_bids_name(os.path.basename(path))
+        run = entities.get("run", "0")
+        return len(entities), int(run) if run.isdigit() else 0, os.path.basename(path)
+    return min(paths, key=key)
+
+
+# ----------------------------------------------------------------------------- whose files
+
+_BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")                 # at the start of a folder or file name
+_ADNI_SUBJECT = re.compile(r"(?<!\d)\d{3}_S_\d{4}(?!\d)")       # site_S_participant: 002_S_0295
+_SUBJECT_NUMBER = re.compile(r"^(?P<subject>.+)_(?P<number>\d+)$")  # <subject>_<slice or visit>
+
+
+def subject_id(path: str, pattern: re.Pattern | None = None) -> str:
+    """The subject a file (an image or a volume) belongs to, by the first rule that applies:
+    `pattern` searched in the file name (its group `subject`, else group 1, else the whole match; a file it does
+    not match is an error: a guess could put one subject on both sides of the hold-out); else a BIDS `sub-<label>`
+    starting the file's name, or the name of its BIDS folder `sub-<label>/[ses-<label>/]anat/` (no folder higher
+    up: the data folder itself may sit under one named sub-something); else ADNI's subject ID `\\d{3}_S_\\d{4}`
+    in the file name (`ADNI_002_S_0295_MR_..._20060418.nii` -> 002_S_0295, so that visits stay together); else
+    `<subject>_<number>` of the name without its extension; else the file is a subject of its own."""
+    name = os.path.basename(path)
+    if pattern is not None:
+        m = pattern.search(name)
+        if m is None:
+            raise BadInputError(f"--subject-pattern {pattern.pattern!r} does not match {printable(path)}: every file "
+                                "needs its subject (a guess could leak a subject into the hold-out)")
+        group = "subject" if "subject" in pattern.groupindex else 1 if pattern.groups else 0
+        return m.group(group) or m.group(0)
+    parts = Path(path).parts
+    for part in (name, *reversed(parts[-4:-2] if parts[-2:-1] == ("anat",) else ())):  # sub-X/[ses-Y/]anat/FILE
+        m = _BIDS_SUBJECT.match(part)
+        if m:
+            return m.group(0)
+    m = _ADNI_SUBJECT.search(name)
+    if m:
+        return m.group(0)
+    m = _SUBJECT_NUMBER.match(file_stem(name))
+    return m.group("subject") if m else str(path)
+
+
+def _subject_id_v1(path: str) -> str:
+    """Layout version 1: a volume's BIDS `sub-<label>` file name prefix, else the volume itself; an image's
+    `<subject>_<slice>`, else the image itself."""
+    if is_volume(path):
+        m = _BIDS_SUBJECT.match(Path(path).name)
+        return m.group(0) if m else str(path)
+    m = _SUBJECT_NUMBER.match(Path(path).stem)
+    return m.group("subject") if m else str(path)
+
+
+# ----------------------------------------------------------------------------- the layout, and the folder it lists
+
+LAYOUT_VERSION = 2
+
+
+@dataclass
+class Layout:
+    """How a data folder is listed and whose each file is; saved in a run's DataConfig, so that a run keeps its
+    files and its held-out subjects.
+
+    Version 2: a NIfTI volume with a `sub-*` folder above it (relative to its class folder, or to a BIDS root)
+    follows BIDS rules: in an `anat` folder, with suffix `bids_suffix`, carrying every entity of `bids_entities`,
+    and one per subject and session (the plainest, see `_plainest`) unless `bids_all`; a volume under
+    derivatives/ or sourcedata/ is never taken; other volumes of a class folder are taken as they are. Subjects:
+    `subject_id` with `subject_pattern`. Version 1, the rules of runs written before version 2: BIDS rules only at
+    a BIDS root (`sub-*/[ses-*/]anat/*_T1w`, all of them), every volume of a class folder, and `_subject_id_v1`."""
+    version: int = LAYOUT_VERSION
+    subject_pattern: str | None = None
+    bids_suffix: str = "T1w"
+    bids_entities: tuple[str, ...] = ()
+    bids_all: bool = False
+
+    def __post_init__(self):
+        self.bids_entities = tuple(self.bids_entities)  # a list after a JSON round trip
+        if self.version not in (1, LAYOUT_VERSION):
+            raise BadInputError(f"unknown data layout version {self.version} (this code knows 1 and {LAYOUT_VERSION})")
+        if not all(_ENTITY.fullmatch(e) for e in self.bids_entities):
+            raise BadInputError(f"--bids-entities takes ENTITY-LABEL pairs, not {','.join(self.bids_entities)}")
+        try:
+            self._pattern = re.compile(self.subject_pattern) if self.subject_pattern else None
+        except re.error as e:
+            raise BadInputError(f"--subject-pattern {self.subject_pattern!r} is not a regular expression: {e}") from None
+
+    def subject(self, path: str) -> str:
+        """The subject `path` belongs to."""
+        return subject_id(path, self._pattern) if self.version > 1 else _subject_id_v1(path)
+
+    def select(self, files: list[str], top: str, root: str, bids_root: bool) -> list[str]:
+        """Of the image and volume `files` found under `top` (a class folder, or the BIDS root `root` itself), those
+        this layout takes, in their order."""
+        if self.version == 1:
+            return [f for f in files if _is_bids_t1w(os.path.relpath(f, root))] if bids_root else files
+        plain, bids = [], []
+        for f in files:
+            if is_volume(f) and NOT_RAW & set(Path(os.path.relpath(f, root)).parts[:-1]):
+                continue
+            if is_volume(f) and any(p.startswith("sub-") for p in Path(os.path.relpath(f, top)).parts[:-1]):
+                bids.append(f)
+            elif not bids_root:  # a BIDS root holds nothing else worth training on
+                plain.append(f)
+        taken = set(plain + self._bids_choice(bids))
+        return [f for f in files if f in taken]
+
+    def _bids_choice(self, files: list[str]) -> list[str]:
+        """The BIDS images taken: anatomy with the wanted suffix and entities, one per subject and session unless
+        bids_all."""
+        wanted = [tuple(e.split("-", 1)) for e in self.bids_entities]
+        sessions = {}
+        for f in files:
+            entities, suffix = parse_bids_name(os.path.basename(f))
+            if Path(f).parent.name == "anat" and suffix == self.bids_suffix and all(entities.get(k) == v for k, v in wanted):
+                sessions.setdefault((os.path.dirname(f), entities.get("sub"), entities.get("ses")), []).append(f)
+        if self.bids_all:
+            return [f for group in sessions.values() for f in group]
+        return [_plainest(group) for group in sessions.values()]
+
+
+class ImageFolder(datasets.ImageFolder):
+    """ImageFolder of images or NIfTI volumes (`kind`, never both) listed by a `Layout`, that ignores hidden files and
+    folders (.DS_Store, .ipynb_checkpoints ...) and follows a symbolic link to a folder only once. A BIDS root (sub-*
+    folders) is one class, "all"."""
+
+    def __init__(self, root: str, layout: Layout, **kwargs):
+        self.layout = layout  # before ImageFolder.__init__, which lists the files
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        self.bids = any(name.startswith("sub-") for name in folders)
+        classes = ["all"] if self.bids else folders
+        if not classes:
+            raise FileNotFoundError(f"no class folders in {printable(directory)}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples, suffixes = [], tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES
+        for name, label in sorted(class_to_idx.items()):
+            top = directory if self.bids else os.path.join(directory, name)
+            files = [f for f in _walk(top) if f.lower().endswith(suffixes)]
+            samples += [(f, label) for f in self.layout.select(files, top, directory, self.bids)]
+        if not samples:
+            raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) in the class folders of {printable(directory)}")
+        volumes = [p for p, _ in samples if is_volume(p)]
+        if 0 < len(volumes) < len(samples):
+            image = next(p for p, _ in samples if not is_volume(p))
+            raise BadInputError(f"{printable(directory)} mixes images ({printable(image)}) and NIfTI volumes "
+                                f"({printable(volumes[0])}): keep one kind per data folder")
+        self.kind = "volumes" if volumes else "images"
+        return samples
