@@ -13,6 +13,7 @@ the preset. `python driver.py SUBCOMMAND --help` lists every flag with its defau
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 import predict
 import train
-from dataset import DataConfig
+from dataset import DataConfig, data_files_key
 import evaluation
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError, Interrupted
@@ -49,13 +50,19 @@ PRESETS = {
     },
 }
 
-# The flags a resumed run takes from its own config.json unless given, so that it goes on with the batch, rate schedule,
-# length and loss it started with, not the preset's (which may have changed since); each with the value that a run
-# written before the flag existed trained with (None: the preset's).
-# A run's length is --max-steps or --epochs: given either, neither is taken from the run.
-RUN_OWN = {"batch_size": None, "max_steps": None, "epochs": None, "lr": None, "warmup": None, "cooldown": 0.0,
-           "clamped_loss": False}
-LENGTH = ("max_steps", "epochs")
+# A resumed run is the run it saved (README, "Resuming a run"): every flag not given comes back from it, and a flag
+# given again with another value is refused, except these, which may change on resume and otherwise come back:
+CHANGEABLE = {"max_steps", "epochs",                                 # the length (given either, neither comes back)
+              "lr", "warmup", "cooldown", "adversarial_lr",           # the learning-rate schedule
+              "log_every", "sample_every", "save_every", "tensorboard",  # the records
+              "deterministic", "skip_nonfinite",                      # how steps run, and what stops them
+              "data"}                                                 # the same files moved elsewhere (checked)
+# and these, which belong to this command and machine and never come back from the run:
+THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb", "precision", "channels_last",
+                "compile", "slow_cpu_ok", "demo_dir"}
+LENGTH = {"max_steps", "epochs"}
+# What a run written before a flag existed trained with, where that is not the flag's default (None: the preset's).
+BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False}
 
 
 def ints(text: str) -> list[int]:
@@ -96,18 +103,13 @@ def add_common(p: argparse.ArgumentParser, stage: str):
                         "--run-dir, since torchrun's own parser takes --run for an abbreviation of its --run-path")
     p.add_argument("--data", default=None, help="image folder, ADNI layout PATH/{train,test}/{AD,NC}/*.jpeg or PATH/CLASS/*; "
                                                 "the same with NIfTI volumes (*.nii[.gz]), or a BIDS tree; "
-                                                "default: the embedded MNI152 demo data")
+                                                "default: the embedded MNI152 demo data; stage 2: stage 1's, or the "
+                                                "same files moved to PATH")
     p.add_argument("--preset", choices=["tiny", "full"], default=None,
-                   help="size preset (default: tiny without --data, full with --data)")
-    p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
-    p.add_argument("--image-size", type=positive(int), default=None, help=ph("image_size", "images are resized to SIZE x SIZE"))
-    p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grayscale, 3 RGB as the original (default: %(default)s)")
+                   help="size preset (default: tiny without --data, full with --data; stage 2: stage 1's)")
     p.add_argument("--cache-gb", type=float, default=8.0,
                    help="images are decoded once into memory if they fit in this many GB, else into a memory-mapped "
                         "RUN/images-*.npy (default: %(default)s)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out images that cannot be read, and report how many and which (default: stop at the "
-                        "first, naming it)")
     p.add_argument("--workers", type=positive(int), default=None,
                    help="image decoding threads and loader workers (default: the CPUs of this machine per process)")
     # optimisation
@@ -141,7 +143,8 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--log-every", type=positive(int), default=50, help="steps between log lines and CSV rows (default: %(default)s)")
     p.add_argument("--sample-every", type=positive(int), default=None, help=ph("sample_every", "steps between image grids"))
     p.add_argument("--save-every", type=positive(int), default=None, help=ph("save_every", "steps between checkpoints"))
-    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's checkpoint, with the run's own settings (README, 'Resuming a run')")
     p.add_argument("--tensorboard", action="store_true",
                    help="also write the logged values and the grids to RUN/tensorboard (needs `pip install tensorboard`)")
     p.add_argument("--slow-cpu-ok", action="store_true",
@@ -154,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-vqvae", help="stage 1: train the VQ-VAE on images")
     add_common(p, "vqvae")
+    # the images, saved in DataConfig; stage 2 and `evaluate` inherit them
+    p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
+    p.add_argument("--image-size", type=positive(int), default=None, help=preset_help("vqvae", "image_size", "images are resized to SIZE x SIZE"))
+    p.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1 grayscale, 3 RGB as the original (default: %(default)s)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read, and report how many and which (default: stop at the "
+                        "first, naming it)")
     p.add_argument("--vq-channels", type=positive(int), default=None, help=preset_help("vqvae", "vq_channels", "width of the first level"))
     p.add_argument("--vq-mult", type=ints, default=None, help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
     p.add_argument("--vq-res-blocks", type=positive(int), default=None, help=preset_help("vqvae", "vq_res_blocks", "res blocks per level"))
@@ -234,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.set_defaults(func=demo, stage=None)
+    parser.commands = sub.choices  # name -> its parser (given_flags)
     return parser
 
 
@@ -258,7 +269,22 @@ def stage1_data(args: argparse.Namespace) -> tuple[dict, DataConfig]:
     data = DataConfig.from_checkpoint(vq_ckpt)
     if args.data:
         data.root = args.data
+    check_same_files(data, vq_ckpt)
     return vq_ckpt["args"], data
+
+
+def check_same_files(data: DataConfig, vq_ckpt: dict):
+    """The folder holds the files stage 1 trained on (their names and sizes, wherever the folder now is), so that a
+    resumed run, stage 2 and `evaluate` read the run's own data and its own held-out subjects. A run written before
+    stage 1 saved that key is not checked."""
+    trained_on = vq_ckpt.get("data_files")
+    if trained_on is None:
+        return
+    found = data_files_key(data)
+    if found != trained_on:
+        raise BadInputError(f"{data.folder()} does not hold the files this run's stage 1 trained on ({found['files']} "
+                            f"files there, {trained_on['files']} then, or their names or sizes differ); point --data "
+                            f"at them")
 
 
 def check_sizes(args: argparse.Namespace):
@@ -275,36 +301,84 @@ def check_sizes(args: argparse.Namespace):
             raise BadInputError(f"the UNet has 4 levels, one width multiplier each (got --unet-mult {args.unet_mult})")
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
+def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
     """Every flag of a stage, resolved once: stage 1's values a stage 2 inherits (its preset, image size, channels,
-    held-out subjects, data), then on --resume the run's own values of RUN_OWN's flags not given, then the preset,
-    then the checks. The stages read `args` and never change it."""
+    held-out subjects, data), then on --resume the run's own settings (`keep_the_runs_settings`), then the preset,
+    then the checks. `given`: the flags typed on the command line. The stages read `args` and never change it."""
     if args.stage == "unet":
         stage1_args, args.data_config = stage1_data(args)
         args.preset = args.preset or stage1_args.get("preset")
         data = args.data_config
         args.data, args.image_size, args.channels = data.root, data.image_size, data.channels
         args.holdout, args.holdout_seed, args.skip_bad_images = data.holdout, data.holdout_seed, data.skip_bad_images
-    config = Path(args.run) / "config.json"
-    if args.resume and config.exists():  # the resumed run's own batch, length, schedule and loss
-        own = json.loads(config.read_text()).get(f"train-{args.stage}", {})
-        length_given = any(getattr(args, name) is not None for name in LENGTH)
-        for name, before_the_flag in RUN_OWN.items():
-            if name in LENGTH and length_given:
-                continue
-            if name in vars(args) and getattr(args, name) is None:   # a flag of this stage, not given
-                setattr(args, name, own.get(name, before_the_flag))
+    resumed = args.resume and (Path(args.run) / f"{args.stage}.pt").exists()
+    if resumed:
+        keep_the_runs_settings(args, given)
     apply_preset(args)
     check_sizes(args)
-    if args.stage == "vqvae":
+    if args.stage == "vqvae" and not resumed:
         args.data_config = DataConfig.from_args(args)
     return args
+
+
+def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
+    """A resumed run is the run it saved: each flag not given comes back from RUN/config.json (or, without it, from
+    the checkpoint's copy of the flags), and stage 1's data from the data config in vqvae.pt (which also knows how
+    its folder was read); a flag given again must agree with the run, unless it is CHANGEABLE (or THIS_COMMAND's,
+    which never comes back). Stage 2's data is stage 1's, resolved before. A flag newer than the run comes back as
+    BEFORE_THE_FLAG says, or is left to the preset."""
+    config = Path(args.run) / "config.json"
+    own = json.loads(config.read_text()).get(f"train-{args.stage}") if config.exists() else None
+    if own is None:
+        own = load_checkpoint(Path(args.run) / f"{args.stage}.pt", args.stage)["args"]
+    flags = {action.dest for action in build_parser().commands[args.command]._actions} - {"help"}
+    own = {name: own[name] if name in own else BEFORE_THE_FLAG.get(name, _UNKNOWN) for name in flags}
+    if args.stage == "vqvae":
+        vq_ckpt = load_checkpoint(Path(args.run) / "vqvae.pt", "vqvae")
+        saved = DataConfig.from_checkpoint(vq_ckpt)
+        own.update(saved.flags())
+    for name, value in own.items():
+        if name in THIS_COMMAND or (args.stage == "unet" and name == "data"):
+            continue  # this command's own; stage 2's data is stage 1's, resolved before
+        if name in given:
+            if value is not _UNKNOWN and name not in CHANGEABLE and _plain(getattr(args, name)) != _plain(value):
+                flag = "--" + name.replace("_", "-")
+                raise BadInputError(f"{flag} {_shown(getattr(args, name))} differs from this run's {_shown(value)}: a "
+                                    f"resumed run keeps the settings it was started with; leave {flag} out, or train "
+                                    f"a new --run")
+        elif value is not _UNKNOWN and not (name in LENGTH and LENGTH & given):
+            setattr(args, name, value)
+    if args.stage == "vqvae":
+        args.data_config = dataclasses.replace(saved, root=args.data)
+        check_same_files(args.data_config, vq_ckpt)
+
+
+_UNKNOWN = object()  # a flag the run's config.json does not hold (a run written before the flag existed)
+
+
+def _plain(value):
+    """A flag's value as config.json holds it (tuples are lists there)."""
+    return json.loads(json.dumps(value))
+
+
+def _shown(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The flags typed on the command line (their argparse dests): the command line parsed again, every default
+    suppressed (argparse keeps a parser's arguments in its `_actions`)."""
+    parser = build_parser()
+    for command in parser.commands.values():
+        for action in command._actions:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func", "stage"}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.stage:
-        resolve(args)
+        resolve(args, given_flags(argv))
     elif args.command == "evaluate":
         _, args.data_config = stage1_data(args)
     return args
@@ -313,9 +387,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def demo(args):
     """Demo data -> VQ-VAE -> UNet -> predict, tiny preset; re-running continues or skips finished stages."""
     device = ["--device", args.device] if args.device else []
-    common = ["--run", args.run, "--demo-dir", args.demo_dir, "--resume"] + device
+    common = ["--run", args.run, "--resume"] + device
     stages = [  # each stage's flags are resolved when it starts, after the stage before it wrote the run folder
-        ("train-vqvae", lambda: train.train_vqvae(parse(["train-vqvae"] + common))),
+        ("train-vqvae", lambda: train.train_vqvae(parse(["train-vqvae", "--demo-dir", args.demo_dir] + common))),
         ("train-unet", lambda: train.train_unet(parse(["train-unet"] + common))),
         ("predict", lambda: predict.predict(predict.parse_args(["--run", args.run] + device))),
     ]

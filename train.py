@@ -30,8 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from dataset import (dataset_labels, files_fingerprint, index_batches, subject_summary, to_unit, training_data,
-                     training_files, uint8_loader)
+from dataset import (data_files_key, dataset_labels, files_fingerprint, index_batches, subject_summary, to_unit,
+                     training_data, training_files, uint8_loader)
 from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
                      VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_labels,
                      generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss,
@@ -40,8 +40,8 @@ from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
 from runtime.errors import BadInputError
-from runtime.process import (Runtime, any_rank, cpus_per_process, main_rank_first, mean_over_ranks, progress,
-                             restore_rng, rng_states, setup_runtime, wrap_model)
+from runtime.process import (Runtime, any_rank, cpus_per_process, main_rank_first, mean_over_ranks, place_model,
+                             progress, restore_rng, rng_states, setup_runtime, wrap_model)
 from runtime.signals import StopRequests
 
 
@@ -55,6 +55,18 @@ def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
     except RuntimeError:  # no fused kernel for these parameters' device in this torch
         return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict):
+    """Load a saved optimizer state, each weight's moments in that weight's memory layout. A saved state keeps the
+    layout it was written in (NHWC from a GPU run), and the fused and for-each AdamW kernels walk a weight's storage
+    and its moments' side by side: moments in another layout would update the wrong elements (a GPU run resumed on
+    a CPU, or with --no-channels-last). So the model is placed in its layout first (`place_model`), then this."""
+    optimizer.load_state_dict(state)
+    for p, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                moments[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_clip: float,
@@ -93,19 +105,35 @@ class LearningRateFactor:
     was measured; the `full` VQ-VAE keeps C = 0 until it is measured over a run of its length). Stage 2 averages its
     weights (EMA) instead, and its presets keep C = 0.
 
-    The run ends at step `end`: --max-steps (or --epochs), or sooner where --max-minutes runs out, which the loop
-    estimates again at every log step from the speed so far (`end_by_deadline`, the same on every rank). The fall
-    is counted from step 0, so a run resumed with the same --max-steps follows the schedule of one never stopped.
+    The fall ends at step `end`: the run's `length` (--max-steps or --epochs), or sooner where --max-minutes runs
+    out, which the loop estimates again at every log step from the speed so far (`end_by`, the same on every rank);
+    with a cooldown the run is over when the rate reaches zero there. The fall is counted from step 0, and a
+    checkpoint keeps `state()`: a resumed run goes on where its schedule was, with the end its own deadline set
+    (which a later --max-minutes may bring sooner, never later), unless it is given another length, which plans
+    the fall anew.
     """
 
-    def __init__(self, warmup: int, cooldown: float, end: int):
-        self.warmup, self.cooldown, self.end = warmup, cooldown, end
+    def __init__(self, warmup: int, cooldown: float, length: int, saved: dict | None = None):
+        self.warmup, self.cooldown, self.length = warmup, cooldown, length
+        self.end = saved["end"] if saved and saved["length"] == length else length
+        self.latest = self.end   # the latest the end may be: where it stood when this command began
 
     def __call__(self, step: int) -> float:
         factor = min(1.0, (step + 1) / max(1, self.warmup))
         if self.cooldown > 0:
             factor *= min(1.0, max(0.0, (self.end - step) / (self.cooldown * self.end)))
         return factor
+
+    def end_by(self, deadline_step: int):
+        """--max-minutes: the fall ends where the minutes are estimated to run out, never later than it would have."""
+        self.end = min(self.latest, deadline_step)
+
+    def finished(self, step: int) -> bool:
+        """With a cooldown, the rate has reached zero: nothing is left to learn."""
+        return self.cooldown > 0 and step >= self.end
+
+    def state(self) -> dict:
+        return {"end": self.end, "length": self.length}
 
 
 def end_by_deadline(step: int, start: tuple[int, float], deadline: float, rt: Runtime) -> int:
@@ -123,7 +151,7 @@ def restore_training(resume: dict | None, model: nn.Module, optimizer, rt: Runti
     if resume is None:
         return 0
     model.load_state_dict(resume["model"])
-    optimizer.load_state_dict(resume["optimizer"])
+    load_optimizer(optimizer, resume["optimizer"])
     for group in optimizer.param_groups:  # the warm-up schedule scales initial_lr
         group["initial_lr"] = lr
     if rt.scaler.is_enabled() and resume.get("scaler"):
@@ -207,7 +235,7 @@ class Stage:
     """What a training stage hands the shared loop: the parts in which the two stages differ."""
     name: str                               # "vqvae" or "unet": RUN/<name>.pt, RUN/log_<name>.csv
     model: nn.Module                        # the unwrapped model: saved, checked for NaN
-    train_model: nn.Module                  # the same under channels_last / DDP / torch.compile: runs the batches
+    train_model: nn.Module                  # the same under DDP / torch.compile: runs the batches
     optimizer: torch.optim.Optimizer
     batches: Iterator                       # this rank's micro-batches, endlessly
     loss: Callable                          # micro-batch -> (loss, stats tensor, one value per name in `stats`)
@@ -215,19 +243,21 @@ class Stage:
     draw: Callable[[], tuple]               # (images in [-1, 1], per row) of what the model makes now (rank 0)
     grid: str                               # grid file prefix: RUN/<grid>_step0000100.png
     payload: Callable[[], dict]             # the stage's own checkpoint entries: kind, config, ...
-    after_step: Callable[[], None] = lambda: None  # after every step taken, e.g. the EMA update
+    after_step: Callable[[int, bool], None] = lambda step, taken: None  # after each step (its number, whether it
+                                                                        # was taken, not skipped): the EMA update
     plot: tuple[str, ...] = ("loss",)
     derived: Callable[[dict], dict] = lambda values: {}  # logged values computed from the means (PSNR)
     unit: str = "img"
 
 
 def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resume: dict | None):
-    """Train `stage` from `step` to `max_steps`: every step one optimizer update; once in a while log the mean
-    stats (all ranks agree on them and on stopping), draw a grid (rank 0), save a checkpoint or stop. Ends
-    with a checkpoint, the grid and the loss curve; raises Interrupted after a SIGINT/SIGTERM."""
+    """Train `stage` from `step` to `max_steps`, or with a cooldown until the learning rate reaches zero: every step
+    one optimizer update; once in a while log the mean stats (all ranks agree on them and on stopping), draw a
+    grid (rank 0), save a checkpoint or stop. Ends with a checkpoint, the grid and the loss curve; raises
+    Interrupted after a SIGINT/SIGTERM."""
     run = Path(args.run)
     ckpt_path = run / f"{stage.name}.pt"
-    lr_factor = LearningRateFactor(args.warmup, args.cooldown, max_steps)
+    lr_factor = LearningRateFactor(args.warmup, args.cooldown, max_steps, resume.get("lr_schedule") if resume else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_factor, last_epoch=step - 1)
     per_step = args.batch_size * args.grad_accum * rt.world
     if rt.main:
@@ -239,7 +269,8 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
         rng = rng_states(rt)
         if rt.main:
             atomic_save({**stage.payload(), "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
-                         "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "args": plain_args(args)},
+                         "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "args": plain_args(args),
+                         "lr_schedule": lr_factor.state()},
                         ckpt_path, keep_previous=True)
 
     sums, n_sum, t0 = torch.zeros(len(stage.stats), device=rt.device), 0, time.perf_counter()
@@ -251,15 +282,16 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     skips, stop = NonfiniteSkips(ckpt_path), StopRequests()
     stage.model.train()
     with stop:
-        while step < max_steps:
+        while step < max_steps and not lr_factor.finished(step):
             # one optimizer step; no host-device sync unless --skip-nonfinite
             stats = optimizer_step(stage.train_model, stage.optimizer, rt.scaler,
                                    [next(stage.batches) for _ in range(args.grad_accum)], stage.loss, args.grad_clip,
                                    args.skip_nonfinite)
             scheduler.step()
             step += 1
-            if skips.count(stats, step):
-                stage.after_step()
+            taken = skips.count(stats, step)
+            stage.after_step(step, taken)
+            if taken:
                 sums += stats
                 n_sum += 1
             pbar.update(1)
@@ -268,10 +300,11 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                 first_step = None
 
             # once in a while: log the stats, the same on every rank; all ranks agree whether to stop
-            at_log = step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
+            at_log = (step % args.log_every == 0 or step % args.save_every == 0 or step == max_steps
+                      or lr_factor.finished(step))
             stopping = any_rank(time.monotonic() > deadline or bool(stop.signal), rt) if at_log or rt.world == 1 else False
             if at_log and args.cooldown > 0 and deadline < math.inf:  # where --max-minutes will end the run
-                lr_factor.end = min(max_steps, end_by_deadline(step, start, deadline, rt))
+                lr_factor.end_by(end_by_deadline(step, start, deadline, rt))
             if at_log or stopping:  # the loss and the weights are checked before any save
                 values = dict(zip(stage.stats, mean_over_ranks(sums / max(n_sum, 1), rt).tolist()))
                 ensure_finite(values["loss"], step, ckpt_path, stage.model)
@@ -297,9 +330,12 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                 rt.log(f"{stop.signal} received at step {step}" if stop.signal else
                        f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
                 break
-            if step % args.save_every == 0 and step < max_steps:
+            if step % args.save_every == 0 and step < max_steps and not lr_factor.finished(step):
                 save(step)
     pbar.close()
+    if lr_factor.finished(step) and step < max_steps:  # a resumed run may find it so before its first step
+        rt.log(f"the learning rate reached zero at step {lr_factor.end} (--cooldown, where --max-minutes ran out): the "
+               f"run is finished; a longer --max-steps plans a new cooldown to train it further")
 
     # the end: checkpoint, grid and loss curve
     save(step)
@@ -359,7 +395,9 @@ class Adversary:
     """Stage 1's optional adversarial patch loss (Esser et al. 2021): a PatchGAN discriminator with its own AdamW
     (betas 0.5, 0.9, as VQGAN), off before --adversarial-start, its generator term weighted by --adversarial-weight
     times the adaptive weight at the decoder's last layer (eq. 7). The discriminator learns after each VQ-VAE
-    step, on that step's last real batch and its reconstructions (detached: no gradient reaches the VQ-VAE)."""
+    step, on that step's last real batch and its reconstructions (detached: no gradient reaches the VQ-VAE),
+    unless --skip-nonfinite skipped that step. It counts the loop's steps, skipped ones too, so it starts at the
+    loop's --adversarial-start; under fp16 its own GradScaler scales its loss and skips its non-finite steps."""
 
     def __init__(self, args, rt: Runtime, resume: dict | None):
         self.weight, self.start, self.rt = args.adversarial_weight, args.adversarial_start, rt
@@ -367,13 +405,16 @@ class Adversary:
         resume = resume if resume and "discriminator" in resume else None  # a run that trained without one starts one
         self.d_loss = hinge_d_loss if args.adversarial_loss == "hinge" else non_saturating_d_loss
         self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(in_channels=args.channels)
-        self.disc = PatchDiscriminator(self.cfg).to(rt.device)
+        self.disc = place_model(PatchDiscriminator(self.cfg), rt)
         self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())
         if resume:
             self.disc.load_state_dict(resume["discriminator"])
-            self.optimizer.load_state_dict(resume["disc_optimizer"])  # with its learning rate, unless one is given now
+            load_optimizer(self.optimizer, resume["disc_optimizer"])  # with its learning rate, unless one is given now
             for group in self.optimizer.param_groups:
                 group["lr"] = args.adversarial_lr or group["lr"]
+            if self.scaler.is_enabled() and resume.get("disc_scaler"):
+                self.scaler.load_state_dict(resume["disc_scaler"])
         self.train_disc = wrap_model(self.disc, rt, compile_model=False)
         self.batch = None
 
@@ -388,22 +429,23 @@ class Adversary:
         self.disc.requires_grad_(True)
         return self.weight * adaptive_weight(rec_loss, g_loss, last_layer) * g_loss
 
-    def learn(self):
-        """After each VQ-VAE step: one discriminator step (from the start step on)."""
-        self.step += 1
-        if self.batch is None:
-            return
-        with self.rt.autocast:
-            logits = self.train_disc(torch.cat(self.batch)).float()
-        loss = self.d_loss(*logits.chunk(2))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+    def after_step(self, step: int, taken: bool):
+        """After each VQ-VAE step (the loop's `step` now): one discriminator step, from the start step on, unless
+        the VQ-VAE's step was skipped (its reconstructions may hold NaN)."""
+        self.step = step
+        if taken and self.batch is not None:
+            with self.rt.autocast:
+                logits = self.train_disc(torch.cat(self.batch)).float()
+            loss = self.d_loss(*logits.chunk(2))
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.batch = None
 
     def state(self) -> dict:
         return {"discriminator": self.disc.state_dict(), "disc_optimizer": self.optimizer.state_dict(),
-                "disc_config": asdict(self.cfg)}
+                "disc_scaler": self.scaler.state_dict(), "disc_config": asdict(self.cfg)}
 
 
 def train_vqvae(args):
@@ -418,14 +460,15 @@ def train_vqvae(args):
 
     # data: every rank decodes into memory; a memory-mapped cache on disk is built by rank 0 alone
     rt.log(subject_summary(data))
+    files_key = data_files_key(data)  # saved: a resumed run, stage 2 and `evaluate` check they read these files
     workers = args.workers or cpus_per_process()
     dataset = training_data(data, args.cache_gb, workers, Path(args.run), build_guard=lambda: main_rank_first(rt))
     max_steps = total_steps(args, len(dataset), rt.world)
     spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
     fixed = torch.stack([dataset[i][0] for i in spread]).to(rt.device)
 
-    # model and optimizer
-    model = VQVAE(cfg).to(rt.device)
+    # model and optimizer (the model in its memory layout before the optimizer state is loaded)
+    model = place_model(VQVAE(cfg), rt)
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, model, optimizer, rt, args.lr)
     adversary = Adversary(args, rt, resume) if args.adversarial_weight > 0 else None
@@ -465,8 +508,9 @@ def train_vqvae(args):
     train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss,
                      ("loss", "recon", "vq", "adversarial", "perplexity", "usage"), draw, "recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
-                                      "data_config": data.saved(), **(adversary.state() if adversary else {})},
-                     after_step=adversary.learn if adversary else lambda: None,
+                                      "data_config": data.saved(), "data_files": files_key,
+                                      **(adversary.state() if adversary else {})},
+                     after_step=adversary.after_step if adversary else lambda step, taken: None,
                      plot=("loss", "recon", "vq"),
                      derived=lambda v: {"psnr": 10 * math.log10(4.0 / max(v.get("recon", 1.0), 1e-12))}),  # peak-to-peak 2
                args, rt, step, max_steps, resume)
@@ -544,8 +588,8 @@ def train_unet(args):
     latent_absmax = resume["latent_absmax"] if resume else latents.abs().max().item()  # range for clipping x0
     max_steps = total_steps(args, len(latents), rt.world)
 
-    # model, EMA, optimizer
-    model = UNet(cfg).to(rt.device)
+    # model, EMA, optimizer (the model in its memory layout before the EMA copy and the optimizer state)
+    model = place_model(UNet(cfg), rt)
     diffusion = diffusion.to(rt.device)
     ema = EMA(model, args.ema_decay)  # the sampling weights, in eval mode
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0)
@@ -555,8 +599,6 @@ def train_unet(args):
         ema.updates = resume["ema_updates"]
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
-    if rt.channels_last:  # the EMA copy in the model's layout: one fused update over all tensors
-        ema.module.to(memory_format=torch.channels_last)
     batches = index_batches(len(latents), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum,
                             device=rt.device)
 
@@ -587,5 +629,5 @@ def train_unet(args):
                 f"on latents {tuple(latents.shape[1:])}, {len(latents)} latents, scale {latent_scale:.4f}, steps {step} -> "
                 f"{max_steps} of {args.batch_size * args.grad_accum * rt.world} latents ({rt.world} process(es)) on {rt.device}")
     train_loop(Stage("unet", model, train_model, optimizer, batches, loss, ("loss",), draw, "samples", payload,
-                     after_step=lambda: ema.update(model), unit="latents"),
+                     after_step=lambda step, taken: ema.update(model) if taken else None, unit="latents"),
                args, rt, step, max_steps, resume)

@@ -127,8 +127,9 @@ def _plain(value):
 
 
 def plain_args(args) -> dict:
-    """The resolved flags as plain values, which a weights_only=True load accepts."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))}
+    """The resolved flags as plain values, which a weights_only=True load accepts (tuples as lists, as in JSON)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+            if v is None or isinstance(v, (int, float, str, bool, list, tuple))}
 
 
 def write_config(run: Path, stage: str, args):

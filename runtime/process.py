@@ -165,15 +165,22 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
+def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """The model on this process's device and in its final memory layout (NHWC where rt.channels_last). Call it
+    before the model's optimizer is made and its state loaded: the optimizer's moments then share the weights'
+    layout (train.load_optimizer)."""
+    model = model.to(rt.device)
+    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
+
+
 def wrap_model(model: torch.nn.Module, rt: Runtime, compile_model: bool, cache_dir: str | None = None) -> torch.nn.Module:
-    """channels_last, torch.compile if asked, DDP under torchrun; checkpoints keep saving the unwrapped model.
+    """torch.compile if asked, DDP under torchrun, around a model already placed (`place_model`); checkpoints keep
+    saving the unwrapped model.
 
     Compilation: a model with `compile_blocks` (the UNet) compiles its repeated blocks one by one, in place
     (a shorter start than the whole graph, and the same state_dict keys); others are compiled whole.
     `cache_dir` keeps inductor's compiled kernels (e.g. in the run folder), so a resumed run does not pay again.
     """
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
     if compile_model:
         if cache_dir:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)

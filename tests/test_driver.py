@@ -1,5 +1,7 @@
 """driver.py: presets, help, the demo's order of stages, flags resolved once, and every bad command line's
 one-line error (before anything is written)."""
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -34,11 +36,13 @@ def test_train_unet_without_vqvae(tmp_path, capsys):
     assert "config:" not in capsys.readouterr().out   # stage 1 is checked before a preset is chosen and printed
 
 
-def test_stage_2_inherits_stage_1s_data_and_preset_without_rewriting_its_own_flags(trained_run):
+def test_stage_2_inherits_stage_1s_data_and_preset_without_rewriting_its_own_flags(trained_run, tmp_path):
     run, data = trained_run
     args = driver.parse(["train-unet", "--run", str(run)])
     assert (args.preset, args.image_size, args.data_config.image_size, args.data_config.root) == ("tiny", 32, 32, str(data))
-    assert driver.parse(["evaluate", "--run", str(run), "--data", "/elsewhere"]).data_config.root == "/elsewhere"
+    elsewhere = tmp_path / "elsewhere"                   # the same files in another place (they are checked)
+    shutil.copytree(data, elsewhere)
+    assert driver.parse(["evaluate", "--run", str(run), "--data", str(elsewhere)]).data_config.root == str(elsewhere)
 
 
 def test_errors_print_one_line_without_traceback(tmp_path):
@@ -99,3 +103,81 @@ def test_the_command_line_loads_the_metrics_only_for_evaluate():
     code = "import sys, driver; driver.build_parser(); print('torchmetrics' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- a resumed run is the run it saved
+
+@pytest.fixture
+def stage1_run(adni_folder, tmp_path):
+    """A 1-step stage 1 started with non-default settings of every kind."""
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "1", "--holdout", "0.25", "--grad-accum", "2", "--laplacian-weight", "0.5",
+          "--seed", "3", "--cooldown", "0")
+    return run, adni_folder
+
+
+def test_a_resumed_run_takes_every_setting_it_was_not_given_from_the_run(stage1_run):
+    run, data = stage1_run
+    args = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
+    assert (args.data, args.data_config.root, args.data_config.holdout, args.grad_accum, args.laplacian_weight,
+            args.seed, args.image_size, args.vq_channels) == (str(data), str(data), 0.25, 2, 0.5, 3, 32, 8)
+    assert args.max_steps == 1 and args.batch_size == 8 and args.workers is None   # this machine's own
+
+
+def test_without_its_config_json_a_run_resumes_with_the_flags_its_checkpoint_saved(stage1_run):
+    run, data = stage1_run
+    (run / "config.json").unlink()
+    args = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
+    assert (args.grad_accum, args.laplacian_weight, args.seed, args.cooldown, args.slices) == (2, 0.5, 3, 0.0, None)
+
+
+@pytest.mark.parametrize("flag, value", [("--grad-accum", "4"), ("--batch-size", "4"), ("--holdout", "0.5"),
+                                         ("--laplacian-weight", "0"), ("--adversarial-weight", "0.1"), ("--seed", "0"),
+                                         ("--axis", "coronal"), ("--no-clamped-loss", None), ("--preset", "full"),
+                                         ("--image-size", "64"), ("--codebook-size", "64")])
+def test_a_setting_of_the_run_given_again_with_another_value_is_refused_in_one_line(stage1_run, flag, value):
+    run, data = stage1_run
+    before = (run / "vqvae.pt").read_bytes()
+    command = ["train-vqvae", "--run", str(run), "--resume", flag, *([value] if value else [])]
+    message = error_of(driver.main, command)
+    assert flag.replace("--no-", "--") in message and "differs from this run's" in message
+    assert (run / "vqvae.pt").read_bytes() == before
+
+
+def test_what_may_change_on_resume_is_honoured_and_a_setting_given_again_unchanged_is_fine(stage1_run):
+    run, data = stage1_run
+    args = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--max-steps", "9", "--lr", "5e-4",
+                         "--log-every", "3", "--workers", "1", "--device", "cpu", "--max-minutes", "2",
+                         "--grad-accum", "2", "--holdout", "0.25", "--data", str(data), "--seed", "3"])
+    assert (args.max_steps, args.lr, args.log_every, args.workers, args.max_minutes, args.grad_accum) == \
+        (9, 5e-4, 3, 1, 2, 2)
+
+
+def test_a_resumed_run_or_stage_2_on_a_folder_without_the_runs_files_is_refused(stage1_run, tmp_path):
+    run, data = stage1_run
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)                                  # the same files elsewhere: fine
+    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--data", str(moved)])
+    assert resumed.data_config.root == str(moved)
+    assert driver.parse(["train-unet", "--run", str(run), "--data", str(moved)]).data_config.root == str(moved)
+    shutil.copy(moved / "train" / "AD" / "trainAD0_67.jpeg", moved / "train" / "AD" / "new_1.jpeg")
+    for command in (["train-vqvae", "--resume"], ["train-unet"], ["evaluate"]):
+        message = error_of(driver.main, [*command, "--run", str(run), "--data", str(moved)])
+        assert "does not hold the files this run's stage 1 trained on" in message and "25 files" in message
+
+
+def test_stage_2_does_not_offer_the_flags_it_inherits_from_stage_1():
+    out = subprocess.run([sys.executable, str(REPO / "driver.py"), "train-unet", "--help"], capture_output=True,
+                         text=True).stdout
+    offered = set(re.findall(r"--[a-z-]*[a-z]", out))
+    assert not offered & {"--image-size", "--channels", "--skip-bad-images", "--demo-dir", "--holdout", "--axis"}
+    assert {"--data", "--cache-gb", "--channels-last"} <= offered
+
+
+@pytest.mark.parametrize("flag, value", [("--ema-decay", "0.9"), ("--conditional", None), ("--batch-size", "4"),
+                                         ("--schedule", "cosine"), ("--unet-channels", "16")])
+def test_stage_2_resumed_with_another_setting_is_refused_in_one_line(trained_run, tmp_path, flag, value):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    message = error_of(driver.main, ["train-unet", "--run", str(run), "--resume", flag, *([value] if value else [])])
+    assert flag in message and "differs from this run's" in message

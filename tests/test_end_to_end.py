@@ -237,3 +237,27 @@ def test_both_stages_and_predict_on_a_folder_of_volumes(tmp_path, monkeypatch, c
     images = predict.predict(predict.parse_args(["--run", str(run), "--num", "2", "--sampler", "ddim", "--steps", "3",
                                                  "--class", "AD", "--gif-frames", "2"]))
     assert images.shape == (2, 1, 32, 32) and (run / "denoise.gif").exists()
+
+
+def test_a_run_on_volumes_resumed_with_only_resume_is_the_run_it_started(tmp_path):
+    """--data DIR --axis coronal --holdout 0.2 --grad-accum 4, stopped by --max-minutes, then only --resume: the
+    same data, axis, split and effective batch, so (with --deterministic) the weights of an uninterrupted run."""
+    from conftest import blob, write_volume
+    data = tmp_path / "volumes"
+    for i, label in enumerate(("AD", "NC")):
+        for k in range(5):
+            write_volume(data / label / f"sub-{i}{k}.nii.gz", blob(shape=(20, 16, 20), seed=5 * i + k))
+    # --cooldown 0: with a cooldown, --max-minutes would end the run where its rate reaches zero
+    flags = [f"--data={data}", "--preset", "tiny", *SMALL_VQ, "--axis", "coronal", "--holdout", "0.2",
+             "--grad-accum", "4", "--batch-size", "2", "--max-steps", "3", "--deterministic", "--cooldown", "0"]
+    driver.main(["train-vqvae", "--run", str(tmp_path / "whole"), *flags])
+    driver.main(["train-vqvae", "--run", str(tmp_path / "cut"), *flags, "--max-minutes", "0.0001"])
+    assert ckpt(tmp_path / "cut" / "vqvae.pt")["step"] == 1
+    driver.main(["train-vqvae", "--run", str(tmp_path / "cut"), "--resume"])
+    whole, cut = ckpt(tmp_path / "whole" / "vqvae.pt"), ckpt(tmp_path / "cut" / "vqvae.pt")
+    assert cut["step"] == 3 and cut["data_config"] == whole["data_config"]
+    assert cut["data_config"]["root"] == str(data) and cut["data_config"]["slicing"]["axis"] == "coronal"
+    assert (cut["args"]["grad_accum"], cut["args"]["batch_size"], cut["data_config"]["holdout"]) == (4, 2, 0.2)
+    assert all(torch.equal(whole["model"][k], cut["model"][k]) for k in whole["model"])
+    driver.main(["train-unet", "--run", str(tmp_path / "cut"), *SMALL_UNET, "--max-steps", "1"])   # stage 2 inherits it
+    assert ckpt(tmp_path / "cut" / "latents.pt")["key"]["root"] == str(data)

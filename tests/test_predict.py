@@ -94,10 +94,12 @@ def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, t
         "samples, w=0", "samples, w=2", "real (training)", "real (floor)", "real (held out)")]
     assert all(0 <= r["recognised"] <= 1 for r in rows) and "## Per class" in (tmp_path / "eval" / "report.md").read_text()
     assert "--guidance" in error_of(driver.main, [*evaluate, "--run", str(copy), "--class", "AD", "--guidance", "1,-2"])
-    # the unconditional run refuses --class; resuming the conditional one without --conditional is refused
+    # the unconditional run refuses --class; the conditional one resumes conditional without being told (since
+    # issue 29: before, resuming it without --conditional was refused)
     assert "without --conditional" in error_of(predict.main, ["--run", str(run), "--num", "1", "--class", "AD"])
     assert "without --conditional" in error_of(driver.main, [*evaluate, "--run", str(run), "--class", "AD"])
-    assert "num_classes" in error_of(unet, copy, "--max-steps", "4", "--resume")
+    unet(copy, "--max-steps", "3", "--resume")
+    assert ckpt(copy / "unet.pt")["config"]["num_classes"] == 2 and ckpt(copy / "unet.pt")["args"]["label_dropout"] == 0.2
 
 
 def test_predict_without_unet(trained_run, tmp_path):

@@ -1,5 +1,6 @@
 """runtime/: checkpoints written atomically and loaded safely (damaged, crafted, of another kind or version),
 a full disk, and the device and precision checks."""
+import json
 import shutil
 import signal
 import subprocess
@@ -90,6 +91,12 @@ def test_checkpoints_of_another_kind_preset_or_version_give_clear_errors(trained
     shutil.copy(run / "vqvae.pt", copy / "unet.pt")
     assert "is not a unet checkpoint (it holds 'vqvae')" in error_of(predict.main, ["--run", str(copy), "--num", "1"])
     shutil.copy(run / "unet.pt", copy / "unet.pt")
+    assert "--unet-channels 16 differs from this run's 8" in error_of(
+        unet, copy, "--max-steps", "6", "--resume", "--unet-channels", "16")
+    config, saved = json.loads((copy / "config.json").read_text()), ckpt(copy / "unet.pt")
+    del config["train-unet"], saved["args"]["unet_channels"]   # no record of the flag: the model's config still refuses
+    (copy / "config.json").write_text(json.dumps(config))
+    torch.save(saved, copy / "unet.pt")
     assert "different config (channels: 8 in the checkpoint, 16 now" in error_of(
         unet, copy, "--max-steps", "6", "--resume", "--unet-channels", "16")
     old = ckpt(run / "unet.pt")

@@ -4,6 +4,7 @@ checkpoints, stops and NaN guards, resume, and stage 2's latent cache.
 The reference for DDP and accumulation is one process taking one step on the whole batch: 2 ranks x batch b,
 and 1 rank x K micro-batches of b, must end with the parameters of 1 rank x batch 2b (or K*b).
 """
+import copy
 import csv
 import json
 import os
@@ -146,7 +147,8 @@ def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
     run, data = trained_run
     before = (run / "vqvae.pt").read_bytes()
     assert "--resume" in error_of(vqvae, run, data, "--max-steps", "8")
-    assert "different config" in error_of(vqvae, run, data, "--max-steps", "8", "--resume", "--codebook-size", "64")
+    message = error_of(vqvae, run, data, "--max-steps", "8", "--resume", "--codebook-size", "64")
+    assert "--codebook-size 64 differs from this run's 32" in message
     assert (run / "vqvae.pt").read_bytes() == before
 
 
@@ -159,7 +161,10 @@ def test_min_snr_gamma_is_saved_in_the_checkpoint_and_used_when_sampling(trained
     unet(copy, "--max-steps", "2", "--min-snr-gamma", "5")
     assert ckpt(copy / "unet.pt")["diffusion"]["min_snr_gamma"] == 5.0
     assert predict.load_run(copy, "cpu").diffusion.min_snr_gamma == 5.0
-    assert "min_snr_gamma" in error_of(unet, copy, "--max-steps", "4", "--resume")  # resuming without it is refused
+    unet(copy, "--max-steps", "3", "--resume")              # resumed without it: the run's own (since issue 29)
+    assert ckpt(copy / "unet.pt")["diffusion"]["min_snr_gamma"] == 5.0 and ckpt(copy / "unet.pt")["step"] == 3
+    assert "--min-snr-gamma 3.0 differs from this run's 5.0" in error_of(unet, copy, "--max-steps", "4", "--resume",
+                                                                         "--min-snr-gamma", "3")
 
 
 def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
@@ -290,7 +295,12 @@ def test_latent_cache_is_rebuilt_when_an_image_is_replaced_under_the_same_name(t
     before = ckpt(copy / "latents.pt")["z"]
     replaced = sorted((images / "train" / "AD").iterdir())[0]
     from PIL import Image
-    Image.new("L", (256, 240), 255).save(replaced, format="JPEG")   # the same name, other pixels
+    import io
+    size, white = replaced.stat().st_size, io.BytesIO()
+    Image.new("L", (256, 240), 255).save(white, format="JPEG")
+    # the same name and size (stage 2 checks those against stage 1's files), other pixels: a decoder stops at the
+    # JPEG's end marker, so the padding is never read
+    replaced.write_bytes(white.getvalue().ljust(size, b"\0"))
     (copy / "unet.pt").unlink()
     unet(copy, "--max-steps", "1", "--data", str(images))
     assert "latents written" in capsys.readouterr().out
@@ -321,7 +331,7 @@ def test_a_resumed_run_keeps_its_own_warmup_and_cooldown_unless_given(adni_folde
     assert (resumed.warmup, resumed.cooldown) == (50, 0.0)    # it trained at a constant rate; warm-up: the preset's
 
 
-def test_a_resumed_run_keeps_its_own_batch_and_length_unless_given(adni_folder, tmp_path):
+def test_a_resumed_run_keeps_its_own_batch_and_its_length_unless_given(adni_folder, tmp_path):
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2")
     config = json.loads((run / "config.json").read_text())
@@ -329,10 +339,13 @@ def test_a_resumed_run_keeps_its_own_batch_and_length_unless_given(adni_folder, 
     (run / "config.json").write_text(json.dumps(config))
     resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
     assert (resumed.batch_size, resumed.max_steps, resumed.epochs) == (32, 600, None)   # not the preset's 8 and 2400
-    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--batch-size", "4", "--epochs", "3"])
-    assert (resumed.batch_size, resumed.max_steps, resumed.epochs) == (4, None, 3)      # a length given: not the run's
+    resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--epochs", "3"])
+    assert (resumed.batch_size, resumed.max_steps, resumed.epochs) == (32, None, 3)     # a length given: not the run's
     resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--max-steps", "900"])
     assert (resumed.max_steps, resumed.epochs) == (900, None)
+    # the batch is the run's (it sets the data position and the update): another one is refused since issue 29
+    assert "--batch-size 4 differs from this run's 32" in error_of(
+        driver.main, ["train-vqvae", "--run", str(run), "--resume", "--batch-size", "4"])
 
 
 def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_last_fraction(adni_folder, tmp_path):
@@ -342,9 +355,9 @@ def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_la
     logged = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
     # after step k the rate of step k + 1: warm-up min(1, (k + 1) / 2), then min(1, (10 - k) / (0.4 * 10))
     assert logged == pytest.approx([1e-3] * 6 + [7.5e-4, 5e-4, 2.5e-4, 0.0])
-    factor = train.LearningRateFactor(warmup=2, cooldown=0.4, end=10)
+    factor = train.LearningRateFactor(warmup=2, cooldown=0.4, length=10)
     assert [factor(k) for k in (0, 5, 9)] == pytest.approx([0.5, 1.0, 0.25])
-    assert train.LearningRateFactor(warmup=2, cooldown=0.0, end=10)(9) == 1.0   # --cooldown 0: constant
+    assert train.LearningRateFactor(warmup=2, cooldown=0.0, length=10)(9) == 1.0   # --cooldown 0: constant
 
 
 def test_with_max_minutes_the_cooldown_ends_where_the_time_runs_out(adni_folder, tmp_path):
@@ -424,17 +437,109 @@ def test_stage_1_measures_its_error_on_the_clamped_output_unless_told_not_to(adn
     assert len(calls) == 2 and driver.PRESETS["vqvae"]["full"]["clamped_loss"]   # one call per step, whole batch
 
 
-def test_a_resumed_stage_1_keeps_its_own_reconstruction_error_unless_told(adni_folder, tmp_path, monkeypatch):
+def test_a_resumed_stage_1_keeps_its_own_reconstruction_error(adni_folder, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2", "--no-clamped-loss")
     vqvae(run, adni_folder, "--max-steps", "3", "--resume")       # not the preset's clamped loss
     assert calls == []
-    vqvae(run, adni_folder, "--max-steps", "4", "--resume", "--clamped-loss")
-    assert len(calls) == 1
+    # a loss is the run's: another one is refused since issue 29 (it used to switch the loss mid-run)
+    message = error_of(vqvae, run, adni_folder, "--max-steps", "4", "--resume", "--clamped-loss")
+    assert "--clamped-loss True differs from this run's False" in message and calls == []
     config = json.loads((run / "config.json").read_text())
-    assert config["train-vqvae"]["clamped_loss"] is True
+    assert config["train-vqvae"]["clamped_loss"] is False
     del config["train-vqvae"]["clamped_loss"]                      # a run from before the flag trained unclamped
     (run / "config.json").write_text(json.dumps(config))
     assert driver.parse(["train-vqvae", "--run", str(run), "--resume"]).clamped_loss is False
+
+
+# ----------------------------------------------------------------------------- a resumed run is the same run
+
+def test_an_optimizer_state_saved_in_one_memory_layout_steps_the_same_in_another():
+    """A GPU run (NHWC) resumed on a CPU (NCHW): Adam's moments must follow their weights' layout, or the fused
+    kernel pairs each weight with another element's moments."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    nhwc = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    nchw = torch.nn.Conv2d(3, 4, 3)
+    nchw.load_state_dict(nhwc.state_dict())
+    first = train.adamw(nhwc.parameters(), 1e-2)
+    for _ in range(2):
+        nhwc(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+        first.step()
+        first.zero_grad()
+    nchw.load_state_dict(nhwc.state_dict())
+    resumed = train.adamw(nchw.parameters(), 1e-2)
+    train.load_optimizer(resumed, copy.deepcopy(first.state_dict()))      # as if saved and loaded
+    assert nhwc.weight.stride() != nchw.weight.stride()                  # the two layouts differ
+    for model, optimizer in ((nhwc, first), (nchw, resumed)):              # one more step each, the same gradient
+        model(x).square().mean().backward()
+        optimizer.step()
+    torch.testing.assert_close(nchw.weight, nhwc.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_resumed_in_another_memory_layout_ends_with_the_weights_of_an_uninterrupted_run(adni_folder, tmp_path):
+    flags = ["--deterministic", "--warmup", "1", "--cooldown", "0", "--adversarial-weight", "0.1",
+             "--adversarial-start", "0"]
+    vqvae(tmp_path / "whole", adni_folder, "--max-steps", "6", "--no-channels-last", *flags)
+    vqvae(tmp_path / "cut", adni_folder, "--max-steps", "3", "--channels-last", *flags)     # as on a GPU
+    vqvae(tmp_path / "cut", adni_folder, "--max-steps", "6", "--resume", "--no-channels-last", *flags)
+    whole, cut = ckpt(tmp_path / "whole" / "vqvae.pt"), ckpt(tmp_path / "cut" / "vqvae.pt")
+    # NHWC and NCHW convolutions round differently (3e-3 here after 6 steps); moments applied to the wrong
+    # weights moved them by 10
+    for part in ("model", "discriminator"):
+        assert max((whole[part][k].float() - cut[part][k].float()).abs().max().item() for k in whole[part]) < 0.05
+
+
+def test_a_run_resumed_after_its_deadline_goes_on_where_its_learning_rate_was(adni_folder, tmp_path, capsys):
+    """--max-minutes with a cooldown: the rate falls to zero where the minutes run out. Resumed, the run keeps that
+    end (it was re-estimated only at log steps, from the length, so the rate jumped back to full)."""
+    run = tmp_path / "run"
+    flags = ["--max-steps", "1000000", "--lr", "1e-3", "--warmup", "1", "--cooldown", "0.5", "--log-every", "1",
+             "--sample-every", "1000000", "--save-every", "1000000"]
+    vqvae(run, adni_folder, *flags, "--max-minutes", "0.05")
+    rates = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
+    stopped = ckpt(run / "vqvae.pt")["step"]
+    assert rates[-1] < 2e-4
+    vqvae(run, adni_folder, *flags, "--max-minutes", "0.05", "--resume")   # another slice of minutes
+    after = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))][len(rates):]
+    assert all(rate <= rates[-1] for rate in after)
+    ended = ckpt(run / "vqvae.pt")["step"]
+    assert ended - stopped < 0.1 * stopped and ended == ckpt(run / "vqvae.pt")["lr_schedule"]["end"]
+    vqvae(run, adni_folder, *flags, "--resume")                              # no deadline: nothing left to learn
+    assert ckpt(run / "vqvae.pt")["step"] == ended and "the run is finished" in capsys.readouterr().out
+
+
+def test_the_discriminator_starts_at_the_loops_step_when_steps_are_skipped(adni_folder, tmp_path, monkeypatch):
+    calls = []
+    def nan_first(recon):  # the first VQ-VAE step's loss is NaN: --skip-nonfinite skips it
+        calls.append(1)
+        return recon.clamp(-1, 1) * (float("nan") if len(calls) == 1 else 1.0)
+    monkeypatch.setattr(train, "as_shown", nan_first)
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "4", "--skip-nonfinite", "--adversarial-weight", "0.1",
+          "--adversarial-start", "2")
+    saved = ckpt(run / "vqvae.pt")
+    # steps 3 and 4 (loop steps 2 and 3, counted from 0) train it, though step 1 was skipped
+    assert {int(s["step"]) for s in saved["disc_optimizer"]["state"].values()} == {2}
+    assert all(t.isfinite().all() for part in ("model", "discriminator") for t in saved[part].values())
+
+
+def test_under_fp16_the_discriminator_steps_through_its_own_grad_scaler(monkeypatch):
+    """An fp16 step whose gradient overflows is skipped and the scale halved, as for the VQ-VAE; without a
+    GradScaler the overflow reaches the discriminator's weights."""
+    from argparse import Namespace
+    from runtime.process import Runtime
+    import contextlib
+    rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=True), False)
+    args = Namespace(adversarial_weight=0.1, adversarial_start=0, adversarial_loss="hinge", channels=1,
+                     adversarial_lr=None, lr=1e-3)
+    adversary = train.Adversary(args, rt, None)
+    before = {k: v.clone() for k, v in adversary.disc.state_dict().items()}
+    adversary.d_loss = lambda real, fake: (real.mean() - fake.mean()) * float("inf")
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    adversary.batch = (x, x.flip(-1))
+    adversary.after_step(1, taken=True)
+    assert all(torch.equal(before[k], v) for k, v in adversary.disc.state_dict().items())
+    assert adversary.state()["disc_scaler"]["scale"] == 2.0 ** 15           # halved from 2 ** 16
