@@ -1,6 +1,7 @@
 """A network's inference call replayed from a CUDA graph, for the samplers' thousands of identical calls."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -31,6 +32,8 @@ class GraphedCall:
     and the model must draw no random numbers (eval mode). Under autocast the weight casts are recorded too:
     give the model requires_grad=False, so that autocast does not cache them outside the graph.
 
+    A graph is captured and replayed with the inputs' device made the current one: torch.cuda.graph and the
+    streams capture on the current device, which for a model on cuda:1 is not its own unless it is made so.
     If capturing fails (an operation that cannot be captured), it says so once and calls the model directly.
     `replay_eagerly=True` replays by calling the model again (no CUDA needed): the tests' way to check the
     bookkeeping on a CPU.
@@ -44,20 +47,21 @@ class GraphedCall:
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.failed:
             return self.model(*inputs)
-        key = tuple((tuple(x.shape), x.dtype, x.stride()) for x in inputs)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(inputs)
-            except RuntimeError as e:
-                print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); sampling without it",
-                      file=sys.stderr)
-                self.failed = True
-                return self.model(*inputs)
-        graph, static_inputs, output = self.graphs[key]
-        for static, x in zip(static_inputs, inputs):
-            static.copy_(x)
-        graph.replay()
-        return output.clone()
+        with current_device(inputs[0].device):
+            key = tuple((tuple(x.shape), x.dtype, x.stride()) for x in inputs)
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = self._capture(inputs)
+                except RuntimeError as e:
+                    print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); sampling without it",
+                          file=sys.stderr)
+                    self.failed = True
+                    return self.model(*inputs)
+            graph, static_inputs, output = self.graphs[key]
+            for static, x in zip(static_inputs, inputs):
+                static.copy_(x)
+            graph.replay()
+            return output.clone()
 
     @torch.no_grad()
     def _capture(self, inputs):
@@ -75,3 +79,8 @@ class GraphedCall:
         with torch.cuda.graph(graph):
             output = self.model(*static_inputs)
         return graph, static_inputs, output
+
+
+def current_device(device: torch.device):
+    """`device` made the current CUDA device for the block (nothing to do on other devices)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -38,6 +38,8 @@ def setup_device(device: str | None = None, precision: str = "auto",
     shapes it meets), unless `deterministic`: then deterministic kernels only, for a bit-exact resume.
     """
     device = pick_device(device)
+    if device.type == "cuda":  # cuda:1 made current, so that streams, graphs and cuDNN's handles are its own
+        torch.cuda.set_device(device)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
@@ -120,9 +122,7 @@ def setup_runtime(device: str | None = None, precision: str = "auto", determinis
     channels_last None: NHWC on CUDA, where cuDNN's convolutions prefer it."""
     device, autocast = setup_device(device, precision, deterministic)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():  # (setup_device made this rank's GPU the current one)
         # rank 0 may spend a while alone building the caches while the others wait at a barrier
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     fp16 = getattr(autocast, "fast_dtype", None) == torch.float16

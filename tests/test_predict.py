@@ -1,4 +1,5 @@
 """predict.py: samplers, grid, images and GIF; class-conditional sampling; its flags and their errors."""
+import contextlib
 import json
 import shutil
 
@@ -185,6 +186,45 @@ def test_a_graphed_call_returns_outputs_the_next_replay_does_not_overwrite():
     third = graphed(x[:1], t[:1])                            # another batch size: a graph of its own
     assert torch.equal(third, second[:1]) and len(graphed.graphs) == 2
     assert calls == [2, 2, 2, 1, 1]                          # capture + replay, replay, capture + replay
+
+
+def test_a_graph_is_captured_and_replayed_with_its_inputs_device_current(monkeypatch):
+    """torch.cuda.graph captures on the current device's streams: a model on cuda:1 with cuda:0 current (predict
+    --device cuda:1) would record an empty graph. On a CPU the capture replays eagerly, so this checks that the
+    capture and every replay run inside `current_device` of the inputs' device, and that for cuda:1 that is
+    torch.cuda.device(1); on two GPUs the test below compares the samples themselves."""
+    from runtime import graphs
+    inside = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        inside.append(device)
+        yield
+        inside.pop()
+
+    monkeypatch.setattr(graphs, "current_device", recording)
+    seen = []
+    graphed = GraphedCall(lambda x: seen.append(list(inside)) or x * 2, replay_eagerly=True)
+    x = torch.randn(2, 3)
+    graphed(x)
+    graphed(x)
+    assert seen == [[x.device]] * 3                          # capture, its replay, a replay
+    monkeypatch.undo()
+    second = graphs.current_device(torch.device("cuda", 1))
+    assert isinstance(second, torch.cuda.device) and second.idx == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graph_replayed_sampling_on_a_second_gpu_gives_the_eager_samples():
+    model = random_latent_diffusion()
+    for part in (model.vqvae, model.unet, model.diffusion):
+        part.to("cuda:1")
+    runs = []
+    for cuda_graphs in (False, True):
+        torch.manual_seed(1)
+        sampling = predict.Sampling("ddim", steps=6, batch_size=3, gif_frames=2, cuda_graphs=cuda_graphs)
+        runs.append(predict.generate(model, sampling, 5)[0])
+    assert torch.cuda.current_device() == 0 and torch.allclose(runs[0], runs[1], atol=1e-5)
 
 
 def test_sampling_batch_defaults_by_device(capsys):
