@@ -1,5 +1,5 @@
-"""The ADNI-layout loader, the in-memory cache, the subject split, the demo data, a run's data config, and image
-folders no one should have to clean by hand (NIfTI volumes: test_volumes.py)."""
+"""The ADNI-layout loader, the in-memory cache, the subject split, a run's data config, and image folders no one
+should have to clean by hand (NIfTI volumes and the demo data: test_volumes.py)."""
 import os
 import shutil
 from dataclasses import asdict
