@@ -430,6 +430,14 @@ def data_files_key(data: DataConfig) -> dict:
     return {"files": len(entries), "sha1": key.hexdigest()}
 
 
+def dataset_paths(dataset) -> list[str]:
+    """The file of each image of an InMemorySlices, or of a Subset of one (a volume's once per slice)."""
+    if isinstance(dataset, Subset):
+        paths = dataset_paths(dataset.dataset)
+        return [paths[i] for i in dataset.indices]
+    return [p for p, _ in dataset.samples]
+
+
 def dataset_labels(dataset) -> torch.Tensor:
     """The class labels of an InMemorySlices, or of a Subset of one (held-out subjects removed)."""
     if isinstance(dataset, Subset):

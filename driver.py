@@ -25,6 +25,7 @@ import predict
 import train
 from dataset import DataConfig, data_files_key
 import evaluation
+from conditions.table import condition_list
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError, Interrupted
 from runtime.process import is_main_process
@@ -222,10 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet target: v (Salimans & Ho 2022) stays stable when under-trained; eps as Ho et al. (default: %(default)s)")
     p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="eps loss (default: %(default)s; the original used smooth_l1)")
     p.add_argument("--conditional", action="store_true",
-                   help="condition the UNet on the class folders (AD, NC ...) for `--class` at sampling (default: unconditional)")
+                   help="condition the UNet on the class folders (AD, NC ...), for `--class` at sampling: the same as "
+                        "--condition class (default: unconditional)")
+    p.add_argument("--condition", type=condition_list, default=None,
+                   help="NAME,...: condition the UNet on these columns of the participants table (numbers: continuous "
+                        "covariates, text: categories; NAME:category or NAME:continuous says which) and `class`, the class "
+                        "folders; sample with --set NAME=VALUE (default: unconditional, or `class` with --conditional)")
+    p.add_argument("--labels", default=None,
+                   help="participants table, CSV or TSV, one row per subject (default: the data folder's participants.tsv)")
+    p.add_argument("--subject-column", default=None,
+                   help="the table's column of subject IDs, matched to the images' subjects (default: participant_id)")
     p.add_argument("--label-dropout", type=float, default=0.1,
-                   help="with --conditional: probability of training on the null label instead, so that the same network is "
-                        "unconditional too, for classifier-free guidance (default: %(default)s)")
+                   help="probability that a condition is dropped (not given) in training, for each condition of each "
+                        "image on its own, so that the network learns every subset of its conditions, the unconditional "
+                        "model included, for classifier-free guidance (default: %(default)s)")
     p.add_argument("--min-snr-gamma", type=positive(float), default=None,
                    help="weight each step's loss by min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v), Hang et al. 2023; "
                         "5 is the paper's choice (default: off, the plain average)")

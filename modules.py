@@ -1,5 +1,5 @@
-"""Networks and diffusion math: VQ-VAE and its stage-1 losses (PatchGAN, Laplacian L1), time-conditioned UNet,
-GaussianDiffusion, guidance, EMA.
+"""Networks and diffusion math: VQ-VAE and its stage-1 losses (PatchGAN, Laplacian L1), time-conditioned UNet and its
+condition embedding, GaussianDiffusion, guidance, EMA.
 
 Nothing here touches files or the command line; `train.py` and `predict.py` use these pieces.
 Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/test_modules.py`.
@@ -475,13 +475,22 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple = (2, 3)   # self-attention at the two lowest resolutions
     dropout: float = 0.0
-    num_classes: int = 0            # > 0 adds a class embedding (index num_classes = "no label")
+    conditions: tuple = ()          # one entry per condition: its number of categories, or 0 for a continuous one
     scale_shift_norm: bool = True   # how res blocks take the embedding (ResBlock); False in older checkpoints
+
+    def __post_init__(self):
+        self.conditions = tuple(self.conditions)  # a list after a JSON round trip
 
     @classmethod
     def from_saved(cls, config: dict) -> "UNetConfig":
-        """The config of a checkpoint; one written before a field existed gets the behaviour it was trained with."""
-        return cls(**{"scale_shift_norm": False, **config})
+        """The config of a checkpoint; one written before a field existed gets the behaviour it was trained with.
+        A class-conditional UNet written before `conditions` existed (`num_classes` N) has one condition of N
+        categories; its class table loads under the new name (`UNet._rename_class_table`)."""
+        config = {"scale_shift_norm": False, **config}
+        num_classes = config.pop("num_classes", 0)
+        if num_classes and "conditions" not in config:
+            config["conditions"] = (num_classes,)
+        return cls(**config)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -490,6 +499,67 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class FourierCovariate(nn.Module):
+    """A continuous covariate c (scaled to [0, 1] by the training set's range) -> (B, emb_dim): Fourier features
+    [c, sin(2^k pi c), cos(2^k pi c)], k = 0..frequencies-1 (the positional encoding of Mildenhall et al. 2020),
+    then a small MLP. Its last layer starts at zero, and a missing value (NaN) gets the learned `null`, zero at
+    first: at initialisation the covariate adds nothing, given or not."""
+
+    def __init__(self, emb_dim: int, frequencies: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(frequencies), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(1 + 2 * frequencies, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        self.null = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        missing = c.isnan()[:, None]
+        c = torch.where(missing, 0.0, c[:, None]).float()
+        angles = c * self.freqs
+        emb = self.mlp(torch.cat([c, angles.sin(), angles.cos()], dim=1))
+        return torch.where(missing, self.null.to(emb.dtype), emb)
+
+
+class ConditionEmbedding(nn.Module):
+    """The conditions of a UNet -> one embedding (B, emb_dim) added to the time embedding: the sum of one term per
+    condition, a table per category (its last row, index n, the "not given" null) and a FourierCovariate per
+    continuous covariate. Conditions arrive as one float tensor y (B, K): a category's index or a covariate's
+    scaled value, NaN where the condition is not given (dropped in training, missing in the table, or not asked
+    for when sampling). Each term depends on its own column only, so any subset of conditions can be given.
+    The null rows start at zero: a condition not given adds nothing at initialisation."""
+
+    def __init__(self, conditions: tuple, emb_dim: int):
+        super().__init__()
+        self.sizes = tuple(conditions)
+        self.embed = nn.ModuleList()
+        for n in self.sizes:
+            if n:
+                table = nn.Embedding(n + 1, emb_dim)
+                nn.init.zeros_(table.weight[n:].data)
+                self.embed.append(table)
+            else:
+                self.embed.append(FourierCovariate(emb_dim))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        terms = []
+        for k, (n, embed) in enumerate(zip(self.sizes, self.embed)):
+            column = y[:, k]
+            if n:  # the index, or the null row n where the category is not given (or out of range)
+                valid = (column >= 0) & (column < n)
+                column = torch.where(valid, column, float(n)).long()
+            terms.append(embed(column))
+        return torch.stack(terms).sum(0)
+
+
+def as_conditions(y: torch.Tensor | None, batch: int, count: int, device) -> torch.Tensor:
+    """The conditions of a batch as the float (B, K) tensor the UNet takes (NaN: not given): None gives none, and
+    a (B,) tensor of class indices (the form before several conditions existed) is the one condition."""
+    if y is None:
+        return torch.full((batch, count), float("nan"), device=device)
+    return (y[:, None] if y.dim() == 1 else y).float()
 
 
 class TimestepSequential(nn.Sequential):
@@ -506,7 +576,8 @@ class UNet(nn.Module):
 
     4 down levels (res blocks, then strided-conv downsampling after all but the last), a bottleneck
     of res block -> self-attention -> res block, 4 up levels consuming the skips, and the timestep
-    embedding (sinusoid -> MLP, plus the class's) scaling and shifting every res block. Output has the input's shape.
+    embedding (sinusoid -> MLP, plus the conditions', `ConditionEmbedding`) scaling and shifting every res block.
+    Output has the input's shape.
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -515,7 +586,8 @@ class UNet(nn.Module):
         ch = cfg.channels
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
+        self.cond_emb = ConditionEmbedding(cfg.conditions, emb_dim) if cfg.conditions else None
+        self._register_load_state_dict_pre_hook(self._rename_class_table)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -568,13 +640,18 @@ class UNet(nn.Module):
             block.compile(**compile_kwargs)
         return self
 
+    @staticmethod
+    def _rename_class_table(state_dict, prefix, *args):
+        """A checkpoint written before `conditions` existed names its class table `class_emb`."""
+        if prefix + "class_emb.weight" in state_dict:
+            state_dict[prefix + "cond_emb.embed.0.weight"] = state_dict.pop(prefix + "class_emb.weight")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, h, w), t (B,) integer steps, y (B,) class indices or None -> (B, C, h, w)."""
+        """x (B, C, h, w), t (B,) integer steps, y (B, K) conditions (NaN: not given; see ConditionEmbedding), or
+        (B,) class indices, or None for none -> (B, C, h, w)."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels))
-        if self.class_emb is not None:
-            if y is None:
-                y = torch.full_like(t, self.cfg.num_classes)
-            emb = emb + self.class_emb(y)
+        if self.cond_emb is not None:
+            emb = emb + self.cond_emb(as_conditions(y, len(x), len(self.cfg.conditions), x.device)).to(emb.dtype)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:
@@ -720,6 +797,11 @@ class GaussianDiffusion(nn.Module):
             x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
         return x_prev, x0
 
+    def ddim_timesteps(self, start: int, steps: int | None) -> list[int]:
+        """The steps DDIM and DPM-Solver++ visit from `start` down to 0: `steps` of them, evenly spaced (default 50)."""
+        n = min(steps or 50, start + 1)
+        return torch.linspace(start, 0, n).round().long().unique_consecutive().tolist()
+
     def dpmpp_2m_step(self, model, x_t, t, t_prev, x0_before=None, h_before=None, clip_x0: float | None = None):
         """x_t -> x_{t_prev} by DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), for 10-25 steps.
 
@@ -765,8 +847,7 @@ class GaussianDiffusion(nn.Module):
         if sampler == "ddpm":
             ts = list(range(start, -1, -1))
         elif sampler in ("ddim", "dpmpp"):
-            n = min(steps or 50, start + 1)
-            ts = torch.linspace(start, 0, n).round().long().unique_consecutive().tolist()
+            ts = self.ddim_timesteps(start, steps)
         else:
             raise ValueError(f"unknown sampler {sampler!r} (use 'ddpm', 'ddim' or 'dpmpp')")
         x = x_T
@@ -808,26 +889,29 @@ class GaussianDiffusion(nn.Module):
         return (self.loss_weight(t) * per_sample).mean()
 
 
-# ----------------------------------------------------------------------------- class conditioning and guidance
+# ----------------------------------------------------------------------------- conditioning and guidance
 
-def drop_labels(y: torch.Tensor, p: float, null_label: int) -> torch.Tensor:
-    """Each label replaced by the null label with probability p: one network learns the conditional and the
-    unconditional model at once, as classifier-free guidance needs (Ho & Salimans 2022)."""
-    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_label), y)
+def drop_conditions(y: torch.Tensor, p: float) -> torch.Tensor:
+    """Each condition of each sample (y (B, K), NaN: not given) dropped to "not given" with probability p, each on
+    its own: one network learns the model under every subset of its conditions at once, the unconditional one
+    included, as classifier-free guidance needs (Ho & Salimans 2022)."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, float("nan"), y)
 
 
 class Guided(nn.Module):
-    """A class-conditional UNet under classifier-free guidance (Ho & Salimans 2022), called as model(x_t, t):
+    """A conditional UNet under classifier-free guidance (Ho & Salimans 2022), called as model(x_t, t):
 
     out = out(x_t, t, null) + w * (out(x_t, t, y) - out(x_t, t, null)), so w = 0 is the unconditional
-    network and w = 1 the conditional one. Both halves run in one batch. Every sampler works with it,
-    for the eps and the v output alike: x0 and eps are linear in the network's output.
+    network and w = 1 the conditional one. y (B, K): the conditions given (NaN where one is not: guidance then
+    pushes towards the subset given), or (B,) class indices; null: no condition given. Both halves run in one
+    batch. Every sampler works with it, for the eps and the v output alike: x0 and eps are linear in the output.
     """
 
-    def __init__(self, unet: "UNet", y: torch.Tensor, guidance: float, null_label: int | None = None):
+    def __init__(self, unet: "UNet", y: torch.Tensor, guidance: float):
         super().__init__()
-        self.unet, self.y, self.guidance = unet, y, guidance  # unet: the UNet, or a callable standing in for it
-        self.null = torch.full_like(y, unet.cfg.num_classes if null_label is None else null_label)
+        self.unet, self.guidance = unet, guidance  # unet: the UNet, or a callable standing in for it
+        self.y = as_conditions(y, len(y), 1, y.device)
+        self.null = torch.full_like(self.y, float("nan"))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.guidance == 1:

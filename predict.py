@@ -3,6 +3,8 @@
     python predict.py --run RUN                              # the card's DDPM-1000 + final 30 steps repeated x5
     python predict.py --run RUN --sampler ddim --steps 50    # 20x fewer network calls
     python predict.py --run RUN --repeat-times 0             # plain DDPM-1000
+    python predict.py --run RUN --set sex=F --sweep age=60,70,80 --guidance 2   # a conditional run: a row per age,
+                                                             # every row from the same noise
 
 Both models are rebuilt from RUN/vqvae.pt and RUN/unet.pt alone (the UNet's EMA weights are used).
 Writes RUN/samples.png, RUN/samples/NNNN.png and RUN/denoise.gif, whose frames show the decoded
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
+from conditions.table import CLASS, Condition, asked_values, saved_conditions, sweep_rows
 from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
@@ -59,9 +62,15 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                        help="classifier-free guidance scales w with --class, comma-separated, one row each: "
                             "0 unconditional, 1 conditional, >1 stronger (default: 0,1,2,3,5)")
     else:
+        p.add_argument("--set", dest="set_values", action="append", default=[], metavar="NAME=VALUE",
+                       help="a condition of a conditional run (--condition), e.g. --set age=75 --set sex=F; the conditions "
+                            "not set are left open (default: none, unconditional sampling)")
+        p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+                       help="one grid row per value (NAME=all: every category), every row from the same noise, so that "
+                            "the rows differ by what the condition does")
         p.add_argument("--guidance", type=float, default=3.0,
-                       help="classifier-free guidance scale w with --class: 0 unconditional, 1 conditional, >1 stronger "
-                            "(default: %(default)s)")
+                       help="classifier-free guidance scale w with --class, --set or --sweep: 0 unconditional, 1 "
+                            "conditional, >1 stronger (default: %(default)s)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
@@ -92,8 +101,14 @@ class LatentDiffusion:
     latent_scale: float
     latent_shape: tuple
     latent_absmax: float | None         # the training latents' largest |value|: the range for clipping x0
-    classes: list[str]                  # the class folders a --conditional UNet knows ([] otherwise)
+    conditions: list[Condition]         # what the UNet is conditioned on, in the order of its y columns ([]: none)
     unet_step: int
+    labels: dict | None = None          # the participants table it was trained with: file, sha1, subject column
+
+    @property
+    def classes(self) -> list[str]:
+        """The class folders the UNet knows (AD, NC ...), [] if it is not conditioned on them."""
+        return next((c.values for c in self.conditions if c.name == CLASS), [])
 
 
 def load_vqvae(run: Path, device) -> tuple[VQVAE, dict]:
@@ -117,9 +132,9 @@ def load_run(run: Path, device) -> LatentDiffusion:
     unet.load_state_dict(unet_ckpt["ema"])
     unet = for_sampling(unet, device)
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
-    classes = list(unet_ckpt.get("classes") or []) if unet.cfg.num_classes else []
     return LatentDiffusion(vqvae, unet, diffusion, unet_ckpt["latent_scale"], tuple(unet_ckpt["latent_shape"]),
-                           unet_ckpt.get("latent_absmax"), classes, unet_ckpt["step"])
+                           unet_ckpt.get("latent_absmax"), saved_conditions(unet_ckpt), unet_ckpt["step"],
+                           unet_ckpt.get("labels"))
 
 
 def for_sampling(unet: UNet, device) -> UNet:
@@ -184,18 +199,22 @@ def parse_clip(text: str, latent_absmax: float | None) -> float | None:
     return value
 
 
-def class_labels(class_name: str | None, model: LatentDiffusion, num: int, run: Path) -> torch.Tensor | None:
-    """--class -> the label of each of the images (num per class for 'all'); None for unconditional sampling."""
-    if class_name is None:
+def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), sweep: str | None = None,
+               class_name: str | None = None) -> list[tuple[str, torch.Tensor]] | None:
+    """--set, --sweep and --class -> [(caption, conditions (K,))], a row of images each (--class all and --sweep:
+    one per value); None when nothing is asked for (unconditional sampling)."""
+    if class_name is None and not settings and sweep is None:
         return None
-    if not model.unet.cfg.num_classes:
+    if class_name is not None and CLASS not in [c.name for c in model.conditions]:
         raise BadInputError(f"{run / 'unet.pt'} was trained without --conditional, so it cannot generate a chosen "
                             f"class; train stage 2 with `train-unet --conditional` for --class")
-    if class_name == "all":
-        return torch.arange(len(model.classes)).repeat_interleave(num)
-    if class_name not in model.classes:
+    if class_name not in (None, "all") and class_name not in model.classes:
         raise BadInputError(f"--class {class_name!r} is not a class of this run: {', '.join(model.classes)} or all")
-    return torch.full((num,), model.classes.index(class_name))
+    if class_name == "all":
+        sweep = f"{CLASS}=all"
+    elif class_name is not None:
+        settings = [*settings, f"{CLASS}={class_name}"]
+    return sweep_rows(model.conditions, asked_values(model.conditions, list(settings)), sweep)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -237,8 +256,9 @@ def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size:
 @torch.no_grad()
 def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
              guidance: float = 1.0, autocast=contextlib.nullcontext(), replay_eagerly: bool = False):
-    """`num` images in [-1, 1] (on the CPU), in batches of sampling.batch_size; with `labels` (num class indices)
-    under classifier-free guidance of scale `guidance`. The noise comes from torch's global generator.
+    """`num` images in [-1, 1] (on the CPU), in batches of sampling.batch_size; with `labels` (the conditions (num, K),
+    NaN where one is not given, or num class indices) under classifier-free guidance of scale `guidance`. The noise
+    comes from torch's global generator.
     On CUDA (with sampling.cuda_graphs) the UNet's calls are replayed from CUDA graphs, one per batch shape;
     `replay_eagerly` runs that bookkeeping on any device (tests).
 
@@ -255,8 +275,7 @@ def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch
     samples, frames, t0 = [], None, time.perf_counter()
     for start in range(0, num, batch_size):
         x_T = torch.randn(min(batch_size, num - start), *model.latent_shape, device=device).contiguous(memory_format=layout)
-        denoiser = network if labels is None else Guided(network, labels[start:start + len(x_T)].to(device), guidance,
-                                                         model.unet.cfg.num_classes)
+        denoiser = network if labels is None else Guided(network, labels[start:start + len(x_T)].to(device), guidance)
         with autocast:
             latents, batch_frames = sample_latents(model.diffusion, denoiser, x_T, sampling, bar)
             samples.append(decode(model.vqvae, latents, model.latent_scale).cpu())
@@ -296,6 +315,19 @@ def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
     return canvas
 
 
+def save_rows(rows: list[tuple[str, torch.Tensor]], path: Path):
+    """Rows of images (small ones enlarged), each captioned on its left: a sweep's grid."""
+    tiles = [make_grid(enlarged(images), nrow=len(images), normalize=True, value_range=(-1, 1)) for _, images in rows]
+    width = 8 + 7 * max(len(caption) for caption, _ in rows)
+    canvas = Image.new("L", (width + max(t.shape[2] for t in tiles), sum(t.shape[1] for t in tiles)))
+    top = 0
+    for (caption, _), tile in zip(rows, tiles):
+        canvas.paste(Image.fromarray((tile.mean(0) * 255).round().byte().numpy()), (width, top))
+        ImageDraw.Draw(canvas).text((4, top + tile.shape[1] // 2 - 6), caption, fill=255)
+        top += tile.shape[1]
+    canvas.save(path)
+
+
 def predict(args):
     """`python predict.py` / `driver.py sample`: samples of a trained run, written as a grid, PNGs and a GIF."""
     if args.num <= 0:
@@ -305,10 +337,16 @@ def predict(args):
     device, autocast = setup_device(args.device)
     model = load_run(run, device)
     sampling = sampling_from_args(args, model)
-    labels = class_labels(args.class_name, model, args.num, run)
-    torch.manual_seed(args.seed)
-    images, gif_latents, _ = generate(model, sampling, len(labels) if labels is not None else args.num, labels,
-                                      args.guidance, autocast)
+    rows = asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)]
+    images, gif_latents = [], None
+    for caption, y in rows:  # every row from the same seed: the same noise, so rows differ by their conditions only
+        torch.manual_seed(args.seed)
+        if caption:
+            print(f"row {caption}")
+        row, frames, _ = generate(model, sampling, args.num, None if y is None else y.expand(args.num, -1),
+                                  args.guidance, autocast)
+        images.append(row)
+        gif_latents = gif_latents or frames
     with torch.no_grad(), autocast:  # the GIF follows the first (at most 16) images
         gif = [gif_frame(decode(model.vqvae, x0[:16], model.latent_scale).cpu(),
                          decode(model.vqvae, xt[:16], model.latent_scale).cpu() if args.gif_xt else None, caption)
@@ -316,15 +354,17 @@ def predict(args):
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples").mkdir(exist_ok=True)
-    if args.class_name == "all":  # one row per class, as many of each as fit in GRID_MAX
-        per_row = min(args.num, max(1, GRID_MAX // len(model.classes)))
-        shown = images.view(len(model.classes), args.num, *images.shape[1:])[:, :per_row].flatten(0, 1)
+    if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
+        per_row = min(args.num, max(1, GRID_MAX // len(rows)))
+        save_rows([(caption, row[:per_row]) for (caption, _), row in zip(rows, images)], out / "samples.png")
+        shown = per_row * len(rows)
     else:
-        shown = images[:GRID_MAX]
-        per_row = math.ceil(math.sqrt(len(shown)))
-    save_image(enlarged(shown), out / "samples.png", nrow=per_row, normalize=True, value_range=(-1, 1))
-    if len(shown) < len(images):
-        print(f"{out / 'samples.png'} shows {len(shown)} of the {len(images)} images; all of them are in {out / 'samples'}")
+        shown = min(GRID_MAX, args.num)
+        save_image(enlarged(images[0][:shown]), out / "samples.png", nrow=math.ceil(math.sqrt(shown)), normalize=True,
+                   value_range=(-1, 1))
+    images = torch.cat(images)
+    if shown < len(images):
+        print(f"{out / 'samples.png'} shows {shown} of the {len(images)} images; all of them are in {out / 'samples'}")
     for i, img in enumerate(images):
         save_image(img, out / "samples" / f"{i:04d}.png", normalize=True, value_range=(-1, 1))
     durations = [80] * (len(gif) - 1) + [2500]  # hold the last frame

@@ -30,10 +30,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from dataset import (data_files_key, dataset_labels, files_fingerprint, index_batches, subject_summary, to_unit,
-                     training_data, training_files, uint8_loader)
+from conditions.table import (CLASS, build_conditions, condition_matrix, find_table, read_table, saved_conditions,
+                              subjects_of, to_saved)
+from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches, subject_summary,
+                     to_unit, training_data, training_files, uint8_loader)
 from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
-                     VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_labels,
+                     VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_conditions,
                      generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss,
                      perceptual_loss_or_none)
 from predict import load_vqvae
@@ -529,34 +531,57 @@ def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, rt: Runtime, workers:
     return torch.cat(out)
 
 
-def latent_cache(args, samples: list, vqvae: VQVAE, vq_fingerprint: str, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_cache(args, samples: list, vqvae: VQVAE, vq_fingerprint: str, rt: Runtime
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """RUN/latents.pt: the training images encoded once (by rank 0; the other ranks wait, then read it), with
-    their class labels; reused while the VQ-VAE, the data config and the image files (names, sizes, modification
-    times) are unchanged, which is checked without decoding any image."""
+    their class labels and files; reused while the VQ-VAE, the data config and the image files (names, sizes,
+    modification times) are unchanged, which is checked without decoding any image."""
     path = Path(args.run) / "latents.pt"
     data = args.data_config
     with main_rank_first(rt):
         if not rt.main:
             cache = load_checkpoint(path, "latents")
-            return cache["z"].float(), cache["y"]
+            return cache["z"].float(), cache["y"], cache["paths"]
         key = {"vqvae": vq_fingerprint, **data.saved(), "count": len(samples), "files": files_fingerprint(samples)}
         if path.exists():
             cache = load_checkpoint(path, "latents")
-            if cache["key"] == key and "y" in cache:
+            if cache["key"] == key and "paths" in cache:
                 print(f"latent cache {path}: {len(cache['z'])} latents reused")
-                return cache["z"].float(), cache["y"]
+                return cache["z"].float(), cache["y"], cache["paths"]
         workers = args.workers or cpus_per_process()
         dataset = training_data(data, args.cache_gb, workers, Path(args.run))
         z = encode_dataset(vqvae, dataset, 64, rt, workers)
-        y = dataset_labels(dataset)  # of the images decoded: --skip-bad-images may have left some out
-        atomic_save({"kind": "latents", "key": key, "z": z, "y": y}, path)
+        y, paths = dataset_labels(dataset), dataset_paths(dataset)  # of the images decoded: --skip-bad-images may
+        atomic_save({"kind": "latents", "key": key, "z": z, "y": y, "paths": paths}, path)  # have left some out
         print(f"latent cache {path}: {len(z)} latents written")
-        return z, y
+        return z, y, paths
 
 
-def unet_config(args, latent_shape, num_classes: int = 0) -> UNetConfig:
+def unet_config(args, latent_shape, conditions: tuple = ()) -> UNetConfig:
     return UNetConfig(in_channels=latent_shape[0], latent_size=latent_shape[1], channels=args.unet_channels,
-                      channel_mult=tuple(args.unet_mult), num_res_blocks=args.unet_res_blocks, num_classes=num_classes)
+                      channel_mult=tuple(args.unet_mult), num_res_blocks=args.unet_res_blocks, conditions=conditions)
+
+
+def training_conditions(args, resume: dict | None, classes: list[str], paths: list[str], labels: torch.Tensor):
+    """(conditions, y (N, K) of the N training latents, NaN where not given, the participants table or None, a
+    report line). Fresh: --condition's names (`class` with --conditional), defined by the training subjects; resumed:
+    the run's own, with its own table, which must be unchanged."""
+    data = args.data_config
+    names = args.condition or ([CLASS] if args.conditional else [])
+    subjects = subjects_of(paths, data.layout.subject)
+    saved = resume.get("labels") if resume else None
+    if resume:
+        conditions = saved_conditions(resume)
+        table = read_table(Path(saved["file"]), saved["subject_column"]) if saved else None
+        if table and table.sha1 != saved["sha1"]:
+            raise BadInputError(f"the participants table {table.file} changed since this run started; a resumed run "
+                                f"keeps the values it trained on: restore it, or train a new --run")
+    else:
+        path = find_table(data.folder(), args.labels) if [n for n in names if n != CLASS] or args.labels else None
+        table = read_table(path, args.subject_column) if path else None
+        conditions = build_conditions(names, table, subjects, classes)
+    y, report = condition_matrix(conditions, table, subjects, labels)
+    return conditions, y, table, report
 
 
 def train_unet(args):
@@ -570,19 +595,22 @@ def train_unet(args):
     vq_fingerprint = fingerprint(vq_ckpt["model"])
     latent_shape = vqvae.cfg.latent_shape
     samples, classes = training_files(args.data_config, expand_volumes=False)  # the cache key's files: no volume is read
-    cfg = unet_config(args, latent_shape, num_classes=len(classes) if args.conditional else 0)
     diffusion = GaussianDiffusion(args.diffusion_steps, args.schedule, args.loss, args.prediction, args.min_snr_gamma)
-    chosen = {k: v for k, v in asdict(cfg).items() if k != "scale_shift_norm"}  # not a flag: a resumed run keeps its own
+    chosen = {k: v for k, v in asdict(unet_config(args, latent_shape)).items()  # not flags: a resumed run keeps its own
+              if k not in ("scale_shift_norm", "conditions")}
     resume = checkpoint_to_resume(ckpt_path, "unet", args.resume, {**chosen, **diffusion.config()})
-    if resume:
-        cfg = model_config(UNetConfig, resume, ckpt_path)
-        if resume["vqvae_fingerprint"] != vq_fingerprint:
-            raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
-                                f"train stage 2 afresh in a new --run")
+    if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
+        raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
+                            f"train stage 2 afresh in a new --run")
 
-    # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused)
-    z, labels = latent_cache(args, samples, vqvae, vq_fingerprint, rt)
-    labels = labels.to(rt.device)
+    # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused), and the conditions
+    z, labels, paths = latent_cache(args, samples, vqvae, vq_fingerprint, rt)
+    conditions, y, table, report = training_conditions(args, resume, classes, paths, labels)
+    if conditions:
+        rt.log(report)
+    y = y.to(rt.device)
+    cfg = model_config(UNetConfig, resume, ckpt_path) if resume else unet_config(args, latent_shape,
+                                                                                 tuple(c.size for c in conditions))
     latent_scale = resume["latent_scale"] if resume else 1.0 / z.std().item()
     latents = (z * latent_scale).to(rt.device)
     latent_absmax = resume["latent_absmax"] if resume else latents.abs().max().item()  # range for clipping x0
@@ -606,9 +634,9 @@ def train_unet(args):
         x0 = latents[idx]
         if rt.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        y = drop_labels(labels[idx], args.label_dropout, cfg.num_classes) if cfg.num_classes else None
+        given = drop_conditions(y[idx], args.label_dropout) if conditions else None
         with rt.autocast:
-            value = diffusion.loss(train_model, x0, y=y)
+            value = diffusion.loss(train_model, x0, y=given)
         return value, value.detach()[None]
 
     def draw():  # 8 samples of the EMA weights, DDIM 50 steps, from fixed noise
@@ -622,9 +650,10 @@ def train_unet(args):
         return {"kind": "unet", "ema": ema.module.state_dict(), "ema_updates": ema.updates,
                 "config": asdict(cfg), "diffusion": diffusion.config(), "latent_scale": latent_scale,
                 "latent_absmax": latent_absmax, "latent_shape": list(latent_shape), "vqvae_fingerprint": vq_fingerprint,
-                "classes": classes}
+                "classes": classes, "conditions": to_saved(conditions), "labels": table.record() if table else None}
 
-    conditioning = f"conditional on {classes}, labels dropped with p={args.label_dropout}" if cfg.num_classes else "unconditional"
+    conditioning = (f"conditional on {', '.join(c.name for c in conditions)}, each dropped with p={args.label_dropout}"
+                    if conditions else "unconditional")
     start_stage(args, rt, "unet", f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params ({conditioning}) "
                 f"on latents {tuple(latents.shape[1:])}, {len(latents)} latents, scale {latent_scale:.4f}, steps {step} -> "
                 f"{max_steps} of {args.batch_size * args.grad_accum * rt.world} latents ({rt.world} process(es)) on {rt.device}")

@@ -43,10 +43,12 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
 
 import predict
+from conditions.table import CLASS
 from dataset import card_transform, load_image, load_slices, split_by_subject
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
+from evaluation.conditions import condition_check, format_condition_table
 from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.process import progress, setup_device
@@ -238,7 +240,7 @@ def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], class
                  features, device, seed: int, subject: Callable[[str], str] = subject_id) -> tuple[list[dict], torch.Tensor]:
     """Each class in `classes` against its own held-out subjects, for each guidance scale in args.guidance.
 
-    `generate(labels, guidance)` samples images of the given labels. Returns one dict per table row
+    `generate(c, num, guidance)` samples num images of class c. Returns one dict per table row
     (class, images, count, recognised = the classifier's accuracy for that class, metrics) and a grid
     of 8 samples per (class, scale). `subject`: whose each image is, by the run's own rules.
     """
@@ -252,8 +254,7 @@ def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], class
         floor, _ = stack(dataset, floor_idx)
         training, _ = stack(dataset, training_sample([i for i in train_idx if dataset.labels[i] == c], len(floor), seed))
         num = args.num or len(floor)
-        label = torch.full((num,), c)
-        sets = {f"samples, w={w:g}": generate(label, w) for w in args.guidance}
+        sets = {f"samples, w={w:g}": generate(c, num, w) for w in args.guidance}
         sets.update({"real (training)": training, "real (floor)": floor})
         scores = score_rows(sets, reference, features, device)
         recognised = {key: class_accuracy(classifier, images, torch.full((len(images),), c), device)
@@ -332,8 +333,8 @@ def evaluate(args):
             raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
         model = predict.load_run(run, device)
         settings = predict.sampling_from_args(args, model)
-        requested = predict.class_labels(args.class_name, model, 1, run)  # the classes asked for, checked
-        if requested is not None and model.classes != list(dataset.classes):
+        asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
+        if asked is not None and model.classes != list(dataset.classes):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(model, settings, num, autocast=autocast)
@@ -363,13 +364,27 @@ def evaluate(args):
         classifier = (features.classifier if isinstance(features, ClassifierFeatures)
                       else domain_classifier(run, dataset, train_idx, key, args.classifier_steps, device))
 
-        def sample(labels, guidance):
-            torch.manual_seed(args.seed)
-            return predict.generate(model, settings, len(labels), labels, guidance, autocast)[0]
+        column = [c.name for c in model.conditions].index(CLASS)
+        wanted = {int(y[column]): y for _, y in asked}  # class index -> the conditions asked for
 
-        class_rows, class_grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, requested.tolist(), sample,
+        def sample(c, num, guidance):
+            torch.manual_seed(args.seed)
+            return predict.generate(model, settings, num, wanted[c].expand(num, -1), guidance, autocast)[0]
+
+        class_rows, class_grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, list(wanted), sample,
                                               classifier, features, device, seed, subject)
         class_table = format_class_table(class_rows)
+
+    # each condition from the participants table, read back from samples generated at held-out subjects' values
+    condition_rows = None
+    if samples is not None and sampling.get("sampler") and any(c.name != CLASS for c in model.conditions):
+        def sample_at(y, guidance):
+            torch.manual_seed(args.seed)
+            return predict.generate(model, settings, len(y), y, guidance, autocast)[0]
+
+        condition_rows, sweeps = condition_check(args, run, model, dataset, train_idx, ref_idx + floor_idx, key,
+                                                 sample_at, device, out)
+        condition_table = format_condition_table(condition_rows)
 
     # files
     out.mkdir(parents=True, exist_ok=True)
@@ -388,6 +403,8 @@ def evaluate(args):
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
                "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
+    if condition_rows is not None:
+        metrics.update(guidance=args.guidance, per_condition=condition_rows, sweeps=sweeps)
     if class_rows is not None:
         metrics.update(guidance=args.guidance, per_class=class_rows)
         save_image(class_grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
@@ -423,11 +440,20 @@ def evaluate(args):
                    "reference half of that class's held-out subjects. *Recognised*: how often the AD/NC classifier "
                    "(trained on the training subjects) assigns the images to the class.", "", class_table, "",
                    "Eight samples per class and scale, one row each, in the order of the table:", "", "![](eval_classes.png)"]
+    if condition_rows is not None:
+        report += ["", "## Conditions", "", "A network trained on the real training images to read each condition reads "
+                   "it back from real held-out images (the floor) and from samples generated at those images' values, "
+                   "one condition given at a time, at each guidance scale (w = 0 ignores it: the null). r: Pearson "
+                   "correlation with the value set, MAE: mean absolute error in the covariate's units; recognised: how "
+                   "often a category is read as the one set.", "", condition_table, "",
+                   *[f"![]({name})" for name in sweeps]]
     (out / "report.md").write_text("\n".join(report) + "\n")
     print(vq_line)
     print(table)
     print(level_table)
     if class_rows is not None:
         print(class_table)
+    if condition_rows is not None:
+        print(condition_table)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return metrics

@@ -211,9 +211,9 @@ def test_class_scores_count_a_sample_as_recognised_only_when_the_classifier_name
             m = x.mean(dim=(1, 2, 3))
             return torch.stack([m, -m], 1), None
 
-    def generate(labels, guidance):
-        bright = (labels == 0) if guidance > 0 else (labels == 1)   # w = 0: every sample of the other class
-        return torch.where(bright[:, None, None, None], 0.5, -0.7) + 0.05 * torch.randn(len(labels), 1, 32, 32)
+    def generate(c, num, guidance):
+        bright = (c == 0) if guidance > 0 else (c == 1)   # w = 0: every sample of the other class
+        return (0.5 if bright else -0.7) + 0.05 * torch.randn(num, 1, 32, 32)
 
     features = ClassifierFeatures(SliceClassifier(ClassifierConfig(in_channels=1, input_size=32)))
     args = argparse.Namespace(guidance=[0.0, 2.0], num=None)

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from torch.optim.swa_utils import AveragedModel
 
-from modules import (ADAPTIVE_WEIGHT_FALLBACK, EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, Guided,
+from modules import (ADAPTIVE_WEIGHT_FALLBACK, EMA, VQVAE, ConditionEmbedding, DiscriminatorConfig, GaussianDiffusion, Guided,
                      PatchDiscriminator, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, adaptive_weight,
-                     adversarial_factor, as_shown, drop_labels, generator_adversarial_loss, hinge_d_loss, laplacian_l1,
+                     adversarial_factor, as_shown, drop_conditions, generator_adversarial_loss, hinge_d_loss, laplacian_l1,
                      non_saturating_d_loss, perceptual_loss_or_none)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
@@ -391,8 +391,6 @@ def original_reverse_step(d, model, x_t, t, noisy=True, clamp=True):
     return x.clamp(-1, 1) if clamp else x
 
 
-# Measured with this oracle (mu 0.3, s 0.5): noise alone gives std 0.81 (1.63x); clamping alone
-# mean 0.24, std 0.40; both together std 0.50 by coincidence but mean 0.15.
 @pytest.mark.parametrize("noisy, clamp", [(True, False), (False, True), (True, True)])
 def test_the_oracle_test_catches_the_original_defects(noisy, clamp):
     """Negative control: the same oracle check fails for the original's noise, its clamping, and both."""
@@ -462,18 +460,20 @@ def test_min_snr_gamma_weights_each_sample_by_the_closed_form(prediction):
     assert w[0] < 1e-3 and abs(w[3] - (1.0 if prediction == "eps" else 4e-5 / 1.00004)) < 1e-4
 
 
-def test_label_dropout_replaces_labels_by_the_null_label_with_probability_p():
+def test_each_condition_is_dropped_with_probability_p_on_its_own():
     torch.manual_seed(0)
-    y = torch.randint(0, 2, (100_000,))
-    assert torch.equal(drop_labels(y, 0.0, 2), y) and (drop_labels(y, 1.0, 2) == 2).all()
-    dropped = drop_labels(y, 0.1, 2)
-    assert abs((dropped == 2).float().mean().item() - 0.1) < 0.005
-    assert torch.equal(dropped[dropped != 2], y[dropped != 2])  # the others keep their label
+    y = torch.stack([torch.randint(0, 2, (100_000,)).float(), torch.rand(100_000), torch.randint(0, 3, (100_000,)).float()], 1)
+    assert torch.equal(drop_conditions(y, 0.0), y) and drop_conditions(y, 1.0).isnan().all()
+    dropped = drop_conditions(y, 0.1).isnan()
+    assert ((dropped.float().mean(0) - 0.1).abs() < 0.005).all()             # each condition, p = 0.1
+    assert abs((dropped[:, 0] & dropped[:, 1]).float().mean().item() - 0.01) < 0.002  # independently: 0.1 x 0.1
+    kept = drop_conditions(y, 0.5)
+    assert torch.equal(kept[~kept.isnan()], y[~kept.isnan()])                 # the others keep their value
 
 
 def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly():
     torch.manual_seed(0)
-    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1, num_classes=2)).eval()
+    unet = UNet(UNetConfig(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1, conditions=(2,))).eval()
     nn.init.normal_(unet.out[-1].weight, std=0.1)
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([0, 1, 1])
     with torch.no_grad():
@@ -484,6 +484,59 @@ def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly()
         assert torch.allclose(Guided(unet, y, 1.0)(x, t), cond, atol=1e-6)
         # float32 round-off of a batched pass, amplified by w = 3, on outputs of size ~10; a wrong rule is O(1) off
         assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=2e-4)
+
+
+SMALL_UNET = dict(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1)
+
+
+def test_a_condition_not_given_adds_nothing_at_initialisation():
+    """The unconditioned path of a conditional UNet at initialisation is the UNet without conditions (same weights
+    elsewhere): every null starts at zero, so neither training's dropped conditions nor sampling's open ones start
+    from a random offset."""
+    torch.manual_seed(0)
+    conditional = UNet(UNetConfig(**SMALL_UNET, conditions=(2, 0, 3))).eval()
+    plain = UNet(UNetConfig(**SMALL_UNET)).eval()
+    plain.load_state_dict({k: v for k, v in conditional.state_dict().items() if not k.startswith("cond_emb.")})
+    nn.init.normal_(conditional.out[-1].weight, std=0.1)
+    nn.init.normal_(plain.out[-1].weight, std=0.1)
+    plain.out[-1].weight.data.copy_(conditional.out[-1].weight)
+    x, t = torch.randn(4, 4, 8, 8), torch.tensor([3, 200, 600, 999])
+    nothing = torch.full((4, 3), float("nan"))
+    with torch.no_grad():
+        assert torch.equal(conditional(x, t, nothing), plain(x, t)) and torch.equal(conditional(x, t), plain(x, t))
+        given = conditional(x, t, torch.tensor([[0, float("nan"), float("nan")]] * 4))
+        assert (given - plain(x, t)).abs().max() > 1e-3                     # a category given does count
+
+
+def test_each_condition_adds_its_own_term_whatever_the_others():
+    """emb(y) is a sum of one term per column: switching one condition changes the embedding by the same amount
+    whatever the others are, given or not (so guidance works for any subset of them)."""
+    torch.manual_seed(0)
+    embed = ConditionEmbedding((2, 0, 3), 16)
+    for p in embed.parameters():
+        nn.init.normal_(p)   # trained weights, nulls included
+    nan = float("nan")
+    a, b = torch.tensor([[1.0, 0.7, 2.0]]), torch.tensor([[nan, 0.7, 2.0]])
+    c, d = torch.tensor([[1.0, nan, nan]]), torch.tensor([[nan, nan, nan]])
+    assert torch.allclose(embed(a) - embed(b), embed(c) - embed(d), atol=1e-5)
+    assert (embed(a) - embed(b)).abs().max() > 0.1
+    near, far = embed(torch.tensor([[nan, 0.50, nan]])), embed(torch.tensor([[nan, 0.52, nan]]))
+    assert 0 < (near - far).abs().max() < (near - embed(torch.tensor([[nan, 0.9, nan]]))).abs().max()
+    assert torch.allclose(embed(torch.tensor([[7.0, nan, -1.0]])), embed(d))  # out of range: not given
+
+
+def test_a_class_conditional_unet_written_before_conditions_existed_loads_as_one_condition():
+    torch.manual_seed(0)
+    new = UNet(UNetConfig(**SMALL_UNET, conditions=(2,))).eval()
+    nn.init.normal_(new.out[-1].weight, std=0.1)
+    old_state = {("class_emb.weight" if k == "cond_emb.embed.0.weight" else k): v for k, v in new.state_dict().items()}
+    old_config = {**SMALL_UNET, "num_classes": 2, "scale_shift_norm": True}   # as such a checkpoint holds it
+    loaded = UNet(UNetConfig.from_saved(old_config)).eval()
+    loaded.load_state_dict(old_state)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.tensor([1, 0])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), new(x, t, y)) and torch.equal(loaded(x, t), new(x, t))
+    assert UNetConfig.from_saved({**SMALL_UNET}).conditions == ()
 
 
 # ----------------------------------------------------------------------------- samplers: the same samples as before

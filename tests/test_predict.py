@@ -9,6 +9,7 @@ from PIL import Image
 
 import driver
 import predict
+from conditions.table import Condition
 from conftest import ckpt, error_of, unet, vqvae
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
 from runtime.graphs import GraphedCall
@@ -75,8 +76,9 @@ def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, t
     (copy / "unet.pt").unlink()
     unet(copy, "--max-steps", "2", "--conditional", "--label-dropout", "0.2")
     saved = ckpt(copy / "unet.pt")
-    assert saved["classes"] == ["AD", "NC"] and saved["config"]["num_classes"] == 2
-    assert "class_emb.weight" in saved["model"] and "class_emb.weight" not in ckpt(run / "unet.pt")["model"]
+    assert saved["classes"] == ["AD", "NC"] and list(saved["config"]["conditions"]) == [2]
+    assert saved["conditions"] == [{"name": "class", "kind": "category", "values": ["AD", "NC"], "low": 0.0, "high": 1.0}]
+    assert "cond_emb.embed.0.weight" in saved["model"] and not any(k.startswith("cond_emb") for k in ckpt(run / "unet.pt")["model"])
     assert ckpt(copy / "latents.pt")["y"].tolist() == ([0] * 6 + [1] * 6) * 2  # train/{AD,NC} then test/{AD,NC}
     common = ["--run", str(copy), "--num", "2", "--sampler", "ddim", "--steps", "5", "--repeat-times", "0", "--gif-frames", "2"]
     one = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "ad"), "--class", "AD", "--guidance", "3"]))
@@ -100,7 +102,7 @@ def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, t
     assert "without --conditional" in error_of(predict.main, ["--run", str(run), "--num", "1", "--class", "AD"])
     assert "without --conditional" in error_of(driver.main, [*evaluate, "--run", str(run), "--class", "AD"])
     unet(copy, "--max-steps", "3", "--resume")
-    assert ckpt(copy / "unet.pt")["config"]["num_classes"] == 2 and ckpt(copy / "unet.pt")["args"]["label_dropout"] == 0.2
+    assert list(ckpt(copy / "unet.pt")["config"]["conditions"]) == [2] and ckpt(copy / "unet.pt")["args"]["label_dropout"] == 0.2
 
 
 def test_predict_without_unet(trained_run, tmp_path):
@@ -142,10 +144,10 @@ def random_latent_diffusion() -> predict.LatentDiffusion:
     torch.manual_seed(0)
     vq = VQVAE(VQVAEConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16)).eval()
     net = UNet(UNetConfig(latent_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                          num_classes=2)).eval().requires_grad_(False)
+                          conditions=(2,))).eval().requires_grad_(False)
     torch.nn.init.normal_(net.out[-1].weight, std=0.2)
     return predict.LatentDiffusion(vq, net, GaussianDiffusion(num_steps=20, prediction="v"), 1.5, vq.cfg.latent_shape,
-                                   2.0, ["AD", "NC"], 0)
+                                   2.0, [Condition("class", "category", ["AD", "NC"])], 0)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])

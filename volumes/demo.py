@@ -3,8 +3,12 @@ the ADNI layout so that it goes through the same volume reader as real scans (vo
 
 Axial slabs of nilearn's MNI152 2009 T1 template (shipped inside its wheel), 40 "subjects", each with its own
 random affine, smooth elastic deformation and intensity; half of them ("AD") with a central expansion that
-widens the ventricles. Derived from one template, not from patients: it shows that the pipeline works, not
-anatomy. Built on first use by DataConfig.folder(), or by hand with `python dataset.py --out DIR`.
+widens the ventricles. Each subject has an age (55-90) that atrophies its brain as well, whatever its group: the
+ventricles widen (a smaller central expansion) and the sulci too (the dark gaps between gyri grow, an erosion of
+the bright tissue). `participants.tsv` at the root (BIDS) holds each subject's group, age and sex (sex changes
+nothing), so that conditioning on a covariate can be checked against an effect of known kind and size. Derived
+from one template, not from patients: it shows that the pipeline works, not anatomy. Built on first use by
+DataConfig.folder(), or by hand with `python dataset.py --out DIR`.
 """
 from __future__ import annotations
 
@@ -18,8 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEMO_VERSION = 2                  # bump when the demo generator changes, so old caches are not reused
+DEMO_VERSION = 3                  # bump when the demo generator changes, so old caches are not reused
 DEFAULT_DEMO_ROOT = Path.home() / ".cache" / "brain-ldm"
+AGES = (55.0, 90.0)               # the demo subjects' ages, uniform
+AGE_VENTRICLES = 0.10             # the central expansion at the oldest age (AD adds 0.12-0.22)
+AGE_SULCI = 0.8                   # how far the oldest brain is blended towards its erosion (5x5 minimum)
 
 
 def _smooth_field(rng: np.random.Generator, size: int, grid: int, amplitude: float) -> torch.Tensor:
@@ -43,6 +50,18 @@ def _subject_warp(rng: np.random.Generator, size: int, atrophy: float) -> torch.
     return grid
 
 
+def ageing(age: float) -> float:
+    """0 at the youngest demo age, 1 at the oldest."""
+    return (age - AGES[0]) / (AGES[1] - AGES[0])
+
+
+def widen_sulci(slab: torch.Tensor, amount: float) -> torch.Tensor:
+    """Slices (n, H, W) in [0, 1] blended by `amount` towards their grey-scale erosion (the minimum over 5x5 pixels):
+    the bright tissue thins and the dark gaps between it, sulci and ventricles, widen."""
+    eroded = -F.max_pool2d(-slab[:, None], 5, stride=1, padding=2)[:, 0]
+    return slab + amount * (eroded - slab)
+
+
 def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40, slices: int = 20,
                       size: int = 256) -> Path:
     """Write the MNI152-derived demo set as NIfTI volumes `out/{train,test}/{AD,NC}/sub-XXX.nii.gz` (idempotent),
@@ -51,8 +70,9 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40,
     Each "subject" is a slab of `slices` axial slices, 2 mm apart, of nilearn's MNI152 2009 T1 template
     (shipped in its wheel, no download) around the ventricles, each slice warped in-plane by the subject's
     own random affine and smooth elastic deformation, with its own intensity/contrast; half of them ("AD")
-    get a central expansion that widens the ventricles. The slab is written in RAS order with a `size` x
-    `size` in-plane grid. A stand-in for real scans, deterministic for a seed. A quarter of the subjects
+    get a central expansion that widens the ventricles, and every subject's age widens ventricles and sulci
+    (`ageing`, `widen_sulci`). The slab is written in RAS order with a `size` x `size` in-plane grid, and the
+    subjects' group, age and sex to participants.tsv. A stand-in for real scans, deterministic for a seed. A quarter of the subjects
     go to test/. Written to a temporary folder and renamed, so an interrupted build is never mistaken for
     a finished one.
     """
@@ -73,13 +93,17 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40,
     rng = np.random.default_rng(seed)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    participants = ["participant_id\tgroup\tage\tsex"]
     for s in range(subjects):
         split = "test" if (s // 2) % 4 == 3 else "train"   # AD/NC pairs: 1 in 4 to test
         label = "AD" if s % 2 else "NC"
-        grid = _subject_warp(rng, size, atrophy=rng.uniform(0.12, 0.22) if label == "AD" else 0.0)
+        age, sex = round(float(rng.uniform(*AGES)), 1), "F" if rng.uniform() < 0.5 else "M"
+        disease = rng.uniform(0.12, 0.22) if label == "AD" else 0.0
+        grid = _subject_warp(rng, size, atrophy=disease + AGE_VENTRICLES * ageing(age))
         stack = volume[first:first + 2 * slices:2, None]              # (slices, 1, pad, pad)
         warped = F.grid_sample(stack, grid.expand(slices, -1, -1, -1), mode="bilinear",
                                padding_mode="zeros", align_corners=False)[:, 0]
+        warped = widen_sulci(warped.clamp(0, 1), AGE_SULCI * ageing(age))
         gamma, contrast = rng.uniform(0.75, 1.3), rng.uniform(0.85, 1.1)
         jitter = torch.from_numpy(rng.uniform(0.93, 1.07, (slices, 1, 1))).float()  # per-slice brightness, as in ADNI
         slab = contrast * jitter * warped.clamp(0, 1) ** gamma        # (slices, rows from anterior, columns from left)
@@ -88,6 +112,8 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40,
         folder = tmp / split / label
         folder.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(voxels.numpy(), affine), folder / f"sub-{s:03d}.nii.gz")
+        participants.append(f"sub-{s:03d}\t{label}\t{age:g}\t{sex}")
+    (tmp / "participants.tsv").write_text("\n".join(participants) + "\n")
     (tmp / ".complete").touch()
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)

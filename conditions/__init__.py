@@ -1,0 +1,1 @@
+"""Research uses of a conditional run: the conditions a UNet learns from a participants table (table.py)."""

@@ -1,0 +1,150 @@
+"""Conditions from a participants table (the join, the scaling, what is missing), sampling with --set and --sweep."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import driver
+import predict
+from conditions.table import Condition, build_conditions, condition_matrix, find_table, read_table, subjects_of
+from conftest import SMALL_UNET, blob, ckpt, error_of, vqvae, write_blob_images, write_volume
+from volumes.layouts import Layout
+
+nan = math.nan
+
+
+# ----------------------------------------------------------------------------- the table and its join
+
+def test_a_bids_roots_participants_tsv_is_found_and_joined_by_participant_id(tmp_path):
+    root = tmp_path / "bids"
+    for s in ("01", "02", "03", "04"):
+        write_volume(root / f"sub-{s}" / "anat" / f"sub-{s}_T1w.nii.gz", blob(seed=int(s)))
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\tsite\n"
+                                           "sub-01\t61.5\tF\tA\nsub-02\tn/a\tM\tB\nsub-03\t80\tF\tA\n")  # no sub-04
+    table = read_table(find_table(root, None))
+    paths = sorted(str(p) for p in root.rglob("*.nii.gz"))
+    subjects = subjects_of(paths, Layout().subject)
+    conditions = build_conditions(["age", "sex"], table, subjects, classes=["all"])
+    assert conditions == [Condition("age", "continuous", low=61.5, high=80.0), Condition("sex", "category", ["F", "M"])]
+    y, report = condition_matrix(conditions, table, subjects, torch.zeros(4))
+    expected = torch.tensor([[0.0, 0], [nan, 1], [1, 0], [nan, nan]])
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.nan_to_num(), expected.nan_to_num())
+    assert "3 of 4 subjects in the table; 1 not (1 images" in report and "sub-04" in report
+    assert "age: 1 n/a" in report and "sex: 0 n/a" in report
+
+
+def test_a_csv_names_its_subject_column_and_a_coded_column_can_be_a_category(tmp_path):
+    table_file = tmp_path / "clinical.csv"
+    table_file.write_text("Subject,sex,group\n002_S_0295,1,AD\n002_S_0413,2,NC\n")
+    assert "--subject-column" in str(pytest.raises(Exception, read_table, table_file).value)
+    table = read_table(table_file, "Subject")
+    subjects = ["002_S_0295", "002_S_0413", "002_S_0413"]          # ADNI IDs, as the layout names them
+    numbers = build_conditions(["sex"], table, subjects, [])
+    assert numbers == [Condition("sex", "continuous", low=1.0, high=2.0)]
+    coded = build_conditions(["sex:category", "group", "class"], table, subjects, ["AD", "NC"])
+    assert [(c.name, c.kind, c.values) for c in coded] == [("sex", "category", ["1", "2"]),
+                                                           ("group", "category", ["AD", "NC"]),
+                                                           ("class", "category", ["AD", "NC"])]
+    y, _ = condition_matrix(coded, table, subjects, torch.tensor([1, 0, 0]))
+    assert y.tolist() == [[0, 0, 1], [1, 1, 0], [1, 1, 0]]
+    assert "no column 'age'" in str(pytest.raises(Exception, build_conditions, ["age"], table, subjects, []).value)
+    assert "--labels" in str(pytest.raises(Exception, build_conditions, ["age"], None, subjects, []).value)
+
+
+def test_a_value_the_run_does_not_know_is_not_given_in_training_and_refused_at_sampling(capsys):
+    sex, age = Condition("sex", "category", ["F", "M"]), Condition("age", "continuous", low=60.0, high=80.0)
+    assert math.isnan(sex.encode("X")) and math.isnan(sex.encode("n/a")) and math.isnan(age.encode("NA"))
+    assert age.encode("70") == 0.5 and sex.encode("M") == 1.0
+    assert "one of F, M" in str(pytest.raises(Exception, sex.parse, "X").value)
+    assert "a number" in str(pytest.raises(Exception, age.parse, "old").value)
+    assert age.parse("90") == 1.5 and "outside the training subjects' range 60-80" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- a run conditioned on a table
+
+@pytest.fixture(scope="module")
+def conditioned_run(tmp_path_factory):
+    """A 32-px run on blob images whose participants table gives age and sex, trained 2 + 2 steps, 25% of the
+    subjects held out; stage 2 conditioned on class, age and sex."""
+    root = tmp_path_factory.mktemp("conditioned")
+    data, rng = root / "data", np.random.default_rng(0)
+    lines = ["participant_id,age,sex"]
+    for label in ("AD", "NC"):
+        subjects = [f"{label}{i}" for i in range(4)]
+        write_blob_images(data / label, subjects, 3, rng, size=(40, 40))
+        lines += [f"{s},{50 + 10 * i + (5 if label == 'AD' else 0)},{'FM'[i % 2]}" for i, s in enumerate(subjects)]
+    (data / "participants.csv").write_text("\n".join(lines) + "\n")
+    run = root / "run"
+    vqvae(run, data, "--max-steps", "2", "--holdout", "0.25")
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "class,age,sex",
+                 "--labels", str(data / "participants.csv")])
+    return run, data
+
+
+def test_a_run_saves_its_conditions_scaled_by_its_training_subjects_and_keeps_them_on_resume(conditioned_run, tmp_path):
+    run, data = conditioned_run
+    saved = ckpt(run / "unet.pt")
+    held = {s for s in {p.name.split("_")[0] for p in data.rglob("*.jpeg")}} - {
+        p.split("/")[-1].split("_")[0] for p in ckpt(run / "latents.pt")["paths"]}
+    ages = {f"{label}{i}": 50 + 10 * i + (5 if label == "AD" else 0) for label in ("AD", "NC") for i in range(4)}
+    trained = [a for s, a in ages.items() if s not in held]
+    assert len(held) == 2 and list(saved["config"]["conditions"]) == [2, 0, 2]
+    assert saved["conditions"][1] == {"name": "age", "kind": "continuous", "values": [], "low": min(trained),
+                                      "high": max(trained)}
+    assert saved["labels"]["file"] == str(data / "participants.csv") and saved["labels"]["subject_column"] == "participant_id"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    driver.main(["train-unet", "--run", str(copy), "--max-steps", "3", "--resume"])
+    assert ckpt(copy / "unet.pt")["conditions"] == saved["conditions"] and ckpt(copy / "unet.pt")["step"] == 3
+    assert "--condition" in error_of(driver.main, ["train-unet", "--run", str(copy), "--resume", "--condition", "age"])
+    (data / "participants.csv").write_text((data / "participants.csv").read_text() + "extra,70,F\n")
+    try:
+        assert "changed since this run started" in error_of(driver.main, ["train-unet", "--run", str(copy),
+                                                                          "--max-steps", "4", "--resume"])
+    finally:
+        (data / "participants.csv").write_text("\n".join((data / "participants.csv").read_text().splitlines()[:-1]) + "\n")
+
+
+def test_a_sweep_draws_every_row_from_the_same_noise(conditioned_run, tmp_path):
+    run, _ = conditioned_run
+    common = ["--run", str(run), "--num", "2", "--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--set", "sex=F"]
+    unguided = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "a"), "--sweep", "age=55,75",
+                                                   "--guidance", "0"]))
+    assert unguided.shape == (4, 1, 32, 32) and torch.equal(unguided[:2], unguided[2:])  # w = 0: the condition ignored
+    guided = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "b"), "--sweep", "age=55,75",
+                                                 "--guidance", "3"]))
+    assert not torch.equal(guided[:2], guided[2:])
+    assert (guided[:2] - unguided[:2]).abs().mean() < 0.05                    # the same noise under both
+    width, height = Image.open(tmp_path / "b" / "samples.png").size
+    assert height > 1.5 * 32 * 2 and width < 3 * height                      # two captioned rows of two
+    classes = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "c"), "--class", "all"]))
+    assert classes.shape == (4, 1, 32, 32)
+    assert "not a condition of this run" in error_of(predict.main, [*common, "--set", "weight=3"])
+    assert "one of F, M" in error_of(predict.main, [*common, "--set", "sex=X"])
+
+
+def test_guidance_given_a_subset_of_the_conditions_leaves_the_others_open(conditioned_run):
+    run, _ = conditioned_run
+    model = predict.load_run(run, "cpu")
+    rows = predict.asked_rows(model, run, ["age=60"], "class=all")
+    assert [caption for caption, _ in rows] == ["class=AD", "class=NC"]
+    low, high = model.conditions[1].low, model.conditions[1].high
+    for k, (_, y) in enumerate(rows):
+        assert y[0] == k and y[1] == pytest.approx((60 - low) / (high - low)) and y[2].isnan()
+
+
+def test_an_unconditional_checkpoint_written_before_conditions_existed_still_samples(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    old = ckpt(copy / "unet.pt")
+    del old["conditions"], old["labels"], old["config"]["conditions"]
+    old["config"]["num_classes"] = 0
+    torch.save(old, copy / "unet.pt")
+    images = predict.predict(predict.parse_args(["--run", str(copy), "--num", "2", "--sampler", "ddim", "--steps", "2",
+                                                 "--gif-frames", "2"]))
+    assert images.shape == (2, 1, 32, 32) and images.isfinite().all()
+    assert "trained unconditional" in error_of(predict.main, ["--run", str(copy), "--num", "1", "--set", "age=3"])
