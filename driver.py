@@ -5,6 +5,7 @@
     python driver.py train-unet  --run RUN                  # stage 2
     python driver.py sample      --run RUN                  # new images (predict.py with fast defaults)
     python driver.py evaluate    --run RUN                  # FID/KID/SWD/MS-SSIM on held-out subjects, report.md
+    python driver.py counterfactual --run RUN --input PATH --set group=NC   # "what if": the input under other conditions
 
 Without --data the embedded MNI152 demo data is used and the preset defaults to `tiny`
 (64x64 -> 4x16x16); with --data it defaults to `full` (256x256 -> 4x32x32). Any flag overrides
@@ -25,6 +26,7 @@ import predict
 import train
 from dataset import DataConfig, data_files_key
 import evaluation
+from conditions import counterfactual
 from conditions.table import condition_list
 from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError, Interrupted
@@ -250,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_arguments(p)
     p.set_defaults(func=evaluate, stage=None)
 
+    p = sub.add_parser("counterfactual", help="the input slice as it would look under other conditions (--set), or a "
+                                              "region filled in (--mask); a heat map of what changed")
+    counterfactual.add_arguments(p)
+    p.set_defaults(func=counterfactual.counterfactual, stage=None)
+
     p = sub.add_parser("demo", help="the whole pipeline on the embedded demo data with the tiny preset")
     p.add_argument("--run", default="runs/demo", help="run folder (default: %(default)s)")
     p.add_argument("--demo-dir", default=str(DEFAULT_DEMO_ROOT), help="where the demo data is built once (default: %(default)s)")
@@ -392,6 +399,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         resolve(args, given_flags(argv))
     elif args.command == "evaluate":
         _, args.data_config = stage1_data(args)
+    elif args.command == "counterfactual":  # how the run reads an image; its data folder need not be at hand
+        args.data_config = DataConfig.from_checkpoint(load_checkpoint(Path(args.run) / "vqvae.pt", "vqvae"))
     return args
 
 

@@ -1,5 +1,5 @@
 """Networks and diffusion math: VQ-VAE and its stage-1 losses (PatchGAN, Laplacian L1), time-conditioned UNet and its
-condition embedding, GaussianDiffusion, guidance, EMA.
+condition embedding, GaussianDiffusion (and DDIM inversion), guidance, EMA.
 
 Nothing here touches files or the command line; `train.py` and `predict.py` use these pieces.
 Shapes in comments are (B, C, H, W). Run the tests with `python -m pytest tests/test_modules.py`.
@@ -796,6 +796,22 @@ class GaussianDiffusion(nn.Module):
         if eta > 0:
             x_prev = x_prev + sigma * (torch.randn_like(x_t) if noise is None else noise)
         return x_prev, x0
+
+    def ddim_inversion(self, model, x0: torch.Tensor, start: int, steps: int | None = None):
+        """The data x0 -> x_start along the deterministic DDIM path walked backwards (DDIM inversion: Song et al. 2021,
+        sec. 4.3, eq. 12 with eta = 0 read as an ODE; Dhariwal & Nichol 2021, Mokady et al. 2023), at the timesteps
+        that `sample_steps("ddim", steps, start)` visits, in the opposite order: x_{t_prev} -> x_t is
+        sqrt(abar_t) x0_hat + sqrt(1 - abar_t) eps_hat with the network's (x0_hat, eps_hat) at (x_{t_prev}, t_prev),
+        which stands in for its values at the unknown x_t (from the data, t_prev = -1, at step 0). DDIM sampling
+        from the result retraces the path: exactly where eps_hat is constant along it, up to the step size elsewhere.
+        Yields (t, x_t) at every timestep, the last at `start`."""
+        ts = self.ddim_timesteps(start, steps)[::-1]
+        x = x0
+        for t_prev, t in zip([-1] + ts[:-1], ts):
+            x0_hat, eps_hat = self.predict_x0_eps(model, x, max(t_prev, 0))
+            a_t = self._coef("alphas_cumprod", t, x)
+            x = a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * eps_hat
+            yield t, x
 
     def ddim_timesteps(self, start: int, steps: int | None) -> list[int]:
         """The steps DDIM and DPM-Solver++ visit from `start` down to 0: `steps` of them, evenly spaced (default 50)."""

@@ -1,1 +1,2 @@
-"""Research uses of a conditional run: the conditions a UNet learns from a participants table (table.py)."""
+"""Research uses of a conditional run: the conditions a UNet learns from a participants table (table.py) and the
+counterfactual "what if" images of `driver.py counterfactual` (counterfactual.py)."""

@@ -1,7 +1,10 @@
-"""Conditions from a participants table (the join, the scaling, what is missing), sampling with --set and --sweep."""
+"""Conditions from a participants table (the join, the scaling, what is missing), sampling with --set and --sweep, and
+counterfactuals (DDIM inversion, masks, the NIfTI map in the input's space)."""
+import json
 import math
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ import predict
 from conditions.table import Condition, build_conditions, condition_matrix, find_table, read_table, subjects_of
 from conftest import SMALL_UNET, blob, ckpt, error_of, vqvae, write_blob_images, write_volume
 from volumes.layouts import Layout
+from volumes.reader import Slicing, read_volume_slice, to_volume
 
 nan = math.nan
 
@@ -134,6 +138,56 @@ def test_guidance_given_a_subset_of_the_conditions_leaves_the_others_open(condit
     low, high = model.conditions[1].low, model.conditions[1].high
     for k, (_, y) in enumerate(rows):
         assert y[0] == k and y[1] == pytest.approx((60 - low) / (high - low)) and y[2].isnan()
+
+
+# ----------------------------------------------------------------------------- counterfactuals
+
+def test_a_counterfactual_at_strength_0_is_the_reconstruction_and_a_mask_confines_the_change(conditioned_run, tmp_path):
+    run, data = conditioned_run
+    image = next((data / "AD").iterdir())
+    base = ["counterfactual", "--run", str(run), "--input", str(image), "--set", "class=NC", "--steps", "10"]
+    still, difference = driver.counterfactual.counterfactual(driver.parse([*base, "--strength", "0",
+                                                                           "--out", str(tmp_path / "zero")]))
+    assert difference.abs().max() == 0
+    for name in ("counterfactual.png", "counterfactual_image.png", "difference.npy", "counterfactual.json"):
+        assert (tmp_path / "zero" / name).exists()
+    moved, difference = driver.counterfactual.counterfactual(driver.parse([*base, "--out", str(tmp_path / "half")]))
+    assert difference.abs().max() > 0.01
+    record = json.loads((tmp_path / "half" / "counterfactual.json").read_text())
+    assert record["strength"] == 0.5 and record["set"] == ["class=NC"] and record["inversion"] == "DDIM"
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[10:20, 10:20] = 255                                   # the top-left quarter's middle, in a 40-px image
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    _, inside = driver.counterfactual.counterfactual(driver.parse([*base, "--mask", str(tmp_path / "mask.png"),
+                                                                   "--out", str(tmp_path / "masked")]))
+    region = torch.zeros(32, 32, dtype=torch.bool)
+    region[7:17, 7:17] = True                                  # the mask at 32 px: 8:16, and its blurred edge
+    assert inside[~region].abs().max() == 0 and inside[8:16, 8:16].abs().max() > 0.01
+    filled, _ = driver.counterfactual.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input",
+                                                                   str(image), "--mask", str(tmp_path / "mask.png"),
+                                                                   "--steps", "4", "--out", str(tmp_path / "fill")]))
+    assert json.loads((tmp_path / "fill" / "counterfactual.json").read_text())["strength"] == 1.0
+    assert "say what to change" in error_of(driver.main, ["counterfactual", "--run", str(run), "--input", str(image)])
+
+
+def test_a_slice_map_goes_back_to_its_voxels_in_the_input_volumes_grid(tmp_path):
+    """A volume stored in LPS order with its axes permuted: the bright voxel of the chosen slice, found in the image
+    the run reads, is put back by to_volume on that very voxel, in a volume of the input's shape and affine."""
+    voxels = blob(shape=(20, 24, 16), seed=1) * 0.5
+    voxels[7, 15, 9] = 1000.0                                                 # the marker, in stored order
+    affine = np.array([[0, -1.2, 0, 10], [-1.0, 0, 0, 5], [0, 0, 1.5, -3], [0, 0, 0, 1]])  # stored y -> L, x -> P
+    path = write_volume(tmp_path / "sub-1.nii.gz", voxels, affine)
+    ornt = nib.io_orientation(affine)
+    ras = nib.apply_orientation(voxels, ornt)
+    marker_ras = np.unravel_index(ras.argmax(), ras.shape)
+    slicing = Slicing(axis="coronal", percentiles=(0.0, 100.0), crop_foreground=True)
+    image, geometry = read_volume_slice(path, 64, slicing, int(marker_ras[1]))
+    bright = (image[0] == image[0].max()).float()                            # where the marker shows in the image
+    back = to_volume(bright, geometry)
+    assert back.shape == voxels.shape and np.allclose(back.affine, affine)
+    found = np.unravel_index(np.asarray(back.dataobj).argmax(), voxels.shape)
+    assert found == (7, 15, 9)
+    assert "--slice 24" in str(pytest.raises(Exception, read_volume_slice, path, 64, slicing, 24).value)
 
 
 def test_an_unconditional_checkpoint_written_before_conditions_existed_still_samples(trained_run, tmp_path):

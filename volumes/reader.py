@@ -216,19 +216,87 @@ def read_volume_slices(path, image_size: int, channels: int = 1, slicing: Slicin
     resize). Orientation: see the module docstring.
     """
     volume = read_volume(path, slicing)
+    planes = _scaled(volume, volume.span)
+    images, _ = _as_images(planes, volume, slicing.axis, image_size)
+    return (images * 255).round_().clamp_(0, 255).to(torch.uint8).expand(-1, channels, -1, -1), volume.span
+
+
+def _scaled(volume: Volume, span: range) -> torch.Tensor:
+    """The planes `span` of a volume, cropped to its box and scaled by its percentiles to [0, 1]: (n, U, V)."""
     along_u, along_v = volume.box
-    planes = volume.voxels[volume.span.start:volume.span.stop, along_u, along_v]  # a view: scaled in place
+    planes = volume.voxels[span.start:span.stop, along_u, along_v]  # a view: scaled in place
     planes -= volume.low
     planes *= 1 / (volume.high - volume.low)
-    planes = torch.from_numpy(np.clip(planes, 0, 1, out=planes))
+    return torch.from_numpy(np.clip(planes, 0, 1, out=planes))
+
+
+class SliceGeometry(NamedTuple):
+    """Where an image made of one slice sits in its volume: enough to put a map of that image back (`to_volume`)."""
+    path: str
+    axis: str
+    index: int                  # the slice along the RAS axis
+    box: tuple[slice, slice]    # its in-plane crop (U, V)
+    plane: tuple[int, int]      # the cropped plane's rows and columns as shown (V, U)
+    placed: tuple[int, int, int, int]  # top, left, height, width of the plane in the square image
+
+
+def _as_images(planes: torch.Tensor, volume: Volume, axis: str, image_size: int) -> tuple[torch.Tensor, tuple]:
+    """Planes (n, U, V) in [0, 1] -> float images (n, 1, S, S) as shown (see the module docstring), and where the plane
+    sits in them (top, left, height, width)."""
     planes = planes.transpose(1, 2).flip(1, 2)                         # (n, V, U): rows from S or A, columns from R or A
-    du, dv = np.delete(volume.spacing, AXES[slicing.axis])
+    du, dv = np.delete(volume.spacing, AXES[axis])
     scale = image_size / max(planes.shape[1] * dv, planes.shape[2] * du)  # pixels per mm
     h, w = (max(1, min(image_size, round(k * d * scale))) for k, d in ((planes.shape[1], dv), (planes.shape[2], du)))
     planes = F.interpolate(planes[:, None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)
     top, left = (image_size - h) // 2, (image_size - w) // 2
-    planes = F.pad(planes, (left, image_size - w - left, top, image_size - h - top))
-    return (planes * 255).round_().clamp_(0, 255).to(torch.uint8).expand(-1, channels, -1, -1), volume.span
+    return F.pad(planes, (left, image_size - w - left, top, image_size - h - top)), (top, left, h, w)
+
+
+def read_volume_slice(path, image_size: int, slicing: Slicing, index: int | None = None
+                      ) -> tuple[torch.Tensor, SliceGeometry]:
+    """One slice of a volume as the run's training slices are read (float (1, S, S) in [0, 1]), and its geometry.
+    index: the slice along the RAS axis (default: the middle of the slices the run would take)."""
+    volume = read_volume(path, slicing)
+    n = len(volume.voxels)
+    index = (volume.span.start + volume.span.stop) // 2 if index is None else index
+    if not 0 <= index < n:
+        raise BadInputError(f"--slice {index}: {printable(path)} has {n} {slicing.axis} slices (0-{n - 1})")
+    planes = _scaled(volume, range(index, index + 1))
+    shown = tuple(planes.shape[1:][::-1])
+    images, placed = _as_images(planes, volume, slicing.axis, image_size)
+    return images[0], SliceGeometry(os.fsdecode(path), slicing.axis, index, volume.box, shown, placed)
+
+
+def to_volume(image: torch.Tensor, geometry: SliceGeometry) -> nib.Nifti1Image:
+    """A map of an image made of one slice (S, S), put back into that slice of its volume: a NIfTI image of the input
+    volume's shape (its first 3 dimensions) and affine, zero elsewhere. The padding is cut off, the plane resized
+    back to its voxels (bilinear), flipped and transposed back, and the RAS reorientation undone."""
+    img = nib.load(geometry.path)
+    top, left, h, w = geometry.placed
+    plane = F.interpolate(image[None, None, top:top + h, left:left + w].float(), size=geometry.plane, mode="bilinear",
+                          align_corners=False)[0, 0]
+    plane = plane.flip(0, 1).transpose(0, 1).numpy()                   # (U, V) as cropped
+    ornt = nib.io_orientation(img.affine)
+    shape = nib.apply_orientation(np.empty(img.shape[:3], dtype=np.uint8), ornt).shape  # the RAS-ordered shape
+    ras = np.zeros(shape, dtype=np.float32)
+    cut = np.moveaxis(ras, AXES[geometry.axis], 0)                     # a view: (N, U, V)
+    cut[geometry.index][geometry.box] = plane
+    stored = nib.apply_orientation(ras, nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt))
+    return nib.Nifti1Image(np.ascontiguousarray(stored), img.affine)
+
+
+def mask_slice(path, geometry: SliceGeometry, image_size: int) -> torch.Tensor:
+    """A NIfTI mask of the input volume's grid, cut and placed as that volume's slice was: (S, S) of 0 and 1."""
+    voxels, _ = load_voxels(os.fsdecode(path), None, AXES[geometry.axis])
+    source = nib.load(geometry.path)
+    expected = nib.apply_orientation(np.empty(source.shape[:3], dtype=np.uint8), nib.io_orientation(source.affine))
+    if voxels.shape != np.moveaxis(expected, AXES[geometry.axis], 0).shape:
+        raise BadInputError(f"mask {printable(path)} has another grid than {printable(geometry.path)}")
+    plane = torch.from_numpy(np.nan_to_num(voxels[geometry.index][geometry.box]) > 0.5).float()
+    plane = plane.transpose(0, 1).flip(0, 1)
+    top, left, h, w = geometry.placed
+    plane = F.interpolate(plane[None, None], size=(h, w), mode="nearest")[0, 0]
+    return F.pad(plane, (left, image_size - w - left, top, image_size - h - top))
 
 
 def _header(path):

@@ -1,0 +1,211 @@
+"""`driver.py counterfactual`: the input slice as it would look under other conditions, and a map of what changed.
+
+    python driver.py counterfactual --run RUN --input scan.nii.gz --set group=NC      # "had this subject been NC"
+    python driver.py counterfactual --run RUN --input slice.png --set age=85 --strength 0.6
+    python driver.py counterfactual --run RUN --input slice.png --mask region.png     # the region filled in anew
+
+The input (an image, or a slice of a NIfTI volume read as the run reads its training volumes) is encoded, taken to
+noise level --strength (a fraction of the diffusion's steps) by DDIM inversion under the --from conditions (default:
+none), denoised by DDIM under the --set conditions with classifier-free guidance, and decoded (Sanchez et al. 2022,
+"What is healthy?"). Inversion is deterministic: at strength 0 the result is the input's reconstruction, and with the
+input's own conditions the path comes back near the input, so what changes is what the conditions change. --noise
+adds fresh noise instead (SDEdit, Meng et al. 2022). With --mask the change stays in the mask (RePaint, Lugmayr et
+al. 2022): after every step the latent outside it is put back to the input's own at that step (its inversion path,
+or its noised latent with --noise), and the decoded image outside it is the reconstruction's. Without --set a mask
+is filled in by the unconditioned model from pure noise (inpainting; --strength 1 and --noise unless given).
+
+Writes OUT/counterfactual.png (input | reconstruction | counterfactual | |counterfactual - reconstruction| as a heat
+map over the input), counterfactual_image.png, difference.npy, for a NIfTI input difference.nii.gz (the map put back
+into the input's slice, in the input's grid and affine; zero elsewhere) and counterfactual.json with the run, input
+and settings. The difference is taken to the reconstruction, not the input, so that the VQ-VAE's own error, which
+any output of the run carries, is not counted as a change.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+import predict
+from conditions.table import asked_values
+from dataset import card_transform, load_image
+from modules import Guided
+from runtime.errors import BadInputError
+from runtime.process import setup_device
+from volumes.reader import is_volume, mask_slice, printable, read_volume_slice, to_volume
+
+DEFAULT_STRENGTH = 0.5
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
+    p.add_argument("--input", required=True, help="an image, or a NIfTI volume (then --slice picks the slice)")
+    p.add_argument("--slice", type=int, default=None,
+                   help="the slice of a volume along the run's axis, RAS order from 0 (default: the middle of those the "
+                        "run would take)")
+    p.add_argument("--set", dest="set_values", action="append", default=[], metavar="NAME=VALUE",
+                   help="the conditions to change to, e.g. --set group=NC (default: none)")
+    p.add_argument("--from", dest="from_values", action="append", default=[], metavar="NAME=VALUE",
+                   help="the input's own conditions, under which it is inverted (default: none, the unconditioned model)")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"noise level, a fraction of the diffusion's steps: 0 gives the reconstruction back, 1 starts "
+                        f"from noise (default: {DEFAULT_STRENGTH}; 1 for a mask without --set)")
+    p.add_argument("--noise", action="store_true", default=None,
+                   help="noise the input (SDEdit) instead of inverting it (default: inversion; noise for a mask "
+                        "without --set)")
+    p.add_argument("--mask", default=None, help="image or NIfTI mask (non-zero inside): change only this region")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="DDIM steps over the whole noise range; strength S takes S times as many (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, for --noise (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/counterfactual)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+
+
+# ----------------------------------------------------------------------------- the input
+
+def read_input(path: Path, data, index: int | None):
+    """The input as the run's images are read: (1, C, S, S) in [-1, 1], and its SliceGeometry for a volume (else None)."""
+    if not path.is_file():
+        raise BadInputError(f"--input {printable(path)} does not exist")
+    if is_volume(path):
+        image, geometry = read_volume_slice(path, data.image_size, data.slicing, index)
+        return (image * 2 - 1).expand(data.channels, -1, -1)[None], geometry
+    if index is not None:
+        raise BadInputError("--slice picks a slice of a NIfTI volume; the input is an image")
+    image = card_transform(data.image_size, data.channels)(load_image(str(path), "L" if data.channels == 1 else "RGB"))
+    return image[None], None
+
+
+def read_mask(path: Path, geometry, image_size: int) -> torch.Tensor:
+    """The mask (1, 1, S, S) of 0 and 1: an image (non-black inside), or a NIfTI mask of the input volume's grid."""
+    if not path.is_file():
+        raise BadInputError(f"--mask {printable(path)} does not exist")
+    if is_volume(path):
+        if geometry is None:
+            raise BadInputError("a NIfTI --mask goes with a NIfTI --input (the same grid)")
+        mask = mask_slice(path, geometry, image_size)
+    else:
+        mask = (F.interpolate(card_transform(image_size, 1)(load_image(str(path), "L"))[None], size=(image_size,) * 2,
+                              mode="nearest")[0, 0] > -1 + 1e-3).float()
+    if not mask.any():
+        raise BadInputError(f"--mask {printable(path)} is empty where the input's slice is")
+    return mask[None, None]
+
+
+# ----------------------------------------------------------------------------- the change
+
+@torch.no_grad()
+def counterfactual_latent(model: predict.LatentDiffusion, z0: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                          strength: float, steps: int, guidance: float, noise: bool,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The scaled latents z0 (B, c, h, w) taken to step strength * (T - 1) (DDIM inversion under the conditions
+    `source`, or noise), then DDIM-denoised under `target` with guidance; with `mask` (1 or B, 1, h, w) the latent
+    outside it put back to the input's own after every step. source, target: (1, K) conditions for all, or (B, K);
+    NaN where not given."""
+    diffusion, unet = model.diffusion, model.unet
+    start = round(strength * (diffusion.num_steps - 1))
+    if strength == 0:
+        return z0
+    n = max(1, round(strength * steps))
+    each = lambda y: y.expand(len(z0), -1)  # noqa: E731
+    inverting = Guided(unet, each(source), 1.0) if unet.cfg.conditions else unet
+    denoising = Guided(unet, each(target), guidance) if unet.cfg.conditions else unet
+    if noise:
+        path = {}
+        x = diffusion.q_sample(z0, start, torch.randn_like(z0))
+    else:
+        path = dict(diffusion.ddim_inversion(inverting, z0, start, n))
+        x = path[start]
+    ts = diffusion.ddim_timesteps(start, n)
+    for t, t_prev in zip(ts, ts[1:] + [-1]):
+        x, _ = diffusion.ddim_step(denoising, x, t, t_prev)
+        if mask is not None:
+            own = z0 if t_prev < 0 else path.get(t_prev)
+            if own is None:  # --noise: the input noised to this step afresh, as RePaint does
+                own = diffusion.q_sample(z0, t_prev, torch.randn_like(z0))
+            x = mask * x + (1 - mask) * own
+    return x
+
+
+def counterfactual(args):
+    """The command: read, change, write (see the module docstring)."""
+    run, data = Path(args.run), args.data_config
+    out = Path(args.out or run / "counterfactual")
+    masked_fill = args.mask is not None and not args.set_values
+    strength = args.strength if args.strength is not None else (1.0 if masked_fill else DEFAULT_STRENGTH)
+    noise = args.noise if args.noise is not None else masked_fill
+    if not 0 <= strength <= 1 or args.steps <= 0 or args.guidance < 0:
+        raise BadInputError(f"--strength must be in [0, 1], --steps positive and --guidance 0 or more, got {strength}, "
+                            f"{args.steps} and {args.guidance}")
+    if not args.set_values and args.mask is None:
+        raise BadInputError("say what to change: --set NAME=VALUE (the conditions), or --mask FILE (a region to fill in)")
+    device, autocast = setup_device(args.device)
+    model = predict.load_run(run, device)
+    target = asked_values(model.conditions, args.set_values)[None].to(device)
+    source = asked_values(model.conditions, args.from_values)[None].to(device)
+    image, geometry = read_input(Path(args.input), data, args.slice)
+    mask = read_mask(Path(args.mask), geometry, data.image_size) if args.mask else None
+
+    torch.manual_seed(args.seed)
+    with torch.no_grad(), autocast:
+        z0 = model.vqvae.encode(image.to(device)).float() * model.latent_scale
+        recon = predict.decode(model.vqvae, z0, model.latent_scale).cpu()
+        latent_mask = None if mask is None else (F.interpolate(mask, size=z0.shape[-2:], mode="area") > 0).float().to(device)
+        z = counterfactual_latent(model, z0, source, target, strength, args.steps, args.guidance, noise, latent_mask)
+        changed = predict.decode(model.vqvae, z, model.latent_scale).cpu()
+    if mask is not None:  # outside the mask, exactly the reconstruction
+        changed = mask * changed + (1 - mask) * recon
+    difference = (changed - recon).abs().mean(1)[0]                     # (S, S), in image units of [-1, 1]
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_image(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
+    np.save(out / "difference.npy", difference.numpy())
+    settings = ", ".join(args.set_values) or "unconditioned fill"
+    panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
+          f"{', noise' if noise else ''}", out / "counterfactual.png")
+    record = {"run": str(run), "unet_step": model.unet_step, "input": str(args.input),
+              "slice": geometry.index if geometry else None, "set": args.set_values, "from": args.from_values,
+              "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM", "mask": args.mask,
+              "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
+              "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
+    written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"]
+    if geometry is not None:
+        nib.save(to_volume(difference, geometry), out / "difference.nii.gz")
+        written.append("difference.nii.gz")
+    (out / "counterfactual.json").write_text(json.dumps(record, indent=2))
+    print(f"counterfactual ({settings}, strength {strength:g}): mean |difference| {record['mean_abs_difference']:.4f} "
+          f"(of the range 2); wrote {', '.join(written)} and counterfactual.json to {out}")
+    return changed, difference
+
+
+def panel(image, recon, changed, difference, mask, title: str, path: Path):
+    """input | reconstruction | counterfactual | the difference as a heat map over the input, side by side."""
+    shown = lambda x: ((x[0].float().mean(0).clamp(-1, 1) + 1) / 2).numpy()  # noqa: E731
+    difference = difference.numpy()
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    for ax, img, name in zip(axes, (image, recon, changed), ("input", "reconstruction", "counterfactual")):
+        ax.imshow(shown(img), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name)
+    axes[3].imshow(shown(image), cmap="gray", vmin=0, vmax=1)
+    top = max(float(difference.max()), 1e-8)
+    heat = axes[3].imshow(difference, cmap="hot", alpha=np.clip(difference / top, 0, 1), vmin=0, vmax=top)
+    if mask is not None:
+        axes[3].contour(mask[0, 0].numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
+    axes[3].set_title("|counterfactual - reconstruction|")
+    fig.colorbar(heat, ax=axes[3], fraction=0.046)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
