@@ -26,6 +26,10 @@ against its A. The AD/NC classifier (trained on the training subjects, RUN/class
 often it recognises the class: on the held-out real images of the class (what it can do at best) and on
 each set of samples.
 
+A run conditioned on a participants table (train-unet --condition) is also checked condition by condition: each one is
+read back from samples generated at held-out subjects' values, against the same reading of those subjects' real
+slices (evaluation/conditions.py).
+
 Writes RUN/metrics.json, RUN/report.md and the images it shows (grids, and full-resolution crops of real,
 reconstructed and generated slices); prints the tables, one of them SWD per pyramid level from the run's
 resolution down to 16 px. FID/KID features see at most 128x128 with the domain classifier (299 with Inception).

@@ -202,3 +202,33 @@ def test_an_unconditional_checkpoint_written_before_conditions_existed_still_sam
                                                  "--gif-frames", "2"]))
     assert images.shape == (2, 1, 32, 32) and images.isfinite().all()
     assert "trained unconditional" in error_of(predict.main, ["--run", str(copy), "--num", "1", "--set", "age=3"])
+
+
+# ----------------------------------------------------------------------------- evaluate: the conditions read back
+
+def test_the_check_scores_a_perfect_reading_and_ignores_conditions_not_given():
+    from evaluation.conditions import agreement, condition_losses
+    age, sex = Condition("age", "continuous", low=60.0, high=80.0), Condition("sex", "category", ["F", "M"])
+    truth = torch.tensor([61.0, 70.0, 79.0])
+    assert agreement(truth * 2, truth, age)["r"] == pytest.approx(1.0)            # r reads the trend ...
+    assert agreement(truth * 2, truth, age)["mae"] == pytest.approx(70.0)         # ... MAE the error
+    assert agreement(-truth, truth, age)["r"] == pytest.approx(-1.0)
+    assert agreement(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.0, 1.0, 0.0]), sex)["recognised"] == pytest.approx(2 / 3)
+    # outputs: 2 logits for sex, then 1 value for age; a NaN condition adds no loss
+    outputs = torch.tensor([[5.0, -5.0, 0.5], [0.0, 0.0, 0.0]])
+    y = torch.tensor([[0.0, 0.5], [nan, nan]])
+    assert condition_losses(outputs, y, [sex, age]).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(outputs[:1, :2], torch.tensor([0])).item(), abs=1e-6)
+
+
+def test_evaluate_reads_each_table_condition_back_from_samples_and_draws_a_sweep(conditioned_run, tmp_path):
+    run, _ = conditioned_run
+    driver.main(["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "3", "--steps", "2",
+                 "--guidance", "0,2", "--num", "4", "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = [(r["condition"], r["images"]) for r in metrics["per_condition"]]
+    assert rows == [(c, k) for c in ("age", "sex") for k in ("real (held out)", "samples, w=0", "samples, w=2")]
+    assert all("mae" in r for r in metrics["per_condition"] if r["condition"] == "age")
+    assert all(0 <= r["recognised"] <= 1 for r in metrics["per_condition"] if r["condition"] == "sex")
+    assert metrics["sweeps"] == ["eval_sweep_age.png"] and (tmp_path / "eval_sweep_age.png").exists()
+    assert "## Conditions" in (tmp_path / "report.md").read_text() and (run / "condition_net.pt").exists()
