@@ -95,8 +95,7 @@ def read_mask(path: Path, geometry, image_size: int) -> torch.Tensor:
             raise BadInputError("a NIfTI --mask goes with a NIfTI --input (the same grid)")
         mask = mask_slice(path, geometry, image_size)
     else:
-        mask = (F.interpolate(card_transform(image_size, 1)(load_image(str(path), "L"))[None], size=(image_size,) * 2,
-                              mode="nearest")[0, 0] > -1 + 1e-3).float()
+        mask = (card_transform(image_size, 1)(load_image(str(path), "L"))[0] > -1 + 1e-3).float()  # not black
     if not mask.any():
         raise BadInputError(f"--mask {printable(path)} is empty where the input's slice is")
     return mask[None, None]
