@@ -225,7 +225,8 @@ def asked_values(conditions: list[Condition], settings: list[str]) -> torch.Tens
     """--set NAME=VALUE ... -> the (K,) conditions vector, NaN where none is set."""
     y = torch.full((len(conditions),), math.nan)
     for name, value in (_pair(s) for s in settings):
-        y[_index(conditions, name)] = conditions[_index(conditions, name)].parse(value)
+        k = _index(conditions, name)
+        y[k] = conditions[k].parse(value)
     return y
 
 
