@@ -6,9 +6,14 @@
     python predict.py --run RUN --set sex=F --sweep age=60,70,80 --guidance 2   # a conditional run: a row per age,
                                                              # every row from the same noise
 
+    python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp --steps 20   # a synthetic dataset
+    python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp --steps 20 --resume  # continued
+
 Both models are rebuilt from RUN/vqvae.pt and RUN/unet.pt alone (the UNet's EMA weights are used).
-Writes RUN/samples.png, RUN/samples/NNNN.png and RUN/denoise.gif, whose frames show the decoded
-*predicted x0* as the noise is removed (`--gif-xt` puts the decoded x_t beside it).
+Writes (OUT: --out, default RUN) the samples batch by batch as a dataset that `--data OUT/samples` reads back,
+OUT/samples/<class or all>/sub-NNNNNN.png (or .nii.gz, .npz) with OUT/samples/manifest.csv saying how each was made
+(export/sample_set.py); then OUT/samples.png, a grid of the first ones, and OUT/denoise.gif, whose frames show the
+decoded *predicted x0* of the first batch as the noise is removed (`--gif-xt` puts the decoded x_t beside it).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +31,8 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid, save_image
 
 from conditions.table import CLASS, Condition, asked_values, saved_conditions, sweep_rows
+from dataset import DataConfig
+from export.sample_set import FORMATS, SampleSet, run_geometry
 from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
@@ -71,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
         p.add_argument("--guidance", type=float, default=3.0,
                        help="classifier-free guidance scale w with --class, --set or --sweep: 0 unconditional, 1 "
                             "conditional, >1 stronger (default: %(default)s)")
+        p.add_argument("--format", choices=list(FORMATS), default="png",
+                       help="file format of the samples in OUT/samples/: png, nifti (a one-slice volume in the training "
+                            "data's plane and spacing) or npz (float32) (default: %(default)s)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted set in OUT/samples/ with the same flags: the batches its manifest "
+                            "lists are kept, the others drawn (default: a new set replaces it)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
@@ -104,6 +117,8 @@ class LatentDiffusion:
     conditions: list[Condition]         # what the UNet is conditioned on, in the order of its y columns ([]: none)
     unet_step: int
     labels: dict | None = None          # the participants table it was trained with: file, sha1, subject column
+    fingerprint: str = ""               # of the UNet's EMA weights, and of the VQ-VAE: what made a sample
+    vqvae_fingerprint: str = ""
 
     @property
     def classes(self) -> list[str]:
@@ -134,7 +149,7 @@ def load_run(run: Path, device) -> LatentDiffusion:
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
     return LatentDiffusion(vqvae, unet, diffusion, unet_ckpt["latent_scale"], tuple(unet_ckpt["latent_shape"]),
                            unet_ckpt.get("latent_absmax"), saved_conditions(unet_ckpt), unet_ckpt["step"],
-                           unet_ckpt.get("labels"))
+                           unet_ckpt.get("labels"), fingerprint(unet_ckpt["ema"]), unet_ckpt["vqvae_fingerprint"])
 
 
 def for_sampling(unet: UNet, device) -> UNet:
@@ -254,37 +269,56 @@ def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size:
 
 
 @torch.no_grad()
-def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
-             guidance: float = 1.0, autocast=contextlib.nullcontext(), replay_eagerly: bool = False):
-    """`num` images in [-1, 1] (on the CPU), in batches of sampling.batch_size; with `labels` (the conditions (num, K),
-    NaN where one is not given, or num class indices) under classifier-free guidance of scale `guidance`. The noise
-    comes from torch's global generator.
-    On CUDA (with sampling.cuda_graphs) the UNet's calls are replayed from CUDA graphs, one per batch shape;
-    `replay_eagerly` runs that bookkeeping on any device (tests).
-
-    Returns (images, latent GIF frames of the first batch, seconds). Prints the sampling time.
-    """
+def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
+                   guidance: float = 1.0, autocast=contextlib.nullcontext(), replay_eagerly: bool = False,
+                   seed: int | None = None, skip: set[int] = frozenset(), desc: str = ""):
+    """`num` images in batches of sampling.batch_size: yields (batch index, images in [-1, 1] on the CPU, the latent
+    GIF frames of the batch). With `labels` (the conditions (num, K), NaN where one is not given, or num class indices)
+    under classifier-free guidance of scale `guidance`. The noise comes from torch's global generator, reseeded with
+    `seed + b` before batch b when a seed is given, so that a batch can be drawn again alone; the batches in `skip` are
+    not drawn. On CUDA (with sampling.cuda_graphs) the UNet's calls are replayed from CUDA graphs, one per batch shape;
+    `replay_eagerly` runs that bookkeeping on any device (tests)."""
     device = next(model.unet.parameters()).device
     batch_size = sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     network = model.unet
     if replay_eagerly or (sampling.cuda_graphs and device.type == "cuda"):
         network = GraphedCall(model.unet, replay_eagerly)
-    per_batch = sampling.calls(model.diffusion.num_steps)
-    bar = progress(total=per_batch * math.ceil(num / batch_size), desc=f"sampling ({sampling.sampler})", dynamic_ncols=True)
-    samples, frames, t0 = [], None, time.perf_counter()
-    for start in range(0, num, batch_size):
+    batches = [b for b in range(math.ceil(num / batch_size)) if b not in skip]
+    bar = progress(total=sampling.calls(model.diffusion.num_steps) * len(batches), dynamic_ncols=True,
+                   desc=f"sampling ({sampling.sampler}{', ' + desc if desc else ''})")
+    for b in batches:
+        if seed is not None:
+            torch.manual_seed(seed + b)
+        start = b * batch_size
         x_T = torch.randn(min(batch_size, num - start), *model.latent_shape, device=device).contiguous(memory_format=layout)
         denoiser = network if labels is None else Guided(network, labels[start:start + len(x_T)].to(device), guidance)
         with autocast:
-            latents, batch_frames = sample_latents(model.diffusion, denoiser, x_T, sampling, bar)
-            samples.append(decode(model.vqvae, latents, model.latent_scale).cpu())
-        frames = frames or batch_frames
+            latents, frames = sample_latents(model.diffusion, denoiser, x_T, sampling, bar)
+            images = decode(model.vqvae, latents, model.latent_scale).cpu()
+        yield b, images, frames
     bar.close()
+
+
+@torch.no_grad()
+def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
+             guidance: float = 1.0, autocast=contextlib.nullcontext(), replay_eagerly: bool = False):
+    """`num` images in [-1, 1] (on the CPU) from `sample_batches`, the noise drawn in turn from torch's global
+    generator. Returns (images, latent GIF frames of the first batch, seconds). Prints the sampling time."""
+    samples, frames, t0 = [], None, time.perf_counter()
+    for _, images, batch_frames in sample_batches(model, sampling, num, labels, guidance, autocast, replay_eagerly):
+        samples.append(images)
+        frames = frames or batch_frames
     images, seconds = torch.cat(samples), time.perf_counter() - t0
-    print(f"sampled {len(images)} images in {seconds:.1f} s ({seconds / len(images):.3f} s/image, "
-          f"{per_batch} network calls per batch, batches of up to {batch_size})")
+    report_speed(model, sampling, len(images), seconds)
     return images, frames, seconds
+
+
+def report_speed(model: LatentDiffusion, sampling: Sampling, count: int, seconds: float):
+    device = next(model.unet.parameters()).device
+    batch_size = sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    print(f"sampled {count} images in {seconds:.1f} s ({seconds / max(count, 1):.3f} s/image, "
+          f"{sampling.calls(model.diffusion.num_steps)} network calls per batch, batches of up to {batch_size})")
 
 
 # ----------------------------------------------------------------------------- what predict.py writes
@@ -328,8 +362,12 @@ def save_rows(rows: list[tuple[str, torch.Tensor]], path: Path):
     canvas.save(path)
 
 
+RETURN_MAX = 4096   # predict() returns the images it drew when at most this many (tests, notebooks); all are on disk
+
+
 def predict(args):
-    """`python predict.py` / `driver.py sample`: samples of a trained run, written as a grid, PNGs and a GIF."""
+    """`python predict.py` / `driver.py sample`: samples of a trained run written batch by batch as a dataset with its
+    manifest (export/sample_set.py), then a grid of the first ones and a GIF of the first batch."""
     if args.num <= 0:
         raise BadInputError(f"--num must be positive, got {args.num}")
     sampling_from_args(args)  # flags that need no run are checked before loading it
@@ -337,40 +375,71 @@ def predict(args):
     device, autocast = setup_device(args.device)
     model = load_run(run, device)
     sampling = sampling_from_args(args, model)
+    # resolved here: which images a seed gives depends on the batch size, and a resumed set must keep it
+    sampling = replace(sampling, batch_size=sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"])
     rows = asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)]
-    images, gif_latents = [], None
-    for caption, y in rows:  # every row from the same seed: the same noise, so rows differ by their conditions only
-        torch.manual_seed(args.seed)
-        if caption:
-            print(f"row {caption}")
-        row, frames, _ = generate(model, sampling, args.num, None if y is None else y.expand(args.num, -1),
-                                  args.guidance, autocast)
-        images.append(row)
-        gif_latents = gif_latents or frames
-    with torch.no_grad(), autocast:  # the GIF follows the first (at most 16) images
-        gif = [gif_frame(decode(model.vqvae, x0[:16], model.latent_scale).cpu(),
-                         decode(model.vqvae, xt[:16], model.latent_scale).cpu() if args.gif_xt else None, caption)
-               for caption, x0, xt in gif_latents]
+    geometry = None
+    if args.format == "nifti":
+        geometry = run_geometry(DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")))
+    settings, record = sample_record(args, run, model, sampling, rows)
+    samples = SampleSet(out / "samples", settings, rows, model.conditions, record, geometry, args.resume)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
+    drawn, gif_latents, t0 = [], None, time.perf_counter()
+    for r, (caption, y) in enumerate(rows):  # every row from the same seeds: rows differ by their conditions only
+        labels = None if y is None else y.expand(args.num, -1)
+        for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
+                                                seed=args.seed, skip=samples.batches(r), desc=caption):
+            samples.write(r, b, images)
+            drawn.append(images)
+            if (r, b) == (0, 0):
+                gif_latents = frames
+    count = sum(len(images) for images in drawn)
+    report_speed(model, sampling, count, time.perf_counter() - t0)
+
     if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
         per_row = min(args.num, max(1, GRID_MAX // len(rows)))
-        save_rows([(caption, row[:per_row]) for (caption, _), row in zip(rows, images)], out / "samples.png")
+        save_rows([(caption, samples.first(r, per_row)) for r, (caption, _) in enumerate(rows)], out / "samples.png")
         shown = per_row * len(rows)
     else:
         shown = min(GRID_MAX, args.num)
-        save_image(enlarged(images[0][:shown]), out / "samples.png", nrow=math.ceil(math.sqrt(shown)), normalize=True,
-                   value_range=(-1, 1))
-    images = torch.cat(images)
-    if shown < len(images):
-        print(f"{out / 'samples.png'} shows {shown} of the {len(images)} images; all of them are in {out / 'samples'}")
-    for i, img in enumerate(images):
-        save_image(img, out / "samples" / f"{i:04d}.png", normalize=True, value_range=(-1, 1))
+        save_image(enlarged(samples.first(0, shown)), out / "samples.png", nrow=math.ceil(math.sqrt(shown)),
+                   normalize=True, value_range=(-1, 1))
+    total = len(rows) * args.num
+    if shown < total:
+        print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")
+    if gif_latents is not None:
+        write_gif(model, gif_latents, args.gif_xt, autocast, out / "denoise.gif")
+    else:
+        print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then")
+    print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says how "
+          f"each was made; {count} drawn now)")
+    return torch.cat(drawn) if 0 < count <= RETURN_MAX else None
+
+
+def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, rows: list) -> tuple[dict, dict]:
+    """(the settings that decide a set of samples, which --resume must match; the record each manifest row carries)."""
+    conditioned = any(y is not None for _, y in rows)
+    record = {"format": args.format, "sampler": sampling.sampler,
+              "steps": model.diffusion.num_steps if sampling.sampler == "ddpm" else sampling.steps,
+              "eta": sampling.eta if sampling.sampler == "ddim" else None, "repeat_last": sampling.repeat_last,
+              "repeat_times": sampling.repeat_times, "guidance": args.guidance if conditioned else None,
+              "clip_x0": sampling.clip_x0, "batch_size": sampling.batch_size, "unet_step": model.unet_step,
+              "unet_fingerprint": model.fingerprint, "vqvae_fingerprint": model.vqvae_fingerprint,
+              "run": str(run.resolve())}
+    settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
+                "rows": [[caption, None if y is None else
+                          {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}
+    return settings, record
+
+
+def write_gif(model: LatentDiffusion, frames: list, with_xt: bool, autocast, path: Path):
+    """The denoising GIF of the first (at most 16) images: the decoded predicted x0 (and x_t) at each kept step."""
+    with torch.no_grad(), autocast:
+        gif = [gif_frame(decode(model.vqvae, x0[:16], model.latent_scale).cpu(),
+                         decode(model.vqvae, xt[:16], model.latent_scale).cpu() if with_xt else None, caption)
+               for caption, x0, xt in frames]
     durations = [80] * (len(gif) - 1) + [2500]  # hold the last frame
-    gif[0].save(out / "denoise.gif", save_all=True, append_images=gif[1:], duration=durations, loop=0)
-    print(f"wrote {out / 'samples.png'}, {len(images)} images in {out / 'samples'}, {out / 'denoise.gif'} ({len(gif)} frames)")
-    return images
+    gif[0].save(path, save_all=True, append_images=gif[1:], duration=durations, loop=0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -77,6 +77,14 @@ class Condition:
             print(f"warning: {self.name}={text} is outside the training subjects' range {self.low:g}-{self.high:g}")
         return self.encode(text)
 
+    def decode(self, value: float) -> str | None:
+        """`encode` undone: the value as a table writes it (a category's name, a covariate in its units), None for NaN."""
+        if math.isnan(value):
+            return None
+        if self.kind == "category":
+            return self.values[int(value)]
+        return f"{self.low + value * (self.high - self.low):.6g}"
+
     def describe(self) -> str:
         return f"{self.name} ({'/'.join(self.values)})" if self.kind == "category" else \
                f"{self.name} ({self.low:g}-{self.high:g})"

@@ -13,7 +13,7 @@ from PIL import Image
 import driver
 import predict
 from conditions.table import Condition, build_conditions, condition_matrix, find_table, read_table, subjects_of
-from conftest import SMALL_UNET, blob, ckpt, error_of, vqvae, write_blob_images, write_volume
+from conftest import blob, ckpt, error_of, write_volume
 from volumes.layouts import Layout
 from volumes.reader import Slicing, read_volume_slice, to_volume
 
@@ -68,25 +68,6 @@ def test_a_value_the_run_does_not_know_is_not_given_in_training_and_refused_at_s
 
 
 # ----------------------------------------------------------------------------- a run conditioned on a table
-
-@pytest.fixture(scope="module")
-def conditioned_run(tmp_path_factory):
-    """A 32-px run on blob images whose participants table gives age and sex, trained 2 + 2 steps, 25% of the
-    subjects held out; stage 2 conditioned on class, age and sex."""
-    root = tmp_path_factory.mktemp("conditioned")
-    data, rng = root / "data", np.random.default_rng(0)
-    lines = ["participant_id,age,sex"]
-    for label in ("AD", "NC"):
-        subjects = [f"{label}{i}" for i in range(4)]
-        write_blob_images(data / label, subjects, 3, rng, size=(40, 40))
-        lines += [f"{s},{50 + 10 * i + (5 if label == 'AD' else 0)},{'FM'[i % 2]}" for i, s in enumerate(subjects)]
-    (data / "participants.csv").write_text("\n".join(lines) + "\n")
-    run = root / "run"
-    vqvae(run, data, "--max-steps", "2", "--holdout", "0.25")
-    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "class,age,sex",
-                 "--labels", str(data / "participants.csv")])
-    return run, data
-
 
 def test_a_run_saves_its_conditions_scaled_by_its_training_subjects_and_keeps_them_on_resume(conditioned_run, tmp_path):
     run, data = conditioned_run

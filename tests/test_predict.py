@@ -20,8 +20,8 @@ def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
     predict.main(["--run", str(run), "--out", str(tmp_path), "--num", "3", "--sampler", "ddim", "--steps", "10",
                   "--repeat-times", "2", "--repeat-last", "5", "--gif-frames", "6", "--gif-xt"])
     assert (tmp_path / "samples.png").exists()
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
-    assert Image.open(tmp_path / "samples" / "0000.png").size == (32, 32)
+    assert sorted(p.name for p in (tmp_path / "samples" / "all").iterdir()) == [f"sub-00000{i}.png" for i in range(3)]
+    assert Image.open(tmp_path / "samples" / "all" / "sub-000000.png").size == (32, 32)
     gif = Image.open(tmp_path / "denoise.gif")
     assert gif.n_frames == 6 + 2                          # main pass frames + one per repeat
 
@@ -130,7 +130,7 @@ def test_the_grid_holds_at_most_64_enlarged_images_and_says_where_the_rest_are(t
     run, _ = trained_run
     images = predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "70", "--sampler", "ddim",
                                                  "--steps", "2", "--gif-frames", "2"]))
-    assert len(images) == 70 and len(list((tmp_path / "samples").iterdir())) == 70
+    assert len(images) == 70 and len(list((tmp_path / "samples" / "all").iterdir())) == 70
     assert Image.open(tmp_path / "samples.png").size == (8 * (128 + 2) + 2,) * 2   # 8 x 8 of 32-px images shown at 128 px
     assert "shows 64 of the 70 images" in capsys.readouterr().out
     assert Image.open(tmp_path / "denoise.gif").width == 512                     # 4 x 4 enlarged, then fitted to 512

@@ -93,7 +93,7 @@ def _volume_index(shape: tuple, volume_index: int | None, name: str) -> tuple:
     dims = list(shape)
     while len(dims) > 3 and dims[-1] == 1:
         dims.pop()
-    if len([n for n in shape[:3] if n > 1]) < 3:
+    if len(shape) < 3:  # a volume of one slice, (x, y, 1), is read: see load_voxels
         raise BadInputError(f"{name} is a 2D image {tuple(shape)}, not a volume")
     if len(dims) > 4:
         raise BadInputError(f"{name} has {len(dims)} dimensions {tuple(shape)}; only 3D and 4D volumes are read")
@@ -117,6 +117,9 @@ def load_voxels(path: str, volume_index: int | None, axis: int) -> tuple[np.ndar
     raw = unscaled[index]                                               # the stored numbers of one volume only
     ornt = nib.io_orientation(img.affine)                              # stored axes -> closest RAS axes
     raw = np.moveaxis(nib.apply_orientation(raw, ornt), axis, 0)        # views: (N, U, V), U, V in RAS order
+    if min(raw.shape[1:]) == 1:  # one slice (a sample written by volumes/writer.py) is read across its own plane only
+        raise BadInputError(f"{printable(path)} is a 2D image {tuple(img.shape)} in another plane than the "
+                            f"{('sagittal', 'coronal', 'axial')[axis]} one, not a volume")
     voxels = raw.astype(np.float32, order="C")
     del raw
     if proxy.slope != 1:

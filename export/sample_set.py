@@ -1,0 +1,220 @@
+"""A set of generated slices written as a dataset, batch by batch, with the record of how each one was made.
+
+`python driver.py sample --run RUN --num 1000 --out DIR --format png|nifti|npz` writes under DIR/samples/:
+
+    <class>/sub-000000.png ...   one file per sample; the folder is the class sampled by a class-conditional run, else
+                                 `all`, so that `--data DIR/samples` reads the set back (every sample its own subject)
+    participants.tsv             participant_id and the table conditions each sample was drawn at (a run conditioned
+                                 on a participants table), so `train-unet --condition` reads them back too
+    manifest.csv                 one row per sample: file, every condition, seed, sampler, steps, guidance ... and the
+                                 fingerprints of the UNet and VQ-VAE that made it
+    sampling.json                the settings of the whole set, which `--resume` must match
+
+Formats: `png` (8-bit, as the training images), `nifti` (volumes/writer.py: one slice, RAS, the training geometry),
+`npz` (`image`, float32 (C, H, W) in [-1, 1], nothing rounded). Batch b of a row is drawn after
+`torch.manual_seed(seed + b)` (the manifest's `seed`), so a sample can be made again from its row's settings, its
+seed and its place in the batch. A batch's files are written first and its manifest rows after them, so an
+interrupted run leaves a manifest that lists only whole files; `--resume` makes the batches it lacks.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import nibabel as nib
+import torch
+from PIL import Image
+
+from conditions.table import CLASS, Condition
+from dataset import DataConfig, training_files
+from runtime.errors import BadInputError
+from volumes.reader import is_volume
+from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
+
+FORMATS = {"png": ".png", "nifti": ".nii.gz", "npz": ".npz"}
+UNGROUPED = "all"      # the class folder of samples drawn without a class
+SETTINGS = "sampling.json"
+MANIFEST = "manifest.csv"
+TABLE = "participants.tsv"
+
+
+class SampleSet:
+    """The folder of one set of samples: what is written, and writing the rest.
+
+    settings: everything that decides the samples (run fingerprints, sampler, seed, batch size, rows, format, num);
+    rows: [(caption, conditions (K,) or None)] as predict.py samples them; conditions: the run's."""
+
+    def __init__(self, folder: Path, settings: dict, rows: list, conditions: list[Condition], record: dict,
+                 geometry: SampleGeometry | None = None, resume: bool = False):
+        self.folder, self.settings, self.rows, self.conditions = folder, settings, rows, conditions
+        self.record, self.geometry = record, geometry or SampleGeometry()
+        self.num, self.batch_size, self.suffix = settings["num"], settings["batch_size"], FORMATS[settings["format"]]
+        self.width = max(6, len(str(len(rows) * self.num - 1)))
+        self.table_columns = [c.name for c in conditions if c.name != CLASS]
+        self.columns = (["file", "participant_id", "index", "row"] + [c.name for c in conditions]
+                        + ["seed", "in_batch"] + list(record))
+        written = self._resumed() if resume else None
+        if written is None:
+            self._start()
+            written = []
+        self.written = {int(r["index"]) for r in written}
+
+    # ------------------------------------------------------------------------- starting and resuming
+
+    def _resumed(self) -> list[dict] | None:
+        """The manifest rows of a set with these settings whose files exist; None when there is nothing to resume."""
+        path = self.folder / SETTINGS
+        if not path.exists():
+            print(f"--resume: nothing to resume in {self.folder}; starting the set")
+            return None
+        saved = json.loads(path.read_text())
+        differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
+        if differ:
+            shown = "; ".join(f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
+            raise BadInputError(f"{self.folder} was sampled with other settings ({shown}); --resume continues a set with "
+                                f"the same run and flags; leave --resume out to replace it, or pick another --out")
+        rows = [r for r in self._manifest_rows() if (self.folder / r["file"]).is_file()]
+        listed = {int(r["index"]) for r in rows}
+        rows = [r for r in rows if set(self._indices(*self._place(int(r["index"])))) <= listed]  # whole batches only
+        self._rewrite(rows)
+        print(f"--resume: {len(rows)} of {len(self.rows) * self.num} samples already written in {self.folder}")
+        return rows
+
+    def _manifest_rows(self) -> list[dict]:
+        """The manifest's rows, without a last line cut off by an interruption (no newline at its end)."""
+        path = self.folder / MANIFEST
+        if not path.exists():
+            return []
+        text = path.read_text()
+        text = text[:text.rfind("\n") + 1]
+        return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
+
+    def _start(self):
+        """A new set: the files of an earlier set in this folder (those its manifest lists) are replaced."""
+        old = self._manifest_rows() if (self.folder / SETTINGS).exists() else []
+        for row in old:
+            (self.folder / row["file"]).unlink(missing_ok=True)
+        for sub in (self.folder.iterdir() if self.folder.is_dir() else []):
+            if sub.is_dir() and not any(sub.iterdir()):
+                sub.rmdir()
+        if old:
+            print(f"replacing the {len(old)} samples of an earlier set in {self.folder} (--resume would have continued it)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomically(self.folder / SETTINGS, json.dumps(self.settings, indent=2) + "\n")
+        self._rewrite([])
+
+    def _rewrite(self, rows: list[dict]):
+        """The manifest and participants table holding `rows` exactly (the table is made from the manifest)."""
+        _write_atomically(self.folder / MANIFEST, _csv(self.columns, rows, ","))
+        if self.table_columns:
+            _write_atomically(self.folder / TABLE, _csv(["participant_id", *self.table_columns], rows, "\t", "n/a"))
+
+    # ------------------------------------------------------------------------- writing
+
+    def batches(self, row: int) -> set[int]:
+        """The batches of `row` already written whole."""
+        count = -(-self.num // self.batch_size)
+        return {b for b in range(count)
+                if all(i in self.written for i in self._indices(row, b))}
+
+    def _place(self, index: int) -> tuple[int, int]:
+        """(row, batch) of sample `index`."""
+        return index // self.num, index % self.num // self.batch_size
+
+    def _indices(self, row: int, batch: int) -> range:
+        start = row * self.num + batch * self.batch_size
+        return range(start, min(start + self.batch_size, (row + 1) * self.num))
+
+    def file(self, index: int) -> str:
+        """The path of sample `index` in the folder: <class>/sub-NNNNNN<suffix>."""
+        y = self.rows[index // self.num][1]
+        names = [c.name for c in self.conditions]
+        group = self.conditions[names.index(CLASS)].decode(float(y[names.index(CLASS)])) if CLASS in names else None
+        return f"{group or UNGROUPED}/{self._subject(index)}{self.suffix}"
+
+    def _subject(self, index: int) -> str:
+        return f"sub-{index:0{self.width}d}"
+
+    def write(self, row: int, batch: int, images: torch.Tensor):
+        """A batch's images (n, C, H, W) in [-1, 1]: its files, then its rows in the manifest and participants table."""
+        caption, y = self.rows[row]
+        values = {c.name: (c.decode(float(y[k])) if y is not None else None) for k, c in enumerate(self.conditions)}
+        entries = []
+        for k, (index, image) in enumerate(zip(self._indices(row, batch), images)):
+            path = self.folder / self.file(index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._save(image, path)
+            entries.append({"file": self.file(index), "participant_id": self._subject(index), "index": index,
+                            "row": caption, **values, "seed": self.settings["seed"] + batch, "in_batch": k, **self.record})
+        _append(self.folder / MANIFEST, _csv(self.columns, entries, ",", header=False))
+        if self.table_columns:
+            _append(self.folder / TABLE, _csv(["participant_id", *self.table_columns], entries, "\t", "n/a", header=False))
+        self.written.update(int(e["index"]) for e in entries)
+
+    def _save(self, image: torch.Tensor, path: Path):
+        fmt = self.settings["format"]
+        if fmt == "png":
+            pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+        elif fmt == "npz":
+            np.savez_compressed(path, image=image.float().numpy())
+        else:  # a NIfTI volume holds one channel: the mean of the (grey, replicated) channels
+            nib.save(slice_volume(image.float().mean(0).numpy(), self.geometry), path)
+
+    def first(self, row: int, count: int) -> torch.Tensor:
+        """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W)."""
+        return torch.stack([read_sample(self.folder / self.file(row * self.num + k)) for k in range(count)])
+
+
+def run_geometry(data: DataConfig) -> SampleGeometry:
+    """The geometry of a run's samples as NIfTI: its training volumes' (volumes/writer.py), or, for a run on 2D images
+    or one whose data folder is not at hand, the assumed one (axial, 1 mm pixels, 0-255), said in one line."""
+    try:
+        files, _ = training_files(data, expand_volumes=False)
+    except BadInputError as e:
+        print(f"warning: the run's data cannot be listed ({e}); the NIfTI header assumes 1 mm pixels in the axial plane")
+        return SampleGeometry()
+    volumes = [path for path, _ in files if is_volume(path)]
+    if not volumes:
+        print("the run was trained on 2D images: the NIfTI header assumes 1 mm pixels in the axial plane")
+        return SampleGeometry()
+    return training_geometry(volumes, data.slicing, data.image_size)
+
+
+def read_sample(path: Path) -> torch.Tensor:
+    """A sample file of any format back to (C, H, W) float in [-1, 1]."""
+    name = str(path).lower()
+    if name.endswith(".npz"):
+        with np.load(path) as f:
+            return torch.from_numpy(f["image"])
+    if name.endswith((".nii", ".nii.gz")):
+        return torch.from_numpy(read_slice(path).copy())[None]
+    pixels = torch.from_numpy(np.array(Image.open(path))).float() / 127.5 - 1
+    return pixels[None] if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+
+
+def _csv(columns: list[str], rows: list[dict], delimiter: str, missing: str = "", header: bool = True) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, delimiter=delimiter, extrasaction="ignore", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows({k: missing if r.get(k) is None else r[k] for k in columns} for r in rows)
+    return text.getvalue()
+
+
+def _append(path: Path, text: str):
+    """Lines appended and on disk before the next batch starts."""
+    with open(path, "a") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_atomically(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,154 @@
+"""export/sample_set.py and volumes/writer.py: samples written as a dataset that --data reads back, NIfTI in the
+training geometry, the manifest, and an interrupted set resumed to the very same files."""
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import driver
+import predict
+from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
+from dataset import DataConfig
+from export.sample_set import SampleSet, read_sample, run_geometry
+from runtime.checkpoint import fingerprint
+from volumes.reader import Slicing, read_volume_slices
+from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
+
+FAST = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2"]
+
+
+def manifest(folder):
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_samples_are_a_dataset_that_stage_1_trains_on_with_a_manifest_naming_the_model(trained_run, tmp_path):
+    run, _ = trained_run
+    images = predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "8",
+                                                 "--batch-size", "3", "--seed", "5", *FAST]))
+    folder = tmp_path / "samples"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")) == [f"all/sub-{i:06d}.png" for i in range(8)]
+    rows = manifest(folder)
+    saved = ckpt(run / "unet.pt")
+    assert [r["file"] for r in rows] == [f"all/sub-{i:06d}.png" for i in range(8)]
+    assert [(r["seed"], r["in_batch"]) for r in rows] == [(str(5 + i // 3), str(i % 3)) for i in range(8)]
+    assert {(r["sampler"], r["steps"], r["batch_size"], r["unet_step"]) for r in rows} == {("ddim", "3", "3", str(saved["step"]))}
+    assert {r["unet_fingerprint"] for r in rows} == {fingerprint(saved["ema"])}
+    assert {r["vqvae_fingerprint"] for r in rows} == {fingerprint(ckpt(run / "vqvae.pt")["model"])}
+    # the 8-bit files hold the samples (rounded), and a sample is made again from its seed and place in the batch
+    assert (torch.stack([read_sample(folder / r["file"]) for r in rows]) - images).abs().max() <= 1 / 127.5
+    model = predict.load_run(run, "cpu")
+    sampling = predict.sampling_from_args(predict.parse_args(["--batch-size", "3", *FAST]), model)
+    torch.manual_seed(5 + 2)
+    again, _, _ = predict.generate(model, sampling, 2)
+    assert torch.allclose(again, images[6:], atol=1e-5)
+    # the round trip: stage 1 trains on the samples, every sample its own subject
+    vqvae(tmp_path / "again", folder, "--max-steps", "2", "--holdout", "0.25")
+    assert ckpt(tmp_path / "again" / "vqvae.pt")["step"] == 2
+
+
+def test_a_conditioned_runs_samples_carry_their_conditions_back_into_training(conditioned_run, tmp_path):
+    run, _ = conditioned_run
+    predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "3", "--set", "sex=F",
+                                        "--sweep", "class=all", "--set", "age=60", *FAST]))
+    folder = tmp_path / "samples"
+    rows = manifest(folder)
+    assert [r["file"] for r in rows] == [f"{c}/sub-{i:06d}.png" for i, c in enumerate(["AD"] * 3 + ["NC"] * 3)]
+    assert {(r["class"], r["age"], r["sex"], r["guidance"]) for r in rows} == {("AD", "60", "F", "3.0"), ("NC", "60", "F", "3.0")}
+    table = (folder / "participants.tsv").read_text().splitlines()
+    assert table[0] == "participant_id\tage\tsex" and table[1:] == [f"sub-{i:06d}\t60\tF" for i in range(6)]
+    # our own reader takes the folder as a data set, and the table as its conditions
+    stage2 = tmp_path / "again"
+    vqvae(stage2, folder, "--max-steps", "2")
+    driver.main(["train-unet", "--run", str(stage2), *SMALL_UNET, "--max-steps", "2", "--condition", "class,sex"])
+    saved = ckpt(stage2 / "unet.pt")
+    assert saved["labels"]["file"] == str(folder / "participants.tsv")
+    assert [c["values"] for c in saved["conditions"]] == [["AD", "NC"], ["F"]]
+
+
+def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refused(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+    flags = ["--run", str(run), "--num", "7", "--batch-size", "2", "--format", "npz", *FAST]
+    whole = tmp_path / "whole"
+    predict.predict(predict.parse_args([*flags, "--out", str(whole)]))
+    write, calls = SampleSet.write, []
+
+    def interrupted(self, row, batch, images):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(batch)
+        write(self, row, batch, images)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(SampleSet, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict(predict.parse_args([*flags, "--out", str(cut)]))
+    monkeypatch.setattr(SampleSet, "write", write)
+    assert len(manifest(cut / "samples")) == 4
+    with open(cut / "samples" / "manifest.csv", "a") as f:   # a row cut off in the middle, as a kill would leave it
+        f.write("all/sub-000004.npz,sub-0000")
+    drawn = predict.predict(predict.parse_args([*flags, "--out", str(cut), "--resume"]))
+    assert len(drawn) == 3                                     # batches 2 and 3 only
+    assert manifest(cut / "samples") == manifest(whole / "samples")
+    for row in manifest(whole / "samples"):                   # npz keeps the float samples: equal to the bit
+        assert torch.equal(read_sample(whole / "samples" / row["file"]), read_sample(cut / "samples" / row["file"]))
+    assert "steps: 3 then, 4 now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume", "--steps", "4"])
+    # without --resume a new set replaces the old one: its files go, the folder holds the new set only
+    predict.predict(predict.parse_args([*flags, "--out", str(cut), "--num", "2"]))
+    assert sorted(p.name for p in (cut / "samples" / "all").iterdir()) == ["sub-000000.npz", "sub-000001.npz"]
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+def test_a_nifti_sample_is_shown_as_the_training_slices_were_and_reads_back(tmp_path):
+    image = np.linspace(-1, 1, 24 * 24, dtype=np.float32).reshape(24, 24)
+    image[:6, :3], image[-1, -1] = 1, -1                        # a corner marks which way is up and which is left
+    geometry = SampleGeometry("sagittal", 0.9, 10.0, 500.0, known=True)
+    path = tmp_path / "s.nii.gz"
+    nib.save(slice_volume(image, geometry), path)
+    img = nib.load(path)
+    assert img.shape == (1, 24, 24) and nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    assert np.allclose(img.header.get_zooms(), 0.9) and img.header["sform_code"] == img.header["qform_code"] == 2
+    assert np.allclose(img.affine[:3, 3], -np.array([0, 23, 23]) / 2 * 0.9, atol=1e-5)   # the origin at the image's centre
+    assert b"no scanner space" in img.header["descrip"].tobytes()
+    voxels = np.asarray(img.dataobj)
+    assert np.isclose(voxels.min(), 10.0) and np.isclose(voxels.max(), 500.0)   # the training intensity range
+    assert np.allclose(read_slice(path), image, atol=1e-5)
+    # the volume reader shows it as the training slices: the same image, the marked corner top left
+    shown, _ = read_volume_slices(path, 24, slicing=Slicing("sagittal", percentiles=(0, 100), crop_foreground=False))
+    assert np.abs(shown[0, 0].numpy() / 127.5 - 1 - image).max() <= 1 / 127.5 + 1e-6
+
+
+def test_the_nifti_geometry_comes_from_the_training_volumes(tmp_path, trained_run):
+    blob = np.zeros((16, 20, 12), dtype=np.float32)
+    blob[2:14, 2:18, 2:10] = 100
+    for k in range(2):
+        write_volume(tmp_path / "vols" / "AD" / f"sub-{k}.nii.gz", blob + k, affine=np.diag([2.0, 1.5, 3.0, 1.0]))
+    slicing = Slicing("axial", crop_foreground=False)
+    geometry = training_geometry([str(p) for p in sorted((tmp_path / "vols").rglob("*.nii.gz"))], slicing, 40)
+    assert geometry.known and geometry.axis == "axial"
+    assert geometry.spacing == pytest.approx(max(16 * 2.0, 20 * 1.5) / 40)          # the plane fitted into 40 px
+    data = DataConfig(str(tmp_path / "vols"), image_size=40, slicing=slicing)
+    assert run_geometry(data) == geometry
+    _, images = trained_run                                    # 2D images: plane and spacing assumed, said so
+    assert run_geometry(DataConfig(str(images), image_size=32)) == SampleGeometry()
+    assert "assumed" in SampleGeometry().description()
+
+
+def test_sample_writes_nifti_in_the_runs_geometry(trained_run, tmp_path):
+    run, _ = trained_run
+    images = predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "2", "--format",
+                                                 "nifti", *FAST]))
+    files = sorted((tmp_path / "samples" / "all").iterdir())
+    assert [f.name for f in files] == ["sub-000000.nii.gz", "sub-000001.nii.gz"]
+    img = nib.load(files[0])
+    assert img.shape == (32, 32, 1) and img.header["cal_max"] == 255 and np.allclose(img.header.get_zooms(), 1.0)
+    assert torch.allclose(read_sample(files[1]), images[1], atol=1e-5)
+
+
+def test_sample_refuses_a_format_it_does_not_know(trained_run):
+    run, _ = trained_run
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--run", str(run), "--format", "dicom"])
