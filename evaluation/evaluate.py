@@ -53,6 +53,7 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from evaluation.conditions import condition_check, format_condition_table
+from evaluation.memorisation import format_memorisation_table, memorisation_check
 from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.process import progress, setup_device
@@ -362,6 +363,12 @@ def evaluate(args):
                         reference, features, device)
     table, level_table = format_table(scores), format_level_table(scores)
 
+    # are the samples copies of training images? their nearest training image against held-out subjects'
+    memorisation = None
+    if not stage1_only:
+        memorisation, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, device)
+        memorisation_table = format_memorisation_table(memorisation)
+
     # per class and guidance scale, with the AD/NC classifier's verdict
     class_rows = None
     if args.class_name is not None:
@@ -407,6 +414,9 @@ def evaluate(args):
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
                "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
+    if memorisation is not None:
+        metrics["memorisation"] = memorisation
+        save_image(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
     if condition_rows is not None:
         metrics.update(guidance=args.guidance, per_condition=condition_rows, sweeps=sweeps)
     if class_rows is not None:
@@ -439,6 +449,13 @@ def evaluate(args):
         report.insert(2, "**The run was trained on all subjects: the held-out images were seen in training.**\n")
     if few:
         report.insert(2, f"**Only {n_subjects} subjects in a held-out half: FID and KID are not reliable here.**\n")
+    if memorisation is not None:
+        report += ["", "## Memorisation", "", "Each image's nearest training image, in the features above (distance) "
+                   "and by pixel correlation. The held-out subjects were never seen: their images show how close a new "
+                   "brain comes. A sample closer than the reference half A's percentile "
+                   f"{memorisation['percentile']:g} is flagged; half B shows what that threshold flags among real new "
+                   "subjects.", "", memorisation_table, "", f"The {len(closest) // 2} samples most correlated with a "
+                   "training image (top) and those training images (bottom):", "", "![](eval_memorisation.png)"]
     if class_rows is not None:
         report += ["", "## Per class", "", f"Samples of each class at guidance scales {args.guidance}, scored against the "
                    "reference half of that class's held-out subjects. *Recognised*: how often the AD/NC classifier "
@@ -455,6 +472,8 @@ def evaluate(args):
     print(vq_line)
     print(table)
     print(level_table)
+    if memorisation is not None:
+        print(memorisation_table)
     if class_rows is not None:
         print(class_table)
     if condition_rows is not None:

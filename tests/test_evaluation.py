@@ -162,6 +162,12 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     from PIL import Image
     assert "![](eval_crops.png)" in report and metrics["crops"]["size"] == 32 and metrics["crops"]["per_row"] == 4
     assert Image.open(out / "eval_crops.png").size == (4 * (32 + 2) + 2, 3 * (32 + 2) + 2)  # 2-px grid padding
+    # the memorisation check: every sample and held-out image against the 12 training images, the 6 closest pairs
+    check = metrics["memorisation"]
+    assert [(name, row["count"]) for name, row in check["rows"].items()] == [
+        ("samples", 6), ("real (held out, A)", 6), ("real (held out, B)", 6)]
+    assert len(check["closest_pairs"]) == 6 and "## Memorisation" in report and "![](eval_memorisation.png)" in report
+    assert Image.open(out / "eval_memorisation.png").size == (6 * (32 + 2) + 2, 2 * (32 + 2) + 2)
 
     # the same images read back with --samples give the same sample row as a folder of PNGs would
     folder = tmp_path / "pngs"
@@ -249,6 +255,7 @@ def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_sa
     assert not (out / "eval_samples.png").exists()
     report = (out / "report.md").read_text()
     assert "stage 1 alone" in report and "eval_samples.png" not in report and "| samples |" not in report
+    assert "memorisation" not in metrics and not (out / "eval_memorisation.png").exists()
     # the same run's reconstruction row matches that of the whole run (stage 1 is the same)
     driver.main(["evaluate", "--run", str(run), "--out", str(tmp_path / "whole"), "--holdout", "0.5",
                  "--features", "domain", "--classifier-steps", "0", "--steps", "5"])
@@ -257,3 +264,39 @@ def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_sa
     assert whole["swd_per_level"]["reconstructions"] == metrics["swd_per_level"]["reconstructions"]
     assert "--class scores the run's samples" in error_of(driver.main, ["evaluate", "--run", str(stage1), "--class",
                                                                          "all", "--holdout", "0.5", "--out", str(out)])
+
+
+# ----------------------------------------------------------------------------- memorisation
+
+def test_the_memorisation_check_flags_copies_of_training_images_and_neither_noise_nor_new_subjects(tmp_path):
+    """A "model" that returns training images (slightly perturbed) is flagged almost entirely, by both measures;
+    real held-out images near the chosen percentile; random noise never."""
+    import numpy as np
+    from conftest import write_blob_images
+    from dataset import load_slices
+    from evaluation.evaluate import stack
+    from evaluation.memorisation import format_memorisation_table, memorisation_check
+    write_blob_images(tmp_path / "AD", [f"s{i}" for i in range(60)], 2, np.random.default_rng(0), size=(32, 32))
+    dataset = load_slices(str(tmp_path), 32, 1)
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], 0.5, 0)
+    reference, _ = stack(dataset, ref_idx)
+    floor, _ = stack(dataset, floor_idx)
+    training, _ = stack(dataset, train_idx[:40])
+    torch.manual_seed(0)
+    features = ClassifierFeatures(SliceClassifier(ClassifierConfig(input_size=32)))   # untrained: any fixed features
+    copies = training + 0.01 * torch.randn_like(training)
+
+    def check(samples):
+        result, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, "cpu")
+        return result, closest, result["rows"]["samples"]
+
+    result, closest, copied = check(copies)
+    assert copied["flagged_features"] >= 0.95 and copied["flagged_pixels"] >= 0.95 and copied["correlation_max"] > 0.99
+    # the figure: the closest samples over the training images they copy (the same images, up to the noise added)
+    assert closest.shape == (16, 1, 32, 32) and (closest[:8] - closest[8:]).abs().max() < 0.1
+    assert all(p["training_image"] in [path for path, _ in dataset.samples] for p in result["closest_pairs"])
+    assert result["rows"]["real (held out, B)"]["flagged_pixels"] <= 0.1        # new subjects: near the 1% chosen
+    assert result["rows"]["real (held out, B)"]["flagged_features"] <= 0.1
+    _, _, noise = check(torch.rand_like(floor) * 2 - 1)
+    assert noise["flagged_features"] == noise["flagged_pixels"] == 0.0 and noise["correlation_median"] < 0.3
+    assert "| samples | 40 |" in format_memorisation_table(result)

@@ -1,0 +1,102 @@
+"""Are the samples copies of training patients? The memorisation check of `driver.py evaluate`.
+
+For every sample, its nearest training image, two ways: in the evaluation network's features (Euclidean distance;
+the features FID uses) and by pixel correlation (Pearson's r of the two images, each at most CORRELATION_SIZE px,
+after the card's normalisation). Medical latent diffusion models do memorise (Dar et al. 2024, Akbar et al. 2023),
+and a copy is close by both measures. Closeness means little alone: slices of one brain are alike, and so are
+slices of two brains at the same level. The floor is how close a *new* subject comes: real held-out images, whose
+subjects the run never saw. A sample is flagged when it is closer to a training image than the 1st percentile of
+the reference half A of the held-out images; the floor half B, scored the same way, shows what the threshold
+flags among real new subjects (about 1% when A and B are alike).
+
+    python driver.py evaluate --run RUN     # the check runs whenever there are samples; eval_memorisation.png
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+PERCENTILE = 1.0            # a sample closer than this percentile of held-out images is flagged
+CORRELATION_SIZE = 128      # px: images are compared at most this large (area-averaged), enough to tell two brains apart
+PAIRS_SHOWN = 8
+
+
+def standardised(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) -> unit vectors (N, D) of zero mean: the dot product of two is their Pearson correlation."""
+    x = images.float()
+    if x.shape[-1] > CORRELATION_SIZE:
+        x = F.interpolate(x, size=(CORRELATION_SIZE,) * 2, mode="area")
+    x = x.flatten(1)
+    x = x - x.mean(dim=1, keepdim=True)
+    return F.normalize(x, dim=1)
+
+
+@torch.no_grad()
+def nearest_training(queries: torch.Tensor, dataset, train_idx: list[int], features, device, batch_size: int = 256
+                     ) -> dict[str, torch.Tensor]:
+    """For each query image (N, C, H, W), its nearest training image in features (distance, index into train_idx)
+    and by pixel correlation (r, index): the training images are read once, a batch at a time."""
+    q_features = torch.cat([features(x.to(device)).float() for x in queries.split(batch_size)])
+    q_pixels = standardised(queries).to(device)
+    best = {"distance": torch.full((len(queries),), float("inf"), device=device),
+            "correlation": torch.full((len(queries),), -float("inf"), device=device)}
+    where = {name: torch.zeros(len(queries), dtype=torch.long, device=device) for name in best}
+    start = 0
+    for x, _ in DataLoader(Subset(dataset, train_idx), batch_size=batch_size):
+        x = x.to(device)
+        distance, d_at = torch.cdist(q_features, features(x).float()).min(dim=1)
+        correlation, c_at = (q_pixels @ standardised(x).T).max(dim=1)
+        for name, value, at, closer in (("distance", distance, d_at, distance < best["distance"]),
+                                        ("correlation", correlation, c_at, correlation > best["correlation"])):
+            best[name] = torch.where(closer, value, best[name])
+            where[name] = torch.where(closer, at + start, where[name])
+        start += len(x)
+    return {"distance": best["distance"].cpu(), "distance_at": where["distance"].cpu(),
+            "correlation": best["correlation"].cpu(), "correlation_at": where["correlation"].cpu()}
+
+
+def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: torch.Tensor, dataset,
+                       train_idx: list[int], features, device) -> tuple[dict, torch.Tensor]:
+    """The check (see the module docstring): {thresholds, rows: {images: summary}} and the figure's images, the
+    PAIRS_SHOWN samples most correlated with a training image (top row) above those training images (bottom row)."""
+    sets = {"samples": samples, "real (held out, A)": reference, "real (held out, B)": floor}
+    found = nearest_training(torch.cat(list(sets.values())), dataset, train_idx, features, device)
+    split = {}
+    start = 0
+    for name, images in sets.items():
+        split[name] = {k: v[start:start + len(images)] for k, v in found.items()}
+        start += len(images)
+    a = split["real (held out, A)"]
+    thresholds = {"distance": torch.quantile(a["distance"], PERCENTILE / 100).item(),
+                  "correlation": torch.quantile(a["correlation"], 1 - PERCENTILE / 100).item()}
+    rows = {name: summary(s, thresholds) for name, s in split.items()}
+    order = split["samples"]["correlation"].argsort(descending=True)[:PAIRS_SHOWN]
+    matches = torch.stack([dataset[train_idx[i]][0] for i in split["samples"]["correlation_at"][order].tolist()])
+    return {"percentile": PERCENTILE, "thresholds": thresholds, "rows": rows,
+            "closest_pairs": [{"sample": int(i), "training_image": dataset.samples[train_idx[j]][0],
+                               "correlation": split["samples"]["correlation"][i].item()}
+                              for i, j in zip(order.tolist(), split["samples"]["correlation_at"][order].tolist())]
+            }, torch.cat([samples[order].cpu(), matches])
+
+
+def summary(nearest: dict[str, torch.Tensor], thresholds: dict[str, float]) -> dict:
+    """How close one set of images comes to the training set, and the fraction flagged by each measure."""
+    d, r = nearest["distance"], nearest["correlation"]
+    return {"count": len(d), "distance_median": d.median().item(), "distance_min": d.min().item(),
+            "correlation_median": r.median().item(), "correlation_max": r.max().item(),
+            "flagged_features": (d < thresholds["distance"]).float().mean().item(),
+            "flagged_pixels": (r > thresholds["correlation"]).float().mean().item()}
+
+
+def format_memorisation_table(check: dict) -> str:
+    """Markdown table of the check: one row per image set."""
+    t = check["thresholds"]
+    lines = [f"| images | n | feature distance to the nearest training image: median (min) | pixel correlation: median "
+             f"(max) | closer than the held-out images' percentile {check['percentile']:g}: features (< {t['distance']:.3g}) "
+             f"| pixels (r > {t['correlation']:.3f}) |", "|---|---|---|---|---|---|"]
+    for name, s in check["rows"].items():
+        lines.append(f"| {name} | {s['count']} | {s['distance_median']:.3g} ({s['distance_min']:.3g}) | "
+                     f"{s['correlation_median']:.3f} ({s['correlation_max']:.3f}) | {s['flagged_features']:.1%} | "
+                     f"{s['flagged_pixels']:.1%} |")
+    return "\n".join(lines)
