@@ -25,3 +25,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--inception-weights", default=None, help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
     p.add_argument("--classifier-steps", type=int, default=1000,
                    help="training steps of the domain classifier; 0 keeps it random (default: %(default)s)")
+    p.add_argument("--utility", type=int, default=None, metavar="N",
+                   help="train on synthetic, test on real: the AD/NC classifier trained on N generated slices per class "
+                        "(at each --guidance scale above 0), on N real ones, and on both, each tested on the held-out "
+                        "subjects; needs a run trained with --conditional (default: off)")

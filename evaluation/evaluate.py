@@ -54,6 +54,7 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from evaluation.conditions import condition_check, format_condition_table
 from evaluation.memorisation import format_memorisation_table, memorisation_check
+from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_check
 from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.process import progress, setup_device
@@ -285,6 +286,25 @@ def format_class_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def utility(args, run: Path, model, settings, dataset, train_idx: list[int], test: tuple[torch.Tensor, torch.Tensor],
+            autocast, device, seed: int) -> list[dict]:
+    """`--utility N`: the rows of evaluation/utility.py for a class-conditional run, its samples drawn per class."""
+    wanted = {int(y[[c.name for c in model.conditions].index(CLASS)]): y
+              for _, y in predict.asked_rows(model, run, class_name="all")}
+
+    def real_of(c, n):
+        return stack(dataset, training_sample([i for i in train_idx if dataset.labels[i] == c], n, seed))[0]
+
+    def generate(c, n, w):
+        torch.manual_seed(args.seed + c)
+        return predict.generate(model, settings, n, wanted[c].expand(n, -1), w, autocast)[0]
+
+    cfg = ClassifierConfig(in_channels=test[0].shape[1], input_size=min(test[0].shape[-1], 128),
+                           num_classes=len(dataset.classes))
+    return utility_check(real_of, generate, sorted(wanted), args.utility, [w for w in args.guidance if w > 0], test,
+                         cfg, args.classifier_steps, device)
+
+
 def evaluate(args):
     run, out = Path(args.run), Path(args.out or args.run)
     if args.classifier_steps < 0 or not 0 < args.holdout < 1:
@@ -292,6 +312,10 @@ def evaluate(args):
                             f"{args.classifier_steps} and {args.holdout}")
     if args.class_name is not None and args.samples:
         raise BadInputError("--class scores the run's own conditional samples; it cannot be used with --samples")
+    if args.utility is not None and (args.utility < 1 or args.samples or max(args.guidance) <= 0):
+        raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples per class, at the --guidance scales "
+                            f"above 0 (got --utility {args.utility}, --guidance {args.guidance}"
+                            + (", --samples)" if args.samples else ")"))
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
     image_size, channels = data.image_size, data.channels
@@ -326,9 +350,10 @@ def evaluate(args):
     # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
     stage1_only, sampling = samples is None and not (run / "unet.pt").exists(), {}
     if stage1_only:
-        if args.class_name is not None:
-            raise BadInputError(f"--class scores the run's samples, and {run / 'unet.pt'} does not exist "
-                                "(train-unet first)")
+        for flag, given in (("--class", args.class_name), ("--utility", args.utility)):
+            if given is not None:
+                raise BadInputError(f"{flag} scores the run's samples, and {run / 'unet.pt'} does not exist "
+                                    "(train-unet first)")
         print(f"no {run / 'unet.pt'}: scoring stage 1 alone (its reconstructions of B against the real rows)")
     elif samples is not None:
         sampling = {"from": str(args.samples)}
@@ -339,7 +364,10 @@ def evaluate(args):
         model = predict.load_run(run, device)
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
-        if asked is not None and model.classes != list(dataset.classes):
+        if args.utility is not None and CLASS not in [c.name for c in model.conditions]:
+            raise BadInputError(f"--utility trains the AD/NC classifier on samples of each class, and "
+                                f"{run / 'unet.pt'} was trained without --conditional")
+        if (asked is not None or args.utility is not None) and model.classes != list(dataset.classes):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(model, settings, num, autocast=autocast)
@@ -386,6 +414,13 @@ def evaluate(args):
                                               classifier, features, device, seed, subject)
         class_table = format_class_table(class_rows)
 
+    # train on synthetic, test on real: the AD/NC classifier trained on samples of each class, tested on held-out subjects
+    utility_rows = None
+    if args.utility is not None:
+        utility_rows = utility(args, run, model, settings, dataset, train_idx, (torch.cat([reference, floor]),
+                               torch.cat([ref_labels, floor_labels])), autocast, device, seed)
+        utility_table = format_utility_table(utility_rows)
+
     # each condition from the participants table, read back from samples generated at held-out subjects' values
     condition_rows = None
     if samples is not None and sampling.get("sampler") and any(c.name != CLASS for c in model.conditions):
@@ -414,6 +449,8 @@ def evaluate(args):
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
                "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
+    if utility_rows is not None:
+        metrics.update(utility=utility_rows, utility_per_class=args.utility)
     if memorisation is not None:
         metrics["memorisation"] = memorisation
         save_image(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
@@ -456,6 +493,10 @@ def evaluate(args):
                    f"{memorisation['percentile']:g} is flagged; half B shows what that threshold flags among real new "
                    "subjects.", "", memorisation_table, "", f"The {len(closest) // 2} samples most correlated with a "
                    "training image (top) and those training images (bottom):", "", "![](eval_memorisation.png)"]
+    if utility_rows is not None:
+        report += ["", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {args.utility} images "
+                   "per class of each set below (the same network and steps each time), tested on every held-out image: "
+                   f"mean ± standard deviation over {UTILITY_SEEDS} training seeds.", "", utility_table]
     if class_rows is not None:
         report += ["", "## Per class", "", f"Samples of each class at guidance scales {args.guidance}, scored against the "
                    "reference half of that class's held-out subjects. *Recognised*: how often the AD/NC classifier "
@@ -474,6 +515,8 @@ def evaluate(args):
     print(level_table)
     if memorisation is not None:
         print(memorisation_table)
+    if utility_rows is not None:
+        print(utility_table)
     if class_rows is not None:
         print(class_table)
     if condition_rows is not None:

@@ -205,8 +205,13 @@ def test_the_check_scores_a_perfect_reading_and_ignores_conditions_not_given():
 def test_evaluate_reads_each_table_condition_back_from_samples_and_draws_a_sweep(conditioned_run, tmp_path):
     run, _ = conditioned_run
     driver.main(["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "3", "--steps", "2",
-                 "--guidance", "0,2", "--num", "4", "--out", str(tmp_path)])
+                 "--guidance", "0,2", "--num", "4", "--out", str(tmp_path), "--utility", "3"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # train on synthetic, test on real: the class folders' samples at w = 2, as the classifier's training set
+    assert [(r["training set"], r["per_class"]) for r in metrics["utility"]] == [
+        ("real", [3, 3]), ("synthetic, w=2", [3, 3]), ("real + synthetic, w=2", [6, 6])]
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["auc"] <= 1 for r in metrics["utility"])
+    assert "## Train on synthetic, test on real" in (tmp_path / "report.md").read_text()
     rows = [(r["condition"], r["images"]) for r in metrics["per_condition"]]
     assert rows == [(c, k) for c in ("age", "sex") for k in ("real (held out)", "samples, w=0", "samples, w=2")]
     assert all("mae" in r for r in metrics["per_condition"] if r["condition"] == "age")

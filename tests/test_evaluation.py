@@ -191,6 +191,9 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "held-out subject" in error_of(driver.main, base + ["--holdout", "0.01"])
     assert "--num must be 2 or more" in error_of(driver.main, base + ["--num", "1"])
     assert "--classifier-steps must be 0 or more" in error_of(driver.main, base + ["--classifier-steps", "-1"])
+    assert "trained without --conditional" in error_of(driver.main, base + ["--utility", "2"])
+    assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
+    assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "2", "--guidance", "0"])
     assert "--steps must be positive" in error_of(driver.main, base + ["--steps", "0"])
     assert "no vqvae checkpoint" in error_of(driver.main, ["evaluate", "--run", str(tmp_path / "none")])
 
@@ -300,3 +303,32 @@ def test_the_memorisation_check_flags_copies_of_training_images_and_neither_nois
     _, _, noise = check(torch.rand_like(floor) * 2 - 1)
     assert noise["flagged_features"] == noise["flagged_pixels"] == 0.0 and noise["correlation_median"] < 0.3
     assert "| samples | 40 |" in format_memorisation_table(result)
+
+
+# ----------------------------------------------------------------------------- train on synthetic, test on real
+
+def test_train_on_synthetic_scores_samples_by_what_they_teach_a_classifier_about_real_subjects():
+    """AD bright, NC dark (textured ellipses): samples of the right class teach the classifier as well as real
+    images, samples with the classes swapped teach it the opposite, noise teaches nothing."""
+    from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_check
+
+    def of_class(c, n, seed):
+        return (ellipses(n, seed=seed) + (0.5 if c == 0 else -0.5)).clamp(-1, 1)
+
+    test = (torch.cat([of_class(0, 20, 100), of_class(1, 20, 101)]), torch.tensor([0] * 20 + [1] * 20))
+    cfg = ClassifierConfig(input_size=32, width=8)
+    kinds = {1.0: lambda c, n: of_class(c, n, 10 + c),        # w = 1: the right class
+             2.0: lambda c, n: of_class(1 - c, n, 20 + c),    # w = 2: the other class
+             3.0: lambda c, n: torch.rand(n, 1, 32, 32) * 2 - 1}
+    rows = utility_check(lambda c, n: of_class(c, n, c), lambda c, n, w: kinds[w](c, n), [0, 1], 16, [1.0, 2.0, 3.0],
+                         test, cfg, 40, "cpu")
+    got = {r["training set"]: r for r in rows}
+    assert list(got) == ["real", "synthetic, w=1", "real + synthetic, w=1", "synthetic, w=2", "real + synthetic, w=2",
+                         "synthetic, w=3", "real + synthetic, w=3"]
+    assert got["real"]["images"] == 32 and got["real"]["per_class"] == [16, 16] and got["real + synthetic, w=1"]["images"] == 64
+    assert got["real"]["accuracy"] > 0.9 and got["synthetic, w=1"]["accuracy"] > 0.9 and got["real"]["auc"] > 0.95
+    assert got["synthetic, w=2"]["accuracy"] < 0.1 and got["synthetic, w=2"]["auc"] < 0.05    # taught the opposite
+    assert 0.2 < got["synthetic, w=3"]["accuracy"] < 0.8                                    # taught nothing
+    assert got["real + synthetic, w=3"]["accuracy"] > 0.9                                   # the real half still teaches
+    assert UTILITY_SEEDS == 3 and all(r["accuracy_std"] >= 0 for r in rows)
+    assert "| synthetic, w=2 | 32 |" in format_utility_table(rows)

@@ -1,0 +1,90 @@
+"""Is synthetic data useful? Train on synthetic, test on real (TSTR), the check of `driver.py evaluate --utility N`.
+
+The AD/NC classifier (the domain classifier's network, evaluation/classifier.py) is trained three ways, for the same
+steps: on N real training slices per class, on N generated slices per class (the run's class-conditional samples at
+each guidance scale), and on both together (real + synthetic: augmentation). Each is tested on every held-out image,
+subjects the run never saw, and scored by accuracy and the area under the ROC curve (torchmetrics). The real row is
+what N real slices buy; a synthetic row near it means the samples carry what tells the classes apart. Each row is
+trained UTILITY_SEEDS times from different seeds, and the table gives the mean and standard deviation.
+
+    python driver.py evaluate --run RUN --utility 200 --guidance 1,3     # a run trained with --conditional
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import auroc
+
+from evaluation.classifier import ClassifierConfig, SliceClassifier
+
+UTILITY_SEEDS = 3
+BATCH = 64
+
+
+def fit_classifier(images: torch.Tensor, labels: torch.Tensor, cfg: ClassifierConfig, steps: int, device,
+                   seed: int) -> SliceClassifier:
+    """The class head trained on `images` (N, C, H, W) in [-1, 1]: AdamW, random batches of BATCH, random
+    horizontal flips (a brain's halves are alike), `steps` steps from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SliceClassifier(cfg).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        pick = torch.randint(0, len(images), (min(BATCH, len(images)),), generator=g)
+        flip = torch.rand(len(pick), generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], images[pick].flip(-1), images[pick]).to(device)
+        loss = F.cross_entropy(model(x)[0], labels[pick].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def scores(model: SliceClassifier, images: torch.Tensor, labels: torch.Tensor, num_classes: int, device) -> dict:
+    """Accuracy and AUC (one-vs-rest, macro over the classes when more than two) on a test set."""
+    logits = torch.cat([model(x.to(device))[0].float().cpu() for x in images.split(256)])
+    probs = logits.softmax(dim=1)
+    if num_classes == 2:
+        auc = auroc(probs[:, 1], labels, task="binary")
+    else:
+        auc = auroc(probs, labels, task="multiclass", num_classes=num_classes)
+    return {"accuracy": (logits.argmax(1) == labels).float().mean().item(), "auc": auc.item()}
+
+
+def per_class(images_of: Callable[[int, int], torch.Tensor], classes: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images of each class, from `images_of(class index, n)`, with their labels."""
+    images = [images_of(c, n) for c in classes]
+    return torch.cat(images), torch.cat([torch.full((len(x),), c) for c, x in zip(classes, images)])
+
+
+def utility_check(real_of: Callable[[int, int], torch.Tensor], generate: Callable[[int, int, float], torch.Tensor],
+                  classes: list[int], n: int, guidance: list[float], test: tuple[torch.Tensor, torch.Tensor],
+                  cfg: ClassifierConfig, steps: int, device) -> list[dict]:
+    """One row per training set: real, then synthetic and real + synthetic at each guidance scale. real_of(c, n): n
+    real training images of class c (fewer if it has fewer); generate(c, n, w): n samples of class c at scale w."""
+    sets = {"real": per_class(real_of, classes, n)}
+    for w in guidance:
+        synthetic = per_class(lambda c, k: generate(c, k, w), classes, n)
+        sets[f"synthetic, w={w:g}"] = synthetic
+        sets[f"real + synthetic, w={w:g}"] = tuple(torch.cat(pair) for pair in zip(sets["real"], synthetic))
+    rows = []
+    for name, (images, labels) in sets.items():
+        runs = [scores(fit_classifier(images, labels, cfg, steps, device, seed), *test, cfg.num_classes, device)
+                for seed in range(UTILITY_SEEDS)]
+        row = {"training set": name, "images": len(images), "per_class": torch.bincount(labels).tolist()}
+        for key in ("accuracy", "auc"):
+            values = torch.tensor([r[key] for r in runs])
+            row[key], row[f"{key}_std"] = values.mean().item(), values.std().item()
+        rows.append(row)
+    return rows
+
+
+def format_utility_table(rows: list[dict]) -> str:
+    lines = ["| classifier trained on | images | accuracy on held-out subjects | AUC |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['training set']} | {r['images']} | {r['accuracy']:.1%} ± {r['accuracy_std']:.1%} | "
+                     f"{r['auc']:.3f} ± {r['auc_std']:.3f} |")
+    return "\n".join(lines)
