@@ -55,12 +55,14 @@ from evaluation.classifier import ClassifierConfig, SliceClassifier
 from evaluation.conditions import condition_check, format_condition_table
 from evaluation.memorisation import format_memorisation_table, memorisation_check
 from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_check
+from export.sample_set import read_sample
 from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.process import progress, setup_device
 from volumes.layouts import subject_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+SAMPLE_SUFFIXES = (".nii", ".nii.gz", ".npz")  # `sample --format nifti|npz`
 
 
 # ----------------------------------------------------------------------------- data
@@ -97,14 +99,23 @@ def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
-    """Every image under `folder`, with the card's transform -> (N, C, S, S) in [-1, 1]."""
+    """Every image under `folder` (images with the card's transform; NIfTI and npz samples as `sample` writes them,
+    export/sample_set.py) -> (N, C, S, S) in [-1, 1]."""
     if not folder.is_dir():
         raise BadInputError(f"--samples folder {folder} does not exist")
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))
     if not files:
         raise BadInputError(f"no images in --samples folder {folder}")
     transform = card_transform(image_size, channels)
-    return torch.stack([transform(load_image(str(f), "L" if channels == 1 else "RGB")) for f in files])
+
+    def read(f: Path) -> torch.Tensor:
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            return transform(load_image(str(f), "L" if channels == 1 else "RGB"))
+        x = read_sample(f).float()
+        x = x.mean(0, keepdim=True).expand(channels, -1, -1) if x.shape[0] != channels else x
+        return F.interpolate(x[None], size=(image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)[0]
+
+    return torch.stack([read(f) for f in files])
 
 
 # ----------------------------------------------------------------------------- domain feature network

@@ -146,6 +146,9 @@ def test_sample_writes_nifti_in_the_runs_geometry(trained_run, tmp_path):
     img = nib.load(files[0])
     assert img.shape == (32, 32, 1) and img.header["cal_max"] == 255 and np.allclose(img.header.get_zooms(), 1.0)
     assert torch.allclose(read_sample(files[1]), images[1], atol=1e-5)
+    # `evaluate --samples` reads such a folder as it reads images (the manifest and settings beside them ignored)
+    from evaluation.evaluate import read_folder
+    assert torch.allclose(read_folder(tmp_path / "samples", 32, 1), images, atol=1e-5)
 
 
 def test_sample_refuses_a_format_it_does_not_know(trained_run):
