@@ -37,6 +37,7 @@ resolution down to 16 px. FID/KID features see at most 128x128 with the domain c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -297,23 +298,37 @@ def format_class_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def utility(args, run: Path, model, settings, dataset, train_idx: list[int], test: tuple[torch.Tensor, torch.Tensor],
-            autocast, device, seed: int) -> list[dict]:
-    """`--utility N`: the rows of evaluation/utility.py for a class-conditional run, its samples drawn per class."""
-    wanted = {int(y[[c.name for c in model.conditions].index(CLASS)]): y
-              for _, y in predict.asked_rows(model, run, class_name="all")}
+def class_column(model, classes: list[str], run: Path) -> int:
+    """The condition that names the data's class folders, for --utility: `class` (train-unet --conditional), else a
+    category of the participants table with those values (a `group` column of AD and NC)."""
+    for k, c in enumerate(model.conditions):
+        if c.name == CLASS or (c.kind == "category" and set(classes) <= set(c.values)):
+            if c.name != CLASS:
+                print(f"--utility: the run's condition {c.name!r} names the class folders ({', '.join(classes)})")
+            if not set(classes) <= set(c.values):
+                raise BadInputError(f"the run's classes {c.values} differ from those of the data: {classes}")
+            return k
+    raise BadInputError(f"--utility trains the {'/'.join(classes)} classifier on samples of each class, and "
+                        f"{run / 'unet.pt'} was trained without --conditional (nor on a table column of those classes)")
 
+
+def utility(args, model, column: int, settings, dataset, train_idx: list[int], test: tuple[torch.Tensor, torch.Tensor],
+            autocast, device, seed: int) -> list[dict]:
+    """`--utility N`: the rows of evaluation/utility.py, the samples of each class drawn with condition `column` set to
+    it (the others left open)."""
     def real_of(c, n):
         return stack(dataset, training_sample([i for i in train_idx if dataset.labels[i] == c], n, seed))[0]
 
     def generate(c, n, w):
+        y = torch.full((len(model.conditions),), math.nan)
+        y[column] = float(model.conditions[column].values.index(dataset.classes[c]))
         torch.manual_seed(args.seed + c)
-        return predict.generate(model, settings, n, wanted[c].expand(n, -1), w, autocast)[0]
+        return predict.generate(model, settings, n, y.expand(n, -1), w, autocast)[0]
 
     cfg = ClassifierConfig(in_channels=test[0].shape[1], input_size=min(test[0].shape[-1], 128),
                            num_classes=len(dataset.classes))
-    return utility_check(real_of, generate, sorted(wanted), args.utility, [w for w in args.guidance if w > 0], test,
-                         cfg, args.classifier_steps, device)
+    return utility_check(real_of, generate, list(range(len(dataset.classes))), args.utility,
+                         [w for w in args.guidance if w > 0], test, cfg, args.classifier_steps, device)
 
 
 def evaluate(args):
@@ -375,10 +390,8 @@ def evaluate(args):
         model = predict.load_run(run, device)
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
-        if args.utility is not None and CLASS not in [c.name for c in model.conditions]:
-            raise BadInputError(f"--utility trains the AD/NC classifier on samples of each class, and "
-                                f"{run / 'unet.pt'} was trained without --conditional")
-        if (asked is not None or args.utility is not None) and model.classes != list(dataset.classes):
+        column = class_column(model, list(dataset.classes), run) if args.utility is not None else None
+        if asked is not None and model.classes != list(dataset.classes):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(model, settings, num, autocast=autocast)
@@ -428,7 +441,7 @@ def evaluate(args):
     # train on synthetic, test on real: the AD/NC classifier trained on samples of each class, tested on held-out subjects
     utility_rows = None
     if args.utility is not None:
-        utility_rows = utility(args, run, model, settings, dataset, train_idx, (torch.cat([reference, floor]),
+        utility_rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
                                torch.cat([ref_labels, floor_labels])), autocast, device, seed)
         utility_table = format_utility_table(utility_rows)
 

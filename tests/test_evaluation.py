@@ -332,3 +332,17 @@ def test_train_on_synthetic_scores_samples_by_what_they_teach_a_classifier_about
     assert got["real + synthetic, w=3"]["accuracy"] > 0.9                                   # the real half still teaches
     assert UTILITY_SEEDS == 3 and all(r["accuracy_std"] >= 0 for r in rows)
     assert "| synthetic, w=2 | 32 |" in format_utility_table(rows)
+
+
+def test_utility_draws_each_class_with_the_condition_that_names_the_class_folders(tmp_path):
+    from types import SimpleNamespace
+
+    from conditions.table import Condition
+    from evaluation.evaluate import class_column
+    from runtime.errors import BadInputError
+    age, group = Condition("age", "continuous", low=55, high=90), Condition("group", "category", ["AD", "NC"])
+    assert class_column(SimpleNamespace(conditions=[age, Condition("class", "category", ["AD", "NC"])]), ["AD", "NC"], tmp_path) == 1
+    assert class_column(SimpleNamespace(conditions=[age, Condition("sex", "category", ["F", "M"]), group]),
+                        ["AD", "NC"], tmp_path) == 2                      # a table column of the same classes
+    with pytest.raises(BadInputError, match="without --conditional"):
+        class_column(SimpleNamespace(conditions=[age, Condition("sex", "category", ["F", "M"])]), ["AD", "NC"], tmp_path)
