@@ -97,7 +97,9 @@ class SampleSet:
         """A new set: the files of an earlier set in this folder (those its manifest lists) are replaced."""
         old = self._manifest_rows() if (self.folder / SETTINGS).exists() else []
         for row in old:
-            (self.folder / row["file"]).unlink(missing_ok=True)
+            path = (self.folder / row["file"]).resolve()
+            if self.folder.resolve() in path.parents:  # never a file outside the set, whatever a manifest says
+                path.unlink(missing_ok=True)
         for sub in (self.folder.iterdir() if self.folder.is_dir() else []):
             if sub.is_dir() and not any(sub.iterdir()):
                 sub.rmdir()
