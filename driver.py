@@ -25,6 +25,9 @@ import torch.distributed as dist
 import predict
 import train
 from dataset import DataConfig, data_files_key
+from losses.adversarial import LOSSES, WEIGHTINGS
+from losses.perceptual import NETWORKS
+from losses.reconstruction import BASE_LOSSES
 import evaluation
 from conditions import counterfactual
 from conditions.table import condition_list
@@ -89,6 +92,22 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def step_or_fraction(text: str) -> int | float:
+    """--adversarial-start: '1200' -> step 1200; '0.25' -> a quarter of the run's steps."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"expected a step (an integer) or a fraction in [0, 1), got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -193,22 +212,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every matching BIDS image of a subject and session (default: the one with the fewest entities)")
     # detail: the losses VQGAN adds to MSE (Esser et al. 2021)
     p.add_argument("--adversarial-weight", type=float, default=None,
-                   help=preset_help("vqvae", "adversarial_weight", "weight of the adversarial patch loss (PatchGAN, times "
-                                    "the adaptive weight of Esser et al. eq. 7; VQGAN uses 0.8); 0 switches it off"))
-    p.add_argument("--adversarial-start", type=int, default=None,
-                   help=preset_help("vqvae", "adversarial_start", "step from which the discriminator learns and its loss counts"))
-    p.add_argument("--adversarial-loss", choices=["hinge", "non-saturating"], default="hinge",
-                   help="the discriminator's loss (default: %(default)s)")
+                   help=preset_help("vqvae", "adversarial_weight", "weight of the adversarial patch loss (PatchGAN; "
+                                    "times the adaptive weight of Esser et al. eq. 7 unless --adversarial-weighting fixed; "
+                                    "VQGAN uses 0.8 adaptive, MONAI's brain-MRI tutorials 0.01 fixed); 0 switches it off"))
+    p.add_argument("--adversarial-start", type=step_or_fraction, default=None,
+                   help=preset_help("vqvae", "adversarial_start", "step from which the discriminator learns and its loss "
+                                    "counts, or a fraction of the run's steps (0.25: a quarter in)"))
+    p.add_argument("--adversarial-loss", choices=list(LOSSES), default="hinge",
+                   help="the discriminator's and generator's losses: hinge (VQGAN), non-saturating, least-squares "
+                        "(LSGAN, as MONAI) (default: %(default)s)")
+    p.add_argument("--adversarial-weighting", choices=list(WEIGHTINGS), default="adaptive",
+                   help="the adversarial term's weight: adaptive (--adversarial-weight times Esser et al.'s eq. 7) or "
+                        "fixed (--adversarial-weight alone) (default: %(default)s)")
     p.add_argument("--adversarial-lr", type=positive(float), default=None,
                    help="the discriminator's AdamW learning rate (default: the VQ-VAE's --lr, as VQGAN)")
     p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
                    help=preset_help("vqvae", "clamped_loss", "measure the reconstruction error on the output clamped to "
                                     "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "
                                     "around it (bench/README.md)"))
+    p.add_argument("--reconstruction-loss", choices=list(BASE_LOSSES), default="mse",
+                   help="the pixel loss of the reconstruction: mse, or l1 as the brain-MRI anchors (default: %(default)s)")
+    p.add_argument("--frequency-weight", type=float, default=0.0,
+                   help="weight of the focal frequency loss (Jiang et al. 2021: the spectrum's hardest frequencies count "
+                        "most; no network) (default: %(default)s)")
     p.add_argument("--laplacian-weight", type=float, default=0.0,
                    help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
     p.add_argument("--perceptual-weight", type=float, default=0.0,
-                   help="weight of the VGG16 perceptual loss (LPIPS form); needs --vgg-weights (default: %(default)s)")
+                   help="weight of the VGG16 perceptual loss (LPIPS form) (default: %(default)s)")
+    p.add_argument("--perceptual-network", choices=list(NETWORKS), default="vgg16",
+                   help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
+                        "2021; needs no file) (default: %(default)s)")
     p.add_argument("--vgg-weights", default=None,
                    help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")

@@ -34,42 +34,21 @@ from conditions.table import (CLASS, build_conditions, condition_matrix, find_ta
                               subjects_of, to_saved)
 from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches, subject_summary,
                      to_unit, training_data, training_files, uint8_loader)
-from modules import (EMA, VQVAE, DiscriminatorConfig, GaussianDiffusion, PatchDiscriminator, UNet, UNetConfig,
-                     VQVAEConfig, adaptive_weight, adversarial_factor, as_shown, drop_conditions,
-                     generator_adversarial_loss, hinge_d_loss, laplacian_l1, non_saturating_d_loss,
-                     perceptual_loss_or_none)
+from losses.adversarial import Adversary
+from losses.perceptual import perceptual_loss_or_none
+from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
+from modules import EMA, VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_conditions
 from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)
 from runtime.errors import BadInputError
+from runtime.optimizer import adamw, load_optimizer
 from runtime.process import (Runtime, any_rank, cpus_per_process, main_rank_first, mean_over_ranks, place_model,
                              progress, restore_rng, rng_states, setup_runtime, wrap_model)
 from runtime.signals import StopRequests
 
 
 # ----------------------------------------------------------------------------- one optimizer step
-
-def adamw(params, lr: float, **kwargs) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over all parameters) where this torch has one for the device:
-    CUDA, and the CPU since torch 2.4 (3.4x faster there than the default for-each kernel, bench/README.md)."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
-    except RuntimeError:  # no fused kernel for these parameters' device in this torch
-        return torch.optim.AdamW(params, lr=lr, **kwargs)
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, state: dict):
-    """Load a saved optimizer state, each weight's moments in that weight's memory layout. A saved state keeps the
-    layout it was written in (NHWC from a GPU run), and the fused and for-each AdamW kernels walk a weight's storage
-    and its moments' side by side: moments in another layout would update the wrong elements (a GPU run resumed on
-    a CPU, or with --no-channels-last). So the model is placed in its layout first (`place_model`), then this."""
-    optimizer.load_state_dict(state)
-    for p, moments in optimizer.state.items():
-        for name, value in moments.items():
-            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                moments[name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
 
 def optimizer_step(model, optimizer, scaler, micro_batches: list, loss_fn, grad_clip: float,
                    skip_nonfinite: bool = False) -> torch.Tensor | None:
@@ -393,67 +372,10 @@ def vqvae_config(args) -> VQVAEConfig:
                        codebook_size=args.codebook_size)
 
 
-class Adversary:
-    """Stage 1's optional adversarial patch loss (Esser et al. 2021): a PatchGAN discriminator with its own AdamW
-    (betas 0.5, 0.9, as VQGAN), off before --adversarial-start, its generator term weighted by --adversarial-weight
-    times the adaptive weight at the decoder's last layer (eq. 7). The discriminator learns after each VQ-VAE
-    step, on that step's last real batch and its reconstructions (detached: no gradient reaches the VQ-VAE),
-    unless --skip-nonfinite skipped that step. It counts the loop's steps, skipped ones too, so it starts at the
-    loop's --adversarial-start; under fp16 its own GradScaler scales its loss and skips its non-finite steps."""
-
-    def __init__(self, args, rt: Runtime, resume: dict | None):
-        self.weight, self.start, self.rt = args.adversarial_weight, args.adversarial_start, rt
-        self.step = resume["step"] if resume else 0
-        resume = resume if resume and "discriminator" in resume else None  # a run that trained without one starts one
-        self.d_loss = hinge_d_loss if args.adversarial_loss == "hinge" else non_saturating_d_loss
-        self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(in_channels=args.channels)
-        self.disc = place_model(PatchDiscriminator(self.cfg), rt)
-        self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
-        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())
-        if resume:
-            self.disc.load_state_dict(resume["discriminator"])
-            load_optimizer(self.optimizer, resume["disc_optimizer"])  # with its learning rate, unless one is given now
-            for group in self.optimizer.param_groups:
-                group["lr"] = args.adversarial_lr or group["lr"]
-            if self.scaler.is_enabled() and resume.get("disc_scaler"):
-                self.scaler.load_state_dict(resume["disc_scaler"])
-        self.train_disc = wrap_model(self.disc, rt, compile_model=False)
-        self.batch = None
-
-    def generator_loss(self, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor, last_layer) -> torch.Tensor:
-        """The weighted adversarial term of the VQ-VAE's loss (0 before the start step); keeps the batch for `learn`."""
-        if not adversarial_factor(self.step, self.start):
-            return torch.zeros((), device=x.device)
-        self.batch = (x, recon.detach())
-        self.disc.requires_grad_(False)  # the VQ-VAE's step: the discriminator judges, it does not learn
-        with self.rt.autocast:
-            g_loss = generator_adversarial_loss(self.disc(recon).float())
-        self.disc.requires_grad_(True)
-        return self.weight * adaptive_weight(rec_loss, g_loss, last_layer) * g_loss
-
-    def after_step(self, step: int, taken: bool):
-        """After each VQ-VAE step (the loop's `step` now): one discriminator step, from the start step on, unless
-        the VQ-VAE's step was skipped (its reconstructions may hold NaN)."""
-        self.step = step
-        if taken and self.batch is not None:
-            with self.rt.autocast:
-                logits = self.train_disc(torch.cat(self.batch)).float()
-            loss = self.d_loss(*logits.chunk(2))
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.batch = None
-
-    def state(self) -> dict:
-        return {"discriminator": self.disc.state_dict(), "disc_optimizer": self.optimizer.state_dict(),
-                "disc_scaler": self.scaler.state_dict(), "disc_config": asdict(self.cfg)}
-
-
 def train_vqvae(args):
-    """Stage 1: VQ-VAE with MSE reconstruction + codebook + 0.25 x commitment loss, optionally measured on the
-    clamped output (`as_shown`), + Laplacian L1, a VGG perceptual loss and an adversarial patch loss (VQGAN's
-    recipe for detail)."""
+    """Stage 1: VQ-VAE with an MSE (or L1) reconstruction loss + codebook + 0.25 x commitment loss, optionally
+    measured on the clamped output (`as_shown`), + Laplacian L1, the focal frequency loss, a perceptual loss and an
+    adversarial patch loss (losses/: VQGAN's and the brain-MRI anchors' recipes for detail)."""
     # setup
     data, cfg = args.data_config, vqvae_config(args)
     resume = checkpoint_to_resume(Path(args.run) / "vqvae.pt", "vqvae", args.resume, asdict(cfg))
@@ -473,8 +395,9 @@ def train_vqvae(args):
     model = place_model(VQVAE(cfg), rt)
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, model, optimizer, rt, args.lr)
-    adversary = Adversary(args, rt, resume) if args.adversarial_weight > 0 else None
-    perceptual = perceptual_loss_or_none(args.vgg_weights) if args.perceptual_weight > 0 else None
+    adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
+    perceptual = (perceptual_loss_or_none(args.vgg_weights, args.perceptual_network) if args.perceptual_weight > 0
+                  else None)
     if perceptual is not None:
         perceptual.to(rt.device)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
@@ -487,10 +410,12 @@ def train_vqvae(args):
         with rt.autocast:
             recon, vq_loss, stats = train_model(x)
         recon = as_shown(recon.float()) if args.clamped_loss else recon.float()
-        recon_loss = F.mse_loss(recon, x)
-        rec = recon_loss
+        recon_loss = F.mse_loss(recon, x)  # logged as `recon` (and PSNR) whatever the base loss
+        rec = recon_loss if args.reconstruction_loss == "mse" else base_loss(recon, x, args.reconstruction_loss)
         if args.laplacian_weight > 0:
             rec = rec + args.laplacian_weight * laplacian_l1(recon, x)
+        if args.frequency_weight > 0:
+            rec = rec + args.frequency_weight * focal_frequency_loss(recon, x)
         if perceptual is not None:
             rec = rec + args.perceptual_weight * perceptual(recon, x)
         adversarial = adversary.generator_loss(x, recon, rec, model.last_layer) if adversary else torch.zeros_like(rec)

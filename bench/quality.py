@@ -25,12 +25,16 @@ with the real-vs-real floor B beside them):
              sampled with DDIM-100
     defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
              x_t clamped to [-1, 1] every step, no latent scale
+    ours-NAME   the same with the stage-1 flags of `--variant NAME='FLAGS'` (the losses of losses/, for example)
+`--stage1-only` trains stage 1 alone and scores the rows' reconstructions of the floor half (a first screen of
+stage-1 recipes: samples cannot hold finer detail than the reconstructions do).
 Writes OUT/quality.json, OUT/quality.md and sample grids; prints the table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -98,6 +102,12 @@ def main():
     parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
                         help="weight,start[,discriminator lr] of the ours-adversarial row (default: %(default)s)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="a row ours-NAME whose stage 1 gets these train-vqvae flags, e.g. "
+                             "lsgan='--reconstruction-loss l1 --adversarial-weight 0.01 --adversarial-weighting fixed' "
+                             "(repeatable; each is computed)")
+    parser.add_argument("--stage1-only", action="store_true",
+                        help="train and score stage 1 alone: the rows' reconstructions of the floor half, no samples")
     args = parser.parse_args()
     out, rows = Path(args.out), args.rows.split(",")
     out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +129,11 @@ def main():
                 "ours-laplacian": ["--laplacian-weight", args.laplacian], "ours-unclamped": ["--no-clamped-loss"],
                 "ours-constant": ["--cooldown", "0"], "ours-codes": ["--codebook-size", args.codes],
                 "ours-former": ["--batch-size", "32", "--lr", "2e-3", "--codebook-size", "512"]}
+    for text in args.variant:
+        name, _, flags = text.partition("=")
+        variants[f"ours-{name}"] = shlex.split(flags)
+        rows.append(f"ours-{name}")
+    info["variants"] = {name: variants[name] for name in rows if name in variants}
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue
@@ -129,11 +144,17 @@ def main():
         else:
             vq_budget, unet_budget = (["--max-steps", "1000000000", "--max-minutes", str(m)]
                                       for m in (args.vq_minutes, args.unet_minutes))
-        if not (run / "unet.pt").exists():
+        if not (run / ("vqvae.pt" if args.stage1_only else "unet.pt")).exists():
             t0 = time.perf_counter()
             driver.main(["train-vqvae", *common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags])
-            driver.main(["train-unet", *common, *unet_budget])
+            if not args.stage1_only:
+                driver.main(["train-unet", *common, *unet_budget])
             info[f"{name}_train_minutes"] = (time.perf_counter() - t0) / 60
+        if args.stage1_only:
+            vqvae, vq_ckpt = predict.load_vqvae(run, "cpu")
+            info[f"{name}_steps"] = {"vqvae": vq_ckpt["step"]}
+            info[f"{name}_vqvae"], images[f"{name} (reconstructions)"] = reconstruction_metrics(vqvae, floor)
+            continue
         model = predict.load_run(run, "cpu")
         info[f"{name}_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": model.unet_step}
         info[f"{name}_vqvae"], recons = reconstruction_metrics(model.vqvae, floor)
@@ -145,12 +166,12 @@ def main():
             info[f"{name}_seconds_per_image"] = seconds / n
         if name == "ours":
             ours = model
-    if "defect" in rows:
+    if "defect" in rows and not args.stage1_only:
         t0 = time.perf_counter()
         torch.manual_seed(2)
         images["defect"] = original_report_samples(ours.vqvae, ours.unet, ours.diffusion, n, ours.latent_shape)
         info["defect_seconds_per_image"] = (time.perf_counter() - t0) / n
-    if "peer" in rows:
+    if "peer" in rows and not args.stage1_only:
         from peer_diffusers import sample_peer, train_peer  # here: diffusers is needed for this row only
         train_images, _ = stack(dataset, train_idx)
         peer = train_peer(train_images, args.vq_minutes, args.unet_minutes, seed=0, log=tqdm.write)

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.metrics import sliced_wasserstein  # noqa: E402
-from modules import (VQVAE, DiscriminatorConfig, PatchDiscriminator, VQVAEConfig, adaptive_weight,  # noqa: E402
-                     adversarial_factor, generator_adversarial_loss, hinge_d_loss, laplacian_l1)
+from losses.adversarial import (DiscriminatorConfig, PatchDiscriminator, adaptive_weight,  # noqa: E402
+                                adversarial_factor, generator_adversarial_loss, hinge_d_loss)
+from losses.reconstruction import laplacian_l1  # noqa: E402
+from modules import VQVAE, VQVAEConfig  # noqa: E402
 
 
 def textured_ellipses(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:

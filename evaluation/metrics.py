@@ -21,7 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from evaluation.classifier import SliceClassifier
-from modules import laplacian_pyramid as _laplacian_pyramid  # the same bands as stage 1's Laplacian L1 loss
+from losses.reconstruction import laplacian_pyramid as _laplacian_pyramid  # the same bands as stage 1's Laplacian L1 loss
 
 
 # ----------------------------------------------------------------------------- feature networks for FID / KID

@@ -8,10 +8,8 @@ import torch.nn.functional as F
 
 from torch.optim.swa_utils import AveragedModel
 
-from modules import (ADAPTIVE_WEIGHT_FALLBACK, EMA, VQVAE, ConditionEmbedding, DiscriminatorConfig, GaussianDiffusion, Guided,
-                     PatchDiscriminator, UNet, UNetConfig, VectorQuantizer, VQVAEConfig, adaptive_weight,
-                     adversarial_factor, as_shown, drop_conditions, generator_adversarial_loss, hinge_d_loss, laplacian_l1,
-                     non_saturating_d_loss, perceptual_loss_or_none)
+from modules import (EMA, VQVAE, ConditionEmbedding, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer,
+                     VQVAEConfig, drop_conditions)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -733,116 +731,3 @@ def test_every_block_of_the_full_unet_is_compiled(monkeypatch):
         eager = unet(x, t)
         compiled = unet.compile_blocks(backend="eager")(x, t)   # dynamo's tracing alone: the limit is dynamo's
     assert torch.allclose(compiled, eager, atol=1e-6)
-
-
-# ----------------------------------------------------------------------------- stage 1: adversarial and detail losses
-
-def test_hinge_and_non_saturating_losses_match_closed_forms():
-    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-3.0, 0.0, 1.0, -0.5])
-    # hinge: relu(1 - real) = (0, 0.5, 2), mean 5/6; relu(1 + fake) = (0, 1, 2, 0.5), mean 7/8
-    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 7 / 8))
-    # at zero logits the cross-entropy is log 2 on each side; hinge is 1 on each side
-    zeros = torch.zeros(5)
-    assert non_saturating_d_loss(zeros, zeros).item() == pytest.approx(math.log(2))
-    assert hinge_d_loss(zeros, zeros).item() == pytest.approx(1.0)
-    expected = 0.5 * (sum(math.log1p(math.exp(-r)) for r in real.tolist()) / 3
-                      + sum(math.log1p(math.exp(f)) for f in fake.tolist()) / 4)
-    assert non_saturating_d_loss(real, fake).item() == pytest.approx(expected)
-    # a discriminator that is confidently right costs nothing under hinge, almost nothing under cross-entropy
-    assert hinge_d_loss(torch.full((4,), 5.0), torch.full((4,), -5.0)).item() == 0.0
-    assert non_saturating_d_loss(torch.full((4,), 20.0), torch.full((4,), -20.0)).item() < 1e-8
-    assert generator_adversarial_loss(fake).item() == pytest.approx(-(-3.0 + 0.0 + 1.0 - 0.5) / 4)
-    assert [adversarial_factor(s, 100) for s in (0, 99, 100, 5000)] == [0.0, 0.0, 1.0, 1.0]
-
-
-def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
-    w = torch.tensor([1.0, 2.0, 2.0], requires_grad=True)
-    a, b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([0.0, 1.0, 0.0])
-    rec_loss, gan_loss = (w * a).sum(), 2 * (w * b).sum()     # gradients a (norm 5) and 2b (norm 2)
-    assert adaptive_weight(rec_loss, gan_loss, w).item() == pytest.approx(5 / (2 + 1e-4))
-    assert adaptive_weight(rec_loss, gan_loss, w).requires_grad is False
-    assert adaptive_weight(1e9 * rec_loss, gan_loss, w).item() == 1e4                     # clamped
-    assert w.grad is None                                                                  # nothing accumulated
-
-
-def test_adaptive_weight_is_zero_for_a_perfect_reconstruction_and_falls_back_when_frozen():
-    torch.manual_seed(0)
-    cfg = VQVAEConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16)
-    model, disc = VQVAE(cfg), PatchDiscriminator(DiscriminatorConfig(channels=8, num_layers=1))
-    x = torch.rand(2, 1, 16, 16) * 2 - 1
-    recon, _, _ = model(x)
-    gan_loss = generator_adversarial_loss(disc(recon))
-    assert adaptive_weight(F.mse_loss(recon, x), gan_loss, model.last_layer).item() > 0
-    # a perfect reconstruction: the MSE's gradient, 2 (recon - x) / n, is exactly zero
-    assert adaptive_weight(F.mse_loss(recon, recon.detach()), gan_loss, model.last_layer).item() == 0.0
-    # a frozen decoder: no gradient can be taken, the documented fallback (0: the GAN term is switched off)
-    for p in model.decoder.parameters():
-        p.requires_grad_(False)
-    recon, _, _ = model(x)
-    frozen = adaptive_weight(F.mse_loss(recon, x), generator_adversarial_loss(disc(recon)), model.last_layer)
-    assert frozen.item() == ADAPTIVE_WEIGHT_FALLBACK == 0.0
-    with torch.no_grad():  # losses computed without grad: the same fallback
-        recon, _, _ = model(x)
-        assert adaptive_weight(F.mse_loss(recon, x), recon.mean(), model.last_layer).item() == 0.0
-
-
-@pytest.mark.parametrize("cfg, size, patches", [(DiscriminatorConfig(), 256, 30), (DiscriminatorConfig(), 64, 6),
-                                                (DiscriminatorConfig(channels=8, num_layers=2, norm="none",
-                                                                     spectral_norm=True), 32, 6)])
-def test_patch_discriminator_gives_patch_logits_and_no_batchnorm(cfg, size, patches):
-    disc = PatchDiscriminator(cfg)
-    with torch.no_grad():
-        logits = disc(torch.randn(2, 1, size, size))
-    assert logits.shape == (2, 1, patches, patches)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in disc.modules())
-    assert any(isinstance(m, nn.GroupNorm) for m in disc.modules()) == (cfg.norm == "group")
-    assert any("parametrizations" in name for name, _ in disc.named_parameters()) == cfg.spectral_norm
-    with pytest.raises(ValueError):
-        PatchDiscriminator(DiscriminatorConfig(norm="batch"))
-
-
-def test_the_reconstruction_loss_sees_the_clamped_image_and_still_pushes_where_it_is_wrong():
-    x = torch.tensor([-1.0, -1.0, 0.5, 0.0])                           # background, background, tissue, tissue
-    recon = torch.tensor([-1.3, -0.8, 1.4, -1.2], requires_grad=True)
-    shown = as_shown(recon)
-    assert torch.equal(shown, recon.detach().clamp(-1, 1))
-    F.mse_loss(shown, x).backward()
-    # d/dr mean((clamp(r) - x)^2) with the clamp passed straight through: 2 (clamp(r) - x) / n
-    assert torch.allclose(recon.grad, torch.tensor([0.0, 0.1, 0.25, -0.5]))
-    # below -1 on a background pixel is exact (plain MSE would pull it back up); a pixel clamped on the wrong side
-    # of its target still gets its gradient (a plain clamp would give 0 there and leave it stuck)
-
-
-def test_laplacian_l1_counts_an_error_equally_at_every_octave():
-    torch.manual_seed(0)
-    x = torch.rand(4, 1, 64, 64) * 2 - 1
-    assert laplacian_l1(x, x.clone()).item() == 0.0
-    # a constant shift lives only in the low-pass residual, a pixel checkerboard only in the finest band
-    # (the 5-tap binomial filter's response at Nyquist is 0): both cost their amplitude, while MSE costs its square
-    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
-    checkerboard = ((yy + xx) % 2 * 2 - 1).float()
-    for a in (0.5, 0.05):
-        assert laplacian_l1(x + a, x).item() == pytest.approx(a, rel=1e-4)
-        assert laplacian_l1(x + a * checkerboard, x).item() == pytest.approx(a, rel=1e-4)
-    recon = x.clone().requires_grad_(True)
-    laplacian_l1(recon + 0.1 * torch.randn_like(x), x).backward()     # differentiable
-    assert recon.grad is not None and recon.grad.abs().sum() > 0
-
-
-def test_perceptual_loss_loads_a_local_vgg16_file_or_says_in_one_line_it_is_off(tmp_path, capsys):
-    from torchvision.models.vgg import cfgs, make_layers
-    assert perceptual_loss_or_none(None) is None and "perceptual loss: off" in capsys.readouterr().out
-    assert perceptual_loss_or_none(str(tmp_path / "missing.pth")) is None
-    assert capsys.readouterr().out.count("\n") == 1
-    torch.manual_seed(0)   # random weights stand in for ImageNet's: this checks loading and the distance's form
-    features = make_layers(cfgs["D"])   # torchvision.models.vgg16().features, without building its classifier
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
-    loss = perceptual_loss_or_none(str(tmp_path / "vgg16.pth"))
-    assert torch.equal(loss.features[0].weight, features[0].weight)
-    x = torch.rand(2, 1, 32, 32) * 2 - 1
-    recon = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
-    assert loss(x, x.clone()).item() == 0.0
-    value = loss(recon, x)
-    value.backward()
-    assert value.item() > 0 and recon.grad.abs().sum() > 0
-    assert all(not p.requires_grad for p in loss.parameters())

@@ -1,0 +1,5 @@
+"""Stage 1's losses beyond the VQ-VAE's own (`train-vqvae`): what the reconstruction is measured with
+(`reconstruction.py`: the clamped output, L1 or MSE, Laplacian L1, the focal frequency loss), perceptual terms
+(`perceptual.py`: VGG16 features, pretrained or random), and the adversarial patch loss and its discriminator's
+training (`adversarial.py`). `train.py` combines them; `modules.py` holds the networks they train.
+"""
