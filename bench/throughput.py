@@ -16,6 +16,7 @@ On the CPU the parts default to models, cache, optimizer and memory, eager only 
 """
 import argparse
 import dataclasses
+import importlib.util
 import json
 import resource
 import statistics
@@ -38,39 +39,53 @@ from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # n
 from train import adamw  # noqa: E402
 
 ADNI_SLICES = 30520  # the full ADNI AD/NC set of the original report
+SUBSET_TRAINING_SLICES = 7200  # the 8,000-slice subset with --holdout 0.1
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 FULL_VQ, FULL_UNET = PRESETS["vqvae"]["full"], PRESETS["unet"]["full"]
 
 
+@dataclasses.dataclass
+class Shapes:
+    """The networks' sizes and the data's shapes: a preset's (`--shapes`; `tiny` makes a CPU dry run quick)."""
+    vq: dict
+    unet: dict
+    image: int      # px of the VQ-VAE's images
+    latent: int     # px of the UNet's latents
+
+
+SHAPES = {"full": Shapes(FULL_VQ, FULL_UNET, 256, 32),
+          "tiny": Shapes(PRESETS["vqvae"]["tiny"], PRESETS["unet"]["tiny"], 64, 16)}
+
+
 # ----------------------------------------------------------------------------- the two pairs of models
 
-def our_vqvae() -> VQVAE:
-    return VQVAE(VQVAEConfig(image_size=256, channels=FULL_VQ["vq_channels"], channel_mult=tuple(FULL_VQ["vq_mult"]),
-                             num_res_blocks=FULL_VQ["vq_res_blocks"], codebook_size=FULL_VQ["codebook_size"]))
+def our_vqvae(s: Shapes = SHAPES["full"]) -> VQVAE:
+    return VQVAE(VQVAEConfig(image_size=s.image, channels=s.vq["vq_channels"], channel_mult=tuple(s.vq["vq_mult"]),
+                             num_res_blocks=s.vq["vq_res_blocks"], codebook_size=s.vq["codebook_size"]))
 
 
-def our_unet() -> UNet:
-    return UNet(UNetConfig(latent_size=32, channels=FULL_UNET["unet_channels"], channel_mult=tuple(FULL_UNET["unet_mult"]),
-                           num_res_blocks=FULL_UNET["unet_res_blocks"]))
+def our_unet(s: Shapes = SHAPES["full"]) -> UNet:
+    return UNet(UNetConfig(latent_size=s.latent, channels=s.unet["unet_channels"], channel_mult=tuple(s.unet["unet_mult"]),
+                           num_res_blocks=s.unet["unet_res_blocks"]))
 
 
-def peer_vqvae():
+def peer_vqvae(s: Shapes = SHAPES["full"]):
     """diffusers VQModel with our widths, levels, res blocks, codebook and no attention (ours has none)."""
     from diffusers import VQModel
-    c = FULL_VQ["vq_channels"]
-    return VQModel(in_channels=1, out_channels=1, sample_size=256, down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=tuple(c * m for m in FULL_VQ["vq_mult"]),
-                   layers_per_block=FULL_VQ["vq_res_blocks"], norm_num_groups=32, latent_channels=4, vq_embed_dim=4,
-                   num_vq_embeddings=FULL_VQ["codebook_size"], mid_block_add_attention=False)
+    c, levels = s.vq["vq_channels"], len(s.vq["vq_mult"])
+    return VQModel(in_channels=1, out_channels=1, sample_size=s.image, down_block_types=("DownEncoderBlock2D",) * levels,
+                   up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=tuple(c * m for m in s.vq["vq_mult"]),
+                   layers_per_block=s.vq["vq_res_blocks"], norm_num_groups=min(32, c), latent_channels=4, vq_embed_dim=4,
+                   num_vq_embeddings=s.vq["codebook_size"], mid_block_add_attention=False)
 
 
-def peer_unet():
+def peer_unet(s: Shapes = SHAPES["full"]):
     """diffusers UNet2DModel with our widths, res blocks, attention at the two lowest levels and head size 32."""
     from diffusers import UNet2DModel
-    c = FULL_UNET["unet_channels"]
-    return UNet2DModel(sample_size=32, in_channels=4, out_channels=4,
-                       block_out_channels=tuple(c * m for m in FULL_UNET["unet_mult"]),
-                       layers_per_block=FULL_UNET["unet_res_blocks"], attention_head_dim=32, norm_eps=1e-6,
+    c = s.unet["unet_channels"]
+    return UNet2DModel(sample_size=s.latent, in_channels=4, out_channels=4,
+                       block_out_channels=tuple(c * m for m in s.unet["unet_mult"]),
+                       layers_per_block=s.unet["unet_res_blocks"], attention_head_dim=32, norm_eps=1e-6,
                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
 
@@ -157,21 +172,24 @@ def side_by_side(steppers: dict, steps: int, device, first: dict | None = None) 
 
 
 def models_part(args, device) -> list[dict]:
-    rows = []
-    vq_batch, unet_batch = args.vq_batch or FULL_VQ["batch_size"], args.unet_batch or FULL_UNET["batch_size"]
-    images = lambda: torch.rand(vq_batch, 1, 256, 256, device=device) * 2 - 1  # noqa: E731
-    latents = lambda: torch.randn(unet_batch, 4, 32, 32, device=device)  # noqa: E731
+    rows, s = [], SHAPES[args.shapes]
+    vq_batch, unet_batch = args.vq_batch or s.vq["batch_size"], args.unet_batch or s.unet["batch_size"]
+    images = lambda: torch.rand(vq_batch, 1, s.image, s.image, device=device) * 2 - 1  # noqa: E731
+    latents = lambda: torch.randn(unet_batch, 4, s.latent, s.latent, device=device)  # noqa: E731
     diffusion = GaussianDiffusion(prediction="v").to(device)
     vq_ours, vq_peer = (lambda m, x: vq_loss(m, x, True)), (lambda m, x: vq_loss(m, x, False))
     unet_ours, unet_peer = (lambda m, z: unet_loss(m, diffusion, z, True)), (lambda m, z: unet_loss(m, diffusion, z, False))
     cases = {
-        "VQ-VAE 256x256": (vq_batch, "img", {
-            "ours": lambda **kw: Stepper(our_vqvae(), images, vq_ours, device, True, **kw),
-            "diffusers VQModel": lambda **kw: Stepper(peer_vqvae(), images, vq_peer, device, False, **kw)}),
-        "UNet 4x32x32": (unet_batch, "latents", {
-            "ours": lambda **kw: Stepper(our_unet(), latents, unet_ours, device, True, **kw),
-            "diffusers UNet2DModel": lambda **kw: Stepper(peer_unet(), latents, unet_peer, device, False, **kw)}),
+        f"VQ-VAE {s.image}x{s.image}": (vq_batch, "img", {
+            "ours": lambda **kw: Stepper(our_vqvae(s), images, vq_ours, device, True, **kw),
+            "diffusers VQModel": lambda **kw: Stepper(peer_vqvae(s), images, vq_peer, device, False, **kw)}),
+        f"UNet 4x{s.latent}x{s.latent}": (unet_batch, "latents", {
+            "ours": lambda **kw: Stepper(our_unet(s), latents, unet_ours, device, True, **kw),
+            "diffusers UNet2DModel": lambda **kw: Stepper(peer_unet(s), latents, unet_peer, device, False, **kw)}),
     }
+    if importlib.util.find_spec("diffusers") is None:  # the anchors' rows need it (bench/README.md: bringing it)
+        print("diffusers is not installed: the anchor rows are left out (pip install -r bench/requirements.txt)")
+        cases = {case: (batch, unit, {"ours": makers["ours"]}) for case, (batch, unit, makers) in cases.items()}
     for case, (batch, unit, makers) in cases.items():
         if case.split()[0].lower().replace("-", "") not in args.cases:
             continue
@@ -200,15 +218,15 @@ def models_part(args, device) -> list[dict]:
 def batches_part(args, device) -> list[dict]:
     """Ours at several batch sizes (default layout and precision): throughput and peak memory, for the GPU
     default of each stage. One stepper at a time, each in the same process after the previous is freed."""
-    rows = []
+    rows, s = [], SHAPES[args.shapes]
     diffusion = GaussianDiffusion(prediction="v").to(device)
     for stage, sizes in (("vqvae", args.vq_batches), ("unet", args.unet_batches)):
         for batch in sizes:
             if stage == "vqvae":
-                step = Stepper(our_vqvae(), lambda: torch.rand(batch, 1, 256, 256, device=device) * 2 - 1,
+                step = Stepper(our_vqvae(s), lambda: torch.rand(batch, 1, s.image, s.image, device=device) * 2 - 1,
                                lambda m, x: vq_loss(m, x, True), device, True)
             else:
-                step = Stepper(our_unet(), lambda: torch.randn(batch, 4, 32, 32, device=device),
+                step = Stepper(our_unet(s), lambda: torch.randn(batch, 4, s.latent, s.latent, device=device),
                                lambda m, z: unet_loss(m, diffusion, z, True), device, True)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -226,15 +244,17 @@ def samplers_part(args, device) -> list[dict]:
     """`predict.generate` with the full preset's random-weight models at the preset's shapes: seconds per image
     of each sampler, at 16 images and at the default batch, eager and (on CUDA) with the UNet's calls replayed
     from CUDA graphs. The UNet as predict.py runs it (`predict.for_sampling`), with our autocast."""
-    vqvae = our_vqvae().to(device).eval().requires_grad_(False)
-    model = predict.LatentDiffusion(vqvae, predict.for_sampling(our_unet(), device),
-                                    GaussianDiffusion(prediction="v").to(device), 1.0, (4, 32, 32), None, [], 0)
+    s = SHAPES[args.shapes]
+    vqvae = our_vqvae(s).to(device).eval().requires_grad_(False)
+    model = predict.LatentDiffusion(vqvae, predict.for_sampling(our_unet(s), device),
+                                    GaussianDiffusion(prediction="v").to(device), 1.0, (4, s.latent, s.latent), None,
+                                    [], 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    default_batch = predict.DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    default_batch = args.sample_batch or predict.DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     rows = []
     for name in args.samplers.split(","):
         flags = predict.sampling_from_args(driver.parse(["sample", *SAMPLERS[name]]))
-        for num in (16, default_batch):
+        for num in sorted(set(args.sample_counts or [16, default_batch])):
             for graphs in ((False, True) if device.type == "cuda" else (False,)):
                 sampling = dataclasses.replace(flags, batch_size=num, cuda_graphs=graphs, gif_frames=2)
                 torch.manual_seed(0)
@@ -321,9 +341,13 @@ def full_run_estimate(rows: list[dict]) -> dict:
     ours = {r["case"]: r for r in rows if r["model"] == "ours"}
     vq_steps = FULL_VQ["epochs"] * (ADNI_SLICES // FULL_VQ["batch_size"])
     unet_steps = FULL_UNET["epochs"] * (ADNI_SLICES // FULL_UNET["batch_size"])
+    vq_rate, unet_rate = ours["VQ-VAE 256x256"]["per_s"], ours["UNet 4x32x32"]["per_s"]
     return {"vqvae_steps": vq_steps, "unet_steps": unet_steps,
-            "vqvae_h": FULL_VQ["epochs"] * ADNI_SLICES / ours["VQ-VAE 256x256"]["per_s"] / 3600,
-            "unet_h": FULL_UNET["epochs"] * ADNI_SLICES / ours["UNet 4x32x32"]["per_s"] / 3600}
+            "vqvae_h": FULL_VQ["epochs"] * ADNI_SLICES / vq_rate / 3600,
+            "unet_h": FULL_UNET["epochs"] * ADNI_SLICES / unet_rate / 3600,
+            # the same schedule on the 8,000-slice subset of ../shared/data (its 90% training subjects)
+            "subset_vqvae_min": FULL_VQ["epochs"] * SUBSET_TRAINING_SLICES / vq_rate / 60,
+            "subset_unet_min": FULL_UNET["epochs"] * SUBSET_TRAINING_SLICES / unet_rate / 60}
 
 
 def main():
@@ -341,6 +365,14 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (default: %(default)s)")
     parser.add_argument("--vq-batch", type=int, default=None, help="VQ-VAE batch (default: the full preset's)")
     parser.add_argument("--unet-batch", type=int, default=None, help="UNet batch (default: the full preset's)")
+    parser.add_argument("--shapes", choices=list(SHAPES), default="full",
+                        help="models, batches and samplers parts: the full preset's networks and shapes, or the tiny "
+                             "preset's, for a quick run on a CPU (default: %(default)s)")
+    parser.add_argument("--sample-batch", type=int, default=None,
+                        help="samplers part: the larger batch (default: predict.py's default batch of the device)")
+    parser.add_argument("--sample-counts", type=ints, default=None,
+                        help="samplers part: the numbers of images, each sampled as one batch (default: 16 and the "
+                             "larger batch)")
     parser.add_argument("--out", default=None, help="write the results here as JSON")
     parser.add_argument("--memory-of", choices=["vqvae", "unet"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -360,7 +392,7 @@ def main():
     args.compiled = cuda if args.compiled is None else args.compiled
     if "models" in parts:
         results["models"] = models_part(args, device)
-        if args.cases == "vqvae,unet":
+        if args.cases == "vqvae,unet" and args.shapes == "full":
             results["full_adni_run"] = full_run_estimate(results["models"])
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         if device.type == "cuda" and peak:

@@ -11,6 +11,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
+import predict  # noqa: E402
+from conditions.table import Condition  # noqa: E402
+from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (`pytest -m cuda`; bench/gpu_check.py runs them)")
 
 
 def write_blob_images(folder: Path, subjects: list[str], slices: int, rng, size=(256, 240), ext="jpeg"):
@@ -132,3 +139,17 @@ def conditioned_run(tmp_path_factory):
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "class,age,sex",
                  "--labels", str(data / "participants.csv")])
     return run, data
+
+
+# ----------------------------------------------------------------------------- a miniature pair of models
+
+def random_latent_diffusion() -> predict.LatentDiffusion:
+    """A miniature conditional pair with random weights (the UNet's zero-initialised output layer made random, so
+    that its calls matter), 20 diffusion steps."""
+    torch.manual_seed(0)
+    vq = VQVAE(VQVAEConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16)).eval()
+    net = UNet(UNetConfig(latent_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                          conditions=(2,))).eval().requires_grad_(False)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.2)
+    return predict.LatentDiffusion(vq, net, GaussianDiffusion(num_steps=20, prediction="v"), 1.5, vq.cfg.latent_shape,
+                                   2.0, [Condition("class", "category", ["AD", "NC"])], 0)

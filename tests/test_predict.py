@@ -9,9 +9,7 @@ from PIL import Image
 
 import driver
 import predict
-from conditions.table import Condition
-from conftest import ckpt, error_of, unet, vqvae
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
+from conftest import ckpt, error_of, random_latent_diffusion, unet, vqvae
 from runtime.graphs import GraphedCall
 
 
@@ -137,18 +135,6 @@ def test_the_grid_holds_at_most_64_enlarged_images_and_says_where_the_rest_are(t
 
 
 # ----------------------------------------------------------------------------- the UNet's calls replayed from a graph
-
-def random_latent_diffusion() -> predict.LatentDiffusion:
-    """A miniature conditional pair with random weights (the UNet's zero-initialised output layer made random, so
-    that its calls matter), 20 diffusion steps."""
-    torch.manual_seed(0)
-    vq = VQVAE(VQVAEConfig(image_size=16, channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16)).eval()
-    net = UNet(UNetConfig(latent_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                          conditions=(2,))).eval().requires_grad_(False)
-    torch.nn.init.normal_(net.out[-1].weight, std=0.2)
-    return predict.LatentDiffusion(vq, net, GaussianDiffusion(num_steps=20, prediction="v"), 1.5, vq.cfg.latent_shape,
-                                   2.0, [Condition("class", "category", ["AD", "NC"])], 0)
-
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
 def test_graph_replayed_sampling_gives_the_eager_samples_and_frames(sampler):

@@ -1,0 +1,43 @@
+"""bench/gpu_check.py: the command a GPU's few minutes are spent on, proved on the CPU first (a dry run with tiny
+shapes takes every part and flag path), and its record of a part that fails or runs out of time."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+
+def test_the_gpu_check_runs_every_part_on_the_cpu_and_writes_its_record(tmp_path):
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    parts = report["parts"]
+    assert list(parts) == ["cuda_tests", "training", "samplers", "profile"] and all(p["ok"] for p in parts.values())
+    tests = parts["cuda_tests"]["results"]
+    assert tests["tests"] >= 8 and tests["tests"] == tests["skipped"] and tests["failed"] == []   # no GPU here
+    training = parts["training"]["results"]
+    assert {r["case"] for r in training["models"]} == {"VQ-VAE 64x64", "UNet 4x16x16"}
+    assert [(r["stage"], r["batch"]) for r in training["batches"]] == [("vqvae", 2), ("vqvae", 4), ("unet", 4), ("unet", 8)]
+    assert [(r["sampler"], r["batch"]) for r in parts["samplers"]["results"]["samplers"]] == [
+        ("ddim-50", 2), ("dpmpp-20", 2), ("dpmpp-20", 3)]
+    assert parts["profile"]["results"]["top_kernels"] and parts["profile"]["results"]["step_ms"] > 0
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert all(f"| {name} | yes |" in table for name in parts)
+
+
+def test_a_part_that_fails_or_runs_out_of_time_is_recorded_and_the_next_one_runs(tmp_path):
+    failing = gpu_check.run_part("x", [[sys.executable, "-c", "print('partial'); raise SystemExit(3)"]], 60)
+    assert not failing["ok"] and failing["returncodes"] == [3] and "partial" in failing["output_tail"]
+    slow = gpu_check.run_part("x", [[sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                                    [sys.executable, "-c", "pass"]], 3)
+    assert not slow["ok"] and slow["returncodes"][0].startswith("timed out") and slow["seconds"] < 10
+    assert slow["returncodes"][1] == "no time left"
+    report = {"started": "now", "device": "CPU", "torch": "x", "dry_run": True,
+              "parts": {"cuda_tests": {**failing, "results": {}}, "training": {**slow, "results": {}}}}
+    gpu_check.write_report(report, tmp_path)
+    assert "| cuda_tests | NO |" in (tmp_path / "gpu_check.md").read_text()
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["training"]["ok"] is False
