@@ -384,16 +384,16 @@ def predict(args):
     settings, record = sample_record(args, run, model, sampling, rows)
     samples = SampleSet(out / "samples", settings, rows, model.conditions, record, geometry, args.resume)
 
-    drawn, gif_latents, t0 = [], None, time.perf_counter()
+    drawn, count, gif_latents, t0 = [], 0, None, time.perf_counter()
     for r, (caption, y) in enumerate(rows):  # every row from the same seeds: rows differ by their conditions only
         labels = None if y is None else y.expand(args.num, -1)
         for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
                                                 seed=args.seed, skip=samples.batches(r), desc=caption):
             samples.write(r, b, images)
-            drawn.append(images)
+            count += len(images)
+            drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
             if (r, b) == (0, 0):
                 gif_latents = frames
-    count = sum(len(images) for images in drawn)
     report_speed(model, sampling, count, time.perf_counter() - t0)
 
     if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
@@ -413,7 +413,7 @@ def predict(args):
         print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then")
     print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says how "
           f"each was made; {count} drawn now)")
-    return torch.cat(drawn) if 0 < count <= RETURN_MAX else None
+    return torch.cat(drawn) if drawn else None
 
 
 def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, rows: list) -> tuple[dict, dict]:
