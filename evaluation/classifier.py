@@ -5,13 +5,16 @@ Training and caching it (RUN/classifier.pt) is in evaluation/evaluate.py; this f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import group_norm
+from runtime.checkpoint import atomic_save, load_checkpoint
 
 
 @dataclass
@@ -63,3 +66,18 @@ class SliceClassifier(nn.Module):
         """-> (class logits (B, num_classes), rotation logits (B, 4))."""
         last = self._pooled(x)[-1]
         return self.class_head(last), self.rotation_head(last)
+
+
+def cached_classifier(path: Path, kind: str, key: dict, device, train: Callable[[], tuple["SliceClassifier", dict]]
+                      ) -> SliceClassifier:
+    """A SliceClassifier kept at `path`: loaded while the key it was saved with equals `key` (the data, split, steps
+    ... that made it), else trained by `train()` (the model, and what else to save beside it) and saved."""
+    if path.exists():
+        ckpt = load_checkpoint(path, kind)
+        if ckpt["key"] == key:
+            model = SliceClassifier(ClassifierConfig(**ckpt["config"])).to(device).eval()
+            model.load_state_dict(ckpt["model"])
+            return model
+    model, extra = train()
+    atomic_save({"kind": kind, "key": key, "config": asdict(model.cfg), "model": model.state_dict(), **extra}, path)
+    return model

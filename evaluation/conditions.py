@@ -22,8 +22,7 @@ import torch.nn.functional as F
 
 import predict
 from conditions.table import CLASS, Condition, condition_matrix, read_table, subjects_of
-from evaluation.classifier import ClassifierConfig, SliceClassifier
-from runtime.checkpoint import atomic_save, load_checkpoint
+from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from runtime.errors import BadInputError
 from runtime.process import progress
 
@@ -86,21 +85,12 @@ def train_condition_net(dataset, indices: list[int], y: torch.Tensor, conditions
 def condition_net(run: Path, dataset, train_idx: list[int], y: torch.Tensor, conditions: list[Condition], key: dict,
                   steps: int, device) -> SliceClassifier:
     """RUN/condition_net.pt, trained once and reused while the data, split, conditions and steps are unchanged."""
-    path = run / "condition_net.pt"
     key = {**key, "steps": steps, "conditions": [c.describe() for c in conditions]}
-    if path.exists():
-        ckpt = load_checkpoint(path, "condition_net")
-        if ckpt["key"] == key:
-            model = SliceClassifier(ClassifierConfig(**ckpt["config"])).to(device).eval()
-            model.load_state_dict(ckpt["model"])
-            return model
-    model = train_condition_net(dataset, train_idx, y, conditions, min(key["image_size"], 128), key["channels"], steps,
-                                device)
-    atomic_save({"kind": "condition_net", "key": key, "config": model.cfg.__dict__, "model": model.state_dict()}, path)
-    return model
+    return cached_classifier(run / "condition_net.pt", "condition_net", key, device,
+                             lambda: (train_condition_net(dataset, train_idx, y, conditions, min(key["image_size"], 128),
+                                                          key["channels"], steps, device), {}))
 
 
-@torch.no_grad()
 def read_back(model: SliceClassifier, images: torch.Tensor, conditions: list[Condition], k: int, device) -> torch.Tensor:
     """Condition k as the network reads it from the images: a category's index, or a covariate in its own units."""
     outputs = torch.cat([model(x.to(device))[0].cpu() for x in images.split(256)])[:, heads(conditions)[k]]

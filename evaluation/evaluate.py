@@ -52,12 +52,11 @@ from conditions.table import CLASS
 from dataset import card_transform, load_image, load_slices, split_by_subject
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
-from evaluation.classifier import ClassifierConfig, SliceClassifier
+from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from evaluation.conditions import condition_check, format_condition_table
 from evaluation.memorisation import format_memorisation_table, memorisation_check
 from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_check
 from export.sample_set import read_sample
-from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.process import progress, setup_device
 from volumes.layouts import subject_id
@@ -158,20 +157,11 @@ def class_accuracy(model: SliceClassifier, images: torch.Tensor, labels: torch.T
 
 def domain_classifier(run: Path, dataset, train_idx: list[int], key: dict, steps: int, device) -> SliceClassifier:
     """RUN/classifier.pt, trained on the training subjects once and reused while data and split are unchanged."""
-    path = run / "classifier.pt"
-    key = {**key, "steps": steps}
-    if path.exists():
-        ckpt = load_checkpoint(path, "classifier")
-        if ckpt["key"] == key:
-            model = SliceClassifier(ClassifierConfig(**ckpt["config"])).to(device).eval()
-            model.load_state_dict(ckpt["model"])
-            return model
     cfg = ClassifierConfig(in_channels=key["channels"], input_size=min(key["image_size"], 128),
                            num_classes=max(1, len(dataset.classes)))
-    model = train_classifier(dataset, train_idx, cfg.num_classes, cfg, steps, device)
-    atomic_save({"kind": "classifier", "key": key, "config": cfg.__dict__, "model": model.state_dict(),
-                 "classes": list(dataset.classes)}, path)
-    return model
+    return cached_classifier(run / "classifier.pt", "classifier", {**key, "steps": steps}, device,
+                             lambda: (train_classifier(dataset, train_idx, cfg.num_classes, cfg, steps, device),
+                                      {"classes": list(dataset.classes)}))
 
 
 def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device, kind: str = "auto",
