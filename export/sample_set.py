@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class SampleSet:
 
     def batches(self, row: int) -> set[int]:
         """The batches of `row` already written whole."""
-        count = -(-self.num // self.batch_size)
+        count = math.ceil(self.num / self.batch_size)
         return {b for b in range(count)
                 if all(i in self.written for i in self._indices(row, b))}
 
@@ -135,7 +136,8 @@ class SampleSet:
         """The path of sample `index` in the folder: <class>/sub-NNNNNN<suffix>."""
         y = self.rows[index // self.num][1]
         names = [c.name for c in self.conditions]
-        group = self.conditions[names.index(CLASS)].decode(float(y[names.index(CLASS)])) if CLASS in names else None
+        sampled_class = y is not None and CLASS in names  # an unconditional row of a class-conditional run has none
+        group = self.conditions[names.index(CLASS)].decode(float(y[names.index(CLASS)])) if sampled_class else None
         return f"{group or UNGROUPED}/{self._subject(index)}{self.suffix}"
 
     def _subject(self, index: int) -> str:

@@ -59,6 +59,10 @@ def test_a_conditioned_runs_samples_carry_their_conditions_back_into_training(co
     assert {(r["class"], r["age"], r["sex"], r["guidance"]) for r in rows} == {("AD", "60", "F", "3.0"), ("NC", "60", "F", "3.0")}
     table = (folder / "participants.tsv").read_text().splitlines()
     assert table[0] == "participant_id\tage\tsex" and table[1:] == [f"sub-{i:06d}\t60\tF" for i in range(6)]
+    # the same run sampled unconditionally: no class, no condition, the `all` folder and `n/a` in the table
+    predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path / "open"), "--num", "2", *FAST]))
+    assert [r["file"] for r in manifest(tmp_path / "open" / "samples")] == ["all/sub-000000.png", "all/sub-000001.png"]
+    assert (tmp_path / "open" / "samples" / "participants.tsv").read_text().splitlines()[1] == "sub-000000\tn/a\tn/a"
     # our own reader takes the folder as a data set, and the table as its conditions
     stage2 = tmp_path / "again"
     vqvae(stage2, folder, "--max-steps", "2")
