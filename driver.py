@@ -6,6 +6,7 @@
     python driver.py sample      --run RUN                  # new images (predict.py with fast defaults)
     python driver.py evaluate    --run RUN                  # FID/KID/SWD/MS-SSIM on held-out subjects, report.md
     python driver.py counterfactual --run RUN --input PATH --set group=NC   # "what if": the input under other conditions
+    python driver.py ema         --run RUN --sigma-rel best # sample from the EMA length chosen after training
 
 Without --data the embedded MNI152 demo data is used and the preset defaults to `tiny`
 (64x64 -> 4x16x16); with --data it defaults to `full` (256x256 -> 4x32x32). Any flag overrides
@@ -29,6 +30,7 @@ from losses.adversarial import LOSSES, WEIGHTINGS
 from losses.perceptual import NETWORKS
 from losses.reconstruction import BASE_LOSSES
 import evaluation
+from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
 from runtime.checkpoint import load_checkpoint
@@ -252,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-mult", type=ints, default=None, help=preset_help("unet", "unet_mult", "width multipliers of the 4 levels"))
     p.add_argument("--unet-res-blocks", type=positive(int), default=None, help=preset_help("unet", "unet_res_blocks", "res blocks per level"))
     p.add_argument("--ema-decay", type=float, default=None, help=preset_help("unet", "ema_decay", "EMA decay of the sampling weights"))
+    p.add_argument("--posthoc-ema", type=int, default=0, metavar="EVERY",
+                   help="keep EDM2's two power-function EMAs (sigma_rel 0.05 and 0.10) and save them every EVERY steps "
+                        "and with each checkpoint, to RUN/ema_snapshots/, so that `driver.py ema` can choose the EMA "
+                        "length after training (2 x the UNet's size per snapshot) (default: 0, off)")
     p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule (default: %(default)s, the original's)")
     p.add_argument("--diffusion-steps", type=positive(int), default=1000, help="diffusion steps T (default: %(default)s)")
     p.add_argument("--prediction", choices=["eps", "v"], default="v",
@@ -284,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="FID, KID, SWD, MS-SSIM and VQ-VAE fidelity on held-out subjects; metrics.json, report.md")
     evaluation.add_arguments(p)
     p.set_defaults(func=evaluate, stage=None)
+
+    p = sub.add_parser("ema", help="sample from a post-hoc EMA length (train-unet --posthoc-ema): a number, the best "
+                                   "of `evaluate --ema-lengths`, or none")
+    ema_lengths.add_arguments(p)
 
     p = sub.add_parser("counterfactual", help="the input slice as it would look under other conditions (--set), or a "
                                               "region filled in (--mask); a heat map of what changed")
@@ -350,6 +360,8 @@ def check_sizes(args: argparse.Namespace):
             raise BadInputError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
         if len(args.unet_mult) != 4:
             raise BadInputError(f"the UNet has 4 levels, one width multiplier each (got --unet-mult {args.unet_mult})")
+        if args.posthoc_ema < 0:
+            raise BadInputError(f"--posthoc-ema EVERY must be 0 (off) or a number of steps, got {args.posthoc_ema}")
 
 
 def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:

@@ -119,6 +119,7 @@ class LatentDiffusion:
     labels: dict | None = None          # the participants table it was trained with: file, sha1, subject column
     fingerprint: str = ""               # of the UNet's EMA weights, and of the VQ-VAE: what made a sample
     vqvae_fingerprint: str = ""
+    posthoc_ema: dict | None = None     # the post-hoc EMA length chosen with `driver.py ema` (None: the run's EMA)
 
     @property
     def classes(self) -> list[str]:
@@ -144,12 +145,15 @@ def load_run(run: Path, device) -> LatentDiffusion:
     if list(vqvae.cfg.latent_shape) != list(unet_ckpt["latent_shape"]):
         raise BadInputError(f"latent shape differs: VQ-VAE {vqvae.cfg.latent_shape}, UNet {unet_ckpt['latent_shape']}")
     unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt"))
-    unet.load_state_dict(unet_ckpt["ema"])
+    chosen = unet_ckpt.get("sampling_ema")  # `driver.py ema` chose a post-hoc EMA length for sampling
+    weights = {**unet_ckpt["ema"], **chosen["weights"]} if chosen else unet_ckpt["ema"]
+    unet.load_state_dict(weights)
     unet = for_sampling(unet, device)
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
     return LatentDiffusion(vqvae, unet, diffusion, unet_ckpt["latent_scale"], tuple(unet_ckpt["latent_shape"]),
                            unet_ckpt.get("latent_absmax"), saved_conditions(unet_ckpt), unet_ckpt["step"],
-                           unet_ckpt.get("labels"), fingerprint(unet_ckpt["ema"]), unet_ckpt["vqvae_fingerprint"])
+                           unet_ckpt.get("labels"), fingerprint(weights), unet_ckpt["vqvae_fingerprint"],
+                           {k: v for k, v in chosen.items() if k != "weights"} if chosen else None)
 
 
 def for_sampling(unet: UNet, device) -> UNet:
@@ -425,6 +429,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               "repeat_times": sampling.repeat_times, "guidance": args.guidance if conditioned else None,
               "clip_x0": sampling.clip_x0, "batch_size": sampling.batch_size, "unet_step": model.unet_step,
               "unet_fingerprint": model.fingerprint, "vqvae_fingerprint": model.vqvae_fingerprint,
+              "posthoc_ema_sigma_rel": model.posthoc_ema["sigma_rel"] if model.posthoc_ema else None,
               "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "rows": [[caption, None if y is None else

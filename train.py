@@ -43,6 +43,7 @@ from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, 
                                 plain_args, write_config)
 from runtime.errors import BadInputError
 from runtime.optimizer import adamw, load_optimizer
+from runtime.posthoc_ema import PowerFunctionEMA, drop_snapshots_after
 from runtime.process import (Runtime, any_rank, cpus_per_process, main_rank_first, mean_over_ranks, place_model,
                              progress, restore_rng, rng_states, setup_runtime, wrap_model)
 from runtime.signals import StopRequests
@@ -224,6 +225,7 @@ class Stage:
     draw: Callable[[], tuple]               # (images in [-1, 1], per row) of what the model makes now (rank 0)
     grid: str                               # grid file prefix: RUN/<grid>_step0000100.png
     payload: Callable[[], dict]             # the stage's own checkpoint entries: kind, config, ...
+    on_save: Callable[[int], None] = lambda step: None  # rank 0, with each checkpoint: the post-hoc EMA's snapshot
     after_step: Callable[[int, bool], None] = lambda step, taken: None  # after each step (its number, whether it
                                                                         # was taken, not skipped): the EMA update
     plot: tuple[str, ...] = ("loss",)
@@ -253,6 +255,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                          "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "args": plain_args(args),
                          "lr_schedule": lr_factor.state()},
                         ckpt_path, keep_previous=True)
+            stage.on_save(step)
 
     sums, n_sum, t0 = torch.zeros(len(stage.stats), device=rt.device), 0, time.perf_counter()
     pbar = progress(total=max_steps, initial=step, desc=stage.name, dynamic_ncols=True, disable=not rt.main, quiet=True)
@@ -541,7 +544,9 @@ def train_unet(args):
     latent_absmax = resume["latent_absmax"] if resume else latents.abs().max().item()  # range for clipping x0
     max_steps = total_steps(args, len(latents), rt.world)
 
-    # model, EMA, optimizer (the model in its memory layout before the EMA copy and the optimizer state)
+    # model, EMA, optimizer (the model in its memory layout before the EMA copy and the optimizer state); seeded
+    # here, so that the initial weights do not depend on whether the latent cache was written (a DataLoader draws its seed)
+    torch.manual_seed(args.seed)
     model = place_model(UNet(cfg), rt)
     diffusion = diffusion.to(rt.device)
     ema = EMA(model, args.ema_decay)  # the sampling weights, in eval mode
@@ -550,6 +555,10 @@ def train_unet(args):
     if resume:
         ema.module.load_state_dict(resume["ema"])
         ema.updates = resume["ema_updates"]
+    posthoc = PowerFunctionEMA(model) if args.posthoc_ema and rt.main else None  # EMA lengths chosen after training
+    if posthoc and resume:
+        posthoc.load_state_dict(resume["posthoc_ema"])
+        drop_snapshots_after(run, step)  # drawn again, the same, from this checkpoint
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(latents), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum,
@@ -571,8 +580,17 @@ def train_unet(args):
                 pass
             return vqvae.decode(x0 / latent_scale).float(), 8
 
+    def after_step(step, taken):
+        if taken:
+            ema.update(model)
+        if posthoc:
+            posthoc.update(model, step)
+            if step % args.posthoc_ema == 0:
+                posthoc.snapshot(run)
+
     def payload():
         return {"kind": "unet", "ema": ema.module.state_dict(), "ema_updates": ema.updates,
+                "posthoc_ema": posthoc.state_dict() if posthoc else None,
                 "config": asdict(cfg), "diffusion": diffusion.config(), "latent_scale": latent_scale,
                 "latent_absmax": latent_absmax, "latent_shape": list(latent_shape), "vqvae_fingerprint": vq_fingerprint,
                 "classes": classes, "conditions": to_saved(conditions), "labels": table.record() if table else None}
@@ -583,5 +601,6 @@ def train_unet(args):
                 f"on latents {tuple(latents.shape[1:])}, {len(latents)} latents, scale {latent_scale:.4f}, steps {step} -> "
                 f"{max_steps} of {args.batch_size * args.grad_accum * rt.world} latents ({rt.world} process(es)) on {rt.device}")
     train_loop(Stage("unet", model, train_model, optimizer, batches, loss, ("loss",), draw, "samples", payload,
-                     after_step=lambda step, taken: ema.update(model) if taken else None, unit="latents"),
+                     on_save=lambda step: posthoc.snapshot(run) if posthoc else None, after_step=after_step,
+                     unit="latents"),
                args, rt, step, max_steps, resume)

@@ -26,6 +26,8 @@ with the real-vs-real floor B beside them):
     defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
              x_t clamped to [-1, 1] every step, no latent scale
     ours-NAME   the same with the stage-1 flags of `--variant NAME='FLAGS'` (the losses of losses/, for example)
+`--unet-flags` gives every row of ours the same stage-2 flags (`--posthoc-ema 100` keeps the snapshots from which
+`driver.py evaluate --run OUT/ROW --ema-lengths auto` draws the curve of quality against EMA length).
 `--stage1-only` trains stage 1 alone and scores the rows' reconstructions of the floor half (a first screen of
 stage-1 recipes: samples cannot hold finer detail than the reconstructions do).
 Writes OUT/quality.json, OUT/quality.md and sample grids; prints the table.
@@ -106,6 +108,9 @@ def main():
                         help="a row ours-NAME whose stage 1 gets these train-vqvae flags, e.g. "
                              "lsgan='--reconstruction-loss l1 --adversarial-weight 0.01 --adversarial-weighting fixed' "
                              "(repeatable; each is computed)")
+    parser.add_argument("--unet-flags", default="", metavar="FLAGS",
+                        help="train-unet flags for every row of ours, e.g. '--posthoc-ema 100' to choose the EMA length "
+                             "afterwards with `driver.py evaluate --run OUT/ROW --ema-lengths auto`")
     parser.add_argument("--stage1-only", action="store_true",
                         help="train and score stage 1 alone: the rows' reconstructions of the floor half, no samples")
     args = parser.parse_args()
@@ -120,7 +125,7 @@ def main():
     n = args.num or len(floor)
     images = {"real (training)": stack(dataset, training_sample(train_idx, n, 0))[0], "real (floor)": floor}
     info = {"data": args.data, "vq_minutes": args.vq_minutes, "unet_minutes": args.unet_minutes,
-            "steps": args.steps, "seed": args.seed,
+            "steps": args.steps, "seed": args.seed, "unet_flags": args.unet_flags,
             "train_images": len(train_idx), "reference": len(ref_idx), "floor": len(floor_idx), "samples": n}
 
     adversarial = args.adversarial.split(",")
@@ -148,7 +153,7 @@ def main():
             t0 = time.perf_counter()
             driver.main(["train-vqvae", *common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags])
             if not args.stage1_only:
-                driver.main(["train-unet", *common, *unet_budget])
+                driver.main(["train-unet", *common, *unet_budget, *shlex.split(args.unet_flags)])
             info[f"{name}_train_minutes"] = (time.perf_counter() - t0) / 60
         if args.stage1_only:
             vqvae, vq_ckpt = predict.load_vqvae(run, "cpu")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 import predict
+from evaluation.ema_lengths import ema_lengths_arg
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -25,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--inception-weights", default=None, help="local copy of the FID Inception weights (pt_inception-2015-12-05)")
     p.add_argument("--classifier-steps", type=int, default=1000,
                    help="training steps of the domain classifier; 0 keeps it random (default: %(default)s)")
+    p.add_argument("--ema-lengths", type=ema_lengths_arg, default=None, metavar="auto|S,...",
+                   help="score the samples of post-hoc EMAs of these lengths sigma_rel (auto: 0.01 to 0.25) beside the "
+                        "run's own EMA: a curve of FID and each SWD band against the length, for `driver.py ema`; needs "
+                        "a run trained with --posthoc-ema (default: off)")
     p.add_argument("--utility", type=int, default=None, metavar="N",
                    help="train on synthetic, test on real: the AD/NC classifier trained on N generated slices per class "
                         "(at each --guidance scale above 0), on N real ones, and on both, each tested on the held-out "

@@ -54,10 +54,12 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from evaluation.conditions import condition_check, format_condition_table
+from evaluation.ema_lengths import ema_length_curve, format_ema_table, plot_ema_curve
 from evaluation.memorisation import format_memorisation_table, memorisation_check
 from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_check
 from export.sample_set import read_sample
 from runtime.errors import BadInputError
+from runtime.posthoc_ema import snapshot_files
 from runtime.process import progress, setup_device
 from volumes.layouts import subject_id
 
@@ -332,6 +334,10 @@ def evaluate(args):
         raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples per class, at the --guidance scales "
                             f"above 0 (got --utility {args.utility}, --guidance {args.guidance}"
                             + (", --samples)" if args.samples else ")"))
+    if args.ema_lengths and (args.samples or not snapshot_files(run)):
+        raise BadInputError(f"--ema-lengths scores the run's own samples at each EMA length, reconstructed from its "
+                            f"snapshots; {run} has none (train-unet --posthoc-ema EVERY keeps them)"
+                            if not args.samples else "--ema-lengths scores the run's own samples; not with --samples")
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
     image_size, channels = data.image_size, data.channels
@@ -411,6 +417,17 @@ def evaluate(args):
         memorisation, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, device)
         memorisation_table = format_memorisation_table(memorisation)
 
+    # post-hoc EMA lengths: each one's samples, drawn and scored as the samples row
+    ema_curve = None
+    if args.ema_lengths:
+        def sample_with(model):
+            torch.manual_seed(args.seed)
+            return predict.generate(model, settings, num, autocast=autocast)[0]
+
+        ema_curve = ema_length_curve(run, args.ema_lengths, model, sample_with,
+                                     lambda rows: score_rows(rows, reference, features, device))
+        ema_table = format_ema_table(ema_curve, scores["samples"])
+
     # per class and guidance scale, with the AD/NC classifier's verdict
     class_rows = None
     if args.class_name is not None:
@@ -465,6 +482,10 @@ def evaluate(args):
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
     if utility_rows is not None:
         metrics.update(utility=utility_rows, utility_per_class=args.utility)
+    if ema_curve is not None:
+        metrics["ema_lengths"] = ema_curve
+        plot_ema_curve(ema_curve, scores["samples"], {k: v for k, v in scores.items() if k.startswith("real")},
+                       out / "eval_ema_lengths.png")
     if memorisation is not None:
         metrics["memorisation"] = memorisation
         save_image(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
@@ -507,6 +528,13 @@ def evaluate(args):
                    f"{memorisation['percentile']:g} is flagged; half B shows what that threshold flags among real new "
                    "subjects.", "", memorisation_table, "", f"The {len(closest) // 2} samples most correlated with a "
                    "training image (top) and those training images (bottom):", "", "![](eval_memorisation.png)"]
+    if ema_curve is not None:
+        report += ["", "## EMA length", "", "The samples of the UNet's weights averaged over the training with power-"
+                   "function EMAs of each length sigma_rel (EDM2's post-hoc EMA, reconstructed from the run's "
+                   f"snapshots; fit: the relative error of that reconstruction), drawn with the same sampler and seed "
+                   f"as the samples row, against reference half A. The run's own EMA is the first row. `driver.py ema "
+                   f"--run {run} --sigma-rel best` samples from the lowest FID, sigma_rel {ema_curve['best']:g}.", "",
+                   ema_table, "", "![](eval_ema_lengths.png)"]
     if utility_rows is not None:
         report += ["", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {args.utility} images "
                    "per class of each set below (the same network and steps each time), tested on every held-out image: "
@@ -529,6 +557,8 @@ def evaluate(args):
     print(level_table)
     if memorisation is not None:
         print(memorisation_table)
+    if ema_curve is not None:
+        print(ema_table)
     if utility_rows is not None:
         print(utility_table)
     if class_rows is not None:

@@ -1,0 +1,219 @@
+"""Post-hoc EMA (runtime/posthoc_ema.py) against closed forms and constructed weight trajectories; its training
+snapshots through kill-and-resume; `evaluate --ema-lengths` and `driver.py ema` (evaluation/ema_lengths.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import driver
+import predict
+from conftest import SMALL_UNET, ckpt, error_of
+from modules import EMA
+from runtime.errors import BadInputError
+from runtime.posthoc_ema import (PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_beta, reconstruct,
+                                 response_inner, running_ema_sigma_rel, sigma_rel_to_gamma, snapshot_files)
+
+
+class Trajectory(nn.Module):
+    """One parameter vector of T entries; at step t it is the t-th unit vector, so an average of the trajectory's
+    steps is its weighting of the steps, read off directly."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(steps, dtype=torch.float64), requires_grad=False)
+
+    def at(self, t: int):
+        self.theta.zero_()
+        self.theta[t - 1] = 1.0
+
+
+def weighting_std(w: np.ndarray) -> float:
+    """The standard deviation of a weighting of steps 1..T, relative to T."""
+    tau = np.arange(1, len(w) + 1) / len(w)
+    mean = w @ tau / w.sum()
+    return float(np.sqrt(w @ (tau - mean) ** 2 / w.sum()))
+
+
+def test_sigma_rel_and_gamma_are_inverse_and_match_edm2():
+    assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)  # EDM2, section 3.1: gamma 16.97 and 6.94
+    assert sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    for s in (0.01, 0.08, 0.2, 0.28):
+        assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-9)
+    for bad in (0.0, -0.1, 0.3):  # 0.2887 = 12^-1/2 is the plain average of everything
+        with pytest.raises(BadInputError, match="sigma_rel"):
+            sigma_rel_to_gamma(bad)
+
+
+def test_a_power_function_ema_weights_the_steps_as_its_closed_form():
+    steps, sigma_rel = 1000, 0.1
+    model = Trajectory(steps)
+    ema = PowerFunctionEMA(model, (sigma_rel,))
+    gamma = ema.gammas[0]
+    for t in range(1, steps + 1):
+        model.at(t)
+        ema.update(model, t)
+    w = ema.profiles[0][0].double().numpy()
+    tau = np.arange(1, steps + 1)
+    beta = np.array([power_beta(gamma, t) for t in tau])
+    # the product of the later betas telescopes: prod_{s > tau} (1 - 1/s)^(gamma+1) = (tau / T)^(gamma+1)
+    np.testing.assert_allclose(w, (1 - beta) * (tau / steps) ** (gamma + 1), rtol=1e-4, atol=1e-9)
+    assert w.sum() == pytest.approx(1.0, abs=1e-5)  # an average, and the random start is forgotten by construction
+    assert weighting_std(w) == pytest.approx(sigma_rel, rel=0.01)  # the length it was asked for
+
+
+def test_the_inner_product_of_two_responses_is_their_integral():
+    def response(t, gamma, tau):
+        return np.where(tau <= t, (gamma + 1) * tau ** gamma / t ** (gamma + 1), 0.0)
+
+    tau = np.linspace(0, 1000, 2_000_001)
+    for (t_a, g_a), (t_b, g_b) in [((600, 6.94), (1000, 16.97)), ((1000, 3.0), (400, 6.94)), ((700, 2.0), (700, 9.0))]:
+        f = response(t_a, g_a, tau) * response(t_b, g_b, tau)
+        numeric = np.sum((f[1:] + f[:-1]) / 2 * np.diff(tau))  # the trapezoid rule (np.trapezoid needs numpy 2)
+        assert response_inner(t_a, g_a, t_b, g_b) == pytest.approx(numeric, rel=1e-4)
+
+
+def test_the_post_hoc_ema_recovers_a_known_ema_length_from_the_two_profiles(tmp_path):
+    """Snapshots of EDM2's two profiles every 100 of 2,000 steps; the EMAs of other lengths, kept directly along the
+    same trajectory, are what the reconstruction must give."""
+    steps, targets = 2000, (0.03, 0.07, 0.15)
+    model = Trajectory(steps)
+    kept, direct = PowerFunctionEMA(model), PowerFunctionEMA(model, targets)
+    for t in range(1, steps + 1):
+        model.at(t)
+        kept.update(model, t)
+        direct.update(model, t)
+        if t % 100 == 0:
+            kept.snapshot(tmp_path)
+    assert list(snapshot_files(tmp_path)) == list(range(100, steps + 1, 100))
+    nearest = {0.03: 0, 0.07: 0, 0.15: 1}  # the stored profile closest in length
+    for k, s in enumerate(targets):
+        weights, how = reconstruct(tmp_path, s)
+        got, want = weights["theta"].double().numpy(), direct.profiles[k][0].double().numpy()
+        error = np.linalg.norm(got - want) / np.linalg.norm(want)
+        profile = kept.profiles[nearest[s]][0].double().numpy()
+        assert error < 0.05 and error < np.linalg.norm(profile - want) / np.linalg.norm(want) / 10
+        assert weighting_std(got) == pytest.approx(s, rel=0.03)
+        assert how["step"] == steps and how["snapshots"] == 20 and how["fit"] < 0.05
+    # a stored length comes back as itself
+    weights, _ = reconstruct(tmp_path, 0.05)
+    np.testing.assert_allclose(weights["theta"].numpy(), kept.profiles[0][0].float().numpy(), atol=1e-4)
+    # an earlier step: only the snapshots up to it
+    _, how = reconstruct(tmp_path, 0.07, step=1000)
+    assert how["snapshots"] == 10
+    with pytest.raises(BadInputError, match="no snapshot at step 1050"):
+        reconstruct(tmp_path, 0.07, step=1050)
+    with pytest.raises(BadInputError, match="--posthoc-ema"):
+        reconstruct(tmp_path / "none", 0.07)
+
+
+def test_the_coefficients_fit_a_target_that_is_a_snapshot_exactly():
+    pairs = [(t, g) for t in (100, 200, 300) for g in (6.94, 16.97)]
+    x = posthoc_coefficients(pairs, (300, 6.94))
+    np.testing.assert_allclose(x, np.eye(6)[pairs.index((300, 6.94))], atol=1e-6)
+
+
+def test_the_runs_ema_length_is_worked_out_from_its_warm_up_and_decay():
+    """modules.EMA on the trajectory, against running_ema_sigma_rel: its warm-up (1 + n) / (10 + n) makes it nearly a
+    power-function EMA of gamma 8 (sigma_rel 0.09) until the decay caps it."""
+    for decay, steps in ((0.999, 1500), (0.99, 1500), (0.9999, 300)):
+        model = Trajectory(steps)
+        ema = EMA(model, decay)
+        for t in range(1, steps + 1):
+            model.at(t)
+            ema.update(model)
+        assert running_ema_sigma_rel(decay, steps) == pytest.approx(weighting_std(ema.module.theta.numpy()), rel=1e-6)
+    assert running_ema_sigma_rel(0.999, 1500) == pytest.approx(gamma_to_sigma_rel(8), rel=0.02)
+
+
+# ----------------------------------------------------------------------------- training, evaluation, sampling
+
+@pytest.fixture(scope="module")
+def posthoc_run(trained_run, tmp_path_factory):
+    """The session's stage 1 with a stage 2 of 6 steps keeping snapshots every 2 steps."""
+    run, data = trained_run
+    root = tmp_path_factory.mktemp("posthoc")
+    shutil.copytree(run, root / "run", ignore=shutil.ignore_patterns("unet*", "latents*", "samples*", "log_unet*"))
+    driver.main(["train-unet", "--run", str(root / "run"), *SMALL_UNET, "--max-steps", "6", "--posthoc-ema", "2",
+                 "--deterministic"])
+    return root / "run", data
+
+
+def test_training_keeps_snapshots_and_a_resumed_run_ends_with_the_same_ones(posthoc_run, tmp_path):
+    whole, _ = posthoc_run
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut, ignore=shutil.ignore_patterns("unet*", "ema_snapshots", "samples*", "log_unet*"))
+    flags = ["train-unet", "--run", str(cut), *SMALL_UNET, "--posthoc-ema", "2", "--deterministic"]
+    driver.main([*flags, "--max-steps", "3"])
+    assert sorted(snapshot_files(cut)) == [2, 3]                     # every 2 steps, and with the checkpoint at 3
+    driver.main([*flags, "--max-steps", "6", "--resume"])
+    assert sorted(snapshot_files(whole)) == [2, 4, 6]
+    assert sorted(snapshot_files(cut)) == [2, 3, 4, 6]
+    for step in (4, 6):                                              # the profiles came back from the checkpoint
+        a, b = ckpt(whole / "ema_snapshots" / f"step{step:07d}.pt"), ckpt(cut / "ema_snapshots" / f"step{step:07d}.pt")
+        assert a["sigma_rels"] == [0.05, 0.1] and a["step"] == step
+        for pa, pb in zip(a["profiles"], b["profiles"]):
+            for name in pa:
+                torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6)
+    state = ckpt(cut / "unet.pt")["posthoc_ema"]
+    assert state["step"] == 6 and set(state["profiles"][0]) == set(ckpt(cut / "unet.pt")["model"])
+    # the flag is part of the run: a resumed run keeps it, another value is refused
+    assert "--posthoc-ema" in error_of(driver.main, [*flags[:-3], "--posthoc-ema", "3", "--max-steps", "8", "--resume"])
+
+
+def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posthoc_run, tmp_path, capsys):
+    run, data = posthoc_run
+    out = tmp_path / "eval"
+    driver.main(["evaluate", "--run", str(run), "--out", str(out), "--holdout", "0.5", "--features", "domain",
+                 "--classifier-steps", "0", "--steps", "3", "--ema-lengths", "0.05,0.2"])
+    printed = capsys.readouterr().out
+    curve = json.loads((out / "metrics.json").read_text())["ema_lengths"]
+    assert [r["sigma_rel"] for r in curve["rows"]] == [0.05, 0.2] and curve["unet_step"] == 6
+    assert curve["best"] == min(curve["rows"], key=lambda r: r["scores"]["fid"])["sigma_rel"]
+    assert curve["samples_row"] == "run's EMA" and curve["samples_sigma_rel"] == pytest.approx(
+        running_ema_sigma_rel(0.999, 6))
+    assert all(r["scores"]["count"] == 6 and r["snapshots"] == 3 for r in curve["rows"])
+    assert curve["rows"][0]["scores"]["fid"] != curve["rows"][1]["scores"]["fid"]  # other weights, other samples
+    report = (out / "report.md").read_text()
+    assert "## EMA length" in report and "| post-hoc" in printed and (out / "eval_ema_lengths.png").stat().st_size > 1000
+    # the evaluation's model was put back: its samples row is the run's own EMA
+    assert predict.load_run(run, "cpu").posthoc_ema is None
+
+    # `ema --sigma-rel best` needs the curve in RUN/metrics.json; a number needs none
+    assert "--ema-lengths" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "best"])
+    shutil.copy(out / "metrics.json", run / "metrics.json")
+    driver.main(["ema", "--run", str(run), "--sigma-rel", "best"])
+    chosen = ckpt(run / "unet.pt")["sampling_ema"]
+    assert chosen["sigma_rel"] == curve["best"] and chosen["step"] == 6
+    model = predict.load_run(run, "cpu")
+    weights, _ = reconstruct(run, curve["best"])
+    for name, p in model.unet.named_parameters():
+        torch.testing.assert_close(p, weights[name])
+    # what sampling writes names the length
+    driver.main(["sample", "--run", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "set"),
+                 "--format", "npz"])
+    manifest = (tmp_path / "set" / "samples" / "manifest.csv").read_text().splitlines()
+    column = manifest[0].split(",").index("posthoc_ema_sigma_rel")
+    assert float(manifest[1].split(",")[column]) == curve["best"]
+    # none: the run's EMA again; training further drops a choice made for one step's weights
+    driver.main(["ema", "--run", str(run), "--sigma-rel", "none"])
+    assert "sampling_ema" not in ckpt(run / "unet.pt") and predict.load_run(run, "cpu").posthoc_ema is None
+    driver.main(["ema", "--run", str(run), "--sigma-rel", "0.1"])
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "8", "--resume"])
+    assert "sampling_ema" not in ckpt(run / "unet.pt") and sorted(snapshot_files(run))[-1] == 8
+
+
+def test_ema_lengths_without_snapshots_or_out_of_range_are_refused(trained_run):
+    run, _ = trained_run
+    assert "--posthoc-ema" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "0.1"])
+    assert "--posthoc-ema" in error_of(driver.main, ["evaluate", "--run", str(run), "--holdout", "0.5", "--features",
+                                                     "domain", "--classifier-steps", "0", "--steps", "2",
+                                                     "--ema-lengths", "0.1"])
+    for flags in (["ema", "--run", str(run), "--sigma-rel", "0.4"], ["evaluate", "--run", str(run), "--ema-lengths", "x"]):
+        with pytest.raises(SystemExit) as e:  # argparse: a usage line and exit status 2
+            driver.main(flags)
+        assert e.value.code == 2
