@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import predict  # noqa: E402
 from runtime.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
-from runtime.posthoc_ema import reconstruct, running_ema_sigma_rel, sigma_rel_to_gamma  # noqa: E402
+from runtime.posthoc_ema import reconstruct, reconstruct_many, running_ema_sigma_rel, sigma_rel_to_gamma  # noqa: E402
 
 AUTO = (0.01, 0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25)  # `--ema-lengths auto`: EDM2's range and around it
 RUNNING = "run's EMA"
@@ -60,13 +60,13 @@ def running_sigma_rel(run: Path) -> float:
 
 def ema_length_curve(run: Path, lengths: tuple[float, ...], model: predict.LatentDiffusion, generate, score) -> dict:
     """{"samples_row": whose weights the evaluation's samples row drew, "samples_sigma_rel": their length, "unet_step",
-    "rows": [{sigma_rel, fit, snapshots, scores}], "best": the sigma_rel of the lowest FID}. generate(model) -> samples as the evaluation draws them (its seed set inside); score({name: images}) -> the
-    evaluation's scores of those rows. The model's weights are put back afterwards."""
+    "rows": [{sigma_rel, fit, snapshots, scores}], "best": the sigma_rel of the lowest FID}. generate(model) ->
+    samples as the evaluation draws them (its seed set inside); score({name: images}) -> the evaluation's scores of
+    those rows. The model's weights are put back afterwards."""
     saved = {k: v.clone() for k, v in model.unet.state_dict().items()}
     images, how = {}, {}
     try:
-        for s in lengths:
-            weights, how[s] = reconstruct(run, s)
+        for s, (weights, how[s]) in zip(lengths, reconstruct_many(run, list(lengths))):
             if how[s]["step"] != model.unet_step:
                 raise BadInputError(f"the last EMA snapshot in {run} is of step {how[s]['step']}, unet.pt of step "
                                     f"{model.unet_step}; train-unet --resume writes the snapshot of its last step")

@@ -8,6 +8,7 @@ the reconstruction has settled (`--adversarial-start` as a fraction of the run).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from modules import group_norm
 from runtime.optimizer import adamw, load_optimizer
-from runtime.process import Runtime, place_model, wrap_model
+from runtime.process import Runtime, any_rank, place_model, wrap_model
 
 LOSSES = ("hinge", "non-saturating", "least-squares")
 WEIGHTINGS = ("adaptive", "fixed")
@@ -137,7 +138,9 @@ def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: 
 
 class Adversary:
     """Stage 1's optional adversarial patch loss: a PatchGAN discriminator with its own AdamW (betas 0.5, 0.9, as
-    VQGAN), off before the start step (--adversarial-start, a step or a fraction of `max_steps`), its generator term
+    VQGAN), off before the start step (--adversarial-start, a step or a fraction of `max_steps`; with --max-minutes, a
+    fraction starts at that fraction of the minutes if it comes sooner, the step resolved at the first log step after
+    it, on which all ranks agree, and saved), its generator term
     weighted by --adversarial-weight, times the adaptive weight at the decoder's last layer (eq. 7) unless
     --adversarial-weighting fixed; the losses of --adversarial-loss. The discriminator learns after each VQ-VAE
     step, on that step's last real batch and its reconstructions (detached: no gradient reaches the VQ-VAE),
@@ -152,6 +155,10 @@ class Adversary:
         # a fraction is resolved once, at the run's start: a resumed run keeps its start step whatever its new length
         self.start = resume["adversarial_start"] if resume and "adversarial_start" in resume else \
             start_step(args.adversarial_start, max_steps)
+        fraction = isinstance(args.adversarial_start, float) and args.adversarial_start < 1
+        self.start_by = (time.monotonic() + args.adversarial_start * 60 * args.max_minutes  # a run that ends by the
+                         if fraction and args.max_minutes and self.start > self.step else None)  # clock: its fraction
+        self.check_every = args.log_every
         self.d_loss, self.g_loss = D_LOSS[args.adversarial_loss], G_LOSS[args.adversarial_loss]
         self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(in_channels=args.channels)
         self.disc = place_model(PatchDiscriminator(self.cfg), rt)
@@ -183,6 +190,9 @@ class Adversary:
         """After each VQ-VAE step (the loop's `step` now): one discriminator step, from the start step on, unless
         the VQ-VAE's step was skipped (its reconstructions may hold NaN)."""
         self.step = step
+        if (self.start_by is not None and step % self.check_every == 0
+                and any_rank(time.monotonic() >= self.start_by, self.rt)):  # the fraction of --max-minutes is up
+            self.start, self.start_by = min(self.start, step + 1), None
         if taken and self.batch is not None:
             with self.rt.autocast:
                 logits = self.train_disc(torch.cat(self.batch)).float()

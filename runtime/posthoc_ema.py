@@ -126,29 +126,35 @@ def reconstruct(run: Path, sigma_rel: float, step: int | None = None) -> tuple[d
     """The parameters of the power-function EMA of length sigma_rel at `step` (default: the last snapshot's), as
     the weighted sum of the run's snapshots up to that step, and a record of how: {sigma_rel, step, snapshots,
     fit}, `fit` the relative L2 error of the fitted response (0: exact)."""
+    return reconstruct_many(run, [sigma_rel], step)[0]
+
+
+def reconstruct_many(run: Path, sigma_rels: list[float], step: int | None = None) -> list[tuple[dict, dict]]:
+    """`reconstruct` for several lengths, each snapshot read once."""
     files = {s: f for s, f in snapshot_files(run).items() if step is None or s <= step}
     if not files:
         raise BadInputError(f"no post-hoc EMA snapshots in {run / SNAPSHOTS} (train-unet --posthoc-ema EVERY keeps them)")
     step = max(files) if step is None else step
     if step not in files:
         raise BadInputError(f"no snapshot at step {step} in {run / SNAPSHOTS}: an EMA is reconstructed at a snapshot's step")
-    gamma = sigma_rel_to_gamma(sigma_rel)
-    first = load_checkpoint(files[step], "ema_snapshot")
-    sigma_rels = first["sigma_rels"]
-    gammas = [sigma_rel_to_gamma(s) for s in sigma_rels]
-    pairs = [(s, g) for s in files for g in gammas]
-    x = posthoc_coefficients(pairs, (step, gamma))
-    weights, k = {}, 0
+    targets = [(step, sigma_rel_to_gamma(s)) for s in sigma_rels]
+    profiles = load_checkpoint(files[step], "ema_snapshot")["sigma_rels"]
+    pairs = [(s, sigma_rel_to_gamma(p)) for s in files for p in profiles]
+    x = np.stack([posthoc_coefficients(pairs, target) for target in targets])  # (targets, snapshots x profiles)
+    weights, k = [{} for _ in targets], 0
     for s, f in files.items():
-        snapshot = first if s == step else load_checkpoint(f, "ema_snapshot")
-        if snapshot["sigma_rels"] != sigma_rels:
-            raise BadInputError(f"{f} holds profiles {snapshot['sigma_rels']}, the others {sigma_rels}")
+        snapshot = load_checkpoint(f, "ema_snapshot")
+        if snapshot["sigma_rels"] != profiles:
+            raise BadInputError(f"{f} holds profiles {snapshot['sigma_rels']}, the others {profiles}")
         for profile in snapshot["profiles"]:
             for name, value in profile.items():
-                weights[name] = weights.get(name, 0) + float(x[k]) * value.double()
+                value = value.double()
+                for w, coefficient in zip(weights, x[:, k]):
+                    w[name] = w.get(name, 0) + float(coefficient) * value
             k += 1
-    return {n: w.float() for n, w in weights.items()}, {"sigma_rel": sigma_rel, "step": step, "snapshots": len(files),
-                                                       "fit": response_fit(pairs, x, (step, gamma))}
+    return [({n: v.float() for n, v in w.items()},
+             {"sigma_rel": s, "step": step, "snapshots": len(files), "fit": response_fit(pairs, xi, target)})
+            for w, s, xi, target in zip(weights, sigma_rels, x, targets)]
 
 
 def response_fit(pairs: list[tuple[int, float]], x: np.ndarray, target: tuple[int, float]) -> float:

@@ -157,6 +157,31 @@ def test_the_adversarial_start_is_a_step_or_a_fraction_of_the_run():
             step_or_fraction(bad)
 
 
+def test_a_fractional_start_under_max_minutes_is_that_fraction_of_the_minutes(monkeypatch):
+    """--max-minutes ends a run by the clock (its --max-steps is then only a bound), so a fraction of the steps may
+    never come: the start is the first log step after that fraction of the minutes, and is saved as a step."""
+    import contextlib
+    from argparse import Namespace
+
+    import losses.adversarial as adversarial
+    from runtime.process import Runtime
+    clock = [1000.0]
+    monkeypatch.setattr(adversarial.time, "monotonic", lambda: clock[0])
+    rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
+    args = Namespace(adversarial_weight=0.01, adversarial_start=0.25, adversarial_loss="least-squares", channels=1,
+                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=8.0, log_every=10)
+    adversary = adversarial.Adversary(args, rt, None, max_steps=10 ** 9)
+    assert adversary.start == 250_000_000                       # a quarter of the bound: never, by the clock
+    for step, minutes in ((10, 1.0), (15, 2.5), (19, 2.9), (20, 3.0)):
+        clock[0] = 1000.0 + 60 * minutes
+        adversary.after_step(step, taken=True)
+        assert adversary.start == (21 if step == 20 else 250_000_000)  # 2 minutes passed at step 15, checked at 20
+    assert adversary.state()["adversarial_start"] == 21
+    # without --max-minutes the fraction is of the steps, as before
+    args.max_minutes = None
+    assert adversarial.Adversary(args, rt, None, max_steps=2400).start == 600
+
+
 def test_the_base_loss_is_mse_or_l1():
     x, recon = torch.zeros(1, 1, 2, 2), torch.tensor([0.5, -0.5, 1.0, 0.0]).view(1, 1, 2, 2)
     assert base_loss(recon, x, "mse").item() == pytest.approx((0.25 + 0.25 + 1) / 4)
