@@ -103,9 +103,9 @@ class PowerFunctionEMA:
     def snapshot(self, run: Path):
         folder = run / SNAPSHOTS
         folder.mkdir(exist_ok=True)
-        atomic_save({"kind": "ema_snapshot", **{k: v for k, v in self.state_dict().items() if k != "profiles"},
-                     "profiles": [{n: p.cpu() for n, p in zip(self.names, averaged)} for averaged in self.profiles]},
-                    folder / f"step{self.step:07d}.pt")
+        state = self.state_dict()
+        state["profiles"] = [{n: p.cpu() for n, p in profile.items()} for profile in state["profiles"]]
+        atomic_save({"kind": "ema_snapshot", **state}, folder / f"step{self.step:07d}.pt")
 
 
 def snapshot_files(run: Path) -> dict[int, Path]:
