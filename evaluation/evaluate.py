@@ -334,7 +334,7 @@ def evaluate(args):
         raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples per class, at the --guidance scales "
                             f"above 0 (got --utility {args.utility}, --guidance {args.guidance}"
                             + (", --samples)" if args.samples else ")"))
-    if args.ema_lengths and (args.samples or not snapshot_files(run)):
+    if args.ema_lengths and (args.samples or not snapshot_files(run) or not (run / "unet.pt").exists()):
         raise BadInputError(f"--ema-lengths scores the run's own samples at each EMA length, reconstructed from its "
                             f"snapshots; {run} has none (train-unet --posthoc-ema EVERY keeps them)"
                             if not args.samples else "--ema-lengths scores the run's own samples; not with --samples")
