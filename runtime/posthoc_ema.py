@@ -63,10 +63,16 @@ def posthoc_coefficients(snapshots: list[tuple[int, float]], target: tuple[int, 
     """Weights x of the snapshots (step t_i, gamma_i) whose sum of responses is the least-squares fit of the target
     (step, gamma)'s response: the normal equations A x = b, A_ij = <p_i, p_j>, b_i = <p_i, p_target> (EDM2 eq. 38),
     solved by least squares (A is near-singular when snapshots are dense)."""
+    a, b = normal_equations(snapshots, target)
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def normal_equations(snapshots: list[tuple[int, float]], target: tuple[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) of `posthoc_coefficients`: the snapshots' responses' inner products, and each one's with the target's."""
     t, g = (np.array(v, dtype=np.float64) for v in zip(*snapshots))
     a = response_inner(t[:, None], g[:, None], t[None, :], g[None, :])
     b = response_inner(t, g, np.float64(target[0]), np.float64(target[1]))
-    return np.linalg.lstsq(a, b, rcond=None)[0]
+    return a, b
 
 
 class PowerFunctionEMA:
@@ -159,9 +165,7 @@ def reconstruct_many(run: Path, sigma_rels: list[float], step: int | None = None
 
 def response_fit(pairs: list[tuple[int, float]], x: np.ndarray, target: tuple[int, float]) -> float:
     """||sum_i x_i p_i - p_target|| / ||p_target||, from the inner products alone."""
-    t, g = (np.array(v, dtype=np.float64) for v in zip(*pairs))
-    a = response_inner(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = response_inner(t, g, np.float64(target[0]), np.float64(target[1]))
+    a, b = normal_equations(pairs, target)
     c = response_inner(target[0], target[1], target[0], target[1])
     return float(math.sqrt(max(x @ a @ x - 2 * x @ b + c, 0.0) / c))
 
