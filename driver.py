@@ -69,8 +69,9 @@ CHANGEABLE = {"max_steps", "epochs",                                 # the lengt
 THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb", "precision", "channels_last",
                 "compile", "slow_cpu_ok", "demo_dir"}
 LENGTH = {"max_steps", "epochs"}
-# What a run written before a flag existed trained with, where that is not the flag's default (None: the preset's).
-BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False}
+# What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
+# (a flag missing here is left to its default or the preset, and not checked).
+BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64}
 
 
 def ints(text: str) -> list[int]:
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fixed (--adversarial-weight alone) (default: %(default)s)")
     p.add_argument("--adversarial-lr", type=positive(float), default=None,
                    help="the discriminator's AdamW learning rate (default: the VQ-VAE's --lr, as VQGAN)")
+    p.add_argument("--discriminator-channels", type=positive(int), default=64,
+                   help="width of the PatchGAN's first layer, doubled per layer up to 8x: 64 is VQGAN's and MONAI's; "
+                        "its cost grows with the square, which counts on a CPU (default: %(default)s)")
     p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
                    help=preset_help("vqvae", "clamped_loss", "measure the reconstruction error on the output clamped to "
                                     "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "
@@ -240,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--laplacian-weight", type=float, default=0.0,
                    help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
     p.add_argument("--perceptual-weight", type=float, default=0.0,
-                   help="weight of the VGG16 perceptual loss (LPIPS form) (default: %(default)s)")
+                   help="weight of the perceptual loss (LPIPS form) (default: %(default)s)")
     p.add_argument("--perceptual-network", choices=list(NETWORKS), default="vgg16",
                    help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
                         "2021; needs no file) (default: %(default)s)")

@@ -160,7 +160,8 @@ class Adversary:
                          if fraction and args.max_minutes and self.start > self.step else None)  # clock: its fraction
         self.check_every = args.log_every
         self.d_loss, self.g_loss = D_LOSS[args.adversarial_loss], G_LOSS[args.adversarial_loss]
-        self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(in_channels=args.channels)
+        self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(
+            in_channels=args.channels, channels=args.discriminator_channels)
         self.disc = place_model(PatchDiscriminator(self.cfg), rt)
         self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())

@@ -1,5 +1,6 @@
 """losses/: stage 1's reconstruction, perceptual and adversarial terms on constructed cases with known answers, and
 the discriminator's training beside the VQ-VAE."""
+import json
 import math
 
 import pytest
@@ -169,7 +170,8 @@ def test_a_fractional_start_under_max_minutes_is_that_fraction_of_the_minutes(mo
     monkeypatch.setattr(adversarial.time, "monotonic", lambda: clock[0])
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
     args = Namespace(adversarial_weight=0.01, adversarial_start=0.25, adversarial_loss="least-squares", channels=1,
-                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=8.0, log_every=10)
+                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=8.0, log_every=10,
+                     discriminator_channels=64)
     adversary = adversarial.Adversary(args, rt, None, max_steps=10 ** 9)
     assert adversary.start == 250_000_000                       # a quarter of the bound: never, by the clock
     for step, minutes in ((10, 1.0), (15, 2.5), (19, 2.9), (20, 3.0)):
@@ -198,10 +200,11 @@ def textured(n=2, size=64, seed=0):
     return (inside * (0.3 + 0.4 * torch.rand(n, 1, size, size, generator=g)) - (1 - inside)).clamp(-1, 1)
 
 
-def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more_than_a_brightness_shift():
-    loss = perceptual_loss_or_none(None, "random")
+@pytest.mark.parametrize("network", ["random", "random-small"])
+def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more_than_a_brightness_shift(network):
+    loss = perceptual_loss_or_none(None, network)
     assert isinstance(loss, VGGPerceptualLoss) and all(not p.requires_grad for p in loss.parameters())
-    again = VGGPerceptualLoss(None)                                            # the same fixed draw every time
+    again = perceptual_loss_or_none(None, network)                            # the same fixed draw every time
     assert torch.equal(loss.features[0].weight, again.features[0].weight)
     x = textured()
     blurred = F.avg_pool2d(x, 3, 1, 1)
@@ -213,6 +216,17 @@ def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more
     recon = blurred.clone().requires_grad_(True)
     loss(recon, x).backward()
     assert recon.grad.abs().sum() > 0
+
+
+def test_the_small_random_network_is_vgg16s_first_three_blocks_at_a_quarter_width():
+    full, small = VGGPerceptualLoss(None), perceptual_loss_or_none(None, "random-small")
+    convs = [m.out_channels for m in small.features if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [16, 16, 32, 32, 64, 64, 64]
+    # its taps are relu1_2, relu2_2 and relu3_3, at the same places as the full network's first three
+    assert sorted(small.taps) == sorted(full.taps)[:3] == [3, 8, 15]
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters()) / 50
+    with pytest.raises(ValueError, match="VGG16's own"):
+        VGGPerceptualLoss("vgg16.pth", blocks=3, width=0.25)
 
 
 def test_the_focal_frequency_loss_weights_the_hardest_frequency_most():
@@ -249,7 +263,8 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
                      "--deterministic", "--reconstruction-loss", "l1", "--frequency-weight", "0.1", *extra])
 
     recipe = ["--adversarial-weight", "0.05", "--adversarial-weighting", "fixed", "--adversarial-loss", "least-squares",
-              "--adversarial-start", "0.5", "--perceptual-network", "random", "--perceptual-weight", "0.1"]
+              "--adversarial-start", "0.5", "--perceptual-network", "random", "--perceptual-weight", "0.1",
+              "--discriminator-channels", "8"]
     plain = ["--perceptual-network", "random", "--perceptual-weight", "0.1"]
     stage1(tmp_path / "plain", "--max-steps", "4", *plain)
     stage1(tmp_path / "gan", "--max-steps", "4", *recipe)
@@ -263,6 +278,7 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
     gan_ckpt = ckpt(tmp_path / "gan" / "vqvae.pt")
     assert not same(ckpt(tmp_path / "plain" / "vqvae.pt")["model"], gan_ckpt["model"])
     assert gan_ckpt["adversarial_start"] == 2 and "discriminator" not in ckpt(tmp_path / "plain" / "vqvae.pt")
+    assert gan_ckpt["disc_config"]["channels"] == 8 and gan_ckpt["discriminator"]["net.0.weight"].shape[0] == 8
     # resumed longer without the flags, the run is the run it saved: every new setting comes back, the start step too
     stage1(tmp_path / "gan", "--max-steps", "8", "--resume")
     resumed = ckpt(tmp_path / "gan" / "vqvae.pt")
@@ -272,7 +288,15 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
         "reconstruction_loss": "l1", "frequency_weight": 0.1, "adversarial_weighting": "fixed",
         "adversarial_loss": "least-squares", "adversarial_start": 0.5, "perceptual_network": "random"}
     for flag, value in (("--reconstruction-loss", "mse"), ("--adversarial-weighting", "adaptive"),
-                        ("--perceptual-network", "vgg16"), ("--adversarial-start", "0.25")):
+                        ("--perceptual-network", "vgg16"), ("--adversarial-start", "0.25"),
+                        ("--discriminator-channels", "64")):
         message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "5",
                                          flag, value])
         assert flag in message and "differs from this run's" in message
+    # a run from before --discriminator-channels trained with 64, and is refused another width on resume
+    config = json.loads((tmp_path / "gan" / "config.json").read_text())
+    config["train-vqvae"].pop("discriminator_channels")
+    (tmp_path / "gan" / "config.json").write_text(json.dumps(config))
+    message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
+                                     "--discriminator-channels", "8"])
+    assert "--discriminator-channels 8 differs from this run's 64" in message
