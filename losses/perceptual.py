@@ -6,54 +6,46 @@ of ImageNet weights (`vgg16`) or random ones (`random`): Liu et al. 2021 found t
 deep networks to work as perceptual losses on par with pretrained VGG for structured outputs (super-resolution
 among them). Random weights are drawn from a fixed seed, so a run's term is the same on every rank and on resume.
 
-The full VGG16 makes a `tiny` stage-1 step about 5x dearer on a CPU (bench/README.md), so `random-small` keeps VGG16's
-first three blocks (to relu3_3, LPIPS' first three taps) at a quarter of its width: 16-32-64 channels, about 1/20
-of the full network's time at 64 px.
+The random VGG16 makes a `tiny` stage-1 step about 5x dearer on a CPU. Cheaper random networks were tried and lost
+(bench/README.md, "Cheaper perceptual networks"): VGG16 to relu3_3 or whole, each at a quarter of the width, left
+the reconstructions' finest band far worse than `tiny`'s in the same minutes, where the full-width random VGG16 cut it
+at equal steps. Random features seem to need the width.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-RANDOM = {"random": (5, 1.0), "random-small": (3, 0.25), "random-narrow": (5, 0.25)}  # name -> (VGG16 blocks, width)
-NETWORKS = ("vgg16", *RANDOM)
+NETWORKS = ("vgg16", "random")
 RANDOM_SEED = 0
-VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))  # (channels, convolutions) before each max-pool
 
 
 class VGGPerceptualLoss(nn.Module):
     """LPIPS-style distance on VGG16 features (Zhang et al. 2018, eq. 1, uniform layer weights: their "baseline"):
-    features at the end of each block (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3), unit-normalised over channels,
-    squared differences averaged over positions, summed over layers. (recon, x) in [-1, 1], any channel count ->
-    a scalar.
+    features after relu1_2 ... relu5_3, unit-normalised over channels, squared differences averaged over
+    positions, summed over layers. (recon, x) in [-1, 1], any channel count -> a scalar.
 
     weights_path: a local copy of torchvision's vgg16 state dict (`torch.save(torchvision.models.vgg16(
     weights="DEFAULT").state_dict(), path)` on a machine with internet; only its `features.*` entries are used);
-    None: torchvision's initialisation drawn from RANDOM_SEED. blocks, width: the first `blocks` of VGG16's five
-    with their channels times `width` (random weights only). Frozen; lives on the caller's device.
+    None: torchvision's initialisation drawn from RANDOM_SEED. Frozen; lives on the caller's device.
     """
 
-    def __init__(self, weights_path: str | None = None, blocks: int = 5, width: float = 1.0):
+    LAYERS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
+
+    def __init__(self, weights_path: str | None = None):
         super().__init__()
-        from torchvision.models.vgg import make_layers  # vgg16's convolutions, without its 100M-weight head
-        if weights_path is not None and (blocks, width) != (5, 1.0):
-            raise ValueError("ImageNet weights are VGG16's own: all 5 blocks at full width")
-        layout = []
-        for channels, convolutions in VGG16_BLOCKS[:blocks]:
-            layout += [int(channels * width)] * convolutions + ["M"]
+        from torchvision.models.vgg import cfgs, make_layers  # vgg16's convolutions, without its 100M-weight head
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
-            self.features = make_layers(layout[:-1])  # no pooling after the last tap
+            self.features = make_layers(cfgs["D"])[:self.LAYERS[-1] + 1]
             for m in self.features.modules():  # torchvision VGG's own initialisation
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                     nn.init.zeros_(m.bias)
-        self.taps = {i - 1 for i, layer in enumerate(self.features) if isinstance(layer, nn.MaxPool2d)}
-        self.taps.add(len(self.features) - 1)  # the ReLU before each max-pool, and the last one
         if weights_path is not None:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
             self.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
-                                           if k.startswith("features.") and int(k.split(".")[1]) < len(self.features)})
+                                           if k.startswith("features.") and int(k.split(".")[1]) <= self.LAYERS[-1]})
         self.features.eval().requires_grad_(False)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406])[None, :, None, None])
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225])[None, :, None, None])
@@ -63,7 +55,7 @@ class VGGPerceptualLoss(nn.Module):
         h, taps = (x - self.mean) / self.std, []
         for i, layer in enumerate(self.features):
             h = layer(h)
-            if i in self.taps:
+            if i in self.LAYERS:
                 taps.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
         return taps
 
@@ -72,13 +64,13 @@ class VGGPerceptualLoss(nn.Module):
 
 
 def perceptual_loss_or_none(weights_path: str | None, network: str = "vgg16") -> VGGPerceptualLoss | None:
-    """The perceptual loss: `random` and `random-small` always; `vgg16` if its weights file loads, else None after
-    one line saying so (train without it, or with a random one)."""
-    if network in RANDOM:
-        return VGGPerceptualLoss(None, *RANDOM[network])
+    """The perceptual loss: `random` always; `vgg16` if its weights file loads, else None after one line saying so
+    (train without it, or with `random`)."""
+    if network == "random":
+        return VGGPerceptualLoss(None)
     if weights_path is None:
         print("perceptual loss: off (no --vgg-weights file; ImageNet VGG16 weights cannot be downloaded here; "
-              "--perceptual-network random or random-small needs none)")
+              "--perceptual-network random needs none)")
         return None
     try:
         return VGGPerceptualLoss(weights_path)

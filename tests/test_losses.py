@@ -200,11 +200,10 @@ def textured(n=2, size=64, seed=0):
     return (inside * (0.3 + 0.4 * torch.rand(n, 1, size, size, generator=g)) - (1 - inside)).clamp(-1, 1)
 
 
-@pytest.mark.parametrize("network", ["random", "random-small"])
-def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more_than_a_brightness_shift(network):
-    loss = perceptual_loss_or_none(None, network)
+def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more_than_a_brightness_shift():
+    loss = perceptual_loss_or_none(None, "random")
     assert isinstance(loss, VGGPerceptualLoss) and all(not p.requires_grad for p in loss.parameters())
-    again = perceptual_loss_or_none(None, network)                            # the same fixed draw every time
+    again = VGGPerceptualLoss(None)                                            # the same fixed draw every time
     assert torch.equal(loss.features[0].weight, again.features[0].weight)
     x = textured()
     blurred = F.avg_pool2d(x, 3, 1, 1)
@@ -216,17 +215,6 @@ def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more
     recon = blurred.clone().requires_grad_(True)
     loss(recon, x).backward()
     assert recon.grad.abs().sum() > 0
-
-
-def test_the_small_random_network_is_vgg16s_first_three_blocks_at_a_quarter_width():
-    full, small = VGGPerceptualLoss(None), perceptual_loss_or_none(None, "random-small")
-    convs = [m.out_channels for m in small.features if isinstance(m, torch.nn.Conv2d)]
-    assert convs == [16, 16, 32, 32, 64, 64, 64]
-    # its taps are relu1_2, relu2_2 and relu3_3, at the same places as the full network's first three
-    assert sorted(small.taps) == sorted(full.taps)[:3] == [3, 8, 15]
-    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters()) / 50
-    with pytest.raises(ValueError, match="VGG16's own"):
-        VGGPerceptualLoss("vgg16.pth", blocks=3, width=0.25)
 
 
 def test_the_focal_frequency_loss_weights_the_hardest_frequency_most():
