@@ -2,11 +2,14 @@
 several seeds, every metric's mean and standard deviation over them.
 
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 [--sample ddpm] [--weights model]
+    python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 --ema-lengths 0.02,0.05,0.15
 
 OUT is a finished `bench/quality.py --out` folder: its rows' runs (OUT/ROW), its feature network (OUT) and its
 held-out split are reused, so seed 1 reproduces quality.py's row exactly. `--sample` takes `bench/samplers.py`'s
 names (default: `driver.py sample`'s sampler, as quality.py samples). `--weights model` samples the UNet's last
-trained weights instead of their EMA, which every sampling command uses. Writes OUT/seed_spread_SAMPLE[_model].json;
+trained weights instead of their EMA, which every sampling command uses. `--ema-lengths` also samples the post-hoc
+EMA of each length (EDM2; the rows trained with `quality.py --unet-flags "--posthoc-ema EVERY"`), so a point of
+`evaluate --ema-lengths`' curve comes with its spread. Writes OUT/seed_spread_SAMPLE[_model|_ema_lengths].json;
 prints a table.
 """
 from __future__ import annotations
@@ -22,9 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
+from evaluation.ema_lengths import ema_lengths_arg  # noqa: E402
 from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
 from quality import held_out_split  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.posthoc_ema import reconstruct_many  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402
 
 METRICS = {"fid": 1, "kid": 1e3, "swd": 1, "swd_64": 1, "swd_32": 1, "swd_16": 1}  # name -> scale as printed
@@ -42,9 +47,14 @@ def main():
                         help="a bench/samplers.py sampler (default: driver.py sample's, as quality.py)")
     parser.add_argument("--weights", choices=["ema", "model"], default="ema",
                         help="the UNet's EMA weights, as sampling uses, or its last trained ones (default: %(default)s)")
+    parser.add_argument("--ema-lengths", type=ema_lengths_arg, default=(),
+                        help="also the post-hoc EMA of these lengths sigma_rel (auto or a,b,...), from each row's "
+                             "snapshots: rows ROW@SIGMA_REL")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds: a spread needs at least 2")
+    if args.ema_lengths and args.weights == "model":
+        parser.error("--ema-lengths samples EMA weights; drop --weights model")
     out = Path(args.out)
 
     # quality.py's reference half A, its number of samples (the floor half's size) and its feature network
@@ -59,12 +69,14 @@ def main():
             model.unet.load_state_dict(load_checkpoint(out / row / "unet.pt", "unet")["model"])
         flags = SAMPLERS[args.sample] if args.sample else []
         sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(out / row), *flags]), model)
-        images = {}
-        for seed in seeds:
-            torch.manual_seed(seed)
-            images[seed] = predict.generate(model, sampling, len(floor_idx))[0]
-        scores = score_rows(images, reference, features, "cpu")
-        result[row] = {m: [scale * scores[s][m] for s in seeds] for m, scale in METRICS.items()}
+        for name, weights in weight_variants(out / row, row, model, args.ema_lengths).items():
+            model.unet.load_state_dict(weights)
+            images = {}
+            for seed in seeds:
+                torch.manual_seed(seed)
+                images[seed] = predict.generate(model, sampling, len(floor_idx))[0]
+            scores = score_rows(images, reference, features, "cpu")
+            result[name] = {m: [scale * scores[s][m] for s in seeds] for m, scale in METRICS.items()}
 
     weights = "" if args.weights == "ema" else ", last trained weights"
     lines = [f"| row ({args.sample or 'driver.py sample'}{weights}, seeds 1-{args.seeds}) | " + " | ".join(METRICS) + " |",
@@ -72,11 +84,24 @@ def main():
     for row, values in result.items():
         cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in values.values()]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    record = {"sampler": args.sample, "weights": args.weights, "seeds": list(seeds), "values": result}
-    suffix = "" if args.weights == "ema" else "_model"
+    record = {"sampler": args.sample, "weights": args.weights, "ema_lengths": list(args.ema_lengths),
+              "seeds": list(seeds), "values": result}
+    suffix = "_model" if args.weights == "model" else "_ema_lengths" if args.ema_lengths else ""
     (out / f"seed_spread_{args.sample or 'default'}{suffix}.json").write_text(json.dumps(record, indent=2))
     print("\n".join(lines))
     print("(mean ± standard deviation over the seeds; KID x1e3, SWD x1e3)")
+
+
+def weight_variants(run: Path, row: str, model: predict.LatentDiffusion, ema_lengths: tuple[float, ...]) -> dict:
+    """{row: the model's UNet weights as loaded, f"{row}@{sigma_rel}": the post-hoc EMA of each length} (full state
+    dicts: buffers come from the loaded weights)."""
+    loaded = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    variants = {row: loaded}
+    for s, (weights, how) in zip(ema_lengths, reconstruct_many(run, list(ema_lengths)) if ema_lengths else []):
+        if how["step"] != model.unet_step:
+            raise SystemExit(f"{run}: the last EMA snapshot is of step {how['step']}, unet.pt of step {model.unet_step}")
+        variants[f"{row}@{s:g}"] = {**loaded, **weights}
+    return variants
 
 
 if __name__ == "__main__":
