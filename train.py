@@ -451,9 +451,8 @@ def stage1_perceptual(args, rt: Runtime, dataset, channels: int, resume: dict | 
         perceptual = perceptual_loss_or_none(args.vgg_weights, args.perceptual_network)
         return perceptual.to(rt.device) if perceptual is not None else None
 
-    def images(n: int, g: torch.Generator) -> torch.Tensor:
-        return to_unit(torch.stack([dataset[i][0] for i in torch.randint(len(dataset), (n,), generator=g).tolist()]),
-                       "cpu")
+    def images(n: int, g: torch.Generator) -> torch.Tensor:  # the dataset's items are in [-1, 1] already
+        return torch.stack([dataset[i][0] for i in torch.randint(len(dataset), (n,), generator=g).tolist()])
 
     with main_rank_first(rt):
         return slice_features(Path(args.run) / "perceptual.pt", images, channels, args.seed, rt.device,

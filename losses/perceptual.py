@@ -112,6 +112,10 @@ class SliceFeatures(FeatureDistance):
             prev = width
         self.stages = nn.ModuleList(stages)
         self.head = nn.Linear(prev, len(DEGRADATIONS))  # which degradation a crop went through
+        for m in self.stages.modules():  # He et al. 2015: PyTorch's default shrinks a slice's faint degradations to
+            if isinstance(m, nn.Conv2d):  # nothing by the head, and the network never learns (25%, chance)
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
 
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         taps, h = [], x.float()
@@ -149,12 +153,12 @@ def random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor
 
 
 def train_slice_features(images: Callable[[int, torch.Generator], torch.Tensor], channels: int, seed: int,
-                         device, steps: int = TRAIN_STEPS) -> tuple[SliceFeatures, dict]:
+                         device, steps: int | None = None) -> tuple[SliceFeatures, dict]:
     """Train SliceFeatures to tell which of DEGRADATIONS each crop of the run's training slices went through.
     images(n, g): n training slices drawn with g, (n, C, H, W) in [-1, 1] on the CPU. All randomness from `seed`,
     none from torch's global stream. Returns the frozen network and what its training measured: the accuracy on the
     last 50 batches, each scored before the step that learned from it (chance: 1 in 4)."""
-    g = torch.Generator().manual_seed(seed)
+    steps, g = steps or TRAIN_STEPS, torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = SliceFeatures(channels)
