@@ -246,9 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perceptual-weight", type=float, default=0.0,
                    help="weight of the perceptual loss (LPIPS form) (default: %(default)s)")
     p.add_argument("--perceptual-network", choices=list(NETWORKS), default="vgg16",
-                   help="its network: vgg16 (ImageNet weights, from --vgg-weights), random (VGG16, a fixed random draw, "
-                        "Liu et al. 2021; needs no file) or slices (a small CNN trained on this run's training slices "
-                        "when it starts, kept as RUN/perceptual.pt) (default: %(default)s)")
+                   help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
+                        "2021; needs no file) (default: %(default)s)")
     p.add_argument("--vgg-weights", default=None,
                    help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")

@@ -35,7 +35,7 @@ from conditions.table import (CLASS, build_conditions, condition_matrix, find_ta
 from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches, subject_summary,
                      to_unit, training_data, training_files, uint8_loader)
 from losses.adversarial import Adversary
-from losses.perceptual import perceptual_loss_or_none, slice_features
+from losses.perceptual import perceptual_loss_or_none
 from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from modules import EMA, VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_conditions
 from predict import load_vqvae
@@ -399,7 +399,10 @@ def train_vqvae(args):
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, model, optimizer, rt, args.lr)
     adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
-    perceptual = stage1_perceptual(args, rt, dataset, fixed.shape[1], resume) if args.perceptual_weight > 0 else None
+    perceptual = (perceptual_loss_or_none(args.vgg_weights, args.perceptual_network) if args.perceptual_weight > 0
+                  else None)
+    if perceptual is not None:
+        perceptual.to(rt.device)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(dataset), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum)
@@ -441,22 +444,6 @@ def train_vqvae(args):
                      plot=("loss", "recon", "vq"),
                      derived=lambda v: {"psnr": 10 * math.log10(4.0 / max(v.get("recon", 1.0), 1e-12))}),  # peak-to-peak 2
                args, rt, step, max_steps, resume)
-
-
-def stage1_perceptual(args, rt: Runtime, dataset, channels: int, resume: dict | None):
-    """The perceptual loss of --perceptual-network on the device, or None (`vgg16` without its weights file). The
-    `slices` network is trained on the training slices by rank 0 when the run starts and read from the run folder
-    by the other ranks and on resume (losses/perceptual.py)."""
-    if args.perceptual_network != "slices":
-        perceptual = perceptual_loss_or_none(args.vgg_weights, args.perceptual_network)
-        return perceptual.to(rt.device) if perceptual is not None else None
-
-    def images(n: int, g: torch.Generator) -> torch.Tensor:  # the dataset's items are in [-1, 1] already
-        return torch.stack([dataset[i][0] for i in torch.randint(len(dataset), (n,), generator=g).tolist()])
-
-    with main_rank_first(rt):
-        return slice_features(Path(args.run) / "perceptual.pt", images, channels, args.seed, rt.device,
-                              train=rt.main and resume is None)
 
 
 # ----------------------------------------------------------------------------- stage 2: UNet

@@ -10,45 +10,17 @@ The random VGG16 makes a `tiny` stage-1 step about 5x dearer on a CPU. Cheaper r
 (bench/README.md, "Cheaper perceptual networks"): VGG16 to relu3_3 or whole, each at a quarter of the width, left
 the reconstructions' finest band far worse than `tiny`'s in the same minutes, where the full-width random VGG16 cut it
 at equal steps. Random features seem to need the width.
-
-So a third network is trained, on the run's own training slices (`slices`): a small CNN that tells each slice crop
-from blurred, resampled and noised copies of it, whose features must therefore see the finest band. It is trained
-once at the start of stage 1 (seconds on a CPU) and kept in the run folder, so a resumed run and every rank use the
-same one. Never the evaluation's domain classifier: a loss on the features FID is measured with would grade its own
-homework.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torchvision.transforms.functional import gaussian_blur
 
-from runtime.checkpoint import atomic_save, load_checkpoint
-from runtime.errors import BadInputError
-
-NETWORKS = ("vgg16", "random", "slices")
+NETWORKS = ("vgg16", "random")
 RANDOM_SEED = 0
 
 
-class FeatureDistance(nn.Module):
-    """LPIPS's distance (Zhang et al. 2018, eq. 1, uniform layer weights: their "baseline") on a network's taps:
-    each tap unit-normalised over channels, squared differences summed over channels and averaged over positions,
-    summed over taps. (recon, x) in [-1, 1] -> a scalar. Subclasses give `_taps`."""
-
-    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
-
-    def forward(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        unit = lambda h: h / (h.norm(dim=1, keepdim=True) + 1e-10)  # noqa: E731
-        return sum((unit(a) - unit(b)).pow(2).sum(1).mean() for a, b in zip(self._taps(recon), self._taps(x)))
-
-
-class VGGPerceptualLoss(FeatureDistance):
+class VGGPerceptualLoss(nn.Module):
     """LPIPS-style distance on VGG16 features (Zhang et al. 2018, eq. 1, uniform layer weights: their "baseline"):
     features after relu1_2 ... relu5_3, unit-normalised over channels, squared differences averaged over
     positions, summed over layers. (recon, x) in [-1, 1], any channel count -> a scalar.
@@ -84,121 +56,12 @@ class VGGPerceptualLoss(FeatureDistance):
         for i, layer in enumerate(self.features):
             h = layer(h)
             if i in self.LAYERS:
-                taps.append(h)
+                taps.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
         return taps
 
+    def forward(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return sum((a - b).pow(2).sum(1).mean() for a, b in zip(self._taps(recon), self._taps(x)))
 
-
-# ----------------------------------------------------------------------------- a network trained on the run's slices
-
-DEGRADATIONS = ("none", "blur", "resample", "noise")
-TRAIN_STEPS, TRAIN_BATCH, CROP = 400, 32, 64
-
-
-class SliceFeatures(FeatureDistance):
-    """LPIPS-style distance on the features of a small CNN trained on the run's own slices (`train_slice_features`):
-    three stages of two 3x3 convolutions (16, 32, 64 channels), the first at full resolution, where the finest band
-    lives, the others at 1/2 and 1/4; a tap after each stage. No normalisation, so brightness and contrast count.
-    Fully convolutional: trained on crops, applied to whole images of any size."""
-
-    WIDTHS = (16, 32, 64)
-
-    def __init__(self, channels: int = 1):
-        super().__init__()
-        stages, prev = [], channels
-        for i, width in enumerate(self.WIDTHS):
-            stages.append(nn.Sequential(nn.Conv2d(prev, width, 3, stride=1 if i == 0 else 2, padding=1), nn.SiLU(),
-                                        nn.Conv2d(width, width, 3, padding=1), nn.SiLU()))
-            prev = width
-        self.stages = nn.ModuleList(stages)
-        self.head = nn.Linear(prev, len(DEGRADATIONS))  # which degradation a crop went through
-        for m in self.stages.modules():  # He et al. 2015: PyTorch's default shrinks a slice's faint degradations to
-            if isinstance(m, nn.Conv2d):  # nothing by the head, and the network never learns (25%, chance)
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-
-    def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        taps, h = [], x.float()
-        for stage in self.stages:
-            h = stage(h)
-            taps.append(h)
-        return taps
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self._taps(x)[-1].mean(dim=(2, 3)))
-
-
-def degrade(x: torch.Tensor, kinds: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Copies of x (B, C, H, W) in [-1, 1], each through DEGRADATIONS[kinds[i]]: unchanged; a Gaussian blur of sigma
-    0.5-1.2 pixels; halved and brought back (bilinear, antialiased); Gaussian noise of 1-3% of the range. The
-    strengths are drawn once per batch from g. The three are what a first stage does to the finest band."""
-    out, sigma, noise = x.clone(), 0.5 + 0.7 * torch.rand((), generator=g).item(), 0.02 + 0.04 * torch.rand((), generator=g).item()
-    for kind, change in ((1, lambda v: gaussian_blur(v, kernel_size=5, sigma=sigma)),
-                         (2, lambda v: F.interpolate(F.interpolate(v, scale_factor=0.5, mode="bilinear", antialias=True),
-                                                     size=v.shape[-2:], mode="bilinear")),
-                         (3, lambda v: v + noise * torch.randn(v.shape, generator=g))):
-        chosen = kinds == kind
-        if chosen.any():
-            out[chosen] = change(x[chosen]).clamp(-1, 1)
-    return out
-
-
-def random_crops(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """One size x size crop of each image at a position drawn from g (the whole image if it is no larger)."""
-    if x.shape[-1] <= size and x.shape[-2] <= size:
-        return x
-    top = torch.randint(x.shape[-2] - size + 1, (len(x),), generator=g).tolist()
-    left = torch.randint(x.shape[-1] - size + 1, (len(x),), generator=g).tolist()
-    return torch.stack([img[:, t:t + size, l:l + size] for img, t, l in zip(x, top, left)])
-
-
-def train_slice_features(images: Callable[[int, torch.Generator], torch.Tensor], channels: int, seed: int,
-                         device, steps: int | None = None) -> tuple[SliceFeatures, dict]:
-    """Train SliceFeatures to tell which of DEGRADATIONS each crop of the run's training slices went through.
-    images(n, g): n training slices drawn with g, (n, C, H, W) in [-1, 1] on the CPU. All randomness from `seed`,
-    none from torch's global stream. Returns the frozen network and what its training measured: the accuracy on the
-    last 50 batches, each scored before the step that learned from it (chance: 1 in 4)."""
-    steps, g = steps or TRAIN_STEPS, torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = SliceFeatures(channels)
-    net.to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    started, right = time.monotonic(), []
-    for step in range(steps):
-        x = random_crops(images(TRAIN_BATCH, g), CROP, g)
-        kinds = torch.randint(len(DEGRADATIONS), (len(x),), generator=g)
-        logits = net.logits(degrade(x, kinds, g).to(device))
-        loss = F.cross_entropy(logits, kinds.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step >= steps - 50:
-            right.append((logits.argmax(1).cpu() == kinds).float().mean().item())
-    record = {"steps": steps, "batch": TRAIN_BATCH, "crop": CROP, "seed": seed,
-              "accuracy": sum(right) / len(right), "seconds": round(time.monotonic() - started, 1)}
-    return net.eval().requires_grad_(False), record
-
-
-def slice_features(path: Path, images: Callable[[int, torch.Generator], torch.Tensor], channels: int, seed: int,
-                   device, train: bool) -> SliceFeatures:
-    """The run's `slices` network: trained and saved to path (RUN/perceptual.pt) if `train`, else loaded from it (a
-    resumed run; the other ranks of a DDP run, after rank 0 has trained it)."""
-    if train:
-        net, record = train_slice_features(images, channels, seed, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({"kind": "perceptual", "config": {"channels": channels}, "model": net.state_dict(), **record}, path)
-        print(f"perceptual network: trained on this run's slices in {record['seconds']} s ({record['steps']} steps of "
-              f"{TRAIN_BATCH} crops; tells a degradation apart {100 * record['accuracy']:.0f}% of the time, chance 25%); "
-              f"saved to {path}")
-        return net
-    if not path.exists():
-        raise BadInputError(f"{path} is missing: this run's perceptual network (--perceptual-network slices) is "
-                            "trained when the run starts and kept there; a resumed run needs it")
-    ckpt = load_checkpoint(path, "perceptual")
-    net = SliceFeatures(ckpt["config"]["channels"])
-    net.load_state_dict(ckpt["model"])
-    return net.to(device).eval().requires_grad_(False)
 
 def perceptual_loss_or_none(weights_path: str | None, network: str = "vgg16") -> VGGPerceptualLoss | None:
     """The perceptual loss: `random` always; `vgg16` if its weights file loads, else None after one line saying so

@@ -11,10 +11,8 @@ import torch.nn.functional as F
 from losses.adversarial import (ADAPTIVE_WEIGHT_FALLBACK, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                 adversarial_factor, generator_adversarial_loss, hinge_d_loss, least_squares_d_loss,
                                 least_squares_g_loss, non_saturating_d_loss, start_step)
-import losses.perceptual as perceptual
-from losses.perceptual import (DEGRADATIONS, SliceFeatures, VGGPerceptualLoss, degrade, perceptual_loss_or_none,
-                               train_slice_features)
-from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1, laplacian_pyramid
+from losses.perceptual import VGGPerceptualLoss, perceptual_loss_or_none
+from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from modules import VQVAE, VQVAEConfig
 
 
@@ -219,37 +217,6 @@ def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more
     assert recon.grad.abs().sum() > 0
 
 
-
-def test_the_degradations_the_slices_network_learns_are_the_ones_asked_for():
-    x, g = textured(8, 32), torch.Generator().manual_seed(0)
-    kinds = torch.tensor([0, 1, 2, 3] * 2)
-    out = degrade(x, kinds, g)
-    finest = lambda v: laplacian_pyramid(v)[0].pow(2).mean(dim=(1, 2, 3))  # noqa: E731
-    assert torch.equal(out[kinds == 0], x[kinds == 0])                     # "none" leaves the crop as it was
-    assert (finest(out[kinds == 1]) < 0.5 * finest(x[kinds == 1])).all()   # blur and resampling take the finest band
-    assert (finest(out[kinds == 2]) < 0.5 * finest(x[kinds == 2])).all()
-    noise = (out[kinds == 3] - x[kinds == 3])[:, :, 8:24, 8:24]             # inside the ellipse, nothing clamped
-    assert 0.015 < noise.std().item() < 0.065 and abs(noise.mean().item()) < 0.01
-    assert out.min() >= -1 and out.max() <= 1
-
-
-def test_the_slices_network_is_trained_from_its_seed_alone_learns_its_task_and_dislikes_blur_more_than_a_shift():
-    pool = torch.cat([textured(16, 32, seed=s) for s in range(4)])
-    images = lambda n, g: pool[torch.randint(len(pool), (n,), generator=g)]  # noqa: E731
-    state = torch.get_rng_state()
-    net, record = train_slice_features(images, 1, seed=3, device="cpu", steps=150)
-    assert torch.equal(torch.get_rng_state(), state)                         # torch's global stream untouched
-    again, _ = train_slice_features(images, 1, seed=3, device="cpu", steps=150)
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
-    assert isinstance(net, SliceFeatures) and all(not p.requires_grad for p in net.parameters())
-    assert record["steps"] == 150 and record["accuracy"] > 1.5 / len(DEGRADATIONS)  # well above chance (1 in 4)
-    x = textured(2, 32, seed=9)
-    assert net(x, x.clone()).item() == 0.0
-    assert net(F.avg_pool2d(x, 3, 1, 1), x).item() > 2 * net((x + 0.1).clamp(-1, 1), x).item()
-    recon = F.avg_pool2d(x, 3, 1, 1).requires_grad_(True)
-    net(recon, x).backward()
-    assert recon.grad.abs().sum() > 0
-
 def test_the_focal_frequency_loss_weights_the_hardest_frequency_most():
     x = textured(1, 16)
     yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
@@ -321,39 +288,3 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
     message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
                                      "--discriminator-channels", "8"])
     assert "--discriminator-channels 8 differs from this run's 64" in message
-
-
-def test_the_slices_network_is_trained_once_kept_in_the_run_and_read_back_on_resume(adni_folder, tmp_path, monkeypatch):
-    from conftest import SMALL_VQ, ckpt, error_of
-
-    import driver
-    monkeypatch.setattr(perceptual, "TRAIN_STEPS", 5)
-    trained_on, train = [], perceptual.train_slice_features
-
-    def spy(images, *args, **kwargs):
-        trained_on.append(images(16, torch.Generator().manual_seed(0)))
-        return train(images, *args, **kwargs)
-
-    monkeypatch.setattr(perceptual, "train_slice_features", spy)
-    run = tmp_path / "run"
-    flags = ["--run", str(run), "--data", str(adni_folder), "--preset", "tiny", *SMALL_VQ,
-             "--perceptual-network", "slices", "--perceptual-weight", "0.5"]
-    driver.main(["train-vqvae", *flags, "--max-steps", "2"])
-    # it learns from the training slices as the first stage sees them: in [-1, 1], background near -1, brain brighter
-    (x,) = trained_on
-    assert x.shape == (16, 1, 32, 32) and x.min() < -0.9 and 0.5 < x.max() <= 1 and x.std() > 0.1
-    saved = ckpt(run / "perceptual.pt")
-    assert saved["kind"] == "perceptual" and saved["steps"] == 5 and saved["config"] == {"channels": 1}
-    trained_at = (run / "perceptual.pt").stat().st_mtime_ns
-
-    # resumed, the run reads its network back instead of training another: the file is the one written at the start
-    monkeypatch.setattr(perceptual, "train_slice_features", lambda *a, **k: pytest.fail("trained again on resume"))
-    driver.main(["train-vqvae", "--run", str(run), "--resume", "--max-steps", "4"])
-    assert ckpt(run / "vqvae.pt")["step"] == 4 and (run / "perceptual.pt").stat().st_mtime_ns == trained_at
-    # without it, a resume says what is missing; a file of another kind is named as such
-    (run / "perceptual.pt").rename(tmp_path / "kept.pt")
-    assert "perceptual.pt is missing" in error_of(driver.main, ["train-vqvae", "--run", str(run), "--resume",
-                                                                 "--max-steps", "6"])
-    torch.save({"kind": "vqvae"}, run / "perceptual.pt")
-    assert "is not a perceptual checkpoint" in error_of(driver.main, ["train-vqvae", "--run", str(run), "--resume",
-                                                                       "--max-steps", "6"])
