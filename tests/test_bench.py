@@ -1,6 +1,7 @@
 """bench/gpu_check.py: the command a GPU's few minutes are spent on, proved on the CPU first (a dry run with tiny
 shapes takes every part and flag path), and its record of a part that fails or runs out of time."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,37 @@ def test_a_part_that_fails_or_runs_out_of_time_is_recorded_and_the_next_one_runs
     gpu_check.write_report(report, tmp_path)
     assert "| cuda_tests | NO |" in (tmp_path / "gpu_check.md").read_text()
     assert json.loads((tmp_path / "gpu_check.json").read_text())["parts"]["training"]["ok"] is False
+
+
+def test_time_to_quality_trains_both_stages_evaluates_and_writes_the_finest_band_on_the_cpu(tmp_path):
+    """bench/time_to_quality.sh with the `tiny` preset and small shapes: the same script a GPU's minutes run, whole and
+    with stage 1 alone (UNET_MINUTES 0); what comes back is at most 8 files, the run kept elsewhere."""
+    import numpy as np
+    from conftest import SMALL_UNET, SMALL_VQ, write_blob_images
+
+    rng = np.random.default_rng(0)
+    for label in ("AD", "NC"):
+        write_blob_images(tmp_path / "data" / "train" / label, [f"{label}{i}" for i in range(10)], 4, rng, size=(64, 64))
+    env = {**os.environ, "PRESET": "tiny", "VQ_FLAGS": " ".join(SMALL_VQ), "UNET_FLAGS": " ".join(SMALL_UNET),
+           "EVALUATE_FLAGS": "--classifier-steps 2 --num 8 --batch-size 8"}
+
+    def time_to_quality(name: str, unet_minutes: str) -> Path:
+        out = tmp_path / name
+        done = subprocess.run(["bash", "bench/time_to_quality.sh", str(tmp_path / "data"), str(out), "0.02", unet_minutes],
+                              cwd=ROOT, env={**env, "RUN_DIR": str(tmp_path / f"{name}_run")}, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return out
+
+    out = time_to_quality("whole", "0.02")
+    assert [line.split()[0] for line in (out / "times.txt").read_text().splitlines()] == ["vqvae", "unet", "evaluate"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval_crops.png", "eval_samples.png", "finest_band.md", "log.txt",
+                                                     "metrics.json", "report.md", "times.txt"]
+    table = (out / "finest_band.md").read_text()
+    assert "finest band (32 px)" in table and "| real (training) |" in table and "| 1.00x |" in table
+    assert "| samples |" in table and "| reconstructions |" in table
+
+    out = time_to_quality("stage1", "0")
+    assert [line.split()[0] for line in (out / "times.txt").read_text().splitlines()] == ["vqvae", "evaluate"]
+    table = (out / "finest_band.md").read_text()
+    assert "| reconstructions |" in table and "| samples |" not in table
