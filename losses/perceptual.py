@@ -9,7 +9,9 @@ among them). Random weights are drawn from a fixed seed, so a run's term is the 
 The random VGG16 makes a `tiny` stage-1 step about 5x dearer on a CPU. Cheaper random networks were tried and lost
 (bench/README.md, "Cheaper perceptual networks"): VGG16 to relu3_3 or whole, each at a quarter of the width, left
 the reconstructions' finest band far worse than `tiny`'s in the same minutes, where the full-width random VGG16 cut it
-at equal steps. Random features seem to need the width.
+at equal steps. Random features seem to need the width. A small CNN trained on the run's own slices to tell them from
+blurred, resampled and noised copies lost at every weight as well (bench/README.md, "A perceptual network trained on
+the run's own slices"; it lived in commit e6a7e40): blind to the artefacts it was not trained on.
 """
 from __future__ import annotations
 
