@@ -1,5 +1,6 @@
-"""bench/gpu_check.py: the command a GPU's few minutes are spent on, proved on the CPU first (a dry run with tiny
-shapes takes every part and flag path), and its record of a part that fails or runs out of time."""
+"""bench/gpu_check.py and bench/time_to_quality.sh: the commands a GPU's few minutes are spent on, proved on the CPU
+first (dry runs with tiny shapes take every part and flag path), and the check's record of a part that fails or runs
+out of time."""
 import json
 import os
 import subprocess
