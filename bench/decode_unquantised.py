@@ -1,0 +1,88 @@
+"""Are the samples' fine-detail errors the quantiser's? A quality.py row's samples (the sampling of `driver.py sample`,
+one seed) decoded as always, through the quantiser, and by the decoder straight from the sampled z (CompVis' LDM
+calls this `force_not_quantize`); the held-out floor images' reconstructions both ways; and how near the sampled and
+the encoded z lie to their nearest code (the ratio of the nearest code's distance to the second's: near 1, a tie that
+the quantiser settles either way).
+
+    python bench/decode_unquantised.py --out runs/q34 --row ours [--seed 1]
+
+OUT is a finished `bench/quality.py --out` folder: its feature network and held-out split are reused, and seed 1
+draws the same samples as quality.py's row. Prints a table; writes OUT/decode_unquantised_ROW_seedSEED.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import driver  # noqa: E402
+import predict  # noqa: E402
+from evaluation.evaluate import feature_network, format_level_table, format_table, score_rows, stack  # noqa: E402
+from quality import held_out_split  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="a finished bench/quality.py --out folder")
+    parser.add_argument("--data", default="../shared/data/adni_ad_nc", help="quality.py's --data (default: %(default)s)")
+    parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
+    parser.add_argument("--row", default="ours", help="the row (run folder OUT/ROW) to sample (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed; quality.py samples `ours` with 1")
+    args = parser.parse_args()
+    out, run = Path(args.out), Path(args.out) / args.row
+
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
+    reference, _ = stack(dataset, ref_idx)
+    floor, _ = stack(dataset, floor_idx)
+    features = feature_network(out, dataset, train_idx, key, "cpu")
+    model = predict.load_run(run, "cpu")
+    sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
+
+    latents, decode = [], predict.decode   # the sampled latents, as sample_batches hands them to the decoder
+
+    def keeping_latents(vqvae, z, scale, batch_size=64):
+        latents.append(z.clone())
+        return decode(vqvae, z, scale, batch_size)
+
+    predict.decode = keeping_latents
+    torch.manual_seed(args.seed)
+    samples = predict.generate(model, sampling, len(floor))[0]
+    predict.decode = decode
+    vq = model.vqvae
+    with torch.no_grad():
+        sampled_z = torch.cat(latents) / model.latent_scale
+        encoded_z = torch.cat([vq.encode(x) for x in floor.split(64)])
+        rows = {"samples, quantised": samples,
+                "samples, not quantised": decoded(vq, sampled_z, quantise=False),
+                "reconstructions, quantised": decoded(vq, encoded_z, quantise=True),
+                "reconstructions, not quantised": decoded(vq, encoded_z, quantise=False)}
+        ties = {"sampled z": nearest_codes(vq, sampled_z), "encoded z (floor images)": nearest_codes(vq, encoded_z)}
+    scores = score_rows(rows, reference, features, "cpu")
+    print(f"{format_table(scores)}\n\nSWD x1e3 per Laplacian level:\n\n{format_level_table(scores)}\n")
+    for name, t in ties.items():
+        print(f"{name}: nearest code at {t['nearest_distance_median']:.4f} (median), nearest/second "
+              f"{t['ratio_median']:.3f} (median), above 0.9 for {t['ratio_above_0.9']:.1%} of positions")
+    record = {"run": str(run), "seed": args.seed, "sampler": sampling.sampler, "steps": sampling.steps,
+              "scores": scores, "nearest_codes": ties}
+    (out / f"decode_unquantised_{args.row}_seed{args.seed}.json").write_text(json.dumps(record, indent=2))
+
+
+def decoded(vq, z: torch.Tensor, quantise: bool) -> torch.Tensor:
+    return torch.cat([vq.decoder(vq.quantize(b)[0] if quantise else b).float().clamp(-1, 1) for b in z.split(64)])
+
+
+def nearest_codes(vq, z: torch.Tensor) -> dict:
+    """The distance of each latent position to its nearest code, and to the second nearest."""
+    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+    two = torch.cdist(flat, vq.quantizer.codebook.float()).topk(2, largest=False).values
+    ratio = two[:, 0] / two[:, 1]
+    return {"nearest_distance_median": two[:, 0].median().item(), "ratio_median": ratio.median().item(),
+            "ratio_above_0.9": (ratio > 0.9).float().mean().item()}
+
+
+if __name__ == "__main__":
+    main()
