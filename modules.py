@@ -240,7 +240,8 @@ class VQVAE(nn.Module):
     """Image (B, C, S, S) in [-1, 1] <-> latent (B, 4, S/f, S/f).
 
     `encode` returns the pre-quantisation z, which is what stage 2 diffuses; `decode` quantises
-    first, so a latent from the sampler goes through the same codebook as during training.
+    first, so a latent from the sampler goes through the same codebook as during training, or, with
+    quantise=False, hands z to the decoder as it is (CompVis' `force_not_quantize`).
     """
 
     def __init__(self, cfg: VQVAEConfig):
@@ -256,8 +257,8 @@ class VQVAE(nn.Module):
     def quantize(self, z: torch.Tensor):
         return self.quantizer(z)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.quantize(z)[0])
+    def decode(self, z: torch.Tensor, quantise: bool = True) -> torch.Tensor:
+        return self.decoder(self.quantize(z)[0] if quantise else z)
 
     @property
     def last_layer(self) -> nn.Parameter:

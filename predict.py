@@ -84,6 +84,10 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
         p.add_argument("--resume", action="store_true",
                        help="continue an interrupted set in OUT/samples/ with the same flags: the batches its manifest "
                             "lists are kept, the others drawn (default: a new set replaces it)")
+    p.add_argument("--decode", choices=["quantised", "unquantised"], default="quantised",
+                   help="the sampled latents through the VQ-VAE's quantiser, as it was trained, or straight into its decoder "
+                        "(CompVis' force_not_quantize: a lower finest band and FID on the ADNI subset at 64 px, "
+                        "bench/README.md) (default: %(default)s)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
@@ -176,6 +180,7 @@ class Sampling:
     batch_size: int | None = None       # None: DEFAULT_BATCH of the device
     gif_frames: int = 40
     cuda_graphs: bool = True            # on CUDA, the UNet's calls replayed from a graph (runtime/graphs.py)
+    quantise: bool = True               # decode the sampled latents through the quantiser (False: straight)
 
     def calls(self, num_steps: int) -> int:
         """Network calls per batch: the main pass and the repeats."""
@@ -202,7 +207,7 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
             raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {model.diffusion.num_steps} diffusion steps")
         clip_x0 = parse_clip(args.clip_x0, model.latent_absmax)
     return Sampling(args.sampler, args.steps, args.eta, args.repeat_last, repeat_times, clip_x0, args.batch_size,
-                    args.gif_frames, args.cuda_graphs)
+                    args.gif_frames, args.cuda_graphs, args.decode == "quantised")
 
 
 def parse_clip(text: str, latent_absmax: float | None) -> float | None:
@@ -267,9 +272,10 @@ def sample_latents(diffusion: GaussianDiffusion, unet, x_T: torch.Tensor, sampli
 
 
 @torch.no_grad()
-def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size: int = 64) -> torch.Tensor:
-    """Scaled latents -> images in [-1, 1]: z = latent / scale, quantised, decoded."""
-    return torch.cat([vqvae.decode(z / latent_scale).float().clamp(-1, 1) for z in latents.split(batch_size)])
+def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size: int = 64,
+           quantise: bool = True) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1]: z = latent / scale, quantised (or not: --decode), decoded."""
+    return torch.cat([vqvae.decode(z / latent_scale, quantise).float().clamp(-1, 1) for z in latents.split(batch_size)])
 
 
 @torch.no_grad()
@@ -299,7 +305,7 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
         denoiser = network if labels is None else Guided(network, labels[start:start + len(x_T)].to(device), guidance)
         with autocast:
             latents, frames = sample_latents(model.diffusion, denoiser, x_T, sampling, bar)
-            images = decode(model.vqvae, latents, model.latent_scale).cpu()
+            images = decode(model.vqvae, latents, model.latent_scale, quantise=sampling.quantise).cpu()
         yield b, images, frames
     bar.close()
 
@@ -412,7 +418,7 @@ def predict(args):
     if shown < total:
         print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")
     if gif_latents is not None:
-        write_gif(model, gif_latents, args.gif_xt, autocast, out / "denoise.gif")
+        write_gif(model, gif_latents, args.gif_xt, sampling.quantise, autocast, out / "denoise.gif")
     else:
         print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then")
     print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says how "
@@ -430,6 +436,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               "clip_x0": sampling.clip_x0, "batch_size": sampling.batch_size, "unet_step": model.unet_step,
               "unet_fingerprint": model.fingerprint, "vqvae_fingerprint": model.vqvae_fingerprint,
               "posthoc_ema_sigma_rel": model.posthoc_ema["sigma_rel"] if model.posthoc_ema else None,
+              **({} if sampling.quantise else {"decode": "unquantised"}),  # a set from before --decode reads the same
               "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "rows": [[caption, None if y is None else
@@ -437,11 +444,12 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
     return settings, record
 
 
-def write_gif(model: LatentDiffusion, frames: list, with_xt: bool, autocast, path: Path):
+def write_gif(model: LatentDiffusion, frames: list, with_xt: bool, quantise: bool, autocast, path: Path):
     """The denoising GIF of the first (at most 16) images: the decoded predicted x0 (and x_t) at each kept step."""
     with torch.no_grad(), autocast:
-        gif = [gif_frame(decode(model.vqvae, x0[:16], model.latent_scale).cpu(),
-                         decode(model.vqvae, xt[:16], model.latent_scale).cpu() if with_xt else None, caption)
+        gif = [gif_frame(decode(model.vqvae, x0[:16], model.latent_scale, quantise=quantise).cpu(),
+                         decode(model.vqvae, xt[:16], model.latent_scale, quantise=quantise).cpu() if with_xt else None,
+                         caption)
                for caption, x0, xt in frames]
     durations = [80] * (len(gif) - 1) + [2500]  # hold the last frame
     gif[0].save(path, save_all=True, append_images=gif[1:], duration=durations, loop=0)

@@ -72,6 +72,26 @@ def test_a_conditioned_runs_samples_carry_their_conditions_back_into_training(co
     assert [c["values"] for c in saved["conditions"]] == [["AD", "NC"], ["F"]]
 
 
+def test_samples_decoded_without_the_quantiser_are_the_decoders_reading_of_the_latents_and_say_so(trained_run, tmp_path):
+    run, _ = trained_run
+    flags = ["--run", str(run), "--num", "3", "--seed", "2", "--format", "npz", *FAST]
+    quantised = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "q")]))
+    straight = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "s"), "--decode", "unquantised"]))
+    # the same latents (same seed) decoded both ways: the decoder straight from z, not the same images
+    model = predict.load_run(run, "cpu")
+    sampling = predict.sampling_from_args(predict.parse_args(FAST), model)
+    torch.manual_seed(2)                                       # as `sample` seeds its first batch
+    x_T = torch.randn(3, *model.latent_shape)
+    z, _ = predict.sample_latents(model.diffusion, model.unet, x_T, sampling)
+    with torch.no_grad():
+        assert torch.allclose(straight, model.vqvae.decoder(z / model.latent_scale).clamp(-1, 1), atol=1e-5)
+        assert torch.allclose(quantised, model.vqvae.decode(z / model.latent_scale).clamp(-1, 1), atol=1e-5)
+    assert not torch.allclose(straight, quantised, atol=1e-3)
+    # the manifest says how a set was decoded; a set decoded as always carries no new column
+    assert {r["decode"] for r in manifest(tmp_path / "s" / "samples")} == {"unquantised"}
+    assert "decode" not in manifest(tmp_path / "q" / "samples")[0]
+
+
 def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refused(trained_run, tmp_path, monkeypatch):
     run, _ = trained_run
     flags = ["--run", str(run), "--num", "7", "--batch-size", "2", "--format", "npz", *FAST]
@@ -99,6 +119,8 @@ def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refu
     for row in manifest(whole / "samples"):                   # npz keeps the float samples: equal to the bit
         assert torch.equal(read_sample(whole / "samples" / row["file"]), read_sample(cut / "samples" / row["file"]))
     assert "steps: 3 then, 4 now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume", "--steps", "4"])
+    assert "decode: None then, unquantised now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume",
+                                                                             "--decode", "unquantised"])
     # without --resume a new set replaces the old one: its files go, the folder holds the new set only
     predict.predict(predict.parse_args([*flags, "--out", str(cut), "--num", "2"]))
     assert sorted(p.name for p in (cut / "samples" / "all").iterdir()) == ["sub-000000.npz", "sub-000001.npz"]

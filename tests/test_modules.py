@@ -31,6 +31,10 @@ def test_vqvae_shapes(cfg, latent):
     assert z_q.shape == z.shape and idx.shape == (2, *latent[1:])
     assert out.shape == x.shape
     assert loss.ndim == 0 and 1 <= stats["perplexity"] <= cfg.codebook_size
+    # decode quantises z first, or with quantise=False hands it to the decoder as it is
+    with torch.no_grad():
+        assert torch.equal(out, model.decoder(z_q)) and torch.equal(model.decode(z, quantise=False), model.decoder(z))
+        assert not torch.allclose(model.decode(z, quantise=False), out)
 
 
 def test_quantizer_returns_nearest_code():
