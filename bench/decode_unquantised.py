@@ -44,9 +44,9 @@ def main():
 
     latents, decode = [], predict.decode   # the sampled latents, as sample_batches hands them to the decoder
 
-    def keeping_latents(vqvae, z, scale, batch_size=64):
+    def keeping_latents(vqvae, z, scale, batch_size=64, quantise=True):
         latents.append(z.clone())
-        return decode(vqvae, z, scale, batch_size)
+        return decode(vqvae, z, scale, batch_size, quantise)
 
     predict.decode = keeping_latents
     torch.manual_seed(args.seed)
@@ -54,13 +54,13 @@ def main():
     predict.decode = decode
     vq = model.vqvae
     with torch.no_grad():
-        sampled_z = torch.cat(latents) / model.latent_scale
-        encoded_z = torch.cat([vq.encode(x) for x in floor.split(64)])
+        sampled, scale = torch.cat(latents), model.latent_scale
+        encoded = torch.cat([vq.encode(x) for x in floor.split(64)]) * scale   # scaled, as the sampler's
         rows = {"samples, quantised": samples,
-                "samples, not quantised": decoded(vq, sampled_z, quantise=False),
-                "reconstructions, quantised": decoded(vq, encoded_z, quantise=True),
-                "reconstructions, not quantised": decoded(vq, encoded_z, quantise=False)}
-        ties = {"sampled z": nearest_codes(vq, sampled_z), "encoded z (floor images)": nearest_codes(vq, encoded_z)}
+                "samples, not quantised": decode(vq, sampled, scale, quantise=False),
+                "reconstructions, quantised": decode(vq, encoded, scale),
+                "reconstructions, not quantised": decode(vq, encoded, scale, quantise=False)}
+        ties = {"sampled z": nearest_codes(vq, sampled / scale), "encoded z (floor images)": nearest_codes(vq, encoded / scale)}
     scores = score_rows(rows, reference, features, "cpu")
     print(f"{format_table(scores)}\n\nSWD x1e3 per Laplacian level:\n\n{format_level_table(scores)}\n")
     for name, t in ties.items():
@@ -69,10 +69,6 @@ def main():
     record = {"run": str(run), "seed": args.seed, "sampler": sampling.sampler, "steps": sampling.steps,
               "scores": scores, "nearest_codes": ties}
     (out / f"decode_unquantised_{args.row}_seed{args.seed}.json").write_text(json.dumps(record, indent=2))
-
-
-def decoded(vq, z: torch.Tensor, quantise: bool) -> torch.Tensor:
-    return torch.cat([vq.decoder(vq.quantize(b)[0] if quantise else b).float().clamp(-1, 1) for b in z.split(64)])
 
 
 def nearest_codes(vq, z: torch.Tensor) -> dict:
