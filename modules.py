@@ -745,6 +745,24 @@ class Guided(nn.Module):
         return uncond + self.guidance * (cond - uncond)
 
 
+class Autoguided(nn.Module):
+    """A denoiser guided by a weaker version of itself (autoguidance: Karras et al. 2024, "Guiding a Diffusion Model
+    with a Bad Version of Itself", eq. 2), called as model(x_t, t):
+
+    out = guide(x_t, t) + w * (main(x_t, t) - guide(x_t, t)), so w = 1 is the main network alone. The guide makes
+    the main network's errors, only larger (here: the same UNet earlier in its training), so stepping away from it
+    removes part of them, without the loss of variety that guidance by a condition brings. Both are called with the
+    same x_t and t; as for `Guided`, x0 and eps are linear in the output, so every sampler works with it."""
+
+    def __init__(self, main, guide, weight: float):
+        super().__init__()
+        self.main, self.guide, self.weight = main, guide, weight  # callables: a UNet, a `Guided` one, a graphed call
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        guide = self.guide(x_t, t)
+        return guide + self.weight * (self.main(x_t, t) - guide)
+
+
 # ----------------------------------------------------------------------------- EMA of the weights
 
 class EMA:

@@ -3,6 +3,8 @@
     python predict.py --run RUN                              # the card's DDPM-1000 + final 30 steps repeated x5
     python predict.py --run RUN --sampler ddim --steps 50    # 20x fewer network calls
     python predict.py --run RUN --repeat-times 0             # plain DDPM-1000
+    python predict.py --run RUN --autoguidance 2             # guided by the UNet at a quarter of its training
+                                                             # (a run trained with --posthoc-ema)
     python predict.py --run RUN --set sex=F --sweep age=60,70,80 --guidance 2   # a conditional run: a row per age,
                                                              # every row from the same noise
 
@@ -33,10 +35,11 @@ from torchvision.utils import make_grid, save_image
 from conditions.table import CLASS, Condition, asked_values, saved_conditions, sweep_rows
 from dataset import DataConfig
 from export.sample_set import FORMATS, SampleSet, run_geometry
-from modules import VQVAE, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
+from modules import VQVAE, Autoguided, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
 from runtime.graphs import GraphedCall
+from runtime.posthoc_ema import earlier_weights
 from runtime.process import progress, setup_device
 
 
@@ -88,6 +91,13 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                    help="the sampled latents through the VQ-VAE's quantiser, as it was trained, or straight into its decoder "
                         "(CompVis' force_not_quantize: a lower finest band and FID on the ADNI subset at 64 px, "
                         "bench/README.md) (default: %(default)s)")
+    p.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
+                   help="guide the UNet by itself earlier in its training (Karras et al. 2024): W x (UNet - guide) + guide, "
+                        "so 1 is off and 2-3 sharpen; needs a run trained with --posthoc-ema, whose snapshots hold the "
+                        "guide (default: %(default)s)")
+    p.add_argument("--guide-at", type=float, default=0.25, metavar="F",
+                   help="with --autoguidance: the guide is the run's snapshot at this fraction of its UNet steps (or at "
+                        "this step, from 1 up), the last one kept at or before it (default: %(default)s)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
@@ -181,6 +191,9 @@ class Sampling:
     gif_frames: int = 40
     cuda_graphs: bool = True            # on CUDA, the UNet's calls replayed from a graph (runtime/graphs.py)
     quantise: bool = True               # decode the sampled latents through the quantiser (False: straight)
+    autoguidance: float = 1.0           # W of autoguidance by `guide` (1: off)
+    guide: UNet | None = None           # the run's UNet earlier in its training (--guide-at), for autoguidance
+    guide_record: dict | None = None    # what guided: {autoguidance, guide_step, guide_sigma_rel}; None: nothing
 
     def calls(self, num_steps: int) -> int:
         """Network calls per batch: the main pass and the repeats."""
@@ -201,13 +214,32 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
         raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
     if repeat_times < 0:
         raise BadInputError(f"--repeat-times must be 0 or more, got {repeat_times}")
-    clip_x0 = None
+    if args.autoguidance <= 0 or args.guide_at <= 0:
+        raise BadInputError(f"--autoguidance and --guide-at must be positive, got {args.autoguidance} and {args.guide_at}")
+    clip_x0 = guide = guide_record = None
     if model is not None:
         if repeat_times and args.repeat_last > model.diffusion.num_steps:
             raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {model.diffusion.num_steps} diffusion steps")
         clip_x0 = parse_clip(args.clip_x0, model.latent_absmax)
+        if args.autoguidance != 1:
+            guide, guide_record = load_guide(model, Path(args.run), args.guide_at)
+            guide_record = {"autoguidance": args.autoguidance, **guide_record}
     return Sampling(args.sampler, args.steps, args.eta, args.repeat_last, repeat_times, clip_x0, args.batch_size,
-                    args.gif_frames, args.cuda_graphs, args.decode == "quantised")
+                    args.gif_frames, args.cuda_graphs, args.decode == "quantised", args.autoguidance, guide, guide_record)
+
+
+def load_guide(model: LatentDiffusion, run: Path, at: float) -> tuple[UNet, dict]:
+    """Autoguidance's guide: the run's UNet as it was at `at` (a fraction of its steps below 1, else a step), from the
+    post-hoc EMA snapshot kept last at or before it, on the UNet's device; and {guide_step, guide_sigma_rel}."""
+    step = round(at * model.unet_step) if at < 1 else int(at)
+    if step >= model.unet_step:
+        raise BadInputError(f"--guide-at {at} is step {step}, not before the UNet's {model.unet_step}: the guide must be "
+                            f"the UNet earlier in its training")
+    weights, found = earlier_weights(run, step)
+    guide = UNet(model.unet.cfg)
+    guide.load_state_dict({**model.unet.state_dict(), **weights})  # snapshots hold the parameters; buffers as the UNet's
+    return for_sampling(guide, next(model.unet.parameters()).device), {"guide_step": found["step"],
+                                                                        "guide_sigma_rel": found["sigma_rel"]}
 
 
 def parse_clip(text: str, latent_absmax: float | None) -> float | None:
@@ -291,9 +323,11 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
     device = next(model.unet.parameters()).device
     batch_size = sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    network = model.unet
+    network, guide = model.unet, sampling.guide
     if replay_eagerly or (sampling.cuda_graphs and device.type == "cuda"):
         network = GraphedCall(model.unet, replay_eagerly)
+        if guide is not None:
+            guide = GraphedCall(guide, replay_eagerly)
     batches = [b for b in range(math.ceil(num / batch_size)) if b not in skip]
     bar = progress(total=sampling.calls(model.diffusion.num_steps) * len(batches), dynamic_ncols=True,
                    desc=f"sampling ({sampling.sampler}{', ' + desc if desc else ''})")
@@ -302,7 +336,10 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
             torch.manual_seed(seed + b)
         start = b * batch_size
         x_T = torch.randn(min(batch_size, num - start), *model.latent_shape, device=device).contiguous(memory_format=layout)
-        denoiser = network if labels is None else Guided(network, labels[start:start + len(x_T)].to(device), guidance)
+        y = None if labels is None else labels[start:start + len(x_T)].to(device)
+        denoiser = network if y is None else Guided(network, y, guidance)
+        if guide is not None:  # autoguidance, the guide under the same conditions and scale
+            denoiser = Autoguided(denoiser, guide if y is None else Guided(guide, y, guidance), sampling.autoguidance)
         with autocast:
             latents, frames = sample_latents(model.diffusion, denoiser, x_T, sampling, bar)
             images = decode(model.vqvae, latents, model.latent_scale, quantise=sampling.quantise).cpu()
@@ -437,6 +474,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               "unet_fingerprint": model.fingerprint, "vqvae_fingerprint": model.vqvae_fingerprint,
               "posthoc_ema_sigma_rel": model.posthoc_ema["sigma_rel"] if model.posthoc_ema else None,
               **({} if sampling.quantise else {"decode": "unquantised"}),  # a set from before --decode reads the same
+              **(sampling.guide_record or {}),  # so does one from before --autoguidance
               "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "rows": [[caption, None if y is None else

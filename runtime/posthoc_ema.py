@@ -128,6 +128,19 @@ def drop_snapshots_after(run: Path, step: int) -> int:
     return len(later)
 
 
+def earlier_weights(run: Path, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The shorter profile's weights (sigma_rel 0.05) of the last snapshot at or before `step`: the same UNet earlier
+    in its training, autoguidance's guide (`predict.py --autoguidance`), and {step, sigma_rel}."""
+    files = {s: f for s, f in snapshot_files(run).items() if s <= step}
+    if not files:
+        raise BadInputError(f"no post-hoc EMA snapshot at or before step {step} in {run / SNAPSHOTS}: autoguidance takes "
+                            f"its guide from them (train-unet --posthoc-ema EVERY keeps them)")
+    found = max(files)
+    snapshot = load_checkpoint(files[found], "ema_snapshot")
+    k = snapshot["sigma_rels"].index(min(snapshot["sigma_rels"]))
+    return snapshot["profiles"][k], {"step": found, "sigma_rel": snapshot["sigma_rels"][k]}
+
+
 def reconstruct(run: Path, sigma_rel: float, step: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The parameters of the power-function EMA of length sigma_rel at `step` (default: the last snapshot's), as
     the weighted sum of the run's snapshots up to that step, and a record of how: {sigma_rel, step, snapshots,

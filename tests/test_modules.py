@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from torch.optim.swa_utils import AveragedModel
 
-from modules import (EMA, VQVAE, ConditionEmbedding, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer,
+from modules import (EMA, VQVAE, Autoguided, ConditionEmbedding, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer,
                      VQVAEConfig, drop_conditions)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
@@ -524,6 +524,26 @@ def test_guidance_0_is_unconditional_1_conditional_and_w_extrapolates_linearly()
         assert torch.allclose(Guided(unet, y, 1.0)(x, t), cond, atol=1e-6)
         # float32 round-off of a batched pass, amplified by w = 3, on outputs of size ~10; a wrong rule is O(1) off
         assert torch.allclose(Guided(unet, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=2e-4)
+
+
+def test_autoguidance_1_is_the_main_network_0_the_guide_and_w_extrapolates_from_the_guide():
+    torch.manual_seed(0)
+    cfg = UNetConfig(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1)
+    main, guide = UNet(cfg).eval(), UNet(cfg).eval()
+    for unet in (main, guide):
+        nn.init.normal_(unet.out[-1].weight, std=0.1)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        good, bad = main(x, t), guide(x, t)
+        assert (good - bad).abs().max() > 0.1
+        assert torch.allclose(Autoguided(main, guide, 1.0)(x, t), good, atol=1e-6)
+        assert torch.allclose(Autoguided(main, guide, 0.0)(x, t), bad, atol=1e-6)
+        assert torch.allclose(Autoguided(main, guide, 2.5)(x, t), bad + 2.5 * (good - bad), atol=1e-5)
+        # under classifier-free guidance too: each network guided by its condition, then the guide stepped away from
+        cond = UNet(UNetConfig(**{**cfg.__dict__, "conditions": (2,)})).eval()
+        y = torch.tensor([0, 1, 1])
+        both = Autoguided(Guided(cond, y, 3.0), Guided(cond, y, 3.0), 2.0)(x, t)
+        assert torch.allclose(both, Guided(cond, y, 3.0)(x, t), atol=1e-5)  # a guide equal to the main: no change
 
 
 SMALL_UNET = dict(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import driver
 import predict
 from conftest import SMALL_UNET, ckpt, error_of
-from modules import EMA
+from modules import EMA, Autoguided, UNet
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import (PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_beta, reconstruct,
                                  response_inner, running_ema_sigma_rel, sigma_rel_to_gamma, snapshot_files)
@@ -207,8 +207,41 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     assert "sampling_ema" not in ckpt(run / "unet.pt") and sorted(snapshot_files(run))[-1] == 8
 
 
+def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so(posthoc_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("samples*"))
+    model = predict.load_run(run, "cpu")
+    fast = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "3", "--seed", "4", "--format", "npz"]
+    flags = ["--run", str(run), *fast, "--autoguidance", "2", "--guide-at", "0.5"]
+    guided = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "ag")]))
+    plain = predict.predict(predict.parse_args(["--run", str(run), *fast, "--out", str(tmp_path / "plain")]))
+    # the guide: the shorter profile of the last snapshot at or before half the UNet's steps
+    step = max(s for s in snapshot_files(run) if s <= round(0.5 * model.unet_step))
+    snapshot = ckpt(run / "ema_snapshots" / f"step{step:07d}.pt")
+    guide = UNet(model.unet.cfg).eval()
+    guide.load_state_dict(snapshot["profiles"][snapshot["sigma_rels"].index(0.05)])
+    sampling = predict.sampling_from_args(predict.parse_args(fast), model)
+    torch.manual_seed(4)                                       # as `sample` seeds its first batch
+    x_T = torch.randn(3, *model.latent_shape)
+    with torch.no_grad():
+        z, _ = predict.sample_latents(model.diffusion, Autoguided(model.unet, guide, 2.0), x_T, sampling)
+        assert torch.allclose(guided, model.vqvae.decode(z / model.latent_scale).clamp(-1, 1), atol=1e-5)
+    assert not torch.allclose(guided, plain, atol=1e-3)
+    # the manifest names the guide; a plain set has no such columns, and a set cannot resume with another guide
+    rows = (tmp_path / "ag" / "samples" / "manifest.csv").read_text().splitlines()
+    header, first = rows[0].split(","), rows[1].split(",")
+    assert [first[header.index(k)] for k in ("autoguidance", "guide_step", "guide_sigma_rel")] == ["2.0", str(step), "0.05"]
+    assert "autoguidance" not in (tmp_path / "plain" / "samples" / "manifest.csv").read_text().splitlines()[0]
+    assert "autoguidance: 2.0 then, 3.0 now" in error_of(
+        predict.main, [*flags[:-4], "--autoguidance", "3", "--guide-at", "0.5", "--out", str(tmp_path / "ag"), "--resume"])
+    # a guide at or after the UNet's own step is no weaker version of it; W must be positive
+    assert "--guide-at" in error_of(predict.main, [*flags[:-2], "--guide-at", str(model.unet_step)])
+    assert "--autoguidance" in error_of(predict.main, [*flags[:-4], "--autoguidance", "0"])
+
+
 def test_ema_lengths_without_snapshots_or_out_of_range_are_refused(trained_run):
     run, _ = trained_run
+    assert "--posthoc-ema" in error_of(predict.main, ["--run", str(run), "--autoguidance", "2", "--num", "1"])
     assert "--posthoc-ema" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "0.1"])
     assert "--posthoc-ema" in error_of(driver.main, ["evaluate", "--run", str(run), "--holdout", "0.5", "--features",
                                                      "domain", "--classifier-steps", "0", "--steps", "2",
