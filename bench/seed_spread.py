@@ -3,14 +3,17 @@ several seeds, every metric's mean and standard deviation over them.
 
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 [--sample ddpm] [--weights model]
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 --ema-lengths 0.02,0.05,0.15
+    python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 3 --autoguidance 2@0.25,3@0.25
 
 OUT is a finished `bench/quality.py --out` folder: its rows' runs (OUT/ROW), its feature network (OUT) and its
 held-out split are reused, so seed 1 reproduces quality.py's row exactly. `--sample` takes `bench/samplers.py`'s
 names (default: `driver.py sample`'s sampler, as quality.py samples). `--weights model` samples the UNet's last
 trained weights instead of their EMA, which every sampling command uses. `--ema-lengths` also samples the post-hoc
 EMA of each length (EDM2; the rows trained with `quality.py --unet-flags "--posthoc-ema EVERY"`), so a point of
-`evaluate --ema-lengths`' curve comes with its spread. Writes OUT/seed_spread_SAMPLE[_model|_ema_lengths].json;
-prints a table.
+`evaluate --ema-lengths`' curve comes with its spread. `--autoguidance W@F,...` also samples each row under
+autoguidance of weight W by the row's snapshot at the fraction F of its steps (`driver.py sample --autoguidance W
+--guide-at F`; rows ROW+ag W@F). Writes OUT/seed_spread_SAMPLE[_model|_ema_lengths|_autoguidance].json; prints a
+table, and each row's paired difference from the first row (seed by seed, the same noise).
 """
 from __future__ import annotations
 
@@ -50,6 +53,9 @@ def main():
     parser.add_argument("--ema-lengths", type=ema_lengths_arg, default=(),
                         help="also the post-hoc EMA of these lengths sigma_rel (auto or a,b,...), from each row's "
                              "snapshots: rows ROW@SIGMA_REL")
+    parser.add_argument("--autoguidance", default="", metavar="W@F,...",
+                        help="also each row under autoguidance W by its snapshot at the fraction F of its steps: rows "
+                             "ROW+ag W@F")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds: a spread needs at least 2")
@@ -69,7 +75,12 @@ def main():
             model.unet.load_state_dict(load_checkpoint(out / row / "unet.pt", "unet")["model"])
         flags = SAMPLERS[args.sample] if args.sample else []
         sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(out / row), *flags]), model)
-        for name, weights in weight_variants(out / row, row, model, args.ema_lengths).items():
+        jobs = [(name, weights, sampling) for name, weights in weight_variants(out / row, row, model, args.ema_lengths).items()]
+        for guide in filter(None, args.autoguidance.split(",")):
+            w, at = guide.split("@")
+            jobs.append((f"{row}+ag {guide}", jobs[0][1], predict.sampling_from_args(driver.parse(
+                ["sample", "--run", str(out / row), *flags, "--autoguidance", w, "--guide-at", at]), model)))
+        for name, weights, sampling in jobs:
             model.unet.load_state_dict(weights)
             images = {}
             for seed in seeds:
@@ -84,9 +95,18 @@ def main():
     for row, values in result.items():
         cells = [f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" for v in values.values()]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    first = next(iter(result))
+    lines += ["", f"| paired difference from {first} | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for row, values in list(result.items())[1:]:
+        cells = []
+        for m, v in values.items():
+            d = [a - b for a, b in zip(v, result[first][m])]
+            cells.append(f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} ({sum(x < 0 for x in d)} of {len(d)} lower)")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     record = {"sampler": args.sample, "weights": args.weights, "ema_lengths": list(args.ema_lengths),
-              "seeds": list(seeds), "values": result}
-    suffix = "_model" if args.weights == "model" else "_ema_lengths" if args.ema_lengths else ""
+              "autoguidance": args.autoguidance, "seeds": list(seeds), "values": result}
+    suffix = ("_model" if args.weights == "model" else "_ema_lengths" if args.ema_lengths else
+              "_autoguidance" if args.autoguidance else "")
     (out / f"seed_spread_{args.sample or 'default'}{suffix}.json").write_text(json.dumps(record, indent=2))
     print("\n".join(lines))
     print("(mean ± standard deviation over the seeds; KID x1e3, SWD x1e3)")

@@ -1,0 +1,104 @@
+"""Where do the samples lose the fine detail that the reconstructions keep? Three looks at a quality.py row:
+
+1. the finest band's energy (mean |Laplacian| of the finest pyramid level) of real images, reconstructions and samples:
+   lower than real is smoother, higher is noisier;
+2. the radially averaged power spectrum of the sampled latents against the encoded ones (the held-out floor images),
+   ring by ring of the latent's 2-D spectrum: below 1 the UNet draws less of that frequency than the encoder puts in;
+3. SDEdit (Meng et al. 2022): the encoded latents noised to step t and denoised by DDPM from there, decoded and scored
+   like the samples. Small t shows what the last steps lose, large t what the middle of the reverse process loses.
+
+    python bench/detail_loss.py --out runs/q34 --row ours [--seed 1] [--sdedit 10,30,100,300]
+
+OUT is a finished `bench/quality.py --out` folder (its feature network and held-out split are reused). Prints tables;
+writes OUT/detail_loss_ROW.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import driver  # noqa: E402
+import predict  # noqa: E402
+from evaluation.evaluate import feature_network, format_level_table, score_rows, stack  # noqa: E402
+from losses.reconstruction import laplacian_pyramid  # noqa: E402
+from quality import held_out_split  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="a finished bench/quality.py --out folder")
+    parser.add_argument("--data", default="../shared/data/adni_ad_nc", help="quality.py's --data (default: %(default)s)")
+    parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
+    parser.add_argument("--row", default="ours", help="the row (run folder OUT/ROW) (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed; quality.py samples `ours` with 1")
+    parser.add_argument("--sdedit", default="10,30,100,300", help="the steps t to noise to (default: %(default)s)")
+    args = parser.parse_args()
+    out, run = Path(args.out), Path(args.out) / args.row
+
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
+    reference, _ = stack(dataset, ref_idx)
+    floor, _ = stack(dataset, floor_idx)
+    features = feature_network(out, dataset, train_idx, key, "cpu")
+    model = predict.load_run(run, "cpu")
+    sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
+    vq, scale, diffusion = model.vqvae, model.latent_scale, model.diffusion
+
+    latents, decode = [], predict.decode   # the sampled latents, as sample_batches hands them to the decoder
+
+    def keeping_latents(vqvae, z, latent_scale, batch_size=64, quantise=True):
+        latents.append(z.clone())
+        return decode(vqvae, z, latent_scale, batch_size, quantise)
+
+    predict.decode = keeping_latents
+    torch.manual_seed(args.seed)
+    samples = predict.generate(model, sampling, len(floor))[0]
+    predict.decode = decode
+    with torch.no_grad():
+        sampled = torch.cat(latents)
+        encoded = torch.cat([vq.encode(x) for x in floor.split(64)]) * scale
+        rows = {"real (floor)": floor, "reconstructions": decode(vq, encoded, scale), "samples": samples}
+        generator = torch.Generator().manual_seed(args.seed)
+        for t0 in [int(t) for t in args.sdedit.split(",")]:
+            rows[f"SDEdit from t={t0}"] = decode(vq, sdedit(diffusion, model.unet, encoded, t0, generator), scale)
+    energy = {name: laplacian_pyramid(images.float())[0].abs().mean().item() for name, images in rows.items()}
+    spectrum = (radial_power(sampled) / radial_power(encoded)).tolist()
+    scores = score_rows({k: v for k, v in rows.items() if k != "real (floor)"}, reference, features, "cpu")
+
+    print("| images | finest band's energy (mean abs) |\n|---|---|")
+    print("\n".join(f"| {name} | {e:.4f} |" for name, e in energy.items()))
+    print("\nsampled / encoded latents' power, ring by ring (0: the mean):")
+    print(" ".join(f"{r}: {p:.2f}" for r, p in enumerate(spectrum)))
+    print(f"\nSWD x1e3 per Laplacian level:\n\n{format_level_table(scores)}")
+    record = {"run": str(run), "seed": args.seed, "energy": energy, "latent_power_ratio": spectrum, "scores": scores}
+    (out / f"detail_loss_{args.row}.json").write_text(json.dumps(record, indent=2))
+
+
+def sdedit(diffusion, unet, z0: torch.Tensor, t0: int, generator: torch.Generator) -> torch.Tensor:
+    """z0 noised to step t0 (the forward process) and taken back to data by DDPM's steps t0..0."""
+    out = []
+    for z in z0.split(100):
+        t = torch.full((len(z),), t0, dtype=torch.long)
+        x = diffusion.q_sample(z, t, torch.randn(z.shape, generator=generator))
+        for _, x, _ in diffusion.sample_steps(unet, x, "ddpm", start=t0):
+            pass
+        out.append(x)
+    return torch.cat(out)
+
+
+def radial_power(z: torch.Tensor) -> torch.Tensor:
+    """The power of z (N, C, H, W) less its mean per channel, averaged over images and channels, per ring of integer
+    radius about the spectrum's centre."""
+    power = torch.fft.fftshift(torch.fft.fft2(z - z.mean((0, 2, 3), keepdim=True)), dim=(-2, -1)).abs().pow(2).mean((0, 1))
+    h, w = power.shape
+    yy, xx = torch.meshgrid(torch.arange(h) - h // 2, torch.arange(w) - w // 2, indexing="ij")
+    ring = (yy ** 2 + xx ** 2).float().sqrt().round().long()
+    return torch.stack([power[ring == r].mean() for r in range(int(ring.max()) + 1)])
+
+
+if __name__ == "__main__":
+    main()
