@@ -316,10 +316,11 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
                    seed: int | None = None, skip: set[int] = frozenset(), desc: str = ""):
     """`num` images in batches of sampling.batch_size: yields (batch index, images in [-1, 1] on the CPU, the latent
     GIF frames of the batch). With `labels` (the conditions (num, K), NaN where one is not given, or num class indices)
-    under classifier-free guidance of scale `guidance`. The noise comes from torch's global generator, reseeded with
-    `seed + b` before batch b when a seed is given, so that a batch can be drawn again alone; the batches in `skip` are
-    not drawn. On CUDA (with sampling.cuda_graphs) the UNet's calls are replayed from CUDA graphs, one per batch shape;
-    `replay_eagerly` runs that bookkeeping on any device (tests)."""
+    under classifier-free guidance of scale `guidance`; with sampling.guide, under autoguidance too. The noise comes
+    from torch's global generator, reseeded with `seed + b` before batch b when a seed is given, so that a batch can be
+    drawn again alone; the batches in `skip` are not drawn. On CUDA (with sampling.cuda_graphs) the UNets' calls are
+    replayed from CUDA graphs, one per network and batch shape; `replay_eagerly` runs that bookkeeping on any device
+    (tests)."""
     device = next(model.unet.parameters()).device
     batch_size = sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -27,34 +27,15 @@ from quality import held_out_split  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="a finished bench/quality.py --out folder")
-    parser.add_argument("--data", default="../shared/data/adni_ad_nc", help="quality.py's --data (default: %(default)s)")
-    parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
-    parser.add_argument("--row", default="ours", help="the row (run folder OUT/ROW) to sample (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1, help="sampling seed; quality.py samples `ours` with 1")
+    add_row_arguments(parser)
     args = parser.parse_args()
     out, run = Path(args.out), Path(args.out) / args.row
-
-    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
-    reference, _ = stack(dataset, ref_idx)
-    floor, _ = stack(dataset, floor_idx)
-    features = feature_network(out, dataset, train_idx, key, "cpu")
-    model = predict.load_run(run, "cpu")
-    sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
-
-    latents, decode = [], predict.decode   # the sampled latents, as sample_batches hands them to the decoder
-
-    def keeping_latents(vqvae, z, scale, batch_size=64, quantise=True):
-        latents.append(z.clone())
-        return decode(vqvae, z, scale, batch_size, quantise)
-
-    predict.decode = keeping_latents
-    torch.manual_seed(args.seed)
-    samples = predict.generate(model, sampling, len(floor))[0]
-    predict.decode = decode
+    reference, floor, features, model, sampling = load_row(args)
+    samples, sampled = samples_and_latents(model, sampling, len(floor), args.seed)
+    decode = predict.decode
     vq = model.vqvae
     with torch.no_grad():
-        sampled, scale = torch.cat(latents), model.latent_scale
+        scale = model.latent_scale
         encoded = torch.cat([vq.encode(x) for x in floor.split(64)]) * scale   # scaled, as the sampler's
         rows = {"samples, quantised": samples,
                 "samples, not quantised": decode(vq, sampled, scale, quantise=False),
@@ -69,6 +50,44 @@ def main():
     record = {"run": str(run), "seed": args.seed, "sampler": sampling.sampler, "steps": sampling.steps,
               "scores": scores, "nearest_codes": ties}
     (out / f"decode_unquantised_{args.row}_seed{args.seed}.json").write_text(json.dumps(record, indent=2))
+
+
+def add_row_arguments(parser: argparse.ArgumentParser):
+    """A finished quality.py row and a sampling seed: the flags this script and detail_loss.py share."""
+    parser.add_argument("--out", required=True, help="a finished bench/quality.py --out folder")
+    parser.add_argument("--data", default="../shared/data/adni_ad_nc", help="quality.py's --data (default: %(default)s)")
+    parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
+    parser.add_argument("--row", default="ours", help="the row (run folder OUT/ROW) to sample (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=1, help="sampling seed; quality.py samples `ours` with 1")
+
+
+def load_row(args) -> tuple:
+    """quality.py's reference half A, floor half B and feature network; the row's run and `driver.py sample`'s sampling."""
+    out, run = Path(args.out), Path(args.out) / args.row
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
+    reference, _ = stack(dataset, ref_idx)
+    floor, _ = stack(dataset, floor_idx)
+    features = feature_network(out, dataset, train_idx, key, "cpu")
+    model = predict.load_run(run, "cpu")
+    sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
+    return reference, floor, features, model, sampling
+
+
+def samples_and_latents(model, sampling, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` samples drawn as `driver.py sample --seed` draws them, and the scaled latents they were decoded from."""
+    latents, decode = [], predict.decode   # the sampled latents, as sample_batches hands them to the decoder
+
+    def keeping_latents(vqvae, z, scale, batch_size=64, quantise=True):
+        latents.append(z.clone())
+        return decode(vqvae, z, scale, batch_size, quantise)
+
+    predict.decode = keeping_latents
+    try:
+        torch.manual_seed(seed)
+        samples = predict.generate(model, sampling, num)[0]
+    finally:
+        predict.decode = decode
+    return samples, torch.cat(latents)
 
 
 def nearest_codes(vq, z: torch.Tensor) -> dict:

@@ -22,49 +22,28 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import driver  # noqa: E402
 import predict  # noqa: E402
-from evaluation.evaluate import feature_network, format_level_table, score_rows, stack  # noqa: E402
+from decode_unquantised import add_row_arguments, load_row, samples_and_latents  # noqa: E402
+from evaluation.evaluate import format_level_table, score_rows  # noqa: E402
 from losses.reconstruction import laplacian_pyramid  # noqa: E402
-from quality import held_out_split  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="a finished bench/quality.py --out folder")
-    parser.add_argument("--data", default="../shared/data/adni_ad_nc", help="quality.py's --data (default: %(default)s)")
-    parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
-    parser.add_argument("--row", default="ours", help="the row (run folder OUT/ROW) (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1, help="sampling seed; quality.py samples `ours` with 1")
+    add_row_arguments(parser)
     parser.add_argument("--sdedit", default="10,30,100,300", help="the steps t to noise to (default: %(default)s)")
     args = parser.parse_args()
     out, run = Path(args.out), Path(args.out) / args.row
+    reference, floor, features, model, sampling = load_row(args)
+    samples, sampled = samples_and_latents(model, sampling, len(floor), args.seed)
+    vq, scale, decode = model.vqvae, model.latent_scale, predict.decode
 
-    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
-    reference, _ = stack(dataset, ref_idx)
-    floor, _ = stack(dataset, floor_idx)
-    features = feature_network(out, dataset, train_idx, key, "cpu")
-    model = predict.load_run(run, "cpu")
-    sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
-    vq, scale, diffusion = model.vqvae, model.latent_scale, model.diffusion
-
-    latents, decode = [], predict.decode   # the sampled latents, as sample_batches hands them to the decoder
-
-    def keeping_latents(vqvae, z, latent_scale, batch_size=64, quantise=True):
-        latents.append(z.clone())
-        return decode(vqvae, z, latent_scale, batch_size, quantise)
-
-    predict.decode = keeping_latents
-    torch.manual_seed(args.seed)
-    samples = predict.generate(model, sampling, len(floor))[0]
-    predict.decode = decode
     with torch.no_grad():
-        sampled = torch.cat(latents)
         encoded = torch.cat([vq.encode(x) for x in floor.split(64)]) * scale
         rows = {"real (floor)": floor, "reconstructions": decode(vq, encoded, scale), "samples": samples}
         generator = torch.Generator().manual_seed(args.seed)
         for t0 in [int(t) for t in args.sdedit.split(",")]:
-            rows[f"SDEdit from t={t0}"] = decode(vq, sdedit(diffusion, model.unet, encoded, t0, generator), scale)
+            rows[f"SDEdit from t={t0}"] = decode(vq, sdedit(model.diffusion, model.unet, encoded, t0, generator), scale)
     energy = {name: laplacian_pyramid(images.float())[0].abs().mean().item() for name, images in rows.items()}
     spectrum = (radial_power(sampled) / radial_power(encoded)).tolist()
     scores = score_rows({k: v for k, v in rows.items() if k != "real (floor)"}, reference, features, "cpu")

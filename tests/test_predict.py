@@ -2,6 +2,7 @@
 import contextlib
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -138,13 +139,18 @@ def test_the_grid_holds_at_most_64_enlarged_images_and_says_where_the_rest_are(t
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
 def test_graph_replayed_sampling_gives_the_eager_samples_and_frames(sampler):
-    """Every sampler, unconditional and under guidance, over a last batch of another size: the bookkeeping of
-    the CUDA-graph path (static inputs, one graph per shape, cloned outputs) gives the very samples and GIF
-    frames of calling the UNet directly (the CPU replays by calling it again; on CUDA the graph does)."""
+    """Every sampler, unconditional and under guidance, and under autoguidance as well, over a last batch of another
+    size: the bookkeeping of the CUDA-graph path (static inputs, one graph per shape, cloned outputs) gives the very
+    samples and GIF frames of calling the UNets directly (the CPU replays by calling them again; on CUDA the graphs do)."""
     model = random_latent_diffusion()
-    sampling = predict.Sampling(sampler, steps=6, eta=0.5, repeat_last=4, repeat_times=2 if sampler == "ddpm" else 0,
-                                clip_x0=2.0, batch_size=3, gif_frames=4)
-    for labels, guidance in [(None, 1.0), (torch.tensor([0, 1, 1, 0, 1]), 2.5)]:
+    plain = predict.Sampling(sampler, steps=6, eta=0.5, repeat_last=4, repeat_times=2 if sampler == "ddpm" else 0,
+                             clip_x0=2.0, batch_size=3, gif_frames=4)
+    guide = predict.UNet(model.unet.cfg).eval().requires_grad_(False)   # random: another network than the UNet
+    torch.nn.init.normal_(guide.out[-1].weight, std=0.2)
+    autoguided = replace(plain, autoguidance=2.0, guide=guide)
+    classes, samples = torch.tensor([0, 1, 1, 0, 1]), []
+    for sampling, labels, guidance in [(plain, None, 1.0), (plain, classes, 2.5), (autoguided, None, 1.0),
+                                       (autoguided, classes, 2.5)]:
         runs = []
         for replay_eagerly in (False, True):
             torch.manual_seed(1)
@@ -155,6 +161,8 @@ def test_graph_replayed_sampling_gives_the_eager_samples_and_frames(sampler):
         for (caption, x0, xt), (caption_g, x0_g, xt_g) in zip(eager_frames, graphed_frames):
             assert caption == caption_g and torch.equal(x0, x0_g) and torch.equal(xt, xt_g)
         assert not torch.equal(eager_frames[0][1], eager_frames[-1][1])  # the frames are not one tensor overwritten
+        samples.append(eager)
+    assert not torch.allclose(samples[0], samples[2], atol=1e-3) and not torch.allclose(samples[1], samples[3], atol=1e-3)
 
 
 def test_a_graphed_call_returns_outputs_the_next_replay_does_not_overwrite():
