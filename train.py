@@ -434,7 +434,7 @@ def train_vqvae(args):
 
     start_stage(args, rt, "vqvae", f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
                 f"{cfg.latent_shape}, {len(dataset)} images from {data.folder()}, steps {step} -> {max_steps} of "
-                f"{args.batch_size * args.grad_accum * rt.world} images ({rt.world} process(es)) on {rt.device}")
+                f"{args.batch_size * args.grad_accum * rt.world} images ({rt.world} process(es)) on {rt.device}, {rt.precision}")
     train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss,
                      ("loss", "recon", "vq", "adversarial", "perplexity", "usage"), draw, "recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
@@ -599,7 +599,7 @@ def train_unet(args):
                     if conditions else "unconditional")
     start_stage(args, rt, "unet", f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params ({conditioning}) "
                 f"on latents {tuple(latents.shape[1:])}, {len(latents)} latents, scale {latent_scale:.4f}, steps {step} -> "
-                f"{max_steps} of {args.batch_size * args.grad_accum * rt.world} latents ({rt.world} process(es)) on {rt.device}")
+                f"{max_steps} of {args.batch_size * args.grad_accum * rt.world} latents ({rt.world} process(es)) on {rt.device}, {rt.precision}")
     train_loop(Stage("unet", model, train_model, optimizer, batches, loss, ("loss",), draw, "samples", payload,
                      on_save=lambda step: posthoc.snapshot(run) if posthoc else None, after_step=after_step,
                      unit="latents"),

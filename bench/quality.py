@@ -25,7 +25,8 @@ with the real-vs-real floor B beside them):
              sampled with DDIM-100
     defect   the original report's sampler on *our* trained models: DDPM-1000 with noise 1.15*(n1+n2)*sigma,
              x_t clamped to [-1, 1] every step, no latent scale
-    ours-NAME   the same with the stage-1 flags of `--variant NAME='FLAGS'` (the losses of losses/, for example)
+    ours-NAME   the same with the stage-1 flags of `--variant NAME='FLAGS'` (the losses of losses/, for example),
+             or with the flags of `--variant-both NAME='FLAGS'` in both stages (`bf16='--precision bf16'`)
 `--unet-flags` gives every row of ours the same stage-2 flags (`--posthoc-ema 100` keeps the snapshots from which
 `driver.py evaluate --run OUT/ROW --ema-lengths auto` draws the curve of quality against EMA length).
 `--stage1-only` trains stage 1 alone and scores the rows' reconstructions of the floor half (a first screen of
@@ -108,6 +109,9 @@ def main():
                         help="a row ours-NAME whose stage 1 gets these train-vqvae flags, e.g. "
                              "lsgan='--reconstruction-loss l1 --adversarial-weight 0.01 --adversarial-weighting fixed' "
                              "(repeatable; each is computed)")
+    parser.add_argument("--variant-both", action="append", default=[], metavar="NAME=FLAGS",
+                        help="a row ours-NAME whose stages 1 and 2 both get these flags, e.g. bf16='--precision bf16' "
+                             "(repeatable; each is computed)")
     parser.add_argument("--unet-flags", default="", metavar="FLAGS",
                         help="train-unet flags for every row of ours, e.g. '--posthoc-ema 100' to choose the EMA length "
                              "afterwards with `driver.py evaluate --run OUT/ROW --ema-lengths auto`")
@@ -134,11 +138,15 @@ def main():
                 "ours-laplacian": ["--laplacian-weight", args.laplacian], "ours-unclamped": ["--no-clamped-loss"],
                 "ours-constant": ["--cooldown", "0"], "ours-codes": ["--codebook-size", args.codes],
                 "ours-former": ["--batch-size", "32", "--lr", "2e-3", "--codebook-size", "512"]}
-    for text in args.variant:
+    both_stages = {}   # row -> the flags its stage 2 gets too
+    for text, both in [(t, False) for t in args.variant] + [(t, True) for t in args.variant_both]:
         name, _, flags = text.partition("=")
         variants[f"ours-{name}"] = shlex.split(flags)
+        if both:
+            both_stages[f"ours-{name}"] = shlex.split(flags)
         rows.append(f"ours-{name}")
     info["variants"] = {name: variants[name] for name in rows if name in variants}
+    info["variants_both_stages"] = both_stages
     for name, stage1_flags in variants.items():
         if name not in rows and not (name == "ours" and "defect" in rows):
             continue
@@ -153,7 +161,8 @@ def main():
             t0 = time.perf_counter()
             driver.main(["train-vqvae", *common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags])
             if not args.stage1_only:
-                driver.main(["train-unet", *common, *unet_budget, *shlex.split(args.unet_flags)])
+                driver.main(["train-unet", *common, *unet_budget, *shlex.split(args.unet_flags),
+                             *both_stages.get(name, [])])
             info[f"{name}_train_minutes"] = (time.perf_counter() - t0) / 60
         if args.stage1_only:
             vqvae, vq_ckpt = predict.load_vqvae(run, "cpu")

@@ -4,6 +4,7 @@ several seeds, every metric's mean and standard deviation over them.
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 [--sample ddpm] [--weights model]
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 5 --ema-lengths 0.02,0.05,0.15
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 3 --autoguidance 2@0.25,3@0.25
+    python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 3 --variant "unq=--decode unquantised"
 
 OUT is a finished `bench/quality.py --out` folder: its rows' runs (OUT/ROW), its feature network (OUT) and its
 held-out split are reused, so seed 1 reproduces quality.py's row exactly. `--sample` takes `bench/samplers.py`'s
@@ -12,13 +13,16 @@ trained weights instead of their EMA, which every sampling command uses. `--ema-
 EMA of each length (EDM2; the rows trained with `quality.py --unet-flags "--posthoc-ema EVERY"`), so a point of
 `evaluate --ema-lengths`' curve comes with its spread. `--autoguidance W@F,...` also samples each row under
 autoguidance of weight W by the row's snapshot at the fraction F of its steps (`driver.py sample --autoguidance W
---guide-at F`; rows ROW+ag W@F). Writes OUT/seed_spread_SAMPLE[_model|_ema_lengths|_autoguidance].json; prints a
-table, and each row's paired difference from the first row (seed by seed, the same noise).
+--guide-at F`; rows ROW+ag W@F). `--variant NAME=FLAGS` also samples each row with these `driver.py sample` flags
+(rows ROW+NAME), so options can be measured together. Writes
+OUT/seed_spread_SAMPLE[_model|_ema_lengths|_autoguidance|_variants].json; prints a table, and each row's paired
+difference from the first row (seed by seed, the same noise).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -56,6 +60,9 @@ def main():
     parser.add_argument("--autoguidance", default="", metavar="W@F,...",
                         help="also each row under autoguidance W by its snapshot at the fraction F of its steps: rows "
                              "ROW+ag W@F")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="also each row sampled with these driver.py sample flags, e.g. "
+                             "unq='--decode unquantised': rows ROW+NAME (repeatable)")
     args = parser.parse_args()
     if args.seeds < 2:
         parser.error("--seeds: a spread needs at least 2")
@@ -76,10 +83,12 @@ def main():
         flags = SAMPLERS[args.sample] if args.sample else []
         sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(out / row), *flags]), model)
         jobs = [(name, weights, sampling) for name, weights in weight_variants(out / row, row, model, args.ema_lengths).items()]
-        for guide in filter(None, args.autoguidance.split(",")):
-            w, at = guide.split("@")
-            jobs.append((f"{row}+ag {guide}", jobs[0][1], predict.sampling_from_args(driver.parse(
-                ["sample", "--run", str(out / row), *flags, "--autoguidance", w, "--guide-at", at]), model)))
+        extra = [(f"ag {guide}", ["--autoguidance", guide.split("@")[0], "--guide-at", guide.split("@")[1]])
+                 for guide in filter(None, args.autoguidance.split(","))]
+        extra += [(name, shlex.split(text)) for name, _, text in (v.partition("=") for v in args.variant)]
+        for name, sample_flags in extra:
+            jobs.append((f"{row}+{name}", jobs[0][1], predict.sampling_from_args(driver.parse(
+                ["sample", "--run", str(out / row), *flags, *sample_flags]), model)))
         for name, weights, sampling in jobs:
             model.unet.load_state_dict(weights)
             images = {}
@@ -104,9 +113,9 @@ def main():
             cells.append(f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} ({sum(x < 0 for x in d)} of {len(d)} lower)")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     record = {"sampler": args.sample, "weights": args.weights, "ema_lengths": list(args.ema_lengths),
-              "autoguidance": args.autoguidance, "seeds": list(seeds), "values": result}
+              "autoguidance": args.autoguidance, "variants": args.variant, "seeds": list(seeds), "values": result}
     suffix = ("_model" if args.weights == "model" else "_ema_lengths" if args.ema_lengths else
-              "_autoguidance" if args.autoguidance else "")
+              "_autoguidance" if args.autoguidance else "_variants" if args.variant else "")
     (out / f"seed_spread_{args.sample or 'default'}{suffix}.json").write_text(json.dumps(record, indent=2))
     print("\n".join(lines))
     print("(mean ± standard deviation over the seeds; KID x1e3, SWD x1e3)")

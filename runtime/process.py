@@ -111,6 +111,12 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def precision(self) -> str:
+        """What the steps compute in, for the log: fp32, or bf16 / fp16 autocast."""
+        dtype = getattr(self.autocast, "fast_dtype", None)
+        return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(dtype, "fp32")
+
     def log(self, message: str):
         if self.main:
             tqdm.write(message)

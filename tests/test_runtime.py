@@ -12,6 +12,7 @@ import torch
 
 import predict
 from conftest import ckpt, error_of, unet, vqvae
+from runtime import process
 from runtime.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, previous
 from runtime.process import Milestones
 
@@ -110,6 +111,17 @@ def test_fp16_without_cuda_is_a_clear_error(adni_folder, tmp_path):
         pytest.skip("fp16 is allowed on CUDA")
     msg = error_of(vqvae, tmp_path / "run", adni_folder, "--max-steps", "1", "--precision", "fp16", "--device", "cpu")
     assert "fp16 needs a CUDA device" in msg and not (tmp_path / "run" / "vqvae.pt").exists()
+
+
+def test_the_log_says_what_a_run_computes_in(adni_folder, tmp_path, capsys):
+    """fp32 on a CPU unless asked (bf16 there trained more steps a minute, samples no better: bench/README, "Training
+    in bf16 on the CPU"); --precision bf16 is bf16 autocast, and the header line of the log says which."""
+    assert process.setup_runtime("cpu").precision == "fp32"
+    assert process.setup_runtime("cpu", "bf16").precision == "bf16 autocast"
+    vqvae(tmp_path / "fp32", adni_folder, "--max-steps", "1", "--device", "cpu")
+    assert "on cpu, fp32" in capsys.readouterr().out
+    vqvae(tmp_path / "bf16", adni_folder, "--max-steps", "1", "--device", "cpu", "--precision", "bf16")
+    assert "on cpu, bf16 autocast" in capsys.readouterr().out
 
 
 def test_batch_job_progress_prints_each_quarter_once(capsys):
