@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -18,9 +19,11 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- building blocks
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups where the width allows (BatchNorm broke the original at batch 1)."""
-    groups = math.gcd(32, channels)
+def group_norm(channels: int, min_width: int = 1) -> nn.GroupNorm:
+    """GroupNorm with 32 groups where the width allows (BatchNorm broke the original at batch 1), each of at least
+    `min_width` channels. A group of one channel removes that channel's spatial mean: the UNet's narrow levels take
+    groups of 4 (`UNetConfig.min_group_width`), as ADM's 128 channels in 32 groups have."""
+    groups = math.gcd(min(32, max(1, channels // min_width)), channels)
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
@@ -32,13 +35,14 @@ class ResBlock(nn.Module):
     when a group is one channel (32 channels or fewer): the older form, kept for older checkpoints.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0, scale_shift: bool = True):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0, scale_shift: bool = True,
+                 min_group_width: int = 1):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = group_norm(in_ch, min_group_width)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.scale_shift = scale_shift
         self.emb = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch) if emb_dim else None
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = group_norm(out_ch, min_group_width)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -59,10 +63,10 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the H*W positions, residual."""
 
-    def __init__(self, channels: int, head_dim: int = 32):
+    def __init__(self, channels: int, head_dim: int = 32, min_group_width: int = 1):
         super().__init__()
         self.heads = max(1, channels // head_dim)
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, min_group_width)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -284,6 +288,7 @@ class UNetConfig:
     dropout: float = 0.0
     conditions: tuple = ()          # one entry per condition: its number of categories, or 0 for a continuous one
     scale_shift_norm: bool = True   # how res blocks take the embedding (ResBlock); False in older checkpoints
+    min_group_width: int = 4        # channels per GroupNorm group at least (group_norm); 1 in older checkpoints
 
     def __post_init__(self):
         self.conditions = tuple(self.conditions)  # a list after a JSON round trip
@@ -293,7 +298,7 @@ class UNetConfig:
         """The config of a checkpoint; one written before a field existed gets the behaviour it was trained with.
         A class-conditional UNet written before `conditions` existed (`num_classes` N) has one condition of N
         categories; its class table loads under the new name (`UNet._rename_class_table`)."""
-        config = {"scale_shift_norm": False, **config}
+        config = {"scale_shift_norm": False, "min_group_width": 1, **config}
         num_classes = config.pop("num_classes", 0)
         if num_classes and "conditions" not in config:
             config["conditions"] = (num_classes,)
@@ -397,35 +402,38 @@ class UNet(nn.Module):
         self._register_load_state_dict_pre_hook(self._rename_class_table)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
+        res_block = partial(ResBlock, emb_dim=emb_dim, dropout=cfg.dropout, scale_shift=cfg.scale_shift_norm,
+                            min_group_width=cfg.min_group_width)
+        attention = partial(Attention, min_group_width=cfg.min_group_width)
         self.down = nn.ModuleList()
         skips, prev = [ch], ch
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                block = [ResBlock(prev, ch * mult, emb_dim, cfg.dropout, cfg.scale_shift_norm)]
+                block = [res_block(prev, ch * mult)]
                 prev = ch * mult
                 if level in cfg.attention_levels:
-                    block.append(Attention(prev))
+                    block.append(attention(prev))
                 self.down.append(TimestepSequential(*block))
                 skips.append(prev)
             if level < len(cfg.channel_mult) - 1:
                 self.down.append(TimestepSequential(Downsample(prev)))
                 skips.append(prev)
 
-        self.mid = TimestepSequential(ResBlock(prev, prev, emb_dim, cfg.dropout, cfg.scale_shift_norm), Attention(prev),
-                                      ResBlock(prev, prev, emb_dim, cfg.dropout, cfg.scale_shift_norm))
+        self.mid = TimestepSequential(res_block(prev, prev), attention(prev), res_block(prev, prev))
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                block = [ResBlock(prev + skips.pop(), ch * mult, emb_dim, cfg.dropout, cfg.scale_shift_norm)]
+                block = [res_block(prev + skips.pop(), ch * mult)]
                 prev = ch * mult
                 if level in cfg.attention_levels:
-                    block.append(Attention(prev))
+                    block.append(attention(prev))
                 if level > 0 and i == cfg.num_res_blocks:
                     block.append(Upsample(prev))
                 self.up.append(TimestepSequential(*block))
 
-        self.out = nn.Sequential(group_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(prev, cfg.min_group_width), nn.SiLU(),
+                                 nn.Conv2d(prev, cfg.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # start as the zero predictor: stable first steps
         nn.init.zeros_(self.out[-1].bias)
 

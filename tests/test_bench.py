@@ -77,3 +77,12 @@ def test_time_to_quality_trains_both_stages_evaluates_and_writes_the_finest_band
     assert [line.split()[0] for line in (out / "times.txt").read_text().splitlines()] == ["vqvae", "evaluate"]
     table = (out / "finest_band.md").read_text()
     assert "| reconstructions |" in table and "| samples |" not in table
+
+
+def test_the_brightness_distance_of_latent_means_is_the_1d_wasserstein_distance():
+    import torch
+    from latent_means import wasserstein_1d
+    a = torch.randn(400, generator=torch.Generator().manual_seed(0))
+    assert abs(wasserstein_1d(a, a + 0.3) - 0.3) < 1e-6                              # a shift moves every quantile
+    assert abs(wasserstein_1d(a, 2 * a) - a.abs().mean().item()) < 5e-3             # |2a - a| on average
+    assert wasserstein_1d(a, a[torch.randperm(400)]) < 1e-9                          # order does not matter

@@ -195,6 +195,44 @@ def test_checkpoints_from_before_scale_shift_load_as_they_were_trained():
         UNet(UNetConfig(**saved)).load_state_dict(state)    # why from_saved exists
 
 
+def test_the_unet_head_sees_each_channels_spatial_mean():
+    """A GroupNorm group of one channel removes that channel's spatial mean, so a 32-channel head normalising each
+    channel alone returned the same prediction for features that differ by a per-channel constant: the `tiny` UNet
+    could not learn a latent's per-image mean (bench/README). Groups of 4 channels keep the differences."""
+    torch.manual_seed(0)
+    h, offset = torch.randn(2, 32, 8, 8), torch.zeros(1, 32, 1, 1)
+    offset[0, 5] = 1.0
+    for width, sees in ((4, True), (1, False)):
+        head = UNet(UNetConfig(**{**TINY_UNET.__dict__, "min_group_width": width})).out.eval()
+        nn.init.normal_(head[-1].weight)   # the head starts as the zero predictor
+        with torch.no_grad():
+            moved = (head(h + offset) - head(h)).mean((2, 3)).abs().max()
+        assert (moved > 1e-2) == sees, (width, moved)
+
+
+def test_min_group_width_leaves_unets_of_128_channels_or_more_as_they_were():
+    """ADM's layout (the `full` preset) has groups of 4 channels or more already: its checkpoints are unchanged."""
+    def groups(cfg):
+        return [(m.num_groups, m.num_channels // m.num_groups) for m in UNet(cfg).modules() if isinstance(m, nn.GroupNorm)]
+    assert groups(FULL_UNET) == groups(UNetConfig(min_group_width=1))
+    assert min(width for _, width in groups(TINY_UNET)) == 4
+    assert min(width for _, width in groups(UNetConfig(**{**TINY_UNET.__dict__, "min_group_width": 1}))) == 1
+
+
+def test_checkpoints_from_before_min_group_width_compute_as_they_were_trained():
+    old = UNetConfig(**{**TINY_UNET.__dict__, "latent_size": 8, "min_group_width": 1})
+    saved = {k: v for k, v in old.__dict__.items() if k != "min_group_width"}   # as such checkpoints hold it
+    torch.manual_seed(0)
+    trained = UNet(old).eval()
+    nn.init.normal_(trained.out[-1].weight, std=0.1)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    for cfg, same in ((UNetConfig.from_saved(saved), True), (UNetConfig(**saved), False)):
+        loaded = UNet(cfg).eval()
+        loaded.load_state_dict(trained.state_dict())   # the same shapes either way: only from_saved computes the same
+        with torch.no_grad():
+            assert torch.allclose(loaded(x, t), trained(x, t), atol=1e-6) == same
+
+
 def test_ema_warms_up_then_tracks_weights_with_the_given_decay():
     model = nn.Linear(2, 2)
     ema = EMA(model, decay=0.9)
@@ -587,7 +625,7 @@ def test_each_condition_adds_its_own_term_whatever_the_others():
 
 def test_a_class_conditional_unet_written_before_conditions_existed_loads_as_one_condition():
     torch.manual_seed(0)
-    new = UNet(UNetConfig(**SMALL_UNET, conditions=(2,))).eval()
+    new = UNet(UNetConfig(**SMALL_UNET, conditions=(2,), min_group_width=1)).eval()   # groups as they were then
     nn.init.normal_(new.out[-1].weight, std=0.1)
     old_state = {("class_emb.weight" if k == "cond_emb.embed.0.weight" else k): v for k, v in new.state_dict().items()}
     old_config = {**SMALL_UNET, "num_classes": 2, "scale_shift_norm": True}   # as such a checkpoint holds it
