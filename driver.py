@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vq-mult", type=ints, default=None, help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
     p.add_argument("--vq-res-blocks", type=positive(int), default=None, help=preset_help("vqvae", "vq_res_blocks", "res blocks per level"))
     p.add_argument("--codebook-size", type=positive(int), default=None, help=preset_help("vqvae", "codebook_size", "codebook entries"))
+    p.add_argument("--vq-min-group-width", type=positive(int), default=1,
+                   help="channels per GroupNorm group at least; 1 keeps 32 groups, one channel each at 32 channels or "
+                        "fewer, as every earlier VQ-VAE (default: %(default)s; bench/README.md, issue 32)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of subjects left out of training, for evaluation; stage 2 inherits it (default: %(default)s, the card's all data)")
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of that subject split (default: %(default)s)")

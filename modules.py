@@ -115,6 +115,7 @@ class VQVAEConfig:
     latent_channels: int = 4
     codebook_size: int = 4096
     beta: float = 0.25              # commitment weight (van den Oord et al. 2017); the original used 1
+    min_group_width: int = 1        # channels per GroupNorm group at least (group_norm): 1, groups as they were
 
     @property
     def factor(self) -> int:
@@ -205,15 +206,16 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         ch = [cfg.channels * m for m in cfg.channel_mult]
+        res_block = partial(ResBlock, min_group_width=cfg.min_group_width)
         layers = [nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)]
         prev = ch[0]
         for level, c in enumerate(ch):
             for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(prev, c))
+                layers.append(res_block(prev, c))
                 prev = c
             if level < len(ch) - 1:
                 layers.append(Downsample(prev))
-        layers += [ResBlock(prev, prev), group_norm(prev), nn.SiLU(),
+        layers += [res_block(prev, prev), group_norm(prev, cfg.min_group_width), nn.SiLU(),
                    nn.Conv2d(prev, cfg.latent_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
@@ -225,15 +227,16 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
         ch = [cfg.channels * m for m in cfg.channel_mult][::-1]
-        layers = [nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1), ResBlock(ch[0], ch[0])]
+        res_block = partial(ResBlock, min_group_width=cfg.min_group_width)
+        layers = [nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1), res_block(ch[0], ch[0])]
         prev = ch[0]
         for level, c in enumerate(ch):
             for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(prev, c))
+                layers.append(res_block(prev, c))
                 prev = c
             if level < len(ch) - 1:
                 layers.append(Upsample(prev))
-        layers += [group_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1)]
+        layers += [group_norm(prev, cfg.min_group_width), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):

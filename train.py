@@ -372,7 +372,7 @@ def start_stage(args, rt: Runtime, name: str, header: str):
 def vqvae_config(args) -> VQVAEConfig:
     return VQVAEConfig(in_channels=args.channels, image_size=args.image_size, channels=args.vq_channels,
                        channel_mult=tuple(args.vq_mult), num_res_blocks=args.vq_res_blocks,
-                       codebook_size=args.codebook_size)
+                       codebook_size=args.codebook_size, min_group_width=args.vq_min_group_width)
 
 
 def train_vqvae(args):
@@ -381,7 +381,7 @@ def train_vqvae(args):
     adversarial patch loss (losses/: VQGAN's and the brain-MRI anchors' recipes for detail)."""
     # setup
     data, cfg = args.data_config, vqvae_config(args)
-    resume = checkpoint_to_resume(Path(args.run) / "vqvae.pt", "vqvae", args.resume, asdict(cfg))
+    resume = checkpoint_to_resume(Path(args.run) / "vqvae.pt", "vqvae", args.resume, asdict(cfg), VQVAEConfig)
     torch.manual_seed(args.seed)
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
 

@@ -99,12 +99,13 @@ def fingerprint(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict) -> dict | None:
+def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict, config_class=None) -> dict | None:
     """Check the run folder before anything is written; return the checkpoint to resume, if any.
 
     Without `resume` an existing checkpoint is an error (nothing is overwritten by accident). With it, the
     temporary file of a write cut short is removed, and the saved config must equal `chosen` (the model's
-    config and, for a UNet, its diffusion settings)."""
+    config and, for a UNet, its diffusion settings), read as `config_class` reads it where given: a field
+    newer than the checkpoint takes the value the checkpoint was trained with."""
     if ckpt_path.exists() and not resume:
         raise BadInputError(f"{ckpt_path} already exists: pass --resume to continue it, or use another --run")
     if not (resume and ckpt_path.exists()):
@@ -114,7 +115,8 @@ def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict)
             print(f"removed {partial.name}, a checkpoint write that did not finish ({ckpt_path.name} is whole)")
             partial.unlink(missing_ok=True)
     ckpt = load_checkpoint(ckpt_path, kind)
-    saved = {**ckpt["config"], **ckpt.get("diffusion", {})}  # a UNet's diffusion settings are part of its config
+    config = asdict(model_config(config_class, ckpt, ckpt_path)) if config_class else ckpt["config"]
+    saved = {**config, **ckpt.get("diffusion", {})}  # a UNet's diffusion settings are part of its config
     diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
             for k, v in chosen.items() if _plain(saved.get(k)) != _plain(v)]
     if diff:

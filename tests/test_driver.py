@@ -134,7 +134,8 @@ def test_without_its_config_json_a_run_resumes_with_the_flags_its_checkpoint_sav
 @pytest.mark.parametrize("flag, value", [("--grad-accum", "4"), ("--batch-size", "4"), ("--holdout", "0.5"),
                                          ("--laplacian-weight", "0"), ("--adversarial-weight", "0.1"), ("--seed", "0"),
                                          ("--axis", "coronal"), ("--no-clamped-loss", None), ("--preset", "full"),
-                                         ("--image-size", "64"), ("--codebook-size", "64")])
+                                         ("--image-size", "64"), ("--codebook-size", "64"),
+                                         ("--vq-min-group-width", "4")])
 def test_a_setting_of_the_run_given_again_with_another_value_is_refused_in_one_line(stage1_run, flag, value):
     run, data = stage1_run
     before = (run / "vqvae.pt").read_bytes()

@@ -219,6 +219,19 @@ def test_min_group_width_leaves_unets_of_128_channels_or_more_as_they_were():
     assert min(width for _, width in groups(UNetConfig(**{**TINY_UNET.__dict__, "min_group_width": 1}))) == 1
 
 
+def test_a_vqvae_keeps_its_groups_unless_asked_for_wider_ones():
+    """VQ-VAEs keep one-channel groups by default (every checkpoint so far); --vq-min-group-width widens them."""
+    def widths(cfg):
+        return {m.num_channels // m.num_groups for m in VQVAE(cfg).modules() if isinstance(m, nn.GroupNorm)}
+    assert widths(TINY_VQ) == {1, 2} and widths(VQVAEConfig(**{**TINY_VQ.__dict__, "min_group_width": 4})) == {4}
+    head = VQVAE(VQVAEConfig(**{**TINY_VQ.__dict__, "min_group_width": 4})).decoder.net[-3:].eval()
+    torch.manual_seed(0)
+    h, offset = torch.randn(2, 16, 8, 8), torch.zeros(1, 16, 1, 1)
+    offset[0, 5] = 1.0
+    with torch.no_grad():
+        assert (head(h + offset) - head(h)).mean((2, 3)).abs().max() > 1e-2
+
+
 def test_checkpoints_from_before_min_group_width_compute_as_they_were_trained():
     old = UNetConfig(**{**TINY_UNET.__dict__, "latent_size": 8, "min_group_width": 1})
     saved = {k: v for k, v in old.__dict__.items() if k != "min_group_width"}   # as such checkpoints hold it
