@@ -75,10 +75,12 @@ def original_report_samples(vqvae, unet, diffusion, num: int, shape, batch_size:
 
 def held_out_split(data: str, holdout: float) -> tuple:
     """The slices at 64x64, their subjects split as train-vqvae --holdout and evaluate split them (training, reference
-    half A, floor half B), and the key under which OUT keeps the feature network trained on that split."""
+    half A, floor half B), and the key under which OUT keeps the feature network trained on that split: the folder
+    resolved, so that another spelling of it (relative, absolute, a link) finds the same network instead of training
+    and saving another over it, which would move every FID of OUT."""
     dataset = load_slices(data, 64, 1)
     split = evaluation_split([p for p, _ in dataset.samples], holdout, 0)
-    key = {"data": data, "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0, "count": len(dataset)}
+    key = {"data": str(Path(data).resolve()), "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0, "count": len(dataset)}
     return dataset, split, key
 
 

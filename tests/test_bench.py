@@ -86,3 +86,15 @@ def test_the_brightness_distance_of_latent_means_is_the_1d_wasserstein_distance(
     assert abs(wasserstein_1d(a, a + 0.3) - 0.3) < 1e-6                              # a shift moves every quantile
     assert abs(wasserstein_1d(a, 2 * a) - a.abs().mean().item()) < 5e-3             # |2a - a| on average
     assert wasserstein_1d(a, a[torch.randperm(400)]) < 1e-9                          # order does not matter
+
+
+def test_the_benchmarks_key_their_feature_network_on_the_folder_not_on_how_it_was_spelled(adni_folder, monkeypatch):
+    """quality.py, seed_spread.py ... keep one domain feature network per OUT, reused while the key is equal: a
+    relative path, an absolute one and a link to the folder are the same data, so the same network and FIDs."""
+    from quality import held_out_split
+    monkeypatch.chdir(adni_folder.parent)
+    link = adni_folder.parent / "link"
+    link.symlink_to(adni_folder)
+    keys = [held_out_split(spelling, 0.5)[2] for spelling in (str(adni_folder), "adni", "./adni/", str(link))]
+    assert all(key == keys[0] for key in keys) and keys[0]["data"] == str(adni_folder.resolve())
+    assert held_out_split("adni", 0.25)[2] != keys[0]                                 # another split is another key
