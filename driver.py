@@ -71,7 +71,7 @@ THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb",
 LENGTH = {"max_steps", "epochs"}
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
 # (a flag missing here is left to its default or the preset, and not checked).
-BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "perceptual_crop": 0}
+BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64}
 
 
 def ints(text: str) -> list[int]:
@@ -87,15 +87,6 @@ def positive(kind):
         value = kind(text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
-def non_negative(kind):
-    def parse(text):
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
         return value
     return parse
 
@@ -260,9 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--perceptual-network", choices=list(NETWORKS), default="vgg16",
                    help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
                         "2021; needs no file) (default: %(default)s)")
-    p.add_argument("--perceptual-crop", type=non_negative(int), default=0,
-                   help="the perceptual loss on one random SIZE x SIZE window per image, the same in the image and its "
-                        "reconstruction: a 32 window of a 64 image costs a quarter; 0 is the whole image (default: %(default)s)")
     p.add_argument("--vgg-weights", default=None,
                    help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")

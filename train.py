@@ -420,7 +420,7 @@ def train_vqvae(args):
         if args.frequency_weight > 0:
             rec = rec + args.frequency_weight * focal_frequency_loss(recon, x)
         if perceptual is not None:
-            rec = rec + args.perceptual_weight * perceptual(recon, x, args.perceptual_crop)
+            rec = rec + args.perceptual_weight * perceptual(recon, x)
         adversarial = adversary.generator_loss(x, recon, rec, model.last_layer) if adversary else torch.zeros_like(rec)
         total = rec + vq_loss + adversarial
         return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), stats["perplexity"], stats["usage"]])

@@ -11,9 +11,9 @@ The random VGG16 makes a `tiny` stage-1 step about 5x dearer on a CPU. Cheaper r
 the reconstructions' finest band far worse than `tiny`'s in the same minutes, where the full-width random VGG16 cut it
 at equal steps. Random features seem to need the width. A small CNN trained on the run's own slices to tell them from
 blurred, resampled and noised copies lost at every weight as well (bench/README.md, "A perceptual network trained on
-the run's own slices"; it lived in commit e6a7e40): blind to the artefacts it was not trained on.
-`--perceptual-crop` computes the full-width random VGG16 on one random window per image instead: a 32x32 window of
-a 64x64 slice costs a quarter (bench/README.md, "The perceptual term on crops").
+the run's own slices"; it lived in commit e6a7e40): blind to the artefacts it was not trained on. The full-width
+network on a random 32x32 window of each 64x64 image, a quarter of its cost, lost too (bench/README.md, "The
+perceptual term on crops"; it lived in commit 727bfff).
 """
 from __future__ import annotations
 
@@ -63,20 +63,8 @@ class VGGPerceptualLoss(nn.Module):
                 taps.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
         return taps
 
-    def forward(self, recon: torch.Tensor, x: torch.Tensor, crop: int = 0) -> torch.Tensor:
-        """crop > 0: the distance on one random crop x crop window per image, the same window in recon and x, drawn
-        from torch's CPU generator (saved with a run's checkpoint, so a resumed run draws the same windows)."""
-        if 0 < crop < min(x.shape[-2:]):
-            recon, x = random_crops(recon, x, crop)
+    def forward(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return sum((a - b).pow(2).sum(1).mean() for a, b in zip(self._taps(recon), self._taps(x)))
-
-
-def random_crops(a: torch.Tensor, b: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, H, W) pairs -> (B, C, size, size) windows, one random place per image, the same in a and b."""
-    top = torch.randint(0, a.shape[-2] - size + 1, (len(a),)).tolist()
-    left = torch.randint(0, a.shape[-1] - size + 1, (len(a),)).tolist()
-    window = lambda t: torch.stack([t[i, :, r:r + size, c:c + size] for i, (r, c) in enumerate(zip(top, left))])  # noqa: E731
-    return window(a), window(b)
 
 
 def perceptual_loss_or_none(weights_path: str | None, network: str = "vgg16") -> VGGPerceptualLoss | None:

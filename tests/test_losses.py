@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from losses.adversarial import (ADAPTIVE_WEIGHT_FALLBACK, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                 adversarial_factor, generator_adversarial_loss, hinge_d_loss, least_squares_d_loss,
                                 least_squares_g_loss, non_saturating_d_loss, start_step)
-from losses.perceptual import VGGPerceptualLoss, perceptual_loss_or_none, random_crops
+from losses.perceptual import VGGPerceptualLoss, perceptual_loss_or_none
 from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from modules import VQVAE, VQVAEConfig
 
@@ -217,29 +217,6 @@ def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more
     assert recon.grad.abs().sum() > 0
 
 
-def test_perceptual_crops_take_one_window_per_image_at_the_same_place_in_both_and_follow_the_saved_generator():
-    a = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 1, 16, 16)  # every pixel's value names its place
-    torch.manual_seed(3)
-    ca, cb = random_crops(a, a + 0.5, 6)
-    assert ca.shape == cb.shape == (2, 1, 6, 6) and torch.equal(cb, ca + 0.5)  # the same window in both
-    for i, window in enumerate(ca):
-        r, c = divmod(int(window[0, 0, 0]) - i * 256, 16)                     # its top-left pixel, in image i
-        assert torch.equal(window, a[i, :, r:r + 6, c:c + 6])                 # a contiguous window of image i
-    many = a[:1].expand(200, -1, -1, -1)
-    places = {int(w[0, 0, 0]) for w in random_crops(many, many, 6)[0]}
-    assert len(places) > 50                                                   # drawn anew per image, over the image
-    torch.manual_seed(3)
-    assert torch.equal(random_crops(a, a + 0.5, 6)[0], ca)                    # torch's CPU generator, saved on resume
-    loss, x = VGGPerceptualLoss(None), textured(2, 32)
-    blurred = F.avg_pool2d(x, 3, 1, 1)
-    assert loss(x, x.clone(), crop=16).item() == 0.0
-    assert loss(blurred, x, crop=32).item() == loss(blurred, x).item()        # a window as large as the image: all
-    torch.manual_seed(0)
-    cropped = loss(blurred, x, crop=16)
-    torch.manual_seed(0)
-    assert cropped.item() == loss(*random_crops(blurred, x, 16)).item()       # the loss of those windows
-
-
 def test_the_focal_frequency_loss_weights_the_hardest_frequency_most():
     x = textured(1, 16)
     yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
@@ -275,8 +252,8 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
 
     recipe = ["--adversarial-weight", "0.05", "--adversarial-weighting", "fixed", "--adversarial-loss", "least-squares",
               "--adversarial-start", "0.5", "--perceptual-network", "random", "--perceptual-weight", "0.1",
-              "--discriminator-channels", "8", "--perceptual-crop", "16"]
-    plain = ["--perceptual-network", "random", "--perceptual-weight", "0.1", "--perceptual-crop", "16"]
+              "--discriminator-channels", "8"]
+    plain = ["--perceptual-network", "random", "--perceptual-weight", "0.1"]
     stage1(tmp_path / "plain", "--max-steps", "4", *plain)
     stage1(tmp_path / "gan", "--max-steps", "4", *recipe)
 
@@ -295,14 +272,12 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
     resumed = ckpt(tmp_path / "gan" / "vqvae.pt")
     assert resumed["step"] == 8 and resumed["adversarial_start"] == 2
     assert {k: resumed["args"][k] for k in ("reconstruction_loss", "frequency_weight", "adversarial_weighting",
-                                            "adversarial_loss", "adversarial_start", "perceptual_network",
-                                            "perceptual_crop")} == {
+                                            "adversarial_loss", "adversarial_start", "perceptual_network")} == {
         "reconstruction_loss": "l1", "frequency_weight": 0.1, "adversarial_weighting": "fixed",
-        "adversarial_loss": "least-squares", "adversarial_start": 0.5, "perceptual_network": "random",
-        "perceptual_crop": 16}
+        "adversarial_loss": "least-squares", "adversarial_start": 0.5, "perceptual_network": "random"}
     for flag, value in (("--reconstruction-loss", "mse"), ("--adversarial-weighting", "adaptive"),
                         ("--perceptual-network", "vgg16"), ("--adversarial-start", "0.25"),
-                        ("--discriminator-channels", "64"), ("--perceptual-crop", "0")):
+                        ("--discriminator-channels", "64")):
         message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "5",
                                          flag, value])
         assert flag in message and "differs from this run's" in message
@@ -313,9 +288,3 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
     message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
                                      "--discriminator-channels", "8"])
     assert "--discriminator-channels 8 differs from this run's 64" in message
-    # and one from before --perceptual-crop took the whole image
-    config["train-vqvae"].pop("perceptual_crop")
-    (tmp_path / "gan" / "config.json").write_text(json.dumps(config))
-    message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
-                                     "--perceptual-crop", "16"])
-    assert "--perceptual-crop 16 differs from this run's 0" in message
