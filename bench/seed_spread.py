@@ -14,13 +14,15 @@ EMA of each length (EDM2; the rows trained with `quality.py --unet-flags "--post
 `evaluate --ema-lengths`' curve comes with its spread. `--autoguidance W@F,...` also samples each row under
 autoguidance of weight W by the row's snapshot at the fraction F of its steps (`driver.py sample --autoguidance W
 --guide-at F`; rows ROW+ag W@F). `--variant NAME=FLAGS` also samples each row with these `driver.py sample` flags
-(rows ROW+NAME), so options can be measured together. Writes
+(rows ROW+NAME), so options can be measured together; with `--ema-lengths`, each length with each (rows
+ROW@LENGTH+NAME). Writes
 OUT/seed_spread_SAMPLE[_model|_ema_lengths|_autoguidance|_variants].json; prints a table, and each row's paired
 difference from the first row (seed by seed, the same noise).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import statistics
@@ -86,8 +88,8 @@ def main():
         extra = [(f"ag {guide}", ["--autoguidance", guide.split("@")[0], "--guide-at", guide.split("@")[1]])
                  for guide in filter(None, args.autoguidance.split(","))]
         extra += [(name, shlex.split(text)) for name, _, text in (v.partition("=") for v in args.variant)]
-        for name, sample_flags in extra:
-            jobs.append((f"{row}+{name}", jobs[0][1], predict.sampling_from_args(driver.parse(
+        for (weights_name, weights, _), (name, sample_flags) in itertools.product(list(jobs), extra):
+            jobs.append((f"{weights_name}+{name}", weights, predict.sampling_from_args(driver.parse(
                 ["sample", "--run", str(out / row), *flags, *sample_flags]), model)))
         for name, weights, sampling in jobs:
             model.unet.load_state_dict(weights)
