@@ -80,7 +80,8 @@ def held_out_split(data: str, holdout: float) -> tuple:
     and saving another over it, which would move every FID of OUT."""
     dataset = load_slices(data, 64, 1)
     split = evaluation_split([p for p, _ in dataset.samples], holdout, 0)
-    key = {"data": str(Path(data).resolve()), "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0, "count": len(dataset)}
+    key = {"data": str(Path(data).resolve()), "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0,
+           "count": len(dataset)}
     return dataset, split, key
 
 
