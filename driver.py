@@ -3,6 +3,7 @@
     python driver.py demo                                   # whole pipeline on the embedded demo data
     python driver.py train-vqvae --run RUN [--data PATH]    # stage 1
     python driver.py train-unet  --run RUN                  # stage 2
+    python driver.py train-decoder --run RUN                # optional: the decoder fine-tuned alone, for detail
     python driver.py sample      --run RUN                  # new images (predict.py with fast defaults)
     python driver.py evaluate    --run RUN                  # FID/KID/SWD/MS-SSIM on held-out subjects, report.md
     python driver.py counterfactual --run RUN --input PATH --set group=NC   # "what if": the input under other conditions
@@ -50,12 +51,28 @@ PRESETS = {
                      batch_size=16, lr=2e-4, warmup=500, cooldown=0.0, epochs=20, sample_every=2000, save_every=2000,
                      adversarial_weight=0.0, adversarial_start=10000, clamped_loss=True),
     },
+    "decoder": {  # tiny: as measured on ADNI 64x64 (bench/README.md); full: a fifth of its stage-1 rate too, unmeasured
+        "tiny": dict(batch_size=8, lr=2e-4, warmup=0, cooldown=0.2, max_steps=500, sample_every=250, save_every=250,
+                     adversarial_weight=0.01, adversarial_start=0, clamped_loss=True),
+        "full": dict(batch_size=16, lr=4e-5, warmup=0, cooldown=0.2, max_steps=5000, sample_every=1000, save_every=1000,
+                     adversarial_weight=0.01, adversarial_start=0, clamped_loss=True),
+    },
     "unet": {
         "tiny": dict(unet_channels=32, unet_mult=[1, 2, 2, 2], unet_res_blocks=1, batch_size=64, lr=1e-3,
                      warmup=200, cooldown=0.0, ema_decay=0.999, max_steps=1500, sample_every=500, save_every=500),
         "full": dict(unet_channels=128, unet_mult=[1, 2, 2, 4], unet_res_blocks=2, batch_size=64, lr=1e-4,
                      warmup=1000, cooldown=0.0, ema_decay=0.9999, epochs=300, sample_every=5000, save_every=5000),
     },
+}
+
+# The stage-1 losses' defaults: train-vqvae's are MSE alone; train-decoder's, the brain-MRI anchors' recipe (L1, a
+# perceptual term, a least-squares GAN at a small fixed weight; MONAI's tutorials, Pinaya et al. 2022) with the random
+# VGG16, the one perceptual network that sharpened the finest band here (bench/README.md).
+STAGE1_LOSSES = {
+    "vqvae": dict(reconstruction_loss="mse", perceptual_weight=0.0, perceptual_network="vgg16", adversarial_loss="hinge",
+                  adversarial_weighting="adaptive"),
+    "decoder": dict(reconstruction_loss="l1", perceptual_weight=0.25, perceptual_network="random",
+                    adversarial_loss="least-squares", adversarial_weighting="fixed"),
 }
 
 # A resumed run is the run it saved (README, "Resuming a run"): every flag not given comes back from it, and a flag
@@ -176,6 +193,48 @@ def add_common(p: argparse.ArgumentParser, stage: str):
                    help="train the full preset on a CPU even when the first step says it would take more than an hour")
 
 
+def add_stage1_losses(p: argparse.ArgumentParser, stage: str):
+    """The losses of the reconstruction (VQGAN's additions to MSE, Esser et al. 2021, and the brain-MRI anchors'),
+    shared by train-vqvae and train-decoder, each with its own defaults (STAGE1_LOSSES)."""
+    d = STAGE1_LOSSES[stage]
+    p.add_argument("--adversarial-weight", type=float, default=None,
+                   help=preset_help(stage, "adversarial_weight", "weight of the adversarial patch loss (PatchGAN; "
+                                    "times the adaptive weight of Esser et al. eq. 7 unless --adversarial-weighting fixed; "
+                                    "VQGAN uses 0.8 adaptive, MONAI's brain-MRI tutorials 0.01 fixed); 0 switches it off"))
+    p.add_argument("--adversarial-start", type=step_or_fraction, default=None,
+                   help=preset_help(stage, "adversarial_start", "step from which the discriminator learns and its loss "
+                                    "counts, or a fraction of the run's steps (0.25: a quarter in)"))
+    p.add_argument("--adversarial-loss", choices=list(LOSSES), default=d["adversarial_loss"],
+                   help="the discriminator's and generator's losses: hinge (VQGAN), non-saturating, least-squares "
+                        "(LSGAN, as MONAI) (default: %(default)s)")
+    p.add_argument("--adversarial-weighting", choices=list(WEIGHTINGS), default=d["adversarial_weighting"],
+                   help="the adversarial term's weight: adaptive (--adversarial-weight times Esser et al.'s eq. 7) or "
+                        "fixed (--adversarial-weight alone) (default: %(default)s)")
+    p.add_argument("--adversarial-lr", type=positive(float), default=None,
+                   help="the discriminator's AdamW learning rate (default: --lr, as VQGAN)")
+    p.add_argument("--discriminator-channels", type=positive(int), default=64,
+                   help="width of the PatchGAN's first layer, doubled per layer up to 8x: 64 is VQGAN's and MONAI's; "
+                        "its cost grows with the square, which counts on a CPU (default: %(default)s)")
+    p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help=preset_help(stage, "clamped_loss", "measure the reconstruction error on the output clamped to "
+                                    "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "
+                                    "around it (bench/README.md)"))
+    p.add_argument("--reconstruction-loss", choices=list(BASE_LOSSES), default=d["reconstruction_loss"],
+                   help="the pixel loss of the reconstruction: mse, or l1 as the brain-MRI anchors (default: %(default)s)")
+    p.add_argument("--frequency-weight", type=float, default=0.0,
+                   help="weight of the focal frequency loss (Jiang et al. 2021: the spectrum's hardest frequencies count "
+                        "most; no network) (default: %(default)s)")
+    p.add_argument("--laplacian-weight", type=float, default=0.0,
+                   help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
+    p.add_argument("--perceptual-weight", type=float, default=d["perceptual_weight"],
+                   help="weight of the perceptual loss (LPIPS form) (default: %(default)s)")
+    p.add_argument("--perceptual-network", choices=list(NETWORKS), default=d["perceptual_network"],
+                   help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
+                        "2021; needs no file) (default: %(default)s)")
+    p.add_argument("--vgg-weights", default=None,
+                   help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,44 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ENT-VAL,...: only BIDS images carrying these entities, e.g. space-MNI152NLin2009cAsym (default: any)")
     p.add_argument("--bids-all", action="store_true",
                    help="every matching BIDS image of a subject and session (default: the one with the fewest entities)")
-    # detail: the losses VQGAN adds to MSE (Esser et al. 2021)
-    p.add_argument("--adversarial-weight", type=float, default=None,
-                   help=preset_help("vqvae", "adversarial_weight", "weight of the adversarial patch loss (PatchGAN; "
-                                    "times the adaptive weight of Esser et al. eq. 7 unless --adversarial-weighting fixed; "
-                                    "VQGAN uses 0.8 adaptive, MONAI's brain-MRI tutorials 0.01 fixed); 0 switches it off"))
-    p.add_argument("--adversarial-start", type=step_or_fraction, default=None,
-                   help=preset_help("vqvae", "adversarial_start", "step from which the discriminator learns and its loss "
-                                    "counts, or a fraction of the run's steps (0.25: a quarter in)"))
-    p.add_argument("--adversarial-loss", choices=list(LOSSES), default="hinge",
-                   help="the discriminator's and generator's losses: hinge (VQGAN), non-saturating, least-squares "
-                        "(LSGAN, as MONAI) (default: %(default)s)")
-    p.add_argument("--adversarial-weighting", choices=list(WEIGHTINGS), default="adaptive",
-                   help="the adversarial term's weight: adaptive (--adversarial-weight times Esser et al.'s eq. 7) or "
-                        "fixed (--adversarial-weight alone) (default: %(default)s)")
-    p.add_argument("--adversarial-lr", type=positive(float), default=None,
-                   help="the discriminator's AdamW learning rate (default: the VQ-VAE's --lr, as VQGAN)")
-    p.add_argument("--discriminator-channels", type=positive(int), default=64,
-                   help="width of the PatchGAN's first layer, doubled per layer up to 8x: 64 is VQGAN's and MONAI's; "
-                        "its cost grows with the square, which counts on a CPU (default: %(default)s)")
-    p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
-                   help=preset_help("vqvae", "clamped_loss", "measure the reconstruction error on the output clamped to "
-                                    "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "
-                                    "around it (bench/README.md)"))
-    p.add_argument("--reconstruction-loss", choices=list(BASE_LOSSES), default="mse",
-                   help="the pixel loss of the reconstruction: mse, or l1 as the brain-MRI anchors (default: %(default)s)")
-    p.add_argument("--frequency-weight", type=float, default=0.0,
-                   help="weight of the focal frequency loss (Jiang et al. 2021: the spectrum's hardest frequencies count "
-                        "most; no network) (default: %(default)s)")
-    p.add_argument("--laplacian-weight", type=float, default=0.0,
-                   help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
-    p.add_argument("--perceptual-weight", type=float, default=0.0,
-                   help="weight of the perceptual loss (LPIPS form) (default: %(default)s)")
-    p.add_argument("--perceptual-network", choices=list(NETWORKS), default="vgg16",
-                   help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
-                        "2021; needs no file) (default: %(default)s)")
-    p.add_argument("--vgg-weights", default=None,
-                   help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")
+    add_stage1_losses(p, "vqvae")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")
+
+    p = sub.add_parser("train-decoder", help="optional, after stage 1 or 2: fine-tune the VQ-VAE's decoder alone for "
+                                             "finer detail; its latents, and a UNet trained on them, stay valid")
+    add_common(p, "decoder")
+    add_stage1_losses(p, "decoder")
+    p.set_defaults(func=train.train_decoder, stage="decoder")
 
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")
     add_common(p, "unet")
@@ -362,7 +391,7 @@ def check_sizes(args: argparse.Namespace):
         if args.image_size % (8 * factor):  # stage 2's UNet halves the latent three times
             raise BadInputError(f"--image-size {args.image_size} does not fit: the VQ-VAE divides it by {factor} and "
                                 f"the UNet halves that 3 times, so it must be a multiple of {8 * factor}")
-    else:
+    elif args.stage == "unet":
         if not 0 <= args.label_dropout < 1:
             raise BadInputError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
         if len(args.unet_mult) != 4:
@@ -375,7 +404,7 @@ def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
     """Every flag of a stage, resolved once: stage 1's values a stage 2 inherits (its preset, image size, channels,
     held-out subjects, data), then on --resume the run's own settings (`keep_the_runs_settings`), then the preset,
     then the checks. `given`: the flags typed on the command line. The stages read `args` and never change it."""
-    if args.stage == "unet":
+    if args.stage in ("unet", "decoder"):
         stage1_args, args.data_config = stage1_data(args)
         args.preset = args.preset or stage1_args.get("preset")
         data = args.data_config
@@ -408,7 +437,7 @@ def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
         saved = DataConfig.from_checkpoint(vq_ckpt)
         own.update(saved.flags())
     for name, value in own.items():
-        if name in THIS_COMMAND or (args.stage == "unet" and name == "data"):
+        if name in THIS_COMMAND or (args.stage != "vqvae" and name == "data"):
             continue  # this command's own; stage 2's data is stage 1's, resolved before
         if name in given:
             if value is not _UNKNOWN and name not in CHANGEABLE and _plain(getattr(args, name)) != _plain(value):

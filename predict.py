@@ -133,6 +133,7 @@ class LatentDiffusion:
     labels: dict | None = None          # the participants table it was trained with: file, sha1, subject column
     fingerprint: str = ""               # of the UNet's EMA weights, and of the VQ-VAE: what made a sample
     vqvae_fingerprint: str = ""
+    decoder_fingerprint: str | None = None  # of RUN/decoder.pt's decoder, where `train-decoder` wrote one
     posthoc_ema: dict | None = None     # the post-hoc EMA length chosen with `driver.py ema` (None: the run's EMA)
 
     @property
@@ -141,11 +142,20 @@ class LatentDiffusion:
         return next((c.values for c in self.conditions if c.name == CLASS), [])
 
 
-def load_vqvae(run: Path, device) -> tuple[VQVAE, dict]:
-    """The run's stage-1 VQ-VAE in eval mode, frozen (eval: its quantiser draws no random numbers), and its checkpoint."""
+def load_vqvae(run: Path, device, finetuned: bool = True) -> tuple[VQVAE, dict]:
+    """The run's stage-1 VQ-VAE in eval mode, frozen (eval: its quantiser draws no random numbers), and its checkpoint;
+    with the decoder of RUN/decoder.pt where `train-decoder` wrote one (unless not `finetuned`), which the checkpoint's
+    entry "decoder" then describes: its step and fingerprint."""
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval().requires_grad_(False)
     vqvae.load_state_dict(vq_ckpt["model"])
+    if finetuned and (run / "decoder.pt").exists():
+        decoder = load_checkpoint(run / "decoder.pt", "decoder")
+        if decoder["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
+            raise BadInputError(f"{run / 'decoder.pt'} was fine-tuned from another VQ-VAE than {run / 'vqvae.pt'} "
+                                f"(stage 1 was trained again since): move it away, or run train-decoder again")
+        vqvae.decoder.load_state_dict(decoder["model"])
+        vq_ckpt = {**vq_ckpt, "decoder": {"step": decoder["step"], "fingerprint": fingerprint(decoder["model"])}}
     return vqvae, vq_ckpt
 
 
@@ -167,6 +177,7 @@ def load_run(run: Path, device) -> LatentDiffusion:
     return LatentDiffusion(vqvae, unet, diffusion, unet_ckpt["latent_scale"], tuple(unet_ckpt["latent_shape"]),
                            unet_ckpt.get("latent_absmax"), saved_conditions(unet_ckpt), unet_ckpt["step"],
                            unet_ckpt.get("labels"), fingerprint(weights), unet_ckpt["vqvae_fingerprint"],
+                           vq_ckpt.get("decoder", {}).get("fingerprint"),
                            {k: v for k, v in chosen.items() if k != "weights"} if chosen else None)
 
 
@@ -475,6 +486,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               "unet_fingerprint": model.fingerprint, "vqvae_fingerprint": model.vqvae_fingerprint,
               "posthoc_ema_sigma_rel": model.posthoc_ema["sigma_rel"] if model.posthoc_ema else None,
               **({} if sampling.quantise else {"decode": "unquantised"}),  # a set from before --decode reads the same
+              **({"decoder_fingerprint": model.decoder_fingerprint} if model.decoder_fingerprint else {}),  # likewise
               **(sampling.guide_record or {}),  # so does one from before --autoguidance
               "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,

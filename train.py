@@ -1,4 +1,5 @@
-"""The two training stages, `train_vqvae(args)` (stage 1) and `train_unet(args)` (stage 2), and the loop they share.
+"""The two training stages, `train_vqvae(args)` (stage 1) and `train_unet(args)` (stage 2), the optional fine-tune of
+stage 1's decoder alone, `train_decoder(args)`, and the loop they share.
 
 Both read and write one run folder (`args.run`); see DESIGN.md for its layout. The command line in
 driver.py resolves every flag first (presets, what stage 2 inherits from stage 1), then calls them,
@@ -6,6 +7,7 @@ on one device or, under torchrun, on many (DDP):
 
     python driver.py train-vqvae --run runs/demo     # stage 1: VQ-VAE on images
     python driver.py train-unet  --run runs/demo     # stage 2: UNet on the VQ-VAE's latents
+    python driver.py train-decoder --run runs/demo   # optional: the VQ-VAE's decoder fine-tuned alone, for detail
     torchrun --standalone --nproc_per_node 4 driver.py train-vqvae --run-dir runs/adni --data PATH
 
 Under torchrun every process trains on its shard of each epoch (DistributedSampler); rank 0 alone
@@ -385,24 +387,14 @@ def train_vqvae(args):
     torch.manual_seed(args.seed)
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
 
-    # data: every rank decodes into memory; a memory-mapped cache on disk is built by rank 0 alone
-    rt.log(subject_summary(data))
     files_key = data_files_key(data)  # saved: a resumed run, stage 2 and `evaluate` check they read these files
-    workers = args.workers or cpus_per_process()
-    dataset = training_data(data, args.cache_gb, workers, Path(args.run), build_guard=lambda: main_rank_first(rt))
-    max_steps = total_steps(args, len(dataset), rt.world)
-    spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
-    fixed = torch.stack([dataset[i][0] for i in spread]).to(rt.device)
+    dataset, workers, fixed, max_steps = stage1_images(args, rt)
 
     # model and optimizer (the model in its memory layout before the optimizer state is loaded)
     model = place_model(VQVAE(cfg), rt)
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, model, optimizer, rt, args.lr)
-    adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
-    perceptual = (perceptual_loss_or_none(args.vgg_weights, args.perceptual_network) if args.perceptual_weight > 0
-                  else None)
-    if perceptual is not None:
-        perceptual.to(rt.device)
+    reconstruction = ReconstructionLoss(args, rt, resume, max_steps)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(dataset), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum)
@@ -412,16 +404,7 @@ def train_vqvae(args):
         x = to_unit(batch, rt.device, rt.channels_last)
         with rt.autocast:
             recon, vq_loss, stats = train_model(x)
-        recon = as_shown(recon.float()) if args.clamped_loss else recon.float()
-        recon_loss = F.mse_loss(recon, x)  # logged as `recon` (and PSNR) whatever the base loss
-        rec = recon_loss if args.reconstruction_loss == "mse" else base_loss(recon, x, args.reconstruction_loss)
-        if args.laplacian_weight > 0:
-            rec = rec + args.laplacian_weight * laplacian_l1(recon, x)
-        if args.frequency_weight > 0:
-            rec = rec + args.frequency_weight * focal_frequency_loss(recon, x)
-        if perceptual is not None:
-            rec = rec + args.perceptual_weight * perceptual(recon, x)
-        adversarial = adversary.generator_loss(x, recon, rec, model.last_layer) if adversary else torch.zeros_like(rec)
+        rec, recon_loss, adversarial = reconstruction(recon, x, model.last_layer)
         total = rec + vq_loss + adversarial
         return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), stats["perplexity"], stats["usage"]])
 
@@ -439,10 +422,121 @@ def train_vqvae(args):
                      ("loss", "recon", "vq", "adversarial", "perplexity", "usage"), draw, "recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
                                       "data_config": data.saved(), "data_files": files_key,
-                                      **(adversary.state() if adversary else {})},
-                     after_step=adversary.after_step if adversary else lambda step, taken: None,
-                     plot=("loss", "recon", "vq"),
-                     derived=lambda v: {"psnr": 10 * math.log10(4.0 / max(v.get("recon", 1.0), 1e-12))}),  # peak-to-peak 2
+                                      **reconstruction.state()},
+                     after_step=reconstruction.after_step, plot=("loss", "recon", "vq"), derived=psnr),
+               args, rt, step, max_steps, resume)
+
+
+def stage1_images(args, rt: Runtime) -> tuple:
+    """Stage 1's training images (held-out subjects removed: every rank decodes them into memory, or rank 0 alone
+    into a memory-mapped cache on disk), the loader threads, 8 fixed images of several subjects for the grids, and
+    the run's length in steps."""
+    rt.log(subject_summary(args.data_config))
+    workers = args.workers or cpus_per_process()
+    dataset = training_data(args.data_config, args.cache_gb, workers, Path(args.run),
+                            build_guard=lambda: main_rank_first(rt))
+    spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
+    fixed = torch.stack([dataset[i][0] for i in spread]).to(rt.device)
+    return dataset, workers, fixed, total_steps(args, len(dataset), rt.world)
+
+
+class ReconstructionLoss:
+    """Stage 1's loss of a reconstruction, but the codebook's, by its flags: the base loss (MSE or L1, on the output
+    clamped as shown with --clamped-loss) + Laplacian L1 + the focal frequency loss + the perceptual term + the
+    adversarial patch term, whose discriminator (`Adversary`) learns after each step."""
+
+    def __init__(self, args, rt: Runtime, resume: dict | None, max_steps: int):
+        self.args = args
+        self.adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
+        self.perceptual = (perceptual_loss_or_none(args.vgg_weights, args.perceptual_network)
+                           if args.perceptual_weight > 0 else None)
+        if self.perceptual is not None:
+            self.perceptual.to(rt.device)
+
+    def __call__(self, recon: torch.Tensor, x: torch.Tensor, last_layer) -> tuple[torch.Tensor, ...]:
+        """(the reconstruction's loss, its MSE, logged as `recon` and PSNR whatever the base loss, the adversarial term)."""
+        a = self.args
+        recon = as_shown(recon.float()) if a.clamped_loss else recon.float()
+        mse = F.mse_loss(recon, x)
+        rec = mse if a.reconstruction_loss == "mse" else base_loss(recon, x, a.reconstruction_loss)
+        if a.laplacian_weight > 0:
+            rec = rec + a.laplacian_weight * laplacian_l1(recon, x)
+        if a.frequency_weight > 0:
+            rec = rec + a.frequency_weight * focal_frequency_loss(recon, x)
+        if self.perceptual is not None:
+            rec = rec + a.perceptual_weight * self.perceptual(recon, x)
+        adversarial = (self.adversary.generator_loss(x, recon, rec, last_layer) if self.adversary
+                       else torch.zeros_like(rec))
+        return rec, mse, adversarial
+
+    def after_step(self, step: int, taken: bool):
+        if self.adversary:
+            self.adversary.after_step(step, taken)
+
+    def state(self) -> dict:
+        return self.adversary.state() if self.adversary else {}
+
+
+def psnr(values: dict) -> dict:
+    """The logged PSNR of the logged mean MSE `recon` (images in [-1, 1]: peak-to-peak 2)."""
+    return {"psnr": 10 * math.log10(4.0 / max(values.get("recon", 1.0), 1e-12))}
+
+
+# ----------------------------------------------------------------------------- stage 1, optional: the decoder alone
+
+def train_decoder(args):
+    """The VQ-VAE's decoder fine-tuned alone on stage 1's images, its encoder and codebook frozen, so that the latents,
+    and a UNet trained on them, stay as they were (as Stable Diffusion's ft-EMA and ft-MSE decoders were made). By
+    default with the brain-MRI anchors' recipe, whose perceptual network and discriminator make a step of the whole
+    first stage too dear on a CPU (bench/README.md). Writes RUN/decoder.pt, tied to RUN/vqvae.pt by its fingerprint;
+    sampling, `evaluate` and stage 2's grids decode with it from then on (predict.load_vqvae)."""
+    # setup
+    run = Path(args.run)
+    rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
+    vqvae, vq_ckpt = load_vqvae(run, rt.device, finetuned=False)
+    vq_fingerprint = fingerprint(vq_ckpt["model"])
+    resume = checkpoint_to_resume(run / "decoder.pt", "decoder", args.resume, asdict(vqvae.cfg), VQVAEConfig)
+    if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
+        raise BadInputError(f"{run / 'decoder.pt'} was fine-tuned from another VQ-VAE than {run / 'vqvae.pt'}; move it "
+                            f"away and run train-decoder again without --resume")
+    torch.manual_seed(args.seed)
+    dataset, workers, fixed, max_steps = stage1_images(args, rt)
+
+    # the decoder learns; the encoder and the codebook stay frozen, in eval mode (load_vqvae)
+    vqvae = place_model(vqvae, rt)
+    decoder = vqvae.decoder.requires_grad_(True)
+    optimizer = adamw(decoder.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    step = restore_training(resume, decoder, optimizer, rt, args.lr)
+    reconstruction = ReconstructionLoss(args, rt, resume, max_steps)
+    torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
+    train_model = wrap_model(decoder, rt, args.compile, str(run / "compile_cache"))
+    batches = index_batches(len(dataset), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum)
+    stream = iter(uint8_loader(dataset, batches, workers, pin_memory=rt.device.type == "cuda"))
+
+    def loss(batch):
+        x = to_unit(batch, rt.device, rt.channels_last)
+        with torch.no_grad(), rt.autocast:
+            z_q = vqvae.quantize(vqvae.encode(x))[0]
+        with rt.autocast:
+            recon = train_model(z_q)
+        rec, recon_loss, adversarial = reconstruction(recon, x, vqvae.last_layer)
+        total = rec + adversarial
+        return total, torch.stack([total, recon_loss, adversarial.detach()])
+
+    def draw():  # originals above, reconstructions below
+        decoder.eval()
+        with torch.no_grad(), rt.autocast:
+            recon = vqvae(fixed)[0].float()
+        decoder.train()
+        return torch.cat([fixed, recon]), len(fixed)
+
+    start_stage(args, rt, "decoder", f"the decoder of {run / 'vqvae.pt'} (step {vq_ckpt['step']}) alone, "
+                f"{sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, {len(dataset)} images, steps "
+                f"{step} -> {max_steps} of {args.batch_size * args.grad_accum * rt.world} images on {rt.device}, {rt.precision}")
+    train_loop(Stage("decoder", decoder, train_model, optimizer, stream, loss, ("loss", "recon", "adversarial"), draw,
+                     "decoded", payload=lambda: {"kind": "decoder", "config": asdict(vqvae.cfg),
+                                                 "vqvae_fingerprint": vq_fingerprint, **reconstruction.state()},
+                     after_step=reconstruction.after_step, plot=("loss", "recon"), derived=psnr),
                args, rt, step, max_steps, resume)
 
 

@@ -476,6 +476,7 @@ def evaluate(args):
                          "train": len(train_idx),
                          "reference": len(ref_idx), "floor": len(floor_idx)},
                "vqvae_step": vq_ckpt["step"], "vqvae": {**vq_metrics, "images": "floor half B"},
+               "finetuned_decoder": vq_ckpt.get("decoder"),  # RUN/decoder.pt (train-decoder): its step and fingerprint
                "sampling": sampling, "features": features.name, "features_input_size": features.input_size,
                "classifier_heldout_accuracy": classifier_acc, "scores": scores,
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
@@ -497,7 +498,9 @@ def evaluate(args):
         save_image(class_grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}, "
-               f"codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}")
+               f"codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}"
+               + (f"; its decoder fine-tuned alone (train-decoder, step {vq_ckpt['decoder']['step']})"
+                  if "decoder" in vq_ckpt else ""))
     note = ("Distances to the reference half A of the held-out subjects. Real rows: random training images, and the "
             "other half B (the floor; its few subjects make it a high bar for FID/KID). MS-SSIM: mean over random pairs "
             "within a set; far above the real rows' means too little variety.")

@@ -1,0 +1,84 @@
+"""train-decoder (train.train_decoder): the VQ-VAE's decoder fine-tuned alone, so that the latents and the UNet trained
+on them stay valid; RUN/decoder.pt, which sampling then decodes with, tied to the VQ-VAE it was fine-tuned from."""
+import csv
+import json
+import shutil
+
+import torch
+
+import driver
+import predict
+from conftest import ckpt, error_of, vqvae
+from runtime.checkpoint import fingerprint
+
+SMALL = ["--batch-size", "4", "--log-every", "2", "--sample-every", "2", "--save-every", "2", "--workers", "1"]
+FAST = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "3"]
+
+
+def decoder(run, *extra):
+    driver.main(["train-decoder", "--run", str(run), *SMALL, *extra])
+
+
+def test_train_decoder_changes_the_decoder_alone_and_the_run_samples_with_it(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "vqvae.pt").read_bytes()
+    decoder(copy, "--max-steps", "3")
+    assert (copy / "vqvae.pt").read_bytes() == before  # stage 1's file, and the UNet's tie to it, are untouched
+    saved, original = ckpt(copy / "decoder.pt"), ckpt(copy / "vqvae.pt")["model"]
+    assert (saved["kind"], saved["step"]) == ("decoder", 3)
+    assert saved["vqvae_fingerprint"] == fingerprint(original)
+    assert {k for k, v in saved["model"].items() if not torch.equal(v, original[f"decoder.{k}"])}  # it learned
+    # by default the anchors' recipe, saved with the run; the discriminator's state with it, for --resume
+    a = saved["args"]
+    assert (a["reconstruction_loss"], a["perceptual_network"], a["perceptual_weight"], a["adversarial_loss"],
+            a["adversarial_weighting"], a["adversarial_weight"]) == ("l1", "random", 0.25, "least-squares", "fixed", 0.01)
+    assert "discriminator" in saved
+
+    # the run decodes with the fine-tuned decoder, and encodes with stage 1's encoder and codebook as they were
+    model = predict.load_run(copy, "cpu")
+    state = model.vqvae.state_dict()
+    for name, tensor in original.items():
+        expected = saved["model"][name[len("decoder."):]] if name.startswith("decoder.") else tensor
+        assert torch.equal(state[name], expected), name
+    assert model.decoder_fingerprint == fingerprint(saved["model"])
+    assert predict.load_run(run, "cpu").decoder_fingerprint is None  # a run without one decodes as before
+
+    # the samples' manifest names the decoder that made them
+    driver.main(["sample", "--run", str(copy), "--out", str(tmp_path / "out"), *FAST])
+    with open(tmp_path / "out" / "samples" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["decoder_fingerprint"] for r in rows} == {fingerprint(saved["model"])}
+    # and so does evaluate, whose reconstructions it decodes
+    driver.main(["evaluate", "--run", str(copy), "--features", "domain", "--classifier-steps", "2", "--holdout", "0.5",
+                 "--num", "4", *FAST[:4], "--out", str(tmp_path / "eval")])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["finetuned_decoder"] == {"step": 3, "fingerprint": fingerprint(saved["model"])}
+    assert "its decoder fine-tuned alone (train-decoder, step 3)" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_train_decoder_resumes_with_its_own_settings_and_refuses_others(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    decoder(copy, "--max-steps", "2", "--perceptual-weight", "0")
+    assert "--resume" in error_of(decoder, copy, "--max-steps", "4")
+    decoder(copy, "--max-steps", "4", "--resume")
+    saved = ckpt(copy / "decoder.pt")
+    assert saved["step"] == 4 and saved["args"]["perceptual_weight"] == 0
+    with open(copy / "log_decoder.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
+    message = error_of(decoder, copy, "--max-steps", "6", "--resume", "--reconstruction-loss", "mse")
+    assert "--reconstruction-loss mse differs from this run's l1" in message
+
+
+def test_a_decoder_fine_tuned_from_another_vqvae_is_refused(trained_run, tmp_path):
+    run, data = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    decoder(copy, "--max-steps", "2", "--perceptual-weight", "0")
+    vqvae(copy, data, "--max-steps", "6", "--resume")  # stage 1 trained further: other latents, another decoder
+    assert "decoder.pt was fine-tuned from another VQ-VAE" in error_of(
+        driver.main, ["sample", "--run", str(copy), "--out", str(tmp_path / "out"), *FAST])
+    assert "decoder.pt was fine-tuned from another VQ-VAE" in error_of(decoder, copy, "--max-steps", "4", "--resume")
