@@ -29,16 +29,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
 from conditions.table import (CLASS, build_conditions, condition_matrix, find_table, read_table, saved_conditions,
                               subjects_of, to_saved)
 from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches, subject_summary,
                      to_unit, training_data, training_files, uint8_loader)
-from losses.adversarial import Adversary
-from losses.perceptual import perceptual_loss_or_none
-from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
+from losses.stage1 import ReconstructionLoss
 from modules import EMA, VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_conditions
 from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
@@ -438,43 +435,6 @@ def stage1_images(args, rt: Runtime) -> tuple:
     spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
     fixed = torch.stack([dataset[i][0] for i in spread]).to(rt.device)
     return dataset, workers, fixed, total_steps(args, len(dataset), rt.world)
-
-
-class ReconstructionLoss:
-    """Stage 1's loss of a reconstruction, but the codebook's, by its flags: the base loss (MSE or L1, on the output
-    clamped as shown with --clamped-loss) + Laplacian L1 + the focal frequency loss + the perceptual term + the
-    adversarial patch term, whose discriminator (`Adversary`) learns after each step."""
-
-    def __init__(self, args, rt: Runtime, resume: dict | None, max_steps: int):
-        self.args = args
-        self.adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
-        self.perceptual = (perceptual_loss_or_none(args.vgg_weights, args.perceptual_network)
-                           if args.perceptual_weight > 0 else None)
-        if self.perceptual is not None:
-            self.perceptual.to(rt.device)
-
-    def __call__(self, recon: torch.Tensor, x: torch.Tensor, last_layer) -> tuple[torch.Tensor, ...]:
-        """(the reconstruction's loss, its MSE, logged as `recon` and PSNR whatever the base loss, the adversarial term)."""
-        a = self.args
-        recon = as_shown(recon.float()) if a.clamped_loss else recon.float()
-        mse = F.mse_loss(recon, x)
-        rec = mse if a.reconstruction_loss == "mse" else base_loss(recon, x, a.reconstruction_loss)
-        if a.laplacian_weight > 0:
-            rec = rec + a.laplacian_weight * laplacian_l1(recon, x)
-        if a.frequency_weight > 0:
-            rec = rec + a.frequency_weight * focal_frequency_loss(recon, x)
-        if self.perceptual is not None:
-            rec = rec + a.perceptual_weight * self.perceptual(recon, x)
-        adversarial = (self.adversary.generator_loss(x, recon, rec, last_layer) if self.adversary
-                       else torch.zeros_like(rec))
-        return rec, mse, adversarial
-
-    def after_step(self, step: int, taken: bool):
-        if self.adversary:
-            self.adversary.after_step(step, taken)
-
-    def state(self) -> dict:
-        return self.adversary.state() if self.adversary else {}
 
 
 def psnr(values: dict) -> dict:

@@ -19,8 +19,10 @@ import torch
 import torch.multiprocessing as mp
 
 import driver
+import losses.stage1 as stage1_losses
 import train
 from conftest import ckpt, error_of, unet, vqvae, write_blob_images
+from losses.adversarial import Adversary
 from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
 from runtime.process import any_rank, mean_over_ranks, setup_runtime, wrap_model
 
@@ -430,7 +432,7 @@ def test_the_adversarial_loss_before_its_start_step_leaves_the_update_that_of_ms
 
 def test_stage_1_measures_its_error_on_the_clamped_output_unless_told_not_to(adni_folder, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
+    monkeypatch.setattr(stage1_losses, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
     vqvae(tmp_path / "raw", adni_folder, "--max-steps", "2", "--no-clamped-loss")
     assert calls == []
     vqvae(tmp_path / "clamped", adni_folder, "--max-steps", "2")   # the preset's default, `full`'s too
@@ -439,7 +441,7 @@ def test_stage_1_measures_its_error_on_the_clamped_output_unless_told_not_to(adn
 
 def test_a_resumed_stage_1_keeps_its_own_reconstruction_error(adni_folder, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(train, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
+    monkeypatch.setattr(stage1_losses, "as_shown", lambda recon: calls.append(recon.shape) or recon.clamp(-1, 1))
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2", "--no-clamped-loss")
     vqvae(run, adni_folder, "--max-steps", "3", "--resume")       # not the preset's clamped loss
@@ -516,7 +518,7 @@ def test_the_discriminator_starts_at_the_loops_step_when_steps_are_skipped(adni_
     def nan_first(recon):  # the first VQ-VAE step's loss is NaN: --skip-nonfinite skips it
         calls.append(1)
         return recon.clamp(-1, 1) * (float("nan") if len(calls) == 1 else 1.0)
-    monkeypatch.setattr(train, "as_shown", nan_first)
+    monkeypatch.setattr(stage1_losses, "as_shown", nan_first)
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "4", "--skip-nonfinite", "--adversarial-weight", "0.1",
           "--adversarial-start", "2")
@@ -536,7 +538,7 @@ def test_under_fp16_the_discriminator_steps_through_its_own_grad_scaler(monkeypa
     args = Namespace(adversarial_weight=0.1, adversarial_start=0, adversarial_loss="hinge", channels=1,
                      adversarial_lr=None, lr=1e-3, adversarial_weighting="adaptive", max_minutes=None, log_every=50,
                      discriminator_channels=16)
-    adversary = train.Adversary(args, rt, None, max_steps=10)
+    adversary = Adversary(args, rt, None, max_steps=10)
     before = {k: v.clone() for k, v in adversary.disc.state_dict().items()}
     adversary.d_loss = lambda real, fake: (real.mean() - fake.mean()) * float("inf")
     x = torch.rand(2, 1, 32, 32) * 2 - 1
