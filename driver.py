@@ -401,8 +401,8 @@ def check_sizes(args: argparse.Namespace):
 
 
 def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
-    """Every flag of a stage, resolved once: stage 1's values a stage 2 inherits (its preset, image size, channels,
-    held-out subjects, data), then on --resume the run's own settings (`keep_the_runs_settings`), then the preset,
+    """Every flag of a stage, resolved once: stage 1's values a stage 2 or `train-decoder` inherits (its preset, image
+    size, channels, held-out subjects, data), then on --resume the run's own settings (`keep_the_runs_settings`), then the preset,
     then the checks. `given`: the flags typed on the command line. The stages read `args` and never change it."""
     if args.stage in ("unet", "decoder"):
         stage1_args, args.data_config = stage1_data(args)
