@@ -405,18 +405,12 @@ def train_vqvae(args):
         total = rec + vq_loss + adversarial
         return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), stats["perplexity"], stats["usage"]])
 
-    def draw():  # originals above, reconstructions below
-        model.eval()
-        with torch.no_grad(), rt.autocast:
-            recon = model(fixed)[0].float()
-        model.train()
-        return torch.cat([fixed, recon]), len(fixed)
-
     start_stage(args, rt, "vqvae", f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
                 f"{cfg.latent_shape}, {len(dataset)} images from {data.folder()}, steps {step} -> {max_steps} of "
                 f"{args.batch_size * args.grad_accum * rt.world} images ({rt.world} process(es)) on {rt.device}, {rt.precision}")
     train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss,
-                     ("loss", "recon", "vq", "adversarial", "perplexity", "usage"), draw, "recon",
+                     ("loss", "recon", "vq", "adversarial", "perplexity", "usage"),
+                     lambda: reconstruction_grid(model, model, fixed, rt), "recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
                                       "data_config": data.saved(), "data_files": files_key,
                                       **reconstruction.state()},
@@ -435,6 +429,16 @@ def stage1_images(args, rt: Runtime) -> tuple:
     spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
     fixed = torch.stack([dataset[i][0] for i in spread]).to(rt.device)
     return dataset, workers, fixed, total_steps(args, len(dataset), rt.world)
+
+
+def reconstruction_grid(vqvae: VQVAE, trained: nn.Module, fixed: torch.Tensor, rt: Runtime) -> tuple:
+    """A stage-1 grid: the fixed images above, their reconstructions below; `trained`, the part that learns, in
+    eval mode for the pass."""
+    trained.eval()
+    with torch.no_grad(), rt.autocast:
+        recon = vqvae(fixed)[0].float()
+    trained.train()
+    return torch.cat([fixed, recon]), len(fixed)
 
 
 def psnr(values: dict) -> dict:
@@ -483,18 +487,11 @@ def train_decoder(args):
         total = rec + adversarial
         return total, torch.stack([total, recon_loss, adversarial.detach()])
 
-    def draw():  # originals above, reconstructions below
-        decoder.eval()
-        with torch.no_grad(), rt.autocast:
-            recon = vqvae(fixed)[0].float()
-        decoder.train()
-        return torch.cat([fixed, recon]), len(fixed)
-
     start_stage(args, rt, "decoder", f"the decoder of {run / 'vqvae.pt'} (step {vq_ckpt['step']}) alone, "
                 f"{sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, {len(dataset)} images, steps "
                 f"{step} -> {max_steps} of {args.batch_size * args.grad_accum * rt.world} images on {rt.device}, {rt.precision}")
-    train_loop(Stage("decoder", decoder, train_model, optimizer, stream, loss, ("loss", "recon", "adversarial"), draw,
-                     "decoded", payload=lambda: {"kind": "decoder", "config": asdict(vqvae.cfg),
+    train_loop(Stage("decoder", decoder, train_model, optimizer, stream, loss, ("loss", "recon", "adversarial"),
+                     lambda: reconstruction_grid(vqvae, decoder, fixed, rt), "decoded", payload=lambda: {"kind": "decoder", "config": asdict(vqvae.cfg),
                                                  "vqvae_fingerprint": vq_fingerprint, **reconstruction.state()},
                      after_step=reconstruction.after_step, plot=("loss", "recon"), derived=psnr),
                args, rt, step, max_steps, resume)
