@@ -491,8 +491,9 @@ def train_decoder(args):
                 f"{sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, {len(dataset)} images, steps "
                 f"{step} -> {max_steps} of {args.batch_size * args.grad_accum * rt.world} images on {rt.device}, {rt.precision}")
     train_loop(Stage("decoder", decoder, train_model, optimizer, stream, loss, ("loss", "recon", "adversarial"),
-                     lambda: reconstruction_grid(vqvae, decoder, fixed, rt), "decoded", payload=lambda: {"kind": "decoder", "config": asdict(vqvae.cfg),
-                                                 "vqvae_fingerprint": vq_fingerprint, **reconstruction.state()},
+                     lambda: reconstruction_grid(vqvae, decoder, fixed, rt), "decoded",
+                     payload=lambda: {"kind": "decoder", "config": asdict(vqvae.cfg), "vqvae_fingerprint": vq_fingerprint,
+                                      **reconstruction.state()},
                      after_step=reconstruction.after_step, plot=("loss", "recon"), derived=psnr),
                args, rt, step, max_steps, resume)
 
