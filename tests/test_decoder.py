@@ -33,7 +33,7 @@ def test_train_decoder_changes_the_decoder_alone_and_the_run_samples_with_it(tra
     # by default the anchors' recipe, saved with the run; the discriminator's state with it, for --resume
     a = saved["args"]
     assert (a["reconstruction_loss"], a["perceptual_network"], a["perceptual_weight"], a["adversarial_loss"],
-            a["adversarial_weighting"], a["adversarial_weight"]) == ("l1", "random", 0.25, "least-squares", "fixed", 0.01)
+            a["adversarial_weighting"], a["adversarial_weight"]) == ("l1", "random", 1.0, "least-squares", "fixed", 0.01)
     assert "discriminator" in saved
 
     # the run decodes with the fine-tuned decoder, and encodes with stage 1's encoder and codebook as they were
