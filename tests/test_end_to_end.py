@@ -16,7 +16,7 @@ from PIL import Image
 
 import driver
 import predict
-from conftest import SMALL_UNET, SMALL_VQ, ckpt, write_blob_images
+from conftest import SMALL_UNET, SMALL_VQ, ckpt, vqvae, write_blob_images
 from modules import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,6 +175,29 @@ def test_torchrun_two_processes_train_and_resume_the_adversarial_patch_loss(adni
     assert resumed["step"] == 6
     before, after = saved["discriminator"], resumed["discriminator"]
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the resumed discriminator learned on
+
+
+def test_torchrun_two_processes_fine_tune_the_decoder_alone_and_resume(adni_folder, tmp_path):
+    """train-decoder under DDP: the decoder wrapped alone beside the frozen encoder, the discriminator's own DDP step,
+    rank 0 saving both unwrapped with each rank's random state, and resuming them, with two processes."""
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2")
+    base = ["train-decoder", "--run-dir", str(run), "--batch-size", "4", "--log-every", "2", "--sample-every", "2",
+            "--save-every", "2", "--workers", "1", "--device", "cpu"]
+    done = torchrun(*base, "--max-steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "steps 0 -> 2 of 8 images" in done.stdout + done.stderr  # 4 a rank, two ranks
+    saved, stage1 = ckpt(run / "decoder.pt"), ckpt(run / "vqvae.pt")["model"]
+    assert saved["step"] == 2 and len(saved["rng"]) == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in [*saved["model"], *saved["discriminator"]])
+    assert any(not torch.equal(v, stage1[f"decoder.{k}"]) for k, v in saved["model"].items())  # it learned
+    done = torchrun(*base, "--max-steps", "4", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = ckpt(run / "decoder.pt")
+    assert resumed["step"] == 4
+    assert any(not torch.equal(saved["discriminator"][k], v) for k, v in resumed["discriminator"].items())
+    with open(run / "log_decoder.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["2", "4"]  # one row per log step, not one per rank
 
 
 # ----------------------------------------------------------------------------- a run of an earlier version
