@@ -89,7 +89,7 @@ THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb",
 LENGTH = {"max_steps", "epochs"}
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
 # (a flag missing here is left to its default or the preset, and not checked).
-BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "decoder_input": "quantised"}
+BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64}
 
 
 def ints(text: str) -> list[int]:
@@ -283,10 +283,6 @@ def build_parser() -> argparse.ArgumentParser:
                                              "finer detail; its latents, and a UNet trained on them, stay valid")
     add_common(p, "decoder")
     add_stage1_losses(p, "decoder")
-    p.add_argument("--decoder-input", choices=["quantised", "unquantised", "both"], default="quantised",
-                   help="what the decoder learns to decode: the quantised latents, as stage 1 trained it; the encoder's "
-                        "z before the quantiser, which is what stage 2 diffuses and `sample --decode unquantised` "
-                        "decodes; or each image one of the two at random (default: %(default)s)")
     p.set_defaults(func=train.train_decoder, stage="decoder")
 
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")

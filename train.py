@@ -480,9 +480,9 @@ def train_decoder(args):
     def loss(batch):
         x = to_unit(batch, rt.device, rt.channels_last)
         with torch.no_grad(), rt.autocast:
-            z = decoder_input(vqvae, vqvae.encode(x), args.decoder_input)
+            z_q = vqvae.quantize(vqvae.encode(x))[0]
         with rt.autocast:
-            recon = train_model(z)
+            recon = train_model(z_q)
         rec, recon_loss, adversarial = reconstruction(recon, x, vqvae.last_layer)
         total = rec + adversarial
         return total, torch.stack([total, recon_loss, adversarial.detach()])
@@ -496,18 +496,6 @@ def train_decoder(args):
                                       **reconstruction.state()},
                      after_step=reconstruction.after_step, plot=("loss", "recon"), derived=psnr),
                args, rt, step, max_steps, resume)
-
-
-def decoder_input(vqvae: VQVAE, z: torch.Tensor, which: str) -> torch.Tensor:
-    """What `train-decoder` decodes: the quantised z (as stage 1), z as the encoder gave it (what stage 2 diffuses),
-    or for each image one of the two, half and half at random."""
-    z_q = vqvae.quantize(z)[0]
-    if which == "quantised":
-        return z_q
-    if which == "unquantised":
-        return z
-    unquantised = torch.rand(len(z), 1, 1, 1, device=z.device) < 0.5
-    return torch.where(unquantised, z, z_q)
 
 
 # ----------------------------------------------------------------------------- stage 2: UNet

@@ -8,9 +8,7 @@ import torch
 
 import driver
 import predict
-import train
 from conftest import ckpt, error_of, vqvae
-from modules import VQVAE, VQVAEConfig
 from runtime.checkpoint import fingerprint
 
 SMALL = ["--batch-size", "4", "--log-every", "2", "--sample-every", "2", "--save-every", "2", "--workers", "1"]
@@ -84,35 +82,3 @@ def test_a_decoder_fine_tuned_from_another_vqvae_is_refused(trained_run, tmp_pat
     assert "decoder.pt was fine-tuned from another VQ-VAE" in error_of(
         driver.main, ["sample", "--run", str(copy), "--out", str(tmp_path / "out"), *FAST])
     assert "decoder.pt was fine-tuned from another VQ-VAE" in error_of(decoder, copy, "--max-steps", "4", "--resume")
-
-
-def test_the_decoder_input_is_the_quantised_z_the_encoders_z_or_one_of_the_two_per_image():
-    torch.manual_seed(0)
-    model = VQVAE(VQVAEConfig(channels=8, channel_mult=(1, 2), num_res_blocks=1, codebook_size=16)).eval()
-    with torch.no_grad():
-        z = model.encode(torch.rand(64, 1, 16, 16) * 2 - 1)
-        z_q, _, idx, _ = model.quantize(z)
-    assert not torch.allclose(z, z_q)
-    codes = model.quantizer.codebook.detach()[idx].permute(0, 3, 1, 2)  # the nearest code at every position
-    assert torch.allclose(train.decoder_input(model, z, "quantised"), codes, atol=1e-6)
-    assert torch.equal(train.decoder_input(model, z, "unquantised"), z)
-    both = train.decoder_input(model, z, "both")
-    as_z = (both == z).flatten(1).all(1)
-    as_z_q = (both == z_q).flatten(1).all(1)
-    assert (as_z | as_z_q).all()  # each image whole, one or the other
-    assert 16 < as_z.sum() < 48  # about half each
-
-
-def test_train_decoder_decodes_what_decoder_input_names_and_keeps_it_on_resume(trained_run, tmp_path, monkeypatch):
-    run, _ = trained_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    asked = []
-    choose = train.decoder_input
-    monkeypatch.setattr(train, "decoder_input", lambda vqvae, z, which: asked.append(which) or choose(vqvae, z, which))
-    decoder(copy, "--max-steps", "2", "--perceptual-weight", "0", "--decoder-input", "unquantised")
-    assert set(asked) == {"unquantised"} and len(asked) == 2
-    decoder(copy, "--max-steps", "4", "--resume")
-    assert set(asked) == {"unquantised"} and ckpt(copy / "decoder.pt")["args"]["decoder_input"] == "unquantised"
-    message = error_of(decoder, copy, "--max-steps", "6", "--resume", "--decoder-input", "both")
-    assert "--decoder-input both differs from this run's unquantised" in message
