@@ -39,7 +39,7 @@ from modules import VQVAE, Autoguided, GaussianDiffusion, Guided, UNet, UNetConf
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
 from runtime.graphs import GraphedCall
-from runtime.posthoc_ema import earlier_weights
+from runtime.posthoc_ema import earlier_weights, reconstruct
 from runtime.process import progress, setup_device
 
 
@@ -98,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--guide-at", type=float, default=0.25, metavar="F",
                    help="with --autoguidance: the guide is the run's snapshot at this fraction of its UNet steps (or at "
                         "this step, from 1 up), the last one kept at or before it (default: %(default)s)")
+    p.add_argument("--guide-sigma-rel", type=float, default=None, metavar="S",
+                   help="with --autoguidance: the guide's EMA length, reconstructed from the snapshots up to its step "
+                        "(Karras et al. choose it apart from the main network's) (default: the snapshot's shorter profile, "
+                        "0.05)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
@@ -225,28 +229,32 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
         raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
     if repeat_times < 0:
         raise BadInputError(f"--repeat-times must be 0 or more, got {repeat_times}")
-    if args.autoguidance <= 0 or args.guide_at <= 0:
-        raise BadInputError(f"--autoguidance and --guide-at must be positive, got {args.autoguidance} and {args.guide_at}")
+    if args.autoguidance <= 0 or args.guide_at <= 0 or (args.guide_sigma_rel is not None and args.guide_sigma_rel <= 0):
+        raise BadInputError(f"--autoguidance, --guide-at and --guide-sigma-rel must be positive, got {args.autoguidance}, "
+                            f"{args.guide_at} and {args.guide_sigma_rel}")
     clip_x0 = guide = guide_record = None
     if model is not None:
         if repeat_times and args.repeat_last > model.diffusion.num_steps:
             raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {model.diffusion.num_steps} diffusion steps")
         clip_x0 = parse_clip(args.clip_x0, model.latent_absmax)
         if args.autoguidance != 1:
-            guide, guide_record = load_guide(model, Path(args.run), args.guide_at)
+            guide, guide_record = load_guide(model, Path(args.run), args.guide_at, args.guide_sigma_rel)
             guide_record = {"autoguidance": args.autoguidance, **guide_record}
     return Sampling(args.sampler, args.steps, args.eta, args.repeat_last, repeat_times, clip_x0, args.batch_size,
                     args.gif_frames, args.cuda_graphs, args.decode == "quantised", args.autoguidance, guide, guide_record)
 
 
-def load_guide(model: LatentDiffusion, run: Path, at: float) -> tuple[UNet, dict]:
+def load_guide(model: LatentDiffusion, run: Path, at: float, sigma_rel: float | None = None) -> tuple[UNet, dict]:
     """Autoguidance's guide: the run's UNet as it was at `at` (a fraction of its steps below 1, else a step), from the
-    post-hoc EMA snapshot kept last at or before it, on the UNet's device; and {guide_step, guide_sigma_rel}."""
+    post-hoc EMA snapshot kept last at or before it (its shorter profile, or the EMA of length `sigma_rel`
+    reconstructed there), on the UNet's device; and {guide_step, guide_sigma_rel}."""
     step = round(at * model.unet_step) if at < 1 else int(at)
     if step >= model.unet_step:
         raise BadInputError(f"--guide-at {at} is step {step}, not before the UNet's {model.unet_step}: the guide must be "
                             f"the UNet earlier in its training")
     weights, found = earlier_weights(run, step)
+    if sigma_rel is not None:
+        weights, found = reconstruct(run, sigma_rel, found["step"])
     guide = UNet(model.unet.cfg)
     guide.load_state_dict({**model.unet.state_dict(), **weights})  # snapshots hold the parameters; buffers as the UNet's
     return for_sampling(guide, next(model.unet.parameters()).device), {"guide_step": found["step"],

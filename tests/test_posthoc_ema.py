@@ -244,6 +244,28 @@ def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so
     assert "--autoguidance" in error_of(predict.main, [*flags[:-4], "--autoguidance", "0"])
 
 
+def test_the_guides_ema_length_is_reconstructed_at_its_snapshot(posthoc_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("samples*"))
+    model = predict.load_run(run, "cpu")
+    step = max(s for s in snapshot_files(run) if s <= round(0.5 * model.unet_step))
+    # the longer profile kept in the snapshot is itself an EMA of length 0.10: reconstructed there, it comes back
+    guide, record = predict.load_guide(model, run, 0.5, 0.10)
+    stored = ckpt(run / "ema_snapshots" / f"step{step:07d}.pt")["profiles"][1]
+    for name, value in guide.state_dict().items():
+        if name in stored:
+            assert torch.allclose(value, stored[name], atol=1e-4), name
+    assert record == {"guide_step": step, "guide_sigma_rel": 0.10}
+    shorter, _ = predict.load_guide(model, run, 0.5, 0.02)  # any other length: between and beyond the profiles
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(shorter.parameters(), guide.parameters()))
+    fast = ["--run", str(run), "--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "2", "--format", "npz",
+            "--autoguidance", "2", "--guide-at", "0.5"]
+    predict.predict(predict.parse_args([*fast, "--guide-sigma-rel", "0.1", "--out", str(tmp_path / "ag")]))
+    rows = (tmp_path / "ag" / "samples" / "manifest.csv").read_text().splitlines()
+    assert rows[1].split(",")[rows[0].split(",").index("guide_sigma_rel")] == "0.1"
+    assert "--guide-sigma-rel" in error_of(predict.main, [*fast, "--guide-sigma-rel", "0"])
+
+
 def test_ema_lengths_without_snapshots_or_out_of_range_are_refused(trained_run):
     run, _ = trained_run
     assert "--posthoc-ema" in error_of(predict.main, ["--run", str(run), "--autoguidance", "2", "--num", "1"])
