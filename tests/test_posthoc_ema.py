@@ -251,12 +251,13 @@ def test_the_guides_ema_length_is_reconstructed_at_its_snapshot(posthoc_run, tmp
     step = max(s for s in snapshot_files(run) if s <= round(0.5 * model.unet_step))
     # the longer profile kept in the snapshot is itself an EMA of length 0.10: reconstructed there, it comes back
     guide, record = predict.load_guide(model, run, 0.5, 0.10)
-    stored = ckpt(run / "ema_snapshots" / f"step{step:07d}.pt")["profiles"][1]
+    snapshot = ckpt(run / "ema_snapshots" / f"step{step:07d}.pt")
+    stored = snapshot["profiles"][snapshot["sigma_rels"].index(0.10)]
     for name, value in guide.state_dict().items():
         if name in stored:
             assert torch.allclose(value, stored[name], atol=1e-4), name
     assert record == {"guide_step": step, "guide_sigma_rel": 0.10}
-    shorter, _ = predict.load_guide(model, run, 0.5, 0.02)  # any other length: between and beyond the profiles
+    shorter, _ = predict.load_guide(model, run, 0.5, 0.02)  # a length below both profiles: other weights
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(shorter.parameters(), guide.parameters()))
     fast = ["--run", str(run), "--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "2", "--format", "npz",
             "--autoguidance", "2", "--guide-at", "0.5"]
