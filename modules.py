@@ -504,13 +504,20 @@ class GaussianDiffusion(nn.Module):
     Constants are computed in float64 and cast to the sample's dtype when used.
     """
 
+    # EDM's log-normal training noise levels (Karras et al. 2022, table 1: P_mean -1.2, P_std 1.2 for sigma_data 0.5),
+    # for unit-variance latents: the same sigma / sigma_data, so P_mean moves by ln 2
+    LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2 + math.log(2.0), 1.2
+
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", loss_type: str = "mse",
-                 prediction: str = "eps", min_snr_gamma: float | None = None):
+                 prediction: str = "eps", min_snr_gamma: float | None = None, timestep_sampling: str = "uniform"):
         super().__init__()
         if loss_type not in ("mse", "smooth_l1"):
             raise ValueError(f"unknown loss {loss_type!r} (use 'mse' or 'smooth_l1')")
         if prediction not in ("eps", "v"):
             raise ValueError(f"unknown prediction {prediction!r} (use 'eps' or 'v')")
+        if timestep_sampling not in ("uniform", "lognormal"):
+            raise ValueError(f"unknown timestep sampling {timestep_sampling!r} (use 'uniform' or 'lognormal')")
+        self.timestep_sampling = timestep_sampling
         self.num_steps, self.schedule, self.loss_type, self.prediction = num_steps, schedule, loss_type, prediction
         self.min_snr_gamma = min_snr_gamma
         self._cast = {}
@@ -533,7 +540,8 @@ class GaussianDiffusion(nn.Module):
 
     def config(self) -> dict:
         return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type,
-                "prediction": self.prediction, "min_snr_gamma": self.min_snr_gamma}
+                "prediction": self.prediction, "min_snr_gamma": self.min_snr_gamma,
+                "timestep_sampling": self.timestep_sampling}
 
     def _apply(self, fn, *args, **kwargs):
         self._cast = {}  # the buffers move or change dtype: the copies `_coef` keeps are stale
@@ -705,12 +713,25 @@ class GaussianDiffusion(nn.Module):
         snr = abar / (1 - abar)
         return (snr.clamp(max=self.min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)).float()
 
+    def sample_timesteps(self, batch: int, device) -> torch.Tensor:
+        """Training steps t: uniform over 0..T-1 (Ho et al. 2020), or "lognormal": ln sigma_t normal with
+        (LOGNORMAL_MEAN, LOGNORMAL_STD), sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al. 2022), each draw taken
+        to the step nearest in ln sigma. Either way the loss's weight per step is left as it is."""
+        if self.timestep_sampling == "uniform":
+            return torch.randint(0, self.num_steps, (batch,), device=device)
+        abar = self.alphas_cumprod.to(device)
+        log_sigma = 0.5 * torch.log((1 - abar) / abar)                   # increasing in t
+        between = (log_sigma[1:] + log_sigma[:-1]) / 2                    # the steps' boundaries in ln sigma
+        draw = self.LOGNORMAL_MEAN + self.LOGNORMAL_STD * torch.randn(batch, device=device, dtype=abar.dtype)
+        return torch.searchsorted(between, draw)
+
     def loss(self, model, x0, t=None, noise=None, y=None):
         """Simple loss (Ho et al. 2020, eq. 14) on the eps or v target: MSE, or smooth-L1 as the original used,
-        per sample weighted by `loss_weight(t)` (min-SNR-gamma if set), averaged over the batch."""
+        per sample weighted by `loss_weight(t)` (min-SNR-gamma if set), averaged over the batch; the steps t drawn
+        by `sample_timesteps` unless given."""
         B = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_steps, (B,), device=x0.device)
+            t = self.sample_timesteps(B, x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         target = noise

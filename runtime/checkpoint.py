@@ -99,13 +99,15 @@ def fingerprint(state_dict: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict, config_class=None) -> dict | None:
+def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict, config_class=None,
+                         diffusion_defaults: dict | None = None) -> dict | None:
     """Check the run folder before anything is written; return the checkpoint to resume, if any.
 
     Without `resume` an existing checkpoint is an error (nothing is overwritten by accident). With it, the
     temporary file of a write cut short is removed, and the saved config must equal `chosen` (the model's
     config and, for a UNet, its diffusion settings), read as `config_class` reads it where given: a field
-    newer than the checkpoint takes the value the checkpoint was trained with."""
+    newer than the checkpoint takes the value the checkpoint was trained with, as does a diffusion setting newer
+    than it from `diffusion_defaults`."""
     if ckpt_path.exists() and not resume:
         raise BadInputError(f"{ckpt_path} already exists: pass --resume to continue it, or use another --run")
     if not (resume and ckpt_path.exists()):
@@ -116,7 +118,7 @@ def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict,
             partial.unlink(missing_ok=True)
     ckpt = load_checkpoint(ckpt_path, kind)
     config = asdict(model_config(config_class, ckpt, ckpt_path)) if config_class else ckpt["config"]
-    saved = {**config, **ckpt.get("diffusion", {})}  # a UNet's diffusion settings are part of its config
+    saved = {**config, **(diffusion_defaults or {}), **ckpt.get("diffusion", {})}  # a UNet's diffusion settings too
     diff = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now"
             for k, v in chosen.items() if _plain(saved.get(k)) != _plain(v)]
     if diff:

@@ -551,6 +551,32 @@ def test_min_snr_gamma_weights_each_sample_by_the_closed_form(prediction):
     assert w[0] < 1e-3 and abs(w[3] - (1.0 if prediction == "eps" else 4e-5 / 1.00004)) < 1e-4
 
 
+
+@pytest.mark.parametrize("sampling", ["uniform", "lognormal"])
+def test_training_steps_follow_the_closed_form_distribution(sampling):
+    """P(t <= k): (k + 1) / T uniform; lognormal, Phi((b_k - P_mean) / P_std) with b_k the boundary of steps k and k + 1
+    in ln sigma, sigma_t = sqrt((1 - abar_t) / abar_t), and EDM's P_mean = -1.2, P_std = 1.2 at sigma_data 0.5, for
+    unit-variance latents P_mean = -1.2 + ln 2 (Karras et al. 2022)."""
+    d = GaussianDiffusion(timestep_sampling=sampling)
+    torch.manual_seed(0)
+    n = 200_000
+    t = d.sample_timesteps(n, "cpu")
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    abar = d.alphas_cumprod
+    log_sigma = 0.5 * torch.log((1 - abar) / abar)
+    for k in (10, 50, 100, 200, 400, 700):
+        if sampling == "uniform":
+            expected = (k + 1) / 1000
+        else:
+            boundary = (log_sigma[k] + log_sigma[k + 1]).item() / 2
+            expected = 0.5 * (1 + math.erf((boundary - (-1.2 + math.log(2.0))) / (1.2 * math.sqrt(2))))
+        observed = (t <= k).float().mean().item()
+        assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-4, (k, observed, expected)
+    if sampling == "lognormal":  # the draws sit low: a third below step 100 (sigma 0.34), under 1% above step 700
+        assert 0.30 < (t < 100).float().mean() < 0.34 and (t > 700).float().mean() < 0.01
+    with pytest.raises(ValueError, match="timestep sampling"):
+        GaussianDiffusion(timestep_sampling="logit-normal")
+
 def test_each_condition_is_dropped_with_probability_p_on_its_own():
     torch.manual_seed(0)
     y = torch.stack([torch.randint(0, 2, (100_000,)).float(), torch.rand(100_000), torch.randint(0, 3, (100_000,)).float()], 1)

@@ -169,6 +169,28 @@ def test_min_snr_gamma_is_saved_in_the_checkpoint_and_used_when_sampling(trained
                                                                          "--min-snr-gamma", "3")
 
 
+
+def test_timestep_sampling_is_saved_with_the_run_and_kept_on_resume(trained_run, tmp_path):
+    import predict
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "unet.pt").unlink()
+    unet(copy, "--max-steps", "2", "--timestep-sampling", "lognormal")
+    assert ckpt(copy / "unet.pt")["diffusion"]["timestep_sampling"] == "lognormal"
+    assert predict.load_run(copy, "cpu").diffusion.timestep_sampling == "lognormal"
+    unet(copy, "--max-steps", "3", "--resume")              # resumed without it: the run's own
+    assert ckpt(copy / "unet.pt")["diffusion"]["timestep_sampling"] == "lognormal" and ckpt(copy / "unet.pt")["step"] == 3
+    assert "--timestep-sampling uniform differs from this run's lognormal" in error_of(
+        unet, copy, "--max-steps", "4", "--resume", "--timestep-sampling", "uniform")
+    old = tmp_path / "old"                                   # a checkpoint from before the flag resumes as uniform
+    shutil.copytree(run, old)
+    saved = ckpt(old / "unet.pt")
+    del saved["diffusion"]["timestep_sampling"]
+    torch.save(saved, old / "unet.pt")
+    unet(old, "--max-steps", str(saved["step"] + 1), "--resume")
+    assert ckpt(old / "unet.pt")["diffusion"]["timestep_sampling"] == "uniform"
+
 def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
     run, _ = trained_run
     copy = tmp_path / "run"
