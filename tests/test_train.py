@@ -154,42 +154,35 @@ def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
     assert (run / "vqvae.pt").read_bytes() == before
 
 
-def test_min_snr_gamma_is_saved_in_the_checkpoint_and_used_when_sampling(trained_run, tmp_path):
+@pytest.mark.parametrize("flag, given, saved, other, shown", [("--min-snr-gamma", "5", 5.0, "3", "3.0"),
+                                                            ("--timestep-sampling", "lognormal", "lognormal", "uniform", "uniform")])
+def test_a_diffusion_setting_is_saved_in_the_checkpoint_kept_on_resume_and_used_when_sampling(
+        trained_run, tmp_path, flag, given, saved, other, shown):
     import predict
     run, _ = trained_run
+    key = flag[2:].replace("-", "_")
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     (copy / "unet.pt").unlink()
-    unet(copy, "--max-steps", "2", "--min-snr-gamma", "5")
-    assert ckpt(copy / "unet.pt")["diffusion"]["min_snr_gamma"] == 5.0
-    assert predict.load_run(copy, "cpu").diffusion.min_snr_gamma == 5.0
+    unet(copy, "--max-steps", "2", flag, given)
+    assert ckpt(copy / "unet.pt")["diffusion"][key] == saved
+    assert getattr(predict.load_run(copy, "cpu").diffusion, key) == saved
     unet(copy, "--max-steps", "3", "--resume")              # resumed without it: the run's own (since issue 29)
-    assert ckpt(copy / "unet.pt")["diffusion"]["min_snr_gamma"] == 5.0 and ckpt(copy / "unet.pt")["step"] == 3
-    assert "--min-snr-gamma 3.0 differs from this run's 5.0" in error_of(unet, copy, "--max-steps", "4", "--resume",
-                                                                         "--min-snr-gamma", "3")
+    assert ckpt(copy / "unet.pt")["diffusion"][key] == saved and ckpt(copy / "unet.pt")["step"] == 3
+    assert f"{flag} {shown} differs from this run's {saved}" in error_of(unet, copy, "--max-steps", "4", "--resume",
+                                                                        flag, other)
 
 
-
-def test_timestep_sampling_is_saved_with_the_run_and_kept_on_resume(trained_run, tmp_path):
-    import predict
+def test_a_checkpoint_from_before_timestep_sampling_resumes_as_uniform(trained_run, tmp_path):
     run, _ = trained_run
-    copy = tmp_path / "run"
-    shutil.copytree(run, copy)
-    (copy / "unet.pt").unlink()
-    unet(copy, "--max-steps", "2", "--timestep-sampling", "lognormal")
-    assert ckpt(copy / "unet.pt")["diffusion"]["timestep_sampling"] == "lognormal"
-    assert predict.load_run(copy, "cpu").diffusion.timestep_sampling == "lognormal"
-    unet(copy, "--max-steps", "3", "--resume")              # resumed without it: the run's own
-    assert ckpt(copy / "unet.pt")["diffusion"]["timestep_sampling"] == "lognormal" and ckpt(copy / "unet.pt")["step"] == 3
-    assert "--timestep-sampling uniform differs from this run's lognormal" in error_of(
-        unet, copy, "--max-steps", "4", "--resume", "--timestep-sampling", "uniform")
-    old = tmp_path / "old"                                   # a checkpoint from before the flag resumes as uniform
+    old = tmp_path / "old"
     shutil.copytree(run, old)
     saved = ckpt(old / "unet.pt")
     del saved["diffusion"]["timestep_sampling"]
     torch.save(saved, old / "unet.pt")
     unet(old, "--max-steps", str(saved["step"] + 1), "--resume")
     assert ckpt(old / "unet.pt")["diffusion"]["timestep_sampling"] == "uniform"
+
 
 def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
     run, _ = trained_run
