@@ -154,8 +154,9 @@ def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
     assert (run / "vqvae.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("flag, given, saved, other, shown", [("--min-snr-gamma", "5", 5.0, "3", "3.0"),
-                                                            ("--timestep-sampling", "lognormal", "lognormal", "uniform", "uniform")])
+@pytest.mark.parametrize("flag, given, saved, other, shown", [
+    ("--min-snr-gamma", "5", 5.0, "3", "3.0"),
+    ("--timestep-sampling", "lognormal", "lognormal", "uniform", "uniform")])
 def test_a_diffusion_setting_is_saved_in_the_checkpoint_kept_on_resume_and_used_when_sampling(
         trained_run, tmp_path, flag, given, saved, other, shown):
     import predict
