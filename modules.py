@@ -535,6 +535,8 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
         }
+        log_sigma = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod)  # increasing in t
+        buffers["log_sigma_boundaries"] = (log_sigma[1:] + log_sigma[:-1]) / 2  # between steps t and t + 1
         for name, value in buffers.items():
             self.register_buffer(name, value, persistent=False)
 
@@ -719,11 +721,9 @@ class GaussianDiffusion(nn.Module):
         to the step nearest in ln sigma. Either way the loss's weight per step is left as it is."""
         if self.timestep_sampling == "uniform":
             return torch.randint(0, self.num_steps, (batch,), device=device)
-        abar = self.alphas_cumprod.to(device)
-        log_sigma = 0.5 * torch.log((1 - abar) / abar)                   # increasing in t
-        between = (log_sigma[1:] + log_sigma[:-1]) / 2                    # the steps' boundaries in ln sigma
-        draw = self.LOGNORMAL_MEAN + self.LOGNORMAL_STD * torch.randn(batch, device=device, dtype=abar.dtype)
-        return torch.searchsorted(between, draw)
+        boundaries = self.log_sigma_boundaries
+        draw = self.LOGNORMAL_MEAN + self.LOGNORMAL_STD * torch.randn(batch, device=device, dtype=boundaries.dtype)
+        return torch.searchsorted(boundaries, draw)
 
     def loss(self, model, x0, t=None, noise=None, y=None):
         """Simple loss (Ho et al. 2020, eq. 14) on the eps or v target: MSE, or smooth-L1 as the original used,
