@@ -102,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                    help="with --autoguidance: the guide's EMA length, reconstructed from the snapshots up to its step "
                         "(Karras et al. choose it apart from the main network's) (default: the snapshot's shorter profile, "
                         "0.05)")
+    p.add_argument("--guide-interval", type=step_interval, default=None, metavar="FIRST,LAST",
+                   help="apply the guidance (--autoguidance, --guidance) only at steps t from FIRST to LAST of the "
+                        "training's T, the guided network alone elsewhere (Kynkaanniemi et al. 2024) (default: every step)")
     p.add_argument("--clip-x0", default="auto",
                    help="clip predicted x0 to [-c, c]: a number, 'auto' (the training latents' range), or 'none' (default: %(default)s)")
     p.add_argument("--gif-frames", type=int, default=40, help="GIF frames of the main pass (default: %(default)s)")
@@ -118,6 +121,17 @@ def scales(text: str) -> list[float]:
         return [float(w) for w in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def step_interval(text: str) -> tuple[int, int]:
+    """'100,700' -> (100, 700): steps FIRST <= LAST, both 0 or more (argparse type of --guide-interval)."""
+    try:
+        first, last = (int(step) for step in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two steps FIRST,LAST, got {text!r}") from None
+    if not 0 <= first <= last:
+        raise argparse.ArgumentTypeError(f"expected steps 0 <= FIRST <= LAST, got {text!r}")
+    return first, last
 
 
 # ----------------------------------------------------------------------------- the run's models and how to sample them
@@ -209,6 +223,7 @@ class Sampling:
     autoguidance: float = 1.0           # W of autoguidance by `guide` (1: off)
     guide: UNet | None = None           # the run's UNet earlier in its training (--guide-at), for autoguidance
     guide_record: dict | None = None    # what guided: {autoguidance, guide_step, guide_sigma_rel}; None: nothing
+    guide_interval: tuple[int, int] | None = None  # the steps (first, last) where guidance applies; None: all
 
     def calls(self, num_steps: int) -> int:
         """Network calls per batch: the main pass and the repeats."""
@@ -237,11 +252,15 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
         if repeat_times and args.repeat_last > model.diffusion.num_steps:
             raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {model.diffusion.num_steps} diffusion steps")
         clip_x0 = parse_clip(args.clip_x0, model.latent_absmax)
+        if args.guide_interval and args.guide_interval[0] >= model.diffusion.num_steps:
+            raise BadInputError(f"--guide-interval {args.guide_interval[0]},{args.guide_interval[1]} starts after the "
+                                f"last of the {model.diffusion.num_steps} diffusion steps")
         if args.autoguidance != 1:
             guide, guide_record = load_guide(model, Path(args.run), args.guide_at, args.guide_sigma_rel)
             guide_record = {"autoguidance": args.autoguidance, **guide_record}
     return Sampling(args.sampler, args.steps, args.eta, args.repeat_last, repeat_times, clip_x0, args.batch_size,
-                    args.gif_frames, args.cuda_graphs, args.decode == "quantised", args.autoguidance, guide, guide_record)
+                    args.gif_frames, args.cuda_graphs, args.decode == "quantised", args.autoguidance, guide, guide_record,
+                    args.guide_interval)
 
 
 def load_guide(model: LatentDiffusion, run: Path, at: float, sigma_rel: float | None = None) -> tuple[UNet, dict]:
@@ -357,9 +376,11 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
         start = b * batch_size
         x_T = torch.randn(min(batch_size, num - start), *model.latent_shape, device=device).contiguous(memory_format=layout)
         y = None if labels is None else labels[start:start + len(x_T)].to(device)
-        denoiser = network if y is None else Guided(network, y, guidance)
+        interval = sampling.guide_interval
+        denoiser = network if y is None else Guided(network, y, guidance, interval)
         if guide is not None:  # autoguidance, the guide under the same conditions and scale
-            denoiser = Autoguided(denoiser, guide if y is None else Guided(guide, y, guidance), sampling.autoguidance)
+            denoiser = Autoguided(denoiser, guide if y is None else Guided(guide, y, guidance, interval),
+                                  sampling.autoguidance, interval)
         with autocast:
             latents, frames = sample_latents(model.diffusion, denoiser, x_T, sampling, bar)
             images = decode(model.vqvae, latents, model.latent_scale, quantise=sampling.quantise).cpu()
@@ -496,6 +517,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               **({} if sampling.quantise else {"decode": "unquantised"}),  # a set from before --decode reads the same
               **({"decoder_fingerprint": model.decoder_fingerprint} if model.decoder_fingerprint else {}),  # likewise
               **(sampling.guide_record or {}),  # so does one from before --autoguidance
+              **({"guide_interval": list(sampling.guide_interval)} if sampling.guide_interval else {}),  # and --guide-interval
               "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "rows": [[caption, None if y is None else

@@ -394,6 +394,7 @@ def evaluate(args):
         sampling = {"sampler": settings.sampler, "steps": model.diffusion.num_steps if settings.sampler == "ddpm"
                     else settings.steps, "repeat_times": settings.repeat_times, "clip_x0": settings.clip_x0,
                     "decode": "quantised" if settings.quantise else "unquantised", **(settings.guide_record or {}),
+                    **({"guide_interval": list(settings.guide_interval)} if settings.guide_interval else {}),
                     "seconds_per_image": seconds / num, "unet_step": model.unet_step}
 
     # features and scores

@@ -623,6 +623,27 @@ def test_autoguidance_1_is_the_main_network_0_the_guide_and_w_extrapolates_from_
         assert torch.allclose(both, Guided(cond, y, 3.0)(x, t), atol=1e-5)  # a guide equal to the main: no change
 
 
+def test_guidance_in_an_interval_of_steps_applies_there_only_the_guided_network_alone_elsewhere():
+    torch.manual_seed(0)
+    cfg = UNetConfig(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1, conditions=(2,))
+    main, guide = UNet(cfg).eval(), UNet(cfg).eval()
+    for unet in (main, guide):
+        nn.init.normal_(unet.out[-1].weight, std=0.1)
+    # the interval's ends belong to it: steps 99 and 701 are outside, 100 and 700 inside
+    x, t, y = torch.randn(5, 4, 8, 8), torch.tensor([99, 100, 400, 700, 701]), torch.tensor([0, 1, 1, 0, 1])
+    inside = torch.tensor([False, True, True, True, False]).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        good, bad = main(x, t), guide(x, t)
+        expected = torch.where(inside, bad + 2.5 * (good - bad), good)
+        assert torch.allclose(Autoguided(main, guide, 2.5, (100, 700))(x, t), expected, atol=1e-5)
+        cond, uncond = main(x, t, y), main(x, t)
+        expected = torch.where(inside, uncond + 3.0 * (cond - uncond), cond)
+        assert torch.allclose(Guided(main, y, 3.0, (100, 700))(x, t), expected, atol=2e-4)
+        # w = 0 (the unconditional network) in the interval, the conditional one outside
+        assert torch.allclose(Guided(main, y, 0.0, (100, 700))(x, t), torch.where(inside, uncond, cond), atol=1e-5)
+        assert (cond - uncond).abs().max() > 0.1 and (good - bad).abs().max() > 0.1
+
+
 SMALL_UNET = dict(latent_size=8, channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1)
 
 

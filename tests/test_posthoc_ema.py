@@ -2,6 +2,7 @@
 snapshots through kill-and-resume; `evaluate --ema-lengths` and `driver.py ema` (evaluation/ema_lengths.py)."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -242,6 +243,44 @@ def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so
     # a guide at or after the UNet's own step is no weaker version of it; W must be positive
     assert "--guide-at" in error_of(predict.main, [*flags[:-2], "--guide-at", str(model.unet_step)])
     assert "--autoguidance" in error_of(predict.main, [*flags[:-4], "--autoguidance", "0"])
+
+
+def test_autoguidance_in_an_interval_of_steps_guides_the_steps_inside_it_and_the_set_says_so(posthoc_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("samples*"))
+    model = predict.load_run(run, "cpu")
+    fast = ["--run", str(run), "--sampler", "ddim", "--steps", "4", "--gif-frames", "2", "--num", "3", "--seed", "4",
+            "--format", "npz"]
+    guided = [*fast, "--autoguidance", "2", "--guide-at", "0.5"]
+    visited = model.diffusion.ddim_timesteps(model.diffusion.num_steps - 1, 4)   # [999, 666, 333, 0]
+    first, last = visited[2] + 1, visited[1]                                     # holds 666 alone
+    images = {name: predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / name)])) for name, flags in [
+        ("plain", fast), ("guided", guided), ("all", [*guided, "--guide-interval", f"0,{visited[0]}"]),
+        ("none", [*guided, "--guide-interval", f"{visited[2] + 1},{visited[1] - 1}"]),
+        ("one", [*guided, "--guide-interval", f"{first},{last}"])]}
+    assert torch.equal(images["all"], images["guided"]) and torch.equal(images["none"], images["plain"])
+    assert not torch.allclose(images["one"], images["guided"], atol=1e-3)
+    assert not torch.allclose(images["one"], images["plain"], atol=1e-3)
+    # the one step guided, by hand: the main network alone at the other steps
+    main, guide = model.unet, predict.load_guide(model, run, 0.5)[0]
+    sampling = predict.sampling_from_args(predict.parse_args(fast), model)
+    torch.manual_seed(4)
+    x_T = torch.randn(3, *model.latent_shape)
+
+    def guided_at_666(x_t, t):
+        return Autoguided(main, guide, 2.0)(x_t, t) if int(t[0]) == last else main(x_t, t)
+
+    with torch.no_grad():
+        z, _ = predict.sample_latents(model.diffusion, guided_at_666, x_T, sampling)
+        assert torch.allclose(images["one"], model.vqvae.decode(z / model.latent_scale).clamp(-1, 1), atol=1e-5)
+    with open(tmp_path / "one" / "samples" / "manifest.csv", newline="") as f:
+        assert next(csv.DictReader(f))["guide_interval"] == f"[{first}, {last}]"
+    assert "guide_interval" not in (tmp_path / "guided" / "samples" / "manifest.csv").read_text().splitlines()[0]
+    assert "--guide-interval" in error_of(predict.main, [*guided, "--guide-interval", "1000,1200"])  # past the T steps
+    for bad in ("700", "700,100", "-1,5", "a,b"):
+        with pytest.raises(SystemExit) as e:
+            predict.parse_args([*guided, "--guide-interval", bad])
+        assert e.value.code == 2
 
 
 def test_the_guides_ema_length_is_reconstructed_at_its_snapshot(posthoc_run, tmp_path):
