@@ -89,7 +89,7 @@ THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb",
 LENGTH = {"max_steps", "epochs"}
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
 # (a flag missing here is left to its default or the preset, and not checked).
-BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "fine_band_weight": 0.0}
+BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64}
 
 
 def ints(text: str) -> list[int]:
@@ -322,10 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how training draws the noise step t: uniform (Ho et al.), or lognormal: ln sigma_t normal as "
                         "EDM's (Karras et al. 2022), fewer very noisy steps, sharper fine detail and a worse coarse "
                         "level on ADNI 64x64 (bench/README.md; default: %(default)s)")
-    p.add_argument("--fine-band-weight", type=float, default=0.0,
-                   help="add this weight times the mean square of the error's finest Laplacian band (the latent's top "
-                        "octave of spatial frequencies) to the loss; the optimum is unchanged, the training's effort "
-                        "moves to fine detail (bench/README.md; default: %(default)s, off)")
     p.set_defaults(func=train.train_unet, stage="unet")
 
     p = sub.add_parser("sample", help="generate images, a grid and a GIF from a trained run (predict.py)")
@@ -407,8 +403,6 @@ def check_sizes(args: argparse.Namespace):
             raise BadInputError(f"the UNet has 4 levels, one width multiplier each (got --unet-mult {args.unet_mult})")
         if args.posthoc_ema < 0:
             raise BadInputError(f"--posthoc-ema EVERY must be 0 (off) or a number of steps, got {args.posthoc_ema}")
-        if not args.fine_band_weight >= 0:
-            raise BadInputError(f"--fine-band-weight must be 0 (off) or more, got {args.fine_band_weight}")
 
 
 def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:

@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses.reconstruction import laplacian_pyramid
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -497,12 +496,6 @@ def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
     raise ValueError(f"unknown noise schedule {schedule!r} (use 'linear' or 'cosine')")
 
 
-def fine_band(x: torch.Tensor) -> torch.Tensor:
-    """The finest band of x's Laplacian pyramid (Burt & Adelson 1983), at x's own resolution: x less its blurred
-    half-resolution copy, a linear map that keeps the top octave of x's spatial frequencies."""
-    return laplacian_pyramid(x, min_size=x.shape[-1] // 2)[0]
-
-
 class GaussianDiffusion(nn.Module):
     """The DDPM forward process and its reverse steps (Ho et al. 2020), eps-parameterised.
 
@@ -516,8 +509,7 @@ class GaussianDiffusion(nn.Module):
     LOGNORMAL_MEAN, LOGNORMAL_STD = -1.2 + math.log(2.0), 1.2
 
     def __init__(self, num_steps: int = 1000, schedule: str = "linear", loss_type: str = "mse",
-                 prediction: str = "eps", min_snr_gamma: float | None = None, timestep_sampling: str = "uniform",
-                 fine_band_weight: float = 0.0):
+                 prediction: str = "eps", min_snr_gamma: float | None = None, timestep_sampling: str = "uniform"):
         super().__init__()
         if loss_type not in ("mse", "smooth_l1"):
             raise ValueError(f"unknown loss {loss_type!r} (use 'mse' or 'smooth_l1')")
@@ -525,9 +517,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown prediction {prediction!r} (use 'eps' or 'v')")
         if timestep_sampling not in ("uniform", "lognormal"):
             raise ValueError(f"unknown timestep sampling {timestep_sampling!r} (use 'uniform' or 'lognormal')")
-        if not fine_band_weight >= 0:
-            raise ValueError(f"fine_band_weight must be 0 or more, got {fine_band_weight}")
-        self.timestep_sampling, self.fine_band_weight = timestep_sampling, float(fine_band_weight)
+        self.timestep_sampling = timestep_sampling
         self.num_steps, self.schedule, self.loss_type, self.prediction = num_steps, schedule, loss_type, prediction
         self.min_snr_gamma = min_snr_gamma
         self._cast = {}
@@ -553,7 +543,7 @@ class GaussianDiffusion(nn.Module):
     def config(self) -> dict:
         return {"num_steps": self.num_steps, "schedule": self.schedule, "loss_type": self.loss_type,
                 "prediction": self.prediction, "min_snr_gamma": self.min_snr_gamma,
-                "timestep_sampling": self.timestep_sampling, "fine_band_weight": self.fine_band_weight}
+                "timestep_sampling": self.timestep_sampling}
 
     def _apply(self, fn, *args, **kwargs):
         self._cast = {}  # the buffers move or change dtype: the copies `_coef` keeps are stale
@@ -738,13 +728,7 @@ class GaussianDiffusion(nn.Module):
     def loss(self, model, x0, t=None, noise=None, y=None):
         """Simple loss (Ho et al. 2020, eq. 14) on the eps or v target: MSE, or smooth-L1 as the original used,
         per sample weighted by `loss_weight(t)` (min-SNR-gamma if set), averaged over the batch; the steps t drawn
-        by `sample_timesteps` unless given.
-
-        `fine_band_weight` w adds w times the mean square of the error's finest Laplacian band. The sampled latents
-        hold too little power in their finest frequencies (bench/README.md), and the plain MSE gives those few of
-        its gradients. With MSE the sum is a positive-definite quadratic form of the error, e^T (I + w B^T B) e, so
-        the network it is minimised by is still the posterior mean E[target | x_t]: the weight moves where training
-        spends its effort, not what it converges to."""
+        by `sample_timesteps` unless given."""
         B = x0.shape[0]
         if t is None:
             t = self.sample_timesteps(B, x0.device)
@@ -757,8 +741,6 @@ class GaussianDiffusion(nn.Module):
         pred = model(x_t, t) if y is None else model(x_t, t, y)
         error = F.mse_loss if self.loss_type == "mse" else F.smooth_l1_loss
         per_sample = error(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-        if self.fine_band_weight:
-            per_sample = per_sample + self.fine_band_weight * fine_band(pred.float() - target.float()).square().flatten(1).mean(1)
         return (self.loss_weight(t) * per_sample).mean()
 
 

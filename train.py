@@ -576,7 +576,7 @@ def train_unet(args):
     latent_shape = vqvae.cfg.latent_shape
     samples, classes = training_files(args.data_config, expand_volumes=False)  # the cache key's files: no volume is read
     diffusion = GaussianDiffusion(args.diffusion_steps, args.schedule, args.loss, args.prediction, args.min_snr_gamma,
-                                  args.timestep_sampling, args.fine_band_weight)
+                                  args.timestep_sampling)
     chosen = {k: v for k, v in asdict(unet_config(args, latent_shape)).items()  # not flags: a resumed run keeps its own
               if k not in ("scale_shift_norm", "min_group_width", "conditions")}
     resume = checkpoint_to_resume(ckpt_path, "unet", args.resume, {**chosen, **diffusion.config()},

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from modules import (EMA, VQVAE, Autoguided, ConditionEmbedding, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer,
-                     VQVAEConfig, drop_conditions, fine_band)
+                     VQVAEConfig, drop_conditions)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -550,48 +550,6 @@ def test_min_snr_gamma_weights_each_sample_by_the_closed_form(prediction):
     assert torch.allclose(plain.loss(zero, x0, t, noise), per_sample.mean(), rtol=1e-6)  # off: the plain average
     assert w[0] < 1e-3 and abs(w[3] - (1.0 if prediction == "eps" else 4e-5 / 1.00004)) < 1e-4
 
-
-
-def checkerboard(size: int) -> torch.Tensor:
-    """+1 and -1 alternating along both axes: the highest spatial frequency a grid holds (Nyquist)."""
-    signs = torch.ones(size)
-    signs[1::2] = -1
-    return signs[:, None] * signs[None, :]
-
-
-def test_the_fine_band_holds_none_of_a_constant_and_all_of_the_nyquist_checkerboard():
-    assert fine_band(torch.full((2, 4, 16, 16), 0.7)).abs().max() < 1e-6
-    board = checkerboard(16).expand(2, 4, 16, 16)
-    assert torch.allclose(fine_band(board), board, atol=1e-6)
-    assert fine_band(torch.randn(2, 4, 32, 32)).shape == (2, 4, 32, 32)   # the full preset's latents
-
-
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_the_fine_band_weight_adds_w_times_the_errors_fine_band_and_leaves_the_optimum_at_the_mean(prediction):
-    """loss_w = MSE(e) + w MSE(fine_band(e)), e = prediction - target: a constant error costs what it did, the
-    checkerboard 1 + w times; and as a positive-definite quadratic form of e, it is still minimised by the mean of
-    the targets (the posterior mean E[target | x_t]), where a loss matching the band's amplitude would not be."""
-    w = 3.0
-    plain, weighted = GaussianDiffusion(prediction=prediction), GaussianDiffusion(prediction=prediction, fine_band_weight=w)
-    torch.manual_seed(0)
-    x0, noise, t = torch.randn(6, 4, 16, 16), torch.randn(6, 4, 16, 16), torch.full((6,), 300)
-    abar = plain.alphas_cumprod[300].float()
-    target = noise if prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * x0
-    for error, factor in [(torch.full_like(x0, 0.3), 1.0), (0.3 * checkerboard(16).expand_as(x0), 1 + w)]:
-        model = lambda x_t, tt, e=error: target + e  # noqa: E731
-        assert torch.allclose(weighted.loss(model, x0, t, noise), factor * plain.loss(model, x0, t, noise), rtol=1e-5)
-
-    def gradient(diffusion, offset):
-        """d loss / d p for one prediction p shared by every sample, at the targets' mean plus offset."""
-        shared = (target.mean(0, keepdim=True) + offset).requires_grad_(True)
-        diffusion.loss(lambda x_t, tt: shared.expand_as(x_t), x0, t, noise).backward()
-        return shared.grad
-    off = 0.3 * checkerboard(16).expand(1, 4, 16, 16)
-    slope = lambda d: (gradient(d, off) * off).sum()  # noqa: E731  the derivative along the checkerboard
-    assert torch.allclose(slope(weighted), (1 + w) * slope(plain), rtol=1e-4)
-    assert gradient(weighted, 0.0).abs().max() < 1e-4 * gradient(weighted, off).abs().max()  # zero at the mean
-    with pytest.raises(ValueError, match="fine_band_weight"):
-        GaussianDiffusion(fine_band_weight=-1.0)
 
 
 @pytest.mark.parametrize("sampling", ["uniform", "lognormal"])

@@ -156,8 +156,7 @@ def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
 
 @pytest.mark.parametrize("flag, given, saved, other, shown", [
     ("--min-snr-gamma", "5", 5.0, "3", "3.0"),
-    ("--timestep-sampling", "lognormal", "lognormal", "uniform", "uniform"),
-    ("--fine-band-weight", "3", 3.0, "1", "1.0")])
+    ("--timestep-sampling", "lognormal", "lognormal", "uniform", "uniform")])
 def test_a_diffusion_setting_is_saved_in_the_checkpoint_kept_on_resume_and_used_when_sampling(
         trained_run, tmp_path, flag, given, saved, other, shown):
     import predict
@@ -175,26 +174,15 @@ def test_a_diffusion_setting_is_saved_in_the_checkpoint_kept_on_resume_and_used_
                                                                         flag, other)
 
 
-def test_a_checkpoint_from_before_timestep_sampling_and_the_fine_band_weight_resumes_without_either(trained_run, tmp_path):
+def test_a_checkpoint_from_before_timestep_sampling_resumes_as_uniform(trained_run, tmp_path):
     run, _ = trained_run
     old = tmp_path / "old"
     shutil.copytree(run, old)
     saved = ckpt(old / "unet.pt")
-    del saved["diffusion"]["timestep_sampling"], saved["diffusion"]["fine_band_weight"]
+    del saved["diffusion"]["timestep_sampling"]
     torch.save(saved, old / "unet.pt")
     unet(old, "--max-steps", str(saved["step"] + 1), "--resume")
     assert ckpt(old / "unet.pt")["diffusion"]["timestep_sampling"] == "uniform"
-    assert ckpt(old / "unet.pt")["diffusion"]["fine_band_weight"] == 0.0
-
-
-def test_a_negative_fine_band_weight_is_refused_before_training(trained_run, tmp_path):
-    run, _ = trained_run
-    fresh = tmp_path / "fresh"
-    shutil.copytree(run, fresh)
-    (fresh / "unet.pt").unlink()
-    assert "--fine-band-weight must be 0 (off) or more" in error_of(unet, fresh, "--max-steps", "2",
-                                                                    "--fine-band-weight", "-1")
-    assert not (fresh / "unet.pt").exists()
 
 
 def test_latent_cache_is_reused_not_recomputed(trained_run, tmp_path, monkeypatch):
