@@ -61,15 +61,16 @@ def add_row_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=1, help="sampling seed; quality.py samples `ours` with 1")
 
 
-def load_row(args) -> tuple:
-    """quality.py's reference half A, floor half B and feature network; the row's run and `driver.py sample`'s sampling."""
+def load_row(args, sample_flags: tuple[str, ...] | list[str] = ()) -> tuple:
+    """quality.py's reference half A, floor half B and feature network; the row's run and `driver.py sample`'s sampling
+    (with `sample_flags`)."""
     out, run = Path(args.out), Path(args.out) / args.row
     dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     features = feature_network(out, dataset, train_idx, key, "cpu")
     model = predict.load_run(run, "cpu")
-    sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
+    sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run), *sample_flags]), model)
     return reference, floor, features, model, sampling
 
 
