@@ -1,4 +1,4 @@
-"""Where do the samples lose the fine detail that the reconstructions keep? Three looks at a quality.py row:
+"""Where do the samples lose the fine detail that the reconstructions keep? Four looks at a quality.py row (the fourth with --boost):
 
 1. the finest band's energy (mean |Laplacian| of the finest pyramid level) of real images, reconstructions and samples:
    lower than real is smoother, higher is noisier;
@@ -32,7 +32,7 @@ import predict  # noqa: E402
 from decode_unquantised import add_row_arguments, load_row, samples_and_latents  # noqa: E402
 from evaluation.evaluate import format_level_table, score_rows  # noqa: E402
 from losses.reconstruction import laplacian_pyramid  # noqa: E402
-from runtime.posthoc_ema import reconstruct_many  # noqa: E402
+from runtime.posthoc_ema import reconstruct  # noqa: E402
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
     out, run = Path(args.out), Path(args.out) / args.row
     reference, floor, features, model, sampling = load_row(args, shlex.split(args.sample_flags))
     if args.ema_length is not None:
-        (weights, _), = reconstruct_many(run, [args.ema_length])
+        weights, _ = reconstruct(run, args.ema_length, step=model.unet_step)  # at unet.pt's step, or a clear error
         model.unet.load_state_dict({**model.unet.state_dict(), **weights})
     samples, sampled = samples_and_latents(model, sampling, len(floor), args.seed)
     vq, scale, decode = model.vqvae, model.latent_scale, predict.decode
