@@ -1,4 +1,5 @@
-"""Where do the samples lose the fine detail that the reconstructions keep? Four looks at a quality.py row (the fourth with --boost):
+"""Where do the samples lose the fine detail that the reconstructions keep? Four looks at a quality.py row (the
+fourth with --boost):
 
 1. the finest band's energy (mean |Laplacian| of the finest pyramid level) of real images, reconstructions and samples:
    lower than real is smoother, higher is noisier;
