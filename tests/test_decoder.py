@@ -30,11 +30,11 @@ def test_train_decoder_changes_the_decoder_alone_and_the_run_samples_with_it(tra
     assert (saved["kind"], saved["step"]) == ("decoder", 3)
     assert saved["vqvae_fingerprint"] == fingerprint(original)
     assert {k for k, v in saved["model"].items() if not torch.equal(v, original[f"decoder.{k}"])}  # it learned
-    # by default the anchors' recipe, saved with the run; the discriminator's state with it, for --resume
+    # by default the anchors' recipe, saved with the run; `tiny` leaves out its adversarial term, so no discriminator
     a = saved["args"]
     assert (a["reconstruction_loss"], a["perceptual_network"], a["perceptual_weight"], a["adversarial_loss"],
-            a["adversarial_weighting"], a["adversarial_weight"]) == ("l1", "random", 1.0, "least-squares", "fixed", 0.01)
-    assert "discriminator" in saved
+            a["adversarial_weighting"], a["adversarial_weight"]) == ("l1", "random", 1.0, "least-squares", "fixed", 0.0)
+    assert "discriminator" not in saved
 
     # the run decodes with the fine-tuned decoder, and encodes with stage 1's encoder and codebook as they were
     model = predict.load_run(copy, "cpu")
@@ -62,11 +62,13 @@ def test_train_decoder_resumes_with_its_own_settings_and_refuses_others(trained_
     run, _ = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    decoder(copy, "--max-steps", "2", "--perceptual-weight", "0")
+    decoder(copy, "--max-steps", "2", "--perceptual-weight", "0", "--adversarial-weight", "0.01")
     assert "--resume" in error_of(decoder, copy, "--max-steps", "4")
     decoder(copy, "--max-steps", "4", "--resume")
     saved = ckpt(copy / "decoder.pt")
-    assert saved["step"] == 4 and saved["args"]["perceptual_weight"] == 0
+    # a decoder begun with the adversarial term (the `tiny` default before 2026-12-06) keeps it, and its discriminator
+    assert saved["step"] == 4 and saved["args"]["perceptual_weight"] == 0 and saved["args"]["adversarial_weight"] == 0.01
+    assert "discriminator" in saved
     with open(copy / "log_decoder.csv", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
     message = error_of(decoder, copy, "--max-steps", "6", "--resume", "--reconstruction-loss", "mse")
