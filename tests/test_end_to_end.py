@@ -183,7 +183,8 @@ def test_torchrun_two_processes_fine_tune_the_decoder_alone_and_resume(adni_fold
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2")
     base = ["train-decoder", "--run-dir", str(run), "--batch-size", "4", "--log-every", "2", "--sample-every", "2",
-            "--save-every", "2", "--workers", "1", "--device", "cpu"]
+            "--save-every", "2", "--workers", "1", "--device", "cpu",
+            "--adversarial-weight", "0.01"]  # with a discriminator, which `tiny` leaves out by default
     done = torchrun(*base, "--max-steps", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "steps 0 -> 2 of 8 images" in done.stdout + done.stderr  # 4 a rank, two ranks
