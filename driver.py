@@ -91,7 +91,8 @@ THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb",
 LENGTH = {"max_steps", "epochs"}
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
 # (a flag missing here is left to its default or the preset, and not checked).
-BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64}
+BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "regularisation": "vq",
+                   "kl_weight": 1e-6}
 
 
 def ints(text: str) -> list[int]:
@@ -258,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vq-min-group-width", type=positive(int), default=1,
                    help="channels per GroupNorm group at least; 1 keeps 32 groups, one channel each at 32 channels or "
                         "fewer, as every earlier VQ-VAE (default: %(default)s; bench/README.md, issue 32)")
+    p.add_argument("--regularisation", choices=["vq", "kl"], default="vq",
+                   help="the latent's: vq, the card's codebook, or kl, a Gaussian posterior and LDM's KL term in its "
+                        "place (Rombach et al. 2022's KL-f8; --codebook-size then unused) (default: %(default)s; "
+                        "bench/README.md, issue 32)")
+    p.add_argument("--kl-weight", type=positive(float), default=1e-6,
+                   help="with --regularisation kl, the KL term's weight in LDM's units (default: %(default)s, theirs)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of subjects left out of training, for evaluation; stage 2 inherits it (default: %(default)s, the card's all data)")
     p.add_argument("--holdout-seed", type=int, default=0, help="seed of that subject split (default: %(default)s)")

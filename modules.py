@@ -116,6 +116,8 @@ class VQVAEConfig:
     codebook_size: int = 4096
     beta: float = 0.25              # commitment weight (van den Oord et al. 2017); the original used 1
     min_group_width: int = 1        # channels per GroupNorm group at least (group_norm): 1, groups as they were
+    regularisation: str = "vq"      # the latent's: "vq" the codebook (the card), "kl" a Gaussian posterior (KL-f8)
+    kl_weight: float = 1e-6         # of the KL term, in LDM's units (GaussianPosterior); "kl" only
 
     @property
     def factor(self) -> int:
@@ -202,6 +204,31 @@ class VectorQuantizer(nn.Module):
         self.usage.masked_fill_(dead[:, 0], 1.0)
 
 
+class GaussianPosterior(nn.Module):
+    """The KL-regularised latent of LDM's KL autoencoders (Rombach et al. 2022, KL-f8), in place of the quantiser.
+
+    The encoder gives every latent element a mean and a log-variance. In training the decoder gets a sample
+    z = mean + sigma * eps (Kingma & Welling 2014) and the loss gains weight * KL(q(z|x) || N(0, I)), summed over the
+    latent and divided by the image's pixels: LDM sums its reconstruction loss over the pixels where we average it, so
+    their weight (1e-6) means here what it meant there. In eval mode z is the mean, so nothing random is drawn.
+    Reported per batch: the KL per latent element (nats) and the posterior's mean sigma.
+    """
+
+    def __init__(self, weight: float, pixels: int):
+        super().__init__()
+        self.weight, self.pixels = weight, pixels
+
+    def forward(self, moments: torch.Tensor):
+        """moments (B, 2D, h, w) -> (z (B, D, h, w), weighted KL loss, stats)."""
+        mean, logvar = moments.float().chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        sigma = torch.exp(0.5 * logvar)
+        z = mean + sigma * torch.randn_like(mean) if self.training else mean
+        kl = 0.5 * (mean.square() + sigma.square() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
+        stats = {"kl_per_element": kl / mean[0].numel(), "sigma": sigma.mean()}
+        return z.to(moments.dtype), self.weight * kl / self.pixels, stats
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
@@ -215,8 +242,9 @@ class Encoder(nn.Module):
                 prev = c
             if level < len(ch) - 1:
                 layers.append(Downsample(prev))
+        moments = 2 if cfg.regularisation == "kl" else 1  # a mean and a log-variance each, or z
         layers += [res_block(prev, prev), group_norm(prev, cfg.min_group_width), nn.SiLU(),
-                   nn.Conv2d(prev, cfg.latent_channels, 3, padding=1)]
+                   nn.Conv2d(prev, moments * cfg.latent_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -248,20 +276,32 @@ class VQVAE(nn.Module):
 
     `encode` returns the pre-quantisation z, which is what stage 2 diffuses; `decode` quantises
     first, so a latent from the sampler goes through the same codebook as during training, or, with
-    quantise=False, hands z to the decoder as it is (CompVis' `force_not_quantize`).
+    quantise=False, hands z to the decoder as it is (CompVis' `force_not_quantize`). With the KL
+    regularisation (`cfg.regularisation == "kl"`) there is no codebook: `encode` returns the posterior's
+    mean and `decode` hands z to the decoder as it is, either way.
     """
 
     def __init__(self, cfg: VQVAEConfig):
         super().__init__()
+        if cfg.regularisation not in ("vq", "kl"):
+            raise ValueError(f"regularisation must be 'vq' or 'kl', got {cfg.regularisation!r}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta)
+        if cfg.regularisation == "vq":
+            self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.latent_channels, cfg.beta)
+        else:
+            self.quantizer = None
+            self.posterior = GaussianPosterior(cfg.kl_weight, cfg.in_channels * cfg.image_size ** 2)
         self.decoder = Decoder(cfg)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
+        h = self.encoder(x)
+        return h if self.quantizer is not None else h[:, :self.cfg.latent_channels]  # a KL latent's mean
 
     def quantize(self, z: torch.Tensor):
+        """z -> (z_q, vq loss, codes (B, h, w), stats); a KL latent has no codebook: z as it is, codes None."""
+        if self.quantizer is None:
+            return z, z.new_zeros(()), None, {}
         return self.quantizer(z)
 
     def decode(self, z: torch.Tensor, quantise: bool = True) -> torch.Tensor:
@@ -273,9 +313,12 @@ class VQVAE(nn.Module):
         return self.decoder.net[-1].weight
 
     def forward(self, x: torch.Tensor):
-        """x -> (reconstruction, vq loss, stats)."""
-        z_q, vq_loss, _, stats = self.quantize(self.encode(x))
-        return self.decoder(z_q), vq_loss, stats
+        """x -> (reconstruction, the latent's loss (vq or KL), stats)."""
+        if self.quantizer is None:
+            z, loss, stats = self.posterior(self.encoder(x))
+        else:
+            z, loss, _, stats = self.quantize(self.encode(x))
+        return self.decoder(z), loss, stats
 
 
 # ----------------------------------------------------------------------------- UNet

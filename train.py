@@ -371,11 +371,13 @@ def start_stage(args, rt: Runtime, name: str, header: str):
 def vqvae_config(args) -> VQVAEConfig:
     return VQVAEConfig(in_channels=args.channels, image_size=args.image_size, channels=args.vq_channels,
                        channel_mult=tuple(args.vq_mult), num_res_blocks=args.vq_res_blocks,
-                       codebook_size=args.codebook_size, min_group_width=args.vq_min_group_width)
+                       codebook_size=args.codebook_size, min_group_width=args.vq_min_group_width,
+                       regularisation=args.regularisation, kl_weight=args.kl_weight)
 
 
 def train_vqvae(args):
-    """Stage 1: VQ-VAE with an MSE (or L1) reconstruction loss + codebook + 0.25 x commitment loss, optionally
+    """Stage 1: VQ-VAE with an MSE (or L1) reconstruction loss + codebook + 0.25 x commitment loss (or, with
+    `--regularisation kl`, LDM's KL term in their place), optionally
     measured on the clamped output (`as_shown`), + Laplacian L1, the focal frequency loss, a perceptual loss and an
     adversarial patch loss (losses/: VQGAN's and the brain-MRI anchors' recipes for detail)."""
     # setup
@@ -403,18 +405,19 @@ def train_vqvae(args):
             recon, vq_loss, stats = train_model(x)
         rec, recon_loss, adversarial = reconstruction(recon, x, model.last_layer)
         total = rec + vq_loss + adversarial
-        return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), stats["perplexity"], stats["usage"]])
+        return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), *stats.values()])
 
     start_stage(args, rt, "vqvae", f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
                 f"{cfg.latent_shape}, {len(dataset)} images from {data.folder()}, steps {step} -> {max_steps} of "
                 f"{args.batch_size * args.grad_accum * rt.world} images ({rt.world} process(es)) on {rt.device}, {rt.precision}")
     train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss,
-                     ("loss", "recon", "vq", "adversarial", "perplexity", "usage"),
+                     ("loss", "recon", cfg.regularisation, "adversarial",
+                      *(("perplexity", "usage") if cfg.regularisation == "vq" else ("kl_per_element", "sigma"))),
                      lambda: reconstruction_grid(model, model, fixed, rt), "recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
                                       "data_config": data.saved(), "data_files": files_key,
                                       **reconstruction.state()},
-                     after_step=reconstruction.after_step, plot=("loss", "recon", "vq"), derived=psnr),
+                     after_step=reconstruction.after_step, plot=("loss", "recon", cfg.regularisation), derived=psnr),
                args, rt, step, max_steps, resume)
 
 

@@ -498,8 +498,9 @@ def evaluate(args):
         metrics.update(guidance=args.guidance, per_class=class_rows)
         save_image(class_grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}, "
-               f"codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}"
+    vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}"
+               + (f", codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}"
+                  if "perplexity" in vq_metrics else ", KL-regularised latent (no codebook)")
                + (f"; its decoder fine-tuned alone (train-decoder, step {vq_ckpt['decoder']['step']})"
                   if "decoder" in vq_ckpt else ""))
     note = ("Distances to the reference half A of the held-out subjects. Real rows: random training images, and the "

@@ -175,7 +175,8 @@ def ms_ssim_diversity(images: torch.Tensor, pairs: int = 500, seed: int = 0, dev
 
 @torch.no_grad()
 def reconstruction_metrics(vqvae, images: torch.Tensor, batch_size: int = 64, device="cpu") -> tuple[dict, torch.Tensor]:
-    """PSNR, SSIM, codebook use and perplexity of the VQ-VAE on `images`; also returns the reconstructions."""
+    """PSNR, SSIM, codebook use and perplexity of the VQ-VAE on `images` (a KL latent has no codebook: those two are
+    left out); also returns the reconstructions."""
     psnr = PeakSignalNoiseRatio(data_range=2.0).to(device)
     ssim = StructuralSimilarityIndexMeasure(data_range=2.0).to(device)
     counts = torch.zeros(vqvae.cfg.codebook_size, device=device)
@@ -185,9 +186,12 @@ def reconstruction_metrics(vqvae, images: torch.Tensor, batch_size: int = 64, de
         recon = vqvae.decoder(z_q).float().clamp(-1, 1)
         psnr.update(recon, x.float())
         ssim.update(recon, x.float())
-        counts += torch.bincount(idx.flatten(), minlength=len(counts)).float()
+        if idx is not None:
+            counts += torch.bincount(idx.flatten(), minlength=len(counts)).float()
         recons.append(recon.cpu())
-    p = counts / counts.sum()
-    return {"psnr": psnr.compute().item(), "ssim": ssim.compute().item(),
-            "codebook_used": (counts > 0).float().mean().item(),
-            "perplexity": math.exp(-(p * torch.log(p + 1e-10)).sum().item())}, torch.cat(recons)
+    metrics = {"psnr": psnr.compute().item(), "ssim": ssim.compute().item()}
+    if counts.sum() > 0:
+        p = counts / counts.sum()
+        metrics.update(codebook_used=(counts > 0).float().mean().item(),
+                       perplexity=math.exp(-(p * torch.log(p + 1e-10)).sum().item()))
+    return metrics, torch.cat(recons)

@@ -1,4 +1,5 @@
 """The networks and the diffusion math, checked against closed forms and an analytic oracle."""
+import dataclasses
 import math
 
 import pytest
@@ -6,10 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.distributions import Normal, kl_divergence
 from torch.optim.swa_utils import AveragedModel
 
-from modules import (EMA, VQVAE, Autoguided, ConditionEmbedding, GaussianDiffusion, Guided, UNet, UNetConfig, VectorQuantizer,
-                     VQVAEConfig, drop_conditions)
+from modules import (EMA, VQVAE, Autoguided, ConditionEmbedding, GaussianDiffusion, GaussianPosterior, Guided, UNet,
+                     UNetConfig, VectorQuantizer, VQVAEConfig, drop_conditions)
 
 TINY_VQ = VQVAEConfig(image_size=64, channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, codebook_size=512)
 FULL_VQ = VQVAEConfig()
@@ -138,6 +140,49 @@ def test_tiny_vqvae_overfits_a_handful_of_images():
         opt.step()
         losses.append(F.mse_loss(recon, x).item())
     assert losses[-1] < losses[0] / 10
+
+
+# ----------------------------------------------------------------------------- the KL-regularised latent
+
+def test_the_posteriors_kl_term_is_the_closed_form_in_ldms_units():
+    torch.manual_seed(0)
+    mean, logvar = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    posterior = GaussianPosterior(weight=1e-3, pixels=100).eval()
+    z, loss, stats = posterior(torch.cat([mean, logvar], 1))
+    per_element = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0))  # torch's, not ours
+    assert torch.equal(z, mean)                                          # eval: the mean, nothing drawn
+    assert torch.allclose(loss, 1e-3 * per_element.sum() / 3 / 100, rtol=1e-5)  # summed per image, over its pixels
+    assert torch.allclose(stats["kl_per_element"], per_element.mean(), rtol=1e-5)
+    assert torch.allclose(stats["sigma"], (0.5 * logvar).exp().mean())
+    assert posterior(torch.zeros(2, 8, 3, 3))[1] == 0                   # the prior itself costs nothing
+
+
+def test_the_posterior_samples_its_gaussian_and_passes_gradients_to_mean_and_variance():
+    torch.manual_seed(0)
+    moments = torch.cat([torch.full((1, 1, 200, 200), 1.5), torch.full((1, 1, 200, 200), math.log(0.25))], 1)
+    moments.requires_grad_(True)
+    z, _, _ = GaussianPosterior(weight=0.0, pixels=1).train()(moments)
+    assert abs(z.mean().item() - 1.5) < 0.01 and abs(z.std().item() - 0.5) < 0.01
+    (z ** 2).sum().backward()                                           # the reparameterisation: both halves learn
+    assert moments.grad[:, 0].abs().sum() > 0 and moments.grad[:, 1].abs().sum() > 0
+
+
+def test_a_kl_vqvae_encodes_the_posterior_mean_and_decodes_without_a_codebook():
+    torch.manual_seed(0)
+    model = VQVAE(dataclasses.replace(TINY_VQ, regularisation="kl")).eval()
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    with torch.no_grad():
+        moments, z = model.encoder(x), model.encode(x)
+        assert moments.shape == (2, 8, 16, 16) and torch.equal(z, moments[:, :4])
+        assert torch.equal(model.decode(z), model.decoder(z)) and torch.equal(model.decode(z, quantise=False), model.decoder(z))
+        assert torch.equal(model(x)[0], model.decoder(z))               # eval: the mean is decoded
+        model.train()
+        assert not torch.equal(model(x)[0], model(x)[0])                # training: a sample each time
+    assert not any("codebook" in name for name in model.state_dict())
+    assert VQVAE(TINY_VQ).cfg.regularisation == "vq" and VQVAEConfig(**{
+        k: v for k, v in dataclasses.asdict(TINY_VQ).items() if k not in ("regularisation", "kl_weight")}).regularisation == "vq"
+    with pytest.raises(ValueError, match="'vq' or 'kl'"):
+        VQVAE(dataclasses.replace(TINY_VQ, regularisation="fsq"))
 
 
 # ----------------------------------------------------------------------------- UNet

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import driver
 import losses.stage1 as stage1_losses
+import predict
 import train
 from conftest import ckpt, error_of, unet, vqvae, write_blob_images
 from losses.adversarial import Adversary
@@ -159,7 +160,6 @@ def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
     ("--timestep-sampling", "lognormal", "lognormal", "uniform", "uniform")])
 def test_a_diffusion_setting_is_saved_in_the_checkpoint_kept_on_resume_and_used_when_sampling(
         trained_run, tmp_path, flag, given, saved, other, shown):
-    import predict
     run, _ = trained_run
     key = flag[2:].replace("-", "_")
     copy = tmp_path / "run"
@@ -470,6 +470,29 @@ def test_a_resumed_stage_1_keeps_its_own_reconstruction_error(adni_folder, tmp_p
     del config["train-vqvae"]["clamped_loss"]                      # a run from before the flag trained unclamped
     (run / "config.json").write_text(json.dumps(config))
     assert driver.parse(["train-vqvae", "--run", str(run), "--resume"]).clamped_loss is False
+
+
+def test_a_kl_regularised_run_trains_both_stages_resumes_as_kl_samples_and_is_evaluated(adni_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2", "--regularisation", "kl", "--kl-weight", "1e-4")
+    saved = ckpt(run / "vqvae.pt")
+    assert saved["config"]["regularisation"] == "kl" and saved["config"]["kl_weight"] == 1e-4
+    assert not any("codebook" in name for name in saved["model"])
+    logged = next(csv.DictReader(open(run / "log_vqvae.csv")))
+    assert {"kl", "kl_per_element", "sigma"} <= set(logged) and "perplexity" not in logged
+    assert 0 < float(logged["kl"]) < float(logged["loss"]) and float(logged["sigma"]) > 0
+    vqvae(run, adni_folder, "--max-steps", "3", "--resume")              # kl comes back without its flag
+    assert ckpt(run / "vqvae.pt")["step"] == 3 and ckpt(run / "vqvae.pt")["config"]["kl_weight"] == 1e-4
+    message = error_of(vqvae, run, adni_folder, "--max-steps", "4", "--resume", "--regularisation", "vq")
+    assert "--regularisation vq differs from this run's kl" in message
+    unet(run, "--max-steps", "2")
+    predict.main(["--run", str(run), "--out", str(tmp_path / "samples"), "--num", "2", "--sampler", "ddim", "--steps", "3"])
+    assert (tmp_path / "samples" / "samples.png").exists()
+    driver.main(["evaluate", "--run", str(run), "--out", str(tmp_path / "eval"), "--holdout", "0.5", "--features",
+                 "domain", "--classifier-steps", "0", "--steps", "5"])
+    assert "KL-regularised latent (no codebook)" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0 < metrics["vqvae"]["psnr"] < 100 and "codebook_used" not in metrics["vqvae"]
 
 
 # ----------------------------------------------------------------------------- a resumed run is the same run
