@@ -486,7 +486,8 @@ def test_a_kl_regularised_run_trains_both_stages_resumes_as_kl_samples_and_is_ev
     message = error_of(vqvae, run, adni_folder, "--max-steps", "4", "--resume", "--regularisation", "vq")
     assert "--regularisation vq differs from this run's kl" in message
     unet(run, "--max-steps", "2")
-    predict.main(["--run", str(run), "--out", str(tmp_path / "samples"), "--num", "2", "--sampler", "ddim", "--steps", "3"])
+    predict.main(["--run", str(run), "--out", str(tmp_path / "samples"), "--num", "2", "--sampler", "ddim",
+                  "--steps", "3"])
     assert (tmp_path / "samples" / "samples.png").exists()
     driver.main(["evaluate", "--run", str(run), "--out", str(tmp_path / "eval"), "--holdout", "0.5", "--features",
                  "domain", "--classifier-steps", "0", "--steps", "5"])
