@@ -142,6 +142,7 @@ class VectorQuantizer(nn.Module):
     """
 
     chunk_bytes = 32 * 2 ** 20  # the most memory `nearest` gives one block of distances (rows x K, float32)
+    stat_names = ("perplexity", "usage")
 
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25,
                  usage_decay: float = 0.95, dead_threshold: float = 1e-2):
@@ -213,6 +214,8 @@ class GaussianPosterior(nn.Module):
     their weight (1e-6) means here what it meant there. In eval mode z is the mean, so nothing random is drawn.
     Reported per batch: the KL per latent element (nats) and the posterior's mean sigma.
     """
+
+    stat_names = ("kl_per_element", "sigma")
 
     def __init__(self, weight: float, pixels: int):
         super().__init__()
@@ -293,6 +296,11 @@ class VQVAE(nn.Module):
             self.quantizer = None
             self.posterior = GaussianPosterior(cfg.kl_weight, cfg.in_channels * cfg.image_size ** 2)
         self.decoder = Decoder(cfg)
+
+    @property
+    def stat_names(self) -> tuple:
+        """The names of the stats `forward` reports: the quantiser's or the posterior's."""
+        return (self.quantizer or self.posterior).stat_names
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)

@@ -405,14 +405,14 @@ def train_vqvae(args):
             recon, vq_loss, stats = train_model(x)
         rec, recon_loss, adversarial = reconstruction(recon, x, model.last_layer)
         total = rec + vq_loss + adversarial
-        return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), *stats.values()])
+        logged = [stats[name] for name in model.stat_names]
+        return total, torch.stack([total, recon_loss, vq_loss, adversarial.detach(), *logged])
 
     start_stage(args, rt, "vqvae", f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
                 f"{cfg.latent_shape}, {len(dataset)} images from {data.folder()}, steps {step} -> {max_steps} of "
                 f"{args.batch_size * args.grad_accum * rt.world} images ({rt.world} process(es)) on {rt.device}, {rt.precision}")
     train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss,
-                     ("loss", "recon", cfg.regularisation, "adversarial",
-                      *(("perplexity", "usage") if cfg.regularisation == "vq" else ("kl_per_element", "sigma"))),
+                     ("loss", "recon", cfg.regularisation, "adversarial", *model.stat_names),
                      lambda: reconstruction_grid(model, model, fixed, rt), "recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
                                       "data_config": data.saved(), "data_files": files_key,
