@@ -8,8 +8,9 @@
     python predict.py --run RUN --set sex=F --sweep age=60,70,80 --guidance 2   # a conditional run: a row per age,
                                                              # every row from the same noise
 
-    python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp --steps 20   # a synthetic dataset
-    python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp --steps 20 --resume  # continued
+    # a synthetic dataset, and the same set continued after an interruption
+    python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp-sde --steps 20
+    python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp-sde --steps 20 --resume
 
 Both models are rebuilt from RUN/vqvae.pt and RUN/unet.pt alone (the UNet's EMA weights are used).
 Writes (OUT: --out, default RUN) the samples batch by batch as a dataset that `--data OUT/samples` reads back,
@@ -56,9 +57,10 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images sampled at once (default: {DEFAULT_BATCH['cuda']} on CUDA, {DEFAULT_BATCH['cpu']} on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=sampler,
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp", "dpmpp-sde"], default=sampler,
                    help="reverse process: ddpm (Ho et al. 2020), ddim (Song et al. 2021), dpmpp = DPM-Solver++(2M) "
-                        "(Lu et al. 2022) for 10-25 steps (default: %(default)s)")
+                        "(Lu et al. 2022) for 10-25 steps, dpmpp-sde = its stochastic form SDE-DPM-Solver++(2M) at the "
+                        "same cost (default: %(default)s)")
     p.add_argument("--steps", type=int, default=steps, help="network calls; DDPM always uses all T (default: %(default)s)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: %(default)s)")
     p.add_argument("--repeat-last", type=int, default=30, help="the card's repeated final steps: re-noise to this step ... (default: %(default)s)")
@@ -210,8 +212,8 @@ def for_sampling(unet: UNet, device) -> UNet:
 class Sampling:
     """How to turn noise into latents: the sampler and its settings, resolved once (`sampling_from_args`, or
     built directly by `evaluate` and the benchmarks)."""
-    sampler: str = "ddpm"               # ddpm, ddim or dpmpp
-    steps: int = 1000                   # network calls of ddim / dpmpp; ddpm always takes every step
+    sampler: str = "ddpm"               # ddpm, ddim, dpmpp or dpmpp-sde
+    steps: int = 1000                   # network calls of ddim / dpmpp(-sde); ddpm always takes every step
     eta: float = 0.0                    # DDIM noise
     repeat_last: int = 30               # the card's repeats: re-noise to step repeat_last - 1 ...
     repeat_times: int = 0               # ... and denoise again, this many times

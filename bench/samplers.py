@@ -33,6 +33,9 @@ SAMPLERS = {
     "ddim-50-eta1": ["--sampler", "ddim", "--steps", "50", "--eta", "1"],
     "ddim-100-eta1": ["--sampler", "ddim", "--steps", "100", "--eta", "1"],
     "ddim-200-eta1": ["--sampler", "ddim", "--steps", "200", "--eta", "1"],
+    "dpmpp-sde-20": ["--sampler", "dpmpp-sde", "--steps", "20"],
+    "dpmpp-sde-50": ["--sampler", "dpmpp-sde", "--steps", "50"],
+    "dpmpp-sde-100": ["--sampler", "dpmpp-sde", "--steps", "100"],
 }
 
 

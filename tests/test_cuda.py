@@ -20,7 +20,8 @@ def on_gpu(model: predict.LatentDiffusion, device: torch.device) -> predict.Late
 
 @pytest.mark.parametrize("sampler, steps, repeat_times, guided", [
     ("ddpm", 20, 2, False), ("ddpm", 20, 2, True),     # the card's DDPM with its repeated final steps
-    ("ddim", 6, 0, False), ("ddim", 6, 0, True), ("dpmpp", 6, 0, False), ("dpmpp", 6, 0, True)])
+    ("ddim", 6, 0, False), ("ddim", 6, 0, True), ("dpmpp", 6, 0, False), ("dpmpp", 6, 0, True),
+    ("dpmpp-sde", 6, 0, False)])
 def test_graph_replayed_sampling_equals_the_eager_path_on_a_gpu(sampler, steps, repeat_times, guided):
     """The same seed gives the same samples and GIF frames whether the UNet's calls are launched one by one or
     replayed from CUDA graphs (captured for real here), over a last batch of another size, on the last GPU (another

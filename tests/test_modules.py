@@ -562,6 +562,37 @@ def test_ddim_with_eta_one_on_all_steps_equals_ddpm_posterior():
     assert torch.allclose(ddpm, ddim, atol=1e-10)
 
 
+@pytest.mark.parametrize("t, t_prev", [(400, 399), (500, 400)])
+def test_sde_dpmpp_first_step_is_the_ddpm_step(t, t_prev):
+    """SDE-DPM-Solver++(2M)'s first-order step (eta = 1) is DDIM's at eta = 1, which on consecutive steps is DDPM's."""
+    d = GaussianDiffusion()
+    oracle = OracleEps(d, MU, S)
+    x_t, noise = torch.randn(8, 1, 1, 1, dtype=torch.float64), torch.randn(8, 1, 1, 1, dtype=torch.float64)
+    t, t_prev = torch.full((8,), t), torch.full((8,), t_prev)
+    sde, _, _ = d.dpmpp_2m_step(oracle, x_t, t, t_prev, eta=1.0, noise=noise)
+    ddim, _ = d.ddim_step(oracle, x_t, t, t_prev, eta=1.0, noise=noise)
+    assert torch.allclose(sde, ddim, atol=1e-10)
+    ode, _, _ = d.dpmpp_2m_step(oracle, x_t, t, t_prev)
+    assert not torch.allclose(sde, ode, atol=1e-3)  # the noise is there
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_sde_dpmpp_reproduces_the_data_distribution_and_beats_ddpm_like_ddim(schedule):
+    """With the oracle, SDE-DPM-Solver++(2M) at 50 steps keeps the data's spread (measured: std +2.6% linear, +2.0%
+    cosine), where the first-order ancestral sampler (DDIM at eta = 1) loses it (-11.6%, -6.2%)."""
+    d = GaussianDiffusion(schedule=schedule)
+    errors = {}
+    for sampler in ("dpmpp-sde", "ddim"):
+        torch.manual_seed(0)
+        x = torch.randn(N, 1, 1, 1, dtype=torch.float64)
+        for _, x, _ in d.sample_steps(OracleEps(d, MU, S), x, sampler, 50, eta=1.0):  # eta: DDIM's
+            pass
+        assert abs(x.mean().item() - MU) < 0.015
+        errors[sampler] = abs(x.std().item() / S - 1)
+    assert errors["dpmpp-sde"] < 0.04
+    assert errors["dpmpp-sde"] < 0.5 * errors["ddim"]
+
+
 @pytest.mark.parametrize("loss_type", ["mse", "smooth_l1"])
 def test_loss_is_zero_for_the_true_noise(loss_type):
     d = GaussianDiffusion(loss_type=loss_type)
@@ -852,7 +883,7 @@ def test_samplers_give_todays_samples_for_the_same_seed(sampler, steps, eta, mod
         assert torch.allclose(x0_new, x0_old, rtol=1e-5, atol=1e-6), t_new
 
 
-@pytest.mark.parametrize("sampler, steps, eta", SAMPLERS)
+@pytest.mark.parametrize("sampler, steps, eta", SAMPLERS + [("dpmpp-sde", 8, 0.0)])
 def test_sampler_steps_never_read_the_device(monkeypatch, sampler, steps, eta):
     """No bool(), .item() or float() of a tensor inside a step: on a GPU each would wait for the queue to drain."""
     d, net = GaussianDiffusion(), seeded_net("eps")

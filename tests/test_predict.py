@@ -29,12 +29,14 @@ def test_predict_every_sampler_and_eta_reach_the_images(trained_run, tmp_path):
     run, _ = trained_run
     outputs = {}
     for name, flags in {"dpmpp": ["--sampler", "dpmpp", "--steps", "10"], "ddim": ["--sampler", "ddim", "--steps", "10"],
-                        "ddim-eta1": ["--sampler", "ddim", "--steps", "10", "--eta", "1"]}.items():
+                        "ddim-eta1": ["--sampler", "ddim", "--steps", "10", "--eta", "1"],
+                        "dpmpp-sde": ["--sampler", "dpmpp-sde", "--steps", "10"]}.items():
         outputs[name] = predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path / name), "--num", "2",
                                                             "--repeat-times", "0", "--gif-frames", "3", *flags]))
         assert outputs[name].shape == (2, 1, 32, 32) and (tmp_path / name / "denoise.gif").exists()
     assert not torch.equal(outputs["ddim"], outputs["ddim-eta1"])  # --eta reaches the sampler
     assert not torch.equal(outputs["ddim"], outputs["dpmpp"])
+    assert not torch.equal(outputs["dpmpp"], outputs["dpmpp-sde"])
 
 
 def test_predict_ddpm_default_runs_the_full_chain(trained_run, tmp_path):
@@ -137,7 +139,7 @@ def test_the_grid_holds_at_most_64_enlarged_images_and_says_where_the_rest_are(t
 
 # ----------------------------------------------------------------------------- the UNet's calls replayed from a graph
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp", "dpmpp-sde"])
 def test_graph_replayed_sampling_gives_the_eager_samples_and_frames(sampler):
     """Every sampler, unconditional and under guidance, and under autoguidance as well, over a last batch of another
     size: the bookkeeping of the CUDA-graph path (static inputs, one graph per shape, cloned outputs) gives the very
