@@ -1,6 +1,6 @@
 """`python driver.py evaluate --run RUN`: how faithful, realistic and varied a trained run is, in numbers.
 
-    python driver.py evaluate --run RUN                   # samples from the run's UNet (DPM-Solver++ 20 steps, as `driver.py sample`)
+    python driver.py evaluate --run RUN                   # samples from the run's UNet, as `driver.py sample`
     python driver.py evaluate --run RUN --samples DIR     # score images generated elsewhere
     python driver.py evaluate --run RUN --class all --guidance 0,1,3   # a --conditional run, per class and scale
 
@@ -392,7 +392,8 @@ def evaluate(args):
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(model, settings, num, autocast=autocast)
         sampling = {"sampler": settings.sampler, "steps": model.diffusion.num_steps if settings.sampler == "ddpm"
-                    else settings.steps, "repeat_times": settings.repeat_times, "clip_x0": settings.clip_x0,
+                    else settings.steps, **({"eta": settings.eta} if settings.sampler == "ddim" else {}),
+                    "repeat_times": settings.repeat_times, "clip_x0": settings.clip_x0,
                     "decode": "quantised" if settings.quantise else "unquantised", **(settings.guide_record or {}),
                     **({"guide_interval": list(settings.guide_interval)} if settings.guide_interval else {}),
                     "seconds_per_image": seconds / num, "unet_step": model.unet_step}

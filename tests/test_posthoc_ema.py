@@ -235,11 +235,13 @@ def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so
     assert "autoguidance" not in (tmp_path / "plain" / "samples" / "manifest.csv").read_text().splitlines()[0]
     assert "autoguidance: 2.0 then, 3.0 now" in error_of(
         predict.main, [*flags[:-4], "--autoguidance", "3", "--guide-at", "0.5", "--out", str(tmp_path / "ag"), "--resume"])
-    # evaluate samples the same way and says so in metrics.json
+    # evaluate samples the same way and says so in metrics.json (and DDIM's noise with it)
     driver.main(["evaluate", "--run", str(run), "--out", str(tmp_path / "eval"), "--holdout", "0.5", "--features",
-                 "domain", "--classifier-steps", "0", "--steps", "2", "--autoguidance", "2", "--guide-at", "0.5"])
+                 "domain", "--classifier-steps", "0", "--steps", "2", "--autoguidance", "2", "--guide-at", "0.5",
+                 "--sampler", "ddim", "--eta", "0.5"])
     sampled = json.loads((tmp_path / "eval" / "metrics.json").read_text())["sampling"]
     assert (sampled["autoguidance"], sampled["guide_step"], sampled["guide_sigma_rel"]) == (2.0, step, 0.05)
+    assert (sampled["sampler"], sampled["eta"]) == ("ddim", 0.5)
     # a guide at or after the UNet's own step is no weaker version of it; W must be positive
     assert "--guide-at" in error_of(predict.main, [*flags[:-2], "--guide-at", str(model.unet_step)])
     assert "--autoguidance" in error_of(predict.main, [*flags[:-4], "--autoguidance", "0"])
