@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=train.train_unet, stage="unet")
 
     p = sub.add_parser("sample", help="generate images, a grid and a GIF from a trained run (predict.py)")
-    predict.add_arguments(p, sampler="dpmpp", steps=20)
+    predict.add_arguments(p, sampler="dpmpp-sde", steps=20)
     p.set_defaults(func=predict.predict, stage=None)
 
     p = sub.add_parser("evaluate", help="FID, KID, SWD, MS-SSIM and VQ-VAE fidelity on held-out subjects; metrics.json, report.md")

@@ -8,8 +8,8 @@ Parts, in this order, each in its own process with its share of the `--minutes` 
     training     bench/throughput.py's models and batches parts: ours against diffusers' UNet2DModel and VQModel at the
                  same shapes, eager, NCHW and block-compiled (first step included), MFU; ours at several batches with
                  the peak memory
-    samplers     the card's DDPM-1000 + 5x30 at 16 images, DDIM-50 and DPM-Solver++ 20 at 16 and 256, with and
-                 without CUDA graphs
+    samplers     the card's DDPM-1000 + 5x30 at 16 images, DDIM-50 and DPM-Solver++ 20 (its ODE and SDE forms) at
+                 16 and 256, with and without CUDA graphs
     profile      one UNet training step under torch.profiler: the top kernels and how much of the step the GPU idles
 After every part OUT/gpu_check.json and OUT/gpu_check.md are written again, so a run cut off returns what it
 measured; a part that fails or runs out of time is recorded with the end of its output, and the next one runs.
@@ -43,7 +43,8 @@ def commands(args, out: Path) -> dict[str, list[list[str]]]:
                       "--out", str(out / "training.json")]],
         "samplers": [[py, bench, *device, "--parts", "samplers", "--samplers", "ddim-50" if args.dry_run else "ddpm-repeat",
                       "--sample-counts", "2" if args.dry_run else "16", *tiny, "--out", str(out / "samplers_card.json")],
-                     [py, bench, *device, "--parts", "samplers", "--samplers", "dpmpp-20" if args.dry_run else "ddim-50,dpmpp-20",
+                     [py, bench, *device, "--parts", "samplers", "--samplers",
+                      "dpmpp-sde-20" if args.dry_run else "ddim-50,dpmpp-20,dpmpp-sde-20",
                       *(["--sample-counts", "2,3"] if args.dry_run else []), *tiny, "--out", str(out / "samplers_fast.json")]],
         "profile": [[py, __file__, "--profile-step", *device, *(["--dry-run"] if args.dry_run else []),
                      "--out", str(out)]],

@@ -9,7 +9,8 @@ another training seed: together they measure the training noise of a row at a gi
 Rows, all scored by `driver.py evaluate`'s metrics against the same held-out subjects (reference half A,
 with the real-vs-real floor B beside them):
     ours     this project's `tiny` pipeline (64x64 -> 4x16x16), trained with --max-minutes (or --steps) per stage,
-             sampled as `driver.py sample` does (DPM-Solver++ 20, predicted x0 clipped to the latents' range)
+             sampled as `driver.py sample` does (SDE-DPM-Solver++ 20, the ODE form before 2026-12-06; predicted
+             x0 clipped to the latents' range)
     ours-unclamped     the same with stage 1's reconstruction error measured on the raw decoder output
              (--no-clamped-loss; both presets measure it on the output clamped to [-1, 1], as it is shown)
     ours-constant      the same with stage 1's learning rate constant to the end (--cooldown 0; the `tiny`

@@ -25,7 +25,7 @@ def test_the_gpu_check_runs_every_part_on_the_cpu_and_writes_its_record(tmp_path
     assert {r["case"] for r in training["models"]} == {"VQ-VAE 64x64", "UNet 4x16x16"}
     assert [(r["stage"], r["batch"]) for r in training["batches"]] == [("vqvae", 2), ("vqvae", 4), ("unet", 4), ("unet", 8)]
     assert [(r["sampler"], r["batch"]) for r in parts["samplers"]["results"]["samplers"]] == [
-        ("ddim-50", 2), ("dpmpp-20", 2), ("dpmpp-20", 3)]
+        ("ddim-50", 2), ("dpmpp-sde-20", 2), ("dpmpp-sde-20", 3)]
     assert parts["profile"]["results"]["top_kernels"] and parts["profile"]["results"]["step_ms"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {name} | yes |" in table for name in parts)

@@ -145,7 +145,7 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     assert set(metrics["scores"]) == {"samples", "reconstructions", "real (training)", "real (floor)"}
     for row in metrics["scores"].values():
         assert row["count"] == 6 and all(k in row for k in ("fid", "kid", "kid_std", "swd", "ms_ssim"))
-    assert metrics["sampling"]["sampler"] == "dpmpp" and metrics["sampling"]["steps"] == 5
+    assert metrics["sampling"]["sampler"] == "dpmpp-sde" and metrics["sampling"]["steps"] == 5
     assert metrics["features"].startswith("domain classifier")
     assert 0 < metrics["vqvae"]["psnr"] < 100 and 0 < metrics["vqvae"]["codebook_used"] <= 1
     report = (out / "report.md").read_text()
