@@ -20,6 +20,7 @@ from runtime.optimizer import adamw, load_optimizer
 from runtime.process import Runtime, any_rank, place_model, wrap_model
 
 LOSSES = ("hinge", "non-saturating", "least-squares")
+BEFORE_INIT = {"init": "dcgan"}  # a discriminator saved before its config named the initialisation had DCGAN's
 WEIGHTINGS = ("adaptive", "fixed")
 
 
@@ -30,6 +31,8 @@ class DiscriminatorConfig:
     num_layers: int = 3             # stride-2 convolutions: 3 gives 70x70 patches (pix2pix, VQGAN)
     norm: str = "group"             # "group" (GroupNorm, never BatchNorm: batches here can be 1) or "none"
     spectral_norm: bool = False     # spectral normalisation of every conv (Miyato et al. 2018); then use norm "none"
+    init: str = "default"           # the convs' weights: PyTorch's own ("default") or "dcgan", N(0, 0.02) as pix2pix
+                                    # and VQGAN, which on 64 px slices left it at chance for 2,000 steps (bench/README)
 
 
 class PatchDiscriminator(nn.Module):
@@ -44,6 +47,8 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         if cfg.norm not in ("group", "none"):
             raise ValueError(f"DiscriminatorConfig.norm must be 'group' or 'none', got {cfg.norm!r}")
+        if cfg.init not in ("default", "dcgan"):
+            raise ValueError(f"DiscriminatorConfig.init must be 'default' or 'dcgan', got {cfg.init!r}")
         self.cfg = cfg
         widths = [cfg.channels * min(2 ** i, 8) for i in range(cfg.num_layers + 1)]
         strides = [2] * cfg.num_layers + [1]
@@ -58,7 +63,8 @@ class PatchDiscriminator(nn.Module):
 
     def _conv(self, in_ch: int, out_ch: int, stride: int, bias: bool) -> nn.Module:
         conv = nn.Conv2d(in_ch, out_ch, 4, stride=stride, padding=1, bias=bias)
-        nn.init.normal_(conv.weight, 0.0, 0.02)  # DCGAN / pix2pix initialisation
+        if self.cfg.init == "dcgan":
+            nn.init.normal_(conv.weight, 0.0, 0.02)
         return nn.utils.parametrizations.spectral_norm(conv) if self.cfg.spectral_norm else conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +166,8 @@ class Adversary:
                          if fraction and args.max_minutes and self.start > self.step else None)  # clock: its fraction
         self.check_every = args.log_every
         self.d_loss, self.g_loss = D_LOSS[args.adversarial_loss], G_LOSS[args.adversarial_loss]
-        self.cfg = DiscriminatorConfig(**resume["disc_config"]) if resume else DiscriminatorConfig(
-            in_channels=args.channels, channels=args.discriminator_channels)
+        self.cfg = (DiscriminatorConfig(**{**BEFORE_INIT, **resume["disc_config"]}) if resume else
+                    DiscriminatorConfig(in_channels=args.channels, channels=args.discriminator_channels))
         self.disc = place_model(PatchDiscriminator(self.cfg), rt)
         self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())

@@ -80,6 +80,35 @@ def test_patch_discriminator_gives_patch_logits_and_no_batchnorm(cfg, size, patc
         PatchDiscriminator(DiscriminatorConfig(norm="batch"))
 
 
+def test_the_discriminator_starts_from_pytorchs_initialisation_and_an_older_one_is_recorded_as_dcgans():
+    """DCGAN's N(0, 0.02) left the `tiny` PatchGAN at chance on ADNI slices for 2,000 steps, PyTorch's own learned
+    (bench/README); a discriminator saved before the config named its initialisation had DCGAN's, and says so."""
+    import contextlib
+    from argparse import Namespace
+
+    from losses.adversarial import Adversary
+    from runtime.process import Runtime
+    torch.manual_seed(0)
+    first = {init: PatchDiscriminator(DiscriminatorConfig(init=init)).net[0].weight for init in ("default", "dcgan")}
+    fan_in = 1 * 4 * 4  # one channel, 4x4 kernels: PyTorch draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 0.144
+    assert first["default"].std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.1)
+    assert first["default"].abs().max().item() <= 1 / math.sqrt(fan_in)
+    assert first["dcgan"].std().item() == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError):
+        PatchDiscriminator(DiscriminatorConfig(init="xavier"))
+
+    rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
+    args = Namespace(adversarial_weight=0.01, adversarial_start=0, adversarial_loss="least-squares", channels=1,
+                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=None, log_every=10,
+                     discriminator_channels=8)
+    new = Adversary(args, rt, None, max_steps=10).state()
+    assert new["disc_config"]["init"] == "default"
+    old = {**new, "step": 5, "disc_config": {k: v for k, v in new["disc_config"].items() if k != "init"}}
+    resumed = Adversary(args, rt, old, max_steps=10)
+    assert resumed.state()["disc_config"]["init"] == "dcgan"
+    assert all(torch.equal(a, b) for a, b in zip(resumed.disc.state_dict().values(), new["discriminator"].values()))
+
+
 def test_the_reconstruction_loss_sees_the_clamped_image_and_still_pushes_where_it_is_wrong():
     x = torch.tensor([-1.0, -1.0, 0.5, 0.0])                           # background, background, tissue, tissue
     recon = torch.tensor([-1.3, -0.8, 1.4, -1.2], requires_grad=True)
