@@ -531,7 +531,14 @@ def test_a_run_resumed_in_another_memory_layout_ends_with_the_weights_of_an_unin
     # NHWC and NCHW convolutions round differently (3e-3 here after 6 steps); moments applied to the wrong
     # weights moved them by 10
     for part in ("model", "discriminator"):
-        assert max((whole[part][k].float() - cut[part][k].float()).abs().max().item() for k in whole[part]) < 0.05
+        assert max((whole[part][k].float() - cut[part][k].float()).abs().max().item() for k in whole[part]
+                   if k != "quantizer.usage") < 0.05
+    # the codes' usage counts are no weights: that rounding flips nearest-code ties, each moving two counts by up to
+    # 0.05 (0.14 at most here, 18 of 32 codes), while the moments in the wrong layout moved them by 3.1 (29 of 32);
+    # every step counts the same latents, so their sum is the uninterrupted run's
+    usage = [run["model"]["quantizer.usage"] for run in (whole, cut)]
+    assert (usage[0] - usage[1]).abs().max().item() < 0.5
+    assert usage[0].sum().item() == pytest.approx(usage[1].sum().item(), rel=1e-5)
 
 
 def test_a_run_resumed_after_its_deadline_goes_on_where_its_learning_rate_was(adni_folder, tmp_path, capsys):
