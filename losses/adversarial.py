@@ -32,7 +32,7 @@ class DiscriminatorConfig:
     norm: str = "group"             # "group" (GroupNorm, never BatchNorm: batches here can be 1) or "none"
     spectral_norm: bool = False     # spectral normalisation of every conv (Miyato et al. 2018); then use norm "none"
     init: str = "default"           # the convs' weights: PyTorch's own ("default") or "dcgan", N(0, 0.02) as pix2pix
-                                    # and VQGAN, which on 64 px slices left it at chance for 2,000 steps (bench/README)
+                                    # and VQGAN, which on 64 px slices left it at chance for 1,500 steps (bench/README)
 
 
 class PatchDiscriminator(nn.Module):
