@@ -24,15 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import predict  # noqa: E402
 from evaluation.evaluate import stack  # noqa: E402
+from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from losses.adversarial import DiscriminatorConfig, PatchDiscriminator, least_squares_d_loss  # noqa: E402
 from quality import held_out_split  # noqa: E402
 
 
 def reconstructions(run: Path, images: torch.Tensor) -> torch.Tensor:
     vq, _ = predict.load_vqvae(run, "cpu", finetuned=(run / "decoder.pt").exists())
-    vq.eval()
-    with torch.no_grad():
-        return torch.cat([vq.decode(vq.encode(x)).float().clamp(-1, 1) for x in images.split(64)])
+    return reconstruction_metrics(vq.eval(), images)[1]
 
 
 def probe(cfg: DiscriminatorConfig, seed: int, steps: int, lr: float, train: tuple, held_out: tuple) -> list[dict]:
