@@ -91,8 +91,8 @@ THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb",
 LENGTH = {"max_steps", "epochs"}
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
 # (a flag missing here is left to its default or the preset, and not checked).
-BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "regularisation": "vq",
-                   "kl_weight": 1e-6}
+BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "discriminator_layers": 3,
+                   "regularisation": "vq", "kl_weight": 1e-6}
 
 
 def ints(text: str) -> list[int]:
@@ -219,6 +219,10 @@ def add_stage1_losses(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--discriminator-channels", type=positive(int), default=64,
                    help="width of the PatchGAN's first layer, doubled per layer up to 8x: 64 is VQGAN's and MONAI's; "
                         "its cost grows with the square, which counts on a CPU (default: %(default)s)")
+    p.add_argument("--discriminator-layers", type=positive(int), default=3,
+                   help="the PatchGAN's stride-2 layers L: each of its outputs judges a patch of 9 * 2^L - 2 pixels, "
+                        "3 the 70x70 of pix2pix and VQGAN at 256 px, which at 64 px is the whole slice; 1 judges "
+                        "16x16 (default: %(default)s)")
     p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
                    help=preset_help(stage, "clamped_loss", "measure the reconstruction error on the output clamped to "
                                     "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "

@@ -167,7 +167,8 @@ class Adversary:
         self.check_every = args.log_every
         self.d_loss, self.g_loss = D_LOSS[args.adversarial_loss], G_LOSS[args.adversarial_loss]
         self.cfg = (DiscriminatorConfig(**{**BEFORE_INIT, **resume["disc_config"]}) if resume else
-                    DiscriminatorConfig(in_channels=args.channels, channels=args.discriminator_channels))
+                    DiscriminatorConfig(in_channels=args.channels, channels=args.discriminator_channels,
+                                        num_layers=args.discriminator_layers))
         self.disc = place_model(PatchDiscriminator(self.cfg), rt)
         self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())

@@ -101,7 +101,7 @@ def test_the_discriminator_starts_from_pytorchs_initialisation_and_an_older_one_
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
     args = Namespace(adversarial_weight=0.01, adversarial_start=0, adversarial_loss="least-squares", channels=1,
                      adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=None, log_every=10,
-                     discriminator_channels=8)
+                     discriminator_channels=8, discriminator_layers=3)
     new = Adversary(args, rt, None, max_steps=10).state()
     assert new["disc_config"]["init"] == "default"
     old = {**new, "step": 5, "disc_config": {k: v for k, v in new["disc_config"].items() if k != "init"}}
@@ -201,7 +201,7 @@ def test_a_fractional_start_under_max_minutes_is_that_fraction_of_the_minutes(mo
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
     args = Namespace(adversarial_weight=0.01, adversarial_start=0.25, adversarial_loss="least-squares", channels=1,
                      adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=8.0, log_every=10,
-                     discriminator_channels=64)
+                     discriminator_channels=64, discriminator_layers=3)
     adversary = adversarial.Adversary(args, rt, None, max_steps=10 ** 9)
     assert adversary.start == 250_000_000                       # a quarter of the bound: never, by the clock
     for step, minutes in ((10, 1.0), (15, 2.5), (19, 2.9), (20, 3.0)):
@@ -282,7 +282,7 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
 
     recipe = ["--adversarial-weight", "0.05", "--adversarial-weighting", "fixed", "--adversarial-loss", "least-squares",
               "--adversarial-start", "0.5", "--perceptual-network", "random", "--perceptual-weight", "0.1",
-              "--discriminator-channels", "8"]
+              "--discriminator-channels", "8", "--discriminator-layers", "2"]
     plain = ["--perceptual-network", "random", "--perceptual-weight", "0.1"]
     stage1(tmp_path / "plain", "--max-steps", "4", *plain)
     stage1(tmp_path / "gan", "--max-steps", "4", *recipe)
@@ -297,6 +297,7 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
     assert not same(ckpt(tmp_path / "plain" / "vqvae.pt")["model"], gan_ckpt["model"])
     assert gan_ckpt["adversarial_start"] == 2 and "discriminator" not in ckpt(tmp_path / "plain" / "vqvae.pt")
     assert gan_ckpt["disc_config"]["channels"] == 8 and gan_ckpt["discriminator"]["net.0.weight"].shape[0] == 8
+    assert gan_ckpt["disc_config"]["num_layers"] == 2 and gan_ckpt["discriminator"]["net.9.weight"].shape[0] == 1
     # resumed longer without the flags, the run is the run it saved: every new setting comes back, the start step too
     stage1(tmp_path / "gan", "--max-steps", "8", "--resume")
     resumed = ckpt(tmp_path / "gan" / "vqvae.pt")
@@ -307,7 +308,7 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
         "adversarial_loss": "least-squares", "adversarial_start": 0.5, "perceptual_network": "random"}
     for flag, value in (("--reconstruction-loss", "mse"), ("--adversarial-weighting", "adaptive"),
                         ("--perceptual-network", "vgg16"), ("--adversarial-start", "0.25"),
-                        ("--discriminator-channels", "64")):
+                        ("--discriminator-channels", "64"), ("--discriminator-layers", "3")):
         message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "5",
                                          flag, value])
         assert flag in message and "differs from this run's" in message
@@ -318,3 +319,9 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
     message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
                                      "--discriminator-channels", "8"])
     assert "--discriminator-channels 8 differs from this run's 64" in message
+    # and one from before --discriminator-layers with 3, the only depth there was
+    config["train-vqvae"].pop("discriminator_layers")
+    (tmp_path / "gan" / "config.json").write_text(json.dumps(config))
+    message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
+                                     "--discriminator-channels", "64", "--discriminator-layers", "2"])
+    assert "--discriminator-layers 2 differs from this run's 3" in message

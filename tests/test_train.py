@@ -584,7 +584,7 @@ def test_under_fp16_the_discriminator_steps_through_its_own_grad_scaler(monkeypa
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=True), False)
     args = Namespace(adversarial_weight=0.1, adversarial_start=0, adversarial_loss="hinge", channels=1,
                      adversarial_lr=None, lr=1e-3, adversarial_weighting="adaptive", max_minutes=None, log_every=50,
-                     discriminator_channels=16)
+                     discriminator_channels=16, discriminator_layers=3)
     adversary = Adversary(args, rt, None, max_steps=10)
     before = {k: v.clone() for k, v in adversary.disc.state_dict().items()}
     adversary.d_loss = lambda real, fake: (real.mean() - fake.mean()) * float("inf")
