@@ -46,18 +46,18 @@ PRESETS = {
     "vqvae": {
         "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=2048,
                      batch_size=8, lr=1e-3, warmup=50, cooldown=0.2, max_steps=2400, sample_every=800, save_every=800,
-                     adversarial_weight=0.0, adversarial_start=1200, clamped_loss=True),
+                     adversarial_weight=0.0, adversarial_start=1200, discriminator_layers=1, clamped_loss=True),
         "full": dict(image_size=256, vq_channels=64, vq_mult=[1, 2, 2, 4], vq_res_blocks=2, codebook_size=4096,
                      batch_size=16, lr=2e-4, warmup=500, cooldown=0.0, epochs=20, sample_every=2000, save_every=2000,
-                     adversarial_weight=0.0, adversarial_start=10000, clamped_loss=True),
+                     adversarial_weight=0.0, adversarial_start=10000, discriminator_layers=3, clamped_loss=True),
     },
     "decoder": {  # tiny: as measured on ADNI 64x64 (bench/README.md): 1500 steps sharpened the samples more than 500,
-        # and the adversarial term at 0.01 changed no image measurably and cost a quarter of the time; full: a fifth
-        # of its stage-1 rate too, unmeasured
+        # and a PatchGAN of 16x16 patches at 0.1 sharpened them further, where one of 70x70 (the whole slice) drew
+        # speckles; full: a fifth of its stage-1 rate, the anchors' 0.01 and pix2pix's 70x70 patches, unmeasured
         "tiny": dict(batch_size=8, lr=2e-4, warmup=0, cooldown=0.2, max_steps=1500, sample_every=500, save_every=250,
-                     adversarial_weight=0.0, adversarial_start=0, clamped_loss=True),
+                     adversarial_weight=0.1, adversarial_start=0, discriminator_layers=1, clamped_loss=True),
         "full": dict(batch_size=16, lr=4e-5, warmup=0, cooldown=0.2, max_steps=5000, sample_every=1000, save_every=1000,
-                     adversarial_weight=0.01, adversarial_start=0, clamped_loss=True),
+                     adversarial_weight=0.01, adversarial_start=0, discriminator_layers=3, clamped_loss=True),
     },
     "unet": {
         "tiny": dict(unet_channels=32, unet_mult=[1, 2, 2, 2], unet_res_blocks=1, batch_size=64, lr=1e-3,
@@ -68,9 +68,9 @@ PRESETS = {
 }
 
 # The stage-1 losses' defaults: train-vqvae's are MSE alone; train-decoder's, the brain-MRI anchors' recipe (L1, a
-# perceptual term, a least-squares GAN at a small fixed weight, which the `tiny` preset leaves out; MONAI's tutorials,
-# Pinaya et al. 2022) with the random VGG16, the one perceptual network that sharpened the finest band here, at
-# CompVis' LPIPS weight 1.0, which beat 0.25 on three training seeds (bench/README.md).
+# perceptual term, a least-squares GAN at a fixed weight; MONAI's tutorials, Pinaya et al. 2022) with the random
+# VGG16, the one perceptual network that sharpened the finest band here, at CompVis' LPIPS weight 1.0, which beat
+# 0.25 on three training seeds (bench/README.md).
 STAGE1_LOSSES = {
     "vqvae": dict(reconstruction_loss="mse", perceptual_weight=0.0, perceptual_network="vgg16", adversarial_loss="hinge",
                   adversarial_weighting="adaptive"),
@@ -219,10 +219,10 @@ def add_stage1_losses(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--discriminator-channels", type=positive(int), default=64,
                    help="width of the PatchGAN's first layer, doubled per layer up to 8x: 64 is VQGAN's and MONAI's; "
                         "its cost grows with the square, which counts on a CPU (default: %(default)s)")
-    p.add_argument("--discriminator-layers", type=positive(int), default=3,
-                   help="the PatchGAN's stride-2 layers L: each of its outputs judges a patch of 9 * 2^L - 2 pixels, "
-                        "3 the 70x70 of pix2pix and VQGAN at 256 px, which at 64 px is the whole slice; 1 judges "
-                        "16x16 (default: %(default)s)")
+    p.add_argument("--discriminator-layers", type=int, choices=range(6), metavar="L", default=None,
+                   help=preset_help(stage, "discriminator_layers", "the PatchGAN's stride-2 layers L: each of its "
+                                    "outputs judges a patch of 9 * 2^L - 2 pixels, 3 the 70x70 of pix2pix and VQGAN at "
+                                    "256 px, about a quarter of the slice as 1's 16x16 is at 64 px"))
     p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
                    help=preset_help(stage, "clamped_loss", "measure the reconstruction error on the output clamped to "
                                     "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "

@@ -30,11 +30,13 @@ def test_train_decoder_changes_the_decoder_alone_and_the_run_samples_with_it(tra
     assert (saved["kind"], saved["step"]) == ("decoder", 3)
     assert saved["vqvae_fingerprint"] == fingerprint(original)
     assert {k for k, v in saved["model"].items() if not torch.equal(v, original[f"decoder.{k}"])}  # it learned
-    # by default the anchors' recipe, saved with the run; `tiny` leaves out its adversarial term, so no discriminator
+    # by default the anchors' recipe, saved with the run; `tiny`'s PatchGAN at 0.1 judges 16x16 patches (one stride-2
+    # layer), and is saved beside the decoder
     a = saved["args"]
     assert (a["reconstruction_loss"], a["perceptual_network"], a["perceptual_weight"], a["adversarial_loss"],
-            a["adversarial_weighting"], a["adversarial_weight"]) == ("l1", "random", 1.0, "least-squares", "fixed", 0.0)
-    assert "discriminator" not in saved
+            a["adversarial_weighting"], a["adversarial_weight"], a["discriminator_layers"]) == (
+        "l1", "random", 1.0, "least-squares", "fixed", 0.1, 1)
+    assert saved["disc_config"]["num_layers"] == 1 and "discriminator" in saved
 
     # the run decodes with the fine-tuned decoder, and encodes with stage 1's encoder and codebook as they were
     model = predict.load_run(copy, "cpu")
@@ -74,6 +76,13 @@ def test_train_decoder_resumes_with_its_own_settings_and_refuses_others(trained_
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
     message = error_of(decoder, copy, "--max-steps", "6", "--resume", "--reconstruction-loss", "mse")
     assert "--reconstruction-loss mse differs from this run's l1" in message
+    # a decoder begun without the PatchGAN (the `tiny` default until it learned) resumes without one
+    shutil.rmtree(copy)
+    shutil.copytree(run, copy)
+    decoder(copy, "--max-steps", "2", "--adversarial-weight", "0")
+    decoder(copy, "--max-steps", "4", "--resume")
+    saved = ckpt(copy / "decoder.pt")
+    assert saved["step"] == 4 and saved["args"]["adversarial_weight"] == 0 and "discriminator" not in saved
 
 
 def test_a_decoder_fine_tuned_from_another_vqvae_is_refused(trained_run, tmp_path):
