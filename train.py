@@ -455,8 +455,8 @@ def train_decoder(args):
     """The VQ-VAE's decoder fine-tuned alone on stage 1's images, its encoder and codebook frozen, so that the latents,
     and a UNet trained on them, stay as they were (as Stable Diffusion's ft-EMA and ft-MSE decoders were made). By
     default with the brain-MRI anchors' recipe (`tiny`'s PatchGAN with 16x16 patches), whose perceptual network and
-    discriminator make a step of the whole first stage too dear on a CPU (bench/README.md). Writes RUN/decoder.pt, tied to
-    RUN/vqvae.pt by its fingerprint; sampling, `evaluate` and stage 2's grids decode with it from then on
+    discriminator make a step of the whole first stage too dear on a CPU (bench/README.md). Writes RUN/decoder.pt,
+    tied to RUN/vqvae.pt by its fingerprint; sampling, `evaluate` and stage 2's grids decode with it from then on
     (predict.load_vqvae)."""
     # setup
     run = Path(args.run)

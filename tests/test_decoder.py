@@ -76,7 +76,7 @@ def test_train_decoder_resumes_with_its_own_settings_and_refuses_others(trained_
         assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4]
     message = error_of(decoder, copy, "--max-steps", "6", "--resume", "--reconstruction-loss", "mse")
     assert "--reconstruction-loss mse differs from this run's l1" in message
-    # a decoder begun without the PatchGAN (the `tiny` default until it learned) resumes without one
+    # a decoder begun without the PatchGAN (the `tiny` default before its 16x16 patches) resumes without one
     shutil.rmtree(copy)
     shutil.copytree(run, copy)
     decoder(copy, "--max-steps", "2", "--adversarial-weight", "0")
