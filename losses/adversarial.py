@@ -28,7 +28,8 @@ WEIGHTINGS = ("adaptive", "fixed")
 class DiscriminatorConfig:
     in_channels: int = 1
     channels: int = 64              # width of the first layer, doubled per layer up to 8x
-    num_layers: int = 3             # stride-2 convolutions: 3 gives 70x70 patches (pix2pix, VQGAN)
+    num_layers: int = 3             # stride-2 convolutions L, patches of 9 * 2^L - 2 pixels: 3 gives 70x70 (pix2pix,
+                                    # VQGAN at 256 px), 1 16x16 (`tiny` at 64 px; --discriminator-layers)
     norm: str = "group"             # "group" (GroupNorm, never BatchNorm: batches here can be 1) or "none"
     spectral_norm: bool = False     # spectral normalisation of every conv (Miyato et al. 2018); then use norm "none"
     init: str = "default"           # the convs' weights: PyTorch's own ("default") or "dcgan", N(0, 0.02) as pix2pix
