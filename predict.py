@@ -35,8 +35,10 @@ from torchvision.utils import make_grid, save_image
 
 from conditions.table import CLASS, Condition, asked_values, saved_conditions, sweep_rows
 from dataset import DataConfig
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.guidance import Autoguided, Guided
 from export.sample_set import FORMATS, SampleSet, run_geometry
-from modules import VQVAE, Autoguided, GaussianDiffusion, Guided, UNet, UNetConfig, VQVAEConfig
+from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
 from runtime.graphs import GraphedCall

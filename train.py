@@ -35,8 +35,10 @@ from conditions.table import (CLASS, build_conditions, condition_matrix, find_ta
                               subjects_of, to_saved)
 from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches, subject_summary,
                      to_unit, training_data, training_files, uint8_loader)
+from diffusion.gaussian import GaussianDiffusion
+from diffusion.guidance import drop_conditions
 from losses.stage1 import ReconstructionLoss
-from modules import EMA, VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig, drop_conditions
+from modules import EMA, VQVAE, UNet, UNetConfig, VQVAEConfig
 from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config,
                                 plain_args, write_config)

@@ -132,7 +132,7 @@ def profile_step(args, out: Path):
     sys.path.insert(0, str(ROOT / "bench"))
     sys.path.insert(0, str(ROOT))
     from throughput import SHAPES, our_unet, unet_loss
-    from modules import GaussianDiffusion
+    from diffusion.gaussian import GaussianDiffusion
     from runtime.optimizer import adamw
 
     device, s = torch.device(args.device), SHAPES["tiny" if args.dry_run else "full"]

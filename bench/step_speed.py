@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from driver import PRESETS  # noqa: E402
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
+from modules import VQVAE, UNet, UNetConfig, VQVAEConfig  # noqa: E402
 from runtime.process import setup_runtime  # noqa: E402
 from throughput import timed  # noqa: E402
 

@@ -33,9 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
+from diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from driver import PRESETS, ints  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402  (bench/samplers.py: sampler name -> `driver.py sample` flags)
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
+from modules import VQVAE, UNet, UNetConfig, VQVAEConfig  # noqa: E402
 from train import adamw  # noqa: E402
 
 ADNI_SLICES = 30520  # the full ADNI AD/NC set of the original report

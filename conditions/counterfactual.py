@@ -38,7 +38,7 @@ from torchvision.utils import save_image
 import predict
 from conditions.table import asked_values
 from dataset import card_transform, load_image
-from modules import Guided
+from diffusion.guidance import Guided
 from runtime.errors import BadInputError
 from runtime.process import setup_device
 from volumes.reader import is_volume, mask_slice, printable, read_volume_slice, to_volume

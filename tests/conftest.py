@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from conditions.table import Condition  # noqa: E402
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig  # noqa: E402
+from diffusion.gaussian import GaussianDiffusion  # noqa: E402
+from modules import VQVAE, UNet, UNetConfig, VQVAEConfig  # noqa: E402
 
 
 def pytest_configure(config):

@@ -14,7 +14,8 @@ import torch.nn as nn
 import driver
 import predict
 from conftest import SMALL_UNET, ckpt, error_of
-from modules import EMA, Autoguided, UNet
+from diffusion.guidance import Autoguided
+from modules import EMA, UNet
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import (PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_beta, reconstruct,
                                  response_inner, running_ema_sigma_rel, sigma_rel_to_gamma, snapshot_files)

@@ -23,8 +23,9 @@ import losses.stage1 as stage1_losses
 import predict
 import train
 from conftest import ckpt, error_of, unet, vqvae, write_blob_images
+from diffusion.gaussian import GaussianDiffusion
 from losses.adversarial import Adversary
-from modules import VQVAE, GaussianDiffusion, UNet, UNetConfig, VQVAEConfig
+from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.process import any_rank, mean_over_ranks, setup_runtime, wrap_model
 
 
@@ -225,7 +226,7 @@ def test_images_larger_than_cache_gb_are_decoded_once_to_disk_and_read_by_loader
 
 def test_nan_loss_stops_without_overwriting_the_checkpoint(trained_run, tmp_path, monkeypatch):
     run, _ = trained_run
-    from modules import GaussianDiffusion
+    from diffusion.gaussian import GaussianDiffusion
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     before = (copy / "unet.pt").read_bytes()
@@ -237,7 +238,7 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(trained_run, tmp_path
 
 def nan_at_call(monkeypatch, which: int):
     """Make the diffusion loss NaN (gradients included) at its `which`-th call."""
-    from modules import GaussianDiffusion
+    from diffusion.gaussian import GaussianDiffusion
     original, calls = GaussianDiffusion.loss, []
 
     def loss(self, *args, **kwargs):
@@ -277,7 +278,7 @@ def test_skip_nonfinite_skips_the_step_and_finishes_with_finite_weights(trained_
 
 def test_skip_nonfinite_stops_a_diverged_run(trained_run, tmp_path, monkeypatch):
     run = fresh_unet_run(trained_run, tmp_path)
-    from modules import GaussianDiffusion
+    from diffusion.gaussian import GaussianDiffusion
     original = GaussianDiffusion.loss
     monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: original(self, *a, **k) * float("inf"))
     assert "20 steps in a row" in error_of(unet, run, "--max-steps", "40", "--skip-nonfinite", "--save-every", "100")
