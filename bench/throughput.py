@@ -37,7 +37,7 @@ from diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from driver import PRESETS, ints  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402  (bench/samplers.py: sampler name -> `driver.py sample` flags)
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig  # noqa: E402
-from train import adamw  # noqa: E402
+from runtime.optimizer import adamw  # noqa: E402
 
 ADNI_SLICES = 30520  # the full ADNI AD/NC set of the original report
 SUBSET_TRAINING_SLICES = 7200  # the 8,000-slice subset with --holdout 0.1

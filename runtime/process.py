@@ -174,7 +174,7 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
 def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     """The model on this process's device and in its final memory layout (NHWC where rt.channels_last). Call it
     before the model's optimizer is made and its state loaded: the optimizer's moments then share the weights'
-    layout (train.load_optimizer)."""
+    layout (runtime.optimizer.load_optimizer)."""
     model = model.to(rt.device)
     return model.to(memory_format=torch.channels_last) if rt.channels_last else model
 

@@ -26,6 +26,8 @@ from conftest import ckpt, error_of, unet, vqvae, write_blob_images
 from diffusion.gaussian import GaussianDiffusion
 from losses.adversarial import Adversary
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
+from runtime import loop
+from runtime.optimizer import adamw, load_optimizer
 from runtime.process import any_rank, mean_over_ranks, setup_runtime, wrap_model
 
 
@@ -62,7 +64,7 @@ def make_case(kind: str):
 
 
 def run_steps(kind: str, rt, micro_batches_of, steps: int = 2):
-    """`steps` optimizer steps with train.optimizer_step; micro_batches_of(data) -> this rank's micro-batches."""
+    """`steps` optimizer steps with loop.optimizer_step; micro_batches_of(data) -> this rank's micro-batches."""
     model, model_ref, loss_fn, data = make_case(kind)
     wrapped = wrap_model(model, rt, compile_model=False)
     model_ref[0] = wrapped
@@ -71,7 +73,7 @@ def run_steps(kind: str, rt, micro_batches_of, steps: int = 2):
     # (a conv bias before a per-channel GroupNorm, 1e-10) up to a visible step
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(steps):
-        train.optimizer_step(wrapped, optimizer, rt.scaler, micro_batches_of(data), loss_fn, grad_clip=1.0)
+        loop.optimizer_step(wrapped, optimizer, rt.scaler, micro_batches_of(data), loss_fn, grad_clip=1.0)
     return model.state_dict()
 
 
@@ -88,7 +90,7 @@ def _rank_worker(rank: int, world: int, port: int, kind: str, out: str):
     assert mean_over_ranks(torch.tensor([float(rank)]), rt).item() == 0.5  # the logged loss: mean over ranks
     assert any_rank(rank == 1, rt) and not any_rank(False, rt)       # one rank out of time: all stop
     now = time.monotonic()  # rank 0 took 10 s for 100 steps, rank 1 20 s; 20 s are left: 300 and 200 more steps
-    assert train.end_by_deadline(100, (0, now - 10 * (rank + 1)), now + 20, rt) == 250  # one cooldown on all ranks
+    assert loop.end_by_deadline(100, (0, now - 10 * (rank + 1)), now + 20, rt) == 250  # one cooldown on all ranks
     state = run_steps(kind, rt, lambda data: [data[rank * BATCH:(rank + 1) * BATCH]])
     if rank == 0:
         torch.save(state, out)
@@ -374,9 +376,9 @@ def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_la
     logged = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
     # after step k the rate of step k + 1: warm-up min(1, (k + 1) / 2), then min(1, (10 - k) / (0.4 * 10))
     assert logged == pytest.approx([1e-3] * 6 + [7.5e-4, 5e-4, 2.5e-4, 0.0])
-    factor = train.LearningRateFactor(warmup=2, cooldown=0.4, length=10)
+    factor = loop.LearningRateFactor(warmup=2, cooldown=0.4, length=10)
     assert [factor(k) for k in (0, 5, 9)] == pytest.approx([0.5, 1.0, 0.25])
-    assert train.LearningRateFactor(warmup=2, cooldown=0.0, length=10)(9) == 1.0   # --cooldown 0: constant
+    assert loop.LearningRateFactor(warmup=2, cooldown=0.0, length=10)(9) == 1.0   # --cooldown 0: constant
 
 
 def test_with_max_minutes_the_cooldown_ends_where_the_time_runs_out(adni_folder, tmp_path):
@@ -507,14 +509,14 @@ def test_an_optimizer_state_saved_in_one_memory_layout_steps_the_same_in_another
     nhwc = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
     nchw = torch.nn.Conv2d(3, 4, 3)
     nchw.load_state_dict(nhwc.state_dict())
-    first = train.adamw(nhwc.parameters(), 1e-2)
+    first = adamw(nhwc.parameters(), 1e-2)
     for _ in range(2):
         nhwc(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
         first.step()
         first.zero_grad()
     nchw.load_state_dict(nhwc.state_dict())
-    resumed = train.adamw(nchw.parameters(), 1e-2)
-    train.load_optimizer(resumed, copy.deepcopy(first.state_dict()))      # as if saved and loaded
+    resumed = adamw(nchw.parameters(), 1e-2)
+    load_optimizer(resumed, copy.deepcopy(first.state_dict()))      # as if saved and loaded
     assert nhwc.weight.stride() != nchw.weight.stride()                  # the two layouts differ
     for model, optimizer in ((nhwc, first), (nchw, resumed)):              # one more step each, the same gradient
         model(x).square().mean().backward()
