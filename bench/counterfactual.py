@@ -34,7 +34,8 @@ import predict  # noqa: E402
 from conditions.counterfactual import counterfactual_latent  # noqa: E402
 from conditions.table import asked_values  # noqa: E402
 from dataset import DataConfig, load_slices  # noqa: E402
-from evaluation.evaluate import class_accuracy, domain_classifier, evaluation_split, stack  # noqa: E402
+from evaluation.classifier import class_accuracy, domain_classifier  # noqa: E402
+from evaluation.evaluate import evaluation_split, stack  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """The domain classifier of `driver.py evaluate`: AD/NC and rotation, whose pooled features stand in for
 Inception-v3 when its weights cannot be had, and whose class verdict scores class-conditional samples.
 
-Training and caching it (RUN/classifier.pt) is in evaluation/evaluate.py; this file holds the network.
+The network, its training on the run's training subjects, its cache (RUN/classifier.pt) and its accuracy on a class.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 
 from modules import group_norm
 from runtime.checkpoint import atomic_save, load_checkpoint
+from runtime.process import progress
 
 
 @dataclass
@@ -81,3 +83,47 @@ def cached_classifier(path: Path, kind: str, key: dict, device, train: Callable[
     model, extra = train()
     atomic_save({"kind": kind, "key": key, "config": asdict(model.cfg), "model": model.state_dict(), **extra}, path)
     return model
+
+
+def train_classifier(dataset, indices: list[int], num_classes: int, cfg: ClassifierConfig, steps: int,
+                     device, seed: int = 0) -> SliceClassifier:
+    """Class (AD/NC) + rotation classifier on the training images; AdamW, batch 64, random batches."""
+    torch.manual_seed(seed)
+    model = SliceClassifier(cfg).to(device)
+    if steps == 0:
+        return model.eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = DataLoader(Subset(dataset, indices), batch_size=64, shuffle=True, drop_last=len(indices) > 64)
+    step, pbar = 0, progress(total=steps, desc="domain classifier", dynamic_ncols=True)
+    while step < steps:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            k = torch.randint(0, 4, (len(x),), device=device)
+            rotated = torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(x, k)])
+            class_logits, _ = model(x)
+            _, rotation_logits = model(rotated)
+            loss = F.cross_entropy(rotation_logits, k) + (F.cross_entropy(class_logits, y) if num_classes > 1 else 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            pbar.update(1)
+            if step == steps:
+                break
+    pbar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def class_accuracy(model: SliceClassifier, images: torch.Tensor, labels: torch.Tensor, device) -> float:
+    logits = torch.cat([model(x.to(device))[0].cpu() for x in images.split(256)])
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+def domain_classifier(run: Path, dataset, train_idx: list[int], key: dict, steps: int, device) -> SliceClassifier:
+    """RUN/classifier.pt, trained on the training subjects once and reused while data and split are unchanged."""
+    cfg = ClassifierConfig(in_channels=key["channels"], input_size=min(key["image_size"], 128),
+                           num_classes=max(1, len(dataset.classes)))
+    return cached_classifier(run / "classifier.pt", "classifier", {**key, "steps": steps}, device,
+                             lambda: (train_classifier(dataset, train_idx, cfg.num_classes, cfg, steps, device),
+                                      {"classes": list(dataset.classes)}))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import predict
 from conditions.table import CLASS, Condition, condition_matrix, read_table, subjects_of
 from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
+from export.figures import save_rows
 from runtime.errors import BadInputError
 from runtime.process import progress
 
@@ -154,7 +155,7 @@ def sweep_figure(c: Condition, k: int, model: predict.LatentDiffusion, generate,
         asked[:, k] = (v - c.low) / ((c.high - c.low) or 1.0)
         rows.append((f"{c.name}={v:.3g}", generate(asked, guidance)))
     name = f"eval_sweep_{''.join(ch if ch.isalnum() else '_' for ch in c.name)}.png"
-    predict.save_rows(rows, out / name)
+    save_rows(rows, out / name)
     return name
 
 

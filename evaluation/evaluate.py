@@ -52,7 +52,7 @@ from conditions.table import CLASS
 from dataset import card_transform, load_image, load_slices, split_by_subject
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
-from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
+from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
 from evaluation.conditions import condition_check, format_condition_table
 from evaluation.ema_lengths import ema_length_curve, format_ema_table, plot_ema_curve
 from evaluation.memorisation import format_memorisation_table, memorisation_check
@@ -60,7 +60,7 @@ from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_chec
 from export.sample_set import read_sample
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
-from runtime.process import progress, setup_device
+from runtime.process import setup_device
 from volumes.layouts import subject_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -120,51 +120,7 @@ def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
     return torch.stack([read(f) for f in files])
 
 
-# ----------------------------------------------------------------------------- domain feature network
-
-def train_classifier(dataset, indices: list[int], num_classes: int, cfg: ClassifierConfig, steps: int,
-                     device, seed: int = 0) -> SliceClassifier:
-    """Class (AD/NC) + rotation classifier on the training images; AdamW, batch 64, random batches."""
-    torch.manual_seed(seed)
-    model = SliceClassifier(cfg).to(device)
-    if steps == 0:
-        return model.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader = DataLoader(Subset(dataset, indices), batch_size=64, shuffle=True, drop_last=len(indices) > 64)
-    step, pbar = 0, progress(total=steps, desc="domain classifier", dynamic_ncols=True)
-    while step < steps:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            k = torch.randint(0, 4, (len(x),), device=device)
-            rotated = torch.stack([torch.rot90(img, int(r), dims=(1, 2)) for img, r in zip(x, k)])
-            class_logits, _ = model(x)
-            _, rotation_logits = model(rotated)
-            loss = F.cross_entropy(rotation_logits, k) + (F.cross_entropy(class_logits, y) if num_classes > 1 else 0)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            pbar.update(1)
-            if step == steps:
-                break
-    pbar.close()
-    return model.eval()
-
-
-@torch.no_grad()
-def class_accuracy(model: SliceClassifier, images: torch.Tensor, labels: torch.Tensor, device) -> float:
-    logits = torch.cat([model(x.to(device))[0].cpu() for x in images.split(256)])
-    return (logits.argmax(1) == labels).float().mean().item()
-
-
-def domain_classifier(run: Path, dataset, train_idx: list[int], key: dict, steps: int, device) -> SliceClassifier:
-    """RUN/classifier.pt, trained on the training subjects once and reused while data and split are unchanged."""
-    cfg = ClassifierConfig(in_channels=key["channels"], input_size=min(key["image_size"], 128),
-                           num_classes=max(1, len(dataset.classes)))
-    return cached_classifier(run / "classifier.pt", "classifier", {**key, "steps": steps}, device,
-                             lambda: (train_classifier(dataset, train_idx, cfg.num_classes, cfg, steps, device),
-                                      {"classes": list(dataset.classes)}))
-
+# ----------------------------------------------------------------------------- feature network
 
 def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device, kind: str = "auto",
                     inception_weights: str | None = None, classifier_steps: int = 1000):

@@ -1,1 +1,2 @@
-"""Samples written for others: a dataset of generated slices with its manifest (sample_set.py)."""
+"""Samples written for others: a dataset of generated slices with its manifest (sample_set.py), and the grid, the
+sweep rows and the GIF frames a person looks at (figures.py)."""
