@@ -1,5 +1,5 @@
-"""train.py: the optimizer step (gradient accumulation, two DDP ranks over gloo), the shared loop's logs,
-checkpoints, stops and NaN guards, resume, and stage 2's latent cache.
+"""train.py and the loop its stages share (runtime/loop.py): the optimizer step (gradient accumulation, two DDP ranks
+over gloo), the loop's logs, checkpoints, stops and NaN guards, resume, and stage 2's latent cache.
 
 The reference for DDP and accumulation is one process taking one step on the whole batch: 2 ranks x batch b,
 and 1 rank x K micro-batches of b, must end with the parameters of 1 rank x batch 2b (or K*b).
