@@ -94,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                    help="the sampled latents through the VQ-VAE's quantiser, as it was trained, or straight into its decoder "
                         "(CompVis' force_not_quantize: a lower finest band and FID on the ADNI subset at 64 px, "
                         "bench/README.md) (default: %(default)s)")
+    add_decoder_argument(p)
     p.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
                    help="guide the UNet by itself earlier in its training (Karras et al. 2024): W x (UNet - guide) + guide, "
                         "so 1 is off and 2-3 sharpen; needs a run trained with --posthoc-ema, whose snapshots hold the "
@@ -116,6 +117,14 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay the UNet's call from a CUDA graph instead of launching its kernels one by one "
                         "(default: on)")
+
+
+def add_decoder_argument(p: argparse.ArgumentParser):
+    p.add_argument("--decoder", choices=["fine-tuned", "stage-1"], default="fine-tuned",
+                   help="the decoder that turns latents into images: fine-tuned, RUN/decoder.pt where `train-decoder` "
+                        "wrote one (sharper, and a little further from the input in PSNR: the perception-distortion "
+                        "trade-off, losses/README.md), else stage 1's; or stage-1, the VQ-VAE's own, trained for the "
+                        "pixel error alone (default: %(default)s)")
 
 
 def scales(text: str) -> list[float]:
@@ -180,10 +189,11 @@ def load_vqvae(run: Path, device, finetuned: bool = True) -> tuple[VQVAE, dict]:
     return vqvae, vq_ckpt
 
 
-def load_run(run: Path, device) -> LatentDiffusion:
-    """Both models of a run, checked to belong together (the UNet learned this VQ-VAE's latents)."""
+def load_run(run: Path, device, finetuned: bool = True) -> LatentDiffusion:
+    """Both models of a run, checked to belong together (the UNet learned this VQ-VAE's latents); decoding with
+    RUN/decoder.pt where there is one, unless not `finetuned` (`--decoder stage-1`)."""
     unet_ckpt = load_checkpoint(run / "unet.pt", "unet")
-    vqvae, vq_ckpt = load_vqvae(run, device)
+    vqvae, vq_ckpt = load_vqvae(run, device, finetuned)
     if unet_ckpt["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
         raise BadInputError(f"{run / 'unet.pt'} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
                             f"run train-unet again for this VQ-VAE")
@@ -425,7 +435,7 @@ def predict(args):
     sampling_from_args(args)  # flags that need no run are checked before loading it
     run, out = Path(args.run), Path(args.out or args.run)
     device, autocast = setup_device(args.device)
-    model = load_run(run, device)
+    model = load_run(run, device, finetuned=args.decoder == "fine-tuned")
     sampling = sampling_from_args(args, model)
     # resolved here: which images a seed gives depends on the batch size, and a resumed set must keep it
     sampling = replace(sampling, batch_size=sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"])

@@ -67,6 +67,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--steps", type=int, default=50,
                    help="DDIM steps over the whole noise range; strength S takes S times as many (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed, for --noise (default: %(default)s)")
+    predict.add_decoder_argument(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN/counterfactual)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
 
@@ -149,7 +150,7 @@ def counterfactual(args):
     if not args.set_values and args.mask is None:
         raise BadInputError("say what to change: --set NAME=VALUE (the conditions), or --mask FILE (a region to fill in)")
     device, autocast = setup_device(args.device)
-    model = predict.load_run(run, device)
+    model = predict.load_run(run, device, finetuned=args.decoder == "fine-tuned")
     target = asked_values(model.conditions, args.set_values)[None].to(device)
     source = asked_values(model.conditions, args.from_values)[None].to(device)
     image, geometry = read_input(Path(args.input), data, args.slice)
@@ -172,7 +173,9 @@ def counterfactual(args):
     settings = ", ".join(args.set_values) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
           f"{', noise' if noise else ''}", out / "counterfactual.png")
-    record = {"run": str(run), "unet_step": model.unet_step, "input": str(args.input),
+    record = {"run": str(run), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
+              "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
+              "input": str(args.input),
               "slice": geometry.index if geometry else None, "set": args.set_values, "from": args.from_values,
               "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM", "mask": args.mask,
               "guidance": args.guidance, "steps": args.steps, "seed": args.seed,

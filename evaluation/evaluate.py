@@ -65,6 +65,7 @@ from volumes.layouts import subject_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 SAMPLE_SUFFIXES = (".nii", ".nii.gz", ".npz")  # `sample --format nifti|npz`
+STAGE1_RECONSTRUCTIONS = "reconstructions, stage 1's decoder"  # the row beside a fine-tuned decoder's
 
 
 # ----------------------------------------------------------------------------- data
@@ -320,10 +321,15 @@ def evaluate(args):
         print(f"warning: only {n_subjects} subjects in a held-out half; FID/KID of so few subjects reward low variety "
               f"and are not reliable (raise --holdout at training time)")
 
-    # stage 1: reconstructions of B
-    vqvae, vq_ckpt = predict.load_vqvae(run, device)
+    # stage 1: reconstructions of B; where a fine-tuned decoder makes them, stage 1's own too, whose PSNR it trades
+    finetuned = args.decoder == "fine-tuned"
+    vqvae, vq_ckpt = predict.load_vqvae(run, device, finetuned)
+    stage1_decoder = {}
     with autocast:
         vq_metrics, recons = reconstruction_metrics(vqvae, floor, device=device)
+        if "decoder" in vq_ckpt:
+            stage1_metrics, stage1_decoder[STAGE1_RECONSTRUCTIONS] = reconstruction_metrics(
+                predict.load_vqvae(run, device, finetuned=False)[0], floor, device=device)
 
     # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
     stage1_only, sampling = samples is None and not (run / "unet.pt").exists(), {}
@@ -339,7 +345,7 @@ def evaluate(args):
         num = args.num or len(floor)  # as many as the floor half: FID's bias depends on the count
         if num < 2:
             raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
-        model = predict.load_run(run, device)
+        model = predict.load_run(run, device, finetuned)
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
         column = class_column(model, list(dataset.classes), run) if args.utility is not None else None
@@ -366,8 +372,8 @@ def evaluate(args):
     else:
         classifier_acc = None
     generated = {} if stage1_only else {"samples": samples}
-    scores = score_rows({**generated, "reconstructions": recons, "real (training)": training, "real (floor)": floor},
-                        reference, features, device)
+    scores = score_rows({**generated, "reconstructions": recons, **stage1_decoder, "real (training)": training,
+                         "real (floor)": floor}, reference, features, device)
     table, level_table = format_table(scores), format_level_table(scores)
 
     # are the samples copies of training images? their nearest training image against held-out subjects'
@@ -435,6 +441,7 @@ def evaluate(args):
                          "reference": len(ref_idx), "floor": len(floor_idx)},
                "vqvae_step": vq_ckpt["step"], "vqvae": {**vq_metrics, "images": "floor half B"},
                "finetuned_decoder": vq_ckpt.get("decoder"),  # RUN/decoder.pt (train-decoder): its step and fingerprint
+               **({"vqvae_stage1_decoder": {k: stage1_metrics[k] for k in ("psnr", "ssim")}} if stage1_decoder else {}),
                "sampling": sampling, "features": features.name, "features_input_size": features.input_size,
                "classifier_heldout_accuracy": classifier_acc, "scores": scores,
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
@@ -458,8 +465,11 @@ def evaluate(args):
     vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}"
                + (f", codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}"
                   if "perplexity" in vq_metrics else ", KL-regularised latent (no codebook)")
-               + (f"; its decoder fine-tuned alone (train-decoder, step {vq_ckpt['decoder']['step']})"
-                  if "decoder" in vq_ckpt else ""))
+               + (f"; its decoder fine-tuned alone (train-decoder, step {vq_ckpt['decoder']['step']}), where stage "
+                  f"1's own gives PSNR {stage1_metrics['psnr']:.2f} dB, SSIM {stage1_metrics['ssim']:.3f} (the row "
+                  f"'{STAGE1_RECONSTRUCTIONS}')" if stage1_decoder else "")
+               + ("; decoded by stage 1's decoder (--decoder stage-1), not RUN/decoder.pt"
+                  if not finetuned and (run / "decoder.pt").exists() else ""))
     note = ("Distances to the reference half A of the held-out subjects. Real rows: random training images, and the "
             "other half B (the floor; its few subjects make it a high bar for FID/KID). MS-SSIM: mean over random pairs "
             "within a set; far above the real rows' means too little variety.")

@@ -4,7 +4,9 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import torch
+from PIL import Image
 
 import driver
 import predict
@@ -53,11 +55,47 @@ def test_train_decoder_changes_the_decoder_alone_and_the_run_samples_with_it(tra
         rows = list(csv.DictReader(f))
     assert {r["decoder_fingerprint"] for r in rows} == {fingerprint(saved["model"])}
     # and so does evaluate, whose reconstructions it decodes
-    driver.main(["evaluate", "--run", str(copy), "--features", "domain", "--classifier-steps", "2", "--holdout", "0.5",
-                 "--num", "4", *FAST[:4], "--out", str(tmp_path / "eval")])
+    evaluate = ["evaluate", "--run", str(copy), "--features", "domain", "--classifier-steps", "2", "--holdout", "0.5",
+                "--num", "4", *FAST[:4]]
+    driver.main([*evaluate, "--out", str(tmp_path / "eval")])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["finetuned_decoder"] == {"step": 3, "fingerprint": fingerprint(saved["model"])}
     assert "its decoder fine-tuned alone (train-decoder, step 3)" in (tmp_path / "eval" / "report.md").read_text()
+
+    # --decoder stage-1 decodes with stage 1's own decoder, as if there were no decoder.pt: the same images as the run
+    # without one, and manifests that name no fine-tuned decoder
+    images = {name: predict.predict(driver.parse(["sample", "--run", str(r), "--out", str(tmp_path / name), *FAST,
+                                                  *flags]))
+              for name, r, flags in [("stage1", copy, ["--decoder", "stage-1"]), ("plain", run, []),
+                                     ("finetuned", copy, [])]}
+    assert torch.equal(images["stage1"], images["plain"]) and not torch.equal(images["stage1"], images["finetuned"])
+    with open(tmp_path / "stage1" / "samples" / "manifest.csv", newline="") as f:
+        assert "decoder_fingerprint" not in next(csv.DictReader(f))
+    # evaluate scores stage 1's decoder beside the fine-tuned one, the same figures --decoder stage-1 gives alone
+    driver.main([*evaluate, "--decoder", "stage-1", "--out", str(tmp_path / "eval1")])
+    alone = json.loads((tmp_path / "eval1" / "metrics.json").read_text())
+    assert alone["finetuned_decoder"] is None and "vqvae_stage1_decoder" not in alone
+    assert metrics["vqvae_stage1_decoder"] == {k: alone["vqvae"][k] for k in ("psnr", "ssim")}
+    assert metrics["vqvae_stage1_decoder"]["psnr"] != metrics["vqvae"]["psnr"]
+    beside = metrics["scores"]["reconstructions, stage 1's decoder"]
+    assert beside["fid"] == alone["scores"]["reconstructions"]["fid"] != metrics["scores"]["reconstructions"]["fid"]
+
+
+def test_a_counterfactual_names_the_decoder_it_decodes_with(trained_run, tmp_path):
+    run, data = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    decoder(copy, "--max-steps", "2", "--perceptual-weight", "0")
+    image, mask = next((data / "train" / "AD").iterdir()), tmp_path / "mask.png"
+    Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).save(mask)
+    fill = ["counterfactual", "--run", str(copy), "--input", str(image), "--mask", str(mask), "--steps", "2"]
+    records = {}
+    for name, flags in [("finetuned", []), ("stage1", ["--decoder", "stage-1"])]:
+        driver.counterfactual.counterfactual(driver.parse([*fill, *flags, "--out", str(tmp_path / name)]))
+        records[name] = json.loads((tmp_path / name / "counterfactual.json").read_text())
+    assert records["finetuned"]["decoder_fingerprint"] == fingerprint(ckpt(copy / "decoder.pt")["model"])
+    assert records["stage1"]["decoder_fingerprint"] is None  # stage 1's own
+    assert records["stage1"]["unet_fingerprint"] == records["finetuned"]["unet_fingerprint"]
 
 
 def test_train_decoder_resumes_with_its_own_settings_and_refuses_others(trained_run, tmp_path):
