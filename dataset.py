@@ -39,7 +39,8 @@ from torchvision import transforms
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
 from volumes.layouts import ImageFolder, Layout, find_image_roots, subject_id
-from volumes.reader import Slicing, printable, read_volume_slices, volume_slice_bound, volume_span, volumes_at_once
+from volumes.reader import (Slicing, dangling, printable, read_volume_slices, volume_slice_bound, volume_span,
+                            volumes_at_once)
 
 
 
@@ -49,19 +50,20 @@ def load_image(path: str, mode: str) -> Image.Image:
     """Open an image and convert it to `mode` ("L" or "RGB"); a file PIL cannot decode is named.
 
     16-bit and float images (MRI exports often use 12 of the 16 bits) are scaled by their own maximum
-    to 0-255, where PIL would clip them to white; transparent pixels (RGBA, LA, palette with
-    transparency) are laid on black, the background of a slice.
+    to 0-255, where PIL would clip them to white; a float image's NaN and infinite pixels are black (as a
+    volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on black, the background of a slice.
     """
     try:
         with Image.open(path) as img:
             if img.mode.startswith("I") or img.mode == "F":
-                a = np.asarray(img, dtype=np.float64).clip(0, None)
+                a = np.asarray(img, dtype=np.float64)
+                a = np.where(np.isfinite(a), a, 0).clip(0, None)
                 img = Image.fromarray((a * (255.0 / a.max()) if a.max() > 0 else a).round().astype(np.uint8))
             elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
             return img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInputError(f"cannot read image {printable(path)}: {e}") from None
+        raise BadInputError(f"cannot read image {printable(path)}: {e}{dangling(path)}") from None
 
 
 def card_transform(image_size: int, channels: int) -> transforms.Compose:
@@ -86,10 +88,10 @@ class SliceFolders(ConcatDataset):
             raise BadInputError(f"--channels must be 1 or 3, not {channels}")
         mode = "L" if channels == 1 else "RGB"
         transform = transform if transform is not None else card_transform(image_size, channels)
-        folders = []
-        for r in find_image_roots(Path(root)):
+        folders, layout = [], layout or Layout()
+        for r in find_image_roots(Path(root), layout.version):
             try:
-                folders.append(ImageFolder(str(r), layout or Layout(), transform=transform,
+                folders.append(ImageFolder(str(r), layout, transform=transform,
                                             loader=partial(load_image, mode=mode)))  # picklable for workers
             except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
                 raise BadInputError(f"no images found under {r} ({str(e).splitlines()[0]})") from None
@@ -249,9 +251,19 @@ def files_fingerprint(samples: list[tuple[str, int]]) -> str:
     """A hash of the files' names, sizes and modification times: a cache built from them is stale when it changes."""
     key = hashlib.sha1()
     for p, _ in samples:
-        st = os.stat(p)
-        key.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        size, mtime = _size_and_time(p)
+        key.update(os.fsencode(p) + f"|{size}|{mtime}\n".encode())
     return key.hexdigest()
+
+
+def _size_and_time(path: str) -> tuple[int, int]:
+    """(size, modification time in ns) of a file; (-1, -1) for a link to a file that is not there (a DataLad tree
+    before `datalad get`): reading it says what is wrong, or --skip-bad-images leaves it out."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 def uint8_images(dataset) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -319,6 +331,9 @@ class DataConfig:
     layout: Layout = field(default_factory=Layout)     # which files, and whose; saved as a plain dict
 
     def __post_init__(self):
+        if self.root == "":
+            raise BadInputError("--data is empty (an unset variable?): name the data folder, or leave --data out for "
+                                "the demo data")
         if isinstance(self.slicing, dict):  # rebuilt from a checkpoint: DataConfig(**asdict(config))
             self.slicing = Slicing(**self.slicing)
         if isinstance(self.layout, dict):
@@ -360,8 +375,13 @@ class DataConfig:
         """The image folder (the demo data is built on first use)."""
         return Path(self.root) if self.root else demo_data_dir(self.demo_dir)
 
+    def subject(self) -> Callable[[str], str]:
+        """Whose each file of the data folder is, by the run's layout: `subject()(path)`."""
+        return partial(self.layout.subject, root=str(self.folder()))
+
     def saved(self) -> dict:
-        return {**asdict(self), "root": str(self.folder())}
+        """The config as a run saves it, its folder as an absolute path (so that stage 2 finds it from anywhere)."""
+        return {**asdict(self), "root": os.path.abspath(self.folder())}
 
 
 def _listed(data: DataConfig) -> SliceFolders:
@@ -379,7 +399,7 @@ def training_files(data: DataConfig, expand_volumes: bool = True) -> tuple[list[
     if folders.volumes and expand_volumes:
         samples = [s for s in samples for _ in volume_span(s[0], data.slicing, data.skip_bad_images)]
     if data.holdout > 0:
-        train_idx, _ = split_by_subject([p for p, _ in samples], data.holdout, data.holdout_seed, data.layout.subject)
+        train_idx, _ = split_by_subject([p for p, _ in samples], data.holdout, data.holdout_seed, data.subject())
         samples = [samples[i] for i in train_idx]
     return samples, folders.classes
 
@@ -393,25 +413,35 @@ def training_data(data: DataConfig, cache_gb: float, workers: int, disk_cache: P
                           layout=data.layout)
     if data.holdout > 0:
         train_idx, _ = split_by_subject([p for p, _ in dataset.samples], data.holdout, data.holdout_seed,
-                                        data.layout.subject)
+                                        data.subject())
         dataset = Subset(dataset, train_idx)
     return dataset
 
 
 def subject_summary(data: DataConfig) -> str:
     """One line: the files the data folder holds, of how many subjects, files per subject (min, median, max), and
-    the subjects and files the hold-out takes; no image is decoded."""
+    the subjects and files the hold-out takes, and a warning for a class of one subject, which the hold-out takes
+    whole or not at all (files named by class, AD_001.png ...); no image is decoded."""
     folders = _listed(data)
     paths = [p for p, _ in folders.samples]
-    owners = [data.layout.subject(p) for p in paths]
+    subject = data.subject()
+    owners = [subject(p) for p in paths]
     per_subject = sorted(Counter(owners).values())
     kind = "volume" if folders.volumes else "image"
     line = (f"data: {_count(len(paths), kind)} of {_count(len(per_subject), 'subject')} ({kind}s per subject: min "
             f"{per_subject[0]}, median {statistics.median(per_subject):g}, max {per_subject[-1]})")
     if data.holdout == 0:
         return line + "; nothing held out"
-    _, held_idx = split_by_subject(paths, data.holdout, data.holdout_seed, data.layout.subject)
-    return line + f"; held out: {_count(len({owners[i] for i in held_idx}), 'subject')}, {_count(len(held_idx), kind)}"
+    _, held_idx = split_by_subject(paths, data.holdout, data.holdout_seed, subject)
+    line += f"; held out: {_count(len({owners[i] for i in held_idx}), 'subject')}, {_count(len(held_idx), kind)}"
+    subjects_of_class = {}
+    for owner, (_, label) in zip(owners, folders.samples):
+        subjects_of_class.setdefault(folders.classes[label], set()).add(owner)
+    alone = [name for name, subjects in subjects_of_class.items() if len(subjects) == 1 and len(folders.classes) > 1]
+    if alone:
+        line += (f"; WARNING: class {', '.join(alone)} is one subject by the naming rules, so the hold-out takes all "
+                 "of it or none: if its files are of several people, name them with --subject-pattern")
+    return line
 
 
 def _count(n: int, noun: str) -> str:
@@ -423,7 +453,7 @@ def data_files_key(data: DataConfig) -> dict:
     from their paths relative to the folder and their sizes: the same for a copy of the data elsewhere, another
     when a file is added, removed, renamed or changes size. No image is decoded."""
     folder = data.folder()
-    entries = sorted((os.fsencode(os.path.relpath(p, folder)), os.stat(p).st_size) for p, _ in _listed(data).samples)
+    entries = sorted((os.fsencode(os.path.relpath(p, folder)), _size_and_time(p)[0]) for p, _ in _listed(data).samples)
     key = hashlib.sha1()
     for relative, size in entries:
         key.update(relative + f"|{size}\n".encode())

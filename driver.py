@@ -403,8 +403,10 @@ def check_same_files(data: DataConfig, vq_ckpt: dict):
 
 
 def check_sizes(args: argparse.Namespace):
-    """Sizes the networks cannot take, as one-line errors before anything runs."""
+    """Sizes the networks and fractions the split cannot take, as one-line errors before anything runs."""
     if args.stage == "vqvae":
+        if not 0 <= args.holdout < 1:
+            raise BadInputError(f"--holdout is the fraction of subjects held out, in [0, 1), got {args.holdout}")
         factor = 2 ** (len(args.vq_mult) - 1)
         if args.image_size % (8 * factor):  # stage 2's UNet halves the latent three times
             raise BadInputError(f"--image-size {args.image_size} does not fit: the VQ-VAE divides it by {factor} and "

@@ -12,7 +12,8 @@
     python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp-sde --steps 20
     python predict.py --run RUN --num 10000 --out DIR --format nifti --sampler dpmpp-sde --steps 20 --resume
 
-Both models are rebuilt from RUN/vqvae.pt and RUN/unet.pt alone (the UNet's EMA weights are used).
+Both models are rebuilt from RUN/vqvae.pt and RUN/unet.pt alone (the UNet's EMA weights; the decoder of RUN/decoder.pt
+where `train-decoder` wrote one, and RUN/ema_snapshots/ for --autoguidance).
 Writes (OUT: --out, default RUN) the samples batch by batch as a dataset that `--data OUT/samples` reads back,
 OUT/samples/<class or all>/sub-NNNNNN.png (or .nii.gz, .npz) with OUT/samples/manifest.csv saying how each was made
 (export/sample_set.py); then OUT/samples.png, a grid of the first ones, and OUT/denoise.gif, whose frames show the
@@ -150,7 +151,7 @@ def step_interval(text: str) -> tuple[int, int]:
 
 @dataclass
 class LatentDiffusion:
-    """A trained run, rebuilt from RUN/vqvae.pt and RUN/unet.pt alone: the VQ-VAE, the UNet's EMA weights,
+    """A trained run, rebuilt from RUN/vqvae.pt, RUN/unet.pt (and RUN/decoder.pt): the VQ-VAE, the UNet's EMA weights,
     the diffusion process and the latent scale (latent = scale * z)."""
     vqvae: VQVAE
     unet: UNet

@@ -2,8 +2,8 @@
 stage 1's decoder alone, `train_decoder(args)`: each sets up its data, model and loss and hands them to the loop
 they share (`runtime/loop.py`) as a `Stage`.
 
-Both read and write one run folder (`args.run`); see DESIGN.md for its layout. The command line in
-driver.py resolves every flag first (presets, what stage 2 inherits from stage 1), then calls them,
+Both read and write one run folder (`args.run`); runtime/README.md ("Around a run") says what it holds. The
+command line in driver.py resolves every flag first (presets, what stage 2 inherits from stage 1), then calls them,
 on one device or, under torchrun, on many (DDP):
 
     python driver.py train-vqvae --run runs/demo     # stage 1: VQ-VAE on images
@@ -228,7 +228,7 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
     the run's own, with its own table, which must be unchanged."""
     data = args.data_config
     names = args.condition or ([CLASS] if args.conditional else [])
-    subjects = subjects_of(paths, data.layout.subject)
+    subjects = subjects_of(paths, data.subject())
     saved = resume.get("labels") if resume else None
     if resume:
         conditions = saved_conditions(resume)

@@ -73,7 +73,7 @@ STAGE1_RECONSTRUCTIONS = "reconstructions, stage 1's decoder"  # the row beside 
 def evaluation_split(paths: list[str], holdout: float, seed: int, subject: Callable[[str], str] = subject_id
                      ) -> tuple[list[int], list[int], list[int]]:
     """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects.
-    subject: whose each path is, by the run's own rules (`DataConfig.layout.subject`)."""
+    subject: whose each path is, by the run's own rules (`DataConfig.subject()`)."""
     train_idx, held_idx = split_by_subject(paths, holdout, seed, subject)
     return (train_idx, *halves(paths, held_idx, seed + 1, subject=subject))
 
@@ -303,7 +303,7 @@ def evaluate(args):
     # data: the run's held-out subjects, halved into reference A and floor B
     dataset = load_slices(data.folder(), image_size, channels, skip_bad=data.skip_bad_images, slicing=data.slicing,
                           layout=data.layout)
-    subject = data.layout.subject  # the run's own rules: others could score it on subjects it trained on
+    subject = data.subject()  # the run's own rules: others could score it on subjects it trained on
     seen = data.holdout == 0
     holdout, seed = (args.holdout, args.holdout_seed) if seen else (data.holdout, data.holdout_seed)
     if seen:

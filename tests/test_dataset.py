@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from conftest import touch
+from conftest import error_of, touch
 from dataset import (DataConfig, InMemorySlices, SliceFolders, data_files_key, load_slices,
                      split_by_subject, subject_summary)
 from runtime.errors import BadInputError
@@ -254,3 +254,97 @@ def test_16_bit_and_transparent_images_keep_their_contrast(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     pixels = np.asarray(load_image(str(tmp_path / "rgba.png"), "L"))
     assert (pixels[:4] == 255).all() and (pixels[4:] == 0).all()
+
+
+def test_float_images_with_nan_or_infinite_pixels_keep_their_contrast(tmp_path):
+    from dataset import load_image
+    ramp = np.tile(np.linspace(0, 1000, 64), (8, 1)).astype(np.float32)
+    Image.fromarray(ramp, "F").save(tmp_path / "clean.tif")
+    clean = np.asarray(load_image(str(tmp_path / "clean.tif"), "L"))
+    for bad in (np.nan, np.inf, -np.inf):
+        spoilt = ramp.copy()
+        spoilt[:, :4] = bad                                                  # where the ramp is darkest
+        Image.fromarray(spoilt, "F").save(tmp_path / "spoilt.tif")
+        pixels = np.asarray(load_image(str(tmp_path / "spoilt.tif"), "L"))
+        assert (pixels[:, :4] == 0).all() and (pixels[:, 4:] == clean[:, 4:]).all(), bad
+
+
+def test_split_folders_in_any_spelling_and_what_is_not_a_class(tmp_path):
+    for splits in (("Train", "Test"), ("training", "validation", "testing")):
+        root = touch(tmp_path / "_".join(splits), [f"{s}/{c}/{c}{i}_1.png" for s in splits for c in ("AD", "NC")
+                                                  for i in range(2)] + ["__MACOSX/train/AD/._AD0_1.png"])
+        folders = SliceFolders(root, 16, 1)
+        assert folders.classes == ["AD", "NC"] and len(folders.samples) == 4 * len(splits)
+        first = os.path.relpath(folders.samples[0][0], root)
+        assert first.split(os.sep)[0] == splits[0]                          # train, then validation, then test
+        old = SliceFolders(root, 16, 1, layout=Layout(version=2))          # a run begun before: as it was listed
+        assert old.classes == sorted([*splits, "__MACOSX"])                # the splits and an empty class
+    mixed = touch(tmp_path / "mixed", ["train/AD/a_1.png", "train/NC/b_1.png", "extra/AD/c_1.png"])
+    message = str(pytest.raises(BadInputError, SliceFolders, mixed, 16, 1).value)
+    assert "split folders train and beside them extra" in message
+    empty = touch(tmp_path / "empty", ["AD/a_1.png", "NC/b_1.png"])
+    (empty / "MCI").mkdir()
+    assert "class folder" in str(pytest.raises(BadInputError, SliceFolders, empty, 16, 1).value)
+    assert SliceFolders(empty, 16, 1, layout=Layout(version=2)).classes == ["AD", "MCI", "NC"]
+
+
+def test_a_bids_root_with_images_beside_its_subjects_is_refused(tmp_path):
+    root = touch(tmp_path / "data", ["AD/a_1.nii.gz", "NC/b_1.nii.gz", "sub-99/anat/sub-99_T1w.nii.gz",
+                                     "derivatives/sub-99/anat/sub-99_T1w.nii.gz", "code/notes.txt"])
+    message = str(pytest.raises(BadInputError, SliceFolders, root, 16, 1).value)
+    assert "BIDS sub-* folders and beside them" in message and "a_1.nii.gz" in message
+    assert len(SliceFolders(root, 16, 1, layout=Layout(version=2)).samples) == 1   # before: AD and NC left out
+    shutil.rmtree(root / "AD"), shutil.rmtree(root / "NC")
+    assert [os.path.relpath(p, root) for p, _ in SliceFolders(root, 16, 1).samples] == ["sub-99/anat/sub-99_T1w.nii.gz"]
+    wrong_suffix = touch(tmp_path / "t2", ["sub-01/anat/sub-01_T2w.nii.gz"])
+    message = str(pytest.raises(BadInputError, SliceFolders, wrong_suffix, 16, 1).value)
+    assert "1 found" in message and "suffix T1w" in message                 # says why nothing was taken
+
+
+def test_the_hold_out_is_the_same_wherever_the_folder_is_and_however_it_is_named(tmp_path, monkeypatch):
+    names = [f"{c}{n}.png" for c in ("AD", "NC") for n in
+             ("alpha_1", "beta_1", "gamma_1", "delta_1", "scanA", "scanB", "scanC", "scanD", "omega_1", "zeta_1")]
+    root = touch(tmp_path / "data", [f"{n[:2]}/{n}" for n in names])      # some named <subject>_<n>, some not
+    shutil.copytree(root, tmp_path / "moved" / "elsewhere")
+    os.symlink(root, tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+
+    def held_out(folder, layout=Layout()):
+        data = DataConfig(root=folder, holdout=0.3, layout=layout)
+        paths = [p for p, _ in SliceFolders(data.folder(), 16, 1).samples]
+        _, held = split_by_subject(paths, data.holdout, data.holdout_seed, data.subject())
+        return sorted(os.path.relpath(paths[i], folder) for i in held)
+
+    places = [str(root), "data", "data/", "link", str(tmp_path / "moved" / "elsewhere")]
+    assert len({tuple(held_out(f)) for f in places}) == 1
+    assert len({tuple(held_out(f, Layout(version=2))) for f in places}) > 1   # the rules before: a path's subject
+
+
+def test_a_class_of_one_subject_is_named_in_the_summary(tmp_path):
+    root = touch(tmp_path / "data", [f"{c}/{c}_{i:03d}.png" for c in ("AD", "NC") for i in range(5)])
+    summary = subject_summary(DataConfig(root=str(root), holdout=0.2))
+    assert "WARNING: class AD, NC is one subject" in summary and "--subject-pattern" in summary
+    assert "WARNING" not in subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(
+        subject_pattern=r"_(\d+)")))
+
+
+def test_a_link_to_a_file_that_is_not_there_is_named_or_left_out(tmp_path):
+    root = touch(tmp_path / "data", [])
+    for c in ("AD", "NC"):
+        for i in range(2):
+            write_file(root / c / f"{c}{i}_1.png", "L", (20, 20), seed=i)
+    os.symlink(tmp_path / "annex" / "never-fetched.png", root / "AD" / "gone_1.png")
+    data = DataConfig(root=str(root))
+    assert data_files_key(data)["files"] == 5                               # before: FileNotFoundError
+    message = str(pytest.raises(BadInputError, load_slices, root, 16, 1).value)
+    assert "gone_1.png" in message and "datalad get" in message
+    assert len(load_slices(root, 16, 1, skip_bad=True)) == 4
+
+
+def test_an_empty_data_flag_or_a_hold_out_out_of_range_is_refused(tmp_path):
+    with pytest.raises(BadInputError, match="--data is empty"):
+        DataConfig(root="")
+    for holdout in ("1", "-0.1", "10"):
+        message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "r"), "--holdout", holdout])
+        assert "--holdout" in message and "[0, 1)" in message
+    assert not (tmp_path / "r").exists()

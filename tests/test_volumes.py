@@ -234,6 +234,10 @@ def test_bad_volumes_are_named_in_one_line(tmp_path):
         assert expected in message and name in message
     write_volume(tmp_path / "flat" / "AD" / "slice.nii.gz", np.ones((16, 16)))
     assert "2D" in _bad_volume_message(tmp_path / "flat") and "slice.nii.gz" in _bad_volume_message(tmp_path / "flat")
+    rgb = np.zeros((16, 16, 12), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])   # a colour FA map
+    (tmp_path / "colour" / "AD").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "colour" / "AD" / "fa.nii.gz")
+    assert "fa.nii.gz stores ('R', 'G', 'B') per voxel" in _bad_volume_message(tmp_path / "colour")
     write_volume(tmp_path / "empty" / "AD" / "zeros.nii.gz", np.zeros((16, 16, 16)))
     assert "zeros.nii.gz has no foreground" in _bad_volume_message(tmp_path / "empty")
     four_d = np.stack([blob(seed=1), blob(seed=2) * 0], axis=-1)           # volume 1 is empty
@@ -356,6 +360,20 @@ def test_subject_ids_follow_one_rule_for_images_and_volumes():
         Layout(subject_pattern="(")
     old = Layout(version=1)                                                  # the rules of runs written before
     assert old.subject(ADNI_VISITS[0]) == ADNI_VISITS[0] and old.subject("/x/AD/1234_S_5678_099.jpeg") == "1234_S_5678"
+
+
+def test_adni_folders_and_oasis_names_keep_a_subject_s_visits_together():
+    dcm2niix = ["/d/AD/002_S_0295/MPRAGE/2006-04-18_08_20_30.0/I40966/MPRAGE_20060418082030_2.nii",
+                "/d/AD/002_S_0295/MPRAGE/2007-05-12_09_10_11.0/I55123/MPRAGE_20070512091011_2.nii"]
+    assert {subject_id(p, root="/d") for p in dcm2niix} == {"002_S_0295"}
+    assert subject_id("/002_S_0295/data/AD/scan.nii", root="/002_S_0295/data") == "AD/scan.nii"  # not above the data
+    oasis = ["/d/NC/OAS1_0001_MR1_mpr-1_100.jpg", "/d/NC/OAS1_0001_MR2_mpr-1_100.jpg",
+             "/d/NC/OAS1_0001_MR1_mpr-2_120.jpg"]
+    assert {subject_id(p, root="/d") for p in oasis} == {"OAS1_0001"}
+    old = Layout(version=2)                                                  # runs begun before: their subjects
+    assert len({old.subject(p, "/d") for p in dcm2niix}) == 2 and len({old.subject(p, "/d") for p in oasis}) == 3
+    assert old.subject("/d/AD/scan.png", "/d") == "/d/AD/scan.png"            # a file of no subject: its path
+    assert Layout().subject("/d/AD/scan.png", "/d") == "AD/scan.png"          # its path in the data folder
 
 
 # ----------------------------------------------------------------------------- the embedded demo data

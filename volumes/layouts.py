@@ -17,12 +17,33 @@ from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
 
 
-def find_image_roots(root: Path) -> list[Path]:
-    """The ImageFolder roots under `root`: its train/ and test/ if present, else root itself."""
+LAYOUT_VERSION = 3   # the rules of new runs; see Layout
+SPLITS = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "testing": 2}  # and their order
+NOT_A_CLASS = {"__MACOSX"}   # what macOS's zip leaves beside the folders it packed
+
+
+def find_image_roots(root: Path, version: int = LAYOUT_VERSION) -> list[Path]:
+    """The ImageFolder roots under `root`: its split folders if it has any, else root itself. Split folders (layout
+    version 3): train, val and test, or the same in other spellings (Train, training, validation ...), in that order;
+    a split folder beside a folder of another name is an error (is it a class, or a split this code does not know?).
+    Versions 1-2: train/ and test/ exactly, other folders beside them ignored."""
     if not root.is_dir():
         raise BadInputError(f"data folder {root} does not exist")
-    split_roots = [root / s for s in ("train", "test") if (root / s).is_dir()]
-    return split_roots or [root]
+    if version < 3:
+        return [root / s for s in ("train", "test") if (root / s).is_dir()] or [root]
+    folders = _folders(root)
+    splits = sorted((f for f in folders if f.lower() in SPLITS), key=lambda f: (SPLITS[f.lower()], f))
+    others = [f for f in folders if f not in splits]
+    if splits and others:
+        raise BadInputError(f"{printable(root)} holds the split folders {', '.join(splits)} and beside them "
+                            f"{', '.join(others)}: put the class folders inside the split folders (or --data at one)")
+    return [root / s for s in splits] or [root]
+
+
+def _folders(directory) -> list[str]:
+    """The names of the folders in `directory`, sorted, without hidden ones and macOS's __MACOSX."""
+    return sorted(e.name for e in os.scandir(directory)
+                  if e.is_dir() and not e.name.startswith(".") and e.name not in NOT_A_CLASS)
 
 
 def _walk(top: str):
@@ -89,17 +110,22 @@ def _plainest(paths: list[str]) -> str:
 
 _BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")                 # at the start of a folder or file name
 _ADNI_SUBJECT = re.compile(r"(?<!\d)\d{3}_S_\d{4}(?!\d)")       # site_S_participant: 002_S_0295
+_OASIS_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS\d_\d{4}(?!\d)")  # OASIS' OAS1_0001 (OAS1_0001_MR2: a visit)
 _SUBJECT_NUMBER = re.compile(r"^(?P<subject>.+)_(?P<number>\d+)$")  # <subject>_<slice or visit>
 
 
-def subject_id(path: str, pattern: re.Pattern | None = None) -> str:
+def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = None,
+               version: int = LAYOUT_VERSION) -> str:
     """The subject a file (an image or a volume) belongs to, by the first rule that applies:
     `pattern` searched in the file name (its group `subject`, else group 1, else the whole match; a file it does
     not match is an error: a guess could put one subject on both sides of the hold-out); else a BIDS `sub-<label>`
     starting the file's name, or the name of its BIDS folder `sub-<label>/[ses-<label>/]anat/` (no folder higher
     up: the data folder itself may sit under one named sub-something); else ADNI's subject ID `\\d{3}_S_\\d{4}`
-    in the file name (`ADNI_002_S_0295_MR_..._20060418.nii` -> 002_S_0295, so that visits stay together); else
-    `<subject>_<number>` of the name without its extension; else the file is a subject of its own."""
+    in the file name (`ADNI_002_S_0295_MR_..._20060418.nii` -> 002_S_0295, so that visits stay together), then
+    (version 3) in the names of its folders below `root` (dcm2niix's `002_S_0295/MPRAGE/<date>/I40966/x.nii`),
+    then OASIS' `OAS1_0001` in the file name; else `<subject>_<number>` of the name without its extension; else
+    the file is a subject of its own, named (version 3) by its path relative to `root`, the data folder, so
+    that the hold-out does not depend on where the folder is or how --data was written (version 2: the path)."""
     name = os.path.basename(path)
     if pattern is not None:
         m = pattern.search(name)
@@ -113,11 +139,16 @@ def subject_id(path: str, pattern: re.Pattern | None = None) -> str:
         m = _BIDS_SUBJECT.match(part)
         if m:
             return m.group(0)
-    m = _ADNI_SUBJECT.search(name)
+    relative = os.path.relpath(path, root) if root is not None and version >= 3 else None
+    names = [name] if relative is None else [name, *reversed(Path(relative).parts[:-1])]
+    for m in (_ADNI_SUBJECT.search(n) for n in names):
+        if m:
+            return m.group(0)
+    m = _OASIS_SUBJECT.search(name) if version >= 3 else None
     if m:
         return m.group(0)
     m = _SUBJECT_NUMBER.match(file_stem(name))
-    return m.group("subject") if m else str(path)
+    return m.group("subject") if m else relative or str(path)
 
 
 def _subject_id_v1(path: str) -> str:
@@ -132,13 +163,15 @@ def _subject_id_v1(path: str) -> str:
 
 # ----------------------------------------------------------------------------- the layout, and the folder it lists
 
-LAYOUT_VERSION = 2
-
-
 @dataclass
 class Layout:
     """How a data folder is listed and whose each file is; saved in a run's DataConfig, so that a run keeps its
     files and its held-out subjects.
+
+    Version 3, the rules of new runs: version 2's, and split folders in any spelling (`find_image_roots`), a class
+    folder that gives no file an error, macOS's __MACOSX never a class, a BIDS root that also holds images elsewhere
+    than in sub-* (and BIDS' own folders) an error, and `subject_id`'s rules for ADNI folders, OASIS and a file of
+    no subject by its path in the data folder.
 
     Version 2: a NIfTI volume with a `sub-*` folder above it (relative to its class folder, or to a BIDS root)
     follows BIDS rules: in an `anat` folder, with suffix `bids_suffix`, carrying every entity of `bids_entities`,
@@ -154,8 +187,8 @@ class Layout:
 
     def __post_init__(self):
         self.bids_entities = tuple(self.bids_entities)  # a list after a JSON round trip
-        if self.version not in (1, LAYOUT_VERSION):
-            raise BadInputError(f"unknown data layout version {self.version} (this code knows 1 and {LAYOUT_VERSION})")
+        if self.version not in range(1, LAYOUT_VERSION + 1):
+            raise BadInputError(f"unknown data layout version {self.version} (this code knows 1-{LAYOUT_VERSION})")
         if not all(_ENTITY.fullmatch(e) for e in self.bids_entities):
             raise BadInputError(f"--bids-entities takes ENTITY-LABEL pairs, not {','.join(self.bids_entities)}")
         try:
@@ -163,9 +196,9 @@ class Layout:
         except re.error as e:
             raise BadInputError(f"--subject-pattern {self.subject_pattern!r} is not a regular expression: {e}") from None
 
-    def subject(self, path: str) -> str:
-        """The subject `path` belongs to."""
-        return subject_id(path, self._pattern) if self.version > 1 else _subject_id_v1(path)
+    def subject(self, path: str, root: str | None = None) -> str:
+        """The subject `path`, a file under the data folder `root`, belongs to."""
+        return subject_id(path, self._pattern, root, self.version) if self.version > 1 else _subject_id_v1(path)
 
     def select(self, files: list[str], top: str, root: str, bids_root: bool) -> list[str]:
         """Of the image and volume `files` found under `top` (a class folder, or the BIDS root `root` itself), those
@@ -207,21 +240,32 @@ class ImageFolder(datasets.ImageFolder):
         super().__init__(root, **kwargs)
 
     def find_classes(self, directory):
-        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if self.layout.version < 3:
+            folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        else:
+            folders = _folders(directory)
         self.bids = any(name.startswith("sub-") for name in folders)
         classes = ["all"] if self.bids else folders
         if not classes:
             raise FileNotFoundError(f"no class folders in {printable(directory)}")
+        if self.bids and self.layout.version >= 3:
+            _refuse_data_beside_bids(directory, [f for f in folders if not f.startswith("sub-") and f not in BIDS_OWN])
         return classes, {name: i for i, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples, suffixes = [], tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES
+        samples, suffixes, found = [], tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES, 0
         for name, label in sorted(class_to_idx.items()):
             top = directory if self.bids else os.path.join(directory, name)
             files = [f for f in _walk(top) if f.lower().endswith(suffixes)]
-            samples += [(f, label) for f in self.layout.select(files, top, directory, self.bids)]
+            taken = self.layout.select(files, top, directory, self.bids)
+            if not taken and self.layout.version >= 3 and len(class_to_idx) > 1:
+                raise BadInputError(f"class folder {printable(top)} (of {', '.join(class_to_idx)}) gives no image or "
+                                    f"volume{self._left_out(files)}: remove it, or fill it")
+            samples += [(f, label) for f in taken]
+            found += len(files)
         if not samples:
-            raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) in the class folders of {printable(directory)}")
+            raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) in the class folders of "
+                                    f"{printable(directory)}{self._left_out(range(found))}")
         volumes = [p for p, _ in samples if is_volume(p)]
         if 0 < len(volumes) < len(samples):
             image = next(p for p, _ in samples if not is_volume(p))
@@ -229,3 +273,26 @@ class ImageFolder(datasets.ImageFolder):
                                 f"({printable(volumes[0])}): keep one kind per data folder")
         self.kind = "volumes" if volumes else "images"
         return samples
+
+    def _left_out(self, files) -> str:
+        """Why files found were not taken, for an error: the BIDS rules (or nothing, where none was found)."""
+        if not files:
+            return ""
+        wanted = "".join(f", with {e}" for e in self.layout.bids_entities)
+        return (f" that the layout takes ({len(files)} found: BIDS volumes are taken from sub-*/[ses-*/]anat/ with "
+                f"the suffix {self.layout.bids_suffix}{wanted}, --bids-suffix and --bids-entities, never from "
+                "derivatives/)")
+
+
+BIDS_OWN = NOT_RAW | {"code", "stimuli", "phenotype"}   # a BIDS root's folders besides sub-*
+
+
+def _refuse_data_beside_bids(directory: str, folders: list[str]):
+    """A BIDS root is one class, its sub-* folders: images or volumes in `folders` beside them would be left out."""
+    for name in folders:
+        found = next((f for f in _walk(os.path.join(directory, name))
+                      if f.lower().endswith(tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES)), None)
+        if found:
+            raise BadInputError(f"{printable(directory)} holds BIDS sub-* folders and beside them {printable(found)}: "
+                                "a data folder is a BIDS tree or class folders (which may hold BIDS subtrees), "
+                                "not both")

@@ -41,6 +41,14 @@ def printable(path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def dangling(path) -> str:
+    """What to say of a path that is a link to a file that is not there (a DataLad or git-annex tree whose content
+    was never fetched); "" for any other path."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return " (a link to a file that is not there: fetch the data, e.g. `datalad get`)"
+    return ""
+
+
 def is_volume(path) -> bool:
     return os.fsdecode(path).lower().endswith(VOLUME_SUFFIXES)
 
@@ -112,6 +120,9 @@ def load_voxels(path: str, volume_index: int | None, axis: int) -> tuple[np.ndar
     scale them in float64 (twice the memory), and reoriented as views before the one float32 copy."""
     img = nib.load(path)
     proxy = img.dataobj
+    if proxy.dtype.fields is not None:   # RGB24 and the like: a colour map (DTI's FA in colour), not intensities
+        raise BadInputError(f"{printable(path)} stores {proxy.dtype.names} per voxel, a colour image, not a grey-level "
+                            "volume")
     index = _volume_index(img.shape, volume_index, printable(path))
     unscaled = nib.arrayproxy.ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, proxy.offset), order=proxy.order)
     raw = unscaled[index]                                               # the stored numbers of one volume only
@@ -176,7 +187,7 @@ def read_volume(path, slicing: Slicing) -> Volume:
         voxels, spacing = load_voxels(os.fsdecode(path), slicing.volume_index, AXES[slicing.axis])
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
         message = (str(e).splitlines() or [type(e).__name__])[0]
-        raise BadInputError(f"cannot read volume {name}: {message}") from None
+        raise BadInputError(f"cannot read volume {name}: {message}{dangling(path)}") from None
     finite = np.isfinite(voxels)
     missing = not finite.all()
     present = voxels[finite] if missing else voxels                    # a copy only where voxels are missing
