@@ -479,21 +479,28 @@ def predict(args):
     return torch.cat(drawn) if drawn else None
 
 
+def generation_record(model: LatentDiffusion, sampling: Sampling) -> dict:
+    """What decides the images `generate` makes, besides the seed and the conditions: the sampler and its settings,
+    the batch size (the noise is drawn batch after batch) and the weights (the UNet's step and fingerprint, the
+    post-hoc EMA length chosen by `driver.py ema`, the VQ-VAE's and the fine-tuned decoder's fingerprints)."""
+    return {"sampler": sampling.sampler,
+            "steps": model.diffusion.num_steps if sampling.sampler == "ddpm" else sampling.steps,
+            "eta": sampling.eta if sampling.sampler == "ddim" else None, "repeat_last": sampling.repeat_last,
+            "repeat_times": sampling.repeat_times, "clip_x0": sampling.clip_x0, "batch_size": sampling.batch_size,
+            "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
+            "vqvae_fingerprint": model.vqvae_fingerprint,
+            "posthoc_ema_sigma_rel": model.posthoc_ema["sigma_rel"] if model.posthoc_ema else None,
+            **({} if sampling.quantise else {"decode": "unquantised"}),  # a set from before --decode reads the same
+            **({"decoder_fingerprint": model.decoder_fingerprint} if model.decoder_fingerprint else {}),  # likewise
+            **(sampling.guide_record or {}),  # so does one from before --autoguidance
+            **({"guide_interval": list(sampling.guide_interval)} if sampling.guide_interval else {})}  # and the interval
+
+
 def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, rows: list) -> tuple[dict, dict]:
     """(the settings that decide a set of samples, which --resume must match; the record each manifest row carries)."""
     conditioned = any(y is not None for _, y in rows)
-    record = {"format": args.format, "sampler": sampling.sampler,
-              "steps": model.diffusion.num_steps if sampling.sampler == "ddpm" else sampling.steps,
-              "eta": sampling.eta if sampling.sampler == "ddim" else None, "repeat_last": sampling.repeat_last,
-              "repeat_times": sampling.repeat_times, "guidance": args.guidance if conditioned else None,
-              "clip_x0": sampling.clip_x0, "batch_size": sampling.batch_size, "unet_step": model.unet_step,
-              "unet_fingerprint": model.fingerprint, "vqvae_fingerprint": model.vqvae_fingerprint,
-              "posthoc_ema_sigma_rel": model.posthoc_ema["sigma_rel"] if model.posthoc_ema else None,
-              **({} if sampling.quantise else {"decode": "unquantised"}),  # a set from before --decode reads the same
-              **({"decoder_fingerprint": model.decoder_fingerprint} if model.decoder_fingerprint else {}),  # likewise
-              **(sampling.guide_record or {}),  # so does one from before --autoguidance
-              **({"guide_interval": list(sampling.guide_interval)} if sampling.guide_interval else {}),  # and --guide-interval
-              "run": str(run.resolve())}
+    record = {"format": args.format, **generation_record(model, sampling),
+              "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "rows": [[caption, None if y is None else
                           {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}

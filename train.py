@@ -37,7 +37,7 @@ from runtime.checkpoint import atomic_save, checkpoint_to_resume, fingerprint, l
 from runtime.errors import BadInputError
 from runtime.loop import Stage, restore_training, start_stage, total_steps, train_loop
 from runtime.optimizer import adamw
-from runtime.posthoc_ema import PowerFunctionEMA, drop_snapshots_after
+from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
 from runtime.process import (Runtime, cpus_per_process, main_rank_first, place_model, progress, setup_runtime,
                              wrap_model)
 
@@ -264,6 +264,11 @@ def train_unet(args):
     if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
         raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
                             f"train stage 2 afresh in a new --run")
+    if not resume and snapshot_files(run):
+        steps = list(snapshot_files(run))
+        raise BadInputError(f"{run / SNAPSHOTS} holds the EMA snapshots of an earlier stage 2 (steps {steps[0]}-"
+                            f"{steps[-1]}) whose unet.pt is gone: autoguidance and `driver.py ema` would take them for "
+                            f"this run's; move them away, or train in a new --run")
 
     # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused), and the conditions
     z, labels, paths = latent_cache(args, samples, vqvae, vq_fingerprint, rt)
@@ -292,7 +297,8 @@ def train_unet(args):
     posthoc = PowerFunctionEMA(model) if args.posthoc_ema and rt.main else None  # EMA lengths chosen after training
     if posthoc and resume:
         posthoc.load_state_dict(resume["posthoc_ema"])
-        drop_snapshots_after(run, step)  # drawn again, the same, from this checkpoint
+        # drawn again, the same, from this checkpoint; one written only because the run stopped there goes too
+        drop_snapshots_after(run, step, keep_last=step % args.posthoc_ema == 0 or step % args.save_every == 0)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(latents), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum,

@@ -353,12 +353,7 @@ def evaluate(args):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(model, settings, num, autocast=autocast)
-        sampling = {"sampler": settings.sampler, "steps": model.diffusion.num_steps if settings.sampler == "ddpm"
-                    else settings.steps, **({"eta": settings.eta} if settings.sampler == "ddim" else {}),
-                    "repeat_times": settings.repeat_times, "clip_x0": settings.clip_x0,
-                    "decode": "quantised" if settings.quantise else "unquantised", **(settings.guide_record or {}),
-                    **({"guide_interval": list(settings.guide_interval)} if settings.guide_interval else {}),
-                    "seconds_per_image": seconds / num, "unet_step": model.unet_step}
+        sampling = {**predict.generation_record(model, settings), "seed": args.seed, "seconds_per_image": seconds / num}
 
     # features and scores
     key = {"data": str(data.folder()), "image_size": image_size, "channels": channels, "holdout": holdout, "holdout_seed": seed,
@@ -485,7 +480,7 @@ def evaluate(args):
     report = [f"# Evaluation of {run}", "", f"Data {data.folder()} at {image_size}x{image_size}, features: {features.name}"
               + (f" (its {'/'.join(dataset.classes)} accuracy on the held-out images: {classifier_acc:.1%})" if classifier_acc else "")
               + f"; {resized}.",
-              "Sampling: " + (", ".join(f"{k} {v}" for k, v in sampling.items())
+              "Sampling: " + (", ".join(f"{k} {v}" for k, v in sampling.items() if v is not None)
                               or "none (the run has no unet.pt yet: stage 1 alone)") + ".", "", vq_line, "", table, "", note,
               "", "## Detail per scale", "", level_note, "", level_table, "", crop_note, "", "![](eval_crops.png)",
               "", "## Grids", "", "| " + " | ".join(["real (B)", "reconstructions", *generated]) + " |",

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from runtime.errors import BadInputError
+
 NETWORKS = ("vgg16", "random")
 RANDOM_SEED = 0
 
@@ -67,17 +69,17 @@ class VGGPerceptualLoss(nn.Module):
         return sum((a - b).pow(2).sum(1).mean() for a, b in zip(self._taps(recon), self._taps(x)))
 
 
-def perceptual_loss_or_none(weights_path: str | None, network: str = "vgg16") -> VGGPerceptualLoss | None:
-    """The perceptual loss: `random` always; `vgg16` if its weights file loads, else None after one line saying so
-    (train without it, or with `random`)."""
+def perceptual_loss(weights_path: str | None, network: str = "vgg16") -> VGGPerceptualLoss:
+    """The perceptual loss: `random` always; `vgg16` from its weights file, or a one-line error (a run that asked for
+    the term and trained without it would say in its record that it had one)."""
     if network == "random":
         return VGGPerceptualLoss(None)
+    instead = "--perceptual-network random needs none, --perceptual-weight 0 turns the term off"
     if weights_path is None:
-        print("perceptual loss: off (no --vgg-weights file; ImageNet VGG16 weights cannot be downloaded here; "
-              "--perceptual-network random needs none)")
-        return None
+        raise BadInputError("the perceptual term needs ImageNet VGG16 weights as a local --vgg-weights file (they "
+                            f"cannot be downloaded here); {instead}")
     try:
         return VGGPerceptualLoss(weights_path)
-    except Exception as e:  # missing, unreadable or not a vgg16 state dict: say which, and go on without it
-        print(f"perceptual loss: off ({weights_path} did not load as VGG16 weights: {type(e).__name__}: {str(e)[:80]})")
-        return None
+    except Exception as e:  # missing, unreadable or not a vgg16 state dict: say which
+        raise BadInputError(f"--vgg-weights {weights_path} did not load as VGG16 weights ({type(e).__name__}: "
+                            f"{str(e)[:80]}); {instead}") from None

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from losses.adversarial import Adversary
-from losses.perceptual import perceptual_loss_or_none
+from losses.perceptual import perceptual_loss
 from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from runtime.process import Runtime
 
@@ -20,7 +20,7 @@ class ReconstructionLoss:
     def __init__(self, args, rt: Runtime, resume: dict | None, max_steps: int):
         self.args = args
         self.adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
-        self.perceptual = (perceptual_loss_or_none(args.vgg_weights, args.perceptual_network)
+        self.perceptual = (perceptual_loss(args.vgg_weights, args.perceptual_network)
                            if args.perceptual_weight > 0 else None)
         if self.perceptual is not None:
             self.perceptual.to(rt.device)

@@ -120,9 +120,11 @@ def snapshot_files(run: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def drop_snapshots_after(run: Path, step: int) -> int:
-    """Delete snapshots of steps after `step` (a resumed run draws them again from its checkpoint); how many."""
-    later = [f for s, f in snapshot_files(run).items() if s > step]
+def drop_snapshots_after(run: Path, step: int, keep_last: bool = True) -> int:
+    """Delete snapshots of steps after `step` (a resumed run draws them again from its checkpoint), and the one at
+    `step` unless keep_last (one written because the run stopped there, which a run not stopped would not have, and
+    which the fit of `reconstruct` would count); how many."""
+    later = [f for s, f in snapshot_files(run).items() if s > step or (s == step and not keep_last)]
     for f in later:
         f.unlink()
     return len(later)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import driver
+import predict
 from evaluation.evaluate import central_crops, class_scores, evaluation_split, format_level_table, format_table
 from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyramid, ms_ssim_diversity,
                                 sliced_wasserstein)
@@ -135,7 +136,7 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     run, data = trained_run
     out = tmp_path / "eval"
     driver.main(["evaluate", "--run", str(run), "--out", str(out), "--holdout", "0.5", "--features", "domain",
-                 "--classifier-steps", "0", "--steps", "5"])
+                 "--classifier-steps", "0", "--steps", "5", "--seed", "3", "--batch-size", "4"])
     printed = capsys.readouterr().out
     assert "trained on all subjects" in printed and "| samples |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -146,6 +147,10 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     for row in metrics["scores"].values():
         assert row["count"] == 6 and all(k in row for k in ("fid", "kid", "kid_std", "swd", "ms_ssim"))
     assert metrics["sampling"]["sampler"] == "dpmpp-sde" and metrics["sampling"]["steps"] == 5
+    model = predict.load_run(run, "cpu")                    # what decides the samples, as a sample set records it
+    assert {k: metrics["sampling"][k] for k in ("seed", "batch_size", "unet_fingerprint", "posthoc_ema_sigma_rel")} == {
+        "seed": 3, "batch_size": 4, "unet_fingerprint": model.fingerprint, "posthoc_ema_sigma_rel": None}
+    assert "seed 3, seconds_per_image" in (out / "report.md").read_text()
     assert metrics["features"].startswith("domain classifier")
     assert 0 < metrics["vqvae"]["psnr"] < 100 and 0 < metrics["vqvae"]["codebook_used"] <= 1
     report = (out / "report.md").read_text()

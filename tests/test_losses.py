@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from losses.adversarial import (ADAPTIVE_WEIGHT_FALLBACK, DiscriminatorConfig, PatchDiscriminator, adaptive_weight,
                                 adversarial_factor, generator_adversarial_loss, hinge_d_loss, least_squares_d_loss,
                                 least_squares_g_loss, non_saturating_d_loss, start_step)
-from losses.perceptual import VGGPerceptualLoss, perceptual_loss_or_none
+from losses.perceptual import VGGPerceptualLoss, perceptual_loss
+from runtime.errors import BadInputError
 from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from modules import VQVAE, VQVAEConfig
 
@@ -138,15 +139,15 @@ def test_laplacian_l1_counts_an_error_equally_at_every_octave():
     assert recon.grad is not None and recon.grad.abs().sum() > 0
 
 
-def test_perceptual_loss_loads_a_local_vgg16_file_or_says_in_one_line_it_is_off(tmp_path, capsys):
+def test_perceptual_loss_loads_a_local_vgg16_file_or_is_a_one_line_error(tmp_path):
     from torchvision.models.vgg import cfgs, make_layers
-    assert perceptual_loss_or_none(None) is None and "perceptual loss: off" in capsys.readouterr().out
-    assert perceptual_loss_or_none(str(tmp_path / "missing.pth")) is None
-    assert capsys.readouterr().out.count("\n") == 1
+    for path in (None, str(tmp_path / "missing.pth")):                  # never a run that says it had the term
+        message = str(pytest.raises(BadInputError, perceptual_loss, path).value)
+        assert "VGG16 weights" in message and "--perceptual-network random" in message and "\n" not in message
     torch.manual_seed(0)   # random weights stand in for ImageNet's: this checks loading and the distance's form
     features = make_layers(cfgs["D"])   # torchvision.models.vgg16().features, without building its classifier
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
-    loss = perceptual_loss_or_none(str(tmp_path / "vgg16.pth"))
+    loss = perceptual_loss(str(tmp_path / "vgg16.pth"))
     assert torch.equal(loss.features[0].weight, features[0].weight)
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     recon = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
@@ -231,7 +232,7 @@ def textured(n=2, size=64, seed=0):
 
 
 def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more_than_a_brightness_shift():
-    loss = perceptual_loss_or_none(None, "random")
+    loss = perceptual_loss(None, "random")
     assert isinstance(loss, VGGPerceptualLoss) and all(not p.requires_grad for p in loss.parameters())
     again = VGGPerceptualLoss(None)                                            # the same fixed draw every time
     assert torch.equal(loss.features[0].weight, again.features[0].weight)
