@@ -151,6 +151,10 @@ def read_table(path: Path, subject_column: str | None = None) -> Table:
             raise BadInputError(f"cannot tell the columns of {path} apart: name it .csv or .tsv") from None
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     columns = [c.strip() for c in reader.fieldnames or []]
+    twice = sorted({c for c in columns if columns.count(c) > 1 and c})
+    if twice:
+        raise BadInputError(f"participants table {path} has two columns named {', '.join(map(repr, twice))}: which "
+                            "one is meant? rename one")
     rows = [{c.strip(): (v or "").strip() for c, v in row.items() if c is not None} for row in reader]
     if not rows:
         raise BadInputError(f"participants table {path} has no rows")
@@ -188,7 +192,12 @@ def build_conditions(names: list[str], table: Table | None, subjects: list[str],
         if not given:
             raise BadInputError(f"--condition {name}: no training subject has a value of it in {table.file}")
         numbers = [_number(v) for v in given]
-        kind = kind or ("continuous" if all(n is not None for n in numbers) else "category")
+        words = sorted({v for v, n in zip(given, numbers) if n is None})
+        if not kind and words and len(words) < sum(n is not None for n in numbers):  # mostly numbers: a typo, or 90+
+            raise BadInputError(f"--condition {name}: {table.file} holds numbers and {', '.join(map(repr, words[:3]))}"
+                                f"{' ...' if len(words) > 3 else ''} in it: correct those, write them n/a, or say "
+                                f"{name}:category (every value a category) or {name}:continuous")
+        kind = kind or ("continuous" if not words else "category")
         if kind == "continuous":
             if any(n is None for n in numbers):
                 bad = next(v for v, n in zip(given, numbers) if n is None)

@@ -58,6 +58,18 @@ def test_a_csv_names_its_subject_column_and_a_coded_column_can_be_a_category(tmp
     assert "--labels" in str(pytest.raises(Exception, build_conditions, ["age"], None, subjects, []).value)
 
 
+def test_a_column_of_numbers_with_a_few_words_or_a_column_named_twice_is_refused(tmp_path):
+    table_file = tmp_path / "participants.tsv"
+    table_file.write_text("participant_id\tage\tgroup\nsub-01\t71\tAD\nsub-02\t75.5\tNC\nsub-03\t90+\tNC\n")
+    table, subjects = read_table(table_file), ["sub-01", "sub-02", "sub-03"]
+    message = str(pytest.raises(Exception, build_conditions, ["age"], table, subjects, []).value)
+    assert "numbers and '90+'" in message and "age:category" in message     # not a category of 71/75.5/90+
+    assert build_conditions(["age:category"], table, subjects, [])[0].values == ["71", "75.5", "90+"]
+    assert build_conditions(["group"], table, subjects, [])[0].kind == "category"   # words only: a category
+    table_file.write_text("participant_id\tage\tage\nsub-01\t71\t72\n")
+    assert "two columns named 'age'" in str(pytest.raises(Exception, read_table, table_file).value)
+
+
 def test_a_value_the_run_does_not_know_is_not_given_in_training_and_refused_at_sampling(capsys):
     sex, age = Condition("sex", "category", ["F", "M"]), Condition("age", "continuous", low=60.0, high=80.0)
     assert math.isnan(sex.encode("X")) and math.isnan(sex.encode("n/a")) and math.isnan(age.encode("NA"))
