@@ -12,7 +12,9 @@ import json
 import os
 import pickle
 from dataclasses import asdict, is_dataclass
+from functools import partial
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -29,10 +31,15 @@ def atomic_save(obj, path: Path, keep_previous: bool = False):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`: at every moment
     `path` is the old file or the new one, whole. keep_previous: the old one stays as previous(path)
     (a hard link, no copy). A failed write (disk full) leaves `path` as it was and says so."""
+    atomic_write(path, partial(torch.save, obj), keep_previous)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], keep_previous: bool = False):
+    """atomic_save's way for any file: `write(f)` into a temporary file, fsync, rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
@@ -141,4 +148,5 @@ def write_config(run: Path, stage: str, args):
     path = run / "config.json"
     config = json.loads(path.read_text()) if path.exists() else {}
     config[stage] = {k: v for k, v in vars(args).items() if k != "func"}
-    path.write_text(json.dumps(config, indent=2, default=lambda v: asdict(v) if is_dataclass(v) else str(v)))
+    text = json.dumps(config, indent=2, default=lambda v: asdict(v) if is_dataclass(v) else str(v))
+    atomic_write(path, lambda f: f.write(text.encode()))  # a full disk leaves the run's record as it was

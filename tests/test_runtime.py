@@ -1,6 +1,8 @@
 """runtime/: checkpoints written atomically and loaded safely (damaged, crafted, of another kind or version),
 a full disk, and the device and precision checks."""
+import argparse
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +15,8 @@ import torch
 import predict
 from conftest import ckpt, error_of, unet, vqvae
 from runtime import process
-from runtime.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, previous
+from runtime.errors import BadInputError
+from runtime.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, previous, write_config
 from runtime.process import Milestones
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +37,19 @@ def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(train
     assert f"could not write {copy / 'unet.pt'} (No space left on device); the previous file is unchanged" in message
     assert (copy / "unet.pt").read_bytes() == before
     assert not [p for p in copy.iterdir() if ".tmp" in p.name]   # no partial file left behind
+
+
+def test_a_full_disk_leaves_the_runs_config_json_as_it_was(tmp_path, monkeypatch):
+    write_config(tmp_path, "train-vqvae", argparse.Namespace(lr=1e-3, data="/data"))
+    before = (tmp_path / "config.json").read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(BadInputError, match="could not write .*config.json .No space left on device.; the previous"):
+        write_config(tmp_path, "train-unet", argparse.Namespace(lr=2e-4))
+    assert (tmp_path / "config.json").read_bytes() == before and len(list(tmp_path.iterdir())) == 1
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
