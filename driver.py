@@ -441,15 +441,17 @@ def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
 
 
 def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
-    """A resumed run is the run it saved: each flag not given comes back from RUN/config.json (or, without it, from
-    the checkpoint's copy of the flags), and stage 1's data from the data config in vqvae.pt (which also knows how
-    its folder was read); a flag given again must agree with the run, unless it is CHANGEABLE (or THIS_COMMAND's,
-    which never comes back). Stage 2's data is stage 1's, resolved before. A flag newer than the run comes back as
+    """A resumed run is the run it saved: each flag not given comes back from the checkpoint's copy of the flags
+    (RUN/config.json may hold those of a later attempt that stopped before it saved anything; it is read only for a
+    checkpoint without them), and stage 1's data from the data config in vqvae.pt (which also knows how its folder
+    was read); a flag given again must agree with the run, unless it is CHANGEABLE (or THIS_COMMAND's, which never
+    comes back). Stage 2's data is stage 1's, resolved before. A flag newer than the run comes back as
     BEFORE_THE_FLAG says, or is left to the preset."""
+    own = load_checkpoint(Path(args.run) / f"{args.stage}.pt", args.stage).get("args")
     config = Path(args.run) / "config.json"
-    own = json.loads(config.read_text()).get(f"train-{args.stage}") if config.exists() else None
-    if own is None:
-        own = load_checkpoint(Path(args.run) / f"{args.stage}.pt", args.stage)["args"]
+    if own is None and config.exists():
+        own = json.loads(config.read_text()).get(f"train-{args.stage}")
+    own = own or {}
     flags = {action.dest for action in build_parser().commands[args.command]._actions} - {"help"}
     own = {name: own[name] if name in own else BEFORE_THE_FLAG.get(name, _UNKNOWN) for name in flags}
     if args.stage == "vqvae":

@@ -120,9 +120,9 @@ def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict,
     if not (resume and ckpt_path.exists()):
         return None
     if is_main_process():  # a write cut short by kill -9 leaves its temporary file
-        for partial in ckpt_path.parent.glob(f".{ckpt_path.name}.*"):
-            print(f"removed {partial.name}, a checkpoint write that did not finish ({ckpt_path.name} is whole)")
-            partial.unlink(missing_ok=True)
+        for unfinished in ckpt_path.parent.glob(f".{ckpt_path.name}.*"):
+            print(f"removed {unfinished.name}, a checkpoint write that did not finish ({ckpt_path.name} is whole)")
+            unfinished.unlink(missing_ok=True)
     ckpt = load_checkpoint(ckpt_path, kind)
     config = asdict(model_config(config_class, ckpt, ckpt_path)) if config_class else ckpt["config"]
     saved = {**config, **(diffusion_defaults or {}), **ckpt.get("diffusion", {})}  # a UNet's diffusion settings too

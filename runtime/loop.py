@@ -124,10 +124,11 @@ def restore_training(resume: dict | None, model: nn.Module, optimizer, rt: Runti
 
 
 def total_steps(args, items: int, world: int) -> int:
-    """--max-steps, else --epochs of this rank's shard of `items` in optimizer steps."""
+    """--max-steps, else --epochs of this rank's shard of `items` in optimizer steps (of --grad-accum batches each,
+    counted over all the epochs: 11 batches an epoch at --grad-accum 4 make 13 steps in 5 epochs, not 10)."""
     if args.max_steps is not None:
         return args.max_steps
-    return args.epochs * max(1, items // world // (args.batch_size * args.grad_accum))
+    return max(1, args.epochs * max(1, items // world // args.batch_size) // args.grad_accum)
 
 
 # ----------------------------------------------------------------------------- records and stops
@@ -303,7 +304,11 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
         rt.log(f"the learning rate reached zero at step {lr_factor.end} (--cooldown, where --max-minutes ran out): the "
                f"run is finished; a longer --max-steps plans a new cooldown to train it further")
 
-    # the end: checkpoint, grid and loss curve
+    # the end: checkpoint, grid and loss curve; a resumed run with nothing left to train leaves its checkpoints be
+    if resume and step == start[0] and not stop.signal:
+        rt.log(f"{ckpt_path} is at step {step}, where this run ends: nothing to train (a longer --max-steps or "
+               f"--epochs trains it further)")
+        return
     save(step)
     if rt.main:
         draw_grid(stage, run / f"{stage.grid}_{stage.name}.png", board, step)

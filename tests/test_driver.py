@@ -1,5 +1,6 @@
 """driver.py: presets, help, the demo's order of stages, flags resolved once, and every bad command line's
 one-line error (before anything is written)."""
+import json
 import re
 import shutil
 import subprocess
@@ -129,6 +130,16 @@ def test_without_its_config_json_a_run_resumes_with_the_flags_its_checkpoint_sav
     (run / "config.json").unlink()
     args = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
     assert (args.grad_accum, args.laplacian_weight, args.seed, args.cooldown, args.slices) == (2, 0.5, 3, 0.0, None)
+
+
+def test_a_resumed_run_is_the_one_its_checkpoint_saved_not_a_later_attempt_that_saved_nothing(stage1_run):
+    run, data = stage1_run
+    config = json.loads((run / "config.json").read_text())      # as `--resume --lr 0.5 --max-steps 200` writes it
+    config["train-vqvae"].update(lr=0.5, max_steps=200, log_every=7)  # before a NaN stops it with nothing saved
+    (run / "config.json").write_text(json.dumps(config))
+    args = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
+    saved = ckpt(run / "vqvae.pt")["args"]
+    assert (args.lr, args.max_steps, args.log_every) == (saved["lr"], 1, saved["log_every"]) != (0.5, 200, 7)
 
 
 @pytest.mark.parametrize("flag, value", [("--grad-accum", "4"), ("--batch-size", "4"), ("--holdout", "0.5"),

@@ -4,6 +4,7 @@ over gloo), the loop's logs, checkpoints, stops and NaN guards, resume, and stag
 The reference for DDP and accumulation is one process taking one step on the whole batch: 2 ranks x batch b,
 and 1 rank x K micro-batches of b, must end with the parameters of 1 rank x batch 2b (or K*b).
 """
+import argparse
 import copy
 import csv
 import json
@@ -147,6 +148,23 @@ def test_resume_continues_from_the_saved_step(trained_run, tmp_path):
     unet(copy, "--max-steps", "6", "--resume")
     assert ckpt(copy / "unet.pt")["step"] == 6
     assert [int(r["step"]) for r in csv.DictReader(open(copy / "log_unet.csv"))] == [2, 4, 6]
+
+
+def test_a_finished_run_resumed_trains_nothing_and_leaves_its_checkpoints_be(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = {name: (copy / name).read_bytes() for name in ("unet.pt", "unet.prev.pt", "log_unet.csv")}
+    unet(copy, "--resume")                                           # its own length: already reached
+    assert "nothing to train" in capsys.readouterr().out
+    assert {name: (copy / name).read_bytes() for name in before} == before   # the previous one not lost
+
+
+@pytest.mark.parametrize("items, batch, accum, epochs, steps", [(720, 64, 4, 5, 13), (300, 100, 3, 4, 4),
+                                                                 (720, 64, 1, 2, 22), (10, 64, 4, 1, 1)])
+def test_epochs_count_every_batch_of_every_epoch_whatever_the_accumulation(items, batch, accum, epochs, steps):
+    args = argparse.Namespace(max_steps=None, epochs=epochs, batch_size=batch, grad_accum=accum)
+    assert loop.total_steps(args, items, world=1) == steps          # 11 batches an epoch x 5 at 4 a step: 13, not 10
 
 
 def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
