@@ -18,6 +18,7 @@ averaged over ranks. One optimizer step = --grad-accum micro-batches of --batch-
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -264,11 +265,12 @@ def train_unet(args):
     if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
         raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
                             f"train stage 2 afresh in a new --run")
-    if not resume and snapshot_files(run):
-        steps = list(snapshot_files(run))
-        raise BadInputError(f"{run / SNAPSHOTS} holds the EMA snapshots of an earlier stage 2 (steps {steps[0]}-"
-                            f"{steps[-1]}) whose unet.pt is gone: autoguidance and `driver.py ema` would take them for "
-                            f"this run's; move them away, or train in a new --run")
+    if not resume and snapshot_files(run) and rt.main:  # an earlier stage 2's, whose unet.pt is gone: not this one's
+        aside = run / f"{SNAPSHOTS}.replaced"
+        shutil.rmtree(aside, ignore_errors=True)
+        (run / SNAPSHOTS).replace(aside)
+        rt.log(f"moved the EMA snapshots of an earlier stage 2 to {aside}: autoguidance and `driver.py ema` would "
+               f"have taken them for this run's")
 
     # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused), and the conditions
     z, labels, paths = latent_cache(args, samples, vqvae, vq_fingerprint, rt)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 import torch.nn as nn
 from torchvision.utils import make_grid, save_image
 
-from runtime.checkpoint import atomic_save, plain_args, write_config
+from runtime.checkpoint import atomic_save, atomic_write, plain_args, write_config
 from runtime.errors import BadInputError
 from runtime.optimizer import load_optimizer
 from runtime.process import Runtime, any_rank, mean_over_ranks, progress, restore_rng, rng_states
@@ -134,13 +135,23 @@ def total_steps(args, items: int, world: int) -> int:
 # ----------------------------------------------------------------------------- records and stops
 
 class MetricLog:
-    """Appends one CSV row per log interval and redraws the loss curve from the whole CSV."""
+    """Appends one CSV row per log interval and redraws the loss curve from the whole CSV. It holds the run's own
+    history: resumed at step `resumed_at`, the rows of later steps (logged by an attempt that stopped before it
+    saved them) go; a new run moves an earlier run's log aside (`*.replaced.csv`) rather than append to it."""
 
-    def __init__(self, csv_path: Path, fields: list[str]):
+    def __init__(self, csv_path: Path, fields: list[str], resumed_at: int | None = None):
         self.csv_path, self.fields = csv_path, fields
-        if not csv_path.exists():
-            with open(csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(fields)
+        rows = []
+        if csv_path.exists() and resumed_at is None:
+            csv_path.replace(csv_path.with_suffix(".replaced.csv"))
+        elif csv_path.exists():
+            with open(csv_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resumed_at]
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(fields)
+        writer.writerows([r.get(k, "") for k in fields] for r in rows)  # a column the run's log lacked stays empty
+        atomic_write(csv_path, lambda f: f.write(text.getvalue().encode()))
 
     def append(self, row: dict):
         with open(self.csv_path, "a", newline="") as f:
@@ -154,7 +165,7 @@ class MetricLog:
         fig, ax = plt.subplots(figsize=(6, 4))
         steps = [int(r["step"]) for r in rows]
         for k in keys:
-            ax.plot(steps, [float(r[k]) for r in rows], label=k)
+            ax.plot(steps, [float(r[k] or "nan") for r in rows], label=k)
         ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
         ax.legend()
         fig.tight_layout()
@@ -227,7 +238,8 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_factor, last_epoch=step - 1)
     per_step = args.batch_size * args.grad_accum * rt.world
     if rt.main:
-        log = MetricLog(run / f"log_{stage.name}.csv", ["step", *stage.stats, *stage.derived({}), "lr", "img_per_s"])
+        log = MetricLog(run / f"log_{stage.name}.csv", ["step", *stage.stats, *stage.derived({}), "lr", "img_per_s"],
+                        resumed_at=step if resume else None)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     start = (step, time.monotonic())
 

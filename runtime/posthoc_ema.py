@@ -111,6 +111,9 @@ class PowerFunctionEMA:
         folder.mkdir(exist_ok=True)
         state = self.state_dict()
         state["profiles"] = [{n: p.cpu() for n, p in profile.items()} for profile in state["profiles"]]
+        if not all(p.isfinite().all() for profile in state["profiles"] for p in profile.values()):
+            raise BadInputError(f"a weight became NaN/inf before step {self.step}: stopped without writing its EMA "
+                                f"snapshot; try a lower --lr, or --skip-nonfinite to skip such steps")
         atomic_save({"kind": "ema_snapshot", **state}, folder / f"step{self.step:07d}.pt")
 
 

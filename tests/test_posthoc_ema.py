@@ -164,11 +164,29 @@ def test_training_keeps_snapshots_and_a_resumed_run_ends_with_the_same_ones(post
     assert state["step"] == 6 and set(state["profiles"][0]) == set(ckpt(cut / "unet.pt")["model"])
     # the flag is part of the run: a resumed run keeps it, another value is refused
     assert "--posthoc-ema" in error_of(driver.main, [*flags[:-3], "--posthoc-ema", "3", "--max-steps", "8", "--resume"])
-    # a stage 2 begun afresh where an earlier one left its snapshots would take them for its own
+    # a stage 2 begun afresh where an earlier one left its snapshots would take them for its own: moved aside
     for f in cut.glob("unet*.pt"):
         f.unlink()
-    message = error_of(driver.main, [*flags, "--max-steps", "2"])
-    assert "snapshots of an earlier stage 2 (steps 2-6)" in message and not (cut / "unet.pt").exists()
+    driver.main([*flags, "--max-steps", "2"])
+    assert sorted(snapshot_files(cut)) == [2] and ckpt(cut / "ema_snapshots" / "step0000002.pt")["step"] == 2
+    assert len(list((cut / "ema_snapshots.replaced").glob("step*.pt"))) == 3
+
+
+def test_weights_gone_nan_stop_the_run_before_their_snapshot_is_written(posthoc_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("unet*", "ema_snapshots", "samples*"))
+    spoil = PowerFunctionEMA.update
+
+    def update_to_nan(self, model, step):
+        spoil(self, model, step)
+        if step == 3:
+            for profile in self.profiles:
+                profile[0].fill_(float("nan"))
+
+    monkeypatch.setattr(PowerFunctionEMA, "update", update_to_nan)
+    message = error_of(driver.main, ["train-unet", "--run", str(run), *SMALL_UNET, "--posthoc-ema", "2",
+                                     "--max-steps", "6", "--log-every", "6"])
+    assert "NaN/inf before step 4" in message and sorted(snapshot_files(run)) == [2]
 
 
 def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posthoc_run, tmp_path, capsys):

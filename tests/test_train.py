@@ -160,6 +160,22 @@ def test_a_finished_run_resumed_trains_nothing_and_leaves_its_checkpoints_be(tra
     assert {name: (copy / name).read_bytes() for name in before} == before   # the previous one not lost
 
 
+def test_the_log_holds_the_runs_own_history_after_a_failed_attempt_or_a_new_start(trained_run, tmp_path):
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with open(copy / "log_unet.csv", "a") as f:                       # logged by an attempt that then hit a NaN
+        f.write("6,0.5,1e-3,10\r\n")
+    unet(copy, "--max-steps", "8", "--resume")
+    steps = lambda path: [int(r["step"]) for r in csv.DictReader(open(path))]  # noqa: E731
+    assert steps(copy / "log_unet.csv") == [2, 4, 6, 8]               # not 2, 4, 6, 6, 8
+    for f in copy.glob("unet*.pt"):
+        f.unlink()
+    shutil.rmtree(copy / "ema_snapshots", ignore_errors=True)
+    unet(copy, "--max-steps", "2")                                     # a new stage 2: a log of its own
+    assert steps(copy / "log_unet.csv") == [2] and steps(copy / "log_unet.replaced.csv") == [2, 4, 6, 8]
+
+
 @pytest.mark.parametrize("items, batch, accum, epochs, steps", [(720, 64, 4, 5, 13), (300, 100, 3, 4, 4),
                                                                  (720, 64, 1, 2, 22), (10, 64, 4, 1, 1)])
 def test_epochs_count_every_batch_of_every_epoch_whatever_the_accumulation(items, batch, accum, epochs, steps):
