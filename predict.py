@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torchvision.utils import save_image
@@ -37,7 +38,7 @@ from dataset import DataConfig
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
-from export.sample_set import FORMATS, SampleSet, run_geometry
+from export.sample_set import FORMATS, SEEDING, SampleSet, run_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
@@ -365,12 +366,12 @@ def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size:
 @torch.no_grad()
 def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
                    guidance: float = 1.0, autocast=contextlib.nullcontext(), replay_eagerly: bool = False,
-                   seed: int | None = None, skip: set[int] = frozenset(), desc: str = ""):
+                   seeds: Callable[[int], int] | None = None, skip: set[int] = frozenset(), desc: str = ""):
     """`num` images in batches of sampling.batch_size: yields (batch index, images in [-1, 1] on the CPU, the latent
     GIF frames of the batch). With `labels` (the conditions (num, K), NaN where one is not given, or num class indices)
     under classifier-free guidance of scale `guidance`; with sampling.guide, under autoguidance too. The noise comes
-    from torch's global generator, reseeded with `seed + b` before batch b when a seed is given, so that a batch can be
-    drawn again alone; the batches in `skip` are not drawn. On CUDA (with sampling.cuda_graphs) the UNets' calls are
+    from torch's global generator, reseeded with `seeds(b)` before batch b when `seeds` is given, so that a batch can
+    be drawn again alone; the batches in `skip` are not drawn. On CUDA (with sampling.cuda_graphs) the UNets' calls are
     replayed from CUDA graphs, one per network and batch shape; `replay_eagerly` runs that bookkeeping on any device
     (tests)."""
     device = next(model.unet.parameters()).device
@@ -385,8 +386,8 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
     bar = progress(total=sampling.calls(model.diffusion.num_steps) * len(batches), dynamic_ncols=True,
                    desc=f"sampling ({sampling.sampler}{', ' + desc if desc else ''})")
     for b in batches:
-        if seed is not None:
-            torch.manual_seed(seed + b)
+        if seeds is not None:
+            torch.manual_seed(seeds(b))
         start = b * batch_size
         x_T = torch.randn(min(batch_size, num - start), *model.latent_shape, device=device).contiguous(memory_format=layout)
         y = None if labels is None else labels[start:start + len(x_T)].to(device)
@@ -451,7 +452,7 @@ def predict(args):
     for r, (caption, y) in enumerate(rows):  # every row from the same seeds: rows differ by their conditions only
         labels = None if y is None else y.expand(args.num, -1)
         for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
-                                                seed=args.seed, skip=samples.batches(r), desc=caption):
+                                                seeds=samples.batch_seed, skip=samples.batches(r), desc=caption):
             samples.write(r, b, images)
             count += len(images)
             drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
@@ -502,6 +503,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
     record = {"format": args.format, **generation_record(model, sampling),
               "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
+                "batch_seeds": SEEDING,
                 "rows": [[caption, None if y is None else
                           {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}
     return settings, record

@@ -12,9 +12,11 @@
 
 Formats: `png` (8-bit, as the training images), `nifti` (volumes/writer.py: one slice, RAS, the training geometry),
 `npz` (`image`, float32 (C, H, W) in [-1, 1], nothing rounded). Batch b of a row is drawn after
-`torch.manual_seed(seed + b)` (the manifest's `seed`), so a sample can be made again from its row's settings, its
-seed and its place in the batch. A batch's files are written first and its manifest rows after them, so an
-interrupted run leaves a manifest that lists only whole files; `--resume` makes the batches it lacks.
+`torch.manual_seed(batch_seed(seed, b))` (the manifest's `seed`; sets with other --seed values share no batch), so a
+sample can be made again from its row's settings, its seed, its batch's size and its place in the batch. A batch's
+files are written first and its manifest rows after them, so an interrupted run leaves a manifest that lists only
+whole files; `--resume` makes the batches it lacks. A folder that holds files but no sampling.json is not a set and
+is never written into.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from PIL import Image
 
 from conditions.table import CLASS, Condition
 from dataset import DataConfig, training_files
+from runtime.checkpoint import atomic_write
 from runtime.errors import BadInputError
 from volumes.reader import is_volume
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
@@ -41,6 +44,16 @@ UNGROUPED = "all"      # the class folder of samples drawn without a class
 SETTINGS = "sampling.json"
 MANIFEST = "manifest.csv"
 TABLE = "participants.tsv"
+SEEDING = "SeedSequence(seed, batch)"   # sampling.json's `batch_seeds`; a set written before it: seed + batch
+
+
+def batch_seed(seed: int, batch: int, seeding: str | None = SEEDING) -> int:
+    """The seed of a set's batch: drawn from numpy's SeedSequence of (seed, batch), so that the sets of --seed 0 and
+    --seed 1 share no batch (with seed + batch, the sets of 1 and 0 shared all but one). `seeding` None: seed + batch,
+    the way of sets written before."""
+    if seeding is None:
+        return seed + batch
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
 class SampleSet:
@@ -57,7 +70,7 @@ class SampleSet:
         self.width = max(6, len(str(len(rows) * self.num - 1)))
         self.table_columns = [c.name for c in conditions if c.name != CLASS]
         self.columns = (["file", "participant_id", "index", "row"] + [c.name for c in conditions]
-                        + ["seed", "in_batch"] + list(record))
+                        + ["seed", "in_batch", "batch_count"] + list(record))
         written = self._resumed() if resume else None
         if written is None:
             self._start()
@@ -73,6 +86,8 @@ class SampleSet:
             print(f"--resume: nothing to resume in {self.folder}; starting the set")
             return None
         saved = json.loads(path.read_text())
+        if "batch_seeds" not in saved:  # a set written before batch seeds were spread: its own way goes on
+            self.settings = {k: v for k, v in self.settings.items() if k != "batch_seeds"}
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if differ:
             shown = "; ".join(f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
@@ -95,10 +110,18 @@ class SampleSet:
         return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
 
     def _start(self):
-        """A new set: the files of an earlier set in this folder (those its manifest lists) are replaced."""
-        old = self._manifest_rows() if (self.folder / SETTINGS).exists() else []
-        for row in old:
-            path = (self.folder / row["file"]).resolve()
+        """A new set: the sample files of an earlier set in this folder are replaced (those its manifest lists, and
+        those of a batch an interruption kept out of it); a folder with files that is not a set is refused."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise BadInputError(f"{self.folder} is a file: give --out a folder")
+        is_set = (self.folder / SETTINGS).exists()
+        if not is_set and self.folder.is_dir() and any(p.is_file() for p in self.folder.rglob("*")):
+            raise BadInputError(f"{self.folder} holds files but no {SETTINGS}: it is not a sample set, and nothing in "
+                                f"it is replaced; pick another --out")
+        old = self._manifest_rows() if is_set else []
+        leftovers = [p for sub in self.folder.iterdir() if sub.is_dir() for p in sub.glob("sub-*")
+                     if p.name.endswith(tuple(FORMATS.values()))] if is_set else []
+        for path in {(self.folder / row["file"]).resolve() for row in old} | {p.resolve() for p in leftovers}:
             if self.folder.resolve() in path.parents:  # never a file outside the set, whatever a manifest says
                 path.unlink(missing_ok=True)
         for sub in (self.folder.iterdir() if self.folder.is_dir() else []):
@@ -106,7 +129,10 @@ class SampleSet:
                 sub.rmdir()
         if old:
             print(f"replacing the {len(old)} samples of an earlier set in {self.folder} (--resume would have continued it)")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInputError(f"cannot make {self.folder} ({e.strerror or e}): give --out a folder") from None
         _write_atomically(self.folder / SETTINGS, json.dumps(self.settings, indent=2) + "\n")
         self._rewrite([])
 
@@ -143,6 +169,10 @@ class SampleSet:
     def _subject(self, index: int) -> str:
         return f"sub-{index:0{self.width}d}"
 
+    def batch_seed(self, batch: int) -> int:
+        """The seed of a row's batch `batch` (every row draws from the same seeds)."""
+        return batch_seed(self.settings["seed"], batch, self.settings.get("batch_seeds"))
+
     def write(self, row: int, batch: int, images: torch.Tensor):
         """A batch's images (n, C, H, W) in [-1, 1]: its files, then its rows in the manifest and participants table."""
         caption, y = self.rows[row]
@@ -153,7 +183,8 @@ class SampleSet:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._save(image, path)
             entries.append({"file": self.file(index), "participant_id": self._subject(index), "index": index,
-                            "row": caption, **values, "seed": self.settings["seed"] + batch, "in_batch": k, **self.record})
+                            "row": caption, **values, "seed": self.batch_seed(batch), "in_batch": k,
+                            "batch_count": len(images), **self.record})
         _append(self.folder / MANIFEST, _csv(self.columns, entries, ",", header=False))
         if self.table_columns:
             _append(self.folder / TABLE, _csv(["participant_id", *self.table_columns], entries, "\t", "n/a", header=False))
@@ -206,7 +237,7 @@ def _csv(columns: list[str], rows: list[dict], delimiter: str, missing: str = ""
     writer = csv.DictWriter(text, columns, delimiter=delimiter, extrasaction="ignore", lineterminator="\n")
     if header:
         writer.writeheader()
-    writer.writerows({k: missing if r.get(k) is None else r[k] for k in columns} for r in rows)
+    writer.writerows({k: missing if r.get(k) in (None, "") else r[k] for k in columns} for r in rows)  # "": read back
     return text.getvalue()
 
 
@@ -219,6 +250,4 @@ def _append(path: Path, text: str):
 
 
 def _write_atomically(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))

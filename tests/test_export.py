@@ -1,6 +1,7 @@
 """export/sample_set.py and volumes/writer.py: samples written as a dataset that --data reads back, NIfTI in the
 training geometry, the manifest, and an interrupted set resumed to the very same files."""
 import csv
+import json
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +12,7 @@ import driver
 import predict
 from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
 from dataset import DataConfig
-from export.sample_set import SampleSet, read_sample, run_geometry
+from export.sample_set import SampleSet, batch_seed, read_sample, run_geometry
 from runtime.checkpoint import fingerprint
 from volumes.reader import Slicing, read_volume_slices
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
@@ -33,7 +34,8 @@ def test_samples_are_a_dataset_that_stage_1_trains_on_with_a_manifest_naming_the
     rows = manifest(folder)
     saved = ckpt(run / "unet.pt")
     assert [r["file"] for r in rows] == [f"all/sub-{i:06d}.png" for i in range(8)]
-    assert [(r["seed"], r["in_batch"]) for r in rows] == [(str(5 + i // 3), str(i % 3)) for i in range(8)]
+    assert [(r["seed"], r["in_batch"], r["batch_count"]) for r in rows] == [
+        (str(batch_seed(5, i // 3)), str(i % 3), "3" if i < 6 else "2") for i in range(8)]
     assert {(r["sampler"], r["steps"], r["batch_size"], r["unet_step"]) for r in rows} == {("ddim", "3", "3", str(saved["step"]))}
     assert {r["unet_fingerprint"] for r in rows} == {fingerprint(saved["ema"])}
     assert {r["vqvae_fingerprint"] for r in rows} == {fingerprint(ckpt(run / "vqvae.pt")["model"])}
@@ -41,8 +43,8 @@ def test_samples_are_a_dataset_that_stage_1_trains_on_with_a_manifest_naming_the
     assert (torch.stack([read_sample(folder / r["file"]) for r in rows]) - images).abs().max() <= 1 / 127.5
     model = predict.load_run(run, "cpu")
     sampling = predict.sampling_from_args(predict.parse_args(["--batch-size", "3", *FAST]), model)
-    torch.manual_seed(5 + 2)
-    again, _, _ = predict.generate(model, sampling, 2)
+    torch.manual_seed(int(rows[6]["seed"]))                    # the short last batch: its seed and its size
+    again, _, _ = predict.generate(model, sampling, int(rows[6]["batch_count"]))
     assert torch.allclose(again, images[6:], atol=1e-5)
     # the round trip: stage 1 trains on the samples, every sample its own subject
     vqvae(tmp_path / "again", folder, "--max-steps", "2", "--holdout", "0.25")
@@ -80,7 +82,7 @@ def test_samples_decoded_without_the_quantiser_are_the_decoders_reading_of_the_l
     # the same latents (same seed) decoded both ways: the decoder straight from z, not the same images
     model = predict.load_run(run, "cpu")
     sampling = predict.sampling_from_args(predict.parse_args(FAST), model)
-    torch.manual_seed(2)                                       # as `sample` seeds its first batch
+    torch.manual_seed(batch_seed(2, 0))                        # as `sample` seeds its first batch
     x_T = torch.randn(3, *model.latent_shape)
     z, _ = predict.sample_latents(model.diffusion, model.unet, x_T, sampling)
     with torch.no_grad():
@@ -121,9 +123,43 @@ def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refu
     assert "steps: 3 then, 4 now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume", "--steps", "4"])
     assert "decode: None then, unquantised now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume",
                                                                              "--decode", "unquantised"])
-    # without --resume a new set replaces the old one: its files go, the folder holds the new set only
+    # without --resume a new set replaces the old one: its files go, also those of a batch the manifest never listed
+    (cut / "samples" / "all" / "sub-000009.npz").write_bytes(b"from a batch cut off before its manifest rows")
     predict.predict(predict.parse_args([*flags, "--out", str(cut), "--num", "2"]))
     assert sorted(p.name for p in (cut / "samples" / "all").iterdir()) == ["sub-000000.npz", "sub-000001.npz"]
+
+
+def test_sets_of_other_seeds_share_no_batch_and_an_old_set_resumes_its_own_way(trained_run, tmp_path):
+    run, _ = trained_run
+    flags = ["--run", str(run), "--num", "4", "--batch-size", "2", "--format", "npz", *FAST]
+    first = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "s0"), "--seed", "0"]))
+    second = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "s1"), "--seed", "1"]))
+    assert not any(torch.allclose(a, b, atol=1e-3) for a in first for b in second)   # with seed + b: 2 of 4 equal
+    old = tmp_path / "s0" / "samples"                         # as a set written before batch seeds were spread
+    settings = json.loads((old / "sampling.json").read_text())
+    del settings["batch_seeds"]
+    (old / "sampling.json").write_text(json.dumps(settings))
+    (old / "all" / "sub-000003.npz").unlink()
+    kept = manifest(old)[:2]
+    with open(old / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, list(kept[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    resumed = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "s0"), "--seed", "0", "--resume"]))
+    assert [r["seed"] for r in manifest(old)][2:] == ["1", "1"] and len(resumed) == 2   # batch 1: seed + b goes on
+    assert "batch_seeds" not in json.loads((old / "sampling.json").read_text())
+
+
+def test_a_folder_that_is_not_a_sample_set_is_never_written_into(trained_run, tmp_path):
+    run, _ = trained_run
+    mine = tmp_path / "mine" / "samples" / "all"
+    mine.mkdir(parents=True)
+    (mine / "sub-000000.png").write_bytes(b"a user's own file")
+    message = error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out", str(tmp_path / "mine")])
+    assert "not a sample set" in message and (mine / "sub-000000.png").read_bytes() == b"a user's own file"
+    (tmp_path / "afile").write_text("")
+    assert "give --out a folder" in error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out",
+                                                            str(tmp_path / "afile")])
 
 
 # ----------------------------------------------------------------------------- NIfTI
