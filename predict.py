@@ -26,7 +26,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,7 @@ from dataset import DataConfig
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
-from export.sample_set import FORMATS, SEEDING, SampleSet, run_geometry
+from export.sample_set import FORMATS, SEEDING, SampleSet, run_geometry, saved_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
@@ -443,9 +443,12 @@ def predict(args):
     sampling = replace(sampling, batch_size=sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"])
     rows = asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)]
     geometry = None
-    if args.format == "nifti":
-        geometry = run_geometry(DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")))
+    if args.format == "nifti":  # the set's own, resumed; else its training volumes'
+        geometry = (args.resume and saved_geometry(out / "samples")) or run_geometry(
+            DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")))
     settings, record = sample_record(args, run, model, sampling, rows)
+    if geometry is not None:
+        settings["geometry"] = asdict(geometry)
     samples = SampleSet(out / "samples", settings, rows, model.conditions, record, geometry, args.resume)
 
     drawn, count, gif_latents, t0 = [], 0, None, time.perf_counter()

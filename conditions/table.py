@@ -67,12 +67,16 @@ class Condition:
 
     def parse(self, text: str) -> float:
         """A value asked for by --set or --sweep, checked: a known category, or a number (a warning outside the
-        training range, where the model has seen nobody)."""
+        training range, where the model has seen nobody; an error beyond ten times its width from it, where the
+        covariate's embedding only extrapolates: 1e39 gave NaN images, 1e41 a crash)."""
         if self.kind == "category":
             if text not in self.values:
                 raise BadInputError(f"{self.name}={text}: {self.name} is one of {', '.join(self.values)} in this run")
         elif _number(text) is None:
             raise BadInputError(f"{self.name}={text}: {self.name} is a number in this run")
+        elif not -10 <= self.encode(text) <= 11:
+            raise BadInputError(f"{self.name}={text} is far outside the training subjects' range {self.low:g}-"
+                                f"{self.high:g}: nothing can be said of it")
         elif not self.low <= _number(text) <= self.high:
             print(f"warning: {self.name}={text} is outside the training subjects' range {self.low:g}-{self.high:g}")
         return self.encode(text)

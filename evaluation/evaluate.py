@@ -36,6 +36,7 @@ resolution down to 16 px. FID/KID features see at most 128x128 with the domain c
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -57,7 +58,7 @@ from evaluation.conditions import condition_check, format_condition_table
 from evaluation.ema_lengths import ema_length_curve, format_ema_table, plot_ema_curve
 from evaluation.memorisation import format_memorisation_table, memorisation_check
 from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_check
-from export.sample_set import read_sample
+from export.sample_set import MANIFEST, read_sample
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
 from runtime.process import setup_device
@@ -103,10 +104,17 @@ def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
     """Every image under `folder` (images with the card's transform; NIfTI and npz samples as `sample` writes them,
-    export/sample_set.py) -> (N, C, S, S) in [-1, 1]."""
+    export/sample_set.py) -> (N, C, S, S) in [-1, 1]. A sample set (`sample --out folder`, or its samples/) gives
+    the files its manifest lists: not the grid beside them, nor a batch an interruption kept out of the manifest."""
     if not folder.is_dir():
         raise BadInputError(f"--samples folder {folder} does not exist")
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))
+    folder = folder / "samples" if (folder / "samples" / MANIFEST).is_file() else folder
+    if (folder / MANIFEST).is_file():
+        with open(folder / MANIFEST, newline="") as f:
+            files = [folder / row["file"] for row in csv.DictReader(f)]
+    else:
+        files = sorted(f for f in folder.rglob("*")
+                       if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))
     if not files:
         raise BadInputError(f"no images in --samples folder {folder}")
     transform = card_transform(image_size, channels)

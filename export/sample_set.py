@@ -86,8 +86,8 @@ class SampleSet:
             print(f"--resume: nothing to resume in {self.folder}; starting the set")
             return None
         saved = json.loads(path.read_text())
-        if "batch_seeds" not in saved:  # a set written before batch seeds were spread: its own way goes on
-            self.settings = {k: v for k, v in self.settings.items() if k != "batch_seeds"}
+        newer = {"batch_seeds", "geometry"} - set(saved)  # a set written before these were saved: its own way goes on
+        self.settings = {k: v for k, v in self.settings.items() if k not in newer}
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if differ:
             shown = "; ".join(f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
@@ -203,6 +203,14 @@ class SampleSet:
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W)."""
         return torch.stack([read_sample(self.folder / self.file(row * self.num + k)) for k in range(count)])
+
+
+def saved_geometry(folder: Path) -> SampleGeometry | None:
+    """The NIfTI geometry a set in `folder` was written with (its sampling.json), so that a resumed set keeps it even
+    where the run's data folder is not at hand; None for no set, or one saved before the geometry was."""
+    path = folder / SETTINGS
+    saved = json.loads(path.read_text()).get("geometry") if path.is_file() else None
+    return SampleGeometry(**saved) if saved else None
 
 
 def run_geometry(data: DataConfig) -> SampleGeometry:

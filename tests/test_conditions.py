@@ -77,6 +77,9 @@ def test_a_value_the_run_does_not_know_is_not_given_in_training_and_refused_at_s
     assert "one of F, M" in str(pytest.raises(Exception, sex.parse, "X").value)
     assert "a number" in str(pytest.raises(Exception, age.parse, "old").value)
     assert age.parse("90") == 1.5 and "outside the training subjects' range 60-80" in capsys.readouterr().out
+    for absurd in ("1e39", "1e41", "-500", "inf"):                    # NaN images, a crash, nothing to say of them
+        assert "far outside" in str(pytest.raises(Exception, age.parse, absurd).value) or absurd == "inf"
+    assert "a number" in str(pytest.raises(Exception, age.parse, "inf").value)
 
 
 # ----------------------------------------------------------------------------- a run conditioned on a table

@@ -211,9 +211,29 @@ def test_sample_writes_nifti_in_the_runs_geometry(trained_run, tmp_path):
     # `evaluate --samples` reads such a folder as it reads images (the manifest and settings beside them ignored)
     from evaluation.evaluate import read_folder
     assert torch.allclose(read_folder(tmp_path / "samples", 32, 1), images, atol=1e-5)
+    # a resumed set keeps the geometry it was written with (the run's data may be elsewhere, or gone)
+    settings = json.loads((tmp_path / "samples" / "sampling.json").read_text())
+    assert settings["geometry"] == {"axis": "axial", "spacing": 1.0, "low": 0.0, "high": 255.0, "known": False}
+    settings["geometry"].update(spacing=0.7, known=True)          # as if the volumes it was trained on said so
+    (tmp_path / "samples" / "sampling.json").write_text(json.dumps(settings))
+    files[1].unlink()
+    predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "2", "--format", "nifti",
+                                        "--resume", *FAST]))
+    assert np.allclose(nib.load(files[1]).header.get_zooms(), 0.7)
 
 
 def test_sample_refuses_a_format_it_does_not_know(trained_run):
     run, _ = trained_run
     with pytest.raises(SystemExit):
         predict.parse_args(["--run", str(run), "--format", "dicom"])
+
+
+def test_evaluate_reads_a_sample_set_as_its_manifest_lists_it(trained_run, tmp_path):
+    from evaluation.evaluate import read_folder
+    run, _ = trained_run
+    drawn = predict.predict(predict.parse_args(["--run", str(run), "--num", "3", "--format", "npz", *FAST,
+                                                "--out", str(tmp_path)]))
+    (tmp_path / "samples" / "all" / "sub-000007.npz").write_bytes((tmp_path / "samples" / "all" /
+                                                                    "sub-000000.npz").read_bytes())  # not listed
+    for folder in (tmp_path, tmp_path / "samples"):            # not samples.png beside them, not the unlisted file
+        assert torch.allclose(read_folder(folder, 32, 1), drawn, atol=1e-6)
