@@ -286,7 +286,9 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                 lr_factor.end_by(end_by_deadline(step, start, deadline, rt))
             if at_log or stopping:  # the loss and the weights are checked before any save
                 values = dict(zip(stage.stats, mean_over_ranks(sums / max(n_sum, 1), rt).tolist()))
-                ensure_finite(values["loss"], step, ckpt_path, stage.model)
+                if n_sum == 0:  # every step since the last log skipped (--skip-nonfinite, the same on every rank)
+                    values = dict.fromkeys(stage.stats, math.nan)
+                ensure_finite(values["loss"] if n_sum else 0.0, step, ckpt_path, stage.model)
                 values.update(stage.derived(values))
                 lr, per_s = scheduler.get_last_lr()[0], n_sum * per_step / (time.perf_counter() - t0)
                 if rt.main:

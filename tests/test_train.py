@@ -312,6 +312,25 @@ def test_skip_nonfinite_skips_the_step_and_finishes_with_finite_weights(trained_
     assert "1 non-finite steps skipped" in capsys.readouterr().out
 
 
+def test_an_interval_of_skipped_steps_logs_no_loss_rather_than_zero(trained_run, tmp_path, monkeypatch):
+    run = fresh_unet_run(trained_run, tmp_path)
+    (run / "log_unet.csv").unlink()
+    nan_at_call(monkeypatch, 3)
+    from diffusion.gaussian import GaussianDiffusion
+    once_nan = GaussianDiffusion.loss
+    calls = []
+
+    def twice_nan(self, *args, **kwargs):                            # steps 3 and 4: the whole second interval
+        calls.append(1)
+        value = once_nan(self, *args, **kwargs)
+        return value * float("nan") if len(calls) == 4 else value
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", twice_nan)
+    unet(run, "--max-steps", "6", "--skip-nonfinite")
+    rows = {int(r["step"]): r for r in csv.DictReader(open(run / "log_unet.csv"))}
+    assert rows[4]["loss"] == "nan" and float(rows[2]["loss"]) > 0 and float(rows[6]["loss"]) > 0
+
+
 def test_skip_nonfinite_stops_a_diverged_run(trained_run, tmp_path, monkeypatch):
     run = fresh_unet_run(trained_run, tmp_path)
     from diffusion.gaussian import GaussianDiffusion
