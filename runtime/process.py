@@ -210,11 +210,21 @@ def rng_states(rt: Runtime) -> list[dict]:
     return states
 
 
+def check_processes(saved: list[dict] | None, rt: Runtime):
+    """A run resumes on the number of processes it trained on (the length of its checkpoint's random states): its
+    batch is per process, and its place in the data and its schedule are counted in steps of it (resumed on another
+    number, a 1-epoch run on 2 processes trained 1.44 epochs on 1, at half the batch)."""
+    if saved and len(saved) != rt.world:
+        raise BadInputError(f"this run trained on {len(saved)} process(es) and is resumed on {rt.world}: its batch "
+                            f"(--batch-size is per process), its place in the data and its schedule are those of "
+                            f"{len(saved)}; resume it on {len(saved)} (torchrun --nproc_per_node {len(saved)}), or "
+                            f"train a new --run")
+
+
 def restore_rng(saved: list[dict] | None, rt: Runtime):
-    """Continue every rank's random stream where the checkpoint left it (same number of ranks only)."""
-    if not saved or len(saved) != rt.world:
-        rt.log(f"random states not restored ({'none saved' if not saved else f'{len(saved)} ranks saved, {rt.world} now'}): "
-               f"the run continues correctly, but not bit-identically")
+    """Continue every rank's random stream where the checkpoint left it (check_processes made sure it can)."""
+    if not saved:
+        rt.log("random states not restored (none saved): the run continues correctly, but not bit-identically")
         return
     torch.set_rng_state(saved[rt.rank]["cpu"])
     if "cuda" in saved[rt.rank] and rt.device.type == "cuda":

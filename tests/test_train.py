@@ -183,6 +183,19 @@ def test_epochs_count_every_batch_of_every_epoch_whatever_the_accumulation(items
     assert loop.total_steps(args, items, world=1) == steps          # 11 batches an epoch x 5 at 4 a step: 13, not 10
 
 
+def test_a_run_resumes_on_the_number_of_processes_it_trained_on(trained_run, tmp_path):
+    from runtime.checkpoint import atomic_save
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    saved = ckpt(copy / "unet.pt")
+    atomic_save({**saved, "rng": saved["rng"] * 2}, copy / "unet.pt")   # as a 2-process torchrun saves it
+    before = (copy / "unet.pt").read_bytes()
+    message = error_of(unet, copy, "--max-steps", "6", "--resume")
+    assert "trained on 2 process(es) and is resumed on 1" in message and "--nproc_per_node 2" in message
+    assert (copy / "unet.pt").read_bytes() == before
+
+
 def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
     run, data = trained_run
     before = (run / "vqvae.pt").read_bytes()
