@@ -16,6 +16,7 @@ the preset. `python driver.py SUBCOMMAND --help` lists every flag with its defau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -34,7 +35,7 @@ import evaluation
 from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoint import load_checkpoint, run_lock
 from runtime.errors import BadInputError, Interrupted
 from runtime.process import is_main_process
 from volumes.demo import DEFAULT_DEMO_ROOT
@@ -535,7 +536,9 @@ def main(argv: list[str] | None = None):
         args = parse(argv)
         if is_main_process():  # under torchrun, once
             print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
-        args.func(args)
+        writes_run = args.stage is not None or args.command in ("ema", "demo")  # the training commands, and these
+        with run_lock(Path(args.run)) if writes_run else contextlib.nullcontext():
+            args.func(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written

@@ -143,6 +143,37 @@ def plain_args(args) -> dict:
             if v is None or isinstance(v, (int, float, str, bool, list, tuple))}
 
 
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """Held while a command trains or changes the run in `run` (rank 0 under torchrun): a second one (another
+    terminal, a scheduler's retry while the first still runs) stops in one line instead of interleaving its
+    checkpoints and logs with the first's. An advisory lock on RUN/.lock, freed when the command ends, however it
+    ends; a run folder not there yet has nothing to guard. Without fcntl (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or not run.is_dir() or not is_main_process():
+        yield
+        return
+    with open(run / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "its pid unknown"
+            raise BadInputError(f"another command is training or changing {run} ({holder}): wait for it, or stop it "
+                                "first") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_config(run: Path, stage: str, args):
     """Merge this stage's resolved flags into RUN/config.json."""
     path = run / "config.json"

@@ -146,3 +146,17 @@ def test_batch_job_progress_prints_each_quarter_once(capsys):
         for _ in range(total):
             bar.update(1)
         assert capsys.readouterr().err.splitlines() == [f"sampling: {line}" for line in lines]
+
+
+def test_a_second_command_on_a_run_in_training_stops_in_one_line(trained_run, tmp_path):
+    from runtime.checkpoint import run_lock
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "unet.pt").read_bytes()
+    with run_lock(copy):                                             # as a first command holds it while it trains
+        message = error_of(unet, copy, "--max-steps", "6", "--resume")
+        assert "another command is training or changing" in message and f"pid {os.getpid()}" in message
+    assert (copy / "unet.pt").read_bytes() == before
+    unet(copy, "--max-steps", "6", "--resume")                        # freed when the first one ends
+    assert ckpt(copy / "unet.pt")["step"] == 6
