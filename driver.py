@@ -544,8 +544,10 @@ def main(argv: list[str] | None = None):
     except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit("interrupted; the last checkpoint in the run folder is intact (continue with --resume)")
+    except KeyboardInterrupt:  # outside a training loop's own handling: sampling, evaluation
+        print("interrupted; what was written is whole (a sample set, a checkpoint): the same command with --resume "
+              "continues it", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():  # under torchrun
             dist.destroy_process_group()

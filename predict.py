@@ -459,8 +459,9 @@ def predict(args):
             samples.write(r, b, images)
             count += len(images)
             drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
-            if (r, b) == (0, 0):
+            if (r, b) == (0, 0):  # written at once: a set stopped later keeps it
                 gif_latents = frames
+                write_gif(model, gif_latents, args.gif_xt, sampling.quantise, autocast, out / "denoise.gif")
     report_speed(model, sampling, count, time.perf_counter() - t0)
 
     if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
@@ -474,10 +475,10 @@ def predict(args):
     total = len(rows) * args.num
     if shown < total:
         print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")
-    if gif_latents is not None:
-        write_gif(model, gif_latents, args.gif_xt, sampling.quantise, autocast, out / "denoise.gif")
-    else:
-        print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then")
+    if gif_latents is None:
+        print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then"
+              if (out / "denoise.gif").exists() else "the first batch was drawn before --resume, by a command "
+              "stopped before it wrote denoise.gif: none is written")
     print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says how "
           f"each was made; {count} drawn now)")
     return torch.cat(drawn) if drawn else None
@@ -536,6 +537,10 @@ def main(argv=None):
         predict(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted; the samples written are whole: the same command with --resume continues the set",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

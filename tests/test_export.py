@@ -112,7 +112,7 @@ def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refu
     with pytest.raises(KeyboardInterrupt):
         predict.predict(predict.parse_args([*flags, "--out", str(cut)]))
     monkeypatch.setattr(SampleSet, "write", write)
-    assert len(manifest(cut / "samples")) == 4
+    assert len(manifest(cut / "samples")) == 4 and (cut / "denoise.gif").stat().st_size > 0   # the GIF, at once
     with open(cut / "samples" / "manifest.csv", "a") as f:   # a row cut off in the middle, as a kill would leave it
         f.write("all/sub-000004.npz,sub-0000")
     drawn = predict.predict(predict.parse_args([*flags, "--out", str(cut), "--resume"]))

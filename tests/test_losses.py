@@ -1,6 +1,5 @@
 """losses/: stage 1's reconstruction, perceptual and adversarial terms on constructed cases with known answers, and
 the discriminator's training beside the VQ-VAE."""
-import json
 import math
 
 import pytest
@@ -314,15 +313,16 @@ def test_a_fixed_weight_adversarial_term_changes_nothing_before_its_start_and_re
                                          flag, value])
         assert flag in message and "differs from this run's" in message
     # a run from before --discriminator-channels trained with 64, and is refused another width on resume
-    config = json.loads((tmp_path / "gan" / "config.json").read_text())
-    config["train-vqvae"].pop("discriminator_channels")
-    (tmp_path / "gan" / "config.json").write_text(json.dumps(config))
+    from runtime.checkpoint import atomic_save
+    saved = ckpt(tmp_path / "gan" / "vqvae.pt")                    # its flags, as such a run saved them
+    saved["args"].pop("discriminator_channels")
+    atomic_save(saved, tmp_path / "gan" / "vqvae.pt")
     message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
                                      "--discriminator-channels", "8"])
     assert "--discriminator-channels 8 differs from this run's 64" in message
     # and one from before --discriminator-layers with 3, the only depth there was
-    config["train-vqvae"].pop("discriminator_layers")
-    (tmp_path / "gan" / "config.json").write_text(json.dumps(config))
+    saved["args"].pop("discriminator_layers")
+    atomic_save(saved, tmp_path / "gan" / "vqvae.pt")
     message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "gan"), "--resume", "--max-steps", "9",
                                      "--discriminator-channels", "64", "--discriminator-layers", "2"])
     assert "--discriminator-layers 2 differs from this run's 3" in message
