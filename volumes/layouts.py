@@ -40,10 +40,10 @@ def find_image_roots(root: Path, version: int = LAYOUT_VERSION) -> list[Path]:
     return [root / s for s in splits] or [root]
 
 
-def _folders(directory) -> list[str]:
-    """The names of the folders in `directory`, sorted, without hidden ones and macOS's __MACOSX."""
+def _folders(directory, skip: set[str] = NOT_A_CLASS) -> list[str]:
+    """The names of the folders in `directory`, sorted, without hidden ones and those in `skip`."""
     return sorted(e.name for e in os.scandir(directory)
-                  if e.is_dir() and not e.name.startswith(".") and e.name not in NOT_A_CLASS)
+                  if e.is_dir() and not e.name.startswith(".") and e.name not in skip)
 
 
 def _walk(top: str):
@@ -240,10 +240,7 @@ class ImageFolder(datasets.ImageFolder):
         super().__init__(root, **kwargs)
 
     def find_classes(self, directory):
-        if self.layout.version < 3:
-            folders = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-        else:
-            folders = _folders(directory)
+        folders = _folders(directory, NOT_A_CLASS if self.layout.version >= 3 else set())
         self.bids = any(name.startswith("sub-") for name in folders)
         classes = ["all"] if self.bids else folders
         if not classes:
