@@ -107,6 +107,15 @@ def ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def saved_flags_as(path, drop=(), **values):
+    """Rewrite the flags a checkpoint saved (what --resume reads), as a run from before a flag, or with other values,
+    saved them."""
+    from runtime.checkpoint import atomic_save
+    saved = ckpt(path)
+    saved["args"] = {**{k: v for k, v in saved["args"].items() if k not in drop}, **values}
+    atomic_save(saved, path)
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """train-vqvae (4 steps) -> train-unet (4 steps) on a 24-image ADNI-layout folder, once per test session:

@@ -23,7 +23,7 @@ import driver
 import losses.stage1 as stage1_losses
 import predict
 import train
-from conftest import ckpt, error_of, unet, vqvae, write_blob_images
+from conftest import ckpt, error_of, saved_flags_as, unet, vqvae, write_blob_images
 from diffusion.gaussian import GaussianDiffusion
 from losses.adversarial import Adversary
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
@@ -411,9 +411,7 @@ def test_a_resumed_run_keeps_its_own_warmup_and_cooldown_unless_given(adni_folde
     resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
     assert (resumed.warmup, resumed.cooldown) == (1, 0.5)                # not the tiny preset's 50 and 0.2
     assert driver.parse(["train-vqvae", "--run", str(run), "--resume", "--cooldown", "0.1"]).cooldown == 0.1
-    config = json.loads((run / "config.json").read_text())
-    del config["train-vqvae"]["cooldown"], config["train-vqvae"]["warmup"]   # a run from before the flags
-    (run / "config.json").write_text(json.dumps(config))
+    saved_flags_as(run / "vqvae.pt", drop=("cooldown", "warmup"))          # a run from before the flags
     resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
     assert (resumed.warmup, resumed.cooldown) == (50, 0.0)    # it trained at a constant rate; warm-up: the preset's
 
@@ -421,9 +419,7 @@ def test_a_resumed_run_keeps_its_own_warmup_and_cooldown_unless_given(adni_folde
 def test_a_resumed_run_keeps_its_own_batch_and_its_length_unless_given(adni_folder, tmp_path):
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2")
-    config = json.loads((run / "config.json").read_text())
-    config["train-vqvae"].update(batch_size=32, max_steps=600)   # a `tiny` run from before the preset changed
-    (run / "config.json").write_text(json.dumps(config))
+    saved_flags_as(run / "vqvae.pt", batch_size=32, max_steps=600)   # a `tiny` run from before the preset changed
     resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume"])
     assert (resumed.batch_size, resumed.max_steps, resumed.epochs) == (32, 600, None)   # not the preset's 8 and 2400
     resumed = driver.parse(["train-vqvae", "--run", str(run), "--resume", "--epochs", "3"])
@@ -534,10 +530,8 @@ def test_a_resumed_stage_1_keeps_its_own_reconstruction_error(adni_folder, tmp_p
     # a loss is the run's: another one is refused since issue 29 (it used to switch the loss mid-run)
     message = error_of(vqvae, run, adni_folder, "--max-steps", "4", "--resume", "--clamped-loss")
     assert "--clamped-loss True differs from this run's False" in message and calls == []
-    config = json.loads((run / "config.json").read_text())
-    assert config["train-vqvae"]["clamped_loss"] is False
-    del config["train-vqvae"]["clamped_loss"]                      # a run from before the flag trained unclamped
-    (run / "config.json").write_text(json.dumps(config))
+    assert json.loads((run / "config.json").read_text())["train-vqvae"]["clamped_loss"] is False
+    saved_flags_as(run / "vqvae.pt", drop=("clamped_loss",))       # a run from before the flag trained unclamped
     assert driver.parse(["train-vqvae", "--run", str(run), "--resume"]).clamped_loss is False
 
 
