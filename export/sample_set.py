@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ UNGROUPED = "all"      # the class folder of samples drawn without a class
 SETTINGS = "sampling.json"
 MANIFEST = "manifest.csv"
 TABLE = "participants.tsv"
+EARLIER_SAMPLE = re.compile(r"\d{4,}\.png")   # samples/0000.png: what predict.py wrote before sets (until 2026-12-03)
 SEEDING = "SeedSequence(seed, batch)"   # sampling.json's `batch_seeds`; a set written before it: seed + batch
 
 
@@ -115,12 +117,14 @@ class SampleSet:
         if self.folder.exists() and not self.folder.is_dir():
             raise BadInputError(f"{self.folder} is a file: give --out a folder")
         is_set = (self.folder / SETTINGS).exists()
-        if not is_set and self.folder.is_dir() and any(p.is_file() for p in self.folder.rglob("*")):
+        files = [p for p in self.folder.rglob("*") if p.is_file()] if self.folder.is_dir() else []
+        before_sets = [p for p in files if p.parent == self.folder and EARLIER_SAMPLE.fullmatch(p.name)]
+        if not is_set and len(before_sets) < len(files):
             raise BadInputError(f"{self.folder} holds files but no {SETTINGS}: it is not a sample set, and nothing in "
                                 f"it is replaced; pick another --out")
         old = self._manifest_rows() if is_set else []
         leftovers = [p for sub in self.folder.iterdir() if sub.is_dir() for p in sub.glob("sub-*")
-                     if p.name.endswith(tuple(FORMATS.values()))] if is_set else []
+                     if p.name.endswith(tuple(FORMATS.values()))] if is_set else before_sets
         for path in {(self.folder / row["file"]).resolve() for row in old} | {p.resolve() for p in leftovers}:
             if self.folder.resolve() in path.parents:  # never a file outside the set, whatever a manifest says
                 path.unlink(missing_ok=True)
@@ -129,6 +133,8 @@ class SampleSet:
                 sub.rmdir()
         if old:
             print(f"replacing the {len(old)} samples of an earlier set in {self.folder} (--resume would have continued it)")
+        elif before_sets:
+            print(f"replacing the {len(before_sets)} samples predict.py wrote into {self.folder} before sample sets")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -157,6 +157,11 @@ def test_a_folder_that_is_not_a_sample_set_is_never_written_into(trained_run, tm
     (mine / "sub-000000.png").write_bytes(b"a user's own file")
     message = error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out", str(tmp_path / "mine")])
     assert "not a sample set" in message and (mine / "sub-000000.png").read_bytes() == b"a user's own file"
+    earlier = tmp_path / "earlier" / "samples"                      # what predict.py wrote before sets: replaced
+    earlier.mkdir(parents=True)
+    (earlier / "0000.png").write_bytes(b"an old sample")
+    predict.predict(predict.parse_args(["--run", str(run), "--num", "2", *FAST, "--out", str(tmp_path / "earlier")]))
+    assert sorted(p.name for p in earlier.rglob("*.png")) == ["sub-000000.png", "sub-000001.png"]
     (tmp_path / "afile").write_text("")
     assert "give --out a folder" in error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out",
                                                             str(tmp_path / "afile")])
