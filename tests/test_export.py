@@ -242,3 +242,9 @@ def test_evaluate_reads_a_sample_set_as_its_manifest_lists_it(trained_run, tmp_p
                                                                     "sub-000000.npz").read_bytes())  # not listed
     for folder in (tmp_path, tmp_path / "samples"):            # not samples.png beside them, not the unlisted file
         assert torch.allclose(read_folder(folder, 32, 1), drawn, atol=1e-6)
+
+
+def test_a_value_read_back_empty_from_the_manifest_is_n_a_in_the_participants_table():
+    from export.sample_set import _csv                      # how --resume rewrites the table from the manifest's rows
+    rows = [{"participant_id": "sub-000000", "age": ""}, {"participant_id": "sub-000001", "age": "61"}]
+    assert _csv(["participant_id", "age"], rows, "\t", "n/a").splitlines()[1:] == ["sub-000000\tn/a", "sub-000001\t61"]
