@@ -172,8 +172,8 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--max-steps", type=positive(int), default=None, help=ph("max_steps", "optimizer steps to train (wins over --epochs)"))
     p.add_argument("--epochs", type=positive(int), default=None, help=ph("epochs", "epochs to train when --max-steps is not given"))
     p.add_argument("--max-minutes", type=positive(float), default=None,
-                   help="stop cleanly, with a checkpoint, after this much wall-clock time of training, counted from its "
-                        "first step (loading data and encoding latents come before; default: no limit)")
+                   help="stop cleanly, with a checkpoint, after this much wall-clock time of training, counted from "
+                        "its first step (loading data and encoding latents come before; default: no limit)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only, no TF32: a resumed run then ends with the very weights of an "

@@ -498,7 +498,7 @@ def generation_record(model: LatentDiffusion, sampling: Sampling) -> dict:
             **({} if sampling.quantise else {"decode": "unquantised"}),  # a set from before --decode reads the same
             **({"decoder_fingerprint": model.decoder_fingerprint} if model.decoder_fingerprint else {}),  # likewise
             **(sampling.guide_record or {}),  # so does one from before --autoguidance
-            **({"guide_interval": list(sampling.guide_interval)} if sampling.guide_interval else {})}  # and the interval
+            **({"guide_interval": list(sampling.guide_interval)} if sampling.guide_interval else {})}  # and this
 
 
 def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, rows: list) -> tuple[dict, dict]:
