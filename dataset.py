@@ -55,6 +55,9 @@ def load_image(path: str, mode: str) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) > 1 and img.format == "TIFF":  # a stack: only its first slice would be read
+                raise BadInputError(f"{printable(path)} holds {img.n_frames} images (a TIFF stack): save one slice "
+                                    "per file, or the volume as NIfTI")
             if img.mode.startswith("I") or img.mode == "F":
                 a = np.asarray(img, dtype=np.float64)
                 a = np.where(np.isfinite(a), a, 0).clip(0, None)

@@ -71,8 +71,12 @@ class SampleSet:
         self.num, self.batch_size, self.suffix = settings["num"], settings["batch_size"], FORMATS[settings["format"]]
         self.width = max(6, len(str(len(rows) * self.num - 1)))
         self.table_columns = [c.name for c in conditions if c.name != CLASS]
-        self.columns = (["file", "participant_id", "index", "row"] + [c.name for c in conditions]
-                        + ["seed", "in_batch", "batch_count"] + list(record))
+        fixed = ["file", "participant_id", "index", "row", "seed", "in_batch", "batch_count", *record]
+        clash = sorted({c.name for c in conditions} & set(fixed))
+        if clash:  # its values would be written over by the manifest's own column
+            raise BadInputError(f"the run is conditioned on {', '.join(clash)}, which the manifest names a column of "
+                                f"its own: rename that column of the participants table and train the UNet again")
+        self.columns = fixed[:4] + [c.name for c in conditions] + fixed[4:]
         written = self._resumed() if resume else None
         if written is None:
             self._start()

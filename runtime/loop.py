@@ -311,8 +311,10 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
 
             # once in a while: a checkpoint, or stop (the last checkpoint is written after the loop)
             if stopping:
+                finished = step >= max_steps or lr_factor.finished(step)  # where the run ended anyway
                 rt.log(f"{stop.signal} received at step {step}" if stop.signal else
-                       f"--max-minutes {args.max_minutes} reached at step {step}; continue with --resume")
+                       f"--max-minutes {args.max_minutes} reached at step {step}"
+                       + (", the run's last" if finished else "; continue with --resume"))
                 break
             if step % args.save_every == 0 and step < max_steps and not lr_factor.finished(step):
                 save(step)

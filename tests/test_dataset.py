@@ -348,3 +348,13 @@ def test_an_empty_data_flag_or_a_hold_out_out_of_range_is_refused(tmp_path):
         message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "r"), "--holdout", holdout])
         assert "--holdout" in message and "[0, 1)" in message
     assert not (tmp_path / "r").exists()
+
+
+def test_a_tiff_stack_is_named_rather_than_read_as_its_first_slice(tmp_path):
+    from dataset import load_image
+    frames = [Image.new("L", (8, 8), v) for v in (10, 200)]
+    frames[0].save(tmp_path / "stack.tif", save_all=True, append_images=frames[1:])
+    message = str(pytest.raises(BadInputError, load_image, str(tmp_path / "stack.tif"), "L").value)
+    assert "holds 2 images (a TIFF stack)" in message
+    frames[0].save(tmp_path / "one.tif")
+    assert np.asarray(load_image(str(tmp_path / "one.tif"), "L")).max() == 10

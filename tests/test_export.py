@@ -14,6 +14,7 @@ from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
 from dataset import DataConfig
 from export.sample_set import SampleSet, batch_seed, read_sample, run_geometry
 from runtime.checkpoint import fingerprint
+from runtime.errors import BadInputError
 from volumes.reader import Slicing, read_volume_slices
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
 
@@ -248,3 +249,13 @@ def test_a_value_read_back_empty_from_the_manifest_is_n_a_in_the_participants_ta
     from export.sample_set import _csv                      # how --resume rewrites the table from the manifest's rows
     rows = [{"participant_id": "sub-000000", "age": ""}, {"participant_id": "sub-000001", "age": "61"}]
     assert _csv(["participant_id", "age"], rows, "\t", "n/a").splitlines()[1:] == ["sub-000000\tn/a", "sub-000001\t61"]
+
+
+def test_a_condition_named_like_a_manifest_column_is_refused_not_written_over(tmp_path):
+    from conditions.table import Condition
+    settings = {"num": 1, "batch_size": 1, "format": "png", "seed": 0}
+    for name in ("seed", "batch_size"):                        # a fixed column, and one of the record's
+        with pytest.raises(BadInputError, match=f"conditioned on {name}, which the manifest names"):
+            SampleSet(tmp_path / "set", settings, [("", None)], [Condition(name, "continuous", low=0.0, high=1.0)],
+                      {"batch_size": 1})
+    assert not (tmp_path / "set").exists()

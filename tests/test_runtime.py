@@ -15,8 +15,8 @@ import torch
 import predict
 from conftest import ckpt, error_of, unet, vqvae
 from runtime import process
-from runtime.errors import BadInputError
 from runtime.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, previous, write_config
+from runtime.errors import BadInputError
 from runtime.process import Milestones
 
 REPO = Path(__file__).resolve().parents[1]
