@@ -505,7 +505,9 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
     """(the settings that decide a set of samples, which --resume must match; the record each manifest row carries)."""
     conditioned = any(y is not None for _, y in rows)
     record = {"format": args.format, **generation_record(model, sampling),
-              "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
+              "guidance": args.guidance if conditioned else None,
+              "device": next(model.unet.parameters()).device.type,  # its random numbers and precision: cuda's differ
+              "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "batch_seeds": SEEDING,
                 "rows": [[caption, None if y is None else

@@ -92,7 +92,7 @@ class SampleSet:
             print(f"--resume: nothing to resume in {self.folder}; starting the set")
             return None
         saved = json.loads(path.read_text())
-        newer = {"batch_seeds", "geometry"} - set(saved)  # a set written before these were saved: its own way goes on
+        newer = {"batch_seeds", "geometry", "device"} - set(saved)  # a set from before these were saved: as it was
         self.settings = {k: v for k, v in self.settings.items() if k not in newer}
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if differ:

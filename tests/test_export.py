@@ -151,6 +151,20 @@ def test_sets_of_other_seeds_share_no_batch_and_an_old_set_resumes_its_own_way(t
     assert "batch_seeds" not in json.loads((old / "sampling.json").read_text())
 
 
+def test_a_set_resumes_on_the_kind_of_device_it_was_begun_on(trained_run, tmp_path):
+    run, _ = trained_run
+    flags = ["--run", str(run), "--num", "2", "--batch-size", "1", "--format", "npz", *FAST, "--out", str(tmp_path)]
+    predict.predict(predict.parse_args(flags))
+    assert {r["device"] for r in manifest(tmp_path / "samples")} == {"cpu"}
+    path = tmp_path / "samples" / "sampling.json"
+    settings = json.loads(path.read_text())
+    path.write_text(json.dumps({**settings, "device": "cuda"}))  # as a GPU began it: its noise and precision differ
+    assert "device: cuda then, cpu now" in error_of(predict.main, [*flags, "--resume"])
+    del settings["device"]                                      # a set from before the device was saved: resumes
+    path.write_text(json.dumps(settings))
+    predict.predict(predict.parse_args([*flags, "--resume"]))
+
+
 def test_a_folder_that_is_not_a_sample_set_is_never_written_into(trained_run, tmp_path):
     run, _ = trained_run
     mine = tmp_path / "mine" / "samples" / "all"
