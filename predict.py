@@ -486,12 +486,14 @@ def predict(args):
 
 def generation_record(model: LatentDiffusion, sampling: Sampling) -> dict:
     """What decides the images `generate` makes, besides the seed and the conditions: the sampler and its settings,
-    the batch size (the noise is drawn batch after batch) and the weights (the UNet's step and fingerprint, the
-    post-hoc EMA length chosen by `driver.py ema`, the VQ-VAE's and the fine-tuned decoder's fingerprints)."""
+    the batch size (the noise is drawn batch after batch), the kind of device (a GPU's random numbers and bf16 give
+    other images than the CPU's) and the weights (the UNet's step and fingerprint, the post-hoc EMA length chosen by
+    `driver.py ema`, the VQ-VAE's and the fine-tuned decoder's fingerprints)."""
     return {"sampler": sampling.sampler,
             "steps": model.diffusion.num_steps if sampling.sampler == "ddpm" else sampling.steps,
             "eta": sampling.eta if sampling.sampler == "ddim" else None, "repeat_last": sampling.repeat_last,
             "repeat_times": sampling.repeat_times, "clip_x0": sampling.clip_x0, "batch_size": sampling.batch_size,
+            "device": next(model.unet.parameters()).device.type,
             "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
             "vqvae_fingerprint": model.vqvae_fingerprint,
             "posthoc_ema_sigma_rel": model.posthoc_ema["sigma_rel"] if model.posthoc_ema else None,
@@ -505,9 +507,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
     """(the settings that decide a set of samples, which --resume must match; the record each manifest row carries)."""
     conditioned = any(y is not None for _, y in rows)
     record = {"format": args.format, **generation_record(model, sampling),
-              "guidance": args.guidance if conditioned else None,
-              "device": next(model.unet.parameters()).device.type,  # its random numbers and precision: cuda's differ
-              "run": str(run.resolve())}
+              "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "batch_seeds": SEEDING,
                 "rows": [[caption, None if y is None else

@@ -148,8 +148,9 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
         assert row["count"] == 6 and all(k in row for k in ("fid", "kid", "kid_std", "swd", "ms_ssim"))
     assert metrics["sampling"]["sampler"] == "dpmpp-sde" and metrics["sampling"]["steps"] == 5
     model = predict.load_run(run, "cpu")                    # what decides the samples, as a sample set records it
-    assert {k: metrics["sampling"][k] for k in ("seed", "batch_size", "unet_fingerprint", "posthoc_ema_sigma_rel")} == {
-        "seed": 3, "batch_size": 4, "unet_fingerprint": model.fingerprint, "posthoc_ema_sigma_rel": None}
+    recorded = ("seed", "batch_size", "device", "unet_fingerprint", "posthoc_ema_sigma_rel")
+    assert {k: metrics["sampling"][k] for k in recorded} == {
+        "seed": 3, "batch_size": 4, "device": "cpu", "unet_fingerprint": model.fingerprint, "posthoc_ema_sigma_rel": None}
     assert "seed 3, seconds_per_image" in (out / "report.md").read_text()
     assert metrics["features"].startswith("domain classifier")
     assert 0 < metrics["vqvae"]["psnr"] < 100 and 0 < metrics["vqvae"]["codebook_used"] <= 1
