@@ -538,7 +538,8 @@ def main(argv: list[str] | None = None):
         if is_main_process():  # under torchrun, once
             print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
         writes_run = args.stage is not None or args.command in ("ema", "demo")  # the training commands, and these
-        with run_lock(Path(args.run)) if writes_run else contextlib.nullcontext():
+        starts_run = args.stage is not None or args.command == "demo"  # these may make the run folder
+        with run_lock(Path(args.run), create=starts_run) if writes_run else contextlib.nullcontext():
             args.func(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")

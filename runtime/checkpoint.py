@@ -144,34 +144,45 @@ def plain_args(args) -> dict:
 
 
 @contextlib.contextmanager
-def run_lock(run: Path):
+def run_lock(run: Path, create: bool = False):
     """Held while a command trains or changes the run in `run` (rank 0 under torchrun): a second one (another
     terminal, a scheduler's retry while the first still runs) stops in one line instead of interleaving its
     checkpoints and logs with the first's. An advisory lock on RUN/.lock, freed when the command ends, however it
-    ends; a run folder not there yet has nothing to guard. Without fcntl (Windows), no lock."""
+    ends. With `create` (a command that may start a run) a folder not there yet is made first, so that two commands
+    started at once on a new run do not both go on; if it is still empty when the command ends (bad input stopped
+    it), it is removed again. Without fcntl (Windows), no lock."""
     try:
         import fcntl
     except ImportError:
         fcntl = None
+    made = create and fcntl is not None and is_main_process() and not run.exists()
+    if made:
+        run.mkdir(parents=True)
     if fcntl is None or not run.is_dir() or not is_main_process():
         yield
         return
-    with open(run / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "its pid unknown"
-            raise BadInputError(f"another command is training or changing {run} ({holder}): wait for it, or stop it "
-                                "first") from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
+    try:
+        with open(run / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "its pid unknown"
+                made = False  # the folder is the other command's
+                raise BadInputError(f"another command is training or changing {run} ({holder}): wait for it, or stop "
+                                    "it first") from None
             f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        if made and [p.name for p in run.iterdir()] == [".lock"]:
+            (run / ".lock").unlink()
+            run.rmdir()
 
 
 def write_config(run: Path, stage: str, args):

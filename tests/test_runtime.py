@@ -160,3 +160,17 @@ def test_a_second_command_on_a_run_in_training_stops_in_one_line(trained_run, tm
     assert (copy / "unet.pt").read_bytes() == before
     unet(copy, "--max-steps", "6", "--resume")                        # freed when the first one ends
     assert ckpt(copy / "unet.pt")["step"] == 6
+
+
+def test_two_commands_started_at_once_on_a_new_run_do_not_both_go_on(trained_run, tmp_path):
+    from runtime.checkpoint import run_lock
+    _, data = trained_run
+    new = tmp_path / "new" / "run"
+    with run_lock(new, create=True):                                 # the first command made the folder and holds it
+        assert error_of(vqvae, new, data, "--max-steps", "2").startswith("error: another command is training")
+        assert [p.name for p in new.iterdir()] == [".lock"]          # the second wrote nothing
+    assert not new.exists()                                          # made, left empty: removed again
+    error_of(vqvae, new, tmp_path / "missing", "--max-steps", "2")   # bad input leaves no folder behind
+    assert not new.exists()
+    vqvae(new, data, "--max-steps", "2")
+    assert ckpt(new / "vqvae.pt")["step"] == 2
