@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from losses.adversarial import Adversary
 from losses.perceptual import perceptual_loss
 from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
+from runtime.checkpoint import fingerprint
+from runtime.errors import BadInputError
 from runtime.process import Runtime
 
 
@@ -22,8 +24,15 @@ class ReconstructionLoss:
         self.adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
         self.perceptual = (perceptual_loss(args.vgg_weights, args.perceptual_network)
                            if args.perceptual_weight > 0 else None)
+        self.perceptual_fingerprint = None
         if self.perceptual is not None:
             self.perceptual.to(rt.device)
+            # the network's weights shape the run as its flags do: saved with it, and the same ones on resume
+            self.perceptual_fingerprint = fingerprint(self.perceptual.features.state_dict())
+            saved = (resume or {}).get("perceptual_fingerprint")
+            if saved is not None and saved != self.perceptual_fingerprint:
+                raise BadInputError(f"the perceptual network's weights are not those this run trained with (fingerprint "
+                                    f"{self.perceptual_fingerprint}, saved {saved}): give --vgg-weights the same file")
 
     def __call__(self, recon: torch.Tensor, x: torch.Tensor, last_layer) -> tuple[torch.Tensor, ...]:
         """(the reconstruction's loss, its MSE, logged as `recon` and PSNR whatever the base loss, the adversarial term)."""
@@ -46,4 +55,5 @@ class ReconstructionLoss:
             self.adversary.after_step(step, taken)
 
     def state(self) -> dict:
-        return self.adversary.state() if self.adversary else {}
+        return {**(self.adversary.state() if self.adversary else {}),
+                **({"perceptual_fingerprint": self.perceptual_fingerprint} if self.perceptual_fingerprint else {})}

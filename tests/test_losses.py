@@ -12,6 +12,7 @@ from losses.adversarial import (ADAPTIVE_WEIGHT_FALLBACK, DiscriminatorConfig, P
                                 least_squares_g_loss, non_saturating_d_loss, start_step)
 from losses.perceptual import VGGPerceptualLoss, perceptual_loss
 from runtime.errors import BadInputError
+from runtime.checkpoint import fingerprint
 from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from modules import VQVAE, VQVAEConfig
 
@@ -155,6 +156,34 @@ def test_perceptual_loss_loads_a_local_vgg16_file_or_is_a_one_line_error(tmp_pat
     value.backward()
     assert value.item() > 0 and recon.grad.abs().sum() > 0
     assert all(not p.requires_grad for p in loss.parameters())
+
+
+def test_the_perceptual_networks_weights_are_saved_with_the_run_and_must_be_the_same_on_resume(adni_folder, tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    import driver
+    from conftest import SMALL_VQ, ckpt, error_of
+    weights = tmp_path / "vgg16.pth"
+
+    def save_weights(seed):  # random weights stand in for ImageNet's, as above
+        torch.manual_seed(seed)
+        torch.save({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()}, weights)
+
+    def stage1(*extra):
+        driver.main(["train-vqvae", "--run", str(tmp_path / "run"), "--data", str(adni_folder), "--preset", "tiny",
+                     *SMALL_VQ, "--perceptual-weight", "0.1", "--perceptual-network", "vgg16", *extra])
+
+    save_weights(0)
+    stage1("--max-steps", "2", "--vgg-weights", str(weights))
+    saved = ckpt(tmp_path / "run" / "vqvae.pt")["perceptual_fingerprint"]
+    assert saved == fingerprint(perceptual_loss(str(weights)).features.state_dict())
+    save_weights(1)                                                  # the same path, other weights: refused
+    message = error_of(stage1, "--max-steps", "4", "--resume")
+    assert "perceptual network's weights are not those this run trained with" in message and saved in message
+    assert ckpt(tmp_path / "run" / "vqvae.pt")["step"] == 2
+    save_weights(0)
+    stage1("--max-steps", "4", "--resume")
+    assert ckpt(tmp_path / "run" / "vqvae.pt")["perceptual_fingerprint"] == saved
 
 
 # ----------------------------------------------------------------------------- the brain-MRI anchors' recipe
