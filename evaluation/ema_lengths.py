@@ -130,9 +130,11 @@ def choose_ema(args):
         print(f"{path}: sampling uses the run's own EMA (decay {ckpt['args']['ema_decay']}, sigma_rel "
               f"{running_ema_sigma_rel(ckpt['args']['ema_decay'], ckpt['ema_updates']):.3f})")
         return
+    chosen_by = {}
     if args.sigma_rel == "best":
         metrics = run / "metrics.json"
-        curve = json.loads(metrics.read_text()).get("ema_lengths") if metrics.exists() else None
+        evaluation = json.loads(metrics.read_text()) if metrics.exists() else {}
+        curve = evaluation.get("ema_lengths")
         if not curve:
             raise BadInputError(f"no EMA-length curve in {metrics}: run `driver.py evaluate --run {run} --ema-lengths "
                                 f"auto` first, or give --sigma-rel a number")
@@ -140,15 +142,26 @@ def choose_ema(args):
             raise BadInputError(f"the curve in {metrics} was measured at step {curve['unet_step']}, unet.pt is at step "
                                 f"{ckpt['step']}: evaluate it again")
         sigma_rel = curve["best"]
+        # the length is best for the samples that evaluation drew: its sampler, decoder and seed go with the choice
+        chosen_by = {"chosen_by": {"metrics": str(metrics.resolve()), "features": evaluation.get("features"),
+                                   "fid": min(r["scores"]["fid"] for r in curve["rows"]),
+                                   "sampling": evaluation.get("sampling")}}
     else:
         sigma_rel = float(args.sigma_rel)
     weights, how = reconstruct(run, sigma_rel)
     if how["step"] != ckpt["step"]:
         raise BadInputError(f"the last EMA snapshot in {run} is of step {how['step']}, unet.pt of step {ckpt['step']}")
-    ckpt["sampling_ema"] = {**how, "weights": weights}
+    ckpt["sampling_ema"] = {**how, **chosen_by, "weights": weights}
     atomic_save(ckpt, path)
     print(f"{path}: sampling uses the post-hoc EMA of sigma_rel {sigma_rel:g} at step {how['step']}, from "
           f"{how['snapshots']} snapshots (fit of its response: {how['fit']:.1e} relative error)")
+    if chosen_by:
+        by = chosen_by["chosen_by"]
+        drawn = by["sampling"] or {}
+        how_drawn = (f"drawn by {drawn['sampler']} in {drawn['steps']} steps" if drawn.get("sampler")
+                     else f"from {drawn.get('from', 'a sampling it does not record')}")
+        print(f"chosen by the lowest FID ({by['fid']:.3f}, {by['features']} features) in {by['metrics']}, its samples "
+              f"{how_drawn}: the best length for that sampling, not necessarily for another")
 
 
 def add_arguments(p: argparse.ArgumentParser):

@@ -211,9 +211,16 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     # `ema --sigma-rel best` needs the curve in RUN/metrics.json; a number needs none
     assert "--ema-lengths" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "best"])
     shutil.copy(out / "metrics.json", run / "metrics.json")
+    capsys.readouterr()
     driver.main(["ema", "--run", str(run), "--sigma-rel", "best"])
     chosen = ckpt(run / "unet.pt")["sampling_ema"]
     assert chosen["sigma_rel"] == curve["best"] and chosen["step"] == 6
+    # and says by which evaluation: the length is the best for the sampling that evaluation drew
+    drawn = json.loads((out / "metrics.json").read_text())["sampling"]
+    assert chosen["chosen_by"]["sampling"] == drawn
+    assert chosen["chosen_by"]["metrics"] == str((run / "metrics.json").resolve())
+    assert chosen["chosen_by"]["fid"] == min(r["scores"]["fid"] for r in curve["rows"])
+    assert f"drawn by {drawn['sampler']} in {drawn['steps']} steps" in capsys.readouterr().out
     model = predict.load_run(run, "cpu")
     weights, _ = reconstruct(run, curve["best"])
     for name, p in model.unet.named_parameters():
