@@ -6,7 +6,8 @@
 
 The input (an image, or a slice of a NIfTI volume read as the run reads its training volumes) is encoded, taken to
 noise level --strength (a fraction of the diffusion's steps) by DDIM inversion under the --from conditions (default:
-none), denoised by DDIM under the --set conditions with classifier-free guidance, and decoded (Sanchez et al. 2022,
+none), denoised by DDIM under the --from conditions with those of --set changed, with classifier-free guidance, and
+decoded (Sanchez et al. 2022,
 "What is healthy?"). Inversion is deterministic: at strength 0 the result is the input's reconstruction, and with the
 input's own conditions the path comes back near the input, so what changes is what the conditions change. --noise
 adds fresh noise instead (SDEdit, Meng et al. 2022). With --mask the change stays in the mask (RePaint, Lugmayr et
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--set", dest="set_values", action="append", default=[], metavar="NAME=VALUE",
                    help="the conditions to change to, e.g. --set group=NC (default: none)")
     p.add_argument("--from", dest="from_values", action="append", default=[], metavar="NAME=VALUE",
-                   help="the input's own conditions, under which it is inverted (default: none, the unconditioned model)")
+                   help="the input's own conditions, under which it is inverted, and which the counterfactual keeps "
+                        "where --set does not change them (default: none, the unconditioned model)")
     p.add_argument("--strength", type=float, default=None,
                    help=f"noise level, a fraction of the diffusion's steps: 0 gives the reconstruction back, 1 starts "
                         f"from noise (default: {DEFAULT_STRENGTH}; 1 for a mask without --set)")
@@ -151,8 +153,9 @@ def counterfactual(args):
         raise BadInputError("say what to change: --set NAME=VALUE (the conditions), or --mask FILE (a region to fill in)")
     device, autocast = setup_device(args.device)
     model = predict.load_run(run, device, finetuned=args.decoder == "fine-tuned")
-    target = asked_values(model.conditions, args.set_values)[None].to(device)
     source = asked_values(model.conditions, args.from_values)[None].to(device)
+    changed_to = asked_values(model.conditions, args.set_values)[None].to(device)
+    target = torch.where(changed_to.isnan(), source, changed_to)  # what --set does not change stays as --from says
     image, geometry = read_input(Path(args.input), data, args.slice)
     mask = read_mask(Path(args.mask), geometry, data.image_size) if args.mask else None
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 import driver
 import predict
-from conditions.table import Condition, build_conditions, condition_matrix, find_table, read_table, subjects_of
+from conditions.table import (Condition, asked_values, build_conditions, condition_matrix, find_table, read_table,
+                              subjects_of)
 from conftest import blob, ckpt, error_of, write_volume
 from volumes.layouts import Layout
 from volumes.reader import Slicing, read_volume_slice, to_volume
@@ -167,6 +168,23 @@ def test_a_counterfactual_at_strength_0_is_the_reconstruction_and_a_mask_confine
                                                                    "--steps", "4", "--out", str(tmp_path / "fill")]))
     assert json.loads((tmp_path / "fill" / "counterfactual.json").read_text())["strength"] == 1.0
     assert "say what to change" in error_of(driver.main, ["counterfactual", "--run", str(run), "--input", str(image)])
+
+
+def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_change(conditioned_run, tmp_path,
+                                                                                   monkeypatch):
+    from conditions import counterfactual as cf
+    run, data = conditioned_run
+    seen = {}
+    monkeypatch.setattr(cf, "counterfactual_latent", lambda model, z0, source, target, *rest: seen.update(
+        source=source.cpu(), target=target.cpu()) or z0)
+    image = next((data / "AD").iterdir())
+    cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", str(image), "--from", "class=AD",
+                                    "--from", "age=71", "--from", "sex=F", "--set", "class=NC", "--steps", "2",
+                                    "--out", str(tmp_path / "cf")]))
+    conditions = predict.load_run(run, "cpu").conditions
+    asked = lambda *settings: asked_values(conditions, list(settings))[None]  # noqa: E731
+    assert torch.equal(seen["source"], asked("class=AD", "age=71", "sex=F"))
+    assert torch.equal(seen["target"], asked("class=NC", "age=71", "sex=F"))   # NC at 71, not NC of any age or sex
 
 
 def test_a_slice_map_goes_back_to_its_voxels_in_the_input_volumes_grid(tmp_path):
