@@ -57,7 +57,7 @@ from evaluation.classifier import ClassifierConfig, class_accuracy, domain_class
 from evaluation.conditions import condition_check, format_condition_table
 from evaluation.ema_lengths import ema_length_curve, format_ema_table, plot_ema_curve
 from evaluation.memorisation import format_memorisation_table, memorisation_check
-from evaluation.utility import UTILITY_SEEDS, format_utility_table, utility_check
+from evaluation.utility import UTILITY_SEEDS, format_utility_table, images_per_class, utility_check
 from export.sample_set import MANIFEST, read_sample
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
@@ -270,9 +270,9 @@ def class_column(model, classes: list[str], run: Path) -> int:
 
 
 def utility(args, model, column: int, settings, dataset, train_idx: list[int], test: tuple[torch.Tensor, torch.Tensor],
-            autocast, device, seed: int) -> list[dict]:
-    """`--utility N`: the rows of evaluation/utility.py, the samples of each class drawn with condition `column` set to
-    it (the others left open)."""
+            per_class: int, autocast, device, seed: int) -> list[dict]:
+    """`--utility N`: the rows of evaluation/utility.py, per_class images of each class (images_per_class), the samples
+    drawn with condition `column` set to the class (the others left open)."""
     def real_of(c, n):
         return stack(dataset, training_sample([i for i in train_idx if dataset.labels[i] == c], n, seed))[0]
 
@@ -284,7 +284,7 @@ def utility(args, model, column: int, settings, dataset, train_idx: list[int], t
 
     cfg = ClassifierConfig(in_channels=test[0].shape[1], input_size=min(test[0].shape[-1], 128),
                            num_classes=len(dataset.classes))
-    return utility_check(real_of, generate, list(range(len(dataset.classes))), args.utility,
+    return utility_check(real_of, generate, list(range(len(dataset.classes))), per_class,
                          [w for w in args.guidance if w > 0], test, cfg, args.classifier_steps, device)
 
 
@@ -357,6 +357,9 @@ def evaluate(args):
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
         column = class_column(model, list(dataset.classes), run) if args.utility is not None else None
+        if args.utility is not None:
+            per_class = images_per_class(args.utility, list(dataset.classes), [dataset.labels[i] for i in train_idx],
+                                         [dataset.labels[i] for i in ref_idx + floor_idx], seen)
         if asked is not None and model.classes != list(dataset.classes):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
@@ -417,7 +420,7 @@ def evaluate(args):
     utility_rows = None
     if args.utility is not None:
         utility_rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
-                               torch.cat([ref_labels, floor_labels])), autocast, device, seed)
+                               torch.cat([ref_labels, floor_labels])), per_class, autocast, device, seed)
         utility_table = format_utility_table(utility_rows)
 
     # each condition from the participants table, read back from samples generated at held-out subjects' values
@@ -451,7 +454,7 @@ def evaluate(args):
                "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
     if utility_rows is not None:
-        metrics.update(utility=utility_rows, utility_per_class=args.utility)
+        metrics.update(utility=utility_rows, utility_per_class=per_class, utility_asked=args.utility)
     if ema_curve is not None:
         metrics["ema_lengths"] = ema_curve
         plot_ema_curve(ema_curve, scores["samples"], {k: v for k, v in scores.items() if k.startswith("real")},
@@ -512,7 +515,7 @@ def evaluate(args):
                    f"--run {run} --sigma-rel best` samples from the lowest FID, sigma_rel {ema_curve['best']:g}.", "",
                    ema_table, "", "![](eval_ema_lengths.png)"]
     if utility_rows is not None:
-        report += ["", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {args.utility} images "
+        report += ["", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {per_class} images "
                    "per class of each set below (the same network and steps each time), tested on every held-out image: "
                    f"mean ± standard deviation over {UTILITY_SEEDS} training seeds.", "", utility_table]
     if class_rows is not None:

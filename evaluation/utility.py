@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import auroc
 
 from evaluation.classifier import ClassifierConfig, SliceClassifier
+from runtime.errors import BadInputError
 
 UTILITY_SEEDS = 3
 BATCH = 64
@@ -58,6 +59,27 @@ def per_class(images_of: Callable[[int, int], torch.Tensor], classes: list[int],
     """n images of each class, from `images_of(class index, n)`, with their labels."""
     images = [images_of(c, n) for c in classes]
     return torch.cat(images), torch.cat([torch.full((len(x),), c) for c, x in zip(classes, images)])
+
+
+def images_per_class(n: int, classes: list[str], train_labels: list[int], test_labels: list[int], seen: bool) -> int:
+    """`--utility N` checked before anything is drawn: the images per class every row trains on, N or, where the
+    smallest class has fewer real training images, as many as it has, so that the rows differ in what they learn
+    from and not in how much. Refused where the check cannot mean what it says: a run that trained on the test
+    subjects (its samples carry them), one class, or held-out subjects of one class (AUC undefined)."""
+    if seen:
+        raise BadInputError("--utility tests on held-out subjects, and this run was trained on all subjects: its samples "
+                            "would carry the test subjects (train-vqvae --holdout F leaves subjects out)")
+    if len(classes) < 2:
+        raise BadInputError(f"--utility trains a classifier of the data's classes, and it has one ({classes[0]})")
+    absent = [name for c, name in enumerate(classes) if c not in test_labels or c not in train_labels]
+    if absent:
+        raise BadInputError(f"--utility needs every class among both the training and the held-out subjects; "
+                            f"{', '.join(absent)} is missing from one of them (a larger --holdout at training time)")
+    fewest = min(train_labels.count(c) for c in range(len(classes)))
+    if fewest < n:
+        print(f"--utility {n}: the smallest class has {fewest} real training images, so every row trains on {fewest} "
+              f"per class")
+    return min(n, fewest)
 
 
 def utility_check(real_of: Callable[[int, int], torch.Tensor], generate: Callable[[int, int, float], torch.Tensor],

@@ -340,6 +340,22 @@ def test_train_on_synthetic_scores_samples_by_what_they_teach_a_classifier_about
     assert "| synthetic, w=2 | 32 |" in format_utility_table(rows)
 
 
+def test_utility_is_refused_where_it_cannot_mean_what_it_says_and_trains_every_row_on_as_many_images(capsys):
+    from evaluation.utility import images_per_class
+    from runtime.errors import BadInputError
+    train, test = [0] * 9 + [1] * 12, [0, 0, 1]
+    assert images_per_class(5, ["AD", "NC"], train, test, seen=False) == 5
+    assert images_per_class(20, ["AD", "NC"], train, test, seen=False) == 9      # the real row has no more of AD
+    assert "every row trains on 9 per class" in capsys.readouterr().out
+    for classes, train_labels, test_labels, seen, message in (
+            (["AD", "NC"], train, test, True, "trained on all subjects"),        # its samples carry the test subjects
+            (["AD"], [0] * 9, [0, 0], False, "it has one (AD)"),
+            (["AD", "NC"], train, [1, 1], False, "AD is missing"),               # AUC undefined on one class
+            (["AD", "NC", "MCI"], train, [0, 1, 2], False, "MCI is missing")):
+        assert message in str(pytest.raises(BadInputError, images_per_class, 5, classes, train_labels, test_labels,
+                                            seen).value)
+
+
 def test_utility_draws_each_class_with_the_condition_that_names_the_class_folders(tmp_path):
     from types import SimpleNamespace
 
