@@ -101,7 +101,9 @@ class SetScorer:
         for x in _batches(images, self.batch_size, self.device):
             self.fid.update(x, real=False)
             self.kid.update(x, real=False)
-        kid, kid_std = self.kid.compute()
+        with torch.random.fork_rng(devices=[]):  # torchmetrics draws KID's subsets from the global generator:
+            torch.manual_seed(0)                 # seeded, so that a row's KID does not depend on what ran before it
+            kid, kid_std = self.kid.compute()
         result = {"fid": self.fid.compute().item(), "kid": kid.item(), "kid_std": kid_std.item()}
         self.fid.reset()
         self.kid.reset()
@@ -128,10 +130,14 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, patches_per_image: int 
     For every Laplacian-pyramid level: random 7x7 patches of each image, each set's patches normalised
     per channel, then the mean over 4 x 128 random unit directions of the 1-D Wasserstein-1 distance between the
     projected patch sets. The patch positions depend only on `seed` and the set size, so the distance is
-    symmetric and exactly 0 for identical sets. Returns {'swd': mean over levels, 'swd_<res>': per level}.
+    symmetric and exactly 0 for identical sets. Sets of different sizes are compared at the smaller one's: the
+    larger gives that many images drawn at random (by `seed`), not its first ones, which may be one class or
+    subject. Returns {'swd': mean over levels, 'swd_<res>': per level}.
     """
     n = min(len(a), len(b))
-    pyr_a, pyr_b = _laplacian_pyramid(a[:n].float().cpu()), _laplacian_pyramid(b[:n].float().cpu())
+    g = torch.Generator().manual_seed(seed)
+    a, b = (x if len(x) == n else x[torch.randperm(len(x), generator=g)[:n].sort().values] for x in (a, b))
+    pyr_a, pyr_b = _laplacian_pyramid(a.float().cpu()), _laplacian_pyramid(b.float().cpu())
     result = {}
     for level_a, level_b in zip(pyr_a, pyr_b):
         descriptors = []
@@ -154,7 +160,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, patches_per_image: int 
 
 def ms_ssim_metric(image_size: int, device="cpu") -> MultiScaleStructuralSimilarityIndexMeasure:
     """MS-SSIM (Wang et al. 2003) with as many of the 5 standard scales as the image size allows."""
-    scales = max((n for n in range(1, 6) if 10 * max(1, n - 1) ** 2 < image_size and 2 ** n <= image_size), default=1)
+    scales = max((n for n in range(1, 6) if image_size // max(1, n - 1) ** 2 > 10 and 2 ** n <= image_size), default=1)
     betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)[:scales]
     betas = tuple(b / sum(betas) for b in betas)
     return MultiScaleStructuralSimilarityIndexMeasure(data_range=2.0, betas=betas, normalize="relu").to(device)

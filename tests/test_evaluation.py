@@ -74,6 +74,30 @@ def test_swd_is_zero_on_identical_sets_symmetric_and_sees_blur():
     assert sliced_wasserstein(a, ellipses(64, seed=1, blur=True))["swd_32"] > 3 * sliced_wasserstein(a, b)["swd_32"]
 
 
+def test_kid_is_the_same_whatever_ran_before_it():
+    """torchmetrics draws KID's subsets from the global generator: a row's KID must not depend on the state it is in."""
+    scorer = SetScorer(Flatten(16), ellipses(60, size=4, seed=0))
+    torch.manual_seed(1)
+    first = scorer(ellipses(60, size=4, seed=1))
+    torch.manual_seed(2)
+    torch.rand(7)
+    assert scorer(ellipses(60, size=4, seed=1)) == first
+
+
+def test_swd_of_sets_of_different_sizes_compares_a_random_draw_of_the_larger_not_its_first_images():
+    bright, dark = ellipses(30, seed=0), ellipses(30, seed=1) * 0.3 - 0.7
+    a = torch.cat([bright, dark])                       # folder order: one kind, then the other
+    b = torch.cat([ellipses(15, seed=2), ellipses(15, seed=3) * 0.3 - 0.7])
+    both_halves = sliced_wasserstein(b, a)["swd"]
+    assert both_halves < 0.5 * sliced_wasserstein(b, a[:30])["swd"]   # the first 30 of a alone are all bright
+    assert both_halves == sliced_wasserstein(a, b)["swd"]              # still symmetric
+
+
+def test_ms_ssim_takes_as_many_scales_as_torchmetrics_allows_at_every_image_size():
+    for size in (16, 24, 32, 48, 64, 96, 128, 168, 256):
+        assert 0 <= ms_ssim_diversity(torch.rand(4, 1, size, size) * 2 - 1, pairs=4) <= 1   # 96 and 168 px raised
+
+
 def test_swd_per_level_is_zero_for_identical_sets_and_sees_a_finest_band_blur_at_the_finest_level():
     a, b = ellipses(64, size=64, seed=0), ellipses(64, size=64, seed=1)
     zero = sliced_wasserstein(a, a.clone())
