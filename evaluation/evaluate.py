@@ -58,7 +58,8 @@ from evaluation.conditions import condition_check, format_condition_table
 from evaluation.ema_lengths import ema_length_curve, format_ema_table, plot_ema_curve
 from evaluation.memorisation import format_memorisation_table, memorisation_check
 from evaluation.utility import UTILITY_SEEDS, format_utility_table, images_per_class, utility_check
-from export.sample_set import MANIFEST, read_sample
+from export.sample_set import MANIFEST, SETTINGS, read_sample
+from runtime.checkpoint import fingerprint
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
 from runtime.process import setup_device
@@ -117,16 +118,33 @@ def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
                        if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))
     if not files:
         raise BadInputError(f"no images in --samples folder {folder}")
-    transform = card_transform(image_size, channels)
+    transform, resized = card_transform(image_size, channels), []
 
     def read(f: Path) -> torch.Tensor:
         if f.suffix.lower() in IMAGE_SUFFIXES:
-            return transform(load_image(str(f), "L" if channels == 1 else "RGB"))
+            image = load_image(str(f), "L" if channels == 1 else "RGB")
+            if image.size != (image_size,) * 2:
+                resized.append(f)
+            return transform(image)
         x = read_sample(f).float()
         x = x.mean(0, keepdim=True).expand(channels, -1, -1) if x.shape[0] != channels else x
+        if x.shape[-2:] != (image_size,) * 2:
+            resized.append(f)
         return F.interpolate(x[None], size=(image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)[0]
 
-    return torch.stack([read(f) for f in files])
+    images = torch.stack([read(f) for f in files])
+    if resized:  # another run's or tool's samples: resampling moves the finest band, which the scores then measure
+        print(f"warning: {len(resized)} of {len(files)} images in {folder} are not {image_size}x{image_size} (e.g. "
+              f"{resized[0].name}); they were resized to the run's size, which changes their fine detail")
+    return images
+
+
+def folder_record(folder: Path) -> dict:
+    """How a --samples folder was drawn, as far as it says: a sample set's settings (its sampling.json, without the
+    rows), else nothing."""
+    folder = folder / "samples" if (folder / "samples" / SETTINGS).is_file() else folder
+    path = folder / SETTINGS
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "rows"} if path.is_file() else {}
 
 
 # ----------------------------------------------------------------------------- feature network
@@ -295,6 +313,8 @@ def evaluate(args):
                             f"{args.classifier_steps} and {args.holdout}")
     if args.class_name is not None and args.samples:
         raise BadInputError("--class scores the run's own conditional samples; it cannot be used with --samples")
+    if args.num is not None and args.samples:
+        raise BadInputError("--num sets how many samples evaluate draws; --samples scores every image of its folder")
     if args.utility is not None and (args.utility < 1 or args.samples or max(args.guidance) <= 0):
         raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples per class, at the --guidance scales "
                             f"above 0 (got --utility {args.utility}, --guidance {args.guidance}"
@@ -321,6 +341,10 @@ def evaluate(args):
     reference, ref_labels = stack(dataset, ref_idx)
     floor, floor_labels = stack(dataset, floor_idx)
     training, _ = stack(dataset, training_sample(train_idx, len(floor_idx), seed))
+    for name, images in (("held-out half A", reference), ("held-out half B", floor), ("--samples folder", samples)):
+        if images is not None and len(images) < 2:
+            raise BadInputError(f"the {name} has {len(images)} image(s), and FID and KID need 2 or more"
+                                + ("" if name == "--samples folder" else " (a larger --holdout at training time)"))
     paths = [p for p, _ in dataset.samples]
     n_subjects = min(len({subject(paths[i]) for i in ref_idx}), len({subject(paths[i]) for i in floor_idx}))
     print(f"evaluation: {len(train_idx)} training images, held out {len(ref_idx)} reference (A) + {len(floor_idx)} floor (B)")
@@ -348,7 +372,12 @@ def evaluate(args):
                                     "(train-unet first)")
         print(f"no {run / 'unet.pt'}: scoring stage 1 alone (its reconstructions of B against the real rows)")
     elif samples is not None:
-        sampling = {"from": str(args.samples)}
+        sampling = {"from": str(args.samples), **folder_record(Path(args.samples))}
+        if len(sampling) == 1:
+            print(f"{args.samples} is not a sample set (no {SETTINGS}): how its images were drawn is not recorded")
+        elif sampling.get("vqvae_fingerprint") != fingerprint(vq_ckpt["model"]):
+            print(f"warning: the samples in {args.samples} were drawn with another VQ-VAE than {run}'s; they are "
+                  f"scored against this run's held-out subjects")
     else:
         num = args.num or len(floor)  # as many as the floor half: FID's bias depends on the count
         if num < 2:
@@ -427,7 +456,7 @@ def evaluate(args):
 
     # each condition from the participants table, read back from samples generated at held-out subjects' values
     condition_rows = None
-    if samples is not None and sampling.get("sampler") and any(c.name != CLASS for c in model.conditions):
+    if samples is not None and not args.samples and any(c.name != CLASS for c in model.conditions):  # drawn here
         def sample_at(y, guidance):
             torch.manual_seed(args.seed)
             return predict.generate(model, settings, len(y), y, guidance, autocast)[0]

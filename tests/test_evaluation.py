@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.utils import save_image
 
 import driver
 import predict
@@ -199,7 +200,6 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     # the same images read back with --samples give the same sample row as a folder of PNGs would
     folder = tmp_path / "pngs"
     folder.mkdir()
-    from torchvision.utils import save_image
     for i in range(7):
         save_image(ellipses(1, seed=i)[0], folder / f"{i}.png", normalize=True, value_range=(-1, 1))
     driver.main(["evaluate", "--run", str(run), "--out", str(out), "--holdout", "0.5", "--features", "domain",
@@ -223,6 +223,27 @@ def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_s
     assert "seen in training" not in report
 
 
+def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_say_what_they_lack(trained_run,
+                                                                                                   tmp_path, capsys):
+    run, _ = trained_run
+    base = ["evaluate", "--run", str(run), "--out", str(tmp_path / "eval"), "--holdout", "0.5", "--features", "domain",
+            "--classifier-steps", "0"]
+    driver.main(["sample", "--run", str(run), "--num", "4", "--steps", "2", "--seed", "5",
+                 "--out", str(tmp_path / "set")])
+    capsys.readouterr()
+    driver.main([*base, "--samples", str(tmp_path / "set")])
+    sampling = json.loads((tmp_path / "eval" / "metrics.json").read_text())["sampling"]
+    assert sampling["from"] == str(tmp_path / "set") and sampling["seed"] == 5 and sampling["num"] == 4
+    assert sampling["vqvae_fingerprint"] == predict.load_run(run, "cpu").vqvae_fingerprint and "rows" not in sampling
+    assert "another VQ-VAE" not in capsys.readouterr().out
+    (tmp_path / "big").mkdir()                                     # another tool's 48-px images, no record
+    for i in range(3):
+        save_image(ellipses(1, size=48, seed=i)[0], tmp_path / "big" / f"{i}.png")
+    driver.main([*base, "--samples", str(tmp_path / "big")])
+    printed = capsys.readouterr().out
+    assert "3 of 3 images" in printed and "are not 32x32" in printed and "not a sample set" in printed
+
+
 def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     run, _ = trained_run
     base = ["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "0", "--out", str(tmp_path),
@@ -230,6 +251,11 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "does not exist" in error_of(driver.main, base + ["--samples", str(tmp_path / "missing")])
     (tmp_path / "empty").mkdir()
     assert "no images" in error_of(driver.main, base + ["--samples", str(tmp_path / "empty")])
+    (tmp_path / "one").mkdir()
+    save_image(ellipses(1)[0], tmp_path / "one" / "0.png")
+    assert "the --samples folder has 1 image(s)" in error_of(driver.main, base + ["--samples", str(tmp_path / "one")])
+    assert "--num sets how many samples evaluate draws" in error_of(
+        driver.main, base + ["--samples", str(tmp_path / "one"), "--num", "5"])
     assert "held-out subject" in error_of(driver.main, base + ["--holdout", "0.01"])
     assert "--num must be 2 or more" in error_of(driver.main, base + ["--num", "1"])
     assert "--classifier-steps must be 0 or more" in error_of(driver.main, base + ["--classifier-steps", "-1"])
