@@ -223,6 +223,27 @@ def test_an_unconditional_checkpoint_written_before_conditions_existed_still_sam
 
 # ----------------------------------------------------------------------------- evaluate: the conditions read back
 
+def test_a_covariate_the_table_gives_no_held_out_subject_is_not_read_back_and_the_rest_is_checked(conditioned_run,
+                                                                                                     tmp_path):
+    from runtime.checkpoint import atomic_save
+    run, data = shutil.copytree(conditioned_run[0], tmp_path / "run"), conditioned_run[1]
+    table = tmp_path / "participants.csv"
+    table.write_text("\n".join(line if i == 0 else ",".join([line.split(",")[0], "n/a", line.split(",")[2]])
+                               for i, line in enumerate((data / "participants.csv").read_text().splitlines())) + "\n")
+    saved = ckpt(run / "unet.pt")
+    saved["labels"] = {**saved["labels"], "file": str(table)}          # the run's table, with no age at all now
+    atomic_save(saved, run / "unet.pt")
+    driver.main(["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "3", "--steps", "2",
+                 "--guidance", "2", "--num", "4", "--out", str(tmp_path / "eval")])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [(r["condition"], r["images"], r["count"]) for r in metrics["per_condition"] if r["condition"] == "age"] == [
+        ("age", "not checked: held-out images with a value", 0)]
+    assert [r["images"] for r in metrics["per_condition"] if r["condition"] == "sex"] == ["real (held out)",
+                                                                                       "samples, w=2"]
+    # the condition network learned this table's values, not those of one it was trained on before
+    assert ckpt(run / "condition_net.pt")["key"]["table"] == read_table(table, saved["labels"]["subject_column"]).sha1
+
+
 def test_the_check_scores_a_perfect_reading_and_ignores_conditions_not_given():
     from evaluation.conditions import agreement, condition_losses
     age, sex = Condition("age", "continuous", low=60.0, high=80.0), Condition("sex", "category", ["F", "M"])
