@@ -363,6 +363,12 @@ def decode(vqvae: VQVAE, latents: torch.Tensor, latent_scale: float, batch_size:
     return torch.cat([vqvae.decode(z / latent_scale, quantise).float().clamp(-1, 1) for z in latents.split(batch_size)])
 
 
+def batch_size_of(sampling: Sampling, device) -> int:
+    """The images sampled at once: --batch-size, or DEFAULT_BATCH of the device. Which images a seed gives depends
+    on it, so a record names the resolved value."""
+    return sampling.batch_size or DEFAULT_BATCH["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
 @torch.no_grad()
 def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch.Tensor | None = None,
                    guidance: float = 1.0, autocast=contextlib.nullcontext(), replay_eagerly: bool = False,
@@ -375,7 +381,7 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
     replayed from CUDA graphs, one per network and batch shape; `replay_eagerly` runs that bookkeeping on any device
     (tests)."""
     device = next(model.unet.parameters()).device
-    batch_size = sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    batch_size = batch_size_of(sampling, device)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     network, guide = model.unet, sampling.guide
     if replay_eagerly or (sampling.cuda_graphs and device.type == "cuda"):
@@ -419,7 +425,7 @@ def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch
 
 def report_speed(model: LatentDiffusion, sampling: Sampling, count: int, seconds: float):
     device = next(model.unet.parameters()).device
-    batch_size = sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
+    batch_size = batch_size_of(sampling, device)
     print(f"sampled {count} images in {seconds:.1f} s ({seconds / max(count, 1):.3f} s/image, "
           f"{sampling.calls(model.diffusion.num_steps)} network calls per batch, batches of up to {batch_size})")
 
@@ -440,7 +446,7 @@ def predict(args):
     model = load_run(run, device, finetuned=args.decoder == "fine-tuned")
     sampling = sampling_from_args(args, model)
     # resolved here: which images a seed gives depends on the batch size, and a resumed set must keep it
-    sampling = replace(sampling, batch_size=sampling.batch_size or DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"])
+    sampling = replace(sampling, batch_size=batch_size_of(sampling, device))
     rows = asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)]
     geometry = None
     if args.format == "nifti":  # the set's own, resumed; else its training volumes'

@@ -40,6 +40,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -215,6 +216,7 @@ def central_crops(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top:top + size, left:left + size]
 
 
+SEEDED_ONCE = "manual_seed(seed), then every batch in turn"  # metrics.json's batch_seeds (a sample set: each batch)
 CROP_SIZE = 96  # px: a third of a 256-px slice, enough to see sulci; the whole image below 96 px
 CROPS_PER_ROW = 4
 
@@ -393,7 +395,9 @@ def evaluate(args):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
         samples, _, seconds = predict.generate(model, settings, num, autocast=autocast)
-        sampling = {**predict.generation_record(model, settings), "seed": args.seed, "seconds_per_image": seconds / num}
+        settings = replace(settings, batch_size=predict.batch_size_of(settings, device))  # as recorded, resolved
+        sampling = {**predict.generation_record(model, settings), "seed": args.seed, "seconds_per_image": seconds / num,
+                    "batch_seeds": SEEDED_ONCE}
 
     # features and scores
     key = {"data": str(data.folder()), "image_size": image_size, "channels": channels, "holdout": holdout, "holdout_seed": seed,

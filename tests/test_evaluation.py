@@ -215,7 +215,10 @@ def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_s
     out = tmp_path / "eval"
     driver.main(["evaluate", "--run", str(run), "--out", str(out), "--features", "domain", "--classifier-steps", "0",
                  "--steps", "2", "--num", "4", "--guidance", "0"])
-    check, report = json.loads((out / "metrics.json").read_text())["memorisation"], (out / "report.md").read_text()
+    metrics, report = json.loads((out / "metrics.json").read_text()), (out / "report.md").read_text()
+    check = metrics["memorisation"]
+    # the batch size the samples were drawn in, resolved: which images a seed gives depends on it
+    assert metrics["sampling"]["batch_size"] == predict.DEFAULT_BATCH["cpu"] and "batch_seeds" in metrics["sampling"]
     assert [(name, row["count"]) for name, row in check["rows"].items()] == [
         ("samples", 4), ("real (held out, A)", 3), ("real (held out, B)", 3)]
     assert len(check["closest_pairs"]) == 4 and "## Memorisation" in report and "![](eval_memorisation.png)" in report
