@@ -180,8 +180,9 @@ def format_table(scores: dict[str, dict]) -> str:
     lines = ["| images | n | FID | KID x1e3 | SWD x1e3 | MS-SSIM (pairs) |", "|---|---|---|---|---|---|"]
 
     def cell(name, key, text):
-        ratios = [f"{scores[name][key] / scores[b][key]:.1f}x" for b in bars if scores[b][key] > 0]
-        return text if name in bars or not ratios else f"{text} ({' / '.join(ratios)})"
+        # a real row's KID at or below 0 (its unbiased estimate scatters around 0) has no ratio: a dash holds its place
+        ratios = [f"{scores[name][key] / scores[b][key]:.1f}x" if scores[b][key] > 0 else "–" for b in bars]
+        return text if name in bars or not bars else f"{text} ({' / '.join(ratios)})"
 
     for name, s in scores.items():
         fid, swd = cell(name, "fid", f"{s['fid']:.3f}"), cell(name, "swd", f"{s['swd']:.1f}")
@@ -517,7 +518,8 @@ def evaluate(args):
     resized = (f"the features see the images resized to {features.input_size}x{features.input_size}"
                + (" (a 256-px domain classifier would cost 4x to train and run; the run's own resolution is judged "
                   "by the SWD levels and crops below)" if features.input_size < image_size else ""))
-    level_note = (f"SWD x1e3 per Laplacian level, from the run's {image_size} px down to the 16-px low-pass residual "
+    level_note = (f"SWD x1e3 per Laplacian level, from the run's {image_size} px down to the "
+                  f"{swd_levels(scores)[-1]}-px low-pass residual "
                   "(the `SWD` column above is their mean). A first stage that blurs shows in the finest band: compare "
                   "the samples and reconstructions with the real rows there.")
     crop_note = (f"Central {crop}x{crop} crops at full resolution (1:1, no resampling; view the PNG at 100%), "

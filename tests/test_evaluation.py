@@ -155,6 +155,10 @@ def test_format_table_states_the_ratio_to_the_floor():
     table = format_table({"samples": row(8.0), "real (training)": row(1.0), "real (floor)": row(2.0)})
     assert "| samples | 10 | 8.000 (8.0x / 4.0x) |" in table and "| 20.0 (1.0x / 1.0x) |" in table
     assert "| real (floor) | 10 | 2.000 |" in table
+    # a real row's KID at or below 0 gives no ratio; its place keeps a dash, so the other one is not read as it
+    kid = lambda k: {**row(1.0), "kid": k}  # noqa: E731
+    table = format_table({"samples": kid(0.02), "real (training)": kid(-0.001), "real (floor)": kid(0.01)})
+    assert "| 20.00 ± 1.00 (– / 2.0x) |" in table
 
 
 def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, capsys):
