@@ -253,8 +253,8 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
     for name in ("batch_size", "steps", "repeat_last", "gif_frames"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise BadInputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.eta < 0:
-        raise BadInputError(f"--eta must be 0 or more, got {args.eta}")
+    if not 0 <= args.eta <= 1:  # DDIM's range (Song et al. 2021, eq. 16): 1 is DDPM's posterior noise
+        raise BadInputError(f"--eta must be in [0, 1], got {args.eta}")
     if min(args.guidance if isinstance(args.guidance, list) else [args.guidance]) < 0:
         raise BadInputError(f"--guidance must be 0 or more, got {args.guidance}")
     if repeat_times < 0:
@@ -264,6 +264,8 @@ def sampling_from_args(args, model: LatentDiffusion | None = None) -> Sampling:
                             f"{args.guide_at} and {args.guide_sigma_rel}")
     clip_x0 = guide = guide_record = None
     if model is not None:
+        if args.sampler != "ddpm" and args.steps > model.diffusion.num_steps:
+            raise BadInputError(f"--steps {args.steps} exceeds the run's {model.diffusion.num_steps} diffusion steps")
         if repeat_times and args.repeat_last > model.diffusion.num_steps:
             raise BadInputError(f"--repeat-last {args.repeat_last} exceeds the {model.diffusion.num_steps} diffusion steps")
         clip_x0 = parse_clip(args.clip_x0, model.latent_absmax)
@@ -320,6 +322,9 @@ def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), swee
     if class_name not in (None, "all") and class_name not in model.classes:
         raise BadInputError(f"--class {class_name!r} is not a class of this run: {', '.join(model.classes)} or all")
     if class_name == "all":
+        if sweep is not None:
+            raise BadInputError(f"--class all sweeps the classes; it cannot be used with --sweep {sweep} (one sweep at "
+                                f"a time: --class NAME --sweep {sweep} for one class)")
         sweep = f"{CLASS}=all"
     elif class_name is not None:
         settings = [*settings, f"{CLASS}={class_name}"]
@@ -338,6 +343,7 @@ def sample_latents(diffusion: GaussianDiffusion, unet, x_T: torch.Tensor, sampli
     """
     calls = sampling.calls(diffusion.num_steps) - sampling.repeat_times * sampling.repeat_last
     keep = set(torch.linspace(0, calls - 1, min(sampling.gif_frames, calls)).round().long().tolist())
+    keep = {calls - 1} if sampling.gif_frames == 1 else keep  # one frame: the result, not the first step's guess
     frames, x = [], x_T
     steps = diffusion.sample_steps(unet, x_T, sampling.sampler, sampling.steps, eta=sampling.eta, clip_x0=sampling.clip_x0)
     for i, (t, x, x0) in enumerate(steps):
@@ -426,8 +432,9 @@ def generate(model: LatentDiffusion, sampling: Sampling, num: int, labels: torch
 def report_speed(model: LatentDiffusion, sampling: Sampling, count: int, seconds: float):
     device = next(model.unet.parameters()).device
     batch_size = batch_size_of(sampling, device)
+    calls = sampling.calls(model.diffusion.num_steps) * (2 if sampling.guide is not None else 1)  # and the guide's
     print(f"sampled {count} images in {seconds:.1f} s ({seconds / max(count, 1):.3f} s/image, "
-          f"{sampling.calls(model.diffusion.num_steps)} network calls per batch, batches of up to {batch_size})")
+          f"{calls} network calls per batch, batches of up to {batch_size})")
 
 
 # ----------------------------------------------------------------------------- what predict.py writes
@@ -512,6 +519,9 @@ def generation_record(model: LatentDiffusion, sampling: Sampling) -> dict:
 def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, rows: list) -> tuple[dict, dict]:
     """(the settings that decide a set of samples, which --resume must match; the record each manifest row carries)."""
     conditioned = any(y is not None for _, y in rows)
+    if sampling.guide_interval and sampling.autoguidance == 1 and not (conditioned and args.guidance != 1):
+        raise BadInputError("--guide-interval limits guidance to some steps, and these samples are not guided (no "
+                            "--autoguidance, and no condition asked with a --guidance other than 1)")
     record = {"format": args.format, **generation_record(model, sampling),
               "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,

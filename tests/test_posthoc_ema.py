@@ -239,13 +239,14 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     assert "sampling_ema" not in ckpt(run / "unet.pt") and sorted(snapshot_files(run))[-1] == 8
 
 
-def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so(posthoc_run, tmp_path):
+def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so(posthoc_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("samples*"))
     model = predict.load_run(run, "cpu")
     fast = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "3", "--seed", "4", "--format", "npz"]
     flags = ["--run", str(run), *fast, "--autoguidance", "2", "--guide-at", "0.5"]
     guided = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "ag")]))
+    assert "6 network calls per batch" in capsys.readouterr().out   # 3 steps, each calling the guide too
     plain = predict.predict(predict.parse_args(["--run", str(run), *fast, "--out", str(tmp_path / "plain")]))
     # the guide: the shorter profile of the last snapshot at or before half the UNet's steps
     step = max(s for s in snapshot_files(run) if s <= round(0.5 * model.unet_step))

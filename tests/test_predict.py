@@ -65,7 +65,11 @@ def test_the_card_repeats_default_to_on_for_ddpm_only(trained_run, tmp_path, cap
 
 @pytest.mark.parametrize("flags, message", [(["--num", "0"], "--num"), (["--steps", "-1"], "--steps"),
                                             (["--clip-x0", "wide"], "--clip-x0"),
-                                            (["--repeat-last", "5000"], "--repeat-last"), (["--eta", "-1"], "--eta")])
+                                            (["--repeat-last", "5000"], "--repeat-last"), (["--eta", "-1"], "--eta"),
+                                            (["--eta", "1.5"], "--eta must be in [0, 1]"),
+                                            (["--sampler", "ddim", "--steps", "2000"], "--steps 2000 exceeds"),
+                                            (["--sampler", "ddim", "--steps", "2", "--guide-interval", "0,5"],
+                                             "these samples are not guided")])
 def test_predict_flag_errors(trained_run, flags, message):
     run, _ = trained_run
     assert message in error_of(predict.main, ["--run", str(run), *flags])
@@ -90,6 +94,8 @@ def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, t
     width, height = Image.open(tmp_path / "all" / "samples.png").size
     assert width > 1.4 * height  # one row of 3 per class: 2 rows
     assert "not a class of this run: AD, NC" in error_of(predict.main, [*common, "--class", "MCI"])
+    assert "--class all sweeps the classes" in error_of(predict.main, [*common, "--class", "all",
+                                                                       "--sweep", "class=NC"])
     assert "--guidance" in error_of(predict.main, [*common, "--class", "AD", "--guidance", "-1"])
     # evaluate: every class at every guidance scale, against that class's held-out subjects
     evaluate = ["evaluate", "--features", "domain", "--classifier-steps", "0", "--steps", "3", "--holdout", "0.75"]
@@ -224,6 +230,15 @@ def test_graph_replayed_sampling_on_a_second_gpu_gives_the_eager_samples():
         sampling = predict.Sampling("ddim", steps=6, batch_size=3, gif_frames=2, cuda_graphs=cuda_graphs)
         runs.append(predict.generate(model, sampling, 5)[0])
     assert torch.cuda.current_device() == 0 and torch.allclose(runs[0], runs[1], atol=1e-5)
+
+
+def test_a_gif_of_one_frame_shows_the_result():
+    model = random_latent_diffusion()
+    for sampler in ("ddim", "dpmpp"):
+        x_T = torch.randn(2, *model.latent_shape)
+        z, frames = predict.sample_latents(model.diffusion, model.unet, x_T, predict.Sampling(sampler, steps=5,
+                                                                                              gif_frames=1))
+        assert len(frames) == 1 and frames[0][0] == "step 0" and torch.equal(frames[0][1], z)
 
 
 def test_sampling_batch_defaults_by_device(capsys):
