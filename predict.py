@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                         "(Lu et al. 2022) for 10-25 steps, dpmpp-sde = its stochastic form SDE-DPM-Solver++(2M) at the "
                         "same cost (default: %(default)s)")
     p.add_argument("--steps", type=int, default=steps, help="network calls; DDPM always uses all T (default: %(default)s)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like (default: %(default)s)")
+    p.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM-like (default: %(default)s)")
     p.add_argument("--repeat-last", type=int, default=30, help="the card's repeated final steps: re-noise to this step ... (default: %(default)s)")
     p.add_argument("--repeat-times", type=int, default=None,
                    help="... and denoise again this many times, 0 to switch off (default: 5 with --sampler ddpm, else 0)")
