@@ -297,10 +297,11 @@ def train_unet(args):
         ema.module.load_state_dict(resume["ema"])
         ema.updates = resume["ema_updates"]
     posthoc = PowerFunctionEMA(model) if args.posthoc_ema and rt.main else None  # EMA lengths chosen after training
+    # once training goes on from a checkpoint, the snapshots after it are drawn again, the same, and one written only
+    # because the run stopped there goes too; a finished run resumed trains nothing and keeps them all
+    stopped_at = step if posthoc and resume else None
     if posthoc and resume:
         posthoc.load_state_dict(resume["posthoc_ema"])
-        # drawn again, the same, from this checkpoint; one written only because the run stopped there goes too
-        drop_snapshots_after(run, step, keep_last=step % args.posthoc_ema == 0 or step % args.save_every == 0)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(latents), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum,
@@ -323,6 +324,11 @@ def train_unet(args):
             return vqvae.decode(x0 / latent_scale).float(), 8
 
     def after_step(step, taken):
+        nonlocal stopped_at
+        if stopped_at is not None:
+            drop_snapshots_after(run, stopped_at, keep_last=stopped_at % args.posthoc_ema == 0
+                                 or stopped_at % args.save_every == 0)
+            stopped_at = None
         if taken:
             ema.update(model)
         if posthoc:

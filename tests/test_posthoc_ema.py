@@ -153,6 +153,8 @@ def test_training_keeps_snapshots_and_a_resumed_run_ends_with_the_same_ones(post
     flags = ["train-unet", "--run", str(cut), *SMALL_UNET, "--posthoc-ema", "2", "--deterministic"]
     driver.main([*flags, "--max-steps", "3"])
     assert sorted(snapshot_files(cut)) == [2, 3]                     # every 2 steps, and with the checkpoint at 3
+    driver.main([*flags, "--max-steps", "3", "--resume"])            # finished: nothing trained, and the EMA lengths
+    assert sorted(snapshot_files(cut)) == [2, 3]                     # at step 3 still need the snapshot of step 3
     driver.main([*flags, "--max-steps", "6", "--resume"])
     assert sorted(snapshot_files(whole)) == sorted(snapshot_files(cut)) == [2, 4, 6]  # not 3: the fit would count it
     for step in (4, 6):                                              # the profiles came back from the checkpoint
