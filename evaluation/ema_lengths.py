@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import predict  # noqa: E402
 from runtime.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
-from runtime.posthoc_ema import reconstruct, reconstruct_many, running_ema_sigma_rel, sigma_rel_to_gamma  # noqa: E402
+from runtime.posthoc_ema import (GOOD_FIT, PROFILES, reconstruct, reconstruct_many, running_ema_sigma_rel,  # noqa: E402
+                                  sigma_rel_to_gamma)
 
 AUTO = (0.01, 0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25)  # `--ema-lengths auto`: EDM2's range and around it
 RUNNING = "run's EMA"
@@ -77,7 +78,8 @@ def ema_length_curve(run: Path, lengths: tuple[float, ...], model: predict.Laten
     scores = score({f"sigma_rel {s:g}": x for s, x in images.items()})
     rows = [{"sigma_rel": s, "fit": how[s]["fit"], "snapshots": how[s]["snapshots"], "scores": scores[f"sigma_rel {s:g}"]}
             for s in lengths]
-    best = min(rows, key=lambda r: r["scores"]["fid"])["sigma_rel"]
+    fitted = [r for r in rows if r["fit"] <= GOOD_FIT] or rows  # lengths the snapshots cannot make are not chosen
+    best = min(fitted, key=lambda r: r["scores"]["fid"])["sigma_rel"]
     chosen = model.posthoc_ema  # the samples row's weights: the run's EMA, or a length chosen before
     return {"samples_row": "post-hoc, chosen before" if chosen else RUNNING,
             "samples_sigma_rel": chosen["sigma_rel"] if chosen else running_sigma_rel(run),
@@ -95,7 +97,8 @@ def format_ema_table(curve: dict, samples_scores: dict) -> str:
 
     lines.append(line(f"{curve['samples_row']} (the samples row)", curve["samples_sigma_rel"], samples_scores, "-"))
     for r in curve["rows"]:
-        mark = " (lowest FID)" if r["sigma_rel"] == curve["best"] else ""
+        mark = (" (lowest FID)" if r["sigma_rel"] == curve["best"] else
+                " (not fitted: never chosen)" if r["fit"] > GOOD_FIT else "")
         lines.append(line(f"post-hoc{mark}", r["sigma_rel"], r["scores"], f"{r['fit']:.1e}"))
     return "\n".join(lines)
 
@@ -149,6 +152,11 @@ def choose_ema(args):
     else:
         sigma_rel = float(args.sigma_rel)
     weights, how = reconstruct(run, sigma_rel)
+    if how["fit"] > GOOD_FIT:
+        raise BadInputError(f"sigma_rel {sigma_rel:g} cannot be made from the {how['snapshots']} snapshots in {run} "
+                            f"(the fit of its response is off by {how['fit']:.0%}; the weights would be another "
+                            f"average, shrunk): a length nearer {PROFILES[0]:g}-{PROFILES[1]:g}, or snapshots kept "
+                            f"more often (--posthoc-ema)")
     if how["step"] != ckpt["step"]:
         raise BadInputError(f"the last EMA snapshot in {run} is of step {how['step']}, unet.pt of step {ckpt['step']}")
     ckpt["sampling_ema"] = {**how, **chosen_by, "weights": weights}

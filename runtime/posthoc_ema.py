@@ -26,6 +26,8 @@ from runtime.checkpoint import atomic_save, load_checkpoint
 from runtime.errors import BadInputError
 
 PROFILES = (0.05, 0.10)  # sigma_rel of the two EMAs kept while training (EDM2's)
+GOOD_FIT = 0.2  # the fitted response's relative error above which a length is another average than asked for: far
+                # from the kept profiles, with few snapshots, its coefficients sum well below 1 (a shrunken network)
 SNAPSHOTS = "ema_snapshots"  # RUN/ema_snapshots/step0001000.pt
 SNAPSHOT_NAME = re.compile(r"step(\d+)\.pt$")
 

@@ -18,8 +18,8 @@ from diffusion.guidance import Autoguided
 from export.sample_set import batch_seed
 from modules import EMA, UNet
 from runtime.errors import BadInputError
-from runtime.posthoc_ema import (PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_beta, reconstruct,
-                                 response_inner, running_ema_sigma_rel, sigma_rel_to_gamma, snapshot_files)
+from runtime.posthoc_ema import (GOOD_FIT, PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_beta,
+                                 reconstruct, response_inner, running_ema_sigma_rel, sigma_rel_to_gamma, snapshot_files)
 
 
 class Trajectory(nn.Module):
@@ -196,11 +196,13 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     run, data = posthoc_run
     out = tmp_path / "eval"
     driver.main(["evaluate", "--run", str(run), "--out", str(out), "--holdout", "0.5", "--features", "domain",
-                 "--classifier-steps", "0", "--steps", "3", "--ema-lengths", "0.05,0.2"])
+                 "--classifier-steps", "0", "--steps", "3", "--ema-lengths", "0.05,0.1,0.2"])
     printed = capsys.readouterr().out
     curve = json.loads((out / "metrics.json").read_text())["ema_lengths"]
-    assert [r["sigma_rel"] for r in curve["rows"]] == [0.05, 0.2] and curve["unet_step"] == 6
-    assert curve["best"] == min(curve["rows"], key=lambda r: r["scores"]["fid"])["sigma_rel"]
+    assert [r["sigma_rel"] for r in curve["rows"]] == [0.05, 0.1, 0.2] and curve["unet_step"] == 6
+    # 3 snapshots make 0.2 only roughly (its response off by 27%): never the one chosen, whatever its FID
+    assert [r["fit"] <= GOOD_FIT for r in curve["rows"]] == [True, True, False] and "not fitted" in printed
+    assert curve["best"] == min(curve["rows"][:2], key=lambda r: r["scores"]["fid"])["sigma_rel"]
     assert curve["samples_row"] == "run's EMA" and curve["samples_sigma_rel"] == pytest.approx(
         running_ema_sigma_rel(0.999, 6))
     assert all(r["scores"]["count"] == 6 and r["snapshots"] == 3 for r in curve["rows"])
@@ -210,8 +212,11 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     # the evaluation's model was put back: its samples row is the run's own EMA
     assert predict.load_run(run, "cpu").posthoc_ema is None
 
-    # `ema --sigma-rel best` needs the curve in RUN/metrics.json; a number needs none
+    # `ema --sigma-rel best` needs the curve in RUN/metrics.json; a number needs none, and one the snapshots make
     assert "--ema-lengths" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "best"])
+    assert "cannot be made from the 3 snapshots" in error_of(driver.main, ["ema", "--run", str(run),
+                                                                         "--sigma-rel", "0.01"])
+    assert "sampling_ema" not in ckpt(run / "unet.pt")
     shutil.copy(out / "metrics.json", run / "metrics.json")
     capsys.readouterr()
     driver.main(["ema", "--run", str(run), "--sigma-rel", "best"])
