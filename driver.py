@@ -532,6 +532,13 @@ def evaluate(args):
     return evaluate(args)
 
 
+def how_to_continue(argv: list[str] | None) -> str:
+    """The hint after an interruption: `demo` resumes by itself, every other command with --resume."""
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["demo"]:
+        return "run the same demo command again to continue (it resumes by itself)"
+    return "run the same command with --resume to continue"
+
+
 def main(argv: list[str] | None = None):
     try:
         args = parse(argv)
@@ -544,11 +551,11 @@ def main(argv: list[str] | None = None):
     except BadInputError as e:
         sys.exit(f"error: {e}")
     except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written
-        print(f"stopped: {e}", file=sys.stderr)
+        print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:  # outside a training loop's own handling: sampling, evaluation
-        print("interrupted; what was written is whole (a sample set, a checkpoint): the same command with --resume "
-              "continues it", file=sys.stderr)
+        print(f"interrupted; what was written is whole (a sample set, a checkpoint): {how_to_continue(argv)}",
+              file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():  # under torchrun

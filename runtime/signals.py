@@ -32,5 +32,4 @@ class StopRequests:
 
     def raise_if_stopped(self, ckpt_path: Path, step: int):
         if self.signal:
-            raise Interrupted(f"{self.signal} received: saved {ckpt_path} at step {step}; "
-                              f"run the same command with --resume to continue")
+            raise Interrupted(f"{self.signal} received: saved {ckpt_path} at step {step}")  # the command says how on

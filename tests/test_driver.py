@@ -193,3 +193,8 @@ def test_stage_2_resumed_with_another_setting_is_refused_in_one_line(trained_run
     shutil.copytree(trained_run[0], run)
     message = error_of(driver.main, ["train-unet", "--run", str(run), "--resume", flag, *([value] if value else [])])
     assert flag in message and "differs from this run's" in message
+
+
+def test_an_interrupted_command_says_how_to_continue_it():
+    assert driver.how_to_continue(["train-vqvae", "--run", "r"]) == "run the same command with --resume to continue"
+    assert "demo command again" in driver.how_to_continue(["demo", "--run", "r"])   # demo has no --resume: it resumes
