@@ -198,8 +198,8 @@ def load_run(run: Path, device, finetuned: bool = True) -> LatentDiffusion:
     unet_ckpt = load_checkpoint(run / "unet.pt", "unet")
     vqvae, vq_ckpt = load_vqvae(run, device, finetuned)
     if unet_ckpt["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
-        raise BadInputError(f"{run / 'unet.pt'} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
-                            f"run train-unet again for this VQ-VAE")
+        raise BadInputError(f"{run / 'unet.pt'} was trained on another VQ-VAE than {run / 'vqvae.pt'}: move it (and "
+                            f"unet.prev.pt) away and run train-unet for this VQ-VAE")
     if list(vqvae.cfg.latent_shape) != list(unet_ckpt["latent_shape"]):
         raise BadInputError(f"latent shape differs: VQ-VAE {vqvae.cfg.latent_shape}, UNet {unet_ckpt['latent_shape']}")
     unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt"))

@@ -36,7 +36,7 @@ from modules import EMA, VQVAE, UNet, UNetConfig, VQVAEConfig
 from predict import load_vqvae
 from runtime.checkpoint import atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config
 from runtime.errors import BadInputError
-from runtime.loop import Stage, restore_training, start_stage, total_steps, train_loop
+from runtime.loop import Stage, restore_training, start_stage, total_steps, train_loop, trains_further
 from runtime.optimizer import adamw
 from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
 from runtime.process import (Runtime, cpus_per_process, main_rank_first, place_model, progress, setup_runtime,
@@ -65,6 +65,11 @@ def train_vqvae(args):
 
     files_key = data_files_key(data)  # saved: a resumed run, stage 2 and `evaluate` check they read these files
     dataset, workers, fixed, max_steps = stage1_images(args, rt)
+    later = [name for name in ("unet.pt", "decoder.pt") if (Path(args.run) / name).exists()]
+    if resume and later and trains_further(args, resume["step"], max_steps, resume):
+        raise BadInputError(f"{' and '.join(later)} in {args.run} learned from this VQ-VAE at step {resume['step']}, and "
+                            f"training it further would leave them unusable: move them away first (with a copy of "
+                            f"vqvae.pt they stay a working pair), or continue stage 1 in a copy of the run")
 
     # model and optimizer (the model in its memory layout before the optimizer state is loaded)
     model = place_model(VQVAE(cfg), rt)
@@ -263,8 +268,8 @@ def train_unet(args):
     resume = checkpoint_to_resume(ckpt_path, "unet", args.resume, {**chosen, **diffusion.config()},
                                   diffusion_defaults=GaussianDiffusion().config())
     if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
-        raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}; "
-                            f"train stage 2 afresh in a new --run")
+        raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}: move it (and "
+                            f"unet.prev.pt) away and run train-unet again without --resume")
     if not resume and snapshot_files(run) and rt.main:  # an earlier stage 2's, whose unet.pt is gone: not this one's
         aside = run / f"{SNAPSHOTS}.replaced"
         shutil.rmtree(aside, ignore_errors=True)

@@ -228,6 +228,13 @@ class Stage:
     unit: str = "img"
 
 
+def trains_further(args, step: int, max_steps: int, resume: dict | None) -> bool:
+    """Whether a run at `step` would take a step: before its length, and before its cooldown's end (train_loop's
+    own test, asked before anything is built)."""
+    lr_factor = LearningRateFactor(args.warmup, args.cooldown, max_steps, resume.get("lr_schedule") if resume else None)
+    return step < max_steps and not lr_factor.finished(step)
+
+
 def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resume: dict | None):
     """Train `stage` from `step` to `max_steps`, or with a cooldown until the learning rate reaches zero: every step
     one optimizer update; once in a while log the mean stats (all ranks agree on them and on stopping), draw a

@@ -128,7 +128,12 @@ def test_a_decoder_fine_tuned_from_another_vqvae_is_refused(trained_run, tmp_pat
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     decoder(copy, "--max-steps", "2", "--perceptual-weight", "0")
+    assert "unet.pt and decoder.pt in" in error_of(vqvae, copy, data, "--max-steps", "6", "--resume")
+    for name in ("decoder.pt", "unet.pt"):                            # moved away, stage 1 trained further, moved back
+        (copy / name).rename(tmp_path / name)
     vqvae(copy, data, "--max-steps", "6", "--resume")  # stage 1 trained further: other latents, another decoder
+    for name in ("decoder.pt", "unet.pt"):
+        (tmp_path / name).rename(copy / name)
     assert "decoder.pt was fine-tuned from another VQ-VAE" in error_of(
         driver.main, ["sample", "--run", str(copy), "--out", str(tmp_path / "out"), *FAST])
     assert "decoder.pt was fine-tuned from another VQ-VAE" in error_of(decoder, copy, "--max-steps", "4", "--resume")

@@ -139,10 +139,19 @@ def test_resume_continues_from_the_saved_step(trained_run, tmp_path):
     run, data = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    # the UNet learned this VQ-VAE's latents: stage 1 is not trained further under it ...
+    message = error_of(vqvae, copy, data, "--max-steps", "6", "--resume")
+    assert "unet.pt in" in message and "learned from this VQ-VAE at step 4" in message
+    assert ckpt(copy / "vqvae.pt")["step"] == 4
+    vqvae(copy, data, "--max-steps", "4", "--resume")                  # (a finished stage 1 resumed trains nothing)
+    for name in ("unet.pt", "unet.prev.pt"):                           # ... unless it is moved away first
+        (copy / name).rename(tmp_path / name)
     vqvae(copy, data, "--max-steps", "6", "--resume")
     assert ckpt(copy / "vqvae.pt")["step"] == 6
     assert [int(r["step"]) for r in csv.DictReader(open(copy / "log_vqvae.csv"))] == [2, 4, 6]
-    # the UNet learned the old VQ-VAE's latents: resuming it on the new one is refused
+    # and moved back, resuming it on the new VQ-VAE is refused
+    for name in ("unet.pt", "unet.prev.pt"):
+        (tmp_path / name).rename(copy / name)
     assert "another VQ-VAE" in error_of(unet, copy, "--max-steps", "6", "--resume")
     shutil.copy(run / "vqvae.pt", copy / "vqvae.pt")
     unet(copy, "--max-steps", "6", "--resume")
