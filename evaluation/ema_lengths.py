@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import predict  # noqa: E402
-from runtime.checkpoint import atomic_save, load_checkpoint  # noqa: E402
+from runtime.checkpoint import atomic_save, fingerprint, load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
 from runtime.posthoc_ema import (GOOD_FIT, PROFILES, reconstruct, reconstruct_many, running_ema_sigma_rel,  # noqa: E402
                                   sigma_rel_to_gamma)
@@ -81,9 +81,10 @@ def ema_length_curve(run: Path, lengths: tuple[float, ...], model: predict.Laten
     fitted = [r for r in rows if r["fit"] <= GOOD_FIT] or rows  # lengths the snapshots cannot make are not chosen
     best = min(fitted, key=lambda r: r["scores"]["fid"])["sigma_rel"]
     chosen = model.posthoc_ema  # the samples row's weights: the run's EMA, or a length chosen before
+    trained = load_checkpoint(run / "unet.pt", "unet")["model"]  # which stage 2 this was: `ema` checks it
     return {"samples_row": "post-hoc, chosen before" if chosen else RUNNING,
             "samples_sigma_rel": chosen["sigma_rel"] if chosen else running_sigma_rel(run),
-            "unet_step": model.unet_step, "rows": rows, "best": best}
+            "unet_step": model.unet_step, "unet_trained_fingerprint": fingerprint(trained), "rows": rows, "best": best}
 
 
 def format_ema_table(curve: dict, samples_scores: dict) -> str:
@@ -141,9 +142,11 @@ def choose_ema(args):
         if not curve:
             raise BadInputError(f"no EMA-length curve in {metrics}: run `driver.py evaluate --run {run} --ema-lengths "
                                 f"auto` first, or give --sigma-rel a number")
-        if curve["unet_step"] != ckpt["step"]:
-            raise BadInputError(f"the curve in {metrics} was measured at step {curve['unet_step']}, unet.pt is at step "
-                                f"{ckpt['step']}: evaluate it again")
+        trained = fingerprint(ckpt["model"])
+        measured_on = curve.get("unet_trained_fingerprint", trained)  # a curve from before it: checked by its step
+        if curve["unet_step"] != ckpt["step"] or measured_on != trained:
+            raise BadInputError(f"the curve in {metrics} was measured on another stage 2 (or at step "
+                                f"{curve['unet_step']}; unet.pt is at step {ckpt['step']}): evaluate it again")
         sigma_rel = curve["best"]
         # the length is best for the samples that evaluation drew: its sampler, decoder and seed go with the choice
         chosen_by = {"chosen_by": {"metrics": str(metrics.resolve()), "features": evaluation.get("features"),

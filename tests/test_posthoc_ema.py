@@ -217,6 +217,10 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     assert "cannot be made from the 3 snapshots" in error_of(driver.main, ["ema", "--run", str(run),
                                                                          "--sigma-rel", "0.01"])
     assert "sampling_ema" not in ckpt(run / "unet.pt")
+    other = json.loads((out / "metrics.json").read_text())     # a curve of another stage 2 at the same step
+    other["ema_lengths"]["unet_trained_fingerprint"] = "0" * 16
+    (run / "metrics.json").write_text(json.dumps(other))
+    assert "measured on another stage 2" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "best"])
     shutil.copy(out / "metrics.json", run / "metrics.json")
     capsys.readouterr()
     driver.main(["ema", "--run", str(run), "--sigma-rel", "best"])
