@@ -216,10 +216,12 @@ def test_a_run_written_before_the_redesign_samples_and_resumes_both_stages(tmp_p
     images = predict.predict(predict.parse_args(["--run", str(run), "--num", "2", "--sampler", "ddim", "--steps", "3",
                                                  "--class", "NC", "--gif-frames", "2"]))
     assert images.shape == (2, 1, 32, 32) and images.isfinite().all()
+    (run / "unet.pt").rename(tmp_path / "unet.pt")      # stage 1 trains further only with stage 2 moved away
     driver.main(["train-vqvae", "--run", str(run), "--data", str(data), "--preset", "tiny", *SMALL_VQ, "--max-steps", "4",
                  "--resume", "--deterministic"])
     assert ckpt(run / "vqvae.pt")["step"] == 4
     shutil.copy(OLD_RUN / "vqvae.pt", run / "vqvae.pt")   # stage 2 resumes on the VQ-VAE it was trained on
+    (tmp_path / "unet.pt").rename(run / "unet.pt")
     driver.main(["train-unet", "--run", str(run), "--data", str(data), *SMALL_UNET, "--max-steps", "4", "--resume",
                  "--conditional", "--deterministic"])
     resumed = ckpt(run / "unet.pt")
