@@ -39,8 +39,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -378,7 +378,7 @@ def evaluate(args):
         sampling = {"from": str(args.samples), **folder_record(Path(args.samples))}
         if len(sampling) == 1:
             print(f"{args.samples} is not a sample set (no {SETTINGS}): how its images were drawn is not recorded")
-        elif sampling.get("vqvae_fingerprint") != fingerprint(vq_ckpt["model"]):
+        elif sampling.get("vqvae_fingerprint") not in (None, fingerprint(vq_ckpt["model"])):
             print(f"warning: the samples in {args.samples} were drawn with another VQ-VAE than {run}'s; they are "
                   f"scored against this run's held-out subjects")
     else:
