@@ -32,4 +32,4 @@ class StopRequests:
 
     def raise_if_stopped(self, ckpt_path: Path, step: int):
         if self.signal:
-            raise Interrupted(f"{self.signal} received: saved {ckpt_path} at step {step}")  # driver.py adds how to go on
+            raise Interrupted(f"{self.signal} received: saved {ckpt_path} at step {step}")  # driver.py: how to go on
