@@ -69,7 +69,7 @@ class SampleSet:
         self.folder, self.settings, self.rows, self.conditions = folder, settings, rows, conditions
         self.record, self.geometry = record, geometry or SampleGeometry()
         self.num, self.batch_size, self.suffix = settings["num"], settings["batch_size"], FORMATS[settings["format"]]
-        self.width = max(6, len(str(len(rows) * self.num - 1)))
+        self.width = _width(len(rows) * self.num)
         self.table_columns = [c.name for c in conditions if c.name != CLASS]
         fixed = ["file", "participant_id", "index", "row", "seed", "in_batch", "batch_count", *record]
         clash = sorted({c.name for c in conditions} & set(fixed))
@@ -117,7 +117,8 @@ class SampleSet:
 
     def _start(self):
         """A new set: the sample files of an earlier set in this folder are replaced (those its manifest lists, and
-        those of a batch an interruption kept out of it); a folder with files that is not a set is refused."""
+        those of a batch an interruption kept out of it, by their names), other files left as they are (real scans
+        a user put beside the samples); a folder with files that is not a set is refused."""
         if self.folder.exists() and not self.folder.is_dir():
             raise BadInputError(f"{self.folder} is a file: give --out a folder")
         is_set = (self.folder / SETTINGS).exists()
@@ -127,8 +128,7 @@ class SampleSet:
             raise BadInputError(f"{self.folder} holds files but no {SETTINGS}: it is not a sample set, and nothing in "
                                 f"it is replaced; pick another --out")
         old = self._manifest_rows() if is_set else []
-        leftovers = [p for sub in self.folder.iterdir() if sub.is_dir() for p in sub.glob("sub-*")
-                     if p.name.endswith(tuple(FORMATS.values()))] if is_set else before_sets
+        leftovers = _sample_files(self.folder, json.loads((self.folder / SETTINGS).read_text())) if is_set else before_sets
         for path in {(self.folder / row["file"]).resolve() for row in old} | {p.resolve() for p in leftovers}:
             if self.folder.resolve() in path.parents:  # never a file outside the set, whatever a manifest says
                 path.unlink(missing_ok=True)
@@ -213,6 +213,23 @@ class SampleSet:
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W)."""
         return torch.stack([read_sample(self.folder / self.file(row * self.num + k)) for k in range(count)])
+
+
+def _width(count: int) -> int:
+    """The digits of a set's sample numbers: sub-000000 ... for a set of `count` samples."""
+    return max(6, len(str(count - 1)))
+
+
+def _sample_files(folder: Path, settings: dict) -> list[Path]:
+    """The files in `folder`'s class folders named as the set of `settings` names its samples, <class>/sub-NNNNNN
+    <suffix> with its number of digits and below its count: a file of the user's beside them is not one (a set
+    saved without these settings: none)."""
+    if not {"rows", "num", "format"} <= set(settings):
+        return []
+    count = len(settings["rows"]) * settings["num"]
+    name = re.compile(rf"sub-(\d{{{_width(count)}}}){re.escape(FORMATS[settings['format']])}")
+    return [p for sub in folder.iterdir() if sub.is_dir() for p in sub.iterdir()
+            if (m := name.fullmatch(p.name)) and int(m[1]) < count]
 
 
 def saved_geometry(folder: Path) -> SampleGeometry | None:

@@ -124,10 +124,18 @@ def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refu
     assert "steps: 3 then, 4 now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume", "--steps", "4"])
     assert "decode: None then, unquantised now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume",
                                                                              "--decode", "unquantised"])
-    # without --resume a new set replaces the old one: its files go, also those of a batch the manifest never listed
-    (cut / "samples" / "all" / "sub-000009.npz").write_bytes(b"from a batch cut off before its manifest rows")
+    # without --resume a new set replaces the old one: its files go, also those of batches the manifest never listed
+    text = (cut / "samples" / "manifest.csv").read_text()
+    (cut / "samples" / "manifest.csv").write_text("".join(text.splitlines(keepends=True)[:3]))  # rows of 0 and 1
+    mine = [cut / "samples" / "all" / "sub-ADNI002S0295_T1w.npz", cut / "samples" / "NC" / "sub-01_T1w.nii.gz",
+            cut / "samples" / "all" / "sub-000007.npz", cut / "samples" / "all" / "sub-0000001.npz"]
+    for path in mine:     # a user's own files beside the set, real scans among them: not named as its samples
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"a user's own file")
     predict.predict(predict.parse_args([*flags, "--out", str(cut), "--num", "2"]))
-    assert sorted(p.name for p in (cut / "samples" / "all").iterdir()) == ["sub-000000.npz", "sub-000001.npz"]
+    assert sorted(p.name for p in (cut / "samples" / "all").iterdir()) == sorted([
+        "sub-000000.npz", "sub-000001.npz", "sub-000007.npz", "sub-0000001.npz", "sub-ADNI002S0295_T1w.npz"])
+    assert all(path.read_bytes() == b"a user's own file" for path in mine)
 
 
 def test_sets_of_other_seeds_share_no_batch_and_an_old_set_resumes_its_own_way(trained_run, tmp_path):
