@@ -444,6 +444,12 @@ def subject_summary(data: DataConfig) -> str:
     if alone:
         line += (f"; WARNING: class {', '.join(alone)} is one subject by the naming rules, so the hold-out takes all "
                  "of it or none: if its files are of several people, name them with --subject-pattern")
+    root = str(data.folder())
+    unnamed = sum(owner in (path, os.path.relpath(path, root)) for owner, path in zip(owners, paths))
+    if unnamed:  # NC/0295/visit1/T1.nii.gz and NC/0295/visit2/T1.nii.gz: two subjects
+        line += (f"; WARNING: {unnamed} of the {_count(len(paths), kind)} carry no subject ID the naming rules know "
+                 "(BIDS sub-*, ADNI 002_S_0295, OASIS, NAME_<number>) and are each a subject of their own, so the "
+                 "hold-out may split one person's scans: if some are of one person, name them with --subject-pattern")
     return line
 
 

@@ -284,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=True,
                    help="crop each volume's slices to its in-plane foreground box before padding and resizing (default: on)")
     p.add_argument("--subject-pattern", default=None,
-                   help="REGEX searched in each file name: its group `subject` (else group 1, else the match) names the "
-                        "subject, for --holdout (default: BIDS sub-*, ADNI's 002_S_0295, else <subject>_<number>)")
+                   help="REGEX searched in each file name (a REGEX with a / in its path below --data): its group "
+                        "`subject` (else group 1, else the match) names the subject, for --holdout (default: BIDS "
+                        "sub-*, ADNI's 002_S_0295, OASIS, else <subject>_<number>)")
     p.add_argument("--bids-suffix", default="T1w", help="BIDS images taken: those with this suffix, T2w, FLAIR ... (default: %(default)s)")
     p.add_argument("--bids-entities", type=entity_list, default=(),
                    help="ENT-VAL,...: only BIDS images carrying these entities, e.g. space-MNI152NLin2009cAsym (default: any)")

@@ -17,7 +17,7 @@ from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
 
 
-LAYOUT_VERSION = 3   # the rules of new runs; see Layout
+LAYOUT_VERSION = 4   # the rules of new runs; see Layout
 SPLITS = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "testing": 2}  # and their order
 NOT_A_CLASS = {"__MACOSX"}   # what macOS's zip leaves beside the folders it packed
 
@@ -111,24 +111,26 @@ def _plainest(paths: list[str]) -> str:
 _BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")                 # at the start of a folder or file name
 _ADNI_SUBJECT = re.compile(r"(?<!\d)\d{3}_S_\d{4}(?!\d)")       # site_S_participant: 002_S_0295
 _OASIS_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS\d_\d{4}(?!\d)")  # OASIS' OAS1_0001 (OAS1_0001_MR2: a visit)
+_OASIS3_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS3\d{4}(?!\d)")  # OASIS-3's OAS30001 (OAS30001_MR_d0129: a visit)
 _SUBJECT_NUMBER = re.compile(r"^(?P<subject>.+)_(?P<number>\d+)$")  # <subject>_<slice or visit>
 
 
 def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = None,
                version: int = LAYOUT_VERSION) -> str:
     """The subject a file (an image or a volume) belongs to, by the first rule that applies:
-    `pattern` searched in the file name (its group `subject`, else group 1, else the whole match; a file it does
-    not match is an error: a guess could put one subject on both sides of the hold-out); else a BIDS `sub-<label>`
+    `pattern` searched in the file name, or where it holds a `/` in the file's path below `root` (its group
+    `subject`, else group 1, else the whole match; a file it does not match is an error: a guess could put one
+    subject on both sides of the hold-out); else a BIDS `sub-<label>`
     starting the file's name, or the name of its BIDS folder `sub-<label>/[ses-<label>/]anat/` (no folder higher
     up: the data folder itself may sit under one named sub-something); else ADNI's subject ID `\\d{3}_S_\\d{4}`
     in the file name (`ADNI_002_S_0295_MR_..._20060418.nii` -> 002_S_0295, so that visits stay together), then
     (version 3) in the names of its folders below `root` (dcm2niix's `002_S_0295/MPRAGE/<date>/I40966/x.nii`),
-    then OASIS' `OAS1_0001` in the file name; else `<subject>_<number>` of the name without its extension; else
-    the file is a subject of its own, named (version 3) by its path relative to `root`, the data folder, so
+    then OASIS' `OAS1_0001` in the file name, and (version 4) OASIS-3's `OAS30001`; else `<subject>_<number>` of
+    the name without its extension; else the file is a subject of its own, named (version 3) by its path relative to `root`, the data folder, so
     that the hold-out does not depend on where the folder is or how --data was written (version 2: the path)."""
     name = os.path.basename(path)
-    if pattern is not None:
-        m = pattern.search(name)
+    if pattern is not None:  # a `/` matches no file name: such a pattern is for the path (NC/0295/visit1/T1.nii.gz)
+        m = pattern.search(Path(os.path.relpath(path, root)).as_posix() if "/" in pattern.pattern and root else name)
         if m is None:
             raise BadInputError(f"--subject-pattern {pattern.pattern!r} does not match {printable(path)}: every file "
                                 "needs its subject (a guess could leak a subject into the hold-out)")
@@ -145,6 +147,7 @@ def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = 
         if m:
             return m.group(0)
     m = _OASIS_SUBJECT.search(name) if version >= 3 else None
+    m = m or (_OASIS3_SUBJECT.search(name) if version >= 4 else None)
     if m:
         return m.group(0)
     m = _SUBJECT_NUMBER.match(file_stem(name))
@@ -168,7 +171,9 @@ class Layout:
     """How a data folder is listed and whose each file is; saved in a run's DataConfig, so that a run keeps its
     files and its held-out subjects.
 
-    Version 3, the rules of new runs: version 2's, and split folders in any spelling (`find_image_roots`), a class
+    Version 4, the rules of new runs: version 3's, and OASIS-3's subject IDs (`subject_id`).
+
+    Version 3: version 2's, and split folders in any spelling (`find_image_roots`), a class
     folder that gives no file an error, macOS's __MACOSX never a class, a BIDS root that also holds images elsewhere
     than in sub-* (and BIDS' own folders) an error, and `subject_id`'s rules for ADNI folders, OASIS and a file of
     no subject by its path in the data folder.
