@@ -39,8 +39,8 @@ from torchvision import transforms
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
 from volumes.layouts import ImageFolder, Layout, find_image_roots, subject_id
-from volumes.reader import (Slicing, dangling, printable, read_volume_slices, volume_slice_bound, volume_span,
-                            volumes_at_once)
+from volumes.reader import (Slicing, dangling, printable, read_volume_slices, unoriented, volume_slice_bound,
+                            volume_span, volumes_at_once)
 
 
 
@@ -136,6 +136,11 @@ class InMemorySlices(Dataset):
         if folders.volumes:
             slicing = folders.slicing
             shape = (sum(volume_slice_bound(p, slicing) for p, _ in units), channels, image_size, image_size)
+            unsure = [p for p, _ in units if unoriented(p)]
+            if unsure:  # all of them: mirrored alike, harmless to a generative model; some: mixed
+                print(f"warning: volumes that say nothing of their orientation (qform and sform codes 0): {len(unsure)} "
+                      f"of {len(units)}, e.g. {printable(unsure[0])}; read in ANALYZE's convention (LAS), their left "
+                      "and right may be mirrored against the other volumes'; check them in a viewer")
             fill = partial(self._decode_volumes_into, slicing=slicing, workers=workers, skip_bad=skip_bad)
             key = {"slicing": asdict(slicing)}
         else:

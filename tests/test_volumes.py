@@ -251,6 +251,17 @@ def test_bad_volumes_are_named_in_one_line(tmp_path):
     assert torch.equal(picked.images, load_slices(tmp_path / "one", 16, 1).images)
 
 
+def test_a_volume_that_says_nothing_of_its_orientation_is_named(volume_folder, capsys):
+    """qform and sform codes 0 (files converted from ANALYZE): nibabel reads LAS, mirrored against RAS files."""
+    load_slices(volume_folder, 16, 1)
+    assert "orientation" not in capsys.readouterr().out
+    bare = volume_folder / "train" / "NC" / "sub-11.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(bare).dataobj), None), bare)   # no affine: both codes 0
+    load_slices(volume_folder, 16, 1)
+    out = capsys.readouterr().out
+    assert "say nothing of their orientation (qform and sform codes 0): 1 of 8" in out and "sub-11.nii.gz" in out and "LAS" in out
+
+
 def test_trailing_singleton_dimensions_are_a_3d_volume_which_is_volume_0(tmp_path):
     volume = blob(seed=1)
     three = load_slices(write_volume(tmp_path / "three" / "AD" / "v.nii.gz", volume).parents[1], 16, 1)

@@ -321,6 +321,14 @@ def _header(path):
         return None
 
 
+def unoriented(path) -> bool:
+    """Whether a volume's header says nothing of its orientation (qform and sform codes 0, as in files converted from
+    ANALYZE): nibabel then reads its voxels as LAS, ANALYZE's radiological convention, which mirrors left and right
+    against a volume stored RAS whose header says so. False where unreadable (reported when it is decoded)."""
+    img = _header(path)
+    return img is not None and all(img.header.get(code, 1) == 0 for code in ("qform_code", "sform_code"))
+
+
 def volume_slice_bound(path, slicing: Slicing) -> int:
     """At most how many slices a volume gives, from its header alone (0 if unreadable)."""
     img = _header(path)
