@@ -138,9 +138,9 @@ class InMemorySlices(Dataset):
             shape = (sum(volume_slice_bound(p, slicing) for p, _ in units), channels, image_size, image_size)
             unsure = [p for p, _ in units if unoriented(p)]
             if unsure:  # all of them: mirrored alike, harmless to a generative model; some: mixed
-                print(f"warning: volumes that say nothing of their orientation (qform and sform codes 0): {len(unsure)} "
-                      f"of {len(units)}, e.g. {printable(unsure[0])}; read in ANALYZE's convention (LAS), their left "
-                      "and right may be mirrored against the other volumes'; check them in a viewer")
+                print(f"warning: volumes that say nothing of their orientation (qform and sform codes 0): "
+                      f"{len(unsure)} of {len(units)}, e.g. {printable(unsure[0])}; read in ANALYZE's convention "
+                      "(LAS), their left and right may be mirrored against the other volumes'; check them in a viewer")
             fill = partial(self._decode_volumes_into, slicing=slicing, workers=workers, skip_bad=skip_bad)
             key = {"slicing": asdict(slicing)}
         else:

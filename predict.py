@@ -40,7 +40,7 @@ from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
 from export.sample_set import FORMATS, SEEDING, SampleSet, run_geometry, saved_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
-from runtime.checkpoint import fingerprint, load_checkpoint, model_config
+from runtime.checkpoint import fingerprint, load_checkpoint, model_config, run_lock
 from runtime.errors import BadInputError
 from runtime.graphs import GraphedCall
 from runtime.posthoc_ema import earlier_weights, reconstruct
@@ -441,6 +441,7 @@ def report_speed(model: LatentDiffusion, sampling: Sampling, count: int, seconds
 # ----------------------------------------------------------------------------- what predict.py writes
 
 RETURN_MAX = 4096   # predict() returns the images it drew when at most this many (tests, notebooks); all are on disk
+SAMPLES_LOCK = ".samples.lock"   # in --out, held while a set is written: two writers would interleave its manifest
 
 
 def predict(args):
@@ -463,39 +464,41 @@ def predict(args):
     settings, record = sample_record(args, run, model, sampling, rows)
     if geometry is not None:
         settings["geometry"] = asdict(geometry)
-    samples = SampleSet(out / "samples", settings, rows, model.conditions, record, geometry, args.resume)
+    with run_lock(out, create=True, lock=SAMPLES_LOCK, doing="writing a sample set into"):
+        samples = SampleSet(out / "samples", settings, rows, model.conditions, record, geometry, args.resume)
 
-    drawn, count, gif_latents, t0 = [], 0, None, time.perf_counter()
-    for r, (caption, y) in enumerate(rows):  # every row from the same seeds: rows differ by their conditions only
-        labels = None if y is None else y.expand(args.num, -1)
-        for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
-                                                seeds=samples.batch_seed, skip=samples.batches(r), desc=caption):
-            samples.write(r, b, images)
-            count += len(images)
-            drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
-            if (r, b) == (0, 0):  # written at once: a set stopped later keeps it
-                gif_latents = frames
-                write_gif(model, gif_latents, args.gif_xt, sampling.quantise, autocast, out / "denoise.gif")
-    report_speed(model, sampling, count, time.perf_counter() - t0)
+        drawn, count, gif_latents, t0 = [], 0, None, time.perf_counter()
+        for r, (caption, y) in enumerate(rows):  # every row from the same seeds: rows differ by their conditions only
+            labels = None if y is None else y.expand(args.num, -1)
+            for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
+                                                    seeds=samples.batch_seed, skip=samples.batches(r), desc=caption):
+                samples.write(r, b, images)
+                count += len(images)
+                drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
+                if (r, b) == (0, 0):  # written at once: a set stopped later keeps it
+                    gif_latents = frames
+                    write_gif(model, gif_latents, args.gif_xt, sampling.quantise, autocast, out / "denoise.gif")
+        report_speed(model, sampling, count, time.perf_counter() - t0)
 
-    if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
-        per_row = min(args.num, max(1, GRID_MAX // len(rows)))
-        save_rows([(caption, samples.first(r, per_row)) for r, (caption, _) in enumerate(rows)], out / "samples.png")
-        shown = per_row * len(rows)
-    else:
-        shown = min(GRID_MAX, args.num)
-        save_image(enlarged(samples.first(0, shown)), out / "samples.png", nrow=math.ceil(math.sqrt(shown)),
-                   normalize=True, value_range=(-1, 1))
-    total = len(rows) * args.num
-    if shown < total:
-        print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")
-    if gif_latents is None:
-        print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then"
-              if (out / "denoise.gif").exists() else "the first batch was drawn before --resume, by a command "
-              "stopped before it wrote denoise.gif: none is written")
-    print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says how "
-          f"each was made; {count} drawn now)")
-    return torch.cat(drawn) if drawn else None
+        if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
+            per_row = min(args.num, max(1, GRID_MAX // len(rows)))
+            save_rows([(caption, samples.first(r, per_row)) for r, (caption, _) in enumerate(rows)],
+                      out / "samples.png")
+            shown = per_row * len(rows)
+        else:
+            shown = min(GRID_MAX, args.num)
+            save_image(enlarged(samples.first(0, shown)), out / "samples.png", nrow=math.ceil(math.sqrt(shown)),
+                       normalize=True, value_range=(-1, 1))
+        total = len(rows) * args.num
+        if shown < total:
+            print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")
+        if gif_latents is None:
+            print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then"
+                  if (out / "denoise.gif").exists() else "the first batch was drawn before --resume, by a command "
+                  "stopped before it wrote denoise.gif: none is written")
+        print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says "
+              f"how each was made; {count} drawn now)")
+        return torch.cat(drawn) if drawn else None
 
 
 def generation_record(model: LatentDiffusion, sampling: Sampling) -> dict:

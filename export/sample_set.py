@@ -128,7 +128,8 @@ class SampleSet:
             raise BadInputError(f"{self.folder} holds files but no {SETTINGS}: it is not a sample set, and nothing in "
                                 f"it is replaced; pick another --out")
         old = self._manifest_rows() if is_set else []
-        leftovers = _sample_files(self.folder, json.loads((self.folder / SETTINGS).read_text())) if is_set else before_sets
+        old_settings = json.loads((self.folder / SETTINGS).read_text()) if is_set else None
+        leftovers = _sample_files(self.folder, old_settings) if is_set else before_sets
         for path in {(self.folder / row["file"]).resolve() for row in old} | {p.resolve() for p in leftovers}:
             if self.folder.resolve() in path.parents:  # never a file outside the set, whatever a manifest says
                 path.unlink(missing_ok=True)

@@ -144,13 +144,14 @@ def plain_args(args) -> dict:
 
 
 @contextlib.contextmanager
-def run_lock(run: Path, create: bool = False):
+def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = "training or changing"):
     """Held while a command trains or changes the run in `run` (rank 0 under torchrun): a second one (another
     terminal, a scheduler's retry while the first still runs) stops in one line instead of interleaving its
     checkpoints and logs with the first's. An advisory lock on RUN/.lock, freed when the command ends, however it
     ends. With `create` (a command that may start a run) a folder not there yet is made first, so that two commands
     started at once on a new run do not both go on; if it is still empty when the command ends (bad input stopped
-    it), it is removed again. Without fcntl (Windows), no lock."""
+    it), it is removed again. `lock` names the lock file, `doing` what its holder does (another lock in one folder:
+    `sample` writing a set into a run folder while it trains). Without fcntl (Windows), no lock."""
     try:
         import fcntl
     except ImportError:
@@ -162,15 +163,15 @@ def run_lock(run: Path, create: bool = False):
         yield
         return
     try:
-        with open(run / ".lock", "a+") as f:
+        with open(run / lock, "a+") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "its pid unknown"
                 made = False  # the folder is the other command's
-                raise BadInputError(f"another command is training or changing {run} ({holder}): wait for it, or stop "
-                                    "it first") from None
+                raise BadInputError(f"another command is {doing} {run} ({holder}): wait for it, or stop it first"
+                                    ) from None
             f.truncate(0)
             f.write(f"pid {os.getpid()}")
             f.flush()
@@ -180,8 +181,8 @@ def run_lock(run: Path, create: bool = False):
                 f.truncate(0)
                 fcntl.flock(f, fcntl.LOCK_UN)
     finally:
-        if made and [p.name for p in run.iterdir()] == [".lock"]:
-            (run / ".lock").unlink()
+        if made and [p.name for p in run.iterdir()] == [lock]:
+            (run / lock).unlink()
             run.rmdir()
 
 

@@ -331,7 +331,8 @@ def test_a_class_of_one_subject_is_named_in_the_summary(tmp_path):
 def test_files_of_no_known_subject_id_are_named_in_the_summary(tmp_path):
     """Visits in folders of their own (NC/0295/visit1/T1.png) are each a subject by the rules: the split may part
     them, and the summary says so."""
-    root = touch(tmp_path / "data", [f"{c}/{s}/visit{v}/T1.png" for c in ("AD", "NC") for s in range(3) for v in (1, 2)])
+    names = [f"{c}/{s}/visit{v}/T1.png" for c in ("AD", "NC") for s in range(3) for v in (1, 2)]
+    root = touch(tmp_path / "data", names)
     summary = subject_summary(DataConfig(root=str(root), holdout=0.2))
     assert "data: 12 images of 12 subjects" in summary
     assert "WARNING: 12 of the 12 images carry no subject ID" in summary and "--subject-pattern" in summary

@@ -13,7 +13,7 @@ import predict
 from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
 from dataset import DataConfig
 from export.sample_set import SampleSet, batch_seed, read_sample, run_geometry
-from runtime.checkpoint import fingerprint
+from runtime.checkpoint import fingerprint, run_lock
 from runtime.errors import BadInputError
 from volumes.reader import Slicing, read_volume_slices
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
@@ -136,6 +136,19 @@ def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refu
     assert sorted(p.name for p in (cut / "samples" / "all").iterdir()) == sorted([
         "sub-000000.npz", "sub-000001.npz", "sub-000007.npz", "sub-0000001.npz", "sub-ADNI002S0295_T1w.npz"])
     assert all(path.read_bytes() == b"a user's own file" for path in mine)
+
+
+def test_a_set_being_written_is_not_written_into_by_a_second_command(trained_run, tmp_path):
+    """Two commands (array jobs given one --out) would interleave the manifest's rows."""
+    run, _ = trained_run
+    flags = ["--run", str(run), "--num", "2", "--format", "npz", *FAST, "--out", str(tmp_path / "out")]
+    with run_lock(tmp_path / "out", create=True, lock=predict.SAMPLES_LOCK):   # the first command, still writing
+        message = error_of(predict.main, flags)
+    assert "another command is writing a sample set into" in message and not (tmp_path / "out" / "samples").exists()
+    training = tmp_path / "training"                  # a run folder being trained: its own lock is another one
+    with run_lock(training, create=True):
+        predict.predict(predict.parse_args(flags[:-1] + [str(training)]))
+    assert len(manifest(training / "samples")) == 2
 
 
 def test_sets_of_other_seeds_share_no_batch_and_an_old_set_resumes_its_own_way(trained_run, tmp_path):

@@ -259,7 +259,8 @@ def test_a_volume_that_says_nothing_of_its_orientation_is_named(volume_folder, c
     nib.save(nib.Nifti1Image(np.asarray(nib.load(bare).dataobj), None), bare)   # no affine: both codes 0
     load_slices(volume_folder, 16, 1)
     out = capsys.readouterr().out
-    assert "say nothing of their orientation (qform and sform codes 0): 1 of 8" in out and "sub-11.nii.gz" in out and "LAS" in out
+    assert "say nothing of their orientation (qform and sform codes 0): 1 of 8" in out
+    assert "sub-11.nii.gz" in out and "LAS" in out
 
 
 def test_trailing_singleton_dimensions_are_a_3d_volume_which_is_volume_0(tmp_path):
