@@ -219,6 +219,11 @@ def test_a_nifti_sample_is_shown_as_the_training_slices_were_and_reads_back(tmp_
     voxels = np.asarray(img.dataobj)
     assert np.isclose(voxels.min(), 10.0) and np.isclose(voxels.max(), 500.0)   # the training intensity range
     assert np.allclose(read_slice(path), image, atol=1e-5)
+    nib.save(nib.Nifti1Image(voxels * 3, img.affine), tmp_path / "elsewhere.nii.gz")   # no range: -1 and +1 unknown
+    nib.save(nib.Nifti1Image(np.repeat(voxels, 2, 0), img.affine), tmp_path / "volume.nii.gz")
+    for name in ("elsewhere.nii.gz", "volume.nii.gz"):
+        with pytest.raises(BadInputError, match=f"{name} .* is not a slice written by `sample --format nifti`"):
+            read_slice(tmp_path / name)
     # the volume reader shows it as the training slices: the same image, the marked corner top left
     shown, _ = read_volume_slices(path, 24, slicing=Slicing("sagittal", percentiles=(0, 100), crop_foreground=False))
     assert np.abs(shown[0, 0].numpy() / 127.5 - 1 - image).max() <= 1 / 127.5 + 1e-6

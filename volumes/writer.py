@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-from volumes.reader import AXES, Slicing, read_volume
+from runtime.errors import BadInputError
+from volumes.reader import AXES, Slicing, printable, read_volume
 
 ALIGNED = 2          # NIfTI xform code "aligned to another file's or to anatomical truth": not scanner space
 GEOMETRY_VOLUMES = 8  # training volumes read to find the pixel size and intensity range (their medians)
@@ -71,9 +72,15 @@ def slice_volume(image: np.ndarray, geometry: SampleGeometry) -> nib.Nifti1Image
 
 
 def read_slice(path) -> np.ndarray:
-    """A file written by `slice_volume` back to the image (S, S) in [-1, 1] it was made from."""
+    """A file written by `slice_volume` back to the image (S, S) in [-1, 1] it was made from; any other NIfTI file
+    (a volume, or a slice without the intensity range cal_min < cal_max that says what -1 and +1 were) is refused:
+    its numbers cannot be put on the training images' scale."""
     img = nib.as_closest_canonical(nib.load(path))
+    low, high = float(img.header["cal_min"]), float(img.header["cal_max"])
+    if len(img.shape) != 3 or min(img.shape) != 1 or not high > low:
+        raise BadInputError(f"{printable(path)} ({'x'.join(map(str, img.shape))} voxels, cal_min {low:g}, cal_max "
+                            f"{high:g}) is not a slice written by `sample --format nifti`, whose intensity range says "
+                            "what -1 and +1 were: give other images as PNG")
     voxels = np.asarray(img.dataobj, dtype=np.float32)
     plane = voxels.squeeze(axis=int(np.argmin(voxels.shape)))   # the one slice's axis
-    low, high = float(img.header["cal_min"]), float(img.header["cal_max"])
-    return ((plane.T[::-1, ::-1] - low) / ((high - low) or 1.0)) * 2 - 1
+    return ((plane.T[::-1, ::-1] - low) / (high - low)) * 2 - 1
