@@ -263,6 +263,27 @@ def test_a_volume_that_says_nothing_of_its_orientation_is_named(volume_folder, c
     assert "sub-11.nii.gz" in out and "LAS" in out
 
 
+def test_volumes_with_corrupt_headers_are_named_or_skipped(tmp_path):
+    """What nibabel raises past OSError and ValueError: an unknown datatype code, a negative size, an sform whose
+    axes cannot be put in RAS order (a zero column)."""
+    plain = write_volume(tmp_path / "plain.nii", blob())
+    datatype, negative = bytearray(plain.read_bytes()), bytearray(plain.read_bytes())
+    datatype[70:72] = (999).to_bytes(2, "little")                            # the header's datatype code
+    negative[42:44] = (-5).to_bytes(2, "little", signed=True)                # dim[1]
+    flat = np.eye(4)
+    flat[2, 2] = 0
+    img = nib.Nifti1Image(blob().astype(np.float32), None)
+    img.header.set_sform(flat, code=1)
+    for name, payload in {"datatype.nii": bytes(datatype), "negative.nii": bytes(negative),
+                          "flat.nii": img.to_bytes()}.items():
+        root = tmp_path / name.replace(".", "_")
+        write_volume(root / "NC" / "good.nii.gz", blob(seed=1))
+        (root / "AD").mkdir()
+        (root / "AD" / name).write_bytes(payload)
+        assert f"cannot read volume {root / 'AD' / name}" in _bad_volume_message(root)
+        assert load_slices(root, 16, 1, skip_bad=True).skipped == [str(root / "AD" / name)]
+
+
 def test_trailing_singleton_dimensions_are_a_3d_volume_which_is_volume_0(tmp_path):
     volume = blob(seed=1)
     three = load_slices(write_volume(tmp_path / "three" / "AD" / "v.nii.gz", volume).parents[1], 16, 1)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from runtime.errors import BadInputError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
+UNREADABLE = (OSError, EOFError, ValueError, OverflowError, zlib.error, nib.filebasedimages.ImageFileError,
+              nib.spatialimages.HeaderDataError, nib.orientations.OrientationError)  # what a corrupt file raises
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}   # the RAS axis each kind of slice is cut across
 FOREGROUND_LEVEL = 0.1    # a voxel is foreground above 10% of its volume's clipped intensity range
 FOREGROUND_KEEP = 0.25    # default slices: first to last with >= 25% of the fullest slice's foreground
@@ -185,7 +187,7 @@ def read_volume(path, slicing: Slicing) -> Volume:
     name = printable(path)
     try:
         voxels, spacing = load_voxels(os.fsdecode(path), slicing.volume_index, AXES[slicing.axis])
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+    except UNREADABLE as e:
         message = (str(e).splitlines() or [type(e).__name__])[0]
         raise BadInputError(f"cannot read volume {name}: {message}{dangling(path)}") from None
     finite = np.isfinite(voxels)
@@ -317,7 +319,7 @@ def _header(path):
     """The NIfTI image of `path` with only its header read; None if unreadable (reported when it is decoded)."""
     try:
         return nib.load(os.fsdecode(path))
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError):
+    except UNREADABLE:
         return None
 
 
