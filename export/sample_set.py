@@ -253,7 +253,7 @@ def run_geometry(data: DataConfig) -> SampleGeometry:
     if not volumes:
         print("the run was trained on 2D images: the NIfTI header assumes 1 mm pixels in the axial plane")
         return SampleGeometry()
-    return training_geometry(volumes, data.slicing, data.image_size)
+    return training_geometry(volumes, data.slicing, data.image_size, data.skip_bad_images)
 
 
 def read_sample(path: Path) -> torch.Tensor:

@@ -240,6 +240,10 @@ def test_the_nifti_geometry_comes_from_the_training_volumes(tmp_path, trained_ru
     assert geometry.spacing == pytest.approx(max(16 * 2.0, 20 * 1.5) / 40)          # the plane fitted into 40 px
     data = DataConfig(str(tmp_path / "vols"), image_size=40, slicing=slicing)
     assert run_geometry(data) == geometry
+    (tmp_path / "vols" / "AD" / "sub-00.nii.gz").write_bytes(b"corrupt")    # listed first, left out in training
+    skipped = DataConfig(str(tmp_path / "vols"), image_size=40, slicing=slicing, skip_bad_images=True)
+    assert run_geometry(skipped) == geometry
+    assert "sub-00.nii.gz" in str(pytest.raises(BadInputError, run_geometry, data).value)   # trained without skipping
     _, images = trained_run                                    # 2D images: plane and spacing assumed, said so
     assert run_geometry(DataConfig(str(images), image_size=32)) == SampleGeometry()
     assert "assumed" in SampleGeometry().description()

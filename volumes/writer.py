@@ -39,17 +39,27 @@ class SampleGeometry:
         return f"synthetic slice, no scanner space; {what}"[:80]
 
 
-def training_geometry(paths: list[str], slicing: Slicing, image_size: int) -> SampleGeometry:
+def training_geometry(paths: list[str], slicing: Slicing, image_size: int, skip_bad: bool = False) -> SampleGeometry:
     """The geometry of samples of a run trained on the NIfTI volumes `paths` (medians over the first
-    GEOMETRY_VOLUMES of them): a slice's foreground box in mm, fitted into image_size pixels, as the reader fits it."""
+    GEOMETRY_VOLUMES of them that can be read, with `skip_bad` as the run was trained; else the first unreadable
+    one stops it): a slice's foreground box in mm, fitted into image_size pixels, as the reader fits it."""
     spacings, lows, highs = [], [], []
-    for path in paths[:GEOMETRY_VOLUMES]:
-        volume = read_volume(path, slicing)
+    for path in paths:
+        if len(spacings) == GEOMETRY_VOLUMES:
+            break
+        try:
+            volume = read_volume(path, slicing)
+        except BadInputError:
+            if not skip_bad:
+                raise
+            continue
         du, dv = np.delete(volume.spacing, AXES[slicing.axis])
         box_u, box_v = (len(range(*s.indices(n))) for s, n in zip(volume.box, volume.voxels.shape[1:]))
         spacings.append(max(box_u * du, box_v * dv) / image_size)
         lows.append(volume.low)
         highs.append(volume.high)
+    if not spacings:
+        raise BadInputError(f"none of the run's {len(paths)} training volumes can be read now")
     return SampleGeometry(slicing.axis, float(statistics.median(spacings)), float(statistics.median(lows)),
                           float(statistics.median(highs)), known=True)
 
