@@ -199,6 +199,18 @@ def test_a_bids_root_gives_the_plainest_image_of_each_subject_and_session_unless
     assert listed(fmriprep, bids_entities=("space-MNI152NLin2009cAsym",)) == [mni]
 
 
+def test_a_bids_root_leaves_out_what_its_bidsignore_lists(tmp_path):
+    raw = tmp_path / "raw"
+    touch(raw, ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_rec-norm_T1w.nii.gz",
+                "sub-02/anat/sub-02_T1w.nii.gz", "sub-03/anat/sub-03_T1w.nii.gz",
+                "tmp_dcm2bids/sub-01/003_MPRAGE.nii.gz", "tmp_dcm2bids/log/x.nii.gz"])   # dcm2bids' leftovers
+    assert "holds BIDS sub-* folders and beside them" in str(pytest.raises(BadInputError, listed, raw).value)
+    (raw / ".bidsignore").write_text("# dcm2bids\ntmp_dcm2bids/\n*_rec-norm_*\n/sub-03/anat\n")
+    assert listed(raw, bids_all=True) == ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz"]
+    with pytest.raises(BadInputError, match="beside them"):                  # runs begun before: as they were listed
+        listed(raw, version=3)
+
+
 def test_disk_cache_key_covers_the_slicing(volume_folder, tmp_path, capsys):
     cache = tmp_path / "cache"
     in_memory = load_slices(volume_folder, 16, 1, slicing=Slicing(slices=4))

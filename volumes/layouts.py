@@ -6,6 +6,7 @@ for BIDS subtrees and trees), and the subject each file belongs to, which the ho
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import re
 from dataclasses import dataclass
@@ -171,7 +172,8 @@ class Layout:
     """How a data folder is listed and whose each file is; saved in a run's DataConfig, so that a run keeps its
     files and its held-out subjects.
 
-    Version 4, the rules of new runs: version 3's, and OASIS-3's subject IDs (`subject_id`).
+    Version 4, the rules of new runs: version 3's, OASIS-3's subject IDs (`subject_id`), and what a BIDS root's
+    .bidsignore lists left out (`ignored`: dcm2bids' tmp_dcm2bids/ beside the sub-* folders, among others).
 
     Version 3: version 2's, and split folders in any spelling (`find_image_roots`), a class
     folder that gives no file an error, macOS's __MACOSX never a class, a BIDS root that also holds images elsewhere
@@ -250,15 +252,18 @@ class ImageFolder(datasets.ImageFolder):
         classes = ["all"] if self.bids else folders
         if not classes:
             raise FileNotFoundError(f"no class folders in {printable(directory)}")
+        self.ignore = bidsignore(directory) if self.bids and self.layout.version >= 4 else []
         if self.bids and self.layout.version >= 3:
-            _refuse_data_beside_bids(directory, [f for f in folders if not f.startswith("sub-") and f not in BIDS_OWN])
+            _refuse_data_beside_bids(directory, [f for f in folders if not f.startswith("sub-") and f not in BIDS_OWN
+                                                 and not ignored(f, self.ignore)])
         return classes, {name: i for i, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         samples, suffixes, found = [], tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES, 0
         for name, label in sorted(class_to_idx.items()):
             top = directory if self.bids else os.path.join(directory, name)
-            files = [f for f in _walk(top) if f.lower().endswith(suffixes)]
+            files = [f for f in _walk(top)
+                     if f.lower().endswith(suffixes) and not ignored(os.path.relpath(f, top), self.ignore)]
             taken = self.layout.select(files, top, directory, self.bids)
             if not taken and self.layout.version >= 3 and len(class_to_idx) > 1:
                 raise BadInputError(f"class folder {printable(top)} (of {', '.join(class_to_idx)}) gives no image or "
@@ -287,6 +292,28 @@ class ImageFolder(datasets.ImageFolder):
 
 
 BIDS_OWN = NOT_RAW | {"code", "stimuli", "phenotype"}   # a BIDS root's folders besides sub-*
+
+
+def bidsignore(root: str) -> list[str]:
+    """The patterns of the BIDS root `root`'s .bidsignore (none without the file); `ignored` matches them."""
+    path = os.path.join(root, ".bidsignore")
+    lines = open(path, encoding="utf-8", errors="replace").read().splitlines() if os.path.isfile(path) else []
+    return [line.strip().rstrip("/") for line in lines if line.strip() and not line.startswith(("#", "!"))]
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Whether a path relative to a BIDS root is one that .bidsignore `patterns` list, gitignore's way: a pattern
+    without a `/` (but at its end) matches a file or folder name at any depth, one with a `/` the path from the
+    root; `*`, `?` and `[...]` as in the shell; `!` (un-ignoring) is not read."""
+    parts = Path(relative).parts
+    for pattern in patterns:
+        if "/" in pattern:
+            anchored = pattern.lstrip("/")
+            if any(fnmatch.fnmatchcase("/".join(parts[:k]), anchored) for k in range(1, len(parts) + 1)):
+                return True
+        elif any(fnmatch.fnmatchcase(part, pattern) for part in parts):
+            return True
+    return False
 
 
 def _refuse_data_beside_bids(directory: str, folders: list[str]):
