@@ -197,6 +197,11 @@ def test_a_bids_root_gives_the_plainest_image_of_each_subject_and_session_unless
     touch(fmriprep, [native, mni, "sub-01/anat/sub-01_desc-brain_mask.nii.gz", "sub-01/anat/sub-01_dseg.nii.gz"])
     assert listed(fmriprep) == [native]
     assert listed(fmriprep, bids_entities=("space-MNI152NLin2009cAsym",)) == [mni]
+    annexed = tmp_path / "datalad"                    # run-1 never fetched: its link points at nothing
+    touch(annexed, ["sub-01/anat/sub-01_run-2_T1w.nii.gz"])
+    os.symlink(tmp_path / "annex" / "MD5E-not-fetched", annexed / "sub-01" / "anat" / "sub-01_run-1_T1w.nii.gz")
+    assert listed(annexed) == ["sub-01/anat/sub-01_run-2_T1w.nii.gz"]
+    assert listed(annexed, version=3) == ["sub-01/anat/sub-01_run-1_T1w.nii.gz"]   # runs begun before: as they were
 
 
 def test_a_bids_root_leaves_out_what_its_bidsignore_lists(tmp_path):
@@ -250,6 +255,9 @@ def test_bad_volumes_are_named_in_one_line(tmp_path):
     (tmp_path / "colour" / "AD").mkdir(parents=True)
     nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "colour" / "AD" / "fa.nii.gz")
     assert "fa.nii.gz stores ('R', 'G', 'B') per voxel" in _bad_volume_message(tmp_path / "colour")
+    (tmp_path / "complex" / "AD").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(blob().astype(np.complex64), np.eye(4)), tmp_path / "complex" / "AD" / "signal.nii.gz")
+    assert "signal.nii.gz stores complex numbers" in _bad_volume_message(tmp_path / "complex")
     write_volume(tmp_path / "empty" / "AD" / "zeros.nii.gz", np.zeros((16, 16, 16)))
     assert "zeros.nii.gz has no foreground" in _bad_volume_message(tmp_path / "empty")
     four_d = np.stack([blob(seed=1), blob(seed=2) * 0], axis=-1)           # volume 1 is empty

@@ -97,13 +97,15 @@ def entity_list(text: str) -> tuple[str, ...]:
     return entities
 
 
-def _plainest(paths: list[str]) -> str:
+def _plainest(paths: list[str], version: int = LAYOUT_VERSION) -> str:
     """Of several images of one subject and session, the one with the fewest BIDS entities; ties: the lowest run,
-    then the name (a native-space image before its MNI-space copy, a plain T1w before a contrast-enhanced one)."""
+    then the name (a native-space image before its MNI-space copy, a plain T1w before a contrast-enhanced one).
+    Version 4: a file that is there before a link to one that is not (DataLad's run-1 not fetched, run-2 fetched)."""
     def key(path):
         entities, _ = parse_bids_name(os.path.basename(path))
         run = entities.get("run", "0")
-        return len(entities), int(run) if run.isdigit() else 0, os.path.basename(path)
+        missing = version >= 4 and not os.path.exists(path)
+        return missing, len(entities), int(run) if run.isdigit() else 0, os.path.basename(path)
     return min(paths, key=key)
 
 
@@ -172,8 +174,9 @@ class Layout:
     """How a data folder is listed and whose each file is; saved in a run's DataConfig, so that a run keeps its
     files and its held-out subjects.
 
-    Version 4, the rules of new runs: version 3's, OASIS-3's subject IDs (`subject_id`), and what a BIDS root's
-    .bidsignore lists left out (`ignored`: dcm2bids' tmp_dcm2bids/ beside the sub-* folders, among others).
+    Version 4, the rules of new runs: version 3's, OASIS-3's subject IDs (`subject_id`), what a BIDS root's
+    .bidsignore lists left out (`ignored`: dcm2bids' tmp_dcm2bids/ beside the sub-* folders, among others), and a
+    fetched image of a session chosen before a link to one not fetched (`_plainest`).
 
     Version 3: version 2's, and split folders in any spelling (`find_image_roots`), a class
     folder that gives no file an error, macOS's __MACOSX never a class, a BIDS root that also holds images elsewhere
@@ -234,7 +237,7 @@ class Layout:
                 sessions.setdefault((os.path.dirname(f), entities.get("sub"), entities.get("ses")), []).append(f)
         if self.bids_all:
             return [f for group in sessions.values() for f in group]
-        return [_plainest(group) for group in sessions.values()]
+        return [_plainest(group, self.version) for group in sessions.values()]
 
 
 class ImageFolder(datasets.ImageFolder):

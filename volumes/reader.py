@@ -125,6 +125,9 @@ def load_voxels(path: str, volume_index: int | None, axis: int) -> tuple[np.ndar
     if proxy.dtype.fields is not None:   # RGB24 and the like: a colour map (DTI's FA in colour), not intensities
         raise BadInputError(f"{printable(path)} stores {proxy.dtype.names} per voxel, a colour image, not a grey-level "
                             "volume")
+    if proxy.dtype.kind == "c":   # complex: an MR signal before its magnitude was taken
+        raise BadInputError(f"{printable(path)} stores complex numbers ({proxy.dtype}), not a grey-level volume: take "
+                            "their magnitude first")
     index = _volume_index(img.shape, volume_index, printable(path))
     unscaled = nib.arrayproxy.ArrayProxy(proxy.file_like, (proxy.shape, proxy.dtype, proxy.offset), order=proxy.order)
     raw = unscaled[index]                                               # the stored numbers of one volume only
