@@ -21,6 +21,7 @@ is never written into.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import math
@@ -29,7 +30,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import nibabel as nib
 import torch
 from PIL import Image
 
@@ -202,14 +202,18 @@ class SampleSet:
         self.written.update(int(e["index"]) for e in entries)
 
     def _save(self, image: torch.Tensor, path: Path):
+        """One sample's file, written whole and on disk before the manifest lists it (a power cut leaves no empty
+        file listed)."""
         fmt = self.settings["format"]
         if fmt == "png":
             pixels = ((image.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(path)
+            picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+            atomic_write(path, lambda f: picture.save(f, format="PNG"))
         elif fmt == "npz":
-            np.savez_compressed(path, image=image.float().numpy())
+            atomic_write(path, lambda f: np.savez_compressed(f, image=image.float().numpy()))
         else:  # a NIfTI volume holds one channel: the mean of the (grey, replicated) channels
-            nib.save(slice_volume(image.float().mean(0).numpy(), self.geometry), path)
+            volume = slice_volume(image.float().mean(0).numpy(), self.geometry)
+            atomic_write(path, lambda f: f.write(gzip.compress(volume.to_bytes(), mtime=0)))
 
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W)."""

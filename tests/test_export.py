@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import driver
 import predict
@@ -149,6 +150,19 @@ def test_a_set_being_written_is_not_written_into_by_a_second_command(trained_run
     with run_lock(training, create=True):
         predict.predict(predict.parse_args(flags[:-1] + [str(training)]))
     assert len(manifest(training / "samples")) == 2
+
+
+def test_a_sample_file_is_written_whole_or_not_at_all(trained_run, tmp_path, monkeypatch):
+    run, _ = trained_run
+
+    def disk_full(self, f, format=None, **kwargs):
+        f.write(b"half a PNG")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    message = error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out", str(tmp_path)])
+    assert "could not write" in message and "sub-000000.png (No space left on device)" in message
+    assert not list((tmp_path / "samples").rglob("*.png")) and not manifest(tmp_path / "samples")
 
 
 def test_sets_of_other_seeds_share_no_batch_and_an_old_set_resumes_its_own_way(trained_run, tmp_path):
