@@ -32,15 +32,24 @@ with the real-vs-real floor B beside them):
 `driver.py evaluate --run OUT/ROW --ema-lengths auto` draws the curve of quality against EMA length).
 `--stage1-only` trains stage 1 alone and scores the rows' reconstructions of the floor half (a first screen of
 stage-1 recipes: samples cannot hold finer detail than the reconstructions do).
-Writes OUT/quality.json, OUT/quality.md and sample grids; prints the table.
+
+A row whose run is in OUT already (OUT/ROW, a stage at a time) is not trained again: it is scored as it is, if the
+command that would have trained it agrees with it (`driver.py`'s --resume check: another seed, hold-out, data or
+flag of the row's is refused, since its scores would be labelled with settings it was not trained with, or taken on
+subjects it trained on); the JSON then records it as reused, with the budget it was trained with.
+Writes OUT/quality.json and OUT/quality.md, the same under the call's date and time (quality_YYYYmmdd-HHMMSS.*) so
+that a later call does not take them away, OUT/samples.pt (every row's images, this call's replacing a row's
+earlier ones) and sample grids; prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -55,6 +64,11 @@ from dataset import load_slices  # noqa: E402
 from evaluation.evaluate import (evaluation_split, feature_network, format_level_table, format_table,  # noqa: E402
                                  score_rows, stack, training_sample)
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
+from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.errors import BadInputError  # noqa: E402
+
+ROWS = ("ours", "ours-unclamped", "ours-adversarial", "ours-laplacian", "ours-constant", "ours-codes", "ours-former",
+        "peer", "defect")
 
 
 @torch.no_grad()
@@ -86,6 +100,29 @@ def held_out_split(data: str, holdout: float) -> tuple:
     return dataset, split, key
 
 
+def class_mix(dataset, indices: list[int]) -> dict[str, int]:
+    """{class: images} of dataset[indices]: the halves are drawn by subject, not by class, so their mix may differ."""
+    counts = Counter(dataset.samples[i][1] for i in indices)
+    return {name: counts[k] for k, name in enumerate(dataset.classes)}
+
+
+def train_or_reuse(stage: str, command: list[str], run: Path) -> dict:
+    """Train a row's stage, or, where its checkpoint is there, check that `command` (what would have trained it)
+    agrees with it: driver.py's --resume check refuses a flag of another value (seed, hold-out, data, the variant's
+    flags). {"minutes": of training} or {"reused": the budget it was trained with}."""
+    if not (run / f"{stage}.pt").exists():
+        t0 = time.perf_counter()
+        driver.main([f"train-{stage}", *command])
+        return {"minutes": (time.perf_counter() - t0) / 60}
+    try:
+        driver.parse([f"train-{stage}", *command, "--resume"])
+    except BadInputError as e:
+        raise SystemExit(f"error: {run} is reused, not trained again, and the call differs from it: {e} (to train "
+                         "the row anew, give another --out)") from None
+    own = load_checkpoint(run / f"{stage}.pt", stage).get("args", {})
+    return {"reused": {k: own.get(k) for k in ("max_steps", "max_minutes", "seed")}}
+
+
 def grid(images: torch.Tensor, path: Path):
     save_image(images[:64], path, nrow=8, normalize=True, value_range=(-1, 1))
 
@@ -105,7 +142,8 @@ def main():
     parser.add_argument("--rows", default="ours,peer,defect",
                         help="rows to compute: ours, ours-unclamped, ours-adversarial, ours-laplacian, ours-constant, "
                              "ours-codes, ours-former, peer, defect (default: %(default)s)")
-    parser.add_argument("--codes", default="2048", help="codebook size of the ours-codes row (default: %(default)s)")
+    parser.add_argument("--codes", default="512", help="codebook size of the ours-codes row (default: %(default)s, "
+                                                      "the `tiny` preset's until 2026-11-26; 2048 since)")
     parser.add_argument("--laplacian", default="1.0", help="Laplacian L1 weight of the ours-laplacian row (default: %(default)s)")
     parser.add_argument("--adversarial", default="0.5,500",
                         help="weight,start[,discriminator lr] of the ours-adversarial row (default: %(default)s)")
@@ -123,7 +161,10 @@ def main():
                         help="train and score stage 1 alone: the rows' reconstructions of the floor half, no samples")
     args = parser.parse_args()
     out, rows = Path(args.out), args.rows.split(",")
+    if "peer" in rows and not args.stage1_only and importlib.util.find_spec("diffusers") is None:  # before training
+        parser.error("the peer row needs diffusers: pip install -r bench/requirements.txt")
     out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     torch.manual_seed(0)
 
     # the held-out subjects, exactly as train-vqvae --holdout and evaluate split them
@@ -133,8 +174,11 @@ def main():
     n = args.num or len(floor)
     images = {"real (training)": stack(dataset, training_sample(train_idx, n, 0))[0], "real (floor)": floor}
     info = {"data": args.data, "vq_minutes": args.vq_minutes, "unet_minutes": args.unet_minutes,
-            "steps": args.steps, "seed": args.seed, "unet_flags": args.unet_flags,
-            "train_images": len(train_idx), "reference": len(ref_idx), "floor": len(floor_idx), "samples": n}
+            "steps": args.steps, "seed": args.seed, "unet_flags": args.unet_flags, "holdout": args.holdout,
+            "classifier_steps": args.classifier_steps, "peer_budget_minutes": [args.vq_minutes, args.unet_minutes],
+            "train_images": len(train_idx), "reference": len(ref_idx), "floor": len(floor_idx), "samples": n,
+            "class_mix": {"training": class_mix(dataset, train_idx), "reference": class_mix(dataset, ref_idx),
+                          "floor": class_mix(dataset, floor_idx)}}
 
     adversarial = args.adversarial.split(",")
     variants = {"ours": [], "ours-adversarial": ["--adversarial-weight", adversarial[0], "--adversarial-start", adversarial[1],
@@ -149,6 +193,10 @@ def main():
         if both:
             both_stages[f"ours-{name}"] = shlex.split(flags)
         rows.append(f"ours-{name}")
+    unknown = [r for r in rows if r not in (*ROWS, *variants)]
+    if unknown:
+        parser.error(f"--rows: no row {', '.join(unknown)} (rows: {', '.join(ROWS)}; --variant NAME=FLAGS adds "
+                     "ours-NAME)")
     info["variants"] = {name: variants[name] for name in rows if name in variants}
     info["variants_both_stages"] = both_stages
     for name, stage1_flags in variants.items():
@@ -161,13 +209,14 @@ def main():
         else:
             vq_budget, unet_budget = (["--max-steps", "1000000000", "--max-minutes", str(m)]
                                       for m in (args.vq_minutes, args.unet_minutes))
-        if not (run / ("vqvae.pt" if args.stage1_only else "unet.pt")).exists():
-            t0 = time.perf_counter()
-            driver.main(["train-vqvae", *common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags])
-            if not args.stage1_only:
-                driver.main(["train-unet", *common, *unet_budget, *shlex.split(args.unet_flags),
-                             *both_stages.get(name, [])])
-            info[f"{name}_train_minutes"] = (time.perf_counter() - t0) / 60
+        info[f"{name}_vqvae_training"] = train_or_reuse(
+            "vqvae", [*common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags], run)
+        if not args.stage1_only:
+            info[f"{name}_unet_training"] = train_or_reuse(
+                "unet", [*common, *unet_budget, *shlex.split(args.unet_flags), *both_stages.get(name, [])], run)
+        vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
+        info[f"{name}_decoder"] = vq_ckpt.get("decoder") and {"step": vq_ckpt["decoder"].get("step"),
+                                                              "fingerprint": vq_ckpt["decoder"].get("fingerprint")}
         if args.stage1_only:
             vqvae, vq_ckpt = predict.load_vqvae(run, "cpu")
             info[f"{name}_steps"] = {"vqvae": vq_ckpt["step"]}
@@ -206,13 +255,18 @@ def main():
     # one feature network and one reference for every row
     features = feature_network(out, dataset, train_idx, key, "cpu", classifier_steps=args.classifier_steps)
     order = [r for r in images if not r.startswith("real")] + ["real (training)", "real (floor)"]
-    torch.save({r: images[r] for r in order if not r.startswith("real")}, out / "samples.pt")  # rescoring needs no resampling
+    earlier = torch.load(out / "samples.pt", weights_only=True) if (out / "samples.pt").exists() else {}
+    torch.save({**earlier, **{r: images[r] for r in order if not r.startswith("real")}},
+               out / "samples.pt")  # rescoring needs no resampling
     scores = score_rows({r: images[r] for r in order}, reference, features, "cpu")
     for name in order:
         grid(images[name], out / f"grid_{name.replace(' (', '_').rstrip(')')}.png")
     table = f"{format_table(scores)}\n\nSWD x1e3 per Laplacian level:\n\n{format_level_table(scores)}"
-    (out / "quality.json").write_text(json.dumps({"info": info, "features": features.name, "scores": scores}, indent=2))
-    (out / "quality.md").write_text(f"features: {features.name}\n\n{table}\n\n```\n{json.dumps(info, indent=2)}\n```\n")
+    for name in ("quality", f"quality_{stamp}"):  # the latest call's, and this call's for good
+        (out / f"{name}.json").write_text(json.dumps({"info": info, "features": features.name, "scores": scores},
+                                                     indent=2))
+        (out / f"{name}.md").write_text(f"features: {features.name}\n\n{table}\n\n"
+                                        f"```\n{json.dumps(info, indent=2)}\n```\n")
     print(f"features: {features.name}")
     print(table)
     print(json.dumps(info, indent=2))

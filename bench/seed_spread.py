@@ -6,18 +6,20 @@ several seeds, every metric's mean and standard deviation over them.
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 3 --autoguidance 2@0.25,3@0.25
     python bench/seed_spread.py --out runs/bench_quality --rows ours --seeds 3 --variant "unq=--decode unquantised"
 
-OUT is a finished `bench/quality.py --out` folder: its rows' runs (OUT/ROW), its feature network (OUT) and its
-held-out split are reused, so seed 1 reproduces quality.py's row exactly. `--sample` takes `bench/samplers.py`'s
-names (default: `driver.py sample`'s sampler, as quality.py samples). `--weights model` samples the UNet's last
-trained weights instead of their EMA, which every sampling command uses. `--ema-lengths` also samples the post-hoc
-EMA of each length (EDM2; the rows trained with `quality.py --unet-flags "--posthoc-ema EVERY"`), so a point of
-`evaluate --ema-lengths`' curve comes with its spread. `--autoguidance W@F,...` also samples each row under
-autoguidance of weight W by the row's snapshot at the fraction F of its steps (`driver.py sample --autoguidance W
---guide-at F`; rows ROW+ag W@F). `--variant NAME=FLAGS` also samples each row with these `driver.py sample` flags
-(rows ROW+NAME), so options can be measured together; with `--ema-lengths`, each length with each (rows
-ROW@LENGTH+NAME). Writes
-OUT/seed_spread_SAMPLE[_model|_ema_lengths|_autoguidance|_variants].json; prints a table, and each row's paired
-difference from the first row (seed by seed, the same noise).
+OUT is a finished `bench/quality.py --out` folder: its rows' runs (OUT/ROW), its feature network (OUT), its
+held-out split and its number of samples are reused, so seed 1 reproduces quality.py's row exactly: --data,
+--holdout and --classifier-steps come from OUT (the feature network's key in OUT/classifier.pt, else
+OUT/quality.json), and one given with another value is refused, as is a row trained on another split. `--sample`
+takes `bench/samplers.py`'s names (default: `driver.py sample`'s sampler, as quality.py samples). `--weights model`
+samples the UNet's last trained weights instead of their EMA, which every sampling command uses. `--ema-lengths`
+also samples the post-hoc EMA of each length (EDM2; the rows trained with `quality.py --unet-flags "--posthoc-ema
+EVERY"`), so a point of `evaluate --ema-lengths`' curve comes with its spread. `--autoguidance W@F,...` also samples
+each row under autoguidance of weight W by the row's snapshot at the fraction F of its steps (`driver.py sample
+--autoguidance W --guide-at F`; rows ROW+ag W@F). `--variant NAME=FLAGS` also samples each row with these
+`driver.py sample` flags (rows ROW+NAME), so options can be measured together; with `--ema-lengths`, each length
+with each (rows ROW@LENGTH+NAME). Writes OUT/seed_spread_SAMPLE[_model|_ema_lengths|_autoguidance|_variants].json,
+and the same under the call's date and time (..._YYYYmmdd-HHMMSS.json) so that a later call does not take it
+away; prints a table, and each row's paired difference from the first row (seed by seed, the same noise).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import json
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +40,7 @@ import predict  # noqa: E402
 from evaluation.ema_lengths import ema_lengths_arg  # noqa: E402
 from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
 from quality import held_out_split  # noqa: E402
+from dataset import DataConfig  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.posthoc_ema import reconstruct_many  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402
@@ -47,9 +51,10 @@ METRICS = {"fid": 1, "kid": 1e3, "swd": 1, "swd_64": 1, "swd_32": 1, "swd_16": 1
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a finished bench/quality.py --out folder")
-    parser.add_argument("--data", default="../shared/data/adni_ad_nc",
-                        help="quality.py's --data (default: %(default)s)")
-    parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
+    parser.add_argument("--data", default=None, help="quality.py's --data (default: OUT's)")
+    parser.add_argument("--holdout", type=float, default=None, help="quality.py's --holdout (default: OUT's)")
+    parser.add_argument("--classifier-steps", type=int, default=None,
+                        help="quality.py's --classifier-steps (default: OUT's)")
     parser.add_argument("--rows", default="ours", help="rows of that run to sample again (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=5, help="sampling seeds 1..N; quality.py samples `ours` with 1")
     parser.add_argument("--sample", choices=sorted(SAMPLERS), default=None,
@@ -71,14 +76,21 @@ def main():
     if args.ema_lengths and args.weights == "model":
         parser.error("--ema-lengths samples EMA weights; drop --weights model")
     out = Path(args.out)
+    data, holdout, classifier_steps, num = quality_settings(out, args)
 
-    # quality.py's reference half A, its number of samples (the floor half's size) and its feature network
-    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
+    # quality.py's reference half A, its number of samples and its feature network
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(data, holdout)
     reference, _ = stack(dataset, ref_idx)
-    features = feature_network(out, dataset, train_idx, key, "cpu")
+    features = feature_network(out, dataset, train_idx, key, "cpu", classifier_steps=classifier_steps)
+    num = num or len(floor_idx)
 
     seeds, result = range(1, args.seeds + 1), {}
     for row in args.rows.split(","):
+        trained = DataConfig.from_checkpoint(load_checkpoint(out / row / "vqvae.pt", "vqvae"))
+        if (trained.holdout, trained.holdout_seed) != (holdout, 0):
+            raise SystemExit(f"error: {out / row} was trained with --holdout {trained.holdout} (seed "
+                             f"{trained.holdout_seed}), not OUT's {holdout}: its samples would be scored against "
+                             "subjects it trained on")
         model = predict.load_run(out / row, "cpu")
         if args.weights == "model":
             model.unet.load_state_dict(load_checkpoint(out / row / "unet.pt", "unet")["model"])
@@ -96,7 +108,7 @@ def main():
             images = {}
             for seed in seeds:
                 torch.manual_seed(seed)
-                images[seed] = predict.generate(model, sampling, len(floor_idx))[0]
+                images[seed] = predict.generate(model, sampling, num)[0]
             scores = score_rows(images, reference, features, "cpu")
             result[name] = {m: [scale * scores[s][m] for s in seeds] for m, scale in METRICS.items()}
 
@@ -114,13 +126,36 @@ def main():
             d = [a - b for a, b in zip(v, result[first][m])]
             cells.append(f"{statistics.mean(d):+.2f} ± {statistics.stdev(d):.2f} ({sum(x < 0 for x in d)} of {len(d)} lower)")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    record = {"sampler": args.sample, "weights": args.weights, "ema_lengths": list(args.ema_lengths),
-              "autoguidance": args.autoguidance, "variants": args.variant, "seeds": list(seeds), "values": result}
+    record = {"rows": args.rows.split(","), "data": data, "holdout": holdout, "features": features.name,
+              "classifier_steps": classifier_steps, "samples": num, "sampler": args.sample, "weights": args.weights,
+              "ema_lengths": list(args.ema_lengths), "autoguidance": args.autoguidance, "variants": args.variant,
+              "seeds": list(seeds), "values": result}
     suffix = ("_model" if args.weights == "model" else "_ema_lengths" if args.ema_lengths else
               "_autoguidance" if args.autoguidance else "_variants" if args.variant else "")
-    (out / f"seed_spread_{args.sample or 'default'}{suffix}.json").write_text(json.dumps(record, indent=2))
+    for stamp in ("", time.strftime("_%Y%m%d-%H%M%S")):  # the latest call's, and this call's for good
+        (out / f"seed_spread_{args.sample or 'default'}{suffix}{stamp}.json").write_text(json.dumps(record, indent=2))
     print("\n".join(lines))
     print("(mean ± standard deviation over the seeds; KID x1e3, SWD x1e3)")
+
+
+def quality_settings(out: Path, args) -> tuple[str, float, int, int | None]:
+    """(data, holdout, classifier steps, samples per row; None: the floor half's size) of quality.py's call on OUT:
+    the feature network's key (OUT/classifier.pt) first, then OUT/quality.json, then quality.py's defaults. A flag
+    given with another value is refused: another split would score rows on subjects they trained on, and another
+    feature network would be trained and saved over OUT's, moving every FID of OUT."""
+    path = out / "classifier.pt"
+    saved = load_checkpoint(path, "classifier")["key"] if path.exists() else {}
+    info = json.loads((out / "quality.json").read_text())["info"] if (out / "quality.json").exists() else {}
+    resolved = {"data": saved.get("data", info.get("data", "../shared/data/adni_ad_nc")),
+                "holdout": saved.get("holdout", info.get("holdout", 0.1)),
+                "classifier_steps": saved.get("steps", info.get("classifier_steps", 1000))}
+    for name, value in resolved.items():
+        given = getattr(args, name)
+        same = given is None or (Path(given).resolve() == Path(value).resolve() if name == "data" else given == value)
+        if not same:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {given} is not OUT's {value} (its feature network, "
+                             "held-out split and rows were made with it): leave it out")
+    return resolved["data"], resolved["holdout"], resolved["classifier_steps"], info.get("samples")
 
 
 def weight_variants(run: Path, row: str, model: predict.LatentDiffusion, ema_lengths: tuple[float, ...]) -> dict:
