@@ -49,7 +49,6 @@ import json
 import shlex
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -61,8 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
-from evaluation.evaluate import (evaluation_split, feature_network, format_level_table, format_table,  # noqa: E402
-                                 score_rows, stack, training_sample)
+from evaluation.evaluate import (class_mix, evaluation_split, feature_network, format_level_table,  # noqa: E402
+                                 format_table, score_rows, stack, training_sample)
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
@@ -98,12 +97,6 @@ def held_out_split(data: str, holdout: float) -> tuple:
     key = {"data": str(Path(data).resolve()), "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0,
            "count": len(dataset)}
     return dataset, split, key
-
-
-def class_mix(dataset, indices: list[int]) -> dict[str, int]:
-    """{class: images} of dataset[indices]: the halves are drawn by subject, not by class, so their mix may differ."""
-    counts = Counter(dataset.samples[i][1] for i in indices)
-    return {name: counts[k] for k, name in enumerate(dataset.classes)}
 
 
 def train_or_reuse(stage: str, command: list[str], run: Path) -> dict:

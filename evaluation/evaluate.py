@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -90,6 +91,13 @@ def halves(paths: list[str], indices: list[int], seed: int, what: str = "", subj
     half_a = set(np.random.default_rng(seed).permutation(subjects)[:len(subjects) // 2].tolist())
     return ([i for i in indices if subject(paths[i]) in half_a],
             [i for i in indices if subject(paths[i]) not in half_a])
+
+
+def class_mix(dataset, indices: list[int]) -> dict[str, int]:
+    """{class: images} of dataset[indices]. The halves are drawn by subject, not by class, so their mixes may differ
+    (on the ADNI subset's split: NC 40% of A, 75% of B), and part of the floor's distance is then a class shift."""
+    counts = Counter(dataset.samples[i][1] for i in indices)
+    return {name: counts[k] for k, name in enumerate(dataset.classes)}
 
 
 def training_sample(train_idx: list[int], count: int, seed: int) -> list[int]:
@@ -351,6 +359,11 @@ def evaluate(args):
     paths = [p for p, _ in dataset.samples]
     n_subjects = min(len({subject(paths[i]) for i in ref_idx}), len({subject(paths[i]) for i in floor_idx}))
     print(f"evaluation: {len(train_idx)} training images, held out {len(ref_idx)} reference (A) + {len(floor_idx)} floor (B)")
+    mix = {"training": class_mix(dataset, train_idx), "reference": class_mix(dataset, ref_idx),
+           "floor": class_mix(dataset, floor_idx)}
+    if len(dataset.classes) > 1:
+        print("classes: " + "; ".join(f"{part} " + ", ".join(f"{name} {n}" for name, n in counts.items())
+                                      for part, counts in mix.items()))
     few = n_subjects < 10
     if few:  # measured on the demo data: 2 subjects per half ranked low-variety samples above real training images
         print(f"warning: only {n_subjects} subjects in a held-out half; FID/KID of so few subjects reward low variety "
@@ -480,7 +493,7 @@ def evaluate(args):
     metrics = {"run": str(run), "data": str(data.folder()), "image_size": image_size, "channels": channels,
                "split": {"holdout": holdout, "seed": seed, "seen_in_training": seen, "subjects_per_half": n_subjects,
                          "train": len(train_idx),
-                         "reference": len(ref_idx), "floor": len(floor_idx)},
+                         "reference": len(ref_idx), "floor": len(floor_idx), "class_mix": mix},
                "vqvae_step": vq_ckpt["step"], "vqvae": {**vq_metrics, "images": "floor half B"},
                "finetuned_decoder": vq_ckpt.get("decoder"),  # RUN/decoder.pt (train-decoder): its step and fingerprint
                **({"vqvae_stage1_decoder": {k: stage1_metrics[k] for k in ("psnr", "ssim")}} if stage1_decoder else {}),

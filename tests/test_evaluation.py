@@ -169,8 +169,11 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     printed = capsys.readouterr().out
     assert "trained on all subjects" in printed and "| samples |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
+    mix = metrics["split"].pop("class_mix")   # the halves are drawn by subject: each one's classes, in view
     assert metrics["split"] == {"holdout": 0.5, "seed": 0, "seen_in_training": True, "subjects_per_half": 2,
                                 "train": 12, "reference": 6, "floor": 6}
+    assert {part: sum(counts.values()) for part, counts in mix.items()} == {"training": 12, "reference": 6, "floor": 6}
+    assert set(mix["floor"]) == {"AD", "NC"} and f"floor AD {mix['floor']['AD']}, NC {mix['floor']['NC']}" in printed
     assert "only 2 subjects in a held-out half" in printed
     assert set(metrics["scores"]) == {"samples", "reconstructions", "real (training)", "real (floor)"}
     for row in metrics["scores"].values():
