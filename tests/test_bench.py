@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
@@ -98,3 +101,36 @@ def test_the_benchmarks_key_their_feature_network_on_the_folder_not_on_how_it_wa
     keys = [held_out_split(spelling, 0.5)[2] for spelling in (str(adni_folder), "adni", "./adni/", str(link))]
     assert all(key == keys[0] for key in keys) and keys[0]["data"] == str(adni_folder.resolve())
     assert held_out_split("adni", 0.25)[2] != keys[0]                                 # another split is another key
+
+
+def test_a_reused_row_agrees_with_the_call_that_would_have_trained_it_or_is_refused(trained_run):
+    """quality.py scores a row already in OUT as it is: another seed, hold-out or flag of the call would label it
+    with settings it was not trained with (another hold-out: scored on subjects it trained on)."""
+    from conftest import SMALL_VQ
+    from quality import train_or_reuse
+    run, data = trained_run
+    command = ["--run", str(run), "--data", str(data), "--preset", "tiny", "--seed", "0", "--max-steps", "8", *SMALL_VQ]
+    assert train_or_reuse("vqvae", command, run) == {"reused": {"max_steps": 4, "max_minutes": None, "seed": 0}}
+    for other, said in ((["--seed", "1"], "--seed 1 differs"), (["--holdout", "0.3"], "--holdout 0.3 differs"),
+                        (["--codebook-size", "64"], "--codebook-size 64 differs")):
+        with pytest.raises(SystemExit) as e:
+            train_or_reuse("vqvae", [*command, *other], run)
+        assert said in str(e.value) and f"{run} is reused" in str(e.value)
+
+
+def test_seed_spread_takes_the_quality_folders_split_and_feature_network(tmp_path):
+    """Another --holdout would score rows on subjects they trained on; another --classifier-steps would train a
+    feature network over OUT's, moving its every FID."""
+    from argparse import Namespace
+    from seed_spread import quality_settings
+    key = {"data": str(tmp_path / "adni"), "image_size": 64, "channels": 1, "holdout": 0.2, "holdout_seed": 0,
+           "count": 10, "steps": 20}
+    torch.save({"kind": "classifier", "key": key}, tmp_path / "classifier.pt")
+    (tmp_path / "quality.json").write_text(json.dumps({"info": {"samples": 16}}))
+    unset = Namespace(data=None, holdout=None, classifier_steps=None)
+    assert quality_settings(tmp_path, unset) == (key["data"], 0.2, 20, 16)
+    assert quality_settings(tmp_path, Namespace(data=str(tmp_path / "adni/"), holdout=0.2, classifier_steps=20))[:3] \
+        == (key["data"], 0.2, 20)
+    for name, value in (("holdout", 0.1), ("classifier_steps", 1000), ("data", str(tmp_path))):
+        with pytest.raises(SystemExit, match=f"--{name.replace('_', '-')} .* is not OUT's"):
+            quality_settings(tmp_path, Namespace(**{**vars(unset), name: value}))
