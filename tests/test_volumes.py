@@ -456,3 +456,23 @@ def test_demo_data_is_deterministic_for_a_seed(tmp_path):
     mtime = (a / "train").stat().st_mtime_ns
     make_demo_dataset(a, seed=5, subjects=8, slices=2, size=64)       # reused, not rewritten
     assert (a / "train").stat().st_mtime_ns == mtime
+
+
+def test_the_demo_data_is_built_once_when_two_processes_ask_for_it_at_once(tmp_path, monkeypatch):
+    """The ranks of torchrun each ask for it: one built it while the other deleted that copy to put its own."""
+    built, build = [], volumes.demo._build
+
+    def slow_build(out, *args):
+        built.append(out)
+        time.sleep(0.3)                                                  # the other one asks in the meantime
+        build(out, *args)
+
+    monkeypatch.setattr(volumes.demo, "_build", slow_build)
+    out, found = tmp_path / "demo", []
+    ranks = [threading.Thread(target=lambda: found.append(make_demo_dataset(out, seed=5, subjects=4, slices=2,
+                                                                            size=32))) for _ in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert built == [out] and found == [out, out] and len(load_slices(out, 32, 1)) == 8

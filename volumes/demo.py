@@ -12,6 +12,7 @@ DataConfig.folder(), or by hand with `python dataset.py --out DIR`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -79,6 +80,31 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40,
     out = Path(out)
     if (out / ".complete").exists():
         return out
+    with _building(out):  # the ranks of torchrun, or two commands, build it once: the others wait, then read it
+        if not (out / ".complete").exists():
+            _build(out, seed, subjects, slices, size)
+    return out
+
+
+@contextlib.contextmanager
+def _building(out: Path):
+    """An exclusive lock on OUT.lock beside the folder while it is built (none without fcntl: Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build(out: Path, seed: int, subjects: int, slices: int, size: int):
+    """make_demo_dataset's work, in a temporary folder renamed to `out` when it is whole."""
     from nilearn.datasets import load_mni152_template  # imported late: slow, and only needed here
 
     volume = load_mni152_template(resolution=1).get_fdata()           # (197, 233, 189), x, y, z
@@ -115,10 +141,8 @@ def make_demo_dataset(out: str | os.PathLike, seed: int = 0, subjects: int = 40,
         participants.append(f"sub-{s:03d}\t{label}\t{age:g}\t{sex}")
     (tmp / "participants.tsv").write_text("\n".join(participants) + "\n")
     (tmp / ".complete").touch()
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # what an interrupted build left
     os.replace(tmp, out)
-    return out
 
 
 def demo_data_dir(root: str | os.PathLike = DEFAULT_DEMO_ROOT, seed: int = 0) -> Path:
