@@ -39,8 +39,8 @@ from runtime.errors import BadInputError
 from runtime.loop import Stage, restore_training, start_stage, total_steps, train_loop, trains_further
 from runtime.optimizer import adamw
 from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
-from runtime.process import (Runtime, cpus_per_process, main_rank_first, place_model, progress, setup_runtime,
-                             wrap_model)
+from runtime.process import (Runtime, check_processes, cpus_per_process, main_rank_first, place_model, progress,
+                             setup_runtime, wrap_model)
 
 
 # ----------------------------------------------------------------------------- stage 1: VQ-VAE
@@ -62,6 +62,7 @@ def train_vqvae(args):
     resume = checkpoint_to_resume(Path(args.run) / "vqvae.pt", "vqvae", args.resume, asdict(cfg), VQVAEConfig)
     torch.manual_seed(args.seed)
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
+    check_processes(resume and resume.get("rng"), rt)  # before anything is written
 
     files_key = data_files_key(data)  # saved: a resumed run, stage 2 and `evaluate` check they read these files
     dataset, workers, fixed, max_steps = stage1_images(args, rt)
@@ -149,6 +150,7 @@ def train_decoder(args):
     if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
         raise BadInputError(f"{run / 'decoder.pt'} was fine-tuned from another VQ-VAE than {run / 'vqvae.pt'}; move it "
                             f"away and run train-decoder again without --resume")
+    check_processes(resume and resume.get("rng"), rt)
     torch.manual_seed(args.seed)
     dataset, workers, fixed, max_steps = stage1_images(args, rt)
 
@@ -270,6 +272,7 @@ def train_unet(args):
     if resume and resume["vqvae_fingerprint"] != vq_fingerprint:
         raise BadInputError(f"{ckpt_path} was trained on another VQ-VAE than {run / 'vqvae.pt'}: move it (and "
                             f"unet.prev.pt) away and run train-unet again without --resume")
+    check_processes(resume and resume.get("rng"), rt)  # before the latents are encoded
     if not resume and snapshot_files(run) and rt.main:  # an earlier stage 2's, whose unet.pt is gone: not this one's
         aside = run / f"{SNAPSHOTS}.replaced"
         shutil.rmtree(aside, ignore_errors=True)

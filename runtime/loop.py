@@ -28,8 +28,7 @@ from torchvision.utils import make_grid, save_image
 from runtime.checkpoint import atomic_save, atomic_write, plain_args, write_config
 from runtime.errors import BadInputError
 from runtime.optimizer import load_optimizer
-from runtime.process import (Runtime, any_rank, check_processes, mean_over_ranks, progress, restore_rng,
-                             rng_states)
+from runtime.process import Runtime, any_rank, mean_over_ranks, progress, restore_rng, rng_states
 from runtime.signals import StopRequests
 
 
@@ -242,8 +241,6 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     Interrupted after a SIGINT/SIGTERM."""
     run = Path(args.run)
     ckpt_path = run / f"{stage.name}.pt"
-    if resume:
-        check_processes(resume.get("rng"), rt)
     lr_factor = LearningRateFactor(args.warmup, args.cooldown, max_steps, resume.get("lr_schedule") if resume else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_factor, last_epoch=step - 1)
     per_step = args.batch_size * args.grad_accum * rt.world

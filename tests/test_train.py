@@ -194,15 +194,21 @@ def test_epochs_count_every_batch_of_every_epoch_whatever_the_accumulation(items
 
 def test_a_run_resumes_on_the_number_of_processes_it_trained_on(trained_run, tmp_path):
     from runtime.checkpoint import atomic_save
-    run, _ = trained_run
+    run, data = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     saved = ckpt(copy / "unet.pt")
     atomic_save({**saved, "rng": saved["rng"] * 2}, copy / "unet.pt")   # as a 2-process torchrun saves it
-    before = (copy / "unet.pt").read_bytes()
+    before, config = (copy / "unet.pt").read_bytes(), (copy / "config.json").read_text()
     message = error_of(unet, copy, "--max-steps", "6", "--resume")
     assert "trained on 2 process(es) and is resumed on 1" in message and "--nproc_per_node 2" in message
     assert (copy / "unet.pt").read_bytes() == before
+    assert (copy / "config.json").read_text() == config     # refused before it recorded a length that never trained
+    saved = ckpt(copy / "vqvae.pt")
+    atomic_save({**saved, "rng": saved["rng"] * 2}, copy / "vqvae.pt")
+    (copy / "unet.pt").rename(copy / "unet.aside")            # stage 1 may train further without a stage 2
+    message = error_of(vqvae, copy, data, "--max-steps", "6", "--resume")
+    assert "trained on 2 process(es) and is resumed on 1" in message and (copy / "config.json").read_text() == config
 
 
 def test_existing_checkpoint_needs_resume_and_a_matching_config(trained_run):
