@@ -40,7 +40,7 @@ from runtime.loop import Stage, restore_training, start_stage, total_steps, trai
 from runtime.optimizer import adamw
 from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
 from runtime.process import (Runtime, check_processes, cpus_per_process, main_rank_first, place_model, progress,
-                             setup_runtime, wrap_model)
+                             same_on_every_rank, setup_runtime, wrap_model)
 
 
 # ----------------------------------------------------------------------------- stage 1: VQ-VAE
@@ -112,6 +112,9 @@ def stage1_images(args, rt: Runtime) -> tuple:
     workers = args.workers or cpus_per_process()
     dataset = training_data(args.data_config, args.cache_gb, workers, Path(args.run),
                             build_guard=lambda: main_rank_first(rt))
+    if not same_on_every_rank(len(dataset), rt):  # each shard would hold other images than the sampler counts on
+        raise BadInputError(f"the processes read different numbers of training images (this one {len(dataset)}): a "
+                            "file read on some and left out by --skip-bad-images on others; check the data folder")
     spread = torch.linspace(0, len(dataset) - 1, min(8, len(dataset))).long().tolist()  # several subjects, not one
     fixed = torch.stack([dataset[i][0] for i in spread]).to(rt.device)
     return dataset, workers, fixed, total_steps(args, len(dataset), rt.world)

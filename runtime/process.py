@@ -171,6 +171,15 @@ def any_rank(flag: bool, rt: Runtime) -> bool:
     return bool(t.item())
 
 
+def same_on_every_rank(value: int, rt: Runtime) -> bool:
+    """Whether a count is the same on every rank (every rank calls it)."""
+    if rt.world == 1:
+        return True
+    t = torch.tensor([float(value), -float(value)], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] == -t[1])
+
+
 def place_model(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
     """The model on this process's device and in its final memory layout (NHWC where rt.channels_last). Call it
     before the model's optimizer is made and its state loaded: the optimizer's moments then share the weights'

@@ -174,3 +174,25 @@ def test_two_commands_started_at_once_on_a_new_run_do_not_both_go_on(trained_run
     assert not new.exists()
     vqvae(new, data, "--max-steps", "2")
     assert ckpt(new / "vqvae.pt")["step"] == 2
+
+
+def _counts_agree(rank: int, store: str, counts: list[tuple[int, int]], out: str):
+    """One of two gloo processes: whether each pair of counts (rank 0's, rank 1's) is the same on both."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        rt = SimpleNamespace(world=2, device=torch.device("cpu"))
+        answers = [process.same_on_every_rank(pair[rank], rt) for pair in counts]
+        Path(f"{out}.{rank}").write_text(json.dumps(answers))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_find_out_together_whether_they_read_as_many_images(tmp_path):
+    """--skip-bad-images left out a file on one rank only: each shard would hold other images than it counts on."""
+    counts = [(7200, 7200), (7200, 7199), (0, 1), (5, 5)]
+    torch.multiprocessing.spawn(_counts_agree, args=(str(tmp_path / "store"), counts, str(tmp_path / "answers")),
+                                nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"answers.{rank}").read_text()) == [True, False, False, True]
