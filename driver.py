@@ -551,8 +551,9 @@ def main(argv: list[str] | None = None):
             args.func(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
-    except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written
-        print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)
+    except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written (all ranks stop together)
+        if is_main_process():
+            print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:  # outside a training loop's own handling: sampling, evaluation
         print(f"interrupted; what was written is whole (a sample set, a checkpoint): {how_to_continue(argv)}",
