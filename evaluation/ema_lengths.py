@@ -46,10 +46,13 @@ def ema_lengths_arg(text: str) -> tuple[float, ...]:
 
 def sigma_rel_arg(text: str) -> str:
     """best, none or one EMA length (argparse type)."""
-    if text not in ("best", "none"):
-        ema_lengths_arg(text)
-        if "," in text:
-            raise argparse.ArgumentTypeError(f"one EMA length, best or none, got {text!r}")
+    if text in ("best", "none"):
+        return text
+    try:
+        sigma_rel_to_gamma(float(text))
+    except (ValueError, BadInputError) as e:
+        raise argparse.ArgumentTypeError(f"expected one EMA length sigma_rel, best or none, got {text!r} ({e})"
+                                         ) from None
     return text
 
 

@@ -362,3 +362,14 @@ def test_ema_lengths_without_snapshots_or_out_of_range_are_refused(trained_run):
         with pytest.raises(SystemExit) as e:  # argparse: a usage line and exit status 2
             driver.main(flags)
         assert e.value.code == 2
+
+
+def test_ema_takes_one_length_best_or_none_and_says_so_in_one_line():
+    """`evaluate --ema-lengths auto` sits beside `ema --sigma-rel best` in the READMEs: `auto` given to `ema` was a
+    traceback."""
+    import argparse
+    from evaluation.ema_lengths import sigma_rel_arg
+    assert [sigma_rel_arg(v) for v in ("best", "none", "0.05")] == ["best", "none", "0.05"]
+    for text in ("auto", "0.05,0.1", "bst", "0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected one EMA length sigma_rel, best or none"):
+            sigma_rel_arg(text)
