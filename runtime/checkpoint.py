@@ -118,6 +118,8 @@ def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict,
     if ckpt_path.exists() and not resume:
         raise BadInputError(f"{ckpt_path} already exists: pass --resume to continue it, or use another --run")
     if not (resume and ckpt_path.exists()):
+        if resume and is_main_process():  # a typo in --run would otherwise start a new run without a word
+            print(f"--resume: nothing to resume, {ckpt_path} does not exist; the stage starts anew")
         return None
     if is_main_process():  # a write cut short by kill -9 leaves its temporary file
         for unfinished in ckpt_path.parent.glob(f".{ckpt_path.name}.*"):

@@ -196,3 +196,11 @@ def test_the_ranks_find_out_together_whether_they_read_as_many_images(tmp_path):
                                 nprocs=2)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"answers.{rank}").read_text()) == [True, False, False, True]
+
+
+def test_resume_on_a_run_that_is_not_there_says_it_starts_anew(tmp_path, capsys):
+    """The demo resumes every stage whether it ran or not; a typo in --run must not start a new run without a word."""
+    assert checkpoint_to_resume(tmp_path / "typo" / "vqvae.pt", "vqvae", True, {}) is None
+    assert f"--resume: nothing to resume, {tmp_path / 'typo' / 'vqvae.pt'} does not exist" in capsys.readouterr().out
+    assert checkpoint_to_resume(tmp_path / "new" / "vqvae.pt", "vqvae", False, {}) is None
+    assert capsys.readouterr().out == ""
