@@ -24,9 +24,15 @@ from runtime.errors import BadInputError
 
 def pick_device(device: str | None = None) -> torch.device:
     """`device`, else CUDA if present; under torchrun each process takes the GPU of its LOCAL_RANK."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise BadInputError(f"--device {device}: not a device (cpu, cuda, cuda:1 ...)") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda" and not device.index < torch.cuda.device_count():
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise BadInputError(f"--device {device}: this machine has {found}; use --device cpu, or another index")
     return device
 
 

@@ -204,3 +204,11 @@ def test_resume_on_a_run_that_is_not_there_says_it_starts_anew(tmp_path, capsys)
     assert f"--resume: nothing to resume, {tmp_path / 'typo' / 'vqvae.pt'} does not exist" in capsys.readouterr().out
     assert checkpoint_to_resume(tmp_path / "new" / "vqvae.pt", "vqvae", False, {}) is None
     assert capsys.readouterr().out == ""
+
+
+def test_a_device_that_is_not_there_is_refused_in_one_line():
+    assert process.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(BadInputError, match="--device cuda:64: this machine has"):   # no GPU has 65
+        process.pick_device("cuda:64")
+    with pytest.raises(BadInputError, match="--device gpu: not a device"):
+        process.pick_device("gpu")
