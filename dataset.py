@@ -35,12 +35,13 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
 from volumes.layouts import ImageFolder, Layout, find_image_roots, subject_id
-from volumes.reader import (Slicing, dangling, printable, read_volume_slices, unoriented, volume_slice_bound,
-                            volume_span, volumes_at_once)
+from volumes.reader import (VOLUME_SUFFIXES, Slicing, dangling, printable, read_volume_slices, unoriented,
+                            volume_slice_bound, volume_span, volumes_at_once)
 
 
 
@@ -97,6 +98,11 @@ class SliceFolders(ConcatDataset):
                 folders.append(ImageFolder(str(r), layout, transform=transform,
                                             loader=partial(load_image, mode=mode)))  # picklable for workers
             except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
+                loose = next((f.name for f in r.iterdir()
+                              if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS + VOLUME_SUFFIXES)), None)
+                if loose:
+                    raise BadInputError(f"{r} holds images ({loose} ...) but no class folders: put them in one "
+                                        "folder per class, PATH/AD/, PATH/NC/ ... (one class: PATH/all/)") from None
                 raise BadInputError(f"no images found under {r} ({str(e).splitlines()[0]})") from None
         classes = folders[0].classes
         for f in folders[1:]:

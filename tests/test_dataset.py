@@ -68,6 +68,11 @@ def test_disk_cache_holds_the_same_pixels_and_is_rebuilt_when_a_file_changes(adn
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(BadInputError, match="does not exist"):
         SliceFolders(tmp_path / "nope", 64, 1)
+    touch(tmp_path / "AD", ["scan_1.png", "scan_2.png"])
+    with pytest.raises(BadInputError, match="is a file: give the folder of class folders"):
+        SliceFolders(tmp_path / "AD" / "scan_1.png", 64, 1)
+    with pytest.raises(BadInputError, match=r"AD holds images \(scan_.\.png ...\) but no class folders"):
+        SliceFolders(tmp_path / "AD", 64, 1)                       # one class folder given for the data folder
 
 
 def test_folder_without_images_is_a_clear_error(tmp_path):

@@ -28,6 +28,8 @@ def find_image_roots(root: Path, version: int = LAYOUT_VERSION) -> list[Path]:
     version 3): train, val and test, or the same in other spellings (Train, training, validation ...), in that order;
     a split folder beside a folder of another name is an error (is it a class, or a split this code does not know?).
     Versions 1-2: train/ and test/ exactly, other folders beside them ignored."""
+    if root.is_file():
+        raise BadInputError(f"--data {root} is a file: give the folder of class folders (PATH/CLASS/*.png ...)")
     if not root.is_dir():
         raise BadInputError(f"data folder {root} does not exist")
     if version < 3:
