@@ -207,9 +207,7 @@ def main():
         if not args.stage1_only:
             info[f"{name}_unet_training"] = train_or_reuse(
                 "unet", [*common, *unet_budget, *shlex.split(args.unet_flags), *both_stages.get(name, [])], run)
-        vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
-        info[f"{name}_decoder"] = vq_ckpt.get("decoder") and {"step": vq_ckpt["decoder"].get("step"),
-                                                              "fingerprint": vq_ckpt["decoder"].get("fingerprint")}
+        info[f"{name}_decoder"] = predict.load_vqvae(run, "cpu")[1].get("decoder")  # RUN/decoder.pt's step, fingerprint
         if args.stage1_only:
             vqvae, vq_ckpt = predict.load_vqvae(run, "cpu")
             info[f"{name}_steps"] = {"vqvae": vq_ckpt["step"]}
