@@ -513,10 +513,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def demo(args):
     """Demo data -> VQ-VAE -> UNet -> predict, tiny preset; re-running continues or skips finished stages."""
     device = ["--device", args.device] if args.device else []
-    common = ["--run", args.run, "--resume"] + device
+
+    def common(stage: str) -> list[str]:  # a stage that saved a checkpoint is continued (or skipped, if finished)
+        return ["--run", args.run, *device] + (["--resume"] if (Path(args.run) / f"{stage}.pt").exists() else [])
+
     stages = [  # each stage's flags are resolved when it starts, after the stage before it wrote the run folder
-        ("train-vqvae", lambda: train.train_vqvae(parse(["train-vqvae", "--demo-dir", args.demo_dir] + common))),
-        ("train-unet", lambda: train.train_unet(parse(["train-unet"] + common))),
+        ("train-vqvae", lambda: train.train_vqvae(parse(["train-vqvae", "--demo-dir", args.demo_dir,
+                                                          *common("vqvae")]))),
+        ("train-unet", lambda: train.train_unet(parse(["train-unet", *common("unet")]))),
         ("predict", lambda: predict.predict(predict.parse_args(["--run", args.run] + device))),
     ]
     times = {}

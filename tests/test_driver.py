@@ -80,7 +80,10 @@ def test_demo_runs_the_three_stages_in_order_with_the_tiny_preset(monkeypatch, t
     monkeypatch.setattr(train, "train_unet", lambda a: calls.append(("unet", a.preset, a.resume, a.data)))
     monkeypatch.setattr(predict, "predict", lambda a: calls.append(("predict", a.sampler, a.steps, predict.sampling_from_args(a).repeat_times)))
     driver.main(["demo", "--run", str(tmp_path / "run"), "--demo-dir", str(tmp_path / "demo")])
-    assert calls == [("vqvae", "tiny", True, None), ("unet", "tiny", True, None), ("predict", "ddpm", 1000, 5)]
+    assert calls == [("vqvae", "tiny", False, None), ("unet", "tiny", False, None), ("predict", "ddpm", 1000, 5)]
+    calls.clear()                     # run again: the stage that saved a checkpoint is resumed, the others start
+    driver.main(["demo", "--run", str(tmp_path / "run"), "--demo-dir", str(tmp_path / "demo")])
+    assert calls == [("vqvae", "tiny", True, None), ("unet", "tiny", False, None), ("predict", "ddpm", 1000, 5)]
 
 
 @pytest.mark.parametrize("flags, expected", [
