@@ -426,6 +426,8 @@ def test_adni_folders_and_oasis_names_keep_a_subject_s_visits_together():
     oasis3 = ["/d/NC/OAS30001_MR_d0129.nii.gz", "/d/NC/OAS30001_MR_d0757.nii.gz", "/d/NC/OAS30001_MR_d2430_T1w.nii"]
     assert {subject_id(p, root="/d") for p in oasis3} == {"OAS30001"} != {subject_id("/d/NC/OAS30002_MR_d0129.nii")}
     assert len({Layout(version=3).subject(p, "/d") for p in oasis3}) == 3   # runs begun before OASIS-3's rule
+    assert Layout(version=3, subject_pattern=r"^([^/_]+)_").subject("/d/AD/s01_a.png", "/d") == "s01"   # the name
+    assert Layout(subject_pattern=r"^([^/]+/\w+)/").subject("/d/AD/s01/a.png", "/d") == "AD/s01"     # the path
     old = Layout(version=2)                                                  # runs begun before: their subjects
     assert len({old.subject(p, "/d") for p in dcm2niix}) == 2 and len({old.subject(p, "/d") for p in oasis}) == 3
     assert old.subject("/d/AD/scan.png", "/d") == "/d/AD/scan.png"            # a file of no subject: its path

@@ -123,9 +123,9 @@ _SUBJECT_NUMBER = re.compile(r"^(?P<subject>.+)_(?P<number>\d+)$")  # <subject>_
 def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = None,
                version: int = LAYOUT_VERSION) -> str:
     """The subject a file (an image or a volume) belongs to, by the first rule that applies:
-    `pattern` searched in the file name, or where it holds a `/` in the file's path below `root` (its group
-    `subject`, else group 1, else the whole match; a file it does not match is an error: a guess could put one
-    subject on both sides of the hold-out); else a BIDS `sub-<label>` starting the file's name, or the name of its
+    `pattern` searched in the file name, or (version 4) where it holds a `/` in the file's path below `root` (its
+    group `subject`, else group 1, else the whole match; a file it does not match is an error: a guess could put
+    one subject on both sides of the hold-out); else a BIDS `sub-<label>` starting the file's name, or the name of its
     BIDS folder `sub-<label>/[ses-<label>/]anat/` (no folder higher up: the data folder itself may sit under one
     named sub-something); else ADNI's subject ID `\\d{3}_S_\\d{4}` in the file name (`ADNI_002_S_0295_MR_..._
     20060418.nii` -> 002_S_0295, so that visits stay together), then (version 3) in the names of its folders below
@@ -134,8 +134,9 @@ def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = 
     is a subject of its own, named (version 3) by its path relative to `root`, the data folder, so that the
     hold-out does not depend on where the folder is or how --data was written (version 2: the path)."""
     name = os.path.basename(path)
-    if pattern is not None:  # a `/` matches no file name: such a pattern is for the path (NC/0295/visit1/T1.nii.gz)
-        m = pattern.search(Path(os.path.relpath(path, root)).as_posix() if "/" in pattern.pattern and root else name)
+    if pattern is not None:  # version 4: a pattern with a `/` is for the path (NC/0295/visit1/T1.nii.gz)
+        by_path = version >= 4 and "/" in pattern.pattern and root
+        m = pattern.search(Path(os.path.relpath(path, root)).as_posix() if by_path else name)
         if m is None:
             raise BadInputError(f"--subject-pattern {pattern.pattern!r} does not match {printable(path)}: every file "
                                 "needs its subject (a guess could leak a subject into the hold-out)")
