@@ -160,7 +160,10 @@ def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = 
         fcntl = None
     made = create and fcntl is not None and is_main_process() and not run.exists()
     if made:
-        run.mkdir(parents=True)
+        try:
+            run.mkdir(parents=True)
+        except OSError as e:
+            raise BadInputError(f"cannot make {run} ({e.strerror or e}): give a folder") from None
     if fcntl is None or not run.is_dir() or not is_main_process():
         yield
         return

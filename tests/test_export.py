@@ -215,6 +215,8 @@ def test_a_folder_that_is_not_a_sample_set_is_never_written_into(trained_run, tm
     (tmp_path / "afile").write_text("")
     assert "give --out a folder" in error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out",
                                                             str(tmp_path / "afile")])
+    assert "cannot make" in error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out",
+                                                    str(tmp_path / "afile" / "below")])   # below a file
 
 
 # ----------------------------------------------------------------------------- NIfTI
