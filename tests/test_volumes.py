@@ -214,6 +214,14 @@ def test_a_bids_root_leaves_out_what_its_bidsignore_lists(tmp_path):
     assert listed(raw, bids_all=True) == ["sub-01/anat/sub-01_T1w.nii.gz", "sub-02/anat/sub-02_T1w.nii.gz"]
     with pytest.raises(BadInputError, match="beside them"):                  # runs begun before: as they were listed
         listed(raw, version=3)
+    sessions = tmp_path / "sessions"                 # gitignore's rules: * stays within a name, **/ spans folders
+    touch(sessions, ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz", "sub-01/anat/sub-01_T1w.nii.gz",
+                     "tmp_dcm2bids/helper/001_T1.nii.gz"])
+    for patterns in ("**/tmp_dcm2bids/\nsub-*/*.nii.gz", "tmp_dcm2bids/*\nsub-*/ses-*/func", "**/helper\n*.json"):
+        (sessions / ".bidsignore").write_text(patterns)
+        assert listed(sessions) == ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"]
+    (sessions / ".bidsignore").write_text("tmp_dcm2bids\nsub-*/anat\n")     # the session-less anat/ only
+    assert listed(sessions) == ["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"]
 
 
 def test_disk_cache_key_covers_the_slicing(volume_folder, tmp_path, capsys):

@@ -6,7 +6,6 @@ for BIDS subtrees and trees), and the subject each file belongs to, which the ho
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import os
 import re
 from dataclasses import dataclass
@@ -260,8 +259,8 @@ class ImageFolder(datasets.ImageFolder):
             raise FileNotFoundError(f"no class folders in {printable(directory)}")
         self.ignore = bidsignore(directory) if self.bids and self.layout.version >= 4 else []
         if self.bids and self.layout.version >= 3:
-            _refuse_data_beside_bids(directory, [f for f in folders if not f.startswith("sub-") and f not in BIDS_OWN
-                                                 and not ignored(f, self.ignore)])
+            _refuse_data_beside_bids(directory, [f for f in folders if not f.startswith("sub-") and f not in BIDS_OWN],
+                                     self.ignore)
         return classes, {name: i for i, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
@@ -300,33 +299,53 @@ class ImageFolder(datasets.ImageFolder):
 BIDS_OWN = NOT_RAW | {"code", "stimuli", "phenotype"}   # a BIDS root's folders besides sub-*
 
 
-def bidsignore(root: str) -> list[str]:
-    """The patterns of the BIDS root `root`'s .bidsignore (none without the file); `ignored` matches them."""
+def bidsignore(root: str) -> list[re.Pattern]:
+    """The patterns of the BIDS root `root`'s .bidsignore, as regular expressions of paths relative to it (none
+    without the file), read gitignore's way: a pattern with a `/` before its end is anchored at the root, one
+    without matches at any depth; `*` and `?` stay within a folder name, `**/` spans folders, `[...]` is a class,
+    and a trailing `/` is dropped (what names a folder names what it holds); `!` (un-ignoring) is not read."""
     path = os.path.join(root, ".bidsignore")
     lines = open(path, encoding="utf-8", errors="replace").read().splitlines() if os.path.isfile(path) else []
-    return [line.strip().rstrip("/") for line in lines if line.strip() and not line.startswith(("#", "!"))]
+    return [_gitignore_regex(line.strip()) for line in lines if line.strip() and not line.startswith(("#", "!"))]
 
 
-def ignored(relative: str, patterns: list[str]) -> bool:
-    """Whether a path relative to a BIDS root is one that .bidsignore `patterns` list, gitignore's way: a pattern
-    without a `/` (but at its end) matches a file or folder name at any depth, one with a `/` the path from the
-    root; `*`, `?` and `[...]` as in the shell; `!` (un-ignoring) is not read."""
+def _gitignore_regex(pattern: str) -> re.Pattern:
+    pattern = pattern.rstrip("/")
+    anchored = "/" in pattern
+    text, i, parts = pattern.lstrip("/"), 0, []
+    while i < len(text):
+        if text.startswith("**/", i):
+            parts.append("(?:.*/)?")
+            i += 3
+        elif text.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        elif text[i] in "*?":
+            parts.append("[^/]*" if text[i] == "*" else "[^/]")
+            i += 1
+        elif text[i] == "[" and "]" in text[i + 2:]:
+            close = text.index("]", i + 2)
+            parts.append("[^" + text[i + 2:close] + "]" if text[i + 1] == "!" else text[i:close + 1])
+            i = close + 1
+        else:
+            parts.append(re.escape(text[i]))
+            i += 1
+    return re.compile(("" if anchored else "(?:.*/)?") + "".join(parts))
+
+
+def ignored(relative: str, patterns: list[re.Pattern]) -> bool:
+    """Whether a path relative to a BIDS root is one that `bidsignore` patterns list, or lies in a folder they list."""
     parts = Path(relative).parts
-    for pattern in patterns:
-        if "/" in pattern:
-            anchored = pattern.lstrip("/")
-            if any(fnmatch.fnmatchcase("/".join(parts[:k]), anchored) for k in range(1, len(parts) + 1)):
-                return True
-        elif any(fnmatch.fnmatchcase(part, pattern) for part in parts):
-            return True
-    return False
+    return any(p.fullmatch("/".join(parts[:k])) for p in patterns for k in range(1, len(parts) + 1))
 
 
-def _refuse_data_beside_bids(directory: str, folders: list[str]):
-    """A BIDS root is one class, its sub-* folders: images or volumes in `folders` beside them would be left out."""
+def _refuse_data_beside_bids(directory: str, folders: list[str], ignore: list[re.Pattern]):
+    """A BIDS root is one class, its sub-* folders: images or volumes in `folders` beside them would be left out,
+    unless its .bidsignore lists them (`ignore`)."""
     for name in folders:
         found = next((f for f in _walk(os.path.join(directory, name))
-                      if f.lower().endswith(tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES)), None)
+                      if f.lower().endswith(tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES)
+                      and not ignored(os.path.relpath(f, directory), ignore)), None)
         if found:
             raise BadInputError(f"{printable(directory)} holds BIDS sub-* folders and beside them {printable(found)}: "
                                 "a data folder is a BIDS tree or class folders (which may hold BIDS subtrees), "
