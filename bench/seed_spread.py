@@ -76,7 +76,7 @@ def main():
     if args.ema_lengths and args.weights == "model":
         parser.error("--ema-lengths samples EMA weights; drop --weights model")
     out = Path(args.out)
-    data, holdout, classifier_steps, num = quality_settings(out, args)
+    data, holdout, classifier_steps, num = quality_settings(out, args, args.rows.split(",")[0])
 
     # quality.py's reference half A, its number of samples and its feature network
     dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(data, holdout)
@@ -138,16 +138,19 @@ def main():
     print("(mean ± standard deviation over the seeds; KID x1e3, SWD x1e3)")
 
 
-def quality_settings(out: Path, args) -> tuple[str, float, int, int | None]:
+def quality_settings(out: Path, args, row: str) -> tuple[str, float, int, int | None]:
     """(data, holdout, classifier steps, samples per row; None: the floor half's size) of quality.py's call on OUT:
-    the feature network's key (OUT/classifier.pt) first, then OUT/quality.json, then quality.py's defaults. A flag
-    given with another value is refused: another split would score rows on subjects they trained on, and another
-    feature network would be trained and saved over OUT's, moving every FID of OUT."""
+    the feature network's key (OUT/classifier.pt) first, then OUT/quality.json, then the data config the row OUT/ROW
+    was trained with, then quality.py's defaults. A flag given with another value is refused: another split would
+    score rows on subjects they trained on, and another feature network would be trained and saved over OUT's,
+    moving every FID of OUT."""
     path = out / "classifier.pt"
     saved = load_checkpoint(path, "classifier")["key"] if path.exists() else {}
     info = json.loads((out / "quality.json").read_text())["info"] if (out / "quality.json").exists() else {}
-    resolved = {"data": saved.get("data", info.get("data", "../shared/data/adni_ad_nc")),
-                "holdout": saved.get("holdout", info.get("holdout", 0.1)),
+    vqvae = out / row / "vqvae.pt"
+    trained = DataConfig.from_checkpoint(load_checkpoint(vqvae, "vqvae")).saved() if vqvae.exists() else {}
+    resolved = {"data": saved.get("data", info.get("data", trained.get("root", "../shared/data/adni_ad_nc"))),
+                "holdout": saved.get("holdout", info.get("holdout", trained.get("holdout", 0.1))),
                 "classifier_steps": saved.get("steps", info.get("classifier_steps", 1000))}
     for name, value in resolved.items():
         given = getattr(args, name)

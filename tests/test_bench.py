@@ -128,9 +128,20 @@ def test_seed_spread_takes_the_quality_folders_split_and_feature_network(tmp_pat
     torch.save({"kind": "classifier", "key": key}, tmp_path / "classifier.pt")
     (tmp_path / "quality.json").write_text(json.dumps({"info": {"samples": 16}}))
     unset = Namespace(data=None, holdout=None, classifier_steps=None)
-    assert quality_settings(tmp_path, unset) == (key["data"], 0.2, 20, 16)
-    assert quality_settings(tmp_path, Namespace(data=str(tmp_path / "adni/"), holdout=0.2, classifier_steps=20))[:3] \
-        == (key["data"], 0.2, 20)
+    assert quality_settings(tmp_path, unset, "ours") == (key["data"], 0.2, 20, 16)
+    assert quality_settings(tmp_path, Namespace(data=str(tmp_path / "adni/"), holdout=0.2, classifier_steps=20),
+                            "ours")[:3] == (key["data"], 0.2, 20)
     for name, value in (("holdout", 0.1), ("classifier_steps", 1000), ("data", str(tmp_path))):
         with pytest.raises(SystemExit, match=f"--{name.replace('_', '-')} .* is not OUT's"):
-            quality_settings(tmp_path, Namespace(**{**vars(unset), name: value}))
+            quality_settings(tmp_path, Namespace(**{**vars(unset), name: value}), "ours")
+
+
+def test_seed_spread_falls_back_on_the_rows_own_split_in_an_older_quality_folder(trained_run, tmp_path):
+    """An OUT with Inception features (no classifier.pt) and a quality.json from before it recorded the hold-out."""
+    from argparse import Namespace
+    from seed_spread import quality_settings
+    run, data = trained_run
+    (tmp_path / "ours").symlink_to(run)
+    (tmp_path / "quality.json").write_text(json.dumps({"info": {"samples": 8}}))
+    unset = Namespace(data=None, holdout=None, classifier_steps=None)
+    assert quality_settings(tmp_path, unset, "ours") == (str(data.resolve()), 0.0, 1000, 8)   # trained holding none
