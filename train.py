@@ -68,8 +68,8 @@ def train_vqvae(args):
     dataset, workers, fixed, max_steps = stage1_images(args, rt)
     later = [name for name in ("unet.pt", "decoder.pt") if (Path(args.run) / name).exists()]
     if resume and later and trains_further(args, resume["step"], max_steps, resume):
-        raise BadInputError(f"{' and '.join(later)} in {args.run} learned from this VQ-VAE at step {resume['step']}, and "
-                            f"training it further would leave them unusable: move them away first (with a copy of "
+        raise BadInputError(f"{' and '.join(later)} in {args.run} learned from this VQ-VAE at step {resume['step']}, "
+                            f"and training it further would leave them unusable: move them away first (with a copy of "
                             f"vqvae.pt they stay a working pair), or continue stage 1 in a copy of the run")
 
     # model and optimizer (the model in its memory layout before the optimizer state is loaded)

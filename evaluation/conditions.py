@@ -129,7 +129,8 @@ def condition_check(args, run: Path, model: predict.LatentDiffusion, dataset, tr
         held = [i for i in held_idx if not math.isnan(y[i, k])]
         if len(held) < 2:  # the table lacks the held-out subjects' values: the other checks stand, this one cannot
             print(f"warning: only {len(held)} held-out images have a value of {c.name}; it is not read back")
-            rows.append({"condition": c.name, "images": "not checked: held-out images with a value", "count": len(held)})
+            rows.append({"condition": c.name, "images": "not checked: held-out images with a value",
+                         "count": len(held)})
             continue
         held = [held[int(j)] for j in torch.linspace(0, len(held) - 1, min(budget, len(held))).round().long()]
         real = torch.stack([dataset[i][0] for i in held])

@@ -67,8 +67,8 @@ def images_per_class(n: int, classes: list[str], train_labels: list[int], test_l
     from and not in how much. Refused where the check cannot mean what it says: a run that trained on the test
     subjects (its samples carry them), one class, or held-out subjects of one class (AUC undefined)."""
     if seen:
-        raise BadInputError("--utility tests on held-out subjects, and this run was trained on all subjects: its samples "
-                            "would carry the test subjects (train-vqvae --holdout F leaves subjects out)")
+        raise BadInputError("--utility tests on held-out subjects, and this run was trained on all subjects: its "
+                            "samples would carry the test subjects (train-vqvae --holdout F leaves subjects out)")
     if len(classes) < 2:
         raise BadInputError(f"--utility trains a classifier of the data's classes, and it has one ({classes[0]})")
     absent = [name for c, name in enumerate(classes) if c not in test_labels or c not in train_labels]
