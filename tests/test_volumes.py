@@ -325,6 +325,18 @@ def test_trailing_singleton_dimensions_are_a_3d_volume_which_is_volume_0(tmp_pat
     assert torch.equal(picked.images, three.images)
 
 
+@pytest.mark.parametrize("nifti", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("name", ["v.Nii.Gz", "v.Nii"])
+def test_volumes_named_in_mixed_case_are_read(tmp_path, nifti, name):
+    """nibabel looks for `v.Nii.Gz` as `v.nii.Gz`, which a file system that tells case apart does not have."""
+    image = nifti(blob(seed=2).astype(np.float32), np.eye(4))
+    for folder in ("plain", "mixed"):
+        (tmp_path / folder / "AD").mkdir(parents=True)
+    nib.save(image, tmp_path / "plain" / "AD" / name.lower())
+    shutil.copy(tmp_path / "plain" / "AD" / name.lower(), tmp_path / "mixed" / "AD" / name)
+    assert torch.equal(load_slices(tmp_path / "mixed", 16, 1).images, load_slices(tmp_path / "plain", 16, 1).images)
+
+
 def test_reading_a_volume_stays_within_its_estimated_peak(tmp_path):
     """Stored as scaled int16 in LPS order, the costliest case before: nibabel scaled it in float64."""
     data = (blob((48, 48, 48)) * 10).astype(np.int16)

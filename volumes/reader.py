@@ -55,6 +55,20 @@ def is_volume(path) -> bool:
     return os.fsdecode(path).lower().endswith(VOLUME_SUFFIXES)
 
 
+def load(path) -> nib.spatialimages.SpatialImage:
+    """nib.load, also of a file named `x.Nii` or `x.Nii.gz`: nibabel looks for those as `x.nii`, which a file system
+    that tells case apart does not have. Such a file is read as NIfTI-2 where its header says so (540 bytes), else 1."""
+    path = os.fsdecode(path)
+    stem = path[:-3] if path.lower().endswith(".gz") else path
+    if stem.endswith((".nii", ".NII")) or not stem.lower().endswith(".nii"):
+        return nib.load(path)
+    with nib.openers.ImageOpener(path) as f:
+        size = f.read(4)
+    nifti2 = int.from_bytes(size, "little") == 540 or int.from_bytes(size, "big") == 540
+    holder = nib.FileHolder(path)
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_file_map({"image": holder, "header": holder})
+
+
 @dataclass
 class Slicing:
     """How NIfTI volumes become 2D slices (image folders ignore it).
@@ -120,7 +134,7 @@ def load_voxels(path: str, volume_index: int | None, axis: int) -> tuple[np.ndar
     """(voxels (N, U, V) float32 in RAS order with RAS axis `axis` first, C-contiguous; voxel spacing in mm along
     x, y, z). The stored integers are scaled by the header's slope and intercept in float32, where nibabel would
     scale them in float64 (twice the memory), and reoriented as views before the one float32 copy."""
-    img = nib.load(path)
+    img = load(path)
     proxy = img.dataobj
     if proxy.dtype.fields is not None:   # RGB24 and the like: a colour map (DTI's FA in colour), not intensities
         raise BadInputError(f"{printable(path)} stores {proxy.dtype.names} per voxel, a colour image, not a grey-level "
@@ -290,7 +304,7 @@ def to_volume(image: torch.Tensor, geometry: SliceGeometry) -> nib.Nifti1Image:
     """A map of an image made of one slice (S, S), put back into that slice of its volume: a NIfTI image of the input
     volume's shape (its first 3 dimensions) and affine, zero elsewhere. The padding is cut off, the plane resized
     back to its voxels (bilinear), flipped and transposed back, and the RAS reorientation undone."""
-    img = nib.load(geometry.path)
+    img = load(geometry.path)
     top, left, h, w = geometry.placed
     plane = F.interpolate(image[None, None, top:top + h, left:left + w].float(), size=geometry.plane, mode="bilinear",
                           align_corners=False)[0, 0]
@@ -307,7 +321,7 @@ def to_volume(image: torch.Tensor, geometry: SliceGeometry) -> nib.Nifti1Image:
 def mask_slice(path, geometry: SliceGeometry, image_size: int) -> torch.Tensor:
     """A NIfTI mask of the input volume's grid, cut and placed as that volume's slice was: (S, S) of 0 and 1."""
     voxels, _ = load_voxels(os.fsdecode(path), None, AXES[geometry.axis])
-    source = nib.load(geometry.path)
+    source = load(geometry.path)
     expected = nib.apply_orientation(np.empty(source.shape[:3], dtype=np.uint8), nib.io_orientation(source.affine))
     if voxels.shape != np.moveaxis(expected, AXES[geometry.axis], 0).shape:
         raise BadInputError(f"mask {printable(path)} has another grid than {printable(geometry.path)}")
@@ -321,7 +335,7 @@ def mask_slice(path, geometry: SliceGeometry, image_size: int) -> torch.Tensor:
 def _header(path):
     """The NIfTI image of `path` with only its header read; None if unreadable (reported when it is decoded)."""
     try:
-        return nib.load(os.fsdecode(path))
+        return load(path)
     except UNREADABLE:
         return None
 

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from runtime.errors import BadInputError
-from volumes.reader import AXES, Slicing, printable, read_volume
+from volumes.reader import AXES, Slicing, load, printable, read_volume
 
 ALIGNED = 2          # NIfTI xform code "aligned to another file's or to anatomical truth": not scanner space
 GEOMETRY_VOLUMES = 8  # training volumes read to find the pixel size and intensity range (their medians)
@@ -85,7 +85,7 @@ def read_slice(path) -> np.ndarray:
     """A file written by `slice_volume` back to the image (S, S) in [-1, 1] it was made from; any other NIfTI file
     (a volume, or a slice without the intensity range cal_min < cal_max that says what -1 and +1 were) is refused:
     its numbers cannot be put on the training images' scale."""
-    img = nib.as_closest_canonical(nib.load(path))
+    img = nib.as_closest_canonical(load(path))
     low, high = float(img.header["cal_min"]), float(img.header["cal_max"])
     if len(img.shape) != 3 or min(img.shape) != 1 or not high > low:
         raise BadInputError(f"{printable(path)} ({'x'.join(map(str, img.shape))} voxels, cal_min {low:g}, cal_max "
