@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import statistics
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -50,24 +51,36 @@ from volumes.reader import (VOLUME_SUFFIXES, Slicing, dangling, printable, read_
 def load_image(path: str, mode: str) -> Image.Image:
     """Open an image and convert it to `mode` ("L" or "RGB"); a file PIL cannot decode is named.
 
-    16-bit and float images (MRI exports often use 12 of the 16 bits) are scaled by their own maximum
-    to 0-255, where PIL would clip them to white; a float image's NaN and infinite pixels are black (as a
-    volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on black, the background of a slice.
+    16-bit and float images (MRI exports often use 12 of the 16 bits) are scaled by their own range, from 0 (or
+    their minimum, where that is below 0: signed or z-scored values) to their maximum, to 0-255, where PIL would clip
+    them to white; each image by its own, as each volume is by its own percentiles. A float image's NaN and infinite
+    pixels are black (as a volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on black, the
+    background of a slice. A 16-bit colour PNG, which PIL reads as its pixels' top 8 bits, is refused.
     """
     try:
         with Image.open(path) as img:
             if getattr(img, "n_frames", 1) > 1 and img.format == "TIFF":  # a stack: only its first slice would be read
                 raise BadInputError(f"{printable(path)} holds {img.n_frames} images (a TIFF stack): save one slice "
                                     "per file, or the volume as NIfTI")
+            if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+                raise BadInputError(f"{printable(path)} is a 16-bit colour PNG, which Pillow reads as its pixels' top 8 "
+                                    "bits (a 12-bit scan nearly black): save it as 16-bit greyscale, or as 8 bits")
             if img.mode.startswith("I") or img.mode == "F":
                 a = np.asarray(img, dtype=np.float64)
-                a = np.where(np.isfinite(a), a, 0).clip(0, None)
+                a = np.where(np.isfinite(a), a, 0)
+                a = a - min(a.min(), 0)
                 img = Image.fromarray((a * (255.0 / a.max()) if a.max() > 0 else a).round().astype(np.uint8))
             elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
             return img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadInputError(f"cannot read image {printable(path)}: {e}{dangling(path)}") from None
+
+
+def _png_bit_depth(path) -> int:
+    """The bits per sample a PNG file's header (IHDR) gives."""
+    with open(path, "rb") as f:
+        return f.read(25)[24]
 
 
 def card_transform(image_size: int, channels: int) -> transforms.Compose:
@@ -313,18 +326,51 @@ def load_slices(root, image_size: int = 256, channels: int = 1, cache_gb: float 
 
 # ----------------------------------------------------------------------------- subject-level split
 
-def split_by_subject(paths: list[str], holdout: float, seed: int = 0,
-                     subject: Callable[[str], str] = subject_id) -> tuple[list[int], list[int]]:
+def split_by_subject(paths: list[str], holdout: float, seed: int = 0, subject: Callable[[str], str] = subject_id,
+                     labels: list[str] | None = None) -> tuple[list[int], list[int]]:
     """Indices (train, held_out): a seeded random `holdout` fraction of subjects, whole subjects only.
-    subject: whose each path is (a run's `Layout.subject`; default: the current rules)."""
+    subject: whose each path is (a run's `Layout.subject`; default: the current rules).
+    labels: each path's class name (layout version 5): the fraction is drawn within each class, rounded, and never the
+    whole of one, so that no class is left out of training; a subject with images in several classes is drawn with
+    the others of the same classes. One subject is held out where the rounding leaves none; none at all is an error.
+    Without labels (versions 1-4) the subjects are drawn from all classes at once."""
     owners = [subject(p) for p in paths]
-    subjects = sorted(set(owners))
     rng = np.random.default_rng(seed)
-    n_held = min(len(subjects) - 1, max(1, round(holdout * len(subjects))))
-    held = set(rng.permutation(subjects)[:n_held].tolist())
+    if labels is None:
+        subjects = sorted(set(owners))
+        n_held = min(len(subjects) - 1, max(1, round(holdout * len(subjects))))
+        held = set(rng.permutation(subjects)[:n_held].tolist())
+    else:
+        held = _held_within_classes(owners, labels, holdout, rng)
     train_idx = [i for i, s in enumerate(owners) if s not in held]
     held_idx = [i for i, s in enumerate(owners) if s in held]
     return train_idx, held_idx
+
+
+def subjects_by_class(owners: list[str], labels: list[str]) -> dict[tuple[str, ...], list[str]]:
+    """{classes: their subjects, sorted}: each subject under the classes its images are of (most subjects: one)."""
+    classes = {}
+    for owner, label in zip(owners, labels):
+        classes.setdefault(owner, set()).add(label)
+    groups = {}
+    for owner in sorted(classes):
+        groups.setdefault(tuple(sorted(classes[owner])), []).append(owner)
+    return dict(sorted(groups.items()))
+
+
+def _held_within_classes(owners: list[str], labels: list[str], holdout: float, rng: np.random.Generator) -> set[str]:
+    groups = subjects_by_class(owners, labels)
+    held = [s for subjects in groups.values()
+            for s in rng.permutation(subjects)[:min(len(subjects) - 1, round(holdout * len(subjects)))].tolist()]
+    largest = max(groups.values(), key=len)
+    if not held and len(largest) > 1:  # each class too small for its share: one subject of the largest
+        held = [largest[rng.integers(len(largest))]]
+    if not held:
+        found = ", ".join(f"{'+'.join(k)} {len(s)}" for k, s in groups.items())
+        raise BadInputError(f"--holdout {holdout:g} leaves out no subject: the naming rules find one subject per class "
+                            f"({found}), which training keeps; if the files are of more people, name them with "
+                            "--subject-pattern (or train on all with --holdout 0)")
+    return set(held)
 
 
 # ----------------------------------------------------------------------------- a run's training set, in batches
@@ -393,6 +439,23 @@ class DataConfig:
         """Whose each file of the data folder is, by the run's layout: `subject()(path)`."""
         return partial(self.layout.subject, root=str(self.folder()))
 
+    def strata(self, samples: list[tuple[str, int]], classes: list[str]) -> list[str] | None:
+        """Each (path, class index) sample's class name, within which layout version 5 draws the hold-out (and
+        `evaluate` its halves); None for runs of earlier versions, drawn from all classes at once."""
+        return [classes[k] for _, k in samples] if self.layout.version >= 5 else None
+
+    def split(self, samples: list[tuple[str, int]], classes: list[str]) -> tuple[list[int], list[int]]:
+        """(train, held_out) indices of the (path, class index) `samples`: the run's held-out subjects."""
+        return split_by_subject([p for p, _ in samples], self.holdout, self.holdout_seed, self.subject(),
+                                self.strata(samples, classes))
+
+    def refuse_inside(self, folder: str | Path, flag: str):
+        """A run or output folder inside the data folder: what is written there (grids, checkpoints, samples) would
+        be listed as training images, a class of their own or among a class's, by the next command that reads it."""
+        if self.root and Path(folder).resolve().is_relative_to(Path(self.root).resolve()):
+            raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there would be "
+                                "read as training images; put it elsewhere")
+
     def saved(self) -> dict:
         """The config as a run saves it, its folder as an absolute path (so that stage 2 finds it from anywhere)."""
         return {**asdict(self), "root": os.path.abspath(self.folder())}
@@ -413,7 +476,7 @@ def training_files(data: DataConfig, expand_volumes: bool = True) -> tuple[list[
     if folders.volumes and expand_volumes:
         samples = [s for s in samples for _ in volume_span(s[0], data.slicing, data.skip_bad_images)]
     if data.holdout > 0:
-        train_idx, _ = split_by_subject([p for p, _ in samples], data.holdout, data.holdout_seed, data.subject())
+        train_idx, _ = data.split(samples, folders.classes)
         samples = [samples[i] for i in train_idx]
     return samples, folders.classes
 
@@ -426,8 +489,7 @@ def training_data(data: DataConfig, cache_gb: float, workers: int, disk_cache: P
                           build_guard=build_guard, skip_bad=data.skip_bad_images, slicing=data.slicing,
                           layout=data.layout)
     if data.holdout > 0:
-        train_idx, _ = split_by_subject([p for p, _ in dataset.samples], data.holdout, data.holdout_seed,
-                                        data.subject())
+        train_idx, _ = data.split(dataset.samples, dataset.classes)
         dataset = Subset(dataset, train_idx)
     return dataset
 
@@ -446,20 +508,24 @@ def subject_summary(data: DataConfig) -> str:
             f"{per_subject[0]}, median {statistics.median(per_subject):g}, max {per_subject[-1]})")
     if data.holdout == 0:
         return line + "; nothing held out"
-    _, held_idx = split_by_subject(paths, data.holdout, data.holdout_seed, subject)
-    line += f"; held out: {_count(len({owners[i] for i in held_idx}), 'subject')}, {_count(len(held_idx), kind)}"
-    subjects_of_class = {}
-    for owner, (_, label) in zip(owners, folders.samples):
-        subjects_of_class.setdefault(folders.classes[label], set()).add(owner)
-    alone = [name for name, subjects in subjects_of_class.items() if len(subjects) == 1 and len(folders.classes) > 1]
+    _, held_idx = data.split(folders.samples, folders.classes)
+    held = {owners[i] for i in held_idx}
+    line += f"; held out: {_count(len(held), 'subject')}"
+    groups = subjects_by_class(owners, [folders.classes[k] for _, k in folders.samples])
+    if len(folders.classes) > 1:
+        line += " (" + ", ".join(f"{'+'.join(k)} {len(held.intersection(s))} of {len(s)}" for k, s in groups.items()) + ")"
+    line += f", {_count(len(held_idx), kind)}"
+    alone = ["+".join(k) for k, subjects in groups.items() if len(subjects) == 1 and len(folders.classes) > 1]
     if alone:
-        line += (f"; WARNING: class {', '.join(alone)} is one subject by the naming rules, so the hold-out takes all "
-                 "of it or none: if its files are of several people, name them with --subject-pattern")
+        fate = "leaves all of it in training" if data.layout.version >= 5 else "takes all of it or none"
+        line += (f"; WARNING: class {', '.join(alone)} is one subject by the naming rules, so the hold-out {fate}: if "
+                 "its files are of several people, name them with --subject-pattern")
     root = str(data.folder())
     unnamed = sum(owner in (path, os.path.relpath(path, root)) for owner, path in zip(owners, paths))
     if unnamed:  # NC/0295/visit1/T1.nii.gz and NC/0295/visit2/T1.nii.gz: two subjects
         line += (f"; WARNING: {unnamed} of the {_count(len(paths), kind)} carry no subject ID the naming rules know "
-                 "(BIDS sub-*, ADNI 002_S_0295, OASIS, NAME_<number>) and are each a subject of their own, so the "
+                 "(BIDS sub-*, ADNI 002_S_0295, OASIS, NAME_<number>, a folder below the class folder) and are each "
+                 "a subject of their own, so the "
                  "hold-out may split one person's scans: if some are of one person, name them with --subject-pattern")
     return line
 
@@ -525,7 +591,17 @@ def uint8_loader(dataset, batches, workers: int, pin_memory: bool = False) -> Da
     (they overlap its disk reads); in memory a gather beats the hand-over."""
     images, index, on_disk = uint8_images(dataset)
     return DataLoader(_Gather(images, index), sampler=batches, batch_size=None, num_workers=workers if on_disk else 0,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, worker_init_fn=_leave_stop_signals_to_the_trainer)
+
+
+def _leave_stop_signals_to_the_trainer(worker_id: int):
+    """A loader worker leaves the trainer's process group and ignores SIGINT: Ctrl-C in a terminal, or a SIGTERM
+    sent to the group (`kill -- -PGID`), reaches every process of the group, and a worker that died of it would fail
+    the step that the trainer finishes before it saves (runtime/signals.py). SIGTERM still ends a worker: it is how
+    the trainer ends its workers when it exits; a worker also ends by itself once the trainer is gone."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def to_unit(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:

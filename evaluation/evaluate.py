@@ -52,7 +52,7 @@ from torchvision.utils import save_image
 
 import predict
 from conditions.table import CLASS
-from dataset import card_transform, load_image, load_slices, split_by_subject
+from dataset import card_transform, load_image, load_slices, split_by_subject, subjects_by_class
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
@@ -74,28 +74,36 @@ STAGE1_RECONSTRUCTIONS = "reconstructions, stage 1's decoder"  # the row beside 
 
 # ----------------------------------------------------------------------------- data
 
-def evaluation_split(paths: list[str], holdout: float, seed: int, subject: Callable[[str], str] = subject_id
-                     ) -> tuple[list[int], list[int], list[int]]:
+def evaluation_split(paths: list[str], holdout: float, seed: int, subject: Callable[[str], str] = subject_id,
+                     labels: list[str] | None = None) -> tuple[list[int], list[int], list[int]]:
     """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects.
-    subject: whose each path is, by the run's own rules (`DataConfig.subject()`)."""
-    train_idx, held_idx = split_by_subject(paths, holdout, seed, subject)
-    return (train_idx, *halves(paths, held_idx, seed + 1, subject=subject))
+    subject: whose each path is, by the run's own rules (`DataConfig.subject()`).
+    labels: each path's class name (layout version 5, `DataConfig.strata`): both splits are drawn within classes."""
+    train_idx, held_idx = split_by_subject(paths, holdout, seed, subject, labels)
+    return (train_idx, *halves(paths, held_idx, seed + 1, subject=subject, labels=labels))
 
 
-def halves(paths: list[str], indices: list[int], seed: int, what: str = "", subject: Callable[[str], str] = subject_id
-           ) -> tuple[list[int], list[int]]:
-    """The images `indices` split into two halves of their subjects, at random (seeded)."""
-    subjects = sorted({subject(paths[i]) for i in indices})
+def halves(paths: list[str], indices: list[int], seed: int, what: str = "", subject: Callable[[str], str] = subject_id,
+           labels: list[str] | None = None) -> tuple[list[int], list[int]]:
+    """The images `indices` split into two halves of their subjects, at random (seeded). With `labels`, each class's
+    subjects are dealt to the halves in turn, so that the halves' class mixes differ by one subject at most."""
+    owners = {i: subject(paths[i]) for i in indices}
+    subjects = sorted(set(owners.values()))
     if len(subjects) < 2:
         raise BadInputError(f"only {len(subjects)} held-out subject{what}; evaluation needs 2 or more (raise --holdout)")
-    half_a = set(np.random.default_rng(seed).permutation(subjects)[:len(subjects) // 2].tolist())
-    return ([i for i in indices if subject(paths[i]) in half_a],
-            [i for i in indices if subject(paths[i]) not in half_a])
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        half_a = set(rng.permutation(subjects)[:len(subjects) // 2].tolist())
+    else:
+        groups = subjects_by_class(list(owners.values()), [labels[i] for i in indices])
+        half_a = set([s for group in groups.values() for s in rng.permutation(group).tolist()][1::2])
+    return [i for i in indices if owners[i] in half_a], [i for i in indices if owners[i] not in half_a]
 
 
 def class_mix(dataset, indices: list[int]) -> dict[str, int]:
-    """{class: images} of dataset[indices]. The halves are drawn by subject, not by class, so their mixes may differ
-    (on the ADNI subset's split: NC 40% of A, 75% of B), and part of the floor's distance is then a class shift."""
+    """{class: images} of dataset[indices]. Runs of layout version 5 draw the halves within classes; earlier ones by
+    subject alone, so that their mixes may differ (on the ADNI subset's split: NC 40% of A, 75% of B), and part of
+    the floor's distance is then a class shift."""
     counts = Counter(dataset.samples[i][1] for i in indices)
     return {name: counts[k] for k, name in enumerate(dataset.classes)}
 
@@ -319,9 +327,10 @@ def utility(args, model, column: int, settings, dataset, train_idx: list[int], t
 
 def evaluate(args):
     run, out = Path(args.run), Path(args.out or args.run)
-    if args.classifier_steps < 0 or not 0 < args.holdout < 1:
-        raise BadInputError(f"--classifier-steps must be 0 or more and --holdout in (0, 1), got "
-                            f"{args.classifier_steps} and {args.holdout}")
+    if args.classifier_steps < 0:
+        raise BadInputError(f"--classifier-steps must be 0 or more, got {args.classifier_steps}")
+    if not 0 < args.holdout < 1:
+        raise BadInputError(f"--holdout must be in (0, 1), got {args.holdout}")
     if args.class_name is not None and args.samples:
         raise BadInputError("--class scores the run's own conditional samples; it cannot be used with --samples")
     if args.num is not None and args.samples:
@@ -336,6 +345,7 @@ def evaluate(args):
                             if not args.samples else "--ema-lengths scores the run's own samples; not with --samples")
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
+    data.refuse_inside(out, "--out")
     image_size, channels = data.image_size, data.channels
     samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
 
@@ -348,7 +358,8 @@ def evaluate(args):
     if seen:
         print(f"warning: {run} was trained on all subjects; the {holdout:.0%} held out here were seen in training, "
               f"so the figures are optimistic (train-vqvae --holdout F leaves subjects out)")
-    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed, subject)
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed, subject,
+                                                     data.strata(dataset.samples, dataset.classes))
     reference, ref_labels = stack(dataset, ref_idx)
     floor, floor_labels = stack(dataset, floor_idx)
     training, _ = stack(dataset, training_sample(train_idx, len(floor_idx), seed))

@@ -2,6 +2,8 @@
 should have to clean by hand (NIfTI volumes and the demo data: test_volumes.py)."""
 import os
 import shutil
+import struct
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -146,9 +148,12 @@ def test_a_run_saved_before_layouts_keeps_its_files_and_subjects_and_the_summary
     old = DataConfig.from_checkpoint({"data_config": saved})
     assert old.layout == Layout(version=1) and not old.slicing.crop_foreground
     assert subject_summary(old).startswith("data: 4 volumes of 3 subjects (volumes per subject: min 1, median 1, "
-                                           "max 2); held out: 2 subjects, ")  # every NIfTI; a visit is a subject
-    assert subject_summary(new).startswith("data: 3 volumes of 2 subjects (volumes per subject: min 1, median 1.5, "
-                                           "max 2); held out: 1 subject, ")
+                                           "max 2); held out: 2 subjects (AD 1 of 1, NC 1 of 2), ")  # a visit a subject
+    version4 = DataConfig(root=str(root), holdout=0.5, layout=Layout(version=4))
+    assert subject_summary(version4).startswith("data: 3 volumes of 2 subjects (volumes per subject: min 1, median "
+                                                "1.5, max 2); held out: 1 subject (")   # one class left out whole
+    with pytest.raises(BadInputError, match=r"leaves out no subject: .* one subject per class \(AD 1, NC 1\)"):
+        subject_summary(new)                                                # version 5 keeps each class in training
 
 
 def test_the_data_files_key_follows_names_and_sizes_not_places_or_times(volume_folder, tmp_path):
@@ -274,6 +279,33 @@ def test_float_images_with_nan_or_infinite_pixels_keep_their_contrast(tmp_path):
         assert (pixels[:, :4] == 0).all() and (pixels[:, 4:] == clean[:, 4:]).all(), bad
 
 
+def test_signed_images_keep_their_negative_half_and_16_bit_colour_pngs_are_refused(tmp_path):
+    """A z-scored float or a signed 16-bit image runs from its minimum: clipped at 0, its darker half was all black.
+    Pillow reads a 16-bit colour PNG as its top 8 bits, a 12-bit scan as 0-15 of 255: refused, not trained on dark."""
+    from dataset import load_image
+    z = np.tile(np.linspace(-2, 2, 65), (8, 1)).astype(np.float32)          # z-scores; the middle column is 0
+    Image.fromarray(z, "F").save(tmp_path / "z.tif")
+    signed = Image.fromarray((z * 1000).astype(np.int32), "I")              # signed integers
+    signed.save(tmp_path / "signed.tif")
+    for name in ("z.tif", "signed.tif"):
+        pixels = np.asarray(load_image(str(tmp_path / name), "L"), dtype=float)[0]
+        assert pixels[0] == 0 and pixels[-1] == 255 and abs(pixels[32] - 127.5) <= 1, name
+        assert (np.diff(pixels) >= 0).all() and len(np.unique(pixels[:32])) > 20, name   # no black half
+
+    def png16(path, samples, colour_type, width):                           # Pillow cannot write these
+        rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)
+        chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                    + struct.pack(">I", zlib.crc32(kind + data)))
+        header = struct.pack(">IIBBBBB", width, len(samples), 16, colour_type, 0, 0, 0)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                         + chunk(b"IEND", b""))
+    png16(tmp_path / "rgb48.png", np.full((4, 12), 3000), 2, 4)
+    png16(tmp_path / "grey16.png", np.tile(np.arange(4) * 1000, (4, 1)), 0, 4)
+    with pytest.raises(BadInputError, match="rgb48.png is a 16-bit colour PNG"):
+        load_image(str(tmp_path / "rgb48.png"), "L")
+    assert np.asarray(load_image(str(tmp_path / "grey16.png"), "L"))[0].tolist() == [0, 85, 170, 255]
+
+
 def test_split_folders_in_any_spelling_and_what_is_not_a_class(tmp_path):
     for splits in (("Train", "Test"), ("training", "validation", "testing")):
         root = touch(tmp_path / "_".join(splits), [f"{s}/{c}/{c}{i}_1.png" for s in splits for c in ("AD", "NC")
@@ -306,6 +338,48 @@ def test_a_bids_root_with_images_beside_its_subjects_is_refused(tmp_path):
     assert "1 found" in message and "suffix T1w" in message                 # says why nothing was taken
 
 
+def _subjects_and_classes(sizes: dict[str, int], images: int = 3) -> tuple[list[str], list[str]]:
+    """Paths of `sizes[class]` subjects of `images` images each, and each path's class."""
+    paths = [f"/d/{c}/{c}{s}_{k}.png" for c, n in sizes.items() for s in range(n) for k in range(images)]
+    return paths, [p.split("/")[2] for p in paths]
+
+
+def test_the_hold_out_is_drawn_within_each_class():
+    """8 AD subjects and 1 NC at 20%: drawn from all subjects at once (layout versions 1-4), some seeds hold the NC
+    subject out, and no NC image is trained on; drawn within each class (version 5), 2 of AD are held out and NC
+    stays in training, on every seed."""
+    paths, labels = _subjects_and_classes({"AD": 8, "NC": 1})
+    at_once = [split_by_subject(paths, 0.2, seed) for seed in range(20)]
+    assert any({labels[i] for i in train} == {"AD"} for train, _ in at_once)
+    for seed in range(20):
+        train, held = split_by_subject(paths, 0.2, seed, labels=labels)
+        assert sorted(train + held) == list(range(len(paths))) and {labels[i] for i in train} == {"AD", "NC"}
+        assert len({subject_id(paths[i]) for i in held}) == 2 and {labels[i] for i in held} == {"AD"}
+    paths, labels = _subjects_and_classes({"AD": 10, "NC": 10})
+    train, held = split_by_subject(paths, 0.1, 0, labels=labels)
+    assert sorted(labels[i] for i in held if i % 3 == 0) == ["AD", "NC"]     # one subject of each
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4), holdout=st.floats(0.01, 0.99), seed=st.integers(0, 9))
+def test_the_hold_out_within_classes_takes_each_class_s_share_and_never_all_of_one(sizes, holdout, seed):
+    paths, labels = _subjects_and_classes({f"C{k}": n for k, n in enumerate(sizes)}, images=2)
+    if max(sizes) == 1:                                                      # nothing can be held out
+        with pytest.raises(BadInputError, match="leaves out no subject"):
+            split_by_subject(paths, holdout, seed, labels=labels)
+        return
+    train, held = split_by_subject(paths, holdout, seed, labels=labels)
+    held_subjects = {subject_id(paths[i]) for i in held}
+    assert not held_subjects & {subject_id(paths[i]) for i in train}        # whole subjects
+    shares = {f"C{k}": min(n - 1, round(holdout * n)) for k, n in enumerate(sizes)}
+    per_class = {c: len({subject_id(paths[i]) for i in held if labels[i] == c}) for c in shares}
+    if sum(shares.values()):
+        assert per_class == shares
+    else:                                                                    # rounded to none: one of the largest
+        assert len(held_subjects) == 1 and sizes[int(labels[held[0]][1:])] == max(sizes)
+    assert {labels[i] for i in train} == set(shares)                         # every class is trained on
+
+
 def test_the_hold_out_is_the_same_wherever_the_folder_is_and_however_it_is_named(tmp_path, monkeypatch):
     names = [f"{c}{n}.png" for c in ("AD", "NC") for n in
              ("alpha_1", "beta_1", "gamma_1", "delta_1", "scanA", "scanB", "scanC", "scanD", "omega_1", "zeta_1")]
@@ -327,20 +401,27 @@ def test_the_hold_out_is_the_same_wherever_the_folder_is_and_however_it_is_named
 
 def test_a_class_of_one_subject_is_named_in_the_summary(tmp_path):
     root = touch(tmp_path / "data", [f"{c}/{c}_{i:03d}.png" for c in ("AD", "NC") for i in range(5)])
-    summary = subject_summary(DataConfig(root=str(root), holdout=0.2))
+    summary = subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(version=4)))
     assert "WARNING: class AD, NC is one subject" in summary and "--subject-pattern" in summary
+    with pytest.raises(BadInputError, match=r"one subject per class \(AD 1, NC 1\).*--subject-pattern"):
+        subject_summary(DataConfig(root=str(root), holdout=0.2))          # version 5: no class held out whole
     assert "WARNING" not in subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(
         subject_pattern=r"_(\d+)")))
 
 
 def test_files_of_no_known_subject_id_are_named_in_the_summary(tmp_path):
-    """Visits in folders of their own (NC/0295/visit1/T1.png) are each a subject by the rules: the split may part
-    them, and the summary says so."""
+    """Files named by no rule (AD/scan.png) are each a subject of their own: the split may part a person's, and the
+    summary says so. Visits in folders of their own (NC/0295/visit1/T1.png) were (layout version 4); version 5 takes
+    the folder below the class folder for their subject."""
     names = [f"{c}/{s}/visit{v}/T1.png" for c in ("AD", "NC") for s in range(3) for v in (1, 2)]
     root = touch(tmp_path / "data", names)
-    summary = subject_summary(DataConfig(root=str(root), holdout=0.2))
+    summary = subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(version=4)))
     assert "data: 12 images of 12 subjects" in summary
     assert "WARNING: 12 of the 12 images carry no subject ID" in summary and "--subject-pattern" in summary
+    summary = subject_summary(DataConfig(root=str(root), holdout=0.2))
+    assert "data: 12 images of 3 subjects" in summary and "WARNING" not in summary  # 0, 1, 2: in AD and NC alike
+    loose = touch(tmp_path / "loose", [f"{c}/scan{c}{v}.png" for c in ("AD", "NC") for v in range(4)])
+    assert "WARNING: 8 of the 8 images carry no subject ID" in subject_summary(DataConfig(root=str(loose), holdout=0.2))
     by_folder = subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(subject_pattern=r"^([^/]+/\d)/")))
     assert "data: 12 images of 6 subjects" in by_folder and "WARNING" not in by_folder   # a pattern with a / : the path
     assert "WARNING" not in subject_summary(DataConfig(root=str(tmp_path / "data"), holdout=0.0))  # nothing held out

@@ -51,9 +51,10 @@ def command(stage: str, run: Path, data: Path, *extra) -> list[str]:
             "--save-every", "2", "--deterministic", *extra]
 
 
-def start_and_wait_for_checkpoint(cmd: list[str], ckpt_path: Path) -> subprocess.Popen:
-    """Start a training process and return once it has written its first checkpoint."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_and_wait_for_checkpoint(cmd: list[str], ckpt_path: Path, session: bool = False) -> subprocess.Popen:
+    """Start a training process (with `session`, as the leader of a process group of its own, as a terminal starts
+    a command) and return once it has written its first checkpoint."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=session)
     deadline = time.monotonic() + 180
     while not ckpt_path.exists():
         assert proc.poll() is None, proc.communicate()
@@ -106,19 +107,33 @@ def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(stage,
         assert torch.equal(resumed["disc_optimizer"]["state"][i]["exp_avg"], state["exp_avg"])
 
 
-@pytest.mark.parametrize("sig, stage", [(signal.SIGINT, "vqvae"), (signal.SIGTERM, "unet")])
-def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(sig, stage, blobs, tmp_path):
+ON_DISK = ["--cache-gb", "0", "--workers", "2"]   # the images memory-mapped, read by two loader processes
+
+
+@pytest.mark.parametrize("sig, stage, extra", [(signal.SIGINT, "vqvae", []), (signal.SIGTERM, "unet", []),
+                                               (signal.SIGINT, "vqvae", ON_DISK), (signal.SIGTERM, "vqvae", ON_DISK)],
+                         ids=["sigint-vqvae", "sigterm-unet", "group-sigint-loader-workers",
+                              "group-sigterm-loader-workers"])
+def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(sig, stage, extra, blobs, tmp_path):
+    """The signal to the process alone, or (with loader workers) to its whole group, as Ctrl-C in a terminal and
+    many schedulers send it: the workers leave it to the trainer, which finishes its step and saves."""
     run = tmp_path / "run"
     if stage == "unet":
         subprocess.run(command("vqvae", run, blobs, "--max-steps", "2"), check=True, capture_output=True)
     path = run / f"{stage}.pt"
-    proc = start_and_wait_for_checkpoint(command(stage, run, blobs, "--max-steps", "100000"), path)
-    proc.send_signal(sig)
+    proc = start_and_wait_for_checkpoint(command(stage, run, blobs, "--max-steps", "100000", *extra), path,
+                                         session=bool(extra))
+    if extra:
+        time.sleep(1)   # the loader's workers are up
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     step = ckpt(path)["step"]
     assert f"{signal.Signals(sig).name} received: saved {path} at step {step}; run the same command with --resume" in err
-    subprocess.run(command(stage, run, blobs, "--max-steps", str(step + 2), "--resume"), check=True, capture_output=True)
+    subprocess.run(command(stage, run, blobs, "--max-steps", str(step + 2), "--resume", *extra), check=True,
+                   capture_output=True)
     assert ckpt(path)["step"] == step + 2
 
 

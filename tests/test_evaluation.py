@@ -1,6 +1,7 @@
 """Evaluation: metrics on constructed cases with known answers, the subject split, `driver.py evaluate` end to end."""
 import json
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -148,6 +149,22 @@ def test_evaluation_split_keeps_every_subject_on_one_side():
     assert len(sides[1]) == 3 and len(sides[2]) == 3
     assert evaluation_split(paths, 0.2, 3) == (train, ref, floor)  # seeded
     assert evaluation_split(paths, 0.2, 4)[1] != ref
+
+
+def test_evaluation_halves_are_drawn_within_classes_where_the_run_s_layout_says_so():
+    """Layout version 5 deals each class's held-out subjects to the halves in turn: their class mixes differ by one
+    subject at most, where halving by subject alone gave the ADNI subset's NC 40% of A and 75% of B."""
+    paths = [f"/d/{c}/{c}{s:02d}_{k}.png" for c, n in (("AD", 30), ("NC", 30)) for s in range(n) for k in range(2)]
+    labels = [p.split("/")[2] for p in paths]
+    spread = []
+    for seed in range(10):
+        train, ref, floor = evaluation_split(paths, 0.3, seed, labels=labels)
+        mixes = [Counter(labels[i] for i in half) for half in (ref, floor)]
+        assert abs(mixes[0]["AD"] - mixes[1]["AD"]) <= 2 and abs(mixes[0]["NC"] - mixes[1]["NC"]) <= 2  # 2 images
+        assert sorted(train + ref + floor) == list(range(len(paths)))
+        by_subject = [Counter(labels[i] for i in half) for half in evaluation_split(paths, 0.3, seed)[1:]]
+        spread.append(abs(by_subject[0]["AD"] - by_subject[1]["AD"]))
+    assert max(spread) > 2                                                   # by subject alone, mixes drift apart
 
 
 def test_format_table_states_the_ratio_to_the_floor():

@@ -453,6 +453,23 @@ def test_adni_folders_and_oasis_names_keep_a_subject_s_visits_together():
     assert old.subject("/d/AD/scan.png", "/d") == "/d/AD/scan.png"            # a file of no subject: its path
     assert Layout().subject("/d/AD/scan.png", "/d") == "AD/scan.png"          # its path in the data folder
 
+def test_a_subject_s_folder_below_its_class_folder_names_its_files():
+    """Layout version 5: where a file's name carries no subject ID, the folder below its class folder does; a name's
+    `<subject>_<number>` counts only where the subject holds a digit (patient7_2, not slice_078)."""
+    assert subject_id("/d/AD/patient01/slice_078.png", root="/d") == "patient01"
+    assert subject_id("/d/AD/patient01/078.png", root="/d") == "patient01"
+    assert subject_id("/d/train/AD/patient01/slice_078.png", root="/d") == "patient01"        # below a split folder
+    assert subject_id("/d/NC/0295/visit1/T1.nii.gz", root="/d") == "0295"                      # visits in folders
+    assert subject_id("/d/AD/slices/patient01_078.png", root="/d") == "patient01"             # the name's, first
+    assert subject_id("/d/AD/sub-0295/slice_080.png", root="/d") == "sub-0295"                # a BIDS label folder
+    assert subject_id("/d/AD/slice_078.png", root="/d") == "slice"                            # no folder: as before
+    assert subject_id("/d/AD/scan.png", root="/d") == "AD/scan.png"
+    assert subject_id("/sub-x/d/AD/scan.png", root="/sub-x/d") == "AD/scan.png"               # not above the data
+    v4 = Layout(version=4)                                                   # runs begun before: their subjects
+    assert [v4.subject(p, "/d") for p in ("/d/AD/patient01/slice_078.png", "/d/NC/0295/visit1/T1.nii.gz",
+                                           "/d/AD/sub-0295/slice_080.png")] == ["slice", "NC/0295/visit1/T1.nii.gz",
+                                                                                 "slice"]
+
 
 # ----------------------------------------------------------------------------- the embedded demo data
 

@@ -17,7 +17,7 @@ from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
 
 
-LAYOUT_VERSION = 4   # the rules of new runs; see Layout
+LAYOUT_VERSION = 5   # the rules of new runs; see Layout
 SPLITS = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "testing": 2}  # and their order
 NOT_A_CLASS = {"__MACOSX"}   # what macOS's zip leaves beside the folders it packed
 
@@ -125,13 +125,16 @@ def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = 
     `pattern` searched in the file name, or (version 4) where it holds a `/` in the file's path below `root` (its
     group `subject`, else group 1, else the whole match; a file it does not match is an error: a guess could put
     one subject on both sides of the hold-out); else a BIDS `sub-<label>` starting the file's name, or the name of its
-    BIDS folder `sub-<label>/[ses-<label>/]anat/` (no folder higher up: the data folder itself may sit under one
-    named sub-something); else ADNI's subject ID `\\d{3}_S_\\d{4}` in the file name (`ADNI_002_S_0295_MR_..._
-    20060418.nii` -> 002_S_0295, so that visits stay together), then (version 3) in the names of its folders below
-    `root` (dcm2niix's `002_S_0295/MPRAGE/<date>/I40966/x.nii`), then OASIS' `OAS1_0001` in the file name, and
-    (version 4) OASIS-3's `OAS30001`; else `<subject>_<number>` of the name without its extension; else the file
-    is a subject of its own, named (version 3) by its path relative to `root`, the data folder, so that the
-    hold-out does not depend on where the folder is or how --data was written (version 2: the path)."""
+    BIDS folder `sub-<label>/[ses-<label>/]anat/` (version 5: of any folder below `root`; never a folder higher up:
+    the data folder itself may sit under one named sub-something); else ADNI's subject ID `\\d{3}_S_\\d{4}` in the
+    file name (`ADNI_002_S_0295_MR_..._20060418.nii` -> 002_S_0295, so that visits stay together), then (version 3)
+    in the names of its folders below `root` (dcm2niix's `002_S_0295/MPRAGE/<date>/I40966/x.nii`), then OASIS'
+    `OAS1_0001` in the file name, and (version 4) OASIS-3's `OAS30001`; else `<subject>_<number>` of the name
+    without its extension (version 5: where `<subject>` holds a digit, patient7_2 but not slice_078); else (version
+    5) the first folder below its class folder (`AD/patient01/slice_078.png`, `NC/0295/visit1/T1.nii.gz`); else
+    `<subject>_<number>` whatever its subject; else the file is a subject of its own, named (version 3) by its path
+    relative to `root`, the data folder, so that the hold-out does not depend on where the folder is or how --data
+    was written (version 2: the path)."""
     name = os.path.basename(path)
     if pattern is not None:  # version 4: a pattern with a `/` is for the path (NC/0295/visit1/T1.nii.gz)
         by_path = version >= 4 and "/" in pattern.pattern and root
@@ -141,14 +144,15 @@ def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = 
                                 "needs its subject (a guess could leak a subject into the hold-out)")
         group = "subject" if "subject" in pattern.groupindex else 1 if pattern.groups else 0
         return m.group(group) or m.group(0)
+    relative = os.path.relpath(path, root) if root is not None and version >= 3 else None
+    folders = Path(relative).parts[:-1] if relative is not None else ()  # below the data folder, the class first
     parts = Path(path).parts
-    for part in (name, *reversed(parts[-4:-2] if parts[-2:-1] == ("anat",) else ())):  # sub-X/[ses-Y/]anat/FILE
+    bids = parts[-4:-2] if parts[-2:-1] == ("anat",) else ()  # sub-X/[ses-Y/]anat/FILE
+    for part in (name, *reversed(bids), *(reversed(folders) if version >= 5 else ())):
         m = _BIDS_SUBJECT.match(part)
         if m:
             return m.group(0)
-    relative = os.path.relpath(path, root) if root is not None and version >= 3 else None
-    names = [name] if relative is None else [name, *reversed(Path(relative).parts[:-1])]
-    for m in (_ADNI_SUBJECT.search(n) for n in names):
+    for m in (_ADNI_SUBJECT.search(n) for n in (name, *reversed(folders))):
         if m:
             return m.group(0)
     m = _OASIS_SUBJECT.search(name) if version >= 3 else None
@@ -156,7 +160,17 @@ def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = 
     if m:
         return m.group(0)
     m = _SUBJECT_NUMBER.match(file_stem(name))
+    if m and (version < 5 or any(c.isdigit() for c in m.group("subject"))):  # patient7_2, not slice_078
+        return m.group("subject")
+    below = _below_class(folders) if version >= 5 else ()
+    if below:  # AD/patient01/slice_078.png, NC/0295/visit1/T1.nii.gz
+        return below[0]
     return m.group("subject") if m else relative or str(path)
+
+
+def _below_class(folders: tuple[str, ...]) -> tuple[str, ...]:
+    """Of a file's folders below the data folder ([split/]class/...), those below its class folder."""
+    return folders[2:] if folders and folders[0].lower() in SPLITS else folders[1:]
 
 
 def _subject_id_v1(path: str) -> str:
@@ -176,7 +190,11 @@ class Layout:
     """How a data folder is listed and whose each file is; saved in a run's DataConfig, so that a run keeps its
     files and its held-out subjects.
 
-    Version 4, the rules of new runs: version 3's, OASIS-3's subject IDs (`subject_id`), what a BIDS root's
+    Version 5, the rules of new runs: version 4's, a subject's folder below its class folder (`AD/patient01/x.png`)
+    and a `sub-*` folder anywhere below the data folder give its files' subject (`subject_id`), and the hold-out is
+    drawn within each class (`dataset.split_by_subject`): no class is left out of training or of evaluation by chance.
+
+    Version 4: version 3's, OASIS-3's subject IDs (`subject_id`), what a BIDS root's
     .bidsignore lists left out (`ignored`: dcm2bids' tmp_dcm2bids/ beside the sub-* folders, among others), and a
     fetched image of a session chosen before a link to one not fetched (`_plainest`).
 
@@ -264,20 +282,21 @@ class ImageFolder(datasets.ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        samples, suffixes, found = [], tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES, 0
+        samples, suffixes, found, others = [], tuple(datasets.folder.IMG_EXTENSIONS) + VOLUME_SUFFIXES, 0, []
         for name, label in sorted(class_to_idx.items()):
             top = directory if self.bids else os.path.join(directory, name)
-            files = [f for f in _walk(top)
-                     if f.lower().endswith(suffixes) and not ignored(os.path.relpath(f, top), self.ignore)]
+            listed = list(_walk(top))
+            files = [f for f in listed if f.lower().endswith(suffixes) and not ignored(os.path.relpath(f, top), self.ignore)]
             taken = self.layout.select(files, top, directory, self.bids)
+            other = [f for f in listed if not f.lower().endswith(suffixes)]
             if not taken and self.layout.version >= 3 and len(class_to_idx) > 1:
                 raise BadInputError(f"class folder {printable(top)} (of {', '.join(class_to_idx)}) gives no image or "
-                                    f"volume{self._left_out(files)}: remove it, or fill it")
+                                    f"volume{self._left_out(files)}{_other_files(other)}: remove it, or fill it")
             samples += [(f, label) for f in taken]
-            found += len(files)
+            found, others = found + len(files), others + other
         if not samples:
             raise FileNotFoundError(f"no image files ({', '.join(suffixes)}) in the class folders of "
-                                    f"{printable(directory)}{self._left_out(range(found))}")
+                                    f"{printable(directory)}{self._left_out(range(found))}{_other_files(others)}")
         volumes = [p for p, _ in samples if is_volume(p)]
         if 0 < len(volumes) < len(samples):
             image = next(p for p, _ in samples if not is_volume(p))
@@ -294,6 +313,16 @@ class ImageFolder(datasets.ImageFolder):
         return (f" that the layout takes ({len(files)} found: BIDS volumes are taken from sub-*/[ses-*/]anat/ with "
                 f"the suffix {self.layout.bids_suffix}{wanted}, --bids-suffix and --bids-entities, never from "
                 "derivatives/)")
+
+
+def _other_files(paths: list[str]) -> str:
+    """What to say of files found that are neither images nor volumes, for an error: how many, one of them, and
+    DICOM's way in."""
+    if not paths:
+        return ""
+    dicom = any(p.lower().endswith(".dcm") for p in paths)
+    return (f"; of the {len(paths)} other file{'s' * (len(paths) > 1)} there, such as {printable(paths[0])}, none is "
+            "read" + ("; DICOM (.dcm) is read once converted to NIfTI, e.g. by dcm2niix" if dicom else ""))
 
 
 BIDS_OWN = NOT_RAW | {"code", "stimuli", "phenotype"}   # a BIDS root's folders besides sub-*
