@@ -37,6 +37,7 @@ from conditions import counterfactual
 from conditions.table import condition_list
 from runtime.checkpoint import load_checkpoint, run_lock
 from runtime.errors import BadInputError, Interrupted
+from runtime.flags import fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
 from volumes.demo import DEFAULT_DEMO_ROOT
 from volumes.layouts import entity_list
@@ -96,30 +97,6 @@ BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channe
                    "regularisation": "vq", "kl_weight": 1e-6}
 
 
-def ints(text: str) -> list[int]:
-    """'1,2,2,4' -> [1, 2, 2, 4]"""
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
 def step_or_fraction(text: str) -> int | float:
     """--adversarial-start: '1200' -> step 1200; '0.25' -> a quarter of the run's steps."""
     try:
@@ -137,7 +114,8 @@ def step_or_fraction(text: str) -> int | float:
 
 
 def preset_help(stage: str, name: str, text: str) -> str:
-    tiny, full = PRESETS[stage]["tiny"].get(name), PRESETS[stage]["full"].get(name)
+    tiny, full = (PRESETS[stage][preset].get(name, "from --epochs" if name == "max_steps" else "none")
+                  for preset in ("tiny", "full"))
     return f"{text} (default: tiny {tiny}, full {full})"
 
 
@@ -154,15 +132,15 @@ def add_common(p: argparse.ArgumentParser, stage: str):
                                                 "same files moved to PATH")
     p.add_argument("--preset", choices=["tiny", "full"], default=None,
                    help="size preset (default: tiny without --data, full with --data; stage 2: stage 1's)")
-    p.add_argument("--cache-gb", type=float, default=8.0,
+    p.add_argument("--cache-gb", type=non_negative(float), default=8.0,
                    help="images are decoded once into memory if they fit in this many GB, else into a memory-mapped "
                         "RUN/images-*.npy (default: %(default)s)")
     p.add_argument("--workers", type=positive(int), default=None,
-                   help="image decoding threads and loader workers (default: the CPUs of this machine per process)")
+                   help="image decoding threads and loader workers (default: the CPUs this process may use, shared among torchrun's processes)")
     # optimisation
     p.add_argument("--batch-size", type=positive(int), default=None, help=ph("batch_size", "batch size"))
     p.add_argument("--lr", type=positive(float), default=None, help=ph("lr", "AdamW learning rate"))
-    p.add_argument("--warmup", type=int, default=None, help=ph("warmup", "linear learning-rate warm-up steps"))
+    p.add_argument("--warmup", type=non_negative(int), default=None, help=ph("warmup", "linear learning-rate warm-up steps"))
     p.add_argument("--cooldown", type=fraction, default=None,
                    help=ph("cooldown", "fraction of the run's steps at its end over which the learning rate falls "
                                        "linearly to zero; with --max-minutes the end is estimated from the speed"))
@@ -174,7 +152,7 @@ def add_common(p: argparse.ArgumentParser, stage: str):
     p.add_argument("--max-minutes", type=positive(float), default=None,
                    help="stop cleanly, with a checkpoint, after this much wall-clock time of training, counted from "
                         "its first step (loading data and encoding latents come before; default: no limit)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels only, no TF32: a resumed run then ends with the very weights of an "
                         "uninterrupted one (slower on GPUs)")
@@ -203,7 +181,7 @@ def add_stage1_losses(p: argparse.ArgumentParser, stage: str):
     """The losses of the reconstruction (VQGAN's additions to MSE, Esser et al. 2021, and the brain-MRI anchors'),
     shared by train-vqvae and train-decoder, each with its own defaults (STAGE1_LOSSES)."""
     d = STAGE1_LOSSES[stage]
-    p.add_argument("--adversarial-weight", type=float, default=None,
+    p.add_argument("--adversarial-weight", type=non_negative(float), default=None,
                    help=preset_help(stage, "adversarial_weight", "weight of the adversarial patch loss (PatchGAN; "
                                     "times the adaptive weight of Esser et al. eq. 7 unless --adversarial-weighting fixed; "
                                     "VQGAN uses 0.8 adaptive, MONAI's brain-MRI tutorials 0.01 fixed); 0 switches it off"))
@@ -231,12 +209,12 @@ def add_stage1_losses(p: argparse.ArgumentParser, stage: str):
                                     "around it (bench/README.md)"))
     p.add_argument("--reconstruction-loss", choices=list(BASE_LOSSES), default=d["reconstruction_loss"],
                    help="the pixel loss of the reconstruction: mse, or l1 as the brain-MRI anchors (default: %(default)s)")
-    p.add_argument("--frequency-weight", type=float, default=0.0,
+    p.add_argument("--frequency-weight", type=non_negative(float), default=0.0,
                    help="weight of the focal frequency loss (Jiang et al. 2021: the spectrum's hardest frequencies count "
                         "most; no network) (default: %(default)s)")
-    p.add_argument("--laplacian-weight", type=float, default=0.0,
+    p.add_argument("--laplacian-weight", type=non_negative(float), default=0.0,
                    help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
-    p.add_argument("--perceptual-weight", type=float, default=d["perceptual_weight"],
+    p.add_argument("--perceptual-weight", type=non_negative(float), default=d["perceptual_weight"],
                    help="weight of the perceptual loss (LPIPS form) (default: %(default)s)")
     p.add_argument("--perceptual-network", choices=list(NETWORKS), default=d["perceptual_network"],
                    help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
@@ -259,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out images that cannot be read, and report how many and which (default: stop at the "
                         "first, naming it)")
     p.add_argument("--vq-channels", type=positive(int), default=None, help=preset_help("vqvae", "vq_channels", "width of the first level"))
-    p.add_argument("--vq-mult", type=ints, default=None, help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
+    p.add_argument("--vq-mult", type=positive_ints, default=None, help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
     p.add_argument("--vq-res-blocks", type=positive(int), default=None, help=preset_help("vqvae", "vq_res_blocks", "res blocks per level"))
     p.add_argument("--codebook-size", type=positive(int), default=None, help=preset_help("vqvae", "codebook_size", "codebook entries"))
     p.add_argument("--vq-min-group-width", type=positive(int), default=1,
@@ -273,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --regularisation kl, the KL term's weight in LDM's units (default: %(default)s, theirs)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of subjects left out of training, for evaluation; stage 2 inherits it (default: %(default)s, the card's all data)")
-    p.add_argument("--holdout-seed", type=int, default=0, help="seed of that subject split (default: %(default)s)")
+    p.add_argument("--holdout-seed", type=seed, default=0, help="seed of that subject split (default: %(default)s)")
     # NIfTI volumes (--data folders of .nii/.nii.gz), saved in DataConfig
     p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slicing axis of volumes (default: %(default)s)")
     p.add_argument("--slices", type=slice_count_or_fraction, default=None,
@@ -304,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")
     add_common(p, "unet")
     p.add_argument("--unet-channels", type=positive(int), default=None, help=preset_help("unet", "unet_channels", "width of the first level"))
-    p.add_argument("--unet-mult", type=ints, default=None, help=preset_help("unet", "unet_mult", "width multipliers of the 4 levels"))
+    p.add_argument("--unet-mult", type=positive_ints, default=None, help=preset_help("unet", "unet_mult", "width multipliers of the 4 levels"))
     p.add_argument("--unet-res-blocks", type=positive(int), default=None, help=preset_help("unet", "unet_res_blocks", "res blocks per level"))
     p.add_argument("--ema-decay", type=float, default=None, help=preset_help("unet", "ema_decay", "EMA decay of the sampling weights"))
     p.add_argument("--posthoc-ema", type=int, default=0, metavar="EVERY",
@@ -419,6 +397,8 @@ def check_sizes(args: argparse.Namespace):
             raise BadInputError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
         if len(args.unet_mult) != 4:
             raise BadInputError(f"the UNet has 4 levels, one width multiplier each (got --unet-mult {args.unet_mult})")
+        if not 0 <= args.ema_decay < 1:
+            raise BadInputError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
         if args.posthoc_ema < 0:
             raise BadInputError(f"--posthoc-ema EVERY must be 0 (off) or a number of steps, got {args.posthoc_ema}")
 
@@ -440,6 +420,7 @@ def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
     check_sizes(args)
     if args.stage == "vqvae" and not resumed:
         args.data_config = DataConfig.from_args(args)
+    args.data_config.refuse_inside(args.run, "--run")
     return args
 
 
@@ -501,6 +482,9 @@ def given_flags(argv: list[str] | None) -> set[str]:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    for flag in ("run", "out"):
+        if getattr(args, flag, None) == "":  # Path("") is the current folder
+            raise BadInputError(f"--{flag} is empty (an unset variable?): name a folder")
     if args.stage:
         resolve(args, given_flags(argv))
     elif args.command == "evaluate":

@@ -42,6 +42,7 @@ from export.sample_set import FORMATS, SEEDING, SampleSet, run_geometry, saved_g
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, model_config, run_lock
 from runtime.errors import BadInputError
+from runtime.flags import seed
 from runtime.graphs import GraphedCall
 from runtime.posthoc_ema import earlier_weights, reconstruct
 from runtime.process import progress, setup_device
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--num", type=int, default=num, help=num_help)
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images sampled at once (default: {DEFAULT_BATCH['cuda']} on CUDA, {DEFAULT_BATCH['cpu']} on the CPU)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp", "dpmpp-sde"], default=sampler,
                    help="reverse process: ddpm (Ho et al. 2020), ddim (Song et al. 2021), dpmpp = DPM-Solver++(2M) "
                         "(Lu et al. 2022) for 10-25 steps, dpmpp-sde = its stochastic form SDE-DPM-Solver++(2M) at the "
@@ -451,6 +452,8 @@ def predict(args):
         raise BadInputError(f"--num must be positive, got {args.num}")
     sampling_from_args(args)  # flags that need no run are checked before loading it
     run, out = Path(args.run), Path(args.out or args.run)
+    if args.out:  # a run folder itself was refused inside its data by train-vqvae
+        DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).refuse_inside(out, "--out")
     device, autocast = setup_device(args.device)
     model = load_run(run, device, finetuned=args.decoder == "fine-tuned")
     sampling = sampling_from_args(args, model)

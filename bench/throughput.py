@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from diffusion.gaussian import GaussianDiffusion  # noqa: E402
-from driver import PRESETS, ints  # noqa: E402
+from driver import PRESETS  # noqa: E402
+from runtime.flags import ints  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402  (bench/samplers.py: sampler name -> `driver.py sample` flags)
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig  # noqa: E402
 from runtime.optimizer import adamw  # noqa: E402

@@ -41,6 +41,7 @@ from conditions.table import asked_values
 from dataset import card_transform, load_image
 from diffusion.guidance import Guided
 from runtime.errors import BadInputError
+from runtime.flags import seed
 from runtime.process import setup_device
 from volumes.reader import is_volume, mask_slice, printable, read_volume_slice, to_volume
 
@@ -68,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--steps", type=int, default=50,
                    help="DDIM steps over the whole noise range; strength S takes S times as many (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed, for --noise (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed, for --noise (default: %(default)s)")
     predict.add_decoder_argument(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN/counterfactual)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
@@ -143,6 +144,7 @@ def counterfactual(args):
     """The command: read, change, write (see the module docstring)."""
     run, data = Path(args.run), args.data_config
     out = Path(args.out or run / "counterfactual")
+    data.refuse_inside(out, "--out")
     masked_fill = args.mask is not None and not args.set_values
     strength = args.strength if args.strength is not None else (1.0 if masked_fill else DEFAULT_STRENGTH)
     noise = args.noise if args.noise is not None else masked_fill

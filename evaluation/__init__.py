@@ -9,6 +9,7 @@ import argparse
 
 import predict
 from evaluation.ema_lengths import ema_lengths_arg
+from runtime.flags import seed
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -19,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--data", default=None, help="image folder (default: the one the run was trained on)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="fraction of subjects held out, used only when the run held none out (default: %(default)s)")
-    p.add_argument("--holdout-seed", type=int, default=0, help="seed of that split, same condition (default: %(default)s)")
+    p.add_argument("--holdout-seed", type=seed, default=0, help="seed of that split, same condition (default: %(default)s)")
     p.add_argument("--samples", default=None, help="score the images in this folder instead of sampling the run's UNet")
     p.add_argument("--features", choices=["auto", "inception", "domain"], default="auto",
                    help="FID/KID features: Inception-v3 if its weights load, else the domain classifier (default: %(default)s)")

@@ -158,6 +158,8 @@ def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = 
         import fcntl
     except ImportError:
         fcntl = None
+    if run.exists() and not run.is_dir():
+        raise BadInputError(f"{run} is a file, not a run folder: give a folder")
     made = create and fcntl is not None and is_main_process() and not run.exists()
     if made:
         try:

@@ -364,7 +364,7 @@ def too_slow(args, rt: Runtime, seconds: float, steps_left: int):
     """The full preset on a CPU: stop with the estimate from the timed first step, unless --slow-cpu-ok."""
     hours = seconds * steps_left / 3600  # each rank timed its own step: they decide together
     if any_rank(rt.device.type == "cpu" and args.preset == "full" and hours > 1 and not args.slow_cpu_ok, rt):
-        raise BadInputError(f"the full preset on this CPU would take about {hours:.0f} hours ({steps_left} more steps "
+        raise BadInputError(f"the full preset on this CPU would take about {hours:.1f} hours ({steps_left} more steps "
                             f"at {seconds:.1f} s, timed on the first; no checkpoint was saved): use --preset tiny, a "
                             f"GPU, or --slow-cpu-ok to train it here anyway")
 

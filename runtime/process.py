@@ -148,7 +148,10 @@ def is_main_process() -> bool:
 
 
 def cpus_per_process() -> int:
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    """The CPUs this process may run on (a scheduler's `taskset` or cgroup affinity, not the machine's count), shared
+    among the processes torchrun starts on this machine."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 @contextlib.contextmanager

@@ -92,6 +92,17 @@ def test_demo_runs_the_three_stages_in_order_with_the_tiny_preset(monkeypatch, t
     (["train-vqvae", "--max-steps", "-3"], "must be positive"),
     (["train-unet", "--diffusion-steps", "0"], "must be positive"),
     (["sample", "--num", "0"], "--num must be positive"),
+    (["train-vqvae", "--lr", "nan"], "must be positive, got nan"),       # nan <= 0 is False
+    (["train-vqvae", "--lr", "inf"], "must be positive, got inf"),
+    (["train-vqvae", "--vq-mult", "0,0,0"], "integers of 1 or more"),      # was a convolution's RuntimeError
+    (["train-vqvae", "--warmup", "-5"], "must be 0 or more"),
+    (["train-vqvae", "--cache-gb", "-1"], "must be 0 or more"),
+    (["train-vqvae", "--perceptual-weight", "-1"], "must be 0 or more"),
+    (["train-vqvae", "--holdout-seed", "-1"], "must be in 0 .. 2^63 - 1"),  # was numpy's traceback
+    (["train-vqvae", "--seed", "99999999999999999999"], "must be in 0 .. 2^63 - 1"),
+    (["sample", "--seed", "-1"], "must be in 0 .. 2^63 - 1"),
+    (["evaluate", "--holdout-seed", "-1"], "must be in 0 .. 2^63 - 1"),
+    (["train-vqvae", "--run", ""], "--run is empty"),                      # was the current folder
 ])
 def test_bad_values_on_the_command_line_are_one_line_errors(flags, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -201,3 +212,22 @@ def test_stage_2_resumed_with_another_setting_is_refused_in_one_line(trained_run
 def test_an_interrupted_command_says_how_to_continue_it():
     assert driver.how_to_continue(["train-vqvae", "--run", "r"]) == "run the same command with --resume to continue"
     assert "demo command again" in driver.how_to_continue(["demo", "--run", "r"])   # demo has no --resume: it resumes
+
+
+def test_a_run_or_output_folder_inside_the_data_or_on_a_file_is_refused(trained_run, adni_folder, tmp_path):
+    """What a run writes inside the data folder (grids, checkpoints, samples) would be read as training images."""
+    inside = error_of(vqvae, adni_folder / "AD" / "run1", adni_folder, "--max-steps", "1")
+    assert f"--run {adni_folder / 'AD' / 'run1'} is inside the data folder" in inside
+    assert not (adni_folder / "AD" / "run1").exists()                    # nothing left behind
+    run, data = trained_run
+    message = error_of(driver.main, ["sample", "--run", str(run), "--num", "1", "--out", str(Path(data) / "gen")])
+    assert "--out" in message and "is inside the data folder" in message
+    (tmp_path / "file").write_text("")
+    assert "is a file, not a run folder" in error_of(vqvae, tmp_path / "file", adni_folder, "--max-steps", "1")
+
+
+def test_the_unet_s_ema_decay_is_refused_outside_0_to_1(stage1_run):
+    run, _ = stage1_run
+    for value in ("1", "1.5", "-0.1"):
+        assert "--ema-decay must be in [0, 1)" in error_of(driver.main, ["train-unet", "--run", str(run),
+                                                                          "--ema-decay", value])

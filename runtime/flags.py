@@ -1,0 +1,58 @@
+"""Types of command-line values (argparse's `type=`): each refuses a value out of its range in one line, where it
+would otherwise fail later in a traceback (a negative seed in numpy) or train quietly on nonsense (a NaN rate)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+SEED_MAX = 2 ** 63 - 1   # numpy's and torch's seeds both take 0 ..  this
+
+
+def ints(text: str) -> list[int]:
+    """'1,2,2,4' -> [1, 2, 2, 4]"""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_ints(text: str) -> list[int]:
+    """Width multipliers: '1,2,4' -> [1, 2, 4], each 1 or more."""
+    values = ints(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers of 1 or more, got {text!r}")
+    return values
+
+
+def positive(kind):
+    """A finite number above 0 (NaN and infinity refused: `nan <= 0` is False)."""
+    def parse(text):
+        value = kind(text)
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def non_negative(kind):
+    """A finite number of 0 or more: a loss weight, a count of steps that may be none."""
+    def parse(text):
+        value = kind(text)
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+    return parse
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in 0 .. 2^63 - 1, got {text}")
+    return value
