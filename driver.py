@@ -94,7 +94,14 @@ LENGTH = {"max_steps", "epochs"}
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
 # (a flag missing here is left to its default or the preset, and not checked).
 BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "discriminator_layers": 3,
-                   "regularisation": "vq", "kl_weight": 1e-6}
+                   "regularisation": "vq", "kl_weight": 1e-6,
+                   # stage 1's losses (2026-11-25: none but MSE before; 2026-12-03: the perceptual network VGG16,
+                   # the base loss MSE; 2026-12-05: the adversarial weight adaptive), stage 2's post-hoc EMA and
+                   # conditions (2026-12-03)
+                   "adversarial_weight": 0.0, "perceptual_weight": 0.0, "laplacian_weight": 0.0,
+                   "frequency_weight": 0.0, "reconstruction_loss": "mse", "perceptual_network": "vgg16",
+                   "adversarial_weighting": "adaptive", "posthoc_ema": 0, "condition": None, "labels": None,
+                   "subject_column": None}
 
 
 def step_or_fraction(text: str) -> int | float:
@@ -397,6 +404,10 @@ def check_sizes(args: argparse.Namespace):
             raise BadInputError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
         if len(args.unet_mult) != 4:
             raise BadInputError(f"the UNet has 4 levels, one width multiplier each (got --unet-mult {args.unet_mult})")
+        if args.schedule == "linear" and args.diffusion_steps <= 20:
+            raise BadInputError(f"--diffusion-steps {args.diffusion_steps} is too few for --schedule linear: its last "
+                                f"beta, 0.02 x 1000 / T, must stay below 1 (T above 20), or the last step destroys all "
+                                f"signal; take more steps, or --schedule cosine")
         if not 0 <= args.ema_decay < 1:
             raise BadInputError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
         if args.posthoc_ema < 0:

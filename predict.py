@@ -40,7 +40,7 @@ from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
 from export.sample_set import FORMATS, SEEDING, SampleSet, run_geometry, saved_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
-from runtime.checkpoint import fingerprint, load_checkpoint, model_config, run_lock
+from runtime.checkpoint import fingerprint, load_checkpoint, load_weights, model_config, run_lock
 from runtime.errors import BadInputError
 from runtime.flags import seed
 from runtime.graphs import GraphedCall
@@ -182,13 +182,13 @@ def load_vqvae(run: Path, device, finetuned: bool = True) -> tuple[VQVAE, dict]:
     entry "decoder" then describes: its step and fingerprint."""
     vq_ckpt = load_checkpoint(run / "vqvae.pt", "vqvae")
     vqvae = VQVAE(model_config(VQVAEConfig, vq_ckpt, run / "vqvae.pt")).to(device).eval().requires_grad_(False)
-    vqvae.load_state_dict(vq_ckpt["model"])
+    load_weights(vqvae, vq_ckpt["model"], run / "vqvae.pt")
     if finetuned and (run / "decoder.pt").exists():
         decoder = load_checkpoint(run / "decoder.pt", "decoder")
         if decoder["vqvae_fingerprint"] != fingerprint(vq_ckpt["model"]):
             raise BadInputError(f"{run / 'decoder.pt'} was fine-tuned from another VQ-VAE than {run / 'vqvae.pt'} "
                                 f"(stage 1 was trained again since): move it away, or run train-decoder again")
-        vqvae.decoder.load_state_dict(decoder["model"])
+        load_weights(vqvae.decoder, decoder["model"], run / "decoder.pt")
         vq_ckpt = {**vq_ckpt, "decoder": {"step": decoder["step"], "fingerprint": fingerprint(decoder["model"])}}
     return vqvae, vq_ckpt
 
@@ -206,7 +206,7 @@ def load_run(run: Path, device, finetuned: bool = True) -> LatentDiffusion:
     unet = UNet(model_config(UNetConfig, unet_ckpt, run / "unet.pt"))
     chosen = unet_ckpt.get("sampling_ema")  # `driver.py ema` chose a post-hoc EMA length for sampling
     weights = {**unet_ckpt["ema"], **chosen["weights"]} if chosen else unet_ckpt["ema"]
-    unet.load_state_dict(weights)
+    load_weights(unet, weights, run / "unet.pt", "EMA" if not chosen else "chosen EMA")
     unet = for_sampling(unet, device)
     diffusion = GaussianDiffusion(**unet_ckpt["diffusion"]).to(device)
     return LatentDiffusion(vqvae, unet, diffusion, unet_ckpt["latent_scale"], tuple(unet_ckpt["latent_shape"]),

@@ -34,7 +34,8 @@ from diffusion.guidance import drop_conditions
 from losses.stage1 import ReconstructionLoss
 from modules import EMA, VQVAE, UNet, UNetConfig, VQVAEConfig
 from predict import load_vqvae
-from runtime.checkpoint import atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, model_config
+from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, load_weights,
+                                model_config, remove_unfinished)
 from runtime.errors import BadInputError
 from runtime.loop import Stage, restore_training, start_stage, total_steps, train_loop, trains_further
 from runtime.optimizer import adamw
@@ -75,7 +76,7 @@ def train_vqvae(args):
     # model and optimizer (the model in its memory layout before the optimizer state is loaded)
     model = place_model(VQVAE(cfg), rt)
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step = restore_training(resume, model, optimizer, rt, args.lr)
+    step = restore_training(resume, model, optimizer, rt, args.lr, Path(args.run) / "vqvae.pt")
     reconstruction = ReconstructionLoss(args, rt, resume, max_steps)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
@@ -161,7 +162,7 @@ def train_decoder(args):
     vqvae = place_model(vqvae, rt)
     decoder = vqvae.decoder.requires_grad_(True)
     optimizer = adamw(decoder.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    step = restore_training(resume, decoder, optimizer, rt, args.lr)
+    step = restore_training(resume, decoder, optimizer, rt, args.lr, run / "decoder.pt")
     reconstruction = ReconstructionLoss(args, rt, resume, max_steps)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(decoder, rt, args.compile, str(run / "compile_cache"))
@@ -214,6 +215,7 @@ def latent_cache(args, samples: list, vqvae: VQVAE, vq_fingerprint: str, rt: Run
             cache = load_checkpoint(path, "latents")
             return cache["z"].float(), cache["y"], cache["paths"]
         key = {"vqvae": vq_fingerprint, **data.saved(), "count": len(samples), "files": files_fingerprint(samples)}
+        remove_unfinished(path.parent, path.name)
         if path.exists():
             cache = load_checkpoint(path, "latents")
             if cache["key"] == key and "paths" in cache:
@@ -303,9 +305,9 @@ def train_unet(args):
     diffusion = diffusion.to(rt.device)
     ema = EMA(model, args.ema_decay)  # the sampling weights, in eval mode
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0)
-    step = restore_training(resume, model, optimizer, rt, args.lr)
+    step = restore_training(resume, model, optimizer, rt, args.lr, ckpt_path)
     if resume:
-        ema.module.load_state_dict(resume["ema"])
+        load_weights(ema.module, resume["ema"], ckpt_path, "EMA")
         ema.updates = resume["ema_updates"]
     posthoc = PowerFunctionEMA(model) if args.posthoc_ema and rt.main else None  # EMA lengths chosen after training
     # once training goes on from a checkpoint, the snapshots after it are drawn again, the same, and one written only

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import group_norm
+from runtime.checkpoint import load_weights
 from runtime.optimizer import adamw, load_optimizer
 from runtime.process import Runtime, any_rank, place_model, wrap_model
 
@@ -174,10 +176,11 @@ class Adversary:
         self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())
         if resume:
-            self.disc.load_state_dict(resume["discriminator"])
-            load_optimizer(self.optimizer, resume["disc_optimizer"])  # with its learning rate, unless one is given now
-            for group in self.optimizer.param_groups:
-                group["lr"] = args.adversarial_lr or group["lr"]
+            load_weights(self.disc, resume["discriminator"], Path(args.run), "discriminator")
+            load_weights(self.optimizer, resume["disc_optimizer"], Path(args.run), "discriminator's optimizer",
+                         load=load_optimizer)
+            for group in self.optimizer.param_groups:  # a constant rate: --lr or --adversarial-lr, as resolved now
+                group["lr"] = args.adversarial_lr or args.lr
             if self.scaler.is_enabled() and resume.get("disc_scaler"):
                 self.scaler.load_state_dict(resume["disc_scaler"])
         self.train_disc = wrap_model(self.disc, rt, compile_model=False)

@@ -66,13 +66,35 @@ def load_checkpoint(path: Path, kind: str) -> dict:
     except pickle.UnpicklingError as e:  # what weights_only refuses: Python objects, which can run code
         raise BadInputError(f"refused to load {path}: it holds Python objects, not only tensors and plain values "
                             f"(weights_only=True; such a file can run code when unpickled): {str(e).splitlines()[-1]}") from None
-    except Exception as e:  # truncated or not a torch file at all
+    except Exception as e:  # truncated, empty, or not a torch file at all
         raise BadInputError(f"cannot load checkpoint {path}, it is damaged or not a checkpoint "
-                            f"({str(e).splitlines()[0]}); {_last_good(path, kind)}") from None
+                            f"({(str(e).splitlines() or [type(e).__name__])[0]}); {_last_good(path, kind)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise BadInputError(f"{path} is not a {kind} checkpoint (it holds {found!r})")
+    missing = [key for key in REQUIRED.get(kind, ()) if key not in ckpt]
+    if missing:
+        raise BadInputError(f"{path} lacks {', '.join(missing)}, which every {kind} checkpoint of this project holds: "
+                            f"it was edited or damaged; {_last_good(path, kind)}")
     return ckpt
+
+
+# what every checkpoint of a kind has held, from the first version on (tests/fixtures/run_dc30bb5)
+REQUIRED = {"vqvae": ("model", "config", "optimizer", "step"),
+            "unet": ("model", "config", "optimizer", "step", "ema", "diffusion", "latent_scale", "latent_shape",
+                     "vqvae_fingerprint"),
+            "decoder": ("model", "optimizer", "step", "vqvae_fingerprint")}
+
+
+def load_weights(target, state: dict, path: Path, part: str = "model", load: Callable | None = None):
+    """target.load_state_dict(state) (or `load(target, state)`), where a checkpoint's weights that do not fit (of
+    another model, or edited: a missing or extra weight, another shape) are one line instead of torch's list."""
+    try:
+        (load or type(target).load_state_dict)(target, state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        what = " ".join(line.strip() for line in str(e).splitlines())
+        raise BadInputError(f"the {part} weights in {path} do not fit the model its config describes ({what[:300]}"
+                            f"{'...' if len(what) > 300 else ''}): the file was edited, or is of another model") from None
 
 
 def _last_good(path: Path, kind: str) -> str:
@@ -121,10 +143,8 @@ def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict,
         if resume and is_main_process():  # a typo in --run would otherwise start a new run without a word
             print(f"--resume: nothing to resume, {ckpt_path} does not exist; the stage starts anew")
         return None
-    if is_main_process():  # a write cut short by kill -9 leaves its temporary file
-        for unfinished in ckpt_path.parent.glob(f".{ckpt_path.name}.*"):
-            print(f"removed {unfinished.name}, a checkpoint write that did not finish ({ckpt_path.name} is whole)")
-            unfinished.unlink(missing_ok=True)
+    if is_main_process():
+        remove_unfinished(ckpt_path.parent, ckpt_path.name)
     ckpt = load_checkpoint(ckpt_path, kind)
     config = asdict(model_config(config_class, ckpt, ckpt_path)) if config_class else ckpt["config"]
     saved = {**config, **(diffusion_defaults or {}), **ckpt.get("diffusion", {})}  # a UNet's diffusion settings too
@@ -137,6 +157,15 @@ def checkpoint_to_resume(ckpt_path: Path, kind: str, resume: bool, chosen: dict,
 
 def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def remove_unfinished(folder: Path, name: str = "*"):
+    """Remove the temporary files that writes of `name` (a glob) in `folder` cut short by kill -9 left (atomic_write's
+    `.NAME.tmpPID`, `.NAME.prevPID`): a latent cache's or a snapshot's may be as large as the file. Call it where no other process
+    writes there (under the run's lock)."""
+    for unfinished in [*folder.glob(f".{name}.tmp*"), *folder.glob(f".{name}.prev*")]:  # the file, a link to the last
+        print(f"removed {unfinished}, a write that did not finish")
+        unfinished.unlink(missing_ok=True)
 
 
 def plain_args(args) -> dict:

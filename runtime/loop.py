@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torchvision.utils import make_grid, save_image
 
-from runtime.checkpoint import atomic_save, atomic_write, plain_args, write_config
+from runtime.checkpoint import atomic_save, atomic_write, load_weights, plain_args, write_config
 from runtime.errors import BadInputError
 from runtime.optimizer import load_optimizer
 from runtime.process import Runtime, any_rank, mean_over_ranks, progress, restore_rng, rng_states
@@ -110,13 +110,13 @@ def end_by_deadline(step: int, start: tuple[int, float], deadline: float, rt: Ru
     return round(mean_over_ranks(torch.tensor(float(estimate), device=rt.device), rt).item())
 
 
-def restore_training(resume: dict | None, model: nn.Module, optimizer, rt: Runtime, lr: float) -> int:
-    """Load a checkpoint's weights, optimizer and fp16 GradScaler state; returns its step (0 without one).
+def restore_training(resume: dict | None, model: nn.Module, optimizer, rt: Runtime, lr: float, path: Path) -> int:
+    """Load a checkpoint's (`path`'s) weights, optimizer and fp16 GradScaler state; returns its step (0 without one).
     `lr` (--lr, or the resumed run's own when not given) is the base learning rate from here on."""
     if resume is None:
         return 0
-    model.load_state_dict(resume["model"])
-    load_optimizer(optimizer, resume["optimizer"])
+    load_weights(model, resume["model"], path)
+    load_weights(optimizer, resume["optimizer"], path, "optimizer", load=load_optimizer)
     for group in optimizer.param_groups:  # the warm-up schedule scales initial_lr
         group["initial_lr"] = lr
     if rt.scaler.is_enabled() and resume.get("scaler"):
@@ -181,12 +181,41 @@ def ensure_finite(loss: float, step: int, ckpt_path: Path, model: nn.Module):
                             f"is {ckpt_path}); try a lower --lr, or --skip-nonfinite to skip such steps")
 
 
-class NonfiniteSkips:
-    """--skip-nonfinite's count of skipped steps; `limit` of them in a row means the run has diverged: stop."""
+LEARNED = ("model", "optimizer", "ema", "posthoc_ema", "discriminator", "disc_optimizer")  # a checkpoint's learned parts
 
-    def __init__(self, ckpt_path: Path, limit: int = 20):
-        self.ckpt_path, self.limit = ckpt_path, limit
+
+def ensure_finite_state(state: dict, step: int, ckpt_path: Path):
+    """Stop before a checkpoint holding a NaN/inf anywhere (a discriminator, an EMA, an optimizer's moments: the model's
+    loss and weights are checked at every log step) is written; the last one written stays as it was."""
+    where = first_nonfinite(state)
+    if where is not None:
+        raise BadInputError(f"{where} became NaN/inf by step {step}; stopped without saving (the last good "
+                            f"checkpoint, if any, is {ckpt_path}); try a lower --lr (or --adversarial-lr)")
+
+
+def first_nonfinite(value, name: str = "") -> str | None:
+    """The name (`discriminator/conv.weight`) of the first floating-point tensor in nested dicts and lists that holds
+    a NaN or an infinity, or None."""
+    if isinstance(value, torch.Tensor):
+        return name if value.is_floating_point() and not value.isfinite().all() else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return next((found for key, item in items if (found := first_nonfinite(item, f"{name}/{key}".lstrip("/")))), None)
+
+
+class NonfiniteSkips:
+    """--skip-nonfinite's count of skipped steps; `limit` of them in a row means the run has diverged: stop. No
+    checkpoint is written after `before_save` or more in a row: the weights kept from before them give NaN/inf on
+    every batch since (a rate that blew them up without making them NaN), and would be saved as the run's end."""
+
+    def __init__(self, ckpt_path: Path, limit: int = 20, before_save: int = 5):
+        self.ckpt_path, self.limit, self.before_save = ckpt_path, limit, before_save
         self.total = self.in_a_row = 0
+
+    def check_before_save(self, step: int):
+        if self.in_a_row >= self.before_save:
+            raise BadInputError(f"the {self.in_a_row} steps up to step {step} had a NaN/inf gradient: the run "
+                                f"diverged; stopped without saving (the last good checkpoint, if any, is "
+                                f"{self.ckpt_path}); try a lower --lr")
 
     def count(self, stats, step: int) -> bool:
         """True if the step was taken (its stats count), False if it was skipped."""
@@ -250,11 +279,13 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     start = (step, time.monotonic())
 
-    def save(step: int):  # every rank joins in gathering the random states; rank 0 writes
+    def save(step: int):  # every rank checks the state and joins in gathering the random states; rank 0 writes
+        skips.check_before_save(step)
+        state = {**stage.payload(), "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict()}
+        ensure_finite_state({k: state[k] for k in LEARNED if state.get(k) is not None}, step, ckpt_path)
         rng = rng_states(rt)
         if rt.main:
-            atomic_save({**stage.payload(), "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
-                         "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "args": plain_args(args),
+            atomic_save({**state, "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "args": plain_args(args),
                          "lr_schedule": lr_factor.state()},
                         ckpt_path, keep_previous=True)
             stage.on_save(step)
@@ -322,17 +353,17 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                 break
             if step % args.save_every == 0 and step < max_steps and not lr_factor.finished(step):
                 save(step)
-    pbar.close()
-    if lr_factor.finished(step) and step < max_steps:  # a resumed run may find it so before its first step
-        rt.log(f"the learning rate reached zero at step {lr_factor.end} (--cooldown, where --max-minutes ran out): the "
-               f"run is finished; a longer --max-steps plans a new cooldown to train it further")
+        pbar.close()
+        if lr_factor.finished(step) and step < max_steps:  # a resumed run may find it so before its first step
+            rt.log(f"the learning rate reached zero at step {lr_factor.end} (--cooldown, where --max-minutes ran out): "
+                   f"the run is finished; a longer --max-steps plans a new cooldown to train it further")
 
-    # the end: checkpoint, grid and loss curve; a resumed run with nothing left to train leaves its checkpoints be
-    if resume and step == start[0] and not stop.signal:
-        rt.log(f"{ckpt_path} is at step {step}, where this run ends: nothing to train (a longer --max-steps or "
-               f"--epochs trains it further)")
-        return
-    save(step)
+        # the end: checkpoint, grid and loss curve; a resumed run with nothing left to train leaves its checkpoints be
+        if resume and step == start[0] and not stop.signal:
+            rt.log(f"{ckpt_path} is at step {step}, where this run ends: nothing to train (a longer --max-steps or "
+                   f"--epochs trains it further)")
+            return
+        save(step)  # still under `stop`: a SIGTERM while it writes lets it finish
     if rt.main:
         draw_grid(stage, run / f"{stage.grid}_{stage.name}.png", board, step)
         if board:

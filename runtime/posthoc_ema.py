@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from runtime.checkpoint import atomic_save, load_checkpoint
+from runtime.checkpoint import atomic_save, load_checkpoint, remove_unfinished
 from runtime.errors import BadInputError
 
 PROFILES = (0.05, 0.10)  # sigma_rel of the two EMAs kept while training (EDM2's)
@@ -132,6 +132,7 @@ def drop_snapshots_after(run: Path, step: int, keep_last: bool = True) -> int:
     later = [f for s, f in snapshot_files(run).items() if s > step or (s == step and not keep_last)]
     for f in later:
         f.unlink()
+    remove_unfinished(run / SNAPSHOTS, "step*.pt")
     return len(later)
 
 

@@ -75,7 +75,8 @@ def test_demo_runs_the_three_stages_in_order_with_the_tiny_preset(monkeypatch, t
     def stage1(a):  # what stage 2 inherits: the preset and the data config, read from vqvae.pt
         calls.append(("vqvae", a.preset, a.resume, a.data))
         (tmp_path / "run").mkdir(exist_ok=True)  # as start_stage makes it: the lock made it first
-        atomic_save({"kind": "vqvae", "args": {"preset": a.preset}, "data_config": asdict(a.data_config)}, tmp_path / "run" / "vqvae.pt")
+        atomic_save({"kind": "vqvae", "model": {}, "config": {}, "optimizer": {}, "step": 1, "args": {"preset": a.preset},
+                     "data_config": asdict(a.data_config)}, tmp_path / "run" / "vqvae.pt")
     monkeypatch.setattr(train, "train_vqvae", stage1)
     monkeypatch.setattr(train, "train_unet", lambda a: calls.append(("unet", a.preset, a.resume, a.data)))
     monkeypatch.setattr(predict, "predict", lambda a: calls.append(("predict", a.sampler, a.steps, predict.sampling_from_args(a).repeat_times)))
@@ -226,8 +227,10 @@ def test_a_run_or_output_folder_inside_the_data_or_on_a_file_is_refused(trained_
     assert "is a file, not a run folder" in error_of(vqvae, tmp_path / "file", adni_folder, "--max-steps", "1")
 
 
-def test_the_unet_s_ema_decay_is_refused_outside_0_to_1(stage1_run):
+def test_the_unet_s_ema_decay_and_a_linear_schedule_of_too_few_steps_are_refused(stage1_run):
     run, _ = stage1_run
     for value in ("1", "1.5", "-0.1"):
         assert "--ema-decay must be in [0, 1)" in error_of(driver.main, ["train-unet", "--run", str(run),
                                                                           "--ema-decay", value])
+    assert "--diffusion-steps 20 is too few for --schedule linear" in error_of(  # beta_T = 1: abar_T = 0
+        driver.main, ["train-unet", "--run", str(run), "--diffusion-steps", "20"])

@@ -16,7 +16,7 @@ from PIL import Image
 
 import driver
 import predict
-from conftest import SMALL_UNET, SMALL_VQ, ckpt, vqvae, write_blob_images
+from conftest import SMALL_UNET, SMALL_VQ, ckpt, error_of, vqvae, write_blob_images
 from modules import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,6 +137,27 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(sig, stage, 
     assert ckpt(path)["step"] == step + 2
 
 
+def test_a_sigterm_while_the_last_checkpoint_is_written_lets_it_finish(blobs, tmp_path):
+    """The last save ran after the loop had given SIGINT and SIGTERM back to their defaults: a scheduler's SIGTERM
+    there killed the run in the middle of the write (exit 143), and the steps since the save before were lost."""
+    run = tmp_path / "run"
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO)!r})
+import driver, runtime.loop as loop
+write = loop.atomic_save
+def atomic_save(state, path, **kwargs):
+    if state["step"] == 5:   # the last save (the others at 2 and 4)
+        os.kill(os.getpid(), signal.SIGTERM)
+    write(state, path, **kwargs)
+loop.atomic_save = atomic_save
+driver.main({command("vqvae", run, blobs, "--max-steps", "5")[2:]!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert ckpt(run / "vqvae.pt")["step"] == 5 and "SIGTERM received: saved" in done.stderr
+
+
 def torchrun(*args, cwd=REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -232,13 +253,19 @@ def test_a_run_written_before_the_redesign_samples_and_resumes_both_stages(tmp_p
                                                  "--class", "NC", "--gif-frames", "2"]))
     assert images.shape == (2, 1, 32, 32) and images.isfinite().all()
     (run / "unet.pt").rename(tmp_path / "unet.pt")      # stage 1 trains further only with stage 2 moved away
-    driver.main(["train-vqvae", "--run", str(run), "--data", str(data), "--preset", "tiny", *SMALL_VQ, "--max-steps", "4",
-                 "--resume", "--deterministic"])
-    assert ckpt(run / "vqvae.pt")["step"] == 4
+    resume_vq = ["train-vqvae", "--run", str(run), "--data", str(data), "--preset", "tiny", *SMALL_VQ, "--max-steps",
+                 "4", "--resume", "--deterministic"]
+    for flag, value in (("--reconstruction-loss", "l1"), ("--perceptual-weight", "1.0"), ("--frequency-weight", "5.0")):
+        message = error_of(driver.main, [*resume_vq, flag, value])      # losses the run never had: refused
+        assert f"{flag} {value} differs from this run's" in message
+    driver.main(resume_vq)
+    assert ckpt(run / "vqvae.pt")["step"] == 4 and ckpt(run / "vqvae.pt")["args"]["reconstruction_loss"] == "mse"
     shutil.copy(OLD_RUN / "vqvae.pt", run / "vqvae.pt")   # stage 2 resumes on the VQ-VAE it was trained on
     (tmp_path / "unet.pt").rename(run / "unet.pt")
-    driver.main(["train-unet", "--run", str(run), "--data", str(data), *SMALL_UNET, "--max-steps", "4", "--resume",
-                 "--conditional", "--deterministic"])
+    resume_unet = ["train-unet", "--run", str(run), "--data", str(data), *SMALL_UNET, "--max-steps", "4", "--resume",
+                   "--conditional", "--deterministic"]
+    assert "--posthoc-ema 2 differs from this run's 0" in error_of(driver.main, [*resume_unet, "--posthoc-ema", "2"])
+    driver.main(resume_unet)
     resumed = ckpt(run / "unet.pt")
     assert resumed["step"] == 4 and resumed["ema_updates"] == 4 and resumed["classes"] == ["AD", "NC"]
 

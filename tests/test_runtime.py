@@ -15,7 +15,7 @@ import torch
 import predict
 from conftest import ckpt, error_of, unet, vqvae
 from runtime import process
-from runtime.checkpoint import atomic_save, checkpoint_to_resume, load_checkpoint, previous, write_config
+from runtime.checkpoint import REQUIRED, atomic_save, checkpoint_to_resume, load_checkpoint, previous, write_config
 from runtime.errors import BadInputError
 from runtime.process import Milestones
 
@@ -54,7 +54,7 @@ def test_a_full_disk_leaves_the_runs_config_json_as_it_was(tmp_path, monkeypatch
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     path = tmp_path / "unet.pt"
-    atomic_save({"kind": "unet", "step": 2, "config": {}}, path)
+    atomic_save({**dict.fromkeys(REQUIRED["unet"], {}), "kind": "unet", "step": 2, "config": {}}, path)
     script = (f"import os, signal, sys, torch; sys.path.insert(0, {str(REPO)!r}); from runtime.checkpoint import atomic_save; from pathlib import Path\n"
               "def dies(obj, f, *a, **k):\n    f.write(b'half a checkpoint'); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
               f"torch.save = dies\natomic_save({{'kind': 'unet', 'step': 4}}, Path({str(path)!r}))\n")
@@ -63,6 +63,22 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_whole(tmp_path
     partial = [p.name for p in tmp_path.iterdir() if p.name.startswith(".unet.pt.tmp")]
     assert len(partial) == 1   # the killed write's file; --resume removes it:
     assert checkpoint_to_resume(path, "unet", resume=True, chosen={})["step"] == 2 and not (tmp_path / partial[0]).exists()
+
+
+def test_writes_cut_short_of_a_latent_cache_or_a_snapshot_are_removed(trained_run, tmp_path):
+    """kill -9 while the latent cache (GBs) or an EMA snapshot was written left its temporary file for good."""
+    from runtime.posthoc_ema import SNAPSHOTS, drop_snapshots_after
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / ".latents.pt.tmp999").write_bytes(b"partial")
+    unet(copy, "--max-steps", "6", "--resume")
+    assert not (copy / ".latents.pt.tmp999").exists() and (copy / "latents.pt").exists()
+    (copy / SNAPSHOTS).mkdir()
+    (copy / SNAPSHOTS / ".step0000020.pt.tmp999").write_bytes(b"partial")
+    (copy / SNAPSHOTS / "step0000010.pt").write_bytes(b"kept")
+    drop_snapshots_after(copy, 10)
+    assert [p.name for p in (copy / SNAPSHOTS).iterdir()] == ["step0000010.pt"]
 
 
 def test_a_truncated_checkpoint_is_named_with_the_last_good_one(trained_run, tmp_path):
@@ -120,6 +136,41 @@ def test_checkpoints_of_another_kind_preset_or_version_give_clear_errors(trained
     old["config"]["num_steps"] = 1000          # an earlier layout kept the diffusion settings here
     torch.save(old, copy / "unet.pt")
     assert "written by another version of this project" in error_of(predict.main, ["--run", str(copy), "--num", "1"])
+
+
+def test_empty_edited_or_mismatched_checkpoints_are_one_line_errors(trained_run, tmp_path):
+    """An empty file (its EOFError has no message), a checkpoint missing an entry every one holds, and weights that
+    do not fit the config beside them (a weight missing, one extra, another shape): one line each, to `sample` and
+    to --resume, where they were tracebacks."""
+    run, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    sample = lambda: error_of(predict.main, ["--run", str(copy), "--num", "1"])  # noqa: E731
+    resume = lambda: error_of(unet, copy, "--max-steps", "6", "--resume")        # noqa: E731
+    (copy / "unet.pt").write_bytes(b"")
+    assert f"cannot load checkpoint {copy / 'unet.pt'}, it is damaged or not a checkpoint (EOFError)" in sample()
+    good = ckpt(run / "unet.pt")
+    for edit in ("no ema", "a weight missing", "a weight extra", "another shape", "EMA of another shape"):
+        saved = copy_of(good)
+        name = next(iter(saved["model"]))
+        if edit == "no ema":
+            del saved["ema"]
+        elif edit == "a weight missing":
+            del saved["model"][name], saved["ema"][name]
+        elif edit == "a weight extra":
+            saved["model"]["bogus.weight"] = saved["ema"]["bogus.weight"] = torch.zeros(1)
+        elif edit == "another shape":
+            saved["model"][name] = saved["ema"][name] = torch.zeros(3, 1, 1, 1)
+        else:
+            saved["ema"][name] = torch.zeros(3, 1, 1, 1)
+        torch.save(saved, copy / "unet.pt")
+        for message in (sample(), resume()):
+            assert ("lacks ema, which every unet checkpoint" in message if edit == "no ema" else
+                    f"weights in {copy / 'unet.pt'} do not fit the model its config describes" in message), edit
+
+
+def copy_of(checkpoint: dict) -> dict:
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in checkpoint.items()}
 
 
 def test_fp16_without_cuda_is_a_clear_error(adni_folder, tmp_path):

@@ -368,6 +368,42 @@ def test_skip_nonfinite_stops_a_diverged_run(trained_run, tmp_path, monkeypatch)
     assert not (run / "unet.pt").exists()
 
 
+def test_skip_nonfinite_saves_no_run_whose_last_steps_were_all_skipped(trained_run, tmp_path, monkeypatch):
+    """A rate that blows the weights up without making them NaN: every step after gives a NaN/inf gradient and is
+    skipped. Fewer than 20 in a row before the run's end used to save the blown-up weights as the finished run."""
+    run = fresh_unet_run(trained_run, tmp_path)
+    original, calls = GaussianDiffusion.loss, []
+
+    def inf_from_step_3(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs) * (float("inf") if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", inf_from_step_3)
+    message = error_of(unet, run, "--max-steps", "8", "--skip-nonfinite", "--save-every", "2", "--log-every", "2")
+    assert "steps up to step 8 had a NaN/inf gradient" in message and "stopped without saving" in message
+    assert ckpt(run / "unet.pt")["step"] == 6                           # saved at 2, 4 and 6 (four skipped by then)
+
+
+def test_a_discriminator_that_became_nan_is_never_saved(adni_folder, tmp_path, monkeypatch):
+    """The loss and the model's weights are checked at every log step; the discriminator, learning beside it, is
+    checked with every other learned part before each checkpoint."""
+    step_disc = Adversary.after_step
+
+    def poisoned(self, step, taken):
+        step_disc(self, step, taken)
+        if step == 4:                                                   # after its step, before the save at 4
+            with torch.no_grad():
+                next(self.disc.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(Adversary, "after_step", poisoned)
+    run = tmp_path / "run"
+    message = error_of(vqvae, run, adni_folder, "--max-steps", "6", "--adversarial-weight", "0.1",
+                       "--adversarial-start", "1", "--save-every", "2")
+    assert "discriminator/" in message and "became NaN/inf by step 4" in message
+    saved = ckpt(run / "vqvae.pt")
+    assert saved["step"] == 2 and all(t.isfinite().all() for t in saved["discriminator"].values())
+
+
 def test_skip_bad_images_trains_both_stages_on_the_readable_ones(tmp_path, capsys):
     data = tmp_path / "adni"
     rng = np.random.default_rng(0)
