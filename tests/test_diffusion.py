@@ -21,6 +21,23 @@ def test_default_schedule_is_the_original_linear_one():
     assert cos.alphas_cumprod[-1] < 1e-4 and (cos.betas <= 0.999).all()
 
 
+@pytest.mark.parametrize("T", [1000, 500])
+def test_schedules_follow_their_closed_forms(T):
+    """Cosine (Nichol & Dhariwal 2021, eq. 17): abar_t = f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) pi / 2),
+    s = 0.008, with betas clipped at 0.999 (the last only, where f(T) = 0). Linear (Ho et al. 2020): betas evenly
+    from 1e-4 to 0.02 at T = 1000, both ends times 1000 / T at other T (as Improved DDPM scales it), so abar_{T-1}
+    ends near 4e-5 at every T; unscaled, T = 500 would end at 7e-3, far from pure noise."""
+    cos, lin = GaussianDiffusion(T, "cosine"), GaussianDiffusion(T, "linear")
+    f = [math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(T + 1)]
+    abar = torch.tensor([f[t + 1] / f[0] for t in range(T - 1)], dtype=torch.float64)  # paper's t = 1 .. T-1
+    assert torch.allclose(cos.alphas_cumprod[:-1], abar, rtol=1e-9, atol=0)
+    assert cos.betas[-1] == 0.999 and cos.betas[:-1].max() < 0.9
+    scale = 1000 / T
+    betas = torch.tensor([scale * (1e-4 + (0.02 - 1e-4) * k / (T - 1)) for k in range(T)], dtype=torch.float64)
+    assert torch.allclose(lin.betas, betas, rtol=1e-12, atol=0)
+    assert 3e-5 < lin.alphas_cumprod[-1] < 5e-5
+
+
 def test_q_sample_moments():
     torch.manual_seed(0)
     d = GaussianDiffusion()
@@ -224,6 +241,38 @@ def test_ddim_with_eta_one_on_all_steps_equals_ddpm_posterior():
     ddpm, _ = d.p_sample(oracle, x_t, t, noise=noise)
     ddim, _ = d.ddim_step(oracle, x_t, t, t - 1, eta=1.0, noise=noise)
     assert torch.allclose(ddpm, ddim, atol=1e-10)
+
+
+def test_ddim_sigma_at_eta_one_half_is_song_et_al_eq_16():
+    """Between steps 500 and 400 at eta = 0.5: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps +
+    sigma noise (Song et al. 2021, eq. 12) with sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t /
+    abar_prev) (eq. 16). eta put under the square root agrees at eta 0 and 1 only; here sigma would be 1.41x."""
+    d = GaussianDiffusion()
+    oracle = OracleEps(d, MU, S)
+    x_t, noise = torch.randn(8, 1, 1, 1, dtype=torch.float64), torch.randn(8, 1, 1, 1, dtype=torch.float64)
+    t, t_prev = torch.full((8,), 500), torch.full((8,), 400)
+    a_t, a_prev = d.alphas_cumprod[500], d.alphas_cumprod[400]
+    sigma = 0.5 * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+    eps = oracle(x_t, t)
+    x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x_prev, _ = d.ddim_step(oracle, x_t, t, t_prev, eta=0.5, noise=noise)
+    assert torch.allclose(x_prev, a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps + sigma * noise,
+                          rtol=0, atol=1e-12)
+
+
+def test_ddim_on_all_steps_at_eta_one_is_ddpm_from_the_same_seed():
+    """DDIM asked for all T steps visits every step 999..0, and at eta = 1 its sigma is DDPM's posterior std: from the
+    same seed it draws the same noise and gives DDPM's very samples (measured: 5e-13 apart). A step list of T - 1
+    steps (min(steps, start) instead of start + 1) skips a step."""
+    d = GaussianDiffusion()
+    oracle = OracleEps(d, MU, S)
+    runs = {}
+    for sampler in ("ddpm", "ddim"):
+        torch.manual_seed(0)
+        x_T = torch.randn(64, 1, 1, 1, dtype=torch.float64)
+        runs[sampler] = [(t, x) for t, x, _ in d.sample_steps(oracle, x_T, sampler, 1000, eta=1.0)]
+    assert [t for t, _ in runs["ddim"]] == [t for t, _ in runs["ddpm"]] == list(range(999, -1, -1))
+    assert torch.allclose(runs["ddim"][-1][1], runs["ddpm"][-1][1], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("t, t_prev", [(400, 399), (500, 400)])

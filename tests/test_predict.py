@@ -11,7 +11,9 @@ from PIL import Image
 import driver
 import predict
 from conftest import ckpt, error_of, random_latent_diffusion, unet, vqvae
+from diffusion.gaussian import GaussianDiffusion
 from runtime.graphs import GraphedCall
+from test_diffusion import MU, N, S, OracleEps
 
 
 def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
@@ -142,6 +144,76 @@ def test_the_grid_holds_at_most_64_enlarged_images_and_says_where_the_rest_are(t
     assert Image.open(tmp_path / "samples.png").size == (8 * (128 + 2) + 2,) * 2   # 8 x 8 of 32-px images shown at 128 px
     assert "shows 64 of the 70 images" in capsys.readouterr().out
     assert Image.open(tmp_path / "denoise.gif").width == 512                     # 4 x 4 enlarged, then fitted to 512
+
+
+# ----------------------------------------------------------------------------- the card's repeats, and guidance
+
+def test_the_cards_repeats_keep_the_oracles_distribution():
+    """DDPM-1000 and the card's 5 repeats (re-noised to step 29, denoised to 0 again) with the analytic oracle of data
+    N(MU, S^2) keep the data's spread (measured: std -1.6%); denoising the sample again without re-noising it first
+    (x_t = x) shrinks it at every repeat (-9%)."""
+    d = GaussianDiffusion()
+    torch.manual_seed(0)
+    x_T = torch.randn(N, 1, 1, 1, dtype=torch.float64)
+    card = predict.Sampling("ddpm", repeat_last=30, repeat_times=5, gif_frames=2)
+    x, frames = predict.sample_latents(d, OracleEps(d, MU, S), x_T, card)
+    assert abs(x.mean().item() - MU) < 0.015 and abs(x.std().item() / S - 1) < 0.04
+    assert [caption for caption, _, _ in frames] == ["step 999", "step 0", *(f"repeat {r}/5" for r in range(1, 6))]
+
+
+def test_each_repeat_renoises_to_step_repeat_last_minus_1_and_steps_down_to_0():
+    """The network's calls: DDPM's 1000, then 30 per repeat at 29, 28, ..., 0, as many as `Sampling.calls` says. The
+    oracle of data at the point 0 (s = 0) ends every pass exactly at 0, so what it is first called with in a repeat
+    is the re-noise alone, q_sample to step 29: sqrt(1 - abar_29) eps (re-noised to step 30 it is 2.9% wider)."""
+    d = GaussianDiffusion()
+    oracle, seen = OracleEps(d, 0.0, 0.0), []
+
+    def network(x_t, t):
+        seen.append((int(t[0]), x_t))
+        return oracle(x_t, t)
+    card = predict.Sampling("ddpm", repeat_last=30, repeat_times=5, gif_frames=1)
+    torch.manual_seed(0)
+    x, _ = predict.sample_latents(d, network, torch.randn(8192, 1, 1, 1, dtype=torch.float64), card)
+    steps = [t for t, _ in seen]
+    assert steps == [*range(999, -1, -1), *[*range(29, -1, -1)] * 5] and len(steps) == card.calls(1000) == 1150
+    renoised = torch.cat([x_t for t, x_t in seen[1000:] if t == 29]) / (1 - d.alphas_cumprod[29]).sqrt()
+    assert len(renoised) == 5 * 8192 and abs(renoised.mean().item()) < 0.02 and abs(renoised.std().item() - 1) < 0.015
+    assert x.abs().max() < 1e-9
+
+
+class ConstantNetwork(torch.nn.Module):
+    """A fake conditional UNet: `cond` in every latent of a sample whose conditions are given, `uncond` where none is
+    (y None or NaN). Its parameter only says which device it is on."""
+
+    def __init__(self, cond: float, uncond: float):
+        super().__init__()
+        self.cond, self.uncond, self.device_of = cond, uncond, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, y=None):
+        given = torch.zeros(len(x_t), dtype=torch.bool) if y is None else ~y.isnan().all(1)
+        return torch.where(given.view(-1, 1, 1, 1), self.cond, self.uncond).expand_as(x_t)
+
+
+def test_predict_guides_in_its_interval_and_puts_the_guide_under_the_same_guidance(monkeypatch):
+    """The denoiser `sample_batches` builds, with --guide-interval 5,12 of 20 steps and fake networks of constant
+    outputs (UNet: 3 conditional, 1 not; guide: 2 and 0.5). Classifier-free guidance w = 2.5: 1 + 2.5 (3 - 1) = 6 in
+    the interval, the conditional 3 outside (not 6: the interval reaches `Guided`). Autoguidance W = 2 of a conditional
+    run: the guide under the same guidance, 0.5 + 2.5 (2 - 0.5) = 4.25, and 4.25 + 2 (6 - 4.25) = 7.75 (an unguided
+    guide gives 0.5 + 2 (6 - 0.5) = 11.5); unconditional: 0.5 + 2 (1 - 0.5) = 1.5; outside, the UNet alone."""
+    model = replace(random_latent_diffusion(), unet=ConstantNetwork(3.0, 1.0))
+    denoisers = []
+    monkeypatch.setattr(predict, "sample_latents", lambda diffusion, denoiser, x_T, sampling, bar:
+                        denoisers.append(denoiser) or (x_T, []))
+    guided = predict.Sampling("ddim", steps=2, batch_size=2, guide_interval=(5, 12))
+    autoguided = replace(guided, autoguidance=2.0, guide=ConstantNetwork(2.0, 0.5))
+    for sampling, labels, inside, outside in [(guided, torch.tensor([0, 1]), 6.0, 3.0),
+                                              (autoguided, torch.tensor([0, 1]), 7.75, 3.0),
+                                              (autoguided, None, 1.5, 1.0)]:
+        predict.generate(model, sampling, 2, labels, guidance=2.5)
+        x = torch.randn(2, *model.latent_shape)
+        with torch.no_grad():
+            outputs = [denoisers[-1](x, torch.full((2,), step)) for step in (4, 5, 12, 13)]
+        assert [torch.unique(out).tolist() for out in outputs] == [[outside], [inside], [inside], [outside]]
 
 
 # ----------------------------------------------------------------------------- the UNet's calls replayed from a graph
