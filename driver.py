@@ -546,6 +546,8 @@ def main(argv: list[str] | None = None):
             print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
         writes_run = args.stage is not None or args.command in ("ema", "demo")  # the training commands, and these
         starts_run = args.stage is not None or args.command == "demo"  # these may make the run folder
+        if starts_run and Path(args.run).is_file():
+            raise BadInputError(f"--run {args.run} is a file, not a run folder: give a folder")
         with run_lock(Path(args.run), create=starts_run) if writes_run else contextlib.nullcontext():
             args.func(args)
     except BadInputError as e:

@@ -86,7 +86,7 @@ REQUIRED = {"vqvae": ("model", "config", "optimizer", "step"),
             "decoder": ("model", "optimizer", "step", "vqvae_fingerprint")}
 
 
-def load_weights(target, state: dict, path: Path, part: str = "model", load: Callable | None = None):
+def load_weights(target, state: dict, path: Path | str, part: str = "model", load: Callable | None = None):
     """target.load_state_dict(state) (or `load(target, state)`), where a checkpoint's weights that do not fit (of
     another model, or edited: a missing or extra weight, another shape) are one line instead of torch's list."""
     try:
@@ -187,8 +187,6 @@ def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = 
         import fcntl
     except ImportError:
         fcntl = None
-    if run.exists() and not run.is_dir():
-        raise BadInputError(f"{run} is a file, not a run folder: give a folder")
     made = create and fcntl is not None and is_main_process() and not run.exists()
     if made:
         try:
