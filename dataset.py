@@ -63,8 +63,8 @@ def load_image(path: str, mode: str) -> Image.Image:
                 raise BadInputError(f"{printable(path)} holds {img.n_frames} images (a TIFF stack): save one slice "
                                     "per file, or the volume as NIfTI")
             if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
-                raise BadInputError(f"{printable(path)} is a 16-bit colour PNG, which Pillow reads as its pixels' top 8 "
-                                    "bits (a 12-bit scan nearly black): save it as 16-bit greyscale, or as 8 bits")
+                raise BadInputError(f"{printable(path)} is a 16-bit colour PNG, which Pillow reads as its pixels' top "
+                                    "8 bits (a 12-bit scan nearly black): save it as 16-bit greyscale, or as 8 bits")
             if img.mode.startswith("I") or img.mode == "F":
                 a = np.asarray(img, dtype=np.float64)
                 a = np.where(np.isfinite(a), a, 0)
@@ -453,8 +453,8 @@ class DataConfig:
         """A run or output folder inside the data folder: what is written there (grids, checkpoints, samples) would
         be listed as training images, a class of their own or among a class's, by the next command that reads it."""
         if self.root and Path(folder).resolve().is_relative_to(Path(self.root).resolve()):
-            raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there would be "
-                                "read as training images; put it elsewhere")
+            raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there would "
+                                "be read as training images; put it elsewhere")
 
     def saved(self) -> dict:
         """The config as a run saves it, its folder as an absolute path (so that stage 2 finds it from anywhere)."""
@@ -513,7 +513,7 @@ def subject_summary(data: DataConfig) -> str:
     line += f"; held out: {_count(len(held), 'subject')}"
     groups = subjects_by_class(owners, [folders.classes[k] for _, k in folders.samples])
     if len(folders.classes) > 1:
-        line += " (" + ", ".join(f"{'+'.join(k)} {len(held.intersection(s))} of {len(s)}" for k, s in groups.items()) + ")"
+        line += " (" + ", ".join(f"{'+'.join(k)} {len(held & set(s))} of {len(s)}" for k, s in groups.items()) + ")"
     line += f", {_count(len(held_idx), kind)}"
     alone = ["+".join(k) for k, subjects in groups.items() if len(subjects) == 1 and len(folders.classes) > 1]
     if alone:
@@ -525,8 +525,8 @@ def subject_summary(data: DataConfig) -> str:
     if unnamed:  # NC/0295/visit1/T1.nii.gz and NC/0295/visit2/T1.nii.gz: two subjects
         line += (f"; WARNING: {unnamed} of the {_count(len(paths), kind)} carry no subject ID the naming rules know "
                  "(BIDS sub-*, ADNI 002_S_0295, OASIS, NAME_<number>, a folder below the class folder) and are each "
-                 "a subject of their own, so the "
-                 "hold-out may split one person's scans: if some are of one person, name them with --subject-pattern")
+                 "a subject of their own, so the hold-out may split one person's scans: if some are of one person, "
+                 "name them with --subject-pattern")
     return line
 
 

@@ -143,11 +143,13 @@ def add_common(p: argparse.ArgumentParser, stage: str):
                    help="images are decoded once into memory if they fit in this many GB, else into a memory-mapped "
                         "RUN/images-*.npy (default: %(default)s)")
     p.add_argument("--workers", type=positive(int), default=None,
-                   help="image decoding threads and loader workers (default: the CPUs this process may use, shared among torchrun's processes)")
+                   help="image decoding threads and loader workers (default: the CPUs this process may use, shared "
+                        "among torchrun's processes)")
     # optimisation
     p.add_argument("--batch-size", type=positive(int), default=None, help=ph("batch_size", "batch size"))
     p.add_argument("--lr", type=positive(float), default=None, help=ph("lr", "AdamW learning rate"))
-    p.add_argument("--warmup", type=non_negative(int), default=None, help=ph("warmup", "linear learning-rate warm-up steps"))
+    p.add_argument("--warmup", type=non_negative(int), default=None,
+                   help=ph("warmup", "linear learning-rate warm-up steps"))
     p.add_argument("--cooldown", type=fraction, default=None,
                    help=ph("cooldown", "fraction of the run's steps at its end over which the learning rate falls "
                                        "linearly to zero; with --max-minutes the end is estimated from the speed"))
@@ -244,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out images that cannot be read, and report how many and which (default: stop at the "
                         "first, naming it)")
     p.add_argument("--vq-channels", type=positive(int), default=None, help=preset_help("vqvae", "vq_channels", "width of the first level"))
-    p.add_argument("--vq-mult", type=positive_ints, default=None, help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
+    p.add_argument("--vq-mult", type=positive_ints, default=None,
+                   help=preset_help("vqvae", "vq_mult", "width multipliers, one level each"))
     p.add_argument("--vq-res-blocks", type=positive(int), default=None, help=preset_help("vqvae", "vq_res_blocks", "res blocks per level"))
     p.add_argument("--codebook-size", type=positive(int), default=None, help=preset_help("vqvae", "codebook_size", "codebook entries"))
     p.add_argument("--vq-min-group-width", type=positive(int), default=1,
@@ -289,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")
     add_common(p, "unet")
     p.add_argument("--unet-channels", type=positive(int), default=None, help=preset_help("unet", "unet_channels", "width of the first level"))
-    p.add_argument("--unet-mult", type=positive_ints, default=None, help=preset_help("unet", "unet_mult", "width multipliers of the 4 levels"))
+    p.add_argument("--unet-mult", type=positive_ints, default=None,
+                   help=preset_help("unet", "unet_mult", "width multipliers of the 4 levels"))
     p.add_argument("--unet-res-blocks", type=positive(int), default=None, help=preset_help("unet", "unet_res_blocks", "res blocks per level"))
     p.add_argument("--ema-decay", type=float, default=None, help=preset_help("unet", "ema_decay", "EMA decay of the sampling weights"))
     p.add_argument("--posthoc-ema", type=int, default=0, metavar="EVERY",

@@ -83,7 +83,8 @@ def main():
     data = DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae"))
     dataset = load_slices(data.folder(), data.image_size, data.channels, slicing=data.slicing, layout=data.layout)
     paths = [p for p, _ in dataset.samples]
-    train_idx, ref_idx, floor_idx = evaluation_split(paths, data.holdout, data.holdout_seed, data.subject())
+    train_idx, ref_idx, floor_idx = evaluation_split(paths, data.holdout, data.holdout_seed, data.subject(),
+                                                     data.strata(dataset.samples, dataset.classes))
     held = ref_idx + floor_idx
     key = {"data": str(data.folder()), "image_size": data.image_size, "channels": data.channels,
            "holdout": data.holdout, "holdout_seed": data.holdout_seed, "count": len(dataset)}

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from evaluation.evaluate import feature_network, format_level_table, format_table, score_rows, stack  # noqa: E402
-from quality import held_out_split  # noqa: E402
+from quality import held_out_split, layout_version  # noqa: E402
 
 
 def main():
@@ -65,7 +65,7 @@ def load_row(args, sample_flags: tuple[str, ...] | list[str] = ()) -> tuple:
     """quality.py's reference half A, floor half B and feature network; the row's run and `driver.py sample`'s sampling
     (with `sample_flags`)."""
     out, run = Path(args.out), Path(args.out) / args.row
-    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout, layout_version([run]))
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     features = feature_network(out, dataset, train_idx, key, "cpu")

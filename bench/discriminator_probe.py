@@ -26,7 +26,7 @@ import predict  # noqa: E402
 from evaluation.evaluate import stack  # noqa: E402
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from losses.adversarial import DiscriminatorConfig, PatchDiscriminator, least_squares_d_loss  # noqa: E402
-from quality import held_out_split  # noqa: E402
+from quality import held_out_split, layout_version  # noqa: E402
 
 
 def reconstructions(run: Path, images: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--layers", type=int, default=3)
     args = parser.parse_args()
     run = Path(args.run)
-    dataset, (train_idx, _, floor_idx), _ = held_out_split(args.data, 0.1)
+    dataset, (train_idx, _, floor_idx), _ = held_out_split(args.data, 0.1, layout_version([run]))
     train, _ = stack(dataset, train_idx[:2000])
     floor, _ = stack(dataset, floor_idx)
     train_pair, held_out = (train, reconstructions(run, train)), (floor, reconstructions(run, floor))

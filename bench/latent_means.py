@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from decode_unquantised import samples_and_latents  # noqa: E402
-from quality import held_out_split  # noqa: E402
+from quality import held_out_split, layout_version  # noqa: E402
 
 STEPS = (50, 200, 400, 600, 800)
 
@@ -68,7 +68,8 @@ def main():
     parser.add_argument("--channel", type=int, default=1, help="the latent channel of the x0 errors (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="sampling seeds of the brightness (default: %(default)s)")
     args = parser.parse_args()
-    dataset, (_, ref_idx, _), _ = held_out_split(args.data, args.holdout)
+    version = layout_version([Path(args.out) / row for row in args.rows.split(",")])
+    dataset, (_, ref_idx, _), _ = held_out_split(args.data, args.holdout, version)
     reference = torch.stack([dataset[i][0] for i in ref_idx]).mean((1, 2, 3))
     for row in args.rows.split(","):
         run = Path(args.out) / row

@@ -59,12 +59,13 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
-from dataset import load_slices  # noqa: E402
+from dataset import DataConfig, load_slices  # noqa: E402
 from evaluation.evaluate import (class_mix, evaluation_split, feature_network, format_level_table,  # noqa: E402
                                  format_table, score_rows, stack, training_sample)
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
+from volumes.layouts import LAYOUT_VERSION, Layout  # noqa: E402
 
 ROWS = ("ours", "ours-unclamped", "ours-adversarial", "ours-laplacian", "ours-constant", "ours-codes", "ours-former",
         "peer", "defect")
@@ -87,16 +88,30 @@ def original_report_samples(vqvae, unet, diffusion, num: int, shape, batch_size:
     return torch.cat(out)
 
 
-def held_out_split(data: str, holdout: float) -> tuple:
-    """The slices at 64x64, their subjects split as train-vqvae --holdout and evaluate split them (training, reference
-    half A, floor half B), and the key under which OUT keeps the feature network trained on that split: the folder
-    resolved, so that another spelling of it (relative, absolute, a link) finds the same network instead of training
-    and saving another over it, which would move every FID of OUT."""
-    dataset = load_slices(data, 64, 1)
-    split = evaluation_split([p for p, _ in dataset.samples], holdout, 0)
+def held_out_split(data: str, holdout: float, version: int = LAYOUT_VERSION) -> tuple:
+    """The slices at 64x64, their subjects split as train-vqvae --holdout and evaluate split them by the rules of data
+    layout `version` (training, reference half A, floor half B; version 5 draws both within classes), and the key
+    under which OUT keeps the feature network trained on that split: the folder resolved, so that another spelling of
+    it (relative, absolute, a link) finds the same network instead of training and saving another over it, which
+    would move every FID of OUT."""
+    config = DataConfig(root=data, image_size=64, holdout=holdout, layout=Layout(version=version))
+    dataset = load_slices(data, 64, 1, layout=config.layout)
+    split = evaluation_split([p for p, _ in dataset.samples], holdout, 0, config.subject(),
+                             config.strata(dataset.samples, dataset.classes))
     key = {"data": str(Path(data).resolve()), "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0,
-           "count": len(dataset)}
+           "count": len(dataset), **({"layout": version} if version >= 5 else {})}
     return dataset, split, key
+
+
+def layout_version(runs: list[Path]) -> int:
+    """The data layout version the runs' stage 1s were trained with (today's where none is trained yet): the split
+    that scores them must be theirs, or a row would be scored on subjects it trained on."""
+    versions = {DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).layout.version
+                for run in runs if (run / "vqvae.pt").exists()}
+    if len(versions) > 1:
+        raise SystemExit(f"error: the rows {', '.join(str(r) for r in runs)} were trained with data layouts "
+                         f"{sorted(versions)}, whose held-out subjects differ: score them in separate --out folders")
+    return versions.pop() if versions else LAYOUT_VERSION
 
 
 def train_or_reuse(stage: str, command: list[str], run: Path) -> dict:
@@ -160,8 +175,9 @@ def main():
     stamp = time.strftime("%Y%m%d-%H%M%S")
     torch.manual_seed(0)
 
-    # the held-out subjects, exactly as train-vqvae --holdout and evaluate split them
-    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout)
+    # the held-out subjects, exactly as train-vqvae --holdout and evaluate split them (by the rules of OUT's rows)
+    version = layout_version([out / row for row in ROWS if row != "peer"] + sorted(out.glob("ours-*")))
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(args.data, args.holdout, version)
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     n = args.num or len(floor)
@@ -204,6 +220,9 @@ def main():
                                       for m in (args.vq_minutes, args.unet_minutes))
         info[f"{name}_vqvae_training"] = train_or_reuse(
             "vqvae", [*common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags], run)
+        if layout_version([run]) != version:  # a new row beside rows of an earlier layout
+            raise SystemExit(f"error: {run} was trained with data layout version {layout_version([run])}, OUT's other "
+                             f"rows with {version}: their held-out subjects differ; give a new --out")
         if not args.stage1_only:
             info[f"{name}_unet_training"] = train_or_reuse(
                 "unet", [*common, *unet_budget, *shlex.split(args.unet_flags), *both_stages.get(name, [])], run)

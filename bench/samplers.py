@@ -51,7 +51,8 @@ def main():
     data = driver.parse(["evaluate", "--run", str(run)]).data_config  # stage 1's images and split
     dataset = load_slices(data.folder(), data.image_size, data.channels, slicing=data.slicing, layout=data.layout)
     holdout, seed = data.holdout or 0.1, data.holdout_seed
-    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed, data.subject())
+    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed, data.subject(),
+                                                     data.strata(dataset.samples, dataset.classes))
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     num = args.num or len(floor)

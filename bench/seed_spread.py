@@ -39,7 +39,7 @@ import driver  # noqa: E402
 import predict  # noqa: E402
 from evaluation.ema_lengths import ema_lengths_arg  # noqa: E402
 from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
-from quality import held_out_split  # noqa: E402
+from quality import held_out_split, layout_version  # noqa: E402
 from dataset import DataConfig  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.posthoc_ema import reconstruct_many  # noqa: E402
@@ -79,7 +79,8 @@ def main():
     data, holdout, classifier_steps, num = quality_settings(out, args, args.rows.split(",")[0])
 
     # quality.py's reference half A, its number of samples and its feature network
-    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(data, holdout)
+    version = layout_version([out / row for row in args.rows.split(",")])  # the rows' rules of the hold-out
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(data, holdout, version)
     reference, _ = stack(dataset, ref_idx)
     features = feature_network(out, dataset, train_idx, key, "cpu", classifier_steps=classifier_steps)
     num = num or len(floor_idx)

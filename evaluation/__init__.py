@@ -20,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--data", default=None, help="image folder (default: the one the run was trained on)")
     p.add_argument("--holdout", type=float, default=0.1,
                    help="fraction of subjects held out, used only when the run held none out (default: %(default)s)")
-    p.add_argument("--holdout-seed", type=seed, default=0, help="seed of that split, same condition (default: %(default)s)")
+    p.add_argument("--holdout-seed", type=seed, default=0,
+                   help="seed of that split, same condition (default: %(default)s)")
     p.add_argument("--samples", default=None, help="score the images in this folder instead of sampling the run's UNet")
     p.add_argument("--features", choices=["auto", "inception", "domain"], default="auto",
                    help="FID/KID features: Inception-v3 if its weights load, else the domain classifier (default: %(default)s)")

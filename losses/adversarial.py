@@ -175,8 +175,9 @@ class Adversary:
         self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())
         if resume:
-            load_weights(self.disc, resume["discriminator"], "the checkpoint resumed", "discriminator")
-            load_weights(self.optimizer, resume["disc_optimizer"], "the checkpoint resumed", "discriminator's optimizer",
+            resumed = "the checkpoint resumed"
+            load_weights(self.disc, resume["discriminator"], resumed, "discriminator")
+            load_weights(self.optimizer, resume["disc_optimizer"], resumed, "discriminator's optimizer",
                          load=load_optimizer)
             for group in self.optimizer.param_groups:  # a constant rate: --lr or --adversarial-lr, as resolved now
                 group["lr"] = args.adversarial_lr or args.lr

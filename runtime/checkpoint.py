@@ -93,8 +93,9 @@ def load_weights(target, state: dict, path: Path | str, part: str = "model", loa
         (load or type(target).load_state_dict)(target, state)
     except (RuntimeError, KeyError, ValueError) as e:
         what = " ".join(line.strip() for line in str(e).splitlines())
-        raise BadInputError(f"the {part} weights in {path} do not fit the model its config describes ({what[:300]}"
-                            f"{'...' if len(what) > 300 else ''}): the file was edited, or is of another model") from None
+        what = what if len(what) <= 300 else what[:300] + "..."
+        raise BadInputError(f"the {part} weights in {path} do not fit the model its config describes ({what}): the "
+                            "file was edited, or is of another model") from None
 
 
 def _last_good(path: Path, kind: str) -> str:
@@ -161,8 +162,8 @@ def _plain(value):
 
 def remove_unfinished(folder: Path, name: str = "*"):
     """Remove the temporary files that writes of `name` (a glob) in `folder` cut short by kill -9 left (atomic_write's
-    `.NAME.tmpPID`, `.NAME.prevPID`): a latent cache's or a snapshot's may be as large as the file. Call it where no other process
-    writes there (under the run's lock)."""
+    `.NAME.tmpPID`, `.NAME.prevPID`): a latent cache's or a snapshot's may be as large as the file. Call it where no
+    other process writes there (under the run's lock)."""
     for unfinished in [*folder.glob(f".{name}.tmp*"), *folder.glob(f".{name}.prev*")]:  # the file, a link to the last
         print(f"removed {unfinished}, a write that did not finish")
         unfinished.unlink(missing_ok=True)

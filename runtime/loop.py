@@ -181,7 +181,7 @@ def ensure_finite(loss: float, step: int, ckpt_path: Path, model: nn.Module):
                             f"is {ckpt_path}); try a lower --lr, or --skip-nonfinite to skip such steps")
 
 
-LEARNED = ("model", "optimizer", "ema", "posthoc_ema", "discriminator", "disc_optimizer")  # a checkpoint's learned parts
+LEARNED = ("model", "optimizer", "ema", "posthoc_ema", "discriminator", "disc_optimizer")  # what a checkpoint learned
 
 
 def ensure_finite_state(state: dict, step: int, ckpt_path: Path):

@@ -103,6 +103,27 @@ def test_the_benchmarks_key_their_feature_network_on_the_folder_not_on_how_it_wa
     assert held_out_split("adni", 0.25)[2] != keys[0]                                 # another split is another key
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_quality_scores_its_rows_on_the_subjects_their_training_left_out(tmp_path, version):
+    """quality.py splits the data before its rows train, by the rules of their data layout: its training part is
+    exactly the files train-vqvae --holdout trains on (version 5 draws the hold-out within classes, 4 from all of
+    them at once), so that reference A and floor B hold no subject a row trained on."""
+    import numpy as np
+    from conftest import write_blob_images
+    from dataset import DataConfig, training_files
+    from quality import held_out_split
+    from volumes.layouts import Layout
+    rng = np.random.default_rng(0)
+    for label, subjects in (("AD", 9), ("NC", 3)):
+        write_blob_images(tmp_path / "data" / label, [f"{label}{i}" for i in range(subjects)], 2, rng, size=(16, 16))
+    dataset, (train_idx, ref_idx, floor_idx), key = held_out_split(str(tmp_path / "data"), 0.25, version)
+    trained, _ = training_files(DataConfig(root=str(tmp_path / "data"), image_size=64, holdout=0.25,
+                                           layout=Layout(version=version)))
+    assert sorted(dataset.samples[i][0] for i in train_idx) == sorted(p for p, _ in trained)
+    assert len(ref_idx) + len(floor_idx) == len(dataset) - len(trained) and key.get("layout") == (5 if version == 5
+                                                                                                   else None)
+
+
 def test_a_reused_row_agrees_with_the_call_that_would_have_trained_it_or_is_refused(trained_run):
     """quality.py scores a row already in OUT as it is: another seed, hold-out or flag of the call would label it
     with settings it was not trained with (another hold-out: scored on subjects it trained on)."""

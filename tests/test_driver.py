@@ -75,8 +75,8 @@ def test_demo_runs_the_three_stages_in_order_with_the_tiny_preset(monkeypatch, t
     def stage1(a):  # what stage 2 inherits: the preset and the data config, read from vqvae.pt
         calls.append(("vqvae", a.preset, a.resume, a.data))
         (tmp_path / "run").mkdir(exist_ok=True)  # as start_stage makes it: the lock made it first
-        atomic_save({"kind": "vqvae", "model": {}, "config": {}, "optimizer": {}, "step": 1, "args": {"preset": a.preset},
-                     "data_config": asdict(a.data_config)}, tmp_path / "run" / "vqvae.pt")
+        atomic_save({"kind": "vqvae", "model": {}, "config": {}, "optimizer": {}, "step": 1,
+                     "args": {"preset": a.preset}, "data_config": asdict(a.data_config)}, tmp_path / "run" / "vqvae.pt")
     monkeypatch.setattr(train, "train_vqvae", stage1)
     monkeypatch.setattr(train, "train_unet", lambda a: calls.append(("unet", a.preset, a.resume, a.data)))
     monkeypatch.setattr(predict, "predict", lambda a: calls.append(("predict", a.sampler, a.steps, predict.sampling_from_args(a).repeat_times)))

@@ -286,7 +286,8 @@ class ImageFolder(datasets.ImageFolder):
         for name, label in sorted(class_to_idx.items()):
             top = directory if self.bids else os.path.join(directory, name)
             listed = list(_walk(top))
-            files = [f for f in listed if f.lower().endswith(suffixes) and not ignored(os.path.relpath(f, top), self.ignore)]
+            files = [f for f in listed
+                     if f.lower().endswith(suffixes) and not ignored(os.path.relpath(f, top), self.ignore)]
             taken = self.layout.select(files, top, directory, self.bids)
             other = [f for f in listed if not f.lower().endswith(suffixes)]
             if not taken and self.layout.version >= 3 and len(class_to_idx) > 1:
