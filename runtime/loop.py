@@ -272,6 +272,9 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     ckpt_path = run / f"{stage.name}.pt"
     lr_factor = LearningRateFactor(args.warmup, args.cooldown, max_steps, resume.get("lr_schedule") if resume else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_factor, last_epoch=step - 1)
+    if args.warmup >= max_steps and step < max_steps:
+        rt.log(f"warning: --warmup {args.warmup} is as long as the run ({max_steps} steps) or longer: the learning rate "
+               f"never reaches --lr {args.lr:g}")
     per_step = args.batch_size * args.grad_accum * rt.world
     if rt.main:
         log = MetricLog(run / f"log_{stage.name}.csv", ["step", *stage.stats, *stage.derived({}), "lr", "img_per_s"],

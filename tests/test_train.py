@@ -494,6 +494,13 @@ def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_la
     assert loop.LearningRateFactor(warmup=2, cooldown=0.0, length=10)(9) == 1.0   # --cooldown 0: constant
 
 
+def test_a_warmup_as_long_as_the_run_is_named(adni_folder, tmp_path, capsys):
+    vqvae(tmp_path / "run", adni_folder, "--max-steps", "4", "--warmup", "4")
+    assert "warning: --warmup 4 is as long as the run (4 steps) or longer" in capsys.readouterr().out
+    vqvae(tmp_path / "other", adni_folder, "--max-steps", "4", "--warmup", "3")
+    assert "--warmup" not in capsys.readouterr().out
+
+
 def test_with_max_minutes_the_cooldown_ends_where_the_time_runs_out(adni_folder, tmp_path):
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "1000000", "--max-minutes", "0.1", "--lr", "1e-3", "--warmup", "1",
