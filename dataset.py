@@ -40,7 +40,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
-from volumes.layouts import ImageFolder, Layout, find_image_roots, subject_id
+from volumes.holdout import split_by_subject, subjects_by_class
+from volumes.layouts import BIDS_OWN, ImageFolder, Layout, find_image_roots
 from volumes.reader import (VOLUME_SUFFIXES, Slicing, dangling, printable, read_volume_slices, unoriented,
                             volume_slice_bound, volume_span, volumes_at_once)
 
@@ -48,14 +49,15 @@ from volumes.reader import (VOLUME_SUFFIXES, Slicing, dangling, printable, read_
 
 # ----------------------------------------------------------------------------- loading images
 
-def load_image(path: str, mode: str) -> Image.Image:
+def load_image(path: str, mode: str, percentiles: tuple[float, float] | None = None) -> Image.Image:
     """Open an image and convert it to `mode` ("L" or "RGB"); a file PIL cannot decode is named.
 
-    16-bit and float images (MRI exports often use 12 of the 16 bits) are scaled by their own range, from 0 (or
-    their minimum, where that is below 0: signed or z-scored values) to their maximum, to 0-255, where PIL would clip
-    them to white; each image by its own, as each volume is by its own percentiles. A float image's NaN and infinite
-    pixels are black (as a volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on black, the
-    background of a slice. A 16-bit colour PNG, which PIL reads as its pixels' top 8 bits, is refused.
+    16-bit and float images (MRI exports often use 12 of the 16 bits), which PIL would clip to white, are scaled to
+    0-255 each by its own values, as each volume is: with `percentiles` (layout version 5: --intensity-percentiles)
+    clipped to those of its finite pixels (one hot pixel does not darken the slice; signed or z-scored values keep
+    their lower half), else (versions 1-4) from 0 to its maximum, values below 0 clipped. A float image's NaN and
+    infinite pixels are black (as a volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on
+    black, the background of a slice. A 16-bit colour PNG, which PIL reads as its pixels' top 8 bits, is refused.
     """
     try:
         with Image.open(path) as img:
@@ -63,18 +65,36 @@ def load_image(path: str, mode: str) -> Image.Image:
                 raise BadInputError(f"{printable(path)} holds {img.n_frames} images (a TIFF stack): save one slice "
                                     "per file, or the volume as NIfTI")
             if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
-                raise BadInputError(f"{printable(path)} is a 16-bit colour PNG, which Pillow reads as its pixels' top "
-                                    "8 bits (a 12-bit scan nearly black): save it as 16-bit greyscale, or as 8 bits")
+                raise BadInputError(f"{printable(path)} is a 16-bit PNG in colour or with transparency, which Pillow "
+                                    "reads as its pixels' top 8 bits (a 12-bit scan nearly black): save it as 16-bit "
+                                    "greyscale without transparency, or as 8 bits")
             if img.mode.startswith("I") or img.mode == "F":
-                a = np.asarray(img, dtype=np.float64)
-                a = np.where(np.isfinite(a), a, 0)
-                a = a - min(a.min(), 0)
-                img = Image.fromarray((a * (255.0 / a.max()) if a.max() > 0 else a).round().astype(np.uint8))
+                img = Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float64), percentiles))
             elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
             return img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadInputError(f"cannot read image {printable(path)}: {e}{dangling(path)}") from None
+
+
+def _to_uint8(a: np.ndarray, percentiles: tuple[float, float] | None) -> np.ndarray:
+    """load_image's scaling of a 16-bit or float image to 0-255 (non-finite pixels black)."""
+    finite = np.isfinite(a)
+    if percentiles is None:
+        a = np.where(finite, a, 0).clip(0, None)
+        low, high = 0.0, a.max()
+    else:
+        low, high = np.percentile(a[finite], percentiles) if finite.any() else (0.0, 0.0)
+        a = np.where(finite, a, low)
+    if not high > low:
+        return np.zeros(a.shape, dtype=np.uint8)
+    return ((a - low) * (255.0 / (high - low))).clip(0, 255).round().astype(np.uint8)
+
+
+def image_percentiles(slicing: Slicing, layout: Layout) -> tuple[float, float] | None:
+    """The percentiles a run's 16-bit and float images are clipped to (`load_image`): its --intensity-percentiles
+    from layout version 5 on; None before (from 0 to the maximum)."""
+    return tuple(slicing.percentiles) if layout.version >= 5 else None
 
 
 def _png_bit_depth(path) -> int:
@@ -105,11 +125,12 @@ class SliceFolders(ConcatDataset):
             raise BadInputError(f"--channels must be 1 or 3, not {channels}")
         mode = "L" if channels == 1 else "RGB"
         transform = transform if transform is not None else card_transform(image_size, channels)
-        folders, layout = [], layout or Layout()
+        folders, layout, self.slicing = [], layout or Layout(), slicing or Slicing()
+        self.image_percentiles = image_percentiles(self.slicing, layout)
         for r in find_image_roots(Path(root), layout.version):
             try:
-                folders.append(ImageFolder(str(r), layout, transform=transform,
-                                            loader=partial(load_image, mode=mode)))  # picklable for workers
+                folders.append(ImageFolder(str(r), layout, transform=transform,  # the loader picklable for workers
+                                            loader=partial(load_image, mode=mode, percentiles=self.image_percentiles)))
             except (FileNotFoundError, RuntimeError) as e:  # torchvision: no class folders / no images
                 loose = next((f.name for f in r.iterdir()
                               if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS + VOLUME_SUFFIXES)), None)
@@ -127,7 +148,6 @@ class SliceFolders(ConcatDataset):
         self.classes = classes
         self.samples = [s for f in folders for s in f.samples]  # [(path, label)] in dataset order
         self.volumes = folders[0].kind == "volumes"
-        self.slicing = slicing or Slicing()
 
     def __getitem__(self, i):
         if self.volumes:
@@ -164,8 +184,10 @@ class InMemorySlices(Dataset):
             key = {"slicing": asdict(slicing)}
         else:
             shape = (len(units), channels, image_size, image_size)
-            fill = partial(self._decode_into, image_size=image_size, channels=channels, workers=workers, skip_bad=skip_bad)
-            key = {}
+            percentiles = folders.image_percentiles
+            fill = partial(self._decode_into, image_size=image_size, channels=channels, workers=workers,
+                           skip_bad=skip_bad, percentiles=percentiles)
+            key = {"percentiles": list(percentiles)} if percentiles else {}  # {}: a cache of layout versions 1-4
         if cache_file is None:
             images = torch.empty(shape, dtype=torch.uint8)
             done = fill(images)
@@ -192,7 +214,7 @@ class InMemorySlices(Dataset):
         self.labels = torch.tensor([label for _, label in self.samples])
 
     def _decode_into(self, images: torch.Tensor, image_size: int, channels: int, workers: int,
-                     skip_bad: bool) -> dict:
+                     skip_bad: bool, percentiles: tuple[float, float] | None = None) -> dict:
         """Decode every image into `images`, in order; with skip_bad the unreadable ones are left out (the rest
         move up) and their indices returned as {"bad": [...]}, else the first one stops it with its name."""
         mode = "L" if channels == 1 else "RGB"
@@ -200,7 +222,7 @@ class InMemorySlices(Dataset):
 
         def decode(sample):
             try:
-                return resize(load_image(sample[0], mode))
+                return resize(load_image(sample[0], mode, percentiles))
             except BadInputError:
                 if not skip_bad:
                     raise
@@ -324,55 +346,6 @@ def load_slices(root, image_size: int = 256, channels: int = 1, cache_gb: float 
     return folders
 
 
-# ----------------------------------------------------------------------------- subject-level split
-
-def split_by_subject(paths: list[str], holdout: float, seed: int = 0, subject: Callable[[str], str] = subject_id,
-                     labels: list[str] | None = None) -> tuple[list[int], list[int]]:
-    """Indices (train, held_out): a seeded random `holdout` fraction of subjects, whole subjects only.
-    subject: whose each path is (a run's `Layout.subject`; default: the current rules).
-    labels: each path's class name (layout version 5): the fraction is drawn within each class, rounded, and never the
-    whole of one, so that no class is left out of training; a subject with images in several classes is drawn with
-    the others of the same classes. One subject is held out where the rounding leaves none; none at all is an error.
-    Without labels (versions 1-4) the subjects are drawn from all classes at once."""
-    owners = [subject(p) for p in paths]
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        subjects = sorted(set(owners))
-        n_held = min(len(subjects) - 1, max(1, round(holdout * len(subjects))))
-        held = set(rng.permutation(subjects)[:n_held].tolist())
-    else:
-        held = _held_within_classes(owners, labels, holdout, rng)
-    train_idx = [i for i, s in enumerate(owners) if s not in held]
-    held_idx = [i for i, s in enumerate(owners) if s in held]
-    return train_idx, held_idx
-
-
-def subjects_by_class(owners: list[str], labels: list[str]) -> dict[tuple[str, ...], list[str]]:
-    """{classes: their subjects, sorted}: each subject under the classes its images are of (most subjects: one)."""
-    classes = {}
-    for owner, label in zip(owners, labels):
-        classes.setdefault(owner, set()).add(label)
-    groups = {}
-    for owner in sorted(classes):
-        groups.setdefault(tuple(sorted(classes[owner])), []).append(owner)
-    return dict(sorted(groups.items()))
-
-
-def _held_within_classes(owners: list[str], labels: list[str], holdout: float, rng: np.random.Generator) -> set[str]:
-    groups = subjects_by_class(owners, labels)
-    held = [s for subjects in groups.values()
-            for s in rng.permutation(subjects)[:min(len(subjects) - 1, round(holdout * len(subjects)))].tolist()]
-    largest = max(groups.values(), key=len)
-    if not held and len(largest) > 1:  # each class too small for its share: one subject of the largest
-        held = [largest[rng.integers(len(largest))]]
-    if not held:
-        found = ", ".join(f"{'+'.join(k)} {len(s)}" for k, s in groups.items())
-        raise BadInputError(f"--holdout {holdout:g} leaves out no subject: the naming rules find one subject per class "
-                            f"({found}), which training keeps; if the files are of more people, name them with "
-                            "--subject-pattern (or train on all with --holdout 0)")
-    return set(held)
-
-
 # ----------------------------------------------------------------------------- a run's training set, in batches
 
 @dataclass
@@ -450,11 +423,17 @@ class DataConfig:
                                 self.strata(samples, classes))
 
     def refuse_inside(self, folder: str | Path, flag: str):
-        """A run or output folder inside the data folder: what is written there (grids, checkpoints, samples) would
-        be listed as training images, a class of their own or among a class's, by the next command that reads it."""
-        if self.root and Path(folder).resolve().is_relative_to(Path(self.root).resolve()):
-            raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there would "
-                                "be read as training images; put it elsewhere")
+        """A run or output folder inside the data folder where the listing looks: what is written there (grids,
+        checkpoints, samples) would be listed as training images, a class of their own or among a class's, by the
+        next command that reads it. A hidden folder (`.runs/`) and a BIDS root's own (`derivatives/`) are not read."""
+        if not self.root or not Path(folder).resolve().is_relative_to(Path(self.root).resolve()):
+            return
+        parts = Path(folder).resolve().relative_to(Path(self.root).resolve()).parts
+        bids_root = any(p.name.startswith("sub-") and p.is_dir() for p in Path(self.root).iterdir())
+        if any(part.startswith(".") for part in parts) or (bids_root and parts and parts[0] in BIDS_OWN):
+            return
+        raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there would be "
+                            "read as training images; put it elsewhere (or in a hidden folder there, .runs/)")
 
     def saved(self) -> dict:
         """The config as a run saves it, its folder as an absolute path (so that stage 2 finds it from anywhere)."""
@@ -515,11 +494,20 @@ def subject_summary(data: DataConfig) -> str:
     if len(folders.classes) > 1:
         line += " (" + ", ".join(f"{'+'.join(k)} {len(held & set(s))} of {len(s)}" for k, s in groups.items()) + ")"
     line += f", {_count(len(held_idx), kind)}"
-    alone = ["+".join(k) for k, subjects in groups.items() if len(subjects) == 1 and len(folders.classes) > 1]
+    subjects_of_class = {}
+    for owner, (_, label) in zip(owners, folders.samples):
+        subjects_of_class.setdefault(folders.classes[label], set()).add(owner)
+    alone = [name for name, subjects in subjects_of_class.items() if len(subjects) == 1 and len(folders.classes) > 1]
     if alone:
         fate = "leaves all of it in training" if data.layout.version >= 5 else "takes all of it or none"
         line += (f"; WARNING: class {', '.join(alone)} is one subject by the naming rules, so the hold-out {fate}: if "
                  "its files are of several people, name them with --subject-pattern")
+    shared = {"+".join(k): len(s) for k, s in groups.items() if len(k) > 1}
+    if shared and data.layout.version >= 5:  # a folder's name, e.g. AD/001 and NC/001
+        line += (f"; WARNING: {_count(sum(shared.values()), 'subject')} by the naming rules have files in more than "
+                 f"one class ({', '.join(f'{k} {n}' for k, n in shared.items())}): right for a person whose diagnosis "
+                 "changed between scans, wrong where each class numbers its own folders (AD/001 and NC/001 two "
+                 r"people): then name them with --subject-pattern, e.g. '^([^/]+/[^/]+)/'")
     root = str(data.folder())
     unnamed = sum(owner in (path, os.path.relpath(path, root)) for owner, path in zip(owners, paths))
     if unnamed:  # NC/0295/visit1/T1.nii.gz and NC/0295/visit2/T1.nii.gz: two subjects

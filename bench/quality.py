@@ -96,7 +96,9 @@ def held_out_split(data: str, holdout: float, version: int = LAYOUT_VERSION) -> 
     would move every FID of OUT."""
     config = DataConfig(root=data, image_size=64, holdout=holdout, layout=Layout(version=version))
     dataset = load_slices(data, 64, 1, layout=config.layout)
-    split = evaluation_split([p for p, _ in dataset.samples], holdout, 0, config.subject(),
+    # version 5: the subjects train-vqvae names; before: as OUT folders of those rows were split (the folder not given)
+    subject = config.subject() if version >= 5 else config.layout.subject
+    split = evaluation_split([p for p, _ in dataset.samples], holdout, 0, subject,
                              config.strata(dataset.samples, dataset.classes))
     key = {"data": str(Path(data).resolve()), "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0,
            "count": len(dataset), **({"layout": version} if version >= 5 else {})}
@@ -106,12 +108,13 @@ def held_out_split(data: str, holdout: float, version: int = LAYOUT_VERSION) -> 
 def layout_version(runs: list[Path]) -> int:
     """The data layout version the runs' stage 1s were trained with (today's where none is trained yet): the split
     that scores them must be theirs, or a row would be scored on subjects it trained on."""
-    versions = {DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).layout.version
-                for run in runs if (run / "vqvae.pt").exists()}
-    if len(versions) > 1:
-        raise SystemExit(f"error: the rows {', '.join(str(r) for r in runs)} were trained with data layouts "
-                         f"{sorted(versions)}, whose held-out subjects differ: score them in separate --out folders")
-    return versions.pop() if versions else LAYOUT_VERSION
+    versions = {run: DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).layout.version
+                for run in dict.fromkeys(runs) if (run / "vqvae.pt").exists()}
+    if len(set(versions.values())) > 1:
+        found = ", ".join(f"{run} {version}" for run, version in versions.items())
+        raise SystemExit(f"error: these rows were trained with other data layouts ({found}), whose held-out subjects "
+                         "differ: score them in separate --out folders")
+    return next(iter(versions.values()), LAYOUT_VERSION)
 
 
 def train_or_reuse(stage: str, command: list[str], run: Path) -> dict:
@@ -218,11 +221,11 @@ def main():
         else:
             vq_budget, unet_budget = (["--max-steps", "1000000000", "--max-minutes", str(m)]
                                       for m in (args.vq_minutes, args.unet_minutes))
+        if version != LAYOUT_VERSION and not (run / "vqvae.pt").exists():  # a new row beside rows of an earlier layout
+            raise SystemExit(f"error: OUT's rows were trained with data layout version {version}, and {run} would be "
+                             f"trained with {LAYOUT_VERSION}, whose held-out subjects differ: give a new --out")
         info[f"{name}_vqvae_training"] = train_or_reuse(
             "vqvae", [*common, *vq_budget, "--holdout", str(args.holdout), *stage1_flags], run)
-        if layout_version([run]) != version:  # a new row beside rows of an earlier layout
-            raise SystemExit(f"error: {run} was trained with data layout version {layout_version([run])}, OUT's other "
-                             f"rows with {version}: their held-out subjects differ; give a new --out")
         if not args.stage1_only:
             info[f"{name}_unet_training"] = train_or_reuse(
                 "unet", [*common, *unet_budget, *shlex.split(args.unet_flags), *both_stages.get(name, [])], run)

@@ -38,7 +38,7 @@ from torchvision.utils import save_image
 
 import predict
 from conditions.table import asked_values
-from dataset import card_transform, load_image
+from dataset import card_transform, image_percentiles, load_image
 from diffusion.guidance import Guided
 from runtime.errors import BadInputError
 from runtime.flags import seed
@@ -86,7 +86,8 @@ def read_input(path: Path, data, index: int | None):
         return (image * 2 - 1).expand(data.channels, -1, -1)[None], geometry
     if index is not None:
         raise BadInputError("--slice picks a slice of a NIfTI volume; the input is an image")
-    image = card_transform(data.image_size, data.channels)(load_image(str(path), "L" if data.channels == 1 else "RGB"))
+    image = load_image(str(path), "L" if data.channels == 1 else "RGB", image_percentiles(data.slicing, data.layout))
+    image = card_transform(data.image_size, data.channels)(image)  # as the run read its training images
     return image[None], None
 
 
@@ -144,7 +145,7 @@ def counterfactual(args):
     """The command: read, change, write (see the module docstring)."""
     run, data = Path(args.run), args.data_config
     out = Path(args.out or run / "counterfactual")
-    data.refuse_inside(out, "--out")
+    data.refuse_inside(out, "--out" if args.out else "--run")
     masked_fill = args.mask is not None and not args.set_values
     strength = args.strength if args.strength is not None else (1.0 if masked_fill else DEFAULT_STRENGTH)
     noise = args.noise if args.noise is not None else masked_fill

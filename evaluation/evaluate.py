@@ -52,7 +52,7 @@ from torchvision.utils import save_image
 
 import predict
 from conditions.table import CLASS
-from dataset import card_transform, load_image, load_slices, split_by_subject, subjects_by_class
+from dataset import card_transform, load_image, load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
@@ -65,6 +65,7 @@ from runtime.checkpoint import fingerprint
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
 from runtime.process import setup_device
+from volumes.holdout import split_by_subject, subjects_by_class
 from volumes.layouts import subject_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -345,7 +346,7 @@ def evaluate(args):
                             if not args.samples else "--ema-lengths scores the run's own samples; not with --samples")
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
-    data.refuse_inside(out, "--out")
+    data.refuse_inside(out, "--out" if args.out else "--run")
     image_size, channels = data.image_size, data.channels
     samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
 

@@ -165,7 +165,7 @@ def remove_unfinished(folder: Path, name: str = "*"):
     `.NAME.tmpPID`, `.NAME.prevPID`): a latent cache's or a snapshot's may be as large as the file. Call it where no
     other process writes there (under the run's lock)."""
     for unfinished in [*folder.glob(f".{name}.tmp*"), *folder.glob(f".{name}.prev*")]:  # the file, a link to the last
-        print(f"removed {unfinished}, a write that did not finish")
+        print(f"removed {unfinished}, a write that did not finish (the file it was to replace is whole)")
         unfinished.unlink(missing_ok=True)
 
 

@@ -45,6 +45,7 @@ def non_negative(kind):
 
 
 def fraction(text: str) -> float:
+    """A number in [0, 1]: --cooldown's share of the run."""
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
@@ -52,6 +53,7 @@ def fraction(text: str) -> float:
 
 
 def seed(text: str) -> int:
+    """A seed numpy and torch both take."""
     value = int(text)
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be in 0 .. 2^63 - 1, got {text}")

@@ -184,13 +184,15 @@ def ensure_finite(loss: float, step: int, ckpt_path: Path, model: nn.Module):
 LEARNED = ("model", "optimizer", "ema", "posthoc_ema", "discriminator", "disc_optimizer")  # what a checkpoint learned
 
 
-def ensure_finite_state(state: dict, step: int, ckpt_path: Path):
+def ensure_finite_state(state: dict, step: int, ckpt_path: Path, rt: Runtime):
     """Stop before a checkpoint holding a NaN/inf anywhere (a discriminator, an EMA, an optimizer's moments: the model's
-    loss and weights are checked at every log step) is written; the last one written stays as it was."""
+    loss and weights are checked at every log step) is written; the last one written stays as it was. Every rank
+    stops (the post-hoc EMA is rank 0's alone)."""
     where = first_nonfinite(state)
-    if where is not None:
-        raise BadInputError(f"{where} became NaN/inf by step {step}; stopped without saving (the last good "
-                            f"checkpoint, if any, is {ckpt_path}); try a lower --lr (or --adversarial-lr)")
+    if any_rank(where is not None, rt):
+        rate = "--adversarial-lr" if where and where.startswith(("discriminator", "disc_")) else "--lr"
+        raise BadInputError(f"{where or 'what another process holds'} became NaN/inf by step {step}; stopped without "
+                            f"saving (the last good checkpoint, if any, is {ckpt_path}); try a lower {rate}")
 
 
 def first_nonfinite(value, name: str = "") -> str | None:
@@ -273,8 +275,8 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     lr_factor = LearningRateFactor(args.warmup, args.cooldown, max_steps, resume.get("lr_schedule") if resume else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lr_factor, last_epoch=step - 1)
     if args.warmup >= max_steps and step < max_steps:
-        rt.log(f"warning: --warmup {args.warmup} is as long as the run ({max_steps} steps) or longer: the learning rate "
-               f"never reaches --lr {args.lr:g}")
+        rt.log(f"warning: --warmup {args.warmup} is as long as the run ({max_steps} steps) or longer: the learning "
+               f"rate never reaches --lr {args.lr:g}")
     per_step = args.batch_size * args.grad_accum * rt.world
     if rt.main:
         log = MetricLog(run / f"log_{stage.name}.csv", ["step", *stage.stats, *stage.derived({}), "lr", "img_per_s"],
@@ -285,7 +287,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     def save(step: int):  # every rank checks the state and joins in gathering the random states; rank 0 writes
         skips.check_before_save(step)
         state = {**stage.payload(), "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict()}
-        ensure_finite_state({k: state[k] for k in LEARNED if state.get(k) is not None}, step, ckpt_path)
+        ensure_finite_state({k: state[k] for k in LEARNED if state.get(k) is not None}, step, ckpt_path, rt)
         rng = rng_states(rt)
         if rt.main:
             atomic_save({**state, "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "args": plain_args(args),

@@ -279,18 +279,32 @@ def test_float_images_with_nan_or_infinite_pixels_keep_their_contrast(tmp_path):
         assert (pixels[:, :4] == 0).all() and (pixels[:, 4:] == clean[:, 4:]).all(), bad
 
 
-def test_signed_images_keep_their_negative_half_and_16_bit_colour_pngs_are_refused(tmp_path):
-    """A z-scored float or a signed 16-bit image runs from its minimum: clipped at 0, its darker half was all black.
-    Pillow reads a 16-bit colour PNG as its top 8 bits, a 12-bit scan as 0-15 of 255: refused, not trained on dark."""
+def test_16_bit_and_float_images_of_new_runs_are_clipped_to_their_percentiles_as_volumes_are(tmp_path):
+    """Layout version 5 scales a 16-bit or float image as a volume: clipped to its --intensity-percentiles. A
+    z-scored image keeps its negative half (from 0 to its maximum, as runs of versions 1-4 still read it, that half
+    was black), and one hot pixel no longer darkens the slice. Pillow reads a 16-bit colour PNG as its top 8 bits:
+    refused, not trained on dark."""
     from dataset import load_image
     z = np.tile(np.linspace(-2, 2, 65), (8, 1)).astype(np.float32)          # z-scores; the middle column is 0
     Image.fromarray(z, "F").save(tmp_path / "z.tif")
-    signed = Image.fromarray((z * 1000).astype(np.int32), "I")              # signed integers
-    signed.save(tmp_path / "signed.tif")
+    Image.fromarray((z * 1000).astype(np.int32), "I").save(tmp_path / "signed.tif")
     for name in ("z.tif", "signed.tif"):
-        pixels = np.asarray(load_image(str(tmp_path / name), "L"), dtype=float)[0]
+        pixels = np.asarray(load_image(str(tmp_path / name), "L", (0, 100)), dtype=float)[0]
         assert pixels[0] == 0 and pixels[-1] == 255 and abs(pixels[32] - 127.5) <= 1, name
         assert (np.diff(pixels) >= 0).all() and len(np.unique(pixels[:32])) > 20, name   # no black half
+        assert (np.asarray(load_image(str(tmp_path / name), "L"))[0, :33] == 0).all()     # versions 1-4
+    hot = np.full((32, 32), 500, np.uint16)
+    hot[:, 16:], hot[0, 0] = 1000, 65535                                      # one pixel of 1024 at the top
+    Image.fromarray(hot).save(tmp_path / "hot.png")
+    pixels = np.asarray(load_image(str(tmp_path / "hot.png"), "L", (0.5, 99.5)))
+    assert (pixels[1:, :16] == 0).all() and (pixels[:, 16:] == 255).all()
+    assert np.asarray(load_image(str(tmp_path / "hot.png"), "L"))[:, 16:].max() < 5          # versions 1-4: dark
+    for version, black in ((5, False), (4, True)):                          # how a run of each version reads them
+        folder = tmp_path / f"v{version}" / "AD"
+        folder.mkdir(parents=True)
+        shutil.copy(tmp_path / "z.tif", folder / "s1_1.tif")
+        image = load_slices(folder.parent, 16, 1, layout=Layout(version=version)).images[0, 0]
+        assert (image[:, :7] == 0).all() == black, version
 
     def png16(path, samples, colour_type, width):                           # Pillow cannot write these
         rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)
@@ -301,9 +315,30 @@ def test_signed_images_keep_their_negative_half_and_16_bit_colour_pngs_are_refus
                          + chunk(b"IEND", b""))
     png16(tmp_path / "rgb48.png", np.full((4, 12), 3000), 2, 4)
     png16(tmp_path / "grey16.png", np.tile(np.arange(4) * 1000, (4, 1)), 0, 4)
-    with pytest.raises(BadInputError, match="rgb48.png is a 16-bit colour PNG"):
+    with pytest.raises(BadInputError, match="rgb48.png is a 16-bit PNG in colour or with transparency"):
         load_image(str(tmp_path / "rgb48.png"), "L")
     assert np.asarray(load_image(str(tmp_path / "grey16.png"), "L"))[0].tolist() == [0, 85, 170, 255]
+
+
+class WorkerSignals(torch.utils.data.Dataset):
+    """Each item: the process group and the SIGINT handler of the loader worker that made it."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import signal
+        return os.getpgrp(), int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_loader_workers_leave_the_trainers_process_group_and_ignore_sigint():
+    """Ctrl-C in a terminal and `kill -- -PGID` reach every process of the group: a worker that died of it failed the
+    step the trainer finishes before it saves (tests/test_end_to_end.py sends them)."""
+    from dataset import _leave_stop_signals_to_the_trainer
+    loader = torch.utils.data.DataLoader(WorkerSignals(), batch_size=None, num_workers=2,
+                                         worker_init_fn=_leave_stop_signals_to_the_trainer)
+    for group, ignored in loader:
+        assert group != os.getpgrp() and ignored == 1
 
 
 def test_split_folders_in_any_spelling_and_what_is_not_a_class(tmp_path):
@@ -406,7 +441,9 @@ def test_a_class_of_one_subject_is_named_in_the_summary(tmp_path):
     with pytest.raises(BadInputError, match=r"one subject per class \(AD 1, NC 1\).*--subject-pattern"):
         subject_summary(DataConfig(root=str(root), holdout=0.2))          # version 5: no class held out whole
     assert "WARNING" not in subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(
-        subject_pattern=r"_(\d+)")))
+        subject_pattern=r"^(\w+_\d+)")))
+    numbered = subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(subject_pattern=r"_(\d+)")))
+    assert "5 subjects by the naming rules have files in more than one class (AD+NC 5)" in numbered  # AD_000, NC_000
 
 
 def test_files_of_no_known_subject_id_are_named_in_the_summary(tmp_path):
@@ -419,7 +456,8 @@ def test_files_of_no_known_subject_id_are_named_in_the_summary(tmp_path):
     assert "data: 12 images of 12 subjects" in summary
     assert "WARNING: 12 of the 12 images carry no subject ID" in summary and "--subject-pattern" in summary
     summary = subject_summary(DataConfig(root=str(root), holdout=0.2))
-    assert "data: 12 images of 3 subjects" in summary and "WARNING" not in summary  # 0, 1, 2: in AD and NC alike
+    assert "data: 12 images of 3 subjects" in summary and "carry no subject ID" not in summary
+    assert "3 subjects by the naming rules have files in more than one class (AD+NC 3)" in summary  # 0, 1, 2 in both
     loose = touch(tmp_path / "loose", [f"{c}/scan{c}{v}.png" for c in ("AD", "NC") for v in range(4)])
     assert "WARNING: 8 of the 8 images carry no subject ID" in subject_summary(DataConfig(root=str(loose), holdout=0.2))
     by_folder = subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(subject_pattern=r"^([^/]+/\d)/")))

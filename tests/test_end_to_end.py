@@ -107,7 +107,9 @@ def test_kill_9_then_resume_ends_with_the_weights_of_an_uninterrupted_run(stage,
         assert torch.equal(resumed["disc_optimizer"]["state"][i]["exp_avg"], state["exp_avg"])
 
 
-ON_DISK = ["--cache-gb", "0", "--workers", "2"]   # the images memory-mapped, read by two loader processes
+# the images memory-mapped, read by two loader processes; a step of 8 batches, more than the loader holds ahead, so
+# that the step the signal interrupts needs batches read after it
+ON_DISK = ["--cache-gb", "0", "--workers", "2", "--grad-accum", "8"]
 
 
 @pytest.mark.parametrize("sig, stage, extra", [(signal.SIGINT, "vqvae", []), (signal.SIGTERM, "unet", []),
@@ -158,12 +160,12 @@ driver.main({command("vqvae", run, blobs, "--max-steps", "5")[2:]!r})
     assert ckpt(run / "vqvae.pt")["step"] == 5 and "SIGTERM received: saved" in done.stderr
 
 
-def torchrun(*args, cwd=REPO) -> subprocess.CompletedProcess:
+def torchrun(*args, cwd=REPO, script="driver.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "driver.py", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+                           script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_torchrun_two_processes_write_one_run(adni_folder, tmp_path):
@@ -211,6 +213,30 @@ def test_torchrun_two_processes_train_and_resume_the_adversarial_patch_loss(adni
     assert resumed["step"] == 6
     before, after = saved["discriminator"], resumed["discriminator"]
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the resumed discriminator learned on
+
+
+def test_torchrun_stops_every_process_when_what_rank_0_alone_holds_goes_nan(adni_folder, tmp_path):
+    """The post-hoc EMA lives on rank 0 alone: its NaN found only there left rank 1 waiting for it in the next
+    collective (gloo: a traceback; NCCL: until its two-hour timeout)."""
+    run = tmp_path / "run"
+    vqvae(run, adni_folder, "--max-steps", "2")
+    script = tmp_path / "nan_posthoc.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(REPO)!r})
+import driver, runtime.posthoc_ema as posthoc
+update = posthoc.PowerFunctionEMA.update
+def poisoned(self, model, step):
+    update(self, model, step)
+    for profile in self.profiles:
+        profile[0].fill_(float("nan"))
+posthoc.PowerFunctionEMA.update = poisoned
+driver.main(sys.argv[1:])
+""")
+    done = torchrun("train-unet", "--run-dir", str(run), *SMALL_UNET, "--batch-size", "4", "--max-steps", "4",
+                    "--posthoc-ema", "100", "--device", "cpu", script=str(script))
+    assert done.returncode != 0 and "posthoc_ema/" in done.stderr and "became NaN/inf by step 2" in done.stderr
+    assert "what another process holds became NaN/inf by step 2" in done.stderr      # rank 1 stopped with it
+    assert not (run / "unet.pt").exists()
 
 
 def test_torchrun_two_processes_fine_tune_the_decoder_alone_and_resume(adni_folder, tmp_path):
