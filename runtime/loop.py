@@ -207,17 +207,22 @@ def first_nonfinite(value, name: str = "") -> str | None:
 class NonfiniteSkips:
     """--skip-nonfinite's count of skipped steps; `limit` of them in a row means the run has diverged: stop. No
     checkpoint is written after `before_save` or more in a row: the weights kept from before them give NaN/inf on
-    every batch since (a rate that blew them up without making them NaN), and would be saved as the run's end."""
+    every batch since (a rate that blew them up without making them NaN); a checkpoint in the run is left out, the
+    last one (the run's end) stops it."""
 
     def __init__(self, ckpt_path: Path, limit: int = 20, before_save: int = 5):
         self.ckpt_path, self.limit, self.before_save = ckpt_path, limit, before_save
         self.total = self.in_a_row = 0
 
-    def check_before_save(self, step: int):
-        if self.in_a_row >= self.before_save:
-            raise BadInputError(f"the {self.in_a_row} steps up to step {step} had a NaN/inf gradient: the run "
-                                f"diverged; stopped without saving (the last good checkpoint, if any, is "
-                                f"{self.ckpt_path}); try a lower --lr")
+    def savable(self, step: int, last: bool, rt: Runtime) -> bool:
+        if self.in_a_row < self.before_save:
+            return True
+        skipped = f"the {self.in_a_row} steps up to step {step} had a NaN/inf gradient"
+        if last:
+            raise BadInputError(f"{skipped}: the run diverged; stopped without saving (the last good checkpoint, if "
+                                f"any, is {self.ckpt_path}); try a lower --lr")
+        rt.log(f"{skipped}: no checkpoint at step {step} (the run goes on; {self.limit} in a row stop it)")
+        return False
 
     def count(self, stats, step: int) -> bool:
         """True if the step was taken (its stats count), False if it was skipped."""
@@ -284,8 +289,9 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     start = (step, time.monotonic())
 
-    def save(step: int):  # every rank checks the state and joins in gathering the random states; rank 0 writes
-        skips.check_before_save(step)
+    def save(step: int, last: bool = False):  # every rank checks the state and gathers the random states; rank 0 writes
+        if not skips.savable(step, last, rt):
+            return
         state = {**stage.payload(), "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict()}
         ensure_finite_state({k: state[k] for k in LEARNED if state.get(k) is not None}, step, ckpt_path, rt)
         rng = rng_states(rt)
@@ -368,7 +374,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
             rt.log(f"{ckpt_path} is at step {step}, where this run ends: nothing to train (a longer --max-steps or "
                    f"--epochs trains it further)")
             return
-        save(step)  # still under `stop`: a SIGTERM while it writes lets it finish
+        save(step, last=True)  # still under `stop`: a SIGTERM while it writes lets it finish
     if rt.main:
         draw_grid(stage, run / f"{stage.grid}_{stage.name}.png", board, step)
         if board:

@@ -384,6 +384,22 @@ def test_skip_nonfinite_saves_no_run_whose_last_steps_were_all_skipped(trained_r
     assert ckpt(run / "unet.pt")["step"] == 6                           # saved at 2, 4 and 6 (four skipped by then)
 
 
+def test_skip_nonfinite_leaves_out_a_checkpoint_inside_a_run_of_skipped_steps_and_goes_on(trained_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    run = fresh_unet_run(trained_run, tmp_path)
+    original, calls = GaussianDiffusion.loss, []
+
+    def inf_at_steps_2_to_6(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs) * (float("inf") if 2 <= len(calls) <= 6 else 1.0)
+
+    monkeypatch.setattr(GaussianDiffusion, "loss", inf_at_steps_2_to_6)
+    unet(run, "--max-steps", "8", "--skip-nonfinite", "--save-every", "2", "--log-every", "2")
+    assert "the 5 steps up to step 6 had a NaN/inf gradient: no checkpoint at step 6" in capsys.readouterr().out
+    saved = ckpt(run / "unet.pt")
+    assert saved["step"] == 8 and all(t.isfinite().all() for t in saved["model"].values())
+
+
 def test_a_discriminator_that_became_nan_is_never_saved(adni_folder, tmp_path, monkeypatch):
     """The loss and the model's weights are checked at every log step; the discriminator, learning beside it, is
     checked with every other learned part before each checkpoint."""
