@@ -64,10 +64,10 @@ def load_image(path: str, mode: str, percentiles: tuple[float, float] | None = N
             if getattr(img, "n_frames", 1) > 1 and img.format == "TIFF":  # a stack: only its first slice would be read
                 raise BadInputError(f"{printable(path)} holds {img.n_frames} images (a TIFF stack): save one slice "
                                     "per file, or the volume as NIfTI")
-            if img.format == "PNG" and img.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
-                raise BadInputError(f"{printable(path)} is a 16-bit PNG in colour or with transparency, which Pillow "
-                                    "reads as its pixels' top 8 bits (a 12-bit scan nearly black): save it as 16-bit "
-                                    "greyscale without transparency, or as 8 bits")
+            if img.mode in ("RGB", "RGBA") and _bits_per_sample(img, path) == 16:
+                raise BadInputError(f"{printable(path)} is a 16-bit {img.format} in colour or with transparency, which "
+                                    "Pillow reads as its pixels' top 8 bits (a 12-bit scan nearly black): save it as "
+                                    "16-bit greyscale without transparency, or as 8 bits")
             if img.mode.startswith("I") or img.mode == "F":
                 img = Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float64), percentiles))
             elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -78,13 +78,19 @@ def load_image(path: str, mode: str, percentiles: tuple[float, float] | None = N
 
 
 def _to_uint8(a: np.ndarray, percentiles: tuple[float, float] | None) -> np.ndarray:
-    """load_image's scaling of a 16-bit or float image to 0-255 (non-finite pixels black)."""
+    """load_image's scaling of a 16-bit or float image to 0-255 (non-finite pixels black). With `percentiles`: from
+    the lower one of its finite pixels to the upper one of those brighter than its darkest, since a slice's
+    background (its darkest) may be nearly all of it: the top slices of an export would come out black, or their
+    tissue white. A constant image is black."""
     finite = np.isfinite(a)
     if percentiles is None:
         a = np.where(finite, a, 0).clip(0, None)
         low, high = 0.0, a.max()
     else:
-        low, high = np.percentile(a[finite], percentiles) if finite.any() else (0.0, 0.0)
+        values = a[finite]
+        brighter = values[values > values.min()] if values.size else values
+        low = np.percentile(values, percentiles[0]) if values.size else 0.0
+        high = np.percentile(brighter, percentiles[1]) if brighter.size else low
         a = np.where(finite, a, low)
     if not high > low:
         return np.zeros(a.shape, dtype=np.uint8)
@@ -97,10 +103,14 @@ def image_percentiles(slicing: Slicing, layout: Layout) -> tuple[float, float] |
     return tuple(slicing.percentiles) if layout.version >= 5 else None
 
 
-def _png_bit_depth(path) -> int:
-    """The bits per sample a PNG file's header (IHDR) gives."""
-    with open(path, "rb") as f:
-        return f.read(25)[24]
+def _bits_per_sample(img: Image.Image, path) -> int:
+    """The bits per sample of a PNG (its header's IHDR) or TIFF (its tag 258) file; 8 for other formats."""
+    if img.format == "PNG":
+        with open(path, "rb") as f:
+            return f.read(25)[24]
+    if img.format == "TIFF":
+        return max(img.tag_v2.get(258, (8,)))
+    return 8
 
 
 def card_transform(image_size: int, channels: int) -> transforms.Compose:
@@ -429,7 +439,8 @@ class DataConfig:
         if not self.root or not Path(folder).resolve().is_relative_to(Path(self.root).resolve()):
             return
         parts = Path(folder).resolve().relative_to(Path(self.root).resolve()).parts
-        bids_root = any(p.name.startswith("sub-") and p.is_dir() for p in Path(self.root).iterdir())
+        bids_root = Path(self.root).is_dir() and any(p.name.startswith("sub-") and p.is_dir()
+                                                     for p in Path(self.root).iterdir())
         if any(part.startswith(".") for part in parts) or (bids_root and parts and parts[0] in BIDS_OWN):
             return
         raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there would be "
@@ -504,10 +515,11 @@ def subject_summary(data: DataConfig) -> str:
                  "its files are of several people, name them with --subject-pattern")
     shared = {"+".join(k): len(s) for k, s in groups.items() if len(k) > 1}
     if shared and data.layout.version >= 5:  # a folder's name, e.g. AD/001 and NC/001
-        line += (f"; WARNING: {_count(sum(shared.values()), 'subject')} by the naming rules have files in more than "
-                 f"one class ({', '.join(f'{k} {n}' for k, n in shared.items())}): right for a person whose diagnosis "
-                 "changed between scans, wrong where each class numbers its own folders (AD/001 and NC/001 two "
-                 r"people): then name them with --subject-pattern, e.g. '^([^/]+/[^/]+)/'")
+        n = sum(shared.values())
+        line += (f"; WARNING: {_count(n, 'subject')} by the naming rules {'have' if n > 1 else 'has'} files in more "
+                 f"than one class ({', '.join(f'{k} {n}' for k, n in shared.items())}): right for a person whose "
+                 "diagnosis changed between scans, wrong where each class numbers its own folders (AD/001 and NC/001 "
+                 r"two people): then name them with --subject-pattern, e.g. '([^/]+/[^/]+)/[^/]+$' (class/folder)")
     root = str(data.folder())
     unnamed = sum(owner in (path, os.path.relpath(path, root)) for owner, path in zip(owners, paths))
     if unnamed:  # NC/0295/visit1/T1.nii.gz and NC/0295/visit2/T1.nii.gz: two subjects

@@ -40,8 +40,8 @@ from runtime.errors import BadInputError
 from runtime.loop import Stage, restore_training, start_stage, total_steps, train_loop, trains_further
 from runtime.optimizer import adamw
 from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
-from runtime.process import (Runtime, check_processes, cpus_per_process, main_rank_first, place_model, progress,
-                             same_on_every_rank, setup_runtime, wrap_model)
+from runtime.process import (Runtime, any_rank, check_processes, cpus_per_process, main_rank_first, place_model,
+                             progress, same_on_every_rank, setup_runtime, wrap_model)
 
 
 # ----------------------------------------------------------------------------- stage 1: VQ-VAE
@@ -346,7 +346,11 @@ def train_unet(args):
             ema.update(model)
         if posthoc:
             posthoc.update(model, step)
-            if step % args.posthoc_ema == 0:
+        if args.posthoc_ema and step % args.posthoc_ema == 0:  # every rank decides: the profiles are rank 0's alone
+            if any_rank(posthoc is not None and not posthoc.finite(), rt):
+                raise BadInputError(f"the post-hoc EMA became NaN/inf by step {step}: stopped without writing its "
+                                    "snapshot; try a lower --lr, or --skip-nonfinite to skip such steps")
+            if posthoc:
                 posthoc.snapshot(run)
 
     def payload():

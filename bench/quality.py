@@ -112,8 +112,8 @@ def layout_version(runs: list[Path]) -> int:
                 for run in dict.fromkeys(runs) if (run / "vqvae.pt").exists()}
     if len(set(versions.values())) > 1:
         found = ", ".join(f"{run} {version}" for run, version in versions.items())
-        raise SystemExit(f"error: these rows were trained with other data layouts ({found}), whose held-out subjects "
-                         "differ: score them in separate --out folders")
+        raise SystemExit(f"error: these rows were trained with different data layouts ({found}), whose held-out "
+                         "subjects differ: score them in separate --out folders")
     return next(iter(versions.values()), LAYOUT_VERSION)
 
 

@@ -145,7 +145,7 @@ def counterfactual(args):
     """The command: read, change, write (see the module docstring)."""
     run, data = Path(args.run), args.data_config
     out = Path(args.out or run / "counterfactual")
-    data.refuse_inside(out, "--out" if args.out else "--run")
+    data.refuse_inside(out, "--out" if args.out else "the output folder, in the run folder by default,")
     masked_fill = args.mask is not None and not args.set_values
     strength = args.strength if args.strength is not None else (1.0 if masked_fill else DEFAULT_STRENGTH)
     noise = args.noise if args.noise is not None else masked_fill

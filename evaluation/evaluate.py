@@ -346,7 +346,7 @@ def evaluate(args):
                             if not args.samples else "--ema-lengths scores the run's own samples; not with --samples")
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
-    data.refuse_inside(out, "--out" if args.out else "--run")
+    data.refuse_inside(out, "--out" if args.out else "the run folder, the output's by default,")
     image_size, channels = data.image_size, data.channels
     samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
 

@@ -108,14 +108,17 @@ class PowerFunctionEMA:
             torch._foreach_copy_(averaged, [saved[name].to(averaged[0].device) for name in self.names])
         self.step = state["step"]
 
+    def finite(self) -> bool:
+        return all(p.isfinite().all() for profile in self.profiles for p in profile)
+
     def snapshot(self, run: Path):
         folder = run / SNAPSHOTS
         folder.mkdir(exist_ok=True)
         state = self.state_dict()
         state["profiles"] = [{n: p.cpu() for n, p in profile.items()} for profile in state["profiles"]]
-        if not all(p.isfinite().all() for profile in state["profiles"] for p in profile.values()):
-            raise BadInputError(f"a weight became NaN/inf before step {self.step}: stopped without writing its EMA "
-                                f"snapshot; try a lower --lr, or --skip-nonfinite to skip such steps")
+        if not self.finite():
+            raise BadInputError(f"the post-hoc EMA became NaN/inf by step {self.step}: stopped without writing its "
+                                "snapshot; try a lower --lr, or --skip-nonfinite to skip such steps")
         atomic_save({"kind": "ema_snapshot", **state}, folder / f"step{self.step:07d}.pt")
 
 

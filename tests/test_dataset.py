@@ -299,6 +299,11 @@ def test_16_bit_and_float_images_of_new_runs_are_clipped_to_their_percentiles_as
     pixels = np.asarray(load_image(str(tmp_path / "hot.png"), "L", (0.5, 99.5)))
     assert (pixels[1:, :16] == 0).all() and (pixels[:, 16:] == 255).all()
     assert np.asarray(load_image(str(tmp_path / "hot.png"), "L"))[:, 16:].max() < 5          # versions 1-4: dark
+    sparse = np.zeros((256, 256), np.uint16)                                # a top slice: 0.46% of it tissue
+    sparse[:15, :20] = np.linspace(1000, 3000, 300).reshape(15, 20)
+    Image.fromarray(sparse).save(tmp_path / "sparse.png")
+    tissue = np.asarray(load_image(str(tmp_path / "sparse.png"), "L", (0.5, 99.5)))[:15, :20]
+    assert 80 < tissue.min() < 90 and (tissue == 255).mean() < 0.02        # not black (the background's percentile)
     for version, black in ((5, False), (4, True)):                          # how a run of each version reads them
         folder = tmp_path / f"v{version}" / "AD"
         folder.mkdir(parents=True)
@@ -317,6 +322,21 @@ def test_16_bit_and_float_images_of_new_runs_are_clipped_to_their_percentiles_as
     png16(tmp_path / "grey16.png", np.tile(np.arange(4) * 1000, (4, 1)), 0, 4)
     with pytest.raises(BadInputError, match="rgb48.png is a 16-bit PNG in colour or with transparency"):
         load_image(str(tmp_path / "rgb48.png"), "L")
+
+    def tiff16_rgb(path, rgb):                                              # nor these: a baseline TIFF by hand
+        h, w, _ = rgb.shape
+        pixels = rgb.astype("<u2").tobytes()
+        tags = [(256, 1, w), (257, 1, h), (258, 3, 8 + 2 + 9 * 12 + 4), (259, 1, 1), (262, 1, 2),
+                (273, 1, 8 + 2 + 9 * 12 + 4 + 6), (277, 1, 3), (278, 1, h), (279, 1, len(pixels))]
+        ifd = b"".join(struct.pack("<HHII", tag, 4 if tag in (273, 279) else 3, count, value)
+                       if tag in (258, 273, 279) else struct.pack("<HHIHH", tag, 3, count, value, 0)
+                       for tag, count, value in tags)
+        path.write_bytes(b"II*\0" + struct.pack("<IH", 8, len(tags)) + ifd + struct.pack("<I3H", 0, 16, 16, 16)
+                         + pixels)
+    tiff16_rgb(tmp_path / "rgb48.tif", np.full((4, 4, 3), 3000))
+    assert Image.open(tmp_path / "rgb48.tif").mode == "RGB"                 # what Pillow makes of it: 3000 >> 8
+    with pytest.raises(BadInputError, match="rgb48.tif is a 16-bit TIFF in colour or with transparency"):
+        load_image(str(tmp_path / "rgb48.tif"), "L")
     assert np.asarray(load_image(str(tmp_path / "grey16.png"), "L"))[0].tolist() == [0, 85, 170, 255]
 
 

@@ -215,9 +215,11 @@ def test_torchrun_two_processes_train_and_resume_the_adversarial_patch_loss(adni
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the resumed discriminator learned on
 
 
-def test_torchrun_stops_every_process_when_what_rank_0_alone_holds_goes_nan(adni_folder, tmp_path):
-    """The post-hoc EMA lives on rank 0 alone: its NaN found only there left rank 1 waiting for it in the next
-    collective (gloo: a traceback; NCCL: until its two-hour timeout)."""
+@pytest.mark.parametrize("every, found", [("100", "posthoc_ema/profiles/0/"), ("2", "the post-hoc EMA")],
+                         ids=["at-a-checkpoint", "at-a-snapshot"])
+def test_torchrun_stops_every_process_when_what_rank_0_alone_holds_goes_nan(adni_folder, tmp_path, every, found):
+    """The post-hoc EMA lives on rank 0 alone: its NaN found only there, before a checkpoint or before one of its own
+    snapshots, left rank 1 waiting for it in the next collective (gloo: a traceback; NCCL: its two-hour timeout)."""
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2")
     script = tmp_path / "nan_posthoc.py"
@@ -233,9 +235,9 @@ posthoc.PowerFunctionEMA.update = poisoned
 driver.main(sys.argv[1:])
 """)
     done = torchrun("train-unet", "--run-dir", str(run), *SMALL_UNET, "--batch-size", "4", "--max-steps", "4",
-                    "--posthoc-ema", "100", "--device", "cpu", script=str(script))
-    assert done.returncode != 0 and "posthoc_ema/" in done.stderr and "became NaN/inf by step 2" in done.stderr
-    assert "what another process holds became NaN/inf by step 2" in done.stderr      # rank 1 stopped with it
+                    "--posthoc-ema", every, "--device", "cpu", script=str(script))
+    assert done.returncode != 0 and f"{found}" in done.stderr and "became NaN/inf by step 2" in done.stderr
+    assert done.stderr.count("became NaN/inf by step 2") == 2 and "[rank1]: Traceback" not in done.stderr  # both stop
     assert not (run / "unet.pt").exists()
 
 

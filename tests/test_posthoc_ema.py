@@ -189,7 +189,7 @@ def test_weights_gone_nan_stop_the_run_before_their_snapshot_is_written(posthoc_
     monkeypatch.setattr(PowerFunctionEMA, "update", update_to_nan)
     message = error_of(driver.main, ["train-unet", "--run", str(run), *SMALL_UNET, "--posthoc-ema", "2",
                                      "--max-steps", "6", "--log-every", "6"])
-    assert "NaN/inf before step 4" in message and sorted(snapshot_files(run)) == [2]
+    assert "NaN/inf by step 4" in message and sorted(snapshot_files(run)) == [2]
 
 
 def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posthoc_run, tmp_path, capsys):
