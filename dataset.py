@@ -8,8 +8,9 @@ report did. A folder with class subfolders and no train/test level works too.
 
 NIfTI volumes (`.nii`, `.nii.gz`) go through the same folders, caches and subject split: the same layouts
 with volumes in place of images, BIDS subtrees in class folders, or a BIDS tree (one class, "all").
-volumes/reader.py reads a volume into slices (`Slicing`); volumes/layouts.py says which files a folder gives
-and whose each one is (`Layout`, saved in a run's `DataConfig`).
+volumes/reader.py reads a volume into slices (`Slicing`), volumes/images.py an image file into pixels;
+volumes/layouts.py says which files a folder gives and whose each one is (`Layout`, saved in a run's `DataConfig`),
+volumes/holdout.py which subjects are held out.
 
 Without a data folder the embedded MNI152 demo data is used (volumes/demo.py); build it by hand with
 `python dataset.py --out DIR` (training does it on first use).
@@ -33,7 +34,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -41,77 +41,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
 from volumes.holdout import split_by_subject, subjects_by_class
+from volumes.images import image_percentiles, load_image
 from volumes.layouts import BIDS_OWN, ImageFolder, Layout, find_image_roots
-from volumes.reader import (VOLUME_SUFFIXES, Slicing, dangling, printable, read_volume_slices, unoriented,
-                            volume_slice_bound, volume_span, volumes_at_once)
+from volumes.reader import (VOLUME_SUFFIXES, Slicing, printable, read_volume_slices, unoriented, volume_slice_bound,
+                            volume_span, volumes_at_once)
 
 
-
-# ----------------------------------------------------------------------------- loading images
-
-def load_image(path: str, mode: str, percentiles: tuple[float, float] | None = None) -> Image.Image:
-    """Open an image and convert it to `mode` ("L" or "RGB"); a file PIL cannot decode is named.
-
-    16-bit and float images (MRI exports often use 12 of the 16 bits), which PIL would clip to white, are scaled to
-    0-255 each by its own values, as each volume is: with `percentiles` (layout version 5: --intensity-percentiles)
-    clipped to those of its finite pixels (one hot pixel does not darken the slice; signed or z-scored values keep
-    their lower half), else (versions 1-4) from 0 to its maximum, values below 0 clipped. A float image's NaN and
-    infinite pixels are black (as a volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on
-    black, the background of a slice. A 16-bit colour PNG, which PIL reads as its pixels' top 8 bits, is refused.
-    """
-    try:
-        with Image.open(path) as img:
-            if getattr(img, "n_frames", 1) > 1 and img.format == "TIFF":  # a stack: only its first slice would be read
-                raise BadInputError(f"{printable(path)} holds {img.n_frames} images (a TIFF stack): save one slice "
-                                    "per file, or the volume as NIfTI")
-            if img.mode in ("RGB", "RGBA") and _bits_per_sample(img, path) == 16:
-                raise BadInputError(f"{printable(path)} is a 16-bit {img.format} in colour or with transparency, which "
-                                    "Pillow reads as its pixels' top 8 bits (a 12-bit scan nearly black): save it as "
-                                    "16-bit greyscale without transparency, or as 8 bits")
-            if img.mode.startswith("I") or img.mode == "F":
-                img = Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float64), percentiles))
-            elif img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                img = Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), img.convert("RGBA"))
-            return img.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadInputError(f"cannot read image {printable(path)}: {e}{dangling(path)}") from None
-
-
-def _to_uint8(a: np.ndarray, percentiles: tuple[float, float] | None) -> np.ndarray:
-    """load_image's scaling of a 16-bit or float image to 0-255 (non-finite pixels black). With `percentiles`: from
-    the lower one of its finite pixels to the upper one of those brighter than its darkest, since a slice's
-    background (its darkest) may be nearly all of it: the top slices of an export would come out black, or their
-    tissue white. A constant image is black."""
-    finite = np.isfinite(a)
-    if percentiles is None:
-        a = np.where(finite, a, 0).clip(0, None)
-        low, high = 0.0, a.max()
-    else:
-        values = a[finite]
-        brighter = values[values > values.min()] if values.size else values
-        low = np.percentile(values, percentiles[0]) if values.size else 0.0
-        high = np.percentile(brighter, percentiles[1]) if brighter.size else low
-        a = np.where(finite, a, low)
-    if not high > low:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return ((a - low) * (255.0 / (high - low))).clip(0, 255).round().astype(np.uint8)
-
-
-def image_percentiles(slicing: Slicing, layout: Layout) -> tuple[float, float] | None:
-    """The percentiles a run's 16-bit and float images are clipped to (`load_image`): its --intensity-percentiles
-    from layout version 5 on; None before (from 0 to the maximum)."""
-    return tuple(slicing.percentiles) if layout.version >= 5 else None
-
-
-def _bits_per_sample(img: Image.Image, path) -> int:
-    """The bits per sample of a PNG (its header's IHDR) or TIFF (its tag 258) file; 8 for other formats."""
-    if img.format == "PNG":
-        with open(path, "rb") as f:
-            return f.read(25)[24]
-    if img.format == "TIFF":
-        return max(img.tag_v2.get(258, (8,)))
-    return 8
-
+# ----------------------------------------------------------------------------- the card's transform
 
 def card_transform(image_size: int, channels: int) -> transforms.Compose:
     """The report's transform: Resize((S, S)) -> ToTensor -> Normalize(0.5, 0.5), values in [-1, 1]."""

@@ -38,11 +38,12 @@ from torchvision.utils import save_image
 
 import predict
 from conditions.table import asked_values
-from dataset import card_transform, image_percentiles, load_image
+from dataset import card_transform
 from diffusion.guidance import Guided
 from runtime.errors import BadInputError
 from runtime.flags import seed
 from runtime.process import setup_device
+from volumes.images import image_percentiles, load_image
 from volumes.reader import is_volume, mask_slice, printable, read_volume_slice, to_volume
 
 DEFAULT_STRENGTH = 0.5

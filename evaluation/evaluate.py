@@ -52,7 +52,7 @@ from torchvision.utils import save_image
 
 import predict
 from conditions.table import CLASS
-from dataset import card_transform, load_image, load_slices
+from dataset import card_transform, load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
@@ -66,6 +66,7 @@ from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
 from runtime.process import setup_device
 from volumes.holdout import split_by_subject, subjects_by_class
+from volumes.images import load_image
 from volumes.layouts import subject_id
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
