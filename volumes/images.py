@@ -17,10 +17,11 @@ def load_image(path: str, mode: str, percentiles: tuple[float, float] | None = N
 
     16-bit and float images (MRI exports often use 12 of the 16 bits), which PIL would clip to white, are scaled to
     0-255 each by its own values, as each volume is: with `percentiles` (layout version 5: --intensity-percentiles)
-    clipped to those of its finite pixels (one hot pixel does not darken the slice; signed or z-scored values keep
-    their lower half), else (versions 1-4) from 0 to its maximum, values below 0 clipped. A float image's NaN and
-    infinite pixels are black (as a volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on
-    black, the background of a slice. A 16-bit colour PNG, which PIL reads as its pixels' top 8 bits, is refused.
+    clipped to them (`_to_uint8`: one hot pixel does not darken the slice; signed or z-scored values keep their lower
+    half), else (versions 1-4) from 0 to its maximum, values below 0 clipped. A float image's NaN and infinite pixels
+    are black (as a volume's); transparent pixels (RGBA, LA, palette with transparency) are laid on black, the
+    background of a slice. A 16-bit PNG or TIFF in colour or with transparency, which PIL reads as its pixels' top 8
+    bits, is refused.
     """
     try:
         with Image.open(path) as img:
