@@ -112,13 +112,12 @@ class PowerFunctionEMA:
         return all(p.isfinite().all() for profile in self.profiles for p in profile)
 
     def snapshot(self, run: Path):
+        """Write both profiles to RUN/ema_snapshots/step<step>.pt; the caller has checked them finite (`finite`, on
+        every rank: train.py before a snapshot, runtime/loop.py before a checkpoint)."""
         folder = run / SNAPSHOTS
         folder.mkdir(exist_ok=True)
         state = self.state_dict()
         state["profiles"] = [{n: p.cpu() for n, p in profile.items()} for profile in state["profiles"]]
-        if not self.finite():
-            raise BadInputError(f"the post-hoc EMA became NaN/inf by step {self.step}: stopped without writing its "
-                                "snapshot; try a lower --lr, or --skip-nonfinite to skip such steps")
         atomic_save({"kind": "ema_snapshot", **state}, folder / f"step{self.step:07d}.pt")
 
 

@@ -192,7 +192,7 @@ class Layout:
 
     Version 5, the rules of new runs: version 4's, a subject's folder below its class folder (`AD/patient01/x.png`)
     and a `sub-*` folder anywhere below the data folder give its files' subject (`subject_id`), and the hold-out is
-    drawn within each class (`dataset.split_by_subject`): no class is left out of training or of evaluation by chance.
+    drawn within each class (`volumes/holdout.py`): no class is left out of training or of evaluation by chance.
 
     Version 4: version 3's, OASIS-3's subject IDs (`subject_id`), what a BIDS root's
     .bidsignore lists left out (`ignored`: dcm2bids' tmp_dcm2bids/ beside the sub-* folders, among others), and a
