@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,7 @@ CHANGEABLE = {"max_steps", "epochs",                                 # the lengt
               "lr", "warmup", "cooldown", "adversarial_lr",           # the learning-rate schedule
               "log_every", "sample_every", "save_every", "tensorboard",  # the records
               "deterministic", "skip_nonfinite",                      # how steps run, and what stops them
-              "data"}                                                 # the same files moved elsewhere (checked)
+              "data", "labels"}                                       # the same files moved elsewhere (checked)
 # and these, which belong to this command and machine and never come back from the run:
 THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb", "precision", "channels_last",
                 "compile", "slow_cpu_ok", "demo_dir"}
@@ -306,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet target: v (Salimans & Ho 2022) stays stable when under-trained; eps as Ho et al. (default: %(default)s)")
     p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="eps loss (default: %(default)s; the original used smooth_l1)")
     p.add_argument("--conditional", action="store_true",
-                   help="condition the UNet on the class folders (AD, NC ...), for `--class` at sampling: the same as "
-                        "--condition class (default: unconditional)")
+                   help="condition the UNet on the class folders (AD, NC ...), for `--class` at sampling: `class` added "
+                        "to --condition's names (default: unconditional)")
     p.add_argument("--condition", type=condition_list, default=None,
                    help="NAME,...: condition the UNet on these columns of the participants table (numbers: continuous "
                         "covariates, text: categories; NAME:category or NAME:continuous says which) and `class`, the class "
@@ -428,6 +429,8 @@ def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
         data = args.data_config
         args.data, args.image_size, args.channels = data.root, data.image_size, data.channels
         args.holdout, args.holdout_seed, args.skip_bad_images = data.holdout, data.holdout_seed, data.skip_bad_images
+    if "labels" in given:  # saved as found from here, so that it is found again from anywhere
+        args.labels = os.path.abspath(args.labels)
     resumed = args.resume and (Path(args.run) / f"{args.stage}.pt").exists()
     if resumed:
         keep_the_runs_settings(args, given)

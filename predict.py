@@ -38,7 +38,7 @@ from dataset import DataConfig
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
-from export.sample_set import FORMATS, SEEDING, SampleSet, run_geometry, saved_geometry
+from export.sample_set import FORMATS, ROW_SEEDING, SEEDING, SampleSet, run_geometry, saved_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, load_weights, model_config, run_lock
 from runtime.errors import BadInputError
@@ -88,6 +88,11 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
         p.add_argument("--guidance", type=float, default=3.0,
                        help="classifier-free guidance scale w with --class, --set or --sweep: 0 unconditional, 1 "
                             "conditional, >1 stronger (default: %(default)s)")
+        p.add_argument("--row-noise", choices=["shared", "independent"], default="shared",
+                       help="with several rows (--sweep, --class all): every row from the same noise, so that sample k of "
+                            "each row is one draw under each row's conditions (shared), or each row from its own "
+                            "(independent: independent samples, for a dataset that a --holdout will split) "
+                            "(default: %(default)s)")
         p.add_argument("--format", choices=list(FORMATS), default="png",
                        help="file format of the samples in OUT/samples/: png, nifti (a one-slice volume in the training "
                             "data's plane and spacing) or npz (float32) (default: %(default)s)")
@@ -471,10 +476,14 @@ def predict(args):
         samples = SampleSet(out / "samples", settings, rows, model.conditions, record, geometry, args.resume)
 
         drawn, count, gif_latents, t0 = [], 0, None, time.perf_counter()
-        for r, (caption, y) in enumerate(rows):  # every row from the same seeds: rows differ by their conditions only
+        if len(rows) > 1 and args.row_noise == "shared":
+            print("the rows share their noise: sample k of each row is one draw under each row's conditions (for "
+                  "independent samples: --row-noise independent)")
+        for r, (caption, y) in enumerate(rows):  # by default from the same seeds: rows differ by their conditions only
             labels = None if y is None else y.expand(args.num, -1)
             for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
-                                                    seeds=samples.batch_seed, skip=samples.batches(r), desc=caption):
+                                                    seeds=lambda b, r=r: samples.batch_seed(b, r),
+                                                    skip=samples.batches(r), desc=caption):
                 samples.write(r, b, images)
                 count += len(images)
                 drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
@@ -532,7 +541,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
     record = {"format": args.format, **generation_record(model, sampling),
               "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
-                "batch_seeds": SEEDING,
+                "batch_seeds": ROW_SEEDING if args.row_noise == "independent" else SEEDING,
                 "rows": [[caption, None if y is None else
                           {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}
     return settings, record

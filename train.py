@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from conditions.table import (CLASS, build_conditions, condition_matrix, find_table, read_table, saved_conditions,
-                              subjects_of, to_saved)
+                              saved_table, subjects_of, to_saved)
 from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches, subject_summary,
                      to_unit, training_data, training_files, uint8_loader)
 from diffusion.gaussian import GaussianDiffusion
@@ -240,12 +240,15 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
     report line). Fresh: --condition's names (`class` with --conditional), defined by the training subjects; resumed:
     the run's own, with its own table, which must be unchanged."""
     data = args.data_config
-    names = args.condition or ([CLASS] if args.conditional else [])
+    names = list(args.condition or [])
+    if args.conditional and CLASS not in [n.partition(":")[0] for n in names]:
+        names.insert(0, CLASS)  # --conditional --condition age: both
     subjects = subjects_of(paths, data.subject())
     saved = resume.get("labels") if resume else None
     if resume:
         conditions = saved_conditions(resume)
-        table = read_table(Path(saved["file"]), saved["subject_column"]) if saved else None
+        moved = args.labels if saved and args.labels != saved["file"] else None  # given again: where it is now
+        table = saved_table(saved, data.folder(), moved) if saved else None
         if table and table.sha1 != saved["sha1"]:
             raise BadInputError(f"the participants table {table.file} changed since this run started; a resumed run "
                                 f"keeps the values it trained on: restore it, or train a new --run")

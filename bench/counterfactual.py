@@ -35,7 +35,7 @@ from conditions.counterfactual import counterfactual_latent  # noqa: E402
 from conditions.table import asked_values  # noqa: E402
 from dataset import DataConfig, load_slices  # noqa: E402
 from evaluation.classifier import class_accuracy, domain_classifier  # noqa: E402
-from evaluation.evaluate import evaluation_split, stack  # noqa: E402
+from evaluation.evaluate import evaluation_split, feature_key, stack  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 
 
@@ -86,8 +86,7 @@ def main():
     train_idx, ref_idx, floor_idx = evaluation_split(paths, data.holdout, data.holdout_seed, data.subject(),
                                                      data.strata(dataset.samples, dataset.classes))
     held = ref_idx + floor_idx
-    key = {"data": str(data.folder()), "image_size": data.image_size, "channels": data.channels,
-           "holdout": data.holdout, "holdout_seed": data.holdout_seed, "count": len(dataset)}
+    key = feature_key(data, dataset, train_idx, data.holdout, data.holdout_seed)
     classifier = domain_classifier(run, dataset, train_idx, key, args.classifier_steps, "cpu")
     model = predict.load_run(run, "cpu")
     target = asked_values(model.conditions, args.set_values or ["class=NC"])[None]

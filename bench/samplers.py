@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
-from evaluation.evaluate import (evaluation_split, feature_network, format_table, score_rows, stack,  # noqa: E402
-                                 training_sample)
+from evaluation.evaluate import (evaluation_split, feature_key, feature_network, format_table,  # noqa: E402
+                                 score_rows, stack, training_sample)
 
 # name -> `driver.py sample` flags
 SAMPLERS = {
@@ -67,8 +67,7 @@ def main():
     images["real (training)"] = stack(dataset, training_sample(train_idx, num, seed))[0]
     images["real (floor)"] = floor
 
-    key = {"data": str(data.folder()), "image_size": data.image_size, "channels": data.channels,
-           "holdout": holdout, "holdout_seed": seed, "count": len(dataset)}
+    key = feature_key(data, dataset, train_idx, holdout, seed)
     features = feature_network(run, dataset, train_idx, key, "cpu", classifier_steps=args.classifier_steps)
     scores = score_rows(images, reference, features, "cpu")
     for name, sec in seconds.items():

@@ -12,9 +12,11 @@ for them, never guessed, and counted in the one-line report.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -131,11 +133,34 @@ def _subject_key(subject: str) -> str:
 
 
 def find_table(data_folder: Path, labels: str | None) -> Path | None:
-    """--labels FILE, else the data folder's own participants.tsv (BIDS), else None."""
+    """--labels FILE, else the data folder's own participants.tsv (BIDS), else None; as an absolute path, which the run
+    saves, so that it is found again from any working directory."""
     if labels:
-        return Path(labels)
-    own = data_folder / "participants.tsv"
+        return Path(os.path.abspath(labels))
+    own = Path(os.path.abspath(data_folder)) / "participants.tsv"
     return own if own.is_file() else None
+
+
+def saved_table(record: dict, data_folder: Path, labels: str | None = None) -> Table:
+    """The participants table a run trained with: --labels FILE where given (where it is now: its contents must be
+    the run's, by the hash it saved), else where it was (a run before 2026-12-07 saved the path as typed, relative to
+    the working directory of then; found changed, it is returned as it is, for the caller to refuse or warn), else
+    the file of its name in the data folder with the run's contents (a BIDS participants.tsv moved with its images,
+    --data NEW). Not found: one line."""
+    if labels:
+        table = read_table(Path(os.path.abspath(labels)), record["subject_column"])
+        if table.sha1 != record["sha1"]:
+            raise BadInputError(f"--labels {labels} is not the participants table this run trained with "
+                                f"({record['file']}): their contents differ")
+        return table
+    saved, beside_data = Path(record["file"]), Path(os.path.abspath(data_folder)) / Path(record["file"]).name
+    if saved.is_file():
+        return read_table(saved, record["subject_column"])
+    with contextlib.suppress(BadInputError):  # another file of that name: not this run's table
+        if beside_data.is_file() and (table := read_table(beside_data, record["subject_column"])).sha1 == record["sha1"]:
+            return table
+    raise BadInputError(f"this run's participants table {saved} is not there (nor in {data_folder}): give --labels "
+                        f"FILE, where it is now (it is checked to be the table the run trained with)")
 
 
 def read_table(path: Path, subject_column: str | None = None) -> Table:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import predict
-from conditions.table import CLASS, Condition, condition_matrix, read_table, subjects_of
+from conditions.table import CLASS, Condition, Table, condition_matrix, subjects_of
 from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from export.figures import save_rows
 from runtime.process import progress
@@ -108,13 +108,13 @@ def agreement(read: torch.Tensor, truth: torch.Tensor, c: Condition) -> dict:
 
 # ----------------------------------------------------------------------------- the check
 
-def condition_check(args, run: Path, model: predict.LatentDiffusion, dataset, train_idx: list[int],
-                    held_idx: list[int], key: dict, generate, device, out: Path) -> tuple[list[dict], list[str]]:
-    """Every condition of the run from the table: rows of the real held-out floor and of samples at each guidance
-    scale, and the sweep figures written. generate(y (N, K), guidance) -> images."""
+def condition_check(args, run: Path, model: predict.LatentDiffusion, table: Table | None, dataset,
+                    train_idx: list[int], held_idx: list[int], key: dict, generate, device,
+                    out: Path) -> tuple[list[dict], list[str]]:
+    """Every condition of the run from its participants table (`saved_table`'s): rows of the real held-out floor and
+    of samples at each guidance scale, and the sweep figures written. generate(y (N, K), guidance) -> images."""
     out.mkdir(parents=True, exist_ok=True)
     record = model.labels
-    table = read_table(Path(record["file"]), record["subject_column"]) if record else None
     if table is not None and table.sha1 != record["sha1"]:
         print(f"warning: {table.file} changed since the run was trained; the check reads it as it is now")
     paths = [p for p, _ in dataset.samples]

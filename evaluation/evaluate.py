@@ -37,6 +37,7 @@ resolution down to 16 px. FID/KID features see at most 128x128 with the domain c
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from collections import Counter
@@ -51,7 +52,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.utils import save_image
 
 import predict
-from conditions.table import CLASS
+from conditions.table import CLASS, saved_table
 from dataset import card_transform, load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
@@ -167,6 +168,16 @@ def folder_record(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- feature network
+
+def feature_key(data, dataset, train_idx: list[int], holdout: float, holdout_seed: int) -> dict:
+    """What a run's cached feature networks (RUN/classifier.pt, condition_net.pt) were trained on, which must equal
+    this split's: the data, the image size and the images trained on (each file, and slice of a volume, hashed:
+    another split of as many images, by other subject rules or slicing, would know held-out subjects)."""
+    slices = getattr(dataset, "slice_numbers", None) or [0] * len(dataset.samples)
+    trained = "\n".join(sorted(f"{dataset.samples[i][0]}|{slices[i]}" for i in train_idx))
+    return {"data": str(data.folder()), "image_size": data.image_size, "channels": data.channels, "holdout": holdout,
+            "holdout_seed": holdout_seed, "count": len(dataset), "training": hashlib.sha1(trained.encode()).hexdigest()}
+
 
 def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device, kind: str = "auto",
                     inception_weights: str | None = None, classifier_steps: int = 1000):
@@ -412,6 +423,7 @@ def evaluate(args):
         if num < 2:
             raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
         model = predict.load_run(run, device, finetuned)
+        participants = saved_table(model.labels, data.folder(), args.labels) if model.labels else None  # before sampling
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
         column = class_column(model, list(dataset.classes), run) if args.utility is not None else None
@@ -427,8 +439,7 @@ def evaluate(args):
                     "batch_seeds": SEEDED_ONCE}
 
     # features and scores
-    key = {"data": str(data.folder()), "image_size": image_size, "channels": channels, "holdout": holdout, "holdout_seed": seed,
-           "count": len(dataset)}
+    key = feature_key(data, dataset, train_idx, holdout, seed)
     features = feature_network(run, dataset, train_idx, key, device, args.features, args.inception_weights,
                                args.classifier_steps)
     print(f"FID/KID features: {features.name}")
@@ -492,8 +503,8 @@ def evaluate(args):
             torch.manual_seed(args.seed)
             return predict.generate(model, settings, len(y), y, guidance, autocast)[0]
 
-        condition_rows, sweeps = condition_check(args, run, model, dataset, train_idx, ref_idx + floor_idx, key,
-                                                 sample_at, device, out)
+        condition_rows, sweeps = condition_check(args, run, model, participants, dataset, train_idx, ref_idx + floor_idx,
+                                                 key, sample_at, device, out)
         condition_table = format_condition_table(condition_rows)
 
     # files

@@ -47,15 +47,18 @@ MANIFEST = "manifest.csv"
 TABLE = "participants.tsv"
 EARLIER_SAMPLE = re.compile(r"\d{4,}\.png")   # samples/0000.png: what predict.py wrote before sets (until 2026-12-03)
 SEEDING = "SeedSequence(seed, batch)"   # sampling.json's `batch_seeds`; a set written before it: seed + batch
+ROW_SEEDING = "SeedSequence(seed, batch, row)"   # --row-noise independent: each row of the set its own noise
 
 
-def batch_seed(seed: int, batch: int, seeding: str | None = SEEDING) -> int:
+def batch_seed(seed: int, batch: int, seeding: str | None = SEEDING, row: int = 0) -> int:
     """The seed of a set's batch: drawn from numpy's SeedSequence of (seed, batch), so that the sets of --seed 0 and
-    --seed 1 share no batch (with seed + batch, the sets of 1 and 0 shared all but one). `seeding` None: seed + batch,
-    the way of sets written before."""
+    --seed 1 share no batch (with seed + batch, the sets of 1 and 0 shared all but one); every row of the set draws
+    the same, unless `seeding` is ROW_SEEDING: rows after the first of (seed, batch, row). `seeding` None: seed +
+    batch, the way of sets written before."""
     if seeding is None:
         return seed + batch
-    return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
+    entropy = [seed, batch, row] if seeding == ROW_SEEDING and row > 0 else [seed, batch]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class SampleSet:
@@ -180,9 +183,9 @@ class SampleSet:
     def _subject(self, index: int) -> str:
         return f"sub-{index:0{self.width}d}"
 
-    def batch_seed(self, batch: int) -> int:
-        """The seed of a row's batch `batch` (every row draws from the same seeds)."""
-        return batch_seed(self.settings["seed"], batch, self.settings.get("batch_seeds"))
+    def batch_seed(self, batch: int, row: int) -> int:
+        """The seed of batch `batch` of row `row` (every row draws from the same seeds, unless --row-noise independent)."""
+        return batch_seed(self.settings["seed"], batch, self.settings.get("batch_seeds"), row)
 
     def write(self, row: int, batch: int, images: torch.Tensor):
         """A batch's images (n, C, H, W) in [-1, 1]: its files, then its rows in the manifest and participants table."""
@@ -194,7 +197,7 @@ class SampleSet:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._save(image, path)
             entries.append({"file": self.file(index), "participant_id": self._subject(index), "index": index,
-                            "row": caption, **values, "seed": self.batch_seed(batch), "in_batch": k,
+                            "row": caption, **values, "seed": self.batch_seed(batch, row), "in_batch": k,
                             "batch_count": len(images), **self.record})
         _append(self.folder / MANIFEST, _csv(self.columns, entries, ",", header=False))
         if self.table_columns:

@@ -1,5 +1,6 @@
 """Conditions from a participants table (the join, the scaling, what is missing), sampling with --set and --sweep, and
 counterfactuals (DDIM inversion, masks, the NIfTI map in the input's space)."""
+import csv
 import json
 import math
 import shutil
@@ -13,8 +14,9 @@ from PIL import Image
 import driver
 import predict
 from conditions.table import (Condition, asked_values, build_conditions, condition_matrix, find_table, read_table,
-                              subjects_of)
-from conftest import blob, ckpt, error_of, write_volume
+                              saved_table, subjects_of)
+from conftest import SMALL_UNET, blob, ckpt, error_of, write_volume
+from runtime.errors import BadInputError
 from volumes.layouts import Layout
 from volumes.reader import Slicing, read_volume_slice, to_volume
 
@@ -109,6 +111,41 @@ def test_a_run_saves_its_conditions_scaled_by_its_training_subjects_and_keeps_th
         (data / "participants.csv").write_text("\n".join((data / "participants.csv").read_text().splitlines()[:-1]) + "\n")
 
 
+def test_a_table_typed_relative_or_moved_is_found_again_by_its_contents(conditioned_run, tmp_path, monkeypatch):
+    run, data = conditioned_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("unet*.pt", "condition_net.pt"))
+    (tmp_path / "tables").mkdir()
+    shutil.copy(data / "participants.csv", tmp_path / "tables" / "p.csv")
+    monkeypatch.chdir(tmp_path)
+    # --conditional with --condition: both (class was dropped); the table typed relative is saved absolute
+    driver.main(["train-unet", "--run", "run", *SMALL_UNET, "--max-steps", "2", "--conditional", "--condition", "age",
+                 "--labels", "tables/p.csv"])
+    saved = ckpt(copy / "unet.pt")
+    assert [c["name"] for c in saved["conditions"]] == ["class", "age"]
+    assert saved["labels"]["file"] == str(tmp_path / "tables" / "p.csv")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    driver.main(["train-unet", "--run", str(copy), "--max-steps", "3", "--resume"])
+    (tmp_path / "tables" / "p.csv").rename(tmp_path / "q.csv")
+    assert "give --labels FILE" in error_of(driver.main, ["train-unet", "--run", str(copy), "--max-steps", "4", "--resume"])
+    assert "is not there" in error_of(driver.main, ["evaluate", "--run", str(copy), "--out", str(tmp_path / "ev")])
+    assert not (tmp_path / "ev").exists()  # refused before sampling, nothing written
+    (tmp_path / "other.csv").write_text((tmp_path / "q.csv").read_text().replace(",5", ",6"))
+    assert "contents differ" in error_of(driver.main, ["train-unet", "--run", str(copy), "--max-steps", "4", "--resume",
+                                                       "--labels", str(tmp_path / "other.csv")])
+    driver.main(["train-unet", "--run", str(copy), "--max-steps", "4", "--resume", "--labels", str(tmp_path / "q.csv")])
+    assert ckpt(copy / "unet.pt")["step"] == 4 and ckpt(copy / "unet.pt")["labels"]["file"] == str(tmp_path / "q.csv")
+    # a run of before saved the path as typed; a BIDS participants.tsv moves with its data (--data NEW)
+    moved = tmp_path / "moved_data"
+    moved.mkdir()
+    shutil.copy(tmp_path / "q.csv", moved / "q.csv")
+    record = {**ckpt(copy / "unet.pt")["labels"], "file": "q.csv"}
+    assert saved_table(record, moved).file == str(moved / "q.csv")
+    with pytest.raises(BadInputError, match="contents differ"):
+        saved_table({**record, "sha1": "0" * 40}, moved, str(moved / "q.csv"))
+
+
 def test_a_sweep_draws_every_row_from_the_same_noise(conditioned_run, tmp_path):
     run, _ = conditioned_run
     common = ["--run", str(run), "--num", "2", "--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--set", "sex=F"]
@@ -126,6 +163,12 @@ def test_a_sweep_draws_every_row_from_the_same_noise(conditioned_run, tmp_path):
     assert height > 1.5 * 32 * 2 and width < 3 * height                      # two captioned rows of two
     classes = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "c"), "--class", "all"]))
     assert classes.shape == (4, 1, 32, 32)
+    # each row its own noise: a set of independent samples, whose manifest gives each row its own seeds
+    independent = predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "e"), "--sweep", "age=55,75",
+                                                      "--guidance", "0", "--row-noise", "independent"]))
+    assert torch.equal(independent[:2], unguided[:2]) and not torch.equal(independent[2:], unguided[2:])
+    seeds = [row["seed"] for row in csv.DictReader(open(tmp_path / "e" / "samples" / "manifest.csv"))]
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
     assert "not a condition of this run" in error_of(predict.main, [*common, "--set", "weight=3"])
     assert "one of F, M" in error_of(predict.main, [*common, "--set", "sex=X"])
 
