@@ -366,7 +366,15 @@ class DataConfig:
     def split(self, samples: list[tuple[str, int]], classes: list[str]) -> tuple[list[int], list[int]]:
         """(train, held_out) indices of the (path, class index) `samples`: the run's held-out subjects."""
         return split_by_subject([p for p, _ in samples], self.holdout, self.holdout_seed, self.subject(),
-                                self.strata(samples, classes))
+                                self.strata(samples, classes), self.listing())
+
+    def listing(self) -> tuple[list[str], list[str] | None] | None:
+        """(paths, class names) of every file the folder lists, readable or not, from which layout version 6 draws
+        the held-out subjects (`split_by_subject`); None for earlier runs, which drew from the files read."""
+        if self.layout.version < 6:
+            return None
+        folders = _listed(self)
+        return [p for p, _ in folders.samples], self.strata(folders.samples, folders.classes)
 
     def refuse_inside(self, folder: str | Path, flag: str):
         """A run or output folder inside the data folder where the listing looks: what is written there (grids,

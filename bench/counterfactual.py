@@ -35,7 +35,7 @@ from conditions.counterfactual import counterfactual_latent  # noqa: E402
 from conditions.table import asked_values  # noqa: E402
 from dataset import DataConfig, load_slices  # noqa: E402
 from evaluation.classifier import class_accuracy, domain_classifier  # noqa: E402
-from evaluation.evaluate import evaluation_split, feature_key, stack  # noqa: E402
+from evaluation.evaluate import feature_key, run_split, stack  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 
 
@@ -82,9 +82,7 @@ def main():
 
     data = DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae"))
     dataset = load_slices(data.folder(), data.image_size, data.channels, slicing=data.slicing, layout=data.layout)
-    paths = [p for p, _ in dataset.samples]
-    train_idx, ref_idx, floor_idx = evaluation_split(paths, data.holdout, data.holdout_seed, data.subject(),
-                                                     data.strata(dataset.samples, dataset.classes))
+    train_idx, ref_idx, floor_idx = run_split(data, dataset)
     held = ref_idx + floor_idx
     key = feature_key(data, dataset, train_idx, data.holdout, data.holdout_seed)
     classifier = domain_classifier(run, dataset, train_idx, key, args.classifier_steps, "cpu")

@@ -99,22 +99,28 @@ def held_out_split(data: str, holdout: float, version: int = LAYOUT_VERSION) -> 
     # version 5: the subjects train-vqvae names; before: as OUT folders of those rows were split (the folder not given)
     subject = config.subject() if version >= 5 else config.layout.subject
     split = evaluation_split([p for p, _ in dataset.samples], holdout, 0, subject,
-                             config.strata(dataset.samples, dataset.classes))
+                             config.strata(dataset.samples, dataset.classes), config.listing())
     key = {"data": str(Path(data).resolve()), "image_size": 64, "channels": 1, "holdout": holdout, "holdout_seed": 0,
            "count": len(dataset), **({"layout": version} if version >= 5 else {})}
     return dataset, split, key
 
 
+def split_rules(version: int) -> int:
+    """The data layout version whose split `version` draws here: 6 draws from every file listed, 5 from the files
+    read, alike where every file reads, as load_slices reads them here (no --skip-bad-images)."""
+    return 5 if version == 6 else version
+
+
 def layout_version(runs: list[Path]) -> int:
-    """The data layout version the runs' stage 1s were trained with (today's where none is trained yet): the split
-    that scores them must be theirs, or a row would be scored on subjects it trained on."""
-    versions = {run: DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).layout.version
+    """The data layout version (`split_rules`) the runs' stage 1s split their data by (today's where none is trained
+    yet): the split that scores them must be theirs, or a row would be scored on subjects it trained on."""
+    versions = {run: split_rules(DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).layout.version)
                 for run in dict.fromkeys(runs) if (run / "vqvae.pt").exists()}
     if len(set(versions.values())) > 1:
         found = ", ".join(f"{run} {version}" for run, version in versions.items())
         raise SystemExit(f"error: these rows were trained with different data layouts ({found}), whose held-out "
                          "subjects differ: score them in separate --out folders")
-    return next(iter(versions.values()), LAYOUT_VERSION)
+    return next(iter(versions.values()), split_rules(LAYOUT_VERSION))
 
 
 def train_or_reuse(stage: str, command: list[str], run: Path) -> dict:
@@ -221,7 +227,7 @@ def main():
         else:
             vq_budget, unet_budget = (["--max-steps", "1000000000", "--max-minutes", str(m)]
                                       for m in (args.vq_minutes, args.unet_minutes))
-        if version != LAYOUT_VERSION and not (run / "vqvae.pt").exists():  # a new row beside rows of an earlier layout
+        if version != split_rules(LAYOUT_VERSION) and not (run / "vqvae.pt").exists():  # beside an earlier layout's rows
             raise SystemExit(f"error: OUT's rows were trained with data layout version {version}, and {run} would be "
                              f"trained with {LAYOUT_VERSION}, whose held-out subjects differ: give a new --out")
         info[f"{name}_vqvae_training"] = train_or_reuse(

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
-from evaluation.evaluate import (evaluation_split, feature_key, feature_network, format_table,  # noqa: E402
-                                 score_rows, stack, training_sample)
+from evaluation.evaluate import (feature_key, feature_network, format_table, run_split, score_rows,  # noqa: E402
+                                 stack, training_sample)
 
 # name -> `driver.py sample` flags
 SAMPLERS = {
@@ -51,8 +51,7 @@ def main():
     data = driver.parse(["evaluate", "--run", str(run)]).data_config  # stage 1's images and split
     dataset = load_slices(data.folder(), data.image_size, data.channels, slicing=data.slicing, layout=data.layout)
     holdout, seed = data.holdout or 0.1, data.holdout_seed
-    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed, data.subject(),
-                                                     data.strata(dataset.samples, dataset.classes))
+    train_idx, ref_idx, floor_idx = run_split(data, dataset, holdout, seed)
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     num = args.num or len(floor)

@@ -78,12 +78,29 @@ STAGE1_RECONSTRUCTIONS = "reconstructions, stage 1's decoder"  # the row beside 
 # ----------------------------------------------------------------------------- data
 
 def evaluation_split(paths: list[str], holdout: float, seed: int, subject: Callable[[str], str] = subject_id,
-                     labels: list[str] | None = None) -> tuple[list[int], list[int], list[int]]:
+                     labels: list[str] | None = None, listing: tuple | None = None) -> tuple[list[int], list[int], list[int]]:
     """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects.
     subject: whose each path is, by the run's own rules (`DataConfig.subject()`).
-    labels: each path's class name (layout version 5, `DataConfig.strata`): both splits are drawn within classes."""
-    train_idx, held_idx = split_by_subject(paths, holdout, seed, subject, labels)
-    return (train_idx, *halves(paths, held_idx, seed + 1, subject=subject, labels=labels))
+    labels: each path's class name (layout version 5, `DataConfig.strata`): both splits are drawn within classes.
+    listing: (paths, labels) of every file listed, readable or not (version 6, `DataConfig.listing`): both are drawn
+    from it, and `paths` split by whose they are."""
+    drawn, drawn_labels = listing if listing is not None else (paths, labels)
+    train_idx, held_idx = split_by_subject(drawn, holdout, seed, subject, drawn_labels)
+    a, b = halves(drawn, held_idx, seed + 1, subject=subject, labels=drawn_labels)
+    if listing is None:
+        return train_idx, a, b
+    half_a, half_b = {subject(drawn[i]) for i in a}, {subject(drawn[i]) for i in b}
+    owners = [subject(p) for p in paths]
+    return ([i for i, s in enumerate(owners) if s not in half_a | half_b], [i for i, s in enumerate(owners) if s in half_a],
+            [i for i, s in enumerate(owners) if s in half_b])
+
+
+def run_split(data, dataset, holdout: float | None = None, seed: int | None = None) -> tuple[list[int], list[int], list[int]]:
+    """`evaluation_split` of `dataset`, read from the data config `data`, by the run's rules (its subjects, classes
+    and listing); `holdout` and `seed` the run's unless given (a run that held none out)."""
+    return evaluation_split([p for p, _ in dataset.samples], data.holdout if holdout is None else holdout,
+                            data.holdout_seed if seed is None else seed, data.subject(),
+                            data.strata(dataset.samples, dataset.classes), data.listing())
 
 
 def halves(paths: list[str], indices: list[int], seed: int, what: str = "", subject: Callable[[str], str] = subject_id,
@@ -371,8 +388,7 @@ def evaluate(args):
     if seen:
         print(f"warning: {run} was trained on all subjects; the {holdout:.0%} held out here were seen in training, "
               f"so the figures are optimistic (train-vqvae --holdout F leaves subjects out)")
-    train_idx, ref_idx, floor_idx = evaluation_split([p for p, _ in dataset.samples], holdout, seed, subject,
-                                                     data.strata(dataset.samples, dataset.classes))
+    train_idx, ref_idx, floor_idx = run_split(data, dataset, holdout, seed)
     reference, ref_labels = stack(dataset, ref_idx)
     floor, floor_labels = stack(dataset, floor_idx)
     training, _ = stack(dataset, training_sample(train_idx, len(floor_idx), seed))

@@ -103,7 +103,7 @@ def test_the_benchmarks_key_their_feature_network_on_the_folder_not_on_how_it_wa
     assert held_out_split("adni", 0.25)[2] != keys[0]                                 # another split is another key
 
 
-@pytest.mark.parametrize("version", [4, 5])
+@pytest.mark.parametrize("version", [4, 5, 6])
 def test_quality_scores_its_rows_on_the_subjects_their_training_left_out(tmp_path, version):
     """quality.py splits the data before its rows train, by the rules of their data layout: its training part is
     exactly the files train-vqvae --holdout trains on (version 5 draws the hold-out within classes, 4 from all of
@@ -120,7 +120,7 @@ def test_quality_scores_its_rows_on_the_subjects_their_training_left_out(tmp_pat
     trained, _ = training_files(DataConfig(root=str(tmp_path / "data"), image_size=64, holdout=0.25,
                                            layout=Layout(version=version)))
     assert sorted(dataset.samples[i][0] for i in train_idx) == sorted(p for p, _ in trained)
-    assert len(ref_idx) + len(floor_idx) == len(dataset) - len(trained) and key.get("layout") == (5 if version == 5
+    assert len(ref_idx) + len(floor_idx) == len(dataset) - len(trained) and key.get("layout") == (version if version >= 5
                                                                                                    else None)
 
 

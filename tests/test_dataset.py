@@ -454,6 +454,31 @@ def test_the_hold_out_is_the_same_wherever_the_folder_is_and_however_it_is_named
     assert len({tuple(held_out(f, Layout(version=2))) for f in places}) > 1   # the rules before: a path's subject
 
 
+def test_a_file_that_cannot_be_read_moves_no_subject_between_training_and_the_held_out_ones(tmp_path):
+    """--skip-bad-images leaves out the files it cannot read; layout version 6 draws the held-out subjects from every
+    file listed, so that a training subject whose files became unreadable does not redraw the split (version 5 drew
+    from the files read: a held-out subject could come into training, and evaluate's halves change)."""
+    from types import SimpleNamespace
+    from evaluation.evaluate import run_split
+    root = touch(tmp_path / "data", [f"{c}/{c}{s:02d}_{k}.png" for c in ("AD", "NC") for s in range(8) for k in range(2)])
+    moved = {}
+    for version in (5, 6):
+        data = DataConfig(root=str(root), holdout=0.25, skip_bad_images=True, layout=Layout(version=version))
+        listed = SliceFolders(data.folder(), 16, 1, layout=data.layout)
+        subject = data.subject()
+
+        def held_out(samples):  # the held-out subjects of training's split, and evaluate's halves A and B
+            dataset = SimpleNamespace(samples=samples, classes=listed.classes, slice_numbers=None)
+            _, held = data.split(samples, listed.classes)
+            _, a, b = run_split(data, dataset)
+            return [{subject(samples[i][0]) for i in part} for part in (held, a, b)]
+
+        everything = held_out(listed.samples)
+        moved[version] = [victim for victim in sorted({subject(p) for p, _ in listed.samples} - everything[0])
+                          if held_out([s for s in listed.samples if subject(s[0]) != victim]) != everything]
+    assert moved[5] and not moved[6]        # some training subject's loss redraws version 5's split; none version 6's
+
+
 def test_a_class_of_one_subject_is_named_in_the_summary(tmp_path):
     root = touch(tmp_path / "data", [f"{c}/{c}_{i:03d}.png" for c in ("AD", "NC") for i in range(5)])
     summary = subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(version=4)))

@@ -1,6 +1,7 @@
 """The subject-level hold-out, for dataset.py's DataConfig and `evaluate`: a seeded fraction of subjects left out of
 training, whole, drawn within each class from data layout version 5 on (no class is left out of training by
-chance), from all classes at once before. Whose each file is: volumes/layouts.py's `subject_id`.
+chance), from all classes at once before; from version 6 on drawn from every file listed, readable or not. Whose
+each file is: volumes/layouts.py's `subject_id`.
 """
 from __future__ import annotations
 
@@ -13,21 +14,26 @@ from volumes.layouts import subject_id
 
 
 def split_by_subject(paths: list[str], holdout: float, seed: int = 0, subject: Callable[[str], str] = subject_id,
-                     labels: list[str] | None = None) -> tuple[list[int], list[int]]:
+                     labels: list[str] | None = None, listing: tuple | None = None) -> tuple[list[int], list[int]]:
     """Indices (train, held_out): a seeded random `holdout` fraction of subjects, whole subjects only.
     subject: whose each path is (a run's `Layout.subject`; default: the current rules).
     labels: each path's class name (layout version 5): the fraction is drawn within each class, rounded, and never the
     whole of one, so that no class is left out of training; a subject with images in several classes is drawn with
     the others of the same classes. One subject is held out where the rounding leaves none; none at all is an error.
-    Without labels (versions 1-4) the subjects are drawn from all classes at once."""
-    owners = [subject(p) for p in paths]
+    Without labels (versions 1-4) the subjects are drawn from all classes at once.
+    listing: (paths, labels) of every file the data folder lists, readable or not (layout version 6): the subjects
+    are drawn from it, and `paths` split by whose they are, so that a file unreadable today (--skip-bad-images) moves
+    no subject between training and the held-out ones."""
+    drawn, drawn_labels = listing if listing is not None else (paths, labels)
+    owners = [subject(p) for p in drawn]
     rng = np.random.default_rng(seed)
-    if labels is None:
+    if drawn_labels is None:
         subjects = sorted(set(owners))
         n_held = min(len(subjects) - 1, max(1, round(holdout * len(subjects))))
         held = set(rng.permutation(subjects)[:n_held].tolist())
     else:
-        held = _held_within_classes(owners, labels, holdout, rng)
+        held = _held_within_classes(owners, drawn_labels, holdout, rng)
+    owners = [subject(p) for p in paths] if listing is not None else owners
     train_idx = [i for i, s in enumerate(owners) if s not in held]
     held_idx = [i for i, s in enumerate(owners) if s in held]
     return train_idx, held_idx

@@ -17,7 +17,7 @@ from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
 
 
-LAYOUT_VERSION = 5   # the rules of new runs; see Layout
+LAYOUT_VERSION = 6   # the rules of new runs; see Layout
 SPLITS = {"train": 0, "training": 0, "val": 1, "valid": 1, "validation": 1, "test": 2, "testing": 2}  # and their order
 NOT_A_CLASS = {"__MACOSX"}   # what macOS's zip leaves beside the folders it packed
 
@@ -190,7 +190,11 @@ class Layout:
     """How a data folder is listed and whose each file is; saved in a run's DataConfig, so that a run keeps its
     files and its held-out subjects.
 
-    Version 5, the rules of new runs: version 4's, a subject's folder below its class folder (`AD/patient01/x.png`)
+    Version 6, the rules of new runs: version 5's, and the held-out subjects drawn from every file the folder lists,
+    readable or not (`DataConfig.listing`): with --skip-bad-images a file unreadable today, or only in one command,
+    moves no subject between training and the held-out ones.
+
+    Version 5: version 4's, a subject's folder below its class folder (`AD/patient01/x.png`)
     and a `sub-*` folder anywhere below the data folder give its files' subject (`subject_id`), and the hold-out is
     drawn within each class (`volumes/holdout.py`): no class is left out of training or of evaluation by chance.
 
