@@ -67,6 +67,8 @@ class Attention(nn.Module):
     def __init__(self, channels: int, head_dim: int = 32, min_group_width: int = 1):
         super().__init__()
         self.heads = max(1, channels // head_dim)
+        while channels % self.heads:  # heads of equal width: the most that divide a width such as 100 (3 would not)
+            self.heads -= 1
         self.norm = group_norm(channels, min_group_width)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
@@ -365,7 +367,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(torch.cat([torch.cos(args), torch.sin(args)], dim=1), (0, dim % 2))  # an odd dim: a zero column (ADM)
 
 
 class FourierCovariate(nn.Module):

@@ -153,7 +153,7 @@ def choose_ema(args):
         sigma_rel = curve["best"]
         # the length is best for the samples that evaluation drew: its sampler, decoder and seed go with the choice
         chosen_by = {"chosen_by": {"metrics": str(metrics.resolve()), "features": evaluation.get("features"),
-                                   "fid": min(r["scores"]["fid"] for r in curve["rows"]),
+                                   "fid": next(r["scores"]["fid"] for r in curve["rows"] if r["sigma_rel"] == sigma_rel),
                                    "sampling": evaluation.get("sampling")}}
     else:
         sigma_rel = float(args.sigma_rel)
@@ -174,7 +174,7 @@ def choose_ema(args):
         drawn = by["sampling"] or {}
         how_drawn = (f"drawn by {drawn['sampler']} in {drawn['steps']} steps" if drawn.get("sampler")
                      else f"from {drawn.get('from', 'a sampling it does not record')}")
-        print(f"chosen by the lowest FID ({by['fid']:.3f}, {by['features']} features) in {by['metrics']}, its samples "
+        print(f"chosen by the lowest FID ({by['fid']:.3f}, {by['features']}) in {by['metrics']}, its samples "
               f"{how_drawn}: the best length for that sampling, not necessarily for another")
 
 

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +304,8 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
 
     sums, n_sum, t0 = torch.zeros(len(stage.stats), device=rt.device), 0, time.perf_counter()
     pbar = progress(total=max_steps, initial=step, desc=stage.name, dynamic_ncols=True, disable=not rt.main, quiet=True)
-    board = tensorboard(run) if args.tensorboard and rt.main else None
+    trains = step < max_steps and not lr_factor.finished(step)
+    board = tensorboard(run, stage.name, step if resume else None) if args.tensorboard and rt.main and trains else None
     first_step = time.perf_counter()
     if resume:
         restore_rng(resume.get("rng"), rt)
@@ -312,6 +314,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     with stop:
         while step < max_steps and not lr_factor.finished(step):
             # one optimizer step; no host-device sync unless --skip-nonfinite
+            lr = scheduler.get_last_lr()[0]  # the rate this step takes (the log's)
             stats = optimizer_step(stage.train_model, stage.optimizer, rt.scaler,
                                    [next(stage.batches) for _ in range(args.grad_accum)], stage.loss, args.grad_clip,
                                    args.skip_nonfinite)
@@ -339,7 +342,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                     values = dict.fromkeys(stage.stats, math.nan)
                 ensure_finite(values["loss"] if n_sum else 0.0, step, ckpt_path, stage.model)
                 values.update(stage.derived(values))
-                lr, per_s = scheduler.get_last_lr()[0], n_sum * per_step / (time.perf_counter() - t0)
+                per_s = n_sum * per_step / (time.perf_counter() - t0)
                 if rt.main:
                     log.append({"step": step, **{k: f"{v:.5g}" for k, v in values.items()}, "lr": f"{lr:.2e}",
                                 "img_per_s": f"{per_s:.1f}"})
@@ -376,7 +379,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
             return
         save(step, last=True)  # still under `stop`: a SIGTERM while it writes lets it finish
     if rt.main:
-        draw_grid(stage, run / f"{stage.grid}_{stage.name}.png", board, step)
+        draw_grid(stage, run / f"{stage.grid}_{stage.name}.png", board if step % args.sample_every else None, step)
         if board:
             board.close()
         log.plot(run / f"loss_{stage.name}.png", stage.plot, f"{stage.name} training")
@@ -389,17 +392,23 @@ def draw_grid(stage: Stage, path: Path, board, step: int):
     images, per_row = stage.draw()
     grid = make_grid(images.clamp(-1, 1), nrow=per_row, normalize=True, value_range=(-1, 1))
     save_image(grid, path)
-    if board:
-        board.add_image(f"{stage.name}/{stage.grid}", grid, step)
+    if board:  # a tag of its own: TensorBoard keeps a tag for one kind of data (vqvae/recon is a logged value)
+        board.add_image(f"{stage.name}/grid_{stage.grid}", grid, step)
 
 
-def tensorboard(run: Path):
-    """--tensorboard: a SummaryWriter into RUN/tensorboard (an optional package: a one-line error without it)."""
+def tensorboard(run: Path, name: str, resumed_at: int | None):
+    """--tensorboard: a SummaryWriter into RUN/tensorboard/<stage> (an optional package: a one-line error without it).
+    Resumed at a checkpoint's step, it purges what an interrupted attempt logged after that step, as the CSV log drops
+    those rows; a new run moves an earlier run's events aside (<stage>.replaced), as the CSV log does."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise BadInputError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(run / "tensorboard"))
+    folder = run / "tensorboard" / name
+    if resumed_at is None and folder.exists():
+        shutil.rmtree(folder.with_suffix(".replaced"), ignore_errors=True)
+        folder.rename(folder.with_suffix(".replaced"))
+    return SummaryWriter(str(folder), purge_step=None if resumed_at is None else resumed_at + 1)
 
 
 def too_slow(args, rt: Runtime, seconds: float, steps_left: int):

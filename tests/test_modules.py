@@ -189,7 +189,8 @@ def test_a_kl_vqvae_encodes_the_posterior_mean_and_decodes_without_a_codebook():
 
 # ----------------------------------------------------------------------------- UNet
 
-@pytest.mark.parametrize("cfg", [TINY_UNET, FULL_UNET])
+@pytest.mark.parametrize("cfg", [TINY_UNET, FULL_UNET, dataclasses.replace(TINY_UNET, channels=33),  # an odd width
+                                 dataclasses.replace(TINY_UNET, channels=50)])   # attention at 100: not 3 heads
 def test_unet_shape_and_time_dependence(cfg):
     torch.manual_seed(0)
     model = UNet(cfg).eval()

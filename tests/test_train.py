@@ -503,8 +503,8 @@ def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_la
     vqvae(run, adni_folder, "--max-steps", "10", "--lr", "1e-3", "--warmup", "2", "--cooldown", "0.4",
           "--log-every", "1")
     logged = [float(r["lr"]) for r in csv.DictReader(open(run / "log_vqvae.csv"))]
-    # after step k the rate of step k + 1: warm-up min(1, (k + 1) / 2), then min(1, (10 - k) / (0.4 * 10))
-    assert logged == pytest.approx([1e-3] * 6 + [7.5e-4, 5e-4, 2.5e-4, 0.0])
+    # at step k the rate that step took, factor(k - 1): warm-up min(1, k / 2), then min(1, (11 - k) / (0.4 * 10))
+    assert logged == pytest.approx([5e-4] + [1e-3] * 6 + [7.5e-4, 5e-4, 2.5e-4])
     factor = loop.LearningRateFactor(warmup=2, cooldown=0.4, length=10)
     assert [factor(k) for k in (0, 5, 9)] == pytest.approx([0.5, 1.0, 0.25])
     assert loop.LearningRateFactor(warmup=2, cooldown=0.0, length=10)(9) == 1.0   # --cooldown 0: constant
@@ -542,10 +542,22 @@ def test_tensorboard_gets_the_logged_values_and_the_grids(adni_folder, tmp_path)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run = tmp_path / "run"
     vqvae(run, adni_folder, "--max-steps", "2", "--tensorboard")
-    events = EventAccumulator(str(run / "tensorboard")).Reload()
-    assert {"vqvae/loss", "vqvae/psnr", "vqvae/lr", "vqvae/img_per_s"} <= set(events.Tags()["scalars"])
-    assert "vqvae/recon" in events.Tags()["images"]
-    assert [e.step for e in events.Scalars("vqvae/loss")] == [2]
+    events = EventAccumulator(str(run / "tensorboard" / "vqvae")).Reload()
+    scalars, images = set(events.Tags()["scalars"]), set(events.Tags()["images"])
+    assert {"vqvae/loss", "vqvae/psnr", "vqvae/lr", "vqvae/img_per_s", "vqvae/recon"} <= scalars
+    assert images == {"vqvae/grid_recon"}           # a tag of its own: TensorBoard shows a tag as one kind of data
+    assert [e.step for e in events.Scalars("vqvae/loss")] == [2] and len(events.Images("vqvae/grid_recon")) == 1
+    # an attempt cut off after its checkpoint at step 2 had logged steps 3 and 4; resumed, they are logged once
+    vqvae(run, adni_folder, "--max-steps", "4", "--log-every", "1", "--save-every", "2", "--tensorboard", "--resume")
+    shutil.copy(run / "vqvae.prev.pt", run / "vqvae.pt")                      # back to step 2, events to step 4
+    vqvae(run, adni_folder, "--max-steps", "4", "--log-every", "1", "--save-every", "2", "--tensorboard", "--resume")
+    events = EventAccumulator(str(run / "tensorboard" / "vqvae")).Reload()
+    assert [e.step for e in events.Scalars("vqvae/loss")] == [2, 3, 4]
+    for checkpoint in ("vqvae.pt", "vqvae.prev.pt"):
+        (run / checkpoint).unlink()
+    vqvae(run, adni_folder, "--max-steps", "1", "--tensorboard")      # a new stage 1 in the folder: the old one aside
+    events = EventAccumulator(str(run / "tensorboard" / "vqvae")).Reload()
+    assert [e.step for e in events.Scalars("vqvae/loss")] == [1] and (run / "tensorboard" / "vqvae.replaced").is_dir()
 
 
 def test_tensorboard_missing_is_a_one_line_error(adni_folder, tmp_path, monkeypatch):
