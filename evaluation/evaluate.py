@@ -193,7 +193,7 @@ def feature_key(data, dataset, train_idx: list[int], holdout: float, holdout_see
     slices = getattr(dataset, "slice_numbers", None) or [0] * len(dataset.samples)
     trained = "\n".join(sorted(f"{dataset.samples[i][0]}|{slices[i]}" for i in train_idx))
     return {"data": str(data.folder()), "image_size": data.image_size, "channels": data.channels, "holdout": holdout,
-            "holdout_seed": holdout_seed, "count": len(dataset), "training": hashlib.sha1(trained.encode()).hexdigest()}
+            "holdout_seed": holdout_seed, "count": len(dataset.samples), "training": hashlib.sha1(trained.encode()).hexdigest()}
 
 
 def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device, kind: str = "auto",

@@ -457,3 +457,18 @@ def test_utility_draws_each_class_with_the_condition_that_names_the_class_folder
                         ["AD", "NC"], tmp_path) == 2                      # a table column of the same classes
     with pytest.raises(BadInputError, match="without --conditional"):
         class_column(SimpleNamespace(conditions=[age, Condition("sex", "category", ["F", "M"])]), ["AD", "NC"], tmp_path)
+
+
+def test_a_cached_feature_network_is_keyed_on_the_images_its_split_trains_on(tmp_path):
+    """Another split of as many images (other subject rules, another slicing) must not find the feature network
+    trained on this one: it would know subjects now held out."""
+    from types import SimpleNamespace
+    from dataset import DataConfig
+    from evaluation.evaluate import feature_key
+    data = DataConfig(root=str(tmp_path), image_size=32, holdout=0.5)
+    dataset = SimpleNamespace(samples=[(f"/d/AD/s{i}_{k}.png", 0) for i in range(4) for k in range(2)], slice_numbers=None)
+    key = feature_key(data, dataset, [0, 1, 2, 3], 0.5, 0)
+    assert feature_key(data, dataset, [3, 2, 1, 0], 0.5, 0) == key                  # the same images, in any order
+    assert feature_key(data, dataset, [0, 1, 4, 5], 0.5, 0) != key                  # as many, others
+    volumes = SimpleNamespace(samples=[("/d/AD/s0.nii.gz", 0)] * 4, slice_numbers=[10, 11, 12, 13])
+    assert feature_key(data, volumes, [0, 1], 0.5, 0) != feature_key(data, volumes, [2, 3], 0.5, 0)  # other slices
