@@ -36,7 +36,7 @@ import evaluation
 from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
-from runtime.checkpoint import load_checkpoint, run_lock
+from runtime.checkpoint import load_checkpoint, read_config, run_lock
 from runtime.errors import BadInputError, Interrupted
 from runtime.flags import fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
@@ -450,9 +450,8 @@ def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
     comes back). Stage 2's data is stage 1's, resolved before. A flag newer than the run comes back as
     BEFORE_THE_FLAG says, or is left to the preset."""
     own = load_checkpoint(Path(args.run) / f"{args.stage}.pt", args.stage).get("args")
-    config = Path(args.run) / "config.json"
-    if own is None and config.exists():
-        own = json.loads(config.read_text()).get(f"train-{args.stage}")
+    if own is None:
+        own = read_config(Path(args.run)).get(f"train-{args.stage}")
     own = own or {}
     flags = {action.dest for action in build_parser().commands[args.command]._actions} - {"help"}
     own = {name: own[name] if name in own else BEFORE_THE_FLAG.get(name, _UNKNOWN) for name in flags}

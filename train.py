@@ -66,12 +66,13 @@ def train_vqvae(args):
     check_processes(resume and resume.get("rng"), rt)  # before anything is written
 
     files_key = data_files_key(data)  # saved: a resumed run, stage 2 and `evaluate` check they read these files
-    dataset, workers, fixed, max_steps = stage1_images(args, rt)
     later = [name for name in ("unet.pt", "decoder.pt") if (Path(args.run) / name).exists()]
-    if resume and later and trains_further(args, resume["step"], max_steps, resume):
+    listed = len(training_files(data)[0]) if resume and later else 0  # its length before any image is decoded
+    if resume and later and trains_further(args, resume["step"], total_steps(args, listed, rt.world), resume):
         raise BadInputError(f"{' and '.join(later)} in {args.run} learned from this VQ-VAE at step {resume['step']}, "
                             f"and training it further would leave them unusable: move them away first (with a copy of "
                             f"vqvae.pt they stay a working pair), or continue stage 1 in a copy of the run")
+    dataset, workers, fixed, max_steps = stage1_images(args, rt)
 
     # model and optimizer (the model in its memory layout before the optimizer state is loaded)
     model = place_model(VQVAE(cfg), rt)

@@ -221,10 +221,29 @@ def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = 
             run.rmdir()
 
 
+def read_config(run: Path) -> dict:
+    """RUN/config.json, the flags each stage of the run was last started with ({} where there is none). One that is not
+    a JSON object (edited by hand) is kept beside as config.json.bad, with a warning, and read as none: the
+    checkpoints, not this file, hold what a run trained with."""
+    path = run / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = None
+    if isinstance(config, dict):
+        return config
+    path.replace(path.with_suffix(".json.bad"))
+    print(f"warning: {path} is not a JSON object of flags (edited by hand?): kept as {path.name}.bad, and a new one "
+          "written; the checkpoints hold the run's settings")
+    return {}
+
+
 def write_config(run: Path, stage: str, args):
     """Merge this stage's resolved flags into RUN/config.json."""
     path = run / "config.json"
-    config = json.loads(path.read_text()) if path.exists() else {}
+    config = read_config(run)
     config[stage] = {k: v for k, v in vars(args).items() if k != "func"}
     text = json.dumps(config, indent=2, default=lambda v: asdict(v) if is_dataclass(v) else str(v))
     atomic_write(path, lambda f: f.write(text.encode()))  # a full disk leaves the run's record as it was

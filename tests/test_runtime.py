@@ -263,3 +263,11 @@ def test_a_device_that_is_not_there_is_refused_in_one_line():
         process.pick_device("cuda:64")
     with pytest.raises(BadInputError, match="--device gpu: not a device"):
         process.pick_device("gpu")
+
+
+@pytest.mark.parametrize("text", ['{"train-vqvae": {"lr": 1e-3},}', "[]"])
+def test_a_config_json_edited_into_something_else_is_kept_aside_and_written_anew(tmp_path, text, capsys):
+    (tmp_path / "config.json").write_text(text)
+    write_config(tmp_path, "train-unet", argparse.Namespace(lr=2e-4, func=print))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"train-unet": {"lr": 2e-4}}
+    assert (tmp_path / "config.json.bad").read_text() == text and "kept as config.json.bad" in capsys.readouterr().out

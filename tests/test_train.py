@@ -140,9 +140,9 @@ def test_resume_continues_from_the_saved_step(trained_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     # the UNet learned this VQ-VAE's latents: stage 1 is not trained further under it ...
-    message = error_of(vqvae, copy, data, "--max-steps", "6", "--resume")
+    message = error_of(vqvae, copy, data, "--max-steps", "6", "--resume", "--cache-gb", "0")
     assert "unet.pt in" in message and "learned from this VQ-VAE at step 4" in message
-    assert ckpt(copy / "vqvae.pt")["step"] == 4
+    assert ckpt(copy / "vqvae.pt")["step"] == 4 and not list(copy.glob("images-*"))   # refused before any decoding
     vqvae(copy, data, "--max-steps", "4", "--resume")                  # (a finished stage 1 resumed trains nothing)
     for name in ("unet.pt", "unet.prev.pt"):                           # ... unless it is moved away first
         (copy / name).rename(tmp_path / name)
