@@ -478,16 +478,28 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("s" if n != 1 else "")
 
 
-def data_files_key(data: DataConfig) -> dict:
-    """{"files": count, "sha1": ...} of every file the layout takes from the data folder (before the hold-out),
-    from their paths relative to the folder and their sizes: the same for a copy of the data elsewhere, another
-    when a file is added, removed, renamed or changes size. No image is decoded."""
+def data_files_key(data: DataConfig, contents: bool = False) -> dict:
+    """Hashes of every file the layout takes from the data folder (before the hold-out), no image decoded: "sha1" of
+    their paths relative to the folder and their sizes (the same for a copy of the data elsewhere, another when a
+    file is added, removed, renamed or changes size), "times" of those and their modification times, and with
+    `contents` (stage 1 saves it) "contents" of every byte, in the same order. A file rewritten at its size (the
+    preprocessing run again) keeps "sha1" and changes "times": `check_same_files` then compares the contents."""
     folder = data.folder()
-    entries = sorted((os.fsencode(os.path.relpath(p, folder)), _size_and_time(p)[0]) for p, _ in _listed(data).samples)
-    key = hashlib.sha1()
-    for relative, size in entries:
-        key.update(relative + f"|{size}\n".encode())
-    return {"files": len(entries), "sha1": key.hexdigest()}
+    entries = sorted((os.fsencode(os.path.relpath(p, folder)), *_size_and_time(p), p) for p, _ in _listed(data).samples)
+    names, times = hashlib.sha1(), hashlib.sha1()
+    for relative, size, mtime, _ in entries:
+        names.update(relative + f"|{size}\n".encode())
+        times.update(relative + f"|{size}|{mtime}\n".encode())
+    key = {"files": len(entries), "sha1": names.hexdigest(), "times": times.hexdigest()}
+    if contents:
+        every_byte = hashlib.sha1()
+        for relative, size, _, path in entries:
+            every_byte.update(relative + b"\n")
+            with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:  # a link to nothing: its name alone
+                while chunk := f.read(1 << 20):
+                    every_byte.update(chunk)
+        key["contents"] = every_byte.hexdigest()
+    return key
 
 
 def dataset_paths(dataset) -> list[str]:

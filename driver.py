@@ -382,17 +382,23 @@ def stage1_data(args: argparse.Namespace) -> tuple[dict, DataConfig]:
 
 
 def check_same_files(data: DataConfig, vq_ckpt: dict):
-    """The folder holds the files stage 1 trained on (their names and sizes, wherever the folder now is), so that a
-    resumed run, stage 2 and `evaluate` read the run's own data and its own held-out subjects. A run written before
-    stage 1 saved that key is not checked."""
+    """The folder holds the files stage 1 trained on (their names and sizes, wherever the folder now is, and where
+    their times changed, their contents), so that a resumed run, stage 2 and `evaluate` read the run's own data and
+    its own held-out subjects. A run written before stage 1 saved that key is not checked (before 2026-12-07: not its
+    contents)."""
     trained_on = vq_ckpt.get("data_files")
     if trained_on is None:
         return
     found = data_files_key(data)
-    if found != trained_on:
+    if (found["files"], found["sha1"]) != (trained_on["files"], trained_on["sha1"]):
         raise BadInputError(f"{data.folder()} does not hold the files this run's stage 1 trained on ({found['files']} "
                             f"files there, {trained_on['files']} then, or their names or sizes differ); point --data "
                             f"at them")
+    if "contents" in trained_on and found["times"] != trained_on["times"]:  # copied, touched, or rewritten
+        if data_files_key(data, contents=True)["contents"] != trained_on["contents"]:
+            raise BadInputError(f"the files in {data.folder()} have the names and sizes of those this run's stage 1 "
+                                f"trained on, but other contents (rewritten since?): point --data at the files it "
+                                f"trained on, or train a new --run on these")
 
 
 def check_sizes(args: argparse.Namespace):

@@ -65,7 +65,7 @@ def train_vqvae(args):
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
     check_processes(resume and resume.get("rng"), rt)  # before anything is written
 
-    files_key = data_files_key(data)  # saved: a resumed run, stage 2 and `evaluate` check they read these files
+    files_key = data_files_key(data, contents=True)  # saved: a resumed run, stage 2 and `evaluate` check they read these
     later = [name for name in ("unet.pt", "decoder.pt") if (Path(args.run) / name).exists()]
     listed = len(training_files(data)[0]) if resume and later else 0  # its length before any image is decoded
     if resume and later and trains_further(args, resume["step"], total_steps(args, listed, rt.world), resume):

@@ -157,17 +157,25 @@ def test_a_run_saved_before_layouts_keeps_its_files_and_subjects_and_the_summary
 
 
 def test_the_data_files_key_follows_names_and_sizes_not_places_or_times(volume_folder, tmp_path):
-    key = data_files_key(DataConfig(root=str(volume_folder)))
+    key = data_files_key(DataConfig(root=str(volume_folder)), contents=True)
     assert key["files"] == 8
     copy = tmp_path / "copy"
     shutil.copytree(volume_folder, copy)
     os.utime(copy / "train" / "AD" / "sub-00.nii.gz", (0, 0))
     touch(copy, ["train/AD/.hidden.nii.gz"])                                 # not listed
-    assert data_files_key(DataConfig(root=str(copy))) == key
+    copied = data_files_key(DataConfig(root=str(copy)), contents=True)
+    assert {k: copied[k] for k in ("files", "sha1", "contents")} == {k: key[k] for k in ("files", "sha1", "contents")}
+    assert copied["times"] != key["times"]
+    driver.check_same_files(DataConfig(root=str(copy)), {"data_files": key})  # the same files elsewhere: taken
     added = copy / "train" / "AD" / "sub-99.nii.gz"
     added.write_bytes(b"")
     assert data_files_key(DataConfig(root=str(copy)))["files"] == 9
     added.unlink()
+    rewritten = copy / "train" / "AD" / "sub-01.nii.gz"                     # the preprocessing run again: same size
+    rewritten.write_bytes(bytes(reversed(rewritten.read_bytes())))
+    assert data_files_key(DataConfig(root=str(copy)))["sha1"] == key["sha1"]
+    with pytest.raises(BadInputError, match="other contents"):
+        driver.check_same_files(DataConfig(root=str(copy)), {"data_files": key})
     grown = copy / "train" / "AD" / "sub-00.nii.gz"
     grown.write_bytes(grown.read_bytes() + b"\0")
     changed = data_files_key(DataConfig(root=str(copy)))
