@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -180,11 +181,11 @@ def counterfactual(args):
     settings = ", ".join(args.set_values) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
           f"{', noise' if noise else ''}", out / "counterfactual.png")
-    record = {"run": str(run), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
+    record = {"run": str(run.resolve()), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
               "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
-              "input": str(args.input),
+              "input": os.path.abspath(args.input),
               "slice": geometry.index if geometry else None, "set": args.set_values, "from": args.from_values,
-              "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM", "mask": args.mask,
+              "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM", "mask": args.mask and os.path.abspath(args.mask),
               "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
     written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"]

@@ -40,6 +40,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -325,6 +326,9 @@ def format_class_table(rows: list[dict]) -> str:
 def class_column(model, classes: list[str], run: Path) -> int:
     """The condition that names the data's class folders, for --utility: `class` (train-unet --conditional), else a
     category of the participants table with those values (a `group` column of AD and NC)."""
+    if len(classes) < 2:  # a BIDS tree, or one class folder: a diagnosis in the table is not the data's classes
+        raise BadInputError(f"--utility trains a classifier of the data's classes, and {'/'.join(classes)} is one class "
+                            "(a BIDS tree is one): put each diagnosis's subjects in a class folder of its own")
     for k, c in enumerate(model.conditions):
         if c.name == CLASS or (c.kind == "category" and set(classes) <= set(c.values)):
             if c.name != CLASS:
@@ -530,11 +534,11 @@ def evaluate(args):
         save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
     crop = min(CROP_SIZE, image_size)
     n_crops = save_crops([floor, recons, *generated.values()], crop, out / "eval_crops.png")
-    metrics = {"run": str(run), "data": str(data.folder()), "image_size": image_size, "channels": channels,
+    metrics = {"run": str(run.resolve()), "data": os.path.abspath(data.folder()), "image_size": image_size, "channels": channels,
                "split": {"holdout": holdout, "seed": seed, "seen_in_training": seen, "subjects_per_half": n_subjects,
                          "train": len(train_idx),
                          "reference": len(ref_idx), "floor": len(floor_idx), "class_mix": mix},
-               "vqvae_step": vq_ckpt["step"], "vqvae": {**vq_metrics, "images": "floor half B"},
+               "vqvae_step": vq_ckpt["step"], "vqvae_fingerprint": fingerprint(vq_ckpt["model"]), "vqvae": {**vq_metrics, "images": "floor half B"},
                "finetuned_decoder": vq_ckpt.get("decoder"),  # RUN/decoder.pt (train-decoder): its step and fingerprint
                **({"vqvae_stage1_decoder": {k: stage1_metrics[k] for k in ("psnr", "ssim")}} if stage1_decoder else {}),
                "sampling": sampling, "features": features.name, "features_input_size": features.input_size,

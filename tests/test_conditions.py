@@ -3,6 +3,7 @@ counterfactuals (DDIM inversion, masks, the NIfTI map in the input's space)."""
 import csv
 import json
 import math
+import os
 import shutil
 
 import nibabel as nib
@@ -198,6 +199,7 @@ def test_a_counterfactual_at_strength_0_is_the_reconstruction_and_a_mask_confine
     assert difference.abs().max() > 0.01
     record = json.loads((tmp_path / "half" / "counterfactual.json").read_text())
     assert record["strength"] == 0.5 and record["set"] == ["class=NC"] and record["inversion"] == "DDIM"
+    assert os.path.isabs(record["run"]) and os.path.isabs(record["input"])   # traced from any working directory
     mask = np.zeros((40, 40), dtype=np.uint8)
     mask[10:20, 10:20] = 255                                   # the top-left quarter's middle, in a 40-px image
     Image.fromarray(mask).save(tmp_path / "mask.png")

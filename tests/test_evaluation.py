@@ -289,6 +289,13 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "trained without --conditional" in error_of(driver.main, base + ["--utility", "2"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "2", "--guidance", "0"])
+    from types import SimpleNamespace
+    from conditions.table import Condition
+    from evaluation.evaluate import class_column
+    from runtime.errors import BadInputError
+    bids = SimpleNamespace(conditions=[Condition("diagnosis", "category", ["AD", "CN"])])  # a BIDS tree: one class
+    with pytest.raises(BadInputError, match="is one class"):
+        class_column(bids, ["all"], tmp_path)
     assert "--steps must be positive" in error_of(driver.main, base + ["--steps", "0"])
     assert "no vqvae checkpoint" in error_of(driver.main, ["evaluate", "--run", str(tmp_path / "none")])
 
@@ -393,6 +400,9 @@ def test_the_memorisation_check_flags_copies_of_training_images_and_neither_nois
     # the figure: the closest samples over the training images they copy (the same images, up to the noise added)
     assert closest.shape == (16, 1, 32, 32) and (closest[:8] - closest[8:]).abs().max() < 0.1
     assert all(p["training_image"] in [path for path, _ in dataset.samples] for p in result["closest_pairs"])
+    from types import SimpleNamespace
+    from evaluation.memorisation import _slice_of                  # of a volume, the pair names the slice too
+    assert _slice_of(dataset, 0) == {} and _slice_of(SimpleNamespace(slice_numbers=[40, 41]), 1) == {"slice": 41}
     assert result["rows"]["real (held out, B)"]["flagged_pixels"] <= 0.1        # new subjects: near the 1% chosen
     assert result["rows"]["real (held out, B)"]["flagged_features"] <= 0.1
     _, _, noise = check(torch.rand_like(floor) * 2 - 1)
