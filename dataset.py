@@ -38,6 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from conditions.table import MISSING, read_table
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
 from volumes.holdout import split_by_subject, subjects_by_class
@@ -90,6 +91,8 @@ class SliceFolders(ConcatDataset):
                 raise BadInputError(f"class folders differ between {folders[0].root} {classes} and {f.root} {f.classes}")
             if f.kind != folders[0].kind:
                 raise BadInputError(f"{folders[0].root} holds {folders[0].kind} but {f.root} holds {f.kind}: keep one kind")
+        self.unlabelled = classes_from_table(folders, Path(root), layout) if layout.class_column else 0
+        classes = folders[0].classes
         super().__init__(folders)
         self.classes = classes
         self.samples = [s for f in folders for s in f.samples]  # [(path, label)] in dataset order
@@ -99,6 +102,33 @@ class SliceFolders(ConcatDataset):
         if self.volumes:
             raise TypeError("a folder of NIfTI volumes is read whole: use load_slices or InMemorySlices")
         return super().__getitem__(i)
+
+
+def classes_from_table(folders: list, root: Path, layout: Layout) -> int:
+    """--class-column: each ImageFolder's files relabelled by their subject's value in that column of root's
+    participants.tsv, the classes its values among the listed subjects, sorted; a file whose subject has none (no
+    row, n/a) is left out. Returns how many were. The table must be the one stage 1 read (`class_table_sha1`)."""
+    column, table = layout.class_column, read_table(root / "participants.tsv")
+    if layout.class_table_sha1 not in (None, table.sha1):
+        raise BadInputError(f"{table.file}, whose {column!r} names this run's classes, changed since stage 1: restore "
+                            "it, or train a new --run")
+    if column not in table.columns:
+        raise BadInputError(f"--class-column {column}: {table.file} has no such column (its columns: "
+                            f"{', '.join(table.columns)})")
+    subject = partial(layout.subject, root=str(root))
+    value = {p: (table.row(subject(p)) or {}).get(column, "") for f in folders for p, _ in f.samples}
+    classes = sorted({v for v in value.values() if v.lower() not in MISSING})
+    if len(classes) < 2:
+        raise BadInputError(f"--class-column {column}: the listed subjects have {len(classes)} value(s) there "
+                            f"({', '.join(classes) or 'none'}); classes need two or more")
+    left_out = 0
+    for f in folders:
+        kept = [(p, classes.index(value[p])) for p, _ in f.samples if value[p].lower() not in MISSING]
+        left_out += len(f.samples) - len(kept)
+        f.samples = f.imgs = kept
+        f.targets = [label for _, label in kept]
+        f.classes, f.class_to_idx = classes, {name: i for i, name in enumerate(classes)}
+    return left_out
 
 
 class InMemorySlices(Dataset):
@@ -322,7 +352,13 @@ class DataConfig:
     def from_args(cls, args) -> "DataConfig":
         slicing = Slicing(args.axis, args.slices, args.volume_index, args.intensity_percentiles, args.crop_foreground)
         layout = Layout(subject_pattern=args.subject_pattern, bids_suffix=args.bids_suffix,
-                        bids_entities=args.bids_entities, bids_all=args.bids_all)
+                        bids_entities=args.bids_entities, bids_all=args.bids_all, class_column=args.class_column)
+        if args.class_column:  # the table as it is now: a later command that finds it changed is refused
+            table = Path(args.data) / "participants.tsv" if args.data else demo_data_dir(args.demo_dir) / "participants.tsv"
+            if not table.is_file():
+                raise BadInputError(f"--class-column {args.class_column} reads the data folder's participants.tsv, "
+                                    f"and {table} does not exist")
+            layout.class_table_sha1 = read_table(table).sha1
         return cls(args.data, args.demo_dir, args.image_size, args.channels, args.holdout, args.holdout_seed,
                    args.skip_bad_images, slicing, layout)
 
@@ -333,7 +369,8 @@ class DataConfig:
                 "holdout": self.holdout, "holdout_seed": self.holdout_seed, "skip_bad_images": self.skip_bad_images,
                 "axis": s.axis, "slices": s.slices, "volume_index": s.volume_index, "intensity_percentiles": s.percentiles,
                 "crop_foreground": s.crop_foreground, "subject_pattern": layout.subject_pattern,
-                "bids_suffix": layout.bids_suffix, "bids_entities": layout.bids_entities, "bids_all": layout.bids_all}
+                "bids_suffix": layout.bids_suffix, "bids_entities": layout.bids_entities, "bids_all": layout.bids_all,
+                "class_column": layout.class_column}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "DataConfig":
@@ -440,6 +477,9 @@ def subject_summary(data: DataConfig) -> str:
     kind = "volume" if folders.volumes else "image"
     line = (f"data: {_count(len(paths), kind)} of {_count(len(per_subject), 'subject')} ({kind}s per subject: min "
             f"{per_subject[0]}, median {statistics.median(per_subject):g}, max {per_subject[-1]})")
+    if data.layout.class_column:
+        line += (f", classes {', '.join(folders.classes)} from participants.tsv's {data.layout.class_column!r}"
+                 + (f" ({_count(folders.unlabelled, kind)} of subjects without one left out)" if folders.unlabelled else ""))
     if data.holdout == 0:
         return line + "; nothing held out"
     _, held_idx = data.split(folders.samples, folders.classes)

@@ -281,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ENT-VAL,...: only BIDS images carrying these entities, e.g. space-MNI152NLin2009cAsym (default: any)")
     p.add_argument("--bids-all", action="store_true",
                    help="every matching BIDS image of a subject and session (default: the one with the fewest entities)")
+    p.add_argument("--class-column", default=None, metavar="COLUMN",
+                   help="the classes (AD, CN ...) are each subject's value in this column of the data folder's "
+                        "participants.tsv, e.g. a BIDS tree's diagnosis; files of subjects without one are left out "
+                        "(default: the class folders; a BIDS tree is one class, all)")
     add_stage1_losses(p, "vqvae")
     p.set_defaults(func=train.train_vqvae, stage="vqvae")
 

@@ -157,6 +157,36 @@ def test_bids_tree_is_one_class_and_sessions_of_a_subject_stay_together(tmp_path
         assert len(sessions) in (0, 2)                                       # both sessions, or neither
 
 
+def test_a_bids_trees_classes_can_come_from_a_column_of_its_participants_tsv(tmp_path, capsys):
+    """--class-column diagnosis: a BIDS tree (one class, all) gets its classes from participants.tsv, so that the
+    hold-out is drawn within each diagnosis and stage 2 can be conditioned on it; a subject without one is left out,
+    and the table changed after stage 1 is refused."""
+    import driver
+    from conftest import SMALL_UNET, SMALL_VQ, ckpt, error_of
+    root = tmp_path / "bids"
+    rows = ["participant_id\tdiagnosis"]
+    for k in range(9):
+        write_volume(root / f"sub-{k:02d}" / "anat" / f"sub-{k:02d}_T1w.nii.gz", blob(seed=k))
+        rows.append(f"sub-{k:02d}\t{'AD' if k < 4 else 'CN' if k < 8 else 'n/a'}")   # sub-08: no diagnosis
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    layout = Layout(class_column="diagnosis")
+    folders = SliceFolders(root, 16, 1, layout=layout)
+    assert folders.classes == ["AD", "CN"] and folders.unlabelled == 1
+    assert sorted((os.path.basename(p)[:6], label) for p, label in folders.samples) == [
+        (f"sub-{k:02d}", 0 if k < 4 else 1) for k in range(8)]
+    run = tmp_path / "run"
+    driver.main(["train-vqvae", "--run", str(run), "--data", str(root), "--preset", "tiny", *SMALL_VQ, "--max-steps", "2",
+                 "--holdout", "0.25", "--class-column", "diagnosis", "--slices", "2"])
+    summary = capsys.readouterr().out
+    assert "classes AD, CN from participants.tsv's 'diagnosis' (1 volume of subjects without one left out)" in summary
+    assert "held out: 2 subjects (AD 1 of 4, CN 1 of 4)" in summary                 # drawn within each diagnosis
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--conditional"])
+    assert ckpt(run / "unet.pt")["conditions"][0]["values"] == ["AD", "CN"]
+    (root / "participants.tsv").write_text("\n".join(rows).replace("sub-07\tCN", "sub-07\tAD") + "\n")
+    assert "changed since stage 1" in error_of(driver.main, ["train-unet", "--run", str(run), "--resume",
+                                                             "--max-steps", "3"])
+
+
 def listed(root, **rules) -> list[str]:
     """The files a data folder gives (relative to it) by the default layout or by `rules`; none is read."""
     folders = SliceFolders(root, 16, 1, layout=Layout(**rules)) if rules else SliceFolders(root, 16, 1)

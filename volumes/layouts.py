@@ -212,12 +212,17 @@ class Layout:
     and one per subject and session (the plainest, see `_plainest`) unless `bids_all`; a volume under
     derivatives/ or sourcedata/ is never taken; other volumes of a class folder are taken as they are. Subjects:
     `subject_id` with `subject_pattern`. Version 1, the rules of runs written before version 2: BIDS rules only at
-    a BIDS root (`sub-*/[ses-*/]anat/*_T1w`, all of them), every volume of a class folder, and `_subject_id_v1`."""
+    a BIDS root (`sub-*/[ses-*/]anat/*_T1w`, all of them), every volume of a class folder, and `_subject_id_v1`.
+
+    Any version: with `class_column`, each file's class is its subject's value in that column of the data folder's
+    participants.tsv (a BIDS tree's diagnosis), not its class folder."""
     version: int = LAYOUT_VERSION
     subject_pattern: str | None = None
     bids_suffix: str = "T1w"
     bids_entities: tuple[str, ...] = ()
     bids_all: bool = False
+    class_column: str | None = None        # the classes from this column of the folder's participants.tsv
+    class_table_sha1: str | None = None    # ... as stage 1 read it (dataset.py's `classes_from_table`)
 
     def __post_init__(self):
         self.bids_entities = tuple(self.bids_entities)  # a list after a JSON round trip
