@@ -38,12 +38,11 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from conditions.table import MISSING, read_table
 from runtime.errors import BadInputError
-from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
+from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
 from volumes.images import image_percentiles, load_image
-from volumes.layouts import BIDS_OWN, ImageFolder, Layout, find_image_roots
+from volumes.layouts import BIDS_OWN, ImageFolder, Layout, classes_from_table, find_image_roots
 from volumes.reader import (VOLUME_SUFFIXES, Slicing, printable, read_volume_slices, unoriented, volume_slice_bound,
                             volume_span, volumes_at_once)
 
@@ -91,7 +90,7 @@ class SliceFolders(ConcatDataset):
                 raise BadInputError(f"class folders differ between {folders[0].root} {classes} and {f.root} {f.classes}")
             if f.kind != folders[0].kind:
                 raise BadInputError(f"{folders[0].root} holds {folders[0].kind} but {f.root} holds {f.kind}: keep one kind")
-        self.unlabelled = classes_from_table(folders, Path(root), layout) if layout.class_column else 0
+        self.unlabelled, self.classes_sha1 = classes_from_table(folders, Path(root), layout) if layout.class_column else (0, None)
         classes = folders[0].classes
         super().__init__(folders)
         self.classes = classes
@@ -102,33 +101,6 @@ class SliceFolders(ConcatDataset):
         if self.volumes:
             raise TypeError("a folder of NIfTI volumes is read whole: use load_slices or InMemorySlices")
         return super().__getitem__(i)
-
-
-def classes_from_table(folders: list, root: Path, layout: Layout) -> int:
-    """--class-column: each ImageFolder's files relabelled by their subject's value in that column of root's
-    participants.tsv, the classes its values among the listed subjects, sorted; a file whose subject has none (no
-    row, n/a) is left out. Returns how many were. The table must be the one stage 1 read (`class_table_sha1`)."""
-    column, table = layout.class_column, read_table(root / "participants.tsv")
-    if layout.class_table_sha1 not in (None, table.sha1):
-        raise BadInputError(f"{table.file}, whose {column!r} names this run's classes, changed since stage 1: restore "
-                            "it, or train a new --run")
-    if column not in table.columns:
-        raise BadInputError(f"--class-column {column}: {table.file} has no such column (its columns: "
-                            f"{', '.join(table.columns)})")
-    subject = partial(layout.subject, root=str(root))
-    value = {p: (table.row(subject(p)) or {}).get(column, "") for f in folders for p, _ in f.samples}
-    classes = sorted({v for v in value.values() if v.lower() not in MISSING})
-    if len(classes) < 2:
-        raise BadInputError(f"--class-column {column}: the listed subjects have {len(classes)} value(s) there "
-                            f"({', '.join(classes) or 'none'}); classes need two or more")
-    left_out = 0
-    for f in folders:
-        kept = [(p, classes.index(value[p])) for p, _ in f.samples if value[p].lower() not in MISSING]
-        left_out += len(f.samples) - len(kept)
-        f.samples = f.imgs = kept
-        f.targets = [label for _, label in kept]
-        f.classes, f.class_to_idx = classes, {name: i for i, name in enumerate(classes)}
-    return left_out
 
 
 class InMemorySlices(Dataset):
@@ -353,14 +325,11 @@ class DataConfig:
         slicing = Slicing(args.axis, args.slices, args.volume_index, args.intensity_percentiles, args.crop_foreground)
         layout = Layout(subject_pattern=args.subject_pattern, bids_suffix=args.bids_suffix,
                         bids_entities=args.bids_entities, bids_all=args.bids_all, class_column=args.class_column)
-        if args.class_column:  # the table as it is now: a later command that finds it changed is refused
-            table = Path(args.data) / "participants.tsv" if args.data else demo_data_dir(args.demo_dir) / "participants.tsv"
-            if not table.is_file():
-                raise BadInputError(f"--class-column {args.class_column} reads the data folder's participants.tsv, "
-                                    f"and {table} does not exist")
-            layout.class_table_sha1 = read_table(table).sha1
-        return cls(args.data, args.demo_dir, args.image_size, args.channels, args.holdout, args.holdout_seed,
-                   args.skip_bad_images, slicing, layout)
+        config = cls(args.data, args.demo_dir, args.image_size, args.channels, args.holdout, args.holdout_seed,
+                     args.skip_bad_images, slicing, layout)
+        if args.class_column:  # the classes as stage 1 finds them: a later command that finds others is refused
+            layout.classes_sha1 = _listed(config).classes_sha1
+        return config
 
     def flags(self) -> dict:
         """{flag dest: value} of every flag from_args reads, as argparse gives them: from_args' inverse."""
@@ -388,8 +357,8 @@ class DataConfig:
                    saved.get("skip_bad_images", False), **before)
 
     def folder(self) -> Path:
-        """The image folder (the demo data is built on first use)."""
-        return Path(self.root) if self.root else demo_data_dir(self.demo_dir)
+        """The image folder (the demo data is built on first use, and again where its cache was cleared)."""
+        return (rebuilt_demo(Path(self.root)) or Path(self.root)) if self.root else demo_data_dir(self.demo_dir)
 
     def subject(self) -> Callable[[str], str]:
         """Whose each file of the data folder is, by the run's layout: `subject()(path)`."""

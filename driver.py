@@ -36,9 +36,9 @@ import evaluation
 from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
-from runtime.checkpoint import load_checkpoint, read_config, run_lock
+from runtime.checkpoint import atomic_write, load_checkpoint, read_config, run_lock
 from runtime.errors import BadInputError, Interrupted
-from runtime.flags import fraction, non_negative, positive, positive_ints, seed
+from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
 from volumes.demo import DEFAULT_DEMO_ROOT
 from volumes.layouts import entity_list
@@ -234,7 +234,7 @@ def add_stage1_losses(p: argparse.ArgumentParser, stage: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-vqvae", help="stage 1: train the VQ-VAE on images")
@@ -381,15 +381,16 @@ def stage1_data(args: argparse.Namespace) -> tuple[dict, DataConfig]:
     data = DataConfig.from_checkpoint(vq_ckpt)
     if args.data:
         data.root = args.data
-    check_same_files(data, vq_ckpt)
+    check_same_files(data, vq_ckpt, Path(args.run))
     return vq_ckpt["args"], data
 
 
-def check_same_files(data: DataConfig, vq_ckpt: dict):
+def check_same_files(data: DataConfig, vq_ckpt: dict, run: Path):
     """The folder holds the files stage 1 trained on (their names and sizes, wherever the folder now is, and where
     their times changed, their contents), so that a resumed run, stage 2 and `evaluate` read the run's own data and
-    its own held-out subjects. A run written before stage 1 saved that key is not checked (before 2026-12-07: not its
-    contents)."""
+    its own held-out subjects. Contents found the same are noted in RUN/data_checked.json with the files' times, so
+    that the next command does not read them again. A run written before stage 1 saved that key is not checked
+    (before 2026-12-07: not its contents)."""
     trained_on = vq_ckpt.get("data_files")
     if trained_on is None:
         return
@@ -398,11 +399,22 @@ def check_same_files(data: DataConfig, vq_ckpt: dict):
         raise BadInputError(f"{data.folder()} does not hold the files this run's stage 1 trained on ({found['files']} "
                             f"files there, {trained_on['files']} then, or their names or sizes differ); point --data "
                             f"at them")
-    if "contents" in trained_on and found["times"] != trained_on["times"]:  # copied, touched, or rewritten
-        if data_files_key(data, contents=True)["contents"] != trained_on["contents"]:
-            raise BadInputError(f"the files in {data.folder()} have the names and sizes of those this run's stage 1 "
-                                f"trained on, but other contents (rewritten since?): point --data at the files it "
-                                f"trained on, or train a new --run on these")
+    if "contents" not in trained_on or found["times"] == trained_on["times"]:
+        return
+    checked, folder = run / "data_checked.json", str(data.folder().resolve())  # copied, touched, or rewritten
+    try:
+        seen = json.loads(checked.read_text()) if checked.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        seen = {}  # written again below
+    if isinstance(seen, dict) and seen.get(folder) == [found["times"], trained_on["contents"]]:
+        return
+    if data_files_key(data, contents=True)["contents"] != trained_on["contents"]:
+        raise BadInputError(f"the files in {data.folder()} have the names and sizes of those this run's stage 1 "
+                            f"trained on, but other contents (rewritten since?): point --data at the files it "
+                            f"trained on, or train a new --run on these")
+    text = json.dumps({**(seen if isinstance(seen, dict) else {}), folder: [found["times"], trained_on["contents"]]},
+                      indent=2)
+    atomic_write(checked, lambda f: f.write(text.encode()))
 
 
 def check_sizes(args: argparse.Namespace):
@@ -482,7 +494,7 @@ def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
             setattr(args, name, value)
     if args.stage == "vqvae":
         args.data_config = dataclasses.replace(saved, root=args.data)
-        check_same_files(args.data_config, vq_ckpt)
+        check_same_files(args.data_config, vq_ckpt, Path(args.run))
 
 
 _UNKNOWN = object()  # a flag the run's config.json does not hold (a run written before the flag existed)

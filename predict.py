@@ -42,7 +42,7 @@ from export.sample_set import FORMATS, ROW_SEEDING, SEEDING, SampleSet, run_geom
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, load_weights, model_config, run_lock
 from runtime.errors import BadInputError
-from runtime.flags import seed
+from runtime.flags import Parser, seed
 from runtime.graphs import GraphedCall
 from runtime.posthoc_ema import earlier_weights, reconstruct
 from runtime.process import progress, setup_device
@@ -560,7 +560,7 @@ def write_gif(model: LatentDiffusion, frames: list, with_xt: bool, quantise: boo
 
 def parse_args(argv=None) -> argparse.Namespace:
     """predict.py's flags with the card's defaults (DDPM-1000, final 30 steps repeated 5 times)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return parser.parse_args(argv)
 

@@ -65,10 +65,12 @@ def train_vqvae(args):
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
     check_processes(resume and resume.get("rng"), rt)  # before anything is written
 
-    files_key = data_files_key(data, contents=True)  # saved: a resumed run, stage 2 and `evaluate` check they read these
+    # saved: a resumed run, stage 2 and `evaluate` check that they read these files (a resumed run's were checked)
+    files_key = resume["data_files"] if resume and "contents" in resume.get("data_files", {}) else data_files_key(
+        data, contents=True)
     later = [name for name in ("unet.pt", "decoder.pt") if (Path(args.run) / name).exists()]
-    listed = len(training_files(data)[0]) if resume and later else 0  # its length before any image is decoded
-    if resume and later and trains_further(args, resume["step"], total_steps(args, listed, rt.world), resume):
+    if resume and later and trains_further(args, resume["step"], args.max_steps or total_steps(  # before decoding
+            args, len(training_files(data)[0]), rt.world), resume):
         raise BadInputError(f"{' and '.join(later)} in {args.run} learned from this VQ-VAE at step {resume['step']}, "
                             f"and training it further would leave them unusable: move them away first (with a copy of "
                             f"vqvae.pt they stay a working pair), or continue stage 1 in a copy of the run")
@@ -247,6 +249,9 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
     subjects = subjects_of(paths, data.subject())
     saved = resume.get("labels") if resume else None
     if resume:
+        if args.labels and not saved:  # --labels may move the run's table; a run of none has nothing to move
+            raise BadInputError(f"--labels {args.labels}: this run was trained without a participants table, and a "
+                                "resumed run keeps its conditions; leave --labels out, or train a new --run")
         conditions = saved_conditions(resume)
         moved = args.labels if saved and args.labels != saved["file"] else None  # given again: where it is now
         table = saved_table(saved, data.folder(), moved) if saved else None

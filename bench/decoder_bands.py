@@ -26,6 +26,7 @@ from evaluation.evaluate import stack  # noqa: E402
 from evaluation.metrics import reconstruction_metrics, sliced_wasserstein  # noqa: E402
 from losses.reconstruction import laplacian_pyramid  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
+from runtime.checkpoint import fingerprint, load_checkpoint  # noqa: E402
 
 
 def main():
@@ -36,6 +37,9 @@ def main():
     parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
     args = parser.parse_args()
     out, rows = Path(args.out), args.rows.split(",")
+    stage1 = {fingerprint(load_checkpoint(out / row / "vqvae.pt", "vqvae")["model"]) for row in rows}
+    if len(stage1) > 1:  # the decomposition compares decoders of the same codes
+        raise SystemExit(f"error: the rows {', '.join(rows)} hold {len(stage1)} different stage 1s; give rows of one")
     dataset, (_, ref_idx, floor_idx), _ = held_out_split(args.data, args.holdout, layout_version([out / r for r in rows]))
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)

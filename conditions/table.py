@@ -163,8 +163,10 @@ def saved_table(record: dict, data_folder: Path, labels: str | None = None) -> T
                         f"FILE, where it is now (it is checked to be the table the run trained with)")
 
 
-def read_table(path: Path, subject_column: str | None = None) -> Table:
-    """A CSV or TSV (by its name; otherwise sniffed) with a header row and one row per subject."""
+def read_table(path: Path, subject_column: str | None = None,
+               fix: str = "name the subjects' column with --subject-column") -> Table:
+    """A CSV or TSV (by its name; otherwise sniffed) with a header row and one row per subject; `fix`: what to do
+    where its subject column is missing."""
     if not path.is_file():
         raise BadInputError(f"participants table {path} does not exist")
     raw = path.read_bytes()
@@ -190,7 +192,7 @@ def read_table(path: Path, subject_column: str | None = None) -> Table:
     column = subject_column or "participant_id"
     if column not in columns:
         raise BadInputError(f"participants table {path} has no column {column!r} (its columns: {', '.join(columns)}); "
-                            f"name the subjects' column with --subject-column")
+                            f"{fix}")
     by_subject = {}
     for row in rows:
         key = _subject_key(row[column])

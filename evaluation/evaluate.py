@@ -393,13 +393,14 @@ def evaluate(args):
         print(f"warning: {run} was trained on all subjects; the {holdout:.0%} held out here were seen in training, "
               f"so the figures are optimistic (train-vqvae --holdout F leaves subjects out)")
     train_idx, ref_idx, floor_idx = run_split(data, dataset, holdout, seed)
+    for name, count in (("held-out half A", len(ref_idx)), ("held-out half B", len(floor_idx)),
+                        ("--samples folder", None if samples is None else len(samples))):
+        if count is not None and count < 2:  # a half's subjects may have no readable file (--skip-bad-images)
+            raise BadInputError(f"the {name} has {count} image(s), and FID and KID need 2 or more"
+                                + ("" if name == "--samples folder" else " (a larger --holdout at training time)"))
     reference, ref_labels = stack(dataset, ref_idx)
     floor, floor_labels = stack(dataset, floor_idx)
     training, _ = stack(dataset, training_sample(train_idx, len(floor_idx), seed))
-    for name, images in (("held-out half A", reference), ("held-out half B", floor), ("--samples folder", samples)):
-        if images is not None and len(images) < 2:
-            raise BadInputError(f"the {name} has {len(images)} image(s), and FID and KID need 2 or more"
-                                + ("" if name == "--samples folder" else " (a larger --holdout at training time)"))
     paths = [p for p, _ in dataset.samples]
     n_subjects = min(len({subject(paths[i]) for i in ref_idx}), len({subject(paths[i]) for i in floor_idx}))
     print(f"evaluation: {len(train_idx)} training images, held out {len(ref_idx)} reference (A) + {len(floor_idx)} floor (B)")

@@ -95,6 +95,9 @@ class SampleSet:
             print(f"--resume: nothing to resume in {self.folder}; starting the set")
             return None
         saved = json.loads(path.read_text())
+        if "batch_seeds" not in saved and self.settings.get("batch_seeds") == ROW_SEEDING:
+            raise BadInputError(f"{self.folder} was begun before --row-noise, with the rows' noise shared: --resume "
+                                f"continues it so; leave --row-noise out, or leave --resume out to replace it")
         newer = {"batch_seeds", "geometry", "device"} - set(saved)  # a set from before these were saved: as it was
         self.settings = {k: v for k, v in self.settings.items() if k not in newer}
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))

@@ -1,11 +1,20 @@
 """Types of command-line values (argparse's `type=`): each refuses a value out of its range in one line, where it
-would otherwise fail later in a traceback (a negative seed in numpy) or train quietly on nonsense (a NaN rate)."""
+would otherwise fail later in a traceback (a negative seed in numpy) or train quietly on nonsense (a NaN rate); and
+the parser that says so in one line."""
 from __future__ import annotations
 
 import argparse
 import math
 
 SEED_MAX = 2 ** 63 - 1   # numpy's and torch's seeds both take 0 ..  this
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (a value out of range, an unknown flag) are one line and its exit status 2,
+    not its usage block of every flag with the error last; its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the flags)\n")
 
 
 def ints(text: str) -> list[int]:

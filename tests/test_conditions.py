@@ -136,6 +136,11 @@ def test_a_table_typed_relative_or_moved_is_found_again_by_its_contents(conditio
     assert "contents differ" in error_of(driver.main, ["train-unet", "--run", str(copy), "--max-steps", "4", "--resume",
                                                        "--labels", str(tmp_path / "other.csv")])
     driver.main(["train-unet", "--run", str(copy), "--max-steps", "4", "--resume", "--labels", str(tmp_path / "q.csv")])
+    plain = tmp_path / "plain"                                            # a run of no table has none to move
+    shutil.copytree(copy, plain, ignore=shutil.ignore_patterns("unet*.pt"))
+    driver.main(["train-unet", "--run", str(plain), *SMALL_UNET, "--max-steps", "2"])
+    assert "trained without a participants table" in error_of(driver.main, ["train-unet", "--run", str(plain),
+                                                                             "--resume", "--labels", str(tmp_path / "q.csv")])
     assert ckpt(copy / "unet.pt")["step"] == 4 and ckpt(copy / "unet.pt")["labels"]["file"] == str(tmp_path / "q.csv")
     # a run of before saved the path as typed; a BIDS participants.tsv moves with its data (--data NEW)
     moved = tmp_path / "moved_data"

@@ -1,5 +1,6 @@
 """The ADNI-layout loader, the in-memory cache, the subject split, a run's data config, and image folders no one
 should have to clean by hand (NIfTI volumes and the demo data: test_volumes.py)."""
+import json
 import os
 import shutil
 import struct
@@ -156,7 +157,8 @@ def test_a_run_saved_before_layouts_keeps_its_files_and_subjects_and_the_summary
         subject_summary(new)                                                # version 5 keeps each class in training
 
 
-def test_the_data_files_key_follows_names_and_sizes_not_places_or_times(volume_folder, tmp_path):
+def test_the_data_files_key_follows_names_and_sizes_not_places_or_times(volume_folder, tmp_path, monkeypatch):
+    open_ = open
     key = data_files_key(DataConfig(root=str(volume_folder)), contents=True)
     assert key["files"] == 8
     copy = tmp_path / "copy"
@@ -166,7 +168,15 @@ def test_the_data_files_key_follows_names_and_sizes_not_places_or_times(volume_f
     copied = data_files_key(DataConfig(root=str(copy)), contents=True)
     assert {k: copied[k] for k in ("files", "sha1", "contents")} == {k: key[k] for k in ("files", "sha1", "contents")}
     assert copied["times"] != key["times"]
-    driver.check_same_files(DataConfig(root=str(copy)), {"data_files": key})  # the same files elsewhere: taken
+    run = tmp_path / "run"
+    run.mkdir()
+    driver.check_same_files(DataConfig(root=str(copy)), {"data_files": key}, run)  # the same files elsewhere: taken
+    assert list(json.loads((run / "data_checked.json").read_text()).values()) == [[copied["times"], key["contents"]]]
+    reads = []                                                               # and noted: not read again
+    monkeypatch.setattr("builtins.open", lambda *a, **k: reads.append(a) or open_(*a, **k))
+    driver.check_same_files(DataConfig(root=str(copy)), {"data_files": key}, run)
+    monkeypatch.undo()
+    assert not [a for a in reads if str(a[0]).endswith(".nii.gz")]
     added = copy / "train" / "AD" / "sub-99.nii.gz"
     added.write_bytes(b"")
     assert data_files_key(DataConfig(root=str(copy)))["files"] == 9
@@ -175,7 +185,7 @@ def test_the_data_files_key_follows_names_and_sizes_not_places_or_times(volume_f
     rewritten.write_bytes(bytes(reversed(rewritten.read_bytes())))
     assert data_files_key(DataConfig(root=str(copy)))["sha1"] == key["sha1"]
     with pytest.raises(BadInputError, match="other contents"):
-        driver.check_same_files(DataConfig(root=str(copy)), {"data_files": key})
+        driver.check_same_files(DataConfig(root=str(copy)), {"data_files": key}, run)
     grown = copy / "train" / "AD" / "sub-00.nii.gz"
     grown.write_bytes(grown.read_bytes() + b"\0")
     changed = data_files_key(DataConfig(root=str(copy)))

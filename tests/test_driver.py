@@ -234,3 +234,12 @@ def test_the_unet_s_ema_decay_and_a_linear_schedule_of_too_few_steps_are_refused
                                                                           "--ema-decay", value])
     assert "--diffusion-steps 20 is too few for --schedule linear" in error_of(  # beta_T = 1: abar_T = 0
         driver.main, ["train-unet", "--run", str(run), "--diffusion-steps", "20"])
+
+
+@pytest.mark.parametrize("argv", [["train-vqvae", "--lr", "nan"], ["train-unet", "--max-steps", "0"],
+                                  ["sample", "--seed", "-1"], ["train-vqvae", "--no-such-flag"]])
+def test_a_bad_flag_is_one_line_not_the_usage_of_every_flag(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        driver.main(argv)
+    printed = capsys.readouterr().err
+    assert e.value.code == 2 and printed.count("\n") == 1 and printed.startswith("error: ") and "usage" not in printed

@@ -181,6 +181,8 @@ def test_sets_of_other_seeds_share_no_batch_and_an_old_set_resumes_its_own_way(t
         writer = csv.DictWriter(f, list(kept[0]))
         writer.writeheader()
         writer.writerows(kept)
+    assert "begun before --row-noise" in error_of(predict.main, [*flags, "--out", str(tmp_path / "s0"), "--seed", "0",
+                                                                  "--resume", "--row-noise", "independent"])
     resumed = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "s0"), "--seed", "0", "--resume"]))
     assert [r["seed"] for r in manifest(old)][2:] == ["1", "1"] and len(resumed) == 2   # batch 1: seed + b goes on
     assert "batch_seeds" not in json.loads((old / "sampling.json").read_text())

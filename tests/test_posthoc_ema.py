@@ -361,7 +361,7 @@ def test_ema_lengths_without_snapshots_or_out_of_range_are_refused(trained_run):
                                                      "domain", "--classifier-steps", "0", "--steps", "2",
                                                      "--ema-lengths", "0.1"])
     for flags in (["ema", "--run", str(run), "--sigma-rel", "0.4"], ["evaluate", "--run", str(run), "--ema-lengths", "x"]):
-        with pytest.raises(SystemExit) as e:  # argparse: a usage line and exit status 2
+        with pytest.raises(SystemExit) as e:  # argparse: one line and exit status 2
             driver.main(flags)
         assert e.value.code == 2
 

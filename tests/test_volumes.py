@@ -182,9 +182,13 @@ def test_a_bids_trees_classes_can_come_from_a_column_of_its_participants_tsv(tmp
     assert "held out: 2 subjects (AD 1 of 4, CN 1 of 4)" in summary                 # drawn within each diagnosis
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--conditional"])
     assert ckpt(run / "unet.pt")["conditions"][0]["values"] == ["AD", "CN"]
+    (root / "participants.tsv").write_text("\n".join(f"{r}\t{k}" for k, r in enumerate(rows)) + "\n")  # a column more
+    driver.main(["train-unet", "--run", str(run), "--resume", "--max-steps", "3"])             # the same classes
     (root / "participants.tsv").write_text("\n".join(rows).replace("sub-07\tCN", "sub-07\tAD") + "\n")
     assert "changed since stage 1" in error_of(driver.main, ["train-unet", "--run", str(run), "--resume",
-                                                             "--max-steps", "3"])
+                                                             "--max-steps", "4"])
+    (root / "participants.tsv").write_text("\n".join(rows).replace("participant_id", "subject") + "\n")
+    assert "whose subjects are in participant_id" in error_of(driver.main, ["evaluate", "--run", str(run)])
 
 
 def listed(root, **rules) -> list[str]:
@@ -525,6 +529,19 @@ def test_demo_data_is_deterministic_for_a_seed(tmp_path):
     mtime = (a / "train").stat().st_mtime_ns
     make_demo_dataset(a, seed=5, subjects=8, slices=2, size=64)       # reused, not rewritten
     assert (a / "train").stat().st_mtime_ns == mtime
+
+
+def test_a_runs_demo_data_deleted_with_its_cache_is_built_again_the_same(tmp_path, monkeypatch):
+    """A run trained on the demo data saves its folder; a cleared ~/.cache must not end the run (nor `demo`)."""
+    from functools import partial
+    monkeypatch.setattr(volumes.demo, "make_demo_dataset",
+                        partial(make_demo_dataset, subjects=8, slices=2, size=64))    # small, built as the real one
+    folder = volumes.demo.demo_data_dir(tmp_path, seed=5)
+    digest = _digest(folder)
+    shutil.rmtree(folder)
+    assert DataConfig(root=str(folder)).folder() == folder and _digest(folder) == digest
+    assert DataConfig(root=str(tmp_path / "mine")).folder() == tmp_path / "mine"        # another folder: not made
+    assert not (tmp_path / "mine").exists()
 
 
 def test_the_demo_data_is_built_once_when_two_processes_ask_for_it_at_once(tmp_path, monkeypatch):

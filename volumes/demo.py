@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -148,3 +149,10 @@ def _build(out: Path, seed: int, subjects: int, slices: int, size: int):
 def demo_data_dir(root: str | os.PathLike = DEFAULT_DEMO_ROOT, seed: int = 0) -> Path:
     """The demo dataset's folder under `root`, built on first use."""
     return make_demo_dataset(Path(root) / f"mni152-demo-v{DEMO_VERSION}-seed{seed}", seed=seed)
+
+
+def rebuilt_demo(folder: Path) -> Path | None:
+    """`folder` built again where it is this version's demo data and was deleted (its cache cleared): the same files,
+    byte for byte, from its seed, so that a run trained on it goes on; None for any other folder."""
+    found = re.fullmatch(rf"mni152-demo-v{DEMO_VERSION}-seed(\d+)", folder.name)
+    return demo_data_dir(folder.parent, int(found[1])) if found and not folder.exists() else None

@@ -6,6 +6,7 @@ for BIDS subtrees and trees), and the subject each file belongs to, which the ho
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from torchvision import datasets
 
+from conditions.table import MISSING, read_table
 from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
 
@@ -222,7 +224,7 @@ class Layout:
     bids_entities: tuple[str, ...] = ()
     bids_all: bool = False
     class_column: str | None = None        # the classes from this column of the folder's participants.tsv
-    class_table_sha1: str | None = None    # ... as stage 1 read it (dataset.py's `classes_from_table`)
+    classes_sha1: str | None = None        # ... each listed subject's, as stage 1 found them (`classes_from_table`)
 
     def __post_init__(self):
         self.bids_entities = tuple(self.bids_entities)  # a list after a JSON round trip
@@ -323,6 +325,35 @@ class ImageFolder(datasets.ImageFolder):
         return (f" that the layout takes ({len(files)} found: BIDS volumes are taken from sub-*/[ses-*/]anat/ with "
                 f"the suffix {self.layout.bids_suffix}{wanted}, --bids-suffix and --bids-entities, never from "
                 "derivatives/)")
+
+
+def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -> tuple[int, str]:
+    """--class-column: each ImageFolder's files relabelled by their subject's value in that column of root's
+    participants.tsv (BIDS: subjects in participant_id), the classes its values among the listed subjects, sorted; a
+    file whose subject has none (no row, n/a) is left out. Returns (files left out, a hash of each listed subject's
+    class), which must be stage 1's (`classes_sha1`): other columns and rows may change, these classes may not."""
+    column = layout.class_column
+    table = read_table(root / "participants.tsv", fix="--class-column reads a BIDS participants.tsv, whose subjects "
+                                                      "are in participant_id")
+    if column not in table.columns:
+        raise BadInputError(f"--class-column {column}: {table.file} has no such column (its columns: "
+                            f"{', '.join(table.columns)})")
+    owner = {p: layout.subject(p, str(root)) for f in folders for p, _ in f.samples}
+    value = {p: (table.row(s) or {}).get(column, "") for p, s in owner.items()}
+    known = {p: v for p, v in value.items() if v.lower() not in MISSING}
+    classes = sorted(set(known.values()))
+    if len(classes) < 2:
+        raise BadInputError(f"--class-column {column}: the listed subjects have {len(classes)} value(s) there "
+                            f"({', '.join(classes) or 'none'}); classes need two or more")
+    digest = hashlib.sha1("\n".join(sorted({f"{owner[p]}\t{v}" for p, v in known.items()})).encode()).hexdigest()
+    if layout.classes_sha1 not in (None, digest):
+        raise BadInputError(f"the classes {table.file}'s {column!r} gives the subjects changed since stage 1 (a "
+                            "diagnosis corrected, a subject's row added or removed): restore it, or train a new --run")
+    for f in folders:
+        f.samples = f.imgs = [(p, classes.index(known[p])) for p, _ in f.samples if p in known]
+        f.targets = [label for _, label in f.samples]
+        f.classes, f.class_to_idx = classes, {name: i for i, name in enumerate(classes)}
+    return len(value) - len(known), digest
 
 
 def _other_files(paths: list[str]) -> str:
