@@ -90,7 +90,8 @@ class SliceFolders(ConcatDataset):
                 raise BadInputError(f"class folders differ between {folders[0].root} {classes} and {f.root} {f.classes}")
             if f.kind != folders[0].kind:
                 raise BadInputError(f"{folders[0].root} holds {folders[0].kind} but {f.root} holds {f.kind}: keep one kind")
-        self.unlabelled, self.classes_sha1 = classes_from_table(folders, Path(root), layout) if layout.class_column else (0, None)
+        self.unlabelled, self.classes_sha1 = (classes_from_table(folders, Path(root), layout) if layout.class_column
+                                              else (0, None))
         classes = folders[0].classes
         super().__init__(folders)
         self.classes = classes
@@ -447,8 +448,9 @@ def subject_summary(data: DataConfig) -> str:
     line = (f"data: {_count(len(paths), kind)} of {_count(len(per_subject), 'subject')} ({kind}s per subject: min "
             f"{per_subject[0]}, median {statistics.median(per_subject):g}, max {per_subject[-1]})")
     if data.layout.class_column:
+        left_out = f" ({_count(folders.unlabelled, kind)} of subjects without one left out)"
         line += (f", classes {', '.join(folders.classes)} from participants.tsv's {data.layout.class_column!r}"
-                 + (f" ({_count(folders.unlabelled, kind)} of subjects without one left out)" if folders.unlabelled else ""))
+                 f"{left_out if folders.unlabelled else ''}")
     if data.holdout == 0:
         return line + "; nothing held out"
     _, held_idx = data.split(folders.samples, folders.classes)

@@ -311,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="UNet target: v (Salimans & Ho 2022) stays stable when under-trained; eps as Ho et al. (default: %(default)s)")
     p.add_argument("--loss", choices=["mse", "smooth_l1"], default="mse", help="eps loss (default: %(default)s; the original used smooth_l1)")
     p.add_argument("--conditional", action="store_true",
-                   help="condition the UNet on the class folders (AD, NC ...), for `--class` at sampling: `class` added "
-                        "to --condition's names (default: unconditional)")
+                   help="condition the UNet on the class folders (AD, NC ...), for `--class` at sampling: `class` "
+                        "added to --condition's names (default: unconditional)")
     p.add_argument("--condition", type=condition_list, default=None,
                    help="NAME,...: condition the UNet on these columns of the participants table (numbers: continuous "
                         "covariates, text: categories; NAME:category or NAME:continuous says which) and `class`, the class "
@@ -414,7 +414,8 @@ def check_same_files(data: DataConfig, vq_ckpt: dict, run: Path):
                             f"trained on, or train a new --run on these")
     text = json.dumps({**(seen if isinstance(seen, dict) else {}), folder: [found["times"], trained_on["contents"]]},
                       indent=2)
-    atomic_write(checked, lambda f: f.write(text.encode()))
+    with contextlib.suppress(BadInputError):  # a note to save reading them again: a run folder not ours to write
+        atomic_write(checked, lambda f: f.write(text.encode()))
 
 
 def check_sizes(args: argparse.Namespace):

@@ -89,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                        help="classifier-free guidance scale w with --class, --set or --sweep: 0 unconditional, 1 "
                             "conditional, >1 stronger (default: %(default)s)")
         p.add_argument("--row-noise", choices=["shared", "independent"], default="shared",
-                       help="with several rows (--sweep, --class all): every row from the same noise, so that sample k of "
-                            "each row is one draw under each row's conditions (shared), or each row from its own "
+                       help="with several rows (--sweep, --class all): every row from the same noise, so that sample k "
+                            "of each row is one draw under each row's conditions (shared), or each row from its own "
                             "(independent: independent samples, for a dataset that a --holdout will split) "
                             "(default: %(default)s)")
         p.add_argument("--format", choices=list(FORMATS), default="png",

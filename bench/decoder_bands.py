@@ -33,14 +33,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="a bench/quality.py --out folder")
     parser.add_argument("--rows", required=True, help="ROW,ROW[,...]: run folders OUT/ROW of one stage 1, the first A")
-    parser.add_argument("--data", default="../shared/data/adni_ad_nc", help="quality.py's --data (default: %(default)s)")
+    parser.add_argument("--data", default="../shared/data/adni_ad_nc",
+                        help="quality.py's --data (default: %(default)s)")
     parser.add_argument("--holdout", type=float, default=0.1, help="quality.py's --holdout (default: %(default)s)")
     args = parser.parse_args()
     out, rows = Path(args.out), args.rows.split(",")
     stage1 = {fingerprint(load_checkpoint(out / row / "vqvae.pt", "vqvae")["model"]) for row in rows}
     if len(stage1) > 1:  # the decomposition compares decoders of the same codes
         raise SystemExit(f"error: the rows {', '.join(rows)} hold {len(stage1)} different stage 1s; give rows of one")
-    dataset, (_, ref_idx, floor_idx), _ = held_out_split(args.data, args.holdout, layout_version([out / r for r in rows]))
+    version = layout_version([out / r for r in rows])
+    dataset, (_, ref_idx, floor_idx), _ = held_out_split(args.data, args.holdout, version)
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     recons = {}
@@ -66,7 +68,8 @@ def compare(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, reference: torch.
             "error_energy_per_band": [level.pow(2).mean().item() * 1e4 for level in laplacian_pyramid(b - x)],
             "change_energy": (b - a).pow(2).mean().item() * 1e4,
             "change_along_error": 2 * ((b - a) * (a - x)).mean().item() * 1e4,
-            "finest_band_on_a": {"psnr": psnr(mix), "swd_finest": sliced_wasserstein(mix, reference)[f"swd_{x.shape[-1]}"]}}
+            "finest_band_on_a": {"psnr": psnr(mix),
+                                 "swd_finest": sliced_wasserstein(mix, reference)[f"swd_{x.shape[-1]}"]}}
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def main():
         else:
             vq_budget, unet_budget = (["--max-steps", "1000000000", "--max-minutes", str(m)]
                                       for m in (args.vq_minutes, args.unet_minutes))
-        if version != split_rules(LAYOUT_VERSION) and not (run / "vqvae.pt").exists():  # beside an earlier layout's rows
+        if version != split_rules(LAYOUT_VERSION) and not (run / "vqvae.pt").exists():  # beside earlier rows
             raise SystemExit(f"error: OUT's rows were trained with data layout version {version}, and {run} would be "
                              f"trained with {LAYOUT_VERSION}, whose held-out subjects differ: give a new --out")
         info[f"{name}_vqvae_training"] = train_or_reuse(

@@ -185,7 +185,8 @@ def counterfactual(args):
               "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
               "input": os.path.abspath(args.input),
               "slice": geometry.index if geometry else None, "set": args.set_values, "from": args.from_values,
-              "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM", "mask": args.mask and os.path.abspath(args.mask),
+              "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
+              "mask": args.mask and os.path.abspath(args.mask),
               "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
     written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"]

@@ -157,7 +157,8 @@ def saved_table(record: dict, data_folder: Path, labels: str | None = None) -> T
     if saved.is_file():
         return read_table(saved, record["subject_column"])
     with contextlib.suppress(BadInputError):  # another file of that name: not this run's table
-        if beside_data.is_file() and (table := read_table(beside_data, record["subject_column"])).sha1 == record["sha1"]:
+        table = read_table(beside_data, record["subject_column"]) if beside_data.is_file() else None
+        if table is not None and table.sha1 == record["sha1"]:
             return table
     raise BadInputError(f"this run's participants table {saved} is not there (nor in {data_folder}): give --labels "
                         f"FILE, where it is now (it is checked to be the table the run trained with)")

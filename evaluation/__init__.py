@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--holdout-seed", type=seed, default=0,
                    help="seed of that split, same condition (default: %(default)s)")
     p.add_argument("--labels", default=None,
-                   help="where the run's participants table is now, if it moved (checked to be the one it trained with; "
-                        "default: where it was, or the data folder's file of its name)")
+                   help="where the run's participants table is now, if it moved (checked to be the one it trained "
+                        "with; default: where it was, or the data folder's file of its name)")
     p.add_argument("--samples", default=None, help="score the images in this folder instead of sampling the run's UNet")
     p.add_argument("--features", choices=["auto", "inception", "domain"], default="auto",
                    help="FID/KID features: Inception-v3 if its weights load, else the domain classifier (default: %(default)s)")

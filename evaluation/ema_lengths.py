@@ -153,7 +153,8 @@ def choose_ema(args):
         sigma_rel = curve["best"]
         # the length is best for the samples that evaluation drew: its sampler, decoder and seed go with the choice
         chosen_by = {"chosen_by": {"metrics": str(metrics.resolve()), "features": evaluation.get("features"),
-                                   "fid": next(r["scores"]["fid"] for r in curve["rows"] if r["sigma_rel"] == sigma_rel),
+                                   "fid": next(r["scores"]["fid"] for r in curve["rows"]
+                                               if r["sigma_rel"] == sigma_rel),
                                    "sampling": evaluation.get("sampling")}}
     else:
         sigma_rel = float(args.sigma_rel)

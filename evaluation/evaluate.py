@@ -79,7 +79,8 @@ STAGE1_RECONSTRUCTIONS = "reconstructions, stage 1's decoder"  # the row beside 
 # ----------------------------------------------------------------------------- data
 
 def evaluation_split(paths: list[str], holdout: float, seed: int, subject: Callable[[str], str] = subject_id,
-                     labels: list[str] | None = None, listing: tuple | None = None) -> tuple[list[int], list[int], list[int]]:
+                     labels: list[str] | None = None,
+                     listing: tuple | None = None) -> tuple[list[int], list[int], list[int]]:
     """(train, reference A, floor B) indices: whole subjects only; A and B are a random halving of the held-out subjects.
     subject: whose each path is, by the run's own rules (`DataConfig.subject()`).
     labels: each path's class name (layout version 5, `DataConfig.strata`): both splits are drawn within classes.
@@ -92,11 +93,12 @@ def evaluation_split(paths: list[str], holdout: float, seed: int, subject: Calla
         return train_idx, a, b
     half_a, half_b = {subject(drawn[i]) for i in a}, {subject(drawn[i]) for i in b}
     owners = [subject(p) for p in paths]
-    return ([i for i, s in enumerate(owners) if s not in half_a | half_b], [i for i, s in enumerate(owners) if s in half_a],
-            [i for i, s in enumerate(owners) if s in half_b])
+    return ([i for i, s in enumerate(owners) if s not in half_a | half_b],
+            [i for i, s in enumerate(owners) if s in half_a], [i for i, s in enumerate(owners) if s in half_b])
 
 
-def run_split(data, dataset, holdout: float | None = None, seed: int | None = None) -> tuple[list[int], list[int], list[int]]:
+def run_split(data, dataset, holdout: float | None = None,
+              seed: int | None = None) -> tuple[list[int], list[int], list[int]]:
     """`evaluation_split` of `dataset`, read from the data config `data`, by the run's rules (its subjects, classes
     and listing); `holdout` and `seed` the run's unless given (a run that held none out)."""
     return evaluation_split([p for p, _ in dataset.samples], data.holdout if holdout is None else holdout,
@@ -194,7 +196,8 @@ def feature_key(data, dataset, train_idx: list[int], holdout: float, holdout_see
     slices = getattr(dataset, "slice_numbers", None) or [0] * len(dataset.samples)
     trained = "\n".join(sorted(f"{dataset.samples[i][0]}|{slices[i]}" for i in train_idx))
     return {"data": str(data.folder()), "image_size": data.image_size, "channels": data.channels, "holdout": holdout,
-            "holdout_seed": holdout_seed, "count": len(dataset.samples), "training": hashlib.sha1(trained.encode()).hexdigest()}
+            "holdout_seed": holdout_seed, "count": len(dataset.samples),
+            "training": hashlib.sha1(trained.encode()).hexdigest()}
 
 
 def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device, kind: str = "auto",
@@ -327,8 +330,8 @@ def class_column(model, classes: list[str], run: Path) -> int:
     """The condition that names the data's class folders, for --utility: `class` (train-unet --conditional), else a
     category of the participants table with those values (a `group` column of AD and NC)."""
     if len(classes) < 2:  # a BIDS tree, or one class folder: a diagnosis in the table is not the data's classes
-        raise BadInputError(f"--utility trains a classifier of the data's classes, and {'/'.join(classes)} is one class "
-                            "(a BIDS tree is one): put each diagnosis's subjects in a class folder of its own")
+        raise BadInputError(f"--utility trains a classifier of the data's classes, and {'/'.join(classes)} is one "
+                            "class (a BIDS tree is one, unless train-vqvae --class-column names its diagnosis)")
     for k, c in enumerate(model.conditions):
         if c.name == CLASS or (c.kind == "category" and set(classes) <= set(c.values)):
             if c.name != CLASS:
@@ -444,7 +447,7 @@ def evaluate(args):
         if num < 2:
             raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
         model = predict.load_run(run, device, finetuned)
-        participants = saved_table(model.labels, data.folder(), args.labels) if model.labels else None  # before sampling
+        participants = saved_table(model.labels, data.folder(), args.labels) if model.labels else None  # now
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
         column = class_column(model, list(dataset.classes), run) if args.utility is not None else None
@@ -524,8 +527,8 @@ def evaluate(args):
             torch.manual_seed(args.seed)
             return predict.generate(model, settings, len(y), y, guidance, autocast)[0]
 
-        condition_rows, sweeps = condition_check(args, run, model, participants, dataset, train_idx, ref_idx + floor_idx,
-                                                 key, sample_at, device, out)
+        condition_rows, sweeps = condition_check(args, run, model, participants, dataset, train_idx,
+                                                 ref_idx + floor_idx, key, sample_at, device, out)
         condition_table = format_condition_table(condition_rows)
 
     # files
@@ -535,11 +538,13 @@ def evaluate(args):
         save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
     crop = min(CROP_SIZE, image_size)
     n_crops = save_crops([floor, recons, *generated.values()], crop, out / "eval_crops.png")
-    metrics = {"run": str(run.resolve()), "data": os.path.abspath(data.folder()), "image_size": image_size, "channels": channels,
+    metrics = {"run": str(run.resolve()), "data": os.path.abspath(data.folder()), "image_size": image_size,
+               "channels": channels,
                "split": {"holdout": holdout, "seed": seed, "seen_in_training": seen, "subjects_per_half": n_subjects,
                          "train": len(train_idx),
                          "reference": len(ref_idx), "floor": len(floor_idx), "class_mix": mix},
-               "vqvae_step": vq_ckpt["step"], "vqvae_fingerprint": fingerprint(vq_ckpt["model"]), "vqvae": {**vq_metrics, "images": "floor half B"},
+               "vqvae_step": vq_ckpt["step"], "vqvae_fingerprint": fingerprint(vq_ckpt["model"]),
+               "vqvae": {**vq_metrics, "images": "floor half B"},
                "finetuned_decoder": vq_ckpt.get("decoder"),  # RUN/decoder.pt (train-decoder): its step and fingerprint
                **({"vqvae_stage1_decoder": {k: stage1_metrics[k] for k in ("psnr", "ssim")}} if stage1_decoder else {}),
                "sampling": sampling, "features": features.name, "features_input_size": features.input_size,

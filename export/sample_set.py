@@ -187,7 +187,7 @@ class SampleSet:
         return f"sub-{index:0{self.width}d}"
 
     def batch_seed(self, batch: int, row: int) -> int:
-        """The seed of batch `batch` of row `row` (every row draws from the same seeds, unless --row-noise independent)."""
+        """The seed of batch `batch` of row `row` (every row draws the same, unless --row-noise independent)."""
         return batch_seed(self.settings["seed"], batch, self.settings.get("batch_seeds"), row)
 
     def write(self, row: int, batch: int, images: torch.Tensor):

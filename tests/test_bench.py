@@ -120,8 +120,8 @@ def test_quality_scores_its_rows_on_the_subjects_their_training_left_out(tmp_pat
     trained, _ = training_files(DataConfig(root=str(tmp_path / "data"), image_size=64, holdout=0.25,
                                            layout=Layout(version=version)))
     assert sorted(dataset.samples[i][0] for i in train_idx) == sorted(p for p, _ in trained)
-    assert len(ref_idx) + len(floor_idx) == len(dataset) - len(trained) and key.get("layout") == (version if version >= 5
-                                                                                                   else None)
+    assert len(ref_idx) + len(floor_idx) == len(dataset) - len(trained)
+    assert key.get("layout") == (version if version >= 5 else None)
 
 
 def test_a_reused_row_agrees_with_the_call_that_would_have_trained_it_or_is_refused(trained_run):

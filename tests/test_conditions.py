@@ -129,7 +129,8 @@ def test_a_table_typed_relative_or_moved_is_found_again_by_its_contents(conditio
     monkeypatch.chdir(tmp_path / "elsewhere")
     driver.main(["train-unet", "--run", str(copy), "--max-steps", "3", "--resume"])
     (tmp_path / "tables" / "p.csv").rename(tmp_path / "q.csv")
-    assert "give --labels FILE" in error_of(driver.main, ["train-unet", "--run", str(copy), "--max-steps", "4", "--resume"])
+    resume = ["train-unet", "--run", str(copy), "--max-steps", "4", "--resume"]
+    assert "give --labels FILE" in error_of(driver.main, resume)
     assert "is not there" in error_of(driver.main, ["evaluate", "--run", str(copy), "--out", str(tmp_path / "ev")])
     assert not (tmp_path / "ev").exists()  # refused before sampling, nothing written
     (tmp_path / "other.csv").write_text((tmp_path / "q.csv").read_text().replace(",5", ",6"))
@@ -139,8 +140,8 @@ def test_a_table_typed_relative_or_moved_is_found_again_by_its_contents(conditio
     plain = tmp_path / "plain"                                            # a run of no table has none to move
     shutil.copytree(copy, plain, ignore=shutil.ignore_patterns("unet*.pt"))
     driver.main(["train-unet", "--run", str(plain), *SMALL_UNET, "--max-steps", "2"])
-    assert "trained without a participants table" in error_of(driver.main, ["train-unet", "--run", str(plain),
-                                                                             "--resume", "--labels", str(tmp_path / "q.csv")])
+    assert "trained without a participants table" in error_of(
+        driver.main, ["train-unet", "--run", str(plain), "--resume", "--labels", str(tmp_path / "q.csv")])
     assert ckpt(copy / "unet.pt")["step"] == 4 and ckpt(copy / "unet.pt")["labels"]["file"] == str(tmp_path / "q.csv")
     # a run of before saved the path as typed; a BIDS participants.tsv moves with its data (--data NEW)
     moved = tmp_path / "moved_data"

@@ -478,7 +478,8 @@ def test_a_file_that_cannot_be_read_moves_no_subject_between_training_and_the_he
     from the files read: a held-out subject could come into training, and evaluate's halves change)."""
     from types import SimpleNamespace
     from evaluation.evaluate import run_split
-    root = touch(tmp_path / "data", [f"{c}/{c}{s:02d}_{k}.png" for c in ("AD", "NC") for s in range(8) for k in range(2)])
+    names = [f"{c}/{c}{s:02d}_{k}.png" for c in ("AD", "NC") for s in range(8) for k in range(2)]
+    root = touch(tmp_path / "data", names)
     moved = {}
     for version in (5, 6):
         data = DataConfig(root=str(root), holdout=0.25, skip_bad_images=True, layout=Layout(version=version))

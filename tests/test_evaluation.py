@@ -476,7 +476,8 @@ def test_a_cached_feature_network_is_keyed_on_the_images_its_split_trains_on(tmp
     from dataset import DataConfig
     from evaluation.evaluate import feature_key
     data = DataConfig(root=str(tmp_path), image_size=32, holdout=0.5)
-    dataset = SimpleNamespace(samples=[(f"/d/AD/s{i}_{k}.png", 0) for i in range(4) for k in range(2)], slice_numbers=None)
+    dataset = SimpleNamespace(samples=[(f"/d/AD/s{i}_{k}.png", 0) for i in range(4) for k in range(2)],
+                              slice_numbers=None)
     key = feature_key(data, dataset, [0, 1, 2, 3], 0.5, 0)
     assert feature_key(data, dataset, [3, 2, 1, 0], 0.5, 0) == key                  # the same images, in any order
     assert feature_key(data, dataset, [0, 1, 4, 5], 0.5, 0) != key                  # as many, others

@@ -232,7 +232,8 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     drawn = json.loads((out / "metrics.json").read_text())["sampling"]
     assert chosen["chosen_by"]["sampling"] == drawn
     assert chosen["chosen_by"]["metrics"] == str((run / "metrics.json").resolve())
-    assert chosen["chosen_by"]["fid"] == next(r["scores"]["fid"] for r in curve["rows"] if r["sigma_rel"] == curve["best"])
+    assert chosen["chosen_by"]["fid"] == next(r["scores"]["fid"] for r in curve["rows"]
+                                              if r["sigma_rel"] == curve["best"])
     assert f"drawn by {drawn['sampler']} in {drawn['steps']} steps" in capsys.readouterr().out
     model = predict.load_run(run, "cpu")
     weights, _ = reconstruct(run, curve["best"])

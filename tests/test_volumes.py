@@ -175,8 +175,8 @@ def test_a_bids_trees_classes_can_come_from_a_column_of_its_participants_tsv(tmp
     assert sorted((os.path.basename(p)[:6], label) for p, label in folders.samples) == [
         (f"sub-{k:02d}", 0 if k < 4 else 1) for k in range(8)]
     run = tmp_path / "run"
-    driver.main(["train-vqvae", "--run", str(run), "--data", str(root), "--preset", "tiny", *SMALL_VQ, "--max-steps", "2",
-                 "--holdout", "0.25", "--class-column", "diagnosis", "--slices", "2"])
+    driver.main(["train-vqvae", "--run", str(run), "--data", str(root), "--preset", "tiny", *SMALL_VQ,
+                 "--max-steps", "2", "--holdout", "0.25", "--class-column", "diagnosis", "--slices", "2"])
     summary = capsys.readouterr().out
     assert "classes AD, CN from participants.tsv's 'diagnosis' (1 volume of subjects without one left out)" in summary
     assert "held out: 2 subjects (AD 1 of 4, CN 1 of 4)" in summary                 # drawn within each diagnosis
