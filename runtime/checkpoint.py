@@ -226,15 +226,16 @@ def read_config(run: Path) -> dict:
     a JSON object (edited by hand) is kept beside as config.json.bad, with a warning, and read as none: the
     checkpoints, not this file, hold what a run trained with."""
     path = run / "config.json"
-    if not path.exists():
-        return {}
     try:
         config = json.loads(path.read_text())
+    except FileNotFoundError:  # none yet (or another rank has just set a bad one aside)
+        return {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         config = None
     if isinstance(config, dict):
         return config
-    path.replace(path.with_suffix(".json.bad"))
+    with contextlib.suppress(FileNotFoundError):
+        path.replace(path.with_suffix(".json.bad"))
     print(f"warning: {path} is not a JSON object of flags (edited by hand?): kept as {path.name}.bad, and a new one "
           "written; the checkpoints hold the run's settings")
     return {}
