@@ -447,7 +447,8 @@ def evaluate(args):
         if num < 2:
             raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
         model = predict.load_run(run, device, finetuned)
-        participants = saved_table(model.labels, data.folder(), args.labels) if model.labels else None  # now
+        # the run's participants table, found (or refused in one line) before anything is sampled
+        participants = saved_table(model.labels, data.folder(), args.labels) if model.labels else None
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
         column = class_column(model, list(dataset.classes), run) if args.utility is not None else None
