@@ -65,9 +65,10 @@ def train_vqvae(args):
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
     check_processes(resume and resume.get("rng"), rt)  # before anything is written
 
-    # saved: a resumed run, stage 2 and `evaluate` check that they read these files (a resumed run's were checked)
+    # saved: a resumed run, stage 2 and `evaluate` check that they read these files (a resumed run's were checked);
+    # every byte is read by the process that saves them only
     files_key = resume["data_files"] if resume and "contents" in resume.get("data_files", {}) else data_files_key(
-        data, contents=True)
+        data, contents=rt.main)
     later = [name for name in ("unet.pt", "decoder.pt") if (Path(args.run) / name).exists()]
     if resume and later and trains_further(args, resume["step"], args.max_steps or total_steps(  # before decoding
             args, len(training_files(data)[0]), rt.world), resume):

@@ -9,7 +9,7 @@ import argparse
 
 import predict
 from evaluation.ema_lengths import ema_lengths_arg
-from runtime.flags import seed
+from runtime.flags import non_negative, seed
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--labels", default=None,
                    help="where the run's participants table is now, if it moved (checked to be the one it trained "
                         "with; default: where it was, or the data folder's file of its name)")
+    p.add_argument("--cache-gb", type=non_negative(float), default=8.0,
+                   help="images are decoded once into memory if they fit in this many GB, else into the memory-mapped "
+                        "RUN/images-*.npy that training builds (default: %(default)s)")
     p.add_argument("--samples", default=None, help="score the images in this folder instead of sampling the run's UNet")
     p.add_argument("--features", choices=["auto", "inception", "domain"], default="auto",
                    help="FID/KID features: Inception-v3 if its weights load, else the domain classifier (default: %(default)s)")

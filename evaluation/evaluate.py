@@ -387,8 +387,8 @@ def evaluate(args):
     samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
 
     # data: the run's held-out subjects, halved into reference A and floor B
-    dataset = load_slices(data.folder(), image_size, channels, skip_bad=data.skip_bad_images, slicing=data.slicing,
-                          layout=data.layout)
+    dataset = load_slices(data.folder(), image_size, channels, args.cache_gb, disk_cache=run,  # training's cache
+                          skip_bad=data.skip_bad_images, slicing=data.slicing, layout=data.layout)
     subject = data.subject()  # the run's own rules: others could score it on subjects it trained on
     seen = data.holdout == 0
     holdout, seed = (args.holdout, args.holdout_seed) if seen else (data.holdout, data.holdout_seed)

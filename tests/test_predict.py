@@ -101,7 +101,9 @@ def test_conditional_run_generates_a_chosen_class_and_all_classes(trained_run, t
     assert "--guidance" in error_of(predict.main, [*common, "--class", "AD", "--guidance", "-1"])
     # evaluate: every class at every guidance scale, against that class's held-out subjects
     evaluate = ["evaluate", "--features", "domain", "--classifier-steps", "0", "--steps", "3", "--holdout", "0.75"]
-    driver.main([*evaluate, "--run", str(copy), "--out", str(tmp_path / "eval"), "--class", "all", "--guidance", "0,2"])
+    driver.main([*evaluate, "--run", str(copy), "--out", str(tmp_path / "eval"), "--class", "all", "--guidance", "0,2",
+                 "--cache-gb", "0"])  # the images decoded into the run's memory-mapped file, as training's are
+    assert (copy / "images-32px-1ch.npy").is_file()
     rows = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
     assert [(r["class"], r["images"]) for r in rows] == [(c, k) for c in ("AD", "NC") for k in (
         "samples, w=0", "samples, w=2", "real (training)", "real (floor)", "real (held out)")]
