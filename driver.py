@@ -29,10 +29,9 @@ import torch.distributed as dist
 import predict
 import train
 from dataset import DataConfig, data_files_key
-from losses.adversarial import LOSSES, WEIGHTINGS
-from losses.perceptual import NETWORKS
-from losses.reconstruction import BASE_LOSSES
 import evaluation
+import volumes
+from losses import stage1
 from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
@@ -41,10 +40,9 @@ from runtime.errors import BadInputError, Interrupted
 from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
 from volumes.demo import DEFAULT_DEMO_ROOT
-from volumes.layouts import entity_list
-from volumes.reader import percentile_pair, slice_count_or_fraction
 
-# Preset values of the flags that default to None below; a flag given on the command line wins.
+# Preset values of the flags that default to None (below, and stage 1's losses' in losses/stage1.py); a flag given
+# on the command line wins.
 PRESETS = {
     "vqvae": {
         "tiny": dict(image_size=64, vq_channels=16, vq_mult=[1, 2, 4], vq_res_blocks=1, codebook_size=2048,
@@ -70,17 +68,6 @@ PRESETS = {
     },
 }
 
-# The stage-1 losses' defaults: train-vqvae's are MSE alone; train-decoder's, the brain-MRI anchors' recipe (L1, a
-# perceptual term, a least-squares GAN at a fixed weight; MONAI's tutorials, Pinaya et al. 2022) with the random
-# VGG16, the one perceptual network that sharpened the finest band here, at CompVis' LPIPS weight 1.0, which beat
-# 0.25 on three training seeds (bench/README.md).
-STAGE1_LOSSES = {
-    "vqvae": dict(reconstruction_loss="mse", perceptual_weight=0.0, perceptual_network="vgg16", adversarial_loss="hinge",
-                  adversarial_weighting="adaptive"),
-    "decoder": dict(reconstruction_loss="l1", perceptual_weight=1.0, perceptual_network="random",
-                    adversarial_loss="least-squares", adversarial_weighting="fixed"),
-}
-
 # A resumed run is the run it saved (README, "Resuming a run"): every flag not given comes back from it, and a flag
 # given again with another value is refused, except these, which may change on resume and otherwise come back:
 CHANGEABLE = {"max_steps", "epochs",                                 # the length (given either, neither comes back)
@@ -103,22 +90,6 @@ BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channe
                    "frequency_weight": 0.0, "reconstruction_loss": "mse", "perceptual_network": "vgg16",
                    "adversarial_weighting": "adaptive", "posthoc_ema": 0, "condition": None, "labels": None,
                    "subject_column": None}
-
-
-def step_or_fraction(text: str) -> int | float:
-    """--adversarial-start: '1200' -> step 1200; '0.25' -> a quarter of the run's steps."""
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            value = float(text)
-        except ValueError:
-            value = -1
-        if not 0 <= value < 1:
-            raise argparse.ArgumentTypeError(f"expected a step (an integer) or a fraction in [0, 1), got {text}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def preset_help(stage: str, name: str, text: str) -> str:
@@ -187,52 +158,6 @@ def add_common(p: argparse.ArgumentParser, stage: str):
                    help="train the full preset on a CPU even when the first step says it would take more than an hour")
 
 
-def add_stage1_losses(p: argparse.ArgumentParser, stage: str):
-    """The losses of the reconstruction (VQGAN's additions to MSE, Esser et al. 2021, and the brain-MRI anchors'),
-    shared by train-vqvae and train-decoder, each with its own defaults (STAGE1_LOSSES)."""
-    d = STAGE1_LOSSES[stage]
-    p.add_argument("--adversarial-weight", type=non_negative(float), default=None,
-                   help=preset_help(stage, "adversarial_weight", "weight of the adversarial patch loss (PatchGAN; "
-                                    "times the adaptive weight of Esser et al. eq. 7 unless --adversarial-weighting fixed; "
-                                    "VQGAN uses 0.8 adaptive, MONAI's brain-MRI tutorials 0.01 fixed); 0 switches it off"))
-    p.add_argument("--adversarial-start", type=step_or_fraction, default=None,
-                   help=preset_help(stage, "adversarial_start", "step from which the discriminator learns and its loss "
-                                    "counts, or a fraction of the run's steps (0.25: a quarter in)"))
-    p.add_argument("--adversarial-loss", choices=list(LOSSES), default=d["adversarial_loss"],
-                   help="the discriminator's and generator's losses: hinge (VQGAN), non-saturating, least-squares "
-                        "(LSGAN, as MONAI) (default: %(default)s)")
-    p.add_argument("--adversarial-weighting", choices=list(WEIGHTINGS), default=d["adversarial_weighting"],
-                   help="the adversarial term's weight: adaptive (--adversarial-weight times Esser et al.'s eq. 7) or "
-                        "fixed (--adversarial-weight alone) (default: %(default)s)")
-    p.add_argument("--adversarial-lr", type=positive(float), default=None,
-                   help="the discriminator's AdamW learning rate (default: --lr, as VQGAN)")
-    p.add_argument("--discriminator-channels", type=positive(int), default=64,
-                   help="width of the PatchGAN's first layer, doubled per layer up to 8x: 64 is VQGAN's and MONAI's; "
-                        "its cost grows with the square, which counts on a CPU (default: %(default)s)")
-    p.add_argument("--discriminator-layers", type=int, choices=range(6), metavar="L", default=None,
-                   help=preset_help(stage, "discriminator_layers", "the PatchGAN's stride-2 layers L: each of its "
-                                    "outputs judges a patch of 9 * 2^L - 2 pixels, 3 the 70x70 of pix2pix and VQGAN at "
-                                    "256 px, about a quarter of the slice as 1's 16x16 is at 64 px"))
-    p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
-                   help=preset_help(stage, "clamped_loss", "measure the reconstruction error on the output clamped to "
-                                    "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "
-                                    "around it (bench/README.md)"))
-    p.add_argument("--reconstruction-loss", choices=list(BASE_LOSSES), default=d["reconstruction_loss"],
-                   help="the pixel loss of the reconstruction: mse, or l1 as the brain-MRI anchors (default: %(default)s)")
-    p.add_argument("--frequency-weight", type=non_negative(float), default=0.0,
-                   help="weight of the focal frequency loss (Jiang et al. 2021: the spectrum's hardest frequencies count "
-                        "most; no network) (default: %(default)s)")
-    p.add_argument("--laplacian-weight", type=non_negative(float), default=0.0,
-                   help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
-    p.add_argument("--perceptual-weight", type=non_negative(float), default=d["perceptual_weight"],
-                   help="weight of the perceptual loss (LPIPS form) (default: %(default)s)")
-    p.add_argument("--perceptual-network", choices=list(NETWORKS), default=d["perceptual_network"],
-                   help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
-                        "2021; needs no file) (default: %(default)s)")
-    p.add_argument("--vgg-weights", default=None,
-                   help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -263,35 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.0,
                    help="fraction of subjects left out of training, for evaluation; stage 2 inherits it (default: %(default)s, the card's all data)")
     p.add_argument("--holdout-seed", type=seed, default=0, help="seed of that subject split (default: %(default)s)")
-    # NIfTI volumes (--data folders of .nii/.nii.gz), saved in DataConfig
-    p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial", help="slicing axis of volumes (default: %(default)s)")
-    p.add_argument("--slices", type=slice_count_or_fraction, default=None,
-                   help="slices per volume: a central fraction (0.6) or count (20) (default: from the first to the last slice with >= 25%% of the fullest slice's foreground)")
-    p.add_argument("--volume-index", type=int, default=None, help="volume of a 4D file to slice (default: none; a 4D file is an error)")
-    p.add_argument("--intensity-percentiles", type=percentile_pair, default=(0.5, 99.5),
-                   help="LOW,HIGH: each volume is clipped to these percentiles, then scaled to 0-255 (default: 0.5,99.5)")
-    p.add_argument("--crop-foreground", action=argparse.BooleanOptionalAction, default=True,
-                   help="crop each volume's slices to its in-plane foreground box before padding and resizing (default: on)")
-    p.add_argument("--subject-pattern", default=None,
-                   help="REGEX searched in each file name (a REGEX with a / in its path below --data): its group "
-                        "`subject` (else group 1, else the match) names the subject, for --holdout (default: BIDS "
-                        "sub-*, ADNI's 002_S_0295, OASIS, else <subject>_<number>)")
-    p.add_argument("--bids-suffix", default="T1w", help="BIDS images taken: those with this suffix, T2w, FLAIR ... (default: %(default)s)")
-    p.add_argument("--bids-entities", type=entity_list, default=(),
-                   help="ENT-VAL,...: only BIDS images carrying these entities, e.g. space-MNI152NLin2009cAsym (default: any)")
-    p.add_argument("--bids-all", action="store_true",
-                   help="every matching BIDS image of a subject and session (default: the one with the fewest entities)")
-    p.add_argument("--class-column", default=None, metavar="COLUMN",
-                   help="the classes (AD, CN ...) are each subject's value in this column of the data folder's "
-                        "participants.tsv, e.g. a BIDS tree's diagnosis; files of subjects without one are left out "
-                        "(default: the class folders; a BIDS tree is one class, all)")
-    add_stage1_losses(p, "vqvae")
+    volumes.add_arguments(p)
+    stage1.add_arguments(p, "vqvae", preset_help)
     p.set_defaults(func=train.train_vqvae, stage="vqvae")
 
     p = sub.add_parser("train-decoder", help="optional, after stage 1 or 2: fine-tune the VQ-VAE's decoder alone for "
                                              "finer detail; its latents, and a UNet trained on them, stay valid")
     add_common(p, "decoder")
-    add_stage1_losses(p, "decoder")
+    stage1.add_arguments(p, "decoder", preset_help)
     p.set_defaults(func=train.train_decoder, stage="decoder")
 
     p = sub.add_parser("train-unet", help="stage 2: train the denoising UNet on the VQ-VAE's latents")

@@ -1,17 +1,32 @@
 """Stage 1's loss of a reconstruction, as `train-vqvae` and `train-decoder` train with it: the terms of losses/ that
-the run's flags switch on, summed, and the discriminator that learns beside them.
+the run's flags switch on, summed, and the discriminator that learns beside them; and those flags (`add_arguments`).
 """
 from __future__ import annotations
+
+import argparse
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from losses.adversarial import Adversary
-from losses.perceptual import perceptual_loss
-from losses.reconstruction import as_shown, base_loss, focal_frequency_loss, laplacian_l1
+from losses.adversarial import LOSSES, WEIGHTINGS, Adversary
+from losses.perceptual import NETWORKS, perceptual_loss
+from losses.reconstruction import BASE_LOSSES, as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from runtime.checkpoint import fingerprint
 from runtime.errors import BadInputError
+from runtime.flags import non_negative, positive, step_or_fraction
 from runtime.process import Runtime
+
+# The stage-1 losses' defaults: train-vqvae's are MSE alone; train-decoder's, the brain-MRI anchors' recipe (L1, a
+# perceptual term, a least-squares GAN at a fixed weight; MONAI's tutorials, Pinaya et al. 2022) with the random
+# VGG16, the one perceptual network that sharpened the finest band here, at CompVis' LPIPS weight 1.0, which beat
+# 0.25 on three training seeds (bench/README.md).
+STAGE1_LOSSES = {
+    "vqvae": dict(reconstruction_loss="mse", perceptual_weight=0.0, perceptual_network="vgg16", adversarial_loss="hinge",
+                  adversarial_weighting="adaptive"),
+    "decoder": dict(reconstruction_loss="l1", perceptual_weight=1.0, perceptual_network="random",
+                    adversarial_loss="least-squares", adversarial_weighting="fixed"),
+}
 
 
 class ReconstructionLoss:
@@ -57,3 +72,50 @@ class ReconstructionLoss:
     def state(self) -> dict:
         return {**(self.adversary.state() if self.adversary else {}),
                 **({"perceptual_fingerprint": self.perceptual_fingerprint} if self.perceptual_fingerprint else {})}
+
+
+def add_arguments(p: argparse.ArgumentParser, stage: str, preset_help: Callable[[str, str, str], str]):
+    """The flags of the losses of the reconstruction (VQGAN's additions to MSE, Esser et al. 2021, and the brain-MRI
+    anchors'), shared by train-vqvae and train-decoder, each with its own defaults (STAGE1_LOSSES); `preset_help(stage,
+    name, text)` adds the presets' values of a flag to its help (driver.py)."""
+    d = STAGE1_LOSSES[stage]
+    p.add_argument("--adversarial-weight", type=non_negative(float), default=None,
+                   help=preset_help(stage, "adversarial_weight", "weight of the adversarial patch loss (PatchGAN; "
+                                    "times the adaptive weight of Esser et al. eq. 7 unless --adversarial-weighting fixed; "
+                                    "VQGAN uses 0.8 adaptive, MONAI's brain-MRI tutorials 0.01 fixed); 0 switches it off"))
+    p.add_argument("--adversarial-start", type=step_or_fraction, default=None,
+                   help=preset_help(stage, "adversarial_start", "step from which the discriminator learns and its loss "
+                                    "counts, or a fraction of the run's steps (0.25: a quarter in)"))
+    p.add_argument("--adversarial-loss", choices=list(LOSSES), default=d["adversarial_loss"],
+                   help="the discriminator's and generator's losses: hinge (VQGAN), non-saturating, least-squares "
+                        "(LSGAN, as MONAI) (default: %(default)s)")
+    p.add_argument("--adversarial-weighting", choices=list(WEIGHTINGS), default=d["adversarial_weighting"],
+                   help="the adversarial term's weight: adaptive (--adversarial-weight times Esser et al.'s eq. 7) or "
+                        "fixed (--adversarial-weight alone) (default: %(default)s)")
+    p.add_argument("--adversarial-lr", type=positive(float), default=None,
+                   help="the discriminator's AdamW learning rate (default: --lr, as VQGAN)")
+    p.add_argument("--discriminator-channels", type=positive(int), default=64,
+                   help="width of the PatchGAN's first layer, doubled per layer up to 8x: 64 is VQGAN's and MONAI's; "
+                        "its cost grows with the square, which counts on a CPU (default: %(default)s)")
+    p.add_argument("--discriminator-layers", type=int, choices=range(6), metavar="L", default=None,
+                   help=preset_help(stage, "discriminator_layers", "the PatchGAN's stride-2 layers L: each of its "
+                                    "outputs judges a patch of 9 * 2^L - 2 pixels, 3 the 70x70 of pix2pix and VQGAN at "
+                                    "256 px, about a quarter of the slice as 1's 16x16 is at 64 px"))
+    p.add_argument("--clamped-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help=preset_help(stage, "clamped_loss", "measure the reconstruction error on the output clamped to "
+                                    "[-1, 1], as it is shown, so the background may sit below -1 instead of rippling "
+                                    "around it (bench/README.md)"))
+    p.add_argument("--reconstruction-loss", choices=list(BASE_LOSSES), default=d["reconstruction_loss"],
+                   help="the pixel loss of the reconstruction: mse, or l1 as the brain-MRI anchors (default: %(default)s)")
+    p.add_argument("--frequency-weight", type=non_negative(float), default=0.0,
+                   help="weight of the focal frequency loss (Jiang et al. 2021: the spectrum's hardest frequencies count "
+                        "most; no network) (default: %(default)s)")
+    p.add_argument("--laplacian-weight", type=non_negative(float), default=0.0,
+                   help="weight of the Laplacian-pyramid L1 loss (an error counts alike at every octave) (default: %(default)s)")
+    p.add_argument("--perceptual-weight", type=non_negative(float), default=d["perceptual_weight"],
+                   help="weight of the perceptual loss (LPIPS form) (default: %(default)s)")
+    p.add_argument("--perceptual-network", choices=list(NETWORKS), default=d["perceptual_network"],
+                   help="its weights: vgg16 (ImageNet, from --vgg-weights) or random (a fixed random draw, Liu et al. "
+                        "2021; needs no file) (default: %(default)s)")
+    p.add_argument("--vgg-weights", default=None,
+                   help="local torchvision vgg16 state dict for the perceptual loss (it cannot be downloaded offline)")

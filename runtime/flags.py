@@ -67,3 +67,19 @@ def seed(text: str) -> int:
     if not 0 <= value <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be in 0 .. 2^63 - 1, got {text}")
     return value
+
+
+def step_or_fraction(text: str) -> int | float:
+    """--adversarial-start: '1200' -> step 1200; '0.25' -> a quarter of the run's steps."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"expected a step (an integer) or a fraction in [0, 1), got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value

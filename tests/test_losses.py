@@ -208,7 +208,7 @@ def test_least_squares_losses_match_their_closed_forms_and_gradients():
 def test_the_adversarial_start_is_a_step_or_a_fraction_of_the_run():
     import argparse
 
-    from driver import step_or_fraction
+    from runtime.flags import step_or_fraction
     assert [start_step(s, 2400) for s in (1200, 0, 0.25, 0.0)] == [1200, 0, 600, 0]
     assert step_or_fraction("1200") == 1200 and isinstance(step_or_fraction("1200"), int)
     assert step_or_fraction("0.25") == 0.25
