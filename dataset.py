@@ -485,6 +485,24 @@ def subject_summary(data: DataConfig) -> str:
     return line
 
 
+def refuse_subject_folders_as_classes(data: DataConfig):
+    """A new stage 1 whose class folders are each the folder of the one subject its files are of (ADNI/002_S_0295/...:
+    an ADNI download as LONI delivers it, unsorted) would learn a class per person and hold none of them out:
+    refused, with the ways to give the run its classes. No image is decoded."""
+    folders = _listed(data)
+    if data.layout.class_column or len(folders.classes) < 2:
+        return
+    subject, subjects_of = data.subject(), {}
+    for path, label in folders.samples:
+        subjects_of.setdefault(folders.classes[label], set()).add(subject(path))
+    if all(subjects == {name} for name, subjects in subjects_of.items()):
+        named = ", ".join(folders.classes[:3]) + (" ..." if len(folders.classes) > 3 else "")
+        raise BadInputError(f"the class folders of {data.folder()} are subjects ({named}), each a class of its own: "
+                            f"an ADNI download before it is sorted by diagnosis. Sort the subjects' folders into "
+                            f"class folders (AD/002_S_0295/...), or give --data the folder above (one class, all), "
+                            f"or --class-column with a participants.tsv in {data.folder()} (volumes/README.md)")
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("s" if n != 1 else "")
 

@@ -296,6 +296,8 @@ def train_unet(args):
                f"have taken them for this run's")
 
     # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused), and the conditions
+    if not resume:  # a participants table's error before the latents are encoded, which may take minutes
+        training_conditions(args, None, classes, [p for p, _ in samples], torch.tensor([k for _, k in samples]))
     z, labels, paths = latent_cache(args, samples, vqvae, vq_fingerprint, rt)
     conditions, y, table, report = training_conditions(args, resume, classes, paths, labels)
     if conditions:

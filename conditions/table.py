@@ -192,13 +192,20 @@ def read_table(path: Path, subject_column: str | None = None,
         raise BadInputError(f"participants table {path} has no rows")
     column = subject_column or "participant_id"
     if column not in columns:
+        other = next((name for d, name in (("\t", "tabs"), (",", "commas")) if d != delimiter and len(columns) == 1
+                      and d in columns[0]), None)  # a CSV saved as participants.tsv: one column of every name
         raise BadInputError(f"participants table {path} has no column {column!r} (its columns: {', '.join(columns)}); "
-                            f"{fix}")
+                            + (f"its columns are parted by {other}, and a {path.suffix} file's may not be: save it "
+                               f"with the other separator or the other suffix" if other else fix))
     by_subject = {}
     for row in rows:
         key = _subject_key(row[column])
         if key in by_subject and by_subject[key] != row:
-            raise BadInputError(f"participants table {path} has two different rows for subject {row[column]!r}")
+            differ = [c for c in columns if by_subject[key].get(c) != row.get(c)]
+            raise BadInputError(f"participants table {path} has two different rows for subject {row[column]!r} (in "
+                                f"{', '.join(map(repr, differ[:4]))}{' ...' if len(differ) > 4 else ''}): it takes one "
+                                f"row per subject, so a table of visits or scans (ADNI's search CSV, ADNIMERGE) needs "
+                                f"one row chosen for each, e.g. the baseline visit's (conditions/README.md)")
         by_subject[key] = row
     return Table(str(path), hashlib.sha1(raw).hexdigest(), column, by_subject)
 

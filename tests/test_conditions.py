@@ -74,6 +74,23 @@ def test_a_column_of_numbers_with_a_few_words_or_a_column_named_twice_is_refused
     assert "two columns named 'age'" in str(pytest.raises(Exception, read_table, table_file).value)
 
 
+def test_a_table_of_visits_or_a_csv_saved_as_tsv_is_refused_saying_why(tmp_path):
+    """ADNI's tables as they come: a row per scan (the search CSV), or comma-separated under a .tsv name."""
+    visits = tmp_path / "search.csv"
+    visits.write_text("Image Data ID,Subject,Group,Age\nI1,002_S_0295,CN,84.8\nI2,002_S_0295,CN,85.3\n")
+    message = str(pytest.raises(Exception, read_table, visits, "Subject").value)
+    assert "two different rows for subject '002_S_0295' (in 'Image Data ID', 'Age')" in message
+    assert "one row per subject" in message and "baseline" in message
+    visits.write_text("Image Data ID,Subject,Group,Age\nI1,002_S_0295,CN,84.8\nI1,002_S_0295,CN,84.8\n")
+    assert read_table(visits, "Subject").row("002_S_0295")["Age"] == "84.8"           # the same row twice: one
+    saved_as_tsv = tmp_path / "participants.tsv"
+    saved_as_tsv.write_text("participant_id,group\n002_S_0295,CN\n")
+    message = str(pytest.raises(Exception, read_table, saved_as_tsv).value)
+    assert "parted by commas, and a .tsv file's may not be" in message
+    saved_as_tsv.write_text("subject\tgroup\n002_S_0295\tCN\n")                      # a TSV, another column
+    assert "--subject-column" in str(pytest.raises(Exception, read_table, saved_as_tsv).value)
+
+
 def test_a_value_the_run_does_not_know_is_not_given_in_training_and_refused_at_sampling(capsys):
     sex, age = Condition("sex", "category", ["F", "M"]), Condition("age", "continuous", low=60.0, high=80.0)
     assert math.isnan(sex.encode("X")) and math.isnan(sex.encode("n/a")) and math.isnan(age.encode("NA"))
@@ -110,6 +127,12 @@ def test_a_run_saves_its_conditions_scaled_by_its_training_subjects_and_keeps_th
                                                                           "--max-steps", "4", "--resume"])
     finally:
         (data / "participants.csv").write_text("\n".join((data / "participants.csv").read_text().splitlines()[:-1]) + "\n")
+    fresh = tmp_path / "fresh"                                # a new stage 2: the table is read before encoding
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns("unet*.pt", "latents.pt", "condition_net.pt"))
+    assert "has no column 'weight'" in error_of(driver.main, ["train-unet", "--run", str(fresh), *SMALL_UNET,
+                                                              "--max-steps", "2", "--condition", "weight",
+                                                              "--labels", str(data / "participants.csv")])
+    assert not (fresh / "latents.pt").exists()
 
 
 def test_a_table_typed_relative_or_moved_is_found_again_by_its_contents(conditioned_run, tmp_path, monkeypatch):

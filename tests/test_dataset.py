@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import error_of, touch
 from dataset import (DataConfig, InMemorySlices, SliceFolders, data_files_key, load_slices,
-                     split_by_subject, subject_summary)
+                     refuse_subject_folders_as_classes, split_by_subject, subject_summary)
 from runtime.errors import BadInputError
 from volumes.layouts import Layout, subject_id
 from volumes.reader import Slicing
@@ -527,6 +527,24 @@ def test_files_of_no_known_subject_id_are_named_in_the_summary(tmp_path):
     by_folder = subject_summary(DataConfig(root=str(root), holdout=0.2, layout=Layout(subject_pattern=r"^([^/]+/\d)/")))
     assert "data: 12 images of 6 subjects" in by_folder and "WARNING" not in by_folder   # a pattern with a / : the path
     assert "WARNING" not in subject_summary(DataConfig(root=str(tmp_path / "data"), holdout=0.0))  # nothing held out
+
+
+def test_an_adni_download_before_it_is_sorted_is_refused_as_classes_and_read_from_above_as_one(tmp_path):
+    """LONI delivers ADNI/<PTID>/<series>/<date>/<image id>/ADNI_<PTID>_..._I<id>.nii: read from ADNI/, each subject's
+    folder would be a class of its own (a class per person, none held out); the folder above is one class."""
+    subjects = ("002_S_0295", "002_S_0413", "941_S_1194")
+    names = [f"ADNI/{s}/MPRAGE/2006-0{v}-18_08_20_30.0/I1{i}{v}/ADNI_{s}_MR_MPRAGE_br_raw_2006_S1_I1{i}{v}.nii"
+             for i, s in enumerate(subjects) for v in (1, 2)]
+    root = touch(tmp_path / "download", names)
+    message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "run"), "--data", str(root / "ADNI"),
+                                     "--preset", "tiny"])
+    assert "are subjects (002_S_0295, 002_S_0413, 941_S_1194), each a class of its own" in message
+    assert "--class-column" in message and "the folder above" in message and not (tmp_path / "run").exists()
+    above = DataConfig(root=str(root), holdout=0.34)
+    refuse_subject_folders_as_classes(above)                                   # one class, ADNI, of 3 subjects
+    assert "data: 6 volumes of 3 subjects" in subject_summary(above) and "held out: 1 subject" in subject_summary(above)
+    sorted_by_hand = touch(tmp_path / "sorted", [("CN/" if "0295" in n else "AD/") + n.split("/", 1)[1] for n in names])
+    refuse_subject_folders_as_classes(DataConfig(root=str(sorted_by_hand)))  # AD/002_S_0413/... : classes
 
 
 def test_a_link_to_a_file_that_is_not_there_is_named_or_left_out(tmp_path):

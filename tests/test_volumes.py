@@ -191,6 +191,17 @@ def test_a_bids_trees_classes_can_come_from_a_column_of_its_participants_tsv(tmp
     assert "whose subjects are in participant_id" in error_of(driver.main, ["evaluate", "--run", str(run)])
 
 
+def test_class_column_without_a_table_or_matching_subjects_says_what_the_table_must_hold(tmp_path):
+    root = touch(tmp_path / "ADNI", [f"{s}/MPRAGE/I{k}/ADNI_{s}_MR_I{k}.nii" for k, s in enumerate(("002_S_0295",
+                                                                                                 "002_S_0413"))])
+    layout = Layout(class_column="group")
+    message = str(pytest.raises(BadInputError, SliceFolders, root, 16, 1, layout=layout).value)
+    assert "has none: write one, tab-separated, a row per subject, with participant_id" in message
+    (root / "participants.tsv").write_text("participant_id\tgroup\n295\tCN\n413\tAD\n")   # ADNI's RIDs
+    message = str(pytest.raises(BadInputError, SliceFolders, root, 16, 1, layout=layout).value)
+    assert "the files' subjects: 002_S_0295, 002_S_0413 ...; the table's: 295, 413 ..." in message
+
+
 def listed(root, **rules) -> list[str]:
     """The files a data folder gives (relative to it) by the default layout or by `rules`; none is read."""
     folders = SliceFolders(root, 16, 1, layout=Layout(**rules)) if rules else SliceFolders(root, 16, 1)

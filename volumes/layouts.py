@@ -333,6 +333,10 @@ def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -
     file whose subject has none (no row, n/a) is left out. Returns (files left out, a hash of each listed subject's
     class), which must be stage 1's (`classes_sha1`): other columns and rows may change, these classes may not."""
     column = layout.class_column
+    if not (root / "participants.tsv").is_file():
+        raise BadInputError(f"--class-column {column} reads the data folder's participants.tsv, and {root} has none: "
+                            f"write one, tab-separated, a row per subject, with participant_id (the subjects as "
+                            f"the files name them, e.g. 002_S_0295) and {column} (volumes/README.md)")
     table = read_table(root / "participants.tsv", fix="--class-column reads a BIDS participants.tsv, whose subjects "
                                                       "are in participant_id")
     if column not in table.columns:
@@ -343,8 +347,12 @@ def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -
     known = {p: v for p, v in value.items() if v.lower() not in MISSING}
     classes = sorted(set(known.values()))
     if len(classes) < 2:
+        listed, rows = sorted(set(owner.values())), sorted(r[table.subject_column] for r in table.rows.values())
         raise BadInputError(f"--class-column {column}: the listed subjects have {len(classes)} value(s) there "
-                            f"({', '.join(classes) or 'none'}); classes need two or more")
+                            f"({', '.join(classes) or 'none'}); classes need two or more"
+                            + (f" (the files' subjects: {', '.join(listed[:3])} ...; the table's: "
+                               f"{', '.join(rows[:3])} ...: --subject-pattern names the files' subjects)"
+                               if not known else ""))
     digest = hashlib.sha1("\n".join(sorted({f"{owner[p]}\t{v}" for p, v in known.items()})).encode()).hexdigest()
     if layout.classes_sha1 not in (None, digest):
         raise BadInputError(f"the classes {table.file}'s {column!r} gives the subjects changed since stage 1 (a "
