@@ -90,8 +90,8 @@ class SliceFolders(ConcatDataset):
                 raise BadInputError(f"class folders differ between {folders[0].root} {classes} and {f.root} {f.classes}")
             if f.kind != folders[0].kind:
                 raise BadInputError(f"{folders[0].root} holds {folders[0].kind} but {f.root} holds {f.kind}: keep one kind")
-        self.unlabelled, self.classes_sha1 = (classes_from_table(folders, Path(root), layout) if layout.class_column
-                                              else (0, None))
+        self.unlabelled, self.classes_sha1, self.subject_classes = (
+            classes_from_table(folders, Path(root), layout) if layout.class_column else (0, None, None))
         classes = folders[0].classes
         super().__init__(folders)
         self.classes = classes
@@ -325,11 +325,16 @@ class DataConfig:
     def from_args(cls, args) -> "DataConfig":
         slicing = Slicing(args.axis, args.slices, args.volume_index, args.intensity_percentiles, args.crop_foreground)
         layout = Layout(subject_pattern=args.subject_pattern, bids_suffix=args.bids_suffix,
-                        bids_entities=args.bids_entities, bids_all=args.bids_all, class_column=args.class_column)
+                        bids_entities=args.bids_entities, bids_all=args.bids_all, class_column=args.class_column,
+                        class_table=args.labels, class_subject_column=args.subject_column)
+        if (args.labels or args.subject_column) and not args.class_column:
+            raise BadInputError("train-vqvae's --labels and --subject-column name the table of --class-column, which "
+                                "is not given (a UNet's conditions take train-unet --labels)")
         config = cls(args.data, args.demo_dir, args.image_size, args.channels, args.holdout, args.holdout_seed,
                      args.skip_bad_images, slicing, layout)
-        if args.class_column:  # the classes as stage 1 finds them: a later command that finds others is refused
-            layout.classes_sha1 = _listed(config).classes_sha1
+        if args.class_column:  # the classes as stage 1 finds them, saved: a later command that finds others is refused
+            listed = _listed(config)
+            layout.classes_sha1, layout.subject_classes = listed.classes_sha1, listed.subject_classes
         return config
 
     def flags(self) -> dict:
@@ -340,7 +345,8 @@ class DataConfig:
                 "axis": s.axis, "slices": s.slices, "volume_index": s.volume_index, "intensity_percentiles": s.percentiles,
                 "crop_foreground": s.crop_foreground, "subject_pattern": layout.subject_pattern,
                 "bids_suffix": layout.bids_suffix, "bids_entities": layout.bids_entities, "bids_all": layout.bids_all,
-                "class_column": layout.class_column}
+                "class_column": layout.class_column, "labels": layout.class_table,
+                "subject_column": layout.class_subject_column}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "DataConfig":
@@ -449,7 +455,8 @@ def subject_summary(data: DataConfig) -> str:
             f"{per_subject[0]}, median {statistics.median(per_subject):g}, max {per_subject[-1]})")
     if data.layout.class_column:
         left_out = f" ({_count(folders.unlabelled, kind)} of subjects without one left out)"
-        line += (f", classes {', '.join(folders.classes)} from participants.tsv's {data.layout.class_column!r}"
+        table = os.path.basename(data.layout.class_table or "participants.tsv")
+        line += (f", classes {', '.join(folders.classes)} from {table}'s {data.layout.class_column!r}"
                  f"{left_out if folders.unlabelled else ''}")
     if data.holdout == 0:
         return line + "; nothing held out"

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import predict
 import train
-from dataset import DataConfig, data_files_key, refuse_subject_folders_as_classes
+from dataset import DataConfig, data_files_key
 import evaluation
 import volumes
 from losses import stage1
@@ -365,7 +365,6 @@ def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
     check_sizes(args)
     if args.stage == "vqvae" and not resumed:
         args.data_config = DataConfig.from_args(args)
-        refuse_subject_folders_as_classes(args.data_config)
     args.data_config.refuse_inside(args.run, "--run")
     return args
 

@@ -27,8 +27,9 @@ import torch.nn as nn
 
 from conditions.table import (CLASS, build_conditions, condition_matrix, find_table, read_table, saved_conditions,
                               saved_table, subjects_of, to_saved)
-from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches, subject_summary,
-                     to_unit, training_data, training_files, uint8_loader)
+from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches,
+                     refuse_subject_folders_as_classes, subject_summary, to_unit, training_data, training_files,
+                     uint8_loader)
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import drop_conditions
 from losses.stage1 import ReconstructionLoss
@@ -64,6 +65,8 @@ def train_vqvae(args):
     torch.manual_seed(args.seed)
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)
     check_processes(resume and resume.get("rng"), rt)  # before anything is written
+    if not resume:
+        refuse_subject_folders_as_classes(data)
 
     # saved: a resumed run, stage 2 and `evaluate` check that they read these files (a resumed run's were checked);
     # every byte is read by the process that saves them only
@@ -260,8 +263,11 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
             raise BadInputError(f"the participants table {table.file} changed since this run started; a resumed run "
                                 f"keeps the values it trained on: restore it, or train a new --run")
     else:
-        path = find_table(data.folder(), args.labels) if [n for n in names if n != CLASS] or args.labels else None
-        table = read_table(path, args.subject_column) if path else None
+        stage1s = not args.labels and data.layout.class_table  # by default, the table of stage 1's --class-column
+        path = (find_table(data.folder(), args.labels or data.layout.class_table)
+                if [n for n in names if n != CLASS] or args.labels else None)
+        table = read_table(path, args.subject_column or (data.layout.class_subject_column if stage1s else None)
+                           ) if path else None
         conditions = build_conditions(names, table, subjects, classes)
     y, report = condition_matrix(conditions, table, subjects, labels)
     return conditions, y, table, report

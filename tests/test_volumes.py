@@ -188,7 +188,27 @@ def test_a_bids_trees_classes_can_come_from_a_column_of_its_participants_tsv(tmp
     assert "changed since stage 1" in error_of(driver.main, ["train-unet", "--run", str(run), "--resume",
                                                              "--max-steps", "4"])
     (root / "participants.tsv").write_text("\n".join(rows).replace("participant_id", "subject") + "\n")
-    assert "whose subjects are in participant_id" in error_of(driver.main, ["evaluate", "--run", str(run)])
+    assert "its subjects in participant_id" in error_of(driver.main, ["evaluate", "--run", str(run)])
+    (root / "participants.tsv").unlink()              # gone: the run's own classes, saved by stage 1, stand in
+    assert ckpt(run / "vqvae.pt")["data_config"]["layout"]["subject_classes"] == {
+        f"sub-{k:02d}": "AD" if k < 4 else "CN" for k in range(8)}
+    driver.main(["train-unet", "--run", str(run), "--resume", "--max-steps", "4"])
+    assert ckpt(run / "unet.pt")["step"] == 4
+    # the table elsewhere (train-vqvae --labels), its subjects in a column of another name
+    elsewhere = tmp_path / "diagnoses.csv"
+    elsewhere.write_text("subject,dx,age\n" + "".join(f"sub-{k:02d},{'AD' if k % 2 else 'CN'},{60 + k}\n"
+                                                       for k in range(9)))
+    other = tmp_path / "other"
+    driver.main(["train-vqvae", "--run", str(other), "--data", str(root), "--preset", "tiny", *SMALL_VQ,
+                 "--max-steps", "1", "--class-column", "dx", "--labels", str(elsewhere), "--subject-column", "subject",
+                 "--slices", "2"])
+    assert "classes AD, CN from diagnoses.csv's 'dx'" in capsys.readouterr().out
+    layout = ckpt(other / "vqvae.pt")["data_config"]["layout"]
+    assert layout["class_table"] == str(elsewhere) and layout["subject_classes"]["sub-08"] == "CN"
+    driver.main(["train-unet", "--run", str(other), *SMALL_UNET, "--max-steps", "1", "--condition", "age"])
+    assert ckpt(other / "unet.pt")["labels"]["file"] == str(elsewhere)      # stage 1's table, by default
+    assert "name the table of --class-column" in error_of(driver.main, [
+        "train-vqvae", "--run", str(tmp_path / "third"), "--data", str(root), "--labels", str(elsewhere)])
 
 
 def test_class_column_without_a_table_or_matching_subjects_says_what_the_table_must_hold(tmp_path):

@@ -33,3 +33,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="the classes (AD, CN ...) are each subject's value in this column of the data folder's "
                         "participants.tsv, e.g. a BIDS tree's diagnosis; files of subjects without one are left out "
                         "(default: the class folders; a BIDS tree is one class, all)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="--class-column's participants table, CSV or TSV, one row per subject; the classes are saved "
+                        "with the run (the table changed later is refused, moved or deleted not needed); stage 2's "
+                        "conditions default to it too (default: the data folder's participants.tsv)")
+    p.add_argument("--subject-column", default=None,
+                   help="that table's column of subject IDs, matched to the files' subjects (default: participant_id)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torchvision import datasets
 
-from conditions.table import MISSING, read_table
+from conditions.table import MISSING, Table, read_table
 from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
 
@@ -217,14 +217,17 @@ class Layout:
     a BIDS root (`sub-*/[ses-*/]anat/*_T1w`, all of them), every volume of a class folder, and `_subject_id_v1`.
 
     Any version: with `class_column`, each file's class is its subject's value in that column of the data folder's
-    participants.tsv (a BIDS tree's diagnosis), not its class folder."""
+    participants.tsv (a BIDS tree's diagnosis), or of `class_table`, not its class folder."""
     version: int = LAYOUT_VERSION
     subject_pattern: str | None = None
     bids_suffix: str = "T1w"
     bids_entities: tuple[str, ...] = ()
     bids_all: bool = False
     class_column: str | None = None        # the classes from this column of the folder's participants.tsv
+    class_table: str | None = None         # ... or of this table (train-vqvae --labels), with its subjects in
+    class_subject_column: str | None = None  # ... this column (--subject-column; default participant_id)
     classes_sha1: str | None = None        # ... each listed subject's, as stage 1 found them (`classes_from_table`)
+    subject_classes: dict | None = None    # ... and the classes themselves (since 2026-12-07): the run needs no table
 
     def __post_init__(self):
         self.bids_entities = tuple(self.bids_entities)  # a list after a JSON round trip
@@ -327,41 +330,58 @@ class ImageFolder(datasets.ImageFolder):
                 "derivatives/)")
 
 
-def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -> tuple[int, str]:
-    """--class-column: each ImageFolder's files relabelled by their subject's value in that column of root's
-    participants.tsv (BIDS: subjects in participant_id), the classes its values among the listed subjects, sorted; a
-    file whose subject has none (no row, n/a) is left out. Returns (files left out, a hash of each listed subject's
-    class), which must be stage 1's (`classes_sha1`): other columns and rows may change, these classes may not."""
+def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -> tuple[int, str, dict]:
+    """--class-column: each ImageFolder's files relabelled by their subject's value in that column of the table
+    (`class_table`, else root's participants.tsv; BIDS: subjects in participant_id), the classes its values among the
+    listed subjects, sorted; a file whose subject has none (no row, n/a) is left out. A run's saved classes
+    (`subject_classes`) stand in for a table no longer there. Returns (files left out, a hash of each listed
+    subject's class, {subject: class}); the hash must be stage 1's (`classes_sha1`): other columns and rows may
+    change, these classes may not."""
     column = layout.class_column
-    if not (root / "participants.tsv").is_file():
-        raise BadInputError(f"--class-column {column} reads the data folder's participants.tsv, and {root} has none: "
-                            f"write one, tab-separated, a row per subject, with participant_id (the subjects as "
-                            f"the files name them, e.g. 002_S_0295) and {column} (volumes/README.md)")
-    table = read_table(root / "participants.tsv", fix="--class-column reads a BIDS participants.tsv, whose subjects "
-                                                      "are in participant_id")
-    if column not in table.columns:
-        raise BadInputError(f"--class-column {column}: {table.file} has no such column (its columns: "
-                            f"{', '.join(table.columns)})")
+    path = Path(layout.class_table) if layout.class_table else root / "participants.tsv"
     owner = {p: layout.subject(p, str(root)) for f in folders for p, _ in f.samples}
-    value = {p: (table.row(s) or {}).get(column, "") for p, s in owner.items()}
+    if layout.subject_classes is not None and not path.is_file():  # moved or gone: the classes stage 1 saved
+        table, value = None, {p: layout.subject_classes.get(s, "") for p, s in owner.items()}
+        where = f"the classes this run saved (of {path})"
+    else:
+        table = _class_table(path, column, layout.class_subject_column, root)
+        value = {p: (table.row(s) or {}).get(column, "") for p, s in owner.items()}
+        where = table.file
     known = {p: v for p, v in value.items() if v.lower() not in MISSING}
     classes = sorted(set(known.values()))
     if len(classes) < 2:
-        listed, rows = sorted(set(owner.values())), sorted(r[table.subject_column] for r in table.rows.values())
+        listed = sorted(set(owner.values()))
+        subjects = sorted(r[table.subject_column] for r in table.rows.values()) if table else []
         raise BadInputError(f"--class-column {column}: the listed subjects have {len(classes)} value(s) there "
                             f"({', '.join(classes) or 'none'}); classes need two or more"
                             + (f" (the files' subjects: {', '.join(listed[:3])} ...; the table's: "
-                               f"{', '.join(rows[:3])} ...: --subject-pattern names the files' subjects)"
-                               if not known else ""))
+                               f"{', '.join(subjects[:3])} ...: --subject-pattern names the files' subjects)"
+                               if not known and subjects else ""))
     digest = hashlib.sha1("\n".join(sorted({f"{owner[p]}\t{v}" for p, v in known.items()})).encode()).hexdigest()
     if layout.classes_sha1 not in (None, digest):
-        raise BadInputError(f"the classes {table.file}'s {column!r} gives the subjects changed since stage 1 (a "
+        raise BadInputError(f"the classes {where}'s {column!r} gives the subjects changed since stage 1 (a "
                             "diagnosis corrected, a subject's row added or removed): restore it, or train a new --run")
     for f in folders:
         f.samples = f.imgs = [(p, classes.index(known[p])) for p, _ in f.samples if p in known]
         f.targets = [label for _, label in f.samples]
         f.classes, f.class_to_idx = classes, {name: i for i, name in enumerate(classes)}
-    return len(value) - len(known), digest
+    return len(value) - len(known), digest, {owner[p]: v for p, v in sorted(known.items())}
+
+
+def _class_table(path: Path, column: str, subject_column: str | None, root: Path) -> Table:
+    """--class-column's table, refused in one line where it is missing or lacks the column."""
+    if not path.is_file():
+        raise BadInputError(f"--class-column {column} reads the data folder's participants.tsv, and {root} has none: "
+                            f"write one, tab-separated, a row per subject, with participant_id (the subjects as "
+                            f"the files name them, e.g. 002_S_0295) and {column}, or give train-vqvae --labels "
+                            f"FILE (volumes/README.md)" if path.parent == root and path.name == "participants.tsv"
+                            else f"--class-column {column}: its table {path} is not there")
+    table = read_table(path, subject_column, fix="--class-column's table has its subjects in participant_id (BIDS), "
+                                                 "or in the column train-vqvae --subject-column names")
+    if column not in table.columns:
+        raise BadInputError(f"--class-column {column}: {table.file} has no such column (its columns: "
+                            f"{', '.join(table.columns)})")
+    return table
 
 
 def _other_files(paths: list[str]) -> str:
