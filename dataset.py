@@ -92,7 +92,7 @@ class SliceFolders(ConcatDataset):
                 raise BadInputError(f"{folders[0].root} holds {folders[0].kind} but {f.root} holds {f.kind}: keep one kind")
         self.unlabelled, self.classes_sha1, self.subject_classes = (
             classes_from_table(folders, Path(root), layout) if layout.class_column else (0, None, None))
-        classes = folders[0].classes
+        classes = folders[0].classes  # the table's, with --class-column
         super().__init__(folders)
         self.classes = classes
         self.samples = [s for f in folders for s in f.samples]  # [(path, label)] in dataset order

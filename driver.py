@@ -99,7 +99,7 @@ def preset_help(stage: str, name: str, text: str) -> str:
 
 
 def add_common(p: argparse.ArgumentParser, stage: str):
-    """Flags shared by both training stages."""
+    """Flags shared by the training commands: train-vqvae, train-decoder, train-unet."""
     ph = lambda name, text: preset_help(stage, name, text)  # noqa: E731
     # run and data
     p.add_argument("--run", "--run-dir", dest="run", default="runs/demo",

@@ -337,7 +337,7 @@ class VQVAE(nn.Module):
 @dataclass
 class UNetConfig:
     in_channels: int = 4            # latent channels
-    latent_size: int = 32
+    latent_size: int = 32           # not read: the network takes any size; saved, as checkpoints have it
     channels: int = 128
     channel_mult: tuple = (1, 2, 2, 4)  # 4 down blocks and 4 up blocks
     num_res_blocks: int = 2
@@ -441,7 +441,8 @@ class TimestepSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """eps-predicting UNet on latents (Ho et al. 2020; layout of Dhariwal & Nichol 2021).
+    """The denoising UNet on latents, predicting eps or v as its diffusion says (Ho et al. 2020; layout of Dhariwal &
+    Nichol 2021).
 
     4 down levels (res blocks, then strided-conv downsampling after all but the last), a bottleneck
     of res block -> self-attention -> res block, 4 up levels consuming the skips, and the timestep

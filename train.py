@@ -2,7 +2,7 @@
 stage 1's decoder alone, `train_decoder(args)`: each sets up its data, model and loss and hands them to the loop
 they share (`runtime/loop.py`) as a `Stage`.
 
-Both read and write one run folder (`args.run`); runtime/README.md ("Around a run") says what it holds. The
+Each reads and writes one run folder (`args.run`); runtime/README.md ("Around a run") says what it holds. The
 command line in driver.py resolves every flag first (presets, what stage 2 inherits from stage 1), then calls them,
 on one device or, under torchrun, on many (DDP):
 

@@ -27,10 +27,11 @@ def make_betas(schedule: str, num_steps: int) -> torch.Tensor:
 
 
 class GaussianDiffusion(nn.Module):
-    """The DDPM forward process and its reverse steps (Ho et al. 2020), eps-parameterised.
+    """The DDPM forward process and its reverse steps (Ho et al. 2020), eps- or v-parameterised (`prediction`: v of
+    Salimans & Ho 2022, train-unet's default; eps this class's, for the tests' oracles).
 
     Steps are indexed t = 0..T-1, t = 0 the last reverse step (x_0 is the data). `alphas_cumprod[t]`
-    is abar_t. The network is passed in, called as `model(x_t, t)`, and predicts eps.
+    is abar_t. The network is passed in, called as `model(x_t, t)`, and predicts eps or v.
     Constants are computed in float64 and cast to the sample's dtype when used.
     """
 

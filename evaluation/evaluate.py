@@ -363,6 +363,10 @@ def utility(args, model, column: int, settings, dataset, train_idx: list[int], t
 
 
 def evaluate(args):
+    """`driver.py evaluate`: the run's held-out subjects halved into a reference A and a floor B; the samples (the
+    run's, or --samples), B's reconstructions, training images and B scored against A; then the optional parts
+    (memorisation, --ema-lengths, --class, --utility, the conditions read back); metrics.json, report.md and the
+    figures into --out (default: the run folder)."""
     run, out = Path(args.run), Path(args.out or args.run)
     if args.classifier_steps < 0:
         raise BadInputError(f"--classifier-steps must be 0 or more, got {args.classifier_steps}")

@@ -245,8 +245,8 @@ class NonfiniteSkips:
 
 @dataclass
 class Stage:
-    """What a training stage hands the shared loop: the parts in which the two stages differ."""
-    name: str                               # "vqvae" or "unet": RUN/<name>.pt, RUN/log_<name>.csv
+    """What a training stage hands the shared loop: the parts in which the stages differ."""
+    name: str                               # "vqvae", "decoder" or "unet": RUN/<name>.pt, RUN/log_<name>.csv
     model: nn.Module                        # the unwrapped model: saved, checked for NaN
     train_model: nn.Module                  # the same under DDP / torch.compile: runs the batches
     optimizer: torch.optim.Optimizer
