@@ -42,7 +42,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -362,6 +362,76 @@ def utility(args, model, column: int, settings, dataset, train_idx: list[int], t
                          [w for w in args.guidance if w > 0], test, cfg, args.classifier_steps, device)
 
 
+# ----------------------------------------------------------------------------- the optional parts of a report
+
+REPORT_ORDER = ("memorisation", "ema", "utility", "class", "conditions")  # as report.md and the printout give them
+
+
+@dataclass
+class Section:
+    """An optional part of `evaluate`: what it adds to metrics.json, its section of report.md, what it prints."""
+    metrics: dict
+    report: list[str]
+    printed: str
+
+
+def memorisation_section(samples, reference, floor, dataset, train_idx: list[int], features, device,
+                         out: Path) -> Section:
+    """Are the samples copies of training images? Each one's nearest training image, against held-out subjects'
+    (evaluation/memorisation.py); the most correlated pairs into eval_memorisation.png."""
+    memorisation, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, device)
+    save_image(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
+    table = format_memorisation_table(memorisation)
+    return Section({"memorisation": memorisation}, [
+        "", "## Memorisation", "", "Each image's nearest training image, in the features above (distance) and by pixel "
+        "correlation. The held-out subjects were never seen: their images show how close a new brain comes. A sample "
+        f"closer than the reference half A's percentile {memorisation['percentile']:g} is flagged; half B shows what "
+        "that threshold flags among real new subjects.", "", table, "", f"The {len(closest) // 2} samples most "
+        "correlated with a training image (top) and those training images (bottom):", "", "![](eval_memorisation.png)"],
+        table)
+
+
+def ema_section(curve: dict, samples_row: dict, run: Path) -> Section:
+    """The samples of each post-hoc EMA length against the run's own EMA (`evaluate --ema-lengths`)."""
+    table = format_ema_table(curve, samples_row)
+    return Section({"ema_lengths": curve}, [
+        "", "## EMA length", "", "The samples of the UNet's weights averaged over the training with power-function "
+        "EMAs of each length sigma_rel (EDM2's post-hoc EMA, reconstructed from the run's snapshots; fit: the relative "
+        "error of that reconstruction), drawn with the same sampler and seed as the samples row, against reference "
+        f"half A. The run's own EMA is the first row. `driver.py ema --run {run} --sigma-rel best` samples from the "
+        f"lowest FID, sigma_rel {curve['best']:g}.", "", table, "", "![](eval_ema_lengths.png)"], table)
+
+
+def class_section(rows: list[dict], guidance: list[float]) -> Section:
+    """Each class at each guidance scale against its own held-out subjects (`evaluate --class`)."""
+    table = format_class_table(rows)
+    return Section({"guidance": guidance, "per_class": rows}, [
+        "", "## Per class", "", f"Samples of each class at guidance scales {guidance}, scored against the reference "
+        "half of that class's held-out subjects. *Recognised*: how often the AD/NC classifier (trained on the training "
+        "subjects) assigns the images to the class.", "", table, "", "Eight samples per class and scale, one row each, "
+        "in the order of the table:", "", "![](eval_classes.png)"], table)
+
+
+def utility_section(rows: list[dict], per_class: int, asked: int) -> Section:
+    """Train on synthetic, test on real (`evaluate --utility`)."""
+    table = format_utility_table(rows)
+    return Section({"utility": rows, "utility_per_class": per_class, "utility_asked": asked}, [
+        "", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {per_class} images per class of "
+        "each set below (the same network and steps each time), tested on every held-out image: mean ± standard "
+        f"deviation over {UTILITY_SEEDS} training seeds.", "", table], table)
+
+
+def condition_section(rows: list[dict], sweeps: list[str], guidance: list[float]) -> Section:
+    """Each condition of the participants table read back from samples (evaluation/conditions.py)."""
+    table = format_condition_table(rows)
+    return Section({"guidance": guidance, "per_condition": rows, "sweeps": sweeps}, [
+        "", "## Conditions", "", "A network trained on the real training images to read each condition reads it back "
+        "from real held-out images (the floor) and from samples generated at those images' values, one condition given "
+        "at a time, at each guidance scale (w = 0 ignores it: the null). r: Pearson correlation with the value set, "
+        "MAE: mean absolute error in the covariate's units; recognised: how often a category is read as the one set.",
+        "", table, "", *[f"![]({name})" for name in sweeps]], table)
+
+
 def evaluate(args):
     """`driver.py evaluate`: the run's held-out subjects halved into a reference A and a floor B; the samples (the
     run's, or --samples), B's reconstructions, training images and B scored against A; then the optional parts
@@ -482,62 +552,46 @@ def evaluate(args):
                          "real (floor)": floor}, reference, features, device)
     table, level_table = format_table(scores), format_level_table(scores)
 
-    # are the samples copies of training images? their nearest training image against held-out subjects'
-    memorisation = None
-    if not stage1_only and not seen:
-        memorisation, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, device)
-        memorisation_table = format_memorisation_table(memorisation)
+    # the optional parts, each a Section of metrics.json, report.md and the printout (and its figure, written here)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = {}
+    if not stage1_only and not seen:  # are the samples copies of training images?
+        sections["memorisation"] = memorisation_section(samples, reference, floor, dataset, train_idx, features,
+                                                        device, out)
     elif seen:  # its yardstick, subjects the run never saw, is missing, and copies of theirs would go unflagged
         print(f"memorisation: not checked, {run} was trained on every subject (train-vqvae --holdout F)")
 
-    # post-hoc EMA lengths: each one's samples, drawn and scored as the samples row
-    ema_curve = None
-    if args.ema_lengths:
-        def sample_with(model):
-            torch.manual_seed(args.seed)
-            return predict.generate(model, settings, num, autocast=autocast)[0]
+    def draw(num, y=None, guidance=1.0, weights=None):
+        """`num` samples of the run's UNet (or of `weights`, a post-hoc EMA), from the seed of the samples row."""
+        torch.manual_seed(args.seed)
+        return predict.generate(model if weights is None else weights, settings, num, y, guidance, autocast)[0]
 
-        ema_curve = ema_length_curve(run, args.ema_lengths, model, sample_with,
-                                     lambda rows: score_rows(rows, reference, features, device))
-        ema_table = format_ema_table(ema_curve, scores["samples"])
-
-    # per class and guidance scale, with the AD/NC classifier's verdict
-    class_rows = None
-    if args.class_name is not None:
+    if args.ema_lengths:  # post-hoc EMA lengths: each one's samples, drawn and scored as the samples row
+        curve = ema_length_curve(run, args.ema_lengths, model, lambda weights: draw(num, weights=weights),
+                                 lambda rows: score_rows(rows, reference, features, device))
+        plot_ema_curve(curve, scores["samples"], {k: v for k, v in scores.items() if k.startswith("real")},
+                       out / "eval_ema_lengths.png")
+        sections["ema"] = ema_section(curve, scores["samples"], run)
+    if args.class_name is not None:  # per class and guidance scale, with the AD/NC classifier's verdict
         classifier = (features.classifier if isinstance(features, ClassifierFeatures)
                       else domain_classifier(run, dataset, train_idx, key, args.classifier_steps, device))
-
-        column = [c.name for c in model.conditions].index(CLASS)
-        wanted = {int(y[column]): y for _, y in asked}  # class index -> the conditions asked for
-
-        def sample(c, num, guidance):
-            torch.manual_seed(args.seed)
-            return predict.generate(model, settings, num, wanted[c].expand(num, -1), guidance, autocast)[0]
-
-        class_rows, class_grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, list(wanted), sample,
-                                              classifier, features, device, seed, subject)
-        class_table = format_class_table(class_rows)
-
-    # train on synthetic, test on real: the AD/NC classifier trained on samples of each class, tested on held-out subjects
-    utility_rows = None
-    if args.utility is not None:
-        utility_rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
-                               torch.cat([ref_labels, floor_labels])), per_class, autocast, device, seed)
-        utility_table = format_utility_table(utility_rows)
-
-    # each condition from the participants table, read back from samples generated at held-out subjects' values
-    condition_rows = None
+        wanted = {int(y[[c.name for c in model.conditions].index(CLASS)]): y for _, y in asked}  # class -> conditions
+        rows, grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, list(wanted),
+                                  lambda c, n, w: draw(n, wanted[c].expand(n, -1), w), classifier, features, device,
+                                  seed, subject)
+        save_image(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
+        sections["class"] = class_section(rows, args.guidance)
+    if args.utility is not None:  # train on synthetic, test on real: the AD/NC classifier trained on samples of each class
+        rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
+                       torch.cat([ref_labels, floor_labels])), per_class, autocast, device, seed)
+        sections["utility"] = utility_section(rows, per_class, args.utility)
     if samples is not None and not args.samples and any(c.name != CLASS for c in model.conditions):  # drawn here
-        def sample_at(y, guidance):
-            torch.manual_seed(args.seed)
-            return predict.generate(model, settings, len(y), y, guidance, autocast)[0]
-
-        condition_rows, sweeps = condition_check(args, run, model, participants, dataset, train_idx,
-                                                 ref_idx + floor_idx, key, sample_at, device, out)
-        condition_table = format_condition_table(condition_rows)
+        # each condition from the participants table, read back from samples generated at held-out subjects' values
+        rows, sweeps = condition_check(args, run, model, participants, dataset, train_idx, ref_idx + floor_idx, key,
+                                       lambda y, w: draw(len(y), y, w), device, out)
+        sections["conditions"] = condition_section(rows, sweeps, args.guidance)
 
     # files
-    out.mkdir(parents=True, exist_ok=True)
     grids = {"real": floor, "reconstructions": recons, **generated}
     for name, images in grids.items():
         save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
@@ -557,20 +611,8 @@ def evaluate(args):
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
                "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
-    if utility_rows is not None:
-        metrics.update(utility=utility_rows, utility_per_class=per_class, utility_asked=args.utility)
-    if ema_curve is not None:
-        metrics["ema_lengths"] = ema_curve
-        plot_ema_curve(ema_curve, scores["samples"], {k: v for k, v in scores.items() if k.startswith("real")},
-                       out / "eval_ema_lengths.png")
-    if memorisation is not None:
-        metrics["memorisation"] = memorisation
-        save_image(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
-    if condition_rows is not None:
-        metrics.update(guidance=args.guidance, per_condition=condition_rows, sweeps=sweeps)
-    if class_rows is not None:
-        metrics.update(guidance=args.guidance, per_class=class_rows)
-        save_image(class_grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
+    for section in sections.values():
+        metrics.update(section.metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}"
                + (f", codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}"
@@ -607,49 +649,13 @@ def evaluate(args):
                          "subjects the run never saw).**\n")
     if few:
         report.insert(2, f"**Only {n_subjects} subjects in a held-out half: FID and KID are not reliable here.**\n")
-    if memorisation is not None:
-        report += ["", "## Memorisation", "", "Each image's nearest training image, in the features above (distance) "
-                   "and by pixel correlation. The held-out subjects were never seen: their images show how close a new "
-                   "brain comes. A sample closer than the reference half A's percentile "
-                   f"{memorisation['percentile']:g} is flagged; half B shows what that threshold flags among real new "
-                   "subjects.", "", memorisation_table, "", f"The {len(closest) // 2} samples most correlated with a "
-                   "training image (top) and those training images (bottom):", "", "![](eval_memorisation.png)"]
-    if ema_curve is not None:
-        report += ["", "## EMA length", "", "The samples of the UNet's weights averaged over the training with power-"
-                   "function EMAs of each length sigma_rel (EDM2's post-hoc EMA, reconstructed from the run's "
-                   f"snapshots; fit: the relative error of that reconstruction), drawn with the same sampler and seed "
-                   f"as the samples row, against reference half A. The run's own EMA is the first row. `driver.py ema "
-                   f"--run {run} --sigma-rel best` samples from the lowest FID, sigma_rel {ema_curve['best']:g}.", "",
-                   ema_table, "", "![](eval_ema_lengths.png)"]
-    if utility_rows is not None:
-        report += ["", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {per_class} images "
-                   "per class of each set below (the same network and steps each time), tested on every held-out image: "
-                   f"mean ± standard deviation over {UTILITY_SEEDS} training seeds.", "", utility_table]
-    if class_rows is not None:
-        report += ["", "## Per class", "", f"Samples of each class at guidance scales {args.guidance}, scored against the "
-                   "reference half of that class's held-out subjects. *Recognised*: how often the AD/NC classifier "
-                   "(trained on the training subjects) assigns the images to the class.", "", class_table, "",
-                   "Eight samples per class and scale, one row each, in the order of the table:", "", "![](eval_classes.png)"]
-    if condition_rows is not None:
-        report += ["", "## Conditions", "", "A network trained on the real training images to read each condition reads "
-                   "it back from real held-out images (the floor) and from samples generated at those images' values, "
-                   "one condition given at a time, at each guidance scale (w = 0 ignores it: the null). r: Pearson "
-                   "correlation with the value set, MAE: mean absolute error in the covariate's units; recognised: how "
-                   "often a category is read as the one set.", "", condition_table, "",
-                   *[f"![]({name})" for name in sweeps]]
+    ordered = [sections[name] for name in REPORT_ORDER if name in sections]
+    report += [line for section in ordered for line in section.report]
     (out / "report.md").write_text("\n".join(report) + "\n")
     print(vq_line)
     print(table)
     print(level_table)
-    if memorisation is not None:
-        print(memorisation_table)
-    if ema_curve is not None:
-        print(ema_table)
-    if utility_rows is not None:
-        print(utility_table)
-    if class_rows is not None:
-        print(class_table)
-    if condition_rows is not None:
-        print(condition_table)
+    for section in ordered:
+        print(section.printed)
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return metrics
