@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
-from evaluation.evaluate import feature_network, format_level_table, format_table, score_rows, stack  # noqa: E402
+from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
+from evaluation.report import format_level_table, format_table  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
 
 

@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import predict  # noqa: E402
 from decode_unquantised import add_row_arguments, load_row, samples_and_latents  # noqa: E402
-from evaluation.evaluate import format_level_table, score_rows  # noqa: E402
+from evaluation.evaluate import score_rows  # noqa: E402
+from evaluation.report import format_level_table  # noqa: E402
 from losses.reconstruction import laplacian_pyramid  # noqa: E402
 from runtime.posthoc_ema import reconstruct  # noqa: E402
 

@@ -60,8 +60,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import DataConfig, load_slices  # noqa: E402
-from evaluation.evaluate import (class_mix, evaluation_split, feature_network, format_level_table,  # noqa: E402
-                                 format_table, score_rows, stack, training_sample)
+from evaluation.evaluate import (class_mix, evaluation_split, feature_network, score_rows, stack,  # noqa: E402
+                                 training_sample)
+from evaluation.report import format_level_table, format_table  # noqa: E402
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402

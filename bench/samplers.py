@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
-from evaluation.evaluate import (feature_key, feature_network, format_table, run_split, score_rows,  # noqa: E402
-                                 stack, training_sample)
+from evaluation.evaluate import (feature_key, feature_network, run_split, score_rows, stack,  # noqa: E402
+                                 training_sample)
+from evaluation.report import format_table  # noqa: E402
 
 # name -> `driver.py sample` flags
 SAMPLERS = {

@@ -42,7 +42,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -58,10 +58,13 @@ from dataset import card_transform, load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
-from evaluation.conditions import condition_check, format_condition_table
-from evaluation.ema_lengths import ema_length_curve, format_ema_table, plot_ema_curve
-from evaluation.memorisation import format_memorisation_table, memorisation_check
-from evaluation.utility import UTILITY_SEEDS, format_utility_table, images_per_class, utility_check
+from evaluation.conditions import condition_check
+from evaluation.ema_lengths import ema_length_curve, plot_ema_curve
+from evaluation.memorisation import memorisation_check
+from evaluation.report import (CROP_SIZE, REPORT_ORDER, class_section, condition_section, ema_section,
+                               format_level_table, format_table, memorisation_section, save_crops, swd_levels,
+                               utility_section)
+from evaluation.utility import images_per_class, utility_check
 from export.sample_set import MANIFEST, SETTINGS, read_sample
 from runtime.checkpoint import fingerprint
 from runtime.errors import BadInputError
@@ -214,7 +217,7 @@ def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device,
     return ClassifierFeatures(classifier).to(device)
 
 
-# ----------------------------------------------------------------------------- scoring and report
+# ----------------------------------------------------------------------------- scoring
 
 def score_rows(rows: dict[str, torch.Tensor], reference: torch.Tensor, features, device) -> dict[str, dict]:
     """Every metric of every row of images against the reference set (same features, same patches)."""
@@ -224,60 +227,7 @@ def score_rows(rows: dict[str, torch.Tensor], reference: torch.Tensor, features,
             for name, images in rows.items()}
 
 
-def format_table(scores: dict[str, dict]) -> str:
-    """Markdown table of FID / KID / SWD / MS-SSIM; FID, KID and SWD of each model row with its ratio to the real rows."""
-    bars = [name for name in ("real (training)", "real (floor)") if name in scores]
-    lines = ["| images | n | FID | KID x1e3 | SWD x1e3 | MS-SSIM (pairs) |", "|---|---|---|---|---|---|"]
-
-    def cell(name, key, text):
-        # a real row's KID at or below 0 (its unbiased estimate scatters around 0) has no ratio: a dash holds its place
-        ratios = [f"{scores[name][key] / scores[b][key]:.1f}x" if scores[b][key] > 0 else "–" for b in bars]
-        return text if name in bars or not bars else f"{text} ({' / '.join(ratios)})"
-
-    for name, s in scores.items():
-        fid, swd = cell(name, "fid", f"{s['fid']:.3f}"), cell(name, "swd", f"{s['swd']:.1f}")
-        kid = cell(name, "kid", f"{1e3 * s['kid']:.2f} ± {1e3 * s['kid_std']:.2f}")
-        lines.append(f"| {name} | {s['count']} | {fid} | {kid} | {swd} | {s['ms_ssim']:.3f} |")
-    if bars:
-        lines.append(f"\nRatios: the row over {' / over '.join(bars)} (1.0x = as close to the reference as real images get).")
-    return "\n".join(lines)
-
-
-def swd_levels(scores: dict[str, dict]) -> list[int]:
-    """The pyramid levels (px) the SWD of `scores` was measured at, finest first: the run's resolution down to 16."""
-    return sorted((int(k[4:]) for k in next(iter(scores.values())) if k.startswith("swd_")), reverse=True)
-
-
-def format_level_table(scores: dict[str, dict]) -> str:
-    """Markdown table of SWD per Laplacian level: one row per image set, one column per level, finest band first.
-
-    The finest band is where a blurry first stage shows (bench/README.md): read it against the real rows.
-    """
-    levels = swd_levels(scores)
-    names = [f"{r} px" + (" (finest band)" if i == 0 else " (low-pass)" if r == levels[-1] else "")
-             for i, r in enumerate(levels)]
-    lines = ["| images | " + " | ".join(names) + " |", "|---" * (len(levels) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{s[f'swd_{r}']:.1f}" for r in levels) + " |" for name, s in scores.items()]
-    return "\n".join(lines)
-
-
-def central_crops(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The central size x size pixels of every image, not resampled: (N, C, size, size)."""
-    top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
-    return images[..., top:top + size, left:left + size]
-
-
 SEEDED_ONCE = "manual_seed(seed), then every batch in turn"  # metrics.json's batch_seeds (a sample set: each batch)
-CROP_SIZE = 96  # px: a third of a 256-px slice, enough to see sulci; the whole image below 96 px
-CROPS_PER_ROW = 4
-
-
-def save_crops(rows: list[torch.Tensor], size: int, path: Path) -> int:
-    """The central crops of the first CROPS_PER_ROW images of each set, one set per row, at full resolution (1:1)."""
-    n = min(CROPS_PER_ROW, *(len(images) for images in rows))
-    save_image(torch.cat([central_crops(images[:n], size) for images in rows]), path, nrow=n, padding=2,
-               normalize=True, value_range=(-1, 1))
-    return n
 
 
 # ----------------------------------------------------------------------------- per class, per guidance scale
@@ -315,17 +265,6 @@ def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], class
     return rows, torch.cat(grid)
 
 
-def format_class_table(rows: list[dict]) -> str:
-    """Markdown table of the per-class rows: the classifier's accuracy and the quality metrics."""
-    lines = ["| class | images | n | recognised as the class | FID | KID x1e3 | SWD x1e3 | MS-SSIM (pairs) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        metrics = (f"{r['fid']:.3f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['swd']:.1f} | {r['ms_ssim']:.3f}"
-                   if "fid" in r else "| | |")
-        lines.append(f"| {r['class']} | {r['images']} | {r['count']} | {r['recognised']:.1%} | {metrics} |")
-    return "\n".join(lines)
-
-
 def class_column(model, classes: list[str], run: Path) -> int:
     """The condition that names the data's class folders, for --utility: `class` (train-unet --conditional), else a
     category of the participants table with those values (a `group` column of AD and NC)."""
@@ -360,76 +299,6 @@ def utility(args, model, column: int, settings, dataset, train_idx: list[int], t
                            num_classes=len(dataset.classes))
     return utility_check(real_of, generate, list(range(len(dataset.classes))), per_class,
                          [w for w in args.guidance if w > 0], test, cfg, args.classifier_steps, device)
-
-
-# ----------------------------------------------------------------------------- the optional parts of a report
-
-REPORT_ORDER = ("memorisation", "ema", "utility", "class", "conditions")  # as report.md and the printout give them
-
-
-@dataclass
-class Section:
-    """An optional part of `evaluate`: what it adds to metrics.json, its section of report.md, what it prints."""
-    metrics: dict
-    report: list[str]
-    printed: str
-
-
-def memorisation_section(samples, reference, floor, dataset, train_idx: list[int], features, device,
-                         out: Path) -> Section:
-    """Are the samples copies of training images? Each one's nearest training image, against held-out subjects'
-    (evaluation/memorisation.py); the most correlated pairs into eval_memorisation.png."""
-    memorisation, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, device)
-    save_image(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
-    table = format_memorisation_table(memorisation)
-    return Section({"memorisation": memorisation}, [
-        "", "## Memorisation", "", "Each image's nearest training image, in the features above (distance) and by pixel "
-        "correlation. The held-out subjects were never seen: their images show how close a new brain comes. A sample "
-        f"closer than the reference half A's percentile {memorisation['percentile']:g} is flagged; half B shows what "
-        "that threshold flags among real new subjects.", "", table, "", f"The {len(closest) // 2} samples most "
-        "correlated with a training image (top) and those training images (bottom):", "", "![](eval_memorisation.png)"],
-        table)
-
-
-def ema_section(curve: dict, samples_row: dict, run: Path) -> Section:
-    """The samples of each post-hoc EMA length against the run's own EMA (`evaluate --ema-lengths`)."""
-    table = format_ema_table(curve, samples_row)
-    return Section({"ema_lengths": curve}, [
-        "", "## EMA length", "", "The samples of the UNet's weights averaged over the training with power-function "
-        "EMAs of each length sigma_rel (EDM2's post-hoc EMA, reconstructed from the run's snapshots; fit: the relative "
-        "error of that reconstruction), drawn with the same sampler and seed as the samples row, against reference "
-        f"half A. The run's own EMA is the first row. `driver.py ema --run {run} --sigma-rel best` samples from the "
-        f"lowest FID, sigma_rel {curve['best']:g}.", "", table, "", "![](eval_ema_lengths.png)"], table)
-
-
-def class_section(rows: list[dict], guidance: list[float]) -> Section:
-    """Each class at each guidance scale against its own held-out subjects (`evaluate --class`)."""
-    table = format_class_table(rows)
-    return Section({"guidance": guidance, "per_class": rows}, [
-        "", "## Per class", "", f"Samples of each class at guidance scales {guidance}, scored against the reference "
-        "half of that class's held-out subjects. *Recognised*: how often the AD/NC classifier (trained on the training "
-        "subjects) assigns the images to the class.", "", table, "", "Eight samples per class and scale, one row each, "
-        "in the order of the table:", "", "![](eval_classes.png)"], table)
-
-
-def utility_section(rows: list[dict], per_class: int, asked: int) -> Section:
-    """Train on synthetic, test on real (`evaluate --utility`)."""
-    table = format_utility_table(rows)
-    return Section({"utility": rows, "utility_per_class": per_class, "utility_asked": asked}, [
-        "", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {per_class} images per class of "
-        "each set below (the same network and steps each time), tested on every held-out image: mean ± standard "
-        f"deviation over {UTILITY_SEEDS} training seeds.", "", table], table)
-
-
-def condition_section(rows: list[dict], sweeps: list[str], guidance: list[float]) -> Section:
-    """Each condition of the participants table read back from samples (evaluation/conditions.py)."""
-    table = format_condition_table(rows)
-    return Section({"guidance": guidance, "per_condition": rows, "sweeps": sweeps}, [
-        "", "## Conditions", "", "A network trained on the real training images to read each condition reads it back "
-        "from real held-out images (the floor) and from samples generated at those images' values, one condition given "
-        "at a time, at each guidance scale (w = 0 ignores it: the null). r: Pearson correlation with the value set, "
-        "MAE: mean absolute error in the covariate's units; recognised: how often a category is read as the one set.",
-        "", table, "", *[f"![]({name})" for name in sweeps]], table)
 
 
 def evaluate(args):
@@ -556,8 +425,8 @@ def evaluate(args):
     out.mkdir(parents=True, exist_ok=True)
     sections = {}
     if not stage1_only and not seen:  # are the samples copies of training images?
-        sections["memorisation"] = memorisation_section(samples, reference, floor, dataset, train_idx, features,
-                                                        device, out)
+        memorisation, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, device)
+        sections["memorisation"] = memorisation_section(memorisation, closest, out)
     elif seen:  # its yardstick, subjects the run never saw, is missing, and copies of theirs would go unflagged
         print(f"memorisation: not checked, {run} was trained on every subject (train-vqvae --holdout F)")
 

@@ -11,7 +11,8 @@ from torchvision.utils import save_image
 
 import driver
 import predict
-from evaluation.evaluate import central_crops, class_scores, evaluation_split, format_level_table, format_table
+from evaluation.evaluate import class_scores, evaluation_split
+from evaluation.report import central_crops, format_level_table, format_table
 from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyramid, ms_ssim_diversity,
                                 sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
