@@ -38,6 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
@@ -362,6 +363,11 @@ class DataConfig:
         return cls(ckpt["data"], saved.get("demo_dir", str(DEFAULT_DEMO_ROOT)), saved["image_size"],
                    saved.get("channels", 1), saved.get("holdout", 0.0), saved.get("holdout_seed", 0),
                    saved.get("skip_bad_images", False), **before)
+
+    @classmethod
+    def of_run(cls, run: Path) -> "DataConfig":
+        """The data config of the run folder `run`, from its RUN/vqvae.pt."""
+        return cls.from_checkpoint(load_checkpoint(Path(run) / "vqvae.pt", "vqvae"))
 
     def folder(self) -> Path:
         """The image folder (the demo data is built on first use, and again where its cache was cleared)."""

@@ -434,7 +434,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.command == "evaluate":
         _, args.data_config = stage1_data(args)
     elif args.command == "counterfactual":  # how the run reads an image; its data folder need not be at hand
-        args.data_config = DataConfig.from_checkpoint(load_checkpoint(Path(args.run) / "vqvae.pt", "vqvae"))
+        args.data_config = DataConfig.of_run(args.run)
     return args
 
 

@@ -458,7 +458,7 @@ def predict(args):
     sampling_from_args(args)  # flags that need no run are checked before loading it
     run, out = Path(args.run), Path(args.out or args.run)
     if args.out:  # a run folder itself was refused inside its data by train-vqvae
-        DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).refuse_inside(out, "--out")
+        DataConfig.of_run(run).refuse_inside(out, "--out")
     device, autocast = setup_device(args.device)
     model = load_run(run, device, finetuned=args.decoder == "fine-tuned")
     sampling = sampling_from_args(args, model)
@@ -467,8 +467,7 @@ def predict(args):
     rows = asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)]
     geometry = None
     if args.format == "nifti":  # the set's own, resumed; else its training volumes'
-        geometry = (args.resume and saved_geometry(out / "samples")) or run_geometry(
-            DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")))
+        geometry = (args.resume and saved_geometry(out / "samples")) or run_geometry(DataConfig.of_run(run))
     settings, record = sample_record(args, run, model, sampling, rows)
     if geometry is not None:
         settings["geometry"] = asdict(geometry)

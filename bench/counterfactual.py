@@ -36,7 +36,6 @@ from conditions.table import asked_values  # noqa: E402
 from dataset import DataConfig, load_slices  # noqa: E402
 from evaluation.classifier import class_accuracy, domain_classifier  # noqa: E402
 from evaluation.evaluate import feature_key, run_split, stack  # noqa: E402
-from runtime.checkpoint import load_checkpoint  # noqa: E402
 
 
 def disc(size: int, radius: float) -> torch.Tensor:
@@ -80,7 +79,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    data = DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae"))
+    data = DataConfig.of_run(run)
     dataset = load_slices(data.folder(), data.image_size, data.channels, slicing=data.slicing, layout=data.layout)
     train_idx, ref_idx, floor_idx = run_split(data, dataset)
     held = ref_idx + floor_idx

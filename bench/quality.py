@@ -115,7 +115,7 @@ def split_rules(version: int) -> int:
 def layout_version(runs: list[Path]) -> int:
     """The data layout version (`split_rules`) the runs' stage 1s split their data by (today's where none is trained
     yet): the split that scores them must be theirs, or a row would be scored on subjects it trained on."""
-    versions = {run: split_rules(DataConfig.from_checkpoint(load_checkpoint(run / "vqvae.pt", "vqvae")).layout.version)
+    versions = {run: split_rules(DataConfig.of_run(run).layout.version)
                 for run in dict.fromkeys(runs) if (run / "vqvae.pt").exists()}
     if len(set(versions.values())) > 1:
         found = ", ".join(f"{run} {version}" for run, version in versions.items())

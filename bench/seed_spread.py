@@ -87,7 +87,7 @@ def main():
 
     seeds, result = range(1, args.seeds + 1), {}
     for row in args.rows.split(","):
-        trained = DataConfig.from_checkpoint(load_checkpoint(out / row / "vqvae.pt", "vqvae"))
+        trained = DataConfig.of_run(out / row)
         if (trained.holdout, trained.holdout_seed) != (holdout, 0):
             raise SystemExit(f"error: {out / row} was trained with --holdout {trained.holdout} (seed "
                              f"{trained.holdout_seed}), not OUT's {holdout}: its samples would be scored against "
