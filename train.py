@@ -102,9 +102,9 @@ def train_vqvae(args):
     start_stage(args, rt, "vqvae", f"VQ-VAE {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, latent "
                 f"{cfg.latent_shape}, {len(dataset)} images from {data.folder()}, steps {step} -> {max_steps} of "
                 f"{args.batch_size * args.grad_accum * rt.world} images ({rt.world} process(es)) on {rt.device}, {rt.precision}")
-    train_loop(Stage("vqvae", model, train_model, optimizer, stream, loss,
-                     ("loss", "recon", cfg.regularisation, "adversarial", *model.stat_names),
-                     lambda: reconstruction_grid(model, model, fixed, rt), "recon",
+    train_loop(Stage("vqvae", model, train_model, optimizer, batches=stream, loss=loss,
+                     stats=("loss", "recon", cfg.regularisation, "adversarial", *model.stat_names),
+                     draw=lambda: reconstruction_grid(model, model, fixed, rt), grid="recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
                                       "data_config": data.saved(), "data_files": files_key,
                                       **reconstruction.state()},
@@ -189,8 +189,9 @@ def train_decoder(args):
     start_stage(args, rt, "decoder", f"the decoder of {run / 'vqvae.pt'} (step {vq_ckpt['step']}) alone, "
                 f"{sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params, {len(dataset)} images, steps "
                 f"{step} -> {max_steps} of {args.batch_size * args.grad_accum * rt.world} images on {rt.device}, {rt.precision}")
-    train_loop(Stage("decoder", decoder, train_model, optimizer, stream, loss, ("loss", "recon", "adversarial"),
-                     lambda: reconstruction_grid(vqvae, decoder, fixed, rt), "decoded",
+    train_loop(Stage("decoder", decoder, train_model, optimizer, batches=stream, loss=loss,
+                     stats=("loss", "recon", "adversarial"),
+                     draw=lambda: reconstruction_grid(vqvae, decoder, fixed, rt), grid="decoded",
                      payload=lambda: {"kind": "decoder", "config": asdict(vqvae.cfg), "vqvae_fingerprint": vq_fingerprint,
                                       **reconstruction.state()},
                      after_step=reconstruction.after_step, plot=("loss", "recon"), derived=psnr),
@@ -383,7 +384,8 @@ def train_unet(args):
     start_stage(args, rt, "unet", f"UNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params ({conditioning}) "
                 f"on latents {tuple(latents.shape[1:])}, {len(latents)} latents, scale {latent_scale:.4f}, steps {step} -> "
                 f"{max_steps} of {args.batch_size * args.grad_accum * rt.world} latents ({rt.world} process(es)) on {rt.device}, {rt.precision}")
-    train_loop(Stage("unet", model, train_model, optimizer, batches, loss, ("loss",), draw, "samples", payload,
+    train_loop(Stage("unet", model, train_model, optimizer, batches=batches, loss=loss, stats=("loss",), draw=draw,
+                     grid="samples", payload=payload,
                      on_save=lambda step: posthoc.snapshot(run) if posthoc else None, after_step=after_step,
                      unit="latents"),
                args, rt, step, max_steps, resume)
