@@ -54,7 +54,7 @@ DEFAULT_BATCH = {"cuda": 256, "cpu": 64}
 
 
 def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int = 1000, num: int | None = 16,
-                  num_help: str = "number of images (default: %(default)s)", several_guidances: bool = False):
+                  num_help: str = "number of images (default: %(default)s)", for_evaluate: bool = False):
     p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: the run folder)")
     p.add_argument("--num", type=int, default=num, help=num_help)
@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
     p.add_argument("--class", dest="class_name", default=None,
                    help="generate this class (AD, NC ...: the run's class folders) or 'all' for one grid row per class; "
                         "needs a run trained with --conditional (default: unconditional)")
-    if several_guidances:
+    if for_evaluate:  # several guidance scales, and none of the flags of what a sample set holds
         p.add_argument("--guidance", type=scales, default=[0.0, 1.0, 2.0, 3.0, 5.0],
                        help="classifier-free guidance scales w with --class, comma-separated, one row each: "
                             "0 unconditional, 1 conditional, >1 stronger (default: 0,1,2,3,5)")
@@ -341,7 +341,7 @@ def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), swee
 # ----------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample_latents(diffusion: GaussianDiffusion, unet, x_T: torch.Tensor, sampling: Sampling, progress=None):
+def sample_latents(diffusion: GaussianDiffusion, unet, x_T: torch.Tensor, sampling: Sampling, bar=None):
     """Reverse diffusion from x_T, then the card's repeated final steps.
 
     Returns the final latents and the GIF frames [(caption, x0, x_t)] at evenly spaced steps.
@@ -356,15 +356,15 @@ def sample_latents(diffusion: GaussianDiffusion, unet, x_T: torch.Tensor, sampli
     for i, (t, x, x0) in enumerate(steps):
         if i in keep:
             frames.append((f"step {t}", x0, x))
-        if progress:
-            progress.update(1)
+        if bar:
+            bar.update(1)
     for r in range(sampling.repeat_times):
         t_start = sampling.repeat_last - 1
         t = torch.full((len(x),), t_start, device=x.device, dtype=torch.long)
         x_t = diffusion.q_sample(x, t, torch.randn_like(x))
         for t, x, x0 in diffusion.sample_steps(unet, x_t, "ddpm", start=t_start, clip_x0=sampling.clip_x0):
-            if progress:
-                progress.update(1)
+            if bar:
+                bar.update(1)
         frames.append((f"repeat {r + 1}/{sampling.repeat_times}", x0, x))
     return x, frames
 

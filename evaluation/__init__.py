@@ -16,7 +16,7 @@ from runtime.flags import non_negative, seed
 
 def add_arguments(p: argparse.ArgumentParser):
     # the sampler and its flags (--run, --num, --seed, ...), as `driver.py sample`
-    predict.add_arguments(p, sampler="dpmpp-sde", steps=20, num=None, several_guidances=True,
+    predict.add_arguments(p, sampler="dpmpp-sde", steps=20, num=None, for_evaluate=True,
                           num_help="images to generate, per class and scale with --class (default: as many as the "
                                    "held-out floor half B, of the class with --class)")
     p.add_argument("--data", default=None, help="image folder (default: the one the run was trained on)")
