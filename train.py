@@ -328,6 +328,10 @@ def train_unet(args):
     if resume:
         load_weights(ema.module, resume["ema"], ckpt_path, "EMA")
         ema.updates = resume["ema_updates"]
+        chosen = resume.get("sampling_ema")  # `driver.py ema`'s choice: of the weights until now, not of those to come
+        if chosen and trains_further(args, step, max_steps, resume):
+            rt.log(f"the EMA length `driver.py ema` chose (sigma_rel {chosen['sigma_rel']:g}) is set aside: the UNet "
+                   f"trains on, and is sampled from its own EMA until `driver.py ema` chooses again")
     posthoc = PowerFunctionEMA(model) if args.posthoc_ema and rt.main else None  # EMA lengths chosen after training
     # once training goes on from a checkpoint, the snapshots after it are drawn again, the same, and one written only
     # because the run stopped there goes too; a finished run resumed trains nothing and keeps them all

@@ -48,6 +48,8 @@ TABLE = "participants.tsv"
 EARLIER_SAMPLE = re.compile(r"\d{4,}\.png")   # samples/0000.png: what predict.py wrote before sets (until 2026-12-03)
 SEEDING = "SeedSequence(seed, batch)"   # sampling.json's `batch_seeds`; a set written before it: seed + batch
 ROW_SEEDING = "SeedSequence(seed, batch, row)"   # --row-noise independent: each row of the set its own noise
+FLAG_SETTINGS = {"sampler", "steps", "eta", "repeat_last", "repeat_times", "clip_x0", "batch_size", "num", "seed",
+                 "format", "guidance"}  # settings of sampling.json that are `sample`'s flags of the same name
 
 
 def batch_seed(seed: int, batch: int, seeding: str | None = SEEDING, row: int = 0) -> int:
@@ -103,8 +105,11 @@ class SampleSet:
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if differ:
             shown = "; ".join(f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
+            again = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ  # the flags that give the set's own
+                             if k in FLAG_SETTINGS and isinstance(saved.get(k), (str, int, float)))
             raise BadInputError(f"{self.folder} was sampled with other settings ({shown}); --resume continues a set with "
-                                f"the same run and flags; leave --resume out to replace it, or pick another --out")
+                                f"the same run and flags{f' (give {again})' if again else ''}; leave --resume out to "
+                                f"replace it, or pick another --out")
         rows = [r for r in self._manifest_rows() if (self.folder / r["file"]).is_file()]
         listed = {int(r["index"]) for r in rows}
         rows = [r for r in rows if set(self._indices(*self._place(int(r["index"])))) <= listed]  # whole batches only

@@ -249,8 +249,10 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     driver.main(["ema", "--run", str(run), "--sigma-rel", "none"])
     assert "sampling_ema" not in ckpt(run / "unet.pt") and predict.load_run(run, "cpu").posthoc_ema is None
     driver.main(["ema", "--run", str(run), "--sigma-rel", "0.1"])
+    capsys.readouterr()
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "8", "--resume"])
     assert "sampling_ema" not in ckpt(run / "unet.pt") and sorted(snapshot_files(run))[-1] == 8
+    assert "the EMA length `driver.py ema` chose (sigma_rel 0.1) is set aside" in capsys.readouterr().out
 
 
 def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so(posthoc_run, tmp_path, capsys):

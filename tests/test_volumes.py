@@ -573,6 +573,10 @@ def test_a_runs_demo_data_deleted_with_its_cache_is_built_again_the_same(tmp_pat
     assert DataConfig(root=str(folder)).folder() == folder and _digest(folder) == digest
     assert DataConfig(root=str(tmp_path / "mine")).folder() == tmp_path / "mine"        # another folder: not made
     assert not (tmp_path / "mine").exists()
+    older = tmp_path / "mni152-demo-v2-seed0"                              # an earlier version's: not this code's
+    message = str(pytest.raises(BadInputError, DataConfig(root=str(older)).folder).value)
+    assert f"(version 2), is gone, and this code builds version {volumes.demo.DEMO_VERSION} alone" in message
+    assert not older.exists()
 
 
 def test_the_demo_data_is_built_once_when_two_processes_ask_for_it_at_once(tmp_path, monkeypatch):

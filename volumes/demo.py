@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runtime.errors import BadInputError
+
 DEMO_VERSION = 3                  # bump when the demo generator changes, so old caches are not reused
 DEFAULT_DEMO_ROOT = Path.home() / ".cache" / "brain-ldm"
 AGES = (55.0, 90.0)               # the demo subjects' ages, uniform
@@ -153,6 +155,13 @@ def demo_data_dir(root: str | os.PathLike = DEFAULT_DEMO_ROOT, seed: int = 0) ->
 
 def rebuilt_demo(folder: Path) -> Path | None:
     """`folder` built again where it is this version's demo data and was deleted (its cache cleared): the same files,
-    byte for byte, from its seed, so that a run trained on it goes on; None for any other folder."""
-    found = re.fullmatch(rf"mni152-demo-v{DEMO_VERSION}-seed(\d+)", folder.name)
-    return demo_data_dir(folder.parent, int(found[1])) if found and not folder.exists() else None
+    byte for byte, from its seed, so that a run trained on it goes on; None for any other folder. An earlier
+    version's, deleted, cannot be built again by this code: refused in one line."""
+    found = re.fullmatch(r"mni152-demo-v(\d+)-seed(\d+)", folder.name)
+    if not found or folder.exists():
+        return None
+    if int(found[1]) != DEMO_VERSION:
+        raise BadInputError(f"{folder}, the demo data this run trained on (version {found[1]}), is gone, and this code "
+                            f"builds version {DEMO_VERSION} alone: restore the folder, or build it with the code of its "
+                            f"time (`git log -- volumes/demo.py`), or train a new run")
+    return demo_data_dir(folder.parent, int(found[2]))
