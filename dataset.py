@@ -43,7 +43,7 @@ from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
 from volumes.images import image_percentiles, load_image
-from volumes.layouts import BIDS_OWN, ImageFolder, Layout, classes_from_table, find_image_roots
+from volumes.layouts import ADNI_SUBJECT, BIDS_OWN, ImageFolder, Layout, classes_from_table, find_image_roots
 from volumes.reader import (VOLUME_SUFFIXES, Slicing, printable, read_volume_slices, unoriented, volume_slice_bound,
                             volume_span, volumes_at_once)
 
@@ -411,7 +411,7 @@ class DataConfig:
 
     def saved(self) -> dict:
         """The config as a run saves it, its folder as an absolute path (so that stage 2 finds it from anywhere)."""
-        return {**asdict(self), "root": os.path.abspath(self.folder())}
+        return {**asdict(self), "layout": self.layout.saved(), "root": os.path.abspath(self.folder())}
 
 
 def _listed(data: DataConfig) -> SliceFolders:
@@ -499,21 +499,19 @@ def subject_summary(data: DataConfig) -> str:
 
 
 def refuse_subject_folders_as_classes(data: DataConfig):
-    """A new stage 1 whose class folders are each the folder of the one subject its files are of (ADNI/002_S_0295/...:
-    an ADNI download as LONI delivers it, unsorted) would learn a class per person and hold none of them out:
-    refused, with the ways to give the run its classes. No image is decoded."""
+    """A new stage 1 whose class folders are ADNI subjects (ADNI/002_S_0295/...: an ADNI download as LONI delivers
+    it, unsorted) would learn a class per person and hold none of them out: refused, with the ways to give the run
+    its classes. No image is decoded."""
     folders = _listed(data)
     if data.layout.class_column or len(folders.classes) < 2:
         return
-    subject, subjects_of = data.subject(), {}
-    for path, label in folders.samples:
-        subjects_of.setdefault(folders.classes[label], set()).add(subject(path))
-    if all(subjects == {name} for name, subjects in subjects_of.items()):
+    if all(ADNI_SUBJECT.fullmatch(name) for name in folders.classes):
         named = ", ".join(folders.classes[:3]) + (" ..." if len(folders.classes) > 3 else "")
-        raise BadInputError(f"the class folders of {data.folder()} are subjects ({named}), each a class of its own: "
-                            f"an ADNI download before it is sorted by diagnosis. Sort the subjects' folders into "
-                            f"class folders (AD/002_S_0295/...), or give --data the folder above (one class, all), "
-                            f"or --class-column with a participants.tsv in {data.folder()} (volumes/README.md)")
+        raise BadInputError(f"the class folders of {data.folder()} are ADNI subjects ({named}), each a class of its "
+                            f"own: a download before it is sorted by diagnosis. Sort the subjects' folders into class "
+                            f"folders (AD/002_S_0295/...), or give --data the folder above (one class, named after "
+                            f"this folder), or --class-column COLUMN with --labels FILE, a table of each subject's "
+                            f"class (volumes/README.md)")
 
 
 def _count(n: int, noun: str) -> str:

@@ -264,7 +264,7 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
             raise BadInputError(f"the participants table {table.file} changed since this run started; a resumed run "
                                 f"keeps the values it trained on: restore it, or train a new --run")
     else:
-        stage1s = not args.labels and data.layout.class_table  # by default, the table of stage 1's --class-column
+        stage1s = not args.labels and data.layout.class_column  # by default, the table of stage 1's --class-column
         path = (find_table(data.folder(), args.labels or data.layout.class_table)
                 if [n for n in names if n != CLASS] or args.labels else None)
         table = read_table(path, args.subject_column or (data.layout.class_subject_column if stage1s else None)

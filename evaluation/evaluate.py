@@ -61,7 +61,7 @@ from evaluation.classifier import ClassifierConfig, class_accuracy, domain_class
 from evaluation.conditions import condition_check
 from evaluation.ema_lengths import ema_length_curve, plot_ema_curve
 from evaluation.memorisation import memorisation_check
-from evaluation.report import (CROP_SIZE, REPORT_ORDER, class_section, condition_section, ema_section,
+from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section, ema_section,
                                format_level_table, format_table, memorisation_section, save_crops, swd_levels,
                                utility_section)
 from evaluation.utility import images_per_class, utility_check
@@ -480,8 +480,8 @@ def evaluate(args):
                "swd_per_level": {name: {str(r): s[f"swd_{r}"] for r in swd_levels(scores)} for name, s in scores.items()},
                "crops": {"file": "eval_crops.png", "size": crop, "per_row": n_crops,
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
-    for section in sections.values():
-        metrics.update(section.metrics)
+    for name in METRICS_ORDER:
+        metrics.update(sections[name].metrics if name in sections else {})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}"
                + (f", codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}"

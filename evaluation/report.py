@@ -88,6 +88,7 @@ def save_crops(rows: list[torch.Tensor], size: int, path: Path) -> int:
 # ----------------------------------------------------------------------------- the optional parts of a report
 
 REPORT_ORDER = ("memorisation", "ema", "utility", "class", "conditions")  # as report.md and the printout give them
+METRICS_ORDER = ("utility", "ema", "memorisation", "conditions", "class")  # as metrics.json holds them
 
 
 @dataclass

@@ -105,8 +105,8 @@ class SampleSet:
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if differ:
             shown = "; ".join(f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
-            again = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ  # the flags that give the set's own
-                             if k in FLAG_SETTINGS and isinstance(saved.get(k), (str, int, float)))
+            flags = all(k in FLAG_SETTINGS and isinstance(saved.get(k), (str, int, float)) for k in differ)
+            again = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ) if flags else ""  # the set's own
             raise BadInputError(f"{self.folder} was sampled with other settings ({shown}); --resume continues a set with "
                                 f"the same run and flags{f' (give {again})' if again else ''}; leave --resume out to "
                                 f"replace it, or pick another --out")

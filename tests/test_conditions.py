@@ -338,6 +338,7 @@ def test_evaluate_reads_each_table_condition_back_from_samples_and_draws_a_sweep
     driver.main(["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "3", "--steps", "2",
                  "--guidance", "0,2", "--num", "4", "--out", str(tmp_path), "--utility", "3"])
     metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics).index("utility") < list(metrics).index("memorisation") < list(metrics).index("per_condition")
     # train on synthetic, test on real: the class folders' samples at w = 2, as the classifier's training set
     assert [(r["training set"], r["per_class"]) for r in metrics["utility"]] == [
         ("real", [3, 3]), ("synthetic, w=2", [3, 3]), ("real + synthetic, w=2", [6, 6])]

@@ -538,13 +538,16 @@ def test_an_adni_download_before_it_is_sorted_is_refused_as_classes_and_read_fro
     root = touch(tmp_path / "download", names)
     message = error_of(driver.main, ["train-vqvae", "--run", str(tmp_path / "run"), "--data", str(root / "ADNI"),
                                      "--preset", "tiny"])
-    assert "are subjects (002_S_0295, 002_S_0413, 941_S_1194), each a class of its own" in message
-    assert "--class-column" in message and "the folder above" in message and not (tmp_path / "run").exists()
+    assert "are ADNI subjects (002_S_0295, 002_S_0413, 941_S_1194), each a class of its own" in message
+    assert "--labels FILE" in message and "the folder above" in message and not (tmp_path / "run").exists()
     above = DataConfig(root=str(root), holdout=0.34)
     refuse_subject_folders_as_classes(above)                                   # one class, ADNI, of 3 subjects
     assert "data: 6 volumes of 3 subjects" in subject_summary(above) and "held out: 1 subject" in subject_summary(above)
     sorted_by_hand = touch(tmp_path / "sorted", [("CN/" if "0295" in n else "AD/") + n.split("/", 1)[1] for n in names])
     refuse_subject_folders_as_classes(DataConfig(root=str(sorted_by_hand)))  # AD/002_S_0413/... : classes
+    named_by_class = touch(tmp_path / "named", [f"{c}/{c}_{i}.png" for c in ("AD", "NC") for i in range(3)])
+    refuse_subject_folders_as_classes(DataConfig(root=str(named_by_class)))  # AD/AD_0.png: a class, not a subject
+    assert "subject_classes" not in DataConfig(root=str(sorted_by_hand)).saved()["layout"]  # unset: as saved before
 
 
 def test_a_link_to_a_file_that_is_not_there_is_named_or_left_out(tmp_path):

@@ -124,8 +124,8 @@ def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refu
         assert torch.equal(read_sample(whole / "samples" / row["file"]), read_sample(cut / "samples" / row["file"]))
     assert "steps: 3 then, 4 now); --resume continues a set with the same run and flags (give --steps 3)" in error_of(
         predict.main, [*flags, "--out", str(cut), "--resume", "--steps", "4"])
-    assert "decode: None then, unquantised now" in error_of(predict.main, [*flags, "--out", str(cut), "--resume",
-                                                                             "--decode", "unquantised"])
+    message = error_of(predict.main, [*flags, "--out", str(cut), "--resume", "--decode", "unquantised", "--steps", "4"])
+    assert "decode: None then, unquantised now" in message and "(give" not in message  # no flag of its name: no hint
     # without --resume a new set replaces the old one: its files go, also those of batches the manifest never listed
     text = (cut / "samples" / "manifest.csv").read_text()
     (cut / "samples" / "manifest.csv").write_text("".join(text.splitlines(keepends=True)[:3]))  # rows of 0 and 1

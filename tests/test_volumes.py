@@ -207,6 +207,15 @@ def test_a_bids_trees_classes_can_come_from_a_column_of_its_participants_tsv(tmp
     assert layout["class_table"] == str(elsewhere) and layout["subject_classes"]["sub-08"] == "CN"
     driver.main(["train-unet", "--run", str(other), *SMALL_UNET, "--max-steps", "1", "--condition", "age"])
     assert ckpt(other / "unet.pt")["labels"]["file"] == str(elsewhere)      # stage 1's table, by default
+    (root / "participants.tsv").write_text("subj\tdiagnosis\tage\n" + "".join(
+        f"sub-{k:02d}\t{'AD' if k < 4 else 'CN'}\t{60 + k}\n" for k in range(9)))   # the data folder's, other column
+    own = tmp_path / "own"
+    driver.main(["train-vqvae", "--run", str(own), "--data", str(root), "--preset", "tiny", *SMALL_VQ, "--max-steps",
+                 "1", "--class-column", "diagnosis", "--subject-column", "subj", "--slices", "2"])
+    driver.main(["train-unet", "--run", str(own), *SMALL_UNET, "--max-steps", "1", "--condition", "age"])
+    assert ckpt(own / "unet.pt")["labels"]["subject_column"] == "subj"       # stage 1's column, by default
+    assert "a resumed stage 1 keeps the classes it read" in error_of(driver.main, [
+        "train-vqvae", "--run", str(other), "--resume", "--labels", str(root / "participants.tsv")])
     assert "name the table of --class-column" in error_of(driver.main, [
         "train-vqvae", "--run", str(tmp_path / "third"), "--data", str(root), "--labels", str(elsewhere)])
 
@@ -220,6 +229,10 @@ def test_class_column_without_a_table_or_matching_subjects_says_what_the_table_m
     (root / "participants.tsv").write_text("participant_id\tgroup\n295\tCN\n413\tAD\n")   # ADNI's RIDs
     message = str(pytest.raises(BadInputError, SliceFolders, root, 16, 1, layout=layout).value)
     assert "the files' subjects: 002_S_0295, 002_S_0413 ...; the table's: 295, 413 ..." in message
+    (root / "participants.tsv").unlink()                           # a run begun before the classes were saved
+    message = str(pytest.raises(BadInputError, SliceFolders, root, 16, 1,
+                                layout=Layout(class_column="group", classes_sha1="0" * 40)).value)
+    assert "the table this run's stage 1 read its classes from (--class-column group), is not there" in message
 
 
 def listed(root, **rules) -> list[str]:

@@ -9,7 +9,7 @@ import argparse
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torchvision import datasets
@@ -115,7 +115,8 @@ def _plainest(paths: list[str], version: int = LAYOUT_VERSION) -> str:
 # ----------------------------------------------------------------------------- whose files
 
 _BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")                 # at the start of a folder or file name
-_ADNI_SUBJECT = re.compile(r"(?<!\d)\d{3}_S_\d{4}(?!\d)")       # site_S_participant: 002_S_0295
+LATER_FIELDS = ("class_table", "class_subject_column", "subject_classes")  # Layout's, since 2026-12-07
+ADNI_SUBJECT = re.compile(r"(?<!\d)\d{3}_S_\d{4}(?!\d)")       # site_S_participant: 002_S_0295
 _OASIS_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS\d_\d{4}(?!\d)")  # OASIS' OAS1_0001 (OAS1_0001_MR2: a visit)
 _OASIS3_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS3\d{4}(?!\d)")  # OASIS-3's OAS30001 (OAS30001_MR_d0129: a visit)
 _SUBJECT_NUMBER = re.compile(r"^(?P<subject>.+)_(?P<number>\d+)$")  # <subject>_<slice or visit>
@@ -154,7 +155,7 @@ def subject_id(path: str, pattern: re.Pattern | None = None, root: str | None = 
         m = _BIDS_SUBJECT.match(part)
         if m:
             return m.group(0)
-    for m in (_ADNI_SUBJECT.search(n) for n in (name, *reversed(folders))):
+    for m in (ADNI_SUBJECT.search(n) for n in (name, *reversed(folders))):
         if m:
             return m.group(0)
     m = _OASIS_SUBJECT.search(name) if version >= 3 else None
@@ -227,7 +228,7 @@ class Layout:
     class_table: str | None = None         # ... or of this table (train-vqvae --labels), with its subjects in
     class_subject_column: str | None = None  # ... this column (--subject-column; default participant_id)
     classes_sha1: str | None = None        # ... each listed subject's, as stage 1 found them (`classes_from_table`)
-    subject_classes: dict | None = None    # ... and the classes themselves (since 2026-12-07): the run needs no table
+    subject_classes: dict | None = field(default=None, repr=False)  # ... and the classes themselves (2026-12-07 on)
 
     def __post_init__(self):
         self.bids_entities = tuple(self.bids_entities)  # a list after a JSON round trip
@@ -239,6 +240,11 @@ class Layout:
             self._pattern = re.compile(self.subject_pattern) if self.subject_pattern else None
         except re.error as e:
             raise BadInputError(f"--subject-pattern {self.subject_pattern!r} is not a regular expression: {e}") from None
+
+    def saved(self) -> dict:
+        """The layout as a run saves it: without the fields added on 2026-12-07 where unset, so that what a run saved
+        before (a latent cache's key holds it) reads the same."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in LATER_FIELDS}
 
     def subject(self, path: str, root: str | None = None) -> str:
         """The subject `path`, a file under the data folder `root`, belongs to."""
@@ -344,7 +350,7 @@ def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -
         table, value = None, {p: layout.subject_classes.get(s, "") for p, s in owner.items()}
         where = f"the classes this run saved (of {path})"
     else:
-        table = _class_table(path, column, layout.class_subject_column, root)
+        table = _class_table(path, column, layout.class_subject_column, root, layout.classes_sha1 is not None)
         value = {p: (table.row(s) or {}).get(column, "") for p, s in owner.items()}
         where = table.file
     known = {p: v for p, v in value.items() if v.lower() not in MISSING}
@@ -368,8 +374,12 @@ def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -
     return len(value) - len(known), digest, {owner[p]: v for p, v in sorted(known.items())}
 
 
-def _class_table(path: Path, column: str, subject_column: str | None, root: Path) -> Table:
-    """--class-column's table, refused in one line where it is missing or lacks the column."""
+def _class_table(path: Path, column: str, subject_column: str | None, root: Path, a_runs: bool) -> Table:
+    """--class-column's table, refused in one line where it is missing or lacks the column; `a_runs`: the table of a
+    run's stage 1 (one begun before 2026-12-07, which saved no classes), not of a new one."""
+    if not path.is_file() and a_runs:
+        raise BadInputError(f"{path}, the table this run's stage 1 read its classes from (--class-column {column}), is "
+                            f"not there: restore it (a run begun before 2026-12-07 did not save its classes)")
     if not path.is_file():
         raise BadInputError(f"--class-column {column} reads the data folder's participants.tsv, and {root} has none: "
                             f"write one, tab-separated, a row per subject, with participant_id (the subjects as "
