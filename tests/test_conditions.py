@@ -91,6 +91,32 @@ def test_a_table_of_visits_or_a_csv_saved_as_tsv_is_refused_saying_why(tmp_path)
     assert "--subject-column" in str(pytest.raises(Exception, read_table, saved_as_tsv).value)
 
 
+def test_a_tables_subjects_match_the_files_with_or_without_bids_sub_prefix(tmp_path):
+    """A table of `01` joins images of `sub-01`, and a table of `sub-01` images named `01`."""
+    age = Condition("age", "continuous", low=60.0, high=80.0)
+    for table_ids, file_ids in ((["01", "02"], ["sub-01", "sub-02"]), (["sub-01", "sub-02"], ["01", "02"])):
+        table_file = tmp_path / "participants.tsv"
+        table_file.write_text(f"participant_id\tage\n{table_ids[0]}\t60\n{table_ids[1]}\t80\n")
+        y, report = condition_matrix([age], read_table(table_file), [file_ids[1], file_ids[0]], torch.zeros(2))
+        assert y.tolist() == [[1.0], [0.0]] and "2 of 2 subjects in the table" in report
+
+
+def test_a_run_s_table_is_found_in_the_data_folder_only_with_the_contents_it_trained_with(tmp_path):
+    """The table moved with the data (--data NEW) is found by its name there; another file of that name is not it."""
+    table_file = tmp_path / "old" / "participants.csv"
+    table_file.parent.mkdir()
+    table_file.write_text("participant_id,age\nAD0,60\nNC0,70\n")
+    record = read_table(table_file).record()
+    table_file.unlink()
+    moved = tmp_path / "new"
+    moved.mkdir()
+    (moved / "participants.csv").write_text("participant_id,age\nAD0,61\nNC0,70\n")  # one age edited
+    message = str(pytest.raises(BadInputError, saved_table, record, moved).value)
+    assert "is not there" in message and "give --labels FILE" in message
+    (moved / "participants.csv").write_text("participant_id,age\nAD0,60\nNC0,70\n")
+    assert saved_table(record, moved).row("AD0")["age"] == "60"
+
+
 def test_a_value_the_run_does_not_know_is_not_given_in_training_and_refused_at_sampling(capsys):
     sex, age = Condition("sex", "category", ["F", "M"]), Condition("age", "continuous", low=60.0, high=80.0)
     assert math.isnan(sex.encode("X")) and math.isnan(sex.encode("n/a")) and math.isnan(age.encode("NA"))
@@ -242,6 +268,18 @@ def test_a_counterfactual_at_strength_0_is_the_reconstruction_and_a_mask_confine
                                                                    "--steps", "4", "--out", str(tmp_path / "fill")]))
     assert json.loads((tmp_path / "fill" / "counterfactual.json").read_text())["strength"] == 1.0
     assert "say what to change" in error_of(driver.main, ["counterfactual", "--run", str(run), "--input", str(image)])
+
+
+def test_a_counterfactual_refuses_a_strength_above_1_and_a_slice_of_a_2d_image(conditioned_run, tmp_path):
+    """Strength is a fraction of the diffusion's steps (above 1: steps that do not exist); --slice picks a slice of a
+    volume, and an image has none: neither may be ignored."""
+    run, data = conditioned_run
+    image = next((data / "AD").iterdir())
+    base = ["counterfactual", "--run", str(run), "--input", str(image), "--set", "class=NC", "--steps", "2",
+            "--out", str(tmp_path / "cf")]
+    assert "--strength must be in [0, 1]" in error_of(driver.main, [*base, "--strength", "1.5"])
+    assert "--slice picks a slice of a NIfTI volume" in error_of(driver.main, [*base, "--slice", "3"])
+    assert not (tmp_path / "cf").exists()
 
 
 def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_change(conditioned_run, tmp_path,

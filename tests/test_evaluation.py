@@ -135,6 +135,15 @@ def test_laplacian_pyramid_reconstructs_the_image():
     assert torch.allclose(recon, x, atol=1e-5)
 
 
+def test_ms_ssim_diversity_of_two_images_is_their_ms_ssim_never_an_images_with_itself():
+    """Pairs are distinct: of two images every pair is (a, b) or (b, a), and MS-SSIM is symmetric. A pair of an image
+    with itself (1) would raise the mean towards 1, reading as mode collapse."""
+    from evaluation.metrics import ms_ssim_metric
+    pair = ellipses(2, size=32, seed=3)
+    alone = ms_ssim_metric(32)(pair[:1], pair[1:]).item()
+    assert alone < 0.9 and ms_ssim_diversity(pair, pairs=16) == pytest.approx(alone, abs=1e-5)
+
+
 def test_ms_ssim_diversity_is_one_for_copies_and_lower_for_varied_images():
     varied = ellipses(40, size=64)
     assert ms_ssim_diversity(varied[:1].repeat(40, 1, 1, 1), pairs=50) == pytest.approx(1.0, abs=1e-4)
@@ -411,6 +420,45 @@ def test_the_memorisation_check_flags_copies_of_training_images_and_neither_nois
     assert "| samples | 40 |" in format_memorisation_table(result)
 
 
+class Images(list):
+    """A dataset of (image, label) pairs, with the paths `memorisation_check` names the training images by."""
+
+    def __init__(self, images):
+        super().__init__((x, 0) for x in images)
+        self.samples = [(f"/d/AD/s{i}_0.png", 0) for i in range(len(images))]
+
+
+def test_the_nearest_training_image_is_found_in_any_batch_and_named_by_its_place_in_train_idx():
+    from evaluation.memorisation import nearest_training
+    g = torch.Generator().manual_seed(0)
+    dataset = Images(torch.rand(8, 1, 4, 4, generator=g) * 2 - 1)
+    train_idx = [7, 2, 5, 0, 3]                       # read in batches of 2: the third batch holds train_idx[4]
+    picked = [4, 0, 2, 3]
+    queries = torch.stack([dataset[train_idx[k]][0] for k in picked])
+    found = nearest_training(queries, dataset, train_idx, lambda x: x.flatten(1), "cpu", batch_size=2)
+    assert found["distance_at"].tolist() == picked and found["correlation_at"].tolist() == picked
+    assert found["distance"].abs().max() < 1e-3 and found["correlation"].min() > 0.999
+
+
+def test_the_memorisation_threshold_is_the_percentile_of_the_reference_half_a_and_the_floor_b_is_scored_by_it():
+    """Identity features: each held-out image is a training image moved by a known distance, A by 0.1, 0.2, 0.4,
+    B by 1, 2, 3. The threshold is A's 1st percentile, 0.1 + 0.02 (0.2 - 0.1) = 0.102 (linear interpolation): it
+    flags one image of A and none of B; B's would be 1.02, flagging all of A."""
+    from evaluation.memorisation import memorisation_check
+    g = torch.Generator().manual_seed(0)
+    training = torch.sign(torch.randn(4, 1, 8, 8, generator=g))          # corners of a cube: 10 or more apart
+    dataset, train_idx = Images(training), [0, 1, 2, 3]
+    unit = torch.zeros(1, 8, 8)
+    unit[0, 0, 0] = 1.0
+    moved = lambda image, distances: torch.stack([training[image] + d * unit for d in distances])  # noqa: E731
+    reference, floor = moved(0, (0.1, 0.2, 0.4)), moved(1, (1.0, 2.0, 3.0))
+    result, _ = memorisation_check(training[2:], reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu")
+    assert result["thresholds"]["distance"] == pytest.approx(0.102, rel=1e-3)
+    assert result["rows"]["real (held out, A)"]["flagged_features"] == pytest.approx(1 / 3)
+    assert result["rows"]["real (held out, B)"]["flagged_features"] == 0.0
+    assert result["rows"]["samples"]["flagged_features"] == 1.0           # copies, at distance 0
+
+
 # ----------------------------------------------------------------------------- train on synthetic, test on real
 
 def test_train_on_synthetic_scores_samples_by_what_they_teach_a_classifier_about_real_subjects():
@@ -438,6 +486,22 @@ def test_train_on_synthetic_scores_samples_by_what_they_teach_a_classifier_about
     assert got["real + synthetic, w=3"]["accuracy"] > 0.9                                   # the real half still teaches
     assert UTILITY_SEEDS == 3 and all(r["accuracy_std"] >= 0 for r in rows)
     assert "| synthetic, w=2 | 32 |" in format_utility_table(rows)
+
+
+def test_every_training_set_of_the_utility_check_trains_its_classifier_from_each_of_the_seeds(monkeypatch):
+    """The spread the table reports is over UTILITY_SEEDS classifiers drawn from seeds 0, 1, ...: the same seed each
+    time would train one classifier UTILITY_SEEDS times and report a spread of 0."""
+    import evaluation.utility as utility
+    seeds = []
+    monkeypatch.setattr(utility, "fit_classifier", lambda images, labels, cfg, steps, device, seed: seeds.append(
+        (len(images), seed)))
+    monkeypatch.setattr(utility, "scores", lambda *_: {"accuracy": 0.5, "auc": 0.5})
+    test = (torch.zeros(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]))
+    utility.utility_check(lambda c, n: torch.zeros(n, 1, 8, 8), lambda c, n, w: torch.zeros(n, 1, 8, 8), [0, 1], 2,
+                          [1.0], test, ClassifierConfig(input_size=8), 1, "cpu")
+    # the rows real, synthetic, real + synthetic: 4, 4 and 8 images
+    assert seeds == [(n, seed) for n in (4, 4, 8) for seed in range(utility.UTILITY_SEEDS)]
+    assert utility.UTILITY_SEEDS > 1
 
 
 def test_utility_is_refused_where_it_cannot_mean_what_it_says_and_trains_every_row_on_as_many_images(capsys):

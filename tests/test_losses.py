@@ -217,6 +217,25 @@ def test_the_adversarial_start_is_a_step_or_a_fraction_of_the_run():
             step_or_fraction(bad)
 
 
+def test_a_resumed_discriminator_takes_the_learning_rate_given_now_not_the_one_its_optimizer_saved():
+    """--adversarial-lr and --lr are CHANGEABLE on resume: the optimizer's saved state must not bring the old rate
+    back."""
+    import contextlib
+    from argparse import Namespace
+
+    from losses.adversarial import Adversary
+    from runtime.process import Runtime
+    rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
+    args = Namespace(adversarial_weight=0.01, adversarial_start=0, adversarial_loss="least-squares", channels=1,
+                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=None, log_every=10,
+                     discriminator_channels=8, discriminator_layers=1)
+    saved = {**Adversary(args, rt, None, max_steps=10).state(), "step": 5}
+    assert saved["disc_optimizer"]["param_groups"][0]["lr"] == 1e-3
+    for adversarial_lr, lr, expected in ((2e-4, 1e-3, 2e-4), (None, 5e-4, 5e-4)):   # --adversarial-lr, else --lr
+        resumed = Adversary(Namespace(**{**vars(args), "adversarial_lr": adversarial_lr, "lr": lr}), rt, saved, 10)
+        assert [g["lr"] for g in resumed.optimizer.param_groups] == [expected] * len(resumed.optimizer.param_groups)
+
+
 def test_a_fractional_start_under_max_minutes_is_that_fraction_of_the_minutes(monkeypatch):
     """--max-minutes ends a run by the clock (its --max-steps is then only a bound), so a fraction of the steps may
     never come: the start is the first log step after that fraction of the minutes, and is saved as a step."""
@@ -251,6 +270,20 @@ def test_the_base_loss_is_mse_or_l1():
         base_loss(recon, x, "huber")
 
 
+def test_the_reconstruction_loss_l1_alone_is_the_mean_absolute_error_and_mse_is_still_logged():
+    from argparse import Namespace
+
+    from losses.stage1 import ReconstructionLoss
+    args = Namespace(reconstruction_loss="l1", clamped_loss=False, laplacian_weight=0.0, frequency_weight=0.0,
+                     perceptual_weight=0.0, adversarial_weight=0.0, vgg_weights=None, perceptual_network="random")
+    x, recon = torch.zeros(1, 1, 2, 2), torch.tensor([0.5, -0.5, 1.0, 0.0]).view(1, 1, 2, 2)
+    rec, mse, adversarial = ReconstructionLoss(args, None, None, max_steps=10)(recon, x, None)
+    assert rec.item() == pytest.approx(2.0 / 4) and mse.item() == pytest.approx(1.5 / 4)  # |e| mean, e^2 mean
+    assert adversarial.item() == 0.0
+    args.reconstruction_loss = "mse"
+    assert ReconstructionLoss(args, None, None, max_steps=10)(recon, x, None)[0].item() == pytest.approx(1.5 / 4)
+
+
 def textured(n=2, size=64, seed=0):
     """Ellipses filled with fine texture on black, (n, 1, size, size) in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
@@ -274,6 +307,17 @@ def test_the_random_perceptual_term_is_zero_for_the_image_and_dislikes_blur_more
     recon = blurred.clone().requires_grad_(True)
     loss(recon, x).backward()
     assert recon.grad.abs().sum() > 0
+
+
+def test_the_perceptual_distance_compares_unit_feature_vectors_so_no_pair_is_more_than_2_per_tap_apart():
+    """LPIPS' form (Zhang et al. 2018, eq. 1): each tap's features are unit vectors over channels. After a ReLU they
+    are non-negative, so two of them are at most sqrt(2) apart: at most 2 per tap and position, 10 for the 5 taps,
+    whatever the images' contrast. Raw features grow with it (white against black: about 50)."""
+    loss = perceptual_loss(None, "random")
+    white, black = torch.ones(1, 1, 32, 32), -torch.ones(1, 1, 32, 32)
+    x = textured(2, 32)
+    for a, b in ((white, black), (x, -x), (x, torch.rand_like(x) * 2 - 1), (3 * x, -3 * x)):
+        assert 0 < loss(a, b).item() <= 2 * len(VGGPerceptualLoss.LAYERS)
 
 
 def test_the_focal_frequency_loss_weights_the_hardest_frequency_most():
