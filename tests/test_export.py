@@ -13,7 +13,7 @@ import driver
 import predict
 from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
 from dataset import DataConfig
-from export.sample_set import SampleSet, batch_seed, read_sample, run_geometry
+from export.sample_set import SEEDING, SampleSet, batch_seed, read_sample, run_geometry
 from runtime.checkpoint import fingerprint, run_lock
 from runtime.errors import BadInputError
 from volumes.reader import Slicing, read_volume_slices
@@ -220,6 +220,77 @@ def test_a_folder_that_is_not_a_sample_set_is_never_written_into(trained_run, tm
                                                             str(tmp_path / "afile")])
     assert "cannot make" in error_of(predict.main, ["--run", str(run), "--num", "2", *FAST, "--out",
                                                     str(tmp_path / "afile" / "below")])   # below a file
+
+
+# ----------------------------------------------------------------------------- resuming, on sets of constructed images
+
+def constructed_set(folder, rows=1, num=3, batch_size=2, resume=False):
+    """A set of `rows` unconditional rows of `num` npz samples each, opened as `sample` opens it, without a model."""
+    captions = [f"row {r}" for r in range(rows)]
+    settings = {"num": num, "batch_size": batch_size, "format": "npz", "seed": 0, "batch_seeds": SEEDING,
+                "rows": [[caption, None] for caption in captions]}
+    return SampleSet(folder, settings, [(caption, None) for caption in captions], [], {"sampler": "ddim"},
+                     resume=resume)
+
+
+def write_batches(samples, batches):
+    """Each (row, batch) written as `sample` writes it, its images constant at a value of their own."""
+    for row, batch in batches:
+        count = min(samples.batch_size, samples.num - batch * samples.batch_size)   # the last batch may be short
+        samples.write(row, batch, torch.full((count, 1, 2, 2), (row * 10 + batch) / 100))
+
+
+def test_a_complete_set_whose_last_batch_is_short_resumes_with_nothing_to_draw(tmp_path):
+    samples = constructed_set(tmp_path, num=3, batch_size=2)    # batches of 2 and 1
+    write_batches(samples, [(0, 0), (0, 1)])
+    written = manifest(tmp_path)
+    resumed = constructed_set(tmp_path, num=3, batch_size=2, resume=True)
+    assert resumed.batches(0) == {0, 1} and manifest(tmp_path) == written   # the short batch is whole: kept
+
+
+def test_an_interrupted_set_of_two_rows_resumes_in_its_second_row_to_the_uninterrupted_set(tmp_path):
+    """Row 1's samples are numbered after row 0's: their batch is counted from the row's start, not the set's."""
+    order = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    write_batches(constructed_set(tmp_path / "whole", rows=2), order)
+    write_batches(constructed_set(tmp_path / "cut", rows=2), order[:3])           # stopped after row 1's batch 0
+    resumed = constructed_set(tmp_path / "cut", rows=2, resume=True)
+    assert [resumed.batches(row) for row in (0, 1)] == [{0, 1}, {0}]
+    assert [r["index"] for r in manifest(tmp_path / "cut")] == ["0", "1", "2", "3", "4"]
+    write_batches(resumed, [(1, 1)])
+    assert manifest(tmp_path / "cut") == manifest(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("cut", ["after-a-whole-line-inside-a-batch", "inside-the-last-field"])
+def test_a_manifest_cut_by_a_kill_resumes_from_its_whole_batches_only(tmp_path, cut):
+    """A kill while a batch's rows are appended leaves any prefix of them: a whole line of a batch whose other line
+    is missing, or a last line cut inside its last field (`ddi`, no newline), which the csv reader takes whole."""
+    write_batches(constructed_set(tmp_path / "whole", num=4), [(0, 0), (0, 1)])
+    write_batches(constructed_set(tmp_path / "cut", num=4), [(0, 0), (0, 1)])
+    lines = (tmp_path / "cut" / "manifest.csv").read_text().splitlines(keepends=True)
+    assert lines[-1].startswith("all/sub-000003.npz,") and lines[-1].endswith(",ddim\n")   # batch 1's second line
+    kept = "".join(lines[:-1]) if cut == "after-a-whole-line-inside-a-batch" else "".join(lines)[:-2]
+    (tmp_path / "cut" / "manifest.csv").write_text(kept)
+    resumed = constructed_set(tmp_path / "cut", num=4, resume=True)
+    assert resumed.batches(0) == {0} and manifest(tmp_path / "cut") == manifest(tmp_path / "whole")[:2]
+    write_batches(resumed, [(0, 1)])                                              # batch 1 drawn again, whole
+    assert manifest(tmp_path / "cut") == manifest(tmp_path / "whole")
+
+
+def test_replacing_a_set_never_deletes_a_file_outside_it_that_its_manifest_names(tmp_path):
+    folder = tmp_path / "set"
+    write_batches(constructed_set(folder), [(0, 0)])
+    outside, elsewhere = tmp_path / "outside.npz", tmp_path / "scans" / "sub-01.npz"
+    elsewhere.parent.mkdir()
+    for path in (outside, elsewhere):
+        path.write_bytes(b"a user's own file")
+    lines = (folder / "manifest.csv").read_text().splitlines(keepends=True)   # edited, or crafted, to name them
+    lines[2] = lines[2].replace("all/sub-000001.npz", "../outside.npz")
+    lines.append(lines[1].replace("all/sub-000000.npz", str(elsewhere)))
+    (folder / "manifest.csv").write_text("".join(lines))
+    assert [r["file"] for r in manifest(folder)] == ["all/sub-000000.npz", "../outside.npz", str(elsewhere)]
+    constructed_set(folder)                                # a new set replaces this one's files, and only those
+    assert outside.read_bytes() == elsewhere.read_bytes() == b"a user's own file"
+    assert not (folder / "all").exists() and manifest(folder) == []
 
 
 # ----------------------------------------------------------------------------- NIfTI

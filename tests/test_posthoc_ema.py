@@ -18,8 +18,9 @@ from diffusion.guidance import Autoguided
 from export.sample_set import batch_seed
 from modules import EMA, UNet
 from runtime.errors import BadInputError
-from runtime.posthoc_ema import (GOOD_FIT, PowerFunctionEMA, gamma_to_sigma_rel, posthoc_coefficients, power_beta,
-                                 reconstruct, response_inner, running_ema_sigma_rel, sigma_rel_to_gamma, snapshot_files)
+from runtime.posthoc_ema import (GOOD_FIT, PowerFunctionEMA, earlier_weights, gamma_to_sigma_rel, posthoc_coefficients,
+                                 power_beta, reconstruct, response_inner, running_ema_sigma_rel, sigma_rel_to_gamma,
+                                 snapshot_files)
 
 
 class Trajectory(nn.Module):
@@ -133,6 +134,36 @@ def test_the_runs_ema_length_is_worked_out_from_its_warm_up_and_decay():
     assert running_ema_sigma_rel(0.999, 1500) == pytest.approx(gamma_to_sigma_rel(8), rel=0.02)
 
 
+def test_profiles_saved_for_other_ema_lengths_are_refused_not_loaded():
+    model = nn.Linear(2, 1)
+    ema, other, same = PowerFunctionEMA(model), PowerFunctionEMA(model, (0.05, 0.2)), PowerFunctionEMA(model)
+    for saved in (other, same):                     # a checkpoint's profiles, trained on to step 9
+        saved.profiles[1][0].fill_(7.0)
+        saved.step = 9
+    with pytest.raises(BadInputError, match=r"profiles are \[0.05, 0.2\], not \[0.05, 0.1\]"):
+        ema.load_state_dict(other.state_dict())     # a length-0.2 average would go on as if it were 0.1
+    assert ema.step == 0 and not ema.profiles[1][0].eq(7.0).any()
+    ema.load_state_dict(same.state_dict())
+    assert ema.step == 9 and ema.profiles[1][0].eq(7.0).all()
+
+
+def test_the_earlier_weights_are_the_snapshot_at_the_step_asked_or_the_last_before_it(tmp_path):
+    model = nn.Linear(2, 1)
+    ema = PowerFunctionEMA(model)
+    for step in range(1, 5):
+        with torch.no_grad():
+            model.weight.fill_(step)               # each step's weights their own, so each snapshot is another
+        ema.update(model, step)
+        if step % 2 == 0:
+            ema.snapshot(tmp_path)
+    weights, found = earlier_weights(tmp_path, 4)
+    assert found == {"step": 4, "sigma_rel": 0.05}  # a snapshot at the step itself is the one
+    torch.testing.assert_close(weights["weight"], ema.profiles[0][0])   # the shorter profile, as of step 4
+    assert earlier_weights(tmp_path, 3)[1]["step"] == 2
+    with pytest.raises(BadInputError, match="no post-hoc EMA snapshot at or before step 1 "):
+        earlier_weights(tmp_path, 1)
+
+
 # ----------------------------------------------------------------------------- training, evaluation, sampling
 
 @pytest.fixture(scope="module")
@@ -173,6 +204,23 @@ def test_training_keeps_snapshots_and_a_resumed_run_ends_with_the_same_ones(post
     driver.main([*flags, "--max-steps", "2"])
     assert sorted(snapshot_files(cut)) == [2] and ckpt(cut / "ema_snapshots" / "step0000002.pt")["step"] == 2
     assert len(list((cut / "ema_snapshots.replaced").glob("step*.pt"))) == 3
+
+def test_a_run_stopped_at_a_snapshot_step_keeps_that_snapshot_when_resumed(posthoc_run, tmp_path):
+    """Stopped at step 4, a step of --posthoc-ema 2: its snapshot is one the uninterrupted run has too, and the resumed
+    run, going on from step 5, does not write it again."""
+    whole, _ = posthoc_run
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut, ignore=shutil.ignore_patterns("unet*", "ema_snapshots", "samples*", "log_unet*"))
+    flags = ["train-unet", "--run", str(cut), *SMALL_UNET, "--posthoc-ema", "2", "--deterministic"]
+    driver.main([*flags, "--max-steps", "4"])
+    driver.main([*flags, "--max-steps", "6", "--resume"])
+    assert sorted(snapshot_files(cut)) == [2, 4, 6]
+    for step in (2, 4, 6):
+        a, b = ckpt(whole / "ema_snapshots" / f"step{step:07d}.pt"), ckpt(cut / "ema_snapshots" / f"step{step:07d}.pt")
+        assert a["step"] == b["step"] == step
+        for pa, pb in zip(a["profiles"], b["profiles"]):
+            for name in pa:
+                torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6)
 
 
 def test_weights_gone_nan_stop_the_run_before_their_snapshot_is_written(posthoc_run, tmp_path, monkeypatch):

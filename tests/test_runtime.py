@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import predict
-from conftest import ckpt, error_of, unet, vqvae
+from conftest import ckpt, error_of, touch, unet, vqvae
 from runtime import process
-from runtime.checkpoint import REQUIRED, atomic_save, checkpoint_to_resume, load_checkpoint, previous, write_config
+from runtime.checkpoint import (REQUIRED, atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, previous,
+                                remove_unfinished, write_config)
 from runtime.errors import BadInputError
 from runtime.process import Milestones
 
@@ -79,6 +80,22 @@ def test_writes_cut_short_of_a_latent_cache_or_a_snapshot_are_removed(trained_ru
     (copy / SNAPSHOTS / "step0000010.pt").write_bytes(b"kept")
     drop_snapshots_after(copy, 10)
     assert [p.name for p in (copy / SNAPSHOTS).iterdir()] == ["step0000010.pt"]
+
+def test_only_the_leftovers_of_writes_of_the_named_file_are_removed(tmp_path):
+    """atomic_write leaves `.NAME.tmpPID` (the new file, part written) or `.NAME.prevPID` (the link to the old file,
+    before it became NAME.prev) where kill -9 stopped it; NAME.prev itself is the last good checkpoint, kept."""
+    touch(tmp_path, ["unet.pt", "unet.prev.pt", ".unet.pt.tmp41", ".unet.pt.prev41", ".latents.pt.prev41"])
+    remove_unfinished(tmp_path, "unet.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latents.pt.prev41", "unet.prev.pt", "unet.pt"]
+
+
+def test_a_fingerprint_changes_with_any_weight_or_name_but_not_with_the_dicts_order():
+    """It ties a latent cache and a UNet to one exact VQ-VAE: weights that differ anywhere are another model."""
+    state = {"a.weight": torch.zeros(3), "b.weight": torch.zeros(2), "c.bias": torch.ones(1)}
+    assert fingerprint(dict(reversed([(k, v.clone()) for k, v in state.items()]))) == fingerprint(state)
+    for changed in ({**state, "c.bias": torch.full((1,), 2.0)}, {**state, "b.weight": torch.tensor([0.0, 1e-6])},
+                    {**{k: v for k, v in state.items() if k != "c.bias"}, "c.weight": state["c.bias"]}):
+        assert fingerprint(changed) != fingerprint(state)  # the last tensor in name order, or the middle one, or a name
 
 
 def test_a_truncated_checkpoint_is_named_with_the_last_good_one(trained_run, tmp_path):
