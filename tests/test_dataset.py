@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from conftest import error_of, touch
-from dataset import (DataConfig, InMemorySlices, SliceFolders, data_files_key, load_slices,
-                     refuse_subject_folders_as_classes, split_by_subject, subject_summary)
+from dataset import (DataConfig, InMemorySlices, SliceFolders, data_files_key, dataset_labels, dataset_paths,
+                     index_batches, load_slices, refuse_subject_folders_as_classes, split_by_subject, subject_summary,
+                     uint8_images, uint8_loader)
 from runtime.errors import BadInputError
 from volumes.layouts import Layout, subject_id
 from volumes.reader import Slicing
@@ -68,6 +69,45 @@ def test_disk_cache_holds_the_same_pixels_and_is_rebuilt_when_a_file_changes(adn
     assert rebuilt.images[5].float().mean() > 250 and torch.equal(rebuilt.images[:5], in_memory.images[:5])
 
 
+def test_a_disk_cache_built_leaving_out_a_bad_file_is_not_reused_by_a_run_that_must_stop_at_it(adni_folder, tmp_path):
+    """--skip-bad-images' cache records what it left out: read without the flag, the bad file is named, not hidden."""
+    (adni_folder / "train" / "AD" / "broken_70.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    skipping = load_slices(adni_folder, 16, 1, cache_gb=0.0, disk_cache=tmp_path, skip_bad=True)
+    assert len(skipping) == 24 and [Path(p).name for p in skipping.skipped] == ["broken_70.jpeg"]
+    with pytest.raises(BadInputError, match="broken_70.jpeg"):
+        load_slices(adni_folder, 16, 1, cache_gb=0.0, disk_cache=tmp_path)
+    assert len(load_slices(adni_folder, 16, 1, cache_gb=0.0, disk_cache=tmp_path, skip_bad=True)) == 24
+
+
+def test_a_subset_gathers_its_own_images_labels_and_paths(adni_folder):
+    """A held-out run trains on a Subset: its batches and labels are those of its indices, not of the first images."""
+    full = load_slices(adni_folder, 16, 1)
+    subset = torch.utils.data.Subset(full, [20, 7])                     # test/NC and train/NC; the first 6 are AD
+    images, index, on_disk = uint8_images(subset)
+    assert torch.equal(images[index], full.images[[20, 7]]) and not on_disk
+    batch = next(iter(uint8_loader(subset, [torch.tensor([0, 1])], workers=0)))
+    assert torch.equal(batch, full.images[[20, 7]]) and not torch.equal(batch, full.images[:2])
+    paths = dataset_paths(subset)
+    assert paths == [full.samples[20][0], full.samples[7][0]]
+    assert dataset_labels(subset).tolist() == [full.classes.index(Path(p).parent.name) for p in paths] == [1, 1]
+
+
+def test_each_rank_takes_a_disjoint_shard_and_each_epoch_a_new_order():
+    """index_batches: 2 ranks x 2 batches of 4 cover 16 items once an epoch; the next epoch is another order, the
+    same on every rank; a resumed run (`start`) picks up the same stream."""
+    def epochs(rank, world, count=2, start=0):
+        stream = index_batches(16, 4, seed=0, rank=rank, world=world, start=start)
+        per_epoch = 4 // world
+        return [torch.cat([next(stream) for _ in range(per_epoch)]).tolist() for _ in range(count)]
+    for epoch in range(2):
+        shards = [epochs(rank, 2)[epoch] for rank in (0, 1)]
+        assert sorted(shards[0] + shards[1]) == list(range(16)) and not set(shards[0]) & set(shards[1])
+    first, second = epochs(0, 1)
+    assert sorted(first) == sorted(second) == list(range(16)) and first != second
+    stream = index_batches(16, 4, seed=0, start=5)                       # epoch 1, its second batch
+    assert next(stream).tolist() == second[4:8]
+
+
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(BadInputError, match="does not exist"):
         SliceFolders(tmp_path / "nope", 64, 1)
@@ -99,6 +139,30 @@ def test_subject_split_never_splits_a_subject():
     assert 5 <= len({subject_id(paths[i]) for i in held}) <= 8
     assert split_by_subject(paths, 0.2, seed=3) == (train, held)
     assert split_by_subject(paths, 0.2, seed=4) != (train, held)
+
+
+def test_an_old_layout_hold_out_never_takes_every_subject():
+    """Drawn from all classes at once (layout versions 1-4), a large fraction of few subjects rounds up to all of
+    them: one is kept for training."""
+    paths = [f"/d/{s}_{k}.jpeg" for s in ("a", "b") for k in range(3)]
+    for seed in range(5):
+        train, held = split_by_subject(paths, holdout=0.9, seed=seed)
+        assert len({subject_id(paths[i]) for i in train}) == 1 and len({subject_id(paths[i]) for i in held}) == 1
+
+
+def test_layout_version_5_draws_the_hold_out_within_classes_and_version_4_from_all_at_once(tmp_path):
+    """8 AD subjects and 1 NC at 20%: from version 5 on the NC subject stays in training on every seed; version 4
+    draws from all subjects at once, and some seed holds it out."""
+    root = touch(tmp_path / "data", [f"AD/AD{s}_{k}.png" for s in range(8) for k in range(2)] + ["NC/NC0_1.png"])
+    listed = SliceFolders(root, 16, 1)
+    samples, classes, nc = listed.samples, listed.classes, len(listed.samples) - 1     # NC's one image is the last
+    nc_trained = {}
+    for version in (4, 5, 6):
+        configs = [DataConfig(root=str(root), holdout=0.2, holdout_seed=seed, layout=Layout(version=version))
+                   for seed in range(20)]
+        assert configs[0].strata(samples, classes) == (None if version == 4 else ["AD"] * 16 + ["NC"])
+        nc_trained[version] = [nc in config.split(samples, classes)[0] for config in configs]
+    assert all(nc_trained[5]) and all(nc_trained[6]) and not all(nc_trained[4])
 
 
 # ----------------------------------------------------------------------------- a run's data config
@@ -295,6 +359,16 @@ def test_float_images_with_nan_or_infinite_pixels_keep_their_contrast(tmp_path):
         Image.fromarray(spoilt, "F").save(tmp_path / "spoilt.tif")
         pixels = np.asarray(load_image(str(tmp_path / "spoilt.tif"), "L"))
         assert (pixels[:, :4] == 0).all() and (pixels[:, 4:] == clean[:, 4:]).all(), bad
+    z = np.tile(np.linspace(-2, 2, 64), (8, 1)).astype(np.float32)          # z-scores, clipped to their percentiles
+    Image.fromarray(z, "F").save(tmp_path / "z.tif")
+    clean = np.asarray(load_image(str(tmp_path / "z.tif"), "L", (0, 100)))
+    for bad in (np.nan, np.inf, -np.inf):
+        spoilt = z.copy()
+        spoilt[:, 30:34] = bad                                               # around 0: mid-grey if read as 0
+        Image.fromarray(spoilt, "F").save(tmp_path / "spoilt.tif")
+        pixels = np.asarray(load_image(str(tmp_path / "spoilt.tif"), "L", (0, 100)))
+        assert (pixels[:, 30:34] == 0).all() and (np.delete(pixels, range(30, 34), 1) ==
+                                                  np.delete(clean, range(30, 34), 1)).all(), bad
 
 
 def test_16_bit_and_float_images_of_new_runs_are_clipped_to_their_percentiles_as_volumes_are(tmp_path):

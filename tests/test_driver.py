@@ -113,6 +113,18 @@ def test_bad_values_on_the_command_line_are_one_line_errors(flags, expected, tmp
     assert expected in message and "\n" not in message
 
 
+def test_the_ends_of_a_flags_range_are_taken_and_what_lies_beyond_them_is_refused(capsys):
+    """--cache-gb 0 (never in memory: the disk cache), --warmup 0, --cooldown 0 and 1 parse; a cooldown below 0 or
+    above 1 is refused (parsed only: a value let through would start a training run on the demo data)."""
+    args = driver.parse(["train-vqvae", "--cache-gb", "0", "--warmup", "0", "--cooldown", "0"])
+    assert (args.cache_gb, args.warmup, args.cooldown) == (0, 0, 0)
+    assert driver.parse(["train-vqvae", "--cooldown", "1"]).cooldown == 1
+    for value in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            driver.parse(["train-vqvae", "--cooldown", value])
+        assert f"must be in [0, 1], got {value}" in capsys.readouterr().err
+
+
 def test_the_command_line_loads_the_metrics_only_for_evaluate():
     """torchmetrics imports transformers where it is installed (about 2 s here, more on a cold disk): the training
     and sampling commands must not pay for it. Fails if driver.py imports evaluation.evaluate at the top."""
@@ -178,6 +190,24 @@ def test_what_may_change_on_resume_is_honoured_and_a_setting_given_again_unchang
                          "--grad-accum", "2", "--holdout", "0.25", "--data", str(data), "--seed", "3"])
     assert (args.max_steps, args.lr, args.log_every, args.workers, args.max_minutes, args.grad_accum) == \
         (9, 5e-4, 3, 1, 2, 2)
+
+
+def test_every_setting_documented_as_changeable_takes_a_new_value_on_resume(stage1_run, tmp_path):
+    """Each name in driver.CHANGEABLE, given with a value other than the run's, is honoured, not refused. Stage 1's
+    --labels is the exception it documents (its classes are the run's); stage 2's moves: tests/test_conditions.py."""
+    run, data = stage1_run
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    new = {"max_steps": ("9", 9), "epochs": ("3", 3), "lr": ("5e-4", 5e-4), "warmup": ("3", 3),
+           "cooldown": ("0.5", 0.5), "adversarial_lr": ("3e-4", 3e-4), "log_every": ("3", 3), "sample_every": ("3", 3),
+           "save_every": ("3", 3), "tensorboard": (None, True), "deterministic": (None, True),
+           "skip_nonfinite": (None, True), "data": (str(moved), str(moved))}
+    assert set(new) == driver.CHANGEABLE - {"labels"}             # a name added to CHANGEABLE needs a value here
+    saved = ckpt(run / "vqvae.pt")["args"]
+    for name, (text, value) in new.items():
+        flag = "--" + name.replace("_", "-")
+        args = driver.parse(["train-vqvae", "--run", str(run), "--resume", flag, *([text] if text else [])])
+        assert getattr(args, name) == value != saved[name], name
 
 
 def test_a_resumed_run_or_stage_2_on_a_folder_without_the_runs_files_is_refused(stage1_run, tmp_path):

@@ -64,7 +64,7 @@ def make_case(kind: str):
     return model, model_ref, loss_fn, data
 
 
-def run_steps(kind: str, rt, micro_batches_of, steps: int = 2):
+def run_steps(kind: str, rt, micro_batches_of, steps: int = 2, grad_clip: float = 1.0):
     """`steps` optimizer steps with loop.optimizer_step; micro_batches_of(data) -> this rank's micro-batches."""
     model, model_ref, loss_fn, data = make_case(kind)
     wrapped = wrap_model(model, rt, compile_model=False)
@@ -74,7 +74,7 @@ def run_steps(kind: str, rt, micro_batches_of, steps: int = 2):
     # (a conv bias before a per-channel GroupNorm, 1e-10) up to a visible step
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(steps):
-        loop.optimizer_step(wrapped, optimizer, rt.scaler, micro_batches_of(data), loss_fn, grad_clip=1.0)
+        loop.optimizer_step(wrapped, optimizer, rt.scaler, micro_batches_of(data), loss_fn, grad_clip=grad_clip)
     return model.state_dict()
 
 
@@ -92,7 +92,7 @@ def _rank_worker(rank: int, world: int, port: int, kind: str, out: str):
     assert any_rank(rank == 1, rt) and not any_rank(False, rt)       # one rank out of time: all stop
     now = time.monotonic()  # rank 0 took 10 s for 100 steps, rank 1 20 s; 20 s are left: 300 and 200 more steps
     assert loop.end_by_deadline(100, (0, now - 10 * (rank + 1)), now + 20, rt) == 250  # one cooldown on all ranks
-    state = run_steps(kind, rt, lambda data: [data[rank * BATCH:(rank + 1) * BATCH]])
+    state = run_steps(kind, rt, lambda data: [data[rank * BATCH:(rank + 1) * BATCH]], grad_clip=1e6)  # unclipped
     if rank == 0:
         torch.save(state, out)
     torch.distributed.destroy_process_group()
@@ -119,18 +119,19 @@ def test_two_ranks_with_batch_b_take_the_step_of_one_rank_with_batch_2b(kind, tm
     out = tmp_path / "rank0.pt"
     mp.spawn(_rank_worker, args=(2, free_port(), kind, str(out)), nprocs=2, join=True)
     two_ranks = torch.load(out, weights_only=True)
-    one_rank = run_steps(kind, cpu_runtime(), lambda data: [data])
+    one_rank = run_steps(kind, cpu_runtime(), lambda data: [data], grad_clip=1e6)  # clipping would hide a sum of ranks
     assert_same_parameters(two_ranks, one_rank, make_case(kind)[0].state_dict())
 
 
 @pytest.mark.parametrize("kind", ["unet", "vqvae"])
 def test_grad_accum_k_gives_the_update_of_a_k_times_larger_batch(kind):
     rt = cpu_runtime()
-    accumulated = run_steps(kind, rt, lambda data: [data[:BATCH], data[BATCH:]])
-    one_batch = run_steps(kind, rt, lambda data: [data])
+    # unclipped: clipping at norm 1 would give the sum of the micro-batches' gradients (K times the mean) the same step
+    accumulated = run_steps(kind, rt, lambda data: [data[:BATCH], data[BATCH:]], grad_clip=1e6)
+    one_batch = run_steps(kind, rt, lambda data: [data], grad_clip=1e6)
     # the codebook-usage statistics are an EMA over forward passes (micro-batches), not a parameter
     assert_same_parameters(accumulated, one_batch, make_case(kind)[0].state_dict(), skip=["quantizer.usage"])
-    half = run_steps(kind, rt, lambda data: [data[:BATCH]])  # and it is not the step of one micro-batch
+    half = run_steps(kind, rt, lambda data: [data[:BATCH]], grad_clip=1e6)  # and not the step of one micro-batch
     assert not torch.allclose(half["conv_in.weight" if kind == "unet" else "encoder.net.0.weight"],
                               one_batch["conv_in.weight" if kind == "unet" else "encoder.net.0.weight"], atol=1e-4)
 
@@ -185,11 +186,12 @@ def test_the_log_holds_the_runs_own_history_after_a_failed_attempt_or_a_new_star
     assert steps(copy / "log_unet.csv") == [2] and steps(copy / "log_unet.replaced.csv") == [2, 4, 6, 8]
 
 
-@pytest.mark.parametrize("items, batch, accum, epochs, steps", [(720, 64, 4, 5, 13), (300, 100, 3, 4, 4),
-                                                                 (720, 64, 1, 2, 22), (10, 64, 4, 1, 1)])
-def test_epochs_count_every_batch_of_every_epoch_whatever_the_accumulation(items, batch, accum, epochs, steps):
+@pytest.mark.parametrize("items, batch, accum, epochs, world, steps", [
+    (720, 64, 4, 5, 1, 13), (300, 100, 3, 4, 1, 4), (720, 64, 1, 2, 1, 22), (10, 64, 4, 1, 1, 1),
+    (720, 64, 1, 2, 2, 10)])                                         # 2 ranks: 360 items each, 5 batches an epoch
+def test_epochs_count_every_batch_of_every_epoch_whatever_the_accumulation(items, batch, accum, epochs, world, steps):
     args = argparse.Namespace(max_steps=None, epochs=epochs, batch_size=batch, grad_accum=accum)
-    assert loop.total_steps(args, items, world=1) == steps          # 11 batches an epoch x 5 at 4 a step: 13, not 10
+    assert loop.total_steps(args, items, world=world) == steps      # 11 batches an epoch x 5 at 4 a step: 13, not 10
 
 
 def test_a_run_resumes_on_the_number_of_processes_it_trained_on(trained_run, tmp_path):
@@ -364,7 +366,8 @@ def test_skip_nonfinite_stops_a_diverged_run(trained_run, tmp_path, monkeypatch)
     from diffusion.gaussian import GaussianDiffusion
     original = GaussianDiffusion.loss
     monkeypatch.setattr(GaussianDiffusion, "loss", lambda self, *a, **k: original(self, *a, **k) * float("inf"))
-    assert "20 steps in a row" in error_of(unet, run, "--max-steps", "40", "--skip-nonfinite", "--save-every", "100")
+    message = error_of(unet, run, "--max-steps", "40", "--skip-nonfinite", "--save-every", "100")
+    assert "20 steps in a row up to step 20 had" in message              # the 20th skipped step stops it, not the 21st
     assert not (run / "unet.pt").exists()
 
 
@@ -513,6 +516,21 @@ def test_the_learning_rate_warms_up_then_cools_down_linearly_to_zero_over_the_la
     factor = loop.LearningRateFactor(warmup=2, cooldown=0.4, length=10)
     assert [factor(k) for k in (0, 5, 9)] == pytest.approx([0.5, 1.0, 0.25])
     assert loop.LearningRateFactor(warmup=2, cooldown=0.0, length=10)(9) == 1.0   # --cooldown 0: constant
+
+
+def test_a_deadline_brings_the_cooldown_sooner_never_later():
+    """--max-minutes re-estimates where the fall ends at every log step: never past the run's length, or past the end
+    a resumed run saved; a later estimate may move it back out to that bound."""
+    factor = loop.LearningRateFactor(warmup=0, cooldown=0.5, length=100)
+    factor.end_by(500)
+    assert factor.end == 100 and factor(75) == pytest.approx(0.5)      # the length's fall: (100 - 75) / 50
+    factor.end_by(40)
+    assert factor.end == 40 and factor(30) == pytest.approx(0.5) and factor.finished(40)
+    factor.end_by(80)
+    assert factor.end == 80
+    resumed = loop.LearningRateFactor(warmup=0, cooldown=0.5, length=100, saved={"end": 60, "length": 100})
+    resumed.end_by(90)
+    assert resumed.end == 60                                             # its own deadline stands
 
 
 def test_a_warmup_as_long_as_the_run_is_named(adni_folder, tmp_path, capsys):
