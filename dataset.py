@@ -38,7 +38,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoint import atomic_write, load_checkpoint
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
@@ -220,7 +220,7 @@ class InMemorySlices(Dataset):
         Volumes reserve the slices their headers allow; the rows left unwritten stay holes in a sparse file."""
         key_path = path.with_suffix(".json")
         key = json.loads(json.dumps({"shape": shape, "files": files_fingerprint(self.samples), **key}))  # as saved: lists
-        saved = json.loads(key_path.read_text()) if path.exists() and key_path.exists() else {}
+        saved = _read_key(key_path) if path.exists() else {}
         if {k: saved.get(k) for k in key} == key and (skip_bad or not saved.get("bad")):
             print(f"image cache {path}: {shape[0]} images reused")
             done = saved
@@ -235,7 +235,8 @@ class InMemorySlices(Dataset):
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            key_path.write_text(json.dumps({**key, **done}))
+            text = json.dumps({**key, **done})
+            atomic_write(key_path, lambda f: f.write(text.encode()))
             print(f"image cache {path}: {shape[0]} images decoded once ({math.prod(shape) / 2 ** 30:.2f} GB on disk)")
         return torch.from_numpy(np.load(path, mmap_mode="c")), done  # copy-on-write map: pages read on demand
 
@@ -244,6 +245,15 @@ class InMemorySlices(Dataset):
 
     def __getitem__(self, i):
         return self.images[i].float() / 127.5 - 1.0, int(self.labels[i])
+
+
+def _read_key(path: Path) -> dict:
+    """A disk cache's key; {} where there is none or it cannot be read (a write cut short): the cache is built anew."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # ValueError: JSON's and UTF-8's decoding errors
+        return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def files_fingerprint(samples: list[tuple[str, int]]) -> str:

@@ -469,10 +469,14 @@ def evaluate(args):
 
 
 def how_to_continue(argv: list[str] | None) -> str:
-    """The hint after an interruption: `demo` resumes by itself, every other command with --resume."""
-    if (argv if argv is not None else sys.argv[1:])[:1] == ["demo"]:
+    """The hint after an interruption: `demo` resumes by itself, the training commands and `sample` with --resume,
+    the others (`evaluate`, `ema`, `counterfactual`) start over."""
+    command = (argv if argv is not None else sys.argv[1:])[:1]
+    if command == ["demo"]:
         return "run the same demo command again to continue (it resumes by itself)"
-    return "run the same command with --resume to continue"
+    if command and (command[0].startswith("train-") or command[0] == "sample"):
+        return "run the same command with --resume to continue"
+    return "run the same command again (it starts over)"
 
 
 def main(argv: list[str] | None = None):
@@ -493,7 +497,7 @@ def main(argv: list[str] | None = None):
             print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:  # outside a training loop's own handling: sampling, evaluation
-        print(f"interrupted; what was written is whole (a sample set, a checkpoint): {how_to_continue(argv)}",
+        print(f"interrupted; each file written is whole (a sample set's, a checkpoint): {how_to_continue(argv)}",
               file=sys.stderr)
         sys.exit(130)
     finally:

@@ -40,7 +40,7 @@ from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
 from export.sample_set import FORMATS, ROW_SEEDING, SEEDING, SampleSet, run_geometry, saved_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
-from runtime.checkpoint import fingerprint, load_checkpoint, load_weights, model_config, run_lock
+from runtime.checkpoint import atomic_write, fingerprint, load_checkpoint, load_weights, model_config, run_lock
 from runtime.errors import BadInputError
 from runtime.flags import Parser, seed
 from runtime.graphs import GraphedCall
@@ -483,12 +483,12 @@ def predict(args):
             for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
                                                     seeds=lambda b, r=r: samples.batch_seed(b, r),
                                                     skip=samples.batches(r), desc=caption):
+                if (r, b) == (0, 0):  # before the batch enters the manifest: a set resumed after it has its GIF
+                    gif_latents = frames
+                    write_gif(model, gif_latents, args.gif_xt, sampling.quantise, autocast, out / "denoise.gif")
                 samples.write(r, b, images)
                 count += len(images)
                 drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
-                if (r, b) == (0, 0):  # written at once: a set stopped later keeps it
-                    gif_latents = frames
-                    write_gif(model, gif_latents, args.gif_xt, sampling.quantise, autocast, out / "denoise.gif")
         report_speed(model, sampling, count, time.perf_counter() - t0)
 
         if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
@@ -554,7 +554,8 @@ def write_gif(model: LatentDiffusion, frames: list, with_xt: bool, quantise: boo
                          caption)
                for caption, x0, xt in frames]
     durations = [80] * (len(gif) - 1) + [2500]  # hold the last frame
-    gif[0].save(path, save_all=True, append_images=gif[1:], duration=durations, loop=0)
+    atomic_write(path, lambda f: gif[0].save(f, format="GIF", save_all=True, append_images=gif[1:],
+                                              duration=durations, loop=0))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -140,7 +140,11 @@ def choose_ema(args):
     chosen_by = {}
     if args.sigma_rel == "best":
         metrics = run / "metrics.json"
-        evaluation = json.loads(metrics.read_text()) if metrics.exists() else {}
+        try:
+            evaluation = json.loads(metrics.read_text()) if metrics.exists() else {}
+        except ValueError:  # JSON's or UTF-8's: a file cut short (by an evaluate from before 2026-12-07) or edited
+            raise BadInputError(f"{metrics} cannot be read as JSON: run `driver.py evaluate --run {run} "
+                                f"--ema-lengths auto` again") from None
         curve = evaluation.get("ema_lengths")
         if not curve:
             raise BadInputError(f"no EMA-length curve in {metrics}: run `driver.py evaluate --run {run} --ema-lengths "

@@ -66,7 +66,7 @@ from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_sec
                                utility_section)
 from evaluation.utility import images_per_class, utility_check
 from export.sample_set import MANIFEST, SETTINGS, read_sample
-from runtime.checkpoint import fingerprint
+from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
 from runtime.process import setup_device
@@ -482,7 +482,6 @@ def evaluate(args):
                          "rows": ["real (B)", "reconstructions of the same images", *generated]}}
     for name in METRICS_ORDER:
         metrics.update(sections[name].metrics if name in sections else {})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     vq_line = (f"VQ-VAE on held-out B: PSNR {vq_metrics['psnr']:.2f} dB, SSIM {vq_metrics['ssim']:.3f}"
                + (f", codebook used {vq_metrics['codebook_used']:.1%}, perplexity {vq_metrics['perplexity']:.0f}"
                   if "perplexity" in vq_metrics else ", KL-regularised latent (no codebook)")
@@ -520,7 +519,10 @@ def evaluate(args):
         report.insert(2, f"**Only {n_subjects} subjects in a held-out half: FID and KID are not reliable here.**\n")
     ordered = [sections[name] for name in REPORT_ORDER if name in sections]
     report += [line for section in ordered for line in section.report]
-    (out / "report.md").write_text("\n".join(report) + "\n")
+    # each file whole (a write cut short leaves the one before), metrics.json last: what `ema --sigma-rel best` reads
+    text = "\n".join(report) + "\n"
+    atomic_write(out / "report.md", lambda f: f.write(text.encode()))
+    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     print(vq_line)
     print(table)
     print(level_table)

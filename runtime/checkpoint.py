@@ -52,6 +52,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], keep_previous:
     except OSError as e:
         raise BadInputError(f"could not write {path} ({e.strerror or e}); "
                             f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
+    except RuntimeError as e:  # torch.save's writer failing as a Ctrl-C unwinds it: the Ctrl-C, not its echo
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

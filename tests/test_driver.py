@@ -243,6 +243,9 @@ def test_stage_2_resumed_with_another_setting_is_refused_in_one_line(trained_run
 def test_an_interrupted_command_says_how_to_continue_it():
     assert driver.how_to_continue(["train-vqvae", "--run", "r"]) == "run the same command with --resume to continue"
     assert "demo command again" in driver.how_to_continue(["demo", "--run", "r"])   # demo has no --resume: it resumes
+    assert "--resume" in driver.how_to_continue(["sample", "--run", "r"])          # a sample set continues
+    for command in ("evaluate", "ema", "counterfactual"):                            # no --resume: they start over
+        assert driver.how_to_continue([command, "--run", "r"]) == "run the same command again (it starts over)"
 
 
 def test_a_run_or_output_folder_inside_the_data_or_on_a_file_is_refused(trained_run, adni_folder, tmp_path):

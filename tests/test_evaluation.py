@@ -352,14 +352,20 @@ def test_class_scores_count_a_sample_as_recognised_only_when_the_classifier_name
     assert grid.shape[0] == sum(min(8, got[n, "real (floor)"]["count"]) for n in ("AD", "NC") for _ in range(2))
 
 
-def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_samples(trained_run, tmp_path, capsys):
+def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_samples(trained_run, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import evaluation.evaluate
     run, _ = trained_run
     stage1 = tmp_path / "stage1"
     stage1.mkdir()
     shutil.copy(run / "vqvae.pt", stage1 / "vqvae.pt")
     out = tmp_path / "eval"
+    written, atomic_write = [], evaluation.evaluate.atomic_write
+    monkeypatch.setattr(evaluation.evaluate, "atomic_write", lambda path, write: (written.append(path.name),
+                                                                                 atomic_write(path, write)))
     driver.main(["evaluate", "--run", str(stage1), "--out", str(out), "--holdout", "0.5", "--features", "domain",
                  "--classifier-steps", "0"])
+    assert written == ["report.md", "metrics.json"]  # each whole, metrics.json last: what `ema` reads is complete
     assert "scoring stage 1 alone" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["scores"]) == {"reconstructions", "real (training)", "real (floor)"}

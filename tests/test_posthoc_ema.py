@@ -262,6 +262,9 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
 
     # `ema --sigma-rel best` needs the curve in RUN/metrics.json; a number needs none, and one the snapshots make
     assert "--ema-lengths" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "best"])
+    (run / "metrics.json").write_text((out / "metrics.json").read_text()[:100])   # cut short by an older evaluate
+    assert "cannot be read as JSON" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "best"])
+    (run / "metrics.json").unlink()
     assert "cannot be made from the 3 snapshots" in error_of(driver.main, ["ema", "--run", str(run),
                                                                          "--sigma-rel", "0.01"])
     assert "sampling_ema" not in ckpt(run / "unet.pt")

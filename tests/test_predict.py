@@ -27,6 +27,21 @@ def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
     assert gif.n_frames == 6 + 2                          # main pass frames + one per repeat
 
 
+def test_a_set_stopped_as_its_first_batch_is_written_has_its_gif(trained_run, tmp_path, monkeypatch):
+    """The GIF is of the first batch: written before that batch enters the manifest, so that a set resumed after it
+    (which draws the batch no more) has one."""
+    from export.sample_set import SampleSet
+    run, _ = trained_run
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(SampleSet, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "2", "--sampler",
+                                            "ddim", "--steps", "3", "--repeat-times", "0", "--gif-frames", "2"]))
+    assert Image.open(tmp_path / "denoise.gif").n_frames == 2 and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_predict_every_sampler_and_eta_reach_the_images(trained_run, tmp_path):
     run, _ = trained_run
     outputs = {}

@@ -15,12 +15,28 @@ import torch
 import predict
 from conftest import ckpt, error_of, touch, unet, vqvae
 from runtime import process
-from runtime.checkpoint import (REQUIRED, atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, previous,
+from runtime.checkpoint import (REQUIRED, atomic_save, atomic_write, checkpoint_to_resume, fingerprint, load_checkpoint, previous,
                                 remove_unfinished, write_config)
 from runtime.errors import BadInputError
 from runtime.process import Milestones
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_ctrl_c_during_a_write_is_the_ctrl_c_not_the_writers_error_and_leaves_nothing(tmp_path):
+    """torch.save's file writer raises a RuntimeError ("unexpected pos") as a Ctrl-C unwinds it: the Ctrl-C goes on
+    (exit 130 and the line to continue), not a traceback, and the half-written file is gone."""
+    def write(f):
+        f.write(b"half")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "unet.pt", write)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError, match="another"):                  # a writer's own error stays what it is
+        atomic_write(tmp_path / "unet.pt", lambda f: (_ for _ in ()).throw(RuntimeError("another")))
 
 
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch):
