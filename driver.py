@@ -36,7 +36,7 @@ from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
 from runtime.checkpoint import atomic_write, load_checkpoint, read_config, run_lock
-from runtime.errors import BadInputError, Interrupted
+from runtime.errors import BadInputError, Interrupted, disk_full
 from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
 from volumes.demo import DEFAULT_DEMO_ROOT
@@ -492,6 +492,10 @@ def main(argv: list[str] | None = None):
             args.func(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if disk_full(e) is None:
+            raise
+        sys.exit(f"error: {disk_full(e)}; {how_to_continue(argv)}")
     except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written (all ranks stop together)
         if is_main_process():
             print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)

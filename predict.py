@@ -41,7 +41,7 @@ from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
 from export.sample_set import FORMATS, ROW_SEEDING, SEEDING, SampleSet, run_geometry, saved_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import atomic_write, fingerprint, load_checkpoint, load_weights, model_config, run_lock
-from runtime.errors import BadInputError
+from runtime.errors import BadInputError, disk_full
 from runtime.flags import Parser, seed
 from runtime.graphs import GraphedCall
 from runtime.posthoc_ema import earlier_weights, reconstruct
@@ -571,6 +571,10 @@ def main(argv=None):
         predict(args)
     except BadInputError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if disk_full(e) is None:
+            raise
+        sys.exit(f"error: {disk_full(e)}, then run the same command with --resume")
     except KeyboardInterrupt:
         print("interrupted; the samples written are whole: the same command with --resume continues the set",
               file=sys.stderr)

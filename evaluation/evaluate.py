@@ -36,7 +36,6 @@ resolution down to 16 px. FID/KID features see at most 128x128 with the domain c
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -65,7 +64,7 @@ from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_sec
                                format_level_table, format_table, memorisation_section, save_crops, swd_levels,
                                utility_section)
 from evaluation.utility import images_per_class, utility_check
-from export.sample_set import MANIFEST, SETTINGS, read_sample
+from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import snapshot_files
@@ -154,8 +153,12 @@ def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
         raise BadInputError(f"--samples folder {folder} does not exist")
     folder = folder / "samples" if (folder / "samples" / MANIFEST).is_file() else folder
     if (folder / MANIFEST).is_file():
-        with open(folder / MANIFEST, newline="") as f:
-            files = [folder / row["file"] for row in csv.DictReader(f)]
+        files = [folder / row["file"] for row in manifest_rows(folder)]
+        settings = json.loads((folder / SETTINGS).read_text()) if (folder / SETTINGS).is_file() else {}
+        asked = settings.get("num", 0) * len(settings.get("rows", [[]]))
+        if len(files) < asked:  # an interrupted set: its rows would be scored as if they were all
+            raise BadInputError(f"{folder} holds {len(files)} of its {asked} samples (an interrupted set): finish it "
+                                f"with the same `sample` command and --resume")
     else:
         files = sorted(f for f in folder.rglob("*")
                        if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))

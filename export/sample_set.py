@@ -118,13 +118,7 @@ class SampleSet:
         return rows
 
     def _manifest_rows(self) -> list[dict]:
-        """The manifest's rows, without a last line cut off by an interruption (no newline at its end)."""
-        path = self.folder / MANIFEST
-        if not path.exists():
-            return []
-        text = path.read_text()
-        text = text[:text.rfind("\n") + 1]
-        return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
+        return manifest_rows(self.folder)
 
     def _start(self):
         """A new set: the sample files of an earlier set in this folder are replaced (those its manifest lists, and
@@ -229,6 +223,16 @@ class SampleSet:
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W)."""
         return torch.stack([read_sample(self.folder / self.file(row * self.num + k)) for k in range(count)])
+
+
+def manifest_rows(folder: Path) -> list[dict]:
+    """The rows of a set's manifest, without a last line cut off by an interruption (no newline at its end)."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return []
+    text = path.read_text()
+    text = text[:text.rfind("\n") + 1]
+    return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
 
 
 def _width(count: int) -> int:

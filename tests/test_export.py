@@ -377,6 +377,11 @@ def test_evaluate_reads_a_sample_set_as_its_manifest_lists_it(trained_run, tmp_p
                                                                     "sub-000000.npz").read_bytes())  # not listed
     for folder in (tmp_path, tmp_path / "samples"):            # not samples.png beside them, not the unlisted file
         assert torch.allclose(read_folder(folder, 32, 1), drawn, atol=1e-6)
+    manifest_file = tmp_path / "samples" / "manifest.csv"
+    whole = manifest_file.read_text()
+    manifest_file.write_text(whole[:-10])                      # its last line cut by a kill: an unfinished set
+    assert "holds 2 of its 3 samples (an interrupted set)" in str(pytest.raises(
+        BadInputError, read_folder, tmp_path, 32, 1).value)
 
 
 def test_a_value_read_back_empty_from_the_manifest_is_n_a_in_the_participants_table():
