@@ -79,6 +79,7 @@ CHANGEABLE = {"max_steps", "epochs",                                 # the lengt
 THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb", "precision", "channels_last",
                 "compile", "slow_cpu_ok", "demo_dir"}
 LENGTH = {"max_steps", "epochs"}
+EVALUATE_LOCK = ".evaluate.lock"  # in evaluate's --out (the run folder by default), held while it evaluates
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree
 # (a flag missing here is left to its default or the preset, and not checked).
 BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channels": 64, "discriminator_layers": 3,
@@ -465,7 +466,8 @@ def demo(args):
 
 def evaluate(args):
     from evaluation.evaluate import evaluate  # the metrics load here, not for every command (evaluation/__init__.py)
-    return evaluate(args)
+    with run_lock(Path(args.out or args.run), create=True, lock=EVALUATE_LOCK, doing="evaluating into"):
+        return evaluate(args)  # two into one folder would mix their report.md, metrics.json and figures
 
 
 def how_to_continue(argv: list[str] | None) -> str:

@@ -366,6 +366,10 @@ def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_sa
     driver.main(["evaluate", "--run", str(stage1), "--out", str(out), "--holdout", "0.5", "--features", "domain",
                  "--classifier-steps", "0"])
     assert written == ["report.md", "metrics.json"]  # each whole, metrics.json last: what `ema` reads is complete
+    from runtime.checkpoint import run_lock
+    with run_lock(out, lock=driver.EVALUATE_LOCK):      # another evaluate into the same folder: refused, not mixed
+        assert "another command is evaluating into" in error_of(driver.main, [
+            "evaluate", "--run", str(stage1), "--out", str(out), "--holdout", "0.5"])
     assert "scoring stage 1 alone" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["scores"]) == {"reconstructions", "real (training)", "real (floor)"}
