@@ -41,6 +41,7 @@ import predict
 from conditions.table import asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
+from runtime.checkpoint import atomic_write
 from runtime.errors import BadInputError
 from runtime.flags import seed
 from runtime.process import setup_device
@@ -176,6 +177,7 @@ def counterfactual(args):
     difference = (changed - recon).abs().mean(1)[0]                     # (S, S), in image units of [-1, 1]
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "counterfactual.json").unlink(missing_ok=True)  # written last: files beside none are of no finished command
     save_image(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
     np.save(out / "difference.npy", difference.numpy())
     settings = ", ".join(args.set_values) or "unconditioned fill"
@@ -193,7 +195,7 @@ def counterfactual(args):
     if geometry is not None:
         nib.save(to_volume(difference, geometry), out / "difference.nii.gz")
         written.append("difference.nii.gz")
-    (out / "counterfactual.json").write_text(json.dumps(record, indent=2))
+    atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
     print(f"counterfactual ({settings}, strength {strength:g}): mean |difference| {record['mean_abs_difference']:.4f} "
           f"(of the range 2); wrote {', '.join(written)} and counterfactual.json to {out}")
     return changed, difference

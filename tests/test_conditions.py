@@ -282,6 +282,22 @@ def test_a_counterfactual_refuses_a_strength_above_1_and_a_slice_of_a_2d_image(c
     assert not (tmp_path / "cf").exists()
 
 
+def test_a_counterfactual_stopped_while_it_writes_leaves_no_record_of_an_earlier_one(conditioned_run, tmp_path,
+                                                                                     monkeypatch):
+    """counterfactual.json says which command made the files beside it: written last, and an earlier one removed
+    first, so that new images never sit beside the record of other settings."""
+    from conditions import counterfactual as cf
+    run, data = conditioned_run
+    base = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--steps", "2",
+            "--out", str(tmp_path)]
+    driver.main([*base, "--set", "class=NC"])
+    assert json.loads((tmp_path / "counterfactual.json").read_text())["set"] == ["class=NC"]
+    monkeypatch.setattr(cf, "panel", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit):
+        driver.main([*base, "--set", "class=AD"])
+    assert (tmp_path / "counterfactual_image.png").exists() and not (tmp_path / "counterfactual.json").exists()
+
+
 def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_change(conditioned_run, tmp_path,
                                                                                    monkeypatch):
     from conditions import counterfactual as cf
