@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import predict  # noqa: E402
-from runtime.checkpoint import atomic_save, fingerprint, load_checkpoint  # noqa: E402
+from runtime.checkpoint import atomic_save, fingerprint, load_checkpoint, remove_unfinished  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
 from runtime.posthoc_ema import (GOOD_FIT, PROFILES, reconstruct, reconstruct_many, running_ema_sigma_rel,  # noqa: E402
                                   sigma_rel_to_gamma)
@@ -130,6 +130,7 @@ def choose_ema(args):
     """`driver.py ema`: write the sampling weights of one EMA length (or of the curve's best, or none) into RUN/unet.pt."""
     run = Path(args.run)
     path = run / "unet.pt"
+    remove_unfinished(run, path.name)  # an earlier `ema` killed as it saved (the run's lock is held)
     ckpt = load_checkpoint(path, "unet")
     if args.sigma_rel == "none":
         ckpt.pop("sampling_ema", None)

@@ -35,7 +35,7 @@ from PIL import Image
 
 from conditions.table import CLASS, Condition
 from dataset import DataConfig, training_files
-from runtime.checkpoint import atomic_write
+from runtime.checkpoint import atomic_write, remove_unfinished
 from runtime.errors import BadInputError
 from volumes.reader import is_volume
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
@@ -82,6 +82,8 @@ class SampleSet:
             raise BadInputError(f"the run is conditioned on {', '.join(clash)}, which the manifest names a column of "
                                 f"its own: rename that column of the participants table and train the UNet again")
         self.columns = fixed[:4] + [c.name for c in conditions] + fixed[4:]
+        for folder in [self.folder, *(p for p in self.folder.iterdir() if p.is_dir())] if self.folder.is_dir() else []:
+            remove_unfinished(folder)  # writes a kill cut short (the set's lock is held)
         written = self._resumed() if resume else None
         if written is None:
             self._start()

@@ -117,8 +117,10 @@ def test_an_interrupted_set_resumes_to_the_same_files_and_a_changed_flag_is_refu
     assert len(manifest(cut / "samples")) == 4 and (cut / "denoise.gif").stat().st_size > 0   # the GIF, at once
     with open(cut / "samples" / "manifest.csv", "a") as f:   # a row cut off in the middle, as a kill would leave it
         f.write("all/sub-000004.npz,sub-0000")
+    (cut / "samples" / "all" / ".sub-000004.npz.tmp999").write_bytes(b"half")   # and the file it was writing
     drawn = predict.predict(predict.parse_args([*flags, "--out", str(cut), "--resume"]))
     assert len(drawn) == 3                                     # batches 2 and 3 only
+    assert not list((cut / "samples").rglob(".*tmp*"))
     assert manifest(cut / "samples") == manifest(whole / "samples")
     for row in manifest(whole / "samples"):                   # npz keeps the float samples: equal to the bit
         assert torch.equal(read_sample(whole / "samples" / row["file"]), read_sample(cut / "samples" / row["file"]))

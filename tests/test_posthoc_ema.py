@@ -276,7 +276,9 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     unfitted["ema_lengths"]["rows"][2]["scores"]["fid"] = 0.0
     (run / "metrics.json").write_text(json.dumps(unfitted))
     capsys.readouterr()
+    (run / ".unet.pt.tmp999").write_bytes(b"half")     # an earlier `ema` killed as it saved: removed
     driver.main(["ema", "--run", str(run), "--sigma-rel", "best"])
+    assert not (run / ".unet.pt.tmp999").exists()
     chosen = ckpt(run / "unet.pt")["sampling_ema"]
     assert chosen["sigma_rel"] == curve["best"] and chosen["step"] == 6
     # and says by which evaluation: the length is the best for the sampling that evaluation drew

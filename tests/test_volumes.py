@@ -583,7 +583,9 @@ def test_a_runs_demo_data_deleted_with_its_cache_is_built_again_the_same(tmp_pat
     folder = volumes.demo.demo_data_dir(tmp_path, seed=5)
     digest = _digest(folder)
     shutil.rmtree(folder)
+    (tmp_path / f"{folder.name}.tmp999" / "train").mkdir(parents=True)     # a build killed before it finished
     assert DataConfig(root=str(folder)).folder() == folder and _digest(folder) == digest
+    assert not list(tmp_path.glob("*.tmp*"))
     assert DataConfig(root=str(tmp_path / "mine")).folder() == tmp_path / "mine"        # another folder: not made
     assert not (tmp_path / "mine").exists()
     older = tmp_path / "mni152-demo-v2-seed0"                              # an earlier version's: not this code's

@@ -120,8 +120,9 @@ def _build(out: Path, seed: int, subjects: int, slices: int, size: int):
     affine = np.diag([spacing, spacing, 2.0, 1.0])
     affine[:3, 3] = -spacing * size / 2, -spacing * size / 2, first - 72.0  # MNI z of the template's slice
     rng = np.random.default_rng(seed)
+    for left in out.parent.glob(out.name + ".tmp*"):  # builds killed before they finished (this one holds the lock)
+        shutil.rmtree(left, ignore_errors=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     participants = ["participant_id\tgroup\tage\tsex"]
     for s in range(subjects):
         split = "test" if (s // 2) % 4 == 3 else "train"   # AD/NC pairs: 1 in 4 to test
