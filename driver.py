@@ -399,7 +399,8 @@ def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
         elif value is not _UNKNOWN and not (name in LENGTH and LENGTH & given):
             setattr(args, name, value)
     if args.stage == "vqvae":
-        if "labels" in given and args.labels != saved.layout.class_table:  # train-unet's may move; stage 1 saved its own
+        if "labels" in given and args.labels != saved.layout.class_table:  # train-unet's may move; stage 1 saved
+            # its own classes
             raise BadInputError(f"--labels {args.labels}: a resumed stage 1 keeps the classes it read when it began "
                                 f"(from {saved.layout.class_table or 'no table given'}); leave --labels out")
         args.data_config = dataclasses.replace(saved, root=args.data)

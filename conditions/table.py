@@ -205,7 +205,8 @@ def read_table(path: Path, subject_column: str | None = None,
             raise BadInputError(f"participants table {path} has two different rows for subject {row[column]!r} (in "
                                 f"{', '.join(map(repr, differ[:4]))}{' ...' if len(differ) > 4 else ''}): it takes one "
                                 f"row per subject, so a table of visits or scans (ADNI's search CSV, ADNIMERGE) needs "
-                                f"one row chosen for each, e.g. the baseline visit's (volumes/README.md, ADNI's tables)")
+                                f"one row chosen for each, e.g. the baseline visit's (volumes/README.md, ADNI's "
+                                f"tables)")
         by_subject[key] = row
     return Table(str(path), hashlib.sha1(raw).hexdigest(), column, by_subject)
 

@@ -453,7 +453,7 @@ def evaluate(args):
                                   seed, subject)
         save_image(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
         sections["class"] = class_section(rows, args.guidance)
-    if args.utility is not None:  # train on synthetic, test on real: the AD/NC classifier trained on samples of each class
+    if args.utility is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
         rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
                        torch.cat([ref_labels, floor_labels])), per_class, autocast, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility)

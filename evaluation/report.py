@@ -138,7 +138,8 @@ def utility_section(rows: list[dict], per_class: int, asked: int) -> Section:
     """Train on synthetic, test on real (`evaluate --utility`)."""
     table = format_utility_table(rows)
     return Section({"utility": rows, "utility_per_class": per_class, "utility_asked": asked}, [
-        "", "## Train on synthetic, test on real", "", f"The AD/NC classifier trained on {per_class} images per class of "
+        "", "## Train on synthetic, test on real", "",
+        f"The AD/NC classifier trained on {per_class} images per class of "
         "each set below (the same network and steps each time), tested on every held-out image: mean ± standard "
         f"deviation over {UTILITY_SEEDS} training seeds.", "", table], table)
 

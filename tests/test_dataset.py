@@ -67,7 +67,7 @@ def test_disk_cache_holds_the_same_pixels_and_is_rebuilt_when_a_file_changes(adn
     Image.new("L", (256, 240), 255).save(changed, format="JPEG")
     rebuilt = load_slices(adni_folder, 32, 1, cache_gb=0.0, disk_cache=tmp_path)
     assert rebuilt.images[5].float().mean() > 250 and torch.equal(rebuilt.images[:5], in_memory.images[:5])
-    key = cache.with_suffix(".json")                     # its key cut short (a full disk, before 2026-12-07): built anew
+    key = cache.with_suffix(".json")                   # its key cut short (a full disk, before 2026-12-07): built anew
     key.write_text(key.read_text()[:40])
     assert torch.equal(load_slices(adni_folder, 32, 1, cache_gb=0.0, disk_cache=tmp_path).images, rebuilt.images)
     assert json.loads(key.read_text())["shape"] == list(rebuilt.images.shape)

@@ -15,8 +15,8 @@ import torch
 import predict
 from conftest import ckpt, error_of, touch, unet, vqvae
 from runtime import process
-from runtime.checkpoint import (REQUIRED, atomic_save, atomic_write, checkpoint_to_resume, fingerprint, load_checkpoint, previous,
-                                remove_unfinished, write_config)
+from runtime.checkpoint import (REQUIRED, atomic_save, atomic_write, checkpoint_to_resume, fingerprint, load_checkpoint,
+                                previous, remove_unfinished, write_config)
 from runtime.errors import BadInputError
 from runtime.process import Milestones
 

@@ -162,7 +162,7 @@ def rebuilt_demo(folder: Path) -> Path | None:
     if not found or folder.exists():
         return None
     if int(found[1]) != DEMO_VERSION:
-        raise BadInputError(f"{folder}, the demo data this run trained on (version {found[1]}), is gone, and this code "
-                            f"builds version {DEMO_VERSION} alone: restore the folder, or build it with the code of its "
-                            f"time (`git log -- volumes/demo.py`), or train a new run")
+        raise BadInputError(f"{folder}, the demo data this run trained on (version {found[1]}), is gone, and this "
+                            f"code builds version {DEMO_VERSION} alone: restore the folder, or build it with the code "
+                            f"of its time (`git log -- volumes/demo.py`), or train a new run")
     return demo_data_dir(folder.parent, int(found[2]))
