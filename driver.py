@@ -86,11 +86,11 @@ BEFORE_THE_FLAG = {"cooldown": 0.0, "clamped_loss": False, "discriminator_channe
                    "regularisation": "vq", "kl_weight": 1e-6,
                    # stage 1's losses (2026-11-25: none but MSE before; 2026-12-03: the perceptual network VGG16,
                    # the base loss MSE; 2026-12-05: the adversarial weight adaptive), stage 2's post-hoc EMA and
-                   # conditions (2026-12-03)
+                   # conditions (2026-12-03; a table of sessions 2026-12-07)
                    "adversarial_weight": 0.0, "perceptual_weight": 0.0, "laplacian_weight": 0.0,
                    "frequency_weight": 0.0, "reconstruction_loss": "mse", "perceptual_network": "vgg16",
                    "adversarial_weighting": "adaptive", "posthoc_ema": 0, "condition": None, "labels": None,
-                   "subject_column": None}
+                   "subject_column": None, "session_column": None}
 
 
 def preset_help(stage: str, name: str, text: str) -> str:
@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="participants table, CSV or TSV, one row per subject (default: the data folder's participants.tsv)")
     p.add_argument("--subject-column", default=None,
                    help="the table's column of subject IDs, matched to the images' subjects (default: participant_id)")
+    p.add_argument("--session-column", default=None,
+                   help="a table of sessions, a row per scan or visit: its column naming each row's scan by a folder "
+                        "or a part of the file name, for values that change between scans, e.g. 'Image Data ID' of "
+                        "ADNI's search CSV (default: session_id where the table has it; a BIDS tree's "
+                        "sub-*_sessions.tsv are read with its participants.tsv)")
     p.add_argument("--label-dropout", type=float, default=0.1,
                    help="probability that a condition is dropped (not given) in training, for each condition of each "
                         "image on its own, so that the network learns every subset of its conditions, the unconditional "

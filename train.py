@@ -18,6 +18,7 @@ averaged over ranks. One optimizer step = --grad-accum micro-batches of --batch-
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from conditions.table import (CLASS, build_conditions, condition_matrix, find_table, read_table, saved_conditions,
-                              saved_table, subjects_of, to_saved)
+from conditions.table import (CLASS, SESSION_ID, build_conditions, condition_matrix, find_table, read_table,
+                              saved_conditions, saved_table, subjects_of, to_saved, with_bids_sessions)
 from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches,
                      refuse_subject_folders_as_classes, subject_summary, to_unit, training_data, training_files,
                      uint8_loader)
@@ -267,10 +268,12 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
         stage1s = not args.labels and data.layout.class_column  # by default, the table of stage 1's --class-column
         path = (find_table(data.folder(), args.labels or data.layout.class_table)
                 if [n for n in names if n != CLASS] or args.labels else None)
-        table = read_table(path, args.subject_column or (data.layout.class_subject_column if stage1s else None)
-                           ) if path else None
-        conditions = build_conditions(names, table, subjects, classes)
-    y, report = condition_matrix(conditions, table, subjects, labels)
+        table = read_table(path, args.subject_column or (data.layout.class_subject_column if stage1s else None),
+                           session_column=args.session_column or SESSION_ID) if path else None
+        if table and path == Path(os.path.abspath(data.folder())) / "participants.tsv":
+            table = with_bids_sessions(table)  # a BIDS tree's: with its sub-*/sub-*_sessions.tsv
+        conditions = build_conditions(names, table, subjects, classes, paths, str(data.folder()))
+    y, report = condition_matrix(conditions, table, subjects, labels, paths, str(data.folder()))
     return conditions, y, table, report
 
 

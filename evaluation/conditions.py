@@ -118,7 +118,8 @@ def condition_check(args, run: Path, model: predict.LatentDiffusion, table: Tabl
     if table is not None and table.sha1 != record["sha1"]:
         print(f"warning: {table.file} changed since the run was trained; the check reads it as it is now")
     paths = [p for p, _ in dataset.samples]
-    y, _ = condition_matrix(model.conditions, table, subjects_of(paths, args.data_config.subject()), dataset.labels)
+    y, _ = condition_matrix(model.conditions, table, subjects_of(paths, args.data_config.subject()), dataset.labels,
+                            paths, str(args.data_config.folder()))
     key = {**key, "table": table.sha1 if table is not None else None}  # its values are what the network learns
     net = condition_net(run, dataset, train_idx, y, model.conditions, key, args.classifier_steps, device)
     rows, figures = [], []

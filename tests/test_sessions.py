@@ -1,0 +1,165 @@
+"""Values that change between a subject's scans (age at each visit): a table of sessions joined to each image by its
+subject and the session its path names, a BIDS tree's sessions.tsv files, and a run that keeps them."""
+import math
+import shutil
+
+import pytest
+import torch
+
+import driver
+from conditions.table import (SESSION_ID, Condition, build_conditions, condition_matrix, find_table, read_table,
+                              saved_table, subjects_of, with_bids_sessions)
+from conftest import SMALL_UNET, blob, ckpt, error_of, vqvae, write_volume
+from runtime.errors import BadInputError
+from volumes.layouts import Layout
+
+nan = math.nan
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def bids_tree_with_sessions(root):
+    """sub-01 scanned at M00 and M12, sub-02 at M00 only and with no sessions.tsv, sub-03 in no table."""
+    for subject, sessions in (("01", ("M00", "M12")), ("02", ("M00",)), ("03", ("M00",))):
+        for session in sessions:
+            write_volume(root / f"sub-{subject}" / f"ses-{session}" / "anat" / f"sub-{subject}_ses-{session}_T1w.nii.gz",
+                         blob(seed=len(session) + int(subject)))
+    (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t70\tF\nsub-02\t80\tM\n")
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-M00\t70.2\nses-M12\t71.3\n")
+
+
+def test_a_bids_trees_sessions_tsv_gives_each_scan_its_own_age_over_the_participants(tmp_path):
+    root = tmp_path / "bids"
+    bids_tree_with_sessions(root)
+    participants = read_table(find_table(root, None), session_column=SESSION_ID)  # participants.tsv has no sessions
+    table = with_bids_sessions(participants)
+    assert table.session_files == ["sub-01/sub-01_sessions.tsv"] and table.sha1 != participants.sha1
+    paths = sorted(str(p) for p in root.rglob("*.nii.gz"))  # sub-01 M00, M12; sub-02 M00; sub-03 M00
+    subjects = subjects_of(paths, Layout().subject)
+    conditions = build_conditions(["age", "sex"], table, subjects, ["all"], paths, str(root))
+    assert conditions == [Condition("age", "continuous", low=70.2, high=80.0), Condition("sex", "category", ["F", "M"])]
+    y, report = condition_matrix(conditions, table, subjects, torch.zeros(4), paths, str(root))
+    age = lambda years: (years - 70.2) / (80.0 - 70.2)  # noqa: E731
+    assert same(y, torch.tensor([[age(70.2), 0], [age(71.3), 0], [1.0, 1], [nan, nan]]))
+    assert "2 of 3 subjects in the table" in report and "sessions by session_id: 2 of 4 images'" in report
+    assert "per session age: 0 n/a" in report
+    # without the paths (or a run of before, saved without sessions) each subject has one age: the participants'
+    y, _ = condition_matrix(conditions, participants, subjects, torch.zeros(4))
+    assert same(y[:, 0], torch.tensor([age(70), age(70), 1.0, nan]))
+
+
+def test_a_run_finds_its_sessions_again_and_a_run_of_before_reads_the_participants_alone(tmp_path):
+    root = tmp_path / "bids"
+    bids_tree_with_sessions(root)
+    table = with_bids_sessions(read_table(root / "participants.tsv"))
+    record = table.record()
+    assert record["session_files"] == ["sub-01/sub-01_sessions.tsv"] and "session_column" not in record
+    assert saved_table(record, root).sha1 == table.sha1
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    shutil.rmtree(root)
+    assert saved_table(record, moved).sha1 == table.sha1                  # moved with its data (--data NEW)
+    old = {k: v for k, v in record.items() if k != "session_files"}       # a record of before 2026-12-07
+    assert saved_table({**old, "sha1": read_table(moved / "participants.tsv").sha1}, moved).sessions == {}
+    (moved / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-M00\t70.2\nses-M12\t72\n")
+    with pytest.raises(BadInputError, match="contents differ"):
+        saved_table(record, moved, str(moved / "participants.tsv"))
+    (moved / "sub-02" / "sub-02_sessions.tsv").write_text("age\n80\n")
+    assert "has no column 'session_id'" in str(pytest.raises(BadInputError, with_bids_sessions,
+                                                             read_table(moved / "participants.tsv")).value)
+
+
+def adni_download(root):
+    """LONI's layout: ADNI/<PTID>/<description>/<date>/<image id>/<file ending in the image id>."""
+    scans = [("002_S_0295", "2006-04-18_08_20_30.0", "S13408", "I13722"),
+             ("002_S_0295", "2007-05-25_07_40_11.0", "S32679", "I55286"),
+             ("002_S_0295", "2008-07-23_12_11_47.0", "S53511", "I114209"),   # not in the table
+             ("002_S_0413", "2006-05-02_12_35_03.0", "S14782", "I15025")]
+    paths = []
+    for ptid, date, series, image in scans:
+        path = root / "ADNI" / ptid / "MPRAGE" / date / image / f"ADNI_{ptid}_MR_MPRAGE_br_raw_{series}_{image}.nii"
+        write_volume(path, blob(seed=len(paths)))
+        paths.append(str(path))
+    table = root / "search.csv"
+    table.write_text("Image Data ID,Subject,Group,Sex,Age,Visit\nI13722,002_S_0295,CN,M,84.8,1\n"
+                     "I55286,002_S_0295,CN,M,85.9,3\nI15025,002_S_0413,CN,F,76.3,1\n")
+    return paths, table
+
+
+def test_adni_search_csv_gives_each_scan_its_age_by_its_image_id_and_a_scan_it_lacks_what_its_sessions_share(
+        tmp_path):
+    paths, search = adni_download(tmp_path)
+    assert "--session-column" in str(pytest.raises(BadInputError, read_table, search, "Subject").value)
+    table = read_table(search, "Subject", session_column="Image Data ID")
+    assert table.rows["002_S_0295"] == {"Image Data ID": "", "Subject": "002_S_0295", "Group": "CN", "Sex": "M",
+                                        "Age": "", "Visit": ""}
+    subjects = subjects_of(paths, Layout().subject)
+    assert subjects == ["002_S_0295"] * 3 + ["002_S_0413"]
+    conditions = build_conditions(["Age", "Sex"], table, subjects, ["all"], paths, str(tmp_path))
+    assert conditions[0] == Condition("Age", "continuous", low=76.3, high=85.9)   # the scans', not the subjects'
+    y, report = condition_matrix(conditions, table, subjects, torch.zeros(4), paths, str(tmp_path))
+    age = lambda years: (years - 76.3) / (85.9 - 76.3)  # noqa: E731
+    assert same(y, torch.tensor([[age(84.8), 1], [age(85.9), 1], [nan, 1], [0.0, 0]]))
+    assert "3 of 4 images' in the table (1 not: their subject's values" in report and "Age: 1 n/a" in report
+    # the same files gathered in one folder: the image ID is a part of the file's name
+    flat = [str(tmp_path / "flat" / p.rsplit("/", 1)[1]) for p in paths]
+    y_flat, _ = condition_matrix(conditions, table, subjects, torch.zeros(4), flat, str(tmp_path / "flat"))
+    assert same(y_flat, y)
+
+
+def test_a_table_of_sessions_that_names_no_file_or_one_file_twice_is_refused_saying_why(tmp_path):
+    paths, search = adni_download(tmp_path)
+    subjects = subjects_of(paths, Layout().subject)
+    by_visit = read_table(search, "Subject", session_column="Visit")       # visit numbers name no file
+    message = str(pytest.raises(BadInputError, condition_matrix, [Condition("Age", "continuous", low=70, high=90)],
+                                by_visit, subjects, torch.zeros(4), paths, str(tmp_path)).value)
+    assert "no image's path names one of its sessions (in Visit, such as '1'" in message
+    assert "a folder of its images, or a part of their file names" in message
+    twice = tmp_path / "twice.csv"  # a scan named by its image ID and its series ID, each a row
+    twice.write_text("scan,Subject,Age\nI13722,002_S_0295,84.8\nS13408,002_S_0295,84.9\n")
+    message = str(pytest.raises(BadInputError, condition_matrix, [Condition("Age", "continuous", low=70, high=90)],
+                                read_table(twice, "Subject", session_column="scan"), subjects, torch.zeros(4),
+                                paths, str(tmp_path)).value)
+    assert "names sessions 'I13722' and 'S13408' of its subject" in message
+    twice.write_text("scan,Subject,Age\nI13722,002_S_0295,84.8\nI13722,002_S_0295,84.9\n")
+    assert "two different rows for subject '002_S_0295', session 'I13722' (in 'Age')" in str(
+        pytest.raises(BadInputError, read_table, twice, "Subject", session_column="scan").value)
+    twice.write_text("scan,Subject,Age\n,002_S_0295,84.8\n")
+    assert "has no scan" in str(pytest.raises(BadInputError, read_table, twice, "Subject", session_column="scan").value)
+    assert "--session-column Scan: " in str(pytest.raises(BadInputError, read_table, twice, "Subject",
+                                                          session_column="Scan").value)
+
+
+def test_a_table_with_a_session_id_column_is_one_of_sessions_on_its_own(tmp_path):
+    """ClinicaDL's tables: participant_id, session_id and the values of each session; a table without session_id
+    stays one of subjects."""
+    clinica = tmp_path / "data.tsv"
+    clinica.write_text("participant_id\tsession_id\tage\tdiagnosis\nsub-ADNI002S0295\tses-M00\t84.8\tCN\n"
+                       "sub-ADNI002S0295\tses-M12\t85.8\tMCI\n")
+    table = read_table(clinica, session_column=SESSION_ID)
+    assert table.session_column == SESSION_ID and set(table.sessions["ADNI002S0295"]) == {"M00", "M12"}
+    assert table.rows["ADNI002S0295"]["diagnosis"] == ""          # it changed between sessions: the sessions' own
+    subjects_only = tmp_path / "participants.tsv"
+    subjects_only.write_text("participant_id\tage\nsub-01\t70\n")
+    assert read_table(subjects_only, session_column=SESSION_ID).sessions == {}
+
+
+def test_a_run_trains_on_each_sessions_age_keeps_its_sessions_on_resume_and_refuses_them_changed(tmp_path):
+    data = tmp_path / "bids"
+    bids_tree_with_sessions(data)
+    (data / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t70\tF\nsub-02\t80\tM\nsub-03\t75\tF\n")
+    run = tmp_path / "run"
+    vqvae(run, data, "--max-steps", "2")
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "age"])
+    saved = ckpt(run / "unet.pt")
+    assert saved["labels"]["session_files"] == ["sub-01/sub-01_sessions.tsv"]
+    assert saved["conditions"][0]["low"] == 70.2 and saved["conditions"][0]["high"] == 80.0  # 70 is no scan's age
+    driver.main(["train-unet", "--run", str(run), "--max-steps", "3", "--resume"])
+    assert ckpt(run / "unet.pt")["step"] == 3
+    (data / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-M00\t70.2\nses-M12\t72\n")
+    assert "changed since this run started" in error_of(driver.main, ["train-unet", "--run", str(run),
+                                                                      "--max-steps", "4", "--resume"])
+    assert "--session-column" in error_of(driver.main, ["train-unet", "--run", str(run), "--max-steps", "4",
+                                                        "--resume", "--session-column", "visit"])
