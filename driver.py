@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 import predict
 import train
-from dataset import DataConfig, data_files_key
 import evaluation
 import volumes
 from losses import stage1
@@ -40,6 +39,7 @@ from runtime.errors import BadInputError, Interrupted, disk_full
 from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
 from volumes.demo import DEFAULT_DEMO_ROOT
+from volumes.run_data import DataConfig, data_files_key
 
 # Preset values of the flags that default to None (below, and stage 1's losses' in losses/stage1.py); a flag given
 # on the command line wins.

@@ -34,7 +34,6 @@ import torch
 from torchvision.utils import save_image
 
 from conditions.table import CLASS, Condition, asked_values, saved_conditions, sweep_rows
-from dataset import DataConfig
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
@@ -46,6 +45,7 @@ from runtime.flags import Parser, seed
 from runtime.graphs import GraphedCall
 from runtime.posthoc_ema import earlier_weights, reconstruct
 from runtime.process import progress, setup_device
+from volumes.run_data import DataConfig
 
 
 # Images sampled at once by default: on a GPU enough to keep it busy (a UNet call at batch 16 is launch-bound),

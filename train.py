@@ -28,9 +28,7 @@ import torch.nn as nn
 
 from conditions.table import (CLASS, SESSION_ID, build_conditions, condition_matrix, find_table, read_table,
                               saved_conditions, saved_table, subjects_of, to_saved, with_bids_sessions)
-from dataset import (data_files_key, dataset_labels, dataset_paths, files_fingerprint, index_batches,
-                     refuse_subject_folders_as_classes, subject_summary, to_unit, training_data, training_files,
-                     uint8_loader)
+from dataset import dataset_labels, dataset_paths, files_fingerprint, index_batches, to_unit, uint8_loader
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import drop_conditions
 from losses.stage1 import ReconstructionLoss
@@ -44,6 +42,8 @@ from runtime.optimizer import adamw
 from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
 from runtime.process import (Runtime, any_rank, check_processes, cpus_per_process, main_rank_first, place_model,
                              progress, same_on_every_rank, setup_runtime, wrap_model)
+from volumes.run_data import (data_files_key, refuse_subject_folders_as_classes, subject_summary, training_data,
+                              training_files)
 
 
 # ----------------------------------------------------------------------------- stage 1: VQ-VAE

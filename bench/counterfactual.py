@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import predict  # noqa: E402
 from conditions.counterfactual import counterfactual_latent  # noqa: E402
 from conditions.table import asked_values  # noqa: E402
-from dataset import DataConfig, load_slices  # noqa: E402
+from dataset import load_slices  # noqa: E402
 from evaluation.classifier import class_accuracy, domain_classifier  # noqa: E402
 from evaluation.evaluate import feature_key, run_split, stack  # noqa: E402
+from volumes.run_data import DataConfig  # noqa: E402
 
 
 def disc(size: int, radius: float) -> torch.Tensor:

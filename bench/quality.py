@@ -59,7 +59,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
 import predict  # noqa: E402
-from dataset import DataConfig, load_slices  # noqa: E402
+from dataset import load_slices  # noqa: E402
 from evaluation.evaluate import (class_mix, evaluation_split, feature_network, score_rows, stack,  # noqa: E402
                                  training_sample)
 from evaluation.report import format_level_table, format_table  # noqa: E402
@@ -67,6 +67,7 @@ from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
 from volumes.layouts import LAYOUT_VERSION, Layout  # noqa: E402
+from volumes.run_data import DataConfig  # noqa: E402
 
 ROWS = ("ours", "ours-unclamped", "ours-adversarial", "ours-laplacian", "ours-constant", "ours-codes", "ours-former",
         "peer", "defect")

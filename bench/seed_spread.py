@@ -40,10 +40,10 @@ import predict  # noqa: E402
 from evaluation.ema_lengths import ema_lengths_arg  # noqa: E402
 from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
-from dataset import DataConfig  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.posthoc_ema import reconstruct_many  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402
+from volumes.run_data import DataConfig  # noqa: E402
 
 METRICS = {"fid": 1, "kid": 1e3, "swd": 1, "swd_64": 1, "swd_32": 1, "swd_16": 1}  # name -> scale as printed
 

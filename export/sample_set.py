@@ -34,10 +34,10 @@ import torch
 from PIL import Image
 
 from conditions.table import CLASS, Condition
-from dataset import DataConfig, training_files
 from runtime.checkpoint import atomic_write, remove_unfinished
 from runtime.errors import BadInputError
 from volumes.reader import is_volume
+from volumes.run_data import DataConfig, training_files
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
 
 FORMATS = {"png": ".png", "nifti": ".nii.gz", "npz": ".npz"}

@@ -110,9 +110,9 @@ def test_quality_scores_its_rows_on_the_subjects_their_training_left_out(tmp_pat
     them at once), so that reference A and floor B hold no subject a row trained on."""
     import numpy as np
     from conftest import write_blob_images
-    from dataset import DataConfig, training_files
     from quality import held_out_split
     from volumes.layouts import Layout
+    from volumes.run_data import DataConfig, training_files
     rng = np.random.default_rng(0)
     for label, subjects in (("AD", 9), ("NC", 3)):
         write_blob_images(tmp_path / "data" / label, [f"{label}{i}" for i in range(subjects)], 2, rng, size=(16, 16))

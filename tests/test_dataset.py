@@ -16,12 +16,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from conftest import error_of, touch
-from dataset import (DataConfig, InMemorySlices, SliceFolders, data_files_key, dataset_labels, dataset_paths,
-                     index_batches, load_slices, refuse_subject_folders_as_classes, split_by_subject, subject_summary,
+from dataset import (InMemorySlices, SliceFolders, dataset_labels, dataset_paths, index_batches, load_slices,
                      uint8_images, uint8_loader)
 from runtime.errors import BadInputError
+from volumes.holdout import split_by_subject
 from volumes.layouts import Layout, subject_id
 from volumes.reader import Slicing
+from volumes.run_data import DataConfig, data_files_key, refuse_subject_folders_as_classes, subject_summary
 
 
 def test_adni_layout_concatenates_train_and_test(adni_folder):

@@ -548,8 +548,8 @@ def test_a_cached_feature_network_is_keyed_on_the_images_its_split_trains_on(tmp
     """Another split of as many images (other subject rules, another slicing) must not find the feature network
     trained on this one: it would know subjects now held out."""
     from types import SimpleNamespace
-    from dataset import DataConfig
     from evaluation.evaluate import feature_key
+    from volumes.run_data import DataConfig
     data = DataConfig(root=str(tmp_path), image_size=32, holdout=0.5)
     dataset = SimpleNamespace(samples=[(f"/d/AD/s{i}_{k}.png", 0) for i in range(4) for k in range(2)],
                               slice_numbers=None)

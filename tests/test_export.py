@@ -12,11 +12,11 @@ from PIL import Image
 import driver
 import predict
 from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
-from dataset import DataConfig
 from export.sample_set import SEEDING, SampleSet, batch_seed, read_sample, run_geometry
 from runtime.checkpoint import fingerprint, run_lock
 from runtime.errors import BadInputError
 from volumes.reader import Slicing, read_volume_slices
+from volumes.run_data import DataConfig
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
 
 FAST = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2"]

@@ -16,11 +16,13 @@ import torch
 
 import volumes.reader
 from conftest import blob, touch, write_volume
-from dataset import DataConfig, SliceFolders, load_slices, split_by_subject, training_files
+from dataset import SliceFolders, load_slices
 from runtime.errors import BadInputError
 from volumes.demo import make_demo_dataset
+from volumes.holdout import split_by_subject
 from volumes.layouts import Layout, subject_id
 from volumes.reader import Slicing, read_volume_slices, volume_peak_bytes, volumes_at_once
+from volumes.run_data import DataConfig, training_files
 
 
 # ----------------------------------------------------------------------------- one volume

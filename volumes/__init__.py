@@ -1,6 +1,7 @@
 """NIfTI volumes and the folders that hold them, for dataset.py: `reader.py` reads one volume into uint8 slices,
-`layouts.py` says which files a data folder holds and whose (which subject's) each one is, `demo.py` writes the
-embedded demo data as volumes; `add_arguments` below declares train-vqvae's flags of both."""
+`layouts.py` says which files a data folder holds and whose (which subject's) each one is, `run_data.py` which
+files and subjects a run trains on (`DataConfig`), `demo.py` writes the embedded demo data as volumes;
+`add_arguments` below declares train-vqvae's flags of both."""
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,7 @@
-"""The subject-level hold-out, for dataset.py's DataConfig and `evaluate`: a seeded fraction of subjects left out of
-training, whole, drawn within each class from data layout version 5 on (no class is left out of training by
-chance), from all classes at once before; from version 6 on drawn from every file listed, readable or not. Whose
-each file is: volumes/layouts.py's `subject_id`.
+"""The subject-level hold-out, for volumes/run_data.py's DataConfig and `evaluate`: a seeded fraction of subjects
+left out of training, whole, drawn within each class from data layout version 5 on (no class is left out of
+training by chance), from all classes at once before; from version 6 on drawn from every file listed, readable or
+not. Whose each file is: volumes/layouts.py's `subject_id`.
 """
 from __future__ import annotations
 
