@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from torchvision.utils import save_image
 
+from conditions import cohort
 from conditions.table import CLASS, Condition, asked_values, saved_conditions, sweep_rows
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
@@ -85,9 +86,13 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
         p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
                        help="one grid row per value (NAME=all: every category), every row from the same noise, so that "
                             "the rows differ by what the condition does")
+        p.add_argument("--cohort", action="store_true",
+                       help="each sample under the conditions of a training scan picked at random (--seed): a set "
+                            "whose class, age, sex ... follow the training cohort's, together; reads the run's data "
+                            "folder and participants table (default: off; not with --class, --set, --sweep)")
         p.add_argument("--guidance", type=float, default=3.0,
-                       help="classifier-free guidance scale w with --class, --set or --sweep: 0 unconditional, 1 "
-                            "conditional, >1 stronger (default: %(default)s)")
+                       help="classifier-free guidance scale w with --class, --set, --sweep or --cohort: 0 "
+                            "unconditional, 1 conditional, >1 stronger (default: %(default)s)")
         p.add_argument("--row-noise", choices=["shared", "independent"], default="shared",
                        help="with several rows (--sweep, --class all): every row from the same noise, so that sample k "
                             "of each row is one draw under each row's conditions (shared), or each row from its own "
@@ -338,6 +343,15 @@ def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), swee
     return sweep_rows(model.conditions, asked_values(model.conditions, list(settings)), sweep)
 
 
+def cohort_rows(model: LatentDiffusion, run: Path, num: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """--cohort -> [("cohort", conditions (num, K))]: one row whose every sample has the conditions of a training scan
+    drawn at random (conditions/cohort.py)."""
+    if not model.conditions:
+        raise BadInputError(f"--cohort draws each sample's conditions from the training scans', and {run / 'unet.pt'} "
+                            f"is unconditional; train stage 2 with --conditional or --condition")
+    return [("cohort", cohort.draw(cohort.training_cohort(run, model.conditions, model.labels), num, seed))]
+
+
 # ----------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
@@ -464,7 +478,11 @@ def predict(args):
     sampling = sampling_from_args(args, model)
     # resolved here: which images a seed gives depends on the batch size, and a resumed set must keep it
     sampling = replace(sampling, batch_size=batch_size_of(sampling, device))
-    rows = asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)]
+    if args.cohort and (args.set_values or args.sweep or args.class_name):
+        raise BadInputError("--cohort draws every condition of each sample from a training scan: leave out --class, "
+                            "--set and --sweep, or --cohort")
+    rows = (cohort_rows(model, run, args.num, args.seed) if args.cohort else
+            asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)])
     geometry = None
     if args.format == "nifti":  # the set's own, resumed; else its training volumes'
         geometry = (args.resume and saved_geometry(out / "samples")) or run_geometry(DataConfig.of_run(run))
@@ -479,7 +497,7 @@ def predict(args):
             print("the rows share their noise: sample k of each row is one draw under each row's conditions (for "
                   "independent samples: --row-noise independent)")
         for r, (caption, y) in enumerate(rows):  # by default from the same seeds: rows differ by their conditions only
-            labels = None if y is None else y.expand(args.num, -1)
+            labels = None if y is None else y.expand(args.num, -1)  # --cohort's y: (num, K) already
             for b, images, frames in sample_batches(model, sampling, args.num, labels, args.guidance, autocast,
                                                     seeds=lambda b, r=r: samples.batch_seed(b, r),
                                                     skip=samples.batches(r), desc=caption):
@@ -541,7 +559,7 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "batch_seeds": ROW_SEEDING if args.row_noise == "independent" else SEEDING,
-                "rows": [[caption, None if y is None else
+                "rows": [[caption, None if y is None else {"drawn": cohort.fingerprint(y)} if y.dim() == 2 else
                           {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}
     return settings, record
 

@@ -67,7 +67,8 @@ class SampleSet:
     """The folder of one set of samples: what is written, and writing the rest.
 
     settings: everything that decides the samples (run fingerprints, sampler, seed, batch size, rows, format, num);
-    rows: [(caption, conditions (K,) or None)] as predict.py samples them; conditions: the run's."""
+    rows: [(caption, conditions (K,) or None)] as predict.py samples them, or of (num, K) with each sample's own
+    (--cohort); conditions: the run's."""
 
     def __init__(self, folder: Path, settings: dict, rows: list, conditions: list[Condition], record: dict,
                  geometry: SampleGeometry | None = None, resume: bool = False):
@@ -176,9 +177,14 @@ class SampleSet:
         start = row * self.num + batch * self.batch_size
         return range(start, min(start + self.batch_size, (row + 1) * self.num))
 
+    def _conditions(self, index: int) -> torch.Tensor | None:
+        """Sample `index`'s conditions (K,): its row's, or its own in a row of (num, K) (--cohort); None: none."""
+        y = self.rows[index // self.num][1]
+        return y[index % self.num] if y is not None and y.dim() == 2 else y
+
     def file(self, index: int) -> str:
         """The path of sample `index` in the folder: <class>/sub-NNNNNN<suffix>."""
-        y = self.rows[index // self.num][1]
+        y = self._conditions(index)
         names = [c.name for c in self.conditions]
         sampled_class = y is not None and CLASS in names  # an unconditional row of a class-conditional run has none
         group = self.conditions[names.index(CLASS)].decode(float(y[names.index(CLASS)])) if sampled_class else None
@@ -193,13 +199,14 @@ class SampleSet:
 
     def write(self, row: int, batch: int, images: torch.Tensor):
         """A batch's images (n, C, H, W) in [-1, 1]: its files, then its rows in the manifest and participants table."""
-        caption, y = self.rows[row]
-        values = {c.name: (c.decode(float(y[k])) if y is not None else None) for k, c in enumerate(self.conditions)}
+        caption = self.rows[row][0]
         entries = []
         for k, (index, image) in enumerate(zip(self._indices(row, batch), images)):
             path = self.folder / self.file(index)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._save(image, path)
+            y = self._conditions(index)
+            values = {c.name: (c.decode(float(y[j])) if y is not None else None) for j, c in enumerate(self.conditions)}
             entries.append({"file": self.file(index), "participant_id": self._subject(index), "index": index,
                             "row": caption, **values, "seed": self.batch_seed(batch, row), "in_batch": k,
                             "batch_count": len(images), **self.record})
