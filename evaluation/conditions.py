@@ -108,18 +108,24 @@ def agreement(read: torch.Tensor, truth: torch.Tensor, c: Condition) -> dict:
 
 # ----------------------------------------------------------------------------- the check
 
-def condition_check(args, run: Path, model: predict.LatentDiffusion, table: Table | None, dataset,
-                    train_idx: list[int], held_idx: list[int], key: dict, generate, device,
-                    out: Path) -> tuple[list[dict], list[str]]:
-    """Every condition of the run from its participants table (`saved_table`'s): rows of the real held-out floor and
-    of samples at each guidance scale, and the sweep figures written. generate(y (N, K), guidance) -> images."""
-    out.mkdir(parents=True, exist_ok=True)
-    record = model.labels
-    if table is not None and table.sha1 != record["sha1"]:
+def condition_values(args, model: predict.LatentDiffusion, table: Table | None, dataset) -> torch.Tensor:
+    """y (N, K): the run's conditions of every image of `dataset` (the evaluation's images: training and held out),
+    from its participants table (`saved_table`'s) and class folders; NaN where not given."""
+    if table is not None and table.sha1 != model.labels["sha1"]:
         print(f"warning: {table.file} changed since the run was trained; the check reads it as it is now")
     paths = [p for p, _ in dataset.samples]
     y, _ = condition_matrix(model.conditions, table, subjects_of(paths, args.data_config.subject()), dataset.labels,
                             paths, str(args.data_config.folder()))
+    return y
+
+
+def condition_check(args, run: Path, model: predict.LatentDiffusion, table: Table | None, y: torch.Tensor, dataset,
+                    train_idx: list[int], held_idx: list[int], key: dict, generate, device,
+                    out: Path) -> tuple[list[dict], list[str]]:
+    """Every condition of the run from its participants table (`saved_table`'s; y: `condition_values`): rows of the
+    real held-out floor and of samples at each guidance scale, and the sweep figures written. generate(y (N, K),
+    guidance) -> images."""
+    out.mkdir(parents=True, exist_ok=True)
     key = {**key, "table": table.sha1 if table is not None else None}  # its values are what the network learns
     net = condition_net(run, dataset, train_idx, y, model.conditions, key, args.classifier_steps, device)
     rows, figures = [], []

@@ -57,13 +57,13 @@ from dataset import card_transform, load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
-from evaluation.conditions import condition_check
+from evaluation.conditions import condition_check, condition_values
 from evaluation.ema_lengths import ema_length_curve, plot_ema_curve
 from evaluation.memorisation import memorisation_check
-from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section, ema_section,
-                               format_level_table, format_table, memorisation_section, save_crops, swd_levels,
-                               utility_section)
-from evaluation.utility import images_per_class, utility_check
+from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
+                               condition_utility_section, ema_section, format_level_table, format_table,
+                               memorisation_section, save_crops, swd_levels, utility_section)
+from evaluation.utility import condition_utility, images_per_class, refuse_seen, utility_check
 from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
@@ -268,9 +268,13 @@ def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], class
     return rows, torch.cat(grid)
 
 
-def class_column(model, classes: list[str], run: Path) -> int:
+def class_column(model, classes: list[str], run: Path) -> int | None:
     """The condition that names the data's class folders, for --utility: `class` (train-unet --conditional), else a
-    category of the participants table with those values (a `group` column of AD and NC)."""
+    category of the participants table with those values (a `group` column of AD and NC); None where there is none
+    but the run has table conditions, which --utility checks alone."""
+    table_conditions = [c.name for c in model.conditions if c.name != CLASS]
+    if len(classes) < 2 and table_conditions:
+        return None
     if len(classes) < 2:  # a BIDS tree, or one class folder: a diagnosis in the table is not the data's classes
         raise BadInputError(f"--utility trains a classifier of the data's classes, and {'/'.join(classes)} is one "
                             "class (a BIDS tree is one, unless train-vqvae --class-column names its diagnosis)")
@@ -281,6 +285,8 @@ def class_column(model, classes: list[str], run: Path) -> int:
             if not set(classes) <= set(c.values):
                 raise BadInputError(f"the run's classes {c.values} differ from those of the data: {classes}")
             return k
+    if table_conditions:
+        return None
     raise BadInputError(f"--utility trains the {'/'.join(classes)} classifier on samples of each class, and "
                         f"{run / 'unet.pt'} was trained without --conditional (nor on a table column of those classes)")
 
@@ -375,6 +381,7 @@ def evaluate(args):
 
     # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
     stage1_only, sampling = samples is None and not (run / "unet.pt").exists(), {}
+    column = y = None  # the condition naming the classes (--utility), and every image's conditions (a table's)
     if stage1_only:
         for flag, given in (("--class", args.class_name), ("--utility", args.utility)):
             if given is not None:
@@ -398,9 +405,13 @@ def evaluate(args):
         settings = predict.sampling_from_args(args, model)
         asked = predict.asked_rows(model, run, class_name=args.class_name)  # the classes asked for, checked
         column = class_column(model, list(dataset.classes), run) if args.utility is not None else None
-        if args.utility is not None:
+        if column is not None:
             per_class = images_per_class(args.utility, list(dataset.classes), [dataset.labels[i] for i in train_idx],
                                          [dataset.labels[i] for i in ref_idx + floor_idx], seen)
+        elif args.utility is not None:
+            refuse_seen(seen)
+        y = (condition_values(args, model, participants, dataset)
+             if any(c.name != CLASS for c in model.conditions) else None)
         if asked is not None and model.classes != list(dataset.classes):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
@@ -453,14 +464,21 @@ def evaluate(args):
                                   seed, subject)
         save_image(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
         sections["class"] = class_section(rows, args.guidance)
-    if args.utility is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
+    if column is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
         rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
                        torch.cat([ref_labels, floor_labels])), per_class, autocast, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility)
-    if samples is not None and not args.samples and any(c.name != CLASS for c in model.conditions):  # drawn here
+    if args.utility is not None and y is not None:  # and the table's conditions, from samples at real slices' values
+        given = [i for i in train_idx if not y[i, [c.name != CLASS for c in model.conditions]].isnan().all()]
+        real = training_sample(given, args.utility, seed)
+        rows = condition_utility((stack(dataset, real)[0], y[real]), lambda v, w: draw(len(v), v, w),
+                                 [w for w in args.guidance if w > 0], (torch.cat([reference, floor]),
+                                 y[ref_idx + floor_idx]), model.conditions, args.classifier_steps, device)
+        sections["utility_conditions"] = condition_utility_section(rows, len(real))
+    if y is not None and samples is not None and not args.samples:  # drawn here
         # each condition from the participants table, read back from samples generated at held-out subjects' values
-        rows, sweeps = condition_check(args, run, model, participants, dataset, train_idx, ref_idx + floor_idx, key,
-                                       lambda y, w: draw(len(y), y, w), device, out)
+        rows, sweeps = condition_check(args, run, model, participants, y, dataset, train_idx, ref_idx + floor_idx,
+                                       key, lambda v, w: draw(len(v), v, w), device, out)
         sections["conditions"] = condition_section(rows, sweeps, args.guidance)
 
     # files

@@ -13,7 +13,7 @@ from torchvision.utils import save_image
 from evaluation.conditions import format_condition_table
 from evaluation.ema_lengths import format_ema_table
 from evaluation.memorisation import format_memorisation_table
-from evaluation.utility import UTILITY_SEEDS, format_utility_table
+from evaluation.utility import UTILITY_SEEDS, format_condition_utility_table, format_utility_table
 
 # ----------------------------------------------------------------------------- the score tables
 
@@ -87,8 +87,9 @@ def save_crops(rows: list[torch.Tensor], size: int, path: Path) -> int:
 
 # ----------------------------------------------------------------------------- the optional parts of a report
 
-REPORT_ORDER = ("memorisation", "ema", "utility", "class", "conditions")  # as report.md and the printout give them
-METRICS_ORDER = ("utility", "ema", "memorisation", "conditions", "class")  # as metrics.json holds them
+# the optional sections in the order report.md and the printout give them, and in the order metrics.json holds them
+REPORT_ORDER = ("memorisation", "ema", "utility", "utility_conditions", "class", "conditions")
+METRICS_ORDER = ("utility", "utility_conditions", "ema", "memorisation", "conditions", "class")
 
 
 @dataclass
@@ -142,6 +143,19 @@ def utility_section(rows: list[dict], per_class: int, asked: int) -> Section:
         f"The AD/NC classifier trained on {per_class} images per class of "
         "each set below (the same network and steps each time), tested on every held-out image: mean ± standard "
         f"deviation over {UTILITY_SEEDS} training seeds.", "", table], table)
+
+
+def condition_utility_section(rows: list[dict], count: int) -> Section:
+    """Train on synthetic, test on real for the participants table's conditions (`evaluate --utility` of a run
+    conditioned on its columns)."""
+    table = format_condition_utility_table(rows)
+    return Section({"utility_conditions": rows, "utility_conditions_images": count}, [
+        "", "## Train on synthetic, test on real: the table's conditions", "",
+        f"The condition network trained on {count} real training images, on as many samples generated at those images' "
+        "values (every condition given), and on both (the same network and steps each time), reads each condition "
+        "back from every held-out image with a value of it (r: Pearson correlation with the table's value, MAE in "
+        f"the covariate's units; recognised: how often a category is read right): mean ± standard deviation over "
+        f"{UTILITY_SEEDS} training seeds.", "", table], table)
 
 
 def condition_section(rows: list[dict], sweeps: list[str], guidance: list[float]) -> Section:

@@ -8,6 +8,13 @@ what N real slices buy; a synthetic row near it means the samples carry what tel
 trained UTILITY_SEEDS times from different seeds, and the table gives the mean and standard deviation.
 
     python driver.py evaluate --run RUN --utility 200 --guidance 1,3     # a run trained with --conditional
+
+A run conditioned on a participants table has its columns checked the same way (`condition_utility`): the condition
+network of evaluation/conditions.py (a regression head per covariate, a classifier head per category) trained on N
+real training slices, on N samples generated at those very slices' values (every condition given at once, so the
+two sets differ by their images alone), and on both; read back from the held-out images: Pearson r and the mean
+absolute error per covariate (a brain-age model trained on synthetic scans, tested on real ones), the fraction
+recognised per category.
 """
 from __future__ import annotations
 
@@ -15,9 +22,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 from torchmetrics.functional.classification import auroc
 
+from conditions.table import CLASS, Condition
 from evaluation.classifier import ClassifierConfig, SliceClassifier
+from evaluation.conditions import agreement, read_back, train_condition_net
 from runtime.errors import BadInputError
 
 UTILITY_SEEDS = 3
@@ -66,9 +76,7 @@ def images_per_class(n: int, classes: list[str], train_labels: list[int], test_l
     smallest class has fewer real training images, as many as it has, so that the rows differ in what they learn
     from and not in how much. Refused where the check cannot mean what it says: a run that trained on the test
     subjects (its samples carry them), one class, or held-out subjects of one class (AUC undefined)."""
-    if seen:
-        raise BadInputError("--utility tests on held-out subjects, and this run was trained on all subjects: its "
-                            "samples would carry the test subjects (train-vqvae --holdout F leaves subjects out)")
+    refuse_seen(seen)
     if len(classes) < 2:
         raise BadInputError(f"--utility trains a classifier of the data's classes, and it has one ({classes[0]})")
     absent = [name for c, name in enumerate(classes) if c not in test_labels or c not in train_labels]
@@ -80,6 +88,13 @@ def images_per_class(n: int, classes: list[str], train_labels: list[int], test_l
         print(f"--utility {n}: the smallest class has {fewest} real training images, so every row trains on {fewest} "
               f"per class")
     return min(n, fewest)
+
+
+def refuse_seen(seen: bool):
+    """--utility on a run trained on every subject: refused, its samples would carry the test subjects."""
+    if seen:
+        raise BadInputError("--utility tests on held-out subjects, and this run was trained on all subjects: its "
+                            "samples would carry the test subjects (train-vqvae --holdout F leaves subjects out)")
 
 
 def utility_check(real_of: Callable[[int, int], torch.Tensor], generate: Callable[[int, int, float], torch.Tensor],
@@ -102,6 +117,46 @@ def utility_check(real_of: Callable[[int, int], torch.Tensor], generate: Callabl
             row[key], row[f"{key}_std"] = values.mean().item(), values.std().item()
         rows.append(row)
     return rows
+
+
+def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callable[[torch.Tensor, float], torch.Tensor],
+                      guidance: list[float], test: tuple[torch.Tensor, torch.Tensor], conditions: list[Condition],
+                      steps: int, device) -> list[dict]:
+    """One row per table condition and training set (real, then synthetic and real + synthetic at each guidance
+    scale): the condition network trained UTILITY_SEEDS times on it, read back from the held-out `test` (images, y).
+    real: (images, y (N, K)) of real training slices; generate(y, w): samples at those values, at scale w."""
+    images, y = real
+    sets = {"real": (images, y)}
+    for w in guidance:
+        synthetic = generate(y, w)
+        sets[f"synthetic, w={w:g}"] = (synthetic, y)
+        sets[f"real + synthetic, w={w:g}"] = (torch.cat([images, synthetic]), torch.cat([y, y]))
+    rows = []
+    for name, (x, targets) in sets.items():
+        nets = [train_condition_net(TensorDataset(x), list(range(len(x))), targets, conditions, min(x.shape[-1], 128),
+                                    x.shape[1], steps, device, seed) for seed in range(UTILITY_SEEDS)]
+        for k, c in enumerate(conditions):
+            given = ~test[1][:, k].isnan()
+            if c.name == CLASS or given.sum() < 2:  # the class folders: the classifier's rows above
+                continue
+            truth = test[1][given, k] if c.size else test[1][given, k] * (c.high - c.low) + c.low
+            runs = [agreement(read_back(net, test[0][given], conditions, k, device), truth, c) for net in nets]
+            row = {"condition": c.name, "training set": name, "images": int((~targets[:, k].isnan()).sum()),
+                   "tested": int(given.sum())}
+            for key in runs[0]:
+                values = torch.tensor([r[key] for r in runs])
+                row[key], row[f"{key}_std"] = values.mean().item(), values.std().item()
+            rows.append(row)
+    return rows
+
+
+def format_condition_utility_table(rows: list[dict]) -> str:
+    def cell(r, key, form):
+        return f"{r[key]:{form}} ± {r[key + '_std']:{form}}" if key in r and r[key] == r[key] else ""
+    lines = ["| condition | trained on | images | r | MAE | recognised |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['condition']} | {r['training set']} | {r['images']} | {cell(r, 'r', '.3f')} | "
+              f"{cell(r, 'mae', '.3g')} | {cell(r, 'recognised', '.1%')} |" for r in rows]
+    return "\n".join(lines)
 
 
 def format_utility_table(rows: list[dict]) -> str:

@@ -1,5 +1,6 @@
 """Evaluation: metrics on constructed cases with known answers, the subject split, `driver.py evaluate` end to end."""
 import json
+import math
 import shutil
 from collections import Counter
 
@@ -514,6 +515,47 @@ def test_every_training_set_of_the_utility_check_trains_its_classifier_from_each
     assert utility.UTILITY_SEEDS > 1
 
 
+def test_train_on_synthetic_scores_a_table_s_conditions_by_what_samples_teach_about_real_subjects():
+    """Age brightens the upper half, sex the lower (values in [0, 1] to [-1, 1]): samples drawn at the real images'
+    values that show them teach the condition network to read real held-out images as the real ones do; noise
+    teaches nothing; a run's `class` is the classifier's to check, and an image without a value trains no head."""
+    from conditions.table import CLASS, Condition
+    from evaluation.utility import condition_utility, format_condition_utility_table
+    conditions = [Condition(CLASS, "category", ["AD", "NC"]), Condition("age", "continuous", low=60.0, high=80.0),
+                  Condition("sex", "category", ["F", "M"])]
+
+    def values(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([torch.zeros(n), torch.rand(n, generator=g), torch.randint(0, 2, (n,), generator=g)], 1)
+
+    def showing(y, seed):
+        x = torch.randn(len(y), 1, 16, 16, generator=torch.Generator().manual_seed(seed)) * 0.05
+        x[:, :, :8] += (y[:, 1] * 2 - 1).nan_to_num(0)[:, None, None, None]
+        x[:, :, 8:] += (y[:, 2] * 2 - 1)[:, None, None, None]
+        return x
+
+    train, test = values(48, 1), values(40, 2)
+    train[:4, 1] = test[:3, 1] = math.nan                                # no age given: no age head trained or read
+    drawn = []
+
+    def generate(y, w):
+        drawn.append(y.clone())
+        return showing(y, 7) if w == 2 else torch.rand(len(y), 1, 16, 16) * 2 - 1
+
+    rows = condition_utility((showing(train, 3), train), generate, [1.0, 2.0], (showing(test, 4), test), conditions,
+                             25, "cpu")
+    assert all(torch.equal(y.nan_to_num(-1), train.nan_to_num(-1)) for y in drawn)  # at the real images' own values
+    got = {(r["condition"], r["training set"]): r for r in rows}
+    assert {c for c, _ in got} == {"age", "sex"} and len(rows) == 2 * 5             # no row for `class`
+    assert got["age", "real"]["images"] == 44 and got["age", "real"]["tested"] == 37
+    assert got["age", "real + synthetic, w=2"]["images"] == 88 and got["sex", "real"]["images"] == 48
+    for name in ("real", "synthetic, w=2", "real + synthetic, w=1"):
+        assert got["age", name]["r"] > 0.8 and got["age", name]["mae"] < 3 and got["sex", name]["recognised"] > 0.9
+    assert got["age", "synthetic, w=1"]["mae"] > 2 * got["age", "real"]["mae"]     # noise teaches nothing
+    assert got["sex", "synthetic, w=1"]["recognised"] < 0.8
+    assert "| age | synthetic, w=2 | 44 |" in format_condition_utility_table(rows)
+
+
 def test_utility_is_refused_where_it_cannot_mean_what_it_says_and_trains_every_row_on_as_many_images(capsys):
     from evaluation.utility import images_per_class
     from runtime.errors import BadInputError
@@ -540,8 +582,12 @@ def test_utility_draws_each_class_with_the_condition_that_names_the_class_folder
     assert class_column(SimpleNamespace(conditions=[age, Condition("class", "category", ["AD", "NC"])]), ["AD", "NC"], tmp_path) == 1
     assert class_column(SimpleNamespace(conditions=[age, Condition("sex", "category", ["F", "M"]), group]),
                         ["AD", "NC"], tmp_path) == 2                      # a table column of the same classes
+    # no condition of the classes: the table's conditions are checked alone; neither: refused
+    assert class_column(SimpleNamespace(conditions=[age, Condition("sex", "category", ["F", "M"])]), ["AD", "NC"],
+                        tmp_path) is None
+    assert class_column(SimpleNamespace(conditions=[age]), ["all"], tmp_path) is None       # a BIDS tree: one class
     with pytest.raises(BadInputError, match="without --conditional"):
-        class_column(SimpleNamespace(conditions=[age, Condition("sex", "category", ["F", "M"])]), ["AD", "NC"], tmp_path)
+        class_column(SimpleNamespace(conditions=[]), ["AD", "NC"], tmp_path)
 
 
 def test_a_cached_feature_network_is_keyed_on_the_images_its_split_trains_on(tmp_path):
