@@ -304,9 +304,12 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     from conditions.table import Condition
     from evaluation.evaluate import class_column
     from runtime.errors import BadInputError
-    bids = SimpleNamespace(conditions=[Condition("diagnosis", "category", ["AD", "CN"])])  # a BIDS tree: one class
+    one_class = SimpleNamespace(conditions=[Condition("class", "category", ["all"])])  # one class folder, no table
     with pytest.raises(BadInputError, match="is one class"):
-        class_column(bids, ["all"], tmp_path)
+        class_column(one_class, ["all"], tmp_path)
+    # a BIDS tree (one class) with a diagnosis in its table: no classifier of classes; the table's conditions checked
+    bids = SimpleNamespace(conditions=[Condition("diagnosis", "category", ["AD", "CN"])])
+    assert class_column(bids, ["all"], tmp_path) is None
     assert "--steps must be positive" in error_of(driver.main, base + ["--steps", "0"])
     assert "no vqvae checkpoint" in error_of(driver.main, ["evaluate", "--run", str(tmp_path / "none")])
 
