@@ -74,10 +74,11 @@ CHANGEABLE = {"max_steps", "epochs",                                 # the lengt
               "lr", "warmup", "cooldown", "adversarial_lr",           # the learning-rate schedule
               "log_every", "sample_every", "save_every", "tensorboard",  # the records
               "deterministic", "skip_nonfinite",                      # how steps run, and what stops them
-              "data", "labels"}                                       # the same files moved elsewhere (checked)
-# and these, which belong to this command and machine and never come back from the run:
+              "data"}                                                 # the same files moved elsewhere (checked)
+# and these, which belong to this command and machine and never come back from the run (--labels: where the table is
+# now, checked to be the run's; the run's record knows where it was last):
 THIS_COMMAND = {"run", "resume", "max_minutes", "device", "workers", "cache_gb", "precision", "channels_last",
-                "compile", "slow_cpu_ok", "demo_dir"}
+                "compile", "slow_cpu_ok", "demo_dir", "labels"}
 LENGTH = {"max_steps", "epochs"}
 EVALUATE_LOCK = ".evaluate.lock"  # in evaluate's --out (the run folder by default), held while it evaluates
 # What a run written before a flag existed trained with, where known: given again on --resume, the flag must agree

@@ -18,7 +18,6 @@ averaged over ranks. One optimizer step = --grad-accum micro-batches of --batch-
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -262,15 +261,16 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
         moved = args.labels if saved and args.labels != saved["file"] else None  # given again: where it is now
         table = saved_table(saved, data.folder(), moved) if saved else None
         if table and table.sha1 != saved["sha1"]:
-            raise BadInputError(f"the participants table {table.file} changed since this run started; a resumed run "
-                                f"keeps the values it trained on: restore it, or train a new --run")
+            sessions = f" (or its sessions files: {', '.join(table.session_files)})" if table.session_files else ""
+            raise BadInputError(f"the participants table {table.file}{sessions} changed since this run started; a "
+                                f"resumed run keeps the values it trained on: restore it, or train a new --run")
     else:
         stage1s = not args.labels and data.layout.class_column  # by default, the table of stage 1's --class-column
         path = (find_table(data.folder(), args.labels or data.layout.class_table)
                 if [n for n in names if n != CLASS] or args.labels else None)
         table = read_table(path, args.subject_column or (data.layout.class_subject_column if stage1s else None),
                            session_column=args.session_column or SESSION_ID) if path else None
-        if table and path == Path(os.path.abspath(data.folder())) / "participants.tsv":
+        if table and path.name == "participants.tsv":
             table = with_bids_sessions(table)  # a BIDS tree's: with its sub-*/sub-*_sessions.tsv
         conditions = build_conditions(names, table, subjects, classes, paths, str(data.folder()))
     y, report = condition_matrix(conditions, table, subjects, labels, paths, str(data.folder()))

@@ -11,10 +11,11 @@ for them, never guessed, and counted in the one-line report.
 
 Values that change between a subject's scans (age at each visit) come from a table of sessions, a row per scan or
 visit: one table with a session column (`session_id`, BIDS' and ClinicaDL's name, else `--session-column`, e.g.
-`Image Data ID` of ADNI's search CSV), or a BIDS tree's `sub-<label>/sub-<label>_sessions.tsv` files, read with its
+`Image Data ID` of ADNI's search CSV), or the `sub-<label>/sub-<label>_sessions.tsv` files beside a BIDS
 participants.tsv. A row's session names a folder of each of its images' paths, or a part of the file's name between
 underscores (`ses-M12` of `sub-01_ses-M12_T1w.nii.gz`, `I13722` of ADNI's `..._S13408_I13722.nii`), with or without
-BIDS' `ses-` prefix; the session's values take precedence over its subject's.
+BIDS' `ses-` prefix. A subject with sessions takes the columns they hold from its own session alone: where the table
+lacks that session, they are not given.
 """
 from __future__ import annotations
 
@@ -128,6 +129,11 @@ class Table:
     session_files: list[str] | None = None     # sub-*/sub-*_sessions.tsv, relative to the file's folder
 
     @property
+    def session_columns(self) -> set[str]:
+        """The columns its sessions hold: a subject with sessions takes them from its own session alone."""
+        return {c for visits in self.sessions.values() for row in visits.values() for c in row}
+
+    @property
     def columns(self) -> list[str]:
         names = dict.fromkeys(next(iter(self.rows.values()), {}))
         for row in (row for visits in self.sessions.values() for row in visits.values()):
@@ -145,18 +151,20 @@ class Table:
 
     def image_rows(self, subjects: list[str], paths: list[str] | None = None, root: str | None = None,
                    ) -> tuple[list[dict[str, str] | None], list[tuple[str, str | None]]]:
-        """Each image's values: its subject's row, overlaid by the values of the session its path names (`paths`,
-        relative to the data folder `root`) where the table has sessions; None for a subject the table lacks. With
-        each image's visit: (subject, its session or None). No image's session found in a table of sessions is an
-        error: its session values cannot name the files."""
+        """Each image's values: its subject's row; for a subject with sessions, the columns sessions hold from the
+        session its path names (`paths`, relative to the data folder `root`) alone, not given where the table lacks
+        that session (never another visit's, nor the participants' value of them); None for a subject the table
+        lacks. With each image's visit: (subject, its session or None). No image's session found in a table of
+        sessions is an error: its session values cannot name the files."""
         joined, rows, visits = {}, [], []
         for subject, path in zip(subjects, paths or [None] * len(subjects)):
             if (subject, path) not in joined:
                 sessions = self.sessions.get(_subject_key(subject), {})
                 session = session_of(os.path.relpath(path, root) if root else path, sessions) if path else None
                 row = self.row(subject)
-                if session is not None:
-                    row = {**(row or {}), **{c: v for c, v in sessions[session].items() if v.lower() not in MISSING}}
+                if sessions:
+                    row = {c: v for c, v in (row or {}).items() if c not in self.session_columns}
+                    row.update(sessions[session] if session is not None else {})
                 joined[subject, path] = row, (_subject_key(subject), session)
             rows.append(joined[subject, path][0])
             visits.append(joined[subject, path][1])
@@ -184,9 +192,11 @@ def _session_key(session: str) -> str:
 
 def session_of(relative: str, sessions: dict[str, dict]) -> str | None:
     """Which of a subject's `sessions` the image at `relative` (its path in the data folder) belongs to: the one a
-    folder of the path names, or a part of the file's name between underscores, or None; two are an error."""
+    folder of the path names, or a part of the file's name between underscores (a number only as BIDS' `ses-<n>`:
+    LONI's file names hold bare counters, `_1_`), or None; two are an error."""
     parts = Path(relative).parts
-    names = {*parts[:-1], parts[-1], *parts[-1].split(".")[0].split("_")}
+    names = {*parts[:-1], parts[-1], *(p for p in parts[-1].split(".")[0].split("_")
+                                       if p.startswith("ses-") or not p.isdigit())}
     found = sorted({_session_key(n) for n in names} & sessions.keys())
     if len(found) > 1:
         raise BadInputError(f"{relative!r} names sessions {' and '.join(map(repr, found))} of its subject: "
@@ -211,7 +221,10 @@ def saved_table(record: dict, data_folder: Path, labels: str | None = None) -> T
     --data NEW). Not found: one line. A table of sessions is read as the run read it (`Table.record`)."""
     def read(path: Path) -> Table:
         table = read_table(path, record["subject_column"], session_column=record.get("session_column"))
-        return with_bids_sessions(table) if record.get("session_files") is not None else table
+        if record.get("session_files") is None:
+            return table
+        beside = all((path.parent / f).is_file() for f in record["session_files"])  # else the table moved alone
+        return with_bids_sessions(table, None if beside else Path(os.path.abspath(data_folder)))
 
     if labels:
         table = read(Path(os.path.abspath(labels)))
@@ -247,9 +260,9 @@ def read_table(path: Path, subject_column: str | None = None,
     if session_column not in columns and session_column not in (None, SESSION_ID):
         raise BadInputError(f"--session-column {session_column}: {path} has no such column (its columns: "
                             f"{', '.join(columns)})")
-    if session_column in columns:
+    if session_column in columns:  # its subjects' own rows hold no values: every value is a session's
         sessions = _rows_by(rows, column, session_column, path)
-        by_subject = {subject: _shared(visits.values()) for subject, visits in sessions.items()}
+        by_subject = {subject: {column: next(iter(visits.values()))[column]} for subject, visits in sessions.items()}
         return Table(str(path), hashlib.sha1(raw).hexdigest(), column, by_subject, session_column, sessions)
     return Table(str(path), hashlib.sha1(raw).hexdigest(), column, _rows_by(rows, column, None, path))
 
@@ -307,21 +320,14 @@ def _rows_by(rows: list[dict[str, str]], subject_column: str, session_column: st
     return keyed
 
 
-def _shared(rows) -> dict[str, str]:
-    """The values a subject's sessions share: a column's one value where every session that gives it agrees, else
-    empty (missing)."""
-    rows = list(rows)
-    given = {c: {r[c] for r in rows if r.get(c, "").lower() not in MISSING} for c in dict.fromkeys(k for r in rows
-                                                                                                       for k in r)}
-    return {c: next(iter(values)) if len(values) == 1 else "" for c, values in given.items()}
-
-
-def with_bids_sessions(table: Table) -> Table:
-    """A BIDS participants.tsv with the sessions of its tree: each `sub-<label>/sub-<label>_sessions.tsv` below its
-    folder (a row per session in `session_id`; in class folders too), its values taking precedence over the
-    participants'. The hash covers every file read; without such files the table is returned as it is."""
-    root = Path(table.file).parent
-    files = sorted(f for f in root.rglob("sub-*_sessions.tsv") if f.name == f"{f.parent.name}_sessions.tsv")
+def with_bids_sessions(table: Table, root: Path | None = None) -> Table:
+    """A BIDS participants.tsv with the sessions of its tree: each `sub-<label>/sub-<label>_sessions.tsv` of its
+    folder (or of `root`, where the run's tree is when the table was moved from it; `derivatives/` and the like are
+    not read), a row per session in `session_id`, whose columns a subject with such a file takes from them alone.
+    The hash covers every file read; without such files the table is returned as it is."""
+    root = root or Path(table.file).parent
+    files = sorted(root.glob("sub-*/sub-*_sessions.tsv"))
+    files = [f for f in files if f.name == f"{f.parent.name}_sessions.tsv"]
     if not files or table.sessions:
         return table
     sessions, digest = {}, hashlib.sha1(table.sha1.encode())
@@ -331,9 +337,8 @@ def with_bids_sessions(table: Table) -> Table:
             raise BadInputError(f"sessions table {f} has no column {SESSION_ID!r} (its columns: {', '.join(columns)}): "
                                 f"BIDS names each row's session there, ses-<label>")
         subject = _subject_key(f.parent.name)
-        for session, row in _rows_by([{**r, "participant_id": subject} for r in rows], "participant_id", SESSION_ID,
-                                     f)[subject].items():
-            sessions.setdefault(subject, {})[session] = row
+        sessions[subject] = _rows_by([{**r, "participant_id": subject} for r in rows], "participant_id", SESSION_ID,
+                                     f)[subject]
         digest.update(f"{f.relative_to(root).as_posix()}\0".encode() + hashlib.sha1(raw).digest())
     return Table(table.file, digest.hexdigest(), table.subject_column, table.rows, sessions=sessions,
                  session_files=[f.relative_to(root).as_posix() for f in files])
@@ -391,7 +396,8 @@ def condition_matrix(conditions: list[Condition], table: Table | None, subjects:
             continue
         values = [row.get(c.name) if row else None for row in rows]
         column = torch.tensor([c.encode(v) for v in values], dtype=torch.float32)
-        per_visit = {visit: (v, e) for visit, row, v, e in zip(visits, rows, values, column.tolist()) if row}
+        per_visit = {visit: (v, e) for visit, row, v, e in zip(visits, rows, values, column.tolist())
+                     if row is not None}
         missing = sum(1 for v, _ in per_visit.values() if v is None or v.strip().lower() in MISSING)
         unknown = sum(1 for _, e in per_visit.values() if math.isnan(e)) - missing
         notes.append(f"{c.name}: {missing} n/a" + (f", {unknown} unknown" if unknown else ""))
@@ -406,13 +412,23 @@ def condition_matrix(conditions: list[Condition], table: Table | None, subjects:
         report += (f" from {table.file} (subjects by {table.subject_column}): {len(known)} of {everyone} subjects in "
                    f"the table" + (f"; {len(absent)} not ({slices} images, unconditioned on its columns: "
                                    f"{', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''})" if absent else ""))
-        if table.sessions:
-            found = sum(1 for _, session in visits if session is not None)
-            report += (f"; sessions by {table.session_column or SESSION_ID}: {found} of {len(subjects)} images' in "
-                       f"the table" + (f" ({len(subjects) - found} not: their subject's values, those its sessions "
-                                       f"share)" if found < len(subjects) else ""))
+        if table.sessions and paths:
+            report += "; " + _sessions_found(table, dict(zip(paths, visits)), root)
         report += f"; per {'session' if table.sessions else 'subject'} " + ", ".join(notes)
     return y, report
+
+
+def _sessions_found(table: Table, visits: dict[str, tuple[str, str | None]], root: str | None) -> str:
+    """How many of the files (`visits`: file -> (subject, session or None)) a table of sessions names the session of,
+    with one it does not, of a subject it has sessions of (its values of sessions are not given)."""
+    found = sum(1 for _, session in visits.values() if session is not None)
+    text = f"sessions by {table.session_column or SESSION_ID}: {found} of {len(visits)} files' in the table"
+    lost = next(((p, s) for p, (s, session) in visits.items() if session is None and s in table.sessions), None)
+    if lost:
+        named = ", ".join(sorted(table.sessions[lost[1]])[:4])
+        text += (f" ({len(visits) - found} not, their values of sessions not given: e.g. "
+                 f"{os.path.relpath(lost[0], root) if root else lost[0]}, whose subject's sessions there are {named})")
+    return text
 
 
 # ----------------------------------------------------------------------------- the values asked for when sampling

@@ -21,13 +21,17 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def bids_tree_with_sessions(root):
-    """sub-01 scanned at M00 and M12, sub-02 at M00 only and with no sessions.tsv, sub-03 in no table."""
-    for subject, sessions in (("01", ("M00", "M12")), ("02", ("M00",)), ("03", ("M00",))):
+    """sub-01 scanned at M00, M12 and M24 (which its sessions.tsv lacks), sub-02 at M00 only and with no sessions.tsv,
+    sub-03 in no table; a derivative's sessions.tsv, which is not the raw tree's."""
+    for subject, sessions in (("01", ("M00", "M12", "M24")), ("02", ("M00",)), ("03", ("M00",))):
         for session in sessions:
             write_volume(root / f"sub-{subject}" / f"ses-{session}" / "anat" / f"sub-{subject}_ses-{session}_T1w.nii.gz",
                          blob(seed=len(session) + int(subject)))
     (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t70\tF\nsub-02\t80\tM\n")
     (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-M00\t70.2\nses-M12\t71.3\n")
+    derivative = root / "derivatives" / "old" / "sub-01" / "sub-01_sessions.tsv"
+    derivative.parent.mkdir(parents=True)
+    derivative.write_text("session_id\tage\nses-M00\t50\nses-M24\t99\n")
 
 
 def test_a_bids_trees_sessions_tsv_gives_each_scan_its_own_age_over_the_participants(tmp_path):
@@ -36,18 +40,20 @@ def test_a_bids_trees_sessions_tsv_gives_each_scan_its_own_age_over_the_particip
     participants = read_table(find_table(root, None), session_column=SESSION_ID)  # participants.tsv has no sessions
     table = with_bids_sessions(participants)
     assert table.session_files == ["sub-01/sub-01_sessions.tsv"] and table.sha1 != participants.sha1
-    paths = sorted(str(p) for p in root.rglob("*.nii.gz"))  # sub-01 M00, M12; sub-02 M00; sub-03 M00
+    paths = sorted(str(p) for p in root.rglob("sub-*_T1w.nii.gz"))  # sub-01 M00, M12, M24; sub-02 M00; sub-03 M00
     subjects = subjects_of(paths, Layout().subject)
     conditions = build_conditions(["age", "sex"], table, subjects, ["all"], paths, str(root))
     assert conditions == [Condition("age", "continuous", low=70.2, high=80.0), Condition("sex", "category", ["F", "M"])]
-    y, report = condition_matrix(conditions, table, subjects, torch.zeros(4), paths, str(root))
+    y, report = condition_matrix(conditions, table, subjects, torch.zeros(5), paths, str(root))
     age = lambda years: (years - 70.2) / (80.0 - 70.2)  # noqa: E731
-    assert same(y, torch.tensor([[age(70.2), 0], [age(71.3), 0], [1.0, 1], [nan, nan]]))
-    assert "2 of 3 subjects in the table" in report and "sessions by session_id: 2 of 4 images'" in report
-    assert "per session age: 0 n/a" in report
+    # M24, which sub-01's sessions.tsv lacks: no age (not 70, the participants', nor 99, a derivative's); sex still F
+    assert same(y, torch.tensor([[age(70.2), 0], [age(71.3), 0], [nan, 0], [1.0, 1], [nan, nan]]))
+    assert "2 of 3 subjects in the table" in report and "sessions by session_id: 2 of 5 files' in the table" in report
+    assert "e.g. sub-01/ses-M24/anat/sub-01_ses-M24_T1w.nii.gz, whose subject's sessions there are M00, M12" in report
+    assert "per session age: 1 n/a" in report
     # without the paths (or a run of before, saved without sessions) each subject has one age: the participants'
-    y, _ = condition_matrix(conditions, participants, subjects, torch.zeros(4))
-    assert same(y[:, 0], torch.tensor([age(70), age(70), 1.0, nan]))
+    y, _ = condition_matrix(conditions, participants, subjects, torch.zeros(5))
+    assert same(y[:, 0], torch.tensor([age(70), age(70), age(70), 1.0, nan]))
 
 
 def test_a_run_finds_its_sessions_again_and_a_run_of_before_reads_the_participants_alone(tmp_path):
@@ -63,6 +69,10 @@ def test_a_run_finds_its_sessions_again_and_a_run_of_before_reads_the_participan
     assert saved_table(record, moved).sha1 == table.sha1                  # moved with its data (--data NEW)
     old = {k: v for k, v in record.items() if k != "session_files"}       # a record of before 2026-12-07
     assert saved_table({**old, "sha1": read_table(moved / "participants.tsv").sha1}, moved).sessions == {}
+    # the participants.tsv moved away from its tree (--labels FILE): its sessions are the data folder's
+    (tmp_path / "tables").mkdir()
+    shutil.copy(moved / "participants.tsv", tmp_path / "tables" / "participants.tsv")
+    assert saved_table(record, moved, str(tmp_path / "tables" / "participants.tsv")).sha1 == table.sha1
     (moved / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-M00\t70.2\nses-M12\t72\n")
     with pytest.raises(BadInputError, match="contents differ"):
         saved_table(record, moved, str(moved / "participants.tsv"))
@@ -79,7 +89,8 @@ def adni_download(root):
              ("002_S_0413", "2006-05-02_12_35_03.0", "S14782", "I15025")]
     paths = []
     for ptid, date, series, image in scans:
-        path = root / "ADNI" / ptid / "MPRAGE" / date / image / f"ADNI_{ptid}_MR_MPRAGE_br_raw_{series}_{image}.nii"
+        name = f"ADNI_{ptid}_MR_MPRAGE_br_raw_2006_1_{series}_{image}.nii"   # _1_: LONI's counter, no session
+        path = root / "ADNI" / ptid / "MPRAGE" / date / image / name
         write_volume(path, blob(seed=len(paths)))
         paths.append(str(path))
     table = root / "search.csv"
@@ -88,21 +99,19 @@ def adni_download(root):
     return paths, table
 
 
-def test_adni_search_csv_gives_each_scan_its_age_by_its_image_id_and_a_scan_it_lacks_what_its_sessions_share(
-        tmp_path):
+def test_adni_search_csv_gives_each_scan_its_age_by_its_image_id_and_a_scan_it_lacks_no_value(tmp_path):
     paths, search = adni_download(tmp_path)
     assert "--session-column" in str(pytest.raises(BadInputError, read_table, search, "Subject").value)
     table = read_table(search, "Subject", session_column="Image Data ID")
-    assert table.rows["002_S_0295"] == {"Image Data ID": "", "Subject": "002_S_0295", "Group": "CN", "Sex": "M",
-                                        "Age": "", "Visit": ""}
+    assert table.rows["002_S_0295"] == {"Subject": "002_S_0295"}          # every value is a scan's
     subjects = subjects_of(paths, Layout().subject)
     assert subjects == ["002_S_0295"] * 3 + ["002_S_0413"]
     conditions = build_conditions(["Age", "Sex"], table, subjects, ["all"], paths, str(tmp_path))
     assert conditions[0] == Condition("Age", "continuous", low=76.3, high=85.9)   # the scans', not the subjects'
     y, report = condition_matrix(conditions, table, subjects, torch.zeros(4), paths, str(tmp_path))
     age = lambda years: (years - 76.3) / (85.9 - 76.3)  # noqa: E731
-    assert same(y, torch.tensor([[age(84.8), 1], [age(85.9), 1], [nan, 1], [0.0, 0]]))
-    assert "3 of 4 images' in the table (1 not: their subject's values" in report and "Age: 1 n/a" in report
+    assert same(y, torch.tensor([[age(84.8), 1], [age(85.9), 1], [nan, nan], [0.0, 0]]))  # a scan it lacks: nothing
+    assert "3 of 4 files' in the table (1 not" in report and "Age: 1 n/a, Sex: 1 n/a" in report
     # the same files gathered in one folder: the image ID is a part of the file's name
     flat = [str(tmp_path / "flat" / p.rsplit("/", 1)[1]) for p in paths]
     y_flat, _ = condition_matrix(conditions, table, subjects, torch.zeros(4), flat, str(tmp_path / "flat"))
@@ -112,7 +121,7 @@ def test_adni_search_csv_gives_each_scan_its_age_by_its_image_id_and_a_scan_it_l
 def test_a_table_of_sessions_that_names_no_file_or_one_file_twice_is_refused_saying_why(tmp_path):
     paths, search = adni_download(tmp_path)
     subjects = subjects_of(paths, Layout().subject)
-    by_visit = read_table(search, "Subject", session_column="Visit")       # visit numbers name no file
+    by_visit = read_table(search, "Subject", session_column="Visit")  # visit numbers name no file (not LONI's _1_)
     message = str(pytest.raises(BadInputError, condition_matrix, [Condition("Age", "continuous", low=70, high=90)],
                                 by_visit, subjects, torch.zeros(4), paths, str(tmp_path)).value)
     assert "no image's path names one of its sessions (in Visit, such as '1'" in message
@@ -140,7 +149,7 @@ def test_a_table_with_a_session_id_column_is_one_of_sessions_on_its_own(tmp_path
                        "sub-ADNI002S0295\tses-M12\t85.8\tMCI\n")
     table = read_table(clinica, session_column=SESSION_ID)
     assert table.session_column == SESSION_ID and set(table.sessions["ADNI002S0295"]) == {"M00", "M12"}
-    assert table.rows["ADNI002S0295"]["diagnosis"] == ""          # it changed between sessions: the sessions' own
+    assert table.rows["ADNI002S0295"] == {"participant_id": "sub-ADNI002S0295"}   # every value is a session's
     subjects_only = tmp_path / "participants.tsv"
     subjects_only.write_text("participant_id\tage\nsub-01\t70\n")
     assert read_table(subjects_only, session_column=SESSION_ID).sessions == {}
@@ -163,3 +172,38 @@ def test_a_run_trains_on_each_sessions_age_keeps_its_sessions_on_resume_and_refu
                                                                       "--max-steps", "4", "--resume"])
     assert "--session-column" in error_of(driver.main, ["train-unet", "--run", str(run), "--max-steps", "4",
                                                         "--resume", "--session-column", "visit"])
+
+
+def test_a_run_on_adni_s_search_csv_resumes_twice_after_its_download_moved_with_the_csv_inside(tmp_path):
+    """The table given with --labels inside the data folder: --data NEW finds it there, and the next resume too (the
+    --labels typed when the run began is where the table was, not where it is)."""
+    download = tmp_path / "download"
+    adni_download(download)
+    run = tmp_path / "run"
+    vqvae(run, download, "--max-steps", "2")
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "Age",
+                 "--labels", str(download / "search.csv"), "--subject-column", "Subject",
+                 "--session-column", "Image Data ID"])
+    assert ckpt(run / "unet.pt")["labels"]["session_column"] == "Image Data ID"
+    download.rename(tmp_path / "moved")
+    for step in (3, 4):
+        driver.main(["train-unet", "--run", str(run), "--max-steps", str(step), "--resume", "--data",
+                     str(tmp_path / "moved")])
+        assert ckpt(run / "unet.pt")["step"] == step
+    assert ckpt(run / "unet.pt")["labels"]["file"] == str(tmp_path / "moved" / "search.csv")
+
+
+def test_labels_naming_a_bids_trees_participants_tsv_reads_its_sessions_too(tmp_path):
+    """The images elsewhere (a copy, say), the table given with --labels: the sessions beside it are read with it."""
+    data = tmp_path / "bids"
+    bids_tree_with_sessions(data)
+    tables = tmp_path / "tables"
+    shutil.copytree(data, tables, ignore=shutil.ignore_patterns("*.nii.gz", "derivatives"))
+    images = tmp_path / "images"
+    shutil.copytree(data, images, ignore=shutil.ignore_patterns("*.tsv"))
+    run = tmp_path / "run"
+    vqvae(run, images, "--max-steps", "2")
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "age",
+                 "--labels", str(tables / "participants.tsv")])
+    saved = ckpt(run / "unet.pt")
+    assert saved["labels"]["session_files"] == ["sub-01/sub-01_sessions.tsv"] and saved["conditions"][0]["low"] == 70.2
