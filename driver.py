@@ -38,6 +38,7 @@ from runtime.checkpoint import atomic_write, load_checkpoint, read_config, run_l
 from runtime.errors import BadInputError, Interrupted, disk_full
 from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
+from runtime.signals import Terminated, sigterm_as_ctrl_c
 from volumes.demo import DEFAULT_DEMO_ROOT
 from volumes.run_data import DataConfig, data_files_key
 
@@ -489,33 +490,35 @@ def how_to_continue(argv: list[str] | None) -> str:
 
 
 def main(argv: list[str] | None = None):
-    try:
-        args = parse(argv)
-        if is_main_process():  # under torchrun, once
-            print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
-        writes_run = args.stage is not None or args.command in ("ema", "demo")  # the training commands, and these
-        starts_run = args.stage is not None or args.command == "demo"  # these may make the run folder
-        if starts_run and Path(args.run).is_file():
-            raise BadInputError(f"--run {args.run} is a file, not a run folder: give a folder")
-        with run_lock(Path(args.run), create=starts_run) if writes_run else contextlib.nullcontext():
-            args.func(args)
-    except BadInputError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        if disk_full(e) is None:
-            raise
-        sys.exit(f"error: {disk_full(e)}; {how_to_continue(argv)}")
-    except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written (all ranks stop together)
-        if is_main_process():
-            print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:  # outside a training loop's own handling: sampling, evaluation
-        print(f"interrupted; each file written is whole (a sample set's, a checkpoint): {how_to_continue(argv)}",
-              file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if dist.is_initialized():  # under torchrun
-            dist.destroy_process_group()
+    with sigterm_as_ctrl_c():  # a scheduler's SIGTERM outside a training loop: as Ctrl-C, not a silent -15
+        try:
+            args = parse(argv)
+            if is_main_process():  # under torchrun, once
+                print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items()) if k != "func"))
+            writes_run = args.stage is not None or args.command in ("ema", "demo")  # the training commands, and these
+            starts_run = args.stage is not None or args.command == "demo"  # these may make the run folder
+            if starts_run and Path(args.run).is_file():
+                raise BadInputError(f"--run {args.run} is a file, not a run folder: give a folder")
+            with run_lock(Path(args.run), create=starts_run) if writes_run else contextlib.nullcontext():
+                args.func(args)
+        except BadInputError as e:
+            sys.exit(f"error: {e}")
+        except OSError as e:
+            if disk_full(e) is None:
+                raise
+            sys.exit(f"error: {disk_full(e)}; {how_to_continue(argv)}")
+        except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written (all ranks stop together)
+            if is_main_process():
+                print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)
+            sys.exit(130)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated), outside a training loop: sampling ...
+            what, status = ("SIGTERM received", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            print(f"{what}; each file written is whole (a sample set's, a checkpoint): {how_to_continue(argv)}",
+                  file=sys.stderr)
+            sys.exit(status)
+        finally:
+            if dist.is_initialized():  # under torchrun
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

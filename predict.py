@@ -46,6 +46,7 @@ from runtime.flags import Parser, seed
 from runtime.graphs import GraphedCall
 from runtime.posthoc_ema import earlier_weights, reconstruct
 from runtime.process import progress, setup_device
+from runtime.signals import Terminated, sigterm_as_ctrl_c
 from volumes.run_data import DataConfig
 
 
@@ -585,18 +586,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        predict(args)
-    except BadInputError as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        if disk_full(e) is None:
-            raise
-        sys.exit(f"error: {disk_full(e)}, then run the same command with --resume")
-    except KeyboardInterrupt:
-        print("interrupted; the samples written are whole: the same command with --resume continues the set",
-              file=sys.stderr)
-        sys.exit(130)
+    with sigterm_as_ctrl_c():  # a scheduler's SIGTERM: as Ctrl-C, not a silent -15
+        try:
+            predict(args)
+        except BadInputError as e:
+            sys.exit(f"error: {e}")
+        except OSError as e:
+            if disk_full(e) is None:
+                raise
+            sys.exit(f"error: {disk_full(e)}, then run the same command with --resume")
+        except KeyboardInterrupt as e:
+            what, status = ("SIGTERM received", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            print(f"{what}; the samples written are whole: the same command with --resume continues the set",
+                  file=sys.stderr)
+            sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import predict  # noqa: E402
-from runtime.checkpoint import atomic_save, fingerprint, load_checkpoint, remove_unfinished  # noqa: E402
+from runtime.checkpoint import (atomic_save, atomic_write, fingerprint, load_checkpoint, lock_holder,  # noqa: E402
+                                remove_unfinished)
 from runtime.errors import BadInputError  # noqa: E402
 from runtime.posthoc_ema import (GOOD_FIT, PROFILES, reconstruct, reconstruct_many, running_ema_sigma_rel,  # noqa: E402
-                                  sigma_rel_to_gamma)
+                                  sigma_rel_to_gamma, snapshot_files)
 
 AUTO = (0.01, 0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25)  # `--ema-lengths auto`: EDM2's range and around it
 RUNNING = "run's EMA"
@@ -60,6 +61,29 @@ def running_sigma_rel(run: Path) -> float:
     """The sigma_rel of the run's own EMA (modules.EMA's warm-up and --ema-decay over its updates so far)."""
     ckpt = load_checkpoint(run / "unet.pt", "unet")
     return running_ema_sigma_rel(ckpt["args"]["ema_decay"], ckpt["ema_updates"])
+
+
+def refuse_unready(run: Path, samples: str | None):
+    """`evaluate --ema-lengths`, before any work (the samples row, the features and the memorisation check take
+    minutes before the curve): the run's own samples, not --samples; its snapshots; no command training it (it would
+    write later snapshots and checkpoints while the curve is measured); its unet.pt, at the step of the last
+    snapshot (the curve reconstructs the lengths there, and `ema` checks that it is unet.pt's)."""
+    if samples:
+        raise BadInputError("--ema-lengths scores the run's own samples; not with --samples")
+    if not snapshot_files(run):
+        raise BadInputError(f"--ema-lengths scores the run's own samples at each EMA length, reconstructed from its "
+                            f"snapshots; {run} has none (train-unet --posthoc-ema EVERY keeps them)")
+    holder = lock_holder(run)
+    if holder:
+        raise BadInputError(f"another command is training or changing {run} ({holder}): --ema-lengths measures the "
+                            f"weights of one step; evaluate it when that command has finished")
+    if not (run / "unet.pt").exists():
+        raise BadInputError(f"--ema-lengths scores the samples of {run / 'unet.pt'}, which does not exist: "
+                            f"train-unet first")
+    last, step = max(snapshot_files(run)), load_checkpoint(run / "unet.pt", "unet")["step"]
+    if last != step:
+        raise BadInputError(f"the last EMA snapshot in {run} is of step {last}, unet.pt of step {step}; train-unet "
+                            f"--resume writes the snapshot of its last step")
 
 
 def ema_length_curve(run: Path, lengths: tuple[float, ...], model: predict.LatentDiffusion, generate, score) -> dict:
@@ -122,7 +146,7 @@ def plot_ema_curve(curve: dict, samples_scores: dict, reals: dict, path: Path):
         ax.set_title(title)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 

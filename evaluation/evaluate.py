@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
-from torchvision.utils import save_image
 
 import predict
 from conditions.table import CLASS, saved_table
@@ -58,16 +57,16 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
 from evaluation.conditions import condition_check, condition_values
-from evaluation.ema_lengths import ema_length_curve, plot_ema_curve
+from evaluation.ema_lengths import ema_length_curve, plot_ema_curve, refuse_unready
 from evaluation.memorisation import memorisation_check
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
 from evaluation.utility import condition_utility, images_per_class, refuse_seen, utility_check
+from export.figures import save_png
 from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
-from runtime.posthoc_ema import snapshot_files
 from runtime.process import setup_device
 from volumes.holdout import split_by_subject, subjects_by_class
 from volumes.images import load_image
@@ -328,10 +327,8 @@ def evaluate(args):
         raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples per class, at the --guidance scales "
                             f"above 0 (got --utility {args.utility}, --guidance {args.guidance}"
                             + (", --samples)" if args.samples else ")"))
-    if args.ema_lengths and (args.samples or not snapshot_files(run) or not (run / "unet.pt").exists()):
-        raise BadInputError(f"--ema-lengths scores the run's own samples at each EMA length, reconstructed from its "
-                            f"snapshots; {run} has none (train-unet --posthoc-ema EVERY keeps them)"
-                            if not args.samples else "--ema-lengths scores the run's own samples; not with --samples")
+    if args.ema_lengths:
+        refuse_unready(run, args.samples)
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
     data.refuse_inside(out, "--out" if args.out else "the run folder, the output's by default,")
@@ -462,7 +459,7 @@ def evaluate(args):
         rows, grid = class_scores(args, dataset, train_idx, ref_idx + floor_idx, list(wanted),
                                   lambda c, n, w: draw(n, wanted[c].expand(n, -1), w), classifier, features, device,
                                   seed, subject)
-        save_image(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
+        save_png(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
         sections["class"] = class_section(rows, args.guidance)
     if column is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
         rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
@@ -484,7 +481,7 @@ def evaluate(args):
     # files
     grids = {"real": floor, "reconstructions": recons, **generated}
     for name, images in grids.items():
-        save_image(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
+        save_png(images[:64], out / f"eval_{name}.png", nrow=8, normalize=True, value_range=(-1, 1))
     crop = min(CROP_SIZE, image_size)
     n_crops = save_crops([floor, recons, *generated.values()], crop, out / "eval_crops.png")
     metrics = {"run": str(run.resolve()), "data": os.path.abspath(data.folder()), "image_size": image_size,

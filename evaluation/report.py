@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from evaluation.conditions import format_condition_table
 from evaluation.ema_lengths import format_ema_table
 from evaluation.memorisation import format_memorisation_table
 from evaluation.utility import UTILITY_SEEDS, format_condition_utility_table, format_utility_table
+from export.figures import save_png
 
 # ----------------------------------------------------------------------------- the score tables
 
@@ -80,8 +80,8 @@ def central_crops(images: torch.Tensor, size: int) -> torch.Tensor:
 def save_crops(rows: list[torch.Tensor], size: int, path: Path) -> int:
     """The central crops of the first CROPS_PER_ROW images of each set, one set per row, at full resolution (1:1)."""
     n = min(CROPS_PER_ROW, *(len(images) for images in rows))
-    save_image(torch.cat([central_crops(images[:n], size) for images in rows]), path, nrow=n, padding=2,
-               normalize=True, value_range=(-1, 1))
+    save_png(torch.cat([central_crops(images[:n], size) for images in rows]), path, nrow=n, padding=2,
+             normalize=True, value_range=(-1, 1))
     return n
 
 
@@ -103,7 +103,7 @@ class Section:
 def memorisation_section(memorisation: dict, closest: torch.Tensor, out: Path) -> Section:
     """Are the samples copies of training images? `memorisation_check`'s figures; its most correlated pairs into
     eval_memorisation.png."""
-    save_image(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
+    save_png(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
     table = format_memorisation_table(memorisation)
     return Section({"memorisation": memorisation}, [
         "", "## Memorisation", "", "Each image's nearest training image, in the features above (distance) and by pixel "

@@ -1,6 +1,6 @@
 """What a person looks at after sampling: the grid of samples (`samples.png`), a sweep's captioned rows, and the frames
 of the denoising GIF. Images smaller than TILE_MIN pixels are enlarged by a whole factor, each pixel a block, so that a
-64x64 sample can be seen and nothing is invented.
+64x64 sample can be seen and nothing is invented. Figures are written whole (`save_png`, `save_rows`).
 """
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
+from torchvision.utils import make_grid, save_image
+
+from runtime.checkpoint import atomic_write
 
 
 GRID_MAX = 64       # images in samples.png; all of them are in samples/
@@ -21,6 +23,12 @@ def enlarged(images: torch.Tensor) -> torch.Tensor:
     """Images smaller than TILE_MIN pixels enlarged by a whole factor, each pixel a block (nothing invented)."""
     factor = math.ceil(TILE_MIN / images.shape[-1])
     return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
+def save_png(images: torch.Tensor, path: Path, **grid):
+    """torchvision's save_image (`grid`: its make_grid arguments), written whole: into a temporary file beside `path`,
+    then renamed over it (atomic_write), so that a figure cut short by a kill or a full disk is never left."""
+    atomic_write(path, lambda f: save_image(images, f, format="png", **grid))
 
 
 def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:
@@ -49,4 +57,4 @@ def save_rows(rows: list[tuple[str, torch.Tensor]], path: Path):
         canvas.paste(Image.fromarray((tile.mean(0) * 255).round().byte().numpy()), (width, top))
         ImageDraw.Draw(canvas).text((4, top + tile.shape[1] // 2 - 6), caption, fill=255)
         top += tile.shape[1]
-    canvas.save(path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"))

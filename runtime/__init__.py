@@ -2,7 +2,7 @@
 
     runtime/errors.py       BadInputError (one-line messages for inputs a user can fix), Interrupted
     runtime/process.py      device and precision, torchrun processes and rank helpers, random states
-    runtime/signals.py      SIGINT/SIGTERM during training: finish the step, save, stop
+    runtime/signals.py      SIGINT/SIGTERM during training: finish the step, save, stop; SIGTERM elsewhere as Ctrl-C
     runtime/loop.py         the training loop every stage shares: optimizer steps, the learning rate's schedule,
                             logs, grids, NaN checks, checkpoints and stops
     runtime/optimizer.py    AdamW (fused where it can be) and loading its state into another memory layout

@@ -52,9 +52,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], keep_previous:
     except OSError as e:
         raise BadInputError(f"could not write {path} ({e.strerror or e}); "
                             f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
-    except RuntimeError as e:  # torch.save's writer failing as a Ctrl-C unwinds it: the Ctrl-C, not its echo
+    except RuntimeError as e:  # torch.save's writer failing as a Ctrl-C (or SIGTERM) unwinds it: that, not its echo
         if isinstance(e.__context__, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
+            raise e.__context__ from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -223,6 +223,23 @@ def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = 
         if made and [p.name for p in run.iterdir()] == [lock]:
             (run / lock).unlink()
             run.rmdir()
+
+
+def lock_holder(run: Path, lock: str = ".lock") -> str | None:
+    """Who holds `run_lock(run, lock=lock)` now ("pid 123"), or None: asked by a command that reads what another
+    writes, before it begins (it takes no lock itself, so that it may read a run folder it cannot write)."""
+    try:
+        import fcntl
+        f = open(run / lock)
+    except (ImportError, OSError):  # no fcntl (Windows), or no lock file: nobody holds it
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "its pid unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
 
 
 def read_config(run: Path) -> dict:

@@ -174,12 +174,25 @@ class MetricLog:
         plt.close(fig)
 
 
-def ensure_finite(loss: float, step: int, ckpt_path: Path, model: nn.Module):
+def ensure_finite(loss: float, step: int, ckpt_path: Path, stage: Stage):
     """Stop before a NaN/inf loss or weight can reach a checkpoint; the last one written stays as it was."""
-    if not math.isfinite(loss) or not all(p.isfinite().all() for p in model.parameters()):
+    if not math.isfinite(loss) or not all(p.isfinite().all() for p in stage.model.parameters()):
         what = f"the loss became {loss}" if not math.isfinite(loss) else "a weight became NaN/inf"
         raise BadInputError(f"{what} before step {step}; stopped without saving (the last good checkpoint, if any, "
-                            f"is {ckpt_path}); try a lower --lr, or --skip-nonfinite to skip such steps")
+                            f"is {ckpt_path}); {what_to_try(stage, skip=True)}")
+
+
+def what_to_try(stage: Stage, skip: bool = False) -> str:
+    """The hint after a NaN/inf: a lower --lr (and `skip`: --skip-nonfinite). A stage that trains a discriminator
+    beside its model (stage 1's adversarial loss) names its --adversarial-lr too, first where the discriminator is
+    NaN/inf itself: one blown up by its own rate makes the loss or its gradient NaN at every step after, whatever --lr,
+    and skipping those steps cannot mend it (it learns nothing on a skipped step). The same on every rank (DDP
+    replicates the discriminator); asked only once the run stops."""
+    discriminator = stage.payload().get("discriminator")
+    if discriminator is not None and first_nonfinite(discriminator):
+        return "try a lower --adversarial-lr or --lr (the discriminator's weights are NaN/inf too)"
+    rate = "--lr" if discriminator is None else "--lr or --adversarial-lr"
+    return f"try a lower {rate}" + (", or --skip-nonfinite to skip such steps" if skip else "")
 
 
 LEARNED = ("model", "optimizer", "ema", "posthoc_ema", "discriminator", "disc_optimizer")  # what a checkpoint learned
@@ -211,8 +224,9 @@ class NonfiniteSkips:
     every batch since (a rate that blew them up without making them NaN); a checkpoint in the run is left out, the
     last one (the run's end) stops it."""
 
-    def __init__(self, ckpt_path: Path, limit: int = 20, before_save: int = 5):
-        self.ckpt_path, self.limit, self.before_save = ckpt_path, limit, before_save
+    def __init__(self, ckpt_path: Path, limit: int = 20, before_save: int = 5,
+                 hint: Callable[[], str] = lambda: "try a lower --lr"):  # what to try, when the run diverged
+        self.ckpt_path, self.limit, self.before_save, self.hint = ckpt_path, limit, before_save, hint
         self.total = self.in_a_row = 0
 
     def savable(self, step: int, last: bool, rt: Runtime) -> bool:
@@ -221,7 +235,7 @@ class NonfiniteSkips:
         skipped = f"the {self.in_a_row} steps up to step {step} had a NaN/inf gradient"
         if last:
             raise BadInputError(f"{skipped}: the run diverged; stopped without saving (the last good checkpoint, if "
-                                f"any, is {self.ckpt_path}); try a lower --lr")
+                                f"any, is {self.ckpt_path}); {self.hint()}")
         rt.log(f"{skipped}: no checkpoint at step {step} (the run goes on; {self.limit} in a row stop it)")
         return False
 
@@ -233,8 +247,9 @@ class NonfiniteSkips:
         self.total += 1
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
-            raise BadInputError(f"{self.limit} steps in a row up to step {step} had a NaN/inf gradient: the run diverged; "
-                                f"stopped without saving (the last good checkpoint, if any, is {self.ckpt_path}); try a lower --lr")
+            raise BadInputError(f"{self.limit} steps in a row up to step {step} had a NaN/inf gradient: the run "
+                                f"diverged; stopped without saving (the last good checkpoint, if any, is "
+                                f"{self.ckpt_path}); {self.hint()}")
         return False
 
     def note(self) -> str:
@@ -309,7 +324,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
     first_step = time.perf_counter()
     if resume:
         restore_rng(resume.get("rng"), rt)
-    skips, stop = NonfiniteSkips(ckpt_path), StopRequests()
+    skips, stop = NonfiniteSkips(ckpt_path, hint=lambda: what_to_try(stage)), StopRequests()
     stage.model.train()
     with stop:
         while step < max_steps and not lr_factor.finished(step):
@@ -340,7 +355,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                 values = dict(zip(stage.stats, mean_over_ranks(sums / max(n_sum, 1), rt).tolist()))
                 if n_sum == 0:  # every step since the last log skipped (--skip-nonfinite, the same on every rank)
                     values = dict.fromkeys(stage.stats, math.nan)
-                ensure_finite(values["loss"] if n_sum else 0.0, step, ckpt_path, stage.model)
+                ensure_finite(values["loss"] if n_sum else 0.0, step, ckpt_path, stage)
                 values.update(stage.derived(values))
                 per_s = n_sum * per_step / (time.perf_counter() - t0)
                 if rt.main:

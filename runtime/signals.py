@@ -1,11 +1,47 @@
-"""SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) during training: finish the step, save, stop."""
+"""SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption or time limit): during training, finish the step, save,
+stop (`StopRequests`); outside it, SIGTERM stops the command as Ctrl-C does (`sigterm_as_ctrl_c`)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from pathlib import Path
 
 from runtime.errors import Interrupted
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop: it unwinds as Ctrl-C's KeyboardInterrupt does, through the same cleanup, and
+    the command exits with status 143 (128 + SIGTERM)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """While active, SIGTERM raises Terminated in this process, as Ctrl-C raises KeyboardInterrupt (by default it
+    killed the command at once, silently, with -15). Further SIGTERMs while the first unwinds are ignored (srun and
+    the job's step may both send one), so that its cleanup finishes; the training loop's StopRequests takes the
+    signal over while it trains and gives it back. A process forked meanwhile (a loader worker) inherits the handler:
+    there SIGTERM ends it at once, as before."""
+    pid, received = os.getpid(), []
+
+    def handle(signum, frame):
+        if os.getpid() != pid:  # a forked child: the default, and the signal again
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if not received:
+            received.append(signum)
+            raise Terminated
+
+    try:
+        before = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread: leave signals alone
+        before = handle
+    try:
+        yield
+    finally:
+        if before is not handle:  # None: a handler set outside Python, which cannot be set again from here
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 class StopRequests:

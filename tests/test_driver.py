@@ -13,6 +13,8 @@ import pytest
 import driver
 from conftest import ckpt, error_of, unet, vqvae
 from runtime.checkpoint import atomic_save
+from runtime.errors import BadInputError
+from volumes.run_data import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -258,6 +260,27 @@ def test_a_run_or_output_folder_inside_the_data_or_on_a_file_is_refused(trained_
     assert "--out" in message and "is inside the data folder" in message
     (tmp_path / "file").write_text("")
     assert "is a file, not a run folder" in error_of(vqvae, tmp_path / "file", adni_folder, "--max-steps", "1")
+
+
+def test_a_link_in_the_data_folder_into_the_run_or_output_folder_or_above_it_is_refused(adni_folder, tmp_path):
+    """The listing follows links to folders: a run reached through one had its grids read as training images by the
+    next command, since the check compared the paths alone."""
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)                              # a set written by `sample` before
+    (adni_folder / "train" / "AD" / "more").symlink_to(run / "samples")
+    message = error_of(vqvae, run, adni_folder, "--max-steps", "1")
+    assert f"--run {run} is read with the data folder {adni_folder} through its link {adni_folder}/train/AD/more" \
+           in message and not (run / "vqvae.pt").exists()
+    data = DataConfig(root=str(adni_folder))
+    with pytest.raises(BadInputError, match="through its link"):      # sample --out into the linked folder
+        data.refuse_inside(run / "samples", "--out")
+    (adni_folder / "train" / "AD" / "more").unlink()
+    (tmp_path / "scratch").mkdir()
+    (adni_folder / "test" / "NC" / "scratch").symlink_to(tmp_path / "scratch")   # a folder the run would be in
+    with pytest.raises(BadInputError, match="through its link"):
+        data.refuse_inside(tmp_path / "scratch" / "new_run", "--run")
+    data.refuse_inside(tmp_path / "scratch" / ".runs" / "r", "--run")  # a hidden folder is not listed
+    data.refuse_inside(run, "--run")                                   # a link elsewhere is fine
 
 
 def test_the_unet_s_ema_decay_and_a_linear_schedule_of_too_few_steps_are_refused(stage1_run):

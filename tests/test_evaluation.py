@@ -243,6 +243,36 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     assert metrics["scores"]["samples"]["count"] == 7 and metrics["sampling"] == {"from": str(folder)}
 
 
+def test_evaluate_writes_each_figure_whole_or_leaves_the_one_before(trained_run, tmp_path, monkeypatch):
+    """A figure written in place and cut short (a full disk, a kill) was a broken PNG beside a whole report.md of the
+    evaluation before; now each is written beside itself and renamed over the old one, as report.md and metrics.json."""
+    import errno
+    import os
+    from PIL import Image
+    run, _ = trained_run
+    folder, out = tmp_path / "pngs", tmp_path / "eval"
+    folder.mkdir()
+    for i in range(4):
+        save_image(ellipses(1, seed=i)[0], folder / f"{i}.png", normalize=True, value_range=(-1, 1))
+    flags = ["evaluate", "--run", str(run), "--out", str(out), "--holdout", "0.5", "--features", "domain",
+             "--classifier-steps", "0", "--samples", str(folder)]
+    driver.main(flags)
+    figures = {p.name: p.read_bytes() for p in out.glob("eval_*.png")}
+    assert set(figures) == {"eval_real.png", "eval_reconstructions.png", "eval_samples.png", "eval_crops.png"}
+
+    def disk_full(self, fp, format=None, **kwargs):
+        f = open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else fp   # as Image.save opens a path itself
+        f.write(b"half a PNG")
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    message = error_of(driver.main, flags)
+    assert f"could not write {out / 'eval_real.png'} (No space left on device); the previous file is unchanged" \
+        in message
+    assert {p.name: p.read_bytes() for p in out.glob("eval_*.png")} == figures and not list(out.glob(".*tmp*"))
+
+
 def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_sample_and_held_out_image(
         conditioned_run, tmp_path):
     from PIL import Image

@@ -409,6 +409,30 @@ def test_the_guides_ema_length_is_reconstructed_at_its_snapshot(posthoc_run, tmp
     assert "--guide-sigma-rel" in error_of(predict.main, [*fast, "--guide-sigma-rel", "0"])
 
 
+def test_ema_lengths_of_a_stage_2_still_training_or_stopped_off_its_snapshots_are_refused_before_any_work(
+        posthoc_run, tmp_path, monkeypatch):
+    """The curve needs the snapshot of unet.pt's step as the last one, and no command writing later ones: it failed
+    at the end, after the samples row, the features and the memorisation check had taken their minutes."""
+    import evaluation.evaluate
+    from runtime.checkpoint import run_lock
+
+    def expensive(*args, **kwargs):
+        raise AssertionError("evaluate began its work")
+    monkeypatch.setattr(evaluation.evaluate, "load_slices", expensive)
+    run = tmp_path / "run"
+    shutil.copytree(posthoc_run[0], run)
+    flags = ["evaluate", "--run", str(run), "--out", str(tmp_path / "eval"), "--ema-lengths", "auto"]
+    with run_lock(run):                                              # train-unet --resume, still training
+        assert "another command is training or changing" in error_of(driver.main, flags)
+    step = ckpt(run / "unet.pt")["step"]                             # 6 (8, after the tests above train it on)
+    shutil.copy(snapshot_files(run)[step], run / "ema_snapshots" / f"step{step + 2:07d}.pt")  # then a kill -9
+    message = error_of(driver.main, flags)
+    assert f"the last EMA snapshot in {run} is of step {step + 2}, unet.pt of step {step}" in message
+    (run / "unet.pt").unlink()                                       # a new stage 2 before its first checkpoint
+    assert "does not exist" in error_of(driver.main, flags)
+    assert not (tmp_path / "eval" / "report.md").exists()
+
+
 def test_ema_lengths_without_snapshots_or_out_of_range_are_refused(trained_run):
     run, _ = trained_run
     assert "--posthoc-ema" in error_of(predict.main, ["--run", str(run), "--autoguidance", "2", "--num", "1"])

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,24 +20,50 @@ from runtime.checkpoint import (REQUIRED, atomic_save, atomic_write, checkpoint_
                                 previous, remove_unfinished, write_config)
 from runtime.errors import BadInputError
 from runtime.process import Milestones
+from runtime.signals import Terminated, sigterm_as_ctrl_c
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_a_ctrl_c_during_a_write_is_the_ctrl_c_not_the_writers_error_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated])
+def test_a_ctrl_c_during_a_write_is_the_ctrl_c_not_the_writers_error_and_leaves_nothing(stop, tmp_path):
     """torch.save's file writer raises a RuntimeError ("unexpected pos") as a Ctrl-C unwinds it: the Ctrl-C goes on
-    (exit 130 and the line to continue), not a traceback, and the half-written file is gone."""
+    (exit 130 and the line to continue), not a traceback, and the half-written file is gone; a SIGTERM stays one."""
     def write(f):
         f.write(b"half")
         try:
-            raise KeyboardInterrupt
+            raise stop
         except KeyboardInterrupt:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as raised:
         atomic_write(tmp_path / "unet.pt", write)
+    assert type(raised.value) is stop
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(RuntimeError, match="another"):                  # a writer's own error stays what it is
         atomic_write(tmp_path / "unet.pt", lambda f: (_ for _ in ()).throw(RuntimeError("another")))
+
+
+def _dies_of_sigterm():
+    signal.raise_signal(signal.SIGTERM)
+    time.sleep(10)
+
+
+def test_sigterm_outside_training_is_a_ctrl_c_once_and_still_ends_a_forked_loader_worker():
+    """SIGTERM raises Terminated (a KeyboardInterrupt: the same cleanup) once; a second, while the first unwinds, is
+    ignored; a process forked meanwhile (a DataLoader worker) inherits the handler and still dies of SIGTERM at once,
+    as the loader's shutdown expects; afterwards the handler before is back."""
+    import multiprocessing
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_as_ctrl_c():
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(10)
+        signal.raise_signal(signal.SIGTERM)                       # while unwinding: no second Terminated
+        worker = multiprocessing.get_context("fork").Process(target=_dies_of_sigterm)
+        worker.start()
+        worker.join(30)
+        assert worker.exitcode == -signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_a_full_disk_gives_a_clear_error_and_keeps_the_previous_checkpoint(trained_run, tmp_path, monkeypatch):

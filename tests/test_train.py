@@ -403,6 +403,26 @@ def test_skip_nonfinite_leaves_out_a_checkpoint_inside_a_run_of_skipped_steps_an
     assert saved["step"] == 8 and all(t.isfinite().all() for t in saved["model"].values())
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["loss-check", "skip-nonfinite"])
+def test_a_discriminator_gone_nan_is_named_with_its_own_rate_not_lr_alone(skip, adni_folder, tmp_path, monkeypatch):
+    """A discriminator blown up by its --adversarial-lr makes the VQ-VAE's loss NaN at its next step: the loss check
+    (or --skip-nonfinite's 20 skipped steps in a row) said to lower --lr alone, and to --skip-nonfinite, which cannot
+    mend it (the discriminator learns nothing on a skipped step)."""
+    step_disc = Adversary.after_step
+
+    def poisoned(self, step, taken):
+        step_disc(self, step, taken)
+        if step == 1:                                                   # after its step 1: the loss at step 2 is NaN
+            with torch.no_grad():
+                next(self.disc.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(Adversary, "after_step", poisoned)
+    message = error_of(vqvae, tmp_path / "run", adni_folder, "--max-steps", "24", "--adversarial-weight", "0.1",
+                       "--adversarial-start", "1", "--save-every", "100", *(["--skip-nonfinite"] if skip else []))
+    assert ("20 steps in a row up to step 21" if skip else "the loss became nan before step 2") in message
+    assert message.endswith("try a lower --adversarial-lr or --lr (the discriminator's weights are NaN/inf too)")
+
+
 def test_a_discriminator_that_became_nan_is_never_saved(adni_folder, tmp_path, monkeypatch):
     """The loss and the model's weights are checked at every log step; the discriminator, learning beside it, is
     checked with every other learned part before each checkpoint."""

@@ -64,6 +64,34 @@ def _walk(top: str):
         yield from (os.path.join(folder, f) for f in sorted(files) if not f.startswith("."))
 
 
+def linked_folders(root: Path, skip: set[str] = frozenset()) -> list[tuple[Path, Path]]:
+    """(link, the folder it leads to, resolved) for each symbolic link to a folder that the listing of `root` follows:
+    not in hidden folders, nor in those of `skip` at the top; each folder read once, so that a link loop ends."""
+    found, seen, todo = [], set(), [(root, True)]
+    while todo:
+        folder, top = todo.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:  # unreadable: the listing says so itself
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or (top and entry.name in skip):
+                continue
+            try:
+                if not entry.is_dir():
+                    continue
+                target = Path(entry.path).resolve() if entry.is_symlink() else None
+            except (OSError, RuntimeError):  # a loop of links, or one unreadable: nothing the listing reads
+                continue
+            if target is not None:
+                if target in seen:
+                    continue
+                seen.add(target)
+                found.append((Path(entry.path), target))
+            todo.append((entry.path, False))
+    return found
+
+
 # ----------------------------------------------------------------------------- which files
 
 NOT_RAW = {"derivatives", "sourcedata"}   # BIDS folders of processed or original data, never training volumes

@@ -27,7 +27,7 @@ from runtime.checkpoint import load_checkpoint
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
-from volumes.layouts import ADNI_SUBJECT, BIDS_OWN, Layout
+from volumes.layouts import ADNI_SUBJECT, BIDS_OWN, Layout, linked_folders
 from volumes.reader import Slicing, volume_span
 
 
@@ -132,16 +132,25 @@ class DataConfig:
     def refuse_inside(self, folder: str | Path, flag: str):
         """A run or output folder inside the data folder where the listing looks: what is written there (grids,
         checkpoints, samples) would be listed as training images, a class of their own or among a class's, by the
-        next command that reads it. A hidden folder (`.runs/`) and a BIDS root's own (`derivatives/`) are not read."""
-        if not self.root or not Path(folder).resolve().is_relative_to(Path(self.root).resolve()):
+        next command that reads it. A hidden folder (`.runs/`) and a BIDS root's own (`derivatives/`) are not read.
+        The listing follows symbolic links to folders: a link there that leads into the folder, or to a folder
+        holding it, is refused too."""
+        if not self.root:
             return
-        parts = Path(folder).resolve().relative_to(Path(self.root).resolve()).parts
-        bids_root = Path(self.root).is_dir() and any(p.name.startswith("sub-") and p.is_dir()
-                                                     for p in Path(self.root).iterdir())
-        if any(part.startswith(".") for part in parts) or (bids_root and parts and parts[0] in BIDS_OWN):
-            return
-        raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there would be "
-                            "read as training images; put it elsewhere (or in a hidden folder there, .runs/)")
+        root, target = Path(self.root).resolve(), Path(folder).resolve()
+        bids_root = root.is_dir() and any(p.name.startswith("sub-") and p.is_dir() for p in root.iterdir())
+        if target.is_relative_to(root):
+            parts = target.relative_to(root).parts
+            if not (any(part.startswith(".") for part in parts) or (bids_root and parts and parts[0] in BIDS_OWN)):
+                raise BadInputError(f"{flag} {folder} is inside the data folder {self.root}: what is written there "
+                                    "would be read as training images; put it elsewhere (or in a hidden folder there, "
+                                    ".runs/)")
+        for link, linked in linked_folders(Path(self.root), BIDS_OWN if bids_root else set()):
+            hidden = target.is_relative_to(linked) and any(p.startswith(".") for p in target.relative_to(linked).parts)
+            if (target.is_relative_to(linked) and not hidden) or linked.is_relative_to(target):
+                raise BadInputError(f"{flag} {folder} is read with the data folder {self.root} through its link {link} "
+                                    f"-> {linked}: what is written there would be read as training images; put it "
+                                    f"elsewhere, or move the link out of the data folder")
 
     def saved(self) -> dict:
         """The config as a run saves it, its folder as an absolute path (so that stage 2 finds it from anywhere)."""
