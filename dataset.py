@@ -356,10 +356,12 @@ def _leave_stop_signals_to_the_trainer(worker_id: int):
     """A loader worker leaves the trainer's process group and ignores SIGINT: Ctrl-C in a terminal, or a SIGTERM
     sent to the group (`kill -- -PGID`), reaches every process of the group, and a worker that died of it would fail
     the step that the trainer finishes before it saves (runtime/signals.py). SIGTERM still ends a worker: it is how
-    the trainer ends its workers when it exits; a worker also ends by itself once the trainer is gone."""
+    the trainer ends its workers when it exits (reset here: a worker forked inside a training loop would inherit its
+    handler, which only notes the signal); a worker also ends by itself once the trainer is gone."""
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def to_unit(x: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:

@@ -438,24 +438,29 @@ def test_16_bit_and_float_images_of_new_runs_are_clipped_to_their_percentiles_as
 
 
 class WorkerSignals(torch.utils.data.Dataset):
-    """Each item: the process group and the SIGINT handler of the loader worker that made it."""
+    """Each item: the process group, whether SIGINT is ignored and SIGTERM left to its default, in the loader worker
+    that made it."""
 
     def __len__(self):
         return 2
 
     def __getitem__(self, i):
         import signal
-        return os.getpgrp(), int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+        return (os.getpgrp(), int(signal.getsignal(signal.SIGINT) == signal.SIG_IGN),
+                int(signal.getsignal(signal.SIGTERM) == signal.SIG_DFL))
 
 
 def test_loader_workers_leave_the_trainers_process_group_and_ignore_sigint():
     """Ctrl-C in a terminal and `kill -- -PGID` reach every process of the group: a worker that died of it failed the
-    step the trainer finishes before it saves (tests/test_end_to_end.py sends them)."""
+    step the trainer finishes before it saves (tests/test_end_to_end.py sends them). SIGTERM, by which the trainer
+    ends its workers, ends a worker forked inside the training loop too, whose handler would only note it."""
     from dataset import _leave_stop_signals_to_the_trainer
-    loader = torch.utils.data.DataLoader(WorkerSignals(), batch_size=None, num_workers=2,
-                                         worker_init_fn=_leave_stop_signals_to_the_trainer)
-    for group, ignored in loader:
-        assert group != os.getpgrp() and ignored == 1
+    from runtime.signals import StopRequests
+    with StopRequests():
+        loader = torch.utils.data.DataLoader(WorkerSignals(), batch_size=None, num_workers=2,
+                                             worker_init_fn=_leave_stop_signals_to_the_trainer)
+        for group, ignored, default in loader:
+            assert group != os.getpgrp() and ignored == 1 and default == 1
 
 
 def test_split_folders_in_any_spelling_and_what_is_not_a_class(tmp_path):
