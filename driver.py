@@ -34,13 +34,13 @@ from losses import stage1
 from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
-from runtime.checkpoint import atomic_write, load_checkpoint, read_config, run_lock
+from runtime.checkpoint import load_checkpoint, read_config, run_lock
 from runtime.errors import BadInputError, Interrupted, disk_full
 from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
 from runtime.process import is_main_process
 from runtime.signals import Terminated, sigterm_as_ctrl_c
 from volumes.demo import DEFAULT_DEMO_ROOT
-from volumes.run_data import DataConfig, data_files_key
+from volumes.run_data import DataConfig, check_same_files, stage1_data
 
 # Preset values of the flags that default to None (below, and stage 1's losses' in losses/stage1.py); a flag given
 # on the command line wins.
@@ -286,50 +286,6 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def stage1_data(args: argparse.Namespace) -> tuple[dict, DataConfig]:
-    """Stage 1's checkpoint args and data config, which stage 2 and `evaluate` inherit (--data may point the run
-    at the same images in another place). No stage 1: the one-line error, before anything else is resolved."""
-    vq_ckpt = load_checkpoint(Path(args.run) / "vqvae.pt", "vqvae")
-    data = DataConfig.from_checkpoint(vq_ckpt)
-    if args.data:
-        data.root = args.data
-    check_same_files(data, vq_ckpt, Path(args.run))
-    return vq_ckpt["args"], data
-
-
-def check_same_files(data: DataConfig, vq_ckpt: dict, run: Path):
-    """The folder holds the files stage 1 trained on (their names and sizes, wherever the folder now is, and where
-    their times changed, their contents), so that a resumed run, stage 2 and `evaluate` read the run's own data and
-    its own held-out subjects. Contents found the same are noted in RUN/data_checked.json with the files' times, so
-    that the next command does not read them again. A run written before stage 1 saved that key is not checked
-    (before 2026-12-07: not its contents)."""
-    trained_on = vq_ckpt.get("data_files")
-    if trained_on is None:
-        return
-    found = data_files_key(data)
-    if (found["files"], found["sha1"]) != (trained_on["files"], trained_on["sha1"]):
-        raise BadInputError(f"{data.folder()} does not hold the files this run's stage 1 trained on ({found['files']} "
-                            f"files there, {trained_on['files']} then, or their names or sizes differ); point --data "
-                            f"at them")
-    if "contents" not in trained_on or found["times"] == trained_on["times"]:
-        return
-    checked, folder = run / "data_checked.json", str(data.folder().resolve())  # copied, touched, or rewritten
-    try:
-        seen = json.loads(checked.read_text()) if checked.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        seen = {}  # written again below
-    if isinstance(seen, dict) and seen.get(folder) == [found["times"], trained_on["contents"]]:
-        return
-    if data_files_key(data, contents=True)["contents"] != trained_on["contents"]:
-        raise BadInputError(f"the files in {data.folder()} have the names and sizes of those this run's stage 1 "
-                            f"trained on, but other contents (rewritten since?): point --data at the files it "
-                            f"trained on, or train a new --run on these")
-    text = json.dumps({**(seen if isinstance(seen, dict) else {}), folder: [found["times"], trained_on["contents"]]},
-                      indent=2)
-    with contextlib.suppress(BadInputError):  # a note to save reading them again: a run folder not ours to write
-        atomic_write(checked, lambda f: f.write(text.encode()))
-
-
 def check_sizes(args: argparse.Namespace):
     """Sizes the networks and fractions the split cannot take, as one-line errors before anything runs."""
     if args.stage == "vqvae":
@@ -359,7 +315,7 @@ def resolve(args: argparse.Namespace, given: set[str]) -> argparse.Namespace:
     size, channels, held-out subjects, data), then on --resume the run's own settings (`keep_the_runs_settings`), then the preset,
     then the checks. `given`: the flags typed on the command line. The stages read `args` and never change it."""
     if args.stage in ("unet", "decoder"):
-        stage1_args, args.data_config = stage1_data(args)
+        stage1_args, args.data_config = stage1_data(Path(args.run), args.data)
         args.preset = args.preset or stage1_args.get("preset")
         data = args.data_config
         args.data, args.image_size, args.channels = data.root, data.image_size, data.channels
@@ -444,7 +400,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.stage:
         resolve(args, given_flags(argv))
     elif args.command == "evaluate":
-        _, args.data_config = stage1_data(args)
+        _, args.data_config = stage1_data(Path(args.run), args.data)
     elif args.command == "counterfactual":  # how the run reads an image; its data folder need not be at hand
         args.data_config = DataConfig.of_run(args.run)
     return args

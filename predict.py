@@ -87,10 +87,15 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
         p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
                        help="one grid row per value (NAME=all: every category), every row from the same noise, so that "
                             "the rows differ by what the condition does")
-        p.add_argument("--cohort", action="store_true",
-                       help="each sample under the conditions of a training scan picked at random (--seed): a set "
+        p.add_argument("--cohort", nargs="?", const="scan", choices=cohort.UNITS, default=None,
+                       help="each sample under the conditions of a training scan picked at random (--seed), uniformly "
+                            "over scans (`--cohort`, `--cohort scan`) or over subjects (`--cohort subject`): a set "
                             "whose class, age, sex ... follow the training cohort's, together; reads the run's data "
                             "folder and participants table (default: off; not with --class, --set, --sweep)")
+        p.add_argument("--data", default=None,
+                       help="with --cohort: the run's data folder, if it moved (checked to hold stage 1's files)")
+        p.add_argument("--labels", default=None,
+                       help="with --cohort: the run's participants table, if it moved (checked to be the run's)")
         p.add_argument("--guidance", type=float, default=3.0,
                        help="classifier-free guidance scale w with --class, --set, --sweep or --cohort: 0 "
                             "unconditional, 1 conditional, >1 stronger (default: %(default)s)")
@@ -344,13 +349,22 @@ def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), swee
     return sweep_rows(model.conditions, asked_values(model.conditions, list(settings)), sweep)
 
 
-def cohort_rows(model: LatentDiffusion, run: Path, num: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torch.Tensor]]:
     """--cohort -> [("cohort", conditions (num, K))]: one row whose every sample has the conditions of a training scan
     drawn at random (conditions/cohort.py)."""
     if not model.conditions:
         raise BadInputError(f"--cohort draws each sample's conditions from the training scans', and {run / 'unet.pt'} "
                             f"is unconditional; train stage 2 with --conditional or --condition")
-    return [("cohort", cohort.draw(cohort.training_cohort(run, model.conditions, model.labels), num, seed))]
+    if args.set_values or args.sweep or args.class_name:
+        raise BadInputError("--cohort draws every condition of each sample from a training scan: leave out --class, "
+                            "--set and --sweep, or --cohort")
+    if args.guidance == 0:
+        raise BadInputError("--cohort gives each sample a training scan's conditions, and --guidance 0 ignores them "
+                            "(unconditional samples labelled as conditioned): give --guidance 1 or more")
+    scans, line = cohort.training_cohort(run, model.conditions, model.labels, args.data, args.labels)
+    drawn = cohort.draw(scans, args.num, args.seed, args.cohort)
+    print(f"{line}; drew {args.num}, uniformly over {args.cohort}s: {cohort.proportions(drawn, model.conditions)}")
+    return [("cohort", drawn)]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -479,10 +493,10 @@ def predict(args):
     sampling = sampling_from_args(args, model)
     # resolved here: which images a seed gives depends on the batch size, and a resumed set must keep it
     sampling = replace(sampling, batch_size=batch_size_of(sampling, device))
-    if args.cohort and (args.set_values or args.sweep or args.class_name):
-        raise BadInputError("--cohort draws every condition of each sample from a training scan: leave out --class, "
-                            "--set and --sweep, or --cohort")
-    rows = (cohort_rows(model, run, args.num, args.seed) if args.cohort else
+    if (args.data or args.labels) and not args.cohort:
+        raise BadInputError("--data and --labels say where --cohort finds the run's data and table; without --cohort "
+                            "sample reads neither")
+    rows = (cohort_rows(model, run, args) if args.cohort else
             asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)])
     geometry = None
     if args.format == "nifti":  # the set's own, resumed; else its training volumes'
@@ -560,7 +574,8 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "batch_seeds": ROW_SEEDING if args.row_noise == "independent" else SEEDING,
-                "rows": [[caption, None if y is None else {"drawn": cohort.fingerprint(y)} if y.dim() == 2 else
+                "rows": [[caption, None if y is None else
+                          {"drawn": cohort.fingerprint(y), "unit": args.cohort} if y.dim() == 2 else
                           {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}
     return settings, record
 

@@ -4,49 +4,120 @@ conditions of a training scan picked at random.
 A conditional run's `--set` and `--sweep` ask for chosen values; a synthetic dataset that stands in for the real one
 needs its class, age, sex ... together, in the proportions and combinations the training scans have (the AD
 subjects older than the NC ones, say). The cohort is the training images' distinct scans (subject and session, or
-subject where the table has no sessions), each with its condition vector as stage 2 trained on it (the run's
-participants table read again, its contents checked); `draw` picks `num` of them with replacement, uniformly over
-scans, from `--seed`. Nothing of it is kept in `unet.pt`, which is shared more often than a run's data: the run's
-data folder and table must be at hand, as for `evaluate`.
+subject where the table has no sessions), each with its condition vector as stage 2 trained on it: the run's data
+checked to be stage 1's files (`stage1_data`) and its participants table read again, its contents checked. A scan
+with no value at all is left out (a sample drawn at it would be unconditional), and so is one whose values lie
+outside those the UNet trained on (a file `--skip-bad-images` left out of training). `draw` picks scans with
+replacement, uniformly over scans or over subjects (then a scan of the subject), from `--seed`. Nothing of it is
+kept in `unet.pt`, which is shared more often than a run's data: the run's data folder and table must be at hand, as
+for `evaluate`.
 """
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from conditions.table import condition_matrix, saved_table, subjects_of
+from conditions.table import Condition, condition_matrix, saved_table, subjects_of
 from runtime.errors import BadInputError
-from volumes.run_data import DataConfig, training_files
+from volumes.run_data import stage1_data, training_files
+
+UNITS = ("scan", "subject")   # what --cohort draws uniformly
 
 
-def training_cohort(run: Path, conditions: list, labels: dict | None) -> torch.Tensor:
-    """(M, K): the condition vector of each of the M distinct training scans of `run` (NaN where not given), for
-    `conditions` as the run's UNet saved them, from the table of its record `labels` (None: the class folders)."""
-    data = DataConfig.of_run(run)
+@dataclass
+class Cohort:
+    """The training scans: their condition vectors y (M, K), NaN where not given, and the subject of each."""
+    y: torch.Tensor
+    subjects: list[str]
+
+
+def training_cohort(run: Path, conditions: list[Condition], record: dict | None, root: str | None = None,
+                    labels: str | None = None) -> tuple[Cohort, str]:
+    """The training scans of `run` for `conditions` as its UNet saved them, from the table of its record (None: the
+    class folders); `root` (--data) and `labels` (--labels): where the data and table are now, if they moved. With a
+    line saying what it holds and what it left out."""
+    _, data = stage1_data(run, root)
     samples, _ = training_files(data, expand_volumes=False)
-    paths, root = [p for p, _ in samples], str(data.folder())
+    paths, folder = [p for p, _ in samples], str(data.folder())
     subjects = subjects_of(paths, data.subject())
-    table = saved_table(labels, data.folder()) if labels else None
-    if table is not None and table.sha1 != labels["sha1"]:
-        raise BadInputError(f"the participants table {table.file} changed since this run was trained: --cohort would "
-                            f"draw values it did not train on; restore it")
-    y, _ = condition_matrix(conditions, table, subjects, torch.tensor([k for _, k in samples]), paths, root)
-    visits = table.image_rows(subjects, paths, root)[1] if table is not None else subjects
+    table = saved_table(record, data.folder(), labels) if record else None
+    if table is not None and table.sha1 != record["sha1"]:
+        files = f" (or its sessions files: {', '.join(table.session_files)})" if table.session_files else ""
+        raise BadInputError(f"the participants table {table.file}{files} changed since this run was trained: "
+                            f"--cohort would draw values it did not train on; restore it")
+    y, _ = condition_matrix(conditions, table, subjects, torch.tensor([k for _, k in samples]), paths, folder)
+    visits = table.image_rows(subjects, paths, folder)[1] if table is not None else subjects
     scans = {}
-    for visit, row in zip(visits, y):
-        scans.setdefault((visit, row.numpy().tobytes()), row)  # a scan's slices, or its files of one class, once
-    return torch.stack(list(scans.values()))
+    for subject, visit, row in zip(subjects, visits, y):
+        scans.setdefault((visit, row.numpy().tobytes()), (subject, row))  # a scan's slices, or its files, once
+    return usable(list(scans.values()), conditions)
 
 
-def draw(cohort: torch.Tensor, num: int, seed: int) -> torch.Tensor:
-    """(num, K): `num` rows of the cohort picked uniformly with replacement, from a generator of its own seeded by
-    `seed` (the samples' noise is drawn apart from it)."""
-    picks = torch.randint(len(cohort), (num,), generator=torch.Generator().manual_seed(seed))
-    return cohort[picks]
+def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition]) -> tuple[Cohort, str]:
+    """The (subject, conditions) scans that can be drawn: not those of no value (a sample drawn at one would be
+    unconditional), nor those with a covariate outside the range the UNet trained on ([0, 1] once scaled); with a
+    line saying what it holds and what it left out."""
+    def trained_on(row):
+        return all(c.size or not (value < -1e-6 or value > 1 + 1e-6) for c, value in zip(conditions, row.tolist()))
+
+    empty = [s for s in scans if s[1].isnan().all()]
+    outside = [s for s in scans if not s[1].isnan().all() and not trained_on(s[1])]
+    kept = [s for s in scans if not s[1].isnan().all() and trained_on(s[1])]
+    if not kept:
+        raise BadInputError(f"--cohort: none of the {len(scans)} training scans has a value the UNet trained on")
+    cohort = Cohort(torch.stack([row for _, row in kept]), [subject for subject, _ in kept])
+    return cohort, describe(cohort, conditions, len(empty), len(outside))
+
+
+def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: int) -> str:
+    """One line: scans and subjects, what was left out, the values missing, and how many scans' values are one
+    subject's alone (a set to be shared carries them)."""
+    owners = {}
+    for subject, row in zip(cohort.subjects, cohort.y):
+        owners.setdefault(row.numpy().tobytes(), set()).add(subject)
+    alone = sum(1 for row in cohort.y if len(owners[row.numpy().tobytes()]) == 1)
+    missing = [f"{int(cohort.y[:, k].isnan().sum())} lack {c.name}" for k, c in enumerate(conditions)
+               if cohort.y[:, k].isnan().any()]
+    left = [f"{empty} with no value"] * bool(empty) + [
+        f"{outside} with values the UNet did not train on (files --skip-bad-images left out?)"] * bool(outside)
+    return (f"cohort: {len(cohort.y)} training scans of {len(set(cohort.subjects))} subjects"
+            + (f" ({', '.join(missing)}: drawn with it open)" if missing else "")
+            + (f"; left out: {', '.join(left)}" if left else "")
+            + f"; the values of {alone} scans are one subject's alone, and each sample drawn at them carries them")
+
+
+def draw(cohort: Cohort, num: int, seed: int, unit: str = "scan") -> torch.Tensor:
+    """(num, K): `num` scans' conditions picked with replacement, uniformly over scans, or over subjects (then one of
+    the subject's scans), from a generator of their own seeded by `seed` (the samples' noise is drawn apart)."""
+    g = torch.Generator().manual_seed(seed)
+    if unit == "scan":
+        return cohort.y[torch.randint(len(cohort.y), (num,), generator=g)]
+    scans_of = {}
+    for i, subject in enumerate(cohort.subjects):
+        scans_of.setdefault(subject, []).append(i)
+    subjects = sorted(scans_of)
+    picks = []
+    for s in torch.randint(len(subjects), (num,), generator=g).tolist():
+        scans = scans_of[subjects[s]]
+        picks.append(scans[int(torch.randint(len(scans), (1,), generator=g))])
+    return cohort.y[torch.tensor(picks)]
 
 
 def fingerprint(drawn: torch.Tensor) -> str:
     """What a set's settings hold of its drawn conditions: a set resumed must draw the same."""
     return hashlib.sha1(drawn.float().numpy().tobytes()).hexdigest()
+
+
+def proportions(drawn: torch.Tensor, conditions: list[Condition]) -> str:
+    """The drawn categories' shares, e.g. "class AD 42%, NC 58%", for the printout."""
+    parts = []
+    for k, c in enumerate(conditions):
+        if c.size:
+            counts = Counter(int(v) for v in drawn[:, k].tolist() if v == v)
+            shares = (f"{c.values[i]} {n / len(drawn):.0%}" for i, n in sorted(counts.items()))
+            parts.append(f"{c.name} " + ", ".join(shares))
+    return "; ".join(parts)

@@ -323,10 +323,13 @@ def evaluate(args):
         raise BadInputError("--class scores the run's own conditional samples; it cannot be used with --samples")
     if args.num is not None and args.samples:
         raise BadInputError("--num sets how many samples evaluate draws; --samples scores every image of its folder")
-    if args.utility is not None and (args.utility < 1 or args.samples or max(args.guidance) <= 0):
-        raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples per class, at the --guidance scales "
-                            f"above 0 (got --utility {args.utility}, --guidance {args.guidance}"
-                            + (", --samples)" if args.samples else ")"))
+    if args.utility is not None and args.samples:
+        raise BadInputError("--utility draws its own samples from the run, at the --guidance scales: leave out "
+                            "--samples (or --utility)")
+    if args.utility is not None and (args.utility < 1 or max(args.guidance) <= 0):
+        raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples (per class, and for the table's "
+                            f"conditions), at the --guidance scales above 0 (got --utility {args.utility}, --guidance "
+                            f"{args.guidance})")
     if args.ema_lengths:
         refuse_unready(run, args.samples)
     device, autocast = setup_device(args.device)
@@ -470,8 +473,9 @@ def evaluate(args):
         real = training_sample(given, args.utility, seed)
         rows = condition_utility((stack(dataset, real)[0], y[real]), lambda v, w: draw(len(v), v, w),
                                  [w for w in args.guidance if w > 0], (torch.cat([reference, floor]),
-                                 y[ref_idx + floor_idx]), model.conditions, args.classifier_steps, device)
-        sections["utility_conditions"] = condition_utility_section(rows, len(real))
+                                 y[ref_idx + floor_idx]), model.conditions, args.classifier_steps, device, column)
+        if rows:
+            sections["utility_conditions"] = condition_utility_section(rows, len(real))
     if y is not None and samples is not None and not args.samples:  # drawn here
         # each condition from the participants table, read back from samples generated at held-out subjects' values
         rows, sweeps = condition_check(args, run, model, participants, y, dataset, train_idx, ref_idx + floor_idx,

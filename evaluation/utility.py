@@ -121,10 +121,22 @@ def utility_check(real_of: Callable[[int, int], torch.Tensor], generate: Callabl
 
 def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callable[[torch.Tensor, float], torch.Tensor],
                       guidance: list[float], test: tuple[torch.Tensor, torch.Tensor], conditions: list[Condition],
-                      steps: int, device) -> list[dict]:
+                      steps: int, device, classes: int | None = None) -> list[dict]:
     """One row per table condition and training set (real, then synthetic and real + synthetic at each guidance
     scale): the condition network trained UTILITY_SEEDS times on it, read back from the held-out `test` (images, y).
-    real: (images, y (N, K)) of real training slices; generate(y, w): samples at those values, at scale w."""
+    real: (images, y (N, K)) of real training slices; generate(y, w): samples at those values, at scale w. `class`
+    and the condition `classes` (a table column of the class folders) are the classifier's rows; a condition that
+    fewer than 2 held-out images have a value of is not read back (said so), and none: no rows, nothing trained."""
+    checked = []
+    for k, c in enumerate(conditions):
+        if c.name != CLASS and k != classes:
+            given = int((~test[1][:, k].isnan()).sum())
+            if given < 2:
+                print(f"warning: --utility: {given} held-out images have a value of {c.name}; it is not read back")
+            else:
+                checked.append(k)
+    if not checked:
+        return []
     images, y = real
     sets = {"real": (images, y)}
     for w in guidance:
@@ -135,10 +147,8 @@ def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callabl
     for name, (x, targets) in sets.items():
         nets = [train_condition_net(TensorDataset(x), list(range(len(x))), targets, conditions, min(x.shape[-1], 128),
                                     x.shape[1], steps, device, seed) for seed in range(UTILITY_SEEDS)]
-        for k, c in enumerate(conditions):
-            given = ~test[1][:, k].isnan()
-            if c.name == CLASS or given.sum() < 2:  # the class folders: the classifier's rows above
-                continue
+        for k in checked:
+            c, given = conditions[k], ~test[1][:, k].isnan()
             truth = test[1][given, k] if c.size else test[1][given, k] * (c.high - c.low) + c.low
             runs = [agreement(read_back(net, test[0][given], conditions, k, device), truth, c) for net in nets]
             row = {"condition": c.name, "training set": name, "images": int((~targets[:, k].isnan()).sum()),
@@ -153,8 +163,8 @@ def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callabl
 def format_condition_utility_table(rows: list[dict]) -> str:
     def cell(r, key, form):
         return f"{r[key]:{form}} ± {r[key + '_std']:{form}}" if key in r and r[key] == r[key] else ""
-    lines = ["| condition | trained on | images | r | MAE | recognised |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['condition']} | {r['training set']} | {r['images']} | {cell(r, 'r', '.3f')} | "
+    lines = ["| condition | trained on | images | tested on | r | MAE | recognised |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['condition']} | {r['training set']} | {r['images']} | {r['tested']} | {cell(r, 'r', '.3f')} | "
               f"{cell(r, 'mae', '.3g')} | {cell(r, 'recognised', '.1%')} |" for r in rows]
     return "\n".join(lines)
 

@@ -107,7 +107,9 @@ class SampleSet:
         self.settings = {k: v for k, v in self.settings.items() if k not in newer}
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if differ:
-            shown = "; ".join(f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
+            shown = "; ".join("the conditions --cohort drew (the run's data or table, --cohort's unit, --seed or "
+                              "--num differ)" if _drawn(saved, self.settings, k) else
+                              f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
             flags = all(k in FLAG_SETTINGS and isinstance(saved.get(k), (str, int, float)) for k in differ)
             again = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ) if flags else ""  # the set's own
             raise BadInputError(f"{self.folder} was sampled with other settings ({shown}); --resume continues a set with "
@@ -232,6 +234,12 @@ class SampleSet:
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W)."""
         return torch.stack([read_sample(self.folder / self.file(row * self.num + k)) for k in range(count)])
+
+
+def _drawn(saved: dict, settings: dict, key: str) -> bool:
+    """Whether the setting `key` that differs is the rows of a --cohort set (then or now), shown as a hash."""
+    rows = (saved.get(key) or []) + (settings.get(key) or []) if key == "rows" else []
+    return any(isinstance(row, list) and isinstance(row[1], dict) and "drawn" in row[1] for row in rows)
 
 
 def manifest_rows(folder: Path) -> list[dict]:

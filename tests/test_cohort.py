@@ -4,26 +4,48 @@ import csv
 import json
 import shutil
 
+import pytest
 import torch
 
 import predict
-from conditions.cohort import draw
+from conditions.cohort import Cohort, draw, usable
+from conditions.table import Condition
 from conftest import ckpt, error_of
+from runtime.errors import BadInputError
+
+nan = float("nan")
 
 
 def manifest(folder):
     return list(csv.DictReader(open(folder / "samples" / "manifest.csv")))
 
 
-def test_draw_picks_rows_of_the_cohort_by_its_own_seed():
-    cohort = torch.tensor([[0.0, 1.0], [1.0, float("nan")], [2.0, 0.0]])
-    drawn = draw(cohort, 300, seed=0)
+def test_draw_picks_rows_of_the_cohort_by_its_own_seed_over_scans_or_subjects():
+    scans = Cohort(torch.tensor([[0.0, 1.0], [1.0, float("nan")], [2.0, 0.0]]), ["a", "b", "c"])
+    drawn = draw(scans, 300, seed=0)
     assert drawn.shape == (300, 2)
-    assert all(any(torch.equal(row.nan_to_num(-1), c.nan_to_num(-1)) for c in cohort) for row in drawn)  # rows whole
+    assert all(any(torch.equal(row.nan_to_num(-1), c.nan_to_num(-1)) for c in scans.y) for row in drawn)  # rows whole
     counts = torch.bincount(drawn[:, 0].long(), minlength=3)
     assert counts.min() > 70                                            # uniform over scans: about 100 each
-    assert torch.equal(draw(cohort, 300, seed=0).nan_to_num(-1), drawn.nan_to_num(-1))
-    assert not torch.equal(draw(cohort, 300, seed=1).nan_to_num(-1), drawn.nan_to_num(-1))
+    assert torch.equal(draw(scans, 300, seed=0).nan_to_num(-1), drawn.nan_to_num(-1))
+    assert not torch.equal(draw(scans, 300, seed=1).nan_to_num(-1), drawn.nan_to_num(-1))
+    # a subject of 9 scans and one of 1: over scans 10% are the second's, over subjects half
+    many = Cohort(torch.arange(10.0)[:, None], ["often"] * 9 + ["once"])
+    once = lambda unit: (draw(many, 2000, 0, unit)[:, 0] == 9).float().mean().item()  # noqa: E731
+    assert 0.06 < once("scan") < 0.14 and 0.45 < once("subject") < 0.55
+
+
+def test_a_scan_of_no_value_or_of_values_the_unet_did_not_train_on_is_not_drawn():
+    age, sex = Condition("age", "continuous", low=60, high=80), Condition("sex", "category", ["F", "M"])
+    scans = [("s1", torch.tensor([0.5, 0.0])), ("s2", torch.tensor([nan, nan])),      # no value: unconditional
+             ("s3", torch.tensor([1.9, 1.0])),                                         # age 98: never trained on
+             ("s4", torch.tensor([nan, 1.0])), ("s4", torch.tensor([1.0, 1.0]))]
+    cohort, line = usable(scans, [age, sex])
+    assert cohort.subjects == ["s1", "s4", "s4"] and torch.equal(cohort.y[0], scans[0][1])
+    assert "3 training scans of 2 subjects (1 lack age: drawn with it open)" in line
+    assert "left out: 1 with no value, 1 with values the UNet did not train on" in line
+    assert "the values of 3 scans are one subject's alone" in line
+    assert "none of the 2 training scans" in str(pytest.raises(BadInputError, usable, scans[1:3], [age, sex]).value)
 
 
 def test_a_cohort_set_draws_each_samples_class_age_and_sex_together_from_a_training_subject(conditioned_run, tmp_path):
@@ -38,7 +60,7 @@ def test_a_cohort_set_draws_each_samples_class_age_and_sex_together_from_a_train
     drawn = [subject_of.get((r["file"].split("/")[0], f"{float(r['age']):g}", r["sex"])) for r in rows]
     assert None not in drawn and set(drawn) <= trained and len(set(drawn)) >= 4    # no held-out subject, no mixture
     assert {r["row"] for r in rows} == {"cohort"}
-    assert json.loads((tmp_path / "a" / "samples" / "sampling.json").read_text())["rows"][0][1].keys() == {"drawn"}
+    assert json.loads((tmp_path / "a" / "samples" / "sampling.json").read_text())["rows"][0][1]["unit"] == "scan"
     tsv = list(csv.DictReader(open(tmp_path / "a" / "samples" / "participants.tsv"), delimiter="\t"))
     assert [(t["age"], t["sex"]) for t in tsv] == [(r["age"], r["sex"]) for r in rows]
     # resumed after losing its last batch: the same draws; another seed draws others
@@ -52,6 +74,9 @@ def test_a_cohort_set_draws_each_samples_class_age_and_sex_together_from_a_train
                                                                                    for r in rows]
     predict.predict(predict.parse_args([*common, "--out", str(tmp_path / "b"), "--seed", "1"]))
     assert [r["age"] for r in manifest(tmp_path / "b")] != [r["age"] for r in rows]
+    by_subject = [*common[:3], "subject", *common[3:]]                  # --cohort subject: other draws
+    message = error_of(predict.main, [*by_subject, "--out", str(tmp_path / "a"), "--resume"])
+    assert "the conditions --cohort drew (the run's data or table, --cohort's unit, --seed or --num differ)" in message
 
 
 def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a_changed_table(conditioned_run,
@@ -59,6 +84,13 @@ def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a
     run, data = conditioned_run
     base = ["--run", str(run), "--cohort", "--num", "2", "--steps", "2", "--out", str(tmp_path / "x")]
     assert "leave out --class, --set and --sweep" in error_of(predict.main, [*base, "--set", "sex=F"])
+    assert "--guidance 0 ignores them" in error_of(predict.main, [*base, "--guidance", "0"])
+    assert "without --cohort sample reads neither" in error_of(predict.main, [*base[:1], str(run), "--labels", "x.csv"])
+    moved = tmp_path / "moved"                                       # a folder of other files: not the run's data
+    shutil.copytree(data, moved)
+    next(moved.rglob("*.jpeg")).unlink()
+    assert "does not hold the files this run's stage 1 trained on" in error_of(predict.main,
+                                                                               [*base, "--data", str(moved)])
     unconditional, _ = trained_run
     assert "is unconditional" in error_of(predict.main, ["--run", str(unconditional), "--cohort", "--num", "2",
                                                          "--steps", "2", "--out", str(tmp_path / "y")])

@@ -330,6 +330,7 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "trained without --conditional" in error_of(driver.main, base + ["--utility", "2"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "2", "--guidance", "0"])
+    assert "leave out --samples" in error_of(driver.main, base + ["--utility", "2", "--samples", str(tmp_path)])
     from types import SimpleNamespace
     from conditions.table import Condition
     from evaluation.evaluate import class_column
@@ -587,6 +588,25 @@ def test_train_on_synthetic_scores_a_table_s_conditions_by_what_samples_teach_ab
     assert got["age", "synthetic, w=1"]["mae"] > 2 * got["age", "real"]["mae"]     # noise teaches nothing
     assert got["sex", "synthetic, w=1"]["recognised"] < 0.8
     assert "| age | synthetic, w=2 | 44 |" in format_condition_utility_table(rows)
+
+
+def test_the_table_s_utility_leaves_the_class_column_to_the_classifier_and_trains_nothing_it_cannot_test(
+        monkeypatch, capsys):
+    import evaluation.utility as utility
+    from conditions.table import Condition
+    trained = []
+    monkeypatch.setattr(utility, "train_condition_net", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr(utility, "read_back", lambda net, images, conditions, k, device: torch.zeros(len(images)))
+    group, age = Condition("group", "category", ["AD", "NC"]), Condition("age", "continuous", low=60, high=80)
+    real = (torch.zeros(4, 1, 8, 8), torch.tensor([[0.0, 0.5]] * 4))
+    test = (torch.zeros(3, 1, 8, 8), torch.tensor([[0.0, 0.1], [1.0, 0.9], [1.0, 0.5]]))
+    rows = utility.condition_utility(real, lambda y, w: torch.zeros(len(y), 1, 8, 8), [1.0], test, [group, age], 1,
+                                     "cpu", classes=0)                # group names the class folders: not here
+    assert {r["condition"] for r in rows} == {"age"} and len(trained) == 3 * utility.UTILITY_SEEDS
+    untested = (test[0], torch.tensor([[0.0, math.nan]] * 3))
+    assert utility.condition_utility(real, None, [1.0], untested, [group, age], 1, "cpu", classes=0) == []
+    assert len(trained) == 3 * utility.UTILITY_SEEDS                  # nothing trained for a check that cannot run
+    assert "0 held-out images have a value of age; it is not read back" in capsys.readouterr().out
 
 
 def test_utility_is_refused_where_it_cannot_mean_what_it_says_and_trains_every_row_on_as_many_images(capsys):

@@ -5,13 +5,14 @@ stage 2, `sample` and `evaluate` take it from there, so that a run keeps its fil
 
 What follows from it without decoding an image: the training files (`training_files`), a line on the folder's
 subjects and the hold-out (`subject_summary`), the refusal of ADNI subject folders as classes, and the hashes of the
-data files that a resumed or later stage checks (`data_files_key`). `training_data` decodes the training images
-through dataset.py's folders and caches.
+data files that a resumed or later stage checks (`data_files_key`, `check_same_files`; `stage1_data`: a run's data,
+checked). `training_data` decodes the training images through dataset.py's folders and caches.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import statistics
 from collections import Counter
@@ -23,7 +24,7 @@ from typing import Callable
 from torch.utils.data import Dataset, Subset
 
 from dataset import SliceFolders, size_and_time, load_slices
-from runtime.checkpoint import load_checkpoint
+from runtime.checkpoint import atomic_write, load_checkpoint
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
@@ -283,3 +284,48 @@ def data_files_key(data: DataConfig, contents: bool = False) -> dict:
                     every_byte.update(chunk)
         key["contents"] = every_byte.hexdigest()
     return key
+
+
+def stage1_data(run: Path, root: str | None = None) -> tuple[dict, DataConfig]:
+    """Stage 1's checkpoint args and data config, which stage 2, `evaluate` and `sample --cohort` inherit (`root`,
+    --data, may point the run at the same images in another place). No stage 1: the one-line error, before anything
+    else is resolved."""
+    vq_ckpt = load_checkpoint(Path(run) / "vqvae.pt", "vqvae")
+    data = DataConfig.from_checkpoint(vq_ckpt)
+    if root:
+        data.root = root
+    check_same_files(data, vq_ckpt, Path(run))
+    return vq_ckpt["args"], data
+
+
+def check_same_files(data: DataConfig, vq_ckpt: dict, run: Path):
+    """The folder holds the files stage 1 trained on (their names and sizes, wherever the folder now is, and where
+    their times changed, their contents), so that a resumed run, stage 2 and `evaluate` read the run's own data and
+    its own held-out subjects. Contents found the same are noted in RUN/data_checked.json with the files' times, so
+    that the next command does not read them again. A run written before stage 1 saved that key is not checked
+    (before 2026-12-07: not its contents)."""
+    trained_on = vq_ckpt.get("data_files")
+    if trained_on is None:
+        return
+    found = data_files_key(data)
+    if (found["files"], found["sha1"]) != (trained_on["files"], trained_on["sha1"]):
+        raise BadInputError(f"{data.folder()} does not hold the files this run's stage 1 trained on ({found['files']} "
+                            f"files there, {trained_on['files']} then, or their names or sizes differ); point --data "
+                            f"at them")
+    if "contents" not in trained_on or found["times"] == trained_on["times"]:
+        return
+    checked, folder = run / "data_checked.json", str(data.folder().resolve())  # copied, touched, or rewritten
+    try:
+        seen = json.loads(checked.read_text()) if checked.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        seen = {}  # written again below
+    if isinstance(seen, dict) and seen.get(folder) == [found["times"], trained_on["contents"]]:
+        return
+    if data_files_key(data, contents=True)["contents"] != trained_on["contents"]:
+        raise BadInputError(f"the files in {data.folder()} have the names and sizes of those this run's stage 1 "
+                            f"trained on, but other contents (rewritten since?): point --data at the files it "
+                            f"trained on, or train a new --run on these")
+    text = json.dumps({**(seen if isinstance(seen, dict) else {}), folder: [found["times"], trained_on["contents"]]},
+                      indent=2)
+    with contextlib.suppress(BadInputError):  # a note to save reading them again: a run folder not ours to write
+        atomic_write(checked, lambda f: f.write(text.encode()))
