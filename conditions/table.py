@@ -351,7 +351,8 @@ def build_conditions(names: list[str], table: Table | None, subjects: list[str],
     """The conditions `names` (from --condition), as the training images of `subjects` (at `paths` in the data folder
     `root`, for a table of sessions) define them: `class` the class folders; a table column a category of the values
     it takes, or a covariate with their range."""
-    visits = dict(zip(*reversed(table.image_rows(subjects, paths, root)))) if table is not None else {}
+    rows, visits = table.image_rows(subjects, paths, root) if table is not None else ([], [])
+    by_visit = dict(zip(visits, rows))  # each scan (subject, session) once
     conditions = []
     for spec in names:
         name, _, kind = spec.partition(":")
@@ -364,7 +365,7 @@ def build_conditions(names: list[str], table: Table | None, subjects: list[str],
         if name not in table.columns:
             raise BadInputError(f"--condition {name}: {table.file} has no column {name!r} (its columns: "
                                 f"{', '.join(table.columns)}; the class folders are 'class')")
-        given = [row[name] for row in visits.values() if row and row.get(name, "").lower() not in MISSING]
+        given = [row[name] for row in by_visit.values() if row and row.get(name, "").lower() not in MISSING]
         if not given:
             raise BadInputError(f"--condition {name}: no training subject has a value of it in {table.file}")
         numbers = [_number(v) for v in given]
