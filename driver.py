@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "covariates, text: categories; NAME:category or NAME:continuous says which) and `class`, the class "
                         "folders; sample with --set NAME=VALUE (default: unconditional, or `class` with --conditional)")
     p.add_argument("--labels", default=None,
-                   help="participants table, CSV or TSV, one row per subject (default: the data folder's participants.tsv)")
+                   help="participants table, CSV or TSV, one row per subject, or per scan with --session-column "
+                        "(default: the data folder's participants.tsv)")
     p.add_argument("--subject-column", default=None,
                    help="the table's column of subject IDs, matched to the images' subjects (default: participant_id)")
     p.add_argument("--session-column", default=None,

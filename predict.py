@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torchvision.utils import save_image
 
 from conditions import cohort
 from conditions.table import CLASS, Condition, asked_values, saved_conditions, sweep_rows
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
-from export.figures import GRID_MAX, enlarged, gif_frame, save_rows
+from export.figures import GRID_MAX, enlarged, gif_frame, save_png, save_rows
 from export.sample_set import FORMATS, ROW_SEEDING, SEEDING, SampleSet, run_geometry, saved_geometry
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import atomic_write, fingerprint, load_checkpoint, load_weights, model_config, run_lock
@@ -486,8 +485,9 @@ def predict(args):
         raise BadInputError(f"--num must be positive, got {args.num}")
     sampling_from_args(args)  # flags that need no run are checked before loading it
     run, out = Path(args.run), Path(args.out or args.run)
-    if args.out:  # a run folder itself was refused inside its data by train-vqvae
-        DataConfig.of_run(run).refuse_inside(out, "--out")
+    if args.out:  # a run folder itself was refused inside its data by train-vqvae; --cohort --data: where it is now
+        for data in [DataConfig.of_run(run)] + ([replace(DataConfig.of_run(run), root=args.data)] if args.data else []):
+            data.refuse_inside(out, "--out")
     device, autocast = setup_device(args.device)
     model = load_run(run, device, finetuned=args.decoder == "fine-tuned")
     sampling = sampling_from_args(args, model)
@@ -531,8 +531,8 @@ def predict(args):
             shown = per_row * len(rows)
         else:
             shown = min(GRID_MAX, args.num)
-            save_image(enlarged(samples.first(0, shown)), out / "samples.png", nrow=math.ceil(math.sqrt(shown)),
-                       normalize=True, value_range=(-1, 1))
+            save_png(enlarged(samples.first(0, shown)), out / "samples.png", nrow=math.ceil(math.sqrt(shown)),
+                     normalize=True, value_range=(-1, 1))
         total = len(rows) * args.num
         if shown < total:
             print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")

@@ -61,16 +61,18 @@ def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition]) -
     """The (subject, conditions) scans that can be drawn: not those of no value (a sample drawn at one would be
     unconditional), nor those with a covariate outside the range the UNet trained on ([0, 1] once scaled); with a
     line saying what it holds and what it left out."""
-    def trained_on(row):
-        return all(c.size or not (value < -1e-6 or value > 1 + 1e-6) for c, value in zip(conditions, row.tolist()))
-
-    empty = [s for s in scans if s[1].isnan().all()]
-    outside = [s for s in scans if not s[1].isnan().all() and not trained_on(s[1])]
-    kept = [s for s in scans if not s[1].isnan().all() and trained_on(s[1])]
+    kept, empty, outside = [], 0, 0
+    for subject, row in scans:
+        if row.isnan().all():
+            empty += 1
+        elif any(not c.size and not -1e-6 <= v <= 1 + 1e-6 for c, v in zip(conditions, row.tolist()) if v == v):
+            outside += 1
+        else:
+            kept.append((subject, row))
     if not kept:
         raise BadInputError(f"--cohort: none of the {len(scans)} training scans has a value the UNet trained on")
     cohort = Cohort(torch.stack([row for _, row in kept]), [subject for subject, _ in kept])
-    return cohort, describe(cohort, conditions, len(empty), len(outside))
+    return cohort, describe(cohort, conditions, empty, outside)
 
 
 def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: int) -> str:
@@ -82,8 +84,11 @@ def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: i
     alone = sum(1 for row in cohort.y if len(owners[row.numpy().tobytes()]) == 1)
     missing = [f"{int(cohort.y[:, k].isnan().sum())} lack {c.name}" for k, c in enumerate(conditions)
                if cohort.y[:, k].isnan().any()]
-    left = [f"{empty} with no value"] * bool(empty) + [
-        f"{outside} with values the UNet did not train on (files --skip-bad-images left out?)"] * bool(outside)
+    left = []
+    if empty:
+        left.append(f"{empty} with no value")
+    if outside:
+        left.append(f"{outside} with values the UNet did not train on (files --skip-bad-images left out?)")
     return (f"cohort: {len(cohort.y)} training scans of {len(set(cohort.subjects))} subjects"
             + (f" ({', '.join(missing)}: drawn with it open)" if missing else "")
             + (f"; left out: {', '.join(left)}" if left else "")

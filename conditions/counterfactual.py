@@ -35,12 +35,12 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
 import predict
 from conditions.table import asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
+from export.figures import save_png
 from runtime.checkpoint import atomic_write
 from runtime.errors import BadInputError
 from runtime.flags import seed
@@ -178,7 +178,7 @@ def counterfactual(args):
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "counterfactual.json").unlink(missing_ok=True)  # written last: files beside none are of no finished command
-    save_image(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
+    save_png(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
     np.save(out / "difference.npy", difference.numpy())
     settings = ", ".join(args.set_values) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import math
 import os
@@ -92,6 +93,10 @@ class Condition:
             print(f"warning: {self.name}={text} is outside the training subjects' range {self.low:g}-{self.high:g}")
         return self.encode(text)
 
+    def in_units(self, values: torch.Tensor) -> torch.Tensor:
+        """Scaled covariate values back in the covariate's units (a category's indices as they are)."""
+        return values if self.size else values * (self.high - self.low) + self.low
+
     def decode(self, value: float) -> str | None:
         """`encode` undone: the value as a table writes it (a category's name, a covariate in its units), None for NaN."""
         if math.isnan(value):
@@ -118,8 +123,8 @@ def _number(text: str) -> float | None:
 @dataclass
 class Table:
     """A participants table read whole: {subject: {column: value}}, with the file's name, hash and subject column. A
-    table of sessions also holds {subject: {session: {column: value}}}, its subjects' rows then the values all their
-    sessions share; its sessions come from the file's `session_column`, or from the BIDS `session_files` beside it."""
+    table of sessions also holds {subject: {session: {column: value}}}: from the file's `session_column` (its subjects'
+    rows then hold their subject column alone), or from the BIDS `session_files` beside it."""
     file: str
     sha1: str
     subject_column: str
@@ -128,7 +133,7 @@ class Table:
     sessions: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict, repr=False)
     session_files: list[str] | None = None     # sub-*/sub-*_sessions.tsv, relative to the file's folder
 
-    @property
+    @functools.cached_property
     def session_columns(self) -> set[str]:
         """The columns its sessions hold: a subject with sessions takes them from its own session alone."""
         return {c for visits in self.sessions.values() for row in visits.values() for c in row}
@@ -168,7 +173,8 @@ class Table:
                 joined[subject, path] = row, (_subject_key(subject), session)
             rows.append(joined[subject, path][0])
             visits.append(joined[subject, path][1])
-        if self.sessions and paths and all(session is None for _, session in visits):
+        ours = [session for subject, session in visits if subject in self.sessions]  # images of subjects with some
+        if ours and all(session is None for session in ours):
             subject = next(iter(self.sessions))
             column = self.session_column or SESSION_ID
             raise BadInputError(f"{self.file}: no image's path names one of its sessions (in {column}, such as "
@@ -303,8 +309,10 @@ def _rows_by(rows: list[dict[str, str]], subject_column: str, session_column: st
         if session_column is not None and not _session_key(row[session_column]):
             raise BadInputError(f"{path}: a row of subject {row[subject_column]!r} has no {session_column}: every row "
                                 f"of a table of sessions names its session")
-        place, key = (keyed.setdefault(subject, {}), _session_key(row[session_column])) if session_column else \
-                     (keyed, subject)
+        if session_column:
+            place, key = keyed.setdefault(subject, {}), _session_key(row[session_column])
+        else:
+            place, key = keyed, subject
         if key in place and place[key] != row:
             differ = [c for c in row if place[key].get(c) != row.get(c)]
             which = f"subject {row[subject_column]!r}" + (f", session {row[session_column]!r}" if session_column
@@ -422,12 +430,14 @@ def condition_matrix(conditions: list[Condition], table: Table | None, subjects:
 def _sessions_found(table: Table, visits: dict[str, tuple[str, str | None]], root: str | None) -> str:
     """How many of the files (`visits`: file -> (subject, session or None)) a table of sessions names the session of,
     with one it does not, of a subject it has sessions of (its values of sessions are not given)."""
-    found = sum(1 for _, session in visits.values() if session is not None)
-    text = f"sessions by {table.session_column or SESSION_ID}: {found} of {len(visits)} files' in the table"
-    lost = next(((p, s) for p, (s, session) in visits.items() if session is None and s in table.sessions), None)
+    ours = {p: visit for p, visit in visits.items() if visit[0] in table.sessions}  # of subjects with sessions
+    found = sum(1 for _, session in ours.values() if session is not None)
+    text = (f"sessions by {table.session_column or SESSION_ID}: {found} of the {len(ours)} files of subjects with "
+            f"sessions found in the table")
+    lost = next(((p, s) for p, (s, session) in ours.items() if session is None), None)
     if lost:
         named = ", ".join(sorted(table.sessions[lost[1]])[:4])
-        text += (f" ({len(visits) - found} not, their values of sessions not given: e.g. "
+        text += (f" ({len(ours) - found} not, their values of sessions not given: e.g. "
                  f"{os.path.relpath(lost[0], root) if root else lost[0]}, whose subject's sessions there are {named})")
     return text
 

@@ -43,4 +43,6 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--utility", type=int, default=None, metavar="N",
                    help="train on synthetic, test on real: the AD/NC classifier trained on N generated slices per class "
                         "(at each --guidance scale above 0), on N real ones, and on both, each tested on the held-out "
-                        "subjects; needs a run trained with --conditional (default: off)")
+                        "subjects; needs a run trained with --conditional; on a run conditioned on a participants "
+                        "table, its conditions too: the condition network trained on N real slices, on N samples at "
+                        "their values, and on both (default: off)")

@@ -95,7 +95,7 @@ def read_back(model: SliceClassifier, images: torch.Tensor, conditions: list[Con
     """Condition k as the network reads it from the images: a category's index, or a covariate in its own units."""
     outputs = torch.cat([model(x.to(device))[0].cpu() for x in images.split(256)])[:, heads(conditions)[k]]
     c = conditions[k]
-    return outputs.argmax(1).float() if c.size else outputs[:, 0] * (c.high - c.low) + c.low
+    return outputs.argmax(1).float() if c.size else c.in_units(outputs[:, 0])
 
 
 def agreement(read: torch.Tensor, truth: torch.Tensor, c: Condition) -> dict:
@@ -142,15 +142,14 @@ def condition_check(args, run: Path, model: predict.LatentDiffusion, table: Tabl
         held = [held[int(j)] for j in torch.linspace(0, len(held) - 1, min(budget, len(held))).round().long()]
         real = torch.stack([dataset[i][0] for i in held])
         truth = y[held, k]
-        shown = (lambda v: v) if c.size else (lambda v: v * (c.high - c.low) + c.low)  # noqa: E731
         rows.append({"condition": c.name, "images": "real (held out)", "count": len(held),
-                     **agreement(read_back(net, real, model.conditions, k, device), shown(truth), c)})
+                     **agreement(read_back(net, real, model.conditions, k, device), c.in_units(truth), c)})
         asked = torch.full((len(held), len(model.conditions)), math.nan)
         asked[:, k] = truth
         for w in args.guidance:
             samples = generate(asked, w)
             rows.append({"condition": c.name, "images": f"samples, w={w:g}", "count": len(samples),
-                         **agreement(read_back(net, samples, model.conditions, k, device), shown(truth), c)})
+                         **agreement(read_back(net, samples, model.conditions, k, device), c.in_units(truth), c)})
         if not c.size:
             figures.append(sweep_figure(c, k, model, generate, max(args.guidance), out))
     return rows, figures

@@ -285,6 +285,8 @@ def class_column(model, classes: list[str], run: Path) -> int | None:
                 raise BadInputError(f"the run's classes {c.values} differ from those of the data: {classes}")
             return k
     if table_conditions:
+        print(f"--utility: no condition of this run names the class folders ({'/'.join(classes)}; train-unet "
+              f"--conditional): the table's conditions are checked alone")
         return None
     raise BadInputError(f"--utility trains the {'/'.join(classes)} classifier on samples of each class, and "
                         f"{run / 'unet.pt'} was trained without --conditional (nor on a table column of those classes)")
@@ -469,7 +471,8 @@ def evaluate(args):
                        torch.cat([ref_labels, floor_labels])), per_class, autocast, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility)
     if args.utility is not None and y is not None:  # and the table's conditions, from samples at real slices' values
-        given = [i for i in train_idx if not y[i, [c.name != CLASS for c in model.conditions]].isnan().all()]
+        checked = [c.name != CLASS and k != column for k, c in enumerate(model.conditions)]  # the table's, not classes
+        given = [i for i in train_idx if not y[i, checked].isnan().all()]
         real = training_sample(given, args.utility, seed)
         rows = condition_utility((stack(dataset, real)[0], y[real]), lambda v, w: draw(len(v), v, w),
                                  [w for w in args.guidance if w > 0], (torch.cat([reference, floor]),

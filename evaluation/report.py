@@ -151,11 +151,11 @@ def condition_utility_section(rows: list[dict], count: int) -> Section:
     table = format_condition_utility_table(rows)
     return Section({"utility_conditions": rows, "utility_conditions_images": count}, [
         "", "## Train on synthetic, test on real: the table's conditions", "",
-        f"The condition network trained on {count} real training images, on as many samples generated at those images' "
-        "values (every condition given), and on both (the same network and steps each time), reads each condition "
-        "back from every held-out image with a value of it (r: Pearson correlation with the table's value, MAE in "
-        f"the covariate's units; recognised: how often a category is read right): mean ± standard deviation over "
-        f"{UTILITY_SEEDS} training seeds.", "", table], table)
+        f"The condition network trained on {count} real training images, on as many samples generated at those "
+        "images' values (every condition the table gives), and on both (the same network and steps each time), reads "
+        "each condition back from every held-out image with a value of it (images: those of the set with a value of "
+        "it; r: Pearson correlation with the table's value, MAE in the covariate's units; recognised: how often a "
+        f"category is read right): mean ± standard deviation over {UTILITY_SEEDS} training seeds.", "", table], table)
 
 
 def condition_section(rows: list[dict], sweeps: list[str], guidance: list[float]) -> Section:

@@ -11,8 +11,8 @@ trained UTILITY_SEEDS times from different seeds, and the table gives the mean a
 
 A run conditioned on a participants table has its columns checked the same way (`condition_utility`): the condition
 network of evaluation/conditions.py (a regression head per covariate, a classifier head per category) trained on N
-real training slices, on N samples generated at those very slices' values (every condition given at once, so the
-two sets differ by their images alone), and on both; read back from the held-out images: Pearson r and the mean
+real training slices, on N samples generated at those very slices' values (every condition the table gives, at once,
+so the two sets differ by their images alone), and on both; read back from the held-out images: Pearson r and the mean
 absolute error per covariate (a brain-age model trained on synthetic scans, tested on real ones), the fraction
 recognised per category.
 """
@@ -149,7 +149,7 @@ def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callabl
                                     x.shape[1], steps, device, seed) for seed in range(UTILITY_SEEDS)]
         for k in checked:
             c, given = conditions[k], ~test[1][:, k].isnan()
-            truth = test[1][given, k] if c.size else test[1][given, k] * (c.high - c.low) + c.low
+            truth = c.in_units(test[1][given, k])
             runs = [agreement(read_back(net, test[0][given], conditions, k, device), truth, c) for net in nets]
             row = {"condition": c.name, "training set": name, "images": int((~targets[:, k].isnan()).sum()),
                    "tested": int(given.sum())}

@@ -397,6 +397,13 @@ def test_evaluate_reads_each_table_condition_back_from_samples_and_draws_a_sweep
     assert [(r["training set"], r["per_class"]) for r in metrics["utility"]] == [
         ("real", [3, 3]), ("synthetic, w=2", [3, 3]), ("real + synthetic, w=2", [6, 6])]
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["auc"] <= 1 for r in metrics["utility"])
+    # and the table's conditions, beside the classifier's class: age and sex, real, synthetic and both at w = 2
+    assert [(r["condition"], r["training set"]) for r in metrics["utility_conditions"]] == [
+        (c, s) for s in ("real", "synthetic, w=2", "real + synthetic, w=2") for c in ("age", "sex")]
+    assert metrics["utility_conditions_images"] == 3 and all(r["tested"] == 6 for r in metrics["utility_conditions"])
+    order = [list(metrics).index(key) for key in ("utility", "utility_conditions", "memorisation")]
+    assert order == sorted(order)
+    assert "## Train on synthetic, test on real: the table's conditions" in (tmp_path / "report.md").read_text()
     assert "## Train on synthetic, test on real" in (tmp_path / "report.md").read_text()
     rows = [(r["condition"], r["images"]) for r in metrics["per_condition"]]
     assert rows == [(c, k) for c in ("age", "sex") for k in ("real (held out)", "samples, w=0", "samples, w=2")]

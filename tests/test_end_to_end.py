@@ -165,11 +165,11 @@ def test_a_sigterm_outside_training_stops_as_ctrl_c_does_and_the_sample_set_resu
     unwinds as Ctrl-C does (each file whole), says how to continue and exits with 143, and --resume finishes the set."""
     run, _ = trained_run
     out = tmp_path / "set"
-    cmd = [sys.executable, str(REPO / "driver.py"), "sample", "--run", str(run), "--out", str(out), "--num", "200",
+    cmd = [sys.executable, str(REPO / "driver.py"), "sample", "--run", str(run), "--out", str(out), "--num", "400",
            "--batch-size", "2", "--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--format", "npz"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     manifest, deadline = out / "samples" / "manifest.csv", time.monotonic() + 180
-    while not (manifest.exists() and len(manifest.read_text().splitlines()) > 1):   # a batch written, 99 to come
+    while not (manifest.exists() and len(manifest.read_text().splitlines()) > 1):   # a batch written, 199 to come
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no sample after 180 s"
         time.sleep(0.02)
@@ -178,10 +178,10 @@ def test_a_sigterm_outside_training_stops_as_ctrl_c_does_and_the_sample_set_resu
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1] == ("SIGTERM received; each file written is whole (a sample set's, a "
                                             "checkpoint): run the same command with --resume to continue")
-    assert 1 < len(manifest.read_text().splitlines()) < 201 and not list(out.rglob(".*tmp*"))
+    assert 1 < len(manifest.read_text().splitlines()) < 401 and not list(out.rglob(".*tmp*"))
     done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(manifest.read_text().splitlines()) == 201 and len(list((out / "samples" / "all").glob("*.npz"))) == 200
+    assert len(manifest.read_text().splitlines()) == 401 and len(list((out / "samples" / "all").glob("*.npz"))) == 400
 
 
 def torchrun(*args, cwd=REPO, script="driver.py") -> subprocess.CompletedProcess:

@@ -28,23 +28,31 @@ def test_predict_writes_grid_images_and_gif(trained_run, tmp_path):
 
 
 def test_a_full_disk_where_no_atomic_write_says_so_is_one_line(trained_run, tmp_path, monkeypatch):
-    """A figure or a manifest's line written in place that finds the disk full: one line, not a traceback; other
-    OSErrors stay tracebacks (a bug, not the user's disk)."""
+    """A manifest's line written in place that finds the disk full: one line, not a traceback; other OSErrors stay
+    tracebacks (a bug, not the user's disk). A figure (samples.png) is written whole, and says so."""
     import errno
     import driver
+    import export.figures
+    import export.sample_set
     from conftest import error_of
     run, _ = trained_run
     flags = ["--run", str(run), "--out", str(tmp_path), "--num", "2", "--sampler", "ddim", "--steps", "3",
              "--repeat-times", "0", "--gif-frames", "2"]
-    monkeypatch.setattr(predict, "save_image", lambda *a, **k: (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device", "samples.png")))
+    with monkeypatch.context() as m:
+        m.setattr(export.sample_set, "_append", lambda *a, **k: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device", "manifest.csv")))
+        message = error_of(predict.main, flags)
+        assert message == "error: could not write manifest.csv (No space left on device): free some space, then run " \
+                          "the same command with --resume"
+        assert "free some space; run the same command with --resume" in error_of(driver.main, ["sample", *flags])
+        m.setattr(export.sample_set, "_append", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "no")))
+        with pytest.raises(PermissionError):
+            predict.main(flags)
+    monkeypatch.setattr(export.figures, "save_image", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")))
     message = error_of(predict.main, flags)
-    assert message == "error: could not write samples.png (No space left on device): free some space, then run the " \
-                      "same command with --resume"
-    assert "free some space; run the same command with --resume" in error_of(driver.main, ["sample", *flags])
-    monkeypatch.setattr(predict, "save_image", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "no")))
-    with pytest.raises(PermissionError):
-        predict.main(flags)
+    assert f"could not write {tmp_path / 'samples.png'} (No space left on device)" in message
+    assert not list(tmp_path.glob(".samples.png*"))                           # no piece of it left behind
 
 
 def test_a_set_stopped_as_its_first_batch_is_written_has_its_gif(trained_run, tmp_path, monkeypatch):

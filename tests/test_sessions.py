@@ -25,8 +25,9 @@ def bids_tree_with_sessions(root):
     sub-03 in no table; a derivative's sessions.tsv, which is not the raw tree's."""
     for subject, sessions in (("01", ("M00", "M12", "M24")), ("02", ("M00",)), ("03", ("M00",))):
         for session in sessions:
-            write_volume(root / f"sub-{subject}" / f"ses-{session}" / "anat" / f"sub-{subject}_ses-{session}_T1w.nii.gz",
-                         blob(seed=len(session) + int(subject)))
+            name = f"sub-{subject}_ses-{session}_T1w.nii.gz"
+            anat = root / f"sub-{subject}" / f"ses-{session}" / "anat"
+            write_volume(anat / name, blob(seed=len(session) + int(subject)))
     (root / "participants.tsv").write_text("participant_id\tage\tsex\nsub-01\t70\tF\nsub-02\t80\tM\n")
     (root / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-M00\t70.2\nses-M12\t71.3\n")
     derivative = root / "derivatives" / "old" / "sub-01" / "sub-01_sessions.tsv"
@@ -48,12 +49,16 @@ def test_a_bids_trees_sessions_tsv_gives_each_scan_its_own_age_over_the_particip
     age = lambda years: (years - 70.2) / (80.0 - 70.2)  # noqa: E731
     # M24, which sub-01's sessions.tsv lacks: no age (not 70, the participants', nor 99, a derivative's); sex still F
     assert same(y, torch.tensor([[age(70.2), 0], [age(71.3), 0], [nan, 0], [1.0, 1], [nan, nan]]))
-    assert "2 of 3 subjects in the table" in report and "sessions by session_id: 2 of 5 files' in the table" in report
+    assert "2 of 3 subjects in the table" in report  # sub-01's files alone have sessions: 2 of its 3 found
+    assert "sessions by session_id: 2 of the 3 files of subjects with sessions found in the table (1 not" in report
     assert "e.g. sub-01/ses-M24/anat/sub-01_ses-M24_T1w.nii.gz, whose subject's sessions there are M00, M12" in report
     assert "per session age: 1 n/a" in report
     # without the paths (or a run of before, saved without sessions) each subject has one age: the participants'
     y, _ = condition_matrix(conditions, participants, subjects, torch.zeros(5))
     assert same(y[:, 0], torch.tensor([age(70), age(70), age(70), 1.0, nan]))
+    # images of subjects without sessions alone (sub-01 held out, say): nothing to find, no error
+    y, _ = condition_matrix(conditions, table, subjects[3:], torch.zeros(2), paths[3:], str(root))
+    assert same(y, torch.tensor([[1.0, 1], [nan, nan]]))
 
 
 def test_a_run_finds_its_sessions_again_and_a_run_of_before_reads_the_participants_alone(tmp_path):
@@ -111,7 +116,8 @@ def test_adni_search_csv_gives_each_scan_its_age_by_its_image_id_and_a_scan_it_l
     y, report = condition_matrix(conditions, table, subjects, torch.zeros(4), paths, str(tmp_path))
     age = lambda years: (years - 76.3) / (85.9 - 76.3)  # noqa: E731
     assert same(y, torch.tensor([[age(84.8), 1], [age(85.9), 1], [nan, nan], [0.0, 0]]))  # a scan it lacks: nothing
-    assert "3 of 4 files' in the table (1 not" in report and "Age: 1 n/a, Sex: 1 n/a" in report
+    assert "3 of the 4 files of subjects with sessions found in the table (1 not" in report
+    assert "Age: 1 n/a, Sex: 1 n/a" in report
     # the same files gathered in one folder: the image ID is a part of the file's name
     flat = [str(tmp_path / "flat" / p.rsplit("/", 1)[1]) for p in paths]
     y_flat, _ = condition_matrix(conditions, table, subjects, torch.zeros(4), flat, str(tmp_path / "flat"))
