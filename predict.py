@@ -90,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                        help="each sample under the conditions of a training scan picked at random (--seed), uniformly "
                             "over scans (`--cohort`, `--cohort scan`) or over subjects (`--cohort subject`): a set "
                             "whose class, age, sex ... follow the training cohort's, together; reads the run's data "
-                            "folder and participants table (default: off; not with --class, --set, --sweep)")
+                            "folder and participants table; with --class X or --set NAME=CATEGORY, the scans of "
+                            "that value alone (default: off)")
         p.add_argument("--data", default=None,
                        help="with --cohort: the run's data folder, if it moved (checked to hold stage 1's files)")
         p.add_argument("--labels", default=None,
@@ -354,16 +355,21 @@ def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torc
     if not model.conditions:
         raise BadInputError(f"--cohort draws each sample's conditions from the training scans', and {run / 'unet.pt'} "
                             f"is unconditional; train stage 2 with --conditional or --condition")
-    if args.set_values or args.sweep or args.class_name:
-        raise BadInputError("--cohort draws every condition of each sample from a training scan: leave out --class, "
-                            "--set and --sweep, or --cohort")
+    if args.sweep or args.class_name == "all":
+        raise BadInputError("--cohort draws one set of samples, and --sweep and --class all ask for rows of them: leave "
+                            "them out (--cohort --class X or --set NAME=CATEGORY draws from the scans of that value)")
     if args.guidance == 0:
         raise BadInputError("--cohort gives each sample a training scan's conditions, and --guidance 0 ignores them "
                             "(unconditional samples labelled as conditioned): give --guidance 1 or more")
+    wanted = (asked_rows(model, run, args.set_values, None, args.class_name) or [("", None)])[0][1]
+    caption = ", ".join([*args.set_values, *([f"{CLASS}={args.class_name}"] if args.class_name else [])])
     scans, line = cohort.training_cohort(run, model.conditions, model.labels, args.data, args.labels)
+    if wanted is not None:  # a sub-cohort: the scans of these categories, their other values as they come
+        scans = cohort.among(scans, wanted, model.conditions)
     drawn = cohort.draw(scans, args.num, args.seed, args.cohort)
-    print(f"{line}; drew {args.num}, uniformly over {args.cohort}s: {cohort.proportions(drawn, model.conditions)}")
-    return [("cohort", drawn)]
+    print(f"{line}; drew {args.num} from {len(scans.y)} scans{' with ' + caption if caption else ''}, uniformly over "
+          f"{args.cohort}s: {cohort.proportions(drawn, model.conditions)}")
+    return [(f"cohort {caption}".strip(), drawn)]
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -95,6 +95,22 @@ def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: i
             + f"; the values of {alone} scans are one subject's alone, and each sample drawn at them carries them")
 
 
+def among(cohort: Cohort, wanted: torch.Tensor, conditions: list[Condition]) -> Cohort:
+    """The scans whose categories are those `wanted` (K,) sets (NaN: any), a sub-cohort: `--cohort --class AD` draws
+    AD scans with the ages and sexes AD scans have. A covariate cannot be set: the scans have its values."""
+    fixed = [k for k in range(len(conditions)) if not wanted[k].isnan()]
+    covariates = [conditions[k].name for k in fixed if not conditions[k].size]
+    if covariates:
+        raise BadInputError(f"--cohort draws {', '.join(covariates)} from the training scans; --set with --cohort "
+                            f"picks categories only (leave out --set {covariates[0]}=...)")
+    keep = torch.ones(len(cohort.y), dtype=torch.bool)
+    for k in fixed:
+        keep &= cohort.y[:, k] == wanted[k]
+    if not keep.any():
+        raise BadInputError("--cohort: no training scan has the values asked for")
+    return Cohort(cohort.y[keep], [s for s, kept in zip(cohort.subjects, keep.tolist()) if kept])
+
+
 def draw(cohort: Cohort, num: int, seed: int, unit: str = "scan") -> torch.Tensor:
     """(num, K): `num` scans' conditions picked with replacement, uniformly over scans, or over subjects (then one of
     the subject's scans), from a generator of their own seeded by `seed` (the samples' noise is drawn apart)."""

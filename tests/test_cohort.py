@@ -83,7 +83,8 @@ def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a
                                                                                                 trained_run, tmp_path):
     run, data = conditioned_run
     base = ["--run", str(run), "--cohort", "--num", "2", "--steps", "2", "--out", str(tmp_path / "x")]
-    assert "leave out --class, --set and --sweep" in error_of(predict.main, [*base, "--set", "sex=F"])
+    assert "--sweep and --class all ask for rows" in error_of(predict.main, [*base, "--sweep", "sex=all"])
+    assert "picks categories only (leave out --set age=...)" in error_of(predict.main, [*base, "--set", "age=70"])
     assert "--guidance 0 ignores them" in error_of(predict.main, [*base, "--guidance", "0"])
     assert "without --cohort sample reads neither" in error_of(predict.main, [*base[:1], str(run), "--labels", "x.csv"])
     moved = tmp_path / "moved"                                       # a folder of other files: not the run's data
@@ -101,3 +102,20 @@ def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a
     finally:
         (data / "participants.csv").write_text(original)
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+def test_a_sub_cohort_draws_the_scans_of_a_class_with_their_own_ages(conditioned_run, tmp_path):
+    """--cohort --class AD: AD scans alone, each with its own age and sex (the AD subjects' ages, 55-85), not the
+    cohort's; --set sex=F the women's scans of either class."""
+    run, data = conditioned_run
+    table = {r["participant_id"]: r for r in csv.DictReader(open(data / "participants.csv"))}
+    trained = {p.split("/")[-1].split("_")[0] for p in ckpt(run / "latents.pt")["paths"]}
+    common = ["--run", str(run), "--cohort", "--num", "16", "--sampler", "ddim", "--steps", "2", "--gif-frames", "2"]
+    predict.predict(predict.parse_args([*common, "--class", "AD", "--out", str(tmp_path / "ad")]))
+    rows = manifest(tmp_path / "ad")
+    ad = {(f"{float(table[s]['age']):g}", table[s]["sex"]) for s in trained if s.startswith("AD")}
+    assert {r["file"].split("/")[0] for r in rows} == {"AD"} and {r["row"] for r in rows} == {"cohort class=AD"}
+    assert {(f"{float(r['age']):g}", r["sex"]) for r in rows} <= ad and len({r["age"] for r in rows}) > 1
+    predict.predict(predict.parse_args([*common, "--set", "sex=F", "--out", str(tmp_path / "f")]))
+    women = manifest(tmp_path / "f")
+    assert {r["sex"] for r in women} == {"F"} and {r["file"].split("/")[0] for r in women} == {"AD", "NC"}
