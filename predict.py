@@ -356,8 +356,9 @@ def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torc
         raise BadInputError(f"--cohort draws each sample's conditions from the training scans', and {run / 'unet.pt'} "
                             f"is unconditional; train stage 2 with --conditional or --condition")
     if args.sweep or args.class_name == "all":
-        raise BadInputError("--cohort draws one set of samples, and --sweep and --class all ask for rows of them: leave "
-                            "them out (--cohort --class X or --set NAME=CATEGORY draws from the scans of that value)")
+        raise BadInputError("--cohort draws one set of samples, and --sweep and --class all ask for rows of them: "
+                            "leave them out (--cohort --class X or --set NAME=CATEGORY draws from the scans of that "
+                            "value)")
     if args.guidance == 0:
         raise BadInputError("--cohort gives each sample a training scan's conditions, and --guidance 0 ignores them "
                             "(unconditional samples labelled as conditioned): give --guidance 1 or more")
