@@ -144,10 +144,10 @@ def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
-    """Every image under `folder` (images with the card's transform; NIfTI and npz samples as `sample` writes them,
-    export/sample_set.py) -> (N, C, S, S) in [-1, 1]. A sample set (`sample --out folder`, or its samples/) gives
-    the files its manifest lists: not the grid beside them, nor a batch an interruption kept out of the manifest."""
+def sample_files(folder: Path) -> tuple[Path, list[Path]]:
+    """The images a --samples folder holds, and the folder they are named from: a sample set's (`sample --out
+    folder`, or its samples/) the files its manifest lists, not the grid beside them, nor a batch an interruption
+    kept out of the manifest; any other folder's every image, NIfTI and npz sample under it."""
     if not folder.is_dir():
         raise BadInputError(f"--samples folder {folder} does not exist")
     folder = folder / "samples" if (folder / "samples" / MANIFEST).is_file() else folder
@@ -163,6 +163,13 @@ def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
                        if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))
     if not files:
         raise BadInputError(f"no images in --samples folder {folder}")
+    return folder, files
+
+
+def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
+    """Every image of a --samples folder (`sample_files`; images with the card's transform, NIfTI and npz samples
+    as `sample` writes them, export/sample_set.py) -> (N, C, S, S) in [-1, 1]."""
+    folder, files = sample_files(folder)
     transform, resized = card_transform(image_size, channels), []
 
     def read(f: Path) -> torch.Tensor:
@@ -441,8 +448,10 @@ def evaluate(args):
     out.mkdir(parents=True, exist_ok=True)
     sections = {}
     if not stage1_only and not seen:  # are the samples copies of training images?
-        memorisation, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, device)
-        sections["memorisation"] = memorisation_section(memorisation, closest, out)
+        base, files = sample_files(Path(args.samples)) if args.samples else (None, None)
+        memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
+                                                         device, files and [f.relative_to(base).as_posix() for f in files])
+        sections["memorisation"] = memorisation_section(memorisation, closest, each, out)
     elif seen:  # its yardstick, subjects the run never saw, is missing, and copies of theirs would go unflagged
         print(f"memorisation: not checked, {run} was trained on every subject (train-vqvae --holdout F)")
 

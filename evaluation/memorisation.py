@@ -7,11 +7,16 @@ and a copy is close by both measures. Closeness means little alone: slices of on
 slices of two brains at the same level. The floor is how close a *new* subject comes: real held-out images, whose
 subjects the run never saw. A sample is flagged when it is closer to a training image than the 1st percentile of
 the reference half A of the held-out images; the floor half B, scored the same way, shows what the threshold
-flags among real new subjects (about 1% when A and B are alike).
+flags among real new subjects (about 1% when A and B are alike). Every sample's verdict, with the training images
+nearest to it, goes into eval_memorisation.csv: the files to leave out of a synthetic set before it is shared.
 
-    python driver.py evaluate --run RUN     # the check runs whenever there are samples; eval_memorisation.png
+    python driver.py evaluate --run RUN                     # the check runs whenever there are samples
+    python driver.py evaluate --run RUN --samples SET       # a set to share: eval_memorisation.csv names its files
 """
 from __future__ import annotations
+
+import csv
+import io
 
 import torch
 import torch.nn.functional as F
@@ -57,9 +62,11 @@ def nearest_training(queries: torch.Tensor, dataset, train_idx: list[int], featu
 
 
 def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: torch.Tensor, dataset,
-                       train_idx: list[int], features, device) -> tuple[dict, torch.Tensor]:
-    """The check (see the module docstring): {thresholds, rows: {images: summary}} and the figure's images, the
-    PAIRS_SHOWN samples most correlated with a training image (top row) above those training images (bottom row)."""
+                       train_idx: list[int], features, device, names: list[str] | None = None
+                       ) -> tuple[dict, torch.Tensor, list[dict]]:
+    """The check (see the module docstring): {thresholds, rows: {images: summary}}; the figure's images, the
+    PAIRS_SHOWN samples most correlated with a training image (top row) above those training images (bottom row);
+    and each sample's verdict (`each_sample`), by `names` (a set's files) or by its place among the samples."""
     sets = {"samples": samples, "real (held out, A)": reference, "real (held out, B)": floor}
     found = nearest_training(torch.cat(list(sets.values())), dataset, train_idx, features, device)
     split = {}
@@ -78,7 +85,35 @@ def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: to
                                **_slice_of(dataset, train_idx[j]),
                                "correlation": split["samples"]["correlation"][i].item()}
                               for i, j in zip(order.tolist(), split["samples"]["correlation_at"][order].tolist())]
-            }, torch.cat([samples[order].cpu(), matches])
+            }, torch.cat([samples[order].cpu(), matches]), each_sample(split["samples"], thresholds, dataset, train_idx,
+                                                                    names)
+
+
+def each_sample(nearest: dict[str, torch.Tensor], thresholds: dict[str, float], dataset, train_idx: list[int],
+                names: list[str] | None) -> list[dict]:
+    """One row per sample, in order: its name (else its place), its nearest training image by each measure (a
+    volume's slice too) and how near, and whether each measure flags it."""
+    rows = []
+    for k in range(len(nearest["distance"])):
+        d, r = nearest["distance"][k].item(), nearest["correlation"][k].item()
+        by_features, by_pixels = (train_idx[nearest[f"{m}_at"][k].item()] for m in ("distance", "correlation"))
+        rows.append({"sample": names[k] if names else k,
+                     "flagged_features": int(d < thresholds["distance"]),
+                     "flagged_pixels": int(r > thresholds["correlation"]),
+                     "feature_distance": round(d, 6), "nearest_by_features": dataset.samples[by_features][0],
+                     **{f"{key}_by_features": v for key, v in _slice_of(dataset, by_features).items()},
+                     "correlation": round(r, 6), "nearest_by_pixels": dataset.samples[by_pixels][0],
+                     **{f"{key}_by_pixels": v for key, v in _slice_of(dataset, by_pixels).items()}})
+    return rows
+
+
+def each_sample_csv(rows: list[dict]) -> bytes:
+    """`each_sample`'s rows as CSV (eval_memorisation.csv)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue().encode()
 
 
 def _slice_of(dataset, index: int) -> dict:

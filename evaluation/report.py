@@ -11,9 +11,10 @@ import torch
 
 from evaluation.conditions import format_condition_table
 from evaluation.ema_lengths import format_ema_table
-from evaluation.memorisation import format_memorisation_table
+from evaluation.memorisation import each_sample_csv, format_memorisation_table
 from evaluation.utility import UTILITY_SEEDS, format_condition_utility_table, format_utility_table
 from export.figures import save_png
+from runtime.checkpoint import atomic_write
 
 # ----------------------------------------------------------------------------- the score tables
 
@@ -100,11 +101,15 @@ class Section:
     printed: str
 
 
-def memorisation_section(memorisation: dict, closest: torch.Tensor, out: Path) -> Section:
+def memorisation_section(memorisation: dict, closest: torch.Tensor, each: list[dict], out: Path) -> Section:
     """Are the samples copies of training images? `memorisation_check`'s figures; its most correlated pairs into
-    eval_memorisation.png."""
+    eval_memorisation.png, each sample's verdict into eval_memorisation.csv."""
     save_png(closest, out / "eval_memorisation.png", nrow=len(closest) // 2, normalize=True, value_range=(-1, 1))
-    table = format_memorisation_table(memorisation)
+    atomic_write(out / "eval_memorisation.csv", lambda f: f.write(each_sample_csv(each)))
+    flagged = sum(row["flagged_features"] or row["flagged_pixels"] for row in each)
+    table = format_memorisation_table(memorisation) + (
+        f"\n\n{flagged} of {len(each)} samples flagged by either measure: eval_memorisation.csv names them (and the "
+        "training images nearest to each: keep it to yourself), the files to leave out of a set before it is shared.")
     return Section({"memorisation": memorisation}, [
         "", "## Memorisation", "", "Each image's nearest training image, in the features above (distance) and by pixel "
         "correlation. The held-out subjects were never seen: their images show how close a new brain comes. A sample "

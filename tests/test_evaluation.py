@@ -1,4 +1,5 @@
 """Evaluation: metrics on constructed cases with known answers, the subject split, `driver.py evaluate` end to end."""
+import csv
 import json
 import math
 import shutil
@@ -289,6 +290,21 @@ def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_s
     assert len(check["closest_pairs"]) == 4 and "## Memorisation" in report and "![](eval_memorisation.png)" in report
     assert Image.open(out / "eval_memorisation.png").size == (4 * (32 + 2) + 2, 2 * (32 + 2) + 2)
     assert "seen in training" not in report
+    # every sample's verdict: by its place among the samples drawn, its nearest training images named
+    each = list(csv.DictReader((out / "eval_memorisation.csv").open()))
+    training_images = {str(p) for p in (run.parent / "data").rglob("*.jpeg")}
+    assert [row["sample"] for row in each] == ["0", "1", "2", "3"]
+    assert all({row["nearest_by_features"], row["nearest_by_pixels"]} <= training_images for row in each)
+    flagged = sum(row["flagged_features"] == "1" or row["flagged_pixels"] == "1" for row in each)
+    assert f"{flagged} of 4 samples flagged by either measure: eval_memorisation.csv names them" in report
+    # a set scored with --samples: its files, as its manifest names them
+    driver.main(["sample", "--run", str(run), "--num", "3", "--steps", "2", "--class", "AD", "--set", "age=60",
+                 "--out", str(tmp_path / "set")])
+    driver.main(["evaluate", "--run", str(run), "--out", str(out), "--features", "domain", "--classifier-steps", "0",
+                 "--samples", str(tmp_path / "set")])
+    manifest = list(csv.DictReader((tmp_path / "set" / "samples" / "manifest.csv").open()))
+    assert [row["sample"] for row in csv.DictReader((out / "eval_memorisation.csv").open())] == [
+        row["file"] for row in manifest] == [f"AD/sub-{k:06d}.png" for k in range(3)]
 
 
 def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_say_what_they_lack(trained_run,
@@ -447,11 +463,21 @@ def test_the_memorisation_check_flags_copies_of_training_images_and_neither_nois
     copies = training + 0.01 * torch.randn_like(training)
 
     def check(samples):
-        result, closest = memorisation_check(samples, reference, floor, dataset, train_idx, features, "cpu")
+        result, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features, "cpu")
+        assert [row["sample"] for row in each] == list(range(len(samples)))   # unnamed: by their place
         return result, closest, result["rows"]["samples"]
 
     result, closest, copied = check(copies)
     assert copied["flagged_features"] >= 0.95 and copied["flagged_pixels"] >= 0.95 and copied["correlation_max"] > 0.99
+    # each sample's verdict names the training image it copies, by either measure, and agrees with the summary
+    names = [f"AD/sub-{k:06d}.png" for k in range(len(copies))]
+    _, _, each = memorisation_check(copies, reference, floor, dataset, train_idx, features, "cpu", names)
+    copied_paths = [dataset.samples[i][0] for i in train_idx[:40]]
+    assert [row["sample"] for row in each] == names
+    assert sum(row["nearest_by_pixels"] == path for row, path in zip(each, copied_paths)) >= 38
+    assert sum(row["nearest_by_features"] == path for row, path in zip(each, copied_paths)) >= 38
+    assert sum(row["flagged_pixels"] for row in each) / len(each) == copied["flagged_pixels"]
+    assert sum(row["flagged_features"] for row in each) / len(each) == copied["flagged_features"]
     # the figure: the closest samples over the training images they copy (the same images, up to the noise added)
     assert closest.shape == (16, 1, 32, 32) and (closest[:8] - closest[8:]).abs().max() < 0.1
     assert all(p["training_image"] in [path for path, _ in dataset.samples] for p in result["closest_pairs"])
@@ -497,11 +523,16 @@ def test_the_memorisation_threshold_is_the_percentile_of_the_reference_half_a_an
     unit[0, 0, 0] = 1.0
     moved = lambda image, distances: torch.stack([training[image] + d * unit for d in distances])  # noqa: E731
     reference, floor = moved(0, (0.1, 0.2, 0.4)), moved(1, (1.0, 2.0, 3.0))
-    result, _ = memorisation_check(training[2:], reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu")
+    samples = torch.stack([training[2], training[3] + 0.11 * unit, training[3] + 0.5 * unit])
+    result, _, each = memorisation_check(samples, reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu")
     assert result["thresholds"]["distance"] == pytest.approx(0.102, rel=1e-3)
+    # each sample by its own distance: 0 and 0.11 from training images 2 and 3, either side of the threshold
+    assert [(row["nearest_by_features"], row["feature_distance"], row["flagged_features"]) for row in each] == [
+        ("/d/AD/s2_0.png", pytest.approx(0, abs=1e-3), 1), ("/d/AD/s3_0.png", pytest.approx(0.11, abs=1e-3), 0),
+        ("/d/AD/s3_0.png", pytest.approx(0.5, abs=1e-3), 0)]
     assert result["rows"]["real (held out, A)"]["flagged_features"] == pytest.approx(1 / 3)
     assert result["rows"]["real (held out, B)"]["flagged_features"] == 0.0
-    assert result["rows"]["samples"]["flagged_features"] == 1.0           # copies, at distance 0
+    assert result["rows"]["samples"]["flagged_features"] == pytest.approx(1 / 3)      # the copy, at distance 0
 
 
 # ----------------------------------------------------------------------------- train on synthetic, test on real
