@@ -37,7 +37,8 @@ from conditions.table import CLASS, Condition, asked_values, saved_conditions, s
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
 from export.figures import GRID_MAX, enlarged, gif_frame, save_png, save_rows
-from export.sample_set import FORMATS, ROW_SEEDING, SEEDING, SampleSet, run_geometry, saved_geometry
+from export.sample_set import (FORMATS, ROW_SEEDING, SAMPLES_LOCK, SEEDING, SampleSet, run_geometry,
+                               saved_geometry)
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import atomic_write, fingerprint, load_checkpoint, load_weights, model_config, run_lock
 from runtime.errors import BadInputError, disk_full
@@ -482,7 +483,6 @@ def report_speed(model: LatentDiffusion, sampling: Sampling, count: int, seconds
 # ----------------------------------------------------------------------------- what predict.py writes
 
 RETURN_MAX = 4096   # predict() returns the images it drew when at most this many (tests, notebooks); all are on disk
-SAMPLES_LOCK = ".samples.lock"   # in --out, held while a set is written: two writers would interleave its manifest
 
 
 def predict(args):

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="images are decoded once into memory if they fit in this many GB, else into the memory-mapped "
                         "RUN/images-*.npy that training builds (default: %(default)s)")
     p.add_argument("--samples", default=None, help="score the images in this folder instead of sampling the run's UNet")
+    p.add_argument("--withhold-flagged", action="store_true",
+                   help="leave the samples the memorisation check flags out of the --samples set: files deleted, "
+                        "manifest rows moved into its withheld.csv, not drawn again by sample --resume (default: off)")
     p.add_argument("--features", choices=["auto", "inception", "domain"], default="auto",
                    help="FID/KID features: Inception-v3 if its weights load, else the domain classifier (default: %(default)s)")
     p.add_argument("--inception-weights", default=None, help="local copy of the FID Inception weights (pt_inception-2015-12-05)")

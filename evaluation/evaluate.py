@@ -58,13 +58,13 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
 from evaluation.conditions import condition_check, condition_values
 from evaluation.ema_lengths import ema_length_curve, plot_ema_curve, refuse_unready
-from evaluation.memorisation import memorisation_check
+from evaluation.memorisation import memorisation_check, withhold_flagged
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
 from evaluation.utility import condition_utility, images_per_class, refuse_seen, utility_check
 from export.figures import save_png
-from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample
+from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample, withheld_rows
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
 from runtime.process import setup_device
@@ -152,10 +152,11 @@ def sample_files(folder: Path) -> tuple[Path, list[Path]]:
         raise BadInputError(f"--samples folder {folder} does not exist")
     folder = folder / "samples" if (folder / "samples" / MANIFEST).is_file() else folder
     if (folder / MANIFEST).is_file():
-        files = [folder / row["file"] for row in manifest_rows(folder)]
+        withheld = {row["file"] for row in withheld_rows(folder)}  # left out as possible copies: drawn, not there
+        files = [folder / row["file"] for row in manifest_rows(folder) if row["file"] not in withheld]
         settings = json.loads((folder / SETTINGS).read_text()) if (folder / SETTINGS).is_file() else {}
         asked = settings.get("num", 0) * len(settings.get("rows", [[]]))
-        if len(files) < asked:  # an interrupted set: its rows would be scored as if they were all
+        if len(files) + len(withheld) < asked:  # an interrupted set: its rows would be scored as if they were all
             raise BadInputError(f"{folder} holds {len(files)} of its {asked} samples (an interrupted set): finish it "
                                 f"with the same `sample` command and --resume")
     else:
@@ -164,6 +165,12 @@ def sample_files(folder: Path) -> tuple[Path, list[Path]]:
     if not files:
         raise BadInputError(f"no images in --samples folder {folder}")
     return folder, files
+
+
+def sample_set_folder(folder: Path) -> Path | None:
+    """The sample set in `folder` (`sample --out folder` wrote it into its samples/), or `folder` itself, known by
+    its sampling.json; None for another folder."""
+    return next((f for f in (folder / "samples", folder) if (f / SETTINGS).is_file()), None)
 
 
 def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
@@ -194,9 +201,8 @@ def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
 def folder_record(folder: Path) -> dict:
     """How a --samples folder was drawn, as far as it says: a sample set's settings (its sampling.json, without the
     rows), else nothing."""
-    folder = folder / "samples" if (folder / "samples" / SETTINGS).is_file() else folder
-    path = folder / SETTINGS
-    return {k: v for k, v in json.loads(path.read_text()).items() if k != "rows"} if path.is_file() else {}
+    folder = sample_set_folder(folder)
+    return {k: v for k, v in json.loads((folder / SETTINGS).read_text()).items() if k != "rows"} if folder else {}
 
 
 # ----------------------------------------------------------------------------- feature network
@@ -341,6 +347,9 @@ def evaluate(args):
                             f"{args.guidance})")
     if args.ema_lengths:
         refuse_unready(run, args.samples)
+    if args.withhold_flagged and not (args.samples and sample_set_folder(Path(args.samples))):
+        raise BadInputError("--withhold-flagged leaves the samples the memorisation check flags out of a sample set: "
+                            "give the set, as `sample --out DIR` wrote it, with --samples DIR")
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
     data.refuse_inside(out, "--out" if args.out else "the run folder, the output's by default,")
@@ -353,6 +362,9 @@ def evaluate(args):
     subject = data.subject()  # the run's own rules: others could score it on subjects it trained on
     seen = data.holdout == 0
     holdout, seed = (args.holdout, args.holdout_seed) if seen else (data.holdout, data.holdout_seed)
+    if seen and args.withhold_flagged:
+        raise BadInputError(f"--withhold-flagged: {run} was trained on every subject, and the memorisation check needs "
+                            f"subjects it never saw (train-vqvae --holdout F)")
     if seen:
         print(f"warning: {run} was trained on all subjects; the {holdout:.0%} held out here were seen in training, "
               f"so the figures are optimistic (train-vqvae --holdout F leaves subjects out)")
@@ -451,6 +463,8 @@ def evaluate(args):
         base, files = sample_files(Path(args.samples)) if args.samples else (None, None)
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
                                                          device, files and [f.relative_to(base).as_posix() for f in files])
+        if args.withhold_flagged:
+            memorisation["withheld"] = withhold_flagged(base, each, run)
         sections["memorisation"] = memorisation_section(memorisation, closest, each, out)
     elif seen:  # its yardstick, subjects the run never saw, is missing, and copies of theirs would go unflagged
         print(f"memorisation: not checked, {run} was trained on every subject (train-vqvae --holdout F)")

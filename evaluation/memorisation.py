@@ -12,15 +12,20 @@ nearest to it, goes into eval_memorisation.csv: the files to leave out of a synt
 
     python driver.py evaluate --run RUN                     # the check runs whenever there are samples
     python driver.py evaluate --run RUN --samples SET       # a set to share: eval_memorisation.csv names its files
+    python driver.py evaluate --run RUN --samples SET --withhold-flagged    # ... and leaves them out of the set
 """
 from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
+
+from export.sample_set import SAMPLES_LOCK, withhold
+from runtime.checkpoint import run_lock
 
 PERCENTILE = 1.0            # a sample closer than this percentile of held-out images is flagged
 CORRELATION_SIZE = 128      # px: images are compared at most this large (area-averaged), enough to tell two brains apart
@@ -114,6 +119,18 @@ def each_sample_csv(rows: list[dict]) -> bytes:
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue().encode()
+
+
+def withhold_flagged(folder: Path, each: list[dict], run: Path) -> int:
+    """`evaluate --samples SET --withhold-flagged`: the samples either measure flags left out of the set in `folder`
+    (export/sample_set.py `withhold`: files deleted, rows into withheld.csv with what flagged them, against which
+    run), under the lock `sample` holds while it writes a set. Returns how many the set withholds in all."""
+    why = {row["sample"]: {"flagged_by": " and ".join(m for m in ("features", "pixels") if row[f"flagged_{m}"]),
+                           "feature_distance": row["feature_distance"], "correlation": row["correlation"],
+                           "checked_against": str(run)}
+           for row in each if row["flagged_features"] or row["flagged_pixels"]}
+    with run_lock(folder.parent, lock=SAMPLES_LOCK, doing="writing a sample set into"):
+        return withhold(folder, why)
 
 
 def _slice_of(dataset, index: int) -> dict:

@@ -109,7 +109,10 @@ def memorisation_section(memorisation: dict, closest: torch.Tensor, each: list[d
     flagged = sum(row["flagged_features"] or row["flagged_pixels"] for row in each)
     table = format_memorisation_table(memorisation) + (
         f"\n\n{flagged} of {len(each)} samples flagged by either measure: eval_memorisation.csv names them (and the "
-        "training images nearest to each: keep it to yourself), the files to leave out of a set before it is shared.")
+        "training images nearest to each: keep it to yourself), " + (
+            f"now left out of the set ({memorisation['withheld']} withheld in all: its withheld.csv)."
+            if "withheld" in memorisation else "the files to leave out of a set before it is shared "
+                                               "(--withhold-flagged)."))
     return Section({"memorisation": memorisation}, [
         "", "## Memorisation", "", "Each image's nearest training image, in the features above (distance) and by pixel "
         "correlation. The held-out subjects were never seen: their images show how close a new brain comes. A sample "

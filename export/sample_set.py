@@ -9,6 +9,8 @@
     manifest.csv                 one row per sample: file, every condition, seed, sampler, steps, guidance ... and the
                                  fingerprints of the UNet and VQ-VAE that made it
     sampling.json                the settings of the whole set, which `--resume` must match
+    withheld.csv                 the manifest rows of samples left out as possible copies of training patients
+                                 (`evaluate --samples DIR --withhold-flagged`), their files deleted
 
 Formats: `png` (8-bit, as the training images), `nifti` (volumes/writer.py: one slice, RAS, the training geometry),
 `npz` (`image`, float32 (C, H, W) in [-1, 1], nothing rounded). Batch b of a row is drawn after
@@ -45,6 +47,8 @@ UNGROUPED = "all"      # the class folder of samples drawn without a class
 SETTINGS = "sampling.json"
 MANIFEST = "manifest.csv"
 TABLE = "participants.tsv"
+WITHHELD = "withheld.csv"
+SAMPLES_LOCK = ".samples.lock"   # in --out, held while a set is written: two writers would interleave its manifest
 EARLIER_SAMPLE = re.compile(r"\d{4,}\.png")   # samples/0000.png: what predict.py wrote before sets (until 2026-12-03)
 SEEDING = "SeedSequence(seed, batch)"   # sampling.json's `batch_seeds`; a set written before it: seed + batch
 ROW_SEEDING = "SeedSequence(seed, batch, row)"   # --row-noise independent: each row of the set its own noise
@@ -88,13 +92,13 @@ class SampleSet:
         written = self._resumed() if resume else None
         if written is None:
             self._start()
-            written = []
-        self.written = {int(r["index"]) for r in written}
+        self.written = written or set()
 
     # ------------------------------------------------------------------------- starting and resuming
 
-    def _resumed(self) -> list[dict] | None:
-        """The manifest rows of a set with these settings whose files exist; None when there is nothing to resume."""
+    def _resumed(self) -> set[int] | None:
+        """The samples of a set with these settings already drawn, whole batches of them: those its manifest lists
+        whose files exist, and those withheld; None when there is nothing to resume."""
         path = self.folder / SETTINGS
         if not path.exists():
             print(f"--resume: nothing to resume in {self.folder}; starting the set")
@@ -115,12 +119,15 @@ class SampleSet:
             raise BadInputError(f"{self.folder} was sampled with other settings ({shown}); --resume continues a set with "
                                 f"the same run and flags{f' (give {again})' if again else ''}; leave --resume out to "
                                 f"replace it, or pick another --out")
-        rows = [r for r in self._manifest_rows() if (self.folder / r["file"]).is_file()]
-        listed = {int(r["index"]) for r in rows}
+        withheld = {int(r["index"]) for r in withheld_rows(self.folder)}  # drawn, and left out: not drawn again
+        rows = [r for r in self._manifest_rows() if (self.folder / r["file"]).is_file()
+                and int(r["index"]) not in withheld]
+        listed = {int(r["index"]) for r in rows} | withheld
         rows = [r for r in rows if set(self._indices(*self._place(int(r["index"])))) <= listed]  # whole batches only
         self._rewrite(rows)
-        print(f"--resume: {len(rows)} of {len(self.rows) * self.num} samples already written in {self.folder}")
-        return rows
+        print(f"--resume: {len(rows)} of {len(self.rows) * self.num} samples already written in {self.folder}"
+              + (f" ({len(withheld)} more withheld, {WITHHELD})" if withheld else ""))
+        return {int(r["index"]) for r in rows} | withheld
 
     def _manifest_rows(self) -> list[dict]:
         return manifest_rows(self.folder)
@@ -137,7 +144,7 @@ class SampleSet:
         if not is_set and len(before_sets) < len(files):
             raise BadInputError(f"{self.folder} holds files but no {SETTINGS}: it is not a sample set, and nothing in "
                                 f"it is replaced; pick another --out")
-        old = self._manifest_rows() if is_set else []
+        old = self._manifest_rows() + withheld_rows(self.folder) if is_set else []
         old_settings = json.loads((self.folder / SETTINGS).read_text()) if is_set else None
         leftovers = _sample_files(self.folder, old_settings) if is_set else before_sets
         for path in {(self.folder / row["file"]).resolve() for row in old} | {p.resolve() for p in leftovers}:
@@ -155,6 +162,7 @@ class SampleSet:
         except OSError as e:
             raise BadInputError(f"cannot make {self.folder} ({e.strerror or e}): give --out a folder") from None
         _write_atomically(self.folder / SETTINGS, json.dumps(self.settings, indent=2) + "\n")
+        (self.folder / WITHHELD).unlink(missing_ok=True)
         self._rewrite([])
 
     def _rewrite(self, rows: list[dict]):
@@ -232,8 +240,11 @@ class SampleSet:
             atomic_write(path, lambda f: f.write(gzip.compress(volume.to_bytes(), mtime=0)))
 
     def first(self, row: int, count: int) -> torch.Tensor:
-        """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W)."""
-        return torch.stack([read_sample(self.folder / self.file(row * self.num + k)) for k in range(count)])
+        """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W); a
+        withheld sample's place is taken by the next one."""
+        withheld = {int(r["index"]) for r in withheld_rows(self.folder)}
+        kept = [i for i in range(row * self.num, (row + 1) * self.num) if i not in withheld][:count]
+        return torch.stack([read_sample(self.folder / self.file(i)) for i in kept])
 
 
 def _drawn(saved: dict, settings: dict, key: str) -> bool:
@@ -250,6 +261,46 @@ def manifest_rows(folder: Path) -> list[dict]:
     text = path.read_text()
     text = text[:text.rfind("\n") + 1]
     return [r for r in csv.DictReader(io.StringIO(text)) if None not in r.values()]
+
+
+def withheld_rows(folder: Path) -> list[dict]:
+    """The manifest rows of the samples `withhold` left out of the set in `folder`."""
+    path = folder / WITHHELD
+    return list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+
+
+def withhold(folder: Path, why: dict[str, dict]) -> int:
+    """Leaves samples out of the set in `folder` (a possible copy of a training patient, say): for each file, as
+    the manifest names it, `why` (columns saying what flagged it). Its manifest row, with `why`, moves into
+    withheld.csv, its row of participants.tsv goes, then its file is deleted; `--resume` does not draw it again, and
+    `evaluate --samples` counts it as drawn. Each step is written whole, and withholding again finishes one an
+    interruption cut short. Returns how many samples the set has withheld in all."""
+    rows, before = manifest_rows(folder), withheld_rows(folder)
+    unknown = sorted(set(why) - {r["file"] for r in rows + before})
+    if unknown:
+        raise BadInputError(f"{folder}'s manifest lists no {unknown[0]}: not a sample of this set")
+    already = {r["file"] for r in before}
+    withheld = before + [{**r, **why[r["file"]]} for r in rows if r["file"] in why and r["file"] not in already]
+    if len(withheld) > len(before):  # first the record, then the rows go, then the files
+        _write_atomically(folder / WITHHELD, _csv(list(dict.fromkeys(k for r in withheld for k in r)), withheld, ","))
+    gone = {r["file"] for r in withheld}
+    kept = [r for r in rows if r["file"] not in gone]
+    _write_atomically(folder / MANIFEST, _csv(_columns(folder / MANIFEST, ","), kept, ","))
+    if (folder / TABLE).is_file():
+        gone_ids = {r["participant_id"] for r in withheld}
+        table = list(csv.DictReader(io.StringIO((folder / TABLE).read_text()), delimiter="\t"))
+        _write_atomically(folder / TABLE, _csv(_columns(folder / TABLE, "\t"),
+                                               [r for r in table if r["participant_id"] not in gone_ids], "\t"))
+    for name in gone:
+        path = (folder / name).resolve()
+        if folder.resolve() in path.parents:  # never a file outside the set, whatever a manifest says
+            path.unlink(missing_ok=True)
+    return len(withheld)
+
+
+def _columns(path: Path, delimiter: str) -> list[str]:
+    """The header of a CSV or TSV the set wrote."""
+    return next(csv.reader(io.StringIO(path.read_text()), delimiter=delimiter))
 
 
 def _width(count: int) -> int:

@@ -305,6 +305,24 @@ def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_s
     manifest = list(csv.DictReader((tmp_path / "set" / "samples" / "manifest.csv").open()))
     assert [row["sample"] for row in csv.DictReader((out / "eval_memorisation.csv").open())] == [
         row["file"] for row in manifest] == [f"AD/sub-{k:06d}.png" for k in range(3)]
+    # a training image put in the set in place of sample 1 is flagged, and --withhold-flagged leaves it out
+    copy = tmp_path / "set" / "samples" / "AD" / "sub-000001.png"
+    Image.open(each[0]["nearest_by_pixels"]).resize((32, 32)).save(copy)
+    driver.main(["evaluate", "--run", str(run), "--out", str(out), "--features", "domain", "--classifier-steps", "0",
+                 "--samples", str(tmp_path / "set"), "--withhold-flagged"])
+    each = {row["sample"]: row for row in csv.DictReader((out / "eval_memorisation.csv").open())}
+    withheld = list(csv.DictReader((tmp_path / "set" / "samples" / "withheld.csv").open()))
+    assert each["AD/sub-000001.png"]["flagged_pixels"] == "1" and float(each["AD/sub-000001.png"]["correlation"]) > 0.99
+    assert [row["file"] for row in withheld] == [f for f, row in each.items() if "1" in (row["flagged_features"],
+                                                                                         row["flagged_pixels"])]
+    assert "AD/sub-000001.png" in [row["file"] for row in withheld] and "pixels" in withheld[0]["flagged_by"]
+    assert not copy.exists()
+    assert json.loads((out / "metrics.json").read_text())["memorisation"]["withheld"] == len(withheld)
+    assert f"now left out of the set ({len(withheld)} withheld in all" in (out / "report.md").read_text()
+    driver.main(["evaluate", "--run", str(run), "--out", str(out), "--features", "domain", "--classifier-steps", "0",
+                 "--samples", str(tmp_path / "set")])          # the set, whole less what it withheld, scores again
+    assert json.loads((out / "metrics.json").read_text())["memorisation"]["rows"]["samples"]["count"] == \
+        3 - len(withheld)
 
 
 def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_say_what_they_lack(trained_run,
@@ -344,6 +362,16 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "--num must be 2 or more" in error_of(driver.main, base + ["--num", "1"])
     assert "--classifier-steps must be 0 or more" in error_of(driver.main, base + ["--classifier-steps", "-1"])
     assert "trained without --conditional" in error_of(driver.main, base + ["--utility", "2"])
+    assert "--withhold-flagged leaves the samples the memorisation check flags out of a sample set" in error_of(
+        driver.main, base + ["--withhold-flagged"])
+    for folder in ("big", "empty"):                            # no set: another folder's images are left as they are
+        (tmp_path / folder).mkdir(exist_ok=True)
+        assert "as `sample --out DIR` wrote it" in error_of(
+            driver.main, base + ["--samples", str(tmp_path / folder), "--withhold-flagged"])
+    driver.main(["sample", "--run", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "set")])
+    assert "was trained on every subject, and the memorisation check needs subjects it never saw" in error_of(
+        driver.main, base + ["--samples", str(tmp_path / "set"), "--withhold-flagged"])
+    assert len(list((tmp_path / "set" / "samples" / "all").iterdir())) == 2
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "2", "--guidance", "0"])
     assert "leave out --samples" in error_of(driver.main, base + ["--utility", "2", "--samples", str(tmp_path)])

@@ -403,3 +403,56 @@ def test_a_condition_named_like_a_manifest_column_is_refused_not_written_over(tm
             SampleSet(tmp_path / "set", settings, [("", None)], [Condition(name, "continuous", low=0.0, high=1.0)],
                       {"batch_size": 1})
     assert not (tmp_path / "set").exists()
+
+
+# ----------------------------------------------------------------------------- samples withheld (possible copies)
+
+def test_a_withheld_sample_leaves_the_set_and_its_tables_and_is_not_drawn_again(conditioned_run, tmp_path):
+    """`withhold` (evaluate --withhold-flagged): the file deleted, its manifest and participants.tsv rows moved into
+    withheld.csv with what flagged it; --resume draws nothing in its place, the grid skips it, evaluate counts it
+    as drawn; withholding again changes nothing; a new set starts without it."""
+    from evaluation.evaluate import sample_files
+    from export.sample_set import withheld_rows, withhold
+    run, _ = conditioned_run
+    flags = ["--run", str(run), "--out", str(tmp_path), "--num", "3", "--batch-size", "2", "--class", "AD",
+             "--set", "age=60", *FAST]
+    predict.predict(predict.parse_args(flags))
+    grid = Image.open(tmp_path / "samples.png").size                                   # 3 images: 2 rows of 2
+    folder = tmp_path / "samples"
+    rows, table = manifest(folder), (folder / "participants.tsv").read_text().splitlines()
+    why = {"flagged_by": "pixels", "correlation": "0.999"}
+    assert withhold(folder, {"AD/sub-000001.png": why}) == 1
+    assert not (folder / "AD" / "sub-000001.png").exists() and (folder / "AD" / "sub-000000.png").is_file()
+    assert manifest(folder) == [rows[0], rows[2]]
+    assert (folder / "participants.tsv").read_text().splitlines() == [table[0], table[1], table[3]]
+    assert withheld_rows(folder) == [{**rows[1], **why}]
+    assert withhold(folder, {}) == 1 and manifest(folder) == [rows[0], rows[2]]        # again: nothing changes
+    assert withhold(folder, {"AD/sub-000001.png": why}) == 1 and len(withheld_rows(folder)) == 1
+    assert "lists no AD/sub-000009.png" in str(pytest.raises(BadInputError, withhold, folder,
+                                                             {"AD/sub-000009.png": why}).value)
+    # evaluate reads the two left, and knows the set whole; --resume draws nothing, and its grid shows the two
+    assert [f.name for f in sample_files(tmp_path)[1]] == ["sub-000000.png", "sub-000002.png"]
+    predict.predict(predict.parse_args([*flags, "--resume"]))
+    assert not (folder / "AD" / "sub-000001.png").exists() and manifest(folder) == [rows[0], rows[2]]
+    width, height = Image.open(tmp_path / "samples.png").size                          # 2 images: 1 row of 2
+    assert width == grid[0] and height < grid[1]
+    # a new set (no --resume) is whole again, and withholds nothing
+    predict.predict(predict.parse_args(flags))
+    assert not (folder / "withheld.csv").exists() and [r["file"] for r in manifest(folder)] == [
+        r["file"] for r in rows] and (folder / "AD" / "sub-000001.png").is_file()
+
+
+def test_withholding_cut_short_by_a_kill_is_finished_by_withholding_again(tmp_path):
+    """A kill after withheld.csv was written and before the manifest lost the row: the set reads as if the sample
+    were gone (evaluate, --resume), and withholding again removes the row and the file."""
+    from evaluation.evaluate import sample_files
+    from export.sample_set import withheld_rows, withhold
+    folder = tmp_path / "samples"
+    write_batches(constructed_set(folder, num=3, batch_size=2), [(0, 0), (0, 1)])
+    rows = manifest(folder)
+    (folder / "withheld.csv").write_text("file,index,flagged_by\nall/sub-000001.npz,1,features\n")
+    assert [f.name for f in sample_files(tmp_path)[1]] == ["sub-000000.npz", "sub-000002.npz"]
+    resumed = constructed_set(folder, num=3, batch_size=2, resume=True)
+    assert resumed.batches(0) == {0, 1} and manifest(folder) == [rows[0], rows[2]]   # the row left out, not redrawn
+    assert withhold(folder, {}) == 1 and not (folder / "all" / "sub-000001.npz").exists()
+    assert [r["file"] for r in withheld_rows(folder)] == ["all/sub-000001.npz"]
