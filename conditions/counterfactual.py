@@ -31,7 +31,6 @@ from pathlib import Path
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,13 +39,14 @@ import predict
 from conditions.table import asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
-from export.figures import save_png
+from export.figures import save_figure, save_png
 from runtime.checkpoint import atomic_write
 from runtime.errors import BadInputError
 from runtime.flags import seed
 from runtime.process import setup_device
 from volumes.images import image_percentiles, load_image
 from volumes.reader import is_volume, mask_slice, printable, read_volume_slice, to_volume
+from volumes.writer import save_nifti
 
 DEFAULT_STRENGTH = 0.5
 
@@ -179,7 +179,7 @@ def counterfactual(args):
     out.mkdir(parents=True, exist_ok=True)
     (out / "counterfactual.json").unlink(missing_ok=True)  # written last: files beside none are of no finished command
     save_png(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
-    np.save(out / "difference.npy", difference.numpy())
+    atomic_write(out / "difference.npy", lambda f: np.save(f, difference.numpy()))
     settings = ", ".join(args.set_values) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
           f"{', noise' if noise else ''}", out / "counterfactual.png")
@@ -193,7 +193,7 @@ def counterfactual(args):
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
     written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"]
     if geometry is not None:
-        nib.save(to_volume(difference, geometry), out / "difference.nii.gz")
+        save_nifti(to_volume(difference, geometry), out / "difference.nii.gz")
         written.append("difference.nii.gz")
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
     print(f"counterfactual ({settings}, strength {strength:g}): mean |difference| {record['mean_abs_difference']:.4f} "
@@ -220,5 +220,5 @@ def panel(image, recon, changed, difference, mask, title: str, path: Path):
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)

@@ -24,8 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import predict  # noqa: E402
-from runtime.checkpoint import (atomic_save, atomic_write, fingerprint, load_checkpoint, lock_holder,  # noqa: E402
-                                remove_unfinished)
+from export.figures import save_figure  # noqa: E402
+from runtime.checkpoint import atomic_save, fingerprint, load_checkpoint, lock_holder, remove_unfinished  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
 from runtime.posthoc_ema import (GOOD_FIT, PROFILES, reconstruct, reconstruct_many, running_ema_sigma_rel,  # noqa: E402
                                   sigma_rel_to_gamma, snapshot_files)
@@ -146,7 +146,7 @@ def plot_ema_curve(curve: dict, samples_scores: dict, reals: dict, path: Path):
         ax.set_title(title)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    save_figure(fig, path)
     plt.close(fig)
 
 

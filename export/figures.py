@@ -1,6 +1,7 @@
 """What a person looks at after sampling: the grid of samples (`samples.png`), a sweep's captioned rows, and the frames
 of the denoising GIF. Images smaller than TILE_MIN pixels are enlarged by a whole factor, each pixel a block, so that a
-64x64 sample can be seen and nothing is invented. Figures are written whole (`save_png`, `save_rows`).
+64x64 sample can be seen and nothing is invented. Figures are written whole (`save_png`, `save_rows`, and
+`save_figure` for matplotlib's: the loss curves, the counterfactual's panel, the EMA curve).
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def save_png(images: torch.Tensor, path: Path, **grid):
     """torchvision's save_image (`grid`: its make_grid arguments), written whole: into a temporary file beside `path`,
     then renamed over it (atomic_write), so that a figure cut short by a kill or a full disk is never left."""
     atomic_write(path, lambda f: save_image(images, f, format="png", **grid))
+
+
+def save_figure(fig, path: Path, dpi: int = 100):
+    """A matplotlib figure as a PNG, written whole as `save_png` writes (atomic_write); the caller closes it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 def gif_frame(x0_images, xt_images, caption: str) -> Image.Image:

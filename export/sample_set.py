@@ -23,7 +23,6 @@ is never written into.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import math
@@ -40,7 +39,7 @@ from runtime.checkpoint import atomic_write, remove_unfinished
 from runtime.errors import BadInputError
 from volumes.reader import is_volume
 from volumes.run_data import DataConfig, training_files
-from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
+from volumes.writer import SampleGeometry, read_slice, save_nifti, slice_volume, training_geometry
 
 FORMATS = {"png": ".png", "nifti": ".nii.gz", "npz": ".npz"}
 UNGROUPED = "all"      # the class folder of samples drawn without a class
@@ -236,8 +235,7 @@ class SampleSet:
         elif fmt == "npz":
             atomic_write(path, lambda f: np.savez_compressed(f, image=image.float().numpy()))
         else:  # a NIfTI volume holds one channel: the mean of the (grey, replicated) channels
-            volume = slice_volume(image.float().mean(0).numpy(), self.geometry)
-            atomic_write(path, lambda f: f.write(gzip.compress(volume.to_bytes(), mtime=0)))
+            save_nifti(slice_volume(image.float().mean(0).numpy(), self.geometry), path)
 
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W); a

@@ -24,8 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
+from export.figures import save_figure, save_png
 from runtime.checkpoint import atomic_save, atomic_write, load_weights, plain_args, write_config
 from runtime.errors import BadInputError
 from runtime.optimizer import load_optimizer
@@ -170,7 +171,7 @@ class MetricLog:
         ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(png, dpi=100)
+        save_figure(fig, png)  # written whole: a full disk leaves the previous curve
         plt.close(fig)
 
 
@@ -403,10 +404,10 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
 
 
 def draw_grid(stage: Stage, path: Path, board, step: int):
-    """The stage's grid as a PNG, and in TensorBoard with --tensorboard."""
+    """The stage's grid as a PNG (written whole), and in TensorBoard with --tensorboard."""
     images, per_row = stage.draw()
     grid = make_grid(images.clamp(-1, 1), nrow=per_row, normalize=True, value_range=(-1, 1))
-    save_image(grid, path)
+    save_png(grid, path)
     if board:  # a tag of its own: TensorBoard keeps a tag for one kind of data (vqvae/recon is a logged value)
         board.add_image(f"{stage.name}/grid_{stage.grid}", grid, step)
 

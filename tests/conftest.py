@@ -1,5 +1,7 @@
 """Shared fixtures: miniature image folders and NIfTI volumes made on the fly (the real ADNI data never enters
 the tests)."""
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +103,17 @@ def error_of(fn, *args) -> str:
     assert isinstance(e.value.code, str) and e.value.code.startswith("error: ")
     assert "\n" not in e.value.code
     return e.value.code
+
+
+def disk_full(fp):
+    """A writer that finds the disk full halfway: a piece of a file written into `fp` (a path or an open file), then
+    ENOSPC. Patched in for a library's writer, it shows whether a file is written whole (atomic_write) or in place."""
+    if isinstance(fp, (str, os.PathLike)):
+        with open(fp, "wb") as f:
+            f.write(b"half a file")
+    else:
+        fp.write(b"half a file")
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def ckpt(path):

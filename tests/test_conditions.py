@@ -16,7 +16,7 @@ import driver
 import predict
 from conditions.table import (Condition, asked_values, build_conditions, condition_matrix, find_table, read_table,
                               saved_table, subjects_of)
-from conftest import SMALL_UNET, blob, ckpt, error_of, write_volume
+from conftest import SMALL_UNET, blob, ckpt, disk_full, error_of, write_volume
 from runtime.errors import BadInputError
 from volumes.layouts import Layout
 from volumes.reader import Slicing, read_volume_slice, to_volume
@@ -296,6 +296,31 @@ def test_a_counterfactual_stopped_while_it_writes_leaves_no_record_of_an_earlier
     with pytest.raises(SystemExit):
         driver.main([*base, "--set", "class=AD"])
     assert (tmp_path / "counterfactual_image.png").exists() and not (tmp_path / "counterfactual.json").exists()
+
+
+@pytest.mark.parametrize("name", ["counterfactual.png", "difference.npy", "difference.nii.gz"])
+def test_a_counterfactual_that_finds_the_disk_full_leaves_the_earlier_file_as_it_was(name, conditioned_run, tmp_path,
+                                                                                     monkeypatch):
+    """Each file is written whole: its writer cut short (a full disk) leaves the earlier command's file as it was, and
+    no piece of the new one, with one line to say so."""
+    import matplotlib.figure
+    run, _ = conditioned_run
+    scan = write_volume(tmp_path / "scan.nii.gz", blob(shape=(24, 24, 12)))
+    out = tmp_path / "cf"
+    base = ["counterfactual", "--run", str(run), "--input", str(scan), "--steps", "2", "--out", str(out)]
+    driver.main([*base, "--set", "class=NC"])
+    before = (out / name).read_bytes()
+
+    def half_a_volume(self, file_map=None, dtype=None):  # nib.save's and to_bytes' writer alike
+        image = (file_map or self.file_map)["image"]
+        disk_full(image.fileobj or image.filename)
+    writers = {"counterfactual.png": (matplotlib.figure.Figure, "savefig", lambda self, fp, **kw: disk_full(fp)),
+               "difference.npy": (np, "save", lambda fp, *args, **kw: disk_full(fp)),
+               "difference.nii.gz": (nib.Nifti1Image, "to_file_map", half_a_volume)}
+    monkeypatch.setattr(*writers[name])
+    message = error_of(driver.main, [*base, "--set", "class=AD"])
+    assert f"could not write {out / name} (No space left on device); the previous file is unchanged" in message
+    assert (out / name).read_bytes() == before and not list(out.glob(".*"))
 
 
 def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_change(conditioned_run, tmp_path,

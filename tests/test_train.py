@@ -13,21 +13,24 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 import driver
 import losses.stage1 as stage1_losses
 import predict
 import train
-from conftest import ckpt, error_of, saved_flags_as, unet, vqvae, write_blob_images
+from conftest import ckpt, disk_full, error_of, saved_flags_as, unet, vqvae, write_blob_images
 from diffusion.gaussian import GaussianDiffusion
 from losses.adversarial import Adversary
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime import loop
+from runtime.errors import BadInputError
 from runtime.optimizer import adamw, load_optimizer
 from runtime.process import any_rank, mean_over_ranks, setup_runtime, wrap_model
 
@@ -184,6 +187,25 @@ def test_the_log_holds_the_runs_own_history_after_a_failed_attempt_or_a_new_star
     shutil.rmtree(copy / "ema_snapshots", ignore_errors=True)
     unet(copy, "--max-steps", "2")                                     # a new stage 2: a log of its own
     assert steps(copy / "log_unet.csv") == [2] and steps(copy / "log_unet.replaced.csv") == [2, 4, 6, 8]
+
+
+def test_a_grid_or_loss_curve_that_finds_the_disk_full_leaves_the_previous_one(tmp_path, monkeypatch):
+    """The grids and the loss curve are written whole: a PNG writer cut short leaves the file of the last interval (or
+    of the run resumed) as it was, and no piece of the new one, with one line to say so."""
+    log = loop.MetricLog(tmp_path / "log.csv", ["step", "loss"])
+    log.append({"step": 2, "loss": 0.5})
+    stage = SimpleNamespace(name="unet", grid="samples", draw=lambda: (torch.rand(4, 1, 8, 8) * 2 - 1, 2))
+    writes = {"samples_unet.png": lambda: loop.draw_grid(stage, tmp_path / "samples_unet.png", None, 2),
+              "loss_unet.png": lambda: log.plot(tmp_path / "loss_unet.png", ("loss",), "unet training")}
+    for write in writes.values():
+        write()
+    before = {name: (tmp_path / name).read_bytes() for name in writes}
+    monkeypatch.setattr(Image.Image, "save", lambda self, fp, *args, **kwargs: disk_full(fp))  # matplotlib's too
+    for name, write in writes.items():
+        message = str(pytest.raises(BadInputError, write).value)
+        assert message.endswith(f"{name} (No space left on device); the previous file is unchanged")
+        assert (tmp_path / name).read_bytes() == before[name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv", "loss_unet.png", "samples_unet.png"]
 
 
 @pytest.mark.parametrize("items, batch, accum, epochs, world, steps", [
@@ -471,7 +493,6 @@ def test_latent_cache_is_rebuilt_when_an_image_is_replaced_under_the_same_name(t
     assert "latents reused" in capsys.readouterr().out
     before = ckpt(copy / "latents.pt")["z"]
     replaced = sorted((images / "train" / "AD").iterdir())[0]
-    from PIL import Image
     import io
     size, white = replaced.stat().st_size, io.BytesIO()
     Image.new("L", (256, 240), 255).save(white, format="JPEG")

@@ -10,12 +10,14 @@ with the images' 0-255 range, and the header's description says so.
 """
 from __future__ import annotations
 
+import gzip
 import statistics
 from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
 
+from runtime.checkpoint import atomic_write
 from runtime.errors import BadInputError
 from volumes.reader import AXES, Slicing, load, printable, read_volume
 
@@ -79,6 +81,12 @@ def slice_volume(image: np.ndarray, geometry: SampleGeometry) -> nib.Nifti1Image
     img.header["cal_min"], img.header["cal_max"] = geometry.low, geometry.high
     img.header["descrip"] = geometry.description().encode()
     return img
+
+
+def save_nifti(img: nib.Nifti1Image, path):
+    """A NIfTI image as `path` (.nii.gz), written whole (atomic_write); gzip's mtime 0, so the same image gives the
+    same bytes."""
+    atomic_write(path, lambda f: f.write(gzip.compress(img.to_bytes(), mtime=0)))
 
 
 def read_slice(path) -> np.ndarray:
