@@ -1,6 +1,6 @@
 """bench/gpu_check.py and bench/time_to_quality.sh: the commands a GPU's few minutes are spent on, proved on the CPU
 first (dry runs with tiny shapes take every part and flag path), and the check's record of a part that fails or runs
-out of time."""
+out of time; the other benchmarks' own logic (quality.py's split and reuse, seed_spread.py, memorisation_screen.py)."""
 import json
 import os
 import subprocess
@@ -166,3 +166,17 @@ def test_seed_spread_falls_back_on_the_rows_own_split_in_an_older_quality_folder
     (tmp_path / "quality.json").write_text(json.dumps({"info": {"samples": 8}}))
     unset = Namespace(data=None, holdout=None, classifier_steps=None)
     assert quality_settings(tmp_path, unset, "ours") == (str(data.resolve()), 0.0, 1000, 8)   # trained holding none
+
+
+def test_the_memorisation_screen_withholds_the_exact_copies_it_planted(conditioned_run, tmp_path, monkeypatch):
+    """bench/memorisation_screen.py on a tiny held-out run: 2 training slices planted as exact copies (and 2 as the
+    VQ-VAE reconstructs them) in a set of 8; the exact copies are withheld, and the table counts every sample."""
+    import memorisation_screen as screen
+    run, _ = conditioned_run
+    monkeypatch.setattr(sys, "argv", ["memorisation_screen.py", "--run", str(run), "--num", "8", "--plant", "2",
+                                      "--out", str(tmp_path), "--evaluate-flags",
+                                      "--features domain --classifier-steps 0"])
+    screen.main()
+    rows = {r["images"]: r for r in json.loads((tmp_path / "screen.json").read_text())["rows"]}
+    assert rows["exact copy"]["n"] == 2 and rows["exact copy"]["withheld"] == 2 and rows["exact copy"]["by pixels"] == 2
+    assert sum(r["n"] for r in rows.values()) == 8 and (tmp_path / "screen.md").read_text().count("\n") == 5
