@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from conditions.table import (CLASS, SESSION_ID, build_conditions, condition_matrix, find_table, read_table,
-                              saved_conditions, saved_table, subjects_of, to_saved, with_bids_sessions)
+from conditions.participants import SESSION_ID, find_table, read_table, saved_table, with_bids_sessions
+from conditions.table import CLASS, build_conditions, condition_matrix, saved_conditions, subjects_of, to_saved
 from dataset import dataset_labels, dataset_paths, files_fingerprint, index_batches, to_unit, uint8_loader
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import drop_conditions

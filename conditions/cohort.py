@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from conditions.table import Condition, condition_matrix, saved_table, subjects_of
+from conditions.participants import saved_table
+from conditions.table import Condition, condition_matrix, subjects_of
 from runtime.errors import BadInputError
 from volumes.run_data import stage1_data, training_files
 

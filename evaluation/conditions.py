@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import predict
-from conditions.table import CLASS, Condition, Table, condition_matrix, subjects_of
+from conditions.participants import Table
+from conditions.table import CLASS, Condition, condition_matrix, subjects_of
 from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from export.figures import save_rows
 from runtime.process import progress

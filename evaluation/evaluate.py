@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import predict
-from conditions.table import CLASS, saved_table
+from conditions.participants import saved_table
+from conditions.table import CLASS
 from dataset import card_transform, load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)

@@ -14,8 +14,8 @@ from PIL import Image
 
 import driver
 import predict
-from conditions.table import (Condition, asked_values, build_conditions, condition_matrix, find_table, read_table,
-                              saved_table, subjects_of)
+from conditions.participants import find_table, read_table, saved_table
+from conditions.table import Condition, asked_values, build_conditions, condition_matrix, subjects_of
 from conftest import SMALL_UNET, blob, ckpt, disk_full, error_of, write_volume
 from runtime.errors import BadInputError
 from volumes.layouts import Layout

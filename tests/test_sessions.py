@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import driver
-from conditions.table import (SESSION_ID, Condition, build_conditions, condition_matrix, find_table, read_table,
-                              saved_table, subjects_of, with_bids_sessions)
+from conditions.participants import SESSION_ID, find_table, read_table, saved_table, with_bids_sessions
+from conditions.table import Condition, build_conditions, condition_matrix, subjects_of
 from conftest import SMALL_UNET, blob, ckpt, error_of, vqvae, write_volume
 from runtime.errors import BadInputError
 from volumes.layouts import Layout

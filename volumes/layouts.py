@@ -14,7 +14,8 @@ from pathlib import Path
 
 from torchvision import datasets
 
-from conditions.table import MISSING, Table, read_table
+from conditions.participants import Table, read_table
+from conditions.table import MISSING
 from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
 
