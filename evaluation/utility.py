@@ -126,15 +126,22 @@ def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callabl
     scale): the condition network trained UTILITY_SEEDS times on it, read back from the held-out `test` (images, y).
     real: (images, y (N, K)) of real training slices; generate(y, w): samples at those values, at scale w. `class`
     and the condition `classes` (a table column of the class folders) are the classifier's rows; a condition that
-    fewer than 2 held-out images have a value of is not read back (said so), and none: no rows, nothing trained."""
+    fewer than 2 held-out images have a value of is not read back (said so), and none: no rows, nothing trained; one
+    whose held-out images all have one value is read back with a warning of what its measure then means."""
     checked = []
     for k, c in enumerate(conditions):
         if c.name != CLASS and k != classes:
-            given = int((~test[1][:, k].isnan()).sum())
-            if given < 2:
-                print(f"warning: --utility: {given} held-out images have a value of {c.name}; it is not read back")
-            else:
-                checked.append(k)
+            values = test[1][~test[1][:, k].isnan(), k]
+            if len(values) < 2:
+                print(f"warning: --utility: {len(values)} held-out images have a value of {c.name}; it is not read back")
+                continue
+            checked.append(k)
+            if len(values.unique()) == 1:  # read back against one value, the measure means something else
+                print(f"warning: --utility: every held-out image with a value of {c.name} has the same one "
+                      f"({c.decode(float(values[0]))}): " + (
+                          "its r is undefined, and the MAE says how close the readings come to it" if c.kind ==
+                          "continuous" else "'recognised' is the share read as it, which a reader that always says "
+                                            "it would score 100%"))
     if not checked:
         return []
     images, y = real

@@ -666,6 +666,13 @@ def test_the_table_s_utility_leaves_the_class_column_to_the_classifier_and_train
     assert utility.condition_utility(real, None, [1.0], untested, [group, age], 1, "cpu", classes=0) == []
     assert len(trained) == 3 * utility.UTILITY_SEEDS                  # nothing trained for a check that cannot run
     assert "0 held-out images have a value of age; it is not read back" in capsys.readouterr().out
+    sex = Condition("sex", "category", ["F", "M"])                    # held-out: all F, one age
+    one_value = (test[0], torch.tensor([[0.0, 0.5, 0.0]] * 3))
+    utility.condition_utility((real[0], torch.tensor([[0.0, 0.5, 1.0]] * 4)), lambda y, w: torch.zeros(len(y), 1, 8, 8),
+                              [1.0], one_value, [group, age, sex], 1, "cpu", classes=0)
+    printed = capsys.readouterr().out
+    assert "every held-out image with a value of sex has the same one (F): 'recognised' is the share read as it" in printed
+    assert "every held-out image with a value of age has the same one (70): its r is undefined" in printed
 
 
 def test_utility_is_refused_where_it_cannot_mean_what_it_says_and_trains_every_row_on_as_many_images(capsys):
