@@ -133,7 +133,8 @@ def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callabl
         if c.name != CLASS and k != classes:
             values = test[1][~test[1][:, k].isnan(), k]
             if len(values) < 2:
-                print(f"warning: --utility: {len(values)} held-out images have a value of {c.name}; it is not read back")
+                print(f"warning: --utility: {len(values)} held-out images have a value of {c.name}; it is not read "
+                      f"back")
                 continue
             checked.append(k)
             if len(values.unique()) == 1:  # read back against one value, the measure means something else
