@@ -36,7 +36,8 @@ def training_slices(run: Path, count: int, seed: int) -> tuple[torch.Tensor, lis
     dataset = load_slices(data.folder(), data.image_size, data.channels, skip_bad=data.skip_bad_images,
                           slicing=data.slicing, layout=data.layout)
     train_idx, _, _ = run_split(data, dataset)
-    picked = [train_idx[i] for i in torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))[:count]]
+    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
+    picked = [train_idx[i] for i in order[:count].tolist()]
     return torch.stack([dataset[i][0] for i in picked]), [dataset.samples[i][0] for i in picked]
 
 

@@ -462,8 +462,9 @@ def evaluate(args):
     sections = {}
     if not stage1_only and not seen:  # are the samples copies of training images?
         base, files = sample_files(Path(args.samples)) if args.samples else (None, None)
+        names = files and [f.relative_to(base).as_posix() for f in files]  # a set's files as its manifest names them
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
-                                                         device, files and [f.relative_to(base).as_posix() for f in files])
+                                                         device, names)
         if args.withhold_flagged:
             memorisation["withheld"] = withhold_flagged(base, each, run)
         sections["memorisation"] = memorisation_section(memorisation, closest, each, out)

@@ -671,7 +671,8 @@ def test_the_table_s_utility_leaves_the_class_column_to_the_classifier_and_train
     utility.condition_utility((real[0], torch.tensor([[0.0, 0.5, 1.0]] * 4)), lambda y, w: torch.zeros(len(y), 1, 8, 8),
                               [1.0], one_value, [group, age, sex], 1, "cpu", classes=0)
     printed = capsys.readouterr().out
-    assert "every held-out image with a value of sex has the same one (F): 'recognised' is the share read as it" in printed
+    assert "every held-out image with a value of sex has the same one (F): 'recognised' is the share read as it" \
+        in printed
     assert "every held-out image with a value of age has the same one (70): its r is undefined" in printed
 
 
