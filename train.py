@@ -30,7 +30,7 @@ from conditions.table import CLASS, build_conditions, condition_matrix, saved_co
 from dataset import dataset_labels, dataset_paths, files_fingerprint, index_batches, to_unit, uint8_loader
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import drop_conditions
-from losses.stage1 import ReconstructionLoss
+from losses.stage1 import ReconstructionLoss, Stage1LossConfig
 from modules import EMA, VQVAE, UNet, UNetConfig, VQVAEConfig
 from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, load_weights,
@@ -84,7 +84,7 @@ def train_vqvae(args):
     model = place_model(VQVAE(cfg), rt)
     optimizer = adamw(model.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, model, optimizer, rt, args.lr, Path(args.run) / "vqvae.pt")
-    reconstruction = ReconstructionLoss(args, rt, resume, max_steps)
+    reconstruction = ReconstructionLoss(Stage1LossConfig.from_args(args), rt, resume, max_steps)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(dataset), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum)
@@ -170,7 +170,7 @@ def train_decoder(args):
     decoder = vqvae.decoder.requires_grad_(True)
     optimizer = adamw(decoder.parameters(), args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     step = restore_training(resume, decoder, optimizer, rt, args.lr, run / "decoder.pt")
-    reconstruction = ReconstructionLoss(args, rt, resume, max_steps)
+    reconstruction = ReconstructionLoss(Stage1LossConfig.from_args(args), rt, resume, max_steps)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own random stream after
     train_model = wrap_model(decoder, rt, args.compile, str(run / "compile_cache"))
     batches = index_batches(len(dataset), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum)

@@ -37,6 +37,19 @@ class DiscriminatorConfig:
                                     # and VQGAN, which on 64 px slices left it at chance for 1,500 steps (bench/README)
 
 
+@dataclass(frozen=True)
+class AdversaryConfig:
+    """What `Adversary` trains with: the stage's flags, resolved once (`losses.stage1.Stage1LossConfig.from_args`)."""
+    weight: float                   # --adversarial-weight: the generator term's weight, above 0 (0: no Adversary)
+    start: int | float              # --adversarial-start: a step, or a fraction of the run (a float below 1)
+    loss: str                       # --adversarial-loss, one of LOSSES
+    weighting: str                  # --adversarial-weighting, one of WEIGHTINGS
+    lr: float                       # the discriminator's constant AdamW rate: --adversarial-lr, else --lr
+    discriminator: DiscriminatorConfig  # a new run's PatchGAN (a resumed one keeps the one it saved)
+    log_every: int                  # --log-every: a start by the clock is checked, all ranks agreeing, at log steps
+    max_minutes: float | None       # --max-minutes: a fractional start comes at that fraction of the minutes if sooner
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017; VQGAN's NLayerDiscriminator): image (B, C, S, S) -> patch logits (B, 1, P, P),
     P = S / 2^num_layers - 2.
@@ -155,24 +168,23 @@ class Adversary:
     unless --skip-nonfinite skipped that step. It counts the loop's steps, skipped ones too, so it starts at the
     loop's --adversarial-start; under fp16 its own GradScaler scales its loss and skips its non-finite steps."""
 
-    def __init__(self, args, rt: Runtime, resume: dict | None, max_steps: int):
-        self.weight, self.rt = args.adversarial_weight, rt
-        self.adaptive = args.adversarial_weighting == "adaptive"
+    def __init__(self, config: AdversaryConfig, rt: Runtime, resume: dict | None, max_steps: int):
+        self.weight, self.rt = config.weight, rt
+        self.adaptive = config.weighting == "adaptive"
         self.step = resume["step"] if resume else 0
         resume = resume if resume and "discriminator" in resume else None  # a run that trained without one starts one
         # a fraction is resolved once, at the run's start: a resumed run keeps its start step whatever its new length
         self.start = resume["adversarial_start"] if resume and "adversarial_start" in resume else \
-            start_step(args.adversarial_start, max_steps)
-        fraction = isinstance(args.adversarial_start, float) and args.adversarial_start < 1
-        self.start_by = (time.monotonic() + args.adversarial_start * 60 * args.max_minutes  # a run that ends by the
-                         if fraction and args.max_minutes and self.start > self.step else None)  # clock: its fraction
-        self.check_every = args.log_every
-        self.d_loss, self.g_loss = D_LOSS[args.adversarial_loss], G_LOSS[args.adversarial_loss]
-        self.cfg = (DiscriminatorConfig(**{**BEFORE_INIT, **resume["disc_config"]}) if resume else
-                    DiscriminatorConfig(in_channels=args.channels, channels=args.discriminator_channels,
-                                        num_layers=args.discriminator_layers))
-        self.disc = place_model(PatchDiscriminator(self.cfg), rt)
-        self.optimizer = adamw(self.disc.parameters(), args.adversarial_lr or args.lr, weight_decay=0.0, betas=(0.5, 0.9))
+            start_step(config.start, max_steps)
+        fraction = isinstance(config.start, float) and config.start < 1
+        self.start_by = (time.monotonic() + config.start * 60 * config.max_minutes  # a run that ends by the
+                         if fraction and config.max_minutes and self.start > self.step else None)  # clock: its fraction
+        self.check_every = config.log_every
+        self.d_loss, self.g_loss = D_LOSS[config.loss], G_LOSS[config.loss]
+        self.disc_config = (DiscriminatorConfig(**{**BEFORE_INIT, **resume["disc_config"]}) if resume else
+                            config.discriminator)
+        self.disc = place_model(PatchDiscriminator(self.disc_config), rt)
+        self.optimizer = adamw(self.disc.parameters(), config.lr, weight_decay=0.0, betas=(0.5, 0.9))
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.scaler.is_enabled())
         if resume:
             resumed = "the checkpoint resumed"
@@ -180,7 +192,7 @@ class Adversary:
             load_weights(self.optimizer, resume["disc_optimizer"], resumed, "discriminator's optimizer",
                          load=load_optimizer)
             for group in self.optimizer.param_groups:  # a constant rate: --lr or --adversarial-lr, as resolved now
-                group["lr"] = args.adversarial_lr or args.lr
+                group["lr"] = config.lr
             if self.scaler.is_enabled() and resume.get("disc_scaler"):
                 self.scaler.load_state_dict(resume["disc_scaler"])
         self.train_disc = wrap_model(self.disc, rt, compile_model=False)
@@ -217,4 +229,5 @@ class Adversary:
 
     def state(self) -> dict:
         return {"discriminator": self.disc.state_dict(), "disc_optimizer": self.optimizer.state_dict(),
-                "disc_scaler": self.scaler.state_dict(), "disc_config": asdict(self.cfg), "adversarial_start": self.start}
+                "disc_scaler": self.scaler.state_dict(), "disc_config": asdict(self.disc_config),
+                "adversarial_start": self.start}

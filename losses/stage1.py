@@ -1,15 +1,17 @@
 """Stage 1's loss of a reconstruction, as `train-vqvae` and `train-decoder` train with it: the terms of losses/ that
-the run's flags switch on, summed, and the discriminator that learns beside them; and those flags (`add_arguments`).
+the run's flags switch on, summed, and the discriminator that learns beside them; those flags (`add_arguments`), and
+their values, read once from the resolved command line (`Stage1LossConfig.from_args`).
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from losses.adversarial import LOSSES, WEIGHTINGS, Adversary
+from losses.adversarial import LOSSES, WEIGHTINGS, Adversary, AdversaryConfig, DiscriminatorConfig
 from losses.perceptual import NETWORKS, perceptual_loss
 from losses.reconstruction import BASE_LOSSES, as_shown, base_loss, focal_frequency_loss, laplacian_l1
 from runtime.checkpoint import fingerprint
@@ -29,16 +31,46 @@ STAGE1_LOSSES = {
 }
 
 
+@dataclass(frozen=True)
+class Stage1LossConfig:
+    """The stage-1 losses' settings (`add_arguments`' flags), resolved once from the command line (`from_args`)."""
+    reconstruction_loss: str        # --reconstruction-loss, one of BASE_LOSSES
+    clamped_loss: bool              # --clamped-loss: the error of the output clamped as shown (`as_shown`)
+    laplacian_weight: float         # --laplacian-weight (0: off)
+    frequency_weight: float         # --frequency-weight (0: off)
+    perceptual_weight: float        # --perceptual-weight (0: off)
+    perceptual_network: str         # --perceptual-network, one of NETWORKS
+    vgg_weights: str | None         # --vgg-weights: the local file of --perceptual-network vgg16
+    adversary: AdversaryConfig | None  # the adversarial patch term, None where --adversarial-weight is 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Stage1LossConfig":
+        """The flags of `add_arguments`, and the run's --lr, --channels, --log-every and --max-minutes the
+        discriminator needs, from a stage's arguments as driver.py resolved them (presets filled in)."""
+        adversary = None
+        if args.adversarial_weight > 0:
+            adversary = AdversaryConfig(
+                weight=args.adversarial_weight, start=args.adversarial_start, loss=args.adversarial_loss,
+                weighting=args.adversarial_weighting, lr=args.adversarial_lr or args.lr,
+                discriminator=DiscriminatorConfig(in_channels=args.channels, channels=args.discriminator_channels,
+                                                  num_layers=args.discriminator_layers),
+                log_every=args.log_every, max_minutes=args.max_minutes)
+        return cls(reconstruction_loss=args.reconstruction_loss, clamped_loss=args.clamped_loss,
+                   laplacian_weight=args.laplacian_weight, frequency_weight=args.frequency_weight,
+                   perceptual_weight=args.perceptual_weight, perceptual_network=args.perceptual_network,
+                   vgg_weights=args.vgg_weights, adversary=adversary)
+
+
 class ReconstructionLoss:
     """Stage 1's loss of a reconstruction, but the codebook's, by its flags: the base loss (MSE or L1, on the output
     clamped as shown with --clamped-loss) + Laplacian L1 + the focal frequency loss + the perceptual term + the
     adversarial patch term, whose discriminator (`Adversary`) learns after each step."""
 
-    def __init__(self, args, rt: Runtime, resume: dict | None, max_steps: int):
-        self.args = args
-        self.adversary = Adversary(args, rt, resume, max_steps) if args.adversarial_weight > 0 else None
-        self.perceptual = (perceptual_loss(args.vgg_weights, args.perceptual_network)
-                           if args.perceptual_weight > 0 else None)
+    def __init__(self, config: Stage1LossConfig, rt: Runtime, resume: dict | None, max_steps: int):
+        self.config = config
+        self.adversary = Adversary(config.adversary, rt, resume, max_steps) if config.adversary else None
+        self.perceptual = (perceptual_loss(config.vgg_weights, config.perceptual_network)
+                           if config.perceptual_weight > 0 else None)
         self.perceptual_fingerprint = None
         if self.perceptual is not None:
             self.perceptual.to(rt.device)
@@ -51,16 +83,16 @@ class ReconstructionLoss:
 
     def __call__(self, recon: torch.Tensor, x: torch.Tensor, last_layer) -> tuple[torch.Tensor, ...]:
         """(the reconstruction's loss, its MSE, logged as `recon` and PSNR whatever the base loss, the adversarial term)."""
-        a = self.args
-        recon = as_shown(recon.float()) if a.clamped_loss else recon.float()
+        c = self.config
+        recon = as_shown(recon.float()) if c.clamped_loss else recon.float()
         mse = F.mse_loss(recon, x)
-        rec = mse if a.reconstruction_loss == "mse" else base_loss(recon, x, a.reconstruction_loss)
-        if a.laplacian_weight > 0:
-            rec = rec + a.laplacian_weight * laplacian_l1(recon, x)
-        if a.frequency_weight > 0:
-            rec = rec + a.frequency_weight * focal_frequency_loss(recon, x)
+        rec = mse if c.reconstruction_loss == "mse" else base_loss(recon, x, c.reconstruction_loss)
+        if c.laplacian_weight > 0:
+            rec = rec + c.laplacian_weight * laplacian_l1(recon, x)
+        if c.frequency_weight > 0:
+            rec = rec + c.frequency_weight * focal_frequency_loss(recon, x)
         if self.perceptual is not None:
-            rec = rec + a.perceptual_weight * self.perceptual(recon, x)
+            rec = rec + c.perceptual_weight * self.perceptual(recon, x)
         adversarial = (self.adversary.generator_loss(x, recon, rec, last_layer) if self.adversary
                        else torch.zeros_like(rec))
         return rec, mse, adversarial

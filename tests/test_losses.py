@@ -86,9 +86,8 @@ def test_the_discriminator_starts_from_pytorchs_initialisation_and_an_older_one_
     own learned in 8 of 8 (bench/README); a discriminator saved before the config named its initialisation had DCGAN's,
     and says so."""
     import contextlib
-    from argparse import Namespace
 
-    from losses.adversarial import Adversary
+    from losses.adversarial import Adversary, AdversaryConfig
     from runtime.process import Runtime
     torch.manual_seed(0)
     first = {init: PatchDiscriminator(DiscriminatorConfig(init=init)).net[0].weight for init in ("default", "dcgan")}
@@ -100,13 +99,13 @@ def test_the_discriminator_starts_from_pytorchs_initialisation_and_an_older_one_
         PatchDiscriminator(DiscriminatorConfig(init="xavier"))
 
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
-    args = Namespace(adversarial_weight=0.01, adversarial_start=0, adversarial_loss="least-squares", channels=1,
-                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=None, log_every=10,
-                     discriminator_channels=8, discriminator_layers=3)
-    new = Adversary(args, rt, None, max_steps=10).state()
+    config = AdversaryConfig(weight=0.01, start=0, loss="least-squares", weighting="fixed", lr=1e-3,
+                             discriminator=DiscriminatorConfig(in_channels=1, channels=8, num_layers=3),
+                             log_every=10, max_minutes=None)
+    new = Adversary(config, rt, None, max_steps=10).state()
     assert new["disc_config"]["init"] == "default"
     old = {**new, "step": 5, "disc_config": {k: v for k, v in new["disc_config"].items() if k != "init"}}
-    resumed = Adversary(args, rt, old, max_steps=10)
+    resumed = Adversary(config, rt, old, max_steps=10)
     assert resumed.state()["disc_config"]["init"] == "dcgan"
     assert all(torch.equal(a, b) for a, b in zip(resumed.disc.state_dict().values(), new["discriminator"].values()))
 
@@ -221,18 +220,22 @@ def test_a_resumed_discriminator_takes_the_learning_rate_given_now_not_the_one_i
     """--adversarial-lr and --lr are CHANGEABLE on resume: the optimizer's saved state must not bring the old rate
     back."""
     import contextlib
-    from argparse import Namespace
+    from dataclasses import replace
 
-    from losses.adversarial import Adversary
+    import driver
+    from losses.adversarial import Adversary, AdversaryConfig
+    from losses.stage1 import Stage1LossConfig
     from runtime.process import Runtime
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
-    args = Namespace(adversarial_weight=0.01, adversarial_start=0, adversarial_loss="least-squares", channels=1,
-                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=None, log_every=10,
-                     discriminator_channels=8, discriminator_layers=1)
-    saved = {**Adversary(args, rt, None, max_steps=10).state(), "step": 5}
+    config = AdversaryConfig(weight=0.01, start=0, loss="least-squares", weighting="fixed", lr=1e-3,
+                             discriminator=DiscriminatorConfig(in_channels=1, channels=8, num_layers=1),
+                             log_every=10, max_minutes=None)
+    saved = {**Adversary(config, rt, None, max_steps=10).state(), "step": 5}
     assert saved["disc_optimizer"]["param_groups"][0]["lr"] == 1e-3
-    for adversarial_lr, lr, expected in ((2e-4, 1e-3, 2e-4), (None, 5e-4, 5e-4)):   # --adversarial-lr, else --lr
-        resumed = Adversary(Namespace(**{**vars(args), "adversarial_lr": adversarial_lr, "lr": lr}), rt, saved, 10)
+    for rates, expected in ((["--adversarial-lr", "2e-4", "--lr", "1e-3"], 2e-4), (["--lr", "5e-4"], 5e-4)):
+        given = Stage1LossConfig.from_args(driver.parse(["train-vqvae", "--adversarial-weight", "0.01", *rates]))
+        assert given.adversary.lr == expected                                     # --adversarial-lr, else --lr
+        resumed = Adversary(replace(config, lr=given.adversary.lr), rt, saved, 10)
         assert [g["lr"] for g in resumed.optimizer.param_groups] == [expected] * len(resumed.optimizer.param_groups)
 
 
@@ -240,17 +243,17 @@ def test_a_fractional_start_under_max_minutes_is_that_fraction_of_the_minutes(mo
     """--max-minutes ends a run by the clock (its --max-steps is then only a bound), so a fraction of the steps may
     never come: the start is the first log step after that fraction of the minutes, and is saved as a step."""
     import contextlib
-    from argparse import Namespace
+    from dataclasses import replace
 
     import losses.adversarial as adversarial
     from runtime.process import Runtime
     clock = [1000.0]
     monkeypatch.setattr(adversarial.time, "monotonic", lambda: clock[0])
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False), False)
-    args = Namespace(adversarial_weight=0.01, adversarial_start=0.25, adversarial_loss="least-squares", channels=1,
-                     adversarial_lr=None, lr=1e-3, adversarial_weighting="fixed", max_minutes=8.0, log_every=10,
-                     discriminator_channels=64, discriminator_layers=3)
-    adversary = adversarial.Adversary(args, rt, None, max_steps=10 ** 9)
+    config = adversarial.AdversaryConfig(weight=0.01, start=0.25, loss="least-squares", weighting="fixed", lr=1e-3,
+                                         discriminator=DiscriminatorConfig(in_channels=1, channels=64, num_layers=3),
+                                         log_every=10, max_minutes=8.0)
+    adversary = adversarial.Adversary(config, rt, None, max_steps=10 ** 9)
     assert adversary.start == 250_000_000                       # a quarter of the bound: never, by the clock
     for step, minutes in ((10, 1.0), (15, 2.5), (19, 2.9), (20, 3.0)):
         clock[0] = 1000.0 + 60 * minutes
@@ -258,8 +261,29 @@ def test_a_fractional_start_under_max_minutes_is_that_fraction_of_the_minutes(mo
         assert adversary.start == (21 if step == 20 else 250_000_000)  # 2 minutes passed at step 15, checked at 20
     assert adversary.state()["adversarial_start"] == 21
     # without --max-minutes the fraction is of the steps, as before
-    args.max_minutes = None
-    assert adversarial.Adversary(args, rt, None, max_steps=2400).start == 600
+    assert adversarial.Adversary(replace(config, max_minutes=None), rt, None, max_steps=2400).start == 600
+
+
+def test_the_loss_config_holds_the_resolved_flags_and_no_adversary_at_weight_0():
+    import driver
+    from losses.adversarial import AdversaryConfig
+    from losses.stage1 import Stage1LossConfig
+    tiny = Stage1LossConfig.from_args(driver.parse(["train-vqvae"]))           # the preset's: MSE, clamped, no GAN
+    assert tiny == Stage1LossConfig(reconstruction_loss="mse", clamped_loss=True, laplacian_weight=0.0,
+                                    frequency_weight=0.0, perceptual_weight=0.0, perceptual_network="vgg16",
+                                    vgg_weights=None, adversary=None)
+    given = Stage1LossConfig.from_args(driver.parse([
+        "train-vqvae", "--channels", "3", "--lr", "1e-3", "--log-every", "5", "--max-minutes", "8",
+        "--reconstruction-loss", "l1", "--no-clamped-loss", "--laplacian-weight", "0.5", "--frequency-weight", "0.25",
+        "--perceptual-weight", "0.1", "--perceptual-network", "random", "--vgg-weights", "vgg16.pth",
+        "--adversarial-weight", "0.1", "--adversarial-start", "0.25", "--adversarial-loss", "least-squares",
+        "--adversarial-weighting", "fixed", "--discriminator-channels", "16", "--discriminator-layers", "1"]))
+    assert given == Stage1LossConfig(
+        reconstruction_loss="l1", clamped_loss=False, laplacian_weight=0.5, frequency_weight=0.25,
+        perceptual_weight=0.1, perceptual_network="random", vgg_weights="vgg16.pth",
+        adversary=AdversaryConfig(weight=0.1, start=0.25, loss="least-squares", weighting="fixed", lr=1e-3,
+                                  discriminator=DiscriminatorConfig(in_channels=3, channels=16, num_layers=1),
+                                  log_every=5, max_minutes=8.0))
 
 
 def test_the_base_loss_is_mse_or_l1():
@@ -271,17 +295,17 @@ def test_the_base_loss_is_mse_or_l1():
 
 
 def test_the_reconstruction_loss_l1_alone_is_the_mean_absolute_error_and_mse_is_still_logged():
-    from argparse import Namespace
+    from dataclasses import replace
 
-    from losses.stage1 import ReconstructionLoss
-    args = Namespace(reconstruction_loss="l1", clamped_loss=False, laplacian_weight=0.0, frequency_weight=0.0,
-                     perceptual_weight=0.0, adversarial_weight=0.0, vgg_weights=None, perceptual_network="random")
+    from losses.stage1 import ReconstructionLoss, Stage1LossConfig
+    config = Stage1LossConfig(reconstruction_loss="l1", clamped_loss=False, laplacian_weight=0.0, frequency_weight=0.0,
+                              perceptual_weight=0.0, perceptual_network="random", vgg_weights=None, adversary=None)
     x, recon = torch.zeros(1, 1, 2, 2), torch.tensor([0.5, -0.5, 1.0, 0.0]).view(1, 1, 2, 2)
-    rec, mse, adversarial = ReconstructionLoss(args, None, None, max_steps=10)(recon, x, None)
+    rec, mse, adversarial = ReconstructionLoss(config, None, None, max_steps=10)(recon, x, None)
     assert rec.item() == pytest.approx(2.0 / 4) and mse.item() == pytest.approx(1.5 / 4)  # |e| mean, e^2 mean
     assert adversarial.item() == 0.0
-    args.reconstruction_loss = "mse"
-    assert ReconstructionLoss(args, None, None, max_steps=10)(recon, x, None)[0].item() == pytest.approx(1.5 / 4)
+    config = replace(config, reconstruction_loss="mse")
+    assert ReconstructionLoss(config, None, None, max_steps=10)(recon, x, None)[0].item() == pytest.approx(1.5 / 4)
 
 
 def textured(n=2, size=64, seed=0):

@@ -803,14 +803,14 @@ def test_the_discriminator_starts_at_the_loops_step_when_steps_are_skipped(adni_
 def test_under_fp16_the_discriminator_steps_through_its_own_grad_scaler(monkeypatch):
     """An fp16 step whose gradient overflows is skipped and the scale halved, as for the VQ-VAE; without a
     GradScaler the overflow reaches the discriminator's weights."""
-    from argparse import Namespace
+    from losses.adversarial import AdversaryConfig, DiscriminatorConfig
     from runtime.process import Runtime
     import contextlib
     rt = Runtime(torch.device("cpu"), contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=True), False)
-    args = Namespace(adversarial_weight=0.1, adversarial_start=0, adversarial_loss="hinge", channels=1,
-                     adversarial_lr=None, lr=1e-3, adversarial_weighting="adaptive", max_minutes=None, log_every=50,
-                     discriminator_channels=16, discriminator_layers=3)
-    adversary = Adversary(args, rt, None, max_steps=10)
+    config = AdversaryConfig(weight=0.1, start=0, loss="hinge", weighting="adaptive", lr=1e-3,
+                             discriminator=DiscriminatorConfig(in_channels=1, channels=16, num_layers=3),
+                             log_every=50, max_minutes=None)
+    adversary = Adversary(config, rt, None, max_steps=10)
     before = {k: v.clone() for k, v in adversary.disc.state_dict().items()}
     adversary.d_loss = lambda real, fake: (real.mean() - fake.mean()) * float("inf")
     x = torch.rand(2, 1, 32, 32) * 2 - 1
