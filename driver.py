@@ -34,6 +34,7 @@ from losses import stage1
 from evaluation import ema_lengths
 from conditions import counterfactual
 from conditions.table import condition_list
+from export.sample_set import SAMPLES_LOCK
 from runtime.checkpoint import load_checkpoint, read_config, run_lock
 from runtime.errors import BadInputError, Interrupted, disk_full
 from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
@@ -430,9 +431,14 @@ def demo(args):
 
 
 def evaluate(args):
-    from evaluation.evaluate import evaluate  # the metrics load here, not for every command (evaluation/__init__.py)
-    with run_lock(Path(args.out or args.run), create=True, lock=EVALUATE_LOCK, doing="evaluating into"):
-        return evaluate(args)  # two into one folder would mix their report.md, metrics.json and figures
+    from evaluation.evaluate import evaluate, sample_set_folder  # the metrics load here, not for every command
+    screened = sample_set_folder(Path(args.samples)) if args.samples and args.withhold_flagged else None
+    # two into one folder would mix their report.md, metrics.json and figures; a set that --withhold-flagged changes
+    # is held from its reading to its withholding, so that no `sample` (nor another evaluate) changes it in between
+    with run_lock(Path(args.out or args.run), create=True, lock=EVALUATE_LOCK, doing="evaluating into"), \
+            (run_lock(screened.parent, lock=SAMPLES_LOCK, doing="writing a sample set into") if screened else
+             contextlib.nullcontext()):
+        return evaluate(args)
 
 
 def how_to_continue(argv: list[str] | None) -> str:

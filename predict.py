@@ -533,20 +533,23 @@ def predict(args):
 
         if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
             per_row = min(args.num, max(1, GRID_MAX // len(rows)))
-            save_rows([(caption, samples.first(r, per_row)) for r, (caption, _) in enumerate(rows)],
-                      out / "samples.png")
+            grid = [(caption, samples.first(r, per_row)) for r, (caption, _) in enumerate(rows)]
+            grid = [(caption, images) for caption, images in grid if len(images)]  # a row all withheld: none
+            if grid:
+                save_rows(grid, out / "samples.png")
             shown = per_row * len(rows)
         else:
             shown = min(GRID_MAX, args.num)
-            save_png(enlarged(samples.first(0, shown)), out / "samples.png", nrow=math.ceil(math.sqrt(shown)),
-                     normalize=True, value_range=(-1, 1))
+            if len(images := samples.first(0, shown)):
+                save_png(enlarged(images), out / "samples.png", nrow=math.ceil(math.sqrt(shown)), normalize=True,
+                         value_range=(-1, 1))
         total = len(rows) * args.num
         if shown < total:
             print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")
         if gif_latents is None:
             print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then"
                   if (out / "denoise.gif").exists() else "the first batch was drawn before --resume, by a command "
-                  "stopped before it wrote denoise.gif: none is written")
+                  "stopped before it wrote denoise.gif (or the GIF went with withheld samples): none is written")
         print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says "
               f"how each was made; {count} drawn now)")
         return torch.cat(drawn) if drawn else None

@@ -348,9 +348,14 @@ def evaluate(args):
                             f"{args.guidance})")
     if args.ema_lengths:
         refuse_unready(run, args.samples)
-    if args.withhold_flagged and not (args.samples and sample_set_folder(Path(args.samples))):
+    screened = sample_set_folder(Path(args.samples)) if args.samples else None
+    if args.withhold_flagged and not screened:
         raise BadInputError("--withhold-flagged leaves the samples the memorisation check flags out of a sample set: "
                             "give the set, as `sample --out DIR` wrote it, with --samples DIR")
+    if screened and out.resolve().is_relative_to(screened.resolve()):
+        raise BadInputError(f"--out {out} is inside the sample set {screened}: evaluate's figures show real held-out "
+                            f"scans and its tables name training images, which would go wherever the set goes; put "
+                            f"it elsewhere")
     device, autocast = setup_device(args.device)
     data = args.data_config  # stage 1's, resolved by driver.py
     data.refuse_inside(out, "--out" if args.out else "the run folder, the output's by default,")

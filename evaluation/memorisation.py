@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from export.sample_set import SAMPLES_LOCK, withhold
-from runtime.checkpoint import run_lock
+from export.sample_set import withhold
 
 PERCENTILE = 1.0            # a sample closer than this percentile of held-out images is flagged
 CORRELATION_SIZE = 128      # px: images are compared at most this large (area-averaged), enough to tell two brains apart
@@ -124,13 +123,13 @@ def each_sample_csv(rows: list[dict]) -> bytes:
 def withhold_flagged(folder: Path, each: list[dict], run: Path) -> int:
     """`evaluate --samples SET --withhold-flagged`: the samples either measure flags left out of the set in `folder`
     (export/sample_set.py `withhold`: files deleted, rows into withheld.csv with what flagged them, against which
-    run), under the lock `sample` holds while it writes a set. Returns how many the set withholds in all."""
+    run). The caller holds the lock `sample` holds while it writes the set (driver.py `evaluate`, from before the
+    samples are read): `each` must name the files as they were read. Returns how many the set withholds in all."""
     why = {row["sample"]: {"flagged_by": " and ".join(m for m in ("features", "pixels") if row[f"flagged_{m}"]),
                            "feature_distance": row["feature_distance"], "correlation": row["correlation"],
-                           "checked_against": str(run)}
+                           "checked_against": str(run.resolve())}
            for row in each if row["flagged_features"] or row["flagged_pixels"]}
-    with run_lock(folder.parent, lock=SAMPLES_LOCK, doing="writing a sample set into"):
-        return withhold(folder, why)
+    return withhold(folder, why)
 
 
 def _slice_of(dataset, index: int) -> dict:

@@ -48,6 +48,7 @@ MANIFEST = "manifest.csv"
 TABLE = "participants.tsv"
 WITHHELD = "withheld.csv"
 SAMPLES_LOCK = ".samples.lock"   # in --out, held while a set is written: two writers would interleave its manifest
+FIGURES = ("samples.png", "denoise.gif")   # what `sample` writes into --out beside the set: its first samples shown
 EARLIER_SAMPLE = re.compile(r"\d{4,}\.png")   # samples/0000.png: what predict.py wrote before sets (until 2026-12-03)
 SEEDING = "SeedSequence(seed, batch)"   # sampling.json's `batch_seeds`; a set written before it: seed + batch
 ROW_SEEDING = "SeedSequence(seed, batch, row)"   # --row-noise independent: each row of the set its own noise
@@ -119,6 +120,7 @@ class SampleSet:
                                 f"the same run and flags{f' (give {again})' if again else ''}; leave --resume out to "
                                 f"replace it, or pick another --out")
         withheld = {int(r["index"]) for r in withheld_rows(self.folder)}  # drawn, and left out: not drawn again
+        _remove_samples(self.folder, {r["file"] for r in withheld_rows(self.folder)})  # a withholding cut short
         rows = [r for r in self._manifest_rows() if (self.folder / r["file"]).is_file()
                 and int(r["index"]) not in withheld]
         listed = {int(r["index"]) for r in rows} | withheld
@@ -160,8 +162,8 @@ class SampleSet:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BadInputError(f"cannot make {self.folder} ({e.strerror or e}): give --out a folder") from None
+        (self.folder / WITHHELD).unlink(missing_ok=True)  # before the new settings: a kill between leaves none stale
         _write_atomically(self.folder / SETTINGS, json.dumps(self.settings, indent=2) + "\n")
-        (self.folder / WITHHELD).unlink(missing_ok=True)
         self._rewrite([])
 
     def _rewrite(self, rows: list[dict]):
@@ -239,10 +241,10 @@ class SampleSet:
 
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W); a
-        withheld sample's place is taken by the next one."""
+        withheld sample's place is taken by the next one, and a row whose samples were all withheld gives none."""
         withheld = {int(r["index"]) for r in withheld_rows(self.folder)}
         kept = [i for i in range(row * self.num, (row + 1) * self.num) if i not in withheld][:count]
-        return torch.stack([read_sample(self.folder / self.file(i)) for i in kept])
+        return torch.stack([read_sample(self.folder / self.file(i)) for i in kept]) if kept else torch.empty(0)
 
 
 def _drawn(saved: dict, settings: dict, key: str) -> bool:
@@ -269,17 +271,24 @@ def withheld_rows(folder: Path) -> list[dict]:
 
 def withhold(folder: Path, why: dict[str, dict]) -> int:
     """Leaves samples out of the set in `folder` (a possible copy of a training patient, say): for each file, as
-    the manifest names it, `why` (columns saying what flagged it). Its manifest row, with `why`, moves into
-    withheld.csv, its row of participants.tsv goes, then its file is deleted; `--resume` does not draw it again, and
-    `evaluate --samples` counts it as drawn. Each step is written whole, and withholding again finishes one an
-    interruption cut short. Returns how many samples the set has withheld in all."""
+    the manifest names it, `why` (columns saying what flagged it). `sample`'s samples.png and denoise.gif beside
+    the set, which show its first samples, are removed; its manifest row, with `why`, moves into withheld.csv, its
+    row of participants.tsv goes, then its file is deleted (and a class folder left empty); `--resume` does not draw
+    it again, and `evaluate --samples` counts it as drawn. Each step is written whole, and withholding again (or
+    `--resume`) finishes one an interruption cut short. Returns how many samples the set has withheld in all."""
     rows, before = manifest_rows(folder), withheld_rows(folder)
     unknown = sorted(set(why) - {r["file"] for r in rows + before})
     if unknown:
         raise BadInputError(f"{folder}'s manifest lists no {unknown[0]}: not a sample of this set")
     already = {r["file"] for r in before}
     withheld = before + [{**r, **why[r["file"]]} for r in rows if r["file"] in why and r["file"] not in already]
-    if len(withheld) > len(before):  # first the record, then the rows go, then the files
+    if len(withheld) > len(before):  # first the figures that may show them, the record, then the rows, the files
+        shown = [folder.parent / f for f in FIGURES if folder.name == "samples" and (folder.parent / f).is_file()]
+        for path in shown:
+            path.unlink()
+        if shown:
+            print(f"removed {' and '.join(map(str, shown))}: they show the set's first samples, which may be among "
+                  f"those withheld (`sample --resume` with the set's flags draws samples.png again, without them)")
         _write_atomically(folder / WITHHELD, _csv(list(dict.fromkeys(k for r in withheld for k in r)), withheld, ","))
     gone = {r["file"] for r in withheld}
     kept = [r for r in rows if r["file"] not in gone]
@@ -289,11 +298,19 @@ def withhold(folder: Path, why: dict[str, dict]) -> int:
         table = list(csv.DictReader(io.StringIO((folder / TABLE).read_text()), delimiter="\t"))
         _write_atomically(folder / TABLE, _csv(_columns(folder / TABLE, "\t"),
                                                [r for r in table if r["participant_id"] not in gone_ids], "\t"))
-    for name in gone:
-        path = (folder / name).resolve()
-        if folder.resolve() in path.parents:  # never a file outside the set, whatever a manifest says
-            path.unlink(missing_ok=True)
+    _remove_samples(folder, gone)
     return len(withheld)
+
+
+def _remove_samples(folder: Path, names: set[str]):
+    """The sample files `names` of the set in `folder` deleted (never a file outside it, whatever a manifest says),
+    and the class folders that leaves empty: `--data` refuses an empty class folder."""
+    for name in names:
+        path = (folder / name).resolve()
+        if folder.resolve() in path.parents:
+            path.unlink(missing_ok=True)
+            if path.parent != folder.resolve() and path.parent.is_dir() and not any(path.parent.iterdir()):
+                path.parent.rmdir()
 
 
 def _columns(path: Path, delimiter: str) -> list[str]:

@@ -325,6 +325,40 @@ def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_s
         3 - len(withheld)
 
 
+def test_a_set_screened_by_withhold_flagged_is_locked_from_its_reading_to_its_withholding(conditioned_run, tmp_path,
+                                                                                          monkeypatch):
+    """A new `sample` into the set while evaluate --withhold-flagged scores it is refused: the verdicts, applied by
+    file name, would delete samples of the new set that were never checked (and leave its copies in)."""
+    from PIL import Image
+    import evaluation.evaluate as evaluation_module
+    run, _ = conditioned_run
+    folder, out = tmp_path / "set" / "samples", tmp_path / "eval"
+    sample = ["sample", "--run", str(run), "--num", "3", "--steps", "2", "--class", "AD", "--set", "age=60",
+              "--out", str(tmp_path / "set")]
+    score = ["evaluate", "--run", run.name, "--out", str(out), "--features", "domain", "--classifier-steps", "0",
+             "--samples", str(tmp_path / "set")]
+    driver.main(sample)
+    monkeypatch.chdir(run.parent)                                     # --run as a relative path
+    driver.main(score)
+    copied = next(csv.DictReader((out / "eval_memorisation.csv").open()))["nearest_by_pixels"]
+    Image.open(copied).resize((32, 32)).save(folder / "AD" / "sub-000001.png")   # a training image as sample 1
+    drawn = {p.name: p.read_bytes() for p in (folder / "AD").iterdir()}
+    feature_network, refused = evaluation_module.feature_network, []
+
+    def meanwhile(*args, **kwargs):                                   # another terminal: a new set into the same --out
+        refused.append(error_of(driver.main, sample + ["--seed", "7"]))
+        return feature_network(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation_module, "feature_network", meanwhile)
+    driver.main(score + ["--withhold-flagged"])
+    assert "another command is writing a sample set into" in refused[0]
+    withheld = list(csv.DictReader((folder / "withheld.csv").open()))
+    assert "AD/sub-000001.png" in [row["file"] for row in withheld]
+    assert all(row["checked_against"] == str(run.resolve()) for row in withheld)
+    assert {p.name: p.read_bytes() for p in (folder / "AD").iterdir()} == {
+        name: data for name, data in drawn.items() if f"AD/{name}" not in [row["file"] for row in withheld]}
+
+
 def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_say_what_they_lack(trained_run,
                                                                                                    tmp_path, capsys):
     run, _ = trained_run
@@ -372,6 +406,8 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "was trained on every subject, and the memorisation check needs subjects it never saw" in error_of(
         driver.main, base + ["--samples", str(tmp_path / "set"), "--withhold-flagged"])
     assert len(list((tmp_path / "set" / "samples" / "all").iterdir())) == 2
+    assert "is inside the sample set" in error_of(driver.main, [*base[:-3], str(tmp_path / "set" / "samples" / "eval"),
+                                                                "--holdout", "0.5", "--samples", str(tmp_path / "set")])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "2", "--guidance", "0"])
     assert "leave out --samples" in error_of(driver.main, base + ["--utility", "2", "--samples", str(tmp_path)])

@@ -456,3 +456,55 @@ def test_withholding_cut_short_by_a_kill_is_finished_by_withholding_again(tmp_pa
     assert resumed.batches(0) == {0, 1} and manifest(folder) == [rows[0], rows[2]]   # the row left out, not redrawn
     assert withhold(folder, {}) == 1 and not (folder / "all" / "sub-000001.npz").exists()
     assert [r["file"] for r in withheld_rows(folder)] == ["all/sub-000001.npz"]
+
+
+def test_a_withholding_cut_short_is_finished_by_resume_and_leaves_no_empty_folder_nor_figure_showing_it(tmp_path):
+    """A kill after the rows left and before the file went: --resume deletes the file (--data reads every file in a
+    class folder). A class folder withholding empties goes (--data refuses an empty one), and so do samples.png and
+    denoise.gif beside the set, which show its first samples; withholding nothing new leaves a grid drawn again."""
+    from export.sample_set import withhold
+    folder = tmp_path / "samples"
+    write_batches(constructed_set(folder, num=3, batch_size=2), [(0, 0), (0, 1)])
+    (folder / "withheld.csv").write_text("file,index,flagged_by\nall/sub-000001.npz,1,features\n")
+    constructed_set(folder, num=3, batch_size=2, resume=True)
+    assert not (folder / "all" / "sub-000001.npz").exists() and (folder / "all" / "sub-000000.npz").is_file()
+    for figure in ("samples.png", "denoise.gif"):
+        (tmp_path / figure).write_bytes(b"the first samples")
+    assert withhold(folder, {f"all/sub-00000{k}.npz": {"flagged_by": "pixels"} for k in (0, 2)}) == 3
+    assert not (folder / "all").exists() and not (tmp_path / "samples.png").exists()
+    assert not (tmp_path / "denoise.gif").exists()
+    (tmp_path / "samples.png").write_bytes(b"drawn again by --resume")
+    assert withhold(folder, {}) == 3 and (tmp_path / "samples.png").is_file()
+
+
+def test_a_new_set_killed_as_it_starts_keeps_nothing_the_set_before_it_withheld(tmp_path, monkeypatch):
+    """A kill after a new set's sampling.json is written: the earlier set's withheld.csv is already gone, so that
+    --resume draws every sample of the new set (a stale one would leave its samples out as withheld)."""
+    from export import sample_set
+    folder = tmp_path / "samples"
+    write_batches(constructed_set(folder, num=3, batch_size=1), [(0, 0), (0, 1), (0, 2)])
+    sample_set.withhold(folder, {"all/sub-000001.npz": {"flagged_by": "pixels"}})
+    write = sample_set._write_atomically
+
+    def killed_after_the_settings(path, text):
+        write(path, text)
+        if path.name == "sampling.json":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_set, "_write_atomically", killed_after_the_settings)
+    with pytest.raises(KeyboardInterrupt):
+        constructed_set(folder, num=3, batch_size=1)                  # a new set, no --resume
+    monkeypatch.undo()
+    assert constructed_set(folder, num=3, batch_size=1, resume=True).batches(0) == set()
+
+
+def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(conditioned_run, tmp_path):
+    from export.sample_set import withhold
+    run, _ = conditioned_run
+    flags = ["--run", str(run), "--out", str(tmp_path), "--num", "2", "--batch-size", "2", "--class", "AD",
+             "--sweep", "age=60,70", *FAST]
+    predict.predict(predict.parse_args(flags))
+    height = Image.open(tmp_path / "samples.png").size[1]                              # 2 rows
+    withhold(tmp_path / "samples", {f"AD/sub-00000{k}.png": {"flagged_by": "pixels"} for k in (2, 3)})  # row 2's
+    predict.predict(predict.parse_args([*flags, "--resume"]))
+    assert Image.open(tmp_path / "samples.png").size[1] == height // 2                 # 1 row
