@@ -32,11 +32,11 @@ from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import drop_conditions
 from losses.stage1 import ReconstructionLoss, Stage1LossConfig
 from modules import EMA, VQVAE, UNet, UNetConfig, VQVAEConfig
-from predict import load_vqvae
 from runtime.checkpoint import (atomic_save, checkpoint_to_resume, fingerprint, load_checkpoint, load_weights,
                                 model_config, remove_unfinished)
 from runtime.errors import BadInputError
 from runtime.loop import Stage, restore_training, start_stage, total_steps, train_loop, trains_further
+from runtime.models import load_vqvae
 from runtime.optimizer import adamw
 from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
 from runtime.process import (Runtime, any_rank, check_processes, cpus_per_process, main_rank_first, place_model,
@@ -151,7 +151,7 @@ def train_decoder(args):
     default with the brain-MRI anchors' recipe (`tiny`'s PatchGAN with 16x16 patches), whose perceptual network and
     discriminator make a step of the whole first stage too dear on a CPU (bench/README.md). Writes RUN/decoder.pt,
     tied to RUN/vqvae.pt by its fingerprint; sampling, `evaluate` and stage 2's grids decode with it from then on
-    (predict.load_vqvae)."""
+    (runtime.models.load_vqvae)."""
     # setup
     run = Path(args.run)
     rt = setup_runtime(args.device, args.precision, args.deterministic, args.channels_last)

@@ -36,6 +36,7 @@ from conditions.table import asked_values  # noqa: E402
 from dataset import load_slices  # noqa: E402
 from evaluation.classifier import class_accuracy, domain_classifier  # noqa: E402
 from evaluation.evaluate import feature_key, run_split, stack  # noqa: E402
+from runtime.models import load_run  # noqa: E402
 from volumes.run_data import DataConfig  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def main():
     held = ref_idx + floor_idx
     key = feature_key(data, dataset, train_idx, data.holdout, data.holdout_seed)
     classifier = domain_classifier(run, dataset, train_idx, key, args.classifier_steps, "cpu")
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     target = asked_values(model.conditions, args.set_values or ["class=NC"])[None]
     target_class = dataset.classes.index((args.set_values or ["class=NC"])[0].split("=")[1])
     inputs = {}

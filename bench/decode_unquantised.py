@@ -24,6 +24,7 @@ import predict  # noqa: E402
 from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
 from evaluation.report import format_level_table, format_table  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
+from runtime.models import load_run  # noqa: E402
 
 
 def main():
@@ -70,7 +71,7 @@ def load_row(args, sample_flags: tuple[str, ...] | list[str] = ()) -> tuple:
     reference, _ = stack(dataset, ref_idx)
     floor, _ = stack(dataset, floor_idx)
     features = feature_network(out, dataset, train_idx, key, "cpu")
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run), *sample_flags]), model)
     return reference, floor, features, model, sampling
 

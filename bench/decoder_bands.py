@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import predict  # noqa: E402
 from evaluation.evaluate import stack  # noqa: E402
 from evaluation.metrics import reconstruction_metrics, sliced_wasserstein  # noqa: E402
 from losses.reconstruction import laplacian_pyramid  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
 from runtime.checkpoint import fingerprint, load_checkpoint  # noqa: E402
+from runtime.models import load_vqvae  # noqa: E402
 
 
 def main():
@@ -48,7 +48,7 @@ def main():
     recons = {}
     for row in rows:
         with torch.no_grad():
-            recons[row] = reconstruction_metrics(predict.load_vqvae(out / row, "cpu")[0], floor)[1]
+            recons[row] = reconstruction_metrics(load_vqvae(out / row, "cpu")[0], floor)[1]
     a = recons[rows[0]]
     record = {row: compare(a, b, floor, reference) for row, b in recons.items()}
     print("| row | PSNR | error energy per band x1e4, finest first | ||B-A||² x1e4 | 2<B-A, A-x> x1e4 "

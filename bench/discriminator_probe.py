@@ -22,15 +22,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import predict  # noqa: E402
 from evaluation.evaluate import stack  # noqa: E402
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from losses.adversarial import DiscriminatorConfig, PatchDiscriminator, least_squares_d_loss  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
+from runtime.models import load_vqvae  # noqa: E402
 
 
 def reconstructions(run: Path, images: torch.Tensor) -> torch.Tensor:
-    vq, _ = predict.load_vqvae(run, "cpu", finetuned=(run / "decoder.pt").exists())
+    vq, _ = load_vqvae(run, "cpu", finetuned=(run / "decoder.pt").exists())
     return reconstruction_metrics(vq.eval(), images)[1]
 
 

@@ -25,6 +25,7 @@ import driver  # noqa: E402
 import predict  # noqa: E402
 from decode_unquantised import samples_and_latents  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
+from runtime.models import load_run  # noqa: E402
 
 STEPS = (50, 200, 400, 600, 800)
 
@@ -73,7 +74,7 @@ def main():
     reference = torch.stack([dataset[i][0] for i in ref_idx]).mean((1, 2, 3))
     for row in args.rows.split(","):
         run = Path(args.out) / row
-        model = predict.load_run(run, "cpu")
+        model = load_run(run, "cpu")
         z0 = torch.load(run / "latents.pt", weights_only=True)["z"].float() * model.latent_scale
         sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run)]), model)
         distances = []

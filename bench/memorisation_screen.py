@@ -24,9 +24,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
-import predict  # noqa: E402
 from dataset import load_slices  # noqa: E402
 from evaluation.evaluate import run_split  # noqa: E402
+from runtime.models import load_vqvae  # noqa: E402
 from volumes.run_data import DataConfig  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def training_slices(run: Path, count: int, seed: int) -> tuple[torch.Tensor, lis
 @torch.no_grad()
 def reconstructed(run: Path, images: torch.Tensor) -> torch.Tensor:
     """The run's VQ-VAE (stage 1's decoder) reconstructions of `images`."""
-    vqvae, _ = predict.load_vqvae(run, "cpu", finetuned=False)
+    vqvae, _ = load_vqvae(run, "cpu", finetuned=False)
     return vqvae.decoder(vqvae.quantize(vqvae.encode(images))[0]).clamp(-1, 1)
 
 

@@ -66,6 +66,7 @@ from evaluation.report import format_level_table, format_table  # noqa: E402
 from evaluation.metrics import reconstruction_metrics  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
+from runtime.models import load_run, load_vqvae  # noqa: E402
 from volumes.layouts import LAYOUT_VERSION, Layout  # noqa: E402
 from volumes.run_data import DataConfig  # noqa: E402
 
@@ -237,13 +238,13 @@ def main():
         if not args.stage1_only:
             info[f"{name}_unet_training"] = train_or_reuse(
                 "unet", [*common, *unet_budget, *shlex.split(args.unet_flags), *both_stages.get(name, [])], run)
-        info[f"{name}_decoder"] = predict.load_vqvae(run, "cpu")[1].get("decoder")  # RUN/decoder.pt's step, fingerprint
+        info[f"{name}_decoder"] = load_vqvae(run, "cpu")[1].get("decoder")  # RUN/decoder.pt's step, fingerprint
         if args.stage1_only:
-            vqvae, vq_ckpt = predict.load_vqvae(run, "cpu")
+            vqvae, vq_ckpt = load_vqvae(run, "cpu")
             info[f"{name}_steps"] = {"vqvae": vq_ckpt["step"]}
             info[f"{name}_vqvae"], images[f"{name} (reconstructions)"] = reconstruction_metrics(vqvae, floor)
             continue
-        model = predict.load_run(run, "cpu")
+        model = load_run(run, "cpu")
         info[f"{name}_steps"] = {"vqvae": torch.load(run / "vqvae.pt", weights_only=True)["step"], "unet": model.unet_step}
         info[f"{name}_vqvae"], recons = reconstruction_metrics(model.vqvae, floor)
         images[f"{name} (reconstructions)"] = recons

@@ -22,6 +22,7 @@ from dataset import load_slices  # noqa: E402
 from evaluation.evaluate import (feature_key, feature_network, run_split, score_rows, stack,  # noqa: E402
                                  training_sample)
 from evaluation.report import format_table  # noqa: E402
+from runtime.models import load_run  # noqa: E402
 
 # name -> `driver.py sample` flags
 SAMPLERS = {
@@ -57,7 +58,7 @@ def main():
     floor, _ = stack(dataset, floor_idx)
     num = args.num or len(floor)
 
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     images, seconds = {}, {}
     for name in args.rows.split(","):
         sampling = predict.sampling_from_args(driver.parse(["sample", "--run", str(run), *SAMPLERS[name]]), model)

@@ -41,6 +41,7 @@ from evaluation.ema_lengths import ema_lengths_arg  # noqa: E402
 from evaluation.evaluate import feature_network, score_rows, stack  # noqa: E402
 from quality import held_out_split, layout_version  # noqa: E402
 from runtime.checkpoint import load_checkpoint  # noqa: E402
+from runtime.models import LatentDiffusion, load_run  # noqa: E402
 from runtime.posthoc_ema import reconstruct_many  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402
 from volumes.run_data import DataConfig  # noqa: E402
@@ -92,7 +93,7 @@ def main():
             raise SystemExit(f"error: {out / row} was trained with --holdout {trained.holdout} (seed "
                              f"{trained.holdout_seed}), not OUT's {holdout}: its samples would be scored against "
                              "subjects it trained on")
-        model = predict.load_run(out / row, "cpu")
+        model = load_run(out / row, "cpu")
         if args.weights == "model":
             model.unet.load_state_dict(load_checkpoint(out / row / "unet.pt", "unet")["model"])
         flags = SAMPLERS[args.sample] if args.sample else []
@@ -162,7 +163,7 @@ def quality_settings(out: Path, args, row: str) -> tuple[str, float, int, int | 
     return resolved["data"], resolved["holdout"], resolved["classifier_steps"], info.get("samples")
 
 
-def weight_variants(run: Path, row: str, model: predict.LatentDiffusion, ema_lengths: tuple[float, ...]) -> dict:
+def weight_variants(run: Path, row: str, model: LatentDiffusion, ema_lengths: tuple[float, ...]) -> dict:
     """{row: the model's UNet weights as loaded, f"{row}@{sigma_rel}": the post-hoc EMA of each length} (full state
     dicts: buffers come from the loaded weights)."""
     loaded = {k: v.clone() for k, v in model.unet.state_dict().items()}

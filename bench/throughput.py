@@ -36,6 +36,7 @@ import predict  # noqa: E402
 from diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from driver import PRESETS  # noqa: E402
 from runtime.flags import ints  # noqa: E402
+from runtime.models import LatentDiffusion, for_sampling  # noqa: E402
 from samplers import SAMPLERS  # noqa: E402  (bench/samplers.py: sampler name -> `driver.py sample` flags)
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig  # noqa: E402
 from runtime.optimizer import adamw  # noqa: E402
@@ -245,12 +246,12 @@ def batches_part(args, device) -> list[dict]:
 def samplers_part(args, device) -> list[dict]:
     """`predict.generate` with the full preset's random-weight models at the preset's shapes: seconds per image
     of each sampler, at 16 images and at the default batch, eager and (on CUDA) with the UNet's calls replayed
-    from CUDA graphs. The UNet as predict.py runs it (`predict.for_sampling`), with our autocast."""
+    from CUDA graphs. The UNet as predict.py runs it (`runtime.models.for_sampling`), with our autocast."""
     s = SHAPES[args.shapes]
     vqvae = our_vqvae(s).to(device).eval().requires_grad_(False)
-    model = predict.LatentDiffusion(vqvae, predict.for_sampling(our_unet(s), device),
-                                    GaussianDiffusion(prediction="v").to(device), 1.0, (4, s.latent, s.latent), None,
-                                    [], 0)
+    model = LatentDiffusion(vqvae, for_sampling(our_unet(s), device),
+                            GaussianDiffusion(prediction="v").to(device), 1.0, (4, s.latent, s.latent), None,
+                            [], 0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     default_batch = args.sample_batch or predict.DEFAULT_BATCH["cuda" if device.type == "cuda" else "cpu"]
     rows = []

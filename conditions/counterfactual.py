@@ -43,6 +43,7 @@ from export.figures import save_figure, save_png
 from runtime.checkpoint import atomic_write
 from runtime.errors import BadInputError
 from runtime.flags import seed
+from runtime.models import LatentDiffusion, load_run
 from runtime.process import setup_device
 from volumes.images import image_percentiles, load_image
 from volumes.reader import is_volume, mask_slice, printable, read_volume_slice, to_volume
@@ -112,7 +113,7 @@ def read_mask(path: Path, geometry, image_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the change
 
 @torch.no_grad()
-def counterfactual_latent(model: predict.LatentDiffusion, z0: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+def counterfactual_latent(model: LatentDiffusion, z0: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
                           strength: float, steps: int, guidance: float, noise: bool,
                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """The scaled latents z0 (B, c, h, w) taken to step strength * (T - 1) (DDIM inversion under the conditions
@@ -158,7 +159,7 @@ def counterfactual(args):
     if not args.set_values and args.mask is None:
         raise BadInputError("say what to change: --set NAME=VALUE (the conditions), or --mask FILE (a region to fill in)")
     device, autocast = setup_device(args.device)
-    model = predict.load_run(run, device, finetuned=args.decoder == "fine-tuned")
+    model = load_run(run, device, finetuned=args.decoder == "fine-tuned")
     source = asked_values(model.conditions, args.from_values)[None].to(device)
     changed_to = asked_values(model.conditions, args.set_values)[None].to(device)
     target = torch.where(changed_to.isnan(), source, changed_to)  # what --set does not change stays as --from says

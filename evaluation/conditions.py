@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import predict
 from conditions.participants import Table
 from conditions.table import CLASS, Condition, condition_matrix, subjects_of
 from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from export.figures import save_rows
+from runtime.models import LatentDiffusion
 from runtime.process import progress
 
 SWEEP_VALUES = 5          # rows of a covariate's sweep figure
@@ -109,7 +109,7 @@ def agreement(read: torch.Tensor, truth: torch.Tensor, c: Condition) -> dict:
 
 # ----------------------------------------------------------------------------- the check
 
-def condition_values(args, model: predict.LatentDiffusion, table: Table | None, dataset) -> torch.Tensor:
+def condition_values(args, model: LatentDiffusion, table: Table | None, dataset) -> torch.Tensor:
     """y (N, K): the run's conditions of every image of `dataset` (the evaluation's images: training and held out),
     from its participants table (`saved_table`'s) and class folders; NaN where not given."""
     if table is not None and table.sha1 != model.labels["sha1"]:
@@ -120,7 +120,7 @@ def condition_values(args, model: predict.LatentDiffusion, table: Table | None, 
     return y
 
 
-def condition_check(args, run: Path, model: predict.LatentDiffusion, table: Table | None, y: torch.Tensor, dataset,
+def condition_check(args, run: Path, model: LatentDiffusion, table: Table | None, y: torch.Tensor, dataset,
                     train_idx: list[int], held_idx: list[int], key: dict, generate, device,
                     out: Path) -> tuple[list[dict], list[str]]:
     """Every condition of the run from its participants table (`saved_table`'s; y: `condition_values`): rows of the
@@ -156,7 +156,7 @@ def condition_check(args, run: Path, model: predict.LatentDiffusion, table: Tabl
     return rows, figures
 
 
-def sweep_figure(c: Condition, k: int, model: predict.LatentDiffusion, generate, guidance: float, out: Path) -> str:
+def sweep_figure(c: Condition, k: int, model: LatentDiffusion, generate, guidance: float, out: Path) -> str:
     """eval_sweep_<name>.png: SWEEP_VALUES values across the training range, a row each, all from the same noise."""
     values = torch.linspace(c.low, c.high, SWEEP_VALUES)
     rows = []

@@ -23,10 +23,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import predict  # noqa: E402
 from export.figures import save_figure  # noqa: E402
 from runtime.checkpoint import atomic_save, fingerprint, load_checkpoint, lock_holder, remove_unfinished  # noqa: E402
 from runtime.errors import BadInputError  # noqa: E402
+from runtime.models import LatentDiffusion  # noqa: E402
 from runtime.posthoc_ema import (GOOD_FIT, PROFILES, reconstruct, reconstruct_many, running_ema_sigma_rel,  # noqa: E402
                                   sigma_rel_to_gamma, snapshot_files)
 
@@ -86,7 +86,7 @@ def refuse_unready(run: Path, samples: str | None):
                             f"--resume writes the snapshot of its last step")
 
 
-def ema_length_curve(run: Path, lengths: tuple[float, ...], model: predict.LatentDiffusion, generate, score) -> dict:
+def ema_length_curve(run: Path, lengths: tuple[float, ...], model: LatentDiffusion, generate, score) -> dict:
     """{"samples_row": whose weights the evaluation's samples row drew, "samples_sigma_rel": their length, "unet_step",
     "rows": [{sigma_rel, fit, snapshots, scores}], "best": the sigma_rel of the lowest FID}. generate(model) ->
     samples as the evaluation draws them (its seed set inside); score({name: images}) -> the evaluation's scores of

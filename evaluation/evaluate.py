@@ -68,6 +68,7 @@ from export.figures import save_png
 from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample, withheld_rows
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
+from runtime.models import load_run, load_vqvae
 from runtime.process import setup_device
 from volumes.holdout import split_by_subject, subjects_by_class
 from volumes.images import load_image
@@ -398,13 +399,13 @@ def evaluate(args):
 
     # stage 1: reconstructions of B; where a fine-tuned decoder makes them, stage 1's own too, whose PSNR it trades
     finetuned = args.decoder == "fine-tuned"
-    vqvae, vq_ckpt = predict.load_vqvae(run, device, finetuned)
+    vqvae, vq_ckpt = load_vqvae(run, device, finetuned)
     stage1_decoder = {}
     with autocast:
         vq_metrics, recons = reconstruction_metrics(vqvae, floor, device=device)
         if "decoder" in vq_ckpt:
             stage1_metrics, stage1_decoder[STAGE1_RECONSTRUCTIONS] = reconstruction_metrics(
-                predict.load_vqvae(run, device, finetuned=False)[0], floor, device=device)
+                load_vqvae(run, device, finetuned=False)[0], floor, device=device)
 
     # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
     stage1_only, sampling = samples is None and not (run / "unet.pt").exists(), {}
@@ -426,7 +427,7 @@ def evaluate(args):
         num = args.num or len(floor)  # as many as the floor half: FID's bias depends on the count
         if num < 2:
             raise BadInputError(f"--num must be 2 or more for FID/KID, got {num}")
-        model = predict.load_run(run, device, finetuned)
+        model = load_run(run, device, finetuned)
         # the run's participants table, found (or refused in one line) before anything is sampled
         participants = saved_table(model.labels, data.folder(), args.labels) if model.labels else None
         settings = predict.sampling_from_args(args, model)

@@ -1,4 +1,4 @@
-"""What training, sampling, evaluation and the benchmarks share, and nothing of the models or the data:
+"""What training, sampling, evaluation and the benchmarks share (the networks and the data are defined elsewhere):
 
     runtime/errors.py       BadInputError (one-line messages for inputs a user can fix), Interrupted
     runtime/process.py      device and precision, torchrun processes and rank helpers, random states
@@ -10,6 +10,8 @@
     runtime/posthoc_ema.py  EDM2's post-hoc EMA: power-function EMAs kept while training, snapshots, any length rebuilt
     runtime/checkpoint.py   atomic saves that keep the previous file, safe loading with kind/version/config
                             checks, weight fingerprints, the run folder's config.json
+    runtime/models.py       a trained run's models rebuilt from its checkpoints alone (load_run, load_vqvae),
+                            checked to belong together, and autoguidance's guide
 
 Scripts import from the submodules; nothing here imports train.py, predict.py or driver.py.
 """

@@ -13,10 +13,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
-import predict  # noqa: E402
 from conditions.table import Condition  # noqa: E402
 from diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig  # noqa: E402
+from runtime.models import LatentDiffusion  # noqa: E402
 
 
 def pytest_configure(config):
@@ -166,7 +166,7 @@ def conditioned_run(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- a miniature pair of models
 
-def random_latent_diffusion() -> predict.LatentDiffusion:
+def random_latent_diffusion() -> LatentDiffusion:
     """A miniature conditional pair with random weights (the UNet's zero-initialised output layer made random, so
     that its calls matter), 20 diffusion steps."""
     torch.manual_seed(0)
@@ -174,5 +174,5 @@ def random_latent_diffusion() -> predict.LatentDiffusion:
     net = UNet(UNetConfig(latent_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                           conditions=(2,))).eval().requires_grad_(False)
     torch.nn.init.normal_(net.out[-1].weight, std=0.2)
-    return predict.LatentDiffusion(vq, net, GaussianDiffusion(num_steps=20, prediction="v"), 1.5, vq.cfg.latent_shape,
-                                   2.0, [Condition("class", "category", ["AD", "NC"])], 0)
+    return LatentDiffusion(vq, net, GaussianDiffusion(num_steps=20, prediction="v"), 1.5, vq.cfg.latent_shape,
+                           2.0, [Condition("class", "category", ["AD", "NC"])], 0)

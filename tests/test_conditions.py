@@ -18,6 +18,7 @@ from conditions.participants import find_table, read_table, saved_table
 from conditions.table import Condition, asked_values, build_conditions, condition_matrix, subjects_of
 from conftest import SMALL_UNET, blob, ckpt, disk_full, error_of, write_volume
 from runtime.errors import BadInputError
+from runtime.models import load_run
 from volumes.layouts import Layout
 from volumes.reader import Slicing, read_volume_slice, to_volume
 
@@ -231,7 +232,7 @@ def test_a_sweep_draws_every_row_from_the_same_noise(conditioned_run, tmp_path):
 
 def test_guidance_given_a_subset_of_the_conditions_leaves_the_others_open(conditioned_run):
     run, _ = conditioned_run
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     rows = predict.asked_rows(model, run, ["age=60"], "class=all")
     assert [caption for caption, _ in rows] == ["class=AD", "class=NC"]
     low, high = model.conditions[1].low, model.conditions[1].high
@@ -334,7 +335,7 @@ def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_chan
     cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", str(image), "--from", "class=AD",
                                     "--from", "age=71", "--from", "sex=F", "--set", "class=NC", "--steps", "2",
                                     "--out", str(tmp_path / "cf")]))
-    conditions = predict.load_run(run, "cpu").conditions
+    conditions = load_run(run, "cpu").conditions
     asked = lambda *settings: asked_values(conditions, list(settings))[None]  # noqa: E731
     assert torch.equal(seen["source"], asked("class=AD", "age=71", "sex=F"))
     assert torch.equal(seen["target"], asked("class=NC", "age=71", "sex=F"))   # NC at 71, not NC of any age or sex

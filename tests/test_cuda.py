@@ -7,15 +7,16 @@ import torch
 
 import predict
 from conftest import ckpt, random_latent_diffusion, vqvae
+from runtime.models import LatentDiffusion, for_sampling
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def on_gpu(model: predict.LatentDiffusion, device: torch.device) -> predict.LatentDiffusion:
+def on_gpu(model: LatentDiffusion, device: torch.device) -> LatentDiffusion:
     """The miniature pair on `device`, the UNet as predict.py runs it there (eval, frozen, NHWC)."""
     model.vqvae.to(device)
     model.diffusion.to(device)
-    return dataclasses.replace(model, unet=predict.for_sampling(model.unet, device))
+    return dataclasses.replace(model, unet=for_sampling(model.unet, device))
 
 
 @pytest.mark.parametrize("sampler, steps, repeat_times, guided", [

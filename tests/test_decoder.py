@@ -12,6 +12,7 @@ import driver
 import predict
 from conftest import ckpt, error_of, vqvae
 from runtime.checkpoint import fingerprint
+from runtime.models import load_run
 
 SMALL = ["--batch-size", "4", "--log-every", "2", "--sample-every", "2", "--save-every", "2", "--workers", "1"]
 FAST = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "3"]
@@ -41,13 +42,13 @@ def test_train_decoder_changes_the_decoder_alone_and_the_run_samples_with_it(tra
     assert saved["disc_config"]["num_layers"] == 1 and "discriminator" in saved
 
     # the run decodes with the fine-tuned decoder, and encodes with stage 1's encoder and codebook as they were
-    model = predict.load_run(copy, "cpu")
+    model = load_run(copy, "cpu")
     state = model.vqvae.state_dict()
     for name, tensor in original.items():
         expected = saved["model"][name[len("decoder."):]] if name.startswith("decoder.") else tensor
         assert torch.equal(state[name], expected), name
     assert model.decoder_fingerprint == fingerprint(saved["model"])
-    assert predict.load_run(run, "cpu").decoder_fingerprint is None  # a run without one decodes as before
+    assert load_run(run, "cpu").decoder_fingerprint is None  # a run without one decodes as before
 
     # the samples' manifest names the decoder that made them
     driver.main(["sample", "--run", str(copy), "--out", str(tmp_path / "out"), *FAST])

@@ -19,6 +19,7 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyrami
                                 sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from conftest import error_of
+from runtime.models import load_run
 from volumes.layouts import subject_id
 
 
@@ -208,7 +209,7 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     for row in metrics["scores"].values():
         assert row["count"] == 6 and all(k in row for k in ("fid", "kid", "kid_std", "swd", "ms_ssim"))
     assert metrics["sampling"]["sampler"] == "dpmpp-sde" and metrics["sampling"]["steps"] == 5
-    model = predict.load_run(run, "cpu")                    # what decides the samples, as a sample set records it
+    model = load_run(run, "cpu")  # what decides the samples, as a sample set records it
     recorded = ("seed", "batch_size", "device", "unet_fingerprint", "posthoc_ema_sigma_rel")
     assert {k: metrics["sampling"][k] for k in recorded} == {
         "seed": 3, "batch_size": 4, "device": "cpu", "unet_fingerprint": model.fingerprint, "posthoc_ema_sigma_rel": None}
@@ -370,7 +371,7 @@ def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_sa
     driver.main([*base, "--samples", str(tmp_path / "set")])
     sampling = json.loads((tmp_path / "eval" / "metrics.json").read_text())["sampling"]
     assert sampling["from"] == str(tmp_path / "set") and sampling["seed"] == 5 and sampling["num"] == 4
-    assert sampling["vqvae_fingerprint"] == predict.load_run(run, "cpu").vqvae_fingerprint and "rows" not in sampling
+    assert sampling["vqvae_fingerprint"] == load_run(run, "cpu").vqvae_fingerprint and "rows" not in sampling
     assert "another VQ-VAE" not in capsys.readouterr().out
     (tmp_path / "big").mkdir()                                     # another tool's 48-px images, no record
     for i in range(3):

@@ -15,6 +15,7 @@ from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
 from export.sample_set import SEEDING, SampleSet, batch_seed, read_sample, run_geometry
 from runtime.checkpoint import fingerprint, run_lock
 from runtime.errors import BadInputError
+from runtime.models import load_run
 from volumes.reader import Slicing, read_volume_slices
 from volumes.run_data import DataConfig
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
@@ -43,7 +44,7 @@ def test_samples_are_a_dataset_that_stage_1_trains_on_with_a_manifest_naming_the
     assert {r["vqvae_fingerprint"] for r in rows} == {fingerprint(ckpt(run / "vqvae.pt")["model"])}
     # the 8-bit files hold the samples (rounded), and a sample is made again from its seed and place in the batch
     assert (torch.stack([read_sample(folder / r["file"]) for r in rows]) - images).abs().max() <= 1 / 127.5
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     sampling = predict.sampling_from_args(predict.parse_args(["--batch-size", "3", *FAST]), model)
     torch.manual_seed(int(rows[6]["seed"]))                    # the short last batch: its seed and its size
     again, _, _ = predict.generate(model, sampling, int(rows[6]["batch_count"]))
@@ -82,7 +83,7 @@ def test_samples_decoded_without_the_quantiser_are_the_decoders_reading_of_the_l
     quantised = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "q")]))
     straight = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "s"), "--decode", "unquantised"]))
     # the same latents (same seed) decoded both ways: the decoder straight from z, not the same images
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     sampling = predict.sampling_from_args(predict.parse_args(FAST), model)
     torch.manual_seed(batch_seed(2, 0))                        # as `sample` seeds its first batch
     x_T = torch.randn(3, *model.latent_shape)

@@ -18,6 +18,7 @@ from diffusion.guidance import Autoguided
 from export.sample_set import batch_seed
 from modules import EMA, UNet
 from runtime.errors import BadInputError
+from runtime.models import load_guide, load_run
 from runtime.posthoc_ema import (GOOD_FIT, PowerFunctionEMA, earlier_weights, gamma_to_sigma_rel, posthoc_coefficients,
                                  power_beta, reconstruct, response_inner, running_ema_sigma_rel, sigma_rel_to_gamma,
                                  snapshot_files)
@@ -258,7 +259,7 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     report = (out / "report.md").read_text()
     assert "## EMA length" in report and "| post-hoc" in printed and (out / "eval_ema_lengths.png").stat().st_size > 1000
     # the evaluation's model was put back: its samples row is the run's own EMA
-    assert predict.load_run(run, "cpu").posthoc_ema is None
+    assert load_run(run, "cpu").posthoc_ema is None
 
     # `ema --sigma-rel best` needs the curve in RUN/metrics.json; a number needs none, and one the snapshots make
     assert "--ema-lengths" in error_of(driver.main, ["ema", "--run", str(run), "--sigma-rel", "best"])
@@ -288,7 +289,7 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     assert chosen["chosen_by"]["fid"] == next(r["scores"]["fid"] for r in curve["rows"]
                                               if r["sigma_rel"] == curve["best"])
     assert f"drawn by {drawn['sampler']} in {drawn['steps']} steps" in capsys.readouterr().out
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     weights, _ = reconstruct(run, curve["best"])
     for name, p in model.unet.named_parameters():
         torch.testing.assert_close(p, weights[name])
@@ -300,7 +301,7 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
     assert float(manifest[1].split(",")[column]) == curve["best"]
     # none: the run's EMA again; training further drops a choice made for one step's weights
     driver.main(["ema", "--run", str(run), "--sigma-rel", "none"])
-    assert "sampling_ema" not in ckpt(run / "unet.pt") and predict.load_run(run, "cpu").posthoc_ema is None
+    assert "sampling_ema" not in ckpt(run / "unet.pt") and load_run(run, "cpu").posthoc_ema is None
     driver.main(["ema", "--run", str(run), "--sigma-rel", "0.1"])
     capsys.readouterr()
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "8", "--resume"])
@@ -311,7 +312,7 @@ def test_evaluate_scores_each_ema_length_and_ema_sets_the_sampling_weights(posth
 def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so(posthoc_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("samples*"))
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     fast = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "3", "--seed", "4", "--format", "npz"]
     flags = ["--run", str(run), *fast, "--autoguidance", "2", "--guide-at", "0.5"]
     guided = predict.predict(predict.parse_args([*flags, "--out", str(tmp_path / "ag")]))
@@ -351,7 +352,7 @@ def test_autoguidance_guides_by_the_snapshot_at_the_fraction_and_the_set_says_so
 def test_autoguidance_in_an_interval_of_steps_guides_the_steps_inside_it_and_the_set_says_so(posthoc_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("samples*"))
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     fast = ["--run", str(run), "--sampler", "ddim", "--steps", "4", "--gif-frames", "2", "--num", "3", "--seed", "4",
             "--format", "npz"]
     guided = [*fast, "--autoguidance", "2", "--guide-at", "0.5"]
@@ -365,7 +366,7 @@ def test_autoguidance_in_an_interval_of_steps_guides_the_steps_inside_it_and_the
     assert not torch.allclose(images["one"], images["guided"], atol=1e-3)
     assert not torch.allclose(images["one"], images["plain"], atol=1e-3)
     # the one step guided, by hand: the main network alone at the other steps
-    main, guide = model.unet, predict.load_guide(model, run, 0.5)[0]
+    main, guide = model.unet, load_guide(model, run, 0.5)[0]
     sampling = predict.sampling_from_args(predict.parse_args(fast), model)
     torch.manual_seed(batch_seed(4, 0))
     x_T = torch.randn(3, *model.latent_shape)
@@ -389,17 +390,17 @@ def test_autoguidance_in_an_interval_of_steps_guides_the_steps_inside_it_and_the
 def test_the_guides_ema_length_is_reconstructed_at_its_snapshot(posthoc_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("samples*"))
-    model = predict.load_run(run, "cpu")
+    model = load_run(run, "cpu")
     step = max(s for s in snapshot_files(run) if s <= round(0.5 * model.unet_step))
     # the longer profile kept in the snapshot is itself an EMA of length 0.10: reconstructed there, it comes back
-    guide, record = predict.load_guide(model, run, 0.5, 0.10)
+    guide, record = load_guide(model, run, 0.5, 0.10)
     snapshot = ckpt(run / "ema_snapshots" / f"step{step:07d}.pt")
     stored = snapshot["profiles"][snapshot["sigma_rels"].index(0.10)]
     for name, value in guide.state_dict().items():
         if name in stored:
             assert torch.allclose(value, stored[name], atol=1e-4), name
     assert record == {"guide_step": step, "guide_sigma_rel": 0.10}
-    shorter, _ = predict.load_guide(model, run, 0.5, 0.02)  # a length below both profiles: other weights
+    shorter, _ = load_guide(model, run, 0.5, 0.02)  # a length below both profiles: other weights
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(shorter.parameters(), guide.parameters()))
     fast = ["--run", str(run), "--sampler", "ddim", "--steps", "3", "--gif-frames", "2", "--num", "2", "--format", "npz",
             "--autoguidance", "2", "--guide-at", "0.5"]

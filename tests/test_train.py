@@ -31,6 +31,7 @@ from losses.adversarial import Adversary
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime import loop
 from runtime.errors import BadInputError
+from runtime.models import load_run
 from runtime.optimizer import adamw, load_optimizer
 from runtime.process import any_rank, mean_over_ranks, setup_runtime, wrap_model
 
@@ -256,7 +257,7 @@ def test_a_diffusion_setting_is_saved_in_the_checkpoint_kept_on_resume_and_used_
     (copy / "unet.pt").unlink()
     unet(copy, "--max-steps", "2", flag, given)
     assert ckpt(copy / "unet.pt")["diffusion"][key] == saved
-    assert getattr(predict.load_run(copy, "cpu").diffusion, key) == saved
+    assert getattr(load_run(copy, "cpu").diffusion, key) == saved
     unet(copy, "--max-steps", "3", "--resume")              # resumed without it: the run's own (since issue 29)
     assert ckpt(copy / "unet.pt")["diffusion"][key] == saved and ckpt(copy / "unet.pt")["step"] == 3
     assert f"{flag} {shown} differs from this run's {saved}" in error_of(unet, copy, "--max-steps", "4", "--resume",
