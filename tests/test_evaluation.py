@@ -579,18 +579,23 @@ def test_the_nearest_training_image_is_found_in_any_batch_and_named_by_its_place
 def test_the_memorisation_threshold_is_the_percentile_of_the_reference_half_a_and_the_floor_b_is_scored_by_it():
     """Identity features: each held-out image is a training image moved by a known distance, A by 0.1, 0.2, 0.4,
     B by 1, 2, 3. The threshold is A's 1st percentile, 0.1 + 0.02 (0.2 - 0.1) = 0.102 (linear interpolation): it
-    flags one image of A and none of B; B's would be 1.02, flagging all of A."""
-    from evaluation.memorisation import memorisation_check
+    flags one image of A and none of B; B's would be 1.02, flagging all of A. A training image itself in A and in B
+    (a split that leaks) is counted and left out: with it, A's percentile would be 0.003, which only a copy passes."""
+    from evaluation.memorisation import format_memorisation_table, memorisation_check
     g = torch.Generator().manual_seed(0)
-    training = torch.sign(torch.randn(4, 1, 8, 8, generator=g))          # corners of a cube: 10 or more apart
+    training = 0.05 * torch.sign(torch.randn(4, 1, 8, 8, generator=g))   # corners of a cube: 0.45 or more apart
     dataset, train_idx = Images(training), [0, 1, 2, 3]
     unit = torch.zeros(1, 8, 8)
     unit[0, 0, 0] = 1.0
     moved = lambda image, distances: torch.stack([training[image] + d * unit for d in distances])  # noqa: E731
-    reference, floor = moved(0, (0.1, 0.2, 0.4)), moved(1, (1.0, 2.0, 3.0))
+    reference, floor = moved(0, (0.1, 0.2, 0.4, 0.0)), moved(1, (1.0, 2.0, 3.0, 0.0))   # r < 0.98, then r = 1
     samples = torch.stack([training[2], training[3] + 0.11 * unit, training[3] + 0.5 * unit])
     result, _, each = memorisation_check(samples, reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu")
     assert result["thresholds"]["distance"] == pytest.approx(0.102, rel=1e-3)
+    a, b = result["rows"]["real (held out, A)"], result["rows"]["real (held out, B)"]
+    assert (a["count"], a["duplicates"], b["count"], b["duplicates"]) == (3, 1, 3, 1)
+    assert "Left out of the rows and the threshold: 1 of real (held out, A) and 1 of real (held out, B)" in \
+        format_memorisation_table(result)
     # each sample by its own distance: 0 and 0.11 from training images 2 and 3, either side of the threshold
     assert [(row["nearest_by_features"], row["feature_distance"], row["flagged_features"]) for row in each] == [
         ("/d/AD/s2_0.png", pytest.approx(0, abs=1e-3), 1), ("/d/AD/s3_0.png", pytest.approx(0.11, abs=1e-3), 0),
