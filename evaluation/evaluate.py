@@ -470,7 +470,8 @@ def evaluate(args):
         base, files = sample_files(Path(args.samples)) if args.samples else (None, None)
         names = files and [f.relative_to(base).as_posix() for f in files]  # a set's files as its manifest names them
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
-                                                         device, names)
+                                                         device, names, ([subject(paths[i]) for i in ref_idx],
+                                                                         [subject(paths[i]) for i in floor_idx]))
         if args.withhold_flagged:
             memorisation["withheld"] = withhold_flagged(base, each, run)
         sections["memorisation"] = memorisation_section(memorisation, closest, each, out)

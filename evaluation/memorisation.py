@@ -7,10 +7,11 @@ and a copy is close by both measures. Closeness means little alone: slices of on
 slices of two brains at the same level. The floor is how close a *new* subject comes: real held-out images, whose
 subjects the run never saw. A sample is flagged when it is closer to a training image than the 1st percentile of
 the reference half A of the held-out images; the floor half B, scored the same way, shows what the threshold
-flags among real new subjects (about 1% when A and B are alike). A held-out image that is a training image (pixel
-r >= DUPLICATE_R: the same image under two subjects, a split that leaks, as on the ADNI subset whose file names hold
-image IDs) is no new subject: it is counted, and left out of the yardstick, where a few would raise the threshold to
-an exact copy's and let a copy drawn through the decoder pass (bench/memorisation_screen.py). Every sample's verdict,
+flags among real new subjects (about 1% when A and B are alike). A held-out subject one of whose images is a
+training image (pixel r >= DUPLICATE_R: the same brain under two IDs, a split that leaks, as on the ADNI subset whose
+file names hold image IDs) is no new subject: its images are counted, and left out of the yardstick, where a few
+would raise the threshold to an exact copy's and let a copy drawn through the decoder pass
+(bench/memorisation_screen.py). Every sample's verdict,
 with the training images nearest to it, goes into eval_memorisation.csv: the files to leave out of a synthetic set
 before it is shared.
 
@@ -71,11 +72,13 @@ def nearest_training(queries: torch.Tensor, dataset, train_idx: list[int], featu
 
 
 def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: torch.Tensor, dataset,
-                       train_idx: list[int], features, device, names: list[str] | None = None
-                       ) -> tuple[dict, torch.Tensor, list[dict]]:
+                       train_idx: list[int], features, device, names: list[str] | None = None,
+                       subjects: tuple[list[str], list[str]] | None = None) -> tuple[dict, torch.Tensor, list[dict]]:
     """The check (see the module docstring): {thresholds, rows: {images: summary}}; the figure's images, the
     PAIRS_SHOWN samples most correlated with a training image (top row) above those training images (bottom row);
-    and each sample's verdict (`each_sample`), by `names` (a set's files) or by its place among the samples."""
+    and each sample's verdict (`each_sample`), by `names` (a set's files) or by its place among the samples.
+    `subjects`: whose each image of A and of B is, so that a leaked subject's images go together (else each
+    duplicate image alone)."""
     sets = {"samples": samples, "real (held out, A)": reference, "real (held out, B)": floor}
     found = nearest_training(torch.cat(list(sets.values())), dataset, train_idx, features, device)
     split = {}
@@ -84,10 +87,13 @@ def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: to
         split[name] = {k: v[start:start + len(images)] for k, v in found.items()}
         start += len(images)
     duplicates = {}
-    for name in ("real (held out, A)", "real (held out, B)"):  # the split's leaks: training images, not new subjects
+    for k, name in enumerate(("real (held out, A)", "real (held out, B)")):  # the split's leaks: not new subjects
         new = split[name]["correlation"] < DUPLICATE_R
+        if subjects is not None:  # every image of a subject one of whose images is a training image
+            leaked = {subject for subject, fresh in zip(subjects[k], new.tolist()) if not fresh}
+            new = torch.tensor([subject not in leaked for subject in subjects[k]])
         duplicates[name] = int((~new).sum())
-        split[name] = {k: v[new] for k, v in split[name].items()} if new.any() else split[name]
+        split[name] = {key: v[new] for key, v in split[name].items()} if new.any() else split[name]
     a = split["real (held out, A)"]
     thresholds = {"distance": torch.quantile(a["distance"], PERCENTILE / 100).item(),
                   "correlation": torch.quantile(a["correlation"], 1 - PERCENTILE / 100).item()}
@@ -170,6 +176,7 @@ def format_memorisation_table(check: dict) -> str:
                      f"{s['flagged_pixels']:.1%} |")
     left = [f"{s['duplicates']} of {name}" for name, s in check["rows"].items() if s.get("duplicates")]
     if left:  # a check from before 2026-12-07 has no such count
-        lines.append(f"\nLeft out of the rows and the threshold: {' and '.join(left)}, each a duplicate of a training "
-                     f"image (pixel r >= {DUPLICATE_R}): the same image under two subjects, a split that leaks.")
+        lines.append(f"\nLeft out of the rows and the threshold: {' and '.join(left)}, images of held-out subjects "
+                     f"one of whose images is a training image (pixel r >= {DUPLICATE_R}): the same brain under two "
+                     f"IDs, a split that leaks.")
     return "\n".join(lines)

@@ -596,6 +596,11 @@ def test_the_memorisation_threshold_is_the_percentile_of_the_reference_half_a_an
     assert (a["count"], a["duplicates"], b["count"], b["duplicates"]) == (3, 1, 3, 1)
     assert "Left out of the rows and the threshold: 1 of real (held out, A) and 1 of real (held out, B)" in \
         format_memorisation_table(result)
+    # by subject: the image at 0.1 is of the leaked subject too (another slice of the same brain), and goes with it
+    by_subject, _, _ = memorisation_check(samples, reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu",
+                                          subjects=(["s1", "s2", "s3", "s1"], ["s5", "s6", "s7", "s8"]))
+    assert by_subject["rows"]["real (held out, A)"]["duplicates"] == 2
+    assert by_subject["thresholds"]["distance"] == pytest.approx(0.2 + 0.01 * 0.2, rel=1e-3)
     # each sample by its own distance: 0 and 0.11 from training images 2 and 3, either side of the threshold
     assert [(row["nearest_by_features"], row["feature_distance"], row["flagged_features"]) for row in each] == [
         ("/d/AD/s2_0.png", pytest.approx(0, abs=1e-3), 1), ("/d/AD/s3_0.png", pytest.approx(0.11, abs=1e-3), 0),
