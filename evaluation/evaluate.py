@@ -353,6 +353,9 @@ def evaluate(args):
     if args.withhold_flagged and not screened:
         raise BadInputError("--withhold-flagged leaves the samples the memorisation check flags out of a sample set: "
                             "give the set, as `sample --out DIR` wrote it, with --samples DIR")
+    if args.withhold_flagged and not (screened / MANIFEST).is_file():  # sample_files would read it as any folder
+        raise BadInputError(f"{screened} has no {MANIFEST} (a set stopped as it began): finish it with the same "
+                            f"`sample` command and --resume, then withhold")
     if screened and out.resolve().is_relative_to(screened.resolve()):
         raise BadInputError(f"--out {out} is inside the sample set {screened}: evaluate's figures show real held-out "
                             f"scans and its tables name training images, which would go wherever the set goes; put "

@@ -86,18 +86,26 @@ def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: to
     for name, images in sets.items():
         split[name] = {k: v[start:start + len(images)] for k, v in found.items()}
         start += len(images)
-    duplicates = {}
+    duplicates, kept = {}, {}
     for k, name in enumerate(("real (held out, A)", "real (held out, B)")):  # the split's leaks: not new subjects
         new = split[name]["correlation"] < DUPLICATE_R
         if subjects is not None:  # every image of a subject one of whose images is a training image
             leaked = {subject for subject, fresh in zip(subjects[k], new.tolist()) if not fresh}
             new = torch.tensor([subject not in leaked for subject in subjects[k]])
-        duplicates[name] = int((~new).sum())
-        split[name] = {key: v[new] for key, v in split[name].items()} if new.any() else split[name]
+        if new.any():
+            duplicates[name] = int((~new).sum())
+            split[name] = {key: v[new] for key, v in split[name].items()}
+        else:  # nothing else to measure against: kept, and said so (A's threshold is then an exact copy's)
+            duplicates[name], kept[name] = 0, len(new)
+            print(f"warning: memorisation: every image of {name} is of a held-out subject one of whose images is a "
+                  f"training image (pixel r >= {DUPLICATE_R}); they are kept, for want of others"
+                  + (", and the threshold is an exact copy's: a copy drawn through the decoder passes it"
+                     if k == 0 else ""))
     a = split["real (held out, A)"]
     thresholds = {"distance": torch.quantile(a["distance"], PERCENTILE / 100).item(),
                   "correlation": torch.quantile(a["correlation"], 1 - PERCENTILE / 100).item()}
-    rows = {name: {**summary(s, thresholds), **({"duplicates": duplicates[name]} if name in duplicates else {})}
+    rows = {name: {**summary(s, thresholds), **({"duplicates": duplicates[name]} if name in duplicates else {}),
+                   **({"leaked_kept": kept[name]} if name in kept else {})}
             for name, s in split.items()}
     order = split["samples"]["correlation"].argsort(descending=True)[:PAIRS_SHOWN]
     matches = torch.stack([dataset[train_idx[i]][0] for i in split["samples"]["correlation_at"][order].tolist()])
@@ -179,4 +187,10 @@ def format_memorisation_table(check: dict) -> str:
         lines.append(f"\nLeft out of the rows and the threshold: {' and '.join(left)}, images of held-out subjects "
                      f"one of whose images is a training image (pixel r >= {DUPLICATE_R}): the same brain under two "
                      f"IDs, a split that leaks.")
+    kept = [f"all {s['leaked_kept']} of {name}" for name, s in check["rows"].items() if s.get("leaked_kept")]
+    if kept:
+        lines.append(f"\nKept, for want of others: {' and '.join(kept)}, every image of that half of a held-out "
+                     f"subject one of whose images is a training image (pixel r >= {DUPLICATE_R})"
+                     + (": the threshold is an exact copy's, and a copy drawn through the decoder passes it."
+                        if check["rows"].get("real (held out, A)", {}).get("leaked_kept") else "."))
     return "\n".join(lines)

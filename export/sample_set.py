@@ -89,6 +89,7 @@ class SampleSet:
         self.columns = fixed[:4] + [c.name for c in conditions] + fixed[4:]
         for folder in [self.folder, *(p for p in self.folder.iterdir() if p.is_dir())] if self.folder.is_dir() else []:
             remove_unfinished(folder)  # writes a kill cut short (the set's lock is held)
+        self.withheld: set[int] = set()  # drawn and left out as possible copies: never written again (_resumed)
         written = self._resumed() if resume else None
         if written is None:
             self._start()
@@ -120,6 +121,7 @@ class SampleSet:
                                 f"the same run and flags{f' (give {again})' if again else ''}; leave --resume out to "
                                 f"replace it, or pick another --out")
         withheld = {int(r["index"]) for r in withheld_rows(self.folder)}  # drawn, and left out: not drawn again
+        self.withheld = withheld
         _remove_samples(self.folder, {r["file"] for r in withheld_rows(self.folder)})  # a withholding cut short
         rows = [r for r in self._manifest_rows() if (self.folder / r["file"]).is_file()
                 and int(r["index"]) not in withheld]
@@ -213,6 +215,8 @@ class SampleSet:
         caption = self.rows[row][0]
         entries = []
         for k, (index, image) in enumerate(zip(self._indices(row, batch), images)):
+            if index in self.withheld:  # a batch drawn again (another of its files lost): its withheld sample stays out
+                continue
             path = self.folder / self.file(index)
             path.parent.mkdir(parents=True, exist_ok=True)
             self._save(image, path)

@@ -407,6 +407,10 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     assert "was trained on every subject, and the memorisation check needs subjects it never saw" in error_of(
         driver.main, base + ["--samples", str(tmp_path / "set"), "--withhold-flagged"])
     assert len(list((tmp_path / "set" / "samples" / "all").iterdir())) == 2
+    (tmp_path / "begun" / "samples").mkdir(parents=True)       # a set killed as it began: its settings, no manifest
+    (tmp_path / "begun" / "samples" / "sampling.json").write_text("{}")
+    assert "has no manifest.csv (a set stopped as it began)" in error_of(
+        driver.main, base + ["--samples", str(tmp_path / "begun"), "--withhold-flagged"])
     assert "is inside the sample set" in error_of(driver.main, [*base[:-3], str(tmp_path / "set" / "samples" / "eval"),
                                                                 "--holdout", "0.5", "--samples", str(tmp_path / "set")])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
@@ -608,6 +612,26 @@ def test_the_memorisation_threshold_is_the_percentile_of_the_reference_half_a_an
     assert result["rows"]["real (held out, A)"]["flagged_features"] == pytest.approx(1 / 3)
     assert result["rows"]["real (held out, B)"]["flagged_features"] == 0.0
     assert result["rows"]["samples"]["flagged_features"] == pytest.approx(1 / 3)      # the copy, at distance 0
+
+
+def test_a_held_out_half_all_of_leaked_subjects_is_kept_and_said_so_not_counted_as_left_out(capsys):
+    """Every image of A is of a subject one of whose images is a training image: there is nothing else to measure
+    against, so they stay; the table must not say they were left out of the threshold, and says what it then is."""
+    from evaluation.memorisation import format_memorisation_table, memorisation_check
+    g = torch.Generator().manual_seed(0)
+    training = 0.05 * torch.sign(torch.randn(4, 1, 8, 8, generator=g))
+    dataset, train_idx = Images(training), [0, 1, 2, 3]
+    unit = torch.zeros(1, 8, 8)
+    unit[0, 0, 0] = 1.0
+    moved = lambda image, distances: torch.stack([training[image] + d * unit for d in distances])  # noqa: E731
+    reference, floor = moved(0, (0.0, 0.1)), moved(1, (1.0, 2.0, 3.0))     # A: one subject, one slice a copy
+    result, _, _ = memorisation_check(training[2:], reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu",
+                                      subjects=(["s1", "s1"], ["s5", "s6", "s7"]))
+    a = result["rows"]["real (held out, A)"]
+    assert (a["count"], a["duplicates"], a["leaked_kept"]) == (2, 0, 2)
+    table = format_memorisation_table(result)
+    assert "Left out of the rows" not in table and "Kept, for want of others: all 2 of real (held out, A)" in table
+    assert "they are kept, for want of others" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- train on synthetic, test on real

@@ -509,3 +509,20 @@ def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(condition
     withhold(tmp_path / "samples", {f"AD/sub-00000{k}.png": {"flagged_by": "pixels"} for k in (2, 3)})  # row 2's
     predict.predict(predict.parse_args([*flags, "--resume"]))
     assert Image.open(tmp_path / "samples.png").size[1] == height // 2                 # 1 row
+
+
+def test_a_batch_drawn_again_after_a_withholding_leaves_its_withheld_sample_out(tmp_path):
+    """Another file of a withheld sample's batch lost: --resume draws the batch again, from the same seed, and the
+    withheld sample (a possible copy) is not written back into the set, where evaluate would never screen it."""
+    from evaluation.evaluate import sample_files
+    from export.sample_set import withhold
+    folder = tmp_path / "samples"
+    write_batches(constructed_set(folder, num=4, batch_size=2), [(0, 0), (0, 1)])
+    withhold(folder, {"all/sub-000001.npz": {"flagged_by": "pixels"}})
+    (folder / "all" / "sub-000000.npz").unlink()
+    resumed = constructed_set(folder, num=4, batch_size=2, resume=True)
+    assert resumed.batches(0) == {1}
+    write_batches(resumed, [(0, 0)])
+    assert not (folder / "all" / "sub-000001.npz").exists()
+    assert sorted(r["file"] for r in manifest(folder)) == [f"all/sub-00000{k}.npz" for k in (0, 2, 3)]
+    assert [f.name for f in sample_files(folder)[1]] == ["sub-000002.npz", "sub-000003.npz", "sub-000000.npz"]
