@@ -431,7 +431,8 @@ def demo(args):
 
 
 def evaluate(args):
-    from evaluation.evaluate import evaluate, sample_set_folder  # the metrics load here, not for every command
+    from evaluation.evaluate import evaluate  # the metrics load here, not for every command
+    from evaluation.sample_folder import sample_set_folder
     screened = sample_set_folder(Path(args.samples)) if args.samples and args.withhold_flagged else None
     # two into one folder would mix their report.md, metrics.json and figures; a set that --withhold-flagged changes
     # is held from its reading to its withholding, so that no `sample` (nor another evaluate) changes it in between

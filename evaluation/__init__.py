@@ -1,6 +1,6 @@
 """The `driver.py evaluate` command (evaluate.py), its metrics (metrics.py), domain classifier (classifier.py) and
-what it writes and prints (report.py); its optional parts in files of their own (memorisation, utility, conditions,
-ema_lengths).
+what it writes and prints (report.py), what it reads of a --samples folder (sample_folder.py); its optional parts in
+files of their own (memorisation, utility, conditions, ema_lengths).
 
 The command's flags live here, so that driver.py builds its parser without importing the metrics: torchmetrics
 imports transformers wherever that is installed, a few seconds that every other command would pay for nothing.

@@ -47,13 +47,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import predict
 from conditions.participants import saved_table
 from conditions.table import CLASS
-from dataset import card_transform, load_slices
+from dataset import load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
@@ -65,17 +64,15 @@ from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_sec
                                memorisation_section, save_crops, swd_levels, utility_section)
 from evaluation.utility import condition_utility, images_per_class, refuse_seen, utility_check
 from export.figures import save_png
-from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample, withheld_rows
+from evaluation.sample_folder import folder_record, read_folder, sample_files, sample_set_folder
+from export.sample_set import MANIFEST, SETTINGS
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
 from runtime.models import load_run, load_vqvae
 from runtime.process import setup_device
 from volumes.holdout import split_by_subject, subjects_by_class
-from volumes.images import load_image
 from volumes.layouts import subject_id
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-SAMPLE_SUFFIXES = (".nii", ".nii.gz", ".npz")  # `sample --format nifti|npz`
 STAGE1_RECONSTRUCTIONS = "reconstructions, stage 1's decoder"  # the row beside a fine-tuned decoder's
 
 
@@ -144,67 +141,6 @@ def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(images (N, C, H, W), labels (N,)) of dataset[indices]."""
     xs, ys = zip(*(batch for batch in DataLoader(Subset(dataset, indices), batch_size=256)))
     return torch.cat(xs), torch.cat(ys)
-
-
-def sample_files(folder: Path) -> tuple[Path, list[Path]]:
-    """The images a --samples folder holds, and the folder they are named from: a sample set's (`sample --out
-    folder`, or its samples/) the files its manifest lists, not the grid beside them, nor a batch an interruption
-    kept out of the manifest; any other folder's every image, NIfTI and npz sample under it."""
-    if not folder.is_dir():
-        raise BadInputError(f"--samples folder {folder} does not exist")
-    folder = folder / "samples" if (folder / "samples" / MANIFEST).is_file() else folder
-    if (folder / MANIFEST).is_file():
-        withheld = {row["file"] for row in withheld_rows(folder)}  # left out as possible copies: drawn, not there
-        files = [folder / row["file"] for row in manifest_rows(folder) if row["file"] not in withheld]
-        settings = json.loads((folder / SETTINGS).read_text()) if (folder / SETTINGS).is_file() else {}
-        asked = settings.get("num", 0) * len(settings.get("rows", [[]]))
-        if len(files) + len(withheld) < asked:  # an interrupted set: its rows would be scored as if they were all
-            raise BadInputError(f"{folder} holds {len(files)} of its {asked} samples (an interrupted set): finish it "
-                                f"with the same `sample` command and --resume")
-    else:
-        files = sorted(f for f in folder.rglob("*")
-                       if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))
-    if not files:
-        raise BadInputError(f"no images in --samples folder {folder}")
-    return folder, files
-
-
-def sample_set_folder(folder: Path) -> Path | None:
-    """The sample set in `folder` (`sample --out folder` wrote it into its samples/), or `folder` itself, known by
-    its sampling.json; None for another folder."""
-    return next((f for f in (folder / "samples", folder) if (f / SETTINGS).is_file()), None)
-
-
-def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
-    """Every image of a --samples folder (`sample_files`; images with the card's transform, NIfTI and npz samples
-    as `sample` writes them, export/sample_set.py) -> (N, C, S, S) in [-1, 1]."""
-    folder, files = sample_files(folder)
-    transform, resized = card_transform(image_size, channels), []
-
-    def read(f: Path) -> torch.Tensor:
-        if f.suffix.lower() in IMAGE_SUFFIXES:
-            image = load_image(str(f), "L" if channels == 1 else "RGB")
-            if image.size != (image_size,) * 2:
-                resized.append(f)
-            return transform(image)
-        x = read_sample(f).float()
-        x = x.mean(0, keepdim=True).expand(channels, -1, -1) if x.shape[0] != channels else x
-        if x.shape[-2:] != (image_size,) * 2:
-            resized.append(f)
-        return F.interpolate(x[None], size=(image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)[0]
-
-    images = torch.stack([read(f) for f in files])
-    if resized:  # another run's or tool's samples: resampling moves the finest band, which the scores then measure
-        print(f"warning: {len(resized)} of {len(files)} images in {folder} are not {image_size}x{image_size} (e.g. "
-              f"{resized[0].name}); they were resized to the run's size, which changes their fine detail")
-    return images
-
-
-def folder_record(folder: Path) -> dict:
-    """How a --samples folder was drawn, as far as it says: a sample set's settings (its sampling.json, without the
-    rows), else nothing."""
-    folder = sample_set_folder(folder)
-    return {k: v for k, v in json.loads((folder / SETTINGS).read_text()).items() if k != "rows"} if folder else {}
 
 
 # ----------------------------------------------------------------------------- feature network

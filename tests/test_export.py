@@ -355,7 +355,7 @@ def test_sample_writes_nifti_in_the_runs_geometry(trained_run, tmp_path):
     assert img.shape == (32, 32, 1) and img.header["cal_max"] == 255 and np.allclose(img.header.get_zooms(), 1.0)
     assert torch.allclose(read_sample(files[1]), images[1], atol=1e-5)
     # `evaluate --samples` reads such a folder as it reads images (the manifest and settings beside them ignored)
-    from evaluation.evaluate import read_folder
+    from evaluation.sample_folder import read_folder
     assert torch.allclose(read_folder(tmp_path / "samples", 32, 1), images, atol=1e-5)
     # a resumed set keeps the geometry it was written with (the run's data may be elsewhere, or gone)
     settings = json.loads((tmp_path / "samples" / "sampling.json").read_text())
@@ -375,7 +375,7 @@ def test_sample_refuses_a_format_it_does_not_know(trained_run):
 
 
 def test_evaluate_reads_a_sample_set_as_its_manifest_lists_it(trained_run, tmp_path):
-    from evaluation.evaluate import read_folder
+    from evaluation.sample_folder import read_folder
     run, _ = trained_run
     drawn = predict.predict(predict.parse_args(["--run", str(run), "--num", "3", "--format", "npz", *FAST,
                                                 "--out", str(tmp_path)]))
@@ -412,7 +412,7 @@ def test_a_withheld_sample_leaves_the_set_and_its_tables_and_is_not_drawn_again(
     """`withhold` (evaluate --withhold-flagged): the file deleted, its manifest and participants.tsv rows moved into
     withheld.csv with what flagged it; --resume draws nothing in its place, the grid skips it, evaluate counts it
     as drawn; withholding again changes nothing; a new set starts without it."""
-    from evaluation.evaluate import sample_files
+    from evaluation.sample_folder import sample_files
     from export.sample_set import withheld_rows, withhold
     run, _ = conditioned_run
     flags = ["--run", str(run), "--out", str(tmp_path), "--num", "3", "--batch-size", "2", "--class", "AD",
@@ -446,7 +446,7 @@ def test_a_withheld_sample_leaves_the_set_and_its_tables_and_is_not_drawn_again(
 def test_withholding_cut_short_by_a_kill_is_finished_by_withholding_again(tmp_path):
     """A kill after withheld.csv was written and before the manifest lost the row: the set reads as if the sample
     were gone (evaluate, --resume), and withholding again removes the row and the file."""
-    from evaluation.evaluate import sample_files
+    from evaluation.sample_folder import sample_files
     from export.sample_set import withheld_rows, withhold
     folder = tmp_path / "samples"
     write_batches(constructed_set(folder, num=3, batch_size=2), [(0, 0), (0, 1)])
@@ -514,7 +514,7 @@ def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(condition
 def test_a_batch_drawn_again_after_a_withholding_leaves_its_withheld_sample_out(tmp_path):
     """Another file of a withheld sample's batch lost: --resume draws the batch again, from the same seed, and the
     withheld sample (a possible copy) is not written back into the set, where evaluate would never screen it."""
-    from evaluation.evaluate import sample_files
+    from evaluation.sample_folder import sample_files
     from export.sample_set import withhold
     folder = tmp_path / "samples"
     write_batches(constructed_set(folder, num=4, batch_size=2), [(0, 0), (0, 1)])

@@ -1,0 +1,81 @@
+"""What `driver.py evaluate --samples DIR` reads: the images of a folder, a sample set's as its manifest lists them
+(less those it withheld), and how the set was drawn.
+
+    python driver.py evaluate --run RUN --samples DIR     # a set `sample --out DIR` wrote, or any folder of images
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dataset import card_transform
+from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample, withheld_rows
+from runtime.errors import BadInputError
+from volumes.images import load_image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+SAMPLE_SUFFIXES = (".nii", ".nii.gz", ".npz")  # `sample --format nifti|npz`
+
+
+def sample_files(folder: Path) -> tuple[Path, list[Path]]:
+    """The images a --samples folder holds, and the folder they are named from: a sample set's (`sample --out
+    folder`, or its samples/) the files its manifest lists, not the grid beside them, nor a batch an interruption
+    kept out of the manifest; any other folder's every image, NIfTI and npz sample under it."""
+    if not folder.is_dir():
+        raise BadInputError(f"--samples folder {folder} does not exist")
+    folder = folder / "samples" if (folder / "samples" / MANIFEST).is_file() else folder
+    if (folder / MANIFEST).is_file():
+        withheld = {row["file"] for row in withheld_rows(folder)}  # left out as possible copies: drawn, not there
+        files = [folder / row["file"] for row in manifest_rows(folder) if row["file"] not in withheld]
+        settings = json.loads((folder / SETTINGS).read_text()) if (folder / SETTINGS).is_file() else {}
+        asked = settings.get("num", 0) * len(settings.get("rows", [[]]))
+        if len(files) + len(withheld) < asked:  # an interrupted set: its rows would be scored as if they were all
+            raise BadInputError(f"{folder} holds {len(files)} of its {asked} samples (an interrupted set): finish it "
+                                f"with the same `sample` command and --resume")
+    else:
+        files = sorted(f for f in folder.rglob("*")
+                       if f.suffix.lower() in IMAGE_SUFFIXES or f.name.endswith(SAMPLE_SUFFIXES))
+    if not files:
+        raise BadInputError(f"no images in --samples folder {folder}")
+    return folder, files
+
+
+def sample_set_folder(folder: Path) -> Path | None:
+    """The sample set in `folder` (`sample --out folder` wrote it into its samples/), or `folder` itself, known by
+    its sampling.json; None for another folder."""
+    return next((f for f in (folder / "samples", folder) if (f / SETTINGS).is_file()), None)
+
+
+def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
+    """Every image of a --samples folder (`sample_files`; images with the card's transform, NIfTI and npz samples
+    as `sample` writes them, export/sample_set.py) -> (N, C, S, S) in [-1, 1]."""
+    folder, files = sample_files(folder)
+    transform, resized = card_transform(image_size, channels), []
+
+    def read(f: Path) -> torch.Tensor:
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            image = load_image(str(f), "L" if channels == 1 else "RGB")
+            if image.size != (image_size,) * 2:
+                resized.append(f)
+            return transform(image)
+        x = read_sample(f).float()
+        x = x.mean(0, keepdim=True).expand(channels, -1, -1) if x.shape[0] != channels else x
+        if x.shape[-2:] != (image_size,) * 2:
+            resized.append(f)
+        return F.interpolate(x[None], size=(image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)[0]
+
+    images = torch.stack([read(f) for f in files])
+    if resized:  # another run's or tool's samples: resampling moves the finest band, which the scores then measure
+        print(f"warning: {len(resized)} of {len(files)} images in {folder} are not {image_size}x{image_size} (e.g. "
+              f"{resized[0].name}); they were resized to the run's size, which changes their fine detail")
+    return images
+
+
+def folder_record(folder: Path) -> dict:
+    """How a --samples folder was drawn, as far as it says: a sample set's settings (its sampling.json, without the
+    rows), else nothing."""
+    folder = sample_set_folder(folder)
+    return {k: v for k, v in json.loads((folder / SETTINGS).read_text()).items() if k != "rows"} if folder else {}
