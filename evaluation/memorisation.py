@@ -110,7 +110,7 @@ def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: to
     order = split["samples"]["correlation"].argsort(descending=True)[:PAIRS_SHOWN]
     matches = torch.stack([dataset[train_idx[i]][0] for i in split["samples"]["correlation_at"][order].tolist()])
     return {"percentile": PERCENTILE, "thresholds": thresholds, "rows": rows,
-            "closest_pairs": [{"sample": int(i), "training_image": dataset.samples[train_idx[j]][0],
+            "closest_pairs": [{"sample": names[i] if names else i, "training_image": dataset.samples[train_idx[j]][0],
                                **_slice_of(dataset, train_idx[j]),
                                "correlation": split["samples"]["correlation"][i].item()}
                               for i, j in zip(order.tolist(), split["samples"]["correlation_at"][order].tolist())]

@@ -306,6 +306,8 @@ def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_s
     manifest = list(csv.DictReader((tmp_path / "set" / "samples" / "manifest.csv").open()))
     assert [row["sample"] for row in csv.DictReader((out / "eval_memorisation.csv").open())] == [
         row["file"] for row in manifest] == [f"AD/sub-{k:06d}.png" for k in range(3)]
+    pairs = json.loads((out / "metrics.json").read_text())["memorisation"]["closest_pairs"]
+    assert sorted(pair["sample"] for pair in pairs) == [row["file"] for row in manifest]   # named as the set names them
     # a training image put in the set in place of sample 1 is flagged, and --withhold-flagged leaves it out
     copy = tmp_path / "set" / "samples" / "AD" / "sub-000001.png"
     Image.open(each[0]["nearest_by_pixels"]).resize((32, 32)).save(copy)
