@@ -62,9 +62,9 @@ from evaluation.memorisation import memorisation_check, withhold_flagged
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
+from evaluation.sample_folder import folder_record, read_folder, sample_set_folder
 from evaluation.utility import condition_utility, images_per_class, refuse_seen, utility_check
 from export.figures import save_png
-from evaluation.sample_folder import folder_record, read_folder, sample_files, sample_set_folder
 from export.sample_set import MANIFEST, SETTINGS
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
@@ -300,7 +300,7 @@ def evaluate(args):
     data = args.data_config  # stage 1's, resolved by driver.py
     data.refuse_inside(out, "--out" if args.out else "the run folder, the output's by default,")
     image_size, channels = data.image_size, data.channels
-    samples = read_folder(Path(args.samples), image_size, channels) if args.samples else None
+    samples, names = read_folder(Path(args.samples), image_size, channels) if args.samples else (None, None)
 
     # data: the run's held-out subjects, halved into reference A and floor B
     dataset = load_slices(data.folder(), image_size, channels, args.cache_gb, disk_cache=run,  # training's cache
@@ -406,13 +406,11 @@ def evaluate(args):
     out.mkdir(parents=True, exist_ok=True)
     sections = {}
     if not stage1_only and not seen:  # are the samples copies of training images?
-        base, files = sample_files(Path(args.samples)) if args.samples else (None, None)
-        names = files and [f.relative_to(base).as_posix() for f in files]  # a set's files as its manifest names them
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
                                                          device, names, ([subject(paths[i]) for i in ref_idx],
                                                                          [subject(paths[i]) for i in floor_idx]))
         if args.withhold_flagged:
-            memorisation["withheld"] = withhold_flagged(base, each, run)
+            memorisation["withheld"] = withhold_flagged(screened, each, run)
         sections["memorisation"] = memorisation_section(memorisation, closest, each, out)
     elif seen:  # its yardstick, subjects the run never saw, is missing, and copies of theirs would go unflagged
         print(f"memorisation: not checked, {run} was trained on every subject (train-vqvae --holdout F)")

@@ -49,9 +49,10 @@ def sample_set_folder(folder: Path) -> Path | None:
     return next((f for f in (folder / "samples", folder) if (f / SETTINGS).is_file()), None)
 
 
-def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
+def read_folder(folder: Path, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
     """Every image of a --samples folder (`sample_files`; images with the card's transform, NIfTI and npz samples
-    as `sample` writes them, export/sample_set.py) -> (N, C, S, S) in [-1, 1]."""
+    as `sample` writes them, export/sample_set.py) -> (N, C, S, S) in [-1, 1], and their names in the folder (a
+    set's files as its manifest names them), read in one listing so that name k is image k's."""
     folder, files = sample_files(folder)
     transform, resized = card_transform(image_size, channels), []
 
@@ -71,7 +72,7 @@ def read_folder(folder: Path, image_size: int, channels: int) -> torch.Tensor:
     if resized:  # another run's or tool's samples: resampling moves the finest band, which the scores then measure
         print(f"warning: {len(resized)} of {len(files)} images in {folder} are not {image_size}x{image_size} (e.g. "
               f"{resized[0].name}); they were resized to the run's size, which changes their fine detail")
-    return images
+    return images, [f.relative_to(folder).as_posix() for f in files]
 
 
 def folder_record(folder: Path) -> dict:

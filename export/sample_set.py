@@ -120,9 +120,9 @@ class SampleSet:
             raise BadInputError(f"{self.folder} was sampled with other settings ({shown}); --resume continues a set with "
                                 f"the same run and flags{f' (give {again})' if again else ''}; leave --resume out to "
                                 f"replace it, or pick another --out")
-        withheld = {int(r["index"]) for r in withheld_rows(self.folder)}  # drawn, and left out: not drawn again
-        self.withheld = withheld
-        _remove_samples(self.folder, {r["file"] for r in withheld_rows(self.folder)})  # a withholding cut short
+        left_out = withheld_rows(self.folder)
+        withheld = self.withheld = {int(r["index"]) for r in left_out}  # drawn, and left out: not drawn again
+        _remove_samples(self.folder, {r["file"] for r in left_out})  # a withholding cut short
         rows = [r for r in self._manifest_rows() if (self.folder / r["file"]).is_file()
                 and int(r["index"]) not in withheld]
         listed = {int(r["index"]) for r in rows} | withheld
@@ -246,8 +246,7 @@ class SampleSet:
     def first(self, row: int, count: int) -> torch.Tensor:
         """The first `count` samples of `row`, read back from their files (the grid's images): (count, C, H, W); a
         withheld sample's place is taken by the next one, and a row whose samples were all withheld gives none."""
-        withheld = {int(r["index"]) for r in withheld_rows(self.folder)}
-        kept = [i for i in range(row * self.num, (row + 1) * self.num) if i not in withheld][:count]
+        kept = [i for i in range(row * self.num, (row + 1) * self.num) if i not in self.withheld][:count]
         return torch.stack([read_sample(self.folder / self.file(i)) for i in kept]) if kept else torch.empty(0)
 
 

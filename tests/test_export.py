@@ -356,7 +356,7 @@ def test_sample_writes_nifti_in_the_runs_geometry(trained_run, tmp_path):
     assert torch.allclose(read_sample(files[1]), images[1], atol=1e-5)
     # `evaluate --samples` reads such a folder as it reads images (the manifest and settings beside them ignored)
     from evaluation.sample_folder import read_folder
-    assert torch.allclose(read_folder(tmp_path / "samples", 32, 1), images, atol=1e-5)
+    assert torch.allclose(read_folder(tmp_path / "samples", 32, 1)[0], images, atol=1e-5)
     # a resumed set keeps the geometry it was written with (the run's data may be elsewhere, or gone)
     settings = json.loads((tmp_path / "samples" / "sampling.json").read_text())
     assert settings["geometry"] == {"axis": "axial", "spacing": 1.0, "low": 0.0, "high": 255.0, "known": False}
@@ -382,7 +382,7 @@ def test_evaluate_reads_a_sample_set_as_its_manifest_lists_it(trained_run, tmp_p
     (tmp_path / "samples" / "all" / "sub-000007.npz").write_bytes((tmp_path / "samples" / "all" /
                                                                     "sub-000000.npz").read_bytes())  # not listed
     for folder in (tmp_path, tmp_path / "samples"):            # not samples.png beside them, not the unlisted file
-        assert torch.allclose(read_folder(folder, 32, 1), drawn, atol=1e-6)
+        assert torch.allclose(read_folder(folder, 32, 1)[0], drawn, atol=1e-6)
     manifest_file = tmp_path / "samples" / "manifest.csv"
     whole = manifest_file.read_text()
     manifest_file.write_text(whole[:-10])                      # its last line cut by a kill: an unfinished set
