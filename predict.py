@@ -449,21 +449,22 @@ def predict(args):
             grid = [(caption, images) for caption, images in grid if len(images)]  # a row all withheld: none
             if grid:
                 save_rows(grid, out / "samples.png")
-            shown = per_row * len(rows)
+            shown, gridded = per_row * len(rows), bool(grid)
         else:
             shown = min(GRID_MAX, args.num)
-            if len(images := samples.first(0, shown)):
+            if gridded := len(images := samples.first(0, shown)) > 0:
                 save_png(enlarged(images), out / "samples.png", nrow=math.ceil(math.sqrt(shown)), normalize=True,
                          value_range=(-1, 1))
         total = len(rows) * args.num
-        if shown < total:
+        if shown < total and gridded:
             print(f"{out / 'samples.png'} shows {shown} of the {total} images; all of them are in {out / 'samples'}")
         if gif_latents is None:
             print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then"
                   if (out / "denoise.gif").exists() else "the first batch was drawn before --resume, by a command "
                   "stopped before it wrote denoise.gif (or the GIF went with withheld samples): none is written")
-        print(f"wrote {out / 'samples.png'}, {total} images as {args.format} in {out / 'samples'} (manifest.csv says "
-              f"how each was made; {count} drawn now)")
+        print(f"wrote {out / 'samples.png' if gridded else 'no samples.png (every sample it would show is withheld)'}, "
+              f"{total} images as {args.format} in {out / 'samples'} (manifest.csv says how each was made; {count} drawn "
+              f"now)")
         return torch.cat(drawn) if drawn else None
 
 

@@ -202,7 +202,12 @@ def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = 
         yield
         return
     try:
-        with open(run / lock, "a+") as f:
+        lock_file = open(run / lock, "a+")
+    except OSError as e:  # a folder this user may read but not write (a shared set, a read-only mount)
+        raise BadInputError(f"cannot write {run / lock} ({e.strerror or e}): {run} must be a folder you can write "
+                            f"(the command is {doing} it)") from None
+    try:
+        with lock_file as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

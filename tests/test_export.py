@@ -499,7 +499,8 @@ def test_a_new_set_killed_as_it_starts_keeps_nothing_the_set_before_it_withheld(
     assert constructed_set(folder, num=3, batch_size=1, resume=True).batches(0) == set()
 
 
-def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(conditioned_run, tmp_path):
+def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(conditioned_run, tmp_path, capsys):
+    """... and with every row withheld there is no grid, and `sample` does not say it wrote one."""
     from export.sample_set import withhold
     run, _ = conditioned_run
     flags = ["--run", str(run), "--out", str(tmp_path), "--num", "2", "--batch-size", "2", "--class", "AD",
@@ -509,6 +510,11 @@ def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(condition
     withhold(tmp_path / "samples", {f"AD/sub-00000{k}.png": {"flagged_by": "pixels"} for k in (2, 3)})  # row 2's
     predict.predict(predict.parse_args([*flags, "--resume"]))
     assert Image.open(tmp_path / "samples.png").size[1] == height // 2                 # 1 row
+    withhold(tmp_path / "samples", {f"AD/sub-00000{k}.png": {"flagged_by": "pixels"} for k in (0, 1)})  # row 1's
+    capsys.readouterr()
+    predict.predict(predict.parse_args([*flags, "--resume"]))
+    assert not (tmp_path / "samples.png").exists()
+    assert "wrote no samples.png (every sample it would show is withheld)" in capsys.readouterr().out
 
 
 def test_a_batch_drawn_again_after_a_withholding_leaves_its_withheld_sample_out(tmp_path):

@@ -287,6 +287,17 @@ def test_two_commands_started_at_once_on_a_new_run_do_not_both_go_on(trained_run
     assert ckpt(new / "vqvae.pt")["step"] == 2
 
 
+def test_a_folder_whose_lock_cannot_be_written_stops_the_command_in_one_line(tmp_path):
+    """A folder the user can read but not write (a shared set, a read-only mount: here, the lock's name taken by a
+    folder, as root may write anywhere) is refused in one line naming the lock, not with a traceback."""
+    from runtime.checkpoint import run_lock
+    (tmp_path / ".samples.lock").mkdir()
+    with pytest.raises(BadInputError, match=r"cannot write .*\.samples\.lock \(Is a directory\): .* must be a folder "
+                                            r"you can write \(the command is writing a sample set into it\)"):
+        with run_lock(tmp_path, lock=".samples.lock", doing="writing a sample set into"):
+            pass
+
+
 def _counts_agree(rank: int, store: str, counts: list[tuple[int, int]], out: str):
     """One of two gloo processes: whether each pair of counts (rank 0's, rank 1's) is the same on both."""
     import torch.distributed as dist
