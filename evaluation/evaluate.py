@@ -407,8 +407,8 @@ def evaluate(args):
     sections = {}
     if not stage1_only and not seen:  # are the samples copies of training images?
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
-                                                         device, names, ([subject(paths[i]) for i in ref_idx],
-                                                                         [subject(paths[i]) for i in floor_idx]))
+                                                         device, names, tuple([subject(paths[i]) for i in idx]
+                                                                              for idx in (ref_idx, floor_idx, train_idx)))
         if args.withhold_flagged:
             memorisation["withheld"] = withhold_flagged(screened, each, run)
         sections["memorisation"] = memorisation_section(memorisation, closest, each, out)

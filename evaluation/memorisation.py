@@ -11,7 +11,8 @@ flags among real new subjects (about 1% when A and B are alike). A held-out subj
 training image (pixel r >= DUPLICATE_R: the same brain under two IDs, a split that leaks, as on the ADNI subset whose
 file names hold image IDs) is no new subject: its images are counted, and left out of the yardstick, where a few
 would raise the threshold to an exact copy's and let a copy drawn through the decoder pass
-(bench/memorisation_screen.py). Every sample's verdict,
+(bench/memorisation_screen.py). B's flagged images are told by subject: one flagged on most of its images, each
+nearest one training subject, is likely a training patient scanned again under another ID. Every sample's verdict,
 with the training images nearest to it, goes into eval_memorisation.csv: the files to leave out of a synthetic set
 before it is shared.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -73,12 +75,13 @@ def nearest_training(queries: torch.Tensor, dataset, train_idx: list[int], featu
 
 def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: torch.Tensor, dataset,
                        train_idx: list[int], features, device, names: list[str] | None = None,
-                       subjects: tuple[list[str], list[str]] | None = None) -> tuple[dict, torch.Tensor, list[dict]]:
+                       subjects: tuple[list[str], list[str], list[str]] | None = None
+                       ) -> tuple[dict, torch.Tensor, list[dict]]:
     """The check (see the module docstring): {thresholds, rows: {images: summary}}; the figure's images, the
     PAIRS_SHOWN samples most correlated with a training image (top row) above those training images (bottom row);
     and each sample's verdict (`each_sample`), by `names` (a set's files) or by its place among the samples.
-    `subjects`: whose each image of A and of B is, so that a leaked subject's images go together (else each
-    duplicate image alone)."""
+    `subjects`: whose each image of A, of B and of train_idx is, so that a leaked subject's images go together (else
+    each duplicate image alone), and B's row tells its flagged images by subject (`flagged_subjects`)."""
     sets = {"samples": samples, "real (held out, A)": reference, "real (held out, B)": floor}
     found = nearest_training(torch.cat(list(sets.values())), dataset, train_idx, features, device)
     split = {}
@@ -86,7 +89,7 @@ def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: to
     for name, images in sets.items():
         split[name] = {k: v[start:start + len(images)] for k, v in found.items()}
         start += len(images)
-    duplicates, kept = {}, {}
+    duplicates, kept, owners = {}, {}, {}
     for k, name in enumerate(("real (held out, A)", "real (held out, B)")):  # the split's leaks: not new subjects
         new = split[name]["correlation"] < DUPLICATE_R
         if subjects is not None:  # every image of a subject one of whose images is a training image
@@ -96,17 +99,23 @@ def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: to
             duplicates[name] = int((~new).sum())
             split[name] = {key: v[new] for key, v in split[name].items()}
         else:  # nothing else to measure against: kept, and said so (A's threshold is then an exact copy's)
+            new = torch.ones_like(new)
             duplicates[name], kept[name] = 0, len(new)
             print(f"warning: memorisation: every image of {name} is of a held-out subject one of whose images is a "
                   f"training image (pixel r >= {DUPLICATE_R}); they are kept, for want of others"
                   + (", and the threshold is an exact copy's: a copy drawn through the decoder passes it"
                      if k == 0 else ""))
+        if subjects is not None:
+            owners[name] = [subject for subject, fresh in zip(subjects[k], new.tolist()) if fresh]
     a = split["real (held out, A)"]
     thresholds = {"distance": torch.quantile(a["distance"], PERCENTILE / 100).item(),
                   "correlation": torch.quantile(a["correlation"], 1 - PERCENTILE / 100).item()}
     rows = {name: {**summary(s, thresholds), **({"duplicates": duplicates[name]} if name in duplicates else {}),
                    **({"leaked_kept": kept[name]} if name in kept else {})}
             for name, s in split.items()}
+    if subjects is not None:
+        rows["real (held out, B)"]["flagged_subjects"] = flagged_subjects(
+            split["real (held out, B)"], owners["real (held out, B)"], thresholds, subjects[2])
     order = split["samples"]["correlation"].argsort(descending=True)[:PAIRS_SHOWN]
     matches = torch.stack([dataset[train_idx[i]][0] for i in split["samples"]["correlation_at"][order].tolist()])
     return {"percentile": PERCENTILE, "thresholds": thresholds, "rows": rows,
@@ -116,6 +125,23 @@ def memorisation_check(samples: torch.Tensor, reference: torch.Tensor, floor: to
                               for i, j in zip(order.tolist(), split["samples"]["correlation_at"][order].tolist())]
             }, torch.cat([samples[order].cpu(), matches]), each_sample(split["samples"], thresholds, dataset, train_idx,
                                                                     names)
+
+
+def flagged_subjects(nearest: dict[str, torch.Tensor], owners: list[str], thresholds: dict[str, float],
+                     training_subjects: list[str]) -> list[dict]:
+    """Whose images of a held-out half either measure flags, most flagged first: each such subject's flagged and
+    all images, and the training subject nearest by pixels to most of its images, for how many. A patient scanned
+    again under another ID (a repeat scan, another visit) is flagged on most images, each nearest that patient."""
+    flagged = (nearest["distance"] < thresholds["distance"]) | (nearest["correlation"] > thresholds["correlation"])
+    rows = []
+    for subject in dict.fromkeys(owners):
+        mine = [k for k, owner in enumerate(owners) if owner == subject]
+        if any(flagged[k] for k in mine):
+            nearest_subject, count = Counter(training_subjects[nearest["correlation_at"][k]] for k in mine
+                                             ).most_common(1)[0]
+            rows.append({"subject": subject, "flagged": int(flagged[mine].sum()), "images": len(mine),
+                         "nearest_training_subject": nearest_subject, "nearest_count": count})
+    return sorted(rows, key=lambda row: -row["flagged"])
 
 
 def each_sample(nearest: dict[str, torch.Tensor], thresholds: dict[str, float], dataset, train_idx: list[int],
@@ -193,4 +219,18 @@ def format_memorisation_table(check: dict) -> str:
                      f"subject one of whose images is a training image (pixel r >= {DUPLICATE_R})"
                      + (": the threshold is an exact copy's, and a copy drawn through the decoder passes it."
                         if check["rows"].get("real (held out, A)", {}).get("leaked_kept") else "."))
+    lines += _flagged_subjects_line(check["rows"].get("real (held out, B)", {}).get("flagged_subjects"))
     return "\n".join(lines)
+
+
+def _flagged_subjects_line(rows: list[dict] | None, shown: int = 5) -> list[str]:
+    """B's flagged images by subject, as `flagged_subjects` tells them (none before 2026-12-07, or none flagged)."""
+    if not rows:
+        return []
+    each = [f"{r['subject']} ({r['flagged']} of its {r['images']} images flagged; {r['nearest_count']} of the "
+            f"{r['images']} nearest by pixels to training subject {r['nearest_training_subject']})" for r in rows[:shown]]
+    more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
+    return [f"\nHalf B's flagged images are of {len(rows)} subject{'s' * (len(rows) > 1)}: {', '.join(each)}{more}. "
+            f"A subject flagged on most of its images, each nearest one "
+            f"training subject, may be that patient scanned again under another ID (a repeat scan, another visit): "
+            f"no new subject, and a split that leaks (volumes/README.md, Subjects and the hold-out)."]

@@ -604,7 +604,8 @@ def test_the_memorisation_threshold_is_the_percentile_of_the_reference_half_a_an
         format_memorisation_table(result)
     # by subject: the image at 0.1 is of the leaked subject too (another slice of the same brain), and goes with it
     by_subject, _, _ = memorisation_check(samples, reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu",
-                                          subjects=(["s1", "s2", "s3", "s1"], ["s5", "s6", "s7", "s8"]))
+                                          subjects=(["s1", "s2", "s3", "s1"], ["s5", "s6", "s7", "s8"],
+                                                    ["t0", "t1", "t2", "t3"]))
     assert by_subject["rows"]["real (held out, A)"]["duplicates"] == 2
     assert by_subject["thresholds"]["distance"] == pytest.approx(0.2 + 0.01 * 0.2, rel=1e-3)
     # each sample by its own distance: 0 and 0.11 from training images 2 and 3, either side of the threshold
@@ -628,12 +629,44 @@ def test_a_held_out_half_all_of_leaked_subjects_is_kept_and_said_so_not_counted_
     moved = lambda image, distances: torch.stack([training[image] + d * unit for d in distances])  # noqa: E731
     reference, floor = moved(0, (0.0, 0.1)), moved(1, (1.0, 2.0, 3.0))     # A: one subject, one slice a copy
     result, _, _ = memorisation_check(training[2:], reference, floor, dataset, train_idx, lambda x: x.flatten(1), "cpu",
-                                      subjects=(["s1", "s1"], ["s5", "s6", "s7"]))
+                                      subjects=(["s1", "s1"], ["s5", "s6", "s7"], ["t0", "t1", "t2", "t3"]))
     a = result["rows"]["real (held out, A)"]
     assert (a["count"], a["duplicates"], a["leaked_kept"]) == (2, 0, 2)
     table = format_memorisation_table(result)
     assert "Left out of the rows" not in table and "Kept, for want of others: all 2 of real (held out, A)" in table
     assert "they are kept, for want of others" in capsys.readouterr().out
+
+
+def test_half_b_s_flagged_images_are_told_by_subject_with_the_training_subject_nearest_to_each():
+    """Identity features; A's images 0.5 from training subjects' images (the threshold: 0.5 and r just below 1).
+    B: subject "again" is training subject t1 scanned again, its two images 0.1 from t1's (both flagged, both
+    nearest t1); subject "new" has one image 0.2 from t0's (flagged) and one 0.6 from t3's (not); "far" is far. The row
+    lists "again" then "new", and not "far"; the table says who is flagged and who is nearest."""
+    from evaluation.memorisation import format_memorisation_table, memorisation_check
+    g = torch.Generator().manual_seed(0)
+    training = 0.05 * torch.sign(torch.randn(4, 1, 8, 8, generator=g))   # corners of a cube: 0.45 or more apart
+    dataset, train_idx = Images(training), [0, 1, 2, 3]
+    unit = torch.zeros(1, 8, 8)
+    unit[0, 0, 0] = 1.0
+    reference = torch.stack([training[k] + 0.5 * unit for k in (0, 1, 2, 3)])
+    floor = torch.stack([training[1] + 0.1 * unit, training[1] - 0.1 * unit, training[0] + 0.2 * unit,
+                         training[3] + 0.6 * unit, training[2] + 3 * unit])
+    result, _, _ = memorisation_check(reference[:1], reference, floor, dataset, train_idx, lambda x: x.flatten(1),
+                                      "cpu", subjects=(["a0", "a1", "a2", "a3"], ["again", "again", "new", "new", "far"],
+                                                       ["t0", "t1", "t1", "t3"]))
+    assert result["rows"]["real (held out, B)"]["flagged_subjects"] == [
+        {"subject": "again", "flagged": 2, "images": 2, "nearest_training_subject": "t1", "nearest_count": 2},
+        {"subject": "new", "flagged": 1, "images": 2, "nearest_training_subject": "t0", "nearest_count": 1}]
+    assert ("Half B's flagged images are of 2 subjects: again (2 of its 2 images flagged; 2 of the 2 nearest by "
+            "pixels to training subject t1), new (1 of its 2 images flagged; 1 of the 2 nearest by pixels to training "
+            "subject t0). A subject") in format_memorisation_table(result)
+    from evaluation.memorisation import _flagged_subjects_line
+    line = _flagged_subjects_line(result["rows"]["real (held out, B)"]["flagged_subjects"], shown=1)[0]
+    assert "training subject t1) and 1 more. A subject" in line and "new (" not in line
+    unnamed, _, _ = memorisation_check(reference[:1], reference, floor, dataset, train_idx, lambda x: x.flatten(1),
+                                       "cpu")
+    assert "flagged_subjects" not in unnamed["rows"]["real (held out, B)"]
+    assert "Half B's flagged" not in format_memorisation_table(unnamed)
 
 
 # ----------------------------------------------------------------------------- train on synthetic, test on real
