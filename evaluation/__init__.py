@@ -48,4 +48,5 @@ def add_arguments(p: argparse.ArgumentParser):
                         "(at each --guidance scale above 0), on N real ones, and on both, each tested on the held-out "
                         "subjects; needs a run trained with --conditional; on a run conditioned on a participants "
                         "table, its conditions too: the condition network trained on N real slices, on N samples at "
-                        "their values, and on both (default: off)")
+                        "their values, and on both; with --samples, N of the set's own images per class, by their "
+                        "class folders (default: off)")

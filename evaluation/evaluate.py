@@ -63,7 +63,7 @@ from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_sec
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
 from evaluation.sample_folder import folder_record, read_folder, sample_set_folder
-from evaluation.utility import condition_utility, images_per_class, refuse_seen, utility_check
+from evaluation.utility import condition_utility, images_per_class, refuse_seen, set_labels, utility_check
 from export.figures import save_png
 from export.sample_set import MANIFEST, SETTINGS
 from runtime.checkpoint import atomic_write, fingerprint
@@ -243,23 +243,40 @@ def class_column(model, classes: list[str], run: Path) -> int | None:
                         f"{run / 'unet.pt'} was trained without --conditional (nor on a table column of those classes)")
 
 
-def utility(args, model, column: int, settings, dataset, train_idx: list[int], test: tuple[torch.Tensor, torch.Tensor],
-            per_class: int, autocast, device, seed: int) -> list[dict]:
-    """`--utility N`: the rows of evaluation/utility.py, per_class images of each class (images_per_class), the samples
-    drawn with condition `column` set to the class (the others left open)."""
+def utility(synthetic_of: dict[str, Callable[[int, int], torch.Tensor]], dataset, train_idx: list[int],
+            test: tuple[torch.Tensor, torch.Tensor], per_class: int, steps: int, device, seed: int) -> list[dict]:
+    """`--utility N`: the rows of evaluation/utility.py, per_class images of each class (images_per_class) of the
+    training subjects' and of each synthetic source (`run_samples_of`, `set_samples_of`)."""
     def real_of(c, n):
         return stack(dataset, training_sample([i for i in train_idx if dataset.labels[i] == c], n, seed))[0]
 
+    cfg = ClassifierConfig(in_channels=test[0].shape[1], input_size=min(test[0].shape[-1], 128),
+                           num_classes=len(dataset.classes))
+    return utility_check(real_of, synthetic_of, list(range(len(dataset.classes))), per_class, test, cfg, steps, device)
+
+
+def run_samples_of(args, model, column: int, settings, classes: list[str], autocast
+                   ) -> dict[str, Callable[[int, int], torch.Tensor]]:
+    """The run's own samples of each class at each --guidance scale above 0, drawn with condition `column` set to the
+    class (the others left open)."""
     def generate(c, n, w):
         y = torch.full((len(model.conditions),), math.nan)
-        y[column] = float(model.conditions[column].values.index(dataset.classes[c]))
+        y[column] = float(model.conditions[column].values.index(classes[c]))
         torch.manual_seed(args.seed + c)
         return predict.generate(model, settings, n, y.expand(n, -1), w, autocast)[0]
 
-    cfg = ClassifierConfig(in_channels=test[0].shape[1], input_size=min(test[0].shape[-1], 128),
-                           num_classes=len(dataset.classes))
-    return utility_check(real_of, generate, list(range(len(dataset.classes))), per_class,
-                         [w for w in args.guidance if w > 0], test, cfg, args.classifier_steps, device)
+    return {f"w={w:g}": (lambda c, n, w=w: generate(c, n, w)) for w in args.guidance if w > 0}
+
+
+def set_samples_of(samples: torch.Tensor, labels: list[int], seed: int) -> dict[str, Callable[[int, int], torch.Tensor]]:
+    """A --samples set's own images of each class (`set_labels`), n of them picked at random (seeded)."""
+    labels = torch.tensor(labels)
+
+    def of_class(c, n):
+        mine = (labels == c).nonzero().flatten()
+        return samples[mine[torch.randperm(len(mine), generator=torch.Generator().manual_seed(seed + c))[:n]]]
+
+    return {"the set": of_class}
 
 
 def evaluate(args):
@@ -276,13 +293,10 @@ def evaluate(args):
         raise BadInputError("--class scores the run's own conditional samples; it cannot be used with --samples")
     if args.num is not None and args.samples:
         raise BadInputError("--num sets how many samples evaluate draws; --samples scores every image of its folder")
-    if args.utility is not None and args.samples:
-        raise BadInputError("--utility draws its own samples from the run, at the --guidance scales: leave out "
-                            "--samples (or --utility)")
-    if args.utility is not None and (args.utility < 1 or max(args.guidance) <= 0):
+    if args.utility is not None and (args.utility < 1 or (max(args.guidance) <= 0 and not args.samples)):
         raise BadInputError(f"--utility N trains on N >= 1 of the run's own samples (per class, and for the table's "
-                            f"conditions), at the --guidance scales above 0 (got --utility {args.utility}, --guidance "
-                            f"{args.guidance})")
+                            f"conditions), at the --guidance scales above 0, or of the --samples set's (got --utility "
+                            f"{args.utility}, --guidance {args.guidance})")
     if args.ema_lengths:
         refuse_unready(run, args.samples)
     screened = sample_set_folder(Path(args.samples)) if args.samples else None
@@ -357,6 +371,10 @@ def evaluate(args):
         print(f"no {run / 'unet.pt'}: scoring stage 1 alone (its reconstructions of B against the real rows)")
     elif samples is not None:
         sampling = {"from": str(args.samples), **folder_record(Path(args.samples))}
+        if args.utility is not None:  # train on the set itself, test on real: checked before anything is scored
+            set_classes = set_labels(names, list(dataset.classes), args.samples)
+            per_class = images_per_class(args.utility, list(dataset.classes), [dataset.labels[i] for i in train_idx],
+                                         [dataset.labels[i] for i in ref_idx + floor_idx], seen)
         if len(sampling) == 1:
             print(f"{args.samples} is not a sample set (no {SETTINGS}): how its images were drawn is not recorded")
         elif sampling.get("vqvae_fingerprint") not in (None, fingerprint(vq_ckpt["model"])):
@@ -435,10 +453,25 @@ def evaluate(args):
                                   seed, subject)
         save_png(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
         sections["class"] = class_section(rows, args.guidance)
+    test = (torch.cat([reference, floor]), torch.cat([ref_labels, floor_labels]))  # every held-out image
     if column is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
-        rows = utility(args, model, column, settings, dataset, train_idx, (torch.cat([reference, floor]),
-                       torch.cat([ref_labels, floor_labels])), per_class, autocast, device, seed)
+        rows = utility(run_samples_of(args, model, column, settings, list(dataset.classes), autocast), dataset,
+                       train_idx, test, per_class, args.classifier_steps, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility)
+    if args.utility is not None and args.samples:  # ... from the set itself, less what it withheld just now
+        kept = [k for k, row in enumerate(each) if not args.withhold_flagged or not (
+            row["flagged_features"] or row["flagged_pixels"])]
+        fewest = min(Counter(set_classes[k] for k in kept)[c] for c in range(len(dataset.classes)))
+        if fewest < per_class:
+            print(f"--utility {args.utility}: the set's smallest class has {fewest} images"
+                  + (" it keeps" if args.withhold_flagged else "") + f", so every row trains on {fewest} per class")
+        if fewest == 0:
+            raise BadInputError("--utility: the set withheld every image of a class; nothing of it is left to train "
+                                "on")
+        per_class = min(per_class, fewest)
+        rows = utility(set_samples_of(samples[kept], [set_classes[k] for k in kept], seed), dataset, train_idx, test,
+                       per_class, args.classifier_steps, device, seed)
+        sections["utility"] = utility_section(rows, per_class, args.utility, args.samples)
     if args.utility is not None and y is not None:  # and the table's conditions, from samples at real slices' values
         checked = [c.name != CLASS and k != column for k, c in enumerate(model.conditions)]  # the table's, not classes
         given = [i for i in train_idx if not y[i, checked].isnan().all()]

@@ -90,6 +90,24 @@ def images_per_class(n: int, classes: list[str], train_labels: list[int], test_l
     return min(n, fewest)
 
 
+def set_labels(names: list[str], classes: list[str], folder: str) -> list[int]:
+    """The class of each image of a --samples folder, by its class folder (`AD/sub-000000.png`: a class-conditional
+    run's set, or any folder of images in folders named as the data's classes), for `--utility` on the set. Refused
+    where an image has none or a class has no image: the classifier could not learn the classes from the set."""
+    top = [name.split("/")[0] if "/" in name else "" for name in names]
+    unknown = sorted({t for t in top if t not in classes})
+    if unknown:
+        raise BadInputError(f"--utility with --samples trains the {'/'.join(classes)} classifier on the images of "
+                            f"each class, known by their class folders, and {folder} has images in "
+                            f"{', '.join(repr(t) if t else 'no folder' for t in unknown[:3])} (a class-conditional "
+                            f"run's set: sample --class all)")
+    absent = [name for name in classes if name not in top]
+    if absent:
+        raise BadInputError(f"--utility with --samples needs images of every class in {folder}; it has none of "
+                            f"{', '.join(absent)}")
+    return [classes.index(t) for t in top]
+
+
 def refuse_seen(seen: bool):
     """--utility on a run trained on every subject: refused, its samples would carry the test subjects."""
     if seen:
@@ -97,16 +115,17 @@ def refuse_seen(seen: bool):
                             "samples would carry the test subjects (train-vqvae --holdout F leaves subjects out)")
 
 
-def utility_check(real_of: Callable[[int, int], torch.Tensor], generate: Callable[[int, int, float], torch.Tensor],
-                  classes: list[int], n: int, guidance: list[float], test: tuple[torch.Tensor, torch.Tensor],
-                  cfg: ClassifierConfig, steps: int, device) -> list[dict]:
-    """One row per training set: real, then synthetic and real + synthetic at each guidance scale. real_of(c, n): n
-    real training images of class c (fewer if it has fewer); generate(c, n, w): n samples of class c at scale w."""
+def utility_check(real_of: Callable[[int, int], torch.Tensor], synthetic_of: dict[str, Callable[[int, int], torch.Tensor]],
+                  classes: list[int], n: int, test: tuple[torch.Tensor, torch.Tensor], cfg: ClassifierConfig,
+                  steps: int, device) -> list[dict]:
+    """One row per training set: real, then synthetic and real + synthetic from each source of `synthetic_of`
+    ({"w=3": samples at guidance 3}, {"the set": a sample set's}). real_of(c, n): n real training images of class c
+    (fewer if it has fewer); synthetic_of[name](c, n): n synthetic images of class c."""
     sets = {"real": per_class(real_of, classes, n)}
-    for w in guidance:
-        synthetic = per_class(lambda c, k: generate(c, k, w), classes, n)
-        sets[f"synthetic, w={w:g}"] = synthetic
-        sets[f"real + synthetic, w={w:g}"] = tuple(torch.cat(pair) for pair in zip(sets["real"], synthetic))
+    for name, images_of in synthetic_of.items():
+        synthetic = per_class(images_of, classes, n)
+        sets[f"synthetic, {name}"] = synthetic
+        sets[f"real + synthetic, {name}"] = tuple(torch.cat(pair) for pair in zip(sets["real"], synthetic))
     rows = []
     for name, (images, labels) in sets.items():
         runs = [scores(fit_classifier(images, labels, cfg, steps, device, seed), *test, cfg.num_classes, device)

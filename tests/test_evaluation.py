@@ -362,6 +362,50 @@ def test_a_set_screened_by_withhold_flagged_is_locked_from_its_reading_to_its_wi
         name: data for name, data in drawn.items() if f"AD/{name}" not in [row["file"] for row in withheld]}
 
 
+def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withholds(conditioned_run, tmp_path, capsys):
+    """evaluate --samples SET --utility N: the rows real, synthetic and real + synthetic, the synthetic images the
+    set's (as many per class as its smallest class keeps once a planted copy of a training image is withheld)."""
+    from PIL import Image
+    run, _ = conditioned_run
+    folder, out = tmp_path / "set" / "samples", tmp_path / "eval"
+    driver.main(["sample", "--run", str(run), "--num", "3", "--steps", "2", "--class", "all", "--out",
+                 str(tmp_path / "set")])
+    score = ["evaluate", "--run", str(run), "--out", str(out), "--features", "domain", "--classifier-steps", "2",
+             "--samples", str(tmp_path / "set")]
+    driver.main(score)
+    copied = next(csv.DictReader((out / "eval_memorisation.csv").open()))["nearest_by_pixels"]
+    Image.open(copied).resize((32, 32)).save(folder / "AD" / "sub-000001.png")   # a training image as an AD sample
+    capsys.readouterr()
+    driver.main(score + ["--utility", "3", "--withhold-flagged"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    kept = Counter(row["file"].split("/")[0] for row in csv.DictReader((folder / "manifest.csv").open()))
+    assert "AD/sub-000001.png" in [row["file"] for row in csv.DictReader((folder / "withheld.csv").open())]
+    per_class = min(kept["AD"], kept["NC"])
+    assert kept["AD"] <= 2 and metrics["utility_per_class"] == per_class and metrics["utility_of"] == str(
+        tmp_path / "set")
+    assert [(r["training set"], r["images"]) for r in metrics["utility"]] == [
+        ("real", 2 * per_class), ("synthetic, the set", 2 * per_class), ("real + synthetic, the set", 4 * per_class)]
+    assert f"the set's smallest class has {per_class} images it keeps" in capsys.readouterr().out
+    assert "The synthetic images are the set's own" in (out / "report.md").read_text()
+
+
+def test_a_set_s_images_are_told_by_their_class_folders_and_drawn_from_their_own_class():
+    from evaluation.evaluate import set_samples_of
+    from evaluation.utility import set_labels
+    from runtime.errors import BadInputError
+    names = ["NC/sub-000003.png", "AD/sub-000000.png", "NC/sub-000004.png", "AD/sub-000001.png", "AD/sub-000002.png"]
+    labels = set_labels(names, ["AD", "NC"], "SET")
+    assert labels == [1, 0, 1, 0, 0]
+    samples = torch.tensor(labels, dtype=torch.float)[:, None, None, None].expand(-1, 1, 4, 4)  # each its class
+    of_class = set_samples_of(samples, labels, seed=0)["the set"]
+    assert (of_class(0, 2) == 0).all() and len(of_class(0, 2)) == 2 and (of_class(1, 5) == 1).all()
+    assert len(of_class(1, 5)) == 2 and torch.equal(of_class(0, 2), set_samples_of(samples, labels, 0)["the set"](0, 2))
+    with pytest.raises(BadInputError, match="none of NC"):
+        set_labels(names[1:2], ["AD", "NC"], "SET")
+    with pytest.raises(BadInputError, match="has images in 'all'"):
+        set_labels(["all/sub-000000.png"], ["AD", "NC"], "SET")
+
+
 def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_say_what_they_lack(trained_run,
                                                                                                    tmp_path, capsys):
     run, _ = trained_run
@@ -417,7 +461,14 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
                                                                 "--holdout", "0.5", "--samples", str(tmp_path / "set")])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "2", "--guidance", "0"])
-    assert "leave out --samples" in error_of(driver.main, base + ["--utility", "2", "--samples", str(tmp_path)])
+    assert "known by their class folders, and" in error_of(      # an unconditional run's set: all/, no classes
+        driver.main, base + ["--utility", "2", "--samples", str(tmp_path / "set")])
+    for label in ("AD", "NC"):                                 # classes: then this run's subjects are all seen
+        (tmp_path / "classes" / label).mkdir(parents=True)
+        for k in range(2):
+            save_image(ellipses(1, seed=k)[0], tmp_path / "classes" / label / f"{k}.png")
+    assert "this run was trained on all subjects" in error_of(
+        driver.main, base + ["--utility", "2", "--samples", str(tmp_path / "classes"), "--guidance", "0"])
     from types import SimpleNamespace
     from conditions.table import Condition
     from evaluation.evaluate import class_column
@@ -684,7 +735,7 @@ def test_train_on_synthetic_scores_samples_by_what_they_teach_a_classifier_about
     kinds = {1.0: lambda c, n: of_class(c, n, 10 + c),        # w = 1: the right class
              2.0: lambda c, n: of_class(1 - c, n, 20 + c),    # w = 2: the other class
              3.0: lambda c, n: torch.rand(n, 1, 32, 32) * 2 - 1}
-    rows = utility_check(lambda c, n: of_class(c, n, c), lambda c, n, w: kinds[w](c, n), [0, 1], 16, [1.0, 2.0, 3.0],
+    rows = utility_check(lambda c, n: of_class(c, n, c), {f"w={w:g}": kind for w, kind in kinds.items()}, [0, 1], 16,
                          test, cfg, 40, "cpu")
     got = {r["training set"]: r for r in rows}
     assert list(got) == ["real", "synthetic, w=1", "real + synthetic, w=1", "synthetic, w=2", "real + synthetic, w=2",
@@ -707,8 +758,8 @@ def test_every_training_set_of_the_utility_check_trains_its_classifier_from_each
         (len(images), seed)))
     monkeypatch.setattr(utility, "scores", lambda *_: {"accuracy": 0.5, "auc": 0.5})
     test = (torch.zeros(4, 1, 8, 8), torch.tensor([0, 0, 1, 1]))
-    utility.utility_check(lambda c, n: torch.zeros(n, 1, 8, 8), lambda c, n, w: torch.zeros(n, 1, 8, 8), [0, 1], 2,
-                          [1.0], test, ClassifierConfig(input_size=8), 1, "cpu")
+    utility.utility_check(lambda c, n: torch.zeros(n, 1, 8, 8), {"w=1": lambda c, n: torch.zeros(n, 1, 8, 8)}, [0, 1],
+                          2, test, ClassifierConfig(input_size=8), 1, "cpu")
     # the rows real, synthetic, real + synthetic: 4, 4 and 8 images
     assert seeds == [(n, seed) for n in (4, 4, 8) for seed in range(utility.UTILITY_SEEDS)]
     assert utility.UTILITY_SEEDS > 1
