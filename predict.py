@@ -36,6 +36,7 @@ from conditions import cohort
 from conditions.table import CLASS, asked_values, sweep_rows
 from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
+from export.card import write_card
 from export.figures import GRID_MAX, enlarged, gif_frame, save_png, save_rows
 from export.sample_set import (FORMATS, ROW_SEEDING, SAMPLES_LOCK, SEEDING, SampleSet, run_geometry,
                                saved_geometry)
@@ -442,6 +443,7 @@ def predict(args):
                 count += len(images)
                 drawn = drawn + [images] if count <= RETURN_MAX else []  # on disk; kept in memory only for a few
         report_speed(model, sampling, count, time.perf_counter() - t0)
+        write_card(samples.folder)  # the set is whole: what it is and how it was drawn, for whoever receives it
 
         if len(rows) > 1:  # one row per value, as many of each as fit in GRID_MAX, captioned
             per_row = min(args.num, max(1, GRID_MAX // len(rows)))

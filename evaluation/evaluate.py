@@ -63,8 +63,10 @@ from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_sec
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
 from evaluation.sample_folder import folder_record, read_folder, sample_set_folder
-from evaluation.utility import condition_utility, images_per_class, refuse_seen, set_labels, utility_check
+from evaluation.utility import (UTILITY_SEEDS, condition_utility, images_per_class, refuse_seen, set_labels,
+                                utility_check)
 from export.figures import save_png
+from export.card import record_checks
 from export.sample_set import MANIFEST, SETTINGS
 from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
@@ -472,6 +474,11 @@ def evaluate(args):
         rows = utility(set_samples_of(samples[kept], [set_classes[k] for k in kept], seed), dataset, train_idx, test,
                        per_class, args.classifier_steps, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility, args.samples)
+    if args.withhold_flagged:  # what was checked, into the set's checks.json and onto its card (export/card.py)
+        of_set = sections.get("utility")
+        record_checks(screened, memorisation, of_set and {"per_class": of_set.metrics["utility_per_class"],
+                                                          "seeds": UTILITY_SEEDS, "rows": of_set.metrics["utility"],
+                                                          "table": of_set.printed}, run)
     if args.utility is not None and y is not None:  # and the table's conditions, from samples at real slices' values
         checked = [c.name != CLASS and k != column for k, c in enumerate(model.conditions)]  # the table's, not classes
         given = [i for i in train_idx if not y[i, checked].isnan().all()]

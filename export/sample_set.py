@@ -11,6 +11,9 @@
     sampling.json                the settings of the whole set, which `--resume` must match
     withheld.csv                 the manifest rows of samples left out as possible copies of training patients
                                  (`evaluate --samples DIR --withhold-flagged`), their files deleted
+    dataset_card.md              what the set is, how it was drawn, what was left out and what it was checked for
+                                 (export/card.py), written when the set is whole and by evaluate --withhold-flagged
+    checks.json                  what evaluate --withhold-flagged checked (the screen, --utility), for the card
 
 Formats: `png` (8-bit, as the training images), `nifti` (volumes/writer.py: one slice, RAS, the training geometry),
 `npz` (`image`, float32 (C, H, W) in [-1, 1], nothing rounded). Batch b of a row is drawn after
@@ -47,6 +50,8 @@ SETTINGS = "sampling.json"
 MANIFEST = "manifest.csv"
 TABLE = "participants.tsv"
 WITHHELD = "withheld.csv"
+CARD = "dataset_card.md"   # export/card.py: what the set is, how it was drawn and checked
+CHECKS = "checks.json"     # evaluate --withhold-flagged's record of what it checked, which the card shows
 SAMPLES_LOCK = ".samples.lock"   # in --out, held while a set is written: two writers would interleave its manifest
 FIGURES = ("samples.png", "denoise.gif")   # what `sample` writes into --out beside the set: its first samples shown
 EARLIER_SAMPLE = re.compile(r"\d{4,}\.png")   # samples/0000.png: what predict.py wrote before sets (until 2026-12-03)
@@ -164,7 +169,8 @@ class SampleSet:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BadInputError(f"cannot make {self.folder} ({e.strerror or e}): give --out a folder") from None
-        (self.folder / WITHHELD).unlink(missing_ok=True)  # before the new settings: a kill between leaves none stale
+        for stale in (WITHHELD, CHECKS, CARD):  # before the new settings: a kill between leaves none of them stale
+            (self.folder / stale).unlink(missing_ok=True)
         _write_atomically(self.folder / SETTINGS, json.dumps(self.settings, indent=2) + "\n")
         self._rewrite([])
 

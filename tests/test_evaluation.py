@@ -387,6 +387,15 @@ def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withhold
         ("real", 2 * per_class), ("synthetic, the set", 2 * per_class), ("real + synthetic, the set", 4 * per_class)]
     assert f"the set's smallest class has {per_class} images it keeps" in capsys.readouterr().out
     assert "The synthetic images are the set's own" in (out / "report.md").read_text()
+    # the set's record: checks.json, and its card shows the screen and the table (no training image named)
+    checks = json.loads((folder / "checks.json").read_text())
+    assert checks["screen"]["withheld"] == metrics["memorisation"]["withheld"] >= 1
+    assert checks["screen"]["thresholds"] == metrics["memorisation"]["thresholds"]
+    assert checks["screen"]["checked_against"] == str(run.resolve()) and checks["utility"]["rows"] == metrics["utility"]
+    card = (folder / "dataset_card.md").read_text()
+    assert "## Screened for copies of training patients" in card and f"{checks['screen']['withheld']} withheld" in card
+    assert "## Train on this set, test on real subjects" in card and "| synthetic, the set |" in card
+    assert copied not in card and copied.split("/")[-1] not in card
 
 
 def test_a_set_s_images_are_told_by_their_class_folders_and_drawn_from_their_own_class():

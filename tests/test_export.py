@@ -499,6 +499,41 @@ def test_a_new_set_killed_as_it_starts_keeps_nothing_the_set_before_it_withheld(
     assert constructed_set(folder, num=3, batch_size=1, resume=True).batches(0) == set()
 
 
+# ----------------------------------------------------------------------------- the set's card
+
+def test_a_whole_set_has_a_card_saying_what_it_is_how_it_was_drawn_and_that_it_was_not_screened(conditioned_run,
+                                                                                                   tmp_path):
+    """dataset_card.md, from the set's own files: counts per class folder, the run's fingerprints and sampler, each
+    condition (a category's counts, a covariate's range); screened or not; names no training image. A new set in
+    the folder starts without the card and checks of the one before."""
+    from export.card import write_card
+    run, _ = conditioned_run
+    flags = ["--run", str(run), "--out", str(tmp_path), "--num", "3", "--batch-size", "2", "--class", "all", *FAST]
+    predict.predict(predict.parse_args(flags))
+    folder = tmp_path / "samples"
+    card = (folder / "dataset_card.md").read_text()
+    settings = json.loads((folder / "sampling.json").read_text())
+    assert "6 synthetic 2D slices (png files; 3 in AD/, 3 in NC/)" in card and "none of them is a scan" in card
+    assert f"the UNet at step {settings['unet_step']} (weights' fingerprint {settings['unet_fingerprint']})" in card
+    assert f"decoded by the VQ-VAE {settings['vqvae_fingerprint']}" in card and "| sampler | ddim, 3 steps" in card
+    assert "| class | AD 3, NC 3 |" in card and "## Not screened for copies of training patients" in card
+    assert "| age | left open (drawn without it) |" in card                    # --class all: age and sex left open
+    assert "## Usefulness not measured" in card and "withheld" not in card.split("## Files")[1]
+    ages = tmp_path / "ages"
+    predict.predict(predict.parse_args(["--run", str(run), "--out", str(ages), "--num", "2", "--class", "AD", *FAST,
+                                        "--sweep", "age=60,70"]))
+    assert "| age | 60 to 70, mean 65 |" in (ages / "samples" / "dataset_card.md").read_text()
+    from export.sample_set import withhold
+    withhold(folder, {"NC/sub-000004.png": {"flagged_by": "pixels"}})          # screened before the card's checks
+    write_card(folder)
+    card = (folder / "dataset_card.md").read_text()
+    assert "5 synthetic 2D slices (png files; 3 in AD/, 2 in NC/)" in card and "1 more were drawn and left out" in card
+    assert "1 samples were left out as possible copies" in card and "thresholds were not kept" in card
+    (folder / "checks.json").write_text("{}")
+    predict.predict(predict.parse_args(flags))                                 # a new set: none of the old record
+    assert not (folder / "checks.json").exists() and "Not screened" in (folder / "dataset_card.md").read_text()
+
+
 def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(conditioned_run, tmp_path, capsys):
     """... and with every row withheld there is no grid, and `sample` does not say it wrote one."""
     from export.sample_set import withhold
