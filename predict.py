@@ -464,9 +464,11 @@ def predict(args):
             print(f"the first batch was drawn before --resume: {out / 'denoise.gif'} is the one written then"
                   if (out / "denoise.gif").exists() else "the first batch was drawn before --resume, by a command "
                   "stopped before it wrote denoise.gif (or the GIF went with withheld samples): none is written")
+        kept = total - len(samples.withheld)
         print(f"wrote {out / 'samples.png' if gridded else 'no samples.png (every sample it would show is withheld)'}, "
-              f"{total} images as {args.format} in {out / 'samples'} (manifest.csv says how each was made; {count} drawn "
-              f"now)")
+              f"{kept} images as {args.format} in {out / 'samples'}"
+              + (f" ({total - kept} more withheld)" if kept < total else "")
+              + f" (manifest.csv says how each was made; {count} drawn now)")
         return torch.cat(drawn) if drawn else None
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import replace
@@ -63,8 +62,8 @@ from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_sec
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
 from evaluation.sample_folder import folder_record, read_folder, sample_set_folder
-from evaluation.utility import (UTILITY_SEEDS, condition_utility, images_per_class, refuse_seen, set_labels,
-                                utility_check)
+from evaluation.utility import (UTILITY_SEEDS, class_column, condition_utility, images_per_class, kept_for_utility,
+                                refuse_seen, run_samples_of, set_labels, set_samples_of, utility_check)
 from export.figures import save_png
 from export.card import record_checks
 from export.sample_set import MANIFEST, SETTINGS
@@ -220,31 +219,6 @@ def class_scores(args, dataset, train_idx: list[int], held_idx: list[int], class
     return rows, torch.cat(grid)
 
 
-def class_column(model, classes: list[str], run: Path) -> int | None:
-    """The condition that names the data's class folders, for --utility: `class` (train-unet --conditional), else a
-    category of the participants table with those values (a `group` column of AD and NC); None where there is none
-    but the run has table conditions, which --utility checks alone."""
-    table_conditions = [c.name for c in model.conditions if c.name != CLASS]
-    if len(classes) < 2 and table_conditions:
-        return None
-    if len(classes) < 2:  # a BIDS tree, or one class folder: a diagnosis in the table is not the data's classes
-        raise BadInputError(f"--utility trains a classifier of the data's classes, and {'/'.join(classes)} is one "
-                            "class (a BIDS tree is one, unless train-vqvae --class-column names its diagnosis)")
-    for k, c in enumerate(model.conditions):
-        if c.name == CLASS or (c.kind == "category" and set(classes) <= set(c.values)):
-            if c.name != CLASS:
-                print(f"--utility: the run's condition {c.name!r} names the class folders ({', '.join(classes)})")
-            if not set(classes) <= set(c.values):
-                raise BadInputError(f"the run's classes {c.values} differ from those of the data: {classes}")
-            return k
-    if table_conditions:
-        print(f"--utility: no condition of this run names the class folders ({'/'.join(classes)}; train-unet "
-              f"--conditional): the table's conditions are checked alone")
-        return None
-    raise BadInputError(f"--utility trains the {'/'.join(classes)} classifier on samples of each class, and "
-                        f"{run / 'unet.pt'} was trained without --conditional (nor on a table column of those classes)")
-
-
 def utility(synthetic_of: dict[str, Callable[[int, int], torch.Tensor]], dataset, train_idx: list[int],
             test: tuple[torch.Tensor, torch.Tensor], per_class: int, steps: int, device, seed: int) -> list[dict]:
     """`--utility N`: the rows of evaluation/utility.py, per_class images of each class (images_per_class) of the
@@ -255,30 +229,6 @@ def utility(synthetic_of: dict[str, Callable[[int, int], torch.Tensor]], dataset
     cfg = ClassifierConfig(in_channels=test[0].shape[1], input_size=min(test[0].shape[-1], 128),
                            num_classes=len(dataset.classes))
     return utility_check(real_of, synthetic_of, list(range(len(dataset.classes))), per_class, test, cfg, steps, device)
-
-
-def run_samples_of(args, model, column: int, settings, classes: list[str], autocast
-                   ) -> dict[str, Callable[[int, int], torch.Tensor]]:
-    """The run's own samples of each class at each --guidance scale above 0, drawn with condition `column` set to the
-    class (the others left open)."""
-    def generate(c, n, w):
-        y = torch.full((len(model.conditions),), math.nan)
-        y[column] = float(model.conditions[column].values.index(classes[c]))
-        torch.manual_seed(args.seed + c)
-        return predict.generate(model, settings, n, y.expand(n, -1), w, autocast)[0]
-
-    return {f"w={w:g}": (lambda c, n, w=w: generate(c, n, w)) for w in args.guidance if w > 0}
-
-
-def set_samples_of(samples: torch.Tensor, labels: list[int], seed: int) -> dict[str, Callable[[int, int], torch.Tensor]]:
-    """A --samples set's own images of each class (`set_labels`), n of them picked at random (seeded)."""
-    labels = torch.tensor(labels)
-
-    def of_class(c, n):
-        mine = (labels == c).nonzero().flatten()
-        return samples[mine[torch.randperm(len(mine), generator=torch.Generator().manual_seed(seed + c))[:n]]]
-
-    return {"the set": of_class}
 
 
 def evaluate(args):
@@ -374,9 +324,9 @@ def evaluate(args):
     elif samples is not None:
         sampling = {"from": str(args.samples), **folder_record(Path(args.samples))}
         if args.utility is not None:  # train on the set itself, test on real: checked before anything is scored
-            set_classes = set_labels(names, list(dataset.classes), args.samples)
             per_class = images_per_class(args.utility, list(dataset.classes), [dataset.labels[i] for i in train_idx],
                                          [dataset.labels[i] for i in ref_idx + floor_idx], seen)
+            set_classes = set_labels(names, list(dataset.classes), args.samples)
         if len(sampling) == 1:
             print(f"{args.samples} is not a sample set (no {SETTINGS}): how its images were drawn is not recorded")
         elif sampling.get("vqvae_fingerprint") not in (None, fingerprint(vq_ckpt["model"])):
@@ -429,8 +379,11 @@ def evaluate(args):
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
                                                          device, names, tuple([subject(paths[i]) for i in idx]
                                                                               for idx in (ref_idx, floor_idx, train_idx)))
-        if args.withhold_flagged:
+        if args.utility is not None and args.samples:  # what the set keeps to train on, refused before it withholds
+            kept, per_class = kept_for_utility(each, set_classes, len(dataset.classes), per_class, args.withhold_flagged)
+        if args.withhold_flagged:  # the set changes: its checks.json and card say so at once (export/card.py)
             memorisation["withheld"] = withhold_flagged(screened, each, run)
+            record_checks(screened, memorisation, None, run)
         sections["memorisation"] = memorisation_section(memorisation, closest, each, out)
     elif seen:  # its yardstick, subjects the run never saw, is missing, and copies of theirs would go unflagged
         print(f"memorisation: not checked, {run} was trained on every subject (train-vqvae --holdout F)")
@@ -461,24 +414,13 @@ def evaluate(args):
                        train_idx, test, per_class, args.classifier_steps, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility)
     if args.utility is not None and args.samples:  # ... from the set itself, less what it withheld just now
-        kept = [k for k, row in enumerate(each) if not args.withhold_flagged or not (
-            row["flagged_features"] or row["flagged_pixels"])]
-        fewest = min(Counter(set_classes[k] for k in kept)[c] for c in range(len(dataset.classes)))
-        if fewest < per_class:
-            print(f"--utility {args.utility}: the set's smallest class has {fewest} images"
-                  + (" it keeps" if args.withhold_flagged else "") + f", so every row trains on {fewest} per class")
-        if fewest == 0:
-            raise BadInputError("--utility: the set withheld every image of a class; nothing of it is left to train "
-                                "on")
-        per_class = min(per_class, fewest)
         rows = utility(set_samples_of(samples[kept], [set_classes[k] for k in kept], seed), dataset, train_idx, test,
                        per_class, args.classifier_steps, device, seed)
-        sections["utility"] = utility_section(rows, per_class, args.utility, args.samples)
-    if args.withhold_flagged:  # what was checked, into the set's checks.json and onto its card (export/card.py)
-        of_set = sections.get("utility")
-        record_checks(screened, memorisation, of_set and {"per_class": of_set.metrics["utility_per_class"],
-                                                          "seeds": UTILITY_SEEDS, "rows": of_set.metrics["utility"],
-                                                          "table": of_set.printed}, run)
+        sections["utility"] = utility_section(rows, per_class, args.utility, args.samples, args.withhold_flagged)
+        if args.withhold_flagged:  # and onto the set's card
+            record_checks(screened, memorisation, {"per_class": per_class, "seeds": UTILITY_SEEDS, "rows": rows,
+                                                   "classes": list(dataset.classes),
+                                                   "table": sections["utility"].printed}, run)
     if args.utility is not None and y is not None:  # and the table's conditions, from samples at real slices' values
         checked = [c.name != CLASS and k != column for k, c in enumerate(model.conditions)]  # the table's, not classes
         given = [i for i in train_idx if not y[i, checked].isnan().all()]

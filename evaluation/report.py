@@ -143,8 +143,10 @@ def class_section(rows: list[dict], guidance: list[float]) -> Section:
         "in the order of the table:", "", "![](eval_classes.png)"], table)
 
 
-def utility_section(rows: list[dict], per_class: int, asked: int, sample_set: str | None = None) -> Section:
-    """Train on synthetic, test on real (`evaluate --utility`; of the set `sample_set`: --samples)."""
+def utility_section(rows: list[dict], per_class: int, asked: int, sample_set: str | None = None,
+                    withholding: bool = False) -> Section:
+    """Train on synthetic, test on real (`evaluate --utility`; of the set `sample_set`: --samples, less what
+    --withhold-flagged left out of it with `withholding`)."""
     table = format_utility_table(rows)
     return Section({"utility": rows, "utility_per_class": per_class, "utility_asked": asked,
                     **({"utility_of": sample_set} if sample_set else {})}, [
@@ -152,8 +154,8 @@ def utility_section(rows: list[dict], per_class: int, asked: int, sample_set: st
         f"The AD/NC classifier trained on {per_class} images per class of "
         "each set below (the same network and steps each time), tested on every held-out image: mean ± standard "
         f"deviation over {UTILITY_SEEDS} training seeds."
-        + (f" The synthetic images are the set's own ({sample_set}), picked at random in each class, less those it "
-           "withholds." if sample_set else ""), "", table], table)
+        + (f" The synthetic images are the set's own ({sample_set}), picked at random in each class"
+           + (", less those it withheld." if withholding else ".") if sample_set else ""), "", table], table)
 
 
 def condition_utility_section(rows: list[dict], count: int) -> Section:

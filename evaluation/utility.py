@@ -8,6 +8,10 @@ what N real slices buy; a synthetic row near it means the samples carry what tel
 trained UTILITY_SEEDS times from different seeds, and the table gives the mean and standard deviation.
 
     python driver.py evaluate --run RUN --utility 200 --guidance 1,3     # a run trained with --conditional
+    python driver.py evaluate --run RUN --samples SET --withhold-flagged --utility 200    # a set, as it is shared
+
+With --samples the synthetic images are the set's own, N per class by their class folders (`set_labels`), less
+those --withhold-flagged leaves out of it (`kept_for_utility`); the guidance is the set's.
 
 A run conditioned on a participants table has its columns checked the same way (`condition_utility`): the condition
 network of evaluation/conditions.py (a regression head per covariate, a classifier head per category) trained on N
@@ -18,6 +22,9 @@ recognised per category.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -25,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from torchmetrics.functional.classification import auroc
 
+import predict
 from conditions.table import CLASS, Condition
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from evaluation.conditions import agreement, read_back, train_condition_net
@@ -106,6 +114,22 @@ def set_labels(names: list[str], classes: list[str], folder: str) -> list[int]:
         raise BadInputError(f"--utility with --samples needs images of every class in {folder}; it has none of "
                             f"{', '.join(absent)}")
     return [classes.index(t) for t in top]
+
+
+def kept_for_utility(each: list[dict], classes_of: list[int], n_classes: int, per_class: int, withholding: bool
+                     ) -> tuple[list[int], int]:
+    """`evaluate --samples SET --utility N`, before the set withholds anything: the places of the images it trains
+    on (with `withholding`, those the memorisation check did not flag: `each`, its verdicts) and the images per class
+    every row then trains on, no more than the set's smallest class keeps. Refused where a class keeps none."""
+    kept = [k for k, row in enumerate(each) if not withholding or not (row["flagged_features"] or row["flagged_pixels"])]
+    fewest = min(Counter(classes_of[k] for k in kept)[c] for c in range(n_classes))
+    if fewest == 0:
+        raise BadInputError("--utility: every image of a class of the set is flagged as a possible copy, and "
+                            "--withhold-flagged leaves none of that class to train on")
+    if fewest < per_class:
+        print(f"--utility: the set's smallest class has {fewest} images" + (" it keeps" if withholding else "")
+              + f", so every row trains on {fewest} per class")
+    return kept, min(per_class, fewest)
 
 
 def refuse_seen(seen: bool):
@@ -202,3 +226,54 @@ def format_utility_table(rows: list[dict]) -> str:
         lines.append(f"| {r['training set']} | {r['images']} | {r['accuracy']:.1%} ± {r['accuracy_std']:.1%} | "
                      f"{r['auc']:.3f} ± {r['auc_std']:.3f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- where the synthetic images come from
+
+def class_column(model, classes: list[str], run: Path) -> int | None:
+    """The condition that names the data's class folders, for --utility: `class` (train-unet --conditional), else a
+    category of the participants table with those values (a `group` column of AD and NC); None where there is none
+    but the run has table conditions, which --utility checks alone."""
+    table_conditions = [c.name for c in model.conditions if c.name != CLASS]
+    if len(classes) < 2 and table_conditions:
+        return None
+    if len(classes) < 2:  # a BIDS tree, or one class folder: a diagnosis in the table is not the data's classes
+        raise BadInputError(f"--utility trains a classifier of the data's classes, and {'/'.join(classes)} is one "
+                            "class (a BIDS tree is one, unless train-vqvae --class-column names its diagnosis)")
+    for k, c in enumerate(model.conditions):
+        if c.name == CLASS or (c.kind == "category" and set(classes) <= set(c.values)):
+            if c.name != CLASS:
+                print(f"--utility: the run's condition {c.name!r} names the class folders ({', '.join(classes)})")
+            if not set(classes) <= set(c.values):
+                raise BadInputError(f"the run's classes {c.values} differ from those of the data: {classes}")
+            return k
+    if table_conditions:
+        print(f"--utility: no condition of this run names the class folders ({'/'.join(classes)}; train-unet "
+              f"--conditional): the table's conditions are checked alone")
+        return None
+    raise BadInputError(f"--utility trains the {'/'.join(classes)} classifier on samples of each class, and "
+                        f"{run / 'unet.pt'} was trained without --conditional (nor on a table column of those classes)")
+
+
+def run_samples_of(args, model, column: int, settings, classes: list[str], autocast
+                   ) -> dict[str, Callable[[int, int], torch.Tensor]]:
+    """The run's own samples of each class at each --guidance scale above 0, drawn with condition `column` set to the
+    class (the others left open)."""
+    def generate(c, n, w):
+        y = torch.full((len(model.conditions),), math.nan)
+        y[column] = float(model.conditions[column].values.index(classes[c]))
+        torch.manual_seed(args.seed + c)
+        return predict.generate(model, settings, n, y.expand(n, -1), w, autocast)[0]
+
+    return {f"w={w:g}": (lambda c, n, w=w: generate(c, n, w)) for w in args.guidance if w > 0}
+
+
+def set_samples_of(samples: torch.Tensor, labels: list[int], seed: int) -> dict[str, Callable[[int, int], torch.Tensor]]:
+    """A --samples set's own images of each class (`set_labels`), n of them picked at random (seeded)."""
+    labels = torch.tensor(labels)
+
+    def of_class(c, n):
+        mine = (labels == c).nonzero().flatten()
+        return samples[mine[torch.randperm(len(mine), generator=torch.Generator().manual_seed(seed + c))[:n]]]
+
+    return {"the set": of_class}

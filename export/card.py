@@ -6,6 +6,9 @@ for copies of training patients and, with `--utility`, what a classifier trained
 subjects. In the spirit of datasheets for datasets (Gebru et al. 2021): what the images are, how each was made, what
 was left out and why, what they were checked for. It is made from the set's own files (sampling.json, manifest.csv,
 withheld.csv, checks.json), and names no training image or subject.
+
+    python driver.py sample --run RUN --class all --num 1000 --out SET      # SET/samples/dataset_card.md
+    python driver.py evaluate --run RUN --samples SET --withhold-flagged --utility 500 --out CHECKED   # again
 """
 from __future__ import annotations
 
@@ -33,14 +36,16 @@ def write_card(folder: Path):
 
 def record_checks(folder: Path, memorisation: dict, utility: dict | None, run: Path):
     """`evaluate --samples SET --withhold-flagged`: what it checked into the set's checks.json, then the card.
-    memorisation: `memorisation_check`'s summary, with "withheld"; utility: {per_class, seeds, rows, table (markdown)}
-    of `evaluate --utility` on the set, or None."""
+    memorisation: `memorisation_check`'s summary, with "withheld"; utility: {per_class, seeds, rows, classes, table
+    (markdown)} of `evaluate --utility` on the set, or None (not yet, or not asked)."""
     floor = memorisation["rows"]["real (held out, B)"]
+    repeats = sum(r["flagged"] for r in floor.get("flagged_subjects", [])  # the signature of a patient scanned again
+                  if 2 * r["flagged"] > r["images"] and 2 * r["nearest_count"] > r["images"])
     screen = {"date": datetime.date.today().isoformat(), "checked_against": str(run.resolve()),
               "percentile": memorisation["percentile"], "thresholds": memorisation["thresholds"],
               "screened": memorisation["rows"]["samples"]["count"], "withheld": memorisation["withheld"],
               "held_out_flagged": {"features": floor["flagged_features"], "pixels": floor["flagged_pixels"],
-                                   "images": floor["count"]}}
+                                   "images": floor["count"], "likely_repeat_scans": repeats}}
     checks = {"screen": screen, **({"utility": utility} if utility else {})}
     text = json.dumps(checks, indent=2) + "\n"
     atomic_write(folder / CHECKS, lambda f: f.write(text.encode()))
@@ -50,11 +55,14 @@ def record_checks(folder: Path, memorisation: dict, utility: dict | None, run: P
 def _what(settings: dict, rows: list[dict], withheld: list[dict]) -> list[str]:
     classes = Counter(row["file"].split("/")[0] for row in rows)
     folders = ", ".join(f"{count:,} in {name}/" for name, count in sorted(classes.items()))
+    left_out = f"left out as possible copies of training patients ({WITHHELD})"
+    if not rows:
+        return ["# Synthetic brain MRI slices", "", f"No slice is left in this set: all {len(withheld):,} drawn were "
+                f"{left_out}."]
     return ["# Synthetic brain MRI slices", "",
             f"{len(rows):,} synthetic 2D slices ({settings['format']} files; {folders}), drawn by a latent diffusion model: "
             f"none of them is a scan of a person."
-            + (f" {len(withheld):,} more were drawn and left out as possible copies of training patients ({WITHHELD})."
-               if withheld else "")]
+            + (f" {len(withheld):,} more {_were(len(withheld))} drawn and {left_out}." if withheld else "")]
 
 
 def _how(settings: dict, rows: list[dict]) -> list[str]:
@@ -62,22 +70,35 @@ def _how(settings: dict, rows: list[dict]) -> list[str]:
     sampler = f"{settings['sampler']}, {settings['steps']} steps" + (
         f", eta {settings['eta']}" if settings.get("eta") is not None else "") + (
         f"; the last {settings['repeat_last']} steps repeated {settings['repeat_times']} times"
-        if settings.get("repeat_times") else "")
+        if settings.get("repeat_times") else "") + (
+        f"; x0 clipped to ±{settings['clip_x0']:.3g}" if settings.get("clip_x0") is not None else "")
+    decoder = (f"the decoder fine-tuned alone ({settings['decoder_fingerprint']}) of the VQ-VAE "
+               if settings.get("decoder_fingerprint") else "the VQ-VAE ") + settings["vqvae_fingerprint"] + (
+        ", from latents not rounded to the codebook" if settings.get("decode") == "unquantised" else "")
+    guidance = f"{settings['guidance']:g}" if settings.get("guidance") is not None else "none"
+    if settings.get("autoguidance"):
+        guidance += (f"; autoguidance {settings['autoguidance']:g} by the UNet at step {settings.get('guide_step')}"
+                     + (f" (post-hoc EMA {settings['guide_sigma_rel']})" if settings.get("guide_sigma_rel") else ""))
+    if settings.get("guide_interval"):
+        guidance += f", at the steps {settings['guide_interval'][0]} to {settings['guide_interval'][1]}"
+    cohort = [row[1] for row in settings.get("rows", []) if isinstance(row[1], dict) and "drawn" in row[1]]
     table = [("model", f"the UNet at step {settings['unet_step']:,} (weights' fingerprint {settings['unet_fingerprint']}"
-                       + (f", post-hoc EMA sigma_rel {ema}" if ema else "") + f"), decoded by the VQ-VAE "
-                       f"{settings['vqvae_fingerprint']}"),
-             ("sampler", sampler),
-             ("guidance", f"{settings['guidance']:g}" if settings.get("guidance") is not None else "none"),
+                       + (f", post-hoc EMA sigma_rel {ema}" if ema else "") + f"), decoded by {decoder}"),
+             ("sampler", sampler), ("guidance", guidance),
              ("seed", f"{settings['seed']} (batch b from {settings.get('batch_seeds', 'seed + b')})"),
-             *((name, values) for name, values in _conditions(rows))]
+             *((("conditions", f"each sample at the values of a training scan picked at random, uniformly over "
+                               f"{cohort[0].get('unit', 'scan')}s (`sample --cohort`): the cohort's own values"),)
+               if cohort else ()),
+             *_conditions(rows)]
     return ["", "## How they were drawn", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in table), "",
             f"Each file's own settings and seed are in {MANIFEST}, the set's in {SETTINGS}: `sample` with them and "
             f"the same run draws each sample again."]
 
 
 def _conditions(rows: list[dict]) -> list[tuple[str, str]]:
-    """Each condition the samples were drawn at (the manifest's columns between `row` and `seed`): a category's
-    counts, a covariate's range and mean, and how many samples were drawn without it."""
+    """Each condition the samples were drawn at (the manifest's columns between `row` and `seed`): the counts of its
+    values where it has few (a category, or a covariate swept), else its range and mean; and how many samples were
+    drawn without it."""
     if not rows:
         return []
     columns = list(rows[0])
@@ -85,50 +106,72 @@ def _conditions(rows: list[dict]) -> list[tuple[str, str]]:
     for name in columns[columns.index("row") + 1:columns.index("seed")]:
         values = [row[name] for row in rows if row[name] not in ("", None)]
         unset = f"; left open for {len(rows) - len(values):,}" if len(values) < len(rows) else ""
-        try:
-            numbers = [float(v) for v in values]
-        except ValueError:
-            counts = Counter(values).most_common()
+        counts = Counter(values).most_common()
+        if not values:
+            out.append((name, "left open (drawn without it)"))
+        elif len(counts) <= SHOWN_VALUES or not all(_number(v) for v in values):
             shown = ", ".join(f"{value} {count:,}" for value, count in counts[:SHOWN_VALUES])
             out.append((name, shown + (f" and {len(counts) - SHOWN_VALUES} more values" if len(counts) > SHOWN_VALUES
                                        else "") + unset))
-            continue
-        out.append((name, (f"{min(numbers):g} to {max(numbers):g}, mean {sum(numbers) / len(numbers):.3g}"
-                           if numbers else "left open (drawn without it)") + (unset if numbers else "")))
+        else:
+            numbers = [float(v) for v in values]
+            out.append((name, f"{min(numbers):g} to {max(numbers):g}, mean {sum(numbers) / len(numbers):.3g}" + unset))
     return out
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _were(count: int) -> str:
+    return "was" if count == 1 else "were"
 
 
 def _screen(screen: dict | None, withheld: list[dict]) -> list[str]:
     if not screen and withheld:  # screened before the set kept a record of how (checks.json, 2026-12-07)
         return ["", "## Screened for copies of training patients", "",
-                f"{len(withheld):,} samples were left out as possible copies of training patients ({WITHHELD} says "
-                f"what flagged each, and against which run); the screen's thresholds were not kept with the set: "
-                f"`evaluate --samples DIR --withhold-flagged` again writes them here."]
+                f"{len(withheld):,} {'sample was' if len(withheld) == 1 else 'samples were'} left out as possible "
+                f"copies of training patients ({WITHHELD} says what flagged each, and against which run); the "
+                f"screen's thresholds were not kept with the set: `evaluate --samples DIR --withhold-flagged` again "
+                f"writes them here."]
     if not screen:
         return ["", "## Not screened for copies of training patients", "",
-                "Before it is shared: `python driver.py evaluate --run RUN --samples DIR --withhold-flagged` leaves out "
-                "every sample closer to a training image than new subjects come, and writes what it found here."]
+                "Before it is shared: `python driver.py evaluate --run RUN --samples DIR --withhold-flagged` (a run "
+                "trained with `--holdout`, whose held-out subjects are the yardstick) leaves out every sample closer "
+                "to a training image than new subjects come, and writes what it found here."]
     held, t = screen["held_out_flagged"], screen["thresholds"]
+    repeats = held.get("likely_repeat_scans", 0)
     return ["", "## Screened for copies of training patients", "",
             f"On {screen['date']}, `evaluate --withhold-flagged` compared each of {screen['screened']:,} samples with "
-            f"every training image of the run that drew them. A sample closer to one than {100 - screen['percentile']:g}"
-            f"% of real held-out subjects' images come (pixel correlation above {t['correlation']:.4f}, or "
-            f"distance in the evaluation network's features below {t['distance']:.3g}) was left out: "
-            f"{screen['withheld']:,} withheld in all ({WITHHELD} says what flagged each). The same threshold flags "
-            f"{held['pixels']:.1%} (pixels) and {held['features']:.1%} (features) of {held['images']:,} real held-out "
-            f"images, of people the run never saw: the screen's cost, and what it can promise. A near-copy drawn "
-            f"differently (another slice of a training brain, a shifted one) may pass it."]
+            f"every training image of the run it was checked against ({CHECKS}). A sample closer to one than "
+            f"{100 - screen['percentile']:g}% of real held-out subjects' images come (pixel correlation above "
+            f"{t['correlation']:.4f}, or distance in the evaluation network's features below {t['distance']:.3g}) was "
+            f"left out: " + (f"{screen['withheld']:,} withheld in all ({WITHHELD} says what flagged each)."
+                             if screen["withheld"] else "none was flagged.")
+            + f" The same threshold flags {held['pixels']:.1%} (pixels) and {held['features']:.1%} (features) of "
+            f"{held['images']:,} real held-out images, subjects the run never trained on: the screen's cost, and what it "
+            f"can promise."
+            + (f" {repeats:,} of those flagged images are of held-out subjects flagged on most of their images, each "
+               f"nearest one training subject: likely training patients scanned again under another ID, a split "
+               f"that leaks." if repeats else "")
+            + " A near-copy the screen does not measure (another slice of a training brain, one moved or flipped) "
+            "may pass it."]
 
 
 def _usefulness(utility: dict | None) -> list[str]:
     if not utility:
         return ["", "## Usefulness not measured", "",
-                "`evaluate --samples DIR --withhold-flagged --utility N` trains a classifier on the set and tests it "
-                "on real held-out subjects, and writes the result here."]
+                "`evaluate --samples DIR --withhold-flagged --utility N` (a set in class folders: `sample --class "
+                "all`) trains a classifier on the set, tests it on real held-out subjects, and writes the result here."]
     return ["", "## Train on this set, test on real subjects", "",
-            f"The AD/NC classifier trained on {utility['per_class']:,} images per class of each set below (the set's "
-            f"own, picked at random in each class), tested on every real held-out image, subjects the run never "
-            f"saw: mean ± standard deviation over {utility['seeds']} training seeds.", "", utility["table"]]
+            f"The {'/'.join(utility.get('classes', ['AD', 'NC']))} classifier trained on {utility['per_class']:,} "
+            f"images per class of each set below (the set's own, picked at random in each class), tested on every "
+            f"real held-out image, subjects the run never trained on: mean ± standard deviation over "
+            f"{utility['seeds']} training seeds.", "", utility["table"]]
 
 
 def _files(folder: Path) -> list[str]:
@@ -136,7 +179,9 @@ def _files(folder: Path) -> list[str]:
         (MANIFEST, "one row per sample: its file, conditions, seed and every sampling setting"),
         (TABLE, "participant_id and the table conditions of each sample, for `train-unet --condition`"),
         (SETTINGS, "the settings of the whole set"),
-        (WITHHELD, "the rows of the samples left out, and what flagged each (against which run)"),
+        (WITHHELD, "the rows of the samples left out, and what flagged each, against which run (each one's "
+                   "conditions: for a `--cohort` set a training scan's; leave it out of a shared copy if they should "
+                   "not travel)"),
         (CHECKS, "what `evaluate --withhold-flagged` checked, as this card shows it")) if (folder / name).is_file()]
     return ["", "## Files", "", *(f"- `{name}`: {what}" for name, what in there),
             "- `<class>/sub-NNNNNN.<format>`: the samples, one subject each (`--data` reads the folder as a dataset)"]

@@ -362,7 +362,8 @@ def test_a_set_screened_by_withhold_flagged_is_locked_from_its_reading_to_its_wi
         name: data for name, data in drawn.items() if f"AD/{name}" not in [row["file"] for row in withheld]}
 
 
-def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withholds(conditioned_run, tmp_path, capsys):
+def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withholds(conditioned_run, tmp_path, capsys,
+                                                                                   monkeypatch):
     """evaluate --samples SET --utility N: the rows real, synthetic and real + synthetic, the synthetic images the
     set's (as many per class as its smallest class keeps once a planted copy of a training image is withheld)."""
     from PIL import Image
@@ -375,6 +376,12 @@ def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withhold
     driver.main(score)
     copied = next(csv.DictReader((out / "eval_memorisation.csv").open()))["nearest_by_pixels"]
     Image.open(copied).resize((32, 32)).save(folder / "AD" / "sub-000001.png")   # a training image as an AD sample
+    from export.sample_set import read_sample
+    planted = read_sample(folder / "AD" / "sub-000001.png")[0]
+    import evaluation.evaluate as evaluation_module
+    trained_on, set_samples_of = [], evaluation_module.set_samples_of
+    monkeypatch.setattr(evaluation_module, "set_samples_of", lambda samples, *a: trained_on.append(samples) or
+                        set_samples_of(samples, *a))
     capsys.readouterr()
     driver.main(score + ["--utility", "3", "--withhold-flagged"])
     metrics = json.loads((out / "metrics.json").read_text())
@@ -386,6 +393,8 @@ def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withhold
     assert [(r["training set"], r["images"]) for r in metrics["utility"]] == [
         ("real", 2 * per_class), ("synthetic, the set", 2 * per_class), ("real + synthetic, the set", 4 * per_class)]
     assert f"the set's smallest class has {per_class} images it keeps" in capsys.readouterr().out
+    assert len(trained_on[0]) == kept["AD"] + kept["NC"]                      # the copy withheld is not trained on
+    assert not any((image[0] - planted).abs().max() < 1e-3 for image in trained_on[0])
     assert "The synthetic images are the set's own" in (out / "report.md").read_text()
     # the set's record: checks.json, and its card shows the screen and the table (no training image named)
     checks = json.loads((folder / "checks.json").read_text())
@@ -399,7 +408,7 @@ def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withhold
 
 
 def test_a_set_s_images_are_told_by_their_class_folders_and_drawn_from_their_own_class():
-    from evaluation.evaluate import set_samples_of
+    from evaluation.utility import set_samples_of
     from evaluation.utility import set_labels
     from runtime.errors import BadInputError
     names = ["NC/sub-000003.png", "AD/sub-000000.png", "NC/sub-000004.png", "AD/sub-000001.png", "AD/sub-000002.png"]
@@ -413,6 +422,14 @@ def test_a_set_s_images_are_told_by_their_class_folders_and_drawn_from_their_own
         set_labels(names[1:2], ["AD", "NC"], "SET")
     with pytest.raises(BadInputError, match="has images in 'all'"):
         set_labels(["all/sub-000000.png"], ["AD", "NC"], "SET")
+    # what the set keeps to train on, decided from the verdicts before anything is withheld
+    from evaluation.utility import kept_for_utility
+    each = [{"flagged_features": 0, "flagged_pixels": int(k == 1)} for k in range(5)]
+    assert kept_for_utility(each, labels, 2, 4, withholding=True) == ([0, 2, 3, 4], 2)   # NC 2, AD 2 kept
+    assert kept_for_utility(each, labels, 2, 1, withholding=False) == ([0, 1, 2, 3, 4], 1)
+    every_ad = [{"flagged_features": 1, "flagged_pixels": 0} if c == 0 else each[0] for c in labels]
+    with pytest.raises(BadInputError, match="every image of a class of the set is flagged"):
+        kept_for_utility(every_ad, labels, 2, 2, withholding=True)
 
 
 def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_say_what_they_lack(trained_run,
@@ -470,17 +487,11 @@ def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
                                                                 "--holdout", "0.5", "--samples", str(tmp_path / "set")])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "0"])
     assert "--utility N trains on N >= 1" in error_of(driver.main, base + ["--utility", "2", "--guidance", "0"])
-    assert "known by their class folders, and" in error_of(      # an unconditional run's set: all/, no classes
-        driver.main, base + ["--utility", "2", "--samples", str(tmp_path / "set")])
-    for label in ("AD", "NC"):                                 # classes: then this run's subjects are all seen
-        (tmp_path / "classes" / label).mkdir(parents=True)
-        for k in range(2):
-            save_image(ellipses(1, seed=k)[0], tmp_path / "classes" / label / f"{k}.png")
-    assert "this run was trained on all subjects" in error_of(
-        driver.main, base + ["--utility", "2", "--samples", str(tmp_path / "classes"), "--guidance", "0"])
+    assert "this run was trained on all subjects" in error_of(   # the set's samples would carry the test subjects
+        driver.main, base + ["--utility", "2", "--samples", str(tmp_path / "set"), "--guidance", "0"])
     from types import SimpleNamespace
     from conditions.table import Condition
-    from evaluation.evaluate import class_column
+    from evaluation.utility import class_column
     from runtime.errors import BadInputError
     one_class = SimpleNamespace(conditions=[Condition("class", "category", ["all"])])  # one class folder, no table
     with pytest.raises(BadInputError, match="is one class"):
@@ -720,6 +731,13 @@ def test_half_b_s_flagged_images_are_told_by_subject_with_the_training_subject_n
     assert ("Half B's flagged images are of 2 subjects: again (2 of its 2 images flagged; 2 of the 2 nearest by "
             "pixels to training subject t1), new (1 of its 2 images flagged; 1 of the 2 nearest by pixels to training "
             "subject t0). A subject") in format_memorisation_table(result)
+    blind, _, _ = memorisation_check(reference[:1], reference, floor, dataset, train_idx,   # features that see nothing
+                                     lambda x: torch.zeros(len(x), 1), "cpu", subjects=(
+                                         ["a0", "a1", "a2", "a3"], ["again", "again", "new", "new", "far"],
+                                         ["t0", "t1", "t1", "t3"]))
+    assert [(r["subject"], r["flagged"], r["nearest_training_subject"])                # flagged by pixels alone, and
+            for r in blind["rows"]["real (held out, B)"]["flagged_subjects"]] == [     # nearest by pixels, not features
+        ("again", 2, "t1"), ("new", 1, "t0")]
     from evaluation.memorisation import _flagged_subjects_line
     line = _flagged_subjects_line(result["rows"]["real (held out, B)"]["flagged_subjects"], shown=1)[0]
     assert "training subject t1) and 1 more. A subject" in line and "new (" not in line
@@ -862,7 +880,7 @@ def test_utility_draws_each_class_with_the_condition_that_names_the_class_folder
     from types import SimpleNamespace
 
     from conditions.table import Condition
-    from evaluation.evaluate import class_column
+    from evaluation.utility import class_column
     from runtime.errors import BadInputError
     age, group = Condition("age", "continuous", low=55, high=90), Condition("group", "category", ["AD", "NC"])
     assert class_column(SimpleNamespace(conditions=[age, Condition("class", "category", ["AD", "NC"])]), ["AD", "NC"], tmp_path) == 1

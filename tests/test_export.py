@@ -522,13 +522,17 @@ def test_a_whole_set_has_a_card_saying_what_it_is_how_it_was_drawn_and_that_it_w
     ages = tmp_path / "ages"
     predict.predict(predict.parse_args(["--run", str(run), "--out", str(ages), "--num", "2", "--class", "AD", *FAST,
                                         "--sweep", "age=60,70"]))
-    assert "| age | 60 to 70, mean 65 |" in (ages / "samples" / "dataset_card.md").read_text()
+    assert "| age | 60 2, 70 2 |" in (ages / "samples" / "dataset_card.md").read_text()     # few values: counted
+    from export.card import _conditions                       # many: a range; categories coded as numbers: counted
+    rows = [{"file": "", "row": "", "age": str(55 + k), "sex": "12"[k % 2], "site": "", "seed": ""} for k in range(8)]
+    assert _conditions(rows) == [("age", "55 to 62, mean 58.5"), ("sex", "1 4, 2 4"),
+                                 ("site", "left open (drawn without it)")]
     from export.sample_set import withhold
     withhold(folder, {"NC/sub-000004.png": {"flagged_by": "pixels"}})          # screened before the card's checks
     write_card(folder)
     card = (folder / "dataset_card.md").read_text()
-    assert "5 synthetic 2D slices (png files; 3 in AD/, 2 in NC/)" in card and "1 more were drawn and left out" in card
-    assert "1 samples were left out as possible copies" in card and "thresholds were not kept" in card
+    assert "5 synthetic 2D slices (png files; 3 in AD/, 2 in NC/)" in card and "1 more was drawn and left out" in card
+    assert "1 sample was left out as possible copies" in card and "thresholds were not kept" in card
     (folder / "checks.json").write_text("{}")
     predict.predict(predict.parse_args(flags))                                 # a new set: none of the old record
     assert not (folder / "checks.json").exists() and "Not screened" in (folder / "dataset_card.md").read_text()
@@ -549,7 +553,9 @@ def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(condition
     capsys.readouterr()
     predict.predict(predict.parse_args([*flags, "--resume"]))
     assert not (tmp_path / "samples.png").exists()
-    assert "wrote no samples.png (every sample it would show is withheld)" in capsys.readouterr().out
+    assert "wrote no samples.png (every sample it would show is withheld), 0 images as png in" in capsys.readouterr().out
+    card = (tmp_path / "samples" / "dataset_card.md").read_text()
+    assert "No slice is left in this set: all 4 drawn were left out as possible copies" in card
 
 
 def test_a_batch_drawn_again_after_a_withholding_leaves_its_withheld_sample_out(tmp_path):
