@@ -101,11 +101,11 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
         p.add_argument("--guidance", type=float, default=3.0,
                        help="classifier-free guidance scale w with --class, --set, --sweep or --cohort: 0 "
                             "unconditional, 1 conditional, >1 stronger (default: %(default)s)")
-        p.add_argument("--row-noise", choices=["shared", "independent"], default="shared",
+        p.add_argument("--row-noise", choices=["shared", "independent"], default=None,
                        help="with several rows (--sweep, --class all): every row from the same noise, so that sample k "
                             "of each row is one draw under each row's conditions (shared), or each row from its own "
-                            "(independent: independent samples, for a dataset that a --holdout will split) "
-                            "(default: %(default)s)")
+                            "(independent: independent samples, for a dataset that a --holdout will split) (default: "
+                            "shared; independent for --cohort --class all, a dataset)")
         p.add_argument("--format", choices=list(FORMATS), default="png",
                        help="file format of the samples in OUT/samples/: png, nifti (a one-slice volume in the training "
                             "data's plane and spacing) or npz (float32) (default: %(default)s)")
@@ -265,26 +265,32 @@ def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), swee
 
 def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torch.Tensor]]:
     """--cohort -> [("cohort", conditions (num, K))]: one row whose every sample has the conditions of a training scan
-    drawn at random (conditions/cohort.py)."""
+    drawn at random (conditions/cohort.py); with --class all, a row of --num per class, each drawn from that class's
+    scans (a cohort balanced across the classes, each with its own ages, sexes ...)."""
     if not model.conditions:
         raise BadInputError(f"--cohort draws each sample's conditions from the training scans', and {run / 'unet.pt'} "
                             f"is unconditional; train stage 2 with --conditional or --condition")
-    if args.sweep or args.class_name == "all":
-        raise BadInputError("--cohort draws one set of samples, and --sweep and --class all ask for rows of them: "
-                            "leave them out (--cohort --class X or --set NAME=CATEGORY draws from the scans of that "
-                            "value)")
+    if args.sweep:
+        raise BadInputError("--cohort draws each sample's values from a training scan, and --sweep asks for rows of "
+                            "chosen ones: leave it out (--cohort --class X or --set NAME=CATEGORY draws from the scans "
+                            "of that value, --cohort --class all as many of each class)")
     if args.guidance == 0:
         raise BadInputError("--cohort gives each sample a training scan's conditions, and --guidance 0 ignores them "
                             "(unconditional samples labelled as conditioned): give --guidance 1 or more")
-    wanted = (asked_rows(model, run, args.set_values, None, args.class_name) or [("", None)])[0][1]
-    caption = ", ".join([*args.set_values, *([f"{CLASS}={args.class_name}"] if args.class_name else [])])
+    asked = asked_rows(model, run, args.set_values, None, args.class_name) or [("", None)]
     scans, line = cohort.training_cohort(run, model.conditions, model.labels, args.data, args.labels)
-    if wanted is not None:  # a sub-cohort: the scans of these categories, their other values as they come
-        scans = cohort.among(scans, wanted, model.conditions)
-    drawn = cohort.draw(scans, args.num, args.seed, args.cohort)
-    print(f"{line}; drew {args.num} from {len(scans.y)} scans{' with ' + caption if caption else ''}, uniformly over "
-          f"{args.cohort}s: {cohort.proportions(drawn, model.conditions)}")
-    return [(f"cohort {caption}".strip(), drawn)]
+    print(line)
+    rows = []
+    for k, (swept, wanted) in enumerate(asked):  # swept: "class=AD" of --class all
+        named = swept or (f"{CLASS}={args.class_name}" if args.class_name else "")
+        caption = ", ".join([*args.set_values, *([named] if named else [])])
+        # a sub-cohort: the scans of these categories, their other values as they come
+        pool = scans if wanted is None else cohort.among(scans, wanted, model.conditions)
+        drawn = cohort.draw(pool, args.num, args.seed, args.cohort, row=k)
+        print(f"drew {args.num} from {len(pool.y)} scans{' with ' + caption if caption else ''}, uniformly over "
+              f"{args.cohort}s: {cohort.proportions(drawn, model.conditions)}")
+        rows.append((f"cohort {caption}".strip(), drawn))
+    return rows
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -418,6 +424,8 @@ def predict(args):
                             "sample reads neither")
     rows = (cohort_rows(model, run, args) if args.cohort else
             asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)])
+    if args.row_noise is None:  # the rows of a cohort are a dataset's classes, not one draw under each class
+        args.row_noise = "independent" if args.cohort and len(rows) > 1 else "shared"
     geometry = None
     if args.format == "nifti":  # the set's own, resumed; else its training volumes'
         geometry = (args.resume and saved_geometry(out / "samples")) or run_geometry(DataConfig.of_run(run))

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from conditions.participants import saved_table
@@ -112,10 +113,11 @@ def among(cohort: Cohort, wanted: torch.Tensor, conditions: list[Condition]) -> 
     return Cohort(cohort.y[keep], [s for s, kept in zip(cohort.subjects, keep.tolist()) if kept])
 
 
-def draw(cohort: Cohort, num: int, seed: int, unit: str = "scan") -> torch.Tensor:
+def draw(cohort: Cohort, num: int, seed: int, unit: str = "scan", row: int = 0) -> torch.Tensor:
     """(num, K): `num` scans' conditions picked with replacement, uniformly over scans, or over subjects (then one of
-    the subject's scans), from a generator of their own seeded by `seed` (the samples' noise is drawn apart)."""
-    g = torch.Generator().manual_seed(seed)
+    the subject's scans), from a generator of their own seeded by `seed` (the samples' noise is drawn apart); a row
+    after the first of a set (--cohort --class all) by numpy's SeedSequence(seed, row), so the rows draw apart."""
+    g = torch.Generator().manual_seed(seed if row == 0 else int(np.random.SeedSequence([seed, row]).generate_state(1)[0]))
     if unit == "scan":
         return cohort.y[torch.randint(len(cohort.y), (num,), generator=g)]
     scans_of = {}

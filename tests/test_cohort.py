@@ -83,7 +83,7 @@ def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a
                                                                                                 trained_run, tmp_path):
     run, data = conditioned_run
     base = ["--run", str(run), "--cohort", "--num", "2", "--steps", "2", "--out", str(tmp_path / "x")]
-    assert "--sweep and --class all ask for rows" in error_of(predict.main, [*base, "--sweep", "sex=all"])
+    assert "--sweep asks for rows of chosen ones" in error_of(predict.main, [*base, "--sweep", "sex=all"])
     assert "picks categories only (leave out --set age=...)" in error_of(predict.main, [*base, "--set", "age=70"])
     assert "--guidance 0 ignores them" in error_of(predict.main, [*base, "--guidance", "0"])
     assert "without --cohort sample reads neither" in error_of(predict.main, [*base[:1], str(run), "--labels", "x.csv"])
@@ -119,3 +119,31 @@ def test_a_sub_cohort_draws_the_scans_of_a_class_with_their_own_ages(conditioned
     predict.predict(predict.parse_args([*common, "--set", "sex=F", "--out", str(tmp_path / "f")]))
     women = manifest(tmp_path / "f")
     assert {r["sex"] for r in women} == {"F"} and {r["file"].split("/")[0] for r in women} == {"AD", "NC"}
+
+
+def test_a_cohort_of_every_class_draws_as_many_of_each_from_its_own_scans_with_independent_noise(conditioned_run,
+                                                                                                 tmp_path):
+    """--cohort --class all: --num per class in its class folder, each class's ages and sexes its own scans' (row 0
+    drawn as --cohort --class AD draws), the rows' noise independent unless asked; resumed, the same draws."""
+    run, data = conditioned_run
+    table = {r["participant_id"]: r for r in csv.DictReader(open(data / "participants.csv"))}
+    trained = {p.split("/")[-1].split("_")[0] for p in ckpt(run / "latents.pt")["paths"]}
+    common = ["--run", str(run), "--cohort", "--num", "8", "--sampler", "ddim", "--steps", "2", "--gif-frames", "2",
+              "--batch-size", "4"]
+    predict.predict(predict.parse_args([*common, "--class", "all", "--out", str(tmp_path / "all")]))
+    rows = manifest(tmp_path / "all")
+    for name in ("AD", "NC"):
+        mine = [r for r in rows if r["file"].startswith(f"{name}/")]
+        own = {(f"{float(table[s]['age']):g}", table[s]["sex"]) for s in trained if s.startswith(name)}
+        assert len(mine) == 8 and {r["row"] for r in mine} == {f"cohort class={name}"}
+        assert {(f"{float(r['age']):g}", r["sex"]) for r in mine} <= own
+    settings = json.loads((tmp_path / "all" / "samples" / "sampling.json").read_text())
+    assert settings["batch_seeds"] == "SeedSequence(seed, batch, row)"              # a dataset: no twins across rows
+    predict.predict(predict.parse_args([*common, "--class", "AD", "--out", str(tmp_path / "ad")]))
+    assert [r["age"] for r in manifest(tmp_path / "ad")] == [r["age"] for r in rows[:8]]
+    predict.predict(predict.parse_args([*common, "--class", "all", "--out", str(tmp_path / "all"), "--resume"]))
+    assert manifest(tmp_path / "all") == rows
+    predict.predict(predict.parse_args([*common, "--class", "all", "--row-noise", "shared", "--out",
+                                        str(tmp_path / "shared")]))
+    assert json.loads((tmp_path / "shared" / "samples" / "sampling.json").read_text())["batch_seeds"] == \
+        "SeedSequence(seed, batch)"
