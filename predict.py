@@ -251,6 +251,8 @@ def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), swee
     if class_name is not None and CLASS not in [c.name for c in model.conditions]:
         raise BadInputError(f"{run / 'unet.pt'} was trained without --conditional, so it cannot generate a chosen "
                             f"class; train stage 2 with `train-unet --conditional` for --class")
+    if class_name is not None and any(s.partition("=")[0].strip() == CLASS for s in settings):
+        raise BadInputError(f"--class {class_name} and --set {CLASS}=... both choose the class: give it once")
     if class_name not in (None, "all") and class_name not in model.classes:
         raise BadInputError(f"--class {class_name!r} is not a class of this run: {', '.join(model.classes)} or all")
     if class_name == "all":
@@ -285,7 +287,7 @@ def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torc
         named = swept or (f"{CLASS}={args.class_name}" if args.class_name else "")
         caption = ", ".join([*args.set_values, *([named] if named else [])])
         # a sub-cohort: the scans of these categories, their other values as they come
-        pool = scans if wanted is None else cohort.among(scans, wanted, model.conditions)
+        pool = scans if wanted is None else cohort.among(scans, wanted, model.conditions, caption)
         drawn = cohort.draw(pool, args.num, args.seed, args.cohort, row=k)
         print(f"drew {args.num} from {len(pool.y)} scans{' with ' + caption if caption else ''}, uniformly over "
               f"{args.cohort}s: {cohort.proportions(drawn, model.conditions)}")

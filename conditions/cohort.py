@@ -97,7 +97,7 @@ def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: i
             + f"; the values of {alone} scans are one subject's alone, and each sample drawn at them carries them")
 
 
-def among(cohort: Cohort, wanted: torch.Tensor, conditions: list[Condition]) -> Cohort:
+def among(cohort: Cohort, wanted: torch.Tensor, conditions: list[Condition], asked: str = "") -> Cohort:
     """The scans whose categories are those `wanted` (K,) sets (NaN: any), a sub-cohort: `--cohort --class AD` draws
     AD scans with the ages and sexes AD scans have. A covariate cannot be set: the scans have its values."""
     fixed = [k for k in range(len(conditions)) if not wanted[k].isnan()]
@@ -109,15 +109,17 @@ def among(cohort: Cohort, wanted: torch.Tensor, conditions: list[Condition]) -> 
     for k in fixed:
         keep &= cohort.y[:, k] == wanted[k]
     if not keep.any():
-        raise BadInputError("--cohort: no training scan has the values asked for")
+        raise BadInputError(f"--cohort: no training scan has the values asked for{f' ({asked})' if asked else ''}")
     return Cohort(cohort.y[keep], [s for s, kept in zip(cohort.subjects, keep.tolist()) if kept])
 
 
 def draw(cohort: Cohort, num: int, seed: int, unit: str = "scan", row: int = 0) -> torch.Tensor:
     """(num, K): `num` scans' conditions picked with replacement, uniformly over scans, or over subjects (then one of
     the subject's scans), from a generator of their own seeded by `seed` (the samples' noise is drawn apart); a row
-    after the first of a set (--cohort --class all) by numpy's SeedSequence(seed, row), so the rows draw apart."""
-    g = torch.Generator().manual_seed(seed if row == 0 else int(np.random.SeedSequence([seed, row]).generate_state(1)[0]))
+    after the first of a set (--cohort --class all) by numpy's SeedSequence(seed, row, 1), so the rows draw apart, and
+    apart from the noise of batch `row` (SeedSequence(seed, batch))."""
+    entropy = seed if row == 0 else int(np.random.SeedSequence([seed, row, 1]).generate_state(1)[0])
+    g = torch.Generator().manual_seed(entropy)
     if unit == "scan":
         return cohort.y[torch.randint(len(cohort.y), (num,), generator=g)]
     scans_of = {}

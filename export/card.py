@@ -106,10 +106,11 @@ def _conditions(rows: list[dict]) -> list[tuple[str, str]]:
     for name in columns[columns.index("row") + 1:columns.index("seed")]:
         values = [row[name] for row in rows if row[name] not in ("", None)]
         unset = f"; left open for {len(rows) - len(values):,}" if len(values) < len(rows) else ""
-        counts = Counter(values).most_common()
+        numeric = all(_number(v) for v in values)
+        counts = sorted(Counter(values).items(), key=lambda kv: float(kv[0])) if numeric else Counter(values).most_common()
         if not values:
             out.append((name, "left open (drawn without it)"))
-        elif len(counts) <= SHOWN_VALUES or not all(_number(v) for v in values):
+        elif len(counts) <= SHOWN_VALUES or not numeric:
             shown = ", ".join(f"{value} {count:,}" for value, count in counts[:SHOWN_VALUES])
             out.append((name, shown + (f" and {len(counts) - SHOWN_VALUES} more values" if len(counts) > SHOWN_VALUES
                                        else "") + unset))
@@ -155,8 +156,8 @@ def _screen(screen: dict | None, withheld: list[dict]) -> list[str]:
             + f" The same threshold flags {held['pixels']:.1%} (pixels) and {held['features']:.1%} (features) of "
             f"{held['images']:,} real held-out images, subjects the run never trained on: the screen's cost, and what it "
             f"can promise."
-            + (f" {repeats:,} of those flagged images are of held-out subjects flagged on most of their images, each "
-               f"nearest one training subject: likely training patients scanned again under another ID, a split "
+            + (f" {repeats:,} of those flagged images {'is' if repeats == 1 else 'are'} of held-out subjects flagged "
+               f"on most of their images, each nearest one training subject: likely training patients scanned again under another ID, a split "
                f"that leaks." if repeats else "")
             + " A near-copy the screen does not measure (another slice of a training brain, one moved or flipped) "
             "may pass it."]

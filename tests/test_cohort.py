@@ -86,6 +86,13 @@ def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a
     assert "--sweep asks for rows of chosen ones" in error_of(predict.main, [*base, "--sweep", "sex=all"])
     assert "picks categories only (leave out --set age=...)" in error_of(predict.main, [*base, "--set", "age=70"])
     assert "--guidance 0 ignores them" in error_of(predict.main, [*base, "--guidance", "0"])
+    assert "both choose the class: give it once" in error_of(predict.main, [*base, "--class", "all", "--set",
+                                                                           "class=AD"])
+    from conditions.cohort import among
+    group, sex = Condition("class", "category", ["AD", "NC"]), Condition("sex", "category", ["F", "M"])
+    men_of_nc = Cohort(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), ["a", "b"])    # an AD woman, an NC man
+    with pytest.raises(BadInputError, match=r"no training scan has the values asked for \(sex=F, class=NC\)"):
+        among(men_of_nc, torch.tensor([1.0, 0.0]), [group, sex], "sex=F, class=NC")    # which row of --class all
     assert "without --cohort sample reads neither" in error_of(predict.main, [*base[:1], str(run), "--labels", "x.csv"])
     moved = tmp_path / "moved"                                       # a folder of other files: not the run's data
     shutil.copytree(data, moved)
@@ -141,6 +148,8 @@ def test_a_cohort_of_every_class_draws_as_many_of_each_from_its_own_scans_with_i
     assert settings["batch_seeds"] == "SeedSequence(seed, batch, row)"              # a dataset: no twins across rows
     predict.predict(predict.parse_args([*common, "--class", "AD", "--out", str(tmp_path / "ad")]))
     assert [r["age"] for r in manifest(tmp_path / "ad")] == [r["age"] for r in rows[:8]]
+    predict.predict(predict.parse_args([*common, "--class", "NC", "--out", str(tmp_path / "nc")]))
+    assert [r["age"] for r in manifest(tmp_path / "nc")] != [r["age"] for r in rows[8:]]   # row 1 draws apart
     predict.predict(predict.parse_args([*common, "--class", "all", "--out", str(tmp_path / "all"), "--resume"]))
     assert manifest(tmp_path / "all") == rows
     predict.predict(predict.parse_args([*common, "--class", "all", "--row-noise", "shared", "--out",

@@ -382,6 +382,20 @@ def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withhold
     trained_on, set_samples_of = [], evaluation_module.set_samples_of
     monkeypatch.setattr(evaluation_module, "set_samples_of", lambda samples, *a: trained_on.append(samples) or
                         set_samples_of(samples, *a))
+    utility = evaluation_module.utility
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation_module, "utility", interrupted)             # Ctrl-C while the classifiers train
+    with pytest.raises(SystemExit):
+        driver.main(score + ["--utility", "3", "--withhold-flagged"])
+    card = (folder / "dataset_card.md").read_text()                            # the set changed, and its card says so
+    assert "AD/sub-000001.png" in [row["file"] for row in csv.DictReader((folder / "withheld.csv").open())]
+    assert "## Screened for copies of training patients" in card and "## Usefulness not measured" in card
+    assert "utility" not in json.loads((folder / "checks.json").read_text())
+    monkeypatch.setattr(evaluation_module, "utility", utility)
+    trained_on.clear()
     capsys.readouterr()
     driver.main(score + ["--utility", "3", "--withhold-flagged"])
     metrics = json.loads((out / "metrics.json").read_text())

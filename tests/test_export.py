@@ -533,6 +533,17 @@ def test_a_whole_set_has_a_card_saying_what_it_is_how_it_was_drawn_and_that_it_w
     card = (folder / "dataset_card.md").read_text()
     assert "5 synthetic 2D slices (png files; 3 in AD/, 2 in NC/)" in card and "1 more was drawn and left out" in card
     assert "1 sample was left out as possible copies" in card and "thresholds were not kept" in card
+    from export.card import record_checks                                      # screened: the card says by what
+    repeat = {"subject": "344370", "flagged": 20, "images": 20, "nearest_training_subject": "344365", "nearest_count": 20}
+    other = {"subject": "874865", "flagged": 6, "images": 20, "nearest_training_subject": "344365", "nearest_count": 11}
+    floor = {"count": 400, "flagged_features": 0.0125, "flagged_pixels": 0.0825, "flagged_subjects": [repeat, other]}
+    record_checks(folder, {"percentile": 1.0, "thresholds": {"distance": 0.295, "correlation": 0.9586},
+                           "rows": {"samples": {"count": 6}, "real (held out, B)": floor}, "withheld": 1}, None, run)
+    checks, card = json.loads((folder / "checks.json").read_text()), (folder / "dataset_card.md").read_text()
+    assert checks["screen"]["held_out_flagged"]["likely_repeat_scans"] == 20      # the subject flagged on every image
+    assert "pixel correlation above 0.9586" in card and "1 withheld in all" in card and "8.2% (pixels)" in card
+    assert "20 of those flagged images are of held-out subjects flagged on most of their images" in card
+    assert "344370" not in card and "344365" not in card and "## Usefulness not measured" in card  # no subject named
     (folder / "checks.json").write_text("{}")
     predict.predict(predict.parse_args(flags))                                 # a new set: none of the old record
     assert not (folder / "checks.json").exists() and "Not screened" in (folder / "dataset_card.md").read_text()
