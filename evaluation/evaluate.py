@@ -376,11 +376,12 @@ def evaluate(args):
     out.mkdir(parents=True, exist_ok=True)
     sections = {}
     if not stage1_only and not seen:  # are the samples copies of training images?
+        owners = tuple([subject(paths[i]) for i in idx] for idx in (ref_idx, floor_idx, train_idx))
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
-                                                         device, names, tuple([subject(paths[i]) for i in idx]
-                                                                              for idx in (ref_idx, floor_idx, train_idx)))
+                                                         device, names, owners)
         if args.utility is not None and args.samples:  # what the set keeps to train on, refused before it withholds
-            kept, per_class = kept_for_utility(each, set_classes, len(dataset.classes), per_class, args.withhold_flagged)
+            kept, per_class = kept_for_utility(each, set_classes, len(dataset.classes), per_class,
+                                               args.withhold_flagged)
         if args.withhold_flagged:  # the set changes: its checks.json and card say so at once (export/card.py)
             memorisation["withheld"] = withhold_flagged(screened, each, run)
             record_checks(screened, memorisation, None, run)

@@ -228,7 +228,8 @@ def _flagged_subjects_line(rows: list[dict] | None, shown: int = 5) -> list[str]
     if not rows:
         return []
     each = [f"{r['subject']} ({r['flagged']} of its {r['images']} images flagged; {r['nearest_count']} of the "
-            f"{r['images']} nearest by pixels to training subject {r['nearest_training_subject']})" for r in rows[:shown]]
+            f"{r['images']} nearest by pixels to training subject {r['nearest_training_subject']})"
+            for r in rows[:shown]]
     more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
     return [f"\nHalf B's flagged images are of {len(rows)} subject{'s' * (len(rows) > 1)}: {', '.join(each)}{more}. "
             f"A subject flagged on most of its images, each nearest one "

@@ -121,7 +121,8 @@ def kept_for_utility(each: list[dict], classes_of: list[int], n_classes: int, pe
     """`evaluate --samples SET --utility N`, before the set withholds anything: the places of the images it trains
     on (with `withholding`, those the memorisation check did not flag: `each`, its verdicts) and the images per class
     every row then trains on, no more than the set's smallest class keeps. Refused where a class keeps none."""
-    kept = [k for k, row in enumerate(each) if not withholding or not (row["flagged_features"] or row["flagged_pixels"])]
+    kept = [k for k, row in enumerate(each)
+            if not withholding or not (row["flagged_features"] or row["flagged_pixels"])]
     fewest = min(Counter(classes_of[k] for k in kept)[c] for c in range(n_classes))
     if fewest == 0:
         raise BadInputError("--utility: every image of a class of the set is flagged as a possible copy, and "
@@ -139,9 +140,9 @@ def refuse_seen(seen: bool):
                             "samples would carry the test subjects (train-vqvae --holdout F leaves subjects out)")
 
 
-def utility_check(real_of: Callable[[int, int], torch.Tensor], synthetic_of: dict[str, Callable[[int, int], torch.Tensor]],
-                  classes: list[int], n: int, test: tuple[torch.Tensor, torch.Tensor], cfg: ClassifierConfig,
-                  steps: int, device) -> list[dict]:
+def utility_check(real_of: Callable[[int, int], torch.Tensor],
+                  synthetic_of: dict[str, Callable[[int, int], torch.Tensor]], classes: list[int], n: int,
+                  test: tuple[torch.Tensor, torch.Tensor], cfg: ClassifierConfig, steps: int, device) -> list[dict]:
     """One row per training set: real, then synthetic and real + synthetic from each source of `synthetic_of`
     ({"w=3": samples at guidance 3}, {"the set": a sample set's}). real_of(c, n): n real training images of class c
     (fewer if it has fewer); synthetic_of[name](c, n): n synthetic images of class c."""
@@ -268,7 +269,8 @@ def run_samples_of(args, model, column: int, settings, classes: list[str], autoc
     return {f"w={w:g}": (lambda c, n, w=w: generate(c, n, w)) for w in args.guidance if w > 0}
 
 
-def set_samples_of(samples: torch.Tensor, labels: list[int], seed: int) -> dict[str, Callable[[int, int], torch.Tensor]]:
+def set_samples_of(samples: torch.Tensor, labels: list[int], seed: int
+                   ) -> dict[str, Callable[[int, int], torch.Tensor]]:
     """A --samples set's own images of each class (`set_labels`), n of them picked at random (seeded)."""
     labels = torch.tensor(labels)
 

@@ -60,8 +60,8 @@ def _what(settings: dict, rows: list[dict], withheld: list[dict]) -> list[str]:
         return ["# Synthetic brain MRI slices", "", f"No slice is left in this set: all {len(withheld):,} drawn were "
                 f"{left_out}."]
     return ["# Synthetic brain MRI slices", "",
-            f"{len(rows):,} synthetic 2D slices ({settings['format']} files; {folders}), drawn by a latent diffusion model: "
-            f"none of them is a scan of a person."
+            f"{len(rows):,} synthetic 2D slices ({settings['format']} files; {folders}), drawn by a latent diffusion "
+            f"model: none of them is a scan of a person."
             + (f" {len(withheld):,} more {_were(len(withheld))} drawn and {left_out}." if withheld else "")]
 
 
@@ -82,8 +82,9 @@ def _how(settings: dict, rows: list[dict]) -> list[str]:
     if settings.get("guide_interval"):
         guidance += f", at the steps {settings['guide_interval'][0]} to {settings['guide_interval'][1]}"
     cohort = [row[1] for row in settings.get("rows", []) if isinstance(row[1], dict) and "drawn" in row[1]]
-    table = [("model", f"the UNet at step {settings['unet_step']:,} (weights' fingerprint {settings['unet_fingerprint']}"
-                       + (f", post-hoc EMA sigma_rel {ema}" if ema else "") + f"), decoded by {decoder}"),
+    table = [("model", f"the UNet at step {settings['unet_step']:,} (weights' fingerprint "
+                       f"{settings['unet_fingerprint']}" + (f", post-hoc EMA sigma_rel {ema}" if ema else "")
+                       + f"), decoded by {decoder}"),
              ("sampler", sampler), ("guidance", guidance),
              ("seed", f"{settings['seed']} (batch b from {settings.get('batch_seeds', 'seed + b')})"),
              *((("conditions", f"each sample at the values of a training scan picked at random, uniformly over "
@@ -107,7 +108,8 @@ def _conditions(rows: list[dict]) -> list[tuple[str, str]]:
         values = [row[name] for row in rows if row[name] not in ("", None)]
         unset = f"; left open for {len(rows) - len(values):,}" if len(values) < len(rows) else ""
         numeric = all(_number(v) for v in values)
-        counts = sorted(Counter(values).items(), key=lambda kv: float(kv[0])) if numeric else Counter(values).most_common()
+        counts = (sorted(Counter(values).items(), key=lambda kv: float(kv[0])) if numeric  # in order of value
+                  else Counter(values).most_common())
         if not values:
             out.append((name, "left open (drawn without it)"))
         elif len(counts) <= SHOWN_VALUES or not numeric:
@@ -154,11 +156,11 @@ def _screen(screen: dict | None, withheld: list[dict]) -> list[str]:
             f"left out: " + (f"{screen['withheld']:,} withheld in all ({WITHHELD} says what flagged each)."
                              if screen["withheld"] else "none was flagged.")
             + f" The same threshold flags {held['pixels']:.1%} (pixels) and {held['features']:.1%} (features) of "
-            f"{held['images']:,} real held-out images, subjects the run never trained on: the screen's cost, and what it "
-            f"can promise."
+            f"{held['images']:,} real held-out images, subjects the run never trained on: the screen's cost, and what "
+            f"it can promise."
             + (f" {repeats:,} of those flagged images {'is' if repeats == 1 else 'are'} of held-out subjects flagged "
-               f"on most of their images, each nearest one training subject: likely training patients scanned again under another ID, a split "
-               f"that leaks." if repeats else "")
+               f"on most of their images, each nearest one training subject: likely training patients scanned again "
+               f"under another ID, a split that leaks." if repeats else "")
             + " A near-copy the screen does not measure (another slice of a training brain, one moved or flipped) "
             "may pass it."]
 

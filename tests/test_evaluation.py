@@ -737,8 +737,8 @@ def test_half_b_s_flagged_images_are_told_by_subject_with_the_training_subject_n
     floor = torch.stack([training[1] + 0.1 * unit, training[1] - 0.1 * unit, training[0] + 0.2 * unit,
                          training[3] + 0.6 * unit, training[2] + 3 * unit])
     result, _, _ = memorisation_check(reference[:1], reference, floor, dataset, train_idx, lambda x: x.flatten(1),
-                                      "cpu", subjects=(["a0", "a1", "a2", "a3"], ["again", "again", "new", "new", "far"],
-                                                       ["t0", "t1", "t1", "t3"]))
+                                      "cpu", subjects=(["a0", "a1", "a2", "a3"], ["again", "again", "new", "new",
+                                                                                  "far"], ["t0", "t1", "t1", "t3"]))
     assert result["rows"]["real (held out, B)"]["flagged_subjects"] == [
         {"subject": "again", "flagged": 2, "images": 2, "nearest_training_subject": "t1", "nearest_count": 2},
         {"subject": "new", "flagged": 1, "images": 2, "nearest_training_subject": "t0", "nearest_count": 1}]

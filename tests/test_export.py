@@ -534,7 +534,8 @@ def test_a_whole_set_has_a_card_saying_what_it_is_how_it_was_drawn_and_that_it_w
     assert "5 synthetic 2D slices (png files; 3 in AD/, 2 in NC/)" in card and "1 more was drawn and left out" in card
     assert "1 sample was left out as possible copies" in card and "thresholds were not kept" in card
     from export.card import record_checks                                      # screened: the card says by what
-    repeat = {"subject": "344370", "flagged": 20, "images": 20, "nearest_training_subject": "344365", "nearest_count": 20}
+    repeat = {"subject": "344370", "flagged": 20, "images": 20, "nearest_training_subject": "344365",
+              "nearest_count": 20}
     other = {"subject": "874865", "flagged": 6, "images": 20, "nearest_training_subject": "344365", "nearest_count": 11}
     floor = {"count": 400, "flagged_features": 0.0125, "flagged_pixels": 0.0825, "flagged_subjects": [repeat, other]}
     record_checks(folder, {"percentile": 1.0, "thresholds": {"distance": 0.295, "correlation": 0.9586},
@@ -564,7 +565,8 @@ def test_a_row_whose_samples_were_all_withheld_is_left_out_of_the_grid(condition
     capsys.readouterr()
     predict.predict(predict.parse_args([*flags, "--resume"]))
     assert not (tmp_path / "samples.png").exists()
-    assert "wrote no samples.png (every sample it would show is withheld), 0 images as png in" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote no samples.png (every sample it would show is withheld), 0 images as png in" in printed
     card = (tmp_path / "samples" / "dataset_card.md").read_text()
     assert "No slice is left in this set: all 4 drawn were left out as possible copies" in card
 
