@@ -232,6 +232,6 @@ def _flagged_subjects_line(rows: list[dict] | None, shown: int = 5) -> list[str]
             for r in rows[:shown]]
     more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
     return [f"\nHalf B's flagged images are of {len(rows)} subject{'s' * (len(rows) > 1)}: {', '.join(each)}{more}. "
-            f"A subject flagged on most of its images, each nearest one "
-            f"training subject, may be that patient scanned again under another ID (a repeat scan, another visit): "
-            f"no new subject, and a split that leaks (volumes/README.md, Subjects and the hold-out)."]
+            f"A subject flagged on most of its images, each nearest one training subject, may be that patient scanned "
+            f"again under another ID (a repeat scan, another visit): no new subject, and a split that leaks "
+            f"(volumes/README.md, Subjects and the hold-out)."]

@@ -20,7 +20,7 @@ from pathlib import Path
 from export.sample_set import CARD, CHECKS, MANIFEST, SETTINGS, TABLE, WITHHELD, manifest_rows, withheld_rows
 from runtime.checkpoint import atomic_write
 
-SHOWN_VALUES = 6           # a category's values listed on the card; more are counted
+SHOWN_VALUES = 6           # a condition of this many values or fewer is listed value by value, with their counts
 
 
 def write_card(folder: Path):
