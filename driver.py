@@ -364,10 +364,12 @@ def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
         elif value is not _UNKNOWN and not (name in LENGTH and LENGTH & given):
             setattr(args, name, value)
     if args.stage == "vqvae":
-        if "labels" in given and args.labels != saved.layout.class_table:  # train-unet's may move; stage 1 saved
-            # its own classes
-            raise BadInputError(f"--labels {args.labels}: a resumed stage 1 keeps the classes it read when it began "
-                                f"(from {saved.layout.class_table or 'no table given'}); leave --labels out")
+        table = saved.layout.class_table or saved.layout.scan_table
+        if "labels" in given and args.labels != table:  # train-unet's may move; stage 1 saved its own classes, or
+            # whose each scan is
+            what = "scans' subjects" if saved.layout.scan_table else "classes"
+            raise BadInputError(f"--labels {args.labels}: a resumed stage 1 keeps the {what} it read when it began "
+                                f"(from {table or 'no table given'}); leave --labels out")
         args.data_config = dataclasses.replace(saved, root=args.data)
         check_same_files(args.data_config, vq_ckpt, Path(args.run))
 

@@ -265,12 +265,15 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
             raise BadInputError(f"the participants table {table.file}{sessions} changed since this run started; a "
                                 f"resumed run keeps the values it trained on: restore it, or train a new --run")
     else:
-        stage1s = not args.labels and data.layout.class_column  # by default, the table of stage 1's --class-column,
-        # read as stage 1 read it (a subject's row: its session_id column names no session, unless asked)
-        path = (find_table(data.folder(), args.labels or data.layout.class_table)
+        layout = data.layout  # by default, the table of stage 1's --class-column, read as stage 1 read it (a
+        # subject's row: its session_id column names no session, unless asked), or stage 1's table of scans
+        stage1s = not args.labels and (layout.class_column or layout.scan_table)
+        path = (find_table(data.folder(), args.labels or layout.class_table or layout.scan_table)
                 if [n for n in names if n != CLASS] or args.labels else None)
-        table = read_table(path, args.subject_column or (data.layout.class_subject_column if stage1s else None),
-                           session_column=args.session_column or (None if stage1s else SESSION_ID)) if path else None
+        subject_column = (layout.class_subject_column or layout.scan_subject_column) if stage1s else None
+        session_column = (layout.scan_column if layout.scan_table else None) if stage1s else SESSION_ID
+        table = read_table(path, args.subject_column or subject_column,
+                           session_column=args.session_column or session_column) if path else None
         if table and path.name == "participants.tsv":
             table = with_bids_sessions(table)  # a BIDS tree's: with its sub-*/sub-*_sessions.tsv
         conditions = build_conditions(names, table, subjects, classes, paths, str(data.folder()))

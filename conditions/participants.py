@@ -111,18 +111,42 @@ def _session_key(session: str) -> str:
     return session[4:] if session.startswith("ses-") else session
 
 
-def session_of(relative: str, sessions: dict[str, dict]) -> str | None:
+def session_of(relative: str, sessions: dict) -> str | None:
     """Which of a subject's `sessions` the image at `relative` (its path in the data folder) belongs to: the one a
     folder of the path names, or a part of the file's name between underscores (a number only as BIDS' `ses-<n>`:
-    LONI's file names hold bare counters, `_1_`), or None; two are an error."""
+    LONI's file names hold bare counters, `_1_`), else, where none does, ADNI's image ID `I<number>` that a bare
+    number of the file's name writes (prepared slice sets name `I218391`'s slices `218391_78.jpeg`); or None; two are
+    an error. `sessions` may be any dict keyed by sessions (`scan_subjects`: every scan of a table)."""
     parts = Path(relative).parts
-    names = {*parts[:-1], parts[-1], *(p for p in parts[-1].split(".")[0].split("_")
-                                       if p.startswith("ses-") or not p.isdigit())}
+    words = parts[-1].split(".")[0].split("_")
+    names = {*parts[:-1], parts[-1], *(p for p in words if p.startswith("ses-") or not p.isdigit())}
     found = sorted({_session_key(n) for n in names} & sessions.keys())
+    if not found:
+        found = sorted({f"I{p}" for p in words if p.isdigit()} & sessions.keys())
     if len(found) > 1:
         raise BadInputError(f"{relative!r} names sessions {' and '.join(map(repr, found))} of its subject: "
                             f"which is it? rename its folder, or leave the other out of the table")
     return found[0] if found else None
+
+
+def scan_subjects(table: Table, relatives: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Whose each file is, by a table of scans (train-vqvae --labels with --session-column, ADNI's search CSV): {scan:
+    subject} of the scans the files at `relatives` (paths in the data folder) name (`session_of` among every scan of
+    the table), and the files that name none. A scan of two subjects in the table is an error."""
+    owner = {}
+    for subject, scans in table.sessions.items():
+        for scan in scans:
+            if owner.setdefault(scan, subject) != subject:
+                raise BadInputError(f"{table.file}: scan {scan!r} ({table.session_column}) is of two subjects, "
+                                    f"{owner[scan]!r} and {subject!r}: whose is it?")
+    found, unnamed = {}, []
+    for relative in relatives:
+        scan = session_of(relative, owner)
+        if scan is None:
+            unnamed.append(relative)
+        else:
+            found[scan] = owner[scan]
+    return dict(sorted(found.items())), unnamed
 
 
 def find_table(data_folder: Path, labels: str | None) -> Path | None:

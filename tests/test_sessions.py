@@ -1,17 +1,21 @@
 """Values that change between a subject's scans (age at each visit): a table of sessions joined to each image by its
 subject and the session its path names, a BIDS tree's sessions.tsv files, and a run that keeps them."""
+import dataclasses
 import math
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import driver
-from conditions.participants import SESSION_ID, find_table, read_table, saved_table, with_bids_sessions
+from conditions.participants import SESSION_ID, find_table, read_table, saved_table, session_of, with_bids_sessions
 from conditions.table import Condition, build_conditions, condition_matrix, subjects_of
-from conftest import SMALL_UNET, blob, ckpt, error_of, vqvae, write_volume
+from conftest import SMALL_UNET, blob, ckpt, error_of, touch, unet, vqvae, write_blob_images, write_volume
 from runtime.errors import BadInputError
 from volumes.layouts import Layout
+from volumes.run_data import DataConfig, _listed, subject_summary
 
 nan = math.nan
 
@@ -213,3 +217,98 @@ def test_labels_naming_a_bids_trees_participants_tsv_reads_its_sessions_too(tmp_
                  "--labels", str(tables / "participants.tsv")])
     saved = ckpt(run / "unet.pt")
     assert saved["labels"]["session_files"] == ["sub-01/sub-01_sessions.tsv"] and saved["conditions"][0]["low"] == 70.2
+
+
+# ----------------------------------------------------------------------------- whose each scan is: stage 1's table
+
+def scan_named_slices(root, images=False):
+    """A prepared ADNI slice set, its files named by image ID (`13722_67.png`): patient 002_S_0295 scanned twice
+    (I13722, I55286), 002_S_0413 once, and two NC patients, one scanned twice; empty files, or with `images` images;
+    and ADNI's search CSV of those scans."""
+    scans = {"AD": [("I13722", "002_S_0295", 84.8), ("I55286", "002_S_0295", 85.9), ("I15025", "002_S_0413", 76.3)],
+             "NC": [("I20000", "002_S_0559", 70.1), ("I20007", "002_S_0559", 71.0), ("I30000", "002_S_0685", 90.5)]}
+    for label, rows in scans.items():
+        names = [image[1:] for image, _, _ in rows]
+        if images:
+            write_blob_images(root / "data" / label, names, 2, np.random.default_rng(0), size=(40, 40), ext="png")
+        else:
+            touch(root / "data" / label, [f"{name}_{k}.png" for name in names for k in (67, 68)])
+    table = root / "search.csv"
+    table.write_text("Image Data ID,Subject,Group,Age\n" + "".join(
+        f"{image},{subject},{label},{age}\n" for label, rows in scans.items() for image, subject, age in rows))
+    return root / "data", table
+
+
+def refusal(fn, *args) -> str:
+    return str(pytest.raises(BadInputError, fn, *args).value)
+
+
+def scan_flags(data, table, *extra):
+    return ["train-vqvae", "--data", str(data), "--labels", str(table), "--subject-column", "Subject",
+            "--session-column", "Image Data ID", *extra]
+
+
+def test_a_bare_number_of_a_file_name_is_adni_s_image_id_where_nothing_else_names_a_session():
+    assert session_of("AD/218391_78.jpeg", {"I218391": {}}) == "I218391"
+    assert session_of("AD/218391_78.jpeg", {"218391": {}, "78": {}}) is None      # bare sessions: counters, never
+    loni = "ADNI_002_S_0295_MR_MPRAGE_br_raw_2006_1_S13408_I13722.nii"            # its I13722 first, not _1_
+    assert session_of(loni, {"I13722": {}, "I1": {}, "I2006": {}}) == "I13722"
+    assert "names sessions 'I218391' and 'I78'" in refusal(session_of, "218391_78.jpeg", {"I218391": {}, "I78": {}})
+
+
+def test_a_table_of_scans_keeps_each_patients_scans_on_one_side_of_the_hold_out_and_is_saved_with_the_run(tmp_path):
+    data, table = scan_named_slices(tmp_path)
+    patient = {"13722": "002_S_0295", "55286": "002_S_0295", "15025": "002_S_0413", "20000": "002_S_0559",
+               "20007": "002_S_0559", "30000": "002_S_0685"}
+
+    def splits_a_patient(config) -> list[bool]:  # for each of 8 hold-out seeds
+        found = _listed(config)
+        patients = [patient[Path(path).name.split("_")[0]] for path, _ in found.samples]
+        split = []
+        for seed in range(8):
+            _, held = dataclasses.replace(config, holdout_seed=seed).split(found.samples, found.classes)
+            trained = {p for i, p in enumerate(patients) if i not in held}
+            split.append(bool(trained & {patients[i] for i in held}))
+        return split
+
+    by_name = driver.parse(["train-vqvae", "--data", str(data), "--holdout", "0.5"]).data_config
+    assert "12 images of 6 subjects" in subject_summary(by_name)       # each scan a "subject"
+    assert any(splits_a_patient(by_name))                       # ... and some seed splits a patient
+    args = driver.parse(scan_flags(data, table, "--holdout", "0.5"))
+    config = args.data_config
+    assert config.layout.scan_subjects == {"I13722": "002_S_0295", "I15025": "002_S_0413", "I20000": "002_S_0559",
+                                           "I20007": "002_S_0559", "I30000": "002_S_0685", "I55286": "002_S_0295"}
+    summary = subject_summary(config)
+    assert "12 images of 4 subjects" in summary and "search.csv ('Subject' of 'Image Data ID')" in summary
+    assert not any(splits_a_patient(config))
+    assert config.flags() == {name: getattr(args, name) for name in config.flags()}
+    table.unlink()  # what stage 1 found is saved: the table moved or gone changes no subject
+    saved = DataConfig.from_checkpoint({"data_config": config.saved()})
+    assert saved == config and saved.subject()(str(data / "NC" / "20007_68.png")) == "002_S_0559"
+    (data / "NC" / "40000_77.png").write_bytes(b"")  # a file stage 1 never saw names no scan
+    assert "names no scan of" in refusal(saved.subject(), str(data / "NC" / "40000_77.png"))
+
+
+def test_a_table_of_scans_that_leaves_a_file_unnamed_or_gives_a_scan_two_patients_is_refused(tmp_path):
+    data, table = scan_named_slices(tmp_path)
+    rows = table.read_text().splitlines()
+    table.write_text("\n".join(r for r in rows if not r.startswith("I30000")) + "\n")
+    message = refusal(driver.parse, scan_flags(data, table))
+    assert "2 of the 12 files name no scan of" in message and "NC/30000_67.png" in message
+    table.write_text("\n".join(rows + ["I30000,002_S_0295,NC,90.5"]) + "\n")
+    assert "scan 'I30000' (Image Data ID) is of two subjects" in refusal(driver.parse,
+                                                                          scan_flags(data, table))
+    assert "--session-column names the scans' column" in refusal(driver.parse, [
+        "train-vqvae", "--data", str(data), "--session-column", "Image Data ID"])
+    assert "a table of scans" in refusal(driver.parse, scan_flags(
+        data, table, "--class-column", "Group"))
+
+
+def test_stage_2s_conditions_default_to_stage_1s_table_of_scans(tmp_path):
+    data, table = scan_named_slices(tmp_path, images=True)
+    run = tmp_path / "run"
+    vqvae(run, data, "--max-steps", "2", *scan_flags(data, table)[3:])
+    unet(run, "--max-steps", "2", "--condition", "Age")
+    saved = ckpt(run / "unet.pt")
+    assert saved["labels"]["session_column"] == "Image Data ID" and saved["labels"]["subject_column"] == "Subject"
+    assert saved["conditions"][0]["low"] == 70.1 and saved["conditions"][0]["high"] == 90.5  # each scan's own age

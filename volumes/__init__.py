@@ -40,3 +40,8 @@ def add_arguments(p: argparse.ArgumentParser):
                         "conditions default to it too (default: the data folder's participants.tsv)")
     p.add_argument("--subject-column", default=None,
                    help="that table's column of subject IDs, matched to the files' subjects (default: participant_id)")
+    p.add_argument("--session-column", default=None,
+                   help="makes --labels a table of scans, a row per scan, this column naming each (ADNI's search CSV: "
+                        "--labels ADNI_search.csv --subject-column Subject --session-column 'Image Data ID'): each "
+                        "file is then its scan's subject's, for --holdout, where the file names hold scan IDs "
+                        "(218391_78.jpeg), and stage 2's conditions default to the table (default: none)")

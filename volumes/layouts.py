@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torchvision import datasets
 
-from conditions.participants import Table, read_table
+from conditions.participants import Table, read_table, scan_subjects, session_of
 from conditions.table import MISSING
 from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
@@ -144,7 +144,8 @@ def _plainest(paths: list[str], version: int = LAYOUT_VERSION) -> str:
 # ----------------------------------------------------------------------------- whose files
 
 _BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")                 # at the start of a folder or file name
-LATER_FIELDS = ("class_table", "class_subject_column", "subject_classes")  # Layout's, since 2026-12-07
+LATER_FIELDS = ("class_table", "class_subject_column", "subject_classes",  # Layout's, since 2026-12-07
+                "scan_table", "scan_subject_column", "scan_column", "scan_subjects")  # since 2026-12-08
 ADNI_SUBJECT = re.compile(r"(?<!\d)\d{3}_S_\d{4}(?!\d)")       # site_S_participant: 002_S_0295
 _OASIS_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS\d_\d{4}(?!\d)")  # OASIS' OAS1_0001 (OAS1_0001_MR2: a visit)
 _OASIS3_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS3\d{4}(?!\d)")  # OASIS-3's OAS30001 (OAS30001_MR_d0129: a visit)
@@ -247,7 +248,9 @@ class Layout:
     a BIDS root (`sub-*/[ses-*/]anat/*_T1w`, all of them), every volume of a class folder, and `_subject_id_v1`.
 
     Any version: with `class_column`, each file's class is its subject's value in that column of the data folder's
-    participants.tsv (a BIDS tree's diagnosis), or of `class_table`, not its class folder."""
+    participants.tsv (a BIDS tree's diagnosis), or of `class_table`, not its class folder. With `scan_subjects`, each
+    file's subject is the subject of the scan its path names in `scan_table`, a table of scans (ADNI's search CSV: a
+    patient's two scans are one subject though the file names hold scan IDs), as stage 1 found them (`whose_scans`)."""
     version: int = LAYOUT_VERSION
     subject_pattern: str | None = None
     bids_suffix: str = "T1w"
@@ -258,6 +261,10 @@ class Layout:
     class_subject_column: str | None = None  # ... this column (--subject-column; default participant_id)
     classes_sha1: str | None = None        # ... each listed subject's, as stage 1 found them (`classes_from_table`)
     subject_classes: dict | None = field(default=None, repr=False)  # ... and the classes themselves (2026-12-07 on)
+    scan_table: str | None = None          # whose each file is: its scan's subject in this table (--labels with
+    scan_subject_column: str | None = None  # ... train-vqvae --session-column), subjects in this column,
+    scan_column: str | None = None         # ... scans in this one ('Image Data ID'),
+    scan_subjects: dict | None = field(default=None, repr=False)  # ... {scan: subject} as stage 1 found them
 
     def __post_init__(self):
         self.bids_entities = tuple(self.bids_entities)  # a list after a JSON round trip
@@ -277,7 +284,18 @@ class Layout:
 
     def subject(self, path: str, root: str | None = None) -> str:
         """The subject `path`, a file under the data folder `root`, belongs to."""
+        if self.scan_subjects is not None:
+            return self._scan_owner(path, root)
         return subject_id(path, self._pattern, root, self.version) if self.version > 1 else _subject_id_v1(path)
+
+    def _scan_owner(self, path: str, root: str | None) -> str:
+        """The subject of the scan `path` names, by the table of scans stage 1 read; a file of none is an error (a
+        file added since: a guess could put a patient on both sides of the hold-out)."""
+        scan = session_of(os.path.relpath(path, root) if root else path, self.scan_subjects)
+        if scan is None:
+            raise BadInputError(f"{printable(path)} names no scan of {self.scan_table}'s {self.scan_column!r} as stage "
+                                f"1 read it: whose is it? a run keeps the subjects it began with; train a new --run")
+        return self.scan_subjects[scan]
 
     def select(self, files: list[str], top: str, root: str, bids_root: bool) -> list[str]:
         """Of the image and volume `files` found under `top` (a class folder, or the BIDS root `root` itself), those
@@ -401,6 +419,26 @@ def classes_from_table(folders: list[ImageFolder], root: Path, layout: Layout) -
         f.targets = [label for _, label in f.samples]
         f.classes, f.class_to_idx = classes, {name: i for i, name in enumerate(classes)}
     return len(value) - len(known), digest, {owner[p]: v for p, v in sorted(known.items())}
+
+
+def whose_scans(paths: list[str], root: Path, layout: Layout) -> dict[str, str]:
+    """{scan: subject} of the files at `paths` under the data folder `root`, by `layout.scan_table`, a table of scans
+    with a row per scan (its scan column `scan_column`, its subjects `scan_subject_column`): each file's subject is
+    its scan's, for the hold-out and the conditions. A file that names no scan there is an error: a guess could put
+    one patient on both sides of the hold-out."""
+    table = read_table(Path(layout.scan_table), layout.scan_subject_column, session_column=layout.scan_column)
+    if not table.sessions:
+        raise BadInputError(f"--session-column {layout.scan_column}: {table.file} has no such column (its columns: "
+                            f"{', '.join(table.columns)})")
+    found, unnamed = scan_subjects(table, [os.path.relpath(p, root) for p in paths])
+    if unnamed:
+        scan = next(iter(next(iter(table.sessions.values()))))
+        raise BadInputError(f"{len(unnamed)} of the {len(paths)} files name no scan of {table.file}'s "
+                            f"{layout.scan_column!r} (such as {printable(unnamed[0])}; a scan there: {scan!r}), so "
+                            f"whose they are is unknown: a scan names a folder of its files or a part of their names "
+                            f"between underscores (ADNI's I218391 also a bare 218391); add their rows, or move the "
+                            f"files out of --data")
+    return found
 
 
 def _class_table(path: Path, column: str, subject_column: str | None, root: Path, a_runs: bool) -> Table:

@@ -28,7 +28,7 @@ from runtime.checkpoint import atomic_write, load_checkpoint
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
-from volumes.layouts import ADNI_SUBJECT, BIDS_OWN, Layout, linked_folders
+from volumes.layouts import ADNI_SUBJECT, BIDS_OWN, Layout, linked_folders, whose_scans
 from volumes.reader import Slicing, volume_span
 
 
@@ -59,14 +59,19 @@ class DataConfig:
     @classmethod
     def from_args(cls, args) -> "DataConfig":
         slicing = Slicing(args.axis, args.slices, args.volume_index, args.intensity_percentiles, args.crop_foreground)
+        scans = args.session_column is not None  # --labels is a table of scans: whose each file is
         layout = Layout(subject_pattern=args.subject_pattern, bids_suffix=args.bids_suffix,
                         bids_entities=args.bids_entities, bids_all=args.bids_all, class_column=args.class_column,
-                        class_table=args.labels, class_subject_column=args.subject_column)
-        if (args.labels or args.subject_column) and not args.class_column:
-            raise BadInputError("train-vqvae's --labels and --subject-column name the table of --class-column, which "
-                                "is not given (a UNet's conditions take train-unet --labels)")
+                        class_table=None if scans else args.labels,
+                        class_subject_column=None if scans else args.subject_column,
+                        scan_table=args.labels if scans else None,
+                        scan_subject_column=args.subject_column if scans else None,
+                        scan_column=args.session_column)
+        _refuse_table_flags(args)
         config = cls(args.data, args.demo_dir, args.image_size, args.channels, args.holdout, args.holdout_seed,
                      args.skip_bad_images, slicing, layout)
+        if scans:  # whose each file is, as stage 1 finds it, saved: the split never moves with the table
+            layout.scan_subjects = whose_scans([p for p, _ in _listed(config).samples], Path(config.folder()), layout)
         if args.class_column:  # the classes as stage 1 finds them, saved: a later command that finds others is refused
             listed = _listed(config)
             layout.classes_sha1, layout.subject_classes = listed.classes_sha1, listed.subject_classes
@@ -81,8 +86,9 @@ class DataConfig:
                 "intensity_percentiles": s.percentiles, "crop_foreground": s.crop_foreground,
                 "subject_pattern": layout.subject_pattern,
                 "bids_suffix": layout.bids_suffix, "bids_entities": layout.bids_entities, "bids_all": layout.bids_all,
-                "class_column": layout.class_column, "labels": layout.class_table,
-                "subject_column": layout.class_subject_column}
+                "class_column": layout.class_column, "labels": layout.class_table or layout.scan_table,
+                "subject_column": layout.class_subject_column or layout.scan_subject_column,
+                "session_column": layout.scan_column}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "DataConfig":
@@ -158,6 +164,22 @@ class DataConfig:
         return {**asdict(self), "layout": self.layout.saved(), "root": os.path.abspath(self.folder())}
 
 
+def _refuse_table_flags(args):
+    """train-vqvae's --labels names the table of --class-column, or with --session-column a table of scans; neither
+    given, or both, is refused in one line."""
+    if args.session_column and not args.labels:
+        raise BadInputError("train-vqvae --session-column names the scans' column of the table --labels gives, which "
+                            "is not given")
+    if args.session_column and args.class_column:
+        raise BadInputError("train-vqvae --class-column reads a table of a row per subject, and --session-column "
+                            "makes --labels a table of scans: give the classes as class folders, or as a table of a "
+                            "row per subject (volumes/README.md, ADNI's tables)")
+    if (args.labels or args.subject_column) and not (args.class_column or args.session_column):
+        raise BadInputError("train-vqvae's --labels and --subject-column name the table of --class-column, or with "
+                            "--session-column a table of scans, and neither is given (a UNet's conditions take "
+                            "train-unet --labels)")
+
+
 def _listed(data: DataConfig) -> SliceFolders:
     """The files of the data folder that its layout takes (no image is decoded)."""
     return SliceFolders(data.folder(), data.image_size, data.channels, slicing=data.slicing, layout=data.layout)
@@ -203,6 +225,9 @@ def subject_summary(data: DataConfig) -> str:
     kind = "volume" if folders.volumes else "image"
     line = (f"data: {_count(len(paths), kind)} of {_count(len(per_subject), 'subject')} ({kind}s per subject: min "
             f"{per_subject[0]}, median {statistics.median(per_subject):g}, max {per_subject[-1]})")
+    if data.layout.scan_table:
+        line += (f", each file its scan's subject in {os.path.basename(data.layout.scan_table)} ("
+                 f"{data.layout.scan_subject_column or 'participant_id'!r} of {data.layout.scan_column!r})")
     if data.layout.class_column:
         left_out = f" ({_count(folders.unlabelled, kind)} of subjects without one left out)"
         table = os.path.basename(data.layout.class_table or "participants.tsv")
