@@ -11,6 +11,10 @@ and from samples generated at those very slices' values, one condition given at 
 
 One figure per continuous covariate: a sweep over its range, a row per value, every row from the same noise
 (eval_sweep_<name>.png).
+
+A sample set (`evaluate --samples SET`) is read back the same way, each of its images against the values its manifest
+row says it was drawn at (`set_values`; after --withhold-flagged, the images it keeps): does a slice labelled 80 years
+old look 80 to the network that reads real ones, as well as a real slice of that age does?
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from conditions.participants import Table
 from conditions.table import CLASS, Condition, condition_matrix, subjects_of
 from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from export.figures import save_rows
-from runtime.models import LatentDiffusion
+from export.sample_set import manifest_rows
 from runtime.process import progress
 
 SWEEP_VALUES = 5          # rows of a covariate's sweep figure
@@ -109,29 +113,39 @@ def agreement(read: torch.Tensor, truth: torch.Tensor, c: Condition) -> dict:
 
 # ----------------------------------------------------------------------------- the check
 
-def condition_values(args, model: LatentDiffusion, table: Table | None, dataset) -> torch.Tensor:
-    """y (N, K): the run's conditions of every image of `dataset` (the evaluation's images: training and held out),
-    from its participants table (`saved_table`'s) and class folders; NaN where not given."""
-    if table is not None and table.sha1 != model.labels["sha1"]:
+def condition_values(args, conditions: list[Condition], record: dict | None, table: Table | None, dataset
+                     ) -> torch.Tensor:
+    """y (N, K): the run's `conditions` of every image of `dataset` (the evaluation's images: training and held out),
+    from its participants table (`saved_table`'s; `record`: what the run saved of it) and class folders; NaN where not
+    given."""
+    if table is not None and table.sha1 != record["sha1"]:
         print(f"warning: {table.file} changed since the run was trained; the check reads it as it is now")
     paths = [p for p, _ in dataset.samples]
-    y, _ = condition_matrix(model.conditions, table, subjects_of(paths, args.data_config.subject()), dataset.labels,
+    y, _ = condition_matrix(conditions, table, subjects_of(paths, args.data_config.subject()), dataset.labels,
                             paths, str(args.data_config.folder()))
     return y
 
 
-def condition_check(args, run: Path, model: LatentDiffusion, table: Table | None, y: torch.Tensor, dataset,
-                    train_idx: list[int], held_idx: list[int], key: dict, generate, device,
-                    out: Path) -> tuple[list[dict], list[str]]:
+def set_values(folder: Path, names: list[str], conditions: list[Condition]) -> torch.Tensor:
+    """y (N, K) of a sample set's images `names` (its files as its manifest names them): the values each was drawn at,
+    from its manifest row; NaN where a condition was not given (or the set's run had no such condition)."""
+    rows = {row["file"]: row for row in manifest_rows(folder)}
+    return torch.tensor([[c.encode(rows.get(name, {}).get(c.name) or None) for c in conditions] for name in names])
+
+
+def condition_check(args, run: Path, conditions: list[Condition], table: Table | None, y: torch.Tensor, dataset,
+                    train_idx: list[int], held_idx: list[int], key: dict, device, out: Path, generate=None,
+                    drawn: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[dict], list[str]]:
     """Every condition of the run from its participants table (`saved_table`'s; y: `condition_values`): rows of the
-    real held-out floor and of samples at each guidance scale, and the sweep figures written. generate(y (N, K),
-    guidance) -> images."""
+    real held-out floor, then of samples at each guidance scale with the sweep figures written (generate(y (N, K),
+    guidance) -> images), or of a sample set's own images `drawn` (images, y (M, K): `set_values`), each read back
+    against the values it was drawn at."""
     out.mkdir(parents=True, exist_ok=True)
     key = {**key, "table": table.sha1 if table is not None else None}  # its values are what the network learns
-    net = condition_net(run, dataset, train_idx, y, model.conditions, key, args.classifier_steps, device)
+    net = condition_net(run, dataset, train_idx, y, conditions, key, args.classifier_steps, device)
     rows, figures = [], []
     budget = args.num or 256
-    for k, c in enumerate(model.conditions):
+    for k, c in enumerate(conditions):
         if c.name == CLASS:
             continue  # the class folders: --class all scores them, per class
         held = [i for i in held_idx if not math.isnan(y[i, k])]
@@ -144,24 +158,32 @@ def condition_check(args, run: Path, model: LatentDiffusion, table: Table | None
         real = torch.stack([dataset[i][0] for i in held])
         truth = y[held, k]
         rows.append({"condition": c.name, "images": "real (held out)", "count": len(held),
-                     **agreement(read_back(net, real, model.conditions, k, device), c.in_units(truth), c)})
-        asked = torch.full((len(held), len(model.conditions)), math.nan)
+                     **agreement(read_back(net, real, conditions, k, device), c.in_units(truth), c)})
+        if drawn is not None:
+            images, values = drawn
+            given = ~values[:, k].isnan()
+            rows.append({"condition": c.name, "images": "the set", "count": int(given.sum()),
+                         **(agreement(read_back(net, images[given], conditions, k, device),
+                                      c.in_units(values[given, k]), c) if given.sum() > 1 else {})})
+        if generate is None:
+            continue
+        asked = torch.full((len(held), len(conditions)), math.nan)
         asked[:, k] = truth
         for w in args.guidance:
             samples = generate(asked, w)
             rows.append({"condition": c.name, "images": f"samples, w={w:g}", "count": len(samples),
-                         **agreement(read_back(net, samples, model.conditions, k, device), c.in_units(truth), c)})
+                         **agreement(read_back(net, samples, conditions, k, device), c.in_units(truth), c)})
         if not c.size:
-            figures.append(sweep_figure(c, k, model, generate, max(args.guidance), out))
+            figures.append(sweep_figure(c, k, conditions, generate, max(args.guidance), out))
     return rows, figures
 
 
-def sweep_figure(c: Condition, k: int, model: LatentDiffusion, generate, guidance: float, out: Path) -> str:
+def sweep_figure(c: Condition, k: int, conditions: list[Condition], generate, guidance: float, out: Path) -> str:
     """eval_sweep_<name>.png: SWEEP_VALUES values across the training range, a row each, all from the same noise."""
     values = torch.linspace(c.low, c.high, SWEEP_VALUES)
     rows = []
     for v in values.tolist():
-        asked = torch.full((SWEEP_IMAGES, len(model.conditions)), math.nan)
+        asked = torch.full((SWEEP_IMAGES, len(conditions)), math.nan)
         asked[:, k] = (v - c.low) / ((c.high - c.low) or 1.0)
         rows.append((f"{c.name}={v:.3g}", generate(asked, guidance)))
     name = f"eval_sweep_{''.join(ch if ch.isalnum() else '_' for ch in c.name)}.png"

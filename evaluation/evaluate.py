@@ -50,12 +50,12 @@ from torch.utils.data import DataLoader, Subset
 
 import predict
 from conditions.participants import saved_table
-from conditions.table import CLASS
+from conditions.table import CLASS, saved_conditions
 from dataset import load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
-from evaluation.conditions import condition_check, condition_values
+from evaluation.conditions import condition_check, condition_values, set_values
 from evaluation.ema_lengths import ema_length_curve, plot_ema_curve, refuse_unready
 from evaluation.memorisation import memorisation_check, withhold_flagged
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
@@ -67,7 +67,7 @@ from evaluation.utility import (UTILITY_SEEDS, class_column, condition_utility, 
 from export.figures import save_png
 from export.card import record_checks
 from export.sample_set import MANIFEST, SETTINGS
-from runtime.checkpoint import atomic_write, fingerprint
+from runtime.checkpoint import atomic_write, fingerprint, load_checkpoint
 from runtime.errors import BadInputError
 from runtime.models import load_run, load_vqvae
 from runtime.process import setup_device
@@ -314,7 +314,8 @@ def evaluate(args):
 
     # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
     stage1_only, sampling = samples is None and not (run / "unet.pt").exists(), {}
-    column = y = None  # the condition naming the classes (--utility), and every image's conditions (a table's)
+    column = y = drawn = None  # the condition naming the classes (--utility), every image's conditions (a table's),
+    conditions = []            # the run's, and a set's images' own (`set_values`)
     if stage1_only:
         for flag, given in (("--class", args.class_name), ("--utility", args.utility)):
             if given is not None:
@@ -327,6 +328,13 @@ def evaluate(args):
             per_class = images_per_class(args.utility, list(dataset.classes), [dataset.labels[i] for i in train_idx],
                                          [dataset.labels[i] for i in ref_idx + floor_idx], seen)
             set_classes = set_labels(names, list(dataset.classes), args.samples)
+        if screened and (run / "unet.pt").exists():  # the values a set's images were drawn at, to read back
+            unet = load_checkpoint(run / "unet.pt", "unet")
+            conditions, record = saved_conditions(unet), unet.get("labels")
+            if any(c.name != CLASS for c in conditions):
+                participants = saved_table(record, data.folder(), args.labels) if record else None
+                y = condition_values(args, conditions, record, participants, dataset)
+                drawn = set_values(screened, names, conditions)
         if len(sampling) == 1:
             print(f"{args.samples} is not a sample set (no {SETTINGS}): how its images were drawn is not recorded")
         elif sampling.get("vqvae_fingerprint") not in (None, fingerprint(vq_ckpt["model"])):
@@ -347,8 +355,9 @@ def evaluate(args):
                                          [dataset.labels[i] for i in ref_idx + floor_idx], seen)
         elif args.utility is not None:
             refuse_seen(seen)
-        y = (condition_values(args, model, participants, dataset)
-             if any(c.name != CLASS for c in model.conditions) else None)
+        conditions = model.conditions
+        y = (condition_values(args, conditions, model.labels, participants, dataset)
+             if any(c.name != CLASS for c in conditions) else None)
         if asked is not None and model.classes != list(dataset.classes):
             raise BadInputError(f"the run's classes {model.classes} differ from those of {data.folder()}: {dataset.classes}")
         torch.manual_seed(args.seed)
@@ -409,6 +418,16 @@ def evaluate(args):
                                   seed, subject)
         save_png(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
         sections["class"] = class_section(rows, args.guidance)
+    read_back = None  # a set's own images read back at the values each was drawn at (those it keeps), for its card
+    if drawn is not None:
+        keeps = [k for k, verdict in enumerate(each) if not (args.withhold_flagged and (
+            verdict["flagged_features"] or verdict["flagged_pixels"]))] if not seen else list(range(len(samples)))
+        rows, _ = condition_check(args, run, conditions, participants, y, dataset, train_idx, ref_idx + floor_idx,
+                                  key, device, out, drawn=(samples[keeps], drawn[keeps]))
+        sections["conditions"] = condition_section(rows, [], [sampling.get("guidance")], args.samples)
+        read_back = {"rows": rows, "table": sections["conditions"].printed}
+        if args.withhold_flagged:
+            record_checks(screened, memorisation, None, run, read_back)
     test = (torch.cat([reference, floor]), torch.cat([ref_labels, floor_labels]))  # every held-out image
     if column is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
         rows = utility(run_samples_of(args, model, column, settings, list(dataset.classes), autocast), dataset,
@@ -421,8 +440,9 @@ def evaluate(args):
         if args.withhold_flagged:  # and onto the set's card
             record_checks(screened, memorisation, {"per_class": per_class, "seeds": UTILITY_SEEDS, "rows": rows,
                                                    "classes": list(dataset.classes),
-                                                   "table": sections["utility"].printed}, run)
-    if args.utility is not None and y is not None:  # and the table's conditions, from samples at real slices' values
+                                                   "table": sections["utility"].printed}, run, read_back)
+    if args.utility is not None and y is not None and not args.samples:  # and the table's conditions, from samples
+        # at real slices' values
         checked = [c.name != CLASS and k != column for k, c in enumerate(model.conditions)]  # the table's, not classes
         given = [i for i in train_idx if not y[i, checked].isnan().all()]
         real = training_sample(given, args.utility, seed)
@@ -433,8 +453,8 @@ def evaluate(args):
             sections["utility_conditions"] = condition_utility_section(rows, len(real))
     if y is not None and samples is not None and not args.samples:  # drawn here
         # each condition from the participants table, read back from samples generated at held-out subjects' values
-        rows, sweeps = condition_check(args, run, model, participants, y, dataset, train_idx, ref_idx + floor_idx,
-                                       key, lambda v, w: draw(len(v), v, w), device, out)
+        rows, sweeps = condition_check(args, run, conditions, participants, y, dataset, train_idx,
+                                       ref_idx + floor_idx, key, device, out, lambda v, w: draw(len(v), v, w))
         sections["conditions"] = condition_section(rows, sweeps, args.guidance)
 
     # files

@@ -171,12 +171,17 @@ def condition_utility_section(rows: list[dict], count: int) -> Section:
         f"category is read right): mean ± standard deviation over {UTILITY_SEEDS} training seeds.", "", table], table)
 
 
-def condition_section(rows: list[dict], sweeps: list[str], guidance: list[float]) -> Section:
-    """Each condition of the participants table read back from samples (evaluation/conditions.py)."""
+def condition_section(rows: list[dict], sweeps: list[str], guidance: list, sample_set: str | None = None) -> Section:
+    """Each condition of the participants table read back from samples, or from a `sample_set`'s own images
+    (evaluation/conditions.py)."""
     table = format_condition_table(rows)
-    return Section({"guidance": guidance, "per_condition": rows, "sweeps": sweeps}, [
+    read_from = (f"from the images of the set {sample_set}, each against the values its manifest row gives (those "
+                 f"the set keeps, where --withhold-flagged left some out)" if sample_set else
+                 "from samples generated at those images' values, one condition given at a time, at each guidance "
+                 "scale (w = 0 ignores it: the null)")
+    return Section({"guidance": guidance, "per_condition": rows, "sweeps": sweeps,
+                    **({"samples": sample_set} if sample_set else {})}, [
         "", "## Conditions", "", "A network trained on the real training images to read each condition reads it back "
-        "from real held-out images (the floor) and from samples generated at those images' values, one condition given "
-        "at a time, at each guidance scale (w = 0 ignores it: the null). r: Pearson correlation with the value set, "
+        f"from real held-out images (the floor) and {read_from}. r: Pearson correlation with the value set, "
         "MAE: mean absolute error in the covariate's units; recognised: how often a category is read as the one set.",
         "", table, "", *[f"![]({name})" for name in sweeps]], table)

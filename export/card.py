@@ -2,7 +2,8 @@
 
 `sample` writes it when a set is whole (a `--resume` that finishes one too), and `evaluate --samples SET
 --withhold-flagged` writes it again with what that checked (`record_checks`, into the set's checks.json): the screen
-for copies of training patients and, with `--utility`, what a classifier trained on the set knows of real held-out
+for copies of training patients, whether its images show the table's values they were drawn at (age, sex: read back
+as real held-out images are) and, with `--utility`, what a classifier trained on the set knows of real held-out
 subjects. In the spirit of datasheets for datasets (Gebru et al. 2021): what the images are, how each was made, what
 was left out and why, what they were checked for. It is made from the set's own files (sampling.json, manifest.csv,
 withheld.csv, checks.json), and names no training image or subject.
@@ -29,15 +30,16 @@ def write_card(folder: Path):
     rows, withheld = manifest_rows(folder), withheld_rows(folder)
     checks = json.loads((folder / CHECKS).read_text()) if (folder / CHECKS).is_file() else {}
     lines = [*_what(settings, rows, withheld), *_how(settings, rows), *_screen(checks.get("screen"), withheld),
-             *_usefulness(checks.get("utility")), *_files(folder)]
+             *_read_back(checks.get("conditions")), *_usefulness(checks.get("utility")), *_files(folder)]
     text = "\n".join(lines) + "\n"
     atomic_write(folder / CARD, lambda f: f.write(text.encode()))
 
 
-def record_checks(folder: Path, memorisation: dict, utility: dict | None, run: Path):
+def record_checks(folder: Path, memorisation: dict, utility: dict | None, run: Path, conditions: dict | None = None):
     """`evaluate --samples SET --withhold-flagged`: what it checked into the set's checks.json, then the card.
     memorisation: `memorisation_check`'s summary, with "withheld"; utility: {per_class, seeds, rows, classes, table
-    (markdown)} of `evaluate --utility` on the set, or None (not yet, or not asked)."""
+    (markdown)} of `evaluate --utility` on the set, or None (not yet, or not asked); conditions: {rows, table} of the
+    table's conditions read back from the set's images (evaluation/conditions.py), or None (the run has none)."""
     floor = memorisation["rows"]["real (held out, B)"]
     repeats = sum(r["flagged"] for r in floor.get("flagged_subjects", [])  # the signature of a patient scanned again
                   if 2 * r["flagged"] > r["images"] and 2 * r["nearest_count"] > r["images"])
@@ -46,7 +48,8 @@ def record_checks(folder: Path, memorisation: dict, utility: dict | None, run: P
               "screened": memorisation["rows"]["samples"]["count"], "withheld": memorisation["withheld"],
               "held_out_flagged": {"features": floor["flagged_features"], "pixels": floor["flagged_pixels"],
                                    "images": floor["count"], "likely_repeat_scans": repeats}}
-    checks = {"screen": screen, **({"utility": utility} if utility else {})}
+    checks = {"screen": screen, **({"utility": utility} if utility else {}),
+              **({"conditions": conditions} if conditions else {})}
     text = json.dumps(checks, indent=2) + "\n"
     atomic_write(folder / CHECKS, lambda f: f.write(text.encode()))
     write_card(folder)
@@ -175,6 +178,17 @@ def _usefulness(utility: dict | None) -> list[str]:
             f"images per class of each set below (the set's own, picked at random in each class), tested on every "
             f"real held-out image, subjects the run never trained on: mean ± standard deviation over "
             f"{utility['seeds']} training seeds.", "", utility["table"]]
+
+
+def _read_back(conditions: dict | None) -> list[str]:
+    if not conditions:
+        return []
+    return ["", "## Do the images show the values they were drawn at?", "",
+            "A network trained on the real training images to read each condition of the table (age, sex ...) reads "
+            "it from real held-out images and from this set's images, each against its own value (manifest.csv). "
+            "r: Pearson correlation, MAE: mean absolute error in the condition's units, recognised: how often a "
+            "category is read as the one given. The set's row near the real one: its images show their values as "
+            "real scans do.", "", conditions["table"]]
 
 
 def _files(folder: Path) -> list[str]:

@@ -413,6 +413,32 @@ def test_the_check_scores_a_perfect_reading_and_ignores_conditions_not_given():
         torch.nn.functional.cross_entropy(outputs[:1, :2], torch.tensor([0])).item(), abs=1e-6)
 
 
+def test_a_sets_images_are_read_back_against_the_values_its_manifest_gives_not_the_held_out_ones(monkeypatch,
+                                                                                                  tmp_path):
+    from types import SimpleNamespace
+    import evaluation.conditions as checks
+    age, sex = Condition("age", "continuous", low=60.0, high=80.0), Condition("sex", "category", ["F", "M"])
+
+    class Reader(torch.nn.Module):  # reads age (scaled) as the image's mean, and sex M where it is positive
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([m, -m, m], 1), None  # outputs: age, then sex's two logits
+
+    monkeypatch.setattr(checks, "condition_net", lambda *args: Reader())
+    images = torch.tensor([0.2, 0.5, 0.9, -0.3]).view(4, 1, 1, 1).expand(4, 1, 4, 4)  # read: 64, 70, 78, 54; M M M F
+    drawn = torch.tensor([[0.25, 1.0], [0.5, 1.0], [1.0, 0.0], [nan, 0.0]])  # 65, 70, 80, not given; M M F F
+    held_out = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.2, 1.0], [0.3, 1.0]])
+    args = SimpleNamespace(classifier_steps=0, num=None, guidance=[1.0])
+    rows, figures = checks.condition_check(args, tmp_path, [age, sex], None, held_out, [(x, 0) for x in images], [],
+                                           [0, 1, 2, 3], {}, "cpu", tmp_path, drawn=(images, drawn))
+    assert [(r["condition"], r["images"], r["count"]) for r in rows] == [
+        ("age", "real (held out)", 4), ("age", "the set", 3), ("sex", "real (held out)", 4), ("sex", "the set", 4)]
+    assert rows[1]["mae"] == pytest.approx((1 + 0 + 2) / 3)
+    assert rows[1]["r"] == pytest.approx(torch.corrcoef(torch.tensor([[64.0, 70, 78], [65.0, 70, 80]]))[0, 1].item())
+    assert rows[3]["recognised"] == pytest.approx(3 / 4) and rows[2]["recognised"] == pytest.approx(1 / 4)
+    assert figures == []  # nothing generated, no sweep
+
+
 def test_evaluate_reads_each_table_condition_back_from_samples_and_draws_a_sweep(conditioned_run, tmp_path):
     run, _ = conditioned_run
     driver.main(["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "3", "--steps", "2",

@@ -322,6 +322,12 @@ def test_the_memorisation_check_of_a_run_with_held_out_subjects_measures_every_s
     assert not copy.exists()
     assert json.loads((out / "metrics.json").read_text())["memorisation"]["withheld"] == len(withheld)
     assert f"now left out of the set ({len(withheld)} withheld in all" in (out / "report.md").read_text()
+    # the table's conditions read back from what the set keeps, at the values it was drawn at: age 60, sex not given
+    read = [(r["condition"], r["images"], r["count"]) for r in json.loads((out / "metrics.json").read_text())[
+        "per_condition"] if r["images"] == "the set"]
+    assert read == [("age", "the set", 3 - len(withheld)), ("sex", "the set", 0)]
+    assert "## Do the images show the values they were drawn at?" in (tmp_path / "set" / "samples" /
+                                                                       "dataset_card.md").read_text()
     driver.main(["evaluate", "--run", str(run), "--out", str(out), "--features", "domain", "--classifier-steps", "0",
                  "--samples", str(tmp_path / "set")])          # the set, whole less what it withheld, scores again
     assert json.loads((out / "metrics.json").read_text())["memorisation"]["rows"]["samples"]["count"] == \
