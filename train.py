@@ -271,6 +271,11 @@ def training_conditions(args, resume: dict | None, classes: list[str], paths: li
         path = (find_table(data.folder(), args.labels or layout.class_table or layout.scan_table)
                 if [n for n in names if n != CLASS] or args.labels else None)
         subject_column = (layout.class_subject_column or layout.scan_subject_column) if stage1s else None
+        if stage1s and layout.scan_table and path is not None and not path.is_file():
+            raise BadInputError(f"{path}, stage 1's table of scans, is not there: give it where it is now, with its "
+                                f"columns, train-unet --labels FILE --subject-column "
+                                f"'{layout.scan_subject_column or 'participant_id'}' --session-column "
+                                f"'{layout.scan_column}'")
         session_column = (layout.scan_column if layout.scan_table else None) if stage1s else SESSION_ID
         table = read_table(path, args.subject_column or subject_column,
                            session_column=args.session_column or session_column) if path else None

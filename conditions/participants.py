@@ -27,7 +27,7 @@ import csv
 import functools
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runtime.errors import BadInputError
@@ -47,6 +47,8 @@ class Table:
     session_column: str | None = None
     sessions: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict, repr=False)
     session_files: list[str] | None = None     # sub-*/sub-*_sessions.tsv, relative to the file's folder
+    image_ids: bool = True      # a file name's first bare number may name ADNI's image ID I<number> (`session_of`);
+    # False: as a run read its table before 2026-12-08, when nothing did
 
     @functools.cached_property
     def session_columns(self) -> set[str]:
@@ -67,7 +69,8 @@ class Table:
         """What a run saves of it: which file, which version of it, joined on which column (and sessions on which)."""
         return {"file": self.file, "sha1": self.sha1, "subject_column": self.subject_column,
                 **({"session_column": self.session_column} if self.session_column else {}),
-                **({"session_files": self.session_files} if self.session_files is not None else {})}
+                **({"session_files": self.session_files} if self.session_files is not None else {}),
+                **({"image_ids": True} if self.image_ids else {})}
 
     def image_rows(self, subjects: list[str], paths: list[str] | None = None, root: str | None = None,
                    ) -> tuple[list[dict[str, str] | None], list[tuple[str, str | None]]]:
@@ -80,7 +83,8 @@ class Table:
         for subject, path in zip(subjects, paths or [None] * len(subjects)):
             if (subject, path) not in joined:
                 sessions = self.sessions.get(subject_key(subject), {})
-                session = session_of(os.path.relpath(path, root) if root else path, sessions) if path else None
+                session = (session_of(os.path.relpath(path, root) if root else path, sessions, self.image_ids)
+                           if path else None)
                 row = self.row(subject)
                 if sessions:
                     row = {c: v for c, v in (row or {}).items() if c not in self.session_columns}
@@ -111,18 +115,20 @@ def _session_key(session: str) -> str:
     return session[4:] if session.startswith("ses-") else session
 
 
-def session_of(relative: str, sessions: dict) -> str | None:
+def session_of(relative: str, sessions: dict, image_ids: bool = True) -> str | None:
     """Which of a subject's `sessions` the image at `relative` (its path in the data folder) belongs to: the one a
     folder of the path names, or a part of the file's name between underscores (a number only as BIDS' `ses-<n>`:
-    LONI's file names hold bare counters, `_1_`), else, where none does, ADNI's image ID `I<number>` that a bare
-    number of the file's name writes (prepared slice sets name `I218391`'s slices `218391_78.jpeg`); or None; two are
-    an error. `sessions` may be any dict keyed by sessions (`scan_subjects`: every scan of a table)."""
+    LONI's file names hold bare counters, `_1_`), else, where none does and with `image_ids`, ADNI's image ID
+    `I<number>` that the first bare number of the file's name writes (prepared slice sets name `I218391`'s slices
+    `218391_78.jpeg`); or None; two are an error. `sessions` may be any dict keyed by sessions (`scan_subjects`: every
+    scan of a table)."""
     parts = Path(relative).parts
     words = parts[-1].split(".")[0].split("_")
     names = {*parts[:-1], parts[-1], *(p for p in words if p.startswith("ses-") or not p.isdigit())}
     found = sorted({_session_key(n) for n in names} & sessions.keys())
-    if not found:
-        found = sorted({f"I{p}" for p in words if p.isdigit()} & sessions.keys())
+    number = next((p for p in words if p.isdigit()), None)
+    if not found and image_ids and f"I{number}" in sessions:
+        found = [f"I{number}"]
     if len(found) > 1:
         raise BadInputError(f"{relative!r} names sessions {' and '.join(map(repr, found))} of its subject: "
                             f"which is it? rename its folder, or leave the other out of the table")
@@ -136,9 +142,14 @@ def scan_subjects(table: Table, relatives: list[str]) -> tuple[dict[str, str], l
     owner = {}
     for subject, scans in table.sessions.items():
         for scan in scans:
+            if not subject:
+                raise BadInputError(f"{table.file}: scan {scan!r} has no {table.subject_column}: whose is it? every "
+                                    f"row of a table of scans names its subject")
             if owner.setdefault(scan, subject) != subject:
                 raise BadInputError(f"{table.file}: scan {scan!r} ({table.session_column}) is of two subjects, "
-                                    f"{owner[scan]!r} and {subject!r}: whose is it?")
+                                    f"{owner[scan]!r} and {subject!r}: a table of scans names each scan once, by an "
+                                    f"ID of its own (ADNI's Image Data ID); visits named alike for every subject "
+                                    f"(M00, M12) are sessions, for train-unet --labels")
     found, unnamed = {}, []
     for relative in relatives:
         scan = session_of(relative, owner)
@@ -165,7 +176,8 @@ def saved_table(record: dict, data_folder: Path, labels: str | None = None) -> T
     the file of its name in the data folder with the run's contents (a BIDS participants.tsv moved with its images,
     --data NEW). Not found: one line. A table of sessions is read as the run read it (`Table.record`)."""
     def read(path: Path) -> Table:
-        table = read_table(path, record["subject_column"], session_column=record.get("session_column"))
+        table = replace(read_table(path, record["subject_column"], session_column=record.get(
+            "session_column")), image_ids=record.get("image_ids", False))  # as the run joined it
         if record.get("session_files") is None:
             return table
         beside = all((path.parent / f).is_file() for f in record["session_files"])  # else the table moved alone
@@ -288,4 +300,4 @@ def with_bids_sessions(table: Table, root: Path | None = None) -> Table:
                                      f)[subject]
         digest.update(f"{f.relative_to(root).as_posix()}\0".encode() + hashlib.sha1(raw).digest())
     return Table(table.file, digest.hexdigest(), table.subject_column, table.rows, sessions=sessions,
-                 session_files=[f.relative_to(root).as_posix() for f in files])
+                 session_files=[f.relative_to(root).as_posix() for f in files], image_ids=table.image_ids)

@@ -248,12 +248,19 @@ def scan_flags(data, table, *extra):
             "--session-column", "Image Data ID", *extra]
 
 
-def test_a_bare_number_of_a_file_name_is_adni_s_image_id_where_nothing_else_names_a_session():
+def test_the_first_bare_number_of_a_file_name_is_adni_s_image_id_where_nothing_else_names_a_session(tmp_path):
     assert session_of("AD/218391_78.jpeg", {"I218391": {}}) == "I218391"
     assert session_of("AD/218391_78.jpeg", {"218391": {}, "78": {}}) is None      # bare sessions: counters, never
     loni = "ADNI_002_S_0295_MR_MPRAGE_br_raw_2006_1_S13408_I13722.nii"            # its I13722 first, not _1_
     assert session_of(loni, {"I13722": {}, "I1": {}, "I2006": {}}) == "I13722"
-    assert "names sessions 'I218391' and 'I78'" in refusal(session_of, "218391_78.jpeg", {"I218391": {}, "I78": {}})
+    assert session_of("218391_78.jpeg", {"I218391": {}, "I78": {}}) == "I218391"  # the first number, not the slice
+    assert session_of("300000_78.jpeg", {"I78": {}}) is None
+    assert session_of("AD/218391_78.jpeg", {"I218391": {}}, image_ids=False) is None
+    _, search = scan_named_slices(tmp_path)                      # a run's table joins as it did when the run began
+    record = read_table(search, "Subject", session_column="Image Data ID").record()
+    assert record["image_ids"] is True and saved_table(record, tmp_path).image_ids
+    before = {k: v for k, v in record.items() if k != "image_ids"}  # a run of before 2026-12-08: no bare numbers
+    assert not saved_table(before, tmp_path).image_ids
 
 
 def test_a_table_of_scans_keeps_each_patients_scans_on_one_side_of_the_hold_out_and_is_saved_with_the_run(tmp_path):
@@ -298,6 +305,11 @@ def test_a_table_of_scans_that_leaves_a_file_unnamed_or_gives_a_scan_two_patient
     table.write_text("\n".join(rows + ["I30000,002_S_0295,NC,90.5"]) + "\n")
     assert "scan 'I30000' (Image Data ID) is of two subjects" in refusal(driver.parse,
                                                                           scan_flags(data, table))
+    blank = [row if not row.startswith("I30000") else "I30000,,NC,90.5" for row in rows]  # whose? not one "" of all
+    table.write_text("\n".join(blank) + "\n")
+    assert "scan 'I30000' has no Subject: whose is it?" in refusal(driver.parse, scan_flags(data, table))
+    table.write_text("\n".join(rows) + "\n")
+    assert "give one" in refusal(driver.parse, scan_flags(data, table, "--subject-pattern", r"(\d+)_"))
     assert "--session-column names the scans' column" in refusal(driver.parse, [
         "train-vqvae", "--data", str(data), "--session-column", "Image Data ID"])
     assert "a table of scans" in refusal(driver.parse, scan_flags(

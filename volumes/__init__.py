@@ -35,11 +35,13 @@ def add_arguments(p: argparse.ArgumentParser):
                         "participants.tsv, e.g. a BIDS tree's diagnosis; files of subjects without one are left out "
                         "(default: the class folders; a BIDS tree is one class, all)")
     p.add_argument("--labels", default=None, metavar="FILE",
-                   help="--class-column's participants table, CSV or TSV, one row per subject; the classes are saved "
-                        "with the run (the table changed later is refused, moved or deleted not needed); stage 2's "
-                        "conditions default to it too (default: the data folder's participants.tsv)")
+                   help="--class-column's participants table, CSV or TSV, one row per subject, or with "
+                        "--session-column a table of scans; what stage 1 reads of it is saved with the run (the "
+                        "table changed later is refused, moved or deleted not needed); stage 2's conditions default "
+                        "to it too (default: the data folder's participants.tsv)")
     p.add_argument("--subject-column", default=None,
-                   help="that table's column of subject IDs, matched to the files' subjects (default: participant_id)")
+                   help="that table's column of subject IDs, matched to the files' subjects, or with --session-column "
+                        "giving them (default: participant_id)")
     p.add_argument("--session-column", default=None,
                    help="makes --labels a table of scans, a row per scan, this column naming each (ADNI's search CSV: "
                         "--labels ADNI_search.csv --subject-column Subject --session-column 'Image Data ID'): each "

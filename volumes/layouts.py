@@ -433,11 +433,12 @@ def whose_scans(paths: list[str], root: Path, layout: Layout) -> dict[str, str]:
     found, unnamed = scan_subjects(table, [os.path.relpath(p, root) for p in paths])
     if unnamed:
         scan = next(iter(next(iter(table.sessions.values()))))
-        raise BadInputError(f"{len(unnamed)} of the {len(paths)} files name no scan of {table.file}'s "
+        raise BadInputError(f"{len(unnamed)} of the {len(paths)} files {'names' if len(unnamed) == 1 else 'name'} "
+                            f"no scan of {table.file}'s "
                             f"{layout.scan_column!r} (such as {printable(unnamed[0])}; a scan there: {scan!r}), so "
                             f"whose they are is unknown: a scan names a folder of its files or a part of their names "
-                            f"between underscores (ADNI's I218391 also a bare 218391); add their rows, or move the "
-                            f"files out of --data")
+                            f"between underscores (ADNI's I218391 also the first number, 218391_78.jpeg); add their "
+                            f"rows, or move the files out of --data")
     return found
 
 

@@ -170,6 +170,9 @@ def _refuse_table_flags(args):
     if args.session_column and not args.labels:
         raise BadInputError("train-vqvae --session-column names the scans' column of the table --labels gives, which "
                             "is not given")
+    if args.session_column and args.subject_pattern:
+        raise BadInputError("train-vqvae --subject-pattern names the files' subjects, and --session-column the table "
+                            "of scans that does: give one")
     if args.session_column and args.class_column:
         raise BadInputError("train-vqvae --class-column reads a table of a row per subject, and --session-column "
                             "makes --labels a table of scans: give the classes as class folders, or as a table of a "
@@ -251,7 +254,11 @@ def subject_summary(data: DataConfig) -> str:
         line += (f"; WARNING: class {', '.join(alone)} is one subject by the naming rules, so the hold-out {fate}: if "
                  "its files are of several people, name them with --subject-pattern")
     shared = {"+".join(k): len(s) for k, s in groups.items() if len(k) > 1}
-    if shared and data.layout.version >= 5:  # a folder's name, e.g. AD/001 and NC/001
+    if shared and data.layout.scan_table:  # the table says whose: a diagnosis that changed between scans
+        n = sum(shared.values())
+        line += (f"; {_count(n, 'subject')} of the table of scans {'have' if n > 1 else 'has'} files in more than one "
+                 f"class ({', '.join(f'{k} {n}' for k, n in shared.items())}): a diagnosis that changed between scans")
+    elif shared and data.layout.version >= 5:  # a folder's name, e.g. AD/001 and NC/001
         n = sum(shared.values())
         line += (f"; WARNING: {_count(n, 'subject')} by the naming rules {'have' if n > 1 else 'has'} files in more "
                  f"than one class ({', '.join(f'{k} {n}' for k, n in shared.items())}): right for a person whose "
