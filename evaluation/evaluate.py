@@ -57,7 +57,7 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
 from evaluation.conditions import condition_check, condition_values, set_values
 from evaluation.ema_lengths import ema_length_curve, plot_ema_curve, refuse_unready
-from evaluation.memorisation import memorisation_check, withhold_flagged
+from evaluation.memorisation import kept_samples, memorisation_check, withhold_flagged
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
@@ -420,8 +420,7 @@ def evaluate(args):
         sections["class"] = class_section(rows, args.guidance)
     read_back = None  # a set's own images read back at the values each was drawn at (those it keeps), for its card
     if drawn is not None:
-        keeps = [k for k, verdict in enumerate(each) if not (args.withhold_flagged and (
-            verdict["flagged_features"] or verdict["flagged_pixels"]))] if not seen else list(range(len(samples)))
+        keeps = kept_samples(each, args.withhold_flagged) if not seen else list(range(len(samples)))
         rows, _ = condition_check(args, run, conditions, participants, y, dataset, train_idx, ref_idx + floor_idx,
                                   key, device, out, drawn=(samples[keeps], drawn[keeps]))
         sections["conditions"] = condition_section(rows, [], [sampling.get("guidance")], args.samples)
@@ -429,6 +428,7 @@ def evaluate(args):
         if args.withhold_flagged:
             record_checks(screened, memorisation, None, run, read_back)
     test = (torch.cat([reference, floor]), torch.cat([ref_labels, floor_labels]))  # every held-out image
+    test_y = (test[0], y[ref_idx + floor_idx]) if y is not None else None  # ... with its table's conditions
     if column is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
         rows = utility(run_samples_of(args, model, column, settings, list(dataset.classes), autocast), dataset,
                        train_idx, test, per_class, args.classifier_steps, device, seed)
@@ -437,20 +437,31 @@ def evaluate(args):
         rows = utility(set_samples_of(samples[kept], [set_classes[k] for k in kept], seed), dataset, train_idx, test,
                        per_class, args.classifier_steps, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility, args.samples, args.withhold_flagged)
-        if args.withhold_flagged:  # and onto the set's card
-            record_checks(screened, memorisation, {"per_class": per_class, "seeds": UTILITY_SEEDS, "rows": rows,
-                                                   "classes": list(dataset.classes),
-                                                   "table": sections["utility"].printed}, run, read_back)
-    if args.utility is not None and y is not None and not args.samples:  # and the table's conditions, from samples
-        # at real slices' values
-        checked = [c.name != CLASS and k != column for k, c in enumerate(model.conditions)]  # the table's, not classes
+        set_utility = {"per_class": per_class, "seeds": UTILITY_SEEDS, "rows": rows, "classes": list(dataset.classes),
+                       "table": sections["utility"].printed}  # for the set's card
+    if args.utility is not None and y is not None:  # and the table's conditions, from samples at real slices'
+        # values, or from the set's own images at theirs
+        checked = [c.name != CLASS and k != column for k, c in enumerate(conditions)]  # the table's, not classes
         given = [i for i in train_idx if not y[i, checked].isnan().all()]
         real = training_sample(given, args.utility, seed)
-        rows = condition_utility((stack(dataset, real)[0], y[real]), lambda v, w: draw(len(v), v, w),
-                                 [w for w in args.guidance if w > 0], (torch.cat([reference, floor]),
-                                 y[ref_idx + floor_idx]), model.conditions, args.classifier_steps, device, column)
+        if args.samples:
+            picked = training_sample([k for k in keeps if not drawn[k, checked].isnan().all()], args.utility, seed)
+            if not picked:
+                print("--utility: no image the set keeps was drawn at a value of the table's conditions (`sample "
+                      "--cohort` or --set draws them): they are not trained on")
+            rows = condition_utility((stack(dataset, real)[0], y[real]), None, [], test_y, conditions,
+                                     args.classifier_steps, device, drawn=(samples[picked], drawn[picked])
+                                     ) if picked else []
+        else:
+            rows = condition_utility((stack(dataset, real)[0], y[real]), lambda v, w: draw(len(v), v, w),
+                                     [w for w in args.guidance if w > 0], test_y, conditions, args.classifier_steps,
+                                     device, column)
         if rows:
-            sections["utility_conditions"] = condition_utility_section(rows, len(real))
+            sections["utility_conditions"] = condition_utility_section(rows, len(real), args.samples)
+            if args.samples:
+                set_utility["conditions_table"] = sections["utility_conditions"].printed
+    if args.utility is not None and args.samples and args.withhold_flagged:  # onto the set's card
+        record_checks(screened, memorisation, set_utility, run, read_back)
     if y is not None and samples is not None and not args.samples:  # drawn here
         # each condition from the participants table, read back from samples generated at held-out subjects' values
         rows, sweeps = condition_check(args, run, conditions, participants, y, dataset, train_idx,

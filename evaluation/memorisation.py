@@ -171,6 +171,12 @@ def each_sample_csv(rows: list[dict]) -> bytes:
     return text.getvalue().encode()
 
 
+def kept_samples(each: list[dict], withholding: bool) -> list[int]:
+    """The places of the samples a set keeps: those the check did not flag (`each`, its verdicts) where it withholds,
+    else all of them."""
+    return [k for k, row in enumerate(each) if not withholding or not (row["flagged_features"] or row["flagged_pixels"])]
+
+
 def withhold_flagged(folder: Path, each: list[dict], run: Path) -> int:
     """`evaluate --samples SET --withhold-flagged`: the samples either measure flags left out of the set in `folder`
     (export/sample_set.py `withhold`: files deleted, rows into withheld.csv with what flagged them, against which

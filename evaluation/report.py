@@ -158,14 +158,16 @@ def utility_section(rows: list[dict], per_class: int, asked: int, sample_set: st
            + (", less those it withheld." if withholding else ".") if sample_set else ""), "", table], table)
 
 
-def condition_utility_section(rows: list[dict], count: int) -> Section:
+def condition_utility_section(rows: list[dict], count: int, sample_set: str | None = None) -> Section:
     """Train on synthetic, test on real for the participants table's conditions (`evaluate --utility` of a run
-    conditioned on its columns)."""
+    conditioned on its columns, or of a `sample_set` of one)."""
     table = format_condition_utility_table(rows)
+    samples = (f"as many images of the set {sample_set} with a value, at the values its manifest gives them" if
+               sample_set else "as many samples generated at those images' values (every condition the table gives)")
     return Section({"utility_conditions": rows, "utility_conditions_images": count}, [
         "", "## Train on synthetic, test on real: the table's conditions", "",
-        f"The condition network trained on {count} real training images, on as many samples generated at those "
-        "images' values (every condition the table gives), and on both (the same network and steps each time), reads "
+        f"The condition network trained on {count} real training images, on {samples}, and on both (the same network "
+        "and steps each time), reads "
         "each condition back from every held-out image with a value of it (images: those of the set with a value of "
         "it; r: Pearson correlation with the table's value, MAE in the covariate's units; recognised: how often a "
         f"category is read right): mean ± standard deviation over {UTILITY_SEEDS} training seeds.", "", table], table)

@@ -18,7 +18,8 @@ network of evaluation/conditions.py (a regression head per covariate, a classifi
 real training slices, on N samples generated at those very slices' values (every condition the table gives, at once,
 so the two sets differ by their images alone), and on both; read back from the held-out images: Pearson r and the mean
 absolute error per covariate (a brain-age model trained on synthetic scans, tested on real ones), the fraction
-recognised per category.
+recognised per category. With --samples the samples are N of the set's own images with a value, at the values its
+manifest gives them (a `--cohort` set's are training scans' values, not those of the N real slices).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import predict
 from conditions.table import CLASS, Condition
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from evaluation.conditions import agreement, read_back, train_condition_net
+from evaluation.memorisation import kept_samples
 from runtime.errors import BadInputError
 
 UTILITY_SEEDS = 3
@@ -121,8 +123,7 @@ def kept_for_utility(each: list[dict], classes_of: list[int], n_classes: int, pe
     """`evaluate --samples SET --utility N`, before the set withholds anything: the places of the images it trains
     on (with `withholding`, those the memorisation check did not flag: `each`, its verdicts) and the images per class
     every row then trains on, no more than the set's smallest class keeps. Refused where a class keeps none."""
-    kept = [k for k, row in enumerate(each)
-            if not withholding or not (row["flagged_features"] or row["flagged_pixels"])]
+    kept = kept_samples(each, withholding)
     fewest = min(Counter(classes_of[k] for k in kept)[c] for c in range(n_classes))
     if fewest == 0:
         raise BadInputError("--utility: every image of a class of the set is flagged as a possible copy, and "
@@ -165,13 +166,15 @@ def utility_check(real_of: Callable[[int, int], torch.Tensor],
 
 def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callable[[torch.Tensor, float], torch.Tensor],
                       guidance: list[float], test: tuple[torch.Tensor, torch.Tensor], conditions: list[Condition],
-                      steps: int, device, classes: int | None = None) -> list[dict]:
+                      steps: int, device, classes: int | None = None,
+                      drawn: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
     """One row per table condition and training set (real, then synthetic and real + synthetic at each guidance
-    scale): the condition network trained UTILITY_SEEDS times on it, read back from the held-out `test` (images, y).
-    real: (images, y (N, K)) of real training slices; generate(y, w): samples at those values, at scale w. `class`
-    and the condition `classes` (a table column of the class folders) are the classifier's rows; a condition that
-    fewer than 2 held-out images have a value of is not read back (said so), and none: no rows, nothing trained; one
-    whose held-out images all have one value is read back with a warning of what its measure then means."""
+    scale, or of a sample set): the condition network trained UTILITY_SEEDS times on it, read back from the held-out
+    `test` (images, y). real: (images, y (N, K)) of real training slices; generate(y, w): samples at those values, at
+    scale w; or `drawn`, a set's own (images, y) at the values each was drawn at. `class` and the condition `classes`
+    (a table column of the class folders) are the classifier's rows; a condition that fewer than 2 held-out images
+    have a value of is not read back (said so), and none: no rows, nothing trained; one whose held-out images all have
+    one value is read back with a warning of what its measure then means."""
     checked = []
     for k, c in enumerate(conditions):
         if c.name != CLASS and k != classes:
@@ -191,10 +194,12 @@ def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callabl
         return []
     images, y = real
     sets = {"real": (images, y)}
-    for w in guidance:
-        synthetic = generate(y, w)
-        sets[f"synthetic, w={w:g}"] = (synthetic, y)
-        sets[f"real + synthetic, w={w:g}"] = (torch.cat([images, synthetic]), torch.cat([y, y]))
+    synthetic = {f"w={w:g}": (generate(y, w), y) for w in guidance}
+    if drawn is not None:
+        synthetic["the set"] = drawn
+    for name, (x, values) in synthetic.items():
+        sets[f"synthetic, {name}"] = (x, values)
+        sets[f"real + synthetic, {name}"] = (torch.cat([images, x]), torch.cat([y, values]))
     rows = []
     for name, (x, targets) in sets.items():
         nets = [train_condition_net(TensorDataset(x), list(range(len(x))), targets, conditions, min(x.shape[-1], 128),

@@ -177,7 +177,11 @@ def _usefulness(utility: dict | None) -> list[str]:
             f"The {'/'.join(utility.get('classes', ['AD', 'NC']))} classifier trained on {utility['per_class']:,} "
             f"images per class of each set below (the set's own, picked at random in each class), tested on every "
             f"real held-out image, subjects the run never trained on: mean ± standard deviation over "
-            f"{utility['seeds']} training seeds.", "", utility["table"]]
+            f"{utility['seeds']} training seeds.", "", utility["table"],
+            *(["", "The same for the table's conditions: a network that reads them (age, sex ...) trained on real "
+                   "training images, on as many of this set's images at their own values, and on both, read back "
+                   "from the real held-out images with a value.", "", utility["conditions_table"]]
+              if "conditions_table" in utility else [])]
 
 
 def _read_back(conditions: dict | None) -> list[str]:

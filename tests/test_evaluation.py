@@ -837,7 +837,8 @@ def test_train_on_synthetic_scores_a_table_s_conditions_by_what_samples_teach_ab
 
     def generate(y, w):
         drawn.append(y.clone())
-        return showing(y, 7) if w == 2 else torch.rand(len(y), 1, 16, 16) * 2 - 1
+        noise = torch.rand(len(y), 1, 16, 16, generator=torch.Generator().manual_seed(8)) * 2 - 1  # the same each run
+        return showing(y, 7) if w == 2 else noise
 
     rows = condition_utility((showing(train, 3), train), generate, [1.0, 2.0], (showing(test, 4), test), conditions,
                              25, "cpu")
@@ -851,6 +852,15 @@ def test_train_on_synthetic_scores_a_table_s_conditions_by_what_samples_teach_ab
     assert got["age", "synthetic, w=1"]["mae"] > 2 * got["age", "real"]["mae"]     # noise teaches nothing
     assert got["sex", "synthetic, w=1"]["recognised"] < 0.8
     assert "| age | synthetic, w=2 | 44 |" in format_condition_utility_table(rows)
+    # a sample set's own images, at the values its manifest gives them (not the real images'): so read, they teach
+    own = values(30, 5)
+    for labelled, teaches in ((own, True), (own.flip(0), False)):       # its rows' values, or another image's
+        rows = condition_utility((showing(train, 3), train), None, [], (showing(test, 4), test), conditions, 25,
+                                 "cpu", drawn=(showing(own, 6), labelled))
+        got = {(r["condition"], r["training set"]): r for r in rows}
+        assert [name for c, name in got if c == "age"] == ["real", "synthetic, the set", "real + synthetic, the set"]
+        assert got["age", "synthetic, the set"]["images"] == 30 and got["age", "real + synthetic, the set"]["images"] == 74
+        assert (got["age", "synthetic, the set"]["r"] > 0.8) == teaches
 
 
 def test_the_table_s_utility_leaves_the_class_column_to_the_classifier_and_trains_nothing_it_cannot_test(
