@@ -342,12 +342,15 @@ def keep_the_runs_settings(args: argparse.Namespace, given: set[str]):
     was read); a flag given again must agree with the run, unless it is CHANGEABLE (or THIS_COMMAND's, which never
     comes back). Stage 2's data is stage 1's, resolved before. A flag newer than the run comes back as
     BEFORE_THE_FLAG says, or is left to the preset."""
-    own = load_checkpoint(Path(args.run) / f"{args.stage}.pt", args.stage).get("args")
+    ckpt = load_checkpoint(Path(args.run) / f"{args.stage}.pt", args.stage)
+    own = ckpt.get("args")
     if own is None:
         own = read_config(Path(args.run)).get(f"train-{args.stage}")
     own = own or {}
     flags = {action.dest for action in build_parser().commands[args.command]._actions} - {"help"}
     own = {name: own[name] if name in own else BEFORE_THE_FLAG.get(name, _UNKNOWN) for name in flags}
+    table = ckpt.get("labels") or {}  # the columns a table was read by, where they were defaults (stage 1's, BIDS')
+    own.update({name: table[name] for name in ("subject_column", "session_column") if table.get(name)})
     if args.stage == "vqvae":
         vq_ckpt = load_checkpoint(Path(args.run) / "vqvae.pt", "vqvae")
         saved = DataConfig.from_checkpoint(vq_ckpt)

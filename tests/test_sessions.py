@@ -324,3 +324,6 @@ def test_stage_2s_conditions_default_to_stage_1s_table_of_scans(tmp_path):
     saved = ckpt(run / "unet.pt")
     assert saved["labels"]["session_column"] == "Image Data ID" and saved["labels"]["subject_column"] == "Subject"
     assert saved["conditions"][0]["low"] == 70.1 and saved["conditions"][0]["high"] == 90.5  # each scan's own age
+    unet(run, "--max-steps", "3", "--resume", "--subject-column", "Subject", "--session-column", "Image Data ID")
+    assert "--session-column Visit differs from this run's Image Data ID" in error_of(
+        driver.main, ["train-unet", "--run", str(run), "--max-steps", "4", "--resume", "--session-column", "Visit"])
