@@ -38,7 +38,7 @@ from export.sample_set import SAMPLES_LOCK
 from runtime.checkpoint import load_checkpoint, read_config, run_lock
 from runtime.errors import BadInputError, Interrupted, disk_full
 from runtime.flags import Parser, fraction, non_negative, positive, positive_ints, seed
-from runtime.process import is_main_process
+from runtime.process import is_first_on_machine, is_main_process
 from runtime.signals import Terminated, sigterm_as_ctrl_c
 from volumes.demo import DEFAULT_DEMO_ROOT
 from volumes.run_data import DataConfig, check_same_files, stage1_data
@@ -471,19 +471,20 @@ def main(argv: list[str] | None = None):
             with run_lock(Path(args.run), create=starts_run) if writes_run else contextlib.nullcontext():
                 args.func(args)
         except BadInputError as e:
-            sys.exit(f"error: {e}")
+            sys.exit(f"error: {e}" if is_first_on_machine() else 1)  # under torchrun, once per machine
         except OSError as e:
             if disk_full(e) is None:
                 raise
-            sys.exit(f"error: {disk_full(e)}; {how_to_continue(argv)}")
+            sys.exit(f"error: {disk_full(e)}; {how_to_continue(argv)}" if is_first_on_machine() else 1)
         except Interrupted as e:  # SIGINT/SIGTERM during training: a checkpoint was written (all ranks stop together)
             if is_main_process():
                 print(f"stopped: {e}; {how_to_continue(argv)}", file=sys.stderr)
             sys.exit(130)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated), outside a training loop: sampling ...
             what, status = ("SIGTERM received", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-            print(f"{what}; each file written is whole (a sample set's, a checkpoint): {how_to_continue(argv)}",
-                  file=sys.stderr)
+            if is_first_on_machine():
+                print(f"{what}; each file written is whole (a sample set's, a checkpoint): {how_to_continue(argv)}",
+                      file=sys.stderr)
             sys.exit(status)
         finally:
             if dist.is_initialized():  # under torchrun

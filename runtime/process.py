@@ -147,6 +147,12 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def is_first_on_machine() -> bool:
+    """Local rank 0 under torchrun (or the only process): one process of each machine, which says what stopped it
+    (every rank meets the same bad input; a machine whose files differ says so)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def cpus_per_process() -> int:
     """The CPUs this process may run on (a scheduler's `taskset` or cgroup affinity, not the machine's count), shared
     among the processes torchrun starts on this machine."""

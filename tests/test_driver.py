@@ -299,3 +299,13 @@ def test_a_bad_flag_is_one_line_not_the_usage_of_every_flag(argv, capsys):
         driver.main(argv)
     printed = capsys.readouterr().err
     assert e.value.code == 2 and printed.count("\n") == 1 and printed.startswith("error: ") and "usage" not in printed
+
+
+def test_under_torchrun_one_process_per_machine_says_what_stopped_them_all(monkeypatch, tmp_path, capsys):
+    bad = ["train-vqvae", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "missing")]
+    monkeypatch.setenv("LOCAL_RANK", "1")                  # rank 1 of a machine: exits as rank 0 does, silent
+    with pytest.raises(SystemExit) as stopped:
+        driver.main(bad)
+    assert stopped.value.code == 1 and "error" not in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert "does not exist" in error_of(driver.main, bad)
