@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from conditions.participants import Table
-from conditions.table import CLASS, Condition, condition_matrix, subjects_of
+from conditions.participants import Table, saved_table
+from conditions.table import CLASS, Condition, condition_matrix, saved_conditions, subjects_of
 from evaluation.classifier import ClassifierConfig, SliceClassifier, cached_classifier
 from export.figures import save_rows
 from export.sample_set import manifest_rows
+from runtime.checkpoint import load_checkpoint
+from runtime.errors import BadInputError
 from runtime.process import progress
 
 SWEEP_VALUES = 5          # rows of a covariate's sweep figure
@@ -131,6 +133,28 @@ def set_values(folder: Path, names: list[str], conditions: list[Condition]) -> t
     from its manifest row; NaN where a condition was not given (or the set's run had no such condition)."""
     rows = {row["file"]: row for row in manifest_rows(folder)}
     return torch.tensor([[c.encode(rows.get(name, {}).get(c.name) or None) for c in conditions] for name in names])
+
+
+def set_conditions(args, run: Path, dataset, folder: Path, names: list[str]
+                   ) -> tuple[list[Condition], Table | None, torch.Tensor, torch.Tensor] | None:
+    """`evaluate --samples SET` of a run conditioned on table columns: (its conditions, its participants table, y of
+    the data's images, y of the set's images `names`: `set_values`), to read back; None where there is nothing to: the
+    run has no table condition, no image of the set was drawn at a value of one (`sample --class all`), or the run's
+    table is not found (said so; --labels FILE, where it is now, is refused if it is not the run's)."""
+    unet = load_checkpoint(run / "unet.pt", "unet")
+    conditions, record = saved_conditions(unet), unet.get("labels")
+    table_columns = [k for k, c in enumerate(conditions) if c.name != CLASS]
+    drawn = set_values(folder, names, conditions)
+    if not table_columns or drawn[:, table_columns].isnan().all():
+        return None
+    try:
+        table = saved_table(record, args.data_config.folder(), args.labels) if record else None
+    except BadInputError as e:
+        if args.labels:
+            raise
+        print(f"warning: the set's values are not read back: {e}")
+        return None
+    return conditions, table, condition_values(args, conditions, record, table, dataset), drawn
 
 
 def condition_check(args, run: Path, conditions: list[Condition], table: Table | None, y: torch.Tensor, dataset,

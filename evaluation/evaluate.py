@@ -50,24 +50,25 @@ from torch.utils.data import DataLoader, Subset
 
 import predict
 from conditions.participants import saved_table
-from conditions.table import CLASS, saved_conditions
+from conditions.table import CLASS
 from dataset import load_slices
 from evaluation.metrics import (ClassifierFeatures, SetScorer, inception_or_none, ms_ssim_diversity,
                                 reconstruction_metrics, sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, class_accuracy, domain_classifier
-from evaluation.conditions import condition_check, condition_values, set_values
+from evaluation.conditions import condition_check, condition_values, set_conditions
 from evaluation.ema_lengths import ema_length_curve, plot_ema_curve, refuse_unready
 from evaluation.memorisation import kept_samples, memorisation_check, withhold_flagged
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
 from evaluation.sample_folder import folder_record, read_folder, sample_set_folder
-from evaluation.utility import (UTILITY_SEEDS, class_column, condition_utility, images_per_class, kept_for_utility,
-                                refuse_seen, run_samples_of, set_labels, set_samples_of, utility_check)
+from evaluation.utility import (UTILITY_SEEDS, class_column, condition_utility, images_per_class, in_class_folders,
+                                kept_for_utility, refuse_seen, run_samples_of, set_labels, set_samples_of,
+                                utility_check)
 from export.figures import save_png
 from export.card import record_checks
 from export.sample_set import MANIFEST, SETTINGS
-from runtime.checkpoint import atomic_write, fingerprint, load_checkpoint
+from runtime.checkpoint import atomic_write, fingerprint
 from runtime.errors import BadInputError
 from runtime.models import load_run, load_vqvae
 from runtime.process import setup_device
@@ -314,8 +315,8 @@ def evaluate(args):
 
     # samples: read, generated with the run's UNet, or none for a run that has only its stage 1 yet
     stage1_only, sampling = samples is None and not (run / "unet.pt").exists(), {}
-    column = y = drawn = None  # the condition naming the classes (--utility), every image's conditions (a table's),
-    conditions = []            # the run's, and a set's images' own (`set_values`)
+    column = y = drawn = set_classes = None  # the condition naming the classes (--utility), every image's conditions
+    conditions, set_utility = [], {}  # (a table's), the run's, a set's images' own (`set_values`), its classes
     if stage1_only:
         for flag, given in (("--class", args.class_name), ("--utility", args.utility)):
             if given is not None:
@@ -324,17 +325,17 @@ def evaluate(args):
         print(f"no {run / 'unet.pt'}: scoring stage 1 alone (its reconstructions of B against the real rows)")
     elif samples is not None:
         sampling = {"from": str(args.samples), **folder_record(Path(args.samples))}
+        found = set_conditions(args, run, dataset, screened, names) if screened and (run / "unet.pt").exists() else None
+        if found:  # the values a set's images were drawn at, to read back
+            conditions, participants, y, drawn = found
         if args.utility is not None:  # train on the set itself, test on real: checked before anything is scored
             per_class = images_per_class(args.utility, list(dataset.classes), [dataset.labels[i] for i in train_idx],
                                          [dataset.labels[i] for i in ref_idx + floor_idx], seen)
-            set_classes = set_labels(names, list(dataset.classes), args.samples)
-        if screened and (run / "unet.pt").exists():  # the values a set's images were drawn at, to read back
-            unet = load_checkpoint(run / "unet.pt", "unet")
-            conditions, record = saved_conditions(unet), unet.get("labels")
-            if any(c.name != CLASS for c in conditions):
-                participants = saved_table(record, data.folder(), args.labels) if record else None
-                y = condition_values(args, conditions, record, participants, dataset)
-                drawn = set_values(screened, names, conditions)
+            if found and not in_class_folders(names, list(dataset.classes)):  # a table's conditions alone
+                print(f"--utility: the set's images are in no class folders of {'/'.join(dataset.classes)}: the "
+                      f"classifier of the classes is not trained on it, the table's conditions are")
+            else:
+                set_classes = set_labels(names, list(dataset.classes), args.samples)
         if len(sampling) == 1:
             print(f"{args.samples} is not a sample set (no {SETTINGS}): how its images were drawn is not recorded")
         elif sampling.get("vqvae_fingerprint") not in (None, fingerprint(vq_ckpt["model"])):
@@ -388,7 +389,8 @@ def evaluate(args):
         owners = tuple([subject(paths[i]) for i in idx] for idx in (ref_idx, floor_idx, train_idx))
         memorisation, closest, each = memorisation_check(samples, reference, floor, dataset, train_idx, features,
                                                          device, names, owners)
-        if args.utility is not None and args.samples:  # what the set keeps to train on, refused before it withholds
+        if set_classes is not None and args.utility is not None:  # what the set keeps to train on, refused before
+            # it withholds
             kept, per_class = kept_for_utility(each, set_classes, len(dataset.classes), per_class,
                                                args.withhold_flagged)
         if args.withhold_flagged:  # the set changes: its checks.json and card say so at once (export/card.py)
@@ -419,21 +421,24 @@ def evaluate(args):
         save_png(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
         sections["class"] = class_section(rows, args.guidance)
     read_back = None  # a set's own images read back at the values each was drawn at (those it keeps), for its card
-    if drawn is not None:
-        keeps = kept_samples(each, args.withhold_flagged) if not seen else list(range(len(samples)))
+    keeps = (kept_samples(each, args.withhold_flagged) if not seen else list(range(len(samples)))) if drawn is not None \
+        else []
+    if drawn is not None and not drawn[keeps][:, [c.name != CLASS for c in conditions]].isnan().all():
         rows, _ = condition_check(args, run, conditions, participants, y, dataset, train_idx, ref_idx + floor_idx,
                                   key, device, out, drawn=(samples[keeps], drawn[keeps]))
         sections["conditions"] = condition_section(rows, [], [sampling.get("guidance")], args.samples)
         read_back = {"rows": rows, "table": sections["conditions"].printed}
         if args.withhold_flagged:
             record_checks(screened, memorisation, None, run, read_back)
+    elif drawn is not None:
+        print("no image the set keeps was drawn at a value of the table's conditions: they are not read back")
     test = (torch.cat([reference, floor]), torch.cat([ref_labels, floor_labels]))  # every held-out image
     test_y = (test[0], y[ref_idx + floor_idx]) if y is not None else None  # ... with its table's conditions
     if column is not None:  # train on synthetic, test on real: the AD/NC classifier learns from samples
         rows = utility(run_samples_of(args, model, column, settings, list(dataset.classes), autocast), dataset,
                        train_idx, test, per_class, args.classifier_steps, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility)
-    if args.utility is not None and args.samples:  # ... from the set itself, less what it withheld just now
+    if set_classes is not None and args.utility is not None:  # ... from the set itself, less what it withheld now
         rows = utility(set_samples_of(samples[kept], [set_classes[k] for k in kept], seed), dataset, train_idx, test,
                        per_class, args.classifier_steps, device, seed)
         sections["utility"] = utility_section(rows, per_class, args.utility, args.samples, args.withhold_flagged)
@@ -444,11 +449,9 @@ def evaluate(args):
         checked = [c.name != CLASS and k != column for k, c in enumerate(conditions)]  # the table's, not classes
         given = [i for i in train_idx if not y[i, checked].isnan().all()]
         real = training_sample(given, args.utility, seed)
-        if args.samples:
+        if args.samples:  # as many real images as the set has with a value, at most N
             picked = training_sample([k for k in keeps if not drawn[k, checked].isnan().all()], args.utility, seed)
-            if not picked:
-                print("--utility: no image the set keeps was drawn at a value of the table's conditions (`sample "
-                      "--cohort` or --set draws them): they are not trained on")
+            real, picked = real[:len(picked)], picked[:len(real)]
             rows = condition_utility((stack(dataset, real)[0], y[real]), None, [], test_y, conditions,
                                      args.classifier_steps, device, drawn=(samples[picked], drawn[picked])
                                      ) if picked else []
@@ -458,9 +461,8 @@ def evaluate(args):
                                      device, column)
         if rows:
             sections["utility_conditions"] = condition_utility_section(rows, len(real), args.samples)
-            if args.samples:
-                set_utility["conditions_table"] = sections["utility_conditions"].printed
-    if args.utility is not None and args.samples and args.withhold_flagged:  # onto the set's card
+            set_utility["conditions_table"] = sections["utility_conditions"].printed  # (a set's card)
+    if args.utility is not None and args.samples and args.withhold_flagged and set_utility:  # onto the set's card
         record_checks(screened, memorisation, set_utility, run, read_back)
     if y is not None and samples is not None and not args.samples:  # drawn here
         # each condition from the participants table, read back from samples generated at held-out subjects' values

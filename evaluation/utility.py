@@ -100,6 +100,11 @@ def images_per_class(n: int, classes: list[str], train_labels: list[int], test_l
     return min(n, fewest)
 
 
+def in_class_folders(names: list[str], classes: list[str]) -> bool:
+    """Whether every image of a --samples folder (`names`, as `set_labels` takes them) is in a folder of a class."""
+    return all("/" in name and name.split("/")[0] in classes for name in names)
+
+
 def set_labels(names: list[str], classes: list[str], folder: str) -> list[int]:
     """The class of each image of a --samples folder, by its class folder (`AD/sub-000000.png`: a class-conditional
     run's set, or any folder of images in folders named as the data's classes), for `--utility` on the set. Refused
@@ -207,9 +212,12 @@ def condition_utility(real: tuple[torch.Tensor, torch.Tensor], generate: Callabl
         for k in checked:
             c, given = conditions[k], ~test[1][:, k].isnan()
             truth = c.in_units(test[1][given, k])
-            runs = [agreement(read_back(net, test[0][given], conditions, k, device), truth, c) for net in nets]
             row = {"condition": c.name, "training set": name, "images": int((~targets[:, k].isnan()).sum()),
                    "tested": int(given.sum())}
+            if not row["images"]:  # a set drawn without it (--set age=60 alone): its head learned nothing
+                rows.append(row)
+                continue
+            runs = [agreement(read_back(net, test[0][given], conditions, k, device), truth, c) for net in nets]
             for key in runs[0]:
                 values = torch.tensor([r[key] for r in runs])
                 row[key], row[f"{key}_std"] = values.mean().item(), values.std().item()

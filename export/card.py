@@ -173,15 +173,18 @@ def _usefulness(utility: dict | None) -> list[str]:
         return ["", "## Usefulness not measured", "",
                 "`evaluate --samples DIR --withhold-flagged --utility N` (a set in class folders: `sample --class "
                 "all`) trains a classifier on the set, tests it on real held-out subjects, and writes the result here."]
-    return ["", "## Train on this set, test on real subjects", "",
-            f"The {'/'.join(utility.get('classes', ['AD', 'NC']))} classifier trained on {utility['per_class']:,} "
-            f"images per class of each set below (the set's own, picked at random in each class), tested on every "
-            f"real held-out image, subjects the run never trained on: mean ± standard deviation over "
-            f"{utility['seeds']} training seeds.", "", utility["table"],
-            *(["", "The same for the table's conditions: a network that reads them (age, sex ...) trained on real "
-                   "training images, on as many of this set's images at their own values, and on both, read back "
-                   "from the real held-out images with a value.", "", utility["conditions_table"]]
-              if "conditions_table" in utility else [])]
+    lines = ["", "## Train on this set, test on real subjects"]
+    if "table" in utility:  # the classifier of the class folders
+        lines += ["", f"The {'/'.join(utility.get('classes', ['AD', 'NC']))} classifier trained on "
+                      f"{utility['per_class']:,} images per class of each set below (the set's own, picked at random "
+                      f"in each class), tested on every real held-out image, subjects the run never trained on: mean ± "
+                      f"standard deviation over {utility['seeds']} training seeds.", "", utility["table"]]
+    if "conditions_table" in utility:  # the network of the table's conditions
+        lines += ["", "A network that reads the table's conditions (age, sex ...) trained on real training images, on "
+                      "as many of this set's images at their own values, and on both, read back from the real held-out "
+                      "images with a value (mean ± standard deviation over training seeds).", "",
+                  utility["conditions_table"]]
+    return lines
 
 
 def _read_back(conditions: dict | None) -> list[str]:

@@ -427,6 +427,33 @@ def test_utility_of_a_sample_set_trains_on_its_own_images_less_those_it_withhold
     assert copied not in card and copied.split("/")[-1] not in card
 
 
+def test_a_set_drawn_at_a_table_value_alone_is_checked_on_it_and_a_run_whose_table_moved_skips_it(conditioned_run,
+                                                                                                   tmp_path, capsys):
+    """`sample --set age=60` writes its set in all/: --utility trains no classifier of the classes on it, the
+    condition network learns age from it (as many real images as set images), and nothing of sex (not given)."""
+    from runtime.checkpoint import atomic_save
+    run = shutil.copytree(conditioned_run[0], tmp_path / "run")
+    driver.main(["sample", "--run", str(run), "--num", "3", "--steps", "2", "--set", "age=60", "--out",
+                 str(tmp_path / "set")])
+    score = ["evaluate", "--run", str(run), "--out", str(tmp_path / "eval"), "--features", "domain",
+             "--classifier-steps", "0", "--samples", str(tmp_path / "set")]
+    driver.main(score + ["--utility", "2"])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "utility" not in metrics and "no class folders" in capsys.readouterr().out
+    rows = {(r["condition"], r["training set"]): r for r in metrics["utility_conditions"]}
+    assert rows["age", "real"]["images"] == rows["age", "synthetic, the set"]["images"] == 2
+    assert "mae" in rows["age", "synthetic, the set"]
+    assert rows["sex", "synthetic, the set"]["images"] == 0 and "recognised" not in rows["sex", "synthetic, the set"]
+    assert [(r["condition"], r["count"]) for r in metrics["per_condition"] if r["images"] == "the set"] == [
+        ("age", 3), ("sex", 0)]
+    saved = torch.load(run / "unet.pt", weights_only=True)
+    saved["labels"] = {**saved["labels"], "file": str(tmp_path / "gone.csv")}  # the run's table, not found now
+    atomic_save(saved, run / "unet.pt")
+    driver.main(score)
+    assert "warning: the set's values are not read back" in capsys.readouterr().out
+    assert "per_condition" not in json.loads((tmp_path / "eval" / "metrics.json").read_text())
+
+
 def test_a_set_s_images_are_told_by_their_class_folders_and_drawn_from_their_own_class():
     from evaluation.utility import set_samples_of
     from evaluation.utility import set_labels

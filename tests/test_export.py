@@ -545,6 +545,13 @@ def test_a_whole_set_has_a_card_saying_what_it_is_how_it_was_drawn_and_that_it_w
     assert "pixel correlation above 0.9586" in card and "1 withheld in all" in card and "8.2% (pixels)" in card
     assert "20 of those flagged images are of held-out subjects flagged on most of their images" in card
     assert "344370" not in card and "344365" not in card and "## Usefulness not measured" in card  # no subject named
+    screen = {"percentile": 1.0, "thresholds": {"distance": 0.295, "correlation": 0.9586},
+              "rows": {"samples": {"count": 6}, "real (held out, B)": floor}, "withheld": 1}
+    record_checks(folder, screen, {"conditions_table": "| age | synthetic, the set | 5 |"}, run,
+                  {"rows": [], "table": "| age | the set | 5 | 0.412 |"})    # a set in all/: the table's conditions
+    card = (folder / "dataset_card.md").read_text()
+    assert "## Do the images show the values they were drawn at?" in card and "| age | the set | 5 | 0.412 |" in card
+    assert "| age | synthetic, the set | 5 |" in card and "classifier trained on" not in card
     (folder / "checks.json").write_text("{}")
     predict.predict(predict.parse_args(flags))                                 # a new set: none of the old record
     assert not (folder / "checks.json").exists() and "Not screened" in (folder / "dataset_card.md").read_text()
