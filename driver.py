@@ -20,11 +20,21 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import torch.distributed as dist
+
+def _interrupted_while_starting(*_):
+    print("interrupted while starting: nothing was written", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while torch and the rest load (seconds): one line, not an import's traceback
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import torch.distributed as dist  # noqa: E402 (after the handler above)
 
 import predict
 import train
@@ -459,6 +469,8 @@ def how_to_continue(argv: list[str] | None) -> str:
 
 
 def main(argv: list[str] | None = None):
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # loaded: Ctrl-C is KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with sigterm_as_ctrl_c():  # a scheduler's SIGTERM outside a training loop: as Ctrl-C, not a silent -15
         try:
             args = parse(argv)

@@ -184,6 +184,17 @@ def test_a_sigterm_outside_training_stops_as_ctrl_c_does_and_the_sample_set_resu
     assert len(manifest.read_text().splitlines()) == 401 and len(list((out / "samples" / "all").glob("*.npz"))) == 400
 
 
+def test_ctrl_c_while_the_command_starts_stops_it_in_one_line(tmp_path):
+    """A second after it was typed, torch is still loading: Ctrl-C then says so, without an import's traceback."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "driver.py"), "train-vqvae", "--run", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    assert not (tmp_path / "run").exists()
+
+
 def torchrun(*args, cwd=REPO, script="driver.py") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
