@@ -195,7 +195,8 @@ def _read_back(conditions: dict | None) -> list[str]:
             "it from real held-out images and from this set's images, each against its own value (manifest.csv). "
             "r: Pearson correlation, MAE: mean absolute error in the condition's units, recognised: how often a "
             "category is read as the one given. The set's row near the real one: its images show their values as "
-            "real scans do.", "", conditions["table"]]
+            "real scans do. Far above it: the reader, which learned the training subjects, knows these images, and "
+            "they may be those subjects' own (read it with the screen above).", "", conditions["table"]]
 
 
 def _files(folder: Path) -> list[str]:
