@@ -48,7 +48,7 @@ class Table:
     sessions: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict, repr=False)
     session_files: list[str] | None = None     # sub-*/sub-*_sessions.tsv, relative to the file's folder
     image_ids: bool = True      # a file name's first bare number may name ADNI's image ID I<number> (`session_of`);
-    # False: as a run read its table before 2026-12-08, when nothing did
+    # False: as a run read its table before that rule (2026-12-07), when nothing did
 
     @functools.cached_property
     def session_columns(self) -> set[str]:

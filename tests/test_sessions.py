@@ -259,7 +259,7 @@ def test_the_first_bare_number_of_a_file_name_is_adni_s_image_id_where_nothing_e
     _, search = scan_named_slices(tmp_path)                      # a run's table joins as it did when the run began
     record = read_table(search, "Subject", session_column="Image Data ID").record()
     assert record["image_ids"] is True and saved_table(record, tmp_path).image_ids
-    before = {k: v for k, v in record.items() if k != "image_ids"}  # a run of before 2026-12-08: no bare numbers
+    before = {k: v for k, v in record.items() if k != "image_ids"}  # a run of before the rule: no bare numbers
     assert not saved_table(before, tmp_path).image_ids
 
 

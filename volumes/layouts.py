@@ -145,7 +145,7 @@ def _plainest(paths: list[str], version: int = LAYOUT_VERSION) -> str:
 
 _BIDS_SUBJECT = re.compile(r"sub-[A-Za-z0-9]+")                 # at the start of a folder or file name
 LATER_FIELDS = ("class_table", "class_subject_column", "subject_classes",  # Layout's, since 2026-12-07
-                "scan_table", "scan_subject_column", "scan_column", "scan_subjects")  # since 2026-12-08
+                "scan_table", "scan_subject_column", "scan_column", "scan_subjects")  # 2026-12-07, later
 ADNI_SUBJECT = re.compile(r"(?<!\d)\d{3}_S_\d{4}(?!\d)")       # site_S_participant: 002_S_0295
 _OASIS_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS\d_\d{4}(?!\d)")  # OASIS' OAS1_0001 (OAS1_0001_MR2: a visit)
 _OASIS3_SUBJECT = re.compile(r"(?<![A-Za-z0-9])OAS3\d{4}(?!\d)")  # OASIS-3's OAS30001 (OAS30001_MR_d0129: a visit)
