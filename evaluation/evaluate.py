@@ -421,8 +421,9 @@ def evaluate(args):
         save_png(grid, out / "eval_classes.png", nrow=8, normalize=True, value_range=(-1, 1))
         sections["class"] = class_section(rows, args.guidance)
     read_back = None  # a set's own images read back at the values each was drawn at (those it keeps), for its card
-    keeps = (kept_samples(each, args.withhold_flagged) if not seen else list(range(len(samples)))) if drawn is not None \
-        else []
+    keeps = []  # the set's images it keeps: all but those --withhold-flagged left out
+    if drawn is not None:
+        keeps = list(range(len(samples))) if seen else kept_samples(each, args.withhold_flagged)
     if drawn is not None and not drawn[keeps][:, [c.name != CLASS for c in conditions]].isnan().all():
         rows, _ = condition_check(args, run, conditions, participants, y, dataset, train_idx, ref_idx + floor_idx,
                                   key, device, out, drawn=(samples[keeps], drawn[keeps]))

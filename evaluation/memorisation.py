@@ -174,7 +174,8 @@ def each_sample_csv(rows: list[dict]) -> bytes:
 def kept_samples(each: list[dict], withholding: bool) -> list[int]:
     """The places of the samples a set keeps: those the check did not flag (`each`, its verdicts) where it withholds,
     else all of them."""
-    return [k for k, row in enumerate(each) if not withholding or not (row["flagged_features"] or row["flagged_pixels"])]
+    return [k for k, row in enumerate(each)
+            if not withholding or not (row["flagged_features"] or row["flagged_pixels"])]
 
 
 def withhold_flagged(folder: Path, each: list[dict], run: Path) -> int:

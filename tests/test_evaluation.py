@@ -886,7 +886,8 @@ def test_train_on_synthetic_scores_a_table_s_conditions_by_what_samples_teach_ab
                                  "cpu", drawn=(showing(own, 6), labelled))
         got = {(r["condition"], r["training set"]): r for r in rows}
         assert [name for c, name in got if c == "age"] == ["real", "synthetic, the set", "real + synthetic, the set"]
-        assert got["age", "synthetic, the set"]["images"] == 30 and got["age", "real + synthetic, the set"]["images"] == 74
+        assert got["age", "synthetic, the set"]["images"] == 30
+        assert got["age", "real + synthetic, the set"]["images"] == 74
         assert (got["age", "synthetic, the set"]["r"] > 0.8) == teaches
 
 
