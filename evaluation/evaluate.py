@@ -37,7 +37,6 @@ resolution down to 16 px. FID/KID features see at most 128x128 with the domain c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import Counter
 from dataclasses import replace
@@ -68,7 +67,7 @@ from evaluation.utility import (UTILITY_SEEDS, class_column, condition_utility, 
 from export.figures import save_png
 from export.card import record_checks
 from export.sample_set import MANIFEST, SETTINGS
-from runtime.checkpoint import atomic_write, fingerprint
+from runtime.checkpoint import atomic_write, fingerprint, json_text
 from runtime.errors import BadInputError
 from runtime.models import load_run, load_vqvae
 from runtime.process import setup_device
@@ -533,7 +532,7 @@ def evaluate(args):
     # each file whole (a write cut short leaves the one before), metrics.json last: what `ema --sigma-rel best` reads
     text = "\n".join(report) + "\n"
     atomic_write(out / "report.md", lambda f: f.write(text.encode()))
-    atomic_write(out / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    atomic_write(out / "metrics.json", lambda f: f.write(json_text(metrics).encode()))
     print(vq_line)
     print(table)
     print(level_table)

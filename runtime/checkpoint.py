@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 from dataclasses import asdict, is_dataclass
@@ -265,6 +266,20 @@ def read_config(run: Path) -> dict:
     print(f"warning: {path} is not a JSON object of flags (edited by hand?): kept as {path.name}.bad, and a new one "
           "written; the checkpoints hold the run's settings")
     return {}
+
+
+def json_text(value) -> str:
+    """`value` as strict JSON (RFC 8259), indented: a NaN or infinity (the correlation of one value, a score of no
+    images) written null, where Python's json writes a bare NaN that jq and JavaScript refuse."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+    return json.dumps(finite(value), indent=2, allow_nan=False) + "\n"
 
 
 def write_config(run: Path, stage: str, args):

@@ -438,8 +438,11 @@ def test_a_set_drawn_at_a_table_value_alone_is_checked_on_it_and_a_run_whose_tab
     score = ["evaluate", "--run", str(run), "--out", str(tmp_path / "eval"), "--features", "domain",
              "--classifier-steps", "0", "--samples", str(tmp_path / "set")]
     driver.main(score + ["--utility", "2"])
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"a bare {c} in metrics.json: not JSON (jq refuses it)"))
     assert "utility" not in metrics and "no class folders" in capsys.readouterr().out
+    read_age = next(r for r in metrics["per_condition"] if (r["condition"], r["images"]) == ("age", "the set"))
+    assert read_age["r"] is None                                    # one value: no correlation, written null
     rows = {(r["condition"], r["training set"]): r for r in metrics["utility_conditions"]}
     assert rows["age", "real"]["images"] == rows["age", "synthetic, the set"]["images"] == 2
     assert "mae" in rows["age", "synthetic, the set"]
