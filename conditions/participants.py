@@ -115,13 +115,14 @@ def _session_key(session: str) -> str:
     return session[4:] if session.startswith("ses-") else session
 
 
-def session_of(relative: str, sessions: dict, image_ids: bool = True) -> str | None:
+def session_of(relative: str, sessions: dict, image_ids: bool = True,
+               named: str = "sessions {} of its subject") -> str | None:
     """Which of a subject's `sessions` the image at `relative` (its path in the data folder) belongs to: the one a
     folder of the path names, or a part of the file's name between underscores (a number only as BIDS' `ses-<n>`:
     LONI's file names hold bare counters, `_1_`), else, where none does and with `image_ids`, ADNI's image ID
     `I<number>` that the first bare number of the file's name writes (prepared slice sets name `I218391`'s slices
-    `218391_78.jpeg`); or None; two are an error. `sessions` may be any dict keyed by sessions (`scan_subjects`: every
-    scan of a table)."""
+    `218391_78.jpeg`); or None; two are an error, which `named` words. `sessions` may be any dict keyed by sessions
+    (`scan_subjects`: every scan of a table, of any subject)."""
     parts = Path(relative).parts
     words = parts[-1].split(".")[0].split("_")
     names = {*parts[:-1], parts[-1], *(p for p in words if p.startswith("ses-") or not p.isdigit())}
@@ -130,8 +131,8 @@ def session_of(relative: str, sessions: dict, image_ids: bool = True) -> str | N
     if not found and image_ids and f"I{number}" in sessions:
         found = [f"I{number}"]
     if len(found) > 1:
-        raise BadInputError(f"{relative!r} names sessions {' and '.join(map(repr, found))} of its subject: "
-                            f"which is it? rename its folder, or leave the other out of the table")
+        raise BadInputError(f"{relative!r} names {named.format(' and '.join(map(repr, found)))}: which is it? "
+                            f"rename its folder, or leave the other out of the table")
     return found[0] if found else None
 
 
@@ -152,7 +153,7 @@ def scan_subjects(table: Table, relatives: list[str]) -> tuple[dict[str, str], l
                                     f"(M00, M12) are sessions, for train-unet --labels")
     found, unnamed = {}, []
     for relative in relatives:
-        scan = session_of(relative, owner)
+        scan = session_of(relative, owner, named=f"scans {{}} of {table.file}")
         if scan is None:
             unnamed.append(relative)
         else:

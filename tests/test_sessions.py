@@ -309,6 +309,11 @@ def test_a_table_of_scans_that_leaves_a_file_unnamed_or_gives_a_scan_two_patient
     table.write_text("\n".join(blank) + "\n")
     assert "scan 'I30000' has no Subject: whose is it?" in refusal(driver.parse, scan_flags(data, table))
     table.write_text("\n".join(rows) + "\n")
+    two = data / "NC" / "I30000_I15025.png"                           # two patients' scan IDs in one file's name
+    (data / "NC" / "30000_67.png").rename(two)
+    assert f"'NC/I30000_I15025.png' names scans 'I15025' and 'I30000' of {table}: which is it?" in refusal(
+        driver.parse, scan_flags(data, table))
+    two.rename(data / "NC" / "30000_67.png")
     assert "give one" in refusal(driver.parse, scan_flags(data, table, "--subject-pattern", r"(\d+)_"))
     assert "--session-column names the scans' column" in refusal(driver.parse, [
         "train-vqvae", "--data", str(data), "--session-column", "Image Data ID"])
