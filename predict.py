@@ -94,6 +94,10 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                             "whose class, age, sex ... follow the training cohort's, together; reads the run's data "
                             "folder and participants table; with --class X or --set NAME=CATEGORY, the scans of "
                             "that value alone (default: off)")
+        p.add_argument("--cohort-from", choices=cohort.PARTS, default="training",
+                       help="with --cohort: whose scans' conditions are drawn, the training subjects' or those stage 1 "
+                            "held out (values the UNet never saw paired with an image: no sample at a training "
+                            "patient's own age, sex and group) (default: training)")
         p.add_argument("--data", default=None,
                        help="with --cohort: the run's data folder, if it moved (checked to hold stage 1's files)")
         p.add_argument("--labels", default=None,
@@ -267,8 +271,9 @@ def asked_rows(model: LatentDiffusion, run: Path, settings: list[str] = (), swee
 
 def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torch.Tensor]]:
     """--cohort -> [("cohort", conditions (num, K))]: one row whose every sample has the conditions of a training scan
-    drawn at random (conditions/cohort.py); with --class all, a row of --num per class, each drawn from that class's
-    scans (a cohort balanced across the classes, each with its own ages, sexes ...)."""
+    (--cohort-from held-out: a held-out one) drawn at random (conditions/cohort.py); with --class all, a row of --num
+    per class, each drawn from that class's scans (a cohort balanced across the classes, each with its own ages,
+    sexes ...)."""
     if not model.conditions:
         raise BadInputError(f"--cohort draws each sample's conditions from the training scans', and {run / 'unet.pt'} "
                             f"is unconditional; train stage 2 with --conditional or --condition")
@@ -280,7 +285,7 @@ def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torc
         raise BadInputError("--cohort gives each sample a training scan's conditions, and --guidance 0 ignores them "
                             "(unconditional samples labelled as conditioned): give --guidance 1 or more")
     asked = asked_rows(model, run, args.set_values, None, args.class_name) or [("", None)]
-    scans, line = cohort.training_cohort(run, model.conditions, model.labels, args.data, args.labels)
+    scans, line = cohort.run_cohort(run, model.conditions, model.labels, args.data, args.labels, args.cohort_from)
     print(line)
     rows = []
     for k, (swept, wanted) in enumerate(asked):  # swept: "class=AD" of --class all
@@ -424,6 +429,8 @@ def predict(args):
     if (args.data or args.labels) and not args.cohort:
         raise BadInputError("--data and --labels say where --cohort finds the run's data and table; without --cohort "
                             "sample reads neither")
+    if args.cohort_from != "training" and not args.cohort:
+        raise BadInputError(f"--cohort-from {args.cohort_from} says whose scans --cohort draws from: give --cohort")
     rows = (cohort_rows(model, run, args) if args.cohort else
             asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)])
     if args.row_noise is None:  # the rows of a cohort are a dataset's classes, not one draw under each class
@@ -512,7 +519,8 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "batch_seeds": ROW_SEEDING if args.row_noise == "independent" else SEEDING,
                 "rows": [[caption, None if y is None else
-                          {"drawn": cohort.fingerprint(y), "unit": args.cohort} if y.dim() == 2 else
+                          {"drawn": cohort.fingerprint(y), "unit": args.cohort,
+                           **({"from": args.cohort_from} if args.cohort_from != "training" else {})} if y.dim() == 2 else
                           {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}
     return settings, record
 

@@ -1,5 +1,5 @@
 """`sample --cohort`: a synthetic set whose conditions follow the training cohort's, each sample drawn under the
-conditions of a training scan picked at random.
+conditions of a training scan picked at random (`--cohort-from held-out`: of a held-out scan).
 
 A conditional run's `--set` and `--sweep` ask for chosen values; a synthetic dataset that stands in for the real one
 needs its class, age, sex ... together, in the proportions and combinations the training scans have (the AD
@@ -11,6 +11,11 @@ outside those the UNet trained on (a file `--skip-bad-images` left out of traini
 replacement, uniformly over scans or over subjects (then a scan of the subject), from `--seed`. Nothing of it is
 kept in `unet.pt`, which is shared more often than a run's data: the run's data folder and table must be at hand, as
 for `evaluate`.
+
+The held-out scans (`--cohort-from held-out`) are those of the subjects stage 1 held out, read the same way. Their
+values were never paired with an image in training, so no sample is drawn at a training patient's own values, where
+a model that learned that patient's exact age, sex and group can give back the patient's slices. A held-out scan
+whose covariate lies beyond the training scans' range is left out, as values the UNet did not train on.
 """
 from __future__ import annotations
 
@@ -25,25 +30,32 @@ import torch
 from conditions.participants import saved_table
 from conditions.table import Condition, condition_matrix, subjects_of
 from runtime.errors import BadInputError
-from volumes.run_data import stage1_data, training_files
+from volumes.run_data import split_files, stage1_data
 
 UNITS = ("scan", "subject")   # what --cohort draws uniformly
+PARTS = ("training", "held-out")   # whose scans --cohort-from draws: volumes/run_data.split_files' keys
 
 
 @dataclass
 class Cohort:
-    """The training scans: their condition vectors y (M, K), NaN where not given, and the subject of each."""
+    """The training (or held-out) scans: their condition vectors y (M, K), NaN where not given, and the subject of
+    each."""
     y: torch.Tensor
     subjects: list[str]
+    part: str = "training"
 
 
-def training_cohort(run: Path, conditions: list[Condition], record: dict | None, root: str | None = None,
-                    labels: str | None = None) -> tuple[Cohort, str]:
-    """The training scans of `run` for `conditions` as its UNet saved them, from the table of its record (None: the
-    class folders); `root` (--data) and `labels` (--labels): where the data and table are now, if they moved. With a
-    line saying what it holds and what it left out."""
+def run_cohort(run: Path, conditions: list[Condition], record: dict | None, root: str | None = None,
+               labels: str | None = None, part: str = "training") -> tuple[Cohort, str]:
+    """The training scans of `run` (part "held-out": its held-out subjects' scans) for `conditions` as its UNet saved
+    them, from the table of its record (None: the class folders); `root` (--data) and `labels` (--labels): where the
+    data and table are now, if they moved. With a line saying what it holds and what it left out."""
     _, data = stage1_data(run, root)
-    samples, _ = training_files(data, expand_volumes=False)
+    if part == "held-out" and data.holdout <= 0:
+        raise BadInputError("--cohort-from held-out draws the values of the subjects stage 1 held out, and this run "
+                            "held out none (train-vqvae --holdout 0)")
+    split, _ = split_files(data, expand_volumes=False)
+    samples = split[part]
     paths, folder = [p for p, _ in samples], str(data.folder())
     subjects = subjects_of(paths, data.subject())
     table = saved_table(record, data.folder(), labels) if record else None
@@ -56,10 +68,11 @@ def training_cohort(run: Path, conditions: list[Condition], record: dict | None,
     scans = {}
     for subject, visit, row in zip(subjects, visits, y):
         scans.setdefault((visit, row.numpy().tobytes()), (subject, row))  # a scan's slices, or its files, once
-    return usable(list(scans.values()), conditions)
+    return usable(list(scans.values()), conditions, part)
 
 
-def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition]) -> tuple[Cohort, str]:
+def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition],
+           part: str = "training") -> tuple[Cohort, str]:
     """The (subject, conditions) scans that can be drawn: not those of no value (a sample drawn at one would be
     unconditional), nor those with a covariate outside the range the UNet trained on ([0, 1] once scaled); with a
     line saying what it holds and what it left out."""
@@ -72,8 +85,8 @@ def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition]) -
         else:
             kept.append((subject, row))
     if not kept:
-        raise BadInputError(f"--cohort: none of the {len(scans)} training scans has a value the UNet trained on")
-    cohort = Cohort(torch.stack([row for _, row in kept]), [subject for subject, _ in kept])
+        raise BadInputError(f"--cohort: none of the {len(scans)} {part} scans has a value the UNet trained on")
+    cohort = Cohort(torch.stack([row for _, row in kept]), [subject for subject, _ in kept], part)
     return cohort, describe(cohort, conditions, empty, outside)
 
 
@@ -90,8 +103,9 @@ def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: i
     if empty:
         left.append(f"{empty} with no value")
     if outside:
-        left.append(f"{outside} with values the UNet did not train on (files --skip-bad-images left out?)")
-    return (f"cohort: {len(cohort.y)} training scans of {len(set(cohort.subjects))} subjects"
+        left.append(f"{outside} with values the UNet did not train on" + (
+            " (files --skip-bad-images left out?)" if cohort.part == "training" else " (beyond the training scans')"))
+    return (f"cohort: {len(cohort.y)} {cohort.part} scans of {len(set(cohort.subjects))} subjects"
             + (f" ({', '.join(missing)}: drawn with it open)" if missing else "")
             + (f"; left out: {', '.join(left)}" if left else "")
             + f"; the values of {alone} scans are one subject's alone, and each sample drawn at them carries them")
@@ -103,14 +117,14 @@ def among(cohort: Cohort, wanted: torch.Tensor, conditions: list[Condition], ask
     fixed = [k for k in range(len(conditions)) if not wanted[k].isnan()]
     covariates = [conditions[k].name for k in fixed if not conditions[k].size]
     if covariates:
-        raise BadInputError(f"--cohort draws {', '.join(covariates)} from the training scans; --set with --cohort "
+        raise BadInputError(f"--cohort draws {', '.join(covariates)} from the {cohort.part} scans; --set with --cohort "
                             f"picks categories only (leave out --set {covariates[0]}=...)")
     keep = torch.ones(len(cohort.y), dtype=torch.bool)
     for k in fixed:
         keep &= cohort.y[:, k] == wanted[k]
     if not keep.any():
-        raise BadInputError(f"--cohort: no training scan has the values asked for{f' ({asked})' if asked else ''}")
-    return Cohort(cohort.y[keep], [s for s, kept in zip(cohort.subjects, keep.tolist()) if kept])
+        raise BadInputError(f"--cohort: no {cohort.part} scan has the values asked for{f' ({asked})' if asked else ''}")
+    return Cohort(cohort.y[keep], [s for s, kept in zip(cohort.subjects, keep.tolist()) if kept], cohort.part)
 
 
 def draw(cohort: Cohort, num: int, seed: int, unit: str = "scan", row: int = 0) -> torch.Tensor:

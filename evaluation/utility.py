@@ -19,7 +19,7 @@ real training slices, on N samples generated at those very slices' values (every
 so the two sets differ by their images alone), and on both; read back from the held-out images: Pearson r and the mean
 absolute error per covariate (a brain-age model trained on synthetic scans, tested on real ones), the fraction
 recognised per category. With --samples the samples are N of the set's own images with a value, at the values its
-manifest gives them (a `--cohort` set's are training scans' values, not those of the N real slices).
+manifest gives them (a `--cohort` set's are training or held-out scans' values, not those of the N real slices).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from export.sample_set import CARD, CHECKS, MANIFEST, SETTINGS, TABLE, WITHHELD, manifest_rows, withheld_rows
-from runtime.checkpoint import atomic_write
+from runtime.checkpoint import atomic_write, json_text
 
 SHOWN_VALUES = 6           # a condition of this many values or fewer is listed value by value, with their counts
 
@@ -50,7 +50,7 @@ def record_checks(folder: Path, memorisation: dict, utility: dict | None, run: P
                                    "images": floor["count"], "likely_repeat_scans": repeats}}
     checks = {"screen": screen, **({"utility": utility} if utility else {}),
               **({"conditions": conditions} if conditions else {})}
-    text = json.dumps(checks, indent=2) + "\n"
+    text = json_text(checks)
     atomic_write(folder / CHECKS, lambda f: f.write(text.encode()))
     write_card(folder)
 
@@ -90,8 +90,10 @@ def _how(settings: dict, rows: list[dict]) -> list[str]:
                        + f"), decoded by {decoder}"),
              ("sampler", sampler), ("guidance", guidance),
              ("seed", f"{settings['seed']} (batch b from {settings.get('batch_seeds', 'seed + b')})"),
-             *((("conditions", f"each sample at the values of a training scan picked at random, uniformly over "
-                               f"{cohort[0].get('unit', 'scan')}s (`sample --cohort`): the cohort's own values"),)
+             *((("conditions", f"each sample at the values of a {cohort[0].get('from', 'training')} scan picked at "
+                               f"random, uniformly over {cohort[0].get('unit', 'scan')}s (`sample --cohort"
+                               + (f" --cohort-from {cohort[0]['from']}" if "from" in cohort[0] else "")
+                               + "`): the cohort's own values"),)
                if cohort else ()),
              *_conditions(rows)]
     return ["", "## How they were drawn", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in table), "",
@@ -205,7 +207,7 @@ def _files(folder: Path) -> list[str]:
         (TABLE, "participant_id and the table conditions of each sample, for `train-unet --condition`"),
         (SETTINGS, "the settings of the whole set"),
         (WITHHELD, "the rows of the samples left out, and what flagged each, against which run (each one's "
-                   "conditions: for a `--cohort` set a training scan's; leave it out of a shared copy if they should "
+                   "conditions: for a `--cohort` set a real scan's; leave it out of a shared copy if they should "
                    "not travel)"),
         (CHECKS, "what `evaluate --withhold-flagged` checked, as this card shows it")) if (folder / name).is_file()]
     return ["", "## Files", "", *(f"- `{name}`: {what}" for name, what in there),

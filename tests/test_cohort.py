@@ -1,5 +1,5 @@
 """`sample --cohort`: each sample under the conditions of a training scan drawn at random, so that a synthetic set's
-class, age and sex follow the training cohort's together."""
+class, age and sex follow the training cohort's together (`--cohort-from held-out`: a held-out scan's)."""
 import csv
 import json
 import shutil
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import predict
-from conditions.cohort import Cohort, draw, usable
+from conditions.cohort import Cohort, draw, run_cohort, usable
 from conditions.table import Condition
-from conftest import ckpt, error_of
+from conftest import ckpt, error_of, vqvae
 from runtime.errors import BadInputError
 
 nan = float("nan")
@@ -76,7 +76,8 @@ def test_a_cohort_set_draws_each_samples_class_age_and_sex_together_from_a_train
     assert [r["age"] for r in manifest(tmp_path / "b")] != [r["age"] for r in rows]
     by_subject = [*common[:3], "subject", *common[3:]]                  # --cohort subject: other draws
     message = error_of(predict.main, [*by_subject, "--out", str(tmp_path / "a"), "--resume"])
-    assert "the conditions --cohort drew (the run's data or table, --cohort's unit, --seed or --num differ)" in message
+    assert "the conditions --cohort drew (the run's data or table, --cohort's unit or --cohort-from, --seed or --num " \
+           "differ)" in message
 
 
 def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a_changed_table(conditioned_run,
@@ -156,3 +157,32 @@ def test_a_cohort_of_every_class_draws_as_many_of_each_from_its_own_scans_with_i
                                         str(tmp_path / "shared")]))
     assert json.loads((tmp_path / "shared" / "samples" / "sampling.json").read_text())["batch_seeds"] == \
         "SeedSequence(seed, batch)"
+
+
+def test_a_cohort_from_held_out_draws_the_held_out_subjects_values_alone(conditioned_run, tmp_path):
+    """--cohort-from held-out: each sample at the values of a subject stage 1 held out (never one of training's),
+    saved with the set and on its card; resumed from the training scans it is refused; without --cohort, and on a run
+    that held out nobody, refused."""
+    run, data = conditioned_run
+    table = {r["participant_id"]: r for r in csv.DictReader(open(data / "participants.csv"))}
+    trained = {p.split("/")[-1].split("_")[0] for p in ckpt(run / "latents.pt")["paths"]}
+    held = set(table) - trained
+    ages = [float(table[s]["age"]) for s in trained]
+    inside = {s for s in held if min(ages) <= float(table[s]["age"]) <= max(ages)}   # the UNet's range
+    values = lambda subjects: {(s[:2], f"{float(table[s]['age']):g}", table[s]["sex"]) for s in subjects}  # noqa: E731
+    assert inside and values(inside).isdisjoint(values(trained))        # the fixture can tell them apart
+    common = ["--run", str(run), "--cohort", "--num", "16", "--sampler", "ddim", "--steps", "2", "--gif-frames", "2",
+              "--batch-size", "8", "--out", str(tmp_path / "h")]
+    predict.predict(predict.parse_args([*common, "--cohort-from", "held-out"]))
+    rows = manifest(tmp_path / "h")
+    assert {(r["file"].split("/")[0], f"{float(r['age']):g}", r["sex"]) for r in rows} == values(inside)
+    assert json.loads((tmp_path / "h" / "samples" / "sampling.json").read_text())["rows"][0][1]["from"] == "held-out"
+    card = (tmp_path / "h" / "samples" / "dataset_card.md").read_text()
+    assert "at the values of a held-out scan picked at random" in card and "--cohort-from held-out`" in card
+    message = error_of(predict.main, [*common, "--resume"])                  # the training scans' draws: others
+    assert "the conditions --cohort drew" in message and "--cohort-from" in message
+    assert "give --cohort" in error_of(predict.main, [*common[:2], *common[3:], "--cohort-from", "held-out"])
+    whole = tmp_path / "whole"                                               # stage 1 of --holdout 0
+    vqvae(whole, data, "--max-steps", "1")
+    with pytest.raises(BadInputError, match=r"this run held out none \(train-vqvae --holdout 0\)"):
+        run_cohort(whole, [Condition("class", "category", ["AD", "NC"])], None, part="held-out")

@@ -3,10 +3,11 @@ file is (`Layout`, volumes/layouts.py), how volumes are sliced (`Slicing`, volum
 held out (volumes/holdout.py). driver.py resolves it once from train-vqvae's flags; stage 1 saves it in vqvae.pt, and
 stage 2, `sample` and `evaluate` take it from there, so that a run keeps its files and its held-out subjects.
 
-What follows from it without decoding an image: the training files (`training_files`), a line on the folder's
-subjects and the hold-out (`subject_summary`), the refusal of ADNI subject folders as classes, and the hashes of the
-data files that a resumed or later stage checks (`data_files_key`, `check_same_files`; `stage1_data`: a run's data,
-checked). `training_data` decodes the training images through dataset.py's folders and caches.
+What follows from it without decoding an image: the training files (`training_files`; `split_files` with the
+held-out ones), a line on the folder's subjects and the hold-out (`subject_summary`), the refusal of ADNI subject
+folders as classes, and the hashes of the data files that a resumed or later stage checks (`data_files_key`,
+`check_same_files`; `stage1_data`: a run's data, checked). `training_data` decodes the training images through
+dataset.py's folders and caches.
 """
 from __future__ import annotations
 
@@ -193,14 +194,21 @@ def training_files(data: DataConfig, expand_volumes: bool = True) -> tuple[list[
     folder's: AD, NC), without decoding any image. Volumes are read (not resized) to find their slices:
     one (volume path, class index) per slice; with expand_volumes=False one per volume file, without reading
     any (enough to key a cache: the files and the slicing in the data config decide the slices)."""
+    samples, classes = split_files(data, expand_volumes)
+    return samples["training"], classes
+
+
+def split_files(data: DataConfig, expand_volumes: bool = True) -> tuple[dict[str, list[tuple[str, int]]], list[str]]:
+    """({"training": (path, class index) ..., "held-out": ...}, class names): `training_files`' images and those of
+    the held-out subjects (none for a run of --holdout 0), listed alike."""
     folders = _listed(data)
     samples = folders.samples
     if folders.volumes and expand_volumes:
         samples = [s for s in samples for _ in volume_span(s[0], data.slicing, data.skip_bad_images)]
-    if data.holdout > 0:
-        train_idx, _ = data.split(samples, folders.classes)
-        samples = [samples[i] for i in train_idx]
-    return samples, folders.classes
+    if data.holdout <= 0:
+        return {"training": samples, "held-out": []}, folders.classes
+    train_idx, held_idx = data.split(samples, folders.classes)
+    return {"training": [samples[i] for i in train_idx], "held-out": [samples[i] for i in held_idx]}, folders.classes
 
 
 def training_data(data: DataConfig, cache_gb: float, workers: int, disk_cache: Path,
