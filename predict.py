@@ -98,6 +98,10 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                        help="with --cohort: whose scans' conditions are drawn, the training subjects' or those stage 1 "
                             "held out (values the UNet never saw paired with an image: no sample at a training "
                             "patient's own age, sex and group) (default: training)")
+        p.add_argument("--cohort-bins", action="append", default=[], metavar="NAME=WIDTH",
+                       help="with --cohort: each drawn value of covariate NAME moved to the middle of its WIDTH-wide "
+                            "bin, e.g. age=5: [70, 75) -> 72.5, so that the set's labels carry no patient's exact "
+                            "value (default: exact values)")
         p.add_argument("--data", default=None,
                        help="with --cohort: the run's data folder, if it moved (checked to hold stage 1's files)")
         p.add_argument("--labels", default=None,
@@ -285,7 +289,9 @@ def cohort_rows(model: LatentDiffusion, run: Path, args) -> list[tuple[str, torc
         raise BadInputError("--cohort gives each sample a training scan's conditions, and --guidance 0 ignores them "
                             "(unconditional samples labelled as conditioned): give --guidance 1 or more")
     asked = asked_rows(model, run, args.set_values, None, args.class_name) or [("", None)]
-    scans, line = cohort.run_cohort(run, model.conditions, model.labels, args.data, args.labels, args.cohort_from)
+    bins = cohort.parse_bins(args.cohort_bins, model.conditions)
+    scans, line = cohort.run_cohort(run, model.conditions, model.labels, args.data, args.labels, args.cohort_from,
+                                    bins)
     print(line)
     rows = []
     for k, (swept, wanted) in enumerate(asked):  # swept: "class=AD" of --class all
@@ -429,8 +435,8 @@ def predict(args):
     if (args.data or args.labels) and not args.cohort:
         raise BadInputError("--data and --labels say where --cohort finds the run's data and table; without --cohort "
                             "sample reads neither")
-    if args.cohort_from != "training" and not args.cohort:
-        raise BadInputError(f"--cohort-from {args.cohort_from} says whose scans --cohort draws from: give --cohort")
+    if (args.cohort_from != "training" or args.cohort_bins) and not args.cohort:
+        raise BadInputError("--cohort-from and --cohort-bins say how --cohort draws: give --cohort")
     rows = (cohort_rows(model, run, args) if args.cohort else
             asked_rows(model, run, args.set_values, args.sweep, args.class_name) or [("", None)])
     if args.row_noise is None:  # the rows of a cohort are a dataset's classes, not one draw under each class
@@ -518,11 +524,20 @@ def sample_record(args, run: Path, model: LatentDiffusion, sampling: Sampling, r
               "guidance": args.guidance if conditioned else None, "run": str(run.resolve())}
     settings = {**{k: v for k, v in record.items() if k != "run"}, "num": args.num, "seed": args.seed,
                 "batch_seeds": ROW_SEEDING if args.row_noise == "independent" else SEEDING,
-                "rows": [[caption, None if y is None else
-                          {"drawn": cohort.fingerprint(y), "unit": args.cohort,
-                           **({"from": args.cohort_from} if args.cohort_from != "training" else {})} if y.dim() == 2 else
-                          {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}] for caption, y in rows]}
+                "rows": [[caption, row_record(args, model, y)] for caption, y in rows]}
     return settings, record
+
+
+def row_record(args, model: LatentDiffusion, y: torch.Tensor | None) -> dict | None:
+    """What sampling.json keeps of a row's conditions: None (unconditional), each condition's value, or of a --cohort
+    row's (num, K) a hash of its draws and how they were drawn (the keys added since, only where set)."""
+    if y is None:
+        return None
+    if y.dim() == 1:
+        return {c.name: c.decode(float(v)) for c, v in zip(model.conditions, y)}
+    return {"drawn": cohort.fingerprint(y), "unit": args.cohort,
+            **({"from": args.cohort_from} if args.cohort_from != "training" else {}),
+            **({"bins": cohort.parse_bins(args.cohort_bins, model.conditions)} if args.cohort_bins else {})}
 
 
 def write_gif(model: LatentDiffusion, frames: list, with_xt: bool, quantise: bool, autocast, path: Path):

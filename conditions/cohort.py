@@ -16,19 +16,24 @@ The held-out scans (`--cohort-from held-out`) are those of the subjects stage 1 
 values were never paired with an image in training, so no sample is drawn at a training patient's own values, where
 a model that learned that patient's exact age, sex and group can give back the patient's slices. A held-out scan
 whose covariate lies beyond the training scans' range is left out, as values the UNet did not train on.
+
+`--cohort-bins age=5` moves each scan's age to the middle of its 5-year bin ([70, 75) -> 72.5) before any is drawn:
+the set's labels (manifest, participants.tsv) then carry no patient's exact age, and its line counts the scans whose
+values are still one subject's alone. The images are drawn at those middles; whether they are copies is the
+screen's question (`evaluate --withhold-flagged`), which binning does not answer.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from conditions.participants import saved_table
-from conditions.table import Condition, condition_matrix, subjects_of
+from conditions.table import Condition, as_number, condition_matrix, subjects_of
 from runtime.errors import BadInputError
 from volumes.run_data import split_files, stage1_data
 
@@ -46,10 +51,12 @@ class Cohort:
 
 
 def run_cohort(run: Path, conditions: list[Condition], record: dict | None, root: str | None = None,
-               labels: str | None = None, part: str = "training") -> tuple[Cohort, str]:
+               labels: str | None = None, part: str = "training",
+               bins: dict[str, float] | None = None) -> tuple[Cohort, str]:
     """The training scans of `run` (part "held-out": its held-out subjects' scans) for `conditions` as its UNet saved
     them, from the table of its record (None: the class folders); `root` (--data) and `labels` (--labels): where the
-    data and table are now, if they moved. With a line saying what it holds and what it left out."""
+    data and table are now, if they moved; `bins`: covariates binned ({name: width}, `binned`). With a line saying
+    what it holds and what it left out."""
     _, data = stage1_data(run, root)
     if part == "held-out" and data.holdout <= 0:
         raise BadInputError("--cohort-from held-out draws the values of the subjects stage 1 held out, and this run "
@@ -68,14 +75,14 @@ def run_cohort(run: Path, conditions: list[Condition], record: dict | None, root
     scans = {}
     for subject, visit, row in zip(subjects, visits, y):
         scans.setdefault((visit, row.numpy().tobytes()), (subject, row))  # a scan's slices, or its files, once
-    return usable(list(scans.values()), conditions, part)
+    return usable(list(scans.values()), conditions, part, bins)
 
 
-def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition],
-           part: str = "training") -> tuple[Cohort, str]:
+def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition], part: str = "training",
+           bins: dict[str, float] | None = None) -> tuple[Cohort, str]:
     """The (subject, conditions) scans that can be drawn: not those of no value (a sample drawn at one would be
-    unconditional), nor those with a covariate outside the range the UNet trained on ([0, 1] once scaled); with a
-    line saying what it holds and what it left out."""
+    unconditional), nor those with a covariate outside the range the UNet trained on ([0, 1] once scaled), their
+    covariates then binned by `bins`; with a line saying what it holds and what it left out."""
     kept, empty, outside = [], 0, 0
     for subject, row in scans:
         if row.isnan().all():
@@ -86,13 +93,42 @@ def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition],
             kept.append((subject, row))
     if not kept:
         raise BadInputError(f"--cohort: none of the {len(scans)} {part} scans has a value the UNet trained on")
-    cohort = Cohort(torch.stack([row for _, row in kept]), [subject for subject, _ in kept], part)
-    return cohort, describe(cohort, conditions, empty, outside)
+    cohort = binned(Cohort(torch.stack([row for _, row in kept]), [subject for subject, _ in kept], part),
+                    conditions, bins or {})
+    return cohort, describe(cohort, conditions, empty, outside, bins or {})
 
 
-def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: int) -> str:
-    """One line: scans and subjects, what was left out, the values missing, and how many scans' values are one
-    subject's alone (a set to be shared carries them)."""
+def binned(cohort: Cohort, conditions: list[Condition], bins: dict[str, float]) -> Cohort:
+    """The cohort with each covariate named in `bins` moved to the middle of its bin of that width in the
+    covariate's units, bins counted from 0 ([70, 75) -> 72.5 for width 5); NaN stays NaN."""
+    y = cohort.y.clone()
+    for k, c in enumerate(conditions):
+        if c.name in bins:
+            units = torch.round(c.in_units(y[:, k].double()) * 1e4) / 1e4  # 75 read back as 74.99999 stays in [75, 80)
+            middle = (torch.floor(units / bins[c.name]) + 0.5) * bins[c.name]
+            y[:, k] = ((middle - c.low) / ((c.high - c.low) or 1.0)).float()
+    return replace(cohort, y=y)
+
+
+def parse_bins(settings: list[str], conditions: list[Condition]) -> dict[str, float]:
+    """--cohort-bins NAME=WIDTH ... -> {name: width}: each a covariate of the run and a positive width."""
+    bins, covariates = {}, [c.name for c in conditions if not c.size]
+    for text in settings:
+        name, _, width = text.partition("=")
+        if name not in covariates:
+            raise BadInputError(f"--cohort-bins {text}: {name!r} is not a covariate of this run (its covariates: "
+                                f"{', '.join(covariates) or 'none'}; categories are drawn as they are)")
+        bins[name] = as_number(width)
+        if bins[name] is None or bins[name] <= 0:
+            raise BadInputError(f"--cohort-bins {text}: the width is a positive number in {name}'s units, e.g. "
+                                f"{name}=5")
+    return bins
+
+
+def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: int,
+             bins: dict[str, float] | None = None) -> str:
+    """One line: scans and subjects, what was left out, the values missing, and how many scans' values (once
+    binned) are one subject's alone (a set to be shared carries them)."""
     owners = {}
     for subject, row in zip(cohort.subjects, cohort.y):
         owners.setdefault(row.numpy().tobytes(), set()).add(subject)
@@ -108,6 +144,7 @@ def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: i
     return (f"cohort: {len(cohort.y)} {cohort.part} scans of {len(set(cohort.subjects))} subjects"
             + (f" ({', '.join(missing)}: drawn with it open)" if missing else "")
             + (f"; left out: {', '.join(left)}" if left else "")
+            + "".join(f"; {name} in bins of {width:g} (their middles)" for name, width in (bins or {}).items())
             + f"; the values of {alone} scans are one subject's alone, and each sample drawn at them carries them")
 
 

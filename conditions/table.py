@@ -61,7 +61,7 @@ class Condition:
             return math.nan
         if self.kind == "category":
             return float(self.values.index(text.strip())) if text.strip() in self.values else math.nan
-        number = _number(text)
+        number = as_number(text)
         return math.nan if number is None else (number - self.low) / ((self.high - self.low) or 1.0)
 
     def parse(self, text: str) -> float:
@@ -71,12 +71,12 @@ class Condition:
         if self.kind == "category":
             if text not in self.values:
                 raise BadInputError(f"{self.name}={text}: {self.name} is one of {', '.join(self.values)} in this run")
-        elif _number(text) is None:
+        elif as_number(text) is None:
             raise BadInputError(f"{self.name}={text}: {self.name} is a number in this run")
         elif not -10 <= self.encode(text) <= 11:
             raise BadInputError(f"{self.name}={text} is far outside the training subjects' range {self.low:g}-"
                                 f"{self.high:g}: nothing can be said of it")
-        elif not self.low <= _number(text) <= self.high:
+        elif not self.low <= as_number(text) <= self.high:
             print(f"warning: {self.name}={text} is outside the training subjects' range {self.low:g}-{self.high:g}")
         return self.encode(text)
 
@@ -98,7 +98,7 @@ class Condition:
                f"{self.name} ({self.low:g}-{self.high:g})"
 
 
-def _number(text: str) -> float | None:
+def as_number(text: str) -> float | None:
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -130,7 +130,7 @@ def build_conditions(names: list[str], table: Table | None, subjects: list[str],
         given = [row[name] for row in by_visit.values() if row and row.get(name, "").lower() not in MISSING]
         if not given:
             raise BadInputError(f"--condition {name}: no training subject has a value of it in {table.file}")
-        numbers = [_number(v) for v in given]
+        numbers = [as_number(v) for v in given]
         words = sorted({v for v, n in zip(given, numbers) if n is None})
         if not kind and words and len(words) < sum(n is not None for n in numbers):  # mostly numbers: a typo, or 90+
             raise BadInputError(f"--condition {name}: {table.file} holds numbers and {', '.join(map(repr, words[:3]))}"

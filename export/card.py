@@ -90,15 +90,21 @@ def _how(settings: dict, rows: list[dict]) -> list[str]:
                        + f"), decoded by {decoder}"),
              ("sampler", sampler), ("guidance", guidance),
              ("seed", f"{settings['seed']} (batch b from {settings.get('batch_seeds', 'seed + b')})"),
-             *((("conditions", f"each sample at the values of a {cohort[0].get('from', 'training')} scan picked at "
-                               f"random, uniformly over {cohort[0].get('unit', 'scan')}s (`sample --cohort"
-                               + (f" --cohort-from {cohort[0]['from']}" if "from" in cohort[0] else "")
-                               + "`): the cohort's own values"),)
-               if cohort else ()),
+             *((("conditions", _drawn_from(cohort[0])),) if cohort else ()),
              *_conditions(rows)]
     return ["", "## How they were drawn", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in table), "",
             f"Each file's own settings and seed are in {MANIFEST}, the set's in {SETTINGS}: `sample` with them and "
             f"the same run draws each sample again."]
+
+
+def _drawn_from(cohort: dict) -> str:
+    """How a --cohort set's conditions were drawn, from its row's record in sampling.json."""
+    part, bins = cohort.get("from", "training"), cohort.get("bins", {})
+    command = " ".join(["sample --cohort", *([f"--cohort-from {part}"] if "from" in cohort else []),
+                        *(f"--cohort-bins {name}={width:g}" for name, width in bins.items())])
+    return (f"each sample at the values of a {part} scan picked at random, uniformly over "
+            f"{cohort.get('unit', 'scan')}s (`{command}`): the cohort's own values"
+            + "".join(f", {name} moved to the middle of its bin of {width:g}" for name, width in bins.items()))
 
 
 def _conditions(rows: list[dict]) -> list[tuple[str, str]]:

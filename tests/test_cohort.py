@@ -2,13 +2,14 @@
 class, age and sex follow the training cohort's together (`--cohort-from held-out`: a held-out scan's)."""
 import csv
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
 import predict
-from conditions.cohort import Cohort, draw, run_cohort, usable
+from conditions.cohort import Cohort, draw, parse_bins, run_cohort, usable
 from conditions.table import Condition
 from conftest import ckpt, error_of, vqvae
 from runtime.errors import BadInputError
@@ -76,8 +77,8 @@ def test_a_cohort_set_draws_each_samples_class_age_and_sex_together_from_a_train
     assert [r["age"] for r in manifest(tmp_path / "b")] != [r["age"] for r in rows]
     by_subject = [*common[:3], "subject", *common[3:]]                  # --cohort subject: other draws
     message = error_of(predict.main, [*by_subject, "--out", str(tmp_path / "a"), "--resume"])
-    assert "the conditions --cohort drew (the run's data or table, --cohort's unit or --cohort-from, --seed or --num " \
-           "differ)" in message
+    assert "the conditions --cohort drew (the run's data or table, --cohort's unit, --cohort-from or --cohort-bins, " \
+           "--seed or --num differ)" in message
 
 
 def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a_changed_table(conditioned_run,
@@ -186,3 +187,43 @@ def test_a_cohort_from_held_out_draws_the_held_out_subjects_values_alone(conditi
     vqvae(whole, data, "--max-steps", "1")
     with pytest.raises(BadInputError, match=r"this run held out none \(train-vqvae --holdout 0\)"):
         run_cohort(whole, [Condition("class", "category", ["AD", "NC"])], None, part="held-out")
+
+
+def test_cohort_bins_move_a_covariate_to_its_bins_middle_and_count_the_values_still_one_subjects():
+    age, sex = Condition("age", "continuous", low=60, high=80), Condition("sex", "category", ["F", "M"])
+    scaled = lambda years: (years - 60) / 20                                          # noqa: E731
+    scans = [("s1", torch.tensor([scaled(72.4), 0.0])), ("s2", torch.tensor([scaled(74.9), 0.0])),
+             ("s3", torch.tensor([scaled(75.0), 1.0])), ("s4", torch.tensor([nan, 1.0])),
+             ("s5", torch.tensor([scaled(60.0), 1.0]))]
+    cohort, line = usable(scans, [age, sex], bins={"age": 5})
+    years = age.in_units(cohort.y[:, 0]).tolist()
+    assert [round(v, 4) for v in years[:3] + years[4:]] == [72.5, 72.5, 77.5, 62.5] and math.isnan(years[3])
+    assert torch.equal(cohort.y[:, 1], torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0]))      # a category as it was
+    assert "age in bins of 5 (their middles); the values of 3 scans are one subject's alone" in line  # s1, s2 share
+    assert "the values of 5 scans" in usable(scans, [age, sex])[1]                    # exact: each its own
+    assert parse_bins(["age=2.5"], [age, sex]) == {"age": 2.5}
+    for wrong, said in (("sex=5", "'sex' is not a covariate of this run (its covariates: age"),
+                        ("height=5", "'height' is not a covariate"), ("age=0", "the width is a positive number"),
+                        ("age=-5", "positive number"), ("age=five", "positive number"), ("age=inf", "positive")):
+        assert said in str(pytest.raises(BadInputError, parse_bins, [wrong], [age, sex]).value)
+
+
+def test_a_cohort_set_with_binned_ages_is_drawn_labelled_and_recorded_at_the_bins_middles(conditioned_run, tmp_path,
+                                                                                         capsys):
+    run, data = conditioned_run
+    table = {r["participant_id"]: r for r in csv.DictReader(open(data / "participants.csv"))}
+    trained = {p.split("/")[-1].split("_")[0] for p in ckpt(run / "latents.pt")["paths"]}
+    middles = {(s[:2], f"{(float(table[s]['age']) // 10 + 0.5) * 10:g}", table[s]["sex"]) for s in trained}
+    common = ["--run", str(run), "--cohort", "--num", "16", "--sampler", "ddim", "--steps", "2", "--gif-frames", "2",
+              "--out", str(tmp_path / "b")]
+    predict.predict(predict.parse_args([*common, "--cohort-bins", "age=10"]))
+    assert "age in bins of 10 (their middles)" in capsys.readouterr().out
+    rows = manifest(tmp_path / "b")
+    assert {(r["file"].split("/")[0], f"{float(r['age']):g}", r["sex"]) for r in rows} <= middles
+    tsv = list(csv.DictReader(open(tmp_path / "b" / "samples" / "participants.tsv"), delimiter="\t"))
+    assert {t["age"] for t in tsv} <= {"55", "65", "75", "85"}                        # no patient's own age
+    assert json.loads((tmp_path / "b" / "samples" / "sampling.json").read_text())["rows"][0][1]["bins"] == {"age": 10}
+    card = (tmp_path / "b" / "samples" / "dataset_card.md").read_text()
+    assert "`sample --cohort --cohort-bins age=10`" in card and "age moved to the middle of its bin of 10" in card
+    assert "--cohort-bins" in error_of(predict.main, [*common, "--resume"])           # exact ages: other draws
+    assert "give --cohort" in error_of(predict.main, [*common[:2], *common[3:], "--cohort-bins", "age=10"])
