@@ -117,8 +117,8 @@ class SampleSet:
         self.settings = {k: v for k, v in self.settings.items() if k not in newer}
         differ = sorted(k for k in set(saved) | set(self.settings) if saved.get(k) != self.settings.get(k))
         if differ:
-            shown = "; ".join("the conditions --cohort drew (the run's data or table, --cohort's unit, "
-                              "--cohort-from or --cohort-bins, --seed or --num differ)" if _drawn(saved, self.settings, k) else
+            shown = "; ".join("the conditions --cohort drew (the run's data or table, --cohort's unit, --cohort-from "
+                              "or --cohort-bins, --seed or --num differ)" if _drawn(saved, self.settings, k) else
                               f"{k}: {saved.get(k)} then, {self.settings.get(k)} now" for k in differ)
             flags = all(k in FLAG_SETTINGS and isinstance(saved.get(k), (str, int, float)) for k in differ)
             again = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in differ) if flags else ""  # the set's own
