@@ -46,7 +46,7 @@ from runtime.errors import BadInputError, disk_full
 from runtime.flags import Parser, seed
 from runtime.graphs import GraphedCall
 from runtime.models import LatentDiffusion, load_guide, load_run
-from runtime.process import progress, setup_device
+from runtime.process import default_memory_format, progress, setup_device
 from runtime.signals import Terminated, sigterm_as_ctrl_c
 from volumes.run_data import DataConfig
 
@@ -363,7 +363,7 @@ def sample_batches(model: LatentDiffusion, sampling: Sampling, num: int, labels:
     (tests)."""
     device = next(model.unet.parameters()).device
     batch_size = batch_size_of(sampling, device)
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    layout = default_memory_format(device)
     network, guide = model.unet, sampling.guide
     if replay_eagerly or (sampling.cuda_graphs and device.type == "cuda"):
         network = GraphedCall(model.unet, replay_eagerly)

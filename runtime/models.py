@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from conditions.table import CLASS, Condition, saved_conditions
 from diffusion.gaussian import GaussianDiffusion
 from modules import VQVAE, UNet, UNetConfig, VQVAEConfig
 from runtime.checkpoint import fingerprint, load_checkpoint, load_weights, model_config
 from runtime.errors import BadInputError
 from runtime.posthoc_ema import earlier_weights, reconstruct
+from runtime.process import default_memory_format
 
 
 @dataclass
@@ -87,10 +86,9 @@ def load_run(run: Path, device, finetuned: bool = True) -> LatentDiffusion:
 
 def for_sampling(unet: UNet, device) -> UNet:
     """The UNet as the samplers run it: on `device`, eval mode, no gradients (so autocast keeps no cache of cast
-    weights, which a CUDA graph could not see), and NHWC on CUDA, where cuDNN's convolutions prefer it (as in
-    training)."""
-    unet = unet.to(device).eval().requires_grad_(False)
-    return unet.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else unet
+    weights, which a CUDA graph could not see), and in the device's default memory layout (NHWC on CUDA), as in
+    training."""
+    return unet.to(device, memory_format=default_memory_format(device)).eval().requires_grad_(False)
 
 
 def load_guide(model: LatentDiffusion, run: Path, at: float, sigma_rel: float | None = None) -> tuple[UNet, dict]:

@@ -128,17 +128,24 @@ class Runtime:
             tqdm.write(message)
 
 
+def default_memory_format(device) -> torch.memory_format:
+    """The layout the convolutions run in unless --channels-last says otherwise, in training and sampling alike: NHWC
+    (channels_last) on CUDA, where cuDNN's convolutions prefer it; NCHW elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+
+
 def setup_runtime(device: str | None = None, precision: str = "auto", deterministic: bool = False,
                   channels_last: bool | None = None) -> Runtime:
     """Device and precision; under torchrun (WORLD_SIZE > 1) also the process group: NCCL on CUDA, gloo on CPU.
-    channels_last None: NHWC on CUDA, where cuDNN's convolutions prefer it."""
+    channels_last None: the device's `default_memory_format`."""
     device, autocast = setup_device(device, precision, deterministic)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1 and not dist.is_initialized():  # (setup_device made this rank's GPU the current one)
         # rank 0 may spend a while alone building the caches while the others wait at a barrier
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     fp16 = getattr(autocast, "fast_dtype", None) == torch.float16
-    channels_last = device.type == "cuda" if channels_last is None else channels_last
+    if channels_last is None:
+        channels_last = default_memory_format(device) == torch.channels_last
     return Runtime(device, autocast, torch.amp.GradScaler("cuda", enabled=fp16), channels_last, rank, world)
 
 

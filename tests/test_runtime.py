@@ -342,3 +342,18 @@ def test_a_config_json_edited_into_something_else_is_kept_aside_and_written_anew
     write_config(tmp_path, "train-unet", argparse.Namespace(lr=2e-4, func=print))
     assert json.loads((tmp_path / "config.json").read_text()) == {"train-unet": {"lr": 2e-4}}
     assert (tmp_path / "config.json.bad").read_text() == text and "kept as config.json.bad" in capsys.readouterr().out
+
+
+def test_one_rule_sets_the_memory_layout_of_training_and_of_sampling():
+    """NHWC on CUDA, NCHW elsewhere, unless --channels-last says: the runtime of training and the UNet `sample` runs
+    follow the same rule (a trained NHWC run sampled in NCHW would run cuDNN's slower kernels)."""
+    from runtime.models import for_sampling
+    from modules import UNet, UNetConfig
+    assert process.default_memory_format("cuda") == process.default_memory_format(torch.device("cuda", 1)) == \
+        torch.channels_last                                                     # no GPU needed to ask
+    assert process.default_memory_format("cpu") == torch.contiguous_format
+    assert process.setup_runtime("cpu").channels_last is False
+    assert process.setup_runtime("cpu", channels_last=True).channels_last is True
+    net = UNet(UNetConfig(latent_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,)))
+    net = for_sampling(net.to(memory_format=torch.channels_last), "cpu")   # a model saved from a GPU, sampled here
+    assert net.conv_in.weight.is_contiguous() and not net.training
