@@ -136,6 +136,9 @@ def total_steps(args, items: int, world: int) -> int:
 
 # ----------------------------------------------------------------------------- records and stops
 
+RENAMED = {"latents_per_s": "img_per_s"}   # the log's columns of before 2026-12-08: stage 2's speed counts latents
+
+
 class MetricLog:
     """Appends one CSV row per log interval and redraws the loss curve from the whole CSV. It holds the run's own
     history: resumed at step `resumed_at`, the rows of later steps (logged by an attempt that stopped before it
@@ -152,7 +155,8 @@ class MetricLog:
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(fields)
-        writer.writerows([r.get(k, "") for k in fields] for r in rows)  # a column the run's log lacked stays empty
+        # a column the run's log lacked stays empty; one renamed since is carried over
+        writer.writerows([r.get(k, r.get(RENAMED.get(k), "")) for k in fields] for r in rows)
         atomic_write(csv_path, lambda f: f.write(text.getvalue().encode()))
 
     def append(self, row: dict):
@@ -301,8 +305,8 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                f"rate never reaches --lr {args.lr:g}")
     per_step = args.batch_size * args.grad_accum * rt.world
     if rt.main:
-        log = MetricLog(run / f"log_{stage.name}.csv", ["step", *stage.stats, *stage.derived({}), "lr", "img_per_s"],
-                        resumed_at=step if resume else None)
+        log = MetricLog(run / f"log_{stage.name}.csv", ["step", *stage.stats, *stage.derived({}), "lr",
+                                                         f"{stage.unit}_per_s"], resumed_at=step if resume else None)
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     start = (step, time.monotonic())
 
@@ -361,7 +365,7 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
                 per_s = n_sum * per_step / (time.perf_counter() - t0)
                 if rt.main:
                     log.append({"step": step, **{k: f"{v:.5g}" for k, v in values.items()}, "lr": f"{lr:.2e}",
-                                "img_per_s": f"{per_s:.1f}"})
+                                f"{stage.unit}_per_s": f"{per_s:.1f}"})
                 pbar.set_postfix(loss=f"{values['loss']:.4f}")
                 for name, value in {**values, "lr": lr, f"{stage.unit}_per_s": per_s}.items() if board else ():
                     board.add_scalar(f"{stage.name}/{name}", value, step)

@@ -178,11 +178,17 @@ def test_the_log_holds_the_runs_own_history_after_a_failed_attempt_or_a_new_star
     run, _ = trained_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
+    logged = (copy / "log_unet.csv").read_text()
+    assert logged.splitlines()[0].endswith(",lr,latents_per_s")      # stage 2 counts latents, as its line says
+    speeds = [r["latents_per_s"] for r in csv.DictReader(logged.splitlines())]
+    (copy / "log_unet.csv").write_text(logged.replace("latents_per_s", "img_per_s"))  # a log of before 2026-12-08
     with open(copy / "log_unet.csv", "a") as f:                       # logged by an attempt that then hit a NaN
         f.write("6,0.5,1e-3,10\r\n")
     unet(copy, "--max-steps", "8", "--resume")
     steps = lambda path: [int(r["step"]) for r in csv.DictReader(open(path))]  # noqa: E731
     assert steps(copy / "log_unet.csv") == [2, 4, 6, 8]               # not 2, 4, 6, 6, 8
+    rows = list(csv.DictReader(open(copy / "log_unet.csv")))
+    assert [r["latents_per_s"] for r in rows[:2]] == speeds and all(float(r["latents_per_s"]) > 0 for r in rows)
     for f in copy.glob("unet*.pt"):
         f.unlink()
     shutil.rmtree(copy / "ema_snapshots", ignore_errors=True)
