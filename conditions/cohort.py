@@ -12,10 +12,10 @@ replacement, uniformly over scans or over subjects (then a scan of the subject),
 kept in `unet.pt`, which is shared more often than a run's data: the run's data folder and table must be at hand, as
 for `evaluate`.
 
-The held-out scans (`--cohort-from held-out`) are those of the subjects stage 1 held out, read the same way. Their
-values were never paired with an image in training, so no sample is drawn at a training patient's own values, where
-a model that learned that patient's exact age, sex and group can give back the patient's slices. A held-out scan
-whose covariate lies beyond the training scans' range is left out, as values the UNet did not train on.
+The held-out scans (`--cohort-from held-out`) are those of the subjects stage 1 held out, read the same way: patients
+the UNet never saw, so no sample is drawn at a training patient's own values (unless another patient shares them),
+where a model that learned that patient's exact age, sex and group can give back the patient's slices. A held-out
+scan whose covariate lies beyond the training scans' range is left out, as values the UNet did not train on.
 
 `--cohort-bins age=5` moves each scan's age to the middle of its 5-year bin ([70, 75) -> 72.5) before any is drawn:
 the set's labels (manifest, participants.tsv) then carry no patient's exact age, and its line counts the scans whose
