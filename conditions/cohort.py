@@ -13,14 +13,17 @@ kept in `unet.pt`, which is shared more often than a run's data: the run's data 
 for `evaluate`.
 
 The held-out scans (`--cohort-from held-out`) are those of the subjects stage 1 held out, read the same way: patients
-the UNet never saw, so no sample is drawn at a training patient's own values (unless another patient shares them),
-where a model that learned that patient's exact age, sex and group can give back the patient's slices. A held-out
-scan whose covariate lies beyond the training scans' range is left out, as values the UNet did not train on.
+the UNet never saw. Left out of them, besides: a scan whose covariate lies beyond the training scans' range (values
+the UNet did not train on), one with a category training never had (sex `U`; drawn open, it would be labelled
+blank), and one whose values (binned alike) equal a training scan's, so that no sample is drawn at a training
+patient's own values, where a model that learned that patient's exact age, sex and group can give back the
+patient's slices.
 
 `--cohort-bins age=5` moves each scan's age to the middle of its 5-year bin ([70, 75) -> 72.5) before any is drawn:
 the set's labels (manifest, participants.tsv) then carry no patient's exact age, and its line counts the scans whose
-values are still one subject's alone. The images are drawn at those middles; whether they are copies is the
-screen's question (`evaluate --withhold-flagged`), which binning does not answer.
+values are still one subject's alone, and those whose middle lies outside the training range (up to half a bin, where
+the UNet extrapolates; a bin wider than the range is refused). The images are drawn at those middles; whether they
+are copies is the screen's question (`evaluate --withhold-flagged`), which binning does not answer.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 
 from conditions.participants import saved_table
-from conditions.table import Condition, as_number, condition_matrix, subjects_of
+from conditions.table import CLASS, Condition, as_number, condition_matrix, subjects_of
 from runtime.errors import BadInputError
 from volumes.run_data import split_files, stage1_data
 
@@ -53,59 +56,98 @@ class Cohort:
 def run_cohort(run: Path, conditions: list[Condition], record: dict | None, root: str | None = None,
                labels: str | None = None, part: str = "training",
                bins: dict[str, float] | None = None) -> tuple[Cohort, str]:
-    """The training scans of `run` (part "held-out": its held-out subjects' scans) for `conditions` as its UNet saved
-    them, from the table of its record (None: the class folders); `root` (--data) and `labels` (--labels): where the
-    data and table are now, if they moved; `bins`: covariates binned ({name: width}, `binned`). With a line saying
-    what it holds and what it left out."""
+    """The training scans of `run` (part "held-out": its held-out subjects' scans, less those whose values, binned
+    alike, equal a training scan's) for `conditions` as its UNet saved them, from the table of its record (None: the
+    class folders); `root` (--data) and `labels` (--labels): where the data and table are now, if they moved; `bins`:
+    covariates binned ({name: width}, `binned`). With a line saying what it holds and what it left out."""
     _, data = stage1_data(run, root)
     if part == "held-out" and data.holdout <= 0:
         raise BadInputError("--cohort-from held-out draws the values of the subjects stage 1 held out, and this run "
                             "held out none (train-vqvae --holdout 0)")
-    split, _ = split_files(data, expand_volumes=False)
-    samples = split[part]
-    paths, folder = [p for p, _ in samples], str(data.folder())
-    subjects = subjects_of(paths, data.subject())
     table = saved_table(record, data.folder(), labels) if record else None
     if table is not None and table.sha1 != record["sha1"]:
         files = f" (or its sessions files: {', '.join(table.session_files)})" if table.session_files else ""
         raise BadInputError(f"the participants table {table.file}{files} changed since this run was trained: "
                             f"--cohort would draw values it did not train on; restore it")
+    split, _ = split_files(data, expand_volumes=False)
+    scans, unseen = scans_of(split[part], conditions, table, data)
+    training = None
+    if part == "held-out":
+        trained, _ = scans_of(split["training"], conditions, table, data)
+        training = binned(Cohort(torch.stack([row for _, row in trained]), [s for s, _ in trained]), conditions,
+                          bins or {}).y
+    return usable(scans, conditions, part, bins, training, unseen)
+
+
+def scans_of(samples: list[tuple[str, int]], conditions: list[Condition], table, data) -> tuple[list, dict]:
+    """The distinct scans of the (path, class index) `samples` as (subject, conditions (K,)), less those with a
+    category the UNet never saw (a held-out subject's sex `U` where training had F and M, which would be drawn open
+    and labelled blank); with {"with a category the UNet never saw (sex 'U')": how many} where any."""
+    paths, folder = [p for p, _ in samples], str(data.folder())
+    subjects = subjects_of(paths, data.subject())
     y, _ = condition_matrix(conditions, table, subjects, torch.tensor([k for _, k in samples]), paths, folder)
-    visits = table.image_rows(subjects, paths, folder)[1] if table is not None else subjects
-    scans = {}
-    for subject, visit, row in zip(subjects, visits, y):
-        scans.setdefault((visit, row.numpy().tobytes()), (subject, row))  # a scan's slices, or its files, once
-    return usable(list(scans.values()), conditions, part, bins)
+    rows, visits = table.image_rows(subjects, paths, folder) if table is not None else ([None] * len(y), subjects)
+    scans, unseen = {}, {}
+    for subject, visit, row, values in zip(subjects, visits, rows, y):
+        strange = [f"{c.name} {row[c.name]!r}" for c in conditions
+                   if c.size and c.name != CLASS and row and c.unknown(row.get(c.name))]
+        if strange:
+            unseen[(visit, subject)] = ", ".join(strange)
+        else:
+            scans.setdefault((visit, values.numpy().tobytes()), (subject, values))  # a scan's slices, once
+    left = {f"with a category the UNet never saw ({', '.join(sorted(set(unseen.values())))})": len(unseen)}
+    return list(scans.values()), left if unseen else {}
+
+
+# why usable() leaves a scan out, in the order its line names them
+EMPTY, OUTSIDE, SHARED = "with no value", "with values the UNet did not train on", "equal to a training scan's values"
 
 
 def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition], part: str = "training",
-           bins: dict[str, float] | None = None) -> tuple[Cohort, str]:
+           bins: dict[str, float] | None = None, training: torch.Tensor | None = None,
+           left: dict[str, int] | None = None) -> tuple[Cohort, str]:
     """The (subject, conditions) scans that can be drawn: not those of no value (a sample drawn at one would be
     unconditional), nor those with a covariate outside the range the UNet trained on ([0, 1] once scaled), their
-    covariates then binned by `bins`; with a line saying what it holds and what it left out."""
-    kept, empty, outside = [], 0, 0
+    covariates then binned by `bins`, nor, of held-out scans, those equal to one of the `training` scans' rows
+    (binned alike); with a line saying what it holds and what it left out (`left`: {reason: count} left out before)."""
+    left = {EMPTY: 0, OUTSIDE: 0, **(left or {}), SHARED: 0}
+    total, kept = len(scans) + sum(left.values()), []
     for subject, row in scans:
         if row.isnan().all():
-            empty += 1
+            left[EMPTY] += 1
         elif any(not c.size and not -1e-6 <= v <= 1 + 1e-6 for c, v in zip(conditions, row.tolist()) if v == v):
-            outside += 1
+            left[OUTSIDE] += 1
         else:
             kept.append((subject, row))
-    if not kept:
-        raise BadInputError(f"--cohort: none of the {len(scans)} {part} scans has a value the UNet trained on")
-    cohort = binned(Cohort(torch.stack([row for _, row in kept]), [subject for subject, _ in kept], part),
-                    conditions, bins or {})
-    return cohort, describe(cohort, conditions, empty, outside, bins or {})
+    cohort = binned(Cohort(torch.stack([row for _, row in kept]) if kept else torch.zeros(0, len(conditions)),
+                           [subject for subject, _ in kept], part), conditions, bins or {})
+    if training is not None and len(cohort.y):
+        known = {row.numpy().tobytes() for row in training}
+        new = torch.tensor([row.numpy().tobytes() not in known for row in cohort.y])
+        left[SHARED] = int((~new).sum())
+        cohort = replace(cohort, y=cohort.y[new], subjects=[s for s, keep in zip(cohort.subjects, new) if keep])
+    if not len(cohort.y):
+        raise BadInputError(f"--cohort: none of the {total} {part} scans can be drawn (left out: "
+                            f"{_reasons(left, part)})")
+    return cohort, describe(cohort, conditions, left, bins or {})
+
+
+def _reasons(left: dict[str, int], part: str) -> str:
+    """"2 with no value, 1 with values the UNet did not train on (...)": the reasons of `usable`'s line."""
+    why = "files --skip-bad-images left out?" if part == "training" else "beyond the training scans' range"
+    return ", ".join(f"{n} {reason}" + (f" ({why})" if reason == OUTSIDE else "") for reason, n in left.items() if n)
 
 
 def binned(cohort: Cohort, conditions: list[Condition], bins: dict[str, float]) -> Cohort:
     """The cohort with each covariate named in `bins` moved to the middle of its bin of that width in the
-    covariate's units, bins counted from 0 ([70, 75) -> 72.5 for width 5); NaN stays NaN."""
+    covariate's units, bins counted from 0 ([70, 75) -> 72.5 for width 5); NaN stays NaN. A value read back from its
+    float32 scaling (75 as 74.99999) is put in the bin its table's text is in."""
     y = cohort.y.clone()
     for k, c in enumerate(conditions):
         if c.name in bins:
-            units = torch.round(c.in_units(y[:, k].double()) * 1e4) / 1e4  # 75 read back as 74.99999 stays in [75, 80)
-            middle = (torch.floor(units / bins[c.name]) + 0.5) * bins[c.name]
+            width = bins[c.name]
+            slack = (c.high - c.low) * 2.0 ** -20 / width + 1e-9  # many times float32's error, far below a table's
+            middle = (torch.floor(c.in_units(y[:, k].double()) / width + slack) + 0.5) * width
             y[:, k] = ((middle - c.low) / ((c.high - c.low) or 1.0)).float()
     return replace(cohort, y=y)
 
@@ -118,33 +160,41 @@ def parse_bins(settings: list[str], conditions: list[Condition]) -> dict[str, fl
         if name not in covariates:
             raise BadInputError(f"--cohort-bins {text}: {name!r} is not a covariate of this run (its covariates: "
                                 f"{', '.join(covariates) or 'none'}; categories are drawn as they are)")
-        bins[name] = as_number(width)
+        if name in bins:
+            raise BadInputError(f"--cohort-bins names {name} twice: give one width")
+        c, bins[name] = next(c for c in conditions if c.name == name), as_number(width)
         if bins[name] is None or bins[name] <= 0:
             raise BadInputError(f"--cohort-bins {text}: the width is a positive number in {name}'s units, e.g. "
                                 f"{name}=5")
+        if c.high == c.low:
+            raise BadInputError(f"--cohort-bins {text}: the training scans' {name} has one value, {c.low:g}: nothing "
+                                f"to bin")
+        if bins[name] > c.high - c.low:
+            raise BadInputError(f"--cohort-bins {text}: wider than the training scans' {name}, {c.low:g}-{c.high:g} "
+                                f"(its bins' middles would lie outside it, where the UNet saw nobody): a width below "
+                                f"{c.high - c.low:g}")
     return bins
 
 
-def describe(cohort: Cohort, conditions: list[Condition], empty: int, outside: int,
+def describe(cohort: Cohort, conditions: list[Condition], left: dict[str, int],
              bins: dict[str, float] | None = None) -> str:
-    """One line: scans and subjects, what was left out, the values missing, and how many scans' values (once
-    binned) are one subject's alone (a set to be shared carries them)."""
+    """One line: scans and subjects, what was left out and why, the values missing, the binned values outside the
+    training range, and how many scans' values (once binned) are one subject's alone (a set to be shared carries
+    them)."""
     owners = {}
     for subject, row in zip(cohort.subjects, cohort.y):
         owners.setdefault(row.numpy().tobytes(), set()).add(subject)
     alone = sum(1 for row in cohort.y if len(owners[row.numpy().tobytes()]) == 1)
     missing = [f"{int(cohort.y[:, k].isnan().sum())} lack {c.name}" for k, c in enumerate(conditions)
                if cohort.y[:, k].isnan().any()]
-    left = []
-    if empty:
-        left.append(f"{empty} with no value")
-    if outside:
-        left.append(f"{outside} with values the UNet did not train on" + (
-            " (files --skip-bad-images left out?)" if cohort.part == "training" else " (beyond the training scans')"))
+    beyond = [f"{int(((cohort.y[:, k] < -1e-6) | (cohort.y[:, k] > 1 + 1e-6)).sum())} of {c.name} outside "
+              f"{c.low:g}-{c.high:g}" for k, c in enumerate(conditions) if c.name in (bins or {})
+              and ((cohort.y[:, k] < -1e-6) | (cohort.y[:, k] > 1 + 1e-6)).any()]
     return (f"cohort: {len(cohort.y)} {cohort.part} scans of {len(set(cohort.subjects))} subjects"
             + (f" ({', '.join(missing)}: drawn with it open)" if missing else "")
-            + (f"; left out: {', '.join(left)}" if left else "")
+            + (f"; left out: {_reasons(left, cohort.part)}" if any(left.values()) else "")
             + "".join(f"; {name} in bins of {width:g} (their middles)" for name, width in (bins or {}).items())
+            + (f" ({', '.join(beyond)}, the training range: the UNet extrapolates there)" if beyond else "")
             + f"; the values of {alone} scans are one subject's alone, and each sample drawn at them carries them")
 
 

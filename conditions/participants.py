@@ -115,14 +115,14 @@ def _session_key(session: str) -> str:
     return session[4:] if session.startswith("ses-") else session
 
 
-def session_of(relative: str, sessions: dict, image_ids: bool = True,
-               named: str = "sessions {} of its subject") -> str | None:
+def session_of(relative: str, sessions: dict, image_ids: bool = True, named: str = "sessions {} of its subject",
+               fix: str = "rename its folder, or leave the other out of the table") -> str | None:
     """Which of a subject's `sessions` the image at `relative` (its path in the data folder) belongs to: the one a
     folder of the path names, or a part of the file's name between underscores (a number only as BIDS' `ses-<n>`:
     LONI's file names hold bare counters, `_1_`), else, where none does and with `image_ids`, ADNI's image ID
     `I<number>` that the first bare number of the file's name writes (prepared slice sets name `I218391`'s slices
-    `218391_78.jpeg`); or None; two are an error, which `named` words. `sessions` may be any dict keyed by sessions
-    (`scan_subjects`: every scan of a table, of any subject)."""
+    `218391_78.jpeg`); or None; two are an error, which `named` (its {} the two) and `fix` word. `sessions` may be any
+    dict keyed by sessions (`scan_subjects`: every scan of a table, of any subject)."""
     parts = Path(relative).parts
     words = parts[-1].split(".")[0].split("_")
     names = {*parts[:-1], parts[-1], *(p for p in words if p.startswith("ses-") or not p.isdigit())}
@@ -131,8 +131,8 @@ def session_of(relative: str, sessions: dict, image_ids: bool = True,
     if not found and image_ids and f"I{number}" in sessions:
         found = [f"I{number}"]
     if len(found) > 1:
-        raise BadInputError(f"{relative!r} names {named.format(' and '.join(map(repr, found)))}: which is it? "
-                            f"rename its folder, or leave the other out of the table")
+        raise BadInputError(f"{relative!r} names {named.replace('{}', ' and '.join(map(repr, found)))}: which is "
+                            f"it? {fix}")
     return found[0] if found else None
 
 
@@ -153,7 +153,8 @@ def scan_subjects(table: Table, relatives: list[str]) -> tuple[dict[str, str], l
                                     f"(M00, M12) are sessions, for train-unet --labels")
     found, unnamed = {}, []
     for relative in relatives:
-        scan = session_of(relative, owner, named=f"scans {{}} of {table.file}")
+        scan = session_of(relative, owner, named=f"scans {{}} of {table.file}",
+                          fix="rename the file or its folder so that it names one")
         if scan is None:
             unnamed.append(relative)
         else:

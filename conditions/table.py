@@ -64,6 +64,10 @@ class Condition:
         number = as_number(text)
         return math.nan if number is None else (number - self.low) / ((self.high - self.low) or 1.0)
 
+    def unknown(self, text: str | None) -> bool:
+        """Whether a table's value is given and yet not one the UNet knows: a category training never had."""
+        return math.isnan(self.encode(text)) and not (text is None or text.strip().lower() in MISSING)
+
     def parse(self, text: str) -> float:
         """A value asked for by --set or --sweep, checked: a known category, or a number (a warning outside the
         training range, where the model has seen nobody; an error beyond ten times its width from it, where the

@@ -5,13 +5,14 @@ import json
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 import predict
 from conditions.cohort import Cohort, draw, parse_bins, run_cohort, usable
-from conditions.table import Condition
-from conftest import ckpt, error_of, vqvae
+from conditions.table import Condition, saved_conditions
+from conftest import ckpt, error_of, unet, vqvae, write_blob_images
 from runtime.errors import BadInputError
 
 nan = float("nan")
@@ -204,8 +205,31 @@ def test_cohort_bins_move_a_covariate_to_its_bins_middle_and_count_the_values_st
     assert parse_bins(["age=2.5"], [age, sex]) == {"age": 2.5}
     for wrong, said in (("sex=5", "'sex' is not a covariate of this run (its covariates: age"),
                         ("height=5", "'height' is not a covariate"), ("age=0", "the width is a positive number"),
-                        ("age=-5", "positive number"), ("age=five", "positive number"), ("age=inf", "positive")):
+                        ("age=-5", "positive number"), ("age=five", "positive number"), ("age=inf", "positive"),
+                        ("age=25", "wider than the training scans' age, 60-80 (its bins' middles would lie outside")):
         assert said in str(pytest.raises(BadInputError, parse_bins, [wrong], [age, sex]).value)
+    assert "names age twice" in str(pytest.raises(BadInputError, parse_bins, ["age=5", "age=2"], [age, sex]).value)
+    one_age = Condition("age", "continuous", low=70, high=70)
+    assert "has one value, 70: nothing to bin" in str(pytest.raises(BadInputError, parse_bins, ["age=5"],
+                                                                    [one_age]).value)
+    edge, line = usable([("s1", torch.tensor([scaled(61.0), 0.0])), ("s2", torch.tensor([scaled(79.0), 0.0]))],
+                        [age, sex], bins={"age": 15})
+    assert [round(v, 4) for v in age.in_units(edge.y[:, 0]).tolist()] == [67.5, 82.5]   # [60, 75), [75, 90)
+    assert "(1 of age outside 60-80, the training range: the UNet extrapolates there)" in line
+
+
+@pytest.mark.parametrize("low, high, width, values", [
+    (55.0, 91.9, 0.1, [55.0 + k / 10 for k in range(370)]),             # ages to a tenth: 55.3 stays in [55.3, 55.4)
+    (800000.0, 1900000.0, 1000.0, [800000.0 + 1000 * k for k in range(0, 1101, 7)]),   # a volume in mm^3
+    (0.0001, 0.0009, 0.00005, [0.0001 + 0.00005 * k for k in range(16)])])              # a small-unit measure
+def test_a_binned_value_read_back_from_its_float32_scaling_stays_in_the_bin_its_table_text_is_in(low, high, width,
+                                                                                                   values):
+    c = Condition("x", "continuous", low=low, high=high)
+    scans = [(f"s{k}", torch.tensor([c.encode(f"{v:.6g}")])) for k, v in enumerate(values)]
+    cohort, _ = usable(scans, [c], bins={"x": width})
+    middles = c.in_units(cohort.y[:, 0].double()).tolist()
+    expected = [(math.floor(round(v / width, 6)) + 0.5) * width for v in values]     # each value is a bin's lower end
+    assert max(abs(m - e) for m, e in zip(middles, expected)) < width / 100
 
 
 def test_a_cohort_set_with_binned_ages_is_drawn_labelled_and_recorded_at_the_bins_middles(conditioned_run, tmp_path,
@@ -227,3 +251,29 @@ def test_a_cohort_set_with_binned_ages_is_drawn_labelled_and_recorded_at_the_bin
     assert "`sample --cohort --cohort-bins age=10`" in card and "age moved to the middle of its bin of 10" in card
     assert "--cohort-bins" in error_of(predict.main, [*common, "--resume"])           # exact ages: other draws
     assert "give --cohort" in error_of(predict.main, [*common[:2], *common[3:], "--cohort-bins", "age=10"])
+
+
+def test_a_held_out_scan_equal_to_a_training_scan_or_of_a_category_training_never_had_is_left_out(tmp_path):
+    """Held-out AD2 has training AD0's class, age and sex (a sample drawn there is at a training patient's values);
+    held-out NC3's sex is U where training had F and M (drawn open, it would be labelled blank): both left out, said."""
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    lines = ["participant_id,age,sex"]
+    for label in ("AD", "NC"):
+        subjects = [f"{label}{i}" for i in range(4)]
+        write_blob_images(data / label, subjects, 3, rng, size=(40, 40))
+        lines += [f"{s},{50 + 10 * i + (5 if label == 'AD' else 0)},{'FM'[i % 2]}" for i, s in enumerate(subjects)]
+    lines = [line.replace("AD2,75,F", "AD2,55,F").replace("NC3,80,M", "NC3,80,U") for line in lines]
+    (data / "participants.csv").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    vqvae(run, data, "--max-steps", "1", "--holdout", "0.25")
+    unet(run, "--max-steps", "1", "--condition", "class,age,sex", "--labels", str(data / "participants.csv"))
+    trained = {p.split("/")[-1].split("_")[0] for p in ckpt(run / "latents.pt")["paths"]}
+    assert {"AD2", "NC3"}.isdisjoint(trained) and {"AD0", "NC1"} <= trained      # the split these subjects give
+    saved = ckpt(run / "unet.pt")
+    conditions = saved_conditions(saved)
+    with pytest.raises(BadInputError) as refused:
+        run_cohort(run, conditions, saved["labels"], part="held-out")
+    assert "none of the 2 held-out scans can be drawn (left out: 1 with a category the UNet never saw (sex 'U'), " \
+           "1 equal to a training scan's values)" in str(refused.value)
+    cohort, line = run_cohort(run, conditions, saved["labels"])                      # the training scans: as before
+    assert len(cohort.y) == 6 and "left out" not in line

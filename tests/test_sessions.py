@@ -311,9 +311,11 @@ def test_a_table_of_scans_that_leaves_a_file_unnamed_or_gives_a_scan_two_patient
     table.write_text("\n".join(rows) + "\n")
     two = data / "NC" / "I30000_I15025.png"                           # two patients' scan IDs in one file's name
     (data / "NC" / "30000_67.png").rename(two)
-    assert f"'NC/I30000_I15025.png' names scans 'I15025' and 'I30000' of {table}: which is it?" in refusal(
-        driver.parse, scan_flags(data, table))
+    assert f"'NC/I30000_I15025.png' names scans 'I15025' and 'I30000' of {table}: which is it? rename the file" in \
+        refusal(driver.parse, scan_flags(data, table))
     two.rename(data / "NC" / "30000_67.png")
+    assert "names scans 'I1' and 'I2' of /ADNI {2024}/search.csv: which" in refusal(   # braces in the table's path
+        session_of, "NC/I1_I2.png", {"I1": "a", "I2": "b"}, True, "scans {} of /ADNI {2024}/search.csv")
     assert "give one" in refusal(driver.parse, scan_flags(data, table, "--subject-pattern", r"(\d+)_"))
     assert "--session-column names the scans' column" in refusal(driver.parse, [
         "train-vqvae", "--data", str(data), "--session-column", "Image Data ID"])
