@@ -60,7 +60,7 @@ from evaluation.memorisation import kept_samples, memorisation_check, withhold_f
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
-from evaluation.sample_folder import folder_record, read_folder, sample_set_folder
+from evaluation.sample_folder import cohort_from, folder_record, read_folder, sample_set_folder
 from evaluation.utility import (UTILITY_SEEDS, class_column, condition_utility, images_per_class, in_class_folders,
                                 kept_for_utility, refuse_seen, run_samples_of, set_labels, set_samples_of,
                                 utility_check)
@@ -460,7 +460,8 @@ def evaluate(args):
                                      [w for w in args.guidance if w > 0], test_y, conditions, args.classifier_steps,
                                      device, column)
         if rows:
-            sections["utility_conditions"] = condition_utility_section(rows, len(real), args.samples)
+            sections["utility_conditions"] = condition_utility_section(
+                rows, len(real), args.samples, bool(args.samples) and cohort_from(Path(args.samples)) == "held-out")
             set_utility["conditions_table"] = sections["utility_conditions"].printed  # (a set's card)
     if args.utility is not None and args.samples and args.withhold_flagged and set_utility:  # onto the set's card
         record_checks(screened, memorisation, set_utility, run, read_back)

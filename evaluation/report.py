@@ -158,9 +158,11 @@ def utility_section(rows: list[dict], per_class: int, asked: int, sample_set: st
            + (", less those it withheld." if withholding else ".") if sample_set else ""), "", table], table)
 
 
-def condition_utility_section(rows: list[dict], count: int, sample_set: str | None = None) -> Section:
+def condition_utility_section(rows: list[dict], count: int, sample_set: str | None = None,
+                              held_out_values: bool = False) -> Section:
     """Train on synthetic, test on real for the participants table's conditions (`evaluate --utility` of a run
-    conditioned on its columns, or of a `sample_set` of one)."""
+    conditioned on its columns, or of a `sample_set` of one; `held_out_values`: a set drawn at the held-out scans'
+    values, on whose images it is then tested)."""
     table = format_condition_utility_table(rows)
     samples = (f"as many images of the set {sample_set} with a value, at the values its manifest gives them" if
                sample_set else "as many samples generated at those images' values (every condition the table gives)")
@@ -170,7 +172,10 @@ def condition_utility_section(rows: list[dict], count: int, sample_set: str | No
         "and steps each time), reads "
         "each condition back from every held-out image with a value of it (images: those of the set with a value of "
         "it; r: Pearson correlation with the table's value, MAE in the covariate's units; recognised: how often a "
-        f"category is read right): mean ± standard deviation over {UTILITY_SEEDS} training seeds.", "", table], table)
+        f"category is read right): mean ± standard deviation over {UTILITY_SEEDS} training seeds."
+        + (" The set was drawn at the held-out subjects' own values (`sample --cohort-from held-out`), and is tested on "
+           "those subjects' images: its rows know the spread of the labels they are tested on, which the real rows "
+           "do not." if held_out_values else ""), "", table], table)
 
 
 def condition_section(rows: list[dict], sweeps: list[str], guidance: list, sample_set: str | None = None) -> Section:

@@ -75,6 +75,15 @@ def read_folder(folder: Path, image_size: int, channels: int) -> tuple[torch.Ten
     return images, [f.relative_to(folder).as_posix() for f in files]
 
 
+def cohort_from(folder: Path) -> str | None:
+    """Whose scans' values a `sample --cohort` set was drawn at ("training", "held-out"), from its sampling.json; None
+    for a set drawn otherwise, or a folder that is no set."""
+    folder = sample_set_folder(folder)
+    rows = json.loads((folder / SETTINGS).read_text()).get("rows", []) if folder else []
+    drawn = [row[1] for row in rows if isinstance(row, list) and isinstance(row[1], dict) and "drawn" in row[1]]
+    return drawn[0].get("from", "training") if drawn else None
+
+
 def folder_record(folder: Path) -> dict:
     """How a --samples folder was drawn, as far as it says: a sample set's settings (its sampling.json, without the
     rows), else nothing."""

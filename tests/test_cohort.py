@@ -63,6 +63,8 @@ def test_a_cohort_set_draws_each_samples_class_age_and_sex_together_from_a_train
     assert None not in drawn and set(drawn) <= trained and len(set(drawn)) >= 4    # no held-out subject, no mixture
     assert {r["row"] for r in rows} == {"cohort"}
     assert json.loads((tmp_path / "a" / "samples" / "sampling.json").read_text())["rows"][0][1]["unit"] == "scan"
+    from evaluation.sample_folder import cohort_from
+    assert cohort_from(tmp_path / "a") == "training" and cohort_from(tmp_path) is None
     tsv = list(csv.DictReader(open(tmp_path / "a" / "samples" / "participants.tsv"), delimiter="\t"))
     assert [(t["age"], t["sex"]) for t in tsv] == [(r["age"], r["sex"]) for r in rows]
     # resumed after losing its last batch: the same draws; another seed draws others
@@ -181,6 +183,11 @@ def test_a_cohort_from_held_out_draws_the_held_out_subjects_values_alone(conditi
     assert json.loads((tmp_path / "h" / "samples" / "sampling.json").read_text())["rows"][0][1]["from"] == "held-out"
     card = (tmp_path / "h" / "samples" / "dataset_card.md").read_text()
     assert "at the values of a held-out scan picked at random" in card and "--cohort-from held-out`" in card
+    from evaluation.report import condition_utility_section
+    from evaluation.sample_folder import cohort_from
+    assert cohort_from(tmp_path / "h") == "held-out"                  # evaluate --utility says what it tests on
+    assert "tested on those subjects' images: its rows know the spread" in "\n".join(
+        condition_utility_section([], 2, str(tmp_path / "h"), held_out_values=True).report)
     message = error_of(predict.main, [*common, "--resume"])                  # the training scans' draws: others
     assert "the conditions --cohort drew" in message and "--cohort-from" in message
     assert "give --cohort" in error_of(predict.main, [*common[:2], *common[3:], "--cohort-from", "held-out"])
