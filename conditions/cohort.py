@@ -15,9 +15,9 @@ for `evaluate`.
 The held-out scans (`--cohort-from held-out`) are those of the subjects stage 1 held out, read the same way: patients
 the UNet never saw. Left out of them, besides: a scan whose covariate lies beyond the training scans' range (values
 the UNet did not train on), one with a category training never had (sex `U`; drawn open, it would be labelled
-blank), and one whose values (binned alike) equal a training scan's, so that no sample is drawn at a training
-patient's own values, where a model that learned that patient's exact age, sex and group can give back the
-patient's slices.
+blank), and one whose given values (binned, where asked) are a training scan's exact ones, a covariate among them
+(`at_training_values`), so that no sample is drawn at a training patient's own values, where a model that learned
+that patient's exact age, sex and group can give back the patient's slices.
 
 `--cohort-bins age=5` moves each scan's age to the middle of its 5-year bin ([70, 75) -> 72.5) before any is drawn:
 the set's labels (manifest, participants.tsv) then carry no patient's exact age, and its line counts the scans whose
@@ -56,8 +56,8 @@ class Cohort:
 def run_cohort(run: Path, conditions: list[Condition], record: dict | None, root: str | None = None,
                labels: str | None = None, part: str = "training",
                bins: dict[str, float] | None = None) -> tuple[Cohort, str]:
-    """The training scans of `run` (part "held-out": its held-out subjects' scans, less those whose values, binned
-    alike, equal a training scan's) for `conditions` as its UNet saved them, from the table of its record (None: the
+    """The training scans of `run` (part "held-out": its held-out subjects' scans, less those at a training scan's
+    own values, `at_training_values`) for `conditions` as its UNet saved them, from the table of its record (None: the
     class folders); `root` (--data) and `labels` (--labels): where the data and table are now, if they moved; `bins`:
     covariates binned ({name: width}, `binned`). With a line saying what it holds and what it left out."""
     _, data = stage1_data(run, root)
@@ -72,10 +72,8 @@ def run_cohort(run: Path, conditions: list[Condition], record: dict | None, root
     split, _ = split_files(data, expand_volumes=False)
     scans, unseen = scans_of(split[part], conditions, table, data)
     training = None
-    if part == "held-out":
-        trained, _ = scans_of(split["training"], conditions, table, data)
-        training = binned(Cohort(torch.stack([row for _, row in trained]), [s for s, _ in trained]), conditions,
-                          bins or {}).y
+    if part == "held-out":  # the values the UNet saw, exact
+        training = torch.stack([row for _, row in scans_of(split["training"], conditions, table, data)[0]])
     return usable(scans, conditions, part, bins, training, unseen)
 
 
@@ -100,7 +98,8 @@ def scans_of(samples: list[tuple[str, int]], conditions: list[Condition], table,
 
 
 # why usable() leaves a scan out, in the order its line names them
-EMPTY, OUTSIDE, SHARED = "with no value", "with values the UNet did not train on", "equal to a training scan's values"
+EMPTY, OUTSIDE, SHARED = ("with no value", "with values the UNet did not train on",
+                          "at a training scan's own values, a covariate among them")
 
 
 def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition], part: str = "training",
@@ -108,8 +107,9 @@ def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition], p
            left: dict[str, int] | None = None) -> tuple[Cohort, str]:
     """The (subject, conditions) scans that can be drawn: not those of no value (a sample drawn at one would be
     unconditional), nor those with a covariate outside the range the UNet trained on ([0, 1] once scaled), their
-    covariates then binned by `bins`, nor, of held-out scans, those equal to one of the `training` scans' rows
-    (binned alike); with a line saying what it holds and what it left out (`left`: {reason: count} left out before)."""
+    covariates then binned by `bins`, nor, of held-out scans, those at one of the `training` scans' exact values
+    (`at_training_values`); with a line saying what it holds and what it left out (`left`: {reason: count} left out
+    before)."""
     left = {EMPTY: 0, OUTSIDE: 0, **(left or {}), SHARED: 0}
     total, kept = len(scans) + sum(left.values()), []
     for subject, row in scans:
@@ -122,14 +122,23 @@ def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition], p
     cohort = binned(Cohort(torch.stack([row for _, row in kept]) if kept else torch.zeros(0, len(conditions)),
                            [subject for subject, _ in kept], part), conditions, bins or {})
     if training is not None and len(cohort.y):
-        known = {row.numpy().tobytes() for row in training}
-        new = torch.tensor([row.numpy().tobytes() not in known for row in cohort.y])
+        new = ~at_training_values(cohort.y, training, conditions)
         left[SHARED] = int((~new).sum())
         cohort = replace(cohort, y=cohort.y[new], subjects=[s for s, keep in zip(cohort.subjects, new) if keep])
     if not len(cohort.y):
         raise BadInputError(f"--cohort: none of the {total} {part} scans can be drawn (left out: "
                             f"{_reasons(left, part)})")
     return cohort, describe(cohort, conditions, left, bins or {})
+
+
+def at_training_values(y: torch.Tensor, training: torch.Tensor, conditions: list[Condition]) -> torch.Tensor:
+    """(N,) bool: which rows of y (N, K) would draw a sample at a training patient's own values: those whose given
+    values (NaN: left open, which the UNet also learned, each condition dropped apart) equal a `training` scan's exact
+    ones (M, K), a covariate among them. Categories alone (class AD, sex F) are many patients' and are not counted."""
+    given = ~y.isnan()
+    counted = given & torch.tensor([not c.size for c in conditions])
+    same = (y[:, None, :] == training[None]) | ~given[:, None, :]       # (N, M, K): equal, or left open
+    return counted.any(1) & same.all(2).any(1)
 
 
 def _reasons(left: dict[str, int], part: str) -> str:
@@ -169,6 +178,9 @@ def parse_bins(settings: list[str], conditions: list[Condition]) -> dict[str, fl
         if c.high == c.low:
             raise BadInputError(f"--cohort-bins {text}: the training scans' {name} has one value, {c.low:g}: nothing "
                                 f"to bin")
+        if bins[name] < (c.high - c.low) * 2.0 ** -14:
+            raise BadInputError(f"--cohort-bins {text}: finer than the float32 values of {name} hold over "
+                                f"{c.low:g}-{c.high:g}: a width of at least {(c.high - c.low) * 2.0 ** -14:.3g}")
         if bins[name] > c.high - c.low:
             raise BadInputError(f"--cohort-bins {text}: wider than the training scans' {name}, {c.low:g}-{c.high:g} "
                                 f"(its bins' middles would lie outside it, where the UNet saw nobody): a width below "

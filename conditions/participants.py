@@ -131,9 +131,16 @@ def session_of(relative: str, sessions: dict, image_ids: bool = True, named: str
     if not found and image_ids and f"I{number}" in sessions:
         found = [f"I{number}"]
     if len(found) > 1:
-        raise BadInputError(f"{relative!r} names {named.replace('{}', ' and '.join(map(repr, found)))}: which is "
-                            f"it? {fix}")
+        raise BadInputError(f"{relative!r} names {named.replace('{}', ' and '.join(map(repr, found)), 1)}: which "
+                            f"is it? {fix}")
     return found[0] if found else None
+
+
+def scan_of(relative: str, scans: dict, table: str | Path) -> str | None:
+    """The scan of a table of scans (`table`, keys of `scans`) the file at `relative` names (`session_of`), or None;
+    two are an error."""
+    return session_of(relative, scans, named=f"scans {{}} of {table}",
+                      fix="rename the file or its folder so that it names one")
 
 
 def scan_subjects(table: Table, relatives: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -153,8 +160,7 @@ def scan_subjects(table: Table, relatives: list[str]) -> tuple[dict[str, str], l
                                     f"(M00, M12) are sessions, for train-unet --labels")
     found, unnamed = {}, []
     for relative in relatives:
-        scan = session_of(relative, owner, named=f"scans {{}} of {table.file}",
-                          fix="rename the file or its folder so that it names one")
+        scan = scan_of(relative, owner, table.file)
         if scan is None:
             unnamed.append(relative)
         else:

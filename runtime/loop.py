@@ -156,7 +156,7 @@ class MetricLog:
         writer = csv.writer(text)
         writer.writerow(fields)
         # a column the run's log lacked stays empty; one renamed since is carried over
-        writer.writerows([r.get(k, r.get(RENAMED.get(k), "")) for k in fields] for r in rows)
+        writer.writerows([r.get(k, r.get(RENAMED[k], "") if k in RENAMED else "") for k in fields] for r in rows)
         atomic_write(csv_path, lambda f: f.write(text.getvalue().encode()))
 
     def append(self, row: dict):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import predict
-from conditions.cohort import Cohort, draw, parse_bins, run_cohort, usable
+from conditions.cohort import Cohort, at_training_values, draw, parse_bins, run_cohort, usable
 from conditions.table import Condition, saved_conditions
 from conftest import ckpt, error_of, unet, vqvae, write_blob_images
 from runtime.errors import BadInputError
@@ -216,6 +216,8 @@ def test_cohort_bins_move_a_covariate_to_its_bins_middle_and_count_the_values_st
                         ("age=25", "wider than the training scans' age, 60-80 (its bins' middles would lie outside")):
         assert said in str(pytest.raises(BadInputError, parse_bins, [wrong], [age, sex]).value)
     assert "names age twice" in str(pytest.raises(BadInputError, parse_bins, ["age=5", "age=2"], [age, sex]).value)
+    assert "finer than the float32 values of age hold over 60-80: a width of at least 0.00122" in str(
+        pytest.raises(BadInputError, parse_bins, ["age=0.001"], [age, sex]).value)
     one_age = Condition("age", "continuous", low=70, high=70)
     assert "has one value, 70: nothing to bin" in str(pytest.raises(BadInputError, parse_bins, ["age=5"],
                                                                     [one_age]).value)
@@ -281,6 +283,26 @@ def test_a_held_out_scan_equal_to_a_training_scan_or_of_a_category_training_neve
     with pytest.raises(BadInputError) as refused:
         run_cohort(run, conditions, saved["labels"], part="held-out")
     assert "none of the 2 held-out scans can be drawn (left out: 1 with a category the UNet never saw (sex 'U'), " \
-           "1 equal to a training scan's values)" in str(refused.value)
+           "1 at a training scan's own values, a covariate among them)" in str(refused.value)
     cohort, line = run_cohort(run, conditions, saved["labels"])                      # the training scans: as before
     assert len(cohort.y) == 6 and "left out" not in line
+    by_class = [c for c in conditions if c.name == "class"]                          # a class alone is many patients'
+    cohort, line = run_cohort(run, by_class, None, part="held-out")
+    assert len(cohort.y) == 2 and "left out" not in line
+
+
+def test_a_held_out_scan_is_left_out_where_its_given_values_are_a_training_scans_own_a_covariate_among_them():
+    group, age, sex = (Condition("class", "category", ["AD", "NC"]), Condition("age", "continuous", low=60, high=80),
+                       Condition("sex", "category", ["F", "M"]))
+    scaled = lambda years: (years - 60) / 20                                          # noqa: E731
+    training = torch.tensor([[0.0, scaled(72.5), 0.0], [1.0, scaled(62.0), 0.0]])   # AD 72.5 F, NC 62 F (exact)
+    held = torch.tensor([[0.0, scaled(72.5), 0.0],      # AD 72.5 F: a training patient's own
+                         [0.0, scaled(72.5), nan],      # sex left open: the UNet learned AD 72.5 open from the same
+                         [0.0, nan, 0.0],               # AD F, age open: categories alone are many patients'
+                         [1.0, scaled(72.5), 0.0],      # NC 72.5 F: nobody's
+                         [1.0, scaled(61.2), 0.0]])     # NC 61.2 F: nobody's
+    at = lambda y: at_training_values(y, training, [group, age, sex]).tolist()       # noqa: E731
+    assert at(held) == [True, True, False, False, False]
+    binned_held = usable([(f"h{k}", row) for k, row in enumerate(held)], [group, age, sex], "held-out", {"age": 5},
+                         training)                       # 61.2 -> 62.5, never a training age; 72.4 -> 72.5 would be
+    assert len(binned_held[0].y) == 3 and "left out: 2 at a training scan's own values" in binned_held[1]

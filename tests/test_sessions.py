@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import driver
-from conditions.participants import SESSION_ID, find_table, read_table, saved_table, session_of, with_bids_sessions
+from conditions.participants import (SESSION_ID, find_table, read_table, saved_table, scan_of, session_of,
+                                     with_bids_sessions)
 from conditions.table import Condition, build_conditions, condition_matrix, subjects_of
 from conftest import SMALL_UNET, blob, ckpt, error_of, touch, unet, vqvae, write_blob_images, write_volume
 from runtime.errors import BadInputError
@@ -314,8 +315,8 @@ def test_a_table_of_scans_that_leaves_a_file_unnamed_or_gives_a_scan_two_patient
     assert f"'NC/I30000_I15025.png' names scans 'I15025' and 'I30000' of {table}: which is it? rename the file" in \
         refusal(driver.parse, scan_flags(data, table))
     two.rename(data / "NC" / "30000_67.png")
-    assert "names scans 'I1' and 'I2' of /ADNI {2024}/search.csv: which" in refusal(   # braces in the table's path
-        session_of, "NC/I1_I2.png", {"I1": "a", "I2": "b"}, True, "scans {} of /ADNI {2024}/search.csv")
+    assert "names scans 'I1' and 'I2' of /ADNI {2024} {}/search.csv: which is it? rename the file" in refusal(
+        scan_of, "NC/I1_I2.png", {"I1": "a", "I2": "b"}, "/ADNI {2024} {}/search.csv")   # braces in the table's path
     assert "give one" in refusal(driver.parse, scan_flags(data, table, "--subject-pattern", r"(\d+)_"))
     assert "--session-column names the scans' column" in refusal(driver.parse, [
         "train-vqvae", "--data", str(data), "--session-column", "Image Data ID"])

@@ -196,6 +196,14 @@ def test_the_log_holds_the_runs_own_history_after_a_failed_attempt_or_a_new_star
     assert steps(copy / "log_unet.csv") == [2] and steps(copy / "log_unet.replaced.csv") == [2, 4, 6, 8]
 
 
+def test_a_resumed_log_leaves_a_column_its_rows_lacked_empty_whatever_else_a_row_holds(tmp_path):
+    from runtime.loop import MetricLog
+    log = tmp_path / "log_unet.csv"
+    log.write_text("step,loss,img_per_s\n2,0.5,310,999\n4,0.4,320\n6,0.3,330\n")  # a value past the header; no lr
+    MetricLog(log, ["step", "loss", "lr", "latents_per_s"], resumed_at=4)
+    assert log.read_text().splitlines() == ["step,loss,lr,latents_per_s", "2,0.5,,310", "4,0.4,,320"]
+
+
 def test_a_grid_or_loss_curve_that_finds_the_disk_full_leaves_the_previous_one(tmp_path, monkeypatch):
     """The grids and the loss curve are written whole: a PNG writer cut short leaves the file of the last interval (or
     of the run resumed) as it was, and no piece of the new one, with one line to say so."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torchvision import datasets
 
-from conditions.participants import Table, read_table, scan_subjects, session_of
+from conditions.participants import Table, read_table, scan_of, scan_subjects
 from conditions.table import MISSING
 from runtime.errors import BadInputError
 from volumes.reader import VOLUME_SUFFIXES, is_volume, printable
@@ -291,7 +291,7 @@ class Layout:
     def _scan_owner(self, path: str, root: str | None) -> str:
         """The subject of the scan `path` names, by the table of scans stage 1 read; a file of none is an error (a
         file added since: a guess could put a patient on both sides of the hold-out)."""
-        scan = session_of(os.path.relpath(path, root) if root else path, self.scan_subjects)
+        scan = scan_of(os.path.relpath(path, root) if root else path, self.scan_subjects, self.scan_table)
         if scan is None:
             raise BadInputError(f"{printable(path)} names no scan of {self.scan_table}'s {self.scan_column!r} as stage "
                                 f"1 read it: whose is it? a run keeps the subjects it began with; train a new --run")
