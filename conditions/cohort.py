@@ -42,6 +42,9 @@ from volumes.run_data import split_files, stage1_data
 
 UNITS = ("scan", "subject")   # what --cohort draws uniformly
 PARTS = ("training", "held-out")   # whose scans --cohort-from draws: volumes/run_data.split_files' keys
+# why usable() leaves a scan out, in the order its line names them
+EMPTY, OUTSIDE, SHARED = ("with no value", "with values the UNet did not train on",
+                          "at a training scan's own values, a covariate among them")
 
 
 @dataclass
@@ -95,11 +98,6 @@ def scans_of(samples: list[tuple[str, int]], conditions: list[Condition], table,
             scans.setdefault((visit, values.numpy().tobytes()), (subject, values))  # a scan's slices, once
     left = {f"with a category the UNet never saw ({', '.join(sorted(set(unseen.values())))})": len(unseen)}
     return list(scans.values()), left if unseen else {}
-
-
-# why usable() leaves a scan out, in the order its line names them
-EMPTY, OUTSIDE, SHARED = ("with no value", "with values the UNet did not train on",
-                          "at a training scan's own values, a covariate among them")
 
 
 def usable(scans: list[tuple[str, torch.Tensor]], conditions: list[Condition], part: str = "training",
@@ -199,9 +197,9 @@ def describe(cohort: Cohort, conditions: list[Condition], left: dict[str, int],
     alone = sum(1 for row in cohort.y if len(owners[row.numpy().tobytes()]) == 1)
     missing = [f"{int(cohort.y[:, k].isnan().sum())} lack {c.name}" for k, c in enumerate(conditions)
                if cohort.y[:, k].isnan().any()]
-    beyond = [f"{int(((cohort.y[:, k] < -1e-6) | (cohort.y[:, k] > 1 + 1e-6)).sum())} of {c.name} outside "
-              f"{c.low:g}-{c.high:g}" for k, c in enumerate(conditions) if c.name in (bins or {})
-              and ((cohort.y[:, k] < -1e-6) | (cohort.y[:, k] > 1 + 1e-6)).any()]
+    outside = (cohort.y < -1e-6) | (cohort.y > 1 + 1e-6)  # a bin's middle past the training range
+    beyond = [f"{int(outside[:, k].sum())} of {c.name} outside {c.low:g}-{c.high:g}" for k, c in enumerate(conditions)
+              if c.name in (bins or {}) and outside[:, k].any()]
     return (f"cohort: {len(cohort.y)} {cohort.part} scans of {len(set(cohort.subjects))} subjects"
             + (f" ({', '.join(missing)}: drawn with it open)" if missing else "")
             + (f"; left out: {_reasons(left, cohort.part)}" if any(left.values()) else "")
