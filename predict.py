@@ -96,8 +96,8 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                             "that value alone (default: off)")
         p.add_argument("--cohort-from", choices=cohort.PARTS, default="training",
                        help="with --cohort: whose scans' conditions are drawn, the training subjects' or those stage 1 "
-                            "held out (patients the UNet never saw; a scan whose values equal a training scan's is left "
-                            "out, so that no sample is at a training patient's own age, sex and group) (default: "
+                            "held out (patients the UNet never saw; a scan whose values equal a training scan's is "
+                            "left out, so that no sample is at a training patient's own age, sex and group) (default: "
                             "training)")
         p.add_argument("--cohort-bins", action="append", default=[], metavar="NAME=WIDTH",
                        help="with --cohort: each drawn value of covariate NAME moved to the middle of its WIDTH-wide "

@@ -173,9 +173,9 @@ def condition_utility_section(rows: list[dict], count: int, sample_set: str | No
         "each condition back from every held-out image with a value of it (images: those of the set with a value of "
         "it; r: Pearson correlation with the table's value, MAE in the covariate's units; recognised: how often a "
         f"category is read right): mean ± standard deviation over {UTILITY_SEEDS} training seeds."
-        + (" The set was drawn at the held-out subjects' own values (`sample --cohort-from held-out`), and is tested on "
-           "those subjects' images: its rows know the spread of the labels they are tested on, which the real rows "
-           "do not." if held_out_values else ""), "", table], table)
+        + (" The set was drawn at the held-out subjects' own values (`sample --cohort-from held-out`), and is tested "
+           "on those subjects' images: its rows know the spread of the labels they are tested on, which the real "
+           "rows do not." if held_out_values else ""), "", table], table)
 
 
 def condition_section(rows: list[dict], sweeps: list[str], guidance: list, sample_set: str | None = None) -> Section:
