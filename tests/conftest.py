@@ -145,18 +145,24 @@ def trained_run(tmp_path_factory):
     return run, data
 
 
-@pytest.fixture(scope="session")
-def conditioned_run(tmp_path_factory):
-    """A 32-px run on blob images whose participants table gives age and sex, trained 2 + 2 steps, 25% of the
-    subjects held out; stage 2 conditioned on class, age and sex."""
-    root = tmp_path_factory.mktemp("conditioned")
-    data, rng = root / "data", np.random.default_rng(0)
-    lines = ["participant_id,age,sex"]
+def conditioned_data(data: Path) -> Path:
+    """Blob images of subjects AD0-AD3 and NC0-NC3 (3 each, 40x40) in `data`, and its participants.csv giving each an
+    age (AD 55-85, NC 50-80) and a sex."""
+    rng, lines = np.random.default_rng(0), ["participant_id,age,sex"]
     for label in ("AD", "NC"):
         subjects = [f"{label}{i}" for i in range(4)]
         write_blob_images(data / label, subjects, 3, rng, size=(40, 40))
         lines += [f"{s},{50 + 10 * i + (5 if label == 'AD' else 0)},{'FM'[i % 2]}" for i, s in enumerate(subjects)]
     (data / "participants.csv").write_text("\n".join(lines) + "\n")
+    return data
+
+
+@pytest.fixture(scope="session")
+def conditioned_run(tmp_path_factory):
+    """A 32-px run on blob images whose participants table gives age and sex, trained 2 + 2 steps, 25% of the
+    subjects held out; stage 2 conditioned on class, age and sex."""
+    root = tmp_path_factory.mktemp("conditioned")
+    data = conditioned_data(root / "data")
     run = root / "run"
     vqvae(run, data, "--max-steps", "2", "--holdout", "0.25")
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "class,age,sex",

@@ -5,14 +5,13 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 import predict
 from conditions.cohort import Cohort, at_training_values, draw, parse_bins, run_cohort, usable
 from conditions.table import Condition, saved_conditions
-from conftest import ckpt, error_of, unet, vqvae, write_blob_images
+from conftest import ckpt, conditioned_data, error_of, unet, vqvae
 from runtime.errors import BadInputError
 
 nan = float("nan")
@@ -265,14 +264,9 @@ def test_a_cohort_set_with_binned_ages_is_drawn_labelled_and_recorded_at_the_bin
 def test_a_held_out_scan_equal_to_a_training_scan_or_of_a_category_training_never_had_is_left_out(tmp_path):
     """Held-out AD2 has training AD0's class, age and sex (a sample drawn there is at a training patient's values);
     held-out NC3's sex is U where training had F and M (drawn open, it would be labelled blank): both left out, said."""
-    data, rng = tmp_path / "data", np.random.default_rng(0)
-    lines = ["participant_id,age,sex"]
-    for label in ("AD", "NC"):
-        subjects = [f"{label}{i}" for i in range(4)]
-        write_blob_images(data / label, subjects, 3, rng, size=(40, 40))
-        lines += [f"{s},{50 + 10 * i + (5 if label == 'AD' else 0)},{'FM'[i % 2]}" for i, s in enumerate(subjects)]
-    lines = [line.replace("AD2,75,F", "AD2,55,F").replace("NC3,80,M", "NC3,80,U") for line in lines]
-    (data / "participants.csv").write_text("\n".join(lines) + "\n")
+    data = conditioned_data(tmp_path / "data")                                  # the conditioned run's, edited
+    table = (data / "participants.csv").read_text()
+    (data / "participants.csv").write_text(table.replace("AD2,75,F", "AD2,55,F").replace("NC3,80,M", "NC3,80,U"))
     run = tmp_path / "run"
     vqvae(run, data, "--max-steps", "1", "--holdout", "0.25")
     unet(run, "--max-steps", "1", "--condition", "class,age,sex", "--labels", str(data / "participants.csv"))
