@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import predict
+from conditions.counterfactual_set import HELD_OUT, counterfactuals_of_held_out
 from conditions.table import asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
@@ -54,7 +55,13 @@ DEFAULT_STRENGTH = 0.5
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
-    p.add_argument("--input", required=True, help="an image, or a NIfTI volume (then --slice picks the slice)")
+    p.add_argument("--input", required=True,
+                   help="an image, a NIfTI volume (then --slice picks the slice), or 'held-out': every image of the "
+                        "subjects stage 1 held out, each under its own values, summarised against a null "
+                        "(conditions/counterfactual_set.py)")
+    p.add_argument("--num", type=int, default=None,
+                   help="with --input held-out: at most this many changed images and as many of the null, spread over "
+                        "the held-out images (default: all)")
     p.add_argument("--slice", type=int, default=None,
                    help="the slice of a volume along the run's axis, RAS order from 0 (default: the middle of those the "
                         "run would take)")
@@ -146,9 +153,10 @@ def counterfactual_latent(model: LatentDiffusion, z0: torch.Tensor, source: torc
 
 
 def counterfactual(args):
-    """The command: read, change, write (see the module docstring)."""
-    run, data = Path(args.run), args.data_config
-    out = Path(args.out or run / "counterfactual")
+    """The command: read, change, write (see the module docstring); with --input held-out, of every held-out image
+    (conditions/counterfactual_set.py)."""
+    run, data, held_out = Path(args.run), args.data_config, args.input == HELD_OUT
+    out = Path(args.out or run / ("counterfactual_held-out" if held_out else "counterfactual"))
     data.refuse_inside(out, "--out" if args.out else "the output folder, in the run folder by default,")
     masked_fill = args.mask is not None and not args.set_values
     strength = args.strength if args.strength is not None else (1.0 if masked_fill else DEFAULT_STRENGTH)
@@ -156,6 +164,7 @@ def counterfactual(args):
     if not 0 <= strength <= 1 or args.steps <= 0 or args.guidance < 0:
         raise BadInputError(f"--strength must be in [0, 1], --steps positive and --guidance 0 or more, got {strength}, "
                             f"{args.steps} and {args.guidance}")
+    refuse_held_out_flags(args, held_out)
     if not args.set_values and args.mask is None:
         raise BadInputError("say what to change: --set NAME=VALUE (the conditions), or --mask FILE (a region to fill in)")
     device, autocast = setup_device(args.device)
@@ -163,6 +172,16 @@ def counterfactual(args):
     source = asked_values(model.conditions, args.from_values)[None].to(device)
     changed_to = asked_values(model.conditions, args.set_values)[None].to(device)
     target = torch.where(changed_to.isnan(), source, changed_to)  # what --set does not change stays as --from says
+    settings = {"run": str(run.resolve()), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
+                "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
+                "set": args.set_values, "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
+                "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
+    if held_out:
+        torch.manual_seed(args.seed)
+        change = lambda z0, own, to: counterfactual_latent(model, z0, own, to, strength, args.steps,  # noqa: E731
+                                                           args.guidance, noise)
+        return counterfactuals_of_held_out(args, run, out, model, changed_to[0].cpu(), change, device, autocast,
+                                           settings)
     image, geometry = read_input(Path(args.input), data, args.slice)
     mask = read_mask(Path(args.mask), geometry, data.image_size) if args.mask else None
 
@@ -184,13 +203,8 @@ def counterfactual(args):
     settings = ", ".join(args.set_values) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
           f"{', noise' if noise else ''}", out / "counterfactual.png")
-    record = {"run": str(run.resolve()), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
-              "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
-              "input": os.path.abspath(args.input),
-              "slice": geometry.index if geometry else None, "set": args.set_values, "from": args.from_values,
-              "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
-              "mask": args.mask and os.path.abspath(args.mask),
-              "guidance": args.guidance, "steps": args.steps, "seed": args.seed,
+    record = {**settings, "input": os.path.abspath(args.input), "slice": geometry.index if geometry else None,
+              "from": args.from_values, "mask": args.mask and os.path.abspath(args.mask),
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
     written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"]
     if geometry is not None:
@@ -200,6 +214,27 @@ def counterfactual(args):
     print(f"counterfactual ({settings}, strength {strength:g}): mean |difference| {record['mean_abs_difference']:.4f} "
           f"(of the range 2); wrote {', '.join(written)} and counterfactual.json to {out}")
     return changed, difference
+
+
+def refuse_held_out_flags(args, held_out: bool):
+    """--input held-out changes many images, each under its own values: the flags of one image are refused with it,
+    and --num without it."""
+    if not held_out:
+        if args.num is not None:
+            raise BadInputError("--num counts the images of --input held-out; one --input is one image")
+        return
+    one_image = [flag for flag, given in (("--from", args.from_values), ("--mask", args.mask),
+                                          ("--slice", args.slice is not None)) if given]
+    if one_image:
+        raise BadInputError(f"--input held-out inverts each held-out image under its own values (its class and the "
+                            f"run's table), and {', '.join(one_image)} is for one --input image: leave it out")
+    if args.data_config.holdout <= 0:
+        raise BadInputError("--input held-out changes the images of the subjects stage 1 held out, and this run held "
+                            "out none (train-vqvae --holdout 0): give one --input image instead")
+    if not args.set_values:
+        raise BadInputError("--input held-out: say what to change the held-out images to, --set NAME=VALUE")
+    if args.num is not None and args.num <= 0:
+        raise BadInputError(f"--num must be positive, got {args.num}")
 
 
 def panel(image, recon, changed, difference, mask, title: str, path: Path):

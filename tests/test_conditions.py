@@ -21,6 +21,7 @@ from runtime.errors import BadInputError
 from runtime.models import load_run
 from volumes.layouts import Layout
 from volumes.reader import Slicing, read_volume_slice, to_volume
+from volumes.run_data import DataConfig, split_files
 
 nan = math.nan
 
@@ -339,6 +340,66 @@ def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_chan
     asked = lambda *settings: asked_values(conditions, list(settings))[None]  # noqa: E731
     assert torch.equal(seen["source"], asked("class=AD", "age=71", "sex=F"))
     assert torch.equal(seen["target"], asked("class=NC", "age=71", "sex=F"))   # NC at 71, not NC of any age or sex
+
+
+def test_counterfactuals_of_the_held_out_subjects_invert_each_image_under_its_own_values_beside_a_null(
+        conditioned_run, tmp_path, monkeypatch):
+    """--input held-out: every image of the subjects stage 1 held out, inverted under its own class, age and sex (from
+    the run's table) and denoised with --set's value in place of its own; the images that have it already are the
+    null. The CSV, the maps and the record say which image was which; at strength 0 nothing changes."""
+    from conditions import counterfactual as cf
+    run, data = conditioned_run
+    seen = []
+    monkeypatch.setattr(cf, "counterfactual_latent", lambda model, z0, source, target, *rest: seen.append(
+        (source.cpu(), target.cpu())) or z0)
+    out = tmp_path / "held"
+    record = cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", "held-out", "--set",
+                                             "class=NC", "--steps", "2", "--out", str(out)]))
+    table = {line.split(",")[0]: line.split(",")[1:] for line in (data / "participants.csv").read_text().split()[1:]}
+    rows = list(csv.DictReader(open(out / "counterfactuals.csv")))
+    split, _ = split_files(DataConfig.of_run(run))
+    assert sorted(r["file"] for r in rows) == sorted(os.path.relpath(p, data) for p, _ in split["held-out"])
+    assert len(rows) == 6 and len({r["subject"] for r in rows}) == 2       # one subject of each class, 3 slices each
+    assert [r["role"] for r in rows] == ["changed"] * 3 + ["null"] * 3          # the AD subject's 3, then the NC one's
+    assert all((r["role"] == "null") == (r["class"] == "NC") for r in rows)
+    assert all([r["own_age"], r["own_sex"]] == [f"{float(table[r['subject']][0]):g}", table[r["subject"]][1]]
+               for r in rows)
+    assert all(r["to_class"] == "NC" and r["own_class"] == r["class"] and r["to_age"] == r["own_age"] for r in rows)
+    conditions = load_run(run, "cpu").conditions
+    source, target = (torch.cat(parts) for parts in zip(*seen))
+    own = torch.stack([asked_values(conditions, [f"class={r['class']}", f"age={table[r['subject']][0]}",
+                                                 f"sex={table[r['subject']][1]}"]) for r in rows])
+    assert torch.allclose(source, own) and torch.equal(target[:, 1:], source[:, 1:])
+    assert target[:, 0].tolist() == [conditions[0].values.index("NC")] * 6
+    changes = np.load(out / "changes.npy")
+    assert changes.shape == (6, 32, 32) and not changes.any()                 # z0 back: the reconstruction
+    assert record["changed"]["images"] == record["null"]["images"] == 3 and record["input"] == "held-out"
+    assert record["data"] == str(data.resolve()) and record["holdout"] == 0.25 and record["set"] == ["class=NC"]
+    assert record["changed"]["subjects"] == 1 and json.loads((out / "counterfactual.json").read_text()) == record
+    for name in ("counterfactual.png", "examples.png"):
+        assert (out / name).stat().st_size > 0
+
+    monkeypatch.undo()
+    moved = cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", "held-out", "--set",
+                                            "age=70", "--num", "2", "--steps", "2", "--out", str(tmp_path / "age")]))
+    assert moved["changed"]["images"] == 2 and moved["null"]["images"] == 0   # a covariate set: no null
+    assert moved["changed"]["mean_abs_change"] > 0 and moved["num"] == 2
+
+
+def test_counterfactuals_of_the_held_out_subjects_refuse_one_images_flags_and_a_run_without_them(conditioned_run,
+                                                                                                 trained_run, tmp_path):
+    run, data = conditioned_run
+    base = ["counterfactual", "--run", str(run), "--input", "held-out", "--steps", "2", "--out", str(tmp_path / "cf")]
+    for flag in (["--from", "class=AD"], ["--slice", "3"], ["--mask", str(next((data / "AD").iterdir()))]):
+        assert f"{flag[0]} is for one --input image" in error_of(driver.main, [*base, "--set", "class=NC", *flag])
+    assert "say what to change the held-out images to" in error_of(driver.main, base)
+    assert "--num must be positive" in error_of(driver.main, [*base, "--set", "class=NC", "--num", "0"])
+    one = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--set", "class=NC"]
+    assert "--num counts the images of --input held-out" in error_of(driver.main, [*one, "--num", "4"])
+    unconditional, _ = trained_run  # trained with --holdout 0
+    assert "held out none" in error_of(driver.main, ["counterfactual", "--run", str(unconditional), "--input",
+                                                     "held-out", "--set", "x=1", "--out", str(tmp_path / "u")])
+    assert not (tmp_path / "cf").exists()
 
 
 def test_a_slice_map_goes_back_to_its_voxels_in_the_input_volumes_grid(tmp_path):
