@@ -172,16 +172,15 @@ def counterfactual(args):
     source = asked_values(model.conditions, args.from_values)[None].to(device)
     changed_to = asked_values(model.conditions, args.set_values)[None].to(device)
     target = torch.where(changed_to.isnan(), source, changed_to)  # what --set does not change stays as --from says
-    settings = {"run": str(run.resolve()), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,
-                "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
-                "set": args.set_values, "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
-                "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
+    how = {"run": str(run.resolve()), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,  # recorded
+           "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
+           "set": args.set_values, "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
+           "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
     if held_out:
         torch.manual_seed(args.seed)
         change = lambda z0, own, to: counterfactual_latent(model, z0, own, to, strength, args.steps,  # noqa: E731
                                                            args.guidance, noise)
-        return counterfactuals_of_held_out(args, run, out, model, changed_to[0].cpu(), change, device, autocast,
-                                           settings)
+        return counterfactuals_of_held_out(args, run, out, model, changed_to[0].cpu(), change, device, autocast, how)
     image, geometry = read_input(Path(args.input), data, args.slice)
     mask = read_mask(Path(args.mask), geometry, data.image_size) if args.mask else None
 
@@ -203,7 +202,7 @@ def counterfactual(args):
     settings = ", ".join(args.set_values) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
           f"{', noise' if noise else ''}", out / "counterfactual.png")
-    record = {**settings, "input": os.path.abspath(args.input), "slice": geometry.index if geometry else None,
+    record = {**how, "input": os.path.abspath(args.input), "slice": geometry.index if geometry else None,
               "from": args.from_values, "mask": args.mask and os.path.abspath(args.mask),
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
     written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"]

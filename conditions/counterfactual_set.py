@@ -121,9 +121,9 @@ def change_all(model: LatentDiffusion, images: torch.Tensor, source: torch.Tenso
 
 
 def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusion, asked: torch.Tensor, change,
-                                device, autocast, settings: dict) -> dict:
+                                device, autocast, how: dict) -> dict:
     """The command with --input held-out (the module's docstring): pick, change, summarise, write. `asked`: (K,) the
-    --set values, NaN elsewhere; `settings`: the record's entries of how each image was changed."""
+    --set values, NaN elsewhere; `how`: the record's entries of how each image was changed."""
     held = held_out_images(run, model)
     null = groups(held.own, asked)
     picked = {group: spread([i for i in range(len(null)) if bool(null[i]) == (group == "null")], args.num)
@@ -153,7 +153,7 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     shown = spread(list(range(n_changed)), 8)  # of several subjects
     save_png(torch.cat([images[shown], changed[shown]]), out / "examples.png", nrow=len(shown), normalize=True,
              value_range=(-1, 1))
-    record = {**settings, "input": HELD_OUT, **held.data, "num": args.num, **summary}
+    record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **summary}
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
     print(summary_line(args.set_values, summary) + f"; wrote counterfactuals.csv, changes.npy, counterfactual.png, "
           f"examples.png and counterfactual.json to {out}")
