@@ -38,7 +38,7 @@ from diffusion.gaussian import GaussianDiffusion
 from diffusion.guidance import Autoguided, Guided
 from export.card import write_card
 from export.figures import GRID_MAX, enlarged, gif_frame, save_png, save_rows
-from export.sample_set import (FORMATS, ROW_SEEDING, SAMPLES_LOCK, SEEDING, SampleSet, run_geometry,
+from export.sample_set import (FORMATS, ROW_SEEDING, SAMPLES_LOCK, SEEDING, SampleSet, nifti_geometry,
                                saved_geometry)
 from modules import VQVAE, UNet
 from runtime.checkpoint import atomic_write, run_lock
@@ -104,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser, sampler: str = "ddpm", steps: int 
                             "bin, e.g. age=5: [70, 75) -> 72.5, so that the set's labels carry no patient's exact "
                             "value (default: exact values)")
         p.add_argument("--data", default=None,
-                       help="with --cohort: the run's data folder, if it moved (checked to hold stage 1's files)")
+                       help="with --cohort or --format nifti: the run's data folder, if it moved (checked to hold "
+                            "stage 1's files)")
         p.add_argument("--labels", default=None,
                        help="with --cohort: the run's participants table, if it moved (checked to be the run's)")
         p.add_argument("--guidance", type=float, default=3.0,
@@ -433,9 +434,9 @@ def predict(args):
     sampling = sampling_from_args(args, model)
     # resolved here: which images a seed gives depends on the batch size, and a resumed set must keep it
     sampling = replace(sampling, batch_size=batch_size_of(sampling, device))
-    if (args.data or args.labels) and not args.cohort:
-        raise BadInputError("--data and --labels say where --cohort finds the run's data and table; without --cohort "
-                            "sample reads neither")
+    if (args.labels and not args.cohort) or (args.data and not (args.cohort or args.format == "nifti")):
+        raise BadInputError("--data and --labels say where --cohort finds the run's data and table (--data also where "
+                            "--format nifti finds the training volumes' geometry); without those sample reads neither")
     if (args.cohort_from != "training" or args.cohort_bins) and not args.cohort:
         raise BadInputError("--cohort-from and --cohort-bins say how --cohort draws: give --cohort")
     rows = (cohort_rows(model, run, args) if args.cohort else
@@ -444,7 +445,7 @@ def predict(args):
         args.row_noise = "independent" if args.cohort and len(rows) > 1 else "shared"
     geometry = None
     if args.format == "nifti":  # the set's own, resumed; else its training volumes'
-        geometry = (args.resume and saved_geometry(out / "samples")) or run_geometry(DataConfig.of_run(run))
+        geometry = (args.resume and saved_geometry(out / "samples")) or nifti_geometry(run, args.data)
     settings, record = sample_record(args, run, model, sampling, rows)
     if geometry is not None:
         settings["geometry"] = asdict(geometry)

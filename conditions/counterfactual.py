@@ -3,6 +3,8 @@
     python driver.py counterfactual --run RUN --input scan.nii.gz --set group=NC      # "had this subject been NC"
     python driver.py counterfactual --run RUN --input slice.png --set age=85 --strength 0.6
     python driver.py counterfactual --run RUN --input slice.png --mask region.png     # the region filled in anew
+    python driver.py counterfactual --run RUN --input scan.nii.gz --from age=71 --shift age=10   # ten years older
+    python driver.py counterfactual --run RUN --input held-out --set group=NC   # every held-out image (counterfactual_set)
 
 The input (an image, or a slice of a NIfTI volume read as the run reads its training volumes) is encoded, taken to
 noise level --strength (a fraction of the diffusion's steps) by DDIM inversion under the --from conditions (default:
@@ -36,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 import predict
-from conditions.counterfactual_set import HELD_OUT, counterfactuals_of_held_out
-from conditions.table import asked_values
+from conditions.counterfactual_set import HELD_OUT, asking, begin_writing, counterfactuals_of_held_out
+from conditions.table import asked_shifts, asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
 from export.figures import save_figure, save_png
@@ -57,16 +59,19 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--run", default="runs/demo", help="run folder holding vqvae.pt and unet.pt (default: %(default)s)")
     p.add_argument("--input", required=True,
                    help="an image, a NIfTI volume (then --slice picks the slice), or 'held-out': every image of the "
-                        "subjects stage 1 held out, each under its own values, summarised against a null "
-                        "(conditions/counterfactual_set.py)")
+                        "subjects stage 1 held out, each under its own values, its change told apart from the "
+                        "inversion's own (conditions/counterfactual_set.py)")
     p.add_argument("--num", type=int, default=None,
-                   help="with --input held-out: at most this many changed images and as many of the null, spread over "
-                        "the held-out images (default: all)")
+                   help="with --input held-out: at most this many images, spread over those of the held-out subjects "
+                        "(default: all)")
     p.add_argument("--slice", type=int, default=None,
                    help="the slice of a volume along the run's axis, RAS order from 0 (default: the middle of those the "
                         "run would take)")
     p.add_argument("--set", dest="set_values", action="append", default=[], metavar="NAME=VALUE",
                    help="the conditions to change to, e.g. --set group=NC (default: none)")
+    p.add_argument("--shift", dest="shift_values", action="append", default=[], metavar="NAME=DELTA",
+                   help="a covariate moved from the input's own value, e.g. --shift age=10: ten years older (the own "
+                        "value: --from, or each held-out image's; default: none)")
     p.add_argument("--from", dest="from_values", action="append", default=[], metavar="NAME=VALUE",
                    help="the input's own conditions, under which it is inverted, and which the counterfactual keeps "
                         "where --set does not change them (default: none, the unconditioned model)")
@@ -119,7 +124,6 @@ def read_mask(path: Path, geometry, image_size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the change
 
-@torch.no_grad()
 def counterfactual_latent(model: LatentDiffusion, z0: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
                           strength: float, steps: int, guidance: float, noise: bool,
                           mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,29 +131,42 @@ def counterfactual_latent(model: LatentDiffusion, z0: torch.Tensor, source: torc
     `source`, or noise), then DDIM-denoised under `target` with guidance; with `mask` (1 or B, 1, h, w) the latent
     outside it put back to the input's own after every step. source, target: (1, K) conditions for all, or (B, K);
     NaN where not given."""
+    return counterfactual_latents(model, z0, source, [target], strength, steps, guidance, noise, mask)[0]
+
+
+@torch.no_grad()
+def counterfactual_latents(model: LatentDiffusion, z0: torch.Tensor, source: torch.Tensor, targets: list[torch.Tensor],
+                           strength: float, steps: int, guidance: float, noise: bool,
+                           mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`counterfactual_latent` for each of `targets`, all denoised from the same inverted (or noised) latent: a
+    counterfactual and its twin denoised under the input's own values then differ by what the conditions change alone,
+    not by the inversion's own error."""
     diffusion, unet = model.diffusion, model.unet
     start = round(strength * (diffusion.num_steps - 1))
     if strength == 0:
-        return z0
+        return [z0 for _ in targets]
     n = max(1, round(strength * steps))
     each = lambda y: y.expand(len(z0), -1)  # noqa: E731
     inverting = Guided(unet, each(source), 1.0) if unet.cfg.conditions else unet
-    denoising = Guided(unet, each(target), guidance) if unet.cfg.conditions else unet
     if noise:
         path = {}
-        x = diffusion.q_sample(z0, start, torch.randn_like(z0))
+        x_start = diffusion.q_sample(z0, start, torch.randn_like(z0))
     else:
         path = dict(diffusion.ddim_inversion(inverting, z0, start, n))
-        x = path[start]
-    ts = diffusion.ddim_timesteps(start, n)
-    for t, t_prev in zip(ts, ts[1:] + [-1]):
-        x, _ = diffusion.ddim_step(denoising, x, t, t_prev)
-        if mask is not None:
-            own = z0 if t_prev < 0 else path.get(t_prev)
-            if own is None:  # --noise: the input noised to this step afresh, as RePaint does
-                own = diffusion.q_sample(z0, t_prev, torch.randn_like(z0))
-            x = mask * x + (1 - mask) * own
-    return x
+        x_start = path[start]
+    ts, outs = diffusion.ddim_timesteps(start, n), []
+    for target in targets:
+        denoising = Guided(unet, each(target), guidance) if unet.cfg.conditions else unet
+        x = x_start
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            x, _ = diffusion.ddim_step(denoising, x, t, t_prev)
+            if mask is not None:
+                own = z0 if t_prev < 0 else path.get(t_prev)
+                if own is None:  # --noise: the input noised to this step afresh, as RePaint does
+                    own = diffusion.q_sample(z0, t_prev, torch.randn_like(z0))
+                x = mask * x + (1 - mask) * own
+        outs.append(x)
+    return outs
 
 
 def counterfactual(args):
@@ -165,22 +182,31 @@ def counterfactual(args):
         raise BadInputError(f"--strength must be in [0, 1], --steps positive and --guidance 0 or more, got {strength}, "
                             f"{args.steps} and {args.guidance}")
     refuse_held_out_flags(args, held_out)
-    if not args.set_values and args.mask is None:
-        raise BadInputError("say what to change: --set NAME=VALUE (the conditions), or --mask FILE (a region to fill in)")
+    if not args.set_values and not args.shift_values and args.mask is None:
+        raise BadInputError("say what to change: --set NAME=VALUE or --shift NAME=DELTA (the conditions), or --mask "
+                            "FILE (a region to fill in)")
     device, autocast = setup_device(args.device)
     model = load_run(run, device, finetuned=args.decoder == "fine-tuned")
     source = asked_values(model.conditions, args.from_values)[None].to(device)
     changed_to = asked_values(model.conditions, args.set_values)[None].to(device)
+    shifts = asked_shifts(model.conditions, args.shift_values).to(device)
+    both = [c.name for c, v, d in zip(model.conditions, changed_to[0], shifts) if not v.isnan() and d != 0]
+    if both:
+        raise BadInputError(f"{both[0]} is given to --set and to --shift: one says what it becomes, the other by how "
+                            f"much it moves; give one")
+    if not held_out:
+        changed_to = shifted(model.conditions, source, changed_to, shifts, args.shift_values)
     target = torch.where(changed_to.isnan(), source, changed_to)  # what --set does not change stays as --from says
     how = {"run": str(run.resolve()), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,  # recorded
            "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
-           "set": args.set_values, "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
+           "set": args.set_values, "shift": args.shift_values, "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
            "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
     if held_out:
         torch.manual_seed(args.seed)
-        change = lambda z0, own, to: counterfactual_latent(model, z0, own, to, strength, args.steps,  # noqa: E731
-                                                           args.guidance, noise)
-        return counterfactuals_of_held_out(args, run, out, model, changed_to[0].cpu(), change, device, autocast, how)
+        change = lambda z0, own, to: counterfactual_latents(model, z0, own, [to, own], strength,  # noqa: E731
+                                                            args.steps, args.guidance, noise)
+        return counterfactuals_of_held_out(args, run, out, model, changed_to[0].cpu(), shifts.cpu(), change, device,
+                                           autocast, how)
     image, geometry = read_input(Path(args.input), data, args.slice)
     mask = read_mask(Path(args.mask), geometry, data.image_size) if args.mask else None
 
@@ -195,24 +221,35 @@ def counterfactual(args):
         changed = mask * changed + (1 - mask) * recon
     difference = (changed - recon).abs().mean(1)[0]                     # (S, S), in image units of [-1, 1]
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "counterfactual.json").unlink(missing_ok=True)  # written last: files beside none are of no finished command
+    written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"] + (
+        ["difference.nii.gz"] if geometry is not None else [])
+    begin_writing(out, written)
     save_png(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
     atomic_write(out / "difference.npy", lambda f: np.save(f, difference.numpy()))
-    settings = ", ".join(args.set_values) or "unconditioned fill"
+    settings = asking(args) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
           f"{', noise' if noise else ''}", out / "counterfactual.png")
     record = {**how, "input": os.path.abspath(args.input), "slice": geometry.index if geometry else None,
               "from": args.from_values, "mask": args.mask and os.path.abspath(args.mask),
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
-    written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"]
     if geometry is not None:
         save_nifti(to_volume(difference, geometry), out / "difference.nii.gz")
-        written.append("difference.nii.gz")
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
     print(f"counterfactual ({settings}, strength {strength:g}): mean |difference| {record['mean_abs_difference']:.4f} "
           f"(of the range 2); wrote {', '.join(written)} and counterfactual.json to {out}")
     return changed, difference
+
+
+def shifted(conditions: list, source: torch.Tensor, changed_to: torch.Tensor, shifts: torch.Tensor,
+            shift_values: list[str]) -> torch.Tensor:
+    """One input's --set values (1, K) with each --shift covariate set to its own value (--from) moved by DELTA, checked
+    as --set checks a value (a warning outside the training range, an error far beyond it)."""
+    for k in shifts.nonzero().flatten().tolist():
+        c = conditions[k]
+        if source[0, k].isnan():
+            raise BadInputError(f"--shift {c.name}=... moves the input's own {c.name}: give it, --from {c.name}=VALUE")
+        changed_to[0, k] = c.parse(c.decode((source[0, k] + shifts[k]).item()))
+    return changed_to
 
 
 def refuse_held_out_flags(args, held_out: bool):
@@ -230,8 +267,9 @@ def refuse_held_out_flags(args, held_out: bool):
     if args.data_config.holdout <= 0:
         raise BadInputError("--input held-out changes the images of the subjects stage 1 held out, and this run held "
                             "out none (train-vqvae --holdout 0): give one --input image instead")
-    if not args.set_values:
-        raise BadInputError("--input held-out: say what to change the held-out images to, --set NAME=VALUE")
+    if not args.set_values and not args.shift_values:
+        raise BadInputError("--input held-out: say what to change the held-out images to, --set NAME=VALUE or "
+                            "--shift NAME=DELTA")
     if args.num is not None and args.num <= 0:
         raise BadInputError(f"--num must be positive, got {args.num}")
 

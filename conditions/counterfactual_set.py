@@ -1,29 +1,29 @@
 """`driver.py counterfactual --input held-out`: the counterfactuals of the run's held-out subjects, each image under its
-own values, and where the change lands on average, against a null.
+own values, with what the change of conditions does alone told apart from what inversion does by itself.
 
-    python driver.py counterfactual --run R --input held-out --set group=NC             # every held-out image
-    python driver.py counterfactual --run R --input held-out --set group=NC --num 100   # 100 changed, 100 null
+    python driver.py counterfactual --run R --input held-out --set group=NC             # every held-out AD image
+    python driver.py counterfactual --run R --input held-out --shift age=10 --num 200   # 200 images, 10 years older
 
 One image's counterfactual shows one patient; what a condition changes is a question about many. Each image of the
 subjects stage 1 held out (patients neither model trained on) is read as `evaluate` reads it, inverted by DDIM under
 its own values (its class folder and the table columns the UNet is conditioned on, joined as stage 2 joined them; a
-value not given stays open) and denoised under the same values with --set's changed, as `driver.py counterfactual
---from ... --set ...` changes one image. The images whose own values already equal --set's (the NC images, for --set
-group=NC) go through the same steps as the null: what inversion and denoising change by themselves, which the change
-of the others must exceed before it says anything of the condition. A covariate set to a value (age=85) has no null.
-Subjects, not images, are the independent units: the summary gives the spread of the subjects' means.
+value not given stays open) and denoised twice from that same latent: under its own values with --set's (or
+--shift's) change, the counterfactual, and under its own values unchanged, its twin. Counterfactual - twin is what
+the change of conditions does alone, the *effect*; twin - reconstruction is what inversion and denoising change by
+themselves, the *drift*: the null, which the effect must stand out from before it says anything of the condition.
+Images that have --set's values already (the NC images, for --set group=NC) have no effect by construction, and
+those with no own value to --shift none to move: both are left out and counted. Subjects, not images, are the
+independent units: the summary compares the subjects' means.
 
 Writes into OUT (default RUN/counterfactual_held-out):
-    counterfactuals.csv   a row per image: its file (and slice of its volume), subject, class folder, its role
-                          (changed, or null), its own values (own_age ...) and those it was denoised under (to_age
-                          ...), its mean |change|
-    changes.npy           (N, S, S) float16, counterfactual - reconstruction of each image (channels averaged), in the
-                          CSV's order; the change to the reconstruction, so that the VQ-VAE's own error is not counted
-    counterfactual.png    the mean input; the mean change of the changed images, signed and |.|; the null's mean
-                          |change|; and what the changed images' exceeds the null's
-    examples.png          8 changed images, spread over them, above their counterfactuals
-    counterfactual.json   the run, its data and hold-out, the settings, and each group's counts and mean |change|,
-                          written last
+    counterfactuals.csv   a row per image: its file (and slice of its volume), subject, class folder, its own values
+                          (own_age ...) and those of its counterfactual (to_age ...), its mean |effect| and |drift|
+    effects.npy           (N, S, S) float16, counterfactual - twin of each image (channels averaged), in the CSV's
+                          order
+    counterfactual.png    the mean input, the mean effect signed and |.|, and the mean |drift| on the |effect|'s scale
+    examples.png          8 images, spread over them: inputs, twins and counterfactuals, a row each
+    counterfactual.json   the run, its data and hold-out, the settings, the counts, and the effect and drift of the
+                          images and of the subjects' means, written last
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ from runtime.process import progress
 from volumes.run_data import stage1_data
 
 HELD_OUT = "held-out"             # --input held-out
-GROUPS = ("changed", "null")      # an image whose own values --set changes, and one that has them already
+ONE_FILES = ("counterfactual.png", "counterfactual_image.png", "difference.npy", "difference.nii.gz")  # of one image
+SET_FILES = ("counterfactuals.csv", "effects.npy", "counterfactual.png", "examples.png")  # of --input held-out
 
 
 @dataclass
@@ -99,88 +100,120 @@ def spread(indices: list[int], num: int | None) -> list[int]:
     return [indices[int(j)] for j in torch.linspace(0, len(indices) - 1, num).round().long()]
 
 
-def groups(own: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
-    """(N,) booleans: whether each image is of the null, its own values already those --set asks for (`asked`, (K,),
-    NaN where none is asked); an image whose own value is not given is changed."""
+def already(own: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
+    """(N,) booleans: whether each image's own values are already those --set asks for (`asked`, (K,), NaN where none
+    is asked); an image whose own value is not given is not."""
     return ((own == asked) | asked.isnan()).all(dim=1)
 
 
 @torch.no_grad()
 def change_all(model: LatentDiffusion, images: torch.Tensor, source: torch.Tensor, target: torch.Tensor, change,
-               device, autocast, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstructions, counterfactuals) of `images` on the CPU, in batches: `change(z0, source, target)` takes the
-    scaled latents of a batch and its rows of the (N, K) condition vectors to the counterfactual latents."""
-    recons, outs = [], []
+               device, autocast, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(reconstructions, counterfactuals, twins) of `images` on the CPU, in batches: `change(z0, source, target)` takes
+    the scaled latents of a batch and its rows of the (N, K) condition vectors to the counterfactual latents and their
+    twins' (denoised under `source`)."""
+    recons, outs, twins = [], [], []
     batches = list(zip(images.split(batch_size), source.split(batch_size), target.split(batch_size)))
     for x, s, t in progress(batches, desc="counterfactuals (batches)", dynamic_ncols=True):
         with autocast:
             z0 = model.vqvae.encode(x.to(device)).float() * model.latent_scale
             recons.append(predict.decode(model.vqvae, z0, model.latent_scale).cpu())
-            outs.append(predict.decode(model.vqvae, change(z0, s.to(device), t.to(device)), model.latent_scale).cpu())
-    return torch.cat(recons), torch.cat(outs)
+            z, z_twin = change(z0, s.to(device), t.to(device))
+            outs.append(predict.decode(model.vqvae, z, model.latent_scale).cpu())
+            twins.append(predict.decode(model.vqvae, z_twin, model.latent_scale).cpu())
+    return torch.cat(recons), torch.cat(outs), torch.cat(twins)
 
 
-def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusion, asked: torch.Tensor, change,
-                                device, autocast, how: dict) -> dict:
+def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusion, asked: torch.Tensor,
+                                shifts: torch.Tensor, change, device, autocast, how: dict) -> dict:
     """The command with --input held-out (the module's docstring): pick, change, summarise, write. `asked`: (K,) the
-    --set values, NaN elsewhere; `how`: the record's entries of how each image was changed."""
+    --set values, NaN elsewhere; `shifts`: (K,) the --shift changes, 0 elsewhere (`asked_shifts`); `change`: as
+    `change_all` takes it; `how`: the record's entries of how each image was changed."""
     held = held_out_images(run, model)
-    null = groups(held.own, asked)
-    picked = {group: spread([i for i in range(len(null)) if bool(null[i]) == (group == "null")], args.num)
-              for group in GROUPS}
-    if not picked["changed"]:
-        raise BadInputError(f"every held-out image already has {', '.join(args.set_values)}: nothing to change")
-    order = picked["changed"] + picked["null"]
+    unchanged = already(held.own, asked) & bool((shifts == 0).all())
+    unshiftable = (held.own.isnan() & (shifts != 0)).any(dim=1)  # no own value to move
+    order = spread([i for i in range(len(held.own)) if not unchanged[i] and not unshiftable[i]], args.num)
+    if not order:
+        raise BadInputError(f"no held-out image to change: each has {asking(args)} already, or no own value to shift")
     own = held.own[order]
-    target = torch.where(asked.isnan(), own, asked)  # what --set does not change stays each image's own
+    target = torch.where(asked.isnan(), own, asked) + shifts  # what --set does not change stays each image's own
+    if ((target < -10) | (target > 11)).any():  # as --set refuses: the covariate's embedding only extrapolates there
+        raise BadInputError(f"--shift {', '.join(args.shift_values)} takes images far outside the training range: "
+                            f"nothing can be said of it")
     images = held.images[order]
-    recon, changed = change_all(model, images, own, target, change, device, autocast)
-    changes = (changed - recon).float().mean(1)  # (N, S, S), signed
-    rows = [{**held.rows[i], "role": group} for group in GROUPS for i in picked[group]]
-    for row, values, to, change_map in zip(rows, own, target, changes):  # own_age, to_age: no table column clashes
+    recon, changed, twins = change_all(model, images, own, target, change, device, autocast)
+    effects, drifts = (changed - twins).float().mean(1), (twins - recon).float().mean(1)  # (N, S, S), signed
+    rows = [dict(held.rows[i]) for i in order]
+    for row, values, to, effect, drift in zip(rows, own, target, effects, drifts):  # own_age, to_age: no clash
         row.update({f"own_{c.name}": c.decode(v) or "" for c, v in zip(model.conditions, values.tolist())})
         row.update({f"to_{c.name}": c.decode(w) or "" for c, w in zip(model.conditions, to.tolist())})
-        row["mean_abs_change"] = f"{change_map.abs().mean().item():.6g}"
+        row.update(mean_abs_effect=f"{effect.abs().mean().item():.6g}", mean_abs_drift=f"{drift.abs().mean().item():.6g}")
 
-    summary = {group: group_summary([r for r in rows if r["role"] == group]) for group in GROUPS}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "counterfactual.json").unlink(missing_ok=True)  # written last: files beside none are of no finished command
+    counts = {"images": len(order), "subjects": len({r["subject"] for r in rows}),
+              "left_out_with_those_values": int(unchanged.sum()), "left_out_without_own_value": int(unshiftable.sum()),
+              "beyond_training_range": int((((target < 0) | (target > 1)) & (shifts != 0)).any(dim=1).sum())}
+    begin_writing(out, SET_FILES)
     atomic_write(out / "counterfactuals.csv", lambda f: f.write(csv_text(rows).encode()))
-    atomic_write(out / "changes.npy", lambda f: np.save(f, changes.half().numpy()))
-    n_changed = len(picked["changed"])
-    mean_maps_figure(images, changes, n_changed, f"{', '.join(args.set_values)}: {n_changed} held-out images changed, "
-                     f"{len(order) - n_changed} of the null", out / "counterfactual.png")
-    shown = spread(list(range(n_changed)), 8)  # of several subjects
-    save_png(torch.cat([images[shown], changed[shown]]), out / "examples.png", nrow=len(shown), normalize=True,
-             value_range=(-1, 1))
-    record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **summary}
+    atomic_write(out / "effects.npy", lambda f: np.save(f, effects.half().numpy()))
+    mean_maps_figure(images, effects, drifts, f"{asking(args)}: {len(order)} held-out images", out / "counterfactual.png")
+    shown = spread(list(range(len(order))), 8)  # of several subjects
+    save_png(torch.cat([images[shown], twins[shown], changed[shown]]), out / "examples.png", nrow=len(shown),
+             normalize=True, value_range=(-1, 1))
+    record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **counts, **effect_summary(rows)}
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    print(summary_line(args.set_values, summary) + f"; wrote counterfactuals.csv, changes.npy, counterfactual.png, "
-          f"examples.png and counterfactual.json to {out}")
+    print(summary_line(asking(args), record) + f"; wrote counterfactuals.csv, effects.npy, counterfactual.png, examples.png "
+          f"and counterfactual.json to {out}")
     return record
 
 
-def group_summary(rows: list[dict]) -> dict:
-    """A group's images and subjects, its mean |change| over images, and the mean and spread of its subjects' means."""
+def asking(args) -> str:
+    """What a counterfactual changes, in words: 'group=NC, age+10' (--set, --shift)."""
+    return ", ".join([*args.set_values, *(f"{n}{'' if d.startswith(('-', '+')) else '+'}{d}"
+                                          for n, _, d in (v.partition("=") for v in args.shift_values))])
+
+
+def begin_writing(out: Path, written: list[str] | tuple[str, ...]):
+    """The output folder made, its counterfactual.json (written last) removed, and every file of either kind of
+    counterfactual that this one will not write: files beside no record are of no finished command, and none of an
+    earlier command stays beside the new record (a NIfTI input's map beside a PNG input's). The files it writes are
+    replaced whole as they are written, so that a full disk leaves the earlier ones as they were."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("counterfactual.json", *sorted(set(ONE_FILES + SET_FILES) - set(written))):
+        (out / name).unlink(missing_ok=True)
+
+
+def effect_summary(rows: list[dict]) -> dict:
+    """The mean |effect| and |drift| over the images, and over the subjects' means (mean, sd), and how many subjects'
+    mean |effect| exceeds their mean |drift|."""
     per_subject = {}
     for row in rows:
-        per_subject.setdefault(row["subject"], []).append(float(row["mean_abs_change"]))
-    means = [statistics.fmean(v) for v in per_subject.values()]
-    return {"images": len(rows), "subjects": len(per_subject),
-            "mean_abs_change": statistics.fmean(float(r["mean_abs_change"]) for r in rows) if rows else None,
-            "subject_mean_abs_change": statistics.fmean(means) if means else None,
-            "subject_sd_abs_change": statistics.stdev(means) if len(means) > 1 else None}
+        per_subject.setdefault(row["subject"], []).append((float(row["mean_abs_effect"]), float(row["mean_abs_drift"])))
+    means = [[statistics.fmean(v) for v in zip(*pairs)] for pairs in per_subject.values()]
+    summary = {}
+    for k, name in enumerate(("effect", "drift")):
+        subjects = [m[k] for m in means]
+        summary[f"mean_abs_{name}"] = statistics.fmean(float(r[f"mean_abs_{name}"]) for r in rows)
+        summary[f"subjects_mean_abs_{name}"] = statistics.fmean(subjects)
+        summary[f"subjects_sd_abs_{name}"] = statistics.stdev(subjects) if len(subjects) > 1 else None
+    summary["subjects_effect_above_drift"] = sum(effect > drift for effect, drift in means)
+    return summary
 
 
-def summary_line(set_values: list[str], summary: dict) -> str:
-    def part(s: dict) -> str:
-        sd = f" ± {s['subject_sd_abs_change']:.4f}" if s["subject_sd_abs_change"] is not None else ""
-        return (f"{s['images']} images of {s['subjects']} subjects, mean |change| {s['mean_abs_change']:.4f} (of the "
-                f"range 2; subjects' means {s['subject_mean_abs_change']:.4f}{sd})")
-    line = f"counterfactuals of the held-out subjects ({', '.join(set_values)}): changed {part(summary['changed'])}"
-    if summary["null"]["images"]:
-        return line + f"; the null, already {', '.join(set_values)}: {part(summary['null'])}"
-    return line + "; no null (no held-out image has those values already)"
+def summary_line(asking: str, record: dict) -> str:
+    def part(name: str) -> str:
+        sd = record[f"subjects_sd_abs_{name}"]
+        return (f"mean |{name}| {record[f'mean_abs_{name}']:.4f} (subjects' means {record[f'subjects_mean_abs_{name}']:.4f}"
+                f"{f' ± {sd:.4f}' if sd is not None else ''})")
+    line = (f"counterfactuals of the held-out subjects ({asking}): {record['images']} images of {record['subjects']} "
+            f"subjects, {part('effect')} against their twins' {part('drift')} (of the range 2): the effect exceeds the "
+            f"drift in {record['subjects_effect_above_drift']} of {record['subjects']} subjects")
+    if record["beyond_training_range"]:
+        line += f"; {record['beyond_training_range']} shifted beyond the training range"
+    if record["left_out_with_those_values"]:
+        line += f"; {record['left_out_with_those_values']} left out, with those values already"
+    if record["left_out_without_own_value"]:
+        line += f"; {record['left_out_without_own_value']} left out, with no own value to shift"
+    return line
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -191,23 +224,14 @@ def csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def mean_maps_figure(images: torch.Tensor, changes: torch.Tensor, n_changed: int, title: str, path: Path):
-    """The changed images' mean input, their mean signed change and mean |change|, the null's mean |change| and the
-    changed images' mean |change| less the null's, side by side (|change| maps on one scale)."""
-    changed, null = changes[:n_changed], changes[n_changed:]
-    panels = [("mean input (changed)", ((images[:n_changed].float().mean((0, 1)) + 1) / 2).numpy(), "gray", (0, 1))]
-    signed = changed.mean(0).numpy()
-    top = max(float(np.abs(signed).max()), 1e-8)
-    panels.append(("mean change (signed)", signed, "RdBu_r", (-top, top)))
-    magnitude = changed.abs().mean(0).numpy()
-    null_magnitude = null.abs().mean(0).numpy() if len(null) else None
-    top = max(float(magnitude.max()), float(null_magnitude.max()) if null_magnitude is not None else 0, 1e-8)
-    panels.append(("mean |change|", magnitude, "hot", (0, top)))
-    if null_magnitude is not None:
-        excess = magnitude - null_magnitude
-        bound = max(float(np.abs(excess).max()), 1e-8)
-        panels += [("mean |change|, null", null_magnitude, "hot", (0, top)),
-                   ("changed - null", excess, "RdBu_r", (-bound, bound))]
+def mean_maps_figure(images: torch.Tensor, effects: torch.Tensor, drifts: torch.Tensor, title: str, path: Path):
+    """The mean input, the mean effect signed and |.|, and the mean |drift|, side by side (|.| maps on one scale)."""
+    signed, magnitude, drift = effects.mean(0).numpy(), effects.abs().mean(0).numpy(), drifts.abs().mean(0).numpy()
+    bound, top = max(float(np.abs(signed).max()), 1e-8), max(float(magnitude.max()), float(drift.max()), 1e-8)
+    panels = [("mean input", ((images.float().mean((0, 1)) + 1) / 2).numpy(), "gray", (0, 1)),
+              ("mean effect (signed)", signed, "RdBu_r", (-bound, bound)),
+              ("mean |effect|", magnitude, "hot", (0, top)),
+              ("mean |drift| (the null)", drift, "hot", (0, top))]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.6))
     for ax, (name, values, cmap, (low, high)) in zip(axes, panels):
         shown = ax.imshow(values, cmap=cmap, vmin=low, vmax=high)

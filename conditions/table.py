@@ -211,6 +211,23 @@ def asked_values(conditions: list[Condition], settings: list[str]) -> torch.Tens
     return y
 
 
+def asked_shifts(conditions: list[Condition], shifts: list[str]) -> torch.Tensor:
+    """--shift NAME=DELTA ... -> (K,) each covariate's change on the UNet's scale (DELTA / its training range), 0 where
+    none is asked: a counterfactual's target is then each input's own value moved by DELTA (ten years older)."""
+    delta, named = torch.zeros(len(conditions)), set()
+    for name, value in (_pair(s) for s in shifts):
+        k = _index(conditions, name)
+        c = conditions[k]
+        if c.size:
+            raise BadInputError(f"--shift {name}={value}: {name} is a category, which --set {name}=VALUE changes")
+        if not as_number(value) or name in named:
+            raise BadInputError(f"--shift {name}={value}: give each covariate once, and a number other than 0 in its "
+                                f"units (--shift {name}=10)")
+        named.add(name)
+        delta[k] = as_number(value) / ((c.high - c.low) or 1.0)
+    return delta
+
+
 def sweep_rows(conditions: list[Condition], base: torch.Tensor, sweep: str | None) -> list[tuple[str, torch.Tensor]]:
     """--sweep NAME=V1,V2,... -> [(caption, conditions vector)] one per value, the --set values kept in each; without a
     sweep one row of `base`. `NAME=all` sweeps every category of NAME."""

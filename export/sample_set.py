@@ -41,7 +41,7 @@ from conditions.table import CLASS, Condition
 from runtime.checkpoint import atomic_write, remove_unfinished
 from runtime.errors import BadInputError
 from volumes.reader import is_volume
-from volumes.run_data import DataConfig, training_files
+from volumes.run_data import DataConfig, stage1_data, training_files
 from volumes.writer import SampleGeometry, read_slice, save_nifti, slice_volume, training_geometry
 
 FORMATS = {"png": ".png", "nifti": ".nii.gz", "npz": ".npz"}
@@ -352,14 +352,23 @@ def saved_geometry(folder: Path) -> SampleGeometry | None:
     return SampleGeometry(**saved) if saved else None
 
 
-def run_geometry(data: DataConfig) -> SampleGeometry:
-    """The geometry of a run's samples as NIfTI: its training volumes' (volumes/writer.py), or, for a run on 2D images
-    or one whose data folder is not at hand, the assumed one (axial, 1 mm pixels, 0-255), said in one line."""
+def nifti_geometry(run: Path, root: str | None = None) -> SampleGeometry:
+    """The geometry of a run's samples as NIfTI (`run_geometry`), from its data folder checked to hold stage 1's files
+    (`root`, --data: where it is now). Not at hand, or changed: an error, not a header that would misstate the pixel
+    size and intensity range the run was trained at."""
     try:
-        files, _ = training_files(data, expand_volumes=False)
+        _, data = stage1_data(run, root)
     except BadInputError as e:
-        print(f"warning: the run's data cannot be listed ({e}); the NIfTI header assumes 1 mm pixels in the axial plane")
-        return SampleGeometry()
+        raise BadInputError(f"--format nifti gives each header the pixel size and intensity range of the run's "
+                            f"training volumes, read from its data: {e} (--data says where the data is now; or "
+                            f"write --format png)") from e
+    return run_geometry(data)
+
+
+def run_geometry(data: DataConfig) -> SampleGeometry:
+    """The geometry of a run's samples as NIfTI: its training volumes' (volumes/writer.py), or, for a run on 2D images,
+    the assumed one (axial, 1 mm pixels, 0-255), said in one line."""
+    files, _ = training_files(data, expand_volumes=False)
     volumes = [path for path, _ in files if is_volume(path)]
     if not volumes:
         print("the run was trained on 2D images: the NIfTI header assumes 1 mm pixels in the axial plane")

@@ -97,7 +97,7 @@ def test_cohort_is_refused_with_chosen_values_on_an_unconditional_run_and_with_a
     men_of_nc = Cohort(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), ["a", "b"])    # an AD woman, an NC man
     with pytest.raises(BadInputError, match=r"no training scan has the values asked for \(sex=F, class=NC\)"):
         among(men_of_nc, torch.tensor([1.0, 0.0]), [group, sex], "sex=F, class=NC")    # which row of --class all
-    assert "without --cohort sample reads neither" in error_of(predict.main, [*base[:1], str(run), "--labels", "x.csv"])
+    assert "without those sample reads neither" in error_of(predict.main, [*base[:1], str(run), "--labels", "x.csv"])
     moved = tmp_path / "moved"                                       # a folder of other files: not the run's data
     shutil.copytree(data, moved)
     next(moved.rglob("*.jpeg")).unlink()

@@ -300,6 +300,24 @@ def test_a_counterfactual_stopped_while_it_writes_leaves_no_record_of_an_earlier
     assert (tmp_path / "counterfactual_image.png").exists() and not (tmp_path / "counterfactual.json").exists()
 
 
+def test_a_counterfactual_leaves_no_file_of_an_earlier_one_it_did_not_write_again(conditioned_run, tmp_path):
+    """A NIfTI input's map, or the files of --input held-out, are not left beside the record of a later command that
+    writes none of them into the same folder (found by review: an old subject's difference.nii.gz beside a PNG's)."""
+    run, data = conditioned_run
+    scan = write_volume(tmp_path / "scan.nii.gz", blob(shape=(24, 24, 12)))
+    out = tmp_path / "cf"
+    base = ["counterfactual", "--run", str(run), "--steps", "2", "--set", "class=NC", "--out", str(out)]
+    driver.main([*base, "--input", str(scan)])
+    assert (out / "difference.nii.gz").exists()
+    driver.main([*base, "--input", str(next((data / "AD").iterdir()))])
+    assert not (out / "difference.nii.gz").exists() and (out / "difference.npy").exists()
+    driver.main([*base, "--input", "held-out", "--num", "1"])
+    assert sorted(p.name for p in out.iterdir()) == ["counterfactual.json", "counterfactual.png", "counterfactuals.csv",
+                                                     "effects.npy", "examples.png"]
+    driver.main([*base, "--input", str(scan)])
+    assert not {"counterfactuals.csv", "effects.npy", "examples.png"} & {p.name for p in out.iterdir()}
+
+
 @pytest.mark.parametrize("name", ["counterfactual.png", "difference.npy", "difference.nii.gz"])
 def test_a_counterfactual_that_finds_the_disk_full_leaves_the_earlier_file_as_it_was(name, conditioned_run, tmp_path,
                                                                                      monkeypatch):
@@ -342,48 +360,57 @@ def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_chan
     assert torch.equal(seen["target"], asked("class=NC", "age=71", "sex=F"))   # NC at 71, not NC of any age or sex
 
 
-def test_counterfactuals_of_the_held_out_subjects_invert_each_image_under_its_own_values_beside_a_null(
+def test_counterfactuals_of_the_held_out_subjects_invert_each_image_under_its_own_values_beside_its_twin(
         conditioned_run, tmp_path, monkeypatch):
     """--input held-out: every image of the subjects stage 1 held out, inverted under its own class, age and sex (from
-    the run's table) and denoised with --set's value in place of its own; the images that have it already are the
-    null. The CSV, the maps and the record say which image was which; at strength 0 nothing changes."""
+    the run's table) and denoised twice from that latent: with --set's value in place of its own, and under its own
+    (its twin). The images that have --set's value already are left out; the CSV and the record say which image was
+    which; at strength 0 nothing changes."""
     from conditions import counterfactual as cf
     run, data = conditioned_run
     seen = []
-    monkeypatch.setattr(cf, "counterfactual_latent", lambda model, z0, source, target, *rest: seen.append(
-        (source.cpu(), target.cpu())) or z0)
+    monkeypatch.setattr(cf, "counterfactual_latents", lambda model, z0, source, targets, *rest: seen.append(
+        (source.cpu(), [t.cpu() for t in targets])) or [z0, z0])
     out = tmp_path / "held"
     record = cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", "held-out", "--set",
                                              "class=NC", "--steps", "2", "--out", str(out)]))
     table = {line.split(",")[0]: line.split(",")[1:] for line in (data / "participants.csv").read_text().split()[1:]}
     rows = list(csv.DictReader(open(out / "counterfactuals.csv")))
     split, _ = split_files(DataConfig.of_run(run))
-    assert sorted(r["file"] for r in rows) == sorted(os.path.relpath(p, data) for p, _ in split["held-out"])
-    assert len(rows) == 6 and len({r["subject"] for r in rows}) == 2       # one subject of each class, 3 slices each
-    assert [r["role"] for r in rows] == ["changed"] * 3 + ["null"] * 3          # the AD subject's 3, then the NC one's
-    assert all((r["role"] == "null") == (r["class"] == "NC") for r in rows)
+    held = sorted(os.path.relpath(p, data) for p, _ in split["held-out"])
+    assert len(held) == 6 and sorted(r["file"] for r in rows) == [f for f in held if f.startswith("AD")]
     assert all([r["own_age"], r["own_sex"]] == [f"{float(table[r['subject']][0]):g}", table[r["subject"]][1]]
                for r in rows)
-    assert all(r["to_class"] == "NC" and r["own_class"] == r["class"] and r["to_age"] == r["own_age"] for r in rows)
+    assert all(r["to_class"] == "NC" and r["own_class"] == r["class"] == "AD" and r["to_age"] == r["own_age"]
+               for r in rows)
     conditions = load_run(run, "cpu").conditions
-    source, target = (torch.cat(parts) for parts in zip(*seen))
+    source = torch.cat([s for s, _ in seen])
+    to, twin = (torch.cat(parts) for parts in zip(*[t for _, t in seen]))
     own = torch.stack([asked_values(conditions, [f"class={r['class']}", f"age={table[r['subject']][0]}",
                                                  f"sex={table[r['subject']][1]}"]) for r in rows])
-    assert torch.allclose(source, own) and torch.equal(target[:, 1:], source[:, 1:])
-    assert target[:, 0].tolist() == [conditions[0].values.index("NC")] * 6
-    changes = np.load(out / "changes.npy")
-    assert changes.shape == (6, 32, 32) and not changes.any()                 # z0 back: the reconstruction
-    assert record["changed"]["images"] == record["null"]["images"] == 3 and record["input"] == "held-out"
+    assert torch.allclose(source, own) and torch.equal(twin, source) and torch.equal(to[:, 1:], source[:, 1:])
+    assert to[:, 0].tolist() == [conditions[0].values.index("NC")] * 3
+    effects = np.load(out / "effects.npy")
+    assert effects.shape == (3, 32, 32) and not effects.any()                 # z0 back twice: no effect, no drift
+    assert record["images"] == 3 and record["left_out_with_those_values"] == 3 and record["input"] == "held-out"
     assert record["data"] == str(data.resolve()) and record["holdout"] == 0.25 and record["set"] == ["class=NC"]
-    assert record["changed"]["subjects"] == 1 and json.loads((out / "counterfactual.json").read_text()) == record
+    assert record["subjects"] == 1 and json.loads((out / "counterfactual.json").read_text()) == record
     for name in ("counterfactual.png", "examples.png"):
         assert (out / name).stat().st_size > 0
 
     monkeypatch.undo()
-    moved = cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", "held-out", "--set",
-                                            "age=70", "--num", "2", "--steps", "2", "--out", str(tmp_path / "age")]))
-    assert moved["changed"]["images"] == 2 and moved["null"]["images"] == 0   # a covariate set: no null
-    assert moved["changed"]["mean_abs_change"] > 0 and moved["num"] == 2
+    base = ["counterfactual", "--run", str(run), "--input", "held-out", "--shift", "age=10", "--steps", "2"]
+    moved = cf.counterfactual(driver.parse([*base, "--num", "4", "--out", str(tmp_path / "age")]))
+    rows = list(csv.DictReader(open(tmp_path / "age" / "counterfactuals.csv")))
+    assert len(rows) == moved["images"] == 4 and moved["left_out_with_those_values"] == 0
+    assert all(float(r["to_age"]) == float(r["own_age"]) + 10 and r["to_class"] == r["own_class"] for r in rows)
+    age = next(c for c in conditions if c.name == "age")
+    assert moved["beyond_training_range"] == sum(float(r["to_age"]) > age.high for r in rows)
+    effects = np.load(tmp_path / "age" / "effects.npy").astype(np.float32)
+    assert np.allclose(np.abs(effects).mean((1, 2)), [float(r["mean_abs_effect"]) for r in rows], atol=1e-3)
+    assert moved["mean_abs_effect"] > 0 and moved["mean_abs_drift"] > 0
+    still = cf.counterfactual(driver.parse([*base, "--strength", "0", "--out", str(tmp_path / "zero")]))
+    assert still["mean_abs_effect"] == still["mean_abs_drift"] == 0
 
 
 def test_counterfactuals_of_the_held_out_subjects_refuse_one_images_flags_and_a_run_without_them(conditioned_run,
@@ -393,6 +420,7 @@ def test_counterfactuals_of_the_held_out_subjects_refuse_one_images_flags_and_a_
     for flag in (["--from", "class=AD"], ["--slice", "3"], ["--mask", str(next((data / "AD").iterdir()))]):
         assert f"{flag[0]} is for one --input image" in error_of(driver.main, [*base, "--set", "class=NC", *flag])
     assert "say what to change the held-out images to" in error_of(driver.main, base)
+    assert "nothing can be said of it" in error_of(driver.main, [*base, "--shift", "age=1000"])
     assert "--num must be positive" in error_of(driver.main, [*base, "--set", "class=NC", "--num", "0"])
     one = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--set", "class=NC"]
     assert "--num counts the images of --input held-out" in error_of(driver.main, [*one, "--num", "4"])
@@ -400,6 +428,26 @@ def test_counterfactuals_of_the_held_out_subjects_refuse_one_images_flags_and_a_
     assert "held out none" in error_of(driver.main, ["counterfactual", "--run", str(unconditional), "--input",
                                                      "held-out", "--set", "x=1", "--out", str(tmp_path / "u")])
     assert not (tmp_path / "cf").exists()
+
+
+def test_a_counterfactual_shift_moves_the_inputs_own_covariate(conditioned_run, tmp_path, monkeypatch):
+    """--shift age=10 with --from age=71: denoised at 81, the other values kept; refused without the own value, beside
+    --set of the same name, for a category and for a shift of 0."""
+    from conditions import counterfactual as cf
+    run, data = conditioned_run
+    seen = {}
+    monkeypatch.setattr(cf, "counterfactual_latent", lambda model, z0, source, target, *rest: seen.update(
+        source=source.cpu(), target=target.cpu()) or z0)
+    base = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--steps", "2",
+            "--out", str(tmp_path / "cf")]
+    cf.counterfactual(driver.parse([*base, "--from", "class=AD", "--from", "age=71", "--shift", "age=10"]))
+    conditions = load_run(run, "cpu").conditions
+    assert torch.allclose(seen["target"], asked_values(conditions, ["class=AD", "age=81"])[None], equal_nan=True)
+    assert torch.allclose(seen["source"], asked_values(conditions, ["class=AD", "age=71"])[None], equal_nan=True)
+    assert "give it, --from age=VALUE" in error_of(driver.main, [*base, "--shift", "age=10"])
+    assert "give one" in error_of(driver.main, [*base, "--from", "age=71", "--set", "age=80", "--shift", "age=10"])
+    assert "is a category" in error_of(driver.main, [*base, "--from", "sex=F", "--shift", "sex=1"])
+    assert "a number other than 0" in error_of(driver.main, [*base, "--from", "age=71", "--shift", "age=0"])
 
 
 def test_a_slice_map_goes_back_to_its_voxels_in_the_input_volumes_grid(tmp_path):

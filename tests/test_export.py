@@ -2,6 +2,7 @@
 training geometry, the manifest, and an interrupted set resumed to the very same files."""
 import csv
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -366,6 +367,31 @@ def test_sample_writes_nifti_in_the_runs_geometry(trained_run, tmp_path):
     predict.predict(predict.parse_args(["--run", str(run), "--out", str(tmp_path), "--num", "2", "--format", "nifti",
                                         "--resume", *FAST]))
     assert np.allclose(nib.load(files[1]).header.get_zooms(), 0.7)
+
+
+def test_a_nifti_set_of_a_run_whose_data_moved_takes_the_data_from_data_and_never_assumes(trained_run, tmp_path):
+    """The headers' pixel size and intensity range are the training volumes': with the run's data gone from where it
+    was, --format nifti is refused naming --data (review: it wrote 1 mm pixels and 0-255 for a run trained at 3 mm,
+    and refused --data without --cohort); with --data at the moved folder, checked to hold stage 1's files, it
+    writes."""
+    from runtime.checkpoint import atomic_save
+    run, data = trained_run
+    copy, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(run, copy)
+    shutil.copytree(data, moved)
+    vq = ckpt(copy / "vqvae.pt")
+    vq["data_config"]["root"] = vq["data"] = str(tmp_path / "gone")
+    atomic_save(vq, copy / "vqvae.pt")
+    base = ["--run", str(copy), "--num", "1", "--format", "nifti", *FAST]
+    message = error_of(predict.main, [*base, "--out", str(tmp_path / "a")])
+    assert "--format nifti gives each header the pixel size" in message and "--data" in message
+    assert not (tmp_path / "a" / "samples").exists()
+    predict.main([*base, "--out", str(tmp_path / "b"), "--data", str(moved)])
+    assert len(list((tmp_path / "b" / "samples" / "all").glob("*.nii.gz"))) == 1
+    (moved / "train" / "AD" / "extra.jpeg").write_bytes((moved / "train" / "AD").iterdir().__next__().read_bytes())
+    assert "does not hold the files" in error_of(predict.main, [*base, "--out", str(tmp_path / "c"), "--data",
+                                                                str(moved)])
+    assert "without those sample reads neither" in error_of(predict.main, ["--run", str(copy), "--data", str(moved)])
 
 
 def test_sample_refuses_a_format_it_does_not_know(trained_run):
