@@ -60,7 +60,7 @@ from evaluation.memorisation import kept_samples, memorisation_check, withhold_f
 from evaluation.report import (CROP_SIZE, METRICS_ORDER, REPORT_ORDER, class_section, condition_section,
                                condition_utility_section, ema_section, format_level_table, format_table,
                                memorisation_section, save_crops, swd_levels, utility_section)
-from evaluation.sample_folder import cohort_from, folder_record, read_folder, sample_set_folder
+from evaluation.sample_folder import cohort_from, folder_record, read_folder, refuse_another_runs_set, sample_set_folder
 from evaluation.utility import (UTILITY_SEEDS, class_column, condition_utility, images_per_class, in_class_folders,
                                 kept_for_utility, refuse_seen, run_samples_of, set_labels, set_samples_of,
                                 utility_check)
@@ -258,6 +258,8 @@ def evaluate(args):
     if args.withhold_flagged and not (screened / MANIFEST).is_file():  # sample_files would read it as any folder
         raise BadInputError(f"{screened} has no {MANIFEST} (a set stopped as it began): finish it with the same "
                             f"`sample` command and --resume, then withhold")
+    if args.withhold_flagged:
+        refuse_another_runs_set(screened, run)
     if screened and out.resolve().is_relative_to(screened.resolve()):
         raise BadInputError(f"--out {out} is inside the sample set {screened}: evaluate's figures show real held-out "
                             f"scans and its tables name training images, which would go wherever the set goes; put "

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from dataset import card_transform
 from export.sample_set import MANIFEST, SETTINGS, manifest_rows, read_sample, withheld_rows
+from runtime.checkpoint import fingerprint, load_checkpoint
 from runtime.errors import BadInputError
 from volumes.images import load_image
 
@@ -82,6 +83,21 @@ def cohort_from(folder: Path) -> str | None:
     rows = json.loads((folder / SETTINGS).read_text()).get("rows", []) if folder else []
     drawn = [row[1] for row in rows if isinstance(row, list) and isinstance(row[1], dict) and "drawn" in row[1]]
     return drawn[0].get("from", "training") if drawn else None
+
+
+def refuse_another_runs_set(folder: Path, run: Path):
+    """--withhold-flagged screens the set in `folder` for copies of `run`'s training patients: a set drawn with
+    another stage 1 (its sampling.json's VQ-VAE fingerprint) came from a model that may have learned other patients,
+    and its card would say it was screened when it was not compared with them. A set that names no fingerprint (drawn
+    before sets recorded one) is not checked."""
+    drawn_with = folder_record(folder).get("vqvae_fingerprint")
+    ours = fingerprint(load_checkpoint(run / "vqvae.pt", "vqvae")["model"])
+    if drawn_with is not None and drawn_with != ours:
+        named = {row.get("run") for row in manifest_rows(folder)} - {None, ""}
+        theirs = f" (its manifest names {', '.join(sorted(named))})" if named else ""
+        raise BadInputError(f"--withhold-flagged: the set {folder} was drawn with another VQ-VAE than {run}'s{theirs}; "
+                            f"the screen would compare it with {run}'s training patients, not those its model learned: "
+                            f"give --run the run that drew it")
 
 
 def folder_record(folder: Path) -> dict:

@@ -503,6 +503,26 @@ def test_a_sample_set_scored_with_samples_brings_its_record_and_other_folders_sa
     assert "3 of 3 images" in printed and "are not 32x32" in printed and "not a sample set" in printed
 
 
+def test_withholding_refuses_a_set_drawn_by_another_runs_stage_1(conditioned_run, tmp_path):
+    """--withhold-flagged screens a set for copies of --run's training patients, and its card then says so: a set
+    drawn with another stage 1 (the fingerprint its sampling.json names) is refused, naming the run that drew it
+    (found by review: screened and carded against a run that did not make it); the set is left as it was."""
+    from runtime.checkpoint import atomic_save
+    run, _ = conditioned_run
+    driver.main(["sample", "--run", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "set")])
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    vq = torch.load(other / "vqvae.pt", weights_only=True)
+    name = next(iter(vq["model"]))
+    vq["model"][name] = vq["model"][name] + 1                       # another stage 1
+    atomic_save(vq, other / "vqvae.pt")
+    before = sorted(p.name for p in (tmp_path / "set" / "samples").rglob("*"))
+    message = error_of(driver.main, ["evaluate", "--run", str(other), "--samples", str(tmp_path / "set"),
+                                     "--withhold-flagged", "--features", "domain", "--out", str(tmp_path / "ev")])
+    assert f"was drawn with another VQ-VAE than {other}'s (its manifest names {run.resolve()})" in message
+    assert sorted(p.name for p in (tmp_path / "set" / "samples").rglob("*")) == before
+
+
 def test_evaluate_bad_inputs_give_one_line_errors(trained_run, tmp_path):
     run, _ = trained_run
     base = ["evaluate", "--run", str(run), "--features", "domain", "--classifier-steps", "0", "--out", str(tmp_path),
