@@ -211,6 +211,16 @@ def encode_dataset(vqvae: VQVAE, dataset, batch_size: int, rt: Runtime, workers:
     return torch.cat(out)
 
 
+def resume_snapshots(posthoc: PowerFunctionEMA, run: Path, step: int):
+    """The post-hoc EMA snapshots as of the checkpoint of `step`: those after it removed (of a longer attempt, killed:
+    a run that trains on draws them again, the same; one that trains no further must not count them), and its own
+    written again from the restored profiles where a kill took it (the checkpoint was written before its snapshot
+    until 2026-12-08)."""
+    drop_snapshots_after(run, step, keep_last=True)
+    if step not in snapshot_files(run):
+        posthoc.snapshot(run)
+
+
 def latent_cache(args, samples: list, vqvae: VQVAE, vq_fingerprint: str, rt: Runtime
                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """RUN/latents.pt: the training images encoded once (by rank 0; the other ranks wait, then read it), with
@@ -350,6 +360,7 @@ def train_unet(args):
     stopped_at = step if posthoc and resume else None
     if posthoc and resume:
         posthoc.load_state_dict(resume["posthoc_ema"])
+        resume_snapshots(posthoc, run, step)
     torch.manual_seed(args.seed + rt.rank)  # the same weights on every rank, its own noise and steps t after
     train_model = wrap_model(model, rt, args.compile, str(Path(args.run) / "compile_cache"))
     batches = index_batches(len(latents), args.batch_size, args.seed, rt.rank, rt.world, start=step * args.grad_accum,

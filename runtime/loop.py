@@ -276,7 +276,7 @@ class Stage:
     draw: Callable[[], tuple]               # (images in [-1, 1], per row) of what the model makes now (rank 0)
     grid: str                               # grid file prefix: RUN/<grid>_step0000100.png
     payload: Callable[[], dict]             # the stage's own checkpoint entries: kind, config, ...
-    on_save: Callable[[int], None] = lambda step: None  # rank 0, with each checkpoint: the post-hoc EMA's snapshot
+    on_save: Callable[[int], None] = lambda step: None  # rank 0, before each checkpoint: the post-hoc EMA's snapshot
     after_step: Callable[[int, bool], None] = lambda step, taken: None  # after each step (its number, whether it
                                                                         # was taken, not skipped): the EMA update
     plot: tuple[str, ...] = ("loss",)
@@ -316,11 +316,11 @@ def train_loop(stage: Stage, args, rt: Runtime, step: int, max_steps: int, resum
         state = {**stage.payload(), "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict()}
         ensure_finite_state({k: state[k] for k in LEARNED if state.get(k) is not None}, step, ckpt_path, rt)
         rng = rng_states(rt)
-        if rt.main:
+        if rt.main:  # what goes with the checkpoint first: a kill between the two leaves the one before, whole
+            stage.on_save(step)
             atomic_save({**state, "scaler": rt.scaler.state_dict(), "rng": rng, "step": step, "args": plain_args(args),
                          "lr_schedule": lr_factor.state()},
                         ckpt_path, keep_previous=True)
-            stage.on_save(step)
 
     sums, n_sum, t0 = torch.zeros(len(stage.stats), device=rt.device), 0, time.perf_counter()
     pbar = progress(total=max_steps, initial=step, desc=stage.name, dynamic_ncols=True, disable=not rt.main, quiet=True)

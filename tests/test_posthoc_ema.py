@@ -224,6 +224,49 @@ def test_a_run_stopped_at_a_snapshot_step_keeps_that_snapshot_when_resumed(posth
                 torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6)
 
 
+class Killed(BaseException):
+    """kill -9, as far as a test can: nothing after it runs, no handler saves anything."""
+
+
+def test_a_kill_between_a_checkpoint_and_its_snapshot_loses_no_snapshot(posthoc_run, tmp_path, monkeypatch):
+    """A checkpoint's snapshot is written before it: killed between the two, the run resumes from the checkpoint
+    before and draws the snapshots again, the same set as a run not stopped (found by review: written after it, the
+    snapshot was lost for good, and `driver.py ema` refused the run). A resumed run also drops a snapshot beyond its
+    checkpoint (of a longer attempt, killed) and writes its checkpoint's again where it is missing, even when it
+    trains no further."""
+    whole, _ = posthoc_run
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut, ignore=shutil.ignore_patterns("unet*", "ema_snapshots", "samples*", "log_unet*"))
+    flags = ["train-unet", "--run", str(cut), *SMALL_UNET, "--posthoc-ema", "2", "--save-every", "3",
+             "--deterministic", "--max-steps", "9"]
+    write = PowerFunctionEMA.snapshot
+
+    def killed_at_9(self, run):  # step 9 is no step of --posthoc-ema 2: its snapshot goes with its checkpoint alone
+        if self.step == 9:
+            raise Killed
+        write(self, run)
+    monkeypatch.setattr(PowerFunctionEMA, "snapshot", killed_at_9)
+    with pytest.raises(Killed):
+        driver.main(flags)
+    monkeypatch.undo()
+    driver.main([*flags, "--resume"])
+    assert ckpt(cut / "unet.pt")["step"] == 9 and sorted(snapshot_files(cut)) == [2, 3, 4, 6, 8, 9]
+    for step in (2, 4, 6):
+        a, b = ckpt(whole / "ema_snapshots" / f"step{step:07d}.pt"), ckpt(cut / "ema_snapshots" / f"step{step:07d}.pt")
+        for pa, pb in zip(a["profiles"], b["profiles"]):
+            for name in pa:
+                torch.testing.assert_close(pa[name], pb[name], rtol=1e-5, atol=1e-6)
+    last = cut / "ema_snapshots" / "step0000009.pt"
+    kept = ckpt(last)
+    shutil.copy(last, cut / "ema_snapshots" / "step0000010.pt")   # of a longer attempt, killed
+    last.unlink()                                                   # lost as the checkpoint-first order lost it
+    driver.main([*flags, "--resume"])                               # finished: trains nothing, mends the snapshots
+    assert sorted(snapshot_files(cut)) == [2, 3, 4, 6, 8, 9]
+    for pa, pb in zip(kept["profiles"], ckpt(last)["profiles"]):
+        for name in pa:
+            assert torch.equal(pa[name], pb[name])
+
+
 def test_weights_gone_nan_stop_the_run_before_their_snapshot_is_written(posthoc_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(posthoc_run[0], run, ignore=shutil.ignore_patterns("unet*", "ema_snapshots", "samples*"))
