@@ -168,7 +168,7 @@ def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device,
             raise BadInputError("--features inception: the Inception-v3 weights could not be loaded "
                                 "(no internet? pass --inception-weights FILE)")
     classifier = domain_classifier(run, dataset, train_idx, key, classifier_steps, device)
-    return ClassifierFeatures(classifier).to(device)
+    return ClassifierFeatures(classifier, classifier_steps).to(device)
 
 
 # ----------------------------------------------------------------------------- scoring

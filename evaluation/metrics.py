@@ -22,6 +22,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from evaluation.classifier import SliceClassifier
 from losses.reconstruction import laplacian_pyramid as _laplacian_pyramid  # the same bands as stage 1's Laplacian L1 loss
+from runtime.checkpoint import fingerprint
 
 
 # ----------------------------------------------------------------------------- feature networks for FID / KID
@@ -29,12 +30,14 @@ from losses.reconstruction import laplacian_pyramid as _laplacian_pyramid  # the
 class ClassifierFeatures(nn.Module):
     """The domain classifier's pooled features, in the form torchmetrics' FID/KID accept as `feature`."""
 
-    def __init__(self, classifier: SliceClassifier):
+    def __init__(self, classifier: SliceClassifier, steps: int | None = None):
         super().__init__()
         self.classifier = classifier.eval()
         self.num_features = classifier.num_features
         self.input_size = classifier.cfg.input_size  # images are resized to this before the network
-        self.name = f"domain classifier ({classifier.num_features} features)"
+        trained = f", {steps} training steps" if steps is not None else ""  # FID and KID depend on them: recorded
+        self.name = (f"domain classifier ({classifier.num_features} features{trained}, weights "
+                     f"{fingerprint(classifier.state_dict())})")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

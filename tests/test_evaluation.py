@@ -19,6 +19,7 @@ from evaluation.metrics import (ClassifierFeatures, SetScorer, _laplacian_pyrami
                                 sliced_wasserstein)
 from evaluation.classifier import ClassifierConfig, SliceClassifier
 from conftest import error_of
+from runtime.checkpoint import fingerprint
 from runtime.models import load_run
 from volumes.layouts import subject_id
 
@@ -214,7 +215,9 @@ def test_evaluate_end_to_end_writes_metrics_and_report(trained_run, tmp_path, ca
     assert {k: metrics["sampling"][k] for k in recorded} == {
         "seed": 3, "batch_size": 4, "device": "cpu", "unet_fingerprint": model.fingerprint, "posthoc_ema_sigma_rel": None}
     assert "seed 3, seconds_per_image" in (out / "report.md").read_text()
-    assert metrics["features"].startswith("domain classifier")
+    classifier = torch.load(run / "classifier.pt", weights_only=True)           # what FID and KID were measured in
+    assert metrics["features"] == (f"domain classifier (240 features, 0 training steps, weights "
+                                   f"{fingerprint(classifier['model'])})") and classifier["key"]["steps"] == 0
     assert 0 < metrics["vqvae"]["psnr"] < 100 and 0 < metrics["vqvae"]["codebook_used"] <= 1
     report = (out / "report.md").read_text()
     assert "seen in training" in report and "not reliable" in report and "eval_samples.png" in report
