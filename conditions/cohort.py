@@ -155,7 +155,7 @@ def binned(cohort: Cohort, conditions: list[Condition], bins: dict[str, float]) 
             width = bins[c.name]
             slack = (c.high - c.low) * 2.0 ** -20 / width + 1e-9  # many times float32's error, far below a table's
             middle = (torch.floor(c.in_units(y[:, k].double()) / width + slack) + 0.5) * width
-            y[:, k] = ((middle - c.low) / ((c.high - c.low) or 1.0)).float()
+            y[:, k] = ((middle - c.low) / c.width).float()
     return replace(cohort, y=y)
 
 

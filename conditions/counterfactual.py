@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -64,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--num", type=int, default=None,
                    help="with --input held-out: at most this many images, spread over those of the held-out subjects "
                         "(default: all)")
+    p.add_argument("--data", default=None,
+                   help="with --input held-out: the run's data folder, if it moved (checked to hold stage 1's files)")
+    p.add_argument("--labels", default=None,
+                   help="with --input held-out: the run's participants table, if it moved (checked to be the run's)")
     p.add_argument("--slice", type=int, default=None,
                    help="the slice of a volume along the run's axis, RAS order from 0 (default: the middle of those the "
                         "run would take)")
@@ -174,8 +179,9 @@ def counterfactual(args):
     (conditions/counterfactual_set.py)."""
     run, data, held_out = Path(args.run), args.data_config, args.input == HELD_OUT
     out = Path(args.out or run / ("counterfactual_held-out" if held_out else "counterfactual"))
-    data.refuse_inside(out, "--out" if args.out else "the output folder, in the run folder by default,")
-    masked_fill = args.mask is not None and not args.set_values
+    for where in [data] + ([replace(data, root=args.data)] if args.data else []):  # --data: where it is now
+        where.refuse_inside(out, "--out" if args.out else "the output folder, in the run folder by default,")
+    masked_fill = args.mask is not None and not args.set_values and not args.shift_values
     strength = args.strength if args.strength is not None else (1.0 if masked_fill else DEFAULT_STRENGTH)
     noise = args.noise if args.noise is not None else masked_fill
     if not 0 <= strength <= 1 or args.steps <= 0 or args.guidance < 0:
@@ -256,8 +262,10 @@ def refuse_held_out_flags(args, held_out: bool):
     """--input held-out changes many images, each under its own values: the flags of one image are refused with it,
     and --num without it."""
     if not held_out:
-        if args.num is not None:
-            raise BadInputError("--num counts the images of --input held-out; one --input is one image")
+        for flag, given in (("--num", args.num is not None), ("--data", args.data), ("--labels", args.labels)):
+            if given:
+                raise BadInputError(f"{flag} is for --input held-out (which images, and where the run's data and "
+                                    f"table are now); one --input image needs neither")
         return
     one_image = [flag for flag, given in (("--from", args.from_values), ("--mask", args.mask),
                                           ("--slice", args.slice is not None)) if given]

@@ -12,8 +12,9 @@ value not given stays open) and denoised twice from that same latent: under its 
 the change of conditions does alone, the *effect*; twin - reconstruction is what inversion and denoising change by
 themselves, the *drift*: the null, which the effect must stand out from before it says anything of the condition.
 Images that have --set's values already (the NC images, for --set group=NC) have no effect by construction, and
-those with no own value to --shift none to move: both are left out and counted. Subjects, not images, are the
-independent units: the summary compares the subjects' means.
+those with no own value of what changes (n/a in the table, a category the run does not know) none to change from:
+both are left out and counted. Subjects, not images, are the independent units: the summary compares the subjects'
+means.
 
 Writes into OUT (default RUN/counterfactual_held-out):
     counterfactuals.csv   a row per image: its file (and slice of its volume), subject, class folder, its own values
@@ -67,17 +68,17 @@ class HeldOut:
     data: dict          # the data folder and the hold-out they come from, for the record
 
 
-def held_out_images(run: Path, model: LatentDiffusion) -> HeldOut:
-    """The images of the subjects stage 1 held out, in the run's data folder (its files checked to be stage 1's), with
-    the values the UNet's conditions take for each: the class folder, and the participants table stage 2 read (its
-    contents checked to be the same)."""
-    _, data = stage1_data(run)
-    table = saved_table(model.labels, data.folder()) if model.labels else None
+def held_out_images(run: Path, model: LatentDiffusion, root: str | None = None, labels: str | None = None) -> HeldOut:
+    """The images of the subjects stage 1 held out, in the run's data folder (its files checked to be stage 1's; `root`,
+    --data: where it is now), with the values the UNet's conditions take for each: the class folder, and the
+    participants table stage 2 read (its contents checked to be the same; `labels`, --labels: where it is now)."""
+    _, data = stage1_data(run, root)
+    table = saved_table(model.labels, data.folder(), labels) if model.labels else None
     if table is not None and table.sha1 != model.labels["sha1"]:
         raise BadInputError(f"the participants table {table.file} changed since this run was trained: the held-out "
                             f"images would be inverted under values the run did not join to them; restore it")
-    dataset = load_slices(data.folder(), data.image_size, data.channels, skip_bad=data.skip_bad_images,
-                          slicing=data.slicing, layout=data.layout)
+    dataset = load_slices(data.folder(), data.image_size, data.channels, disk_cache=run,  # training's cache, if large
+                          skip_bad=data.skip_bad_images, slicing=data.slicing, layout=data.layout)
     _, held = data.split(dataset.samples, dataset.classes)
     paths = [dataset.samples[i][0] for i in held]
     subjects = subjects_of(paths, data.subject())
@@ -100,10 +101,14 @@ def spread(indices: list[int], num: int | None) -> list[int]:
     return [indices[int(j)] for j in torch.linspace(0, len(indices) - 1, num).round().long()]
 
 
-def already(own: torch.Tensor, asked: torch.Tensor) -> torch.Tensor:
-    """(N,) booleans: whether each image's own values are already those --set asks for (`asked`, (K,), NaN where none
-    is asked); an image whose own value is not given is not."""
-    return ((own == asked) | asked.isnan()).all(dim=1)
+def left_out(own: torch.Tensor, asked: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) booleans twice, for images of own values `own` (N, K): whether each has the values --set asks for already
+    (`asked`, (K,), NaN where none is asked) and --shift moves none (`shifts`, (K,)), so that it has no effect; and
+    whether it has no own value of a condition that changes (n/a, a category the run does not know), whose change
+    would be from an open value, not from its own."""
+    changes = ~asked.isnan() | (shifts != 0)
+    unchanged = ((own == asked) | asked.isnan()).all(dim=1) & ~(shifts != 0).any()
+    return unchanged, (own.isnan() & changes).any(dim=1)
 
 
 @torch.no_grad()
@@ -129,12 +134,11 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     """The command with --input held-out (the module's docstring): pick, change, summarise, write. `asked`: (K,) the
     --set values, NaN elsewhere; `shifts`: (K,) the --shift changes, 0 elsewhere (`asked_shifts`); `change`: as
     `change_all` takes it; `how`: the record's entries of how each image was changed."""
-    held = held_out_images(run, model)
-    unchanged = already(held.own, asked) & bool((shifts == 0).all())
-    unshiftable = (held.own.isnan() & (shifts != 0)).any(dim=1)  # no own value to move
-    order = spread([i for i in range(len(held.own)) if not unchanged[i] and not unshiftable[i]], args.num)
+    held = held_out_images(run, model, args.data, args.labels)
+    unchanged, unknown = left_out(held.own, asked, shifts)
+    order = spread([i for i in range(len(held.own)) if not unchanged[i] and not unknown[i]], args.num)
     if not order:
-        raise BadInputError(f"no held-out image to change: each has {asking(args)} already, or no own value to shift")
+        raise BadInputError(f"no held-out image to change: each has {asking(args)} already, or no own value of it")
     own = held.own[order]
     target = torch.where(asked.isnan(), own, asked) + shifts  # what --set does not change stays each image's own
     if ((target < -10) | (target > 11)).any():  # as --set refuses: the covariate's embedding only extrapolates there
@@ -150,7 +154,7 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
         row.update(mean_abs_effect=f"{effect.abs().mean().item():.6g}", mean_abs_drift=f"{drift.abs().mean().item():.6g}")
 
     counts = {"images": len(order), "subjects": len({r["subject"] for r in rows}),
-              "left_out_with_those_values": int(unchanged.sum()), "left_out_without_own_value": int(unshiftable.sum()),
+              "left_out_with_those_values": int(unchanged.sum()), "left_out_without_own_value": int(unknown.sum()),
               "beyond_training_range": int((((target < 0) | (target > 1)) & (shifts != 0)).any(dim=1).sum())}
     begin_writing(out, SET_FILES)
     atomic_write(out / "counterfactuals.csv", lambda f: f.write(csv_text(rows).encode()))
@@ -212,7 +216,7 @@ def summary_line(asking: str, record: dict) -> str:
     if record["left_out_with_those_values"]:
         line += f"; {record['left_out_with_those_values']} left out, with those values already"
     if record["left_out_without_own_value"]:
-        line += f"; {record['left_out_without_own_value']} left out, with no own value to shift"
+        line += f"; {record['left_out_without_own_value']} left out, with no own value of what changes"
     return line
 
 

@@ -50,6 +50,11 @@ class Condition:
     high: float = 1.0
 
     @property
+    def width(self) -> float:
+        """The units of a covariate's scale: its training range, or 1 where training had one value (which is 0)."""
+        return (self.high - self.low) or 1.0
+
+    @property
     def size(self) -> int:
         """What the UNet's config holds for it: the number of categories, 0 for a continuous covariate."""
         return len(self.values) if self.kind == "category" else 0
@@ -62,7 +67,7 @@ class Condition:
         if self.kind == "category":
             return float(self.values.index(text.strip())) if text.strip() in self.values else math.nan
         number = as_number(text)
-        return math.nan if number is None else (number - self.low) / ((self.high - self.low) or 1.0)
+        return math.nan if number is None else (number - self.low) / self.width
 
     def unknown(self, text: str | None) -> bool:
         """Whether a table's value is given and yet not one the UNet knows: a category training never had."""
@@ -86,7 +91,7 @@ class Condition:
 
     def in_units(self, values: torch.Tensor) -> torch.Tensor:
         """Scaled covariate values back in the covariate's units (a category's indices as they are)."""
-        return values if self.size else values * (self.high - self.low) + self.low
+        return values if self.size else values * self.width + self.low
 
     def decode(self, value: float) -> str | None:
         """`encode` undone: the value as a table writes it (a category's name, a covariate in its units), None for
@@ -95,7 +100,7 @@ class Condition:
             return None
         if self.kind == "category":
             return self.values[int(value)]
-        return f"{self.low + value * (self.high - self.low):.6g}"
+        return f"{self.low + value * self.width:.6g}"
 
     def describe(self) -> str:
         return f"{self.name} ({'/'.join(self.values)})" if self.kind == "category" else \
@@ -224,7 +229,7 @@ def asked_shifts(conditions: list[Condition], shifts: list[str]) -> torch.Tensor
             raise BadInputError(f"--shift {name}={value}: give each covariate once, and a number other than 0 in its "
                                 f"units (--shift {name}=10)")
         named.add(name)
-        delta[k] = as_number(value) / ((c.high - c.low) or 1.0)
+        delta[k] = as_number(value) / c.width
     return delta
 
 

@@ -208,7 +208,7 @@ def sweep_figure(c: Condition, k: int, conditions: list[Condition], generate, gu
     rows = []
     for v in values.tolist():
         asked = torch.full((SWEEP_IMAGES, len(conditions)), math.nan)
-        asked[:, k] = (v - c.low) / ((c.high - c.low) or 1.0)
+        asked[:, k] = (v - c.low) / c.width
         rows.append((f"{c.name}={v:.3g}", generate(asked, guidance)))
     name = f"eval_sweep_{''.join(ch if ch.isalnum() else '_' for ch in c.name)}.png"
     save_rows(rows, out / name)

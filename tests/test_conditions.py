@@ -423,7 +423,8 @@ def test_counterfactuals_of_the_held_out_subjects_refuse_one_images_flags_and_a_
     assert "nothing can be said of it" in error_of(driver.main, [*base, "--shift", "age=1000"])
     assert "--num must be positive" in error_of(driver.main, [*base, "--set", "class=NC", "--num", "0"])
     one = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--set", "class=NC"]
-    assert "--num counts the images of --input held-out" in error_of(driver.main, [*one, "--num", "4"])
+    for flag in (["--num", "4"], ["--data", str(data)], ["--labels", str(data / "participants.csv")]):
+        assert f"{flag[0]} is for --input held-out" in error_of(driver.main, [*one, *flag])
     unconditional, _ = trained_run  # trained with --holdout 0
     assert "held out none" in error_of(driver.main, ["counterfactual", "--run", str(unconditional), "--input",
                                                      "held-out", "--set", "x=1", "--out", str(tmp_path / "u")])
@@ -448,6 +449,62 @@ def test_a_counterfactual_shift_moves_the_inputs_own_covariate(conditioned_run, 
     assert "give one" in error_of(driver.main, [*base, "--from", "age=71", "--set", "age=80", "--shift", "age=10"])
     assert "is a category" in error_of(driver.main, [*base, "--from", "sex=F", "--shift", "sex=1"])
     assert "a number other than 0" in error_of(driver.main, [*base, "--from", "age=71", "--shift", "age=0"])
+    image = Image.open(next((data / "AD").iterdir())).convert("L")
+    Image.new("L", image.size, 255).save(tmp_path / "mask.png")
+    record = cf.counterfactual(driver.parse([*base, "--from", "age=71", "--shift", "age=10", "--mask",
+                                             str(tmp_path / "mask.png")])) and json.loads(
+        (tmp_path / "cf" / "counterfactual.json").read_text())
+    assert record["strength"] == 0.5 and record["inversion"] == "DDIM"     # a change, not a fill from noise
+
+
+def test_held_out_images_without_an_own_value_of_what_changes_are_left_out_not_changed_from_open():
+    """An image with group n/a (or a category the run does not know, NaN alike) set to NC would be changed from an
+    open value: left out and counted, for --set as for --shift (found by review: pooled into the effect); one at NC
+    already has no effect."""
+    from conditions.counterfactual_set import left_out
+    nan = float("nan")
+    own = torch.tensor([[0.0, 0.5], [1.0, 0.5], [nan, 0.5], [0.0, nan]])   # group (AD 0, NC 1), age
+    unchanged, unknown = left_out(own, torch.tensor([1.0, nan]), torch.zeros(2))              # --set group=NC
+    assert unchanged.tolist() == [False, True, False, False] and unknown.tolist() == [False, False, True, False]
+    unchanged, unknown = left_out(own, torch.tensor([nan, nan]), torch.tensor([0.0, 0.1]))    # --shift age=...
+    assert unchanged.tolist() == [False] * 4 and unknown.tolist() == [False, False, False, True]
+
+
+def test_a_covariate_of_one_training_value_decodes_what_it_encodes_and_shifts():
+    """Training ages all 70: the scale's unit is 1 year (encode divides by 1), and decode multiplies by the same (found
+    by review: it multiplied by 0, so every shifted or asked age read back as 70)."""
+    from conditions.counterfactual import shifted
+    from conditions.table import asked_shifts
+    age = Condition("age", "continuous", low=70.0, high=70.0)
+    assert age.decode(age.encode("80")) == "80" and age.in_units(torch.tensor([10.0])).item() == 80
+    to = shifted([age], asked_values([age], ["age=70"])[None], asked_values([age], [])[None],
+                 asked_shifts([age], ["age=10"]), ["age=10"])
+    assert age.decode(to[0, 0].item()) == "80"
+
+
+def test_counterfactuals_of_the_held_out_subjects_find_moved_data_and_large_sets(conditioned_run, tmp_path,
+                                                                                 monkeypatch):
+    """--data says where the run's data is now (checked to be stage 1's files), as for evaluate; a data set too large
+    for memory is read through the run's disk cache (found by review: no --data, and a crash past 8 GiB)."""
+    from functools import partial
+    import dataset
+    from conditions import counterfactual_set
+    from runtime.checkpoint import atomic_save
+    run, data = conditioned_run
+    copy, moved = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("counterfactual*"))
+    shutil.copytree(data, moved)
+    vq = ckpt(copy / "vqvae.pt")
+    vq["data_config"]["root"] = vq["data"] = str(tmp_path / "gone")
+    atomic_save(vq, copy / "vqvae.pt")
+    base = ["counterfactual", "--run", str(copy), "--input", "held-out", "--set", "class=NC", "--steps", "2",
+            "--num", "1", "--labels", str(moved / "participants.csv")]
+    assert "does not exist" in error_of(driver.main, [*base, "--out", str(tmp_path / "a")])
+    monkeypatch.setattr(counterfactual_set, "load_slices", partial(dataset.load_slices, cache_gb=1e-6))
+    record = driver.counterfactual.counterfactual(driver.parse([*base, "--data", str(moved), "--out",
+                                                                str(tmp_path / "b")]))
+    assert record["images"] == 1 and record["data"] == str(moved.resolve())
+    assert list(copy.glob("images-*px-*ch.npy"))                            # decoded into the run's disk cache
 
 
 def test_a_slice_map_goes_back_to_its_voxels_in_the_input_volumes_grid(tmp_path):
