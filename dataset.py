@@ -35,7 +35,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSamp
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from runtime.checkpoint import atomic_write
+from runtime.checkpoint import atomic_write, let_go_of_run_locks
 from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir
 from volumes.images import image_percentiles, load_image
@@ -357,7 +357,9 @@ def _leave_stop_signals_to_the_trainer(worker_id: int):
     sent to the group (`kill -- -PGID`), reaches every process of the group, and a worker that died of it would fail
     the step that the trainer finishes before it saves (runtime/signals.py). SIGTERM still ends a worker: it is how
     the trainer ends its workers when it exits (reset here: a worker forked inside a training loop would inherit its
-    handler, which only notes the signal); a worker also ends by itself once the trainer is gone."""
+    handler, which only notes the signal); a worker also ends by itself once the trainer is gone, and holds none of
+    the trainer's run locks meanwhile (its copies closed: a kill -9 of the trainer frees the run at once)."""
+    let_go_of_run_locks()
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

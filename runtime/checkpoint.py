@@ -180,6 +180,19 @@ def plain_args(args) -> dict:
             if v is None or isinstance(v, (int, float, str, bool, list, tuple))}
 
 
+HELD_LOCKS: set[int] = set()  # the descriptors of the run locks this process holds (`run_lock`)
+
+
+def let_go_of_run_locks():
+    """In a process forked from one that holds run locks (a loader worker): its copies of their descriptors closed, so
+    that the lock ends with its holder (a kill -9 of the trainer left its workers holding RUN/.lock for seconds, and
+    the `--resume` that followed at once was refused). Never unlocked here: the lock is the holder's, shared."""
+    for fd in list(HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    HELD_LOCKS.clear()
+
+
 @contextlib.contextmanager
 def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = "training or changing"):
     """Held while a command trains or changes the run in `run` (rank 0 under torchrun): a second one (another
@@ -220,9 +233,11 @@ def run_lock(run: Path, create: bool = False, lock: str = ".lock", doing: str = 
             f.truncate(0)
             f.write(f"pid {os.getpid()}")
             f.flush()
+            HELD_LOCKS.add(f.fileno())
             try:
                 yield
             finally:
+                HELD_LOCKS.discard(f.fileno())
                 f.truncate(0)
                 fcntl.flock(f, fcntl.LOCK_UN)
     finally:

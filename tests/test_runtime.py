@@ -1,6 +1,7 @@
 """runtime/: checkpoints written atomically and loaded safely (damaged, crafted, of another kind or version),
 a full disk, and the device and precision checks."""
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -285,6 +286,38 @@ def test_two_commands_started_at_once_on_a_new_run_do_not_both_go_on(trained_run
     assert not new.exists()
     vqvae(new, data, "--max-steps", "2")
     assert ckpt(new / "vqvae.pt")["step"] == 2
+
+
+def test_a_loader_worker_does_not_keep_the_run_locked_once_its_trainer_is_killed(tmp_path):
+    """kill -9 of a trainer whose loader workers (forked while it held RUN/.lock) outlive it for a while: the run is
+    free at once, so the scheduler's `--resume` that follows goes on (found by review: refused for about 5 s, naming
+    the dead pid). The worker is forked as DataLoader forks it, and set up by its worker_init_fn."""
+    from runtime.checkpoint import run_lock
+    script = (
+        "import multiprocessing, sys, time\n"
+        "from pathlib import Path\n"
+        "from dataset import _leave_stop_signals_to_the_trainer\n"
+        "from runtime.checkpoint import run_lock\n"
+        "def worker():\n"
+        "    _leave_stop_signals_to_the_trainer(0)\n"
+        "    time.sleep(60)\n"
+        "with run_lock(Path(sys.argv[1])):\n"
+        "    child = multiprocessing.get_context('fork').Process(target=worker)\n"
+        "    child.start()\n"
+        "    print(child.pid, flush=True)\n"
+        "    time.sleep(60)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    worker = int(trainer.stdout.readline())
+    time.sleep(0.5)                                                  # the worker has run its worker_init_fn
+    try:
+        trainer.kill()
+        trainer.wait()
+        with run_lock(tmp_path):                                     # the worker still runs, and holds no lock
+            os.kill(worker, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_a_folder_whose_lock_cannot_be_written_stops_the_command_in_one_line(tmp_path):
