@@ -18,6 +18,7 @@ averaged over ranks. One optimizer step = --grad-accum micro-batches of --batch-
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -221,31 +222,49 @@ def resume_snapshots(posthoc: PowerFunctionEMA, run: Path, step: int):
         posthoc.snapshot(run)
 
 
-def latent_cache(args, samples: list, vqvae: VQVAE, vq_fingerprint: str, rt: Runtime
+def latent_cache(args, samples: list, vqvae: VQVAE, vq_ckpt: dict, rt: Runtime
                  ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """RUN/latents.pt: the training images encoded once (by rank 0; the other ranks wait, then read it), with
-    their class labels and files; reused while the VQ-VAE, the data config and the image files (names, sizes,
-    modification times) are unchanged, which is checked without decoding any image."""
+    their class labels and files; reused while the VQ-VAE, the data config and the image files are unchanged, wherever
+    the folder now is (--data: the same images moved; the paths are then put in their new place): encoded again, the
+    latents a resumed run trains on would change with this command's device and precision. The files: their names in
+    the data folder and sizes, whose contents `check_same_files` checked against stage 1's; for a stage 1 that kept no
+    hash of its files' contents (before 2026-12-07), their modification times too. Which device and precision encoded
+    the latents is kept with them."""
+    vq_fingerprint = fingerprint(vq_ckpt["model"])
+    listing = "sha1" if "contents" in (vq_ckpt.get("data_files") or {}) else "times"
     path = Path(args.run) / "latents.pt"
     data = args.data_config
     with main_rank_first(rt):
         if not rt.main:
             cache = load_checkpoint(path, "latents")
-            return cache["z"].float(), cache["y"], cache["paths"]
-        key = {"vqvae": vq_fingerprint, **data.saved(), "count": len(samples), "files": files_fingerprint(samples)}
+            return cache["z"].float(), cache["y"], moved_paths(cache, data)
+        saved = data.saved()
+        key = {"vqvae": vq_fingerprint, **{k: v for k, v in saved.items() if k != "root"}, "count": len(samples),
+               "files": data_files_key(data)[listing]}
+        before = {"vqvae": vq_fingerprint, **saved, "count": len(samples), "files": files_fingerprint(samples)}
         remove_unfinished(path.parent, path.name)
         if path.exists():
             cache = load_checkpoint(path, "latents")
-            if cache["key"] == key and "paths" in cache:
+            if cache["key"] in (key, before) and "paths" in cache:  # before: a cache written before 2026-12-08
                 print(f"latent cache {path}: {len(cache['z'])} latents reused")
-                return cache["z"].float(), cache["y"], cache["paths"]
+                return cache["z"].float(), cache["y"], moved_paths(cache, data)
         workers = args.workers or cpus_per_process()
         dataset = training_data(data, args.cache_gb, workers, Path(args.run))
         z = encode_dataset(vqvae, dataset, 64, rt, workers)
         y, paths = dataset_labels(dataset), dataset_paths(dataset)  # of the images decoded: --skip-bad-images may
-        atomic_save({"kind": "latents", "key": key, "z": z, "y": y, "paths": paths}, path)  # have left some out
+        atomic_save({"kind": "latents", "key": key, "z": z, "y": y, "paths": paths, "root": saved["root"],  # have
+                     "encoded": {"device": rt.device.type, "precision": rt.precision}}, path)  # left some out
         print(f"latent cache {path}: {len(z)} latents written")
         return z, y, paths
+
+
+def moved_paths(cache: dict, data) -> list[str]:
+    """The cache's image paths in the data folder where it is now (the same files, by the cache's key)."""
+    then, now = cache.get("root"), str(data.saved()["root"])
+    if then is None or then == now:
+        return cache["paths"]
+    return [os.path.join(now, os.path.relpath(p, then)) for p in cache["paths"]]
 
 
 def unet_config(args, latent_shape, conditions: tuple = ()) -> UNetConfig:
@@ -327,7 +346,7 @@ def train_unet(args):
     # data: the latent cache, scaled to unit variance (the scale is measured, saved and reused), and the conditions
     if not resume:  # a participants table's error before the latents are encoded, which may take minutes
         training_conditions(args, None, classes, [p for p, _ in samples], torch.tensor([k for _, k in samples]))
-    z, labels, paths = latent_cache(args, samples, vqvae, vq_fingerprint, rt)
+    z, labels, paths = latent_cache(args, samples, vqvae, vq_ckpt, rt)
     conditions, y, table, report = training_conditions(args, resume, classes, paths, labels)
     if conditions:
         rt.log(report)

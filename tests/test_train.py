@@ -34,6 +34,7 @@ from runtime.errors import BadInputError
 from runtime.models import load_run
 from runtime.optimizer import adamw, load_optimizer
 from runtime.process import any_rank, mean_over_ranks, setup_runtime, wrap_model
+from volumes.run_data import DataConfig
 
 
 BATCH = 4  # per rank / per micro-batch
@@ -493,6 +494,36 @@ def test_skip_bad_images_trains_both_stages_on_the_readable_ones(tmp_path, capsy
     unet(tmp_path / "b", "--max-steps", "2", "--conditional")               # inherits the flag from stage 1
     latents = ckpt(tmp_path / "b" / "latents.pt")
     assert len(latents["z"]) == 12 and latents["y"].tolist() == [0] * 6 + [1] * 6
+
+
+def test_a_resumed_stage_2_whose_data_moved_keeps_the_latents_it_trained_on(trained_run, tmp_path, capsys):
+    """--data at the same images in another place (copied: other modification times, the same contents, which stage
+    1's hash confirms): the latent cache is reused, its paths put in the new place, not encoded again with this
+    command's device and precision (found by review: moving the data re-encoded the latents of a resumed run)."""
+    run, data = trained_run
+    copy, images = tmp_path / "run", tmp_path / "moved"
+    shutil.copytree(run, copy)
+    shutil.copytree(data, images, copy_function=shutil.copy)        # new modification times
+    before = (copy / "latents.pt").read_bytes()
+    unet(copy, "--max-steps", "5", "--resume", "--data", str(images))
+    assert "latents reused" in capsys.readouterr().out and (copy / "latents.pt").read_bytes() == before
+    assert ckpt(copy / "unet.pt")["step"] == 5
+    cache = ckpt(copy / "latents.pt")
+    assert cache["root"] == str(data.resolve()) and cache["encoded"] == {"device": "cpu", "precision": "fp32"}
+    moved = train.moved_paths(cache, DataConfig(str(images)))
+    assert moved == [str(images.resolve() / Path(p).relative_to(data.resolve())) for p in cache["paths"]]
+    assert all(Path(p).is_file() for p in moved)
+    # a cache written before its key left the folder's place out (2026-12-08) is still this run's
+    from dataset import files_fingerprint
+    from runtime.checkpoint import atomic_save
+    from volumes.run_data import training_files
+    where = DataConfig.of_run(copy)
+    samples, _ = training_files(where)
+    cache["key"] = {"vqvae": cache["key"]["vqvae"], **where.saved(), "count": len(samples),
+                    "files": files_fingerprint(samples)}
+    atomic_save(cache, copy / "latents.pt")
+    unet(copy, "--max-steps", "6", "--resume")
+    assert "latents reused" in capsys.readouterr().out
 
 
 def test_latent_cache_is_rebuilt_when_an_image_is_replaced_under_the_same_name(trained_run, tmp_path, capsys):
