@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -169,6 +170,16 @@ def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device,
                                 "(no internet? pass --inception-weights FILE)")
     classifier = domain_classifier(run, dataset, train_idx, key, classifier_steps, device)
     return ClassifierFeatures(classifier, classifier_steps).to(device)
+
+
+def remove_stale_figures(out: Path, report: str):
+    """The eval_* files of an earlier evaluation into the same folder that this one's report neither shows nor names
+    (an earlier run's eval_samples.png beside the report of a stage 1 alone), removed once the new report and
+    metrics.json are whole."""
+    named = set(re.findall(r"eval_[\w.-]+?\.(?:png|csv)", report))
+    for stale in out.glob("eval_*"):
+        if stale.is_file() and stale.name not in named:
+            stale.unlink()
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -536,6 +547,7 @@ def evaluate(args):
     text = "\n".join(report) + "\n"
     atomic_write(out / "report.md", lambda f: f.write(text.encode()))
     atomic_write(out / "metrics.json", lambda f: f.write(json_text(metrics).encode()))
+    remove_stale_figures(out, text)
     print(vq_line)
     print(table)
     print(level_table)
