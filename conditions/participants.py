@@ -168,6 +168,12 @@ def scan_subjects(table: Table, relatives: list[str]) -> tuple[dict[str, str], l
     return dict(sorted(found.items())), unnamed
 
 
+def scan_rows(table: Table, relatives: list[str]) -> list[dict[str, str] | None]:
+    """Each file's row of a table of scans, by the scan the file at `relative` names (None: it names none)."""
+    rows = {scan: row for scans in table.sessions.values() for scan, row in scans.items()}
+    return [rows.get(scan_of(relative, rows, table.file)) for relative in relatives]
+
+
 def find_table(data_folder: Path, labels: str | None) -> Path | None:
     """--labels FILE, else the data folder's own participants.tsv (BIDS), else None; as an absolute path, which the run
     saves, so that it is found again from any working directory."""

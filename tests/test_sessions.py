@@ -288,6 +288,14 @@ def test_a_table_of_scans_keeps_each_patients_scans_on_one_side_of_the_hold_out_
                                            "I20007": "002_S_0559", "I30000": "002_S_0685", "I55286": "002_S_0295"}
     summary = subject_summary(config)
     assert "12 images of 4 subjects" in summary and "search.csv ('Subject' of 'Image Data ID')" in summary
+    assert "WARNING" not in summary                                  # every scan in the folder of its Group
+    text = table.read_text()
+    table.write_text(text.replace("I20007,002_S_0559,NC", "I20007,002_S_0559,AD"))   # its later scan: AD
+    assert ("WARNING: 2 of the files sit in a class folder other than their scan's 'Group' in search.csv (e.g. "
+            "NC/20007_67.png: Group AD)") in subject_summary(config)
+    table.write_text(text.replace("I20007,002_S_0559,NC", "I20007,002_S_0559,MCI"))  # no class of the run's: not said
+    assert "WARNING" not in subject_summary(config)
+    table.write_text(text)
     assert not any(splits_a_patient(config))
     assert config.flags() == {name: getattr(args, name) for name in config.flags()}
     table.unlink()  # what stage 1 found is saved: the table moved or gone changes no subject

@@ -24,6 +24,7 @@ from typing import Callable
 
 from torch.utils.data import Dataset, Subset
 
+from conditions.participants import read_table, scan_rows
 from dataset import SliceFolders, size_and_time, load_slices
 from runtime.checkpoint import atomic_write, load_checkpoint
 from runtime.errors import BadInputError
@@ -239,6 +240,7 @@ def subject_summary(data: DataConfig) -> str:
     if data.layout.scan_table:
         line += (f", each file its scan's subject in {os.path.basename(data.layout.scan_table)} ("
                  f"{data.layout.scan_subject_column or 'participant_id'!r} of {data.layout.scan_column!r})")
+        line += class_disagreements(folders, data)
     if data.layout.class_column:
         left_out = f" ({_count(folders.unlabelled, kind)} of subjects without one left out)"
         table = os.path.basename(data.layout.class_table or "participants.tsv")
@@ -280,6 +282,30 @@ def subject_summary(data: DataConfig) -> str:
                  "a subject of their own, so the hold-out may split one person's scans: if some are of one person, "
                  "name them with --subject-pattern")
     return line
+
+
+def class_disagreements(folders: SliceFolders, data: DataConfig) -> str:
+    """'; WARNING: ...' where a column of the run's table of scans names the class folders (ADNI's Group: AD, CN) and
+    some files' scans are of another class there (a patient's later scan sorted by the diagnosis of the first), else
+    nothing. The class folders decide the class the run trains on; the table is not read where it is gone."""
+    layout, classes = data.layout, set(folders.classes)
+    if len(classes) < 2 or not Path(layout.scan_table).is_file():
+        return ""
+    table = read_table(Path(layout.scan_table), layout.scan_subject_column, session_column=layout.scan_column)
+    rows = scan_rows(table, [os.path.relpath(p, data.folder()) for p, _ in folders.samples])
+    for column in sorted(table.session_columns):
+        given = [(row.get(column, "").strip(), folders.classes[k], path)
+                 for row, (path, k) in zip(rows, folders.samples) if row]
+        if len({value for value, _, _ in given} & classes) < 2:  # not a column of these classes
+            continue
+        other = [(value, folder, path) for value, folder, path in given if value in classes and value != folder]
+        if other:
+            value, folder, path = other[0]
+            return (f"; WARNING: {len(other)} of the files sit in a class folder other than their scan's {column!r} in "
+                    f"{os.path.basename(layout.scan_table)} (e.g. {os.path.relpath(path, data.folder())}: {column} "
+                    f"{value}): the run trains each as its folder says; if the folders were sorted by another scan's "
+                    f"diagnosis, sort them by each scan's")
+    return ""
 
 
 def refuse_subject_folders_as_classes(data: DataConfig):
