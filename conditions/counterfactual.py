@@ -4,7 +4,7 @@
     python driver.py counterfactual --run RUN --input slice.png --set age=85 --strength 0.6
     python driver.py counterfactual --run RUN --input slice.png --mask region.png     # the region filled in anew
     python driver.py counterfactual --run RUN --input scan.nii.gz --from age=71 --shift age=10   # ten years older
-    python driver.py counterfactual --run RUN --input held-out --set group=NC   # every held-out image (counterfactual_set)
+    python driver.py counterfactual --run RUN --input held-out --set group=NC   # every held-out one: counterfactual_set
 
 The input (an image, or a slice of a NIfTI volume read as the run reads its training volumes) is encoded, taken to
 noise level --strength (a fraction of the diffusion's steps) by DDIM inversion under the --from conditions (default:
@@ -205,7 +205,8 @@ def counterfactual(args):
     target = torch.where(changed_to.isnan(), source, changed_to)  # what --set does not change stays as --from says
     how = {"run": str(run.resolve()), "unet_step": model.unet_step, "unet_fingerprint": model.fingerprint,  # recorded
            "decoder_fingerprint": model.decoder_fingerprint,  # RUN/decoder.pt's; None: stage 1's decoder
-           "set": args.set_values, "shift": args.shift_values, "strength": strength, "inversion": "noise (SDEdit)" if noise else "DDIM",
+           "set": args.set_values, "shift": args.shift_values, "strength": strength,
+           "inversion": "noise (SDEdit)" if noise else "DDIM",
            "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
     if held_out:
         torch.manual_seed(args.seed)

@@ -151,7 +151,8 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     for row, values, to, effect, drift in zip(rows, own, target, effects, drifts):  # own_age, to_age: no clash
         row.update({f"own_{c.name}": c.decode(v) or "" for c, v in zip(model.conditions, values.tolist())})
         row.update({f"to_{c.name}": c.decode(w) or "" for c, w in zip(model.conditions, to.tolist())})
-        row.update(mean_abs_effect=f"{effect.abs().mean().item():.6g}", mean_abs_drift=f"{drift.abs().mean().item():.6g}")
+        row.update(mean_abs_effect=f"{effect.abs().mean().item():.6g}",
+                   mean_abs_drift=f"{drift.abs().mean().item():.6g}")
 
     counts = {"images": len(order), "subjects": len({r["subject"] for r in rows}),
               "left_out_with_those_values": int(unchanged.sum()), "left_out_without_own_value": int(unknown.sum()),
@@ -159,14 +160,15 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     begin_writing(out, SET_FILES)
     atomic_write(out / "counterfactuals.csv", lambda f: f.write(csv_text(rows).encode()))
     atomic_write(out / "effects.npy", lambda f: np.save(f, effects.half().numpy()))
-    mean_maps_figure(images, effects, drifts, f"{asking(args)}: {len(order)} held-out images", out / "counterfactual.png")
+    mean_maps_figure(images, effects, drifts, f"{asking(args)}: {len(order)} held-out images",
+                     out / "counterfactual.png")
     shown = spread(list(range(len(order))), 8)  # of several subjects
     save_png(torch.cat([images[shown], twins[shown], changed[shown]]), out / "examples.png", nrow=len(shown),
              normalize=True, value_range=(-1, 1))
     record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **counts, **effect_summary(rows)}
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    print(summary_line(asking(args), record) + f"; wrote counterfactuals.csv, effects.npy, counterfactual.png, examples.png "
-          f"and counterfactual.json to {out}")
+    print(summary_line(asking(args), record) + f"; wrote counterfactuals.csv, effects.npy, counterfactual.png, "
+          f"examples.png and counterfactual.json to {out}")
     return record
 
 
@@ -206,7 +208,8 @@ def effect_summary(rows: list[dict]) -> dict:
 def summary_line(asking: str, record: dict) -> str:
     def part(name: str) -> str:
         sd = record[f"subjects_sd_abs_{name}"]
-        return (f"mean |{name}| {record[f'mean_abs_{name}']:.4f} (subjects' means {record[f'subjects_mean_abs_{name}']:.4f}"
+        means = record[f"subjects_mean_abs_{name}"]
+        return (f"mean |{name}| {record[f'mean_abs_{name}']:.4f} (subjects' means {means:.4f}"
                 f"{f' ± {sd:.4f}' if sd is not None else ''})")
     line = (f"counterfactuals of the held-out subjects ({asking}): {record['images']} images of {record['subjects']} "
             f"subjects, {part('effect')} against their twins' {part('drift')} (of the range 2): the effect exceeds the "
