@@ -238,7 +238,7 @@ def latent_cache(args, samples: list, vqvae: VQVAE, vq_ckpt: dict, rt: Runtime
     with main_rank_first(rt):
         if not rt.main:
             cache = load_checkpoint(path, "latents")
-            return cache["z"].float(), cache["y"], moved_paths(cache, data)
+            return cache["z"].float(), cache["y"], cached_paths(cache, data)
         saved = data.saved()
         key = {"vqvae": vq_fingerprint, **{k: v for k, v in saved.items() if k != "root"}, "count": len(samples),
                "files": data_files_key(data)[listing]}
@@ -248,23 +248,25 @@ def latent_cache(args, samples: list, vqvae: VQVAE, vq_ckpt: dict, rt: Runtime
             cache = load_checkpoint(path, "latents")
             if cache["key"] in (key, before) and "paths" in cache:  # before: a cache written before 2026-12-08
                 print(f"latent cache {path}: {len(cache['z'])} latents reused")
-                return cache["z"].float(), cache["y"], moved_paths(cache, data)
+                return cache["z"].float(), cache["y"], cached_paths(cache, data)
         workers = args.workers or cpus_per_process()
         dataset = training_data(data, args.cache_gb, workers, Path(args.run))
         z = encode_dataset(vqvae, dataset, 64, rt, workers)
         y, paths = dataset_labels(dataset), dataset_paths(dataset)  # of the images decoded: --skip-bad-images may
-        atomic_save({"kind": "latents", "key": key, "z": z, "y": y, "paths": paths, "root": saved["root"],  # have
-                     "encoded": {"device": rt.device.type, "precision": rt.precision}}, path)  # left some out
+        atomic_save({"kind": "latents", "key": key, "z": z, "y": y, "root": saved["root"], "relative": True,  # have
+                     "paths": [os.path.relpath(os.path.abspath(p), saved["root"]) for p in paths],  # left some out
+                     "encoded": {"device": rt.device.type, "precision": rt.precision}}, path)
         print(f"latent cache {path}: {len(z)} latents written")
         return z, y, paths
 
 
-def moved_paths(cache: dict, data) -> list[str]:
-    """The cache's image paths in the data folder where it is now (the same files, by the cache's key)."""
-    then, now = cache.get("root"), str(data.saved()["root"])
-    if then is None or then == now:
+def cached_paths(cache: dict, data) -> list[str]:
+    """The cache's image paths, in the data folder where it is now: kept relative to the folder (the same files, by
+    the cache's key, wherever it moved and whatever the working directory); a cache written before 2026-12-08 kept
+    them as the command that wrote it named them, and its key held them."""
+    if not cache.get("relative"):
         return cache["paths"]
-    return [os.path.join(now, os.path.relpath(p, then)) for p in cache["paths"]]
+    return [os.path.join(data.saved()["root"], p) for p in cache["paths"]]
 
 
 def unet_config(args, latent_shape, conditions: tuple = ()) -> UNetConfig:

@@ -194,7 +194,8 @@ def choose_ema(args):
                             f"average, shrunk): a length nearer {PROFILES[0]:g}-{PROFILES[1]:g}, or snapshots kept "
                             f"more often (--posthoc-ema)")
     if how["step"] != ckpt["step"]:
-        raise BadInputError(f"the last EMA snapshot in {run} is of step {how['step']}, unet.pt of step {ckpt['step']}")
+        raise BadInputError(f"the last EMA snapshot in {run} is of step {how['step']}, unet.pt of step {ckpt['step']}; "
+                            f"train-unet --resume sets them right (those beyond its step dropped, its own written)")
     ckpt["sampling_ema"] = {**how, **chosen_by, "weights": weights}
     atomic_save(ckpt, path)
     print(f"{path}: sampling uses the post-hoc EMA of sigma_rel {sigma_rel:g} at step {how['step']}, from "

@@ -172,14 +172,13 @@ def feature_network(run: Path, dataset, train_idx: list[int], key: dict, device,
     return ClassifierFeatures(classifier, classifier_steps).to(device)
 
 
-def remove_stale_figures(out: Path, report: str):
-    """The eval_* files of an earlier evaluation into the same folder that this one's report neither shows nor names
-    (an earlier run's eval_samples.png beside the report of a stage 1 alone), removed once the new report and
-    metrics.json are whole."""
-    named = set(re.findall(r"eval_[\w.-]+?\.(?:png|csv)", report))
-    for stale in out.glob("eval_*"):
-        if stale.is_file() and stale.name not in named:
-            stale.unlink()
+def remove_stale_figures(out: Path, earlier: str, report: str):
+    """The eval_* files the `earlier` report.md in the same folder showed or named and the new `report` does not (an
+    earlier run's eval_samples.png beside the report of a stage 1 alone), removed once the new report and metrics.json
+    are whole; no other file (one of the user's own named eval_*, in the run folder) is touched."""
+    named = lambda text: set(re.findall(r"eval_[\w.-]+?\.(?:png|csv)", text))  # noqa: E731
+    for name in named(earlier) - named(report):
+        (out / name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -545,9 +544,10 @@ def evaluate(args):
     report += [line for section in ordered for line in section.report]
     # each file whole (a write cut short leaves the one before), metrics.json last: what `ema --sigma-rel best` reads
     text = "\n".join(report) + "\n"
+    earlier = (out / "report.md").read_text(errors="replace") if (out / "report.md").is_file() else ""
     atomic_write(out / "report.md", lambda f: f.write(text.encode()))
     atomic_write(out / "metrics.json", lambda f: f.write(json_text(metrics).encode()))
-    remove_stale_figures(out, text)
+    remove_stale_figures(out, earlier, text)
     print(vq_line)
     print(table)
     print(level_table)

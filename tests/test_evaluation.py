@@ -656,10 +656,11 @@ def test_evaluate_a_run_with_stage_1_alone_scores_its_reconstructions_without_sa
     # stage 1 alone evaluated into the whole run's folder: its sample grid, shown by no report there now, is removed
     # (found by review: it stayed beside the new report)
     assert (tmp_path / "whole" / "eval_samples.png").exists()
+    shutil.copy(tmp_path / "whole" / "eval_samples.png", tmp_path / "whole" / "eval_samples_kept.png")  # the user's
     driver.main(["evaluate", "--run", str(stage1), "--out", str(tmp_path / "whole"), "--holdout", "0.5",
                  "--features", "domain", "--classifier-steps", "0"])
-    assert sorted(p.name for p in (tmp_path / "whole").glob("eval_*")) == ["eval_crops.png", "eval_real.png",
-                                                                          "eval_reconstructions.png"]
+    assert sorted(p.name for p in (tmp_path / "whole").glob("eval_*")) == [
+        "eval_crops.png", "eval_real.png", "eval_reconstructions.png", "eval_samples_kept.png"]  # none but the report's
     assert "--class scores the run's samples" in error_of(driver.main, ["evaluate", "--run", str(stage1), "--class",
                                                                          "all", "--holdout", "0.5", "--out", str(out)])
 

@@ -510,9 +510,9 @@ def test_a_resumed_stage_2_whose_data_moved_keeps_the_latents_it_trained_on(trai
     assert ckpt(copy / "unet.pt")["step"] == 5
     cache = ckpt(copy / "latents.pt")
     assert cache["root"] == str(data.resolve()) and cache["encoded"] == {"device": "cpu", "precision": "fp32"}
-    moved = train.moved_paths(cache, DataConfig(str(images)))
-    assert moved == [str(images.resolve() / Path(p).relative_to(data.resolve())) for p in cache["paths"]]
-    assert all(Path(p).is_file() for p in moved)
+    assert cache["relative"] and not any(os.path.isabs(p) for p in cache["paths"])
+    moved = train.cached_paths(cache, DataConfig(str(images)))
+    assert moved == [os.path.join(images, p) for p in cache["paths"]] and all(Path(p).is_file() for p in moved)
     # a cache written before its key left the folder's place out (2026-12-08) is still this run's
     from dataset import files_fingerprint
     from runtime.checkpoint import atomic_save
@@ -524,6 +524,28 @@ def test_a_resumed_stage_2_whose_data_moved_keeps_the_latents_it_trained_on(trai
     atomic_save(cache, copy / "latents.pt")
     unet(copy, "--max-steps", "6", "--resume")
     assert "latents reused" in capsys.readouterr().out
+
+
+def test_a_latent_cache_written_with_a_relative_data_path_joins_its_conditions_from_anywhere(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """Stage 2 given --data as a relative path, resumed from another working directory: the reused cache's files are
+    found where the run's data is, and each latent keeps its subject's age (found by review: the cache kept the
+    relative paths, every image became the subject '..', and the run went on unconditioned without a word)."""
+    rng, lines = np.random.default_rng(0), ["participant_id,age"]
+    for label in ("AD", "NC"):
+        for i in range(3):                                           # whose: the folder below the class folder
+            write_blob_images(tmp_path / "d" / label / f"{label}p{i}", ["slice"], 3, rng, size=(40, 40))
+            lines.append(f"{label}p{i},{60 + i}")
+    (tmp_path / "d" / "participants.csv").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    vqvae("r", "d", "--max-steps", "2")
+    unet("r", "--data", "d", "--condition", "age", "--labels", "d/participants.csv", "--max-steps", "2")
+    assert "6 of 6 subjects in the table" in capsys.readouterr().out
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    unet(str(tmp_path / "r"), "--resume", "--max-steps", "3")
+    printed = capsys.readouterr().out
+    assert "latents reused" in printed and "6 of 6 subjects in the table" in printed
 
 
 def test_latent_cache_is_rebuilt_when_an_image_is_replaced_under_the_same_name(trained_run, tmp_path, capsys):
