@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import predict
-from conditions.counterfactual_set import HELD_OUT, asking, begin_writing, counterfactuals_of_held_out
+from conditions.counterfactual_set import HELD_OUT, ONE_FILES, asking, begin_writing, counterfactuals_of_held_out
 from conditions.table import asked_shifts, asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
@@ -228,8 +228,7 @@ def counterfactual(args):
         changed = mask * changed + (1 - mask) * recon
     difference = (changed - recon).abs().mean(1)[0]                     # (S, S), in image units of [-1, 1]
 
-    written = ["counterfactual.png", "counterfactual_image.png", "difference.npy"] + (
-        ["difference.nii.gz"] if geometry is not None else [])
+    written = [name for name in ONE_FILES if geometry is not None or not name.endswith(".nii.gz")]
     begin_writing(out, written)
     save_png(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
     atomic_write(out / "difference.npy", lambda f: np.save(f, difference.numpy()))
