@@ -54,6 +54,7 @@ from volumes.reader import is_volume, mask_slice, printable, read_volume_slice, 
 from volumes.writer import save_nifti
 
 DEFAULT_STRENGTH = 0.5
+PERMUTATIONS = 5000     # FSL randomise's default
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -69,6 +70,9 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="with --input held-out: the run's data folder, if it moved (checked to hold stage 1's files)")
     p.add_argument("--labels", default=None,
                    help="with --input held-out: the run's participants table, if it moved (checked to be the run's)")
+    p.add_argument("--permutations", type=int, default=None,
+                   help=f"with --input held-out: sign flips of the voxel-wise test over subjects, 0 for none "
+                        f"(conditions/effect_test.py; default: {PERMUTATIONS})")
     p.add_argument("--slice", type=int, default=None,
                    help="the slice of a volume along the run's axis, RAS order from 0 (default: the middle of those the "
                         "run would take)")
@@ -262,10 +266,11 @@ def refuse_held_out_flags(args, held_out: bool):
     """--input held-out changes many images, each under its own values: the flags of one image are refused with it,
     and --num without it."""
     if not held_out:
-        for flag, given in (("--num", args.num is not None), ("--data", args.data), ("--labels", args.labels)):
+        for flag, given in (("--num", args.num is not None), ("--data", args.data), ("--labels", args.labels),
+                            ("--permutations", args.permutations is not None)):
             if given:
-                raise BadInputError(f"{flag} is for --input held-out (which images, and where the run's data and "
-                                    f"table are now); one --input image needs neither")
+                raise BadInputError(f"{flag} is for --input held-out (which images, where the run's data and table "
+                                    f"are now, the test over subjects); one --input image needs none of them")
         return
     one_image = [flag for flag, given in (("--from", args.from_values), ("--mask", args.mask),
                                           ("--slice", args.slice is not None)) if given]
@@ -280,6 +285,10 @@ def refuse_held_out_flags(args, held_out: bool):
                             "--shift NAME=DELTA")
     if args.num is not None and args.num <= 0:
         raise BadInputError(f"--num must be positive, got {args.num}")
+    if args.permutations is None:
+        args.permutations = PERMUTATIONS
+    if args.permutations < 0:
+        raise BadInputError(f"--permutations must be 0 (no test) or more, got {args.permutations}")
 
 
 def panel(image, recon, changed, difference, mask, title: str, path: Path):

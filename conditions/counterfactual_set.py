@@ -14,7 +14,7 @@ themselves, the *drift*: the null, which the effect must stand out from before i
 Images that have --set's values already (the NC images, for --set group=NC) have no effect by construction, and
 those with no own value of what changes (n/a in the table, a category the run does not know) none to change from:
 both are left out and counted. Subjects, not images, are the independent units: the summary compares the subjects'
-means.
+means, and the voxel-wise test (--permutations sign flips) their mean maps.
 
 Writes into OUT (default RUN/counterfactual_held-out):
     counterfactuals.csv   a row per image: its file (and slice of its volume), subject, class folder, its own values
@@ -23,6 +23,8 @@ Writes into OUT (default RUN/counterfactual_held-out):
                           order
     counterfactual.png    the mean input, the mean effect signed and |.|, and the mean |drift| on the |effect|'s scale
     examples.png          8 images, spread over them: inputs, twins and counterfactuals, a row each
+    voxelwise.npz, .png   where the change has one direction across subjects: t and family-wise p of a sign-flip
+                          test over the subjects' mean effects (conditions/effect_test.py; 6 subjects or more)
     counterfactual.json   the run, its data and hold-out, the settings, the counts, and the effect and drift of the
                           images and of the subjects' means, written last
 """
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 import predict
+from conditions import effect_test
 from conditions.participants import saved_table
 from conditions.table import CLASS, condition_matrix, subjects_of
 from dataset import dataset_labels, load_slices
@@ -55,7 +58,8 @@ from volumes.run_data import stage1_data
 
 HELD_OUT = "held-out"             # --input held-out
 ONE_FILES = ("counterfactual.png", "counterfactual_image.png", "difference.npy", "difference.nii.gz")  # of one image
-SET_FILES = ("counterfactuals.csv", "effects.npy", "counterfactual.png", "examples.png")  # of --input held-out
+SET_FILES = ("counterfactuals.csv", "effects.npy", "counterfactual.png", "examples.png",  # of --input held-out
+             *effect_test.FILES)
 
 
 @dataclass
@@ -157,7 +161,8 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     counts = {"images": len(order), "subjects": len({r["subject"] for r in rows}),
               "left_out_with_those_values": int(unchanged.sum()), "left_out_without_own_value": int(unknown.sum()),
               "beyond_training_range": int((((target < 0) | (target > 1)) & (shifts != 0)).any(dim=1).sum())}
-    begin_writing(out, SET_FILES)
+    tested = effect_test.voxelwise(effects, images, rows, args.permutations, args.seed)
+    begin_writing(out, [name for name in SET_FILES if name not in effect_test.FILES or name in tested.files])
     atomic_write(out / "counterfactuals.csv", lambda f: f.write(csv_text(rows).encode()))
     atomic_write(out / "effects.npy", lambda f: np.save(f, effects.half().numpy()))
     mean_maps_figure(images, effects, drifts, f"{asking(args)}: {len(order)} held-out images",
@@ -165,10 +170,13 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     shown = spread(list(range(len(order))), 8)  # of several subjects
     save_png(torch.cat([images[shown], twins[shown], changed[shown]]), out / "examples.png", nrow=len(shown),
              normalize=True, value_range=(-1, 1))
-    record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **counts, **effect_summary(rows)}
+    effect_test.write(tested, out)
+    record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **counts, **effect_summary(rows),
+              "voxelwise": tested.record}
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    print(summary_line(asking(args), record) + f"; wrote counterfactuals.csv, effects.npy, counterfactual.png, "
-          f"examples.png and counterfactual.json to {out}")
+    print(summary_line(asking(args), record) + f"; {effect_test.summary(tested.record)}; wrote counterfactuals.csv, "
+          f"effects.npy, counterfactual.png, examples.png{''.join(', ' + f for f in tested.files)} and "
+          f"counterfactual.json to {out}")
     return record
 
 

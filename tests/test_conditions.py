@@ -311,6 +311,7 @@ def test_a_counterfactual_leaves_no_file_of_an_earlier_one_it_did_not_write_agai
     assert (out / "difference.nii.gz").exists()
     driver.main([*base, "--input", str(next((data / "AD").iterdir()))])
     assert not (out / "difference.nii.gz").exists() and (out / "difference.npy").exists()
+    (out / "voxelwise.npz").write_bytes(b"an earlier test's maps")    # this one of 1 subject runs no test
     driver.main([*base, "--input", "held-out", "--num", "1"])
     assert sorted(p.name for p in out.iterdir()) == ["counterfactual.json", "counterfactual.png", "counterfactuals.csv",
                                                      "effects.npy", "examples.png"]
@@ -395,6 +396,7 @@ def test_counterfactuals_of_the_held_out_subjects_invert_each_image_under_its_ow
     assert record["images"] == 3 and record["left_out_with_those_values"] == 3 and record["input"] == "held-out"
     assert record["data"] == str(data.resolve()) and record["holdout"] == 0.25 and record["set"] == ["class=NC"]
     assert record["subjects"] == 1 and json.loads((out / "counterfactual.json").read_text()) == record
+    assert record["voxelwise"]["subjects"] == 1 and "1 subjects" in record["voxelwise"]["skipped"]  # test: 6 or more
     for name in ("counterfactual.png", "examples.png"):
         assert (out / name).stat().st_size > 0
 
@@ -422,8 +424,10 @@ def test_counterfactuals_of_the_held_out_subjects_refuse_one_images_flags_and_a_
     assert "say what to change the held-out images to" in error_of(driver.main, base)
     assert "nothing can be said of it" in error_of(driver.main, [*base, "--shift", "age=1000"])
     assert "--num must be positive" in error_of(driver.main, [*base, "--set", "class=NC", "--num", "0"])
+    assert "--permutations must be 0" in error_of(driver.main, [*base, "--set", "class=NC", "--permutations", "-1"])
     one = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--set", "class=NC"]
-    for flag in (["--num", "4"], ["--data", str(data)], ["--labels", str(data / "participants.csv")]):
+    for flag in (["--num", "4"], ["--data", str(data)], ["--labels", str(data / "participants.csv")],
+                 ["--permutations", "100"]):
         assert f"{flag[0]} is for --input held-out" in error_of(driver.main, [*one, *flag])
     unconditional, _ = trained_run  # trained with --holdout 0
     assert "held out none" in error_of(driver.main, ["counterfactual", "--run", str(unconditional), "--input",

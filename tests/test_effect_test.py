@@ -1,0 +1,79 @@
+"""The voxel-wise test over subjects of `counterfactual --input held-out` (conditions/effect_test.py): the t against
+its closed form, the sign-flip p against the count of sign patterns, the family-wise error under a null, the power
+where a change has one direction, and how images become subjects' maps."""
+import numpy as np
+import pytest
+import torch
+
+from conditions import effect_test
+from conditions.effect_test import sign_flip_test, subject_maps, voxelwise
+
+
+def rows_of(subjects: list[str], slices: list) -> list[dict]:
+    return [{"subject": s, "slice": k} for s, k in zip(subjects, slices)]
+
+
+def test_the_t_is_the_one_sample_t_and_p_counts_the_sign_patterns_as_extreme():
+    """Six subjects of one sign at one voxel: t = mean / (sd / sqrt(n)), and of the 2^6 sign patterns only the
+    identity and its negation reach |t|, so p = 2 / 64."""
+    values = np.arange(1.0, 7.0)
+    t, p = sign_flip_test(values[:, None, None], np.ones((1, 1), bool), permutations=20000, seed=0)
+    assert t[0, 0] == pytest.approx(values.mean() / (values.std(ddof=1) / np.sqrt(6)), rel=1e-5)
+    assert p[0, 0] == pytest.approx(2 / 64, abs=0.005)          # 20,000 random flips: sd 0.0012
+    mixed = np.array([1.0, -2, 3, -4, 5, 6])                     # patterns as extreme: more than 2
+    assert sign_flip_test(mixed[:, None, None], np.ones((1, 1), bool), 20000, 0)[1][0, 0] > 0.2
+
+
+def test_the_family_wise_error_under_a_null_is_held_over_every_voxel():
+    """Subjects' maps of symmetric noise, 16 voxels: an uncorrected p < 0.05 somewhere comes in about 56% of draws;
+    the family-wise test rejects in about 5%."""
+    rng = np.random.default_rng(0)
+    draws, rejected = 200, 0
+    for k in range(draws):
+        maps = rng.normal(size=(12, 4, 4))
+        rejected += int((sign_flip_test(maps, np.ones((4, 4), bool), 200, k)[1] < 0.05).any())
+    assert 2 <= rejected <= 20                                    # binomial(200, 0.05): 10 +- 3
+
+
+def test_a_change_of_one_direction_is_found_where_it_is_and_nowhere_else():
+    """Eight subjects of three images at slices 10 and 11 (a slice only some have is left out): a region brighter in
+    every subject's counterfactual at slice 10, and darker at slice 11, stands out of noise of either sign; the
+    background (black input) is not tested."""
+    rng = np.random.default_rng(1)
+    subjects = [f"s{i}" for i in range(8) for _ in range(3)]
+    slices = [k for i in range(8) for k in ([10, 11, 12] if i % 2 else [10, 11, 11])]
+    effects = torch.tensor(rng.normal(scale=0.1, size=(24, 12, 12)), dtype=torch.float32)
+    images = torch.full((24, 1, 12, 12), 0.3)
+    images[:, :, :, :2] = -1                                          # black: outside the brain
+    for i, k in enumerate(slices):
+        effects[i, 4:7, 4:7] += 0.5 if k == 10 else -0.5 if k == 11 else 0
+    tested = voxelwise(effects, images, rows_of(subjects, slices), permutations=1000, seed=0)
+    record, found = tested.record, tested.p < 0.05
+    assert record["subjects"] == 8 and record["positions"] == [10, 11] and record["positions_left_out"] == 1
+    assert record["voxels_tested"] == 2 * 12 * 10 and np.isnan(tested.t[:, :, :2]).all()
+    assert found[:, 4:7, 4:7].all() and (tested.t[0, 4:7, 4:7] > 0).all() and (tested.t[1, 4:7, 4:7] < 0).all()
+    assert found.sum() - 18 <= 1                                      # noise elsewhere: a chance voxel at most
+    assert record["increase"] >= 9 and record["decrease"] >= 9 and record["significant_voxels"] == found.sum()
+    assert record["increase"] + record["decrease"] == record["significant_voxels"]
+
+
+def test_images_become_each_subjects_mean_at_each_position_shared_by_all():
+    effects = torch.arange(6.0)[:, None, None].expand(6, 2, 2)
+    images = torch.zeros(6, 3, 2, 2)
+    maps = subject_maps(effects, images, rows_of(["a", "a", "a", "b", "b", "c"], [5, 5, 6, 5, 6, 5]))
+    assert maps.subjects == ["a", "b", "c"] and maps.positions == [5] and maps.positions_left_out == 1
+    assert maps.effects[:, 0, 0, 0].tolist() == [0.5, 3.0, 5.0]
+    flat = subject_maps(effects, images, rows_of(["a", "a", "b", "b", "c", "c"], [""] * 6))  # 2D images: one position
+    assert flat.positions == [effect_test.ALL] and flat.effects[:, 0, 0, 0].tolist() == [0.5, 2.5, 4.5]
+
+
+def test_the_test_is_left_out_where_it_cannot_reach_alpha_and_says_why():
+    effects, images = torch.randn(5, 4, 4), torch.zeros(5, 1, 4, 4)
+    five = voxelwise(effects, images, rows_of(list("abcde"), [""] * 5), 1000, 0)
+    assert "5 subjects" in five.record["skipped"] and five.files == () and five.t is None
+    six = rows_of(list("abcdef"), [""] * 6)
+    assert voxelwise(torch.randn(6, 4, 4), torch.zeros(6, 1, 4, 4), six, 0, 0).record["skipped"] == "--permutations 0"
+    apart = voxelwise(torch.randn(6, 4, 4), torch.zeros(6, 1, 4, 4), rows_of(list("abcdef"), [1, 2, 3, 4, 5, 6]), 10, 0)
+    assert "no slice position that every subject has" in apart.record["skipped"]
+    black = voxelwise(torch.randn(6, 4, 4), -torch.ones(6, 1, 4, 4), six, 10, 0)
+    assert "no voxel in the brain" in black.record["skipped"]
