@@ -21,7 +21,11 @@ Writes OUT/counterfactual.png (input | reconstruction | counterfactual | |counte
 map over the input), counterfactual_image.png, difference.npy, for a NIfTI input difference.nii.gz (the map put back
 into the input's slice, in the input's grid and affine; zero elsewhere) and counterfactual.json with the run, input
 and settings. The difference is taken to the reconstruction, not the input, so that the VQ-VAE's own error, which
-any output of the run carries, is not counted as a change.
+any output of the run carries, is not counted as a change. A change of conditions (--set, --shift) has a *twin*
+too, denoised from the same inverted latent under the --from conditions unchanged: counterfactual - twin is what the
+change of conditions does alone, the *effect* (effect.npy, signed; effect.nii.gz), and twin - reconstruction what
+inversion and denoising do by themselves, the *drift*; the panel shows the twin and the effect, the record both
+means. A fill (--mask without --set) changes no condition, and has neither.
 """
 from __future__ import annotations
 
@@ -221,32 +225,45 @@ def counterfactual(args):
     image, geometry = read_input(Path(args.input), data, args.slice)
     mask = read_mask(Path(args.mask), geometry, data.image_size) if args.mask else None
 
+    conditioned = bool(args.set_values or args.shift_values)  # a change of conditions has a twin; a fill has none
     torch.manual_seed(args.seed)
     with torch.no_grad(), autocast:
         z0 = model.vqvae.encode(image.to(device)).float() * model.latent_scale
         recon = predict.decode(model.vqvae, z0, model.latent_scale).cpu()
         latent_mask = None if mask is None else (F.interpolate(mask, size=z0.shape[-2:], mode="area") > 0).float().to(device)
-        z = counterfactual_latent(model, z0, source, target, strength, args.steps, args.guidance, noise, latent_mask)
-        changed = predict.decode(model.vqvae, z, model.latent_scale).cpu()
+        latents = counterfactual_latents(model, z0, source, [target, source] if conditioned else [target], strength,
+                                         args.steps, args.guidance, noise, latent_mask)
+        changed, *twin = [predict.decode(model.vqvae, z, model.latent_scale).cpu() for z in latents]
     if mask is not None:  # outside the mask, exactly the reconstruction
-        changed = mask * changed + (1 - mask) * recon
+        changed, *twin = [mask * x + (1 - mask) * recon for x in (changed, *twin)]
     difference = (changed - recon).abs().mean(1)[0]                     # (S, S), in image units of [-1, 1]
+    effect = (changed - twin[0]).mean(1)[0] if twin else None           # signed: the change of conditions alone
 
-    written = [name for name in ONE_FILES if geometry is not None or not name.endswith(".nii.gz")]
+    written = [name for name in ONE_FILES if (geometry is not None or not name.endswith(".nii.gz"))
+               and (conditioned or not name.startswith("effect"))]
     begin_writing(out, written)
     save_png(changed, out / "counterfactual_image.png", normalize=True, value_range=(-1, 1))
     atomic_write(out / "difference.npy", lambda f: np.save(f, difference.numpy()))
+    if twin:
+        atomic_write(out / "effect.npy", lambda f: np.save(f, effect.numpy()))
     settings = asking(args) or "unconditioned fill"
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
-          f"{', noise' if noise else ''}", out / "counterfactual.png")
+          f"{', noise' if noise else ''}", out / "counterfactual.png", twin[0] if twin else None, effect)
     record = {**how, "input": os.path.abspath(args.input), "slice": geometry.index if geometry else None,
               "from": args.from_values, "mask": args.mask and os.path.abspath(args.mask),
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
+    if twin:
+        record.update(mean_abs_effect=effect.abs().mean().item(), max_abs_effect=effect.abs().max().item(),
+                      mean_abs_drift=(twin[0] - recon).abs().mean().item())
     if geometry is not None:
         save_nifti(to_volume(difference, geometry), out / "difference.nii.gz")
+        if twin:
+            save_nifti(to_volume(effect, geometry), out / "effect.nii.gz")
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    print(f"counterfactual ({settings}, strength {strength:g}): mean |difference| {record['mean_abs_difference']:.4f} "
-          f"(of the range 2); wrote {', '.join(written)} and counterfactual.json to {out}")
+    told = (f", |effect| {record['mean_abs_effect']:.4f} against its twin's |drift| {record['mean_abs_drift']:.4f}"
+            if twin else "")
+    print(f"counterfactual ({settings}, strength {strength:g}): mean |difference| {record['mean_abs_difference']:.4f}"
+          f"{told} (of the range 2); wrote {', '.join(written)} and counterfactual.json to {out}")
     return changed, difference
 
 
@@ -291,21 +308,31 @@ def refuse_held_out_flags(args, held_out: bool):
         raise BadInputError(f"--permutations must be 0 (no test) or more, got {args.permutations}")
 
 
-def panel(image, recon, changed, difference, mask, title: str, path: Path):
-    """input | reconstruction | counterfactual | the difference as a heat map over the input, side by side."""
+def panel(image, recon, changed, difference, mask, title: str, path: Path, twin=None, effect=None):
+    """input | reconstruction | [twin |] counterfactual | the difference as a heat map over the input [| the effect,
+    counterfactual - twin, signed], side by side."""
     shown = lambda x: ((x[0].float().mean(0).clamp(-1, 1) + 1) / 2).numpy()  # noqa: E731
-    difference = difference.numpy()
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
-    for ax, img, name in zip(axes, (image, recon, changed), ("input", "reconstruction", "counterfactual")):
+    images = [(image, "input"), (recon, "reconstruction"), *([(twin, "twin (its own conditions)")] if twin is not None
+                                                             else []), (changed, "counterfactual")]
+    fig, axes = plt.subplots(1, len(images) + 1 + (effect is not None), figsize=(3.25 * (len(images) + 1 +
+                                                                                         (effect is not None)), 3.6))
+    for ax, (img, name) in zip(axes, images):
         ax.imshow(shown(img), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name)
-    axes[3].imshow(shown(image), cmap="gray", vmin=0, vmax=1)
+    heat_ax = axes[len(images)]
+    difference = difference.numpy()
+    heat_ax.imshow(shown(image), cmap="gray", vmin=0, vmax=1)
     top = max(float(difference.max()), 1e-8)
-    heat = axes[3].imshow(difference, cmap="hot", alpha=np.clip(difference / top, 0, 1), vmin=0, vmax=top)
+    heat = heat_ax.imshow(difference, cmap="hot", alpha=np.clip(difference / top, 0, 1), vmin=0, vmax=top)
     if mask is not None:
-        axes[3].contour(mask[0, 0].numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
-    axes[3].set_title("|counterfactual - reconstruction|")
-    fig.colorbar(heat, ax=axes[3], fraction=0.046)
+        heat_ax.contour(mask[0, 0].numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
+    heat_ax.set_title("|counterfactual - reconstruction|")
+    fig.colorbar(heat, ax=heat_ax, fraction=0.046)
+    if effect is not None:
+        bound = max(float(effect.abs().max()), 1e-8)
+        signed = axes[-1].imshow(effect.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound)
+        axes[-1].set_title("effect: counterfactual - twin")
+        fig.colorbar(signed, ax=axes[-1], fraction=0.046)
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title)

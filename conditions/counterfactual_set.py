@@ -57,7 +57,8 @@ from runtime.process import progress
 from volumes.run_data import stage1_data
 
 HELD_OUT = "held-out"             # --input held-out
-ONE_FILES = ("counterfactual.png", "counterfactual_image.png", "difference.npy", "difference.nii.gz")  # of one image
+ONE_FILES = ("counterfactual.png", "counterfactual_image.png", "difference.npy", "difference.nii.gz",  # of one image
+             "effect.npy", "effect.nii.gz")
 SET_FILES = ("counterfactuals.csv", "effects.npy", "counterfactual.png", "examples.png",  # of --input held-out
              *effect_test.FILES)
 

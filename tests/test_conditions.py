@@ -272,6 +272,32 @@ def test_a_counterfactual_at_strength_0_is_the_reconstruction_and_a_mask_confine
     assert "say what to change" in error_of(driver.main, ["counterfactual", "--run", str(run), "--input", str(image)])
 
 
+def test_a_counterfactual_of_one_image_has_a_twin_under_its_own_conditions_and_a_fill_has_none(conditioned_run,
+                                                                                               tmp_path):
+    """The twin is the counterfactual whose conditions did not change: its drift is what --set class=AD gives from
+    --from class=AD, whose effect is 0; --set class=NC's effect is counterfactual - twin, signed, in effect.npy and
+    effect.nii.gz; a fill (--mask alone) changes no condition and leaves no effect of an earlier command behind."""
+    run, data = conditioned_run
+    scan = write_volume(tmp_path / "scan.nii.gz", blob(shape=(24, 24, 12)))
+    base = ["counterfactual", "--run", str(run), "--input", str(scan), "--steps", "4", "--from", "class=AD"]
+    record = lambda out: json.loads((out / "counterfactual.json").read_text())  # noqa: E731
+    driver.main([*base, "--set", "class=NC", "--out", str(tmp_path / "nc")])
+    driver.main([*base, "--set", "class=AD", "--out", str(tmp_path / "ad")])
+    nc, ad = record(tmp_path / "nc"), record(tmp_path / "ad")
+    assert nc["mean_abs_drift"] == pytest.approx(ad["mean_abs_difference"], rel=1e-5) == ad["mean_abs_drift"]
+    assert ad["mean_abs_effect"] == 0 and nc["mean_abs_effect"] > 0.001
+    effect = np.load(tmp_path / "nc" / "effect.npy")
+    assert effect.min() < 0 < effect.max() and np.abs(effect).mean() == pytest.approx(nc["mean_abs_effect"], rel=1e-5)
+    in_grid = nib.load(tmp_path / "nc" / "effect.nii.gz").get_fdata()
+    assert in_grid.shape == (24, 24, 12) and np.abs(in_grid).max() > 0
+    mask = tmp_path / "mask.png"
+    Image.new("L", (40, 40), 255).save(mask)
+    driver.main(["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--mask",
+                 str(mask), "--steps", "2", "--out", str(tmp_path / "nc")])
+    assert "mean_abs_effect" not in record(tmp_path / "nc")
+    assert not {"effect.npy", "effect.nii.gz"} & {q.name for q in (tmp_path / "nc").iterdir()}
+
+
 def test_a_counterfactual_refuses_a_strength_above_1_and_a_slice_of_a_2d_image(conditioned_run, tmp_path):
     """Strength is a fraction of the diffusion's steps (above 1: steps that do not exist); --slice picks a slice of a
     volume, and an image has none: neither may be ignored."""
@@ -349,8 +375,8 @@ def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_chan
     from conditions import counterfactual as cf
     run, data = conditioned_run
     seen = {}
-    monkeypatch.setattr(cf, "counterfactual_latent", lambda model, z0, source, target, *rest: seen.update(
-        source=source.cpu(), target=target.cpu()) or z0)
+    monkeypatch.setattr(cf, "counterfactual_latents", lambda model, z0, source, targets, *rest: seen.update(
+        source=source.cpu(), target=targets[0].cpu(), twin=targets[1].cpu()) or [z0, z0])
     image = next((data / "AD").iterdir())
     cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", str(image), "--from", "class=AD",
                                     "--from", "age=71", "--from", "sex=F", "--set", "class=NC", "--steps", "2",
@@ -359,6 +385,7 @@ def test_a_counterfactual_keeps_the_inputs_own_conditions_that_set_does_not_chan
     asked = lambda *settings: asked_values(conditions, list(settings))[None]  # noqa: E731
     assert torch.equal(seen["source"], asked("class=AD", "age=71", "sex=F"))
     assert torch.equal(seen["target"], asked("class=NC", "age=71", "sex=F"))   # NC at 71, not NC of any age or sex
+    assert torch.equal(seen["twin"], seen["source"])                              # its twin: under its own
 
 
 def test_counterfactuals_of_the_held_out_subjects_invert_each_image_under_its_own_values_beside_its_twin(
@@ -441,8 +468,8 @@ def test_a_counterfactual_shift_moves_the_inputs_own_covariate(conditioned_run, 
     from conditions import counterfactual as cf
     run, data = conditioned_run
     seen = {}
-    monkeypatch.setattr(cf, "counterfactual_latent", lambda model, z0, source, target, *rest: seen.update(
-        source=source.cpu(), target=target.cpu()) or z0)
+    monkeypatch.setattr(cf, "counterfactual_latents", lambda model, z0, source, targets, *rest: seen.update(
+        source=source.cpu(), target=targets[0].cpu()) or [z0] * len(targets))
     base = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--steps", "2",
             "--out", str(tmp_path / "cf")]
     cf.counterfactual(driver.parse([*base, "--from", "class=AD", "--from", "age=71", "--shift", "age=10"]))
