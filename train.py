@@ -42,8 +42,8 @@ from runtime.optimizer import adamw
 from runtime.posthoc_ema import SNAPSHOTS, PowerFunctionEMA, drop_snapshots_after, snapshot_files
 from runtime.process import (Runtime, any_rank, check_processes, cpus_per_process, main_rank_first, place_model,
                              progress, same_on_every_rank, setup_runtime, wrap_model)
-from volumes.run_data import (data_files_key, refuse_subject_folders_as_classes, subject_summary, training_data,
-                              training_files)
+from volumes.run_data import (data_files_key, refuse_subject_folders_as_classes, run_geometry, subject_summary,
+                              training_data, training_files)
 
 
 # ----------------------------------------------------------------------------- stage 1: VQ-VAE
@@ -73,6 +73,9 @@ def train_vqvae(args):
     # every byte is read by the process that saves them only
     files_key = resume["data_files"] if resume and "contents" in resume.get("data_files", {}) else data_files_key(
         data, contents=rt.main)
+    geometry = resume.get("sample_geometry") if resume else None  # of the NIfTI samples: saved, so no data is needed
+    if geometry is None and rt.main:
+        geometry = asdict(run_geometry(data))
     later = [name for name in ("unet.pt", "decoder.pt") if (Path(args.run) / name).exists()]
     if resume and later and trains_further(args, resume["step"], args.max_steps or total_steps(  # before decoding
             args, len(training_files(data)[0]), rt.world), resume):
@@ -108,7 +111,7 @@ def train_vqvae(args):
                      draw=lambda: reconstruction_grid(model, model, fixed, rt), grid="recon",
                      payload=lambda: {"kind": "vqvae", "config": asdict(cfg), "data": data.saved()["root"],
                                       "data_config": data.saved(), "data_files": files_key,
-                                      **reconstruction.state()},
+                                      "sample_geometry": geometry, **reconstruction.state()},
                      after_step=reconstruction.after_step, plot=("loss", "recon", cfg.regularisation), derived=psnr),
                args, rt, step, max_steps, resume)
 

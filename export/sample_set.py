@@ -38,11 +38,10 @@ import torch
 from PIL import Image
 
 from conditions.table import CLASS, Condition
-from runtime.checkpoint import atomic_write, remove_unfinished
+from runtime.checkpoint import atomic_write, load_checkpoint, remove_unfinished
 from runtime.errors import BadInputError
-from volumes.reader import is_volume
-from volumes.run_data import DataConfig, stage1_data, training_files
-from volumes.writer import SampleGeometry, read_slice, save_nifti, slice_volume, training_geometry
+from volumes.run_data import run_geometry, stage1_data
+from volumes.writer import SampleGeometry, read_slice, save_nifti, slice_volume
 
 FORMATS = {"png": ".png", "nifti": ".nii.gz", "npz": ".npz"}
 UNGROUPED = "all"      # the class folder of samples drawn without a class
@@ -353,27 +352,23 @@ def saved_geometry(folder: Path) -> SampleGeometry | None:
 
 
 def nifti_geometry(run: Path, root: str | None = None) -> SampleGeometry:
-    """The geometry of a run's samples as NIfTI (`run_geometry`), from its data folder checked to hold stage 1's files
-    (`root`, --data: where it is now). Not at hand, or changed: an error, not a header that would misstate the pixel
-    size and intensity range the run was trained at."""
-    try:
-        _, data = stage1_data(run, root)
-    except BadInputError as e:
-        raise BadInputError(f"--format nifti gives each header the pixel size and intensity range of the run's "
-                            f"training volumes, read from its data: {e} (--data says where the data is now; or "
-                            f"write --format png)") from e
-    return run_geometry(data)
-
-
-def run_geometry(data: DataConfig) -> SampleGeometry:
-    """The geometry of a run's samples as NIfTI: its training volumes' (volumes/writer.py), or, for a run on 2D images,
-    the assumed one (axial, 1 mm pixels, 0-255), said in one line."""
-    files, _ = training_files(data, expand_volumes=False)
-    volumes = [path for path, _ in files if is_volume(path)]
-    if not volumes:
+    """The geometry of a run's samples as NIfTI: the one stage 1 saved (since 2026-12-08), else `run_geometry` of the
+    run's data folder checked to hold stage 1's files (`root`, --data: where it is now). Neither: an error, not a
+    header that would misstate the pixel size and intensity range the run was trained at."""
+    saved = load_checkpoint(Path(run) / "vqvae.pt", "vqvae").get("sample_geometry")
+    if saved is not None:
+        geometry = SampleGeometry(**saved)
+    else:
+        try:
+            _, data = stage1_data(run, root)
+        except BadInputError as e:
+            raise BadInputError(f"--format nifti gives each header the pixel size and intensity range of the run's "
+                                f"training volumes, read from its data (a stage 1 older than 2026-12-08 did not save "
+                                f"them): {e} (--data says where the data is now; or write --format png)") from e
+        geometry = run_geometry(data)
+    if not geometry.known:
         print("the run was trained on 2D images: the NIfTI header assumes 1 mm pixels in the axial plane")
-        return SampleGeometry()
-    return training_geometry(volumes, data.slicing, data.image_size, data.skip_bad_images)
+    return geometry
 
 
 def read_sample(path: Path) -> torch.Tensor:

@@ -3,6 +3,7 @@ training geometry, the manifest, and an interrupted set resumed to the very same
 import csv
 import json
 import shutil
+from dataclasses import asdict
 
 import nibabel as nib
 import numpy as np
@@ -12,13 +13,13 @@ from PIL import Image
 
 import driver
 import predict
-from conftest import SMALL_UNET, ckpt, error_of, vqvae, write_volume
-from export.sample_set import SEEDING, SampleSet, batch_seed, read_sample, run_geometry
+from conftest import SMALL_UNET, ckpt, error_of, unet, vqvae, write_volume
+from export.sample_set import SEEDING, SampleSet, batch_seed, read_sample
 from runtime.checkpoint import fingerprint, run_lock
 from runtime.errors import BadInputError
 from runtime.models import load_run
 from volumes.reader import Slicing, read_volume_slices
-from volumes.run_data import DataConfig
+from volumes.run_data import DataConfig, run_geometry
 from volumes.writer import SampleGeometry, read_slice, slice_volume, training_geometry
 
 FAST = ["--sampler", "ddim", "--steps", "3", "--gif-frames", "2"]
@@ -369,11 +370,28 @@ def test_sample_writes_nifti_in_the_runs_geometry(trained_run, tmp_path):
     assert np.allclose(nib.load(files[1]).header.get_zooms(), 0.7)
 
 
+def test_stage_1_saves_the_nifti_geometry_so_that_a_run_without_its_data_writes_nifti(volume_folder, tmp_path):
+    """The training volumes' pixel size and intensity range are saved with stage 1 (vqvae.pt), and a resumed stage 1
+    keeps them: samples of a run whose data is gone are written in them."""
+    run = tmp_path / "run"
+    vqvae(run, volume_folder, "--max-steps", "2")
+    saved = ckpt(run / "vqvae.pt")["sample_geometry"]
+    geometry = run_geometry(DataConfig.of_run(run))
+    assert saved == asdict(geometry) and geometry.known and geometry.spacing != 1.0
+    vqvae(run, volume_folder, "--max-steps", "4", "--resume")
+    assert ckpt(run / "vqvae.pt")["sample_geometry"] == saved
+    unet(run, "--max-steps", "2")
+    volume_folder.rename(tmp_path / "gone")
+    predict.main(["--run", str(run), "--num", "1", "--format", "nifti", "--out", str(tmp_path / "s"), *FAST])
+    header = nib.load(next((tmp_path / "s" / "samples" / "all").glob("*.nii.gz"))).header
+    assert np.allclose(header.get_zooms(), geometry.spacing) and header["cal_max"] == pytest.approx(geometry.high)
+
+
 def test_a_nifti_set_of_a_run_whose_data_moved_takes_the_data_from_data_and_never_assumes(trained_run, tmp_path):
-    """The headers' pixel size and intensity range are the training volumes': with the run's data gone from where it
-    was, --format nifti is refused naming --data (review: it wrote 1 mm pixels and 0-255 for a run trained at 3 mm,
-    and refused --data without --cohort); with --data at the moved folder, checked to hold stage 1's files, it
-    writes."""
+    """The headers' pixel size and intensity range are the training volumes': of a run whose stage 1 did not save
+    them (before 2026-12-08) with its data gone from where it was, --format nifti is refused naming --data (review:
+    it wrote 1 mm pixels and 0-255 for a run trained at 3 mm, and refused --data without --cohort); with --data at
+    the moved folder, checked to hold stage 1's files, it writes."""
     from runtime.checkpoint import atomic_save
     run, data = trained_run
     copy, moved = tmp_path / "run", tmp_path / "moved"
@@ -381,6 +399,7 @@ def test_a_nifti_set_of_a_run_whose_data_moved_takes_the_data_from_data_and_neve
     shutil.copytree(data, moved)
     vq = ckpt(copy / "vqvae.pt")
     vq["data_config"]["root"] = vq["data"] = str(tmp_path / "gone")
+    del vq["sample_geometry"]                                   # a stage 1 of before 2026-12-08
     atomic_save(vq, copy / "vqvae.pt")
     base = ["--run", str(copy), "--num", "1", "--format", "nifti", *FAST]
     message = error_of(predict.main, [*base, "--out", str(tmp_path / "a")])

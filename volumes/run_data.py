@@ -31,7 +31,8 @@ from runtime.errors import BadInputError
 from volumes.demo import DEFAULT_DEMO_ROOT, demo_data_dir, rebuilt_demo
 from volumes.holdout import split_by_subject, subjects_by_class
 from volumes.layouts import ADNI_SUBJECT, BIDS_OWN, Layout, linked_folders, whose_scans
-from volumes.reader import Slicing, volume_span
+from volumes.reader import Slicing, is_volume, volume_span
+from volumes.writer import SampleGeometry, training_geometry
 
 
 @dataclass
@@ -210,6 +211,17 @@ def split_files(data: DataConfig, expand_volumes: bool = True) -> tuple[dict[str
         return {"training": samples, "held-out": []}, folders.classes
     train_idx, held_idx = data.split(samples, folders.classes)
     return {"training": [samples[i] for i in train_idx], "held-out": [samples[i] for i in held_idx]}, folders.classes
+
+
+def run_geometry(data: DataConfig) -> SampleGeometry:
+    """Where the run's samples would sit as slices of its training volumes (volumes/writer.py), which stage 1 saves
+    with the run so that `sample --format nifti` needs no data; for a run on 2D images the assumed one (axial, 1 mm
+    pixels, 0-255)."""
+    files, _ = training_files(data, expand_volumes=False)
+    volumes = [path for path, _ in files if is_volume(path)]
+    if not volumes:
+        return SampleGeometry()
+    return training_geometry(volumes, data.slicing, data.image_size, data.skip_bad_images)
 
 
 def training_data(data: DataConfig, cache_gb: float, workers: int, disk_cache: Path,
