@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import predict
 from conditions.counterfactual_set import HELD_OUT, ONE_FILES, asking, begin_writing, counterfactuals_of_held_out
+from conditions.effect_test import MOST_FLIPS
 from conditions.table import asked_shifts, asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
@@ -59,6 +60,7 @@ from volumes.writer import save_nifti
 
 DEFAULT_STRENGTH = 0.5
 PERMUTATIONS = 5000     # FSL randomise's default
+READER_STEPS = 1000     # evaluate's --classifier-steps, so that the two share RUN/condition_net.pt
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -77,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--permutations", type=int, default=None,
                    help=f"with --input held-out: sign flips of the voxel-wise test over subjects, 0 for none "
                         f"(conditions/effect_test.py; default: {PERMUTATIONS})")
+    p.add_argument("--classifier-steps", type=int, default=None,
+                   help=f"with --input held-out: training steps of the network that reads each changed condition back "
+                        f"from the counterfactuals and their twins, evaluate's, cached in the run folder; 0 for none "
+                        f"(conditions/read_back.py; default: {READER_STEPS})")
     p.add_argument("--slice", type=int, default=None,
                    help="the slice of a volume along the run's axis, RAS order from 0 (default: the middle of those the "
                         "run would take)")
@@ -284,10 +290,11 @@ def refuse_held_out_flags(args, held_out: bool):
     and --num without it."""
     if not held_out:
         for flag, given in (("--num", args.num is not None), ("--data", args.data), ("--labels", args.labels),
-                            ("--permutations", args.permutations is not None)):
+                            ("--permutations", args.permutations is not None),
+                            ("--classifier-steps", args.classifier_steps is not None)):
             if given:
                 raise BadInputError(f"{flag} is for --input held-out (which images, where the run's data and table "
-                                    f"are now, the test over subjects); one --input image needs none of them")
+                                    f"are now, the test over subjects, the reader); one --input image needs none")
         return
     one_image = [flag for flag, given in (("--from", args.from_values), ("--mask", args.mask),
                                           ("--slice", args.slice is not None)) if given]
@@ -304,8 +311,15 @@ def refuse_held_out_flags(args, held_out: bool):
         raise BadInputError(f"--num must be positive, got {args.num}")
     if args.permutations is None:
         args.permutations = PERMUTATIONS
-    if args.permutations < 0:
-        raise BadInputError(f"--permutations must be 0 (no test) or more, got {args.permutations}")
+    if args.classifier_steps is None:
+        args.classifier_steps = READER_STEPS
+    if args.permutations < 0 or args.classifier_steps < 0:
+        raise BadInputError(f"--permutations and --classifier-steps must be 0 (none) or more, got {args.permutations} "
+                            f"and {args.classifier_steps}")
+    if 0 < args.permutations < 19 or args.permutations > MOST_FLIPS:
+        raise BadInputError(f"--permutations {args.permutations}: fewer than 19 sign flips give no p below 0.05, and "
+                            f"more than {MOST_FLIPS:,} add nothing you need (p = 0.05 is then known to +-0.0007) for "
+                            f"hours of time; 0 for no test")
 
 
 def panel(image, recon, changed, difference, mask, title: str, path: Path, twin=None, effect=None):

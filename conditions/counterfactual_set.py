@@ -47,6 +47,7 @@ import torch
 import predict
 from conditions import effect_test
 from conditions.participants import saved_table
+from conditions import read_back
 from conditions.table import CLASS, condition_matrix, subjects_of
 from dataset import dataset_labels, load_slices
 from export.figures import save_figure, save_png
@@ -66,11 +67,17 @@ SET_FILES = ("counterfactuals.csv", "effects.npy", "counterfactual.png", "exampl
 @dataclass
 class HeldOut:
     """Held-out images (N, C, S, S) in [-1, 1], their own condition vectors (N, K), NaN where not given, and a row of
-    where each comes from (file, slice, subject, class)."""
+    where each comes from (file, slice, subject, class); and what a reader of the conditions trains on: the run's
+    data set, its training images' indices, the conditions of every image (M, K), the table and the data config."""
     images: torch.Tensor
     own: torch.Tensor
     rows: list[dict]
     data: dict          # the data folder and the hold-out they come from, for the record
+    dataset: object
+    training: list[int]
+    y: torch.Tensor
+    table: object
+    config: object
 
 
 def held_out_images(run: Path, model: LatentDiffusion, root: str | None = None, labels: str | None = None) -> HeldOut:
@@ -84,18 +91,16 @@ def held_out_images(run: Path, model: LatentDiffusion, root: str | None = None, 
                             f"images would be inverted under values the run did not join to them; restore it")
     dataset = load_slices(data.folder(), data.image_size, data.channels, disk_cache=run,  # training's cache, if large
                           skip_bad=data.skip_bad_images, slicing=data.slicing, layout=data.layout)
-    _, held = data.split(dataset.samples, dataset.classes)
-    paths = [dataset.samples[i][0] for i in held]
-    subjects = subjects_of(paths, data.subject())
-    labels = dataset_labels(dataset)[held]
-    own, _ = condition_matrix(model.conditions, table, subjects, labels, paths, str(data.folder()))
+    training, held = data.split(dataset.samples, dataset.classes)
+    every = [path for path, _ in dataset.samples]
+    owners, labels = subjects_of(every, data.subject()), dataset_labels(dataset)
+    y, _ = condition_matrix(model.conditions, table, owners, labels, every, str(data.folder()))
     slices = getattr(dataset, "slice_numbers", None)
-    rows = [{"file": os.path.relpath(path, data.folder()), "slice": "" if slices is None else slices[i],
-             "subject": subject, CLASS: dataset.classes[label]}
-            for i, path, subject, label in zip(held, paths, subjects, labels.tolist())]
+    rows = [{"file": os.path.relpath(every[i], data.folder()), "slice": "" if slices is None else slices[i],
+             "subject": owners[i], CLASS: dataset.classes[int(labels[i])]} for i in held]
     images = torch.stack([dataset[i][0] for i in held])
-    return HeldOut(images, own, rows, {"data": str(data.folder().resolve()), "holdout": data.holdout,
-                                       "holdout_seed": data.holdout_seed})
+    return HeldOut(images, y[held], rows, {"data": str(data.folder().resolve()), "holdout": data.holdout,
+                                           "holdout_seed": data.holdout_seed}, dataset, training, y, table, data)
 
 
 def spread(indices: list[int], num: int | None) -> list[int]:
@@ -158,11 +163,15 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
         row.update({f"to_{c.name}": c.decode(w) or "" for c, w in zip(model.conditions, to.tolist())})
         row.update(mean_abs_effect=f"{effect.abs().mean().item():.6g}",
                    mean_abs_drift=f"{drift.abs().mean().item():.6g}")
+    read = (read_back.read_changes(run, model.conditions, held, own, target, images, changed, twins, rows,
+                                   args.classifier_steps, device) if args.classifier_steps else None)
 
     counts = {"images": len(order), "subjects": len({r["subject"] for r in rows}),
               "left_out_with_those_values": int(unchanged.sum()), "left_out_without_own_value": int(unknown.sum()),
               "beyond_training_range": int((((target < 0) | (target > 1)) & (shifts != 0)).any(dim=1).sum())}
-    tested = effect_test.voxelwise(effects, images, rows, args.permutations, args.seed)
+    volumes = any(row["slice"] != "" for row in rows)
+    tested = effect_test.voxelwise(effects, images, rows, args.permutations, args.seed,
+                                   held.config.slicing.crop_foreground if volumes else None)
     begin_writing(out, [name for name in SET_FILES if name not in effect_test.FILES or name in tested.files])
     atomic_write(out / "counterfactuals.csv", lambda f: f.write(csv_text(rows).encode()))
     atomic_write(out / "effects.npy", lambda f: np.save(f, effects.half().numpy()))
@@ -173,9 +182,10 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
              normalize=True, value_range=(-1, 1))
     effect_test.write(tested, out)
     record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **counts, **effect_summary(rows),
-              "voxelwise": tested.record}
+              "voxelwise": tested.record, "read_back": read}
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    print(summary_line(asking(args), record) + f"; {effect_test.summary(tested.record)}; wrote counterfactuals.csv, "
+    print(summary_line(asking(args), record) + f"; {effect_test.summary(tested.record)}; "
+          f"{read_back.summary(read) if read else 'nothing read back (--classifier-steps 0)'}; wrote counterfactuals.csv, "
           f"effects.npy, counterfactual.png, examples.png{''.join(', ' + f for f in tested.files)} and "
           f"counterfactual.json to {out}")
     return record

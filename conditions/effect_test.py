@@ -4,17 +4,20 @@ held by permutation.
 
 Each subject's effect map is the mean of its images' effects (counterfactual - twin) at each slice position: a
 volume's slice number, or, for 2D images, whose position the run does not know, all of a subject's images together
-(the maps counterfactual.png averages). Positions are compared as they are numbered: volumes registered to one space
-(MNI) align them, others only roughly. The positions every tested subject has are tested, together. At each voxel
-inside the brain (the subjects' mean input above BRAIN, 5% of the range above black, and an effect that varies
-between subjects) the one-sample t of the subjects' maps is compared with the largest |t| over every tested voxel
-under random sign flips of whole maps (Nichols and Holmes 2002; FSL randomise -1; nilearn's `permuted_ols`): were
-the model's change as likely one way as the other in each subject, a flip would change nothing. The p-values are
-family-wise over every voxel and position tested, so a voxel below ALPHA says its change has one direction across
-subjects beyond what chance gives anywhere in the brain. It says nothing of the drift: the twin took that out.
+(the maps counterfactual.png averages). Positions are compared as they are numbered (below: when they align). The
+positions every tested subject has are tested, together. At each voxel inside the brain (the subjects' mean input
+above BRAIN, 5% of the range above black, and an effect that varies between subjects) the one-sample t of the
+subjects' maps is compared with the largest |t| over every tested voxel under random sign flips of whole maps
+(Nichols and Holmes 2002; FSL randomise -1; nilearn's `permuted_ols`): were the model's change as likely one way as
+the other in each subject, a flip would change nothing. The p-values are family-wise over every voxel and position
+tested, so a voxel below ALPHA says its change has one direction across subjects beyond what chance gives anywhere
+in the brain. The drift does not enter: the twin took it out.
 
-With n subjects no sign-flip test can give p below 2^(1 - n), and none of 5 or fewer subjects reaches 0.05: the test
-is then left out, and the record says why.
+The flips are drawn at random (--permutations of them), so p is estimated, to within about sqrt(p / flips), and no
+smaller than 1 / (flips + 1); the exact test of n subjects, all 2^n sign patterns, gives no p below 2^(1 - n), so
+with 5 or fewer subjects, or fewer than 19 flips, none reaches 0.05: the test is then left out (or refused), and the
+record says why. Volumes line up voxel by voxel only where they were registered to one space and read without
+stage 1's cropping to each volume's own foreground (`train-vqvae --no-crop-foreground`; the record says which).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from runtime.checkpoint import atomic_write
 ALPHA = 0.05
 BRAIN = -0.9            # the mean input, in [-1, 1], above which a voxel is in the brain
 ALL = "all"             # the one position of 2D images
+MOST_FLIPS = 100_000    # p of 0.05 then known to +-0.0007
 FILES = ("voxelwise.npz", "voxelwise.png")
 
 
@@ -72,10 +76,16 @@ def sign_flip_test(maps: np.ndarray, mask: np.ndarray, permutations: int, seed: 
     from nilearn.mass_univariate import permuted_ols  # imports scikit-learn: only when a test runs
     values = maps[:, mask].astype(np.float64)
     found = permuted_ols(np.ones((len(maps), 1)), values, model_intercept=False, n_perm=permutations,
-                         two_sided_test=True, random_state=seed, n_jobs=1, verbose=0)
+                         two_sided_test=True, random_state=flip_seed(seed), n_jobs=1, verbose=0)
+    logp, score = (found[0], found[1]) if isinstance(found, tuple) else (found["logp_max_t"], found["t"])  # < 0.13
     t, p = np.full(mask.shape, np.nan, np.float32), np.full(mask.shape, np.nan, np.float32)
-    t[mask], p[mask] = found["t"][0], 10.0 ** -found["logp_max_t"][0]
+    t[mask], p[mask] = score[0], 10.0 ** -logp[0]
     return t, p
+
+
+def flip_seed(seed: int) -> int:
+    """The sign flips' seed (NumPy's RandomState takes 32 bits) from the command's --seed (64)."""
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 @dataclass
@@ -92,19 +102,22 @@ class Tested:
         return FILES if self.t is not None else ()
 
 
-def voxelwise(effects: torch.Tensor, images: torch.Tensor, rows: list[dict], permutations: int, seed: int) -> Tested:
+def voxelwise(effects: torch.Tensor, images: torch.Tensor, rows: list[dict], permutations: int, seed: int,
+              crop_foreground: bool | None = None) -> Tested:
     """The test of the module's docstring on the images' effects (N, S, S), inputs (N, C, S, S) and `rows` as
-    counterfactuals.csv holds them."""
+    counterfactuals.csv holds them; `crop_foreground`: the run's slicing of volumes, for the record (None: 2D
+    images)."""
     maps = subject_maps(effects, images, rows)
-    n = len(maps.subjects)
+    n, bad = len(maps.subjects), int((~effects.isfinite()).flatten(1).any(1).sum())
     record = {"unit": "subject", "subjects": n, "positions": maps.positions,
               "positions_left_out": maps.positions_left_out, "permutations": permutations, "seed": seed,
-              "alpha": ALPHA, "smallest_attainable_p": 2.0 ** (1 - n)}
+              "flip_seed": flip_seed(seed), "crop_foreground": crop_foreground, "alpha": ALPHA,
+              "exact_smallest_p": 2.0 ** (1 - n), "smallest_p_of_the_flips": 1 / (permutations + 1)}
     skipped = ("--permutations 0" if permutations == 0 else
+               f"{bad} images' effects are not finite" if bad else
                f"{n} subjects: a sign-flip test of n gives no p below 2^(1 - n), {2.0 ** (1 - n):.3g} here"
                if 2.0 ** (1 - n) > ALPHA else
-               "no slice position that every subject has (--num spreads the images over them)"
-               if not maps.positions else None)
+               "no slice position that every subject has" if not maps.positions else None)
     if skipped:
         return Tested({**record, "skipped": skipped})
     mask = (maps.inputs.mean(0) > BRAIN) & (maps.effects.std(0) > 0)
@@ -115,8 +128,7 @@ def voxelwise(effects: torch.Tensor, images: torch.Tensor, rows: list[dict], per
     record.update(mask=f"the subjects' mean input above {BRAIN} (of [-1, 1]) and an effect that varies",
                   voxels_tested=int(mask.sum()), significant_voxels=int(found.sum()),
                   increase=int((found & (t > 0)).sum()), decrease=int((found & (t < 0)).sum()),
-                  smallest_p_fwe=float(np.nanmin(p)), largest_abs_t=float(np.nanmax(np.abs(t))),
-                  smallest_attainable_p=max(2.0 ** (1 - n), 1 / (permutations + 1)))
+                  smallest_p_fwe=float(np.nanmin(p)), largest_abs_t=float(np.nanmax(np.abs(t))))
     return Tested(record, maps, t, p)
 
 

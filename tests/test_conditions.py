@@ -16,7 +16,7 @@ import driver
 import predict
 from conditions.participants import find_table, read_table, saved_table
 from conditions.table import Condition, asked_values, build_conditions, condition_matrix, subjects_of
-from conftest import SMALL_UNET, blob, ckpt, disk_full, error_of, write_volume
+from conftest import SMALL_UNET, blob, ckpt, disk_full, error_of, vqvae, write_blob_images, write_volume
 from runtime.errors import BadInputError
 from runtime.models import load_run
 from volumes.layouts import Layout
@@ -451,10 +451,14 @@ def test_counterfactuals_of_the_held_out_subjects_refuse_one_images_flags_and_a_
     assert "say what to change the held-out images to" in error_of(driver.main, base)
     assert "nothing can be said of it" in error_of(driver.main, [*base, "--shift", "age=1000"])
     assert "--num must be positive" in error_of(driver.main, [*base, "--set", "class=NC", "--num", "0"])
-    assert "--permutations must be 0" in error_of(driver.main, [*base, "--set", "class=NC", "--permutations", "-1"])
+    for flag in ("--permutations", "--classifier-steps"):
+        assert "must be 0 (none) or more" in error_of(driver.main, [*base, "--set", "class=NC", flag, "-1"])
+    for flips in ("10", "200000"):  # none could reach 0.05; hours for nothing
+        assert f"--permutations {flips}: fewer than 19" in error_of(driver.main, [*base, "--set", "class=NC",
+                                                                                 "--permutations", flips])
     one = ["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--set", "class=NC"]
     for flag in (["--num", "4"], ["--data", str(data)], ["--labels", str(data / "participants.csv")],
-                 ["--permutations", "100"]):
+                 ["--permutations", "100"], ["--classifier-steps", "10"]):
         assert f"{flag[0]} is for --input held-out" in error_of(driver.main, [*one, *flag])
     unconditional, _ = trained_run  # trained with --holdout 0
     assert "held out none" in error_of(driver.main, ["counterfactual", "--run", str(unconditional), "--input",
@@ -511,6 +515,57 @@ def test_a_covariate_of_one_training_value_decodes_what_it_encodes_and_shifts():
     to = shifted([age], asked_values([age], ["age=70"])[None], asked_values([age], [])[None],
                  asked_shifts([age], ["age=10"]), ["age=10"])
     assert age.decode(to[0, 0].item()) == "80"
+
+
+def test_counterfactuals_of_many_held_out_subjects_are_tested_voxel_wise_and_read_back(tmp_path):
+    """Six held-out subjects or more: the voxel-wise test writes its maps and its record, and each image's change of
+    age is read back by the condition network, trained on the training subjects alone and cached in the run."""
+    from conditions import counterfactual as cf
+    data = tmp_path / "data"
+    rng, lines = np.random.default_rng(1), ["participant_id,age"]
+    for label in ("AD", "NC"):
+        subjects = [f"{label}{i}" for i in range(6)]
+        write_blob_images(data / label, subjects, 2, rng, size=(40, 40))
+        lines += [f"{s},{50 + 5 * i}" for i, s in enumerate(subjects)]
+    (data / "participants.csv").write_text("\n".join(lines) + "\n")
+    run, out = tmp_path / "run", tmp_path / "cf"
+    vqvae(run, data, "--max-steps", "2", "--holdout", "0.5")
+    driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "age",
+                 "--labels", str(data / "participants.csv")])
+    record = cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", "held-out", "--shift",
+                                             "age=10", "--steps", "2", "--permutations", "100",
+                                             "--classifier-steps", "3", "--out", str(out)]))
+    tested = record["voxelwise"]
+    assert tested["subjects"] == 6 and tested["positions"] == ["all"] and "skipped" not in tested
+    with np.load(out / "voxelwise.npz") as maps:
+        assert maps["t"].shape == maps["p_fwe"].shape == (1, 32, 32) and list(maps["positions"]) == ["all"]
+        assert int((maps["p_fwe"] < 0.05).sum()) == tested["significant_voxels"]
+        assert int((~np.isnan(maps["t"])).sum()) == tested["voxels_tested"] > 0
+    assert (out / "voxelwise.png").stat().st_size > 0
+    age = record["read_back"]["conditions"]["age"]
+    rows = list(csv.DictReader(open(out / "counterfactuals.csv")))
+    assert age["images"] == len(rows) == record["images"] and age["asked_change"] == pytest.approx(10)
+    seen = [float(r["read_age"]) - float(r["twin_read_age"]) for r in rows]
+    assert age["read_change"] == pytest.approx(np.mean(seen), abs=1e-3)
+    saved = ckpt(run / "condition_net.pt")["key"]
+    assert saved["steps"] == 3 and saved["holdout"] == 0.5                 # trained on the training subjects
+
+
+def test_a_read_back_counts_categories_read_as_asked_and_covariates_change_in_units():
+    from conditions.read_back import category_entry, covariate_entry
+    read = {"counterfactual": torch.tensor([1.0, 1, 0, 1]), "twin": torch.tensor([0.0, 1, 0, 0]),
+            "input": torch.tensor([0.0, 0, 0, 1])}
+    entry = category_entry(read, torch.ones(4), torch.zeros(4))          # all four AD (0) -> NC (1)
+    assert entry == {"counterfactuals_read_as_asked": 0.75, "twins_read_as_asked": 0.25,
+                     "inputs_read_as_their_own": 0.75}
+    age = Condition("age", "continuous", low=50.0, high=80.0)            # 30 years to the scale's unit
+    read = {"counterfactual": torch.tensor([70.0, 66]), "twin": torch.tensor([62.0, 60]),
+            "input": torch.tensor([61.0, 63])}
+    entry = covariate_entry(age, read, age.encode("70") + torch.zeros(2), torch.tensor([age.encode("60"),
+                                                                                         age.encode("58")]))
+    assert entry["asked_change"] == pytest.approx(11) and entry["read_change"] == pytest.approx(7)
+    assert entry["share_of_asked_change_read"] == pytest.approx(7 / 11)
+    assert entry["reader_mae_on_inputs"] == pytest.approx((1 + 5) / 2)
 
 
 def test_counterfactuals_of_the_held_out_subjects_find_moved_data_and_large_sets(conditioned_run, tmp_path,
