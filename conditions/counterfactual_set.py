@@ -18,15 +18,17 @@ means, and the voxel-wise test (--permutations sign flips) their mean maps.
 
 Writes into OUT (default RUN/counterfactual_held-out):
     counterfactuals.csv   a row per image: its file (and slice of its volume), subject, class folder, its own values
-                          (own_age ...) and those of its counterfactual (to_age ...), its mean |effect| and |drift|
+                          (own_age ...) and those of its counterfactual (to_age ...), its mean |effect| and |drift|,
+                          and what a network trained on the training subjects reads of each changed condition in the
+                          counterfactual and its twin (read_age, twin_read_age ...: conditions/read_back.py)
     effects.npy           (N, S, S) float16, counterfactual - twin of each image (channels averaged), in the CSV's
                           order
     counterfactual.png    the mean input, the mean effect signed and |.|, and the mean |drift| on the |effect|'s scale
     examples.png          8 images, spread over them: inputs, twins and counterfactuals, a row each
     voxelwise.npz, .png   where the change has one direction across subjects: t and family-wise p of a sign-flip
                           test over the subjects' mean effects (conditions/effect_test.py; 6 subjects or more)
-    counterfactual.json   the run, its data and hold-out, the settings, the counts, and the effect and drift of the
-                          images and of the subjects' means, written last
+    counterfactual.json   the run, its data and hold-out, the settings, the counts, the effect and drift of the images
+                          and of the subjects' means, the test's and the read-back's summaries, written last
 """
 from __future__ import annotations
 
