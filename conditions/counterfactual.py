@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import predict
 from conditions.counterfactual_set import HELD_OUT, ONE_FILES, asking, begin_writing, counterfactuals_of_held_out
 from conditions.effect_test import MOST_FLIPS
+from conditions.read_back import STEPS as READER_STEPS
 from conditions.table import asked_shifts, asked_values
 from dataset import card_transform
 from diffusion.guidance import Guided
@@ -60,7 +61,6 @@ from volumes.writer import save_nifti
 
 DEFAULT_STRENGTH = 0.5
 PERMUTATIONS = 5000     # FSL randomise's default
-READER_STEPS = 1000     # evaluate's --classifier-steps, so that the two share RUN/condition_net.pt
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--classifier-steps", type=int, default=None,
                    help=f"with --input held-out: training steps of the network that reads each changed condition back "
                         f"from the counterfactuals and their twins, evaluate's, cached in the run folder; 0 for none "
-                        f"(conditions/read_back.py; default: {READER_STEPS})")
+                        f"(conditions/read_back.py; default: the cached one's, else {READER_STEPS})")
     p.add_argument("--slice", type=int, default=None,
                    help="the slice of a volume along the run's axis, RAS order from 0 (default: the middle of those the "
                         "run would take)")
@@ -181,8 +181,8 @@ def counterfactual_latents(model: LatentDiffusion, z0: torch.Tensor, source: tor
             x, _ = diffusion.ddim_step(denoising, x, t, t_prev)
             if mask is not None:
                 own = z0 if t_prev < 0 else path.get(t_prev)
-                if own is None:  # --noise: the input noised to this step afresh, as RePaint does
-                    own = diffusion.q_sample(z0, t_prev, torch.randn_like(z0))
+                if own is None:  # --noise: the input noised to this step afresh, as RePaint does, once for all targets
+                    own = path[t_prev] = diffusion.q_sample(z0, t_prev, torch.randn_like(z0))
                 x = mask * x + (1 - mask) * own
         outs.append(x)
     return outs
@@ -260,7 +260,7 @@ def counterfactual(args):
               "mean_abs_difference": difference.mean().item(), "max_abs_difference": difference.max().item()}
     if twin:
         record.update(mean_abs_effect=effect.abs().mean().item(), max_abs_effect=effect.abs().max().item(),
-                      mean_abs_drift=(twin[0] - recon).abs().mean().item())
+                      mean_abs_drift=(twin[0] - recon).mean(1).abs().mean().item())  # channels first, as held-out
     if geometry is not None:
         save_nifti(to_volume(difference, geometry), out / "difference.nii.gz")
         if twin:
@@ -311,9 +311,7 @@ def refuse_held_out_flags(args, held_out: bool):
         raise BadInputError(f"--num must be positive, got {args.num}")
     if args.permutations is None:
         args.permutations = PERMUTATIONS
-    if args.classifier_steps is None:
-        args.classifier_steps = READER_STEPS
-    if args.permutations < 0 or args.classifier_steps < 0:
+    if args.permutations < 0 or (args.classifier_steps or 0) < 0:
         raise BadInputError(f"--permutations and --classifier-steps must be 0 (none) or more, got {args.permutations} "
                             f"and {args.classifier_steps}")
     if 0 < args.permutations < 19 or args.permutations > MOST_FLIPS:

@@ -166,7 +166,7 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
         row.update(mean_abs_effect=f"{effect.abs().mean().item():.6g}",
                    mean_abs_drift=f"{drift.abs().mean().item():.6g}")
     read = (read_back.read_changes(run, model.conditions, held, own, target, images, changed, twins, rows,
-                                   args.classifier_steps, device) if args.classifier_steps else None)
+                                   args.classifier_steps, device) if args.classifier_steps != 0 else None)
 
     counts = {"images": len(order), "subjects": len({r["subject"] for r in rows}),
               "left_out_with_those_values": int(unchanged.sum()), "left_out_without_own_value": int(unknown.sum()),

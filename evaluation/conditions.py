@@ -98,6 +98,7 @@ def condition_net(run: Path, dataset, train_idx: list[int], y: torch.Tensor, con
                                                           key["channels"], steps, device), {}))
 
 
+@torch.no_grad()
 def read_back(model: SliceClassifier, images: torch.Tensor, conditions: list[Condition], k: int, device) -> torch.Tensor:
     """Condition k as the network reads it from the images: a category's index, or a covariate in its own units."""
     outputs = torch.cat([model(x.to(device))[0].cpu() for x in images.split(256)])[:, heads(conditions)[k]]

@@ -291,9 +291,16 @@ def test_a_counterfactual_of_one_image_has_a_twin_under_its_own_conditions_and_a
     in_grid = nib.load(tmp_path / "nc" / "effect.nii.gz").get_fdata()
     assert in_grid.shape == (24, 24, 12) and np.abs(in_grid).max() > 0
     mask = tmp_path / "mask.png"
-    Image.new("L", (40, 40), 255).save(mask)
-    driver.main(["counterfactual", "--run", str(run), "--input", str(next((data / "AD").iterdir())), "--mask",
-                 str(mask), "--steps", "2", "--out", str(tmp_path / "nc")])
+    half = np.zeros((40, 40), np.uint8)
+    half[:, :20] = 255
+    Image.fromarray(half).save(mask)
+    image = str(next((data / "AD").iterdir()))
+    noised = ["counterfactual", "--run", str(run), "--input", image, "--mask", str(mask), "--noise", "--steps", "4",
+              "--from", "class=AD"]                # the context noised afresh at each step: the same for the twin
+    driver.main([*noised, "--set", "class=AD", "--out", str(tmp_path / "same")])
+    assert record(tmp_path / "same")["mean_abs_effect"] == 0 and record(tmp_path / "same")["mean_abs_drift"] > 0
+    driver.main(["counterfactual", "--run", str(run), "--input", image, "--mask", str(mask), "--steps", "2",
+                 "--out", str(tmp_path / "nc")])
     assert "mean_abs_effect" not in record(tmp_path / "nc")
     assert not {"effect.npy", "effect.nii.gz"} & {q.name for q in (tmp_path / "nc").iterdir()}
 
@@ -517,7 +524,7 @@ def test_a_covariate_of_one_training_value_decodes_what_it_encodes_and_shifts():
     assert age.decode(to[0, 0].item()) == "80"
 
 
-def test_counterfactuals_of_many_held_out_subjects_are_tested_voxel_wise_and_read_back(tmp_path):
+def test_counterfactuals_of_many_held_out_subjects_are_tested_voxel_wise_and_read_back(tmp_path, monkeypatch):
     """Six held-out subjects or more: the voxel-wise test writes its maps and its record, and each image's change of
     age is read back by the condition network, trained on the training subjects alone and cached in the run."""
     from conditions import counterfactual as cf
@@ -532,9 +539,13 @@ def test_counterfactuals_of_many_held_out_subjects_are_tested_voxel_wise_and_rea
     vqvae(run, data, "--max-steps", "2", "--holdout", "0.5")
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "age",
                  "--labels", str(data / "participants.csv")])
-    record = cf.counterfactual(driver.parse(["counterfactual", "--run", str(run), "--input", "held-out", "--shift",
-                                             "age=10", "--steps", "2", "--permutations", "100",
-                                             "--classifier-steps", "3", "--out", str(out)]))
+    import evaluation.conditions
+    trained_on, train = [], evaluation.conditions.train_condition_net
+    monkeypatch.setattr(evaluation.conditions, "train_condition_net", lambda dataset, indices, *rest, **kw: (
+        trained_on.append([dataset.samples[i][0] for i in indices]) or train(dataset, indices, *rest, **kw)))
+    base = ["counterfactual", "--run", str(run), "--input", "held-out", "--shift", "age=10", "--steps", "2",
+            "--permutations", "100", "--out", str(out)]
+    record = cf.counterfactual(driver.parse([*base, "--classifier-steps", "3"]))
     tested = record["voxelwise"]
     assert tested["subjects"] == 6 and tested["positions"] == ["all"] and "skipped" not in tested
     with np.load(out / "voxelwise.npz") as maps:
@@ -544,28 +555,45 @@ def test_counterfactuals_of_many_held_out_subjects_are_tested_voxel_wise_and_rea
     assert (out / "voxelwise.png").stat().st_size > 0
     age = record["read_back"]["conditions"]["age"]
     rows = list(csv.DictReader(open(out / "counterfactuals.csv")))
-    assert age["images"] == len(rows) == record["images"] and age["asked_change"] == pytest.approx(10)
+    assert age["images"] == len(rows) == record["images"] and age["mean_abs_asked_change"] == pytest.approx(10)
     seen = [float(r["read_age"]) - float(r["twin_read_age"]) for r in rows]
-    assert age["read_change"] == pytest.approx(np.mean(seen), abs=1e-3)
-    saved = ckpt(run / "condition_net.pt")["key"]
-    assert saved["steps"] == 3 and saved["holdout"] == 0.5                 # trained on the training subjects
+    assert age["read_along_asked"] == pytest.approx(np.mean(seen), abs=1e-3)
+    held_out = {r["subject"] for r in rows}
+    assert len(trained_on) == 1 and not held_out & {os.path.basename(p).split("_")[0] for p in trained_on[0]}
+    assert ckpt(run / "condition_net.pt")["key"]["steps"] == 3
+    again = cf.counterfactual(driver.parse(base))          # no --classifier-steps: the cached reader, whatever its steps
+    assert len(trained_on) == 1 and again["read_back"]["steps"] == 3
+    # each image's readings land in its own row: a reader that reads the images' places in what it is given
+    monkeypatch.setattr(evaluation.conditions, "read_back", lambda net, images, *rest: torch.arange(len(images)) * 1.0)
+    cf.counterfactual(driver.parse(base))
+    rows = list(csv.DictReader(open(out / "counterfactuals.csv")))
+    assert [float(r["read_age"]) for r in rows] == [float(r["twin_read_age"]) for r in rows] == list(range(len(rows)))
 
 
 def test_a_read_back_counts_categories_read_as_asked_and_covariates_change_in_units():
+    """A category: the share read as asked, of counterfactuals, twins and inputs. A covariate: the change read against
+    the change asked image by image, so that --set's changes of either sign do not cancel (found by review: an age
+    set to 70 from 60 and from 80, read perfectly, came out as 0 read of 0 asked)."""
     from conditions.read_back import category_entry, covariate_entry
     read = {"counterfactual": torch.tensor([1.0, 1, 0, 1]), "twin": torch.tensor([0.0, 1, 0, 0]),
             "input": torch.tensor([0.0, 0, 0, 1])}
     entry = category_entry(read, torch.ones(4), torch.zeros(4))          # all four AD (0) -> NC (1)
     assert entry == {"counterfactuals_read_as_asked": 0.75, "twins_read_as_asked": 0.25,
                      "inputs_read_as_their_own": 0.75}
-    age = Condition("age", "continuous", low=50.0, high=80.0)            # 30 years to the scale's unit
-    read = {"counterfactual": torch.tensor([70.0, 66]), "twin": torch.tensor([62.0, 60]),
-            "input": torch.tensor([61.0, 63])}
-    entry = covariate_entry(age, read, age.encode("70") + torch.zeros(2), torch.tensor([age.encode("60"),
-                                                                                         age.encode("58")]))
-    assert entry["asked_change"] == pytest.approx(11) and entry["read_change"] == pytest.approx(7)
-    assert entry["share_of_asked_change_read"] == pytest.approx(7 / 11)
-    assert entry["reader_mae_on_inputs"] == pytest.approx((1 + 5) / 2)
+    age = Condition("age", "continuous", low=50.0, high=90.0)
+    was = torch.tensor([age.encode(v) for v in ("60", "80", "66")])
+    to = torch.full((3,), age.encode("70"))                              # --set age=70: +10, -10, +4
+    perfect = {"counterfactual": torch.tensor([70.0, 70, 70]), "twin": torch.tensor([60.0, 80, 66]),
+               "input": torch.tensor([61.0, 77, 66])}
+    entry = covariate_entry(age, perfect, to, was)
+    assert entry["mean_abs_asked_change"] == pytest.approx(8) and entry["read_along_asked"] == pytest.approx(8)
+    assert entry["slope_read_on_asked"] == pytest.approx(1) and entry["r_read_asked"] == pytest.approx(1)
+    assert entry["reader_mae_on_inputs"] == pytest.approx(4 / 3)
+    half = {**perfect, "counterfactual": torch.tensor([65.0, 75, 68])}  # half of each change read
+    entry = covariate_entry(age, half, to, was)
+    assert entry["read_along_asked"] == pytest.approx(4) and entry["slope_read_on_asked"] == pytest.approx(0.5)
+    shifted = covariate_entry(age, half, was + 10 / age.width, was)      # --shift age=10: r undefined
+    assert shifted["mean_abs_asked_change"] == pytest.approx(10) and shifted["r_read_asked"] is None
 
 
 def test_counterfactuals_of_the_held_out_subjects_find_moved_data_and_large_sets(conditioned_run, tmp_path,
