@@ -186,10 +186,10 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     record = {**how, "input": HELD_OUT, **held.data, "num": args.num, **counts, **effect_summary(rows),
               "voxelwise": tested.record, "read_back": read}
     atomic_write(out / "counterfactual.json", lambda f: f.write(json.dumps(record, indent=2).encode()))
-    print(summary_line(asking(args), record) + f"; {effect_test.summary(tested.record)}; "
-          f"{read_back.summary(read) if read else 'nothing read back (--classifier-steps 0)'}; wrote counterfactuals.csv, "
-          f"effects.npy, counterfactual.png, examples.png{''.join(', ' + f for f in tested.files)} and "
-          f"counterfactual.json to {out}")
+    told = read_back.summary(read) if read else "nothing read back (--classifier-steps 0)"
+    print(summary_line(asking(args), record) + f"; {effect_test.summary(tested.record)}; {told}; wrote "
+          f"counterfactuals.csv, effects.npy, counterfactual.png, examples.png"
+          f"{''.join(', ' + f for f in tested.files)} and counterfactual.json to {out}")
     return record
 
 

@@ -1,6 +1,7 @@
 """Whether the counterfactuals of `counterfactual --input held-out` have the values they were changed to, as a network
 trained on the run's real training images reads them: the *effectiveness* of Monteiro et al. 2023 ("Measuring
-axiomatic soundness of counterfactual image models"), whose *composition* is the drift (conditions/counterfactual_set.py).
+axiomatic soundness of counterfactual image models"), whose *composition* is the drift
+(conditions/counterfactual_set.py).
 
 The reader is `evaluate`'s condition network (evaluation/conditions.py: a head per condition of the run, the class
 folders' included, trained on the training subjects' images, never on a held-out one, and cached in the run folder
@@ -110,6 +111,6 @@ def summary(record: dict) -> str:
                          f"{e['reader_mae_on_inputs']:.3g})")
         else:
             parts.append(f"{name} read as asked in {e['counterfactuals_read_as_asked']:.0%} of the counterfactuals, "
-                         f"{e['twins_read_as_asked']:.0%} of their twins (reader right on {e['inputs_read_as_their_own']:.0%} "
-                         f"of the inputs)")
+                         f"{e['twins_read_as_asked']:.0%} of their twins (reader right on "
+                         f"{e['inputs_read_as_their_own']:.0%} of the inputs)")
     return "read back: " + "; ".join(parts) if parts else "nothing read back"

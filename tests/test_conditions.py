@@ -561,7 +561,7 @@ def test_counterfactuals_of_many_held_out_subjects_are_tested_voxel_wise_and_rea
     held_out = {r["subject"] for r in rows}
     assert len(trained_on) == 1 and not held_out & {os.path.basename(p).split("_")[0] for p in trained_on[0]}
     assert ckpt(run / "condition_net.pt")["key"]["steps"] == 3
-    again = cf.counterfactual(driver.parse(base))          # no --classifier-steps: the cached reader, whatever its steps
+    again = cf.counterfactual(driver.parse(base))       # no --classifier-steps: the cached reader, whatever its steps
     assert len(trained_on) == 1 and again["read_back"]["steps"] == 3
     # each image's readings land in its own row: a reader that reads the images' places in what it is given
     monkeypatch.setattr(evaluation.conditions, "read_back", lambda net, images, *rest: torch.arange(len(images)) * 1.0)

@@ -79,7 +79,8 @@ def test_the_test_is_left_out_where_it_cannot_reach_alpha_and_says_why():
     assert "no voxel in the brain" in black.record["skipped"]
     broken = torch.randn(6, 4, 4)
     broken[2, 0, 0] = float("nan")                                    # a model's NaN is not left out in silence
-    assert voxelwise(broken, torch.zeros(6, 1, 4, 4), six, 100, 0).record["skipped"] == "1 images' effects are not finite"
+    skipped = voxelwise(broken, torch.zeros(6, 1, 4, 4), six, 100, 0).record["skipped"]
+    assert skipped == "1 images' effects are not finite"
 
 
 def test_any_seed_the_command_takes_seeds_the_flips_and_is_recorded():
