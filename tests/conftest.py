@@ -145,12 +145,12 @@ def trained_run(tmp_path_factory):
     return run, data
 
 
-def conditioned_data(data: Path) -> Path:
-    """Blob images of subjects AD0-AD3 and NC0-NC3 (3 each, 40x40) in `data`, and its participants.csv giving each an
-    age (AD 55-85, NC 50-80) and a sex."""
+def conditioned_data(data: Path, per_class: int = 4) -> Path:
+    """Blob images of subjects AD0-AD3 and NC0-NC3 (`per_class` of each; 3 images each, 40x40) in `data`, and its
+    participants.csv giving each an age (AD 55, 65 ..., NC 50, 60 ...) and a sex."""
     rng, lines = np.random.default_rng(0), ["participant_id,age,sex"]
     for label in ("AD", "NC"):
-        subjects = [f"{label}{i}" for i in range(4)]
+        subjects = [f"{label}{i}" for i in range(per_class)]
         write_blob_images(data / label, subjects, 3, rng, size=(40, 40))
         lines += [f"{s},{50 + 10 * i + (5 if label == 'AD' else 0)},{'FM'[i % 2]}" for i, s in enumerate(subjects)]
     (data / "participants.csv").write_text("\n".join(lines) + "\n")

@@ -16,7 +16,7 @@ import driver
 import predict
 from conditions.participants import find_table, read_table, saved_table
 from conditions.table import Condition, asked_values, build_conditions, condition_matrix, subjects_of
-from conftest import SMALL_UNET, blob, ckpt, disk_full, error_of, vqvae, write_blob_images, write_volume
+from conftest import SMALL_UNET, blob, ckpt, conditioned_data, disk_full, error_of, vqvae, write_volume
 from runtime.errors import BadInputError
 from runtime.models import load_run
 from volumes.layouts import Layout
@@ -528,13 +528,7 @@ def test_counterfactuals_of_many_held_out_subjects_are_tested_voxel_wise_and_rea
     """Six held-out subjects or more: the voxel-wise test writes its maps and its record, and each image's change of
     age is read back by the condition network, trained on the training subjects alone and cached in the run."""
     from conditions import counterfactual as cf
-    data = tmp_path / "data"
-    rng, lines = np.random.default_rng(1), ["participant_id,age"]
-    for label in ("AD", "NC"):
-        subjects = [f"{label}{i}" for i in range(6)]
-        write_blob_images(data / label, subjects, 2, rng, size=(40, 40))
-        lines += [f"{s},{50 + 5 * i}" for i, s in enumerate(subjects)]
-    (data / "participants.csv").write_text("\n".join(lines) + "\n")
+    data = conditioned_data(tmp_path / "data", per_class=6)
     run, out = tmp_path / "run", tmp_path / "cf"
     vqvae(run, data, "--max-steps", "2", "--holdout", "0.5")
     driver.main(["train-unet", "--run", str(run), *SMALL_UNET, "--max-steps", "2", "--condition", "age",
