@@ -47,9 +47,8 @@ import numpy as np
 import torch
 
 import predict
-from conditions import effect_test
+from conditions import effect_test, read_back
 from conditions.participants import saved_table
-from conditions import read_back
 from conditions.table import CLASS, condition_matrix, subjects_of
 from dataset import dataset_labels, load_slices
 from export.figures import save_figure, save_png
