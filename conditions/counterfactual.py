@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser):
                         "inversion's own (conditions/counterfactual_set.py)")
     p.add_argument("--num", type=int, default=None,
                    help="with --input held-out: at most this many images, spread over those of the held-out subjects "
-                        "(default: all)")
+                        "(of volumes: all images at slice positions every subject has, spread over them; default: "
+                        "all)")
     p.add_argument("--data", default=None,
                    help="with --input held-out: the run's data folder, if it moved (checked to hold stage 1's files)")
     p.add_argument("--labels", default=None,
@@ -252,7 +253,8 @@ def counterfactual(args):
     atomic_write(out / "difference.npy", lambda f: np.save(f, difference.numpy()))
     if twin:
         atomic_write(out / "effect.npy", lambda f: np.save(f, effect.numpy()))
-    settings = asking(args) or "unconditioned fill"
+    fill = f"fill under {', '.join(args.from_values)}" if args.from_values else "unconditioned fill"
+    settings = asking(args) or fill
     panel(image, recon, changed, difference, mask, f"{settings}; strength {strength:g}, guidance {args.guidance:g}"
           f"{', noise' if noise else ''}", out / "counterfactual.png", twin[0] if twin else None, effect)
     record = {**how, "input": os.path.abspath(args.input), "slice": geometry.index if geometry else None,

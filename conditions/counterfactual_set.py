@@ -26,7 +26,8 @@ Writes into OUT (default RUN/counterfactual_held-out):
     counterfactual.png    the mean input, the mean effect signed and |.|, and the mean |drift| on the |effect|'s scale
     examples.png          8 images, spread over them: inputs, twins and counterfactuals, a row each
     voxelwise.npz, .png   where the change has one direction across subjects: t and family-wise p of a sign-flip
-                          test over the subjects' mean effects (conditions/effect_test.py; 6 subjects or more)
+                          test over the subjects' mean effects (conditions/effect_test.py; 6 subjects or more; --num
+                          keeps whole slice positions of volumes, which it compares)
     counterfactual.json   the run, its data and hold-out, the settings, the counts, the effect and drift of the images
                           and of the subjects' means, the test's and the read-back's summaries, written last
 """
@@ -112,6 +113,27 @@ def spread(indices: list[int], num: int | None) -> list[int]:
     return [indices[int(j)] for j in torch.linspace(0, len(indices) - 1, num).round().long()]
 
 
+def chosen(rows: list[dict], indices: list[int], num: int | None) -> list[int]:
+    """At most `num` of the images `indices` (all without it): of 2D images, spread over them; of volumes, every image
+    at slice positions that every subject has, evenly spaced over them, so that the voxel-wise test, which compares
+    subjects position by position, keeps them (images spread over a volume run leave no position shared); where one
+    position alone holds more than `num`, spread over that one."""
+    if num is None or num >= len(indices):
+        return indices
+    by_subject: dict[str, set] = {}
+    for i in indices:
+        by_subject.setdefault(rows[i]["subject"], set()).add(rows[i]["slice"])
+    shared = sorted(set.intersection(*by_subject.values()) - {""})
+    if not shared:
+        return spread(indices, num)
+    at = {p: [i for i in indices if rows[i]["slice"] == p] for p in shared}
+    for k in range(len(shared), 0, -1):  # the most positions whose images fit in num
+        picked = [i for j in spread(list(range(len(shared))), k) for i in at[shared[j]]]
+        if len(picked) <= num:
+            return sorted(picked)
+    return spread(at[shared[len(shared) // 2]], num)
+
+
 def left_out(own: torch.Tensor, asked: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) booleans twice, for images of own values `own` (N, K): whether each has the values --set asks for already
     (`asked`, (K,), NaN where none is asked) and --shift moves none (`shifts`, (K,)), so that it has no effect; and
@@ -147,7 +169,7 @@ def counterfactuals_of_held_out(args, run: Path, out: Path, model: LatentDiffusi
     `change_all` takes it; `how`: the record's entries of how each image was changed."""
     held = held_out_images(run, model, args.data, args.labels)
     unchanged, unknown = left_out(held.own, asked, shifts)
-    order = spread([i for i in range(len(held.own)) if not unchanged[i] and not unknown[i]], args.num)
+    order = chosen(held.rows, [i for i in range(len(held.own)) if not unchanged[i] and not unknown[i]], args.num)
     if not order:
         raise BadInputError(f"no held-out image to change: each has {asking(args)} already, or no own value of it")
     own = held.own[order]

@@ -146,9 +146,10 @@ def write(tested: Tested, out: Path):
 
 
 def figure(maps: SubjectMaps, t: np.ndarray, found: np.ndarray, record: dict, path: Path, most: int = 8):
-    """At up to `most` positions, spread over them: the t map, and the mean input with the voxels of p < ALPHA
-    coloured by their t."""
-    shown = np.unique(np.linspace(0, len(maps.positions) - 1, min(most, len(maps.positions))).round().astype(int))
+    """At up to `most` positions (those with the most voxels of p < ALPHA, in order; where there are none, spread over
+    them): the t map, and the mean input with the voxels of p < ALPHA coloured by their t."""
+    counts = found.reshape(len(found), -1).sum(1)
+    shown = shown_positions(counts, most)
     bound = max(float(np.nanmax(np.abs(t))), 1e-8)
     one = len(shown) == 1  # side by side
     fig, axes = plt.subplots(*((1, 2) if one else (2, len(shown))), figsize=(7.2, 4) if one else
@@ -165,9 +166,19 @@ def figure(maps: SubjectMaps, t: np.ndarray, found: np.ndarray, record: dict, pa
     fig.colorbar(scale, ax=axes.ravel().tolist(), fraction=0.02)
     fig.suptitle(f"{record['subjects']} subjects, {record['voxels_tested']} voxels, {record['permutations']} sign "
                  f"flips, family-wise:\n{record['increase']} brighter, {record['decrease']} darker (smallest p "
-                 f"{record['smallest_p_fwe']:.3g})")
+                 f"{record['smallest_p_fwe']:.3g})" + (f"; {len(shown)} of {len(counts)} positions shown, "
+                                                       f"{'those with the most' if counts.any() else 'spread'}"
+                                                       if len(shown) < len(counts) else ""))
     save_figure(fig, path)
     plt.close(fig)
+
+
+def shown_positions(counts: np.ndarray, most: int) -> np.ndarray:
+    """Which of the positions, of `counts` significant voxels each, the figure shows: the `most` with the most, in
+    their order; where none has any, `most` spread over them."""
+    if counts.any():
+        return np.sort(np.argsort(-counts, kind="stable")[:most])
+    return np.unique(np.linspace(0, len(counts) - 1, min(most, len(counts))).round().astype(int))
 
 
 def summary(record: dict) -> str:

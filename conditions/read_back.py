@@ -73,6 +73,8 @@ def cached_steps(run: Path, key: dict, conditions: list[Condition]) -> int:
         steps = saved.pop("steps", None)
         if saved == {**key, "conditions": [c.describe() for c in conditions]} and steps:
             return steps
+        print(f"{path} was trained on another data folder, split, table or conditions (its key names the data "
+              f"folder: a moved one counts as another): a reader of {STEPS} steps is trained, and replaces it")
     return STEPS
 
 

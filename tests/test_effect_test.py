@@ -88,3 +88,26 @@ def test_any_seed_the_command_takes_seeds_the_flips_and_is_recorded():
     record = voxelwise(torch.randn(6, 4, 4), torch.zeros(6, 1, 4, 4), six, 100, 2 ** 63 - 1).record
     assert record["seed"] == 2 ** 63 - 1 and 0 <= record["flip_seed"] < 2 ** 32 and "skipped" not in record
     assert effect_test.flip_seed(0) != effect_test.flip_seed(1)
+
+
+def test_the_figure_shows_the_positions_with_the_most_significant_voxels():
+    """Found by review: 8 positions spread over 20 left out the 2 that held every significant voxel."""
+    counts = np.zeros(20, int)
+    counts[[4, 9, 13]] = [5, 2, 7]
+    assert {4, 9, 13} <= set(effect_test.shown_positions(counts, 8).tolist())
+    assert effect_test.shown_positions(counts, 2).tolist() == [4, 13]
+    assert effect_test.shown_positions(np.zeros(20, int), 3).tolist() == [0, 10, 19]
+
+
+def test_a_number_of_volume_images_is_whole_slice_positions_every_subject_has():
+    """Found by review: --num spread over a volume run's images left no position shared by every subject, and the
+    voxel-wise test silently nothing to compare."""
+    from conditions.counterfactual_set import chosen
+    rows = [{"subject": s, "slice": k} for s in "abc" for k in range(1, 11) if (s, k) != ("c", 10)]
+    picked = chosen(rows, list(range(len(rows))), 12)
+    by_subject = {s: {rows[i]["slice"] for i in picked if rows[i]["subject"] == s} for s in "abc"}
+    assert len(picked) == 12 and by_subject["a"] == by_subject["b"] == by_subject["c"] and 10 not in by_subject["a"]
+    assert len(chosen(rows, list(range(len(rows))), 2)) == 2                      # fewer than one position holds
+    assert chosen(rows, list(range(len(rows))), None) == list(range(len(rows)))
+    flat = [{"subject": s, "slice": ""} for s in "abcd" for _ in range(3)]       # 2D images: spread over them
+    assert chosen(flat, list(range(12)), 4) == [0, 4, 7, 11]
